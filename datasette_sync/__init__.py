@@ -1,0 +1,1 @@
+"""Datasette plugin: sync views and bundle endpoints (hook implementations only)."""

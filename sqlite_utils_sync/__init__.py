@@ -1,0 +1,44 @@
+"""Offline-first sync for SQLite: the core engine and its sqlite-utils plugin.
+
+Public API (each function takes a ``sqlite_utils.Database`` or a ``sqlite3.Connection``)::
+
+    enable_sync(db, ["todos"])
+    export_bundle(db, "out.bundle", since=None, for_device=None)
+    import_bundle(db, "out.bundle", alter=False)
+    sync_status(db)
+    list_conflicts(db, include_resolved=False)
+    resolve_conflict(db, conflict_id, keep=None)
+    new_device(db)
+"""
+
+import sqlite_utils
+
+from .apply import ImportResult, import_bundle
+from .bundle import ExportResult
+from .conflicts import get_conflict, list_conflicts, resolve_conflict
+from .errors import BundleError, SyncError
+from .sync import disable_sync, enable_sync, export_bundle, new_device, repair, sync_status
+
+__all__ = [
+    "BundleError",
+    "ExportResult",
+    "ImportResult",
+    "SyncError",
+    "disable_sync",
+    "enable_sync",
+    "export_bundle",
+    "get_conflict",
+    "import_bundle",
+    "list_conflicts",
+    "new_device",
+    "repair",
+    "resolve_conflict",
+    "sync_status",
+]
+
+
+@sqlite_utils.hookimpl
+def register_commands(cli):
+    from .cli import register
+
+    register(cli)

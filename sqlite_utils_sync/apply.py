@@ -1,0 +1,792 @@
+"""Importing bundles: validate, append to the log, bring the tables up to date.
+
+The state of a row is a function of the set of operations on it, so every copy that holds
+the same operations holds the same row, whatever order they arrived in:
+
+* the row exists when its latest operation (by hybrid logical clock, then device id, then
+  seq) is not a delete;
+* each column holds the value of its latest writer (inserts write every column, updates the
+  columns they changed).
+
+Because the clock of an operation is higher than the clock of everything its author had seen,
+"latest" never reverts an edit its author had seen; it only picks between concurrent ones,
+and those are recorded as conflicts (see :mod:`conflicts`).
+
+Applying is set-based where it can be: a row touched by exactly one new operation and by no
+operation its author had not seen is written with one ``INSERT … SELECT`` / ``UPDATE … FROM``
+/ ``DELETE`` per table straight from ``_sync_ops``. Only rows with concurrent or several new
+operations go through Python.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, NamedTuple
+
+from .bundle import BundleReader, parse_clock
+from .capture import SyncedTable, check_can_sync, enable_table, load_tables, repair_drift, table_info
+from .errors import BundleError, SyncError
+from .log import (
+    DELETE,
+    INSERT,
+    LOCAL,
+    RESOLUTION,
+    SEQ_MASK,
+    TICK,
+    UPDATE,
+    append_local,
+    append_tick,
+    clock,
+    connection,
+    device_ids,
+    device_index,
+    ensure_schema,
+    ensure_slots,
+    knowledge_at,
+    local_device_id,
+    max_seq,
+    now_iso,
+    op_id,
+    parse_rowkey,
+    quote_identifier,
+    rowkey_sql,
+)
+
+
+@dataclass
+class ImportResult:
+    bundle_id: str
+    source_device_id: str
+    total_operations: int
+    applied: int = 0
+    conflicts: int = 0
+    duplicates: int = 0
+    skipped: bool = False
+    not_applied: dict[str, int] = field(default_factory=dict)
+    clock: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bundle_id": self.bundle_id,
+            "source_device_id": self.source_device_id,
+            "total_operations": self.total_operations,
+            "applied": self.applied,
+            "conflicts": self.conflicts,
+            "duplicates": self.duplicates,
+            "skipped": self.skipped,
+            "not_applied": self.not_applied,
+        }
+
+
+class Effect(NamedTuple):
+    """What one operation does to one row."""
+
+    op: int
+    key: tuple[int, str, int]  # (hlc, device id, seq): the deterministic "latest" order
+    write: bool  # False for a delete (or the old key of a primary-key move)
+    mask: int
+    values: dict[int, Any]
+    new: bool
+    resolution: bool
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One atomic write: a transaction, or a savepoint inside the caller's transaction."""
+    if conn.in_transaction:
+        conn.execute("SAVEPOINT datasette_sync")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK TO datasette_sync")
+            conn.execute("RELEASE datasette_sync")
+            raise
+        conn.execute("RELEASE datasette_sync")
+    else:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+
+@contextmanager
+def applying(conn: sqlite3.Connection) -> Iterator[None]:
+    """Writes made inside are not captured by the triggers (they are not local edits)."""
+    conn.execute("UPDATE _sync_state SET applying = 1")
+    try:
+        yield
+    finally:
+        conn.execute("UPDATE _sync_state SET applying = 0")
+
+
+def bits(mask: int) -> Iterator[int]:
+    slot = 0
+    while mask:
+        if mask & 1:
+            yield slot
+        mask >>= 1
+        slot += 1
+
+
+def import_bundle(
+    db: Any,
+    path: str,
+    alter: bool = False,
+    actor: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ImportResult:
+    """Apply the bundle at ``path`` in one transaction.
+
+    :param alter: add columns (and tables) the bundle has and this database lacks
+    :param actor: who imported it, for the import log
+    :param progress: called with (operations just read, total) after each chunk
+    :raises BundleError: the bundle is invalid or cannot be applied; nothing was changed
+    """
+    conn = connection(db)
+    reader = BundleReader(path)
+    try:
+        with transaction(conn):
+            conn.execute("PRAGMA defer_foreign_keys = ON")
+            return Importer(conn, reader, alter, actor, progress).run()
+    finally:
+        reader.close()
+
+
+class Importer:
+    def __init__(self, conn, reader: BundleReader, alter: bool, actor: str | None, progress):
+        self.conn = conn
+        self.reader = reader
+        self.name = reader.path.name
+        self.alter = alter
+        self.actor = actor
+        self.progress = progress
+
+    def fail(self, reason: str, message: str) -> BundleError:
+        return BundleError(reason, f"Bundle {self.name}: {message}")
+
+    def run(self) -> ImportResult:
+        conn, header = self.conn, self.reader.header
+        ensure_schema(conn)
+        repair_drift(conn)
+        result = ImportResult(self.reader.bundle_id, header["source"], header["operations"])
+        if conn.execute("SELECT 1 FROM _sync_imports WHERE bundle_id = ?", [result.bundle_id]).fetchone():
+            result.skipped = True
+            result.duplicates = result.total_operations
+            result.clock = clock(conn)
+            return result
+        self.map_tables(result)
+        self.devices = [device_index(conn, d) for d in header["devices"]]
+        local_id = local_device_id(conn)
+        self.old = {idx: max_seq(conn, idx) for idx in self.devices}
+        with applying(conn):
+            inserted = self.append_ops(result, local_id)
+            self.ranges = self.check_sequences(inserted)
+            self.check_operations()
+            self.record_knowledge()
+            data_ops = self.count_data_ops()
+            result.applied = sum(hi - lo + 1 for _, lo, hi in self.ranges)
+            if data_ops:
+                result.conflicts = self.apply_to_tables()
+                floor = conn.execute(
+                    "SELECT max(o.hlc) FROM _sync_ops o JOIN temp._sync_new r ON o.op BETWEEN r.lo AND r.hi"
+                ).fetchone()[0]
+                append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=floor or 0)
+        result.clock = clock(conn)
+        self.record_peer(header, result.clock)
+        conn.execute(
+            "INSERT INTO _sync_imports VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                result.bundle_id,
+                result.source_device_id,
+                now_iso(),
+                result.total_operations,
+                result.applied,
+                result.conflicts,
+                result.duplicates,
+                self.actor,
+            ],
+        )
+        return result
+
+    # -- validation and mapping --------------------------------------------------------------
+
+    def map_tables(self, result: ImportResult) -> None:
+        """Map each bundle table to a local table id and slots, or refuse the bundle."""
+        conn = self.conn
+        self.tables: list[tuple[int, list[int], bool]] = []
+        self.applied_tids: dict[int, SyncedTable] = {}
+        for name, columns, pk in self.reader.header["tables"]:
+            if name.startswith("_sync_") or name.startswith("sqlite_"):
+                raise self.fail("internal_table", f"operations on internal table '{name}' are never accepted")
+            local = load_tables(conn).get(name)
+            exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()
+            if local is None or not local.enabled:
+                if self.alter and not exists:
+                    conn.execute(
+                        f"CREATE TABLE {quote_identifier(name)} ("
+                        + ", ".join(quote_identifier(c) for c in columns)
+                        + f", PRIMARY KEY ({', '.join(quote_identifier(c) for c in pk)}))"
+                    )
+                    enable_table(conn, name)
+                    local = load_tables(conn)[name]
+                else:
+                    self.tables.append(self.register_unapplied(name, columns, pk))
+                    continue
+            current = [row[1] for row in table_info(conn, name)]
+            missing = [c for c in columns if c not in current]
+            if missing and not self.alter:
+                raise self.fail(
+                    "unknown_column",
+                    f"table '{name}' has column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                    "that this database lacks (import with --alter to add)",
+                )
+            for column in missing:
+                conn.execute(f"ALTER TABLE {quote_identifier(name)} ADD COLUMN {quote_identifier(column)}")
+            if missing:
+                enable_table(conn, name)
+                local = load_tables(conn)[name]
+            if pk != local.pk:
+                raise self.fail("pk_mismatch", f"table '{name}' has primary key {pk} here it is {local.pk}")
+            self.tables.append((local.tid, [local.slots[c] for c in columns], True))
+            self.applied_tids[local.tid] = local
+
+    def register_unapplied(self, name: str, columns: list[str], pk: list[str]) -> tuple[int, list[int], bool]:
+        """Keep operations for a table this database does not sync: stored and relayed, not applied."""
+        conn = self.conn
+        row = conn.execute("SELECT tid, columns FROM _sync_tables WHERE name = ?", [name]).fetchone()
+        slots = json.loads(row[1]) if row else {}
+        for column in columns:
+            if column not in slots:
+                slots[column] = max(slots.values(), default=-1) + 1
+        if row:
+            conn.execute("UPDATE _sync_tables SET columns = ? WHERE tid = ?", [json.dumps(slots), row[0]])
+            tid = row[0]
+        else:
+            tid = conn.execute(
+                "INSERT INTO _sync_tables (name, columns, pk, enabled) VALUES (?, ?, ?, 0)",
+                [name, json.dumps(slots), json.dumps(pk)],
+            ).lastrowid
+        ensure_slots(conn, max(slots.values()) + 1)
+        return tid, [slots[c] for c in columns], False
+
+    def append_ops(self, result: ImportResult, local_id: str) -> dict[int, int]:
+        conn = self.conn
+        inserted: dict[int, int] = {}
+        for position, table_position, ops in self.reader.chunks():
+            idx = self.devices[position]
+            if table_position == -1:
+                tid, slots, applied = 0, [], True
+            else:
+                tid, slots, applied = self.tables[table_position]
+            if not ops:
+                continue
+            try:
+                seqs = [op[0] for op in ops]
+            except (TypeError, IndexError, KeyError):
+                raise self.fail("invalid_operation", "an operation is malformed")
+            first = seqs[0]
+            if not (type(first) is int and 0 < first and first + len(seqs) - 1 <= SEQ_MASK) or seqs != list(
+                range(first, first + len(seqs))
+            ):
+                raise self.fail("invalid_operation", "operation sequence numbers are not consecutive integers")
+            if idx == LOCAL and seqs[-1] > self.old[LOCAL]:
+                raise self.fail(
+                    "device_id_clash",
+                    f"it carries operations of this database's own device {local_id} that this database never "
+                    "wrote: was this file copied from another database? Run 'sqlite-utils sync-new-device' on the copy",
+                )
+            if first <= self.old[idx]:
+                ours = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(idx, first)]).fetchone()
+                if ours and ours[0] != ops[0][1]:
+                    raise self.fail(
+                        "device_id_clash",
+                        f"operation {self.reader.header['devices'][position]}:{first} differs from the copy here: two "
+                        "databases share that device id (a copied file?); run 'sqlite-utils sync-new-device' on the copy",
+                    )
+            slot_columns = "".join(f", c{s}" for s in slots)
+            placeholders = ", ?" * len(slots)
+            sql = (
+                f"INSERT OR IGNORE INTO _sync_ops (op, hlc, tid, kind, mask, rowkey, newkey{slot_columns}) "
+                f"VALUES (? + {op_id(idx, 0)}, ?, {tid}, ?, ?, ?, ?{placeholders})"
+            )
+            try:
+                count = conn.executemany(sql, ops).rowcount
+            except (sqlite3.Error, TypeError, ValueError, OverflowError) as ex:
+                raise self.fail("invalid_operation", f"an operation cannot be stored ({ex})")
+            inserted[idx] = inserted.get(idx, 0) + count
+            result.duplicates += len(ops) - count
+            if count and not applied:
+                table_name = self.reader.header["tables"][table_position][0]
+                result.not_applied[table_name] = result.not_applied.get(table_name, 0) + count
+            if self.progress:
+                self.progress(len(ops), self.reader.header["operations"])
+        return inserted
+
+    def check_sequences(self, inserted: dict[int, int]) -> list[tuple[int, int, int]]:
+        """Refuse a bundle that leaves a gap in a device's sequence; return the new op ranges."""
+        conn = self.conn
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS _sync_new (device INTEGER, lo INTEGER, hi INTEGER)")
+        conn.execute("DELETE FROM temp._sync_new")
+        names = device_ids(conn)
+        ranges = []
+        for idx, count in inserted.items():
+            if not count:
+                continue
+            old, new = self.old[idx], max_seq(conn, idx)
+            if new - old != count:
+                first = conn.execute(
+                    "SELECT min(op) FROM _sync_ops WHERE op > ? AND op <= ?", [op_id(idx, old), op_id(idx, SEQ_MASK)]
+                ).fetchone()[0] & SEQ_MASK
+                raise self.fail(
+                    "missing_operations",
+                    f"it starts device {names[idx]} at seq {first} but this database has only up to seq {old} "
+                    f"(operations {old + 1}-{first - 1} are missing: import the bundles before it first)",
+                )
+            ranges.append((idx, op_id(idx, old + 1), op_id(idx, new)))
+        conn.executemany("INSERT INTO temp._sync_new VALUES (?, ?, ?)", ranges)
+        return ranges
+
+    def new_ops(self, columns: str = "o.*", where: str = "1") -> str:
+        return f"SELECT {columns} FROM temp._sync_new r JOIN _sync_ops o ON o.op BETWEEN r.lo AND r.hi WHERE {where}"
+
+    def check_operations(self) -> None:
+        """Every new operation is well-formed: its kind, clock and row key agree with its values."""
+        conn = self.conn
+        bad = conn.execute(
+            "SELECT count(*) FROM ("
+            + self.new_ops(
+                "o.op",
+                "NOT (typeof(o.hlc) = 'integer' AND ((o.kind = 3 AND o.tid = 0 AND typeof(o.rowkey) = 'text') "
+                "OR ((o.kind & ~8) IN (0, 1, 2) AND o.tid != 0 AND typeof(o.rowkey) = 'text' "
+                "AND typeof(o.mask) = 'integer' AND (o.newkey IS NULL OR typeof(o.newkey) = 'text'))))",
+            )
+            + ")"
+        ).fetchone()[0]
+        if bad:
+            raise self.fail("invalid_operation", f"{bad} operation(s) have an invalid kind, clock or key")
+        for tid, columns, pk in conn.execute("SELECT tid, columns, pk FROM _sync_tables").fetchall():
+            slots = json.loads(columns)
+            key = rowkey_sql(f"o.c{slots[c]}" for c in json.loads(pk))
+            bad = conn.execute(
+                "SELECT count(*) FROM ("
+                + self.new_ops(
+                    "o.op",
+                    f"o.tid = {tid} AND CASE o.kind & 3 WHEN 1 THEN coalesce(o.newkey, o.rowkey) ELSE o.rowkey END "
+                    f"IS NOT {key}",
+                )
+                + ")"
+            ).fetchone()[0]
+            if bad:
+                raise self.fail("invalid_operation", f"{bad} operation(s) have a row key that does not match their values")
+
+    def record_knowledge(self) -> int:
+        """Index new tick operations and check that the bundle carries what they depend on."""
+        conn = self.conn
+        have = clock(conn)
+        ticks = conn.execute(self.new_ops("o.op, o.rowkey", "o.kind = 3")).fetchall()
+        for op, text in ticks:
+            known = parse_clock(text, f"Bundle {self.name} knowledge clock")
+            for device, seq in known.items():
+                if have.get(device, 0) < seq:
+                    raise self.fail(
+                        "missing_dependencies",
+                        f"its operations depend on device {device} up to seq {seq}, but neither this database nor "
+                        f"the bundle has more than seq {have.get(device, 0)}",
+                    )
+            conn.execute(
+                "INSERT OR REPLACE INTO _sync_knowledge VALUES (?, ?, ?)", [op >> 40, (op & SEQ_MASK) + 1, text]
+            )
+        return len(ticks)
+
+    def count_data_ops(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM (" + self.new_ops("o.op", "o.kind != 3") + ")").fetchone()[0]
+
+    def record_peer(self, header: dict, have: dict[str, int]) -> None:
+        """Remember what the source had, as far as it can be checked: deltas for it start there."""
+        conn = self.conn
+        source = header["source"]
+        claimed = parse_clock(header["clock"])
+        row = conn.execute("SELECT clock FROM _sync_peers WHERE device_id = ?", [source]).fetchone()
+        known = json.loads(row[0]) if row else {}
+        for device, seq in claimed.items():
+            known[device] = max(known.get(device, 0), min(seq, have.get(device, 0)))
+        conn.execute(
+            "INSERT OR REPLACE INTO _sync_peers VALUES (?, ?, ?)",
+            [source, json.dumps(known, sort_keys=True), now_iso()],
+        )
+
+    # -- bringing the tables up to date -----------------------------------------------------
+
+    def window_ranges(self) -> list[tuple[int, int]]:
+        """Old operations that some new operation's author had not seen: the only candidates for
+        concurrency with the new ones."""
+        conn = self.conn
+        names = device_ids(conn)
+        floor: dict[int, int] = {}
+        for idx, lo, hi in self.ranges:
+            epochs = [knowledge_at(conn, idx, lo & SEQ_MASK)] + [
+                json.loads(text)
+                for (text,) in conn.execute(
+                    "SELECT clock FROM _sync_knowledge WHERE device = ? AND from_seq > ? AND from_seq <= ?",
+                    [idx, lo & SEQ_MASK, hi & SEQ_MASK],
+                )
+            ]
+            for other, name in names.items():
+                seen = self.old.get(other, 0) if other == idx else min(e.get(name, 0) for e in epochs)
+                floor[other] = min(floor.get(other, seen), seen)
+        result = []
+        for other, seen in floor.items():
+            top = self.old[other] if other in self.old else max_seq(conn, other)
+            if top > seen:
+                result.append((op_id(other, seen + 1), op_id(other, top)))
+        return result
+
+    def apply_to_tables(self) -> int:
+        conn = self.conn
+        for sql in (
+            "CREATE TEMP TABLE IF NOT EXISTS _sync_window (lo INTEGER, hi INTEGER)",
+            "CREATE TEMP TABLE IF NOT EXISTS _sync_slow (tid INTEGER, rowkey TEXT, PRIMARY KEY (tid, rowkey)) WITHOUT ROWID",
+            "CREATE TEMP TABLE IF NOT EXISTS _sync_wkeys (tid INTEGER, rowkey TEXT, PRIMARY KEY (tid, rowkey)) WITHOUT ROWID",
+            "DELETE FROM temp._sync_window",
+            "DELETE FROM temp._sync_slow",
+            "DELETE FROM temp._sync_wkeys",
+        ):
+            conn.execute(sql)
+        conn.executemany("INSERT INTO temp._sync_window VALUES (?, ?)", self.window_ranges())
+        window_ops = "SELECT o.* FROM temp._sync_window w JOIN _sync_ops o ON o.op BETWEEN w.lo AND w.hi WHERE o.kind != 3"
+        conn.execute(
+            f"INSERT OR IGNORE INTO temp._sync_wkeys SELECT tid, rowkey FROM ({window_ops}) "
+            f"UNION SELECT tid, newkey FROM ({window_ops}) WHERE newkey IS NOT NULL"
+        )
+        new_keys = (
+            self.new_ops("o.tid, o.rowkey AS k, o.newkey IS NOT NULL AS moved", "o.kind != 3")
+            + " UNION ALL "
+            + self.new_ops("o.tid, o.newkey, 1", "o.newkey IS NOT NULL")
+        )
+        conn.execute(
+            f"INSERT OR IGNORE INTO temp._sync_slow SELECT tid, k FROM ({new_keys}) GROUP BY tid, k "
+            "HAVING count(*) > 1 OR max(moved) "
+            "OR EXISTS (SELECT 1 FROM temp._sync_wkeys w WHERE w.tid = tid AND w.rowkey = k)"
+        )
+        for tid, table in self.applied_tids.items():
+            self.fast_path(table)
+        conflicts = self.slow_path()
+        resolutions = conn.execute(
+            self.new_ops("DISTINCT o.tid, coalesce(o.newkey, o.rowkey), o.op", f"o.kind & {RESOLUTION}")
+        ).fetchall()
+        conn.executemany("INSERT OR IGNORE INTO _sync_resolutions VALUES (?, ?, ?)", resolutions)
+        from .conflicts import rebuild_conflicts
+
+        touched = set(self.clashed_rows) | {(tid, key) for tid, key, _ in resolutions}
+        return rebuild_conflicts(conn, touched)
+
+    def fast_path(self, table: SyncedTable) -> None:
+        """Rows touched by one new operation and nothing concurrent: set-based writes."""
+        conn = self.conn
+        columns = table.current_columns(conn)
+        full = table.mask_for(columns)
+        t = quote_identifier(table.name)
+        quoted = [quote_identifier(c) for c in columns]
+        not_slow = "NOT EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.rowkey)"
+        pk_match = " AND ".join(f"{t}.{quote_identifier(c)} = o.c{table.slots[c]}" for c in table.pk)
+        conn.execute(
+            f"INSERT INTO {t} ({', '.join(quoted)}) SELECT {', '.join(f'o.c{table.slots[c]}' for c in columns)} FROM ("
+            + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask = {full}")
+            + f") o WHERE {not_slow} ON CONFLICT ({', '.join(quote_identifier(c) for c in table.pk)}) DO UPDATE SET "
+            + ", ".join(f"{q} = excluded.{q}" for q in quoted)
+        )
+        conn.execute(
+            f"INSERT OR IGNORE INTO temp._sync_slow "
+            + self.new_ops("o.tid, o.rowkey", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask != {full}")
+        )
+        assignments = ", ".join(
+            f"{quote_identifier(c)} = CASE WHEN o.mask & {1 << table.slots[c]} THEN o.c{table.slots[c]} "
+            f"ELSE {t}.{quote_identifier(c)} END"
+            for c in columns
+        )
+        conn.execute(
+            f"UPDATE {t} SET {assignments} FROM ("
+            + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & 3 = {UPDATE} AND o.newkey IS NULL")
+            + f") o WHERE {not_slow} AND {pk_match}"
+        )
+        pk_cols = ", ".join(quote_identifier(c) for c in table.pk)
+        pk_slots = ", ".join(f"o.c{table.slots[c]}" for c in table.pk)
+        conn.execute(
+            f"DELETE FROM {t} WHERE ({pk_cols}) IN (SELECT {pk_slots} FROM ("
+            + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & 3 = {DELETE}")
+            + f") o WHERE {not_slow})"
+        )
+
+    def slow_path(self) -> int:
+        """Rows with several new operations or concurrent ones: resolve each row in Python."""
+        conn = self.conn
+        self.clashed_rows: set[tuple[int, str]] = set()
+        if not conn.execute("SELECT 1 FROM temp._sync_slow LIMIT 1").fetchone():
+            return 0
+        devices = device_ids(conn)
+        on_slow = (
+            "(EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.rowkey) "
+            "OR EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.newkey))"
+        )
+        rows: dict[tuple[int, str], list[Effect]] = {}
+        tables = {t.tid: t for t in load_tables(conn).values()}
+        for new, sql in (
+            (True, self.new_ops("o.*", f"o.kind != 3 AND {on_slow}")),
+            (
+                False,
+                "SELECT o.* FROM temp._sync_window w JOIN _sync_ops o ON o.op BETWEEN w.lo AND w.hi "
+                f"WHERE o.kind != 3 AND {on_slow}",
+            ),
+        ):
+            cursor = conn.execute(sql)
+            names = [d[0] for d in cursor.description]
+            for row in cursor:
+                record = dict(zip(names, row))
+                table = tables[record["tid"]]
+                for rowkey, effect in effects_of(record, table, devices, new):
+                    rows.setdefault((record["tid"], rowkey), []).append(effect)
+        knowledge = KnowledgeCache(conn)
+        for (tid, rowkey), effects in rows.items():
+            table = self.applied_tids.get(tid)
+            if table is None or not any(e.new for e in effects):
+                continue
+            if conn.execute(
+                "SELECT 1 FROM temp._sync_slow WHERE tid = ? AND rowkey = ?", [tid, rowkey]
+            ).fetchone() is None:
+                continue
+            effects.sort(key=lambda e: e.key)
+            apply_row(conn, table, rowkey, effects)
+            if record_clashes(conn, table, rowkey, effects, knowledge):
+                self.clashed_rows.add((tid, rowkey))
+        return 0
+
+
+def effects_of(record: dict[str, Any], table: SyncedTable, devices: dict[int, str], new: bool) -> list[tuple[str, Effect]]:
+    """The row effects of one operation: a primary-key move deletes the old key, writes the new."""
+    op = record["op"]
+    idx, seq = op >> 40, op & SEQ_MASK
+    key = (record["hlc"], devices[idx], seq)
+    kind = record["kind"] & 3
+    resolution = bool(record["kind"] & RESOLUTION)
+    values = {slot: record.get(f"c{slot}") for slot in table.slots.values()}
+    all_slots = table.mask_for(list(table.slots))
+    if kind == DELETE:
+        return [(record["rowkey"], Effect(op, key, False, 0, {}, new, resolution))]
+    if kind == UPDATE and record["newkey"] is not None:
+        return [
+            (record["rowkey"], Effect(op, key, False, 0, {}, new, resolution)),
+            (record["newkey"], Effect(op, key, True, all_slots, values, new, resolution)),
+        ]
+    return [(record["rowkey"], Effect(op, key, True, record["mask"] & all_slots, values, new, resolution))]
+
+
+def row_state(effects: list[Effect]) -> tuple[bool, dict[int, Any]]:
+    """The row implied by all its operations (sorted by key): does it exist, and its values."""
+    values: dict[int, Any] = {}
+    for effect in effects:
+        if effect.write:
+            for slot in bits(effect.mask):
+                values[slot] = effect.values[slot]
+    return bool(effects) and effects[-1].write, values
+
+
+def all_effects(conn: sqlite3.Connection, table: SyncedTable, rowkey: str) -> list[Effect]:
+    """Every operation ever recorded on one row (a log scan: only for restoring deleted rows)."""
+    devices = device_ids(conn)
+    cursor = conn.execute(
+        "SELECT * FROM _sync_ops WHERE tid = ? AND (rowkey = ? OR newkey = ?)", [table.tid, rowkey, rowkey]
+    )
+    names = [d[0] for d in cursor.description]
+    effects = []
+    for row in cursor:
+        for key, effect in effects_of(dict(zip(names, row)), table, devices, False):
+            if key == rowkey:
+                effects.append(effect)
+    return sorted(effects, key=lambda e: e.key)
+
+
+def fetch_row(conn: sqlite3.Connection, table: SyncedTable, rowkey: str) -> dict[str, Any] | None:
+    pk_values = parse_rowkey(rowkey)
+    where = " AND ".join(f"{quote_identifier(c)} IS ?" for c in table.pk)
+    cursor = conn.execute(f"SELECT * FROM {quote_identifier(table.name)} WHERE {where}", pk_values)
+    row = cursor.fetchone()
+    return None if row is None else dict(zip([d[0] for d in cursor.description], row))
+
+
+def write_row(
+    conn: sqlite3.Connection, table: SyncedTable, rowkey: str, exists: bool, values: dict[str, Any], present: bool
+) -> None:
+    """Make the table's row match: delete it, insert it, or update the given columns."""
+    t = quote_identifier(table.name)
+    pk_values = parse_rowkey(rowkey)
+    where = " AND ".join(f"{quote_identifier(c)} IS ?" for c in table.pk)
+    if not exists:
+        if present:
+            conn.execute(f"DELETE FROM {t} WHERE {where}", pk_values)
+        return
+    if present:
+        changes = {c: v for c, v in values.items() if c not in table.pk}
+        if changes:
+            conn.execute(
+                f"UPDATE {t} SET {', '.join(f'{quote_identifier(c)} = ?' for c in changes)} WHERE {where}",
+                [*changes.values(), *pk_values],
+            )
+        return
+    row = dict(values)
+    row.update(zip(table.pk, pk_values))
+    conn.execute(
+        f"INSERT INTO {t} ({', '.join(quote_identifier(c) for c in row)}) VALUES ({', '.join('?' * len(row))})",
+        list(row.values()),
+    )
+
+
+def apply_row(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effects: list[Effect]) -> None:
+    """Bring one row up to date given the new operations on it and the concurrent old ones."""
+    current = fetch_row(conn, table, rowkey)
+    columns = set(table.current_columns(conn))
+    names = {slot: name for name, slot in table.slots.items() if name in columns}
+    latest = effects[-1]
+    exists = (latest.write if latest.new else current is not None)
+    if exists and current is None:
+        # Coming back after a delete: rebuild the whole row from its history.
+        _, values = row_state(all_effects(conn, table, rowkey))
+        write_row(conn, table, rowkey, True, {names[s]: v for s, v in values.items() if s in names}, False)
+        return
+    winners: dict[int, Effect] = {}
+    for effect in effects:
+        if effect.write:
+            for slot in bits(effect.mask):
+                winners[slot] = effect
+    changes = {names[s]: e.values[s] for s, e in winners.items() if e.new and s in names}
+    write_row(conn, table, rowkey, exists, changes, current is not None)
+
+
+class KnowledgeCache:
+    """Who had seen what: ``seen(a, b)`` is true when b's author had seen a when writing b."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.cache: dict[int, dict[str, int]] = {}
+
+    def clock_of(self, op: int) -> dict[str, int]:
+        if op not in self.cache:
+            self.cache[op] = knowledge_at(self.conn, op >> 40, op & SEQ_MASK)
+        return self.cache[op]
+
+    def seen(self, a: Effect, b: Effect) -> bool:
+        if a.op >> 40 == b.op >> 40:
+            return a.op < b.op
+        return self.clock_of(b.op).get(a.key[1], 0) >= a.key[2]
+
+    def concurrent(self, a: Effect, b: Effect) -> bool:
+        return a.op != b.op and not self.seen(a, b) and not self.seen(b, a)
+
+
+def same_value(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def clash_columns(table: SyncedTable, a: Effect, b: Effect) -> list[str] | None:
+    """The columns two concurrent effects disagree on; [] for a write against a delete; None
+    when they agree."""
+    if not a.write and not b.write:
+        return None
+    if a.write != b.write:
+        return []
+    names = {slot: name for name, slot in table.slots.items()}
+    differing = [names[s] for s in bits(a.mask & b.mask) if not same_value(a.values[s], b.values[s])]
+    return sorted(differing) or None
+
+
+def record_clashes(
+    conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effects: list[Effect], knowledge: KnowledgeCache
+) -> bool:
+    found = False
+    for i, a in enumerate(effects):
+        for b in effects[i + 1 :]:
+            if not (a.new or b.new) or not knowledge.concurrent(a, b):
+                continue
+            columns = clash_columns(table, a, b)
+            if columns is None:
+                continue
+            first, second = sorted((a.op, b.op))
+            conn.execute(
+                "INSERT OR IGNORE INTO _sync_clashes VALUES (?, ?, ?, ?, ?)",
+                [table.tid, rowkey, first, second, json.dumps(columns)],
+            )
+            found = True
+    return found
+
+
+def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
+    """Log the changes the triggers missed: compare the table with the state its log implies.
+
+    Used when sync is first enabled (every existing row becomes an insert) and when triggers
+    were missing or stale (after ``transform`` or ``ALTER TABLE``).
+    """
+    t = quote_identifier(table.name)
+    columns = table.current_columns(conn)
+    full = table.mask_for(columns)
+    key = rowkey_sql(quote_identifier(c) for c in table.pk)
+    has_ops = conn.execute("SELECT 1 FROM _sync_ops WHERE tid = ? LIMIT 1", [table.tid]).fetchone()
+    if not has_ops:
+        start = conn.execute("SELECT max(hlc) FROM _sync_ops").fetchone()[0]
+        from .log import next_local_hlc
+
+        base = next_local_hlc(conn, start)
+        cursor = conn.execute(
+            f"INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, {', '.join(f'c{table.slots[c]}' for c in columns)}) "
+            f"SELECT {base} + row_number() OVER () - 1, {table.tid}, {INSERT}, {full}, {key}, "
+            f"{', '.join(quote_identifier(c) for c in columns)} FROM {t}"
+        )
+        return cursor.rowcount
+    devices = device_ids(conn)
+    cursor = conn.execute("SELECT * FROM _sync_ops WHERE tid = ? AND kind != 3", [table.tid])
+    names = [d[0] for d in cursor.description]
+    history: dict[str, list[Effect]] = {}
+    for row in cursor:
+        for rowkey, effect in effects_of(dict(zip(names, row)), table, devices, False):
+            history.setdefault(rowkey, []).append(effect)
+    defaults = {}
+    for info in table_info(conn, table.name):
+        defaults[info[1]] = conn.execute(f"SELECT {info[4]}").fetchone()[0] if info[4] is not None else None
+    logged = 0
+    cursor = conn.execute(f"SELECT {key} AS _rowkey, * FROM {t}")
+    seen = set()
+    for row in cursor.fetchall():
+        rowkey, values = row[0], dict(zip(columns, row[1:]))
+        seen.add(rowkey)
+        effects = sorted(history.get(rowkey, []), key=lambda e: e.key)
+        exists, implied = row_state(effects)
+        slots = {table.slots[c]: v for c, v in values.items()}
+        if not exists:
+            append_local(conn, table.tid, INSERT, full, rowkey, slots=slots)
+            logged += 1
+            continue
+        mask = 0
+        for column, value in values.items():
+            slot = table.slots[column]
+            if not same_value(implied.get(slot, defaults.get(column)), value):
+                mask |= 1 << slot
+        if mask:
+            append_local(conn, table.tid, UPDATE, mask, rowkey, slots=slots)
+            logged += 1
+    for rowkey, effects in history.items():
+        if rowkey not in seen and row_state(sorted(effects, key=lambda e: e.key))[0]:
+            pk_slots = {table.slots[c]: v for c, v in zip(table.pk, parse_rowkey(rowkey))}
+            append_local(conn, table.tid, DELETE, 0, rowkey, slots=pk_slots)
+            logged += 1
+    return logged
+
+
+def check_can_enable(conn: sqlite3.Connection, table: str) -> None:
+    check_can_sync(conn, table)
+
+
+__all__ = ["ImportResult", "import_bundle", "reconcile_table", "transaction", "applying", "SyncError"]

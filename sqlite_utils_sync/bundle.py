@@ -1,0 +1,289 @@
+"""Bundles: self-contained SQLite files that carry operations between copies.
+
+A bundle has three tables::
+
+    bundle_meta(key, value)      format, sha256, bundle_id
+    bundle_header(id, data)      one msgpack map: source device, its clock, devices, tables
+    bundle_chunks(id, data)      msgpack [device index, table index, [op, op, ...]]
+
+Each op is ``[seq, hlc, kind, mask, rowkey, newkey, value...]`` with the values in the order
+of the header's column list for that table. ``sha256`` covers the header and every chunk in
+order, so every byte that gets applied is checked before anything is applied; the bundle id
+is derived from it. Readers open the file read-only and only ever ``SELECT`` from those three
+tables, after checking they are plain tables: nothing in a bundle is executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import sqlite3
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import msgpack
+
+from .errors import BundleError
+from .log import (
+    SEQ_MASK,
+    clock,
+    device_ids,
+    local_device_id,
+    max_seq,
+    now_iso,
+    op_id,
+)
+
+FORMAT = "datasette-sync-bundle/1"
+CHUNK_OPS = 5000
+BUNDLE_TABLES = ("bundle_meta", "bundle_header", "bundle_chunks")
+
+
+@dataclass
+class ExportResult:
+    bundle_id: str
+    device_id: str
+    operations: int
+    bytes: int
+    clock: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"bundle_id": self.bundle_id, "device_id": self.device_id, "operations": self.operations, "bytes": self.bytes}
+
+
+def parse_clock(text: str | dict | None, what: str = "clock") -> dict[str, int]:
+    """Parse and check a vector clock: ``{"<32 hex device id>": <seq>, ...}``."""
+    if text is None or text == "":
+        return {}
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        raise BundleError("invalid_clock", f"{what} is not valid JSON: {text!r}")
+    if not isinstance(value, dict) or not all(
+        is_device_id(k) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SEQ_MASK
+        for k, v in value.items()
+    ):
+        raise BundleError(
+            "invalid_clock", f'{what} must look like {{"<32 hex digit device id>": <seq>, ...}}, got {text!r}'
+        )
+    return value
+
+
+def is_device_id(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def export_bundle(
+    conn: sqlite3.Connection,
+    path: str | os.PathLike,
+    since: dict[str, int] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ExportResult:
+    """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``."""
+    from .capture import load_tables
+
+    since = since or {}
+    devices = device_ids(conn)
+    tables = load_tables(conn)
+    by_tid = {t.tid: t for t in tables.values()}
+    header_devices: list[str] = []
+    header_tables: list[list] = []
+    table_index: dict[int, tuple[int, list[int]]] = {}
+    chunks: list[bytes] = []
+    count = 0
+    slot_count = sum(1 for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1].startswith("c"))
+    slot_columns = ", ".join(f"c{i}" for i in range(slot_count))
+
+    def table_entry(tid: int) -> tuple[int, list[int]]:
+        if tid not in table_index:
+            table = by_tid[tid]
+            columns = table.current_columns(conn) if table.enabled else []
+            columns = [c for c in columns if c in table.slots] or sorted(table.slots, key=table.slots.get)
+            table_index[tid] = (len(header_tables), [table.slots[c] for c in columns])
+            header_tables.append([table.name, columns, table.pk])
+        return table_index[tid]
+
+    total = sum(max(0, max_seq(conn, idx) - since.get(d, 0)) for idx, d in devices.items())
+    for idx in sorted(devices):
+        start = since.get(devices[idx], 0)
+        if max_seq(conn, idx) <= start:
+            continue
+        device_position = len(header_devices)
+        header_devices.append(devices[idx])
+        run_key, run = None, []
+        cursor = conn.execute(
+            f"SELECT op, hlc, tid, kind, mask, rowkey, newkey, {slot_columns} FROM _sync_ops "
+            "WHERE op BETWEEN ? AND ? ORDER BY op",
+            [op_id(idx, start + 1), op_id(idx, SEQ_MASK)],
+        )
+        for row in cursor:
+            tid = row[2]
+            if tid == 0:
+                key, slots = -1, []
+            else:
+                key, slots = table_entry(tid)
+            if key != run_key or len(run) >= CHUNK_OPS:
+                if run:
+                    chunks.append(msgpack.packb([device_position, run_key, run]))
+                    if progress:
+                        progress(len(run), total)
+                run_key, run = key, []
+            run.append([row[0] & SEQ_MASK, row[1], row[3], row[4], row[5], row[6], *[row[7 + s] for s in slots]])
+            count += 1
+        if run:
+            chunks.append(msgpack.packb([device_position, run_key, run]))
+            if progress:
+                progress(len(run), total)
+
+    current = clock(conn)
+    header = msgpack.packb(
+        {
+            "source": local_device_id(conn),
+            "created": now_iso(),
+            "clock": current,
+            "since": since,
+            "devices": header_devices,
+            "tables": header_tables,
+            "operations": count,
+        }
+    )
+    digest = hashlib.sha256(FORMAT.encode())
+    digest.update(header)
+    for chunk in chunks:
+        digest.update(chunk)
+    sha = digest.hexdigest()
+    bundle_id = sha[:32]
+    target = pathlib.Path(path)
+    fd, temp = tempfile.mkstemp(prefix=".bundle-", dir=target.parent or ".")
+    os.close(fd)
+    try:
+        out = sqlite3.connect(temp, isolation_level=None)
+        out.execute("PRAGMA journal_mode = OFF")
+        out.execute("BEGIN")
+        out.execute("CREATE TABLE bundle_meta (key TEXT PRIMARY KEY, value)")
+        out.execute("CREATE TABLE bundle_header (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+        out.execute("CREATE TABLE bundle_chunks (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+        out.executemany(
+            "INSERT INTO bundle_meta VALUES (?, ?)",
+            [("format", FORMAT), ("sha256", sha), ("bundle_id", bundle_id)],
+        )
+        out.execute("INSERT INTO bundle_header VALUES (1, ?)", [header])
+        out.executemany("INSERT INTO bundle_chunks (data) VALUES (?)", ((c,) for c in chunks))
+        out.execute("COMMIT")
+        out.close()
+        os.replace(temp, target)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return ExportResult(bundle_id, local_device_id(conn), count, target.stat().st_size, current)
+
+
+class BundleReader:
+    """Open a bundle read-only and check its integrity before anything is applied."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        name = self.path.name
+        if not self.path.is_file():
+            raise BundleError("missing_bundle", f"Bundle {name}: file not found")
+        try:
+            self.conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True)
+            kinds = {
+                row[0]: (row[1], row[2] or "")
+                for row in self.conn.execute("SELECT name, type, sql FROM sqlite_master")
+            }
+        except sqlite3.Error as ex:
+            raise BundleError("invalid_bundle", f"Bundle {name} is not a SQLite file ({ex})")
+        for table in BUNDLE_TABLES:
+            kind, sql = kinds.get(table, (None, ""))
+            if kind != "table" or sql.lstrip().upper().startswith("CREATE VIRTUAL"):
+                raise BundleError("invalid_bundle", f"Bundle {name} is not a sync bundle: no {table} table")
+        try:
+            meta = dict(self.conn.execute("SELECT key, value FROM bundle_meta"))
+            if meta.get("format") != FORMAT:
+                raise BundleError("unsupported_format", f"Bundle {name} has format {meta.get('format')!r}, expected {FORMAT}")
+            headers = self.conn.execute("SELECT data FROM bundle_header ORDER BY id").fetchall()
+            if len(headers) != 1 or not isinstance(headers[0][0], bytes):
+                raise BundleError("invalid_metadata", f"Bundle {name} must have exactly one header")
+            self.header_bytes = headers[0][0]
+            digest = hashlib.sha256(FORMAT.encode())
+            digest.update(self.header_bytes)
+            self.chunk_count = 0
+            for (data,) in self.conn.execute("SELECT data FROM bundle_chunks ORDER BY id"):
+                if not isinstance(data, bytes):
+                    raise BundleError("invalid_operation", f"Bundle {name} has a chunk that is not a BLOB")
+                digest.update(data)
+                self.chunk_count += 1
+        except sqlite3.Error as ex:
+            raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({ex})")
+        if digest.hexdigest() != meta.get("sha256") or meta.get("bundle_id") != digest.hexdigest()[:32]:
+            raise BundleError(
+                "hash_mismatch", f"Bundle {name} failed its integrity check: content does not match its sha256"
+            )
+        self.bundle_id: str = meta["bundle_id"]
+        self.header = self._decode_header()
+
+    def _decode_header(self) -> dict[str, Any]:
+        name = self.path.name
+        try:
+            header = msgpack.unpackb(self.header_bytes)
+        except Exception as ex:
+            raise BundleError("invalid_metadata", f"Bundle {name} header cannot be decoded ({ex})")
+        problem = None
+        if not isinstance(header, dict):
+            problem = "header is not a map"
+        elif not is_device_id(header.get("source")):
+            problem = "source device id is invalid"
+        elif not isinstance(header.get("devices"), list) or not all(is_device_id(d) for d in header["devices"]):
+            problem = "device list is invalid"
+        elif len(set(header["devices"])) != len(header["devices"]):
+            problem = "device list repeats a device"
+        elif not isinstance(header.get("tables"), list) or not all(
+            isinstance(t, list)
+            and len(t) == 3
+            and isinstance(t[0], str)
+            and isinstance(t[1], list)
+            and isinstance(t[2], list)
+            and all(isinstance(c, str) for c in t[1])
+            and len(set(t[1])) == len(t[1])
+            and t[2]
+            and all(c in t[1] for c in t[2])
+            for t in header["tables"]
+        ):
+            problem = "table list is invalid"
+        elif not isinstance(header.get("operations"), int):
+            problem = "operation count is invalid"
+        if problem:
+            raise BundleError("invalid_metadata", f"Bundle {name}: {problem}")
+        parse_clock(header.get("clock"), f"Bundle {name} clock")
+        parse_clock(header.get("since"), f"Bundle {name} since-clock")
+        return header
+
+    def chunks(self) -> Iterator[tuple[int, int, list]]:
+        """Yield ``(device position, table position, ops)``; re-checks each chunk's shape."""
+        name = self.path.name
+        try:
+            for (data,) in self.conn.execute("SELECT data FROM bundle_chunks ORDER BY id"):
+                try:
+                    chunk = msgpack.unpackb(data)
+                except Exception as ex:
+                    raise BundleError("invalid_operation", f"Bundle {name} has an undecodable chunk ({ex})")
+                if not (
+                    isinstance(chunk, list)
+                    and len(chunk) == 3
+                    and isinstance(chunk[0], int)
+                    and 0 <= chunk[0] < len(self.header["devices"])
+                    and isinstance(chunk[1], int)
+                    and -1 <= chunk[1] < len(self.header["tables"])
+                    and isinstance(chunk[2], list)
+                ):
+                    raise BundleError("invalid_operation", f"Bundle {name} has a malformed chunk")
+                yield chunk[0], chunk[1], chunk[2]
+        except sqlite3.Error as ex:
+            raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({ex})")
+
+    def close(self) -> None:
+        self.conn.close()

@@ -1,0 +1,245 @@
+"""Change capture: the pure-SQL triggers that write ``_sync_ops``, and their upkeep.
+
+The triggers use only built-in SQL functions, so every client that writes the database (the
+``sqlite3`` shell, Python's ``sqlite3``, sqlite-utils, Datasette) is captured. They skip
+writing while ``_sync_state.applying`` is set, which is how applied remote operations stay
+echo-free.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+
+from .errors import SyncError
+from .log import (
+    DELETE,
+    HLC_NOW_SQL,
+    INSERT,
+    MAX_COLUMNS,
+    UPDATE,
+    ensure_schema,
+    ensure_slots,
+    is_enabled,
+    quote_identifier,
+    rowkey_sql,
+)
+
+TRIGGER_KINDS = ("insert", "update", "delete")
+
+
+@dataclass
+class SyncedTable:
+    tid: int
+    name: str
+    slots: dict[str, int]  # every column ever seen -> its slot in _sync_ops
+    pk: list[str]
+    enabled: bool
+
+    def current_columns(self, conn: sqlite3.Connection) -> list[str]:
+        return [row[1] for row in table_info(conn, self.name)]
+
+    def mask_for(self, columns: list[str]) -> int:
+        mask = 0
+        for column in columns:
+            mask |= 1 << self.slots[column]
+        return mask
+
+
+def table_info(conn: sqlite3.Connection, table: str) -> list[tuple]:
+    return conn.execute(f"PRAGMA table_xinfo({quote_identifier(table)})").fetchall()
+
+
+def trigger_name(kind: str, table: str) -> str:
+    return f"_sync_{kind}_{table}"
+
+
+def load_tables(conn: sqlite3.Connection, enabled_only: bool = False) -> dict[str, SyncedTable]:
+    if not is_enabled(conn):
+        return {}
+    tables = {}
+    for tid, name, slots, pk, enabled in conn.execute(
+        "SELECT tid, name, columns, pk, enabled FROM _sync_tables ORDER BY name"
+    ):
+        if enabled_only and not enabled:
+            continue
+        tables[name] = SyncedTable(tid, name, json.loads(slots), json.loads(pk), bool(enabled))
+    return tables
+
+
+def check_can_sync(conn: sqlite3.Connection, table: str) -> tuple[list[str], list[str]]:
+    """Return (columns, pk columns) or raise a SyncError saying why ``table`` cannot be synced."""
+    if table.startswith("_sync_") or table.startswith("sqlite_"):
+        raise SyncError("internal_table", f"Table '{table}' is internal and cannot be synced")
+    row = conn.execute("SELECT type, sql FROM sqlite_master WHERE name = ?", [table]).fetchone()
+    if row is None or row[0] != "table":
+        raise SyncError("missing_table", f"Table '{table}' does not exist")
+    if (row[1] or "").lstrip().upper().startswith("CREATE VIRTUAL"):
+        raise SyncError("virtual_table", f"Table '{table}' is a virtual (e.g. FTS) table and cannot be synced")
+    info = table_info(conn, table)
+    generated = [r[1] for r in info if r[6] not in (0,)]
+    if generated:
+        raise SyncError(
+            "generated_columns", f"Table '{table}' has generated columns ({', '.join(generated)}), not supported"
+        )
+    pk = [r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5])]
+    if not pk:
+        raise SyncError(
+            "no_primary_key",
+            f"Table '{table}' has no explicit PRIMARY KEY: rowid-only tables cannot be synced safely "
+            f"(add one, e.g. sqlite-utils transform data.db {table} --pk id)",
+        )
+    columns = [r[1] for r in info]
+    if len(columns) > MAX_COLUMNS:
+        raise SyncError("too_many_columns", f"Table '{table}' has {len(columns)} columns; at most {MAX_COLUMNS} can be synced")
+    return columns, pk
+
+
+def register_table(conn: sqlite3.Connection, table: str, columns: list[str], pk: list[str]) -> SyncedTable:
+    """Record ``table`` in ``_sync_tables``, giving new columns the next free slots."""
+    row = conn.execute("SELECT tid, columns FROM _sync_tables WHERE name = ?", [table]).fetchone()
+    slots: dict[str, int] = json.loads(row[1]) if row else {}
+    for column in columns:
+        if column not in slots:
+            slots[column] = max(slots.values(), default=-1) + 1
+    if max(slots.values(), default=0) >= MAX_COLUMNS:
+        raise SyncError("too_many_columns", f"Table '{table}' has used more than {MAX_COLUMNS} column slots")
+    if row:
+        conn.execute(
+            "UPDATE _sync_tables SET columns = ?, pk = ?, enabled = 1 WHERE tid = ?",
+            [json.dumps(slots), json.dumps(pk), row[0]],
+        )
+        tid = row[0]
+    else:
+        tid = conn.execute(
+            "INSERT INTO _sync_tables (name, columns, pk, enabled) VALUES (?, ?, ?, 1)",
+            [table, json.dumps(slots), json.dumps(pk)],
+        ).lastrowid
+    ensure_slots(conn, max(slots.values()) + 1)
+    return SyncedTable(tid, table, slots, pk, True)
+
+
+def trigger_sql(table: SyncedTable, columns: list[str]) -> dict[str, str]:
+    """The CREATE TRIGGER statements that capture writes to ``table``."""
+    t = quote_identifier(table.name)
+    slot_list = ", ".join(f"c{table.slots[c]}" for c in columns)
+    full_mask = table.mask_for(columns)
+    hlc = f"max({HLC_NOW_SQL}, (SELECT hlc FROM _sync_ops ORDER BY op DESC LIMIT 1) + 1)"
+    when = "(SELECT applying FROM _sync_state) = 0"
+
+    def values(prefix: str) -> str:
+        return ", ".join(f"{prefix}.{quote_identifier(c)}" for c in columns)
+
+    def changed(c: str) -> str:
+        q = quote_identifier(c)
+        return f"(NEW.{q} IS NOT OLD.{q} OR typeof(NEW.{q}) != typeof(OLD.{q}))"
+
+    mask = " | ".join(f"({changed(c)} << {table.slots[c]})" for c in columns)
+    pk_changed = " OR ".join(changed(c) for c in table.pk)
+    new_key = rowkey_sql(f"NEW.{quote_identifier(c)}" for c in table.pk)
+    old_key = rowkey_sql(f"OLD.{quote_identifier(c)}" for c in table.pk)
+    pk_slots = ", ".join(f"c{table.slots[c]}" for c in table.pk)
+    old_pk = ", ".join(f"OLD.{quote_identifier(c)}" for c in table.pk)
+    return {
+        "insert": (
+            f"CREATE TRIGGER {quote_identifier(trigger_name('insert', table.name))} AFTER INSERT ON {t}\n"
+            f"WHEN {when}\nBEGIN\n"
+            f"  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, {slot_list})\n"
+            f"  VALUES ({hlc}, {table.tid}, {INSERT}, {full_mask}, {new_key}, {values('NEW')});\nEND"
+        ),
+        "update": (
+            f"CREATE TRIGGER {quote_identifier(trigger_name('update', table.name))} AFTER UPDATE ON {t}\n"
+            f"WHEN {when} AND ({mask}) != 0\nBEGIN\n"
+            f"  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, newkey, {slot_list})\n"
+            f"  VALUES ({hlc}, {table.tid}, {UPDATE}, {mask}, {old_key},\n"
+            f"    CASE WHEN {pk_changed} THEN {new_key} END, {values('NEW')});\nEND"
+        ),
+        "delete": (
+            f"CREATE TRIGGER {quote_identifier(trigger_name('delete', table.name))} AFTER DELETE ON {t}\n"
+            f"WHEN {when}\nBEGIN\n"
+            f"  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, {pk_slots})\n"
+            f"  VALUES ({hlc}, {table.tid}, {DELETE}, 0, {old_key}, {old_pk});\nEND"
+        ),
+    }
+
+
+def installed_triggers(conn: sqlite3.Connection, table: str) -> dict[str, str]:
+    found = {}
+    for kind in TRIGGER_KINDS:
+        row = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ? AND tbl_name = ?",
+            [trigger_name(kind, table), table],
+        ).fetchone()
+        if row:
+            found[kind] = row[0]
+    return found
+
+
+def table_drift(conn: sqlite3.Connection, table: SyncedTable) -> str | None:
+    """Why ``table``'s capture is out of step with its schema, or None when it is current."""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [table.name]).fetchone()
+    if not exists:
+        return f"table '{table.name}' no longer exists"
+    installed = installed_triggers(conn, table.name)
+    if not installed:
+        return f"table '{table.name}' has no capture triggers (rebuilt by a transform?)"
+    columns = table.current_columns(conn)
+    new = [c for c in columns if c not in table.slots]
+    if new:
+        return f"table '{table.name}' has columns not captured: {', '.join(new)}"
+    if installed != trigger_sql(table, columns):
+        return f"table '{table.name}' has stale capture triggers"
+    return None
+
+
+def install_triggers(conn: sqlite3.Connection, table: SyncedTable, columns: list[str]) -> None:
+    drop_triggers(conn, table.name)
+    for sql in trigger_sql(table, columns).values():
+        conn.execute(sql)
+
+
+def drop_triggers(conn: sqlite3.Connection, table: str) -> None:
+    for kind in TRIGGER_KINDS:
+        conn.execute(f"DROP TRIGGER IF EXISTS {quote_identifier(trigger_name(kind, table))}")
+
+
+def drifted_tables(conn: sqlite3.Connection) -> dict[str, str]:
+    """Synced tables whose capture is missing or stale, with the reason."""
+    return {
+        name: reason
+        for name, table in load_tables(conn, enabled_only=True).items()
+        if (reason := table_drift(conn, table))
+    }
+
+
+def enable_table(conn: sqlite3.Connection, name: str) -> int:
+    """Install (or repair) capture for one table; returns how many missed changes were logged."""
+    from .apply import reconcile_table
+
+    columns, pk = check_can_sync(conn, name)
+    ensure_schema(conn)
+    previous = load_tables(conn).get(name)
+    if previous and previous.pk and previous.pk != pk and previous.enabled:
+        raise SyncError(
+            "pk_changed", f"Table '{name}' primary key changed from {previous.pk} to {pk}; peers cannot follow that"
+        )
+    table = register_table(conn, name, columns, pk)
+    current = installed_triggers(conn, name)
+    if current == trigger_sql(table, columns) and previous and previous.enabled:
+        return 0
+    install_triggers(conn, table, columns)
+    return reconcile_table(conn, table)
+
+
+def repair_drift(conn: sqlite3.Connection) -> dict[str, int]:
+    """Re-install stale or missing triggers and log the changes they missed."""
+    repaired = {}
+    for name, table in load_tables(conn, enabled_only=True).items():
+        reason = table_drift(conn, table)
+        if reason is None:
+            continue
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone():
+            continue
+        repaired[name] = enable_table(conn, name)
+    return repaired

@@ -1,0 +1,239 @@
+"""sqlite-utils commands: each a thin wrapper over a library call."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import sys
+from typing import Any, Callable, Iterator
+
+import click
+import sqlite_utils
+
+from . import (
+    SyncError,
+    disable_sync,
+    enable_sync,
+    export_bundle,
+    import_bundle,
+    list_conflicts,
+    new_device,
+    resolve_conflict,
+    sync_status,
+)
+
+DB_PATH = click.Path(exists=True, dir_okay=False, allow_dash=False)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn engine errors into one readable line and a non-zero exit."""
+    try:
+        yield
+    except SyncError as ex:
+        raise click.ClickException(str(ex))
+    except sqlite3.Error as ex:
+        raise click.ClickException(f"SQLite error: {ex}")
+
+
+@contextlib.contextmanager
+def progress_bar(silent: bool, label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A click progress bar on a terminal, nothing otherwise (or with --silent)."""
+    if silent or not sys.stderr.isatty():
+        yield None
+        return
+    state: dict[str, Any] = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr)
+            state["bar"].__enter__()
+        state["bar"].update(done)
+
+    try:
+        yield update
+    finally:
+        if "bar" in state:
+            state["bar"].__exit__(None, None, None)
+
+
+def open_db(path: str) -> sqlite_utils.Database:
+    return sqlite_utils.Database(path)
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=str))
+
+
+def register(cli: click.Group) -> None:
+    @cli.command(name="enable-sync")
+    @click.argument("path", type=DB_PATH)
+    @click.argument("tables", nargs=-1, required=True)
+    def enable_sync_command(path, tables):
+        """Capture every write to TABLES so they can be synced
+
+        Idempotent: running it again repairs stale triggers and logs changes they missed.
+
+        Example:
+
+            sqlite-utils enable-sync data.db todos notes
+        """
+        with user_errors():
+            logged = enable_sync(open_db(path), list(tables))
+        for table, count in logged.items():
+            if count:
+                click.echo(f"{table}: logged {count} existing or missed row change(s)", err=True)
+
+    @cli.command(name="disable-sync")
+    @click.argument("path", type=DB_PATH)
+    @click.argument("tables", nargs=-1, required=True)
+    def disable_sync_command(path, tables):
+        """Stop capturing writes to TABLES (the operation log is kept)
+
+        Example:
+
+            sqlite-utils disable-sync data.db todos
+        """
+        with user_errors():
+            disable_sync(open_db(path), list(tables))
+
+    @cli.command(name="export-bundle")
+    @click.argument("path", type=DB_PATH)
+    @click.argument("bundle", type=click.Path(dir_okay=False, writable=True))
+    @click.option("--since", help='Vector clock of the receiver: {"<device id>": <seq>, ...}')
+    @click.option("--for", "for_device", help="Device id: send what it has not acknowledged")
+    @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON")
+    @click.option("--silent", is_flag=True, help="Don't show a progress bar")
+    def export_bundle_command(path, bundle, since, for_device, as_json, silent):
+        """Write the operations a peer lacks to BUNDLE (a SQLite file)
+
+        Without --since or --for, every operation is included.
+
+        Example:
+
+            sqlite-utils export-bundle laptop.db to-phone.bundle --for 5f0c...
+        """
+        if since and for_device:
+            raise click.ClickException("Use --since or --for, not both")
+        with user_errors(), progress_bar(silent, "Exporting") as progress:
+            result = export_bundle(open_db(path), bundle, since=since, for_device=for_device, progress=progress)
+        if as_json:
+            echo_json(result.as_dict())
+        else:
+            click.echo(f"Wrote {result.operations} operation(s) to {bundle} ({result.bytes} bytes)", err=True)
+
+    @cli.command(name="import-bundle")
+    @click.argument("path", type=DB_PATH)
+    @click.argument("bundle", type=click.Path(dir_okay=False))
+    @click.option("--alter", is_flag=True, help="Add tables and columns the bundle has and this database lacks")
+    @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON")
+    @click.option("--silent", is_flag=True, help="Don't show a progress bar")
+    def import_bundle_command(path, bundle, alter, as_json, silent):
+        """Apply BUNDLE to the database, in one transaction
+
+        Example:
+
+            sqlite-utils import-bundle phone.db to-phone.bundle
+        """
+        with user_errors(), progress_bar(silent, "Importing") as progress:
+            result = import_bundle(open_db(path), bundle, alter=alter, progress=progress)
+        if as_json:
+            echo_json(result.as_dict())
+            return
+        if result.skipped:
+            click.echo(f"Bundle {result.bundle_id} was already imported: nothing to do", err=True)
+            return
+        click.echo(
+            f"Applied {result.applied} operation(s), {result.duplicates} duplicate(s), "
+            f"{result.conflicts} unresolved conflict(s)",
+            err=True,
+        )
+        for table, count in result.not_applied.items():
+            click.echo(f"Warning: {count} operation(s) for table '{table}' kept but not applied: it is not synced here", err=True)
+
+    @cli.command(name="sync-status")
+    @click.argument("path", type=DB_PATH)
+    @click.option("--json", "as_json", is_flag=True, help="Output as JSON")
+    def sync_status_command(path, as_json):
+        """Show this database's device id, vector clock, synced tables and conflicts
+
+        Example:
+
+            sqlite-utils sync-status data.db --json
+        """
+        with user_errors():
+            status = sync_status(open_db(path))
+        for warning in status["warnings"]:
+            click.echo(f"Warning: {warning}", err=True)
+        if as_json:
+            echo_json(status)
+            return
+        if not status["enabled"]:
+            click.echo("Sync is not enabled on this database")
+            return
+        click.echo(f"Device: {status['device_id']}")
+        click.echo(f"Operations: {status['operations']}")
+        click.echo(f"Unresolved conflicts: {status['unresolved_conflicts']}")
+        click.echo("Tables:")
+        for name, info in status["tables"].items():
+            click.echo(f"  {name}: {info['operations']} operation(s)")
+        click.echo("Clock:")
+        for device, seq in status["clock"].items():
+            click.echo(f"  {device}: {seq}")
+
+    @cli.command(name="sync-conflicts")
+    @click.argument("path", type=DB_PATH)
+    @click.option("--all", "include_resolved", is_flag=True, help="Include resolved conflicts")
+    @click.option("--json", "as_json", is_flag=True, help="Output as JSON")
+    def sync_conflicts_command(path, include_resolved, as_json):
+        """List conflicts: concurrent edits that disagreed
+
+        Example:
+
+            sqlite-utils sync-conflicts data.db --json
+        """
+        with user_errors():
+            conflicts = list_conflicts(open_db(path), include_resolved=include_resolved)
+        if as_json:
+            echo_json(conflicts)
+            return
+        if not conflicts:
+            click.echo("No conflicts")
+        for conflict in conflicts:
+            state = "resolved" if conflict["resolved"] else "unresolved"
+            columns = ", ".join(conflict["columns"]) or "update vs delete"
+            click.echo(f"{conflict['id']}  {conflict['table']} {json.dumps(conflict['pk'])}  [{columns}]  {state}")
+            for version in conflict["versions"]:
+                click.echo(f"    {version['op']}  {json.dumps(version['values'], default=str)}")
+            click.echo(f"    now: {json.dumps(conflict['current'], default=str)}")
+
+    @cli.command(name="sync-resolve")
+    @click.argument("path", type=DB_PATH)
+    @click.argument("conflict_id")
+    @click.option("--keep", help="Op id of the version to keep (default: the value in the table now)")
+    def sync_resolve_command(path, conflict_id, keep):
+        """Resolve a conflict; the resolution syncs like any other change
+
+        Example:
+
+            sqlite-utils sync-resolve data.db 3f2a9c0d1e2b4a5c --keep 5f0c...:12
+        """
+        with user_errors():
+            op = resolve_conflict(open_db(path), conflict_id, keep=keep)
+        click.echo(f"Resolved {conflict_id} with operation {op}", err=True)
+
+    @cli.command(name="sync-new-device")
+    @click.argument("path", type=DB_PATH)
+    def sync_new_device_command(path):
+        """Give a copied database file its own device id
+
+        Run this on the copy after copying a synced database file, before editing it.
+
+        Example:
+
+            sqlite-utils sync-new-device phone.db
+        """
+        with user_errors():
+            device_id = new_device(open_db(path))
+        click.echo(device_id)

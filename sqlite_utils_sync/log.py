@@ -1,0 +1,392 @@
+"""The append-only operation log, device identities, vector clocks and knowledge epochs.
+
+Layout
+------
+
+``_sync_ops`` holds every operation, local and remote, keyed by one integer::
+
+    op = device_index << 40 | seq
+
+The local device always uses the top index :data:`LOCAL`, so the local range sorts last and
+SQLite's own rowid allocation (``max(rowid) + 1``) hands the capture triggers the next local
+sequence number for free. A sentinel row with ``seq = 0`` keeps that range non-empty.
+Remote devices get small indexes in ``_sync_devices``. Values live in untyped slot columns
+``c0, c1, …`` (one per user column, mapped in ``_sync_tables``) so every value keeps its exact
+type and bits: no encoding in the triggers, none on replay.
+
+Operation kinds: ``0`` insert (full row), ``1`` update (full new row, ``mask`` = changed
+columns, ``newkey`` set when the primary key changed), ``2`` delete (old primary key),
+``3`` tick (a knowledge epoch: the device's vector clock after an import, in ``rowkey``).
+``RESOLUTION`` (8) is or-ed into the kind of an operation written by ``sync-resolve``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import time
+from typing import Any, Iterable
+
+LOCAL = (1 << 22) - 1
+SEQ_BITS = 40
+SEQ_MASK = (1 << SEQ_BITS) - 1
+MAX_COLUMNS = 62
+
+INSERT, UPDATE, DELETE, TICK = 0, 1, 2, 3
+RESOLUTION = 8
+KIND_NAMES = {INSERT: "insert", UPDATE: "update", DELETE: "delete", TICK: "tick"}
+
+SCHEMA_VERSION = 1
+
+# Hybrid logical clock: milliseconds since the epoch, times 1024 so that up to 1024 operations
+# in one millisecond still get distinct, increasing values before the clock runs ahead.
+HLC_NOW_SQL = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1024"
+
+SCHEMA_SQL = f"""
+CREATE TABLE IF NOT EXISTS _sync_state (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    schema_version INTEGER NOT NULL,
+    applying INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS _sync_devices (
+    idx INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL UNIQUE
+);
+CREATE TABLE IF NOT EXISTS _sync_tables (
+    tid INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    columns TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    enabled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS _sync_ops (
+    op INTEGER PRIMARY KEY,
+    hlc INTEGER NOT NULL,
+    tid INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    mask INTEGER,
+    rowkey TEXT,
+    newkey TEXT
+);
+-- An index of the tick operations: ops of `device` from `from_seq` on had seen `clock`.
+CREATE TABLE IF NOT EXISTS _sync_knowledge (
+    device INTEGER NOT NULL,
+    from_seq INTEGER NOT NULL,
+    clock TEXT NOT NULL,
+    PRIMARY KEY (device, from_seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _sync_peers (
+    device_id TEXT PRIMARY KEY,
+    clock TEXT NOT NULL,
+    last_seen TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS _sync_imports (
+    bundle_id TEXT PRIMARY KEY,
+    source_device_id TEXT NOT NULL,
+    imported_at TEXT NOT NULL,
+    total_operations INTEGER NOT NULL,
+    applied INTEGER NOT NULL,
+    conflicts INTEGER NOT NULL,
+    duplicates INTEGER NOT NULL,
+    actor TEXT
+);
+CREATE TABLE IF NOT EXISTS _sync_clashes (
+    tid INTEGER NOT NULL,
+    rowkey TEXT NOT NULL,
+    a INTEGER NOT NULL,
+    b INTEGER NOT NULL,
+    columns TEXT NOT NULL,
+    PRIMARY KEY (tid, rowkey, a, b)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _sync_resolutions (
+    tid INTEGER NOT NULL,
+    rowkey TEXT NOT NULL,
+    op INTEGER NOT NULL,
+    PRIMARY KEY (tid, rowkey, op)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS _sync_conflicts (
+    id TEXT PRIMARY KEY,
+    "table" TEXT NOT NULL,
+    rowkey TEXT NOT NULL,
+    pk TEXT NOT NULL,
+    columns TEXT NOT NULL,
+    versions TEXT NOT NULL,
+    resolved_by TEXT
+);
+CREATE INDEX IF NOT EXISTS _sync_conflicts_row ON _sync_conflicts ("table", rowkey);
+CREATE TRIGGER IF NOT EXISTS _sync_ops_append_only_update BEFORE UPDATE ON _sync_ops
+BEGIN SELECT RAISE(ABORT, '_sync_ops is append-only: operations cannot be changed'); END;
+CREATE TRIGGER IF NOT EXISTS _sync_ops_append_only_delete BEFORE DELETE ON _sync_ops
+BEGIN SELECT RAISE(ABORT, '_sync_ops is append-only: operations cannot be deleted'); END;
+"""
+
+
+def connection(db: Any) -> sqlite3.Connection:
+    """Accept a ``sqlite_utils.Database`` or a ``sqlite3.Connection``."""
+    return getattr(db, "conn", db)
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def op_id(device_index: int, seq: int) -> int:
+    return (device_index << SEQ_BITS) | seq
+
+
+def split_op(op: int) -> tuple[int, int]:
+    return op >> SEQ_BITS, op & SEQ_MASK
+
+
+def is_enabled(conn: sqlite3.Connection) -> bool:
+    return bool(
+        conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sync_ops'"
+        ).fetchone()
+    )
+
+
+def ensure_schema(conn: sqlite3.Connection) -> None:
+    """Create the internal tables and this database's device identity if missing."""
+    if is_enabled(conn):
+        return
+    conn.executescript(SCHEMA_SQL) if not conn.in_transaction else _exec_script(conn, SCHEMA_SQL)
+    conn.execute(
+        "INSERT OR IGNORE INTO _sync_state (id, schema_version, applying) VALUES (1, ?, 0)",
+        [SCHEMA_VERSION],
+    )
+    new_local_identity(conn)
+
+
+def _exec_script(conn: sqlite3.Connection, script: str) -> None:
+    for statement in split_statements(script):
+        conn.execute(statement)
+
+
+def split_statements(script: str) -> list[str]:
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            statements.append(buffer.strip())
+            buffer = ""
+    return [s for s in statements if s]
+
+
+def random_device_id() -> str:
+    return os.urandom(16).hex()
+
+
+def new_local_identity(conn: sqlite3.Connection) -> str:
+    """Give the local device a fresh random id, keeping older local ops under the old id."""
+    device_id = random_device_id()
+    conn.execute("INSERT OR REPLACE INTO _sync_devices (idx, device_id) VALUES (?, ?)", [LOCAL, device_id])
+    # The sentinel keeps the local range non-empty so rowid allocation stays inside it; its hlc
+    # carries the clock floor forward.
+    floor = conn.execute("SELECT max(hlc) FROM _sync_ops").fetchone()[0] or 0
+    conn.execute(
+        "INSERT INTO _sync_ops (op, hlc, tid, kind) VALUES (?, ?, 0, ?)",
+        [op_id(LOCAL, 0), floor, TICK],
+    )
+    known = clock(conn)
+    if known:
+        # A copy starts out knowing everything the original had: say so in a tick so peers
+        # order the copy's edits after those.
+        append_tick(conn, known)
+    return device_id
+
+
+def append_tick(conn: sqlite3.Connection, known: dict[str, int], floor: int = 0) -> int:
+    """Record a knowledge epoch: the local ops after this one had seen ``known``."""
+    text = json.dumps(known, sort_keys=True, separators=(",", ":"))
+    op = append_local(conn, 0, TICK, None, text, floor=floor)
+    conn.execute(
+        "INSERT OR REPLACE INTO _sync_knowledge (device, from_seq, clock) VALUES (?, ?, ?)",
+        [LOCAL, (op & SEQ_MASK) + 1, text],
+    )
+    return op
+
+
+def local_device_id(conn: sqlite3.Connection) -> str:
+    return conn.execute("SELECT device_id FROM _sync_devices WHERE idx = ?", [LOCAL]).fetchone()[0]
+
+
+def device_ids(conn: sqlite3.Connection) -> dict[int, str]:
+    return dict(conn.execute("SELECT idx, device_id FROM _sync_devices"))
+
+
+def device_index(conn: sqlite3.Connection, device_id: str, create: bool = True) -> int | None:
+    row = conn.execute("SELECT idx FROM _sync_devices WHERE device_id = ?", [device_id]).fetchone()
+    if row:
+        return row[0]
+    if not create:
+        return None
+    next_idx = conn.execute("SELECT ifnull(max(idx), 0) + 1 FROM _sync_devices WHERE idx < ?", [LOCAL]).fetchone()[0]
+    conn.execute("INSERT INTO _sync_devices (idx, device_id) VALUES (?, ?)", [next_idx, device_id])
+    return next_idx
+
+
+def max_seq(conn: sqlite3.Connection, idx: int) -> int:
+    row = conn.execute(
+        "SELECT max(op) FROM _sync_ops WHERE op BETWEEN ? AND ?", [op_id(idx, 0), op_id(idx, SEQ_MASK)]
+    ).fetchone()
+    return 0 if row[0] is None else row[0] & SEQ_MASK
+
+
+def clock(conn: sqlite3.Connection) -> dict[str, int]:
+    """The vector clock: highest contiguous seq held from each device, by device id hex."""
+    result = {}
+    for idx, device_id in conn.execute("SELECT idx, device_id FROM _sync_devices ORDER BY idx"):
+        seq = max_seq(conn, idx)
+        if seq:
+            result[device_id] = seq
+    return result
+
+
+def last_hlc(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT hlc FROM _sync_ops ORDER BY op DESC LIMIT 1").fetchone()[0]
+
+
+def next_local_hlc(conn: sqlite3.Connection, floor: int = 0) -> int:
+    now = int(time.time() * 1000) * 1024
+    return max(now, last_hlc(conn) + 1, floor + 1)
+
+
+def append_local(
+    conn: sqlite3.Connection,
+    tid: int,
+    kind: int,
+    mask: int | None,
+    rowkey: str | None,
+    newkey: str | None = None,
+    slots: dict[int, Any] | None = None,
+    floor: int = 0,
+) -> int:
+    """Append one local operation written by Python (ticks, resolutions, repairs)."""
+    slots = slots or {}
+    columns = ["hlc", "tid", "kind", "mask", "rowkey", "newkey"] + [f"c{s}" for s in slots]
+    values = [next_local_hlc(conn, floor), tid, kind, mask, rowkey, newkey] + list(slots.values())
+    cursor = conn.execute(
+        f"INSERT INTO _sync_ops ({', '.join(columns)}) VALUES ({', '.join('?' * len(values))})", values
+    )
+    return cursor.lastrowid
+
+
+def ensure_slots(conn: sqlite3.Connection, count: int) -> None:
+    existing = {row[1] for row in conn.execute("PRAGMA table_info(_sync_ops)")}
+    for slot in range(count):
+        if f"c{slot}" not in existing:
+            conn.execute(f"ALTER TABLE _sync_ops ADD COLUMN c{slot}")
+
+
+def op_label(device_id: str, seq: int) -> str:
+    """The public id of an operation: ``<device id hex>:<seq>``."""
+    return f"{device_id}:{seq}"
+
+
+def parse_op_label(conn: sqlite3.Connection, label: str) -> int | None:
+    device_id, _, seq = label.partition(":")
+    if not seq.isdigit():
+        return None
+    idx = device_index(conn, device_id, create=False)
+    return None if idx is None else op_id(idx, int(seq))
+
+
+def knowledge_at(conn: sqlite3.Connection, idx: int, seq: int) -> dict[str, int]:
+    """The vector clock the author of op ``(idx, seq)`` had seen when writing it."""
+    row = conn.execute(
+        "SELECT clock FROM _sync_knowledge WHERE device = ? AND from_seq <= ? ORDER BY from_seq DESC LIMIT 1",
+        [idx, seq],
+    ).fetchone()
+    return json.loads(row[0]) if row else {}
+
+
+# Row keys ---------------------------------------------------------------------------------
+#
+# A row is identified by its primary key values rendered with SQLite's quote(), joined by
+# commas: exact (quote() round-trips REAL and BLOB), computable inside a trigger, and
+# comparable as one TEXT value.
+
+_LITERAL = re.compile(
+    r"\s*(?:(NULL)|X'([0-9A-Fa-f]*)'|'((?:[^']|'')*)'|(-?Inf)|([-+]?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?))\s*(,|$)"
+)
+
+
+def parse_rowkey(rowkey: str) -> list[Any]:
+    """Decode a row key (quote() literals joined by commas) back into Python values."""
+    values: list[Any] = []
+    position = 0
+    while position < len(rowkey):
+        match = _LITERAL.match(rowkey, position)
+        if not match:
+            raise ValueError(f"bad row key: {rowkey!r}")
+        null, blob, text, inf, number, _ = match.groups()
+        if null:
+            values.append(None)
+        elif blob is not None:
+            values.append(bytes.fromhex(blob))
+        elif text is not None:
+            values.append(text.replace("''", "'"))
+        elif inf:
+            values.append(float(inf.replace("Inf", "inf")))
+        elif "." in number or "e" in number or "E" in number:
+            values.append(float(number))
+        else:
+            values.append(int(number))
+        position = match.end()
+    return values
+
+
+def rowkey_sql(expressions: Iterable[str]) -> str:
+    return " || ',' || ".join(f"quote({e})" for e in expressions)
+
+
+def make_rowkey(conn: sqlite3.Connection, values: list[Any]) -> str:
+    return conn.execute("SELECT " + rowkey_sql("?" for _ in values), values).fetchone()[0]
+
+
+def json_value(value: Any) -> Any:
+    """A JSON-safe rendering of a SQLite value (BLOBs as Datasette renders them)."""
+    if isinstance(value, bytes):
+        import base64
+
+        return {"$base64": True, "encoded": base64.b64encode(value).decode()}
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return str(value)
+    return value
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def new_device(conn: sqlite3.Connection) -> str:
+    """Give a copied database its own identity.
+
+    The operations written so far stay under the old device id (peers may hold them already);
+    new local operations are written under a fresh id, which is returned.
+    """
+    old_id = local_device_id(conn)
+    old_idx = conn.execute("SELECT ifnull(max(idx), 0) + 1 FROM _sync_devices WHERE idx < ?", [LOCAL]).fetchone()[0]
+    columns = ", ".join(row[1] for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1] != "op")
+    base, shift = op_id(LOCAL, 0), op_id(old_idx, 0) - op_id(LOCAL, 0)
+    conn.execute(
+        f"INSERT INTO _sync_ops (op, {columns}) SELECT op + ?, {columns} FROM _sync_ops WHERE op > ?", [shift, base]
+    )
+    # The one sanctioned rewrite of the log: moving the local range under its old device index.
+    guards = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE '_sync_ops_append_only_%'"
+    ).fetchall()
+    conn.execute("DROP TRIGGER _sync_ops_append_only_delete")
+    conn.execute("DELETE FROM _sync_ops WHERE op >= ?", [base])
+    for (sql,) in guards:
+        if "append_only_delete" in sql:
+            conn.execute(sql)
+    for table, column in (("_sync_clashes", "a"), ("_sync_clashes", "b"), ("_sync_resolutions", "op")):
+        conn.execute(f"UPDATE {table} SET {column} = {column} + ? WHERE {column} >= ?", [shift, base])
+    conn.execute("UPDATE _sync_knowledge SET device = ? WHERE device = ?", [old_idx, LOCAL])
+    conn.execute("UPDATE _sync_devices SET device_id = ? WHERE idx = ?", [f"moving-{old_id}", LOCAL])
+    conn.execute("INSERT INTO _sync_devices (idx, device_id) VALUES (?, ?)", [old_idx, old_id])
+    return new_local_identity(conn)

@@ -1,0 +1,124 @@
+"""The public operations behind the CLI: enable, disable, export, status, new identity."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from .apply import transaction
+from .bundle import ExportResult, export_bundle as write_bundle, parse_clock
+from .capture import drifted_tables, drop_triggers, enable_table, load_tables, repair_drift
+from .errors import SyncError
+from .log import (
+    SEQ_MASK,
+    clock,
+    connection,
+    is_enabled,
+    local_device_id,
+    new_device as _new_device,
+)
+
+
+def enable_sync(db: Any, tables: list[str]) -> dict[str, int]:
+    """Start capturing writes to ``tables`` (idempotent; re-running repairs the triggers).
+
+    :returns: for each table, how many existing or missed rows were logged as operations
+    """
+    conn = connection(db)
+    with transaction(conn):
+        return {table: enable_table(conn, table) for table in tables}
+
+
+def disable_sync(db: Any, tables: list[str]) -> None:
+    """Stop capturing writes to ``tables``; their operations stay in the log."""
+    conn = connection(db)
+    synced = load_tables(conn, enabled_only=True)
+    for table in tables:
+        if table not in synced:
+            raise SyncError("not_enabled", f"Table '{table}' is not synced")
+    with transaction(conn):
+        for table in tables:
+            drop_triggers(conn, table)
+            conn.execute("UPDATE _sync_tables SET enabled = 0 WHERE name = ?", [table])
+
+
+def export_bundle(
+    db: Any,
+    path: str | os.PathLike,
+    since: dict[str, int] | str | None = None,
+    for_device: str | None = None,
+    repair: bool = True,
+    progress: Callable[[int], None] | None = None,
+) -> ExportResult:
+    """Write the operations a peer lacks to a bundle file.
+
+    :param since: the peer's vector clock (dict or JSON); operations after it are included
+    :param for_device: use the clock this database last learned from that device's bundles
+    :param repair: first re-install stale triggers and log missed changes (needs a writable DB)
+    """
+    conn = connection(db)
+    if not is_enabled(conn):
+        raise SyncError("not_enabled", "This database has no synced tables: run enable-sync first")
+    since_clock = parse_clock(since, "--since") if since is not None else {}
+    if for_device:
+        row = conn.execute("SELECT clock FROM _sync_peers WHERE device_id = ?", [for_device]).fetchone()
+        if row is None and for_device != local_device_id(conn):
+            raise SyncError(
+                "unknown_device", f"No bundle from device {for_device} was imported here, so its clock is unknown"
+            )
+        since_clock = parse_clock(row[0]) if row else clock(conn)
+    if repair:
+        with transaction(conn):
+            repair_drift(conn)
+            return write_bundle(conn, path, since_clock, progress)
+    return write_bundle(conn, path, since_clock, progress)
+
+
+def sync_status(db: Any) -> dict[str, Any]:
+    """``{"device_id", "clock", "tables", "operations", "unresolved_conflicts", "warnings"}``."""
+    conn = connection(db)
+    if not is_enabled(conn):
+        return {
+            "enabled": False,
+            "device_id": None,
+            "clock": {},
+            "tables": {},
+            "operations": 0,
+            "unresolved_conflicts": 0,
+            "warnings": [],
+        }
+    counts = dict(conn.execute("SELECT tid, count(*) FROM _sync_ops WHERE kind != 3 GROUP BY tid"))
+    drift = drifted_tables(conn)
+    tables = {
+        name: {"operations": counts.get(table.tid, 0), "warning": drift.get(name)}
+        for name, table in load_tables(conn, enabled_only=True).items()
+    }
+    return {
+        "enabled": True,
+        "device_id": local_device_id(conn),
+        "clock": clock(conn),
+        "tables": tables,
+        "operations": conn.execute("SELECT count(*) FROM _sync_ops WHERE op & ? != 0", [SEQ_MASK]).fetchone()[0],
+        "unresolved_conflicts": conn.execute(
+            "SELECT count(*) FROM _sync_conflicts WHERE resolved_by IS NULL"
+        ).fetchone()[0],
+        "warnings": [
+            f"{reason}: writes since then are not yet logged; run enable-sync (or the next export/import) to repair"
+            for reason in drift.values()
+        ],
+    }
+
+
+def new_device(db: Any) -> str:
+    """Give a copied database file its own device id; returns the new id."""
+    conn = connection(db)
+    if not is_enabled(conn):
+        raise SyncError("not_enabled", "This database has no synced tables")
+    with transaction(conn):
+        return _new_device(conn)
+
+
+def repair(db: Any) -> dict[str, int]:
+    conn = connection(db)
+    with transaction(conn):
+        return repair_drift(conn)
