@@ -1,0 +1,104 @@
+"""The judge: any devices, any edits, any exchange order -> identical tables and conflicts."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import pathlib
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from sqlite_utils_sync import list_conflicts, resolve_conflict, sync_status
+
+from sync_helpers import conflict_records, make_db, rows, sync
+
+ROW_IDS = st.integers(min_value=1, max_value=3)
+TITLES = st.sampled_from(["milk", "eggs", "bread", None, ""])
+DONE = st.sampled_from([0, 1])
+SCORES = st.sampled_from([0.1 + 0.2, 1 / 3, 1e308, -0.5])
+
+write = st.tuples(
+    st.just("write"),
+    st.integers(min_value=0, max_value=4),  # device (mod device count)
+    st.sampled_from(["insert", "update", "update", "delete", "move", "replace"]),
+    ROW_IDS,
+    ROW_IDS,
+    TITLES,
+    DONE,
+    SCORES,
+)
+exchange = st.tuples(st.just("sync"), st.integers(0, 4), st.integers(0, 4))
+resolve = st.tuples(st.just("resolve"), st.integers(0, 4), st.booleans())
+
+
+def do_write(conn, kind, row_id, other_id, title, done, score):
+    exists = conn.execute("SELECT 1 FROM todos WHERE id = ?", [row_id]).fetchone()
+    if kind == "insert" and not exists:
+        conn.execute("INSERT INTO todos VALUES (?, ?, ?, ?)", [row_id, title, done, score])
+    elif kind == "replace":
+        conn.execute("INSERT OR REPLACE INTO todos VALUES (?, ?, ?, ?)", [row_id, title, done, score])
+    elif kind == "update" and exists:
+        conn.execute("UPDATE todos SET title = ?, done = ? WHERE id = ?", [title, done, row_id])
+    elif kind == "delete" and exists:
+        conn.execute("DELETE FROM todos WHERE id = ?", [row_id])
+    elif kind == "move" and exists:
+        if not conn.execute("SELECT 1 FROM todos WHERE id = ?", [other_id + 10]).fetchone():
+            conn.execute("UPDATE todos SET id = ? WHERE id = ?", [other_id + 10, row_id])
+
+
+def everyone_syncs(devices, folder):
+    # Two passes around a ring, then everyone from the last: everyone has everything.
+    n = len(devices)
+    for _ in range(2):
+        for i in range(n):
+            sync(devices[i], devices[(i + 1) % n], folder)
+    for i in range(n - 1):
+        sync(devices[n - 1], devices[i], folder)
+
+
+def assert_converged(devices):
+    first_rows, first_conflicts = rows(devices[0]), conflict_records(devices[0])
+    first_clock = sync_status(devices[0])["clock"]
+    for other in devices[1:]:
+        assert sync_status(other)["clock"] == first_clock
+        assert rows(other) == first_rows
+        assert conflict_records(other) == first_conflicts
+
+
+@settings(max_examples=int(os.environ.get("CONVERGENCE_EXAMPLES", "80")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    device_count=st.integers(min_value=3, max_value=5),
+    steps=st.lists(st.one_of(write, write, write, exchange, resolve), min_size=10, max_size=50),
+    recursive=st.booleans(),
+)
+def test_every_device_converges_to_identical_tables_and_conflicts(device_count, steps, recursive):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp)
+        devices = [make_db(folder / f"d{i}.db") for i in range(device_count)]
+        for conn in devices:
+            conn.execute(f"PRAGMA recursive_triggers = {'on' if recursive else 'off'}")
+        for step in steps:
+            if step[0] == "write":
+                _, d, kind, row_id, other_id, title, done, score = step
+                do_write(devices[d % device_count], kind, row_id, other_id, title, done, score)
+            elif step[0] == "sync":
+                source, target = step[1] % device_count, step[2] % device_count
+                if source != target:
+                    sync(devices[source], devices[target], folder)
+            else:
+                conn = devices[step[1] % device_count]
+                open_conflicts = list_conflicts(conn)
+                if open_conflicts:
+                    conflict = open_conflicts[0]
+                    keep = conflict["versions"][-1]["op"] if step[2] else None
+                    resolve_conflict(conn, conflict["id"], keep=keep)
+        everyone_syncs(devices, folder)
+        assert_converged(devices)
+
+        # Resolving everything anywhere clears it everywhere, and still converges.
+        for conflict in list_conflicts(devices[-1]):
+            resolve_conflict(devices[-1], conflict["id"])
+        everyone_syncs(devices, folder)
+        assert_converged(devices)
+        for conn in devices:
+            assert list_conflicts(conn) == []
