@@ -184,6 +184,7 @@ class Importer:
         self.devices = [device_index(conn, d) for d in header["devices"]]
         local_id = local_device_id(conn)
         self.old = {idx: max_seq(conn, idx) for idx in self.devices}
+        self.check_anchors()
         with applying(conn):
             inserted = self.append_ops(result, local_id)
             self.ranges = self.check_sequences(inserted)
@@ -275,6 +276,24 @@ class Importer:
         ensure_slots(conn, max(slots.values()) + 1)
         return tid, [slots[c] for c in columns], False
 
+    def check_anchors(self) -> None:
+        """Refuse a bundle whose sender has a different op under an id we hold: two databases
+        share a device id, and one side's edits would be silently lost."""
+        for device, (seq, hlc) in self.reader.header.get("anchors", {}).items():
+            idx = device_index(self.conn, device, create=False)
+            if idx is None:
+                continue
+            ours = self.conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(idx, seq)]).fetchone()
+            if ours and ours[0] != hlc:
+                raise self.clash(f"{device}:{seq}")
+
+    def clash(self, label: str) -> BundleError:
+        return self.fail(
+            "device_id_clash",
+            f"operation {label} differs from the copy here: two databases share that device id (a copied "
+            "file?); run 'sqlite-utils sync-new-device' on the copy",
+        )
+
     def append_ops(self, result: ImportResult, local_id: str) -> dict[int, int]:
         conn = self.conn
         inserted: dict[int, int] = {}
@@ -304,11 +323,7 @@ class Importer:
             if first <= self.old[idx]:
                 ours = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(idx, first)]).fetchone()
                 if ours and ours[0] != ops[0][1]:
-                    raise self.fail(
-                        "device_id_clash",
-                        f"operation {self.reader.header['devices'][position]}:{first} differs from the copy here: two "
-                        "databases share that device id (a copied file?); run 'sqlite-utils sync-new-device' on the copy",
-                    )
+                    raise self.clash(f"{self.reader.header['devices'][position]}:{first}")
             slot_columns = "".join(f", c{s}" for s in slots)
             placeholders = ", ?" * len(slots)
             sql = (

@@ -139,8 +139,18 @@ def export_bundle(
                 progress(len(run), total)
 
     current = clock(conn)
+    # The last op the receiver already has from each device, as we have it: if the receiver's
+    # copy differs, two databases are writing under one device id (a copied file).
+    anchors = {}
+    for idx, device in devices.items():
+        seq = since.get(device, 0)
+        if seq:
+            row = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(idx, seq)]).fetchone()
+            if row:
+                anchors[device] = [seq, row[0]]
     header = msgpack.packb(
         {
+            "anchors": anchors,
             "source": local_device_id(conn),
             "created": now_iso(),
             "clock": current,
@@ -256,6 +266,11 @@ class BundleReader:
             problem = "table list is invalid"
         elif not isinstance(header.get("operations"), int):
             problem = "operation count is invalid"
+        elif not isinstance(header.get("anchors", {}), dict) or not all(
+            is_device_id(k) and isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)
+            for k, v in header.get("anchors", {}).items()
+        ):
+            problem = "anchors are invalid"
         if problem:
             raise BundleError("invalid_metadata", f"Bundle {name}: {problem}")
         parse_clock(header.get("clock"), f"Bundle {name} clock")

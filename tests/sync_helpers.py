@@ -22,9 +22,14 @@ def make_db(path: pathlib.Path | str, schema: str = TODOS, tables: tuple[str, ..
 
 def rows(conn: sqlite3.Connection, table: str = "todos") -> list[tuple[Any, ...]]:
     """Every row with the SQLite type of every value, in primary key order."""
-    columns = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
-    select = ", ".join(f'"{c}", typeof("{c}")' for c in columns)
-    return conn.execute(f'SELECT {select} FROM "{table}" ORDER BY 1, 3').fetchall()
+    t = quote(table)
+    columns = [quote(r[1]) for r in conn.execute(f"PRAGMA table_info({t})")]
+    select = ", ".join(f"{c}, typeof({c})" for c in columns)
+    return conn.execute(f"SELECT {select} FROM {t} ORDER BY 1, 3").fetchall()
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def sync(source: sqlite3.Connection, target: sqlite3.Connection, folder: pathlib.Path, name: str = "b.bundle"):

@@ -1,0 +1,349 @@
+"""Bundles: idempotent, delta by acknowledgement, and bad input refused with nothing changed."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import msgpack
+import pytest
+from click.testing import CliRunner
+from sqlite_utils.cli import cli
+
+from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
+from sqlite_utils_sync.bundle import FORMAT
+
+from sync_helpers import file_bytes, make_db, rows, sync
+
+
+def run_cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def pair(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0.5)", [(i, f"todo {i}") for i in range(1, 8)])
+    return a, b
+
+
+def test_export_import_cli_json_contract(tmp_path, pair):
+    a, b = pair
+    out = run_cli("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle", "--json")
+    exported = json.loads(out.output)
+    assert set(exported) == {"bundle_id", "device_id", "operations", "bytes"}
+    assert exported["operations"] == 7
+    result = json.loads(run_cli("import-bundle", tmp_path / "b.db", tmp_path / "x.bundle", "--json").output)
+    assert {k: result[k] for k in ("applied", "conflicts", "duplicates", "skipped")} == {
+        "applied": 7,
+        "conflicts": 0,
+        "duplicates": 0,
+        "skipped": False,
+    }
+    assert result["source_device_id"] == exported["device_id"]
+    assert result["bundle_id"] == exported["bundle_id"]
+    assert result["total_operations"] == 7
+    assert rows(b) == rows(a)
+
+
+def test_same_bundle_twice_is_skipped_and_overlap_counts_duplicates(tmp_path, pair):
+    a, b = pair
+    export_bundle(a, tmp_path / "first.bundle")
+    assert import_bundle(b, tmp_path / "first.bundle").applied == 7
+    again = import_bundle(b, tmp_path / "first.bundle")
+    assert again.skipped and again.applied == 0
+    a.execute("INSERT INTO todos VALUES (100, 'new', 0, 0)")
+    export_bundle(a, tmp_path / "overlap.bundle")  # everything again, plus one
+    overlap = import_bundle(b, tmp_path / "overlap.bundle")
+    assert (overlap.applied, overlap.duplicates, overlap.skipped) == (1, 7, False)
+    assert rows(b) == rows(a)
+
+
+def test_empty_delta_is_a_valid_bundle(tmp_path, pair):
+    a, b = pair
+    sync(a, b, tmp_path)
+    result = export_bundle(a, tmp_path / "empty.bundle", since=sync_status(b)["clock"])
+    assert result.operations == 0
+    imported = import_bundle(b, tmp_path / "empty.bundle")
+    assert imported.applied == 0 and not imported.skipped
+
+
+def test_a_to_b_to_a_is_a_no_op(tmp_path, pair):
+    a, b = pair
+    sync(a, b, tmp_path)
+    before = rows(a)
+    back = sync(b, a, tmp_path)
+    assert rows(a) == before
+    # B had nothing of its own except its knowledge tick: no data, no new capture on A.
+    assert a.execute("SELECT count(*) FROM _sync_ops WHERE kind != 3").fetchone()[0] == 7
+    assert back.conflicts == 0
+    # And a second round moves nothing at all.
+    assert export_bundle(a, tmp_path / "n.bundle", since=sync_status(b)["clock"]).operations == 0
+    assert export_bundle(b, tmp_path / "n.bundle", since=sync_status(a)["clock"]).operations == 0
+
+
+def test_lost_bundle_is_sent_again_by_acknowledgement(tmp_path, pair):
+    a, b = pair
+    sync(a, b, tmp_path)
+    sync(b, a, tmp_path)  # A learns what B has acknowledged
+    b_id = sync_status(b)["device_id"]
+    a.execute("INSERT INTO todos VALUES (50, 'lost in the mail', 0, 0)")
+    export_bundle(a, tmp_path / "lost.bundle", for_device=b_id)  # never delivered
+    a.execute("INSERT INTO todos VALUES (51, 'second', 0, 0)")
+    result = run_cli("export-bundle", tmp_path / "a.db", tmp_path / "next.bundle", "--for", b_id, "--json")
+    assert json.loads(result.output)["operations"] == 2
+    import_bundle(b, tmp_path / "next.bundle")
+    assert rows(b) == rows(a)
+
+
+def test_since_takes_a_vector_clock(tmp_path, pair):
+    a, b = pair
+    device = sync_status(a)["device_id"]
+    result = run_cli("export-bundle", tmp_path / "a.db", tmp_path / "d.bundle", "--since", json.dumps({device: 5}), "--json")
+    assert json.loads(result.output)["operations"] == 2
+    bad = run_cli("export-bundle", tmp_path / "a.db", tmp_path / "d.bundle", "--since", "{nope")
+    assert bad.exit_code == 1 and "--since is not valid JSON" in bad.output
+
+
+def test_gap_in_a_devices_sequence_is_refused(tmp_path, pair):
+    a, b = pair
+    device = sync_status(a)["device_id"]
+    export_bundle(a, tmp_path / "late.bundle", since={device: 3})
+    before = file_bytes(tmp_path / "b.db")
+    result = run_cli("import-bundle", tmp_path / "b.db", tmp_path / "late.bundle")
+    assert result.exit_code == 1
+    assert f"starts device {device} at seq 4 but this database has only up to seq 0" in result.output
+    assert "operations 1-3 are missing" in result.output
+    assert file_bytes(tmp_path / "b.db") == before
+
+
+def rewrite(path, tamper):
+    """Change a bundle in place with ``tamper(conn)``."""
+    conn = sqlite3.connect(path)
+    tamper(conn)
+    conn.commit()
+    conn.close()
+
+
+def reseal(conn):
+    """Recompute the hash after tampering: what a hostile peer (not a corrupted file) sends."""
+    import hashlib
+
+    digest = hashlib.sha256(FORMAT.encode())
+    digest.update(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
+    for (data,) in conn.execute("SELECT data FROM bundle_chunks ORDER BY id"):
+        digest.update(data)
+    sha = digest.hexdigest()
+    conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'sha256'", [sha])
+    conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'bundle_id'", [sha[:32]])
+
+
+def edit_chunk(conn, change):
+    data = conn.execute("SELECT id, data FROM bundle_chunks ORDER BY id LIMIT 1").fetchone()
+    chunk = msgpack.unpackb(data[1])
+    change(chunk)
+    conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [msgpack.packb(chunk), data[0]])
+
+
+def edit_header(conn, change):
+    header = msgpack.unpackb(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
+    change(header)
+    conn.execute("UPDATE bundle_header SET data = ?", [msgpack.packb(header)])
+
+
+def tampered_value(conn):
+    edit_chunk(conn, lambda chunk: chunk[2][0].__setitem__(7, "tampered"))
+
+
+HOSTILE = {
+    "tampered value": (tampered_value, "hash_mismatch", "failed its integrity check"),
+    "internal table": (
+        lambda c: (edit_header(c, lambda h: h["tables"][0].__setitem__(0, "_sync_devices")), reseal(c)),
+        "internal_table",
+        "operations on internal table '_sync_devices' are never accepted",
+    ),
+    "unknown column": (
+        lambda c: (
+            edit_header(c, lambda h: h["tables"][0][1].__setitem__(3, "secret")),
+            reseal(c),
+        ),
+        "unknown_column",
+        "table 'todos' has column secret that this database lacks",
+    ),
+    "forged clock": (
+        lambda c: (
+            edit_chunk(c, lambda chunk: chunk[2][0].__setitem__(2, 3) or chunk[2][0].__setitem__(4, json.dumps({"f" * 32: 10**6}))),
+            reseal(c),
+        ),
+        "invalid_operation",
+        "",
+    ),
+    "bad row key": (
+        lambda c: (edit_chunk(c, lambda chunk: chunk[2][0].__setitem__(4, "999")), reseal(c)),
+        "invalid_operation",
+        "row key that does not match",
+    ),
+    "bad sequence": (
+        lambda c: (edit_chunk(c, lambda chunk: chunk[2][1].__setitem__(0, 77)), reseal(c)),
+        "invalid_operation",
+        "not consecutive",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_or_tampered_bundles_are_refused_and_change_nothing(tmp_path, pair, name):
+    tamper, reason, message = HOSTILE[name]
+    a, b = pair
+    path = tmp_path / "x.bundle"
+    export_bundle(a, path)
+    rewrite(path, tamper)
+    before = file_bytes(tmp_path / "b.db")
+    with pytest.raises(BundleError) as error:
+        import_bundle(b, path)
+    assert error.value.reason == reason
+    assert message in str(error.value)
+    assert str(error.value).startswith("Bundle x.bundle")
+    assert file_bytes(tmp_path / "b.db") == before
+    result = run_cli("import-bundle", tmp_path / "b.db", path)
+    assert result.exit_code == 1 and result.output.startswith("Error: Bundle x.bundle")
+    assert "Traceback" not in result.output
+    # A good bundle still works afterwards.
+    export_bundle(a, tmp_path / "good.bundle")
+    assert import_bundle(b, tmp_path / "good.bundle").applied == 7
+
+
+def test_forged_dependency_clock_is_refused(tmp_path, pair):
+    a, b = pair
+    sync(a, b, tmp_path)
+    b.execute("INSERT INTO todos VALUES (70, 'b', 0, 0)")
+    path = tmp_path / "dep.bundle"
+    export_bundle(b, path, since=sync_status(a)["clock"])
+
+    def forge(conn):
+        def change(chunk):
+            for op in chunk[2]:
+                if op[2] == 3:
+                    op[4] = json.dumps({"e" * 32: 5})
+
+        for chunk_id, data in conn.execute("SELECT id, data FROM bundle_chunks").fetchall():
+            chunk = msgpack.unpackb(data)
+            change(chunk)
+            conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [msgpack.packb(chunk), chunk_id])
+        reseal(conn)
+
+    rewrite(path, forge)
+    before = file_bytes(tmp_path / "a.db")
+    with pytest.raises(BundleError, match="depend on device e{32} up to seq 5") as error:
+        import_bundle(a, path)
+    assert error.value.reason == "missing_dependencies"
+    assert file_bytes(tmp_path / "a.db") == before
+
+
+@pytest.mark.parametrize(
+    "content,reason",
+    [
+        (b"", "invalid_bundle"),
+        (b"this is not a database at all" * 100, "invalid_bundle"),
+    ],
+)
+def test_garbage_files_are_refused(tmp_path, pair, content, reason):
+    a, b = pair
+    path = tmp_path / "junk.bundle"
+    path.write_bytes(content)
+    with pytest.raises(BundleError) as error:
+        import_bundle(b, path)
+    assert error.value.reason == reason
+
+
+def test_truncated_bundle_is_refused(tmp_path, pair):
+    a, b = pair
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(i, "x" * 200) for i in range(100, 3000)])
+    export_bundle(a, tmp_path / "full.bundle")
+    data = file_bytes(tmp_path / "full.bundle")
+    (tmp_path / "cut.bundle").write_bytes(data[: len(data) // 2])
+    before = file_bytes(tmp_path / "b.db")
+    with pytest.raises(BundleError) as error:
+        import_bundle(b, tmp_path / "cut.bundle")
+    assert error.value.reason in {"invalid_bundle", "hash_mismatch"}
+    assert file_bytes(tmp_path / "b.db") == before
+
+
+def test_bundle_is_opened_read_only_and_its_triggers_never_run(tmp_path, pair):
+    a, b = pair
+    path = tmp_path / "trap.bundle"
+    export_bundle(a, path)
+    marker = tmp_path / "marker.db"
+    rewrite(
+        path,
+        lambda c: c.executescript(
+            f"""
+            CREATE TABLE log (x);
+            CREATE TRIGGER trap AFTER INSERT ON bundle_chunks BEGIN INSERT INTO log VALUES (1); END;
+            CREATE VIEW sneaky AS SELECT * FROM bundle_chunks;
+            """
+        ),
+    )
+    before = file_bytes(path)
+    assert import_bundle(b, path).applied == 7
+    assert file_bytes(path) == before  # read-only: the bundle file is untouched
+
+
+def test_ops_for_a_table_not_synced_here_are_kept_not_applied(tmp_path):
+    schema = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL); CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"
+    a = make_db(tmp_path / "a.db", schema, ("todos", "notes"))
+    hub = make_db(tmp_path / "hub.db")  # syncs todos only, has no notes table
+    c = make_db(tmp_path / "c.db", schema, ("todos", "notes"))
+    a.execute("INSERT INTO notes VALUES (1, 'private')")
+    a.execute("INSERT INTO todos VALUES (1, 'shared', 0, 0)")
+    result = sync(a, hub, tmp_path)
+    assert result.not_applied == {"notes": 1}
+    assert not hub.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes'").fetchone()
+    out = run_cli("import-bundle", tmp_path / "hub.db", tmp_path / "b.bundle")
+    assert out.exit_code == 0
+    # The hub relays them onward.
+    sync(hub, c, tmp_path)
+    assert c.execute("SELECT body FROM notes").fetchall() == [("private",)]
+
+
+def test_alter_adds_missing_columns_and_tables(tmp_path):
+    a = make_db(tmp_path / "a.db")
+    a.execute("ALTER TABLE todos ADD COLUMN due TEXT")
+    a.execute("INSERT INTO todos VALUES (1, 'x', 0, 0, '2026-12-01')")
+    fresh = sqlite3.connect(tmp_path / "fresh.db", isolation_level=None)
+    export_bundle(a, tmp_path / "a.bundle")
+    result = run_cli("import-bundle", tmp_path / "fresh.db", tmp_path / "a.bundle", "--alter", "--json")
+    assert json.loads(result.output)["applied"] >= 1
+    assert fresh.execute("SELECT id, title, due FROM todos").fetchall() == [(1, "x", "2026-12-01")]
+
+
+def test_copied_database_is_detected_and_can_get_a_new_identity(tmp_path, pair):
+    import shutil
+
+    a, b = pair
+    sync(a, b, tmp_path)
+    a.close()
+    shutil.copy(tmp_path / "a.db", tmp_path / "copy.db")
+    a = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    copy = sqlite3.connect(tmp_path / "copy.db", isolation_level=None)
+    copy.execute("INSERT INTO todos VALUES (200, 'written on the copy', 0, 0)")
+    a.execute("INSERT INTO todos VALUES (200, 'written on the original', 0, 0)")
+    export_bundle(copy, tmp_path / "copy.bundle", since=sync_status(b)["clock"])
+    import_bundle(b, tmp_path / "copy.bundle")
+    with pytest.raises(BundleError, match="two databases share that device id") as error:
+        sync(a, b, tmp_path)
+    assert error.value.reason == "device_id_clash"
+
+    fresh = tmp_path / "copy2.db"
+    shutil.copy(tmp_path / "a.db", fresh)
+    old_id = sync_status(a)["device_id"]
+    result = run_cli("sync-new-device", fresh)
+    new_id = result.output.strip()
+    assert result.exit_code == 0 and len(new_id) == 32 and new_id != old_id
+    copy2 = sqlite3.connect(fresh, isolation_level=None)
+    assert sync_status(copy2)["device_id"] == new_id
+    copy2.execute("INSERT INTO todos VALUES (300, 'copy2 edit', 0, 0)")
+    c = make_db(tmp_path / "c.db")
+    sync(a, c, tmp_path)
+    sync(copy2, c, tmp_path)
+    assert c.execute("SELECT title FROM todos WHERE id = 300").fetchone() == ("copy2 edit",)
