@@ -1,0 +1,116 @@
+"""Schema drift is noticed and repaired without losing writes; imports are all-or-nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import sqlite_utils
+from click.testing import CliRunner
+from sqlite_utils.cli import cli
+
+from sqlite_utils_sync import export_bundle, import_bundle, sync_status
+
+from sync_helpers import make_db, rows, sync
+
+
+def run_cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_add_column_is_detected_and_missed_writes_reach_peers(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 1.0)")
+    sync(a, b, tmp_path)
+    a.execute("ALTER TABLE todos ADD COLUMN due TEXT")
+    a.execute("UPDATE todos SET due = '2026-12-24' WHERE id = 1")  # the old trigger misses this
+    a.execute("INSERT INTO todos VALUES (2, 'eggs', 0, 2.0, '2027-01-01')")
+    status = run_cli("sync-status", tmp_path / "a.db")
+    assert "Warning: table 'todos' has columns not captured: due" in status.output
+    b.execute("ALTER TABLE todos ADD COLUMN due TEXT")
+    sync(a, b, tmp_path)  # the export repairs first
+    assert rows(b) == rows(a)
+    assert b.execute("SELECT due FROM todos ORDER BY id").fetchall() == [("2026-12-24",), ("2027-01-01",)]
+    assert sync_status(a)["warnings"] == []
+
+
+def test_transform_drops_triggers_and_the_repair_logs_what_was_missed(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(1, "one"), (2, "two"), (3, "three")])
+    sync(a, b, tmp_path)
+    a.close()
+    result = CliRunner().invoke(cli, ["transform", str(tmp_path / "a.db"), "todos", "--type", "score", "float"])
+    assert result.exit_code == 0, result.output
+    a = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    assert "no capture triggers" in " ".join(sync_status(a)["warnings"])
+    a.execute("UPDATE todos SET title = 'ONE' WHERE id = 1")
+    a.execute("DELETE FROM todos WHERE id = 2")
+    a.execute("INSERT INTO todos VALUES (4, 'four', 0, 0)")
+    # enable-sync repairs explicitly, too
+    repaired = run_cli("enable-sync", tmp_path / "a.db", "todos")
+    assert repaired.exit_code == 0, repaired.output
+    sync(a, b, tmp_path)
+    assert rows(b) == rows(a)
+    assert [r[0] for r in rows(b)] == [1, 3, 4]
+
+
+def test_import_repairs_stale_triggers_on_the_receiver(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    b.execute("DROP TRIGGER _sync_insert_todos")
+    b.execute("INSERT INTO todos VALUES (9, 'missed on b', 0, 0)")
+    a.execute("INSERT INTO todos VALUES (1, 'from a', 0, 0)")
+    sync(a, b, tmp_path)
+    assert sync_status(b)["warnings"] == []
+    sync(b, a, tmp_path)
+    assert rows(a) == rows(b)
+    assert [r[0] for r in rows(a)] == [1, 9]
+
+
+IMPORTER = """
+import sqlite3, sys, time
+from sqlite_utils_sync import import_bundle
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+# Slow the import down so it can be killed mid-way: sleep in a progress callback.
+def progress(done, total):
+    print("progress", flush=True)
+    time.sleep(30)
+import_bundle(conn, sys.argv[2], progress=progress)
+"""
+
+
+def test_killing_the_importer_midway_leaves_the_database_unchanged(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, 't', 0, 0)", [(i,) for i in range(12000)])
+    export_bundle(a, tmp_path / "big.bundle")
+    b.close()
+    process = subprocess.Popen(
+        [sys.executable, "-c", IMPORTER, str(tmp_path / "b.db"), str(tmp_path / "big.bundle")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline().strip() == "progress"  # a chunk is written, uncommitted
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    b = sqlite_utils.Database(tmp_path / "b.db").conn
+    assert b.execute("SELECT count(*) FROM todos").fetchone()[0] == 0
+    assert b.execute("SELECT count(*) FROM _sync_ops WHERE kind = 0").fetchone()[0] == 0
+    result = import_bundle(b, tmp_path / "big.bundle")
+    assert result.applied == 12000
+    assert rows(b) == rows(a)
+
+
+def test_cli_import_of_missing_file_is_one_line(tmp_path):
+    make_db(tmp_path / "a.db").close()
+    result = run_cli("import-bundle", tmp_path / "a.db", tmp_path / "nope.bundle")
+    assert result.exit_code == 1
+    assert result.output == "Error: Bundle nope.bundle: file not found\n"
+
+
+def test_status_json_on_a_database_without_sync(tmp_path):
+    sqlite_utils.Database(tmp_path / "plain.db")["t"].insert({"id": 1}, pk="id")
+    status = json.loads(run_cli("sync-status", tmp_path / "plain.db", "--json").output)
+    assert status["enabled"] is False and status["operations"] == 0
