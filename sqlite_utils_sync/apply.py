@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
-from .bundle import BundleReader, parse_clock
+from .bundle import BundleReader, op_fingerprint, parse_clock
 from .capture import SyncedTable, check_can_sync, enable_table, load_tables, repair_drift, table_info
 from .errors import BundleError, SyncError
 from .log import (
@@ -279,12 +279,12 @@ class Importer:
     def check_anchors(self) -> None:
         """Refuse a bundle whose sender has a different op under an id we hold: two databases
         share a device id, and one side's edits would be silently lost."""
-        for device, (seq, hlc) in self.reader.header.get("anchors", {}).items():
+        for device, (seq, fingerprint) in self.reader.header.get("anchors", {}).items():
             idx = device_index(self.conn, device, create=False)
             if idx is None:
                 continue
-            ours = self.conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(idx, seq)]).fetchone()
-            if ours and ours[0] != hlc:
+            ours = op_fingerprint(self.conn, op_id(idx, seq))
+            if ours and ours != fingerprint:
                 raise self.clash(f"{device}:{seq}")
 
     def clash(self, label: str) -> BundleError:

@@ -144,10 +144,9 @@ def export_bundle(
     anchors = {}
     for idx, device in devices.items():
         seq = since.get(device, 0)
-        if seq:
-            row = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(idx, seq)]).fetchone()
-            if row:
-                anchors[device] = [seq, row[0]]
+        fingerprint = seq and op_fingerprint(conn, op_id(idx, seq))
+        if fingerprint:
+            anchors[device] = [seq, fingerprint]
     header = msgpack.packb(
         {
             "anchors": anchors,
@@ -189,6 +188,23 @@ def export_bundle(
         if os.path.exists(temp):
             os.remove(temp)
     return ExportResult(bundle_id, local_device_id(conn), count, target.stat().st_size, current)
+
+
+def op_fingerprint(conn: sqlite3.Connection, op: int) -> str | None:
+    """A digest of what an operation says, independent of local slot numbering."""
+    cursor = conn.execute(
+        "SELECT o.*, t.name AS _table, t.columns AS _slots FROM _sync_ops o LEFT JOIN _sync_tables t ON t.tid = o.tid "
+        "WHERE o.op = ?",
+        [op],
+    )
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    record = dict(zip([d[0] for d in cursor.description], row))
+    slots = json.loads(record["_slots"] or "{}")
+    values = sorted((c, record[f"c{s}"]) for c, s in slots.items() if (record["mask"] or 0) >> s & 1)
+    content = [record["hlc"], record["kind"], record["_table"], record["rowkey"], record["newkey"], values]
+    return hashlib.sha256(msgpack.packb(content)).hexdigest()[:32]
 
 
 class BundleReader:
@@ -267,7 +283,7 @@ class BundleReader:
         elif not isinstance(header.get("operations"), int):
             problem = "operation count is invalid"
         elif not isinstance(header.get("anchors", {}), dict) or not all(
-            is_device_id(k) and isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v)
+            is_device_id(k) and isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
             for k, v in header.get("anchors", {}).items()
         ):
             problem = "anchors are invalid"
