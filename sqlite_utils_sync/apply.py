@@ -27,15 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from .bundle import BundleReader, op_fingerprint, parse_clock
-from .capture import SyncedTable, check_can_sync, enable_table, load_tables, repair_drift, table_info
-from .errors import BundleError, SyncError
+from .capture import SyncedTable, enable_table, load_tables, repair_drift, table_info
+from .errors import BundleError
 from .log import (
     DELETE,
     INSERT,
     LOCAL,
     RESOLUTION,
     SEQ_MASK,
-    TICK,
     UPDATE,
     append_local,
     append_tick,
@@ -491,7 +490,7 @@ class Importer:
         )
         for tid, table in self.applied_tids.items():
             self.fast_path(table)
-        conflicts = self.slow_path()
+        self.slow_path()
         resolutions = conn.execute(
             self.new_ops("DISTINCT o.tid, coalesce(o.newkey, o.rowkey), o.op", f"o.kind & {RESOLUTION}")
         ).fetchall()
@@ -517,7 +516,7 @@ class Importer:
             + ", ".join(f"{q} = excluded.{q}" for q in quoted)
         )
         conn.execute(
-            f"INSERT OR IGNORE INTO temp._sync_slow "
+            "INSERT OR IGNORE INTO temp._sync_slow "
             + self.new_ops("o.tid, o.rowkey", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask != {full}")
         )
         assignments = ", ".join(
@@ -799,9 +798,3 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
             logged += 1
     return logged
 
-
-def check_can_enable(conn: sqlite3.Connection, table: str) -> None:
-    check_can_sync(conn, table)
-
-
-__all__ = ["ImportResult", "import_bundle", "reconcile_table", "transaction", "applying", "SyncError"]

@@ -44,7 +44,7 @@ SCHEMA_VERSION = 1
 # in one millisecond still get distinct, increasing values before the clock runs ahead.
 HLC_NOW_SQL = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1024"
 
-SCHEMA_SQL = f"""
+SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS _sync_state (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     schema_version INTEGER NOT NULL,
@@ -152,7 +152,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
     """Create the internal tables and this database's device identity if missing."""
     if is_enabled(conn):
         return
-    conn.executescript(SCHEMA_SQL) if not conn.in_transaction else _exec_script(conn, SCHEMA_SQL)
+    _exec_script(conn, SCHEMA_SQL)
     conn.execute(
         "INSERT OR IGNORE INTO _sync_state (id, schema_version, applying) VALUES (1, ?, 0)",
         [SCHEMA_VERSION],
