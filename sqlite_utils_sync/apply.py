@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
@@ -183,6 +184,10 @@ class Importer:
         self.devices = [device_index(conn, d) for d in header["devices"]]
         local_id = local_device_id(conn)
         self.old = {idx: max_seq(conn, idx) for idx in self.devices}
+        self.kinds: dict[int, set[tuple[int, int]]] = {}
+        self.seen: dict[int, set[str]] | None = {}
+        self.seen_count = 0
+        self.repeated: set[tuple[int, str]] = set()
         self.check_anchors()
         with applying(conn):
             inserted = self.append_ops(result, local_id)
@@ -323,6 +328,8 @@ class Importer:
                 ours = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(idx, first)]).fetchone()
                 if ours and ours[0] != ops[0][1]:
                     raise self.clash(f"{self.reader.header['devices'][position]}:{first}")
+            if tid:
+                self.note_rows(tid, ops)
             slot_columns = "".join(f", c{s}" for s in slots)
             placeholders = ", ?" * len(slots)
             sql = (
@@ -341,6 +348,34 @@ class Importer:
             if self.progress:
                 self.progress(len(ops), self.reader.header["operations"])
         return inserted
+
+    # Rows touched more than once by the bundle need the per-row path. Spotting them while
+    # streaming costs a set insert per op; past ROW_SET_LIMIT keys (memory) SQL does it instead.
+    ROW_SET_LIMIT = 2_000_000
+
+    def note_rows(self, tid: int, ops: list) -> None:
+        try:
+            self.kinds.setdefault(tid, set()).update((op[2] & 3, op[3]) for op in ops)
+            keys = [op[4] for op in ops]
+            moved = [(op[4], op[5]) for op in ops if op[5] is not None]
+        except (TypeError, IndexError):
+            raise self.fail("invalid_operation", "an operation is malformed")
+        for old_key, new_key in moved:
+            self.repeated.update({(tid, old_key), (tid, new_key)})
+        if self.seen is None:
+            return
+        seen = self.seen.setdefault(tid, set())
+        try:
+            chunk = set(keys)
+        except TypeError:
+            raise self.fail("invalid_operation", "an operation has an invalid row key")
+        if len(chunk) != len(keys):
+            self.repeated.update((tid, k) for k, n in Counter(keys).items() if n > 1)
+        self.repeated.update((tid, k) for k in chunk & seen)
+        seen |= chunk
+        self.seen_count += len(chunk)
+        if self.seen_count > self.ROW_SET_LIMIT:
+            self.seen = None
 
     def check_sequences(self, inserted: dict[int, int]) -> list[tuple[int, int, int]]:
         """Refuse a bundle that leaves a gap in a device's sequence; return the new op ranges."""
@@ -370,34 +405,32 @@ class Importer:
         return f"SELECT {columns} FROM temp._sync_new r JOIN _sync_ops o ON o.op BETWEEN r.lo AND r.hi WHERE {where}"
 
     def check_operations(self) -> None:
-        """Every new operation is well-formed: its kind, clock and row key agree with its values."""
+        """Every new operation is well-formed: its kind, clock and row key agree with its values
+        (one scan over the new operations)."""
         conn = self.conn
+        key_checks = []
+        for tid, columns, pk in conn.execute("SELECT tid, columns, pk FROM _sync_tables").fetchall():
+            slots = json.loads(columns)
+            key = rowkey_sql(f"o.c{slots[c]}" for c in json.loads(pk))
+            key_checks.append(
+                f"WHEN {tid} THEN (CASE o.kind & 3 WHEN 1 THEN coalesce(o.newkey, o.rowkey) ELSE o.rowkey END) IS {key}"
+            )
+        key_matches = f"CASE o.tid {' '.join(key_checks)} ELSE 0 END" if key_checks else "0"
         bad = conn.execute(
             "SELECT count(*) FROM ("
             + self.new_ops(
                 "o.op",
-                "NOT (typeof(o.hlc) = 'integer' AND ((o.kind = 3 AND o.tid = 0 AND typeof(o.rowkey) = 'text') "
-                "OR ((o.kind & ~8) IN (0, 1, 2) AND o.tid != 0 AND typeof(o.rowkey) = 'text' "
-                "AND typeof(o.mask) = 'integer' AND (o.newkey IS NULL OR typeof(o.newkey) = 'text'))))",
+                "NOT (typeof(o.hlc) = 'integer' AND typeof(o.rowkey) = 'text' AND CASE WHEN o.tid = 0 THEN o.kind = 3 "
+                "ELSE (o.kind & ~8) IN (0, 1, 2) AND typeof(o.mask) = 'integer' "
+                f"AND (o.newkey IS NULL OR typeof(o.newkey) = 'text') AND {key_matches} END)",
             )
             + ")"
         ).fetchone()[0]
         if bad:
-            raise self.fail("invalid_operation", f"{bad} operation(s) have an invalid kind, clock or key")
-        for tid, columns, pk in conn.execute("SELECT tid, columns, pk FROM _sync_tables").fetchall():
-            slots = json.loads(columns)
-            key = rowkey_sql(f"o.c{slots[c]}" for c in json.loads(pk))
-            bad = conn.execute(
-                "SELECT count(*) FROM ("
-                + self.new_ops(
-                    "o.op",
-                    f"o.tid = {tid} AND CASE o.kind & 3 WHEN 1 THEN coalesce(o.newkey, o.rowkey) ELSE o.rowkey END "
-                    f"IS NOT {key}",
-                )
-                + ")"
-            ).fetchone()[0]
-            if bad:
-                raise self.fail("invalid_operation", f"{bad} operation(s) have a row key that does not match their values")
+            raise self.fail(
+                "invalid_operation",
+                f"{bad} operation(s) have an invalid kind or clock, or a row key that does not match their values",
+            )
 
     def record_knowledge(self) -> int:
         """Index new tick operations and check that the bundle carries what they depend on."""
@@ -474,20 +507,27 @@ class Importer:
             conn.execute(sql)
         conn.executemany("INSERT INTO temp._sync_window VALUES (?, ?)", self.window_ranges())
         window_ops = "SELECT o.* FROM temp._sync_window w JOIN _sync_ops o ON o.op BETWEEN w.lo AND w.hi WHERE o.kind != 3"
-        conn.execute(
-            f"INSERT OR IGNORE INTO temp._sync_wkeys SELECT tid, rowkey FROM ({window_ops}) "
-            f"UNION SELECT tid, newkey FROM ({window_ops}) WHERE newkey IS NOT NULL"
-        )
-        new_keys = (
-            self.new_ops("o.tid, o.rowkey AS k, o.newkey IS NOT NULL AS moved", "o.kind != 3")
-            + " UNION ALL "
-            + self.new_ops("o.tid, o.newkey, 1", "o.newkey IS NOT NULL")
-        )
-        conn.execute(
-            f"INSERT OR IGNORE INTO temp._sync_slow SELECT tid, k FROM ({new_keys}) GROUP BY tid, k "
-            "HAVING count(*) > 1 OR max(moved) "
-            "OR EXISTS (SELECT 1 FROM temp._sync_wkeys w WHERE w.tid = tid AND w.rowkey = k)"
-        )
+        window_keys = conn.execute(
+            f"SELECT tid, rowkey FROM ({window_ops}) UNION SELECT tid, newkey FROM ({window_ops}) WHERE newkey IS NOT NULL"
+        ).fetchall()
+        conn.executemany("INSERT OR IGNORE INTO temp._sync_slow VALUES (?, ?)", self.repeated)
+        if self.seen is not None:
+            # Rows the bundle touches that a concurrent old operation touched too.
+            conn.executemany(
+                "INSERT OR IGNORE INTO temp._sync_slow VALUES (?, ?)",
+                [(tid, key) for tid, key in window_keys if key in self.seen.get(tid, ())],
+            )
+        else:
+            conn.executemany("INSERT OR IGNORE INTO temp._sync_wkeys VALUES (?, ?)", window_keys)
+            new_keys = (
+                self.new_ops("o.tid AS t, o.rowkey AS k", "o.kind != 3")
+                + " UNION ALL "
+                + self.new_ops("o.tid, o.newkey", "o.newkey IS NOT NULL")
+            )
+            conn.execute(
+                f"INSERT OR IGNORE INTO temp._sync_slow SELECT t, k FROM ({new_keys}) GROUP BY t, k "
+                "HAVING count(*) > 1 OR EXISTS (SELECT 1 FROM temp._sync_wkeys w WHERE w.tid = t AND w.rowkey = k)"
+            )
         for tid, table in self.applied_tids.items():
             self.fast_path(table)
         self.slow_path()
@@ -502,37 +542,53 @@ class Importer:
 
     def fast_path(self, table: SyncedTable) -> None:
         """Rows touched by one new operation and nothing concurrent: set-based writes."""
-        conn = self.conn
-        columns = table.current_columns(conn)
+        columns = table.current_columns(self.conn)
         full = table.mask_for(columns)
+        kinds = self.kinds.get(table.tid, set())
+        present = {kind for kind, _ in kinds}
+        not_slow = "NOT EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.rowkey)"
+        if INSERT in present:
+            self.fast_inserts(table, columns, full, not_slow, kinds)
+        if UPDATE in present:
+            self.fast_updates(table, columns, not_slow)
+        if DELETE in present:
+            self.fast_deletes(table, not_slow)
+
+    def fast_inserts(self, table: SyncedTable, columns: list[str], full: int, not_slow: str, kinds) -> None:
         t = quote_identifier(table.name)
         quoted = [quote_identifier(c) for c in columns]
-        not_slow = "NOT EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.rowkey)"
-        pk_match = " AND ".join(f"{t}.{quote_identifier(c)} = o.c{table.slots[c]}" for c in table.pk)
-        conn.execute(
+        if any(kind == INSERT and mask != full for kind, mask in kinds):
+            # Inserts written before a column existed go per-row, so the column gets its default.
+            self.conn.execute(
+                "INSERT OR IGNORE INTO temp._sync_slow "
+                + self.new_ops("o.tid, o.rowkey", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask != {full}")
+            )
+        self.conn.execute(
             f"INSERT INTO {t} ({', '.join(quoted)}) SELECT {', '.join(f'o.c{table.slots[c]}' for c in columns)} FROM ("
             + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask = {full}")
             + f") o WHERE {not_slow} ON CONFLICT ({', '.join(quote_identifier(c) for c in table.pk)}) DO UPDATE SET "
             + ", ".join(f"{q} = excluded.{q}" for q in quoted)
         )
-        conn.execute(
-            "INSERT OR IGNORE INTO temp._sync_slow "
-            + self.new_ops("o.tid, o.rowkey", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask != {full}")
-        )
+
+    def fast_updates(self, table: SyncedTable, columns: list[str], not_slow: str) -> None:
+        t = quote_identifier(table.name)
+        pk_match = " AND ".join(f"{t}.{quote_identifier(c)} = o.c{table.slots[c]}" for c in table.pk)
         assignments = ", ".join(
             f"{quote_identifier(c)} = CASE WHEN o.mask & {1 << table.slots[c]} THEN o.c{table.slots[c]} "
             f"ELSE {t}.{quote_identifier(c)} END"
             for c in columns
         )
-        conn.execute(
+        self.conn.execute(
             f"UPDATE {t} SET {assignments} FROM ("
             + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & 3 = {UPDATE} AND o.newkey IS NULL")
             + f") o WHERE {not_slow} AND {pk_match}"
         )
+
+    def fast_deletes(self, table: SyncedTable, not_slow: str) -> None:
         pk_cols = ", ".join(quote_identifier(c) for c in table.pk)
         pk_slots = ", ".join(f"o.c{table.slots[c]}" for c in table.pk)
-        conn.execute(
-            f"DELETE FROM {t} WHERE ({pk_cols}) IN (SELECT {pk_slots} FROM ("
+        self.conn.execute(
+            f"DELETE FROM {quote_identifier(table.name)} WHERE ({pk_cols}) IN (SELECT {pk_slots} FROM ("
             + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & 3 = {DELETE}")
             + f") o WHERE {not_slow})"
         )
