@@ -1,1 +1,98 @@
 """Datasette plugin: sync views and bundle endpoints (hook implementations only)."""
+
+import json
+import urllib.parse
+
+from datasette import hookimpl
+from markupsafe import Markup
+
+from sqlite_utils_sync.log import is_enabled, json_value
+
+from . import permissions, views
+
+
+@hookimpl
+def register_actions(datasette):
+    return permissions.ACTIONS
+
+
+@hookimpl
+def permission_resources_sql(datasette, actor, action):
+    return permissions.default_permission_sql(datasette, action)
+
+
+@hookimpl
+def register_routes():
+    return views.routes()
+
+
+@hookimpl
+def database_actions(datasette, actor, database, request):
+    async def inner():
+        if not await permissions.can(datasette, actor, permissions.VIEW, database):
+            return []
+        if not await datasette.get_database(database).execute_fn(is_enabled):
+            return []
+        base = views.sync_url(datasette, database)
+        return [
+            {"href": base, "label": "Sync status", "description": "Devices, clocks, peers and recent activity"},
+            {"href": base + "/conflicts", "label": "Sync conflicts", "description": "Concurrent edits that disagreed"},
+        ]
+
+    return inner
+
+
+@hookimpl
+def table_actions(datasette, actor, database, table, request):
+    async def inner():
+        if await views.synced_pk(datasette, actor, database, table) is None:
+            return []
+        base = views.sync_url(datasette, database)
+        query = urllib.parse.urlencode({"table": table})
+        return [
+            {
+                "href": f"{base}/operations?{query}",
+                "label": "Sync operations",
+                "description": "Every change to this table in the sync log",
+            },
+            {
+                "href": f"{base}/conflicts?{query}",
+                "label": "Sync conflicts",
+                "description": "Unresolved concurrent edits of rows in this table",
+            },
+        ]
+
+    return inner
+
+
+@hookimpl
+def row_actions(datasette, actor, request, database, table, row):
+    async def inner():
+        pk = await views.synced_pk(datasette, actor, database, table)
+        if pk is None:
+            return []
+        values = [json_value(row[column]) for column in pk]
+        query = urllib.parse.urlencode({"table": table, "pk": json.dumps(values)})
+        return [
+            {
+                "href": f"{views.sync_url(datasette, database)}/operations?{query}",
+                "label": "Sync history",
+                "description": "The operations that touched this row",
+            }
+        ]
+
+    return inner
+
+
+@hookimpl
+def top_table(datasette, request, database, table):
+    async def inner():
+        actor = request.actor if request else None
+        if await views.synced_pk(datasette, actor, database, table) is None:
+            return ""
+        return Markup(
+            '<p class="sync-note">This table is synced: changes are logged and shared with other devices. '
+            '<a href="{}">Sync operations</a></p>'
+        ).format(f"{views.sync_url(datasette, database)}/operations?{urllib.parse.urlencode({'table': table})}")
+
+    return inner

@@ -1,0 +1,385 @@
+"""Read-only queries behind the sync pages.
+
+Every function takes a ``sqlite3.Connection`` (Datasette's read connection, which may be
+``immutable=1``) and only ever runs ``SELECT``s. Each one copes with a database that has no
+sync tables at all. Values come back as raw Python values (``bytes`` included); the views
+decide how to render them as HTML or JSON.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import re
+import sqlite3
+import time
+from typing import Any
+
+from sqlite_utils_sync import get_conflict
+from sqlite_utils_sync.capture import load_tables
+from sqlite_utils_sync.log import (
+    DELETE,
+    INSERT,
+    KIND_NAMES,
+    LOCAL,
+    RESOLUTION,
+    SEQ_MASK,
+    TICK,
+    UPDATE,
+    is_enabled,
+    make_rowkey,
+    max_seq,
+    op_id,
+    op_label,
+    parse_rowkey,
+)
+
+KIND_CODES = {name: code for code, name in KIND_NAMES.items()}
+# Operation types a visitor can filter on: the four kinds plus conflict resolutions.
+OP_TYPES = ["insert", "update", "delete", "tick", "resolution"]
+
+
+def hlc_time(hlc: int | None) -> str | None:
+    """The wall-clock part of a hybrid logical clock value, as ISO 8601 UTC."""
+    if hlc is None:
+        return None
+    milliseconds = hlc >> 10
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(milliseconds // 1000)) + f".{milliseconds % 1000:03d}Z"
+
+
+def has_table(conn: sqlite3.Connection, name: str) -> bool:
+    return bool(conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone())
+
+
+def devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Every device this database knows, local first, with the highest seq held from it."""
+    if not is_enabled(conn):
+        return []
+    found = []
+    for idx, device_id in conn.execute("SELECT idx, device_id FROM _sync_devices ORDER BY idx DESC"):
+        seq = max_seq(conn, idx)
+        # The range scan on the primary key is cheap; the sentinel (seq 0) is not an operation.
+        first, last = conn.execute(
+            "SELECT min(hlc), max(hlc) FROM _sync_ops WHERE op BETWEEN ? AND ?",
+            [op_id(idx, 1), op_id(idx, SEQ_MASK)],
+        ).fetchone()
+        found.append(
+            {
+                "device_id": device_id,
+                "local": idx == LOCAL,
+                "seq": seq,
+                "first_seen": hlc_time(first),
+                "last_seen": hlc_time(last),
+            }
+        )
+    return found
+
+
+def peers(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """Peers whose bundles were imported here, with the clock they acknowledged."""
+    if not has_table(conn, "_sync_peers"):
+        return []
+    return [
+        {"device_id": device_id, "clock": json.loads(clock), "last_seen": last_seen}
+        for device_id, clock, last_seen in conn.execute(
+            "SELECT device_id, clock, last_seen FROM _sync_peers ORDER BY last_seen DESC, device_id"
+        )
+    ]
+
+
+def activity(conn: sqlite3.Connection, buckets: int = 36) -> dict[str, Any] | None:
+    """Data operations per device per slice of time, for the overview chart."""
+    if not is_enabled(conn):
+        return None
+    data_ops = f"op & {SEQ_MASK} != 0 AND kind & 3 != {TICK}"
+    low, high = conn.execute(f"SELECT min(hlc), max(hlc) FROM _sync_ops WHERE {data_ops}").fetchone()
+    if low is None:
+        return None
+    span = high - low + 1
+    counts: dict[int, dict[int, int]] = {}
+    for idx, bucket, count in conn.execute(
+        f"SELECT op >> 40, min(:n - 1, (hlc - :low) * :n / :span), count(*) FROM _sync_ops "
+        f"WHERE {data_ops} GROUP BY 1, 2",
+        {"n": buckets, "low": low, "span": span},
+    ):
+        counts.setdefault(idx, {})[bucket] = count
+    names = dict(conn.execute("SELECT idx, device_id FROM _sync_devices"))
+    rows = [
+        {"device_id": names.get(idx, str(idx)), "local": idx == LOCAL, "counts": counts[idx]}
+        for idx in sorted(counts, reverse=True)
+    ]
+    return {
+        "start": hlc_time(low),
+        "end": hlc_time(high),
+        "buckets": buckets,
+        "bucket_starts": [hlc_time(low + span * b // buckets) for b in range(buckets + 1)],
+        "rows": rows,
+        "max": max(c for row in counts.values() for c in row.values()),
+    }
+
+
+# The operation log ----------------------------------------------------------------------
+
+
+def parse_pk_filter(conn: sqlite3.Connection, text: str) -> list[str]:
+    """Row keys a visitor's ``pk`` filter can mean.
+
+    A JSON array (what the row history link sends) is exact. Anything else is read like a
+    Datasette row path: comma-separated values, each either a number or a string, since a
+    visitor typing ``7`` cannot say which one the column holds.
+    """
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if isinstance(value, list) and value:
+        candidates = [[decode_json_value(v) for v in value]]
+    else:
+        choices = []
+        for part in text.split(","):
+            options: list[Any] = [part]
+            if re.fullmatch(r"-?\d+", part.strip()):
+                options.insert(0, int(part))
+            elif re.fullmatch(r"-?\d+\.\d*(e-?\d+)?", part.strip()):
+                options.insert(0, float(part))
+            choices.append(options)
+        candidates = [list(values) for values in itertools.islice(itertools.product(*choices), 64)]
+    keys = []
+    for values in candidates:
+        try:
+            keys.append(make_rowkey(conn, values))
+        except (sqlite3.Error, OverflowError):
+            pass  # not a value SQLite can hold (a nested list, a huge number): matches no row
+    return keys
+
+
+def decode_json_value(value: Any) -> Any:
+    """Undo ``json_value`` for BLOBs so a JSON pk filter can name a BLOB key."""
+    if isinstance(value, dict) and value.get("$base64"):
+        return base64.b64decode(value.get("encoded", ""))
+    return value
+
+
+def parse_next(token: str | None) -> tuple[int, int] | None:
+    """The operations page token: ``<hlc>,<op>`` of the last operation shown."""
+    if not token:
+        return None
+    match = re.fullmatch(r"(\d+),(\d+)", token)
+    if not match:
+        raise ValueError(f"Invalid next token: {token!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def operations(
+    conn: sqlite3.Connection,
+    table: str | None = None,
+    device: str | None = None,
+    pk: str | None = None,
+    op_type: str | None = None,
+    after: tuple[int, int] | None = None,
+    size: int = 50,
+    hidden: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """A page of the operation log, newest first (by hybrid logical clock, then op).
+
+    ``op`` alone sorts by device, not by time, so pages are keyed on ``(hlc, op)`` of the
+    last operation shown (``after``, from :func:`parse_next`). Operations on ``hidden``
+    tables are left out.
+    """
+    if not is_enabled(conn):
+        return {"operations": [], "next": None}
+    tables = load_tables(conn)
+    by_tid = {t.tid: t for t in tables.values()}
+    where = [f"op & {SEQ_MASK} != 0"]
+    params: list[Any] = []
+    hidden_tids = [t.tid for name, t in tables.items() if name in hidden]
+    if hidden_tids:
+        where.append(f"tid NOT IN ({', '.join('?' * len(hidden_tids))})")
+        params += hidden_tids
+    if table is not None:
+        if table not in tables or table in hidden:
+            return {"operations": [], "next": None}
+        where.append("tid = ?")
+        params.append(tables[table].tid)
+    if device is not None:
+        row = conn.execute("SELECT idx FROM _sync_devices WHERE device_id = ?", [device]).fetchone()
+        if row is None:
+            return {"operations": [], "next": None}
+        # A range on the primary key: one device's operations.
+        where.append("op BETWEEN ? AND ?")
+        params += [op_id(row[0], 1), op_id(row[0], SEQ_MASK)]
+    if pk is not None:
+        keys = parse_pk_filter(conn, pk)
+        if not keys:
+            return {"operations": [], "next": None}
+        marks = ", ".join("?" * len(keys))
+        where.append(f"tid != 0 AND (rowkey IN ({marks}) OR newkey IN ({marks}))")
+        params += keys + keys
+    if op_type == "resolution":
+        where.append(f"kind & {RESOLUTION}")
+    elif op_type in KIND_CODES:
+        where.append("kind & 3 = ?")
+        params.append(KIND_CODES[op_type])
+    if after is not None:
+        where.append("(hlc < ? OR (hlc = ? AND op < ?))")
+        params += [after[0], after[0], after[1]]
+    cursor = conn.execute(
+        f"SELECT * FROM _sync_ops WHERE {' AND '.join(where)} ORDER BY hlc DESC, op DESC LIMIT ?",
+        params + [size + 1],
+    )
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    devices_by_idx = dict(conn.execute("SELECT idx, device_id FROM _sync_devices"))
+    page = [describe_op(record, by_tid, devices_by_idx) for record in rows[:size]]
+    token = None
+    if len(rows) > size:
+        last = rows[size - 1]
+        token = f"{last['hlc']},{last['op']}"
+    return {"operations": page, "next": token}
+
+
+def describe_op(record: dict[str, Any], by_tid: dict, devices_by_idx: dict[int, str]) -> dict[str, Any]:
+    """One ``_sync_ops`` row in readable form: names instead of slots and masks."""
+    idx, seq = record["op"] >> 40, record["op"] & SEQ_MASK
+    device_id = devices_by_idx.get(idx, str(idx))
+    kind = record["kind"] & 3
+    described: dict[str, Any] = {
+        "op": op_label(device_id, seq),
+        "device_id": device_id,
+        "seq": seq,
+        "hlc": record["hlc"],
+        "time": hlc_time(record["hlc"]),
+        "type": KIND_NAMES[kind],
+        "resolution": bool(record["kind"] & RESOLUTION),
+        "table": None,
+        "pk": None,
+        "new_pk": None,
+        "values": {},
+    }
+    if kind == TICK:
+        # A knowledge epoch: its row key holds the clock the device had seen.
+        try:
+            described["clock"] = json.loads(record["rowkey"]) if record["rowkey"] else {}
+        except ValueError:
+            described["clock"] = {}
+        return described
+    table = by_tid.get(record["tid"])
+    if table is None:
+        return described
+    described["table"] = table.name
+    described["pk"] = safe_rowkey(record["rowkey"])
+    if record["newkey"] is not None:
+        described["new_pk"] = safe_rowkey(record["newkey"])
+    if kind in (INSERT, UPDATE):
+        mask = record["mask"] or 0
+        described["values"] = {
+            name: record.get(f"c{slot}")
+            for name, slot in sorted(table.slots.items(), key=lambda item: item[1])
+            if mask >> slot & 1
+        }
+    elif kind == DELETE:
+        described["values"] = {}
+    return described
+
+
+def safe_rowkey(rowkey: str | None) -> list[Any] | None:
+    if rowkey is None:
+        return None
+    try:
+        return parse_rowkey(rowkey)
+    except ValueError:
+        return [rowkey]
+
+
+def table_pk(conn: sqlite3.Connection, table: str) -> list[str] | None:
+    """The primary key columns of a synced table, or None when it is not synced."""
+    if not is_enabled(conn):
+        return None
+    synced = load_tables(conn, enabled_only=True).get(table)
+    return synced.pk if synced else None
+
+
+def synced_tables(conn: sqlite3.Connection) -> list[str]:
+    return sorted(load_tables(conn, enabled_only=True)) if is_enabled(conn) else []
+
+
+def logged_tables(conn: sqlite3.Connection) -> list[str]:
+    """Every table with operations in the log, synced here or only relayed."""
+    return sorted(load_tables(conn)) if is_enabled(conn) else []
+
+
+def without_tables(status: dict[str, Any], conn: sqlite3.Connection, hidden: frozenset[str]) -> dict[str, Any]:
+    """``sync_status`` as seen by someone who may not view the ``hidden`` tables."""
+    if not hidden or not status["enabled"]:
+        return status
+    reasons = [info["warning"] for name, info in status["tables"].items() if name in hidden and info["warning"]]
+    marks = ", ".join("?" * len(hidden))
+    return {
+        **status,
+        "tables": {name: info for name, info in status["tables"].items() if name not in hidden},
+        "unresolved_conflicts": conn.execute(
+            f'SELECT count(*) FROM _sync_conflicts WHERE resolved_by IS NULL AND "table" NOT IN ({marks})',
+            sorted(hidden),
+        ).fetchone()[0],
+        "warnings": [w for w in status["warnings"] if not any(w.startswith(r) for r in reasons)],
+    }
+
+
+# Conflicts and imports ------------------------------------------------------------------
+
+
+def conflicts(
+    conn: sqlite3.Connection,
+    include_resolved: bool = False,
+    table: str | None = None,
+    after: str | None = None,
+    size: int = 20,
+    hidden: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """A page of conflict records (the objects of ``list_conflicts``) after the conflict id
+    ``after``, leaving out conflicts on ``hidden`` tables."""
+    if not has_table(conn, "_sync_conflicts"):
+        return {"conflicts": [], "next": None}
+    where, params = [], []
+    if hidden:
+        where.append(f'"table" NOT IN ({", ".join("?" * len(hidden))})')
+        params += sorted(hidden)
+    if not include_resolved:
+        where.append("resolved_by IS NULL")
+    if table:
+        where.append('"table" = ?')
+        params.append(table)
+    if after:
+        # Same order as list_conflicts: table, row, id.
+        where.append('("table", rowkey, id) > (SELECT "table", rowkey, id FROM _sync_conflicts WHERE id = ?)')
+        params.append(after)
+    sql = "SELECT id FROM _sync_conflicts"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += ' ORDER BY "table", rowkey, id LIMIT ?'
+    ids = [row[0] for row in conn.execute(sql, params + [size + 1])]
+    return {
+        "conflicts": [get_conflict(conn, conflict_id) for conflict_id in ids[:size]],
+        "next": ids[size - 1] if len(ids) > size else None,
+    }
+
+
+def imports(conn: sqlite3.Connection, after: str | None = None, size: int = 50) -> dict[str, Any]:
+    """A page of the import log, newest first, after the bundle id ``after``."""
+    if not has_table(conn, "_sync_imports"):
+        return {"imports": [], "next": None}
+    where, params = "", []
+    if after:
+        where = (
+            "WHERE (imported_at, bundle_id) < (SELECT imported_at, bundle_id FROM _sync_imports WHERE bundle_id = ?)"
+        )
+        params.append(after)
+    cursor = conn.execute(
+        f"SELECT bundle_id, source_device_id, imported_at, total_operations, applied, conflicts, duplicates, actor "
+        f"FROM _sync_imports {where} ORDER BY imported_at DESC, bundle_id DESC LIMIT ?",
+        params + [size + 1],
+    )
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    return {"imports": rows[:size], "next": rows[size - 1]["bundle_id"] if len(rows) > size else None}

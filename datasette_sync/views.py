@@ -1,0 +1,613 @@
+"""The sync pages (each with a ``.json`` twin) and the bundle endpoints.
+
+Pages only read, through ``db.execute_fn`` on a read connection, so they work on immutable
+databases and on databases without sync tables. Writes (import, resolve) go through
+Datasette's single write thread with ``execute_write_fn``, which is what serializes
+concurrent pushes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import pathlib
+import sqlite3
+import tempfile
+import urllib.parse
+from typing import Any
+
+from datasette import Response
+from datasette.resources import TableResource
+from datasette.utils import tilde_encode
+from datasette.utils.asgi import BadRequest, Base400, Forbidden, NotFound
+from markupsafe import Markup, escape
+
+from sqlite_utils_sync import (
+    SyncError,
+    export_bundle,
+    get_conflict,
+    import_bundle,
+    resolve_conflict,
+    sync_status,
+)
+from sqlite_utils_sync.bundle import BundleReader
+from sqlite_utils_sync.log import json_value
+
+from . import queries
+from .permissions import EXPORT, IMPORT, RESOLVE, VIEW, can, can_alter
+
+PLUGIN = "datasette-sync"
+DEFAULT_MAX_BUNDLE_BYTES = 100 * 1024 * 1024
+PAGE_SIZE = 50
+CONFLICTS_PAGE_SIZE = 20  # conflicts are big: a table each
+MAX_PAGE_SIZE = 1000
+
+SYNC = r"^/(?P<database>[^/]+)/-/sync"
+FORMAT = r"(\.(?P<format>json))?$"
+
+
+def routes():
+    return [
+        (SYNC + FORMAT, overview_page),
+        (SYNC + r"/operations" + FORMAT, operations_page),
+        (SYNC + r"/conflicts" + FORMAT, conflicts_page),
+        (SYNC + r"/clocks" + FORMAT, clocks_page),
+        (SYNC + r"/imports" + FORMAT, imports_page),
+        (SYNC + r"/export$", export_endpoint),
+        (SYNC + r"/import$", import_endpoint),
+        (SYNC + r"/conflicts/(?P<conflict_id>[0-9a-f]{1,64})/resolve$", resolve_endpoint),
+    ]
+
+
+# Helpers ----------------------------------------------------------------------------------
+
+
+def sync_url(datasette, database: str) -> str:
+    return datasette.urls.database(database) + "/-/sync"
+
+
+def error(message: str, status: int, reason: str) -> Response:
+    return Response.json({"ok": False, "error": message, "reason": reason}, status=status)
+
+
+def clock_header(clock: dict[str, int]) -> str:
+    return json.dumps(clock, separators=(",", ":"), sort_keys=True)
+
+
+def max_bundle_bytes(datasette, database: str) -> int:
+    # plugin_config() can return None even with fallback, so try both levels explicitly.
+    config = datasette.plugin_config(PLUGIN, database=database) or datasette.plugin_config(PLUGIN) or {}
+    return int(config.get("max_bundle_bytes") or DEFAULT_MAX_BUNDLE_BYTES)
+
+
+def jsonable(value: Any) -> Any:
+    """Make query results JSON-safe: BLOBs and non-finite floats as the core renders them."""
+    if isinstance(value, dict):
+        return {key: jsonable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    return json_value(value)
+
+
+def show(value: Any) -> Markup:
+    """A value for HTML: NULL and the empty string look different, BLOBs show size and hex."""
+    if isinstance(value, dict) and value.get("$base64"):
+        value = base64.b64decode(value.get("encoded", ""))
+    if value is None:
+        return Markup('<span class="sync-null">NULL</span>')
+    if value == "":
+        return Markup('<span class="sync-empty" title="empty string">""</span>')
+    if isinstance(value, bytes):
+        shown = value[:16].hex(" ")
+        more = "…" if len(value) > 16 else ""
+        return Markup('<span class="sync-blob">&lt;BLOB {} byte{}&gt; <code>{}{}</code></span>').format(
+            len(value), "" if len(value) == 1 else "s", shown, more
+        )
+    return escape(str(value))
+
+
+def show_pk(values: list[Any] | None) -> Markup:
+    if values is None:
+        return Markup("")
+    return Markup(", ").join(show(v) for v in values)
+
+
+def short(device_id: str | None) -> str:
+    return (device_id or "")[:8]
+
+
+def page_size(request, default: int = PAGE_SIZE) -> int:
+    try:
+        size = int(request.args.get("_size") or default)
+    except ValueError:
+        raise BadRequest("_size must be an integer")
+    return max(1, min(size, MAX_PAGE_SIZE))
+
+
+def with_args(path: str, request, **changes) -> str:
+    """The current page's query string with some arguments replaced (None drops one)."""
+    args = dict(urllib.parse.parse_qsl(request.query_string, keep_blank_values=True))
+    for key, value in changes.items():
+        if value is None:
+            args.pop(key, None)
+        else:
+            args[key] = value
+    return path + ("?" + urllib.parse.urlencode(args) if args else "")
+
+
+class MethodNotAllowed(Base400):
+    status = 405
+
+
+async def synced_pk(datasette, actor, database: str, table: str) -> list[str] | None:
+    """The primary key of ``table`` when it is synced and the actor may see sync pages."""
+    if not await can(datasette, actor, VIEW, database):
+        return None
+    db = datasette.get_database(database)
+    return await db.execute_fn(lambda conn: queries.table_pk(conn, table))
+
+
+async def hidden_tables(datasette, request, db) -> frozenset[str]:
+    """Logged tables this actor may not view: their rows stay off the sync pages too."""
+    hidden = set()
+    for name in await db.execute_fn(queries.logged_tables):
+        resource = TableResource(db.name, name)
+        if not await datasette.allowed(action="view-table", resource=resource, actor=request.actor):
+            hidden.add(name)
+    return frozenset(hidden)
+
+
+async def page_database(datasette, request):
+    """The database of a sync page, after the sync-view check (404, then 403)."""
+    if request.method not in ("GET", "HEAD"):
+        raise MethodNotAllowed("Sync pages only answer GET")
+    db = await datasette.resolve_database(request)
+    if not await can(datasette, request.actor, VIEW, db.name):
+        raise Forbidden("Permission denied")
+    return db
+
+
+async def render(datasette, request, db, template: str, tab: str, context: dict, data: dict) -> Response:
+    if request.url_vars.get("format") == "json":
+        return Response.json(jsonable(data))
+    base = sync_url(datasette, db.name)
+    paths = {"overview": base, **{name: f"{base}/{name}" for name in ("operations", "conflicts", "clocks", "imports")}}
+    json_path = paths[tab] + ".json" + (f"?{request.query_string}" if request.query_string else "")
+    context = {
+        "database": db.name,
+        "database_color": db.color,
+        "is_mutable": db.is_mutable,
+        "sync_base": base,
+        "tab": tab,
+        "tabs": [(name, name.title(), paths[name]) for name in paths],
+        "json_url": json_path,
+        "alternate_url_json": json_path,
+        "show": show,
+        "show_pk": show_pk,
+        "pk_json": lambda values: json.dumps(jsonable(values)),
+        "short": short,
+        "ops_url": lambda **args: base + "/operations?" + urllib.parse.urlencode(args),
+        **context,
+    }
+    return Response.html(await datasette.render_template(template, context, request=request))
+
+
+# Pages ------------------------------------------------------------------------------------
+
+
+async def overview_page(datasette, request):
+    db = await page_database(datasette, request)
+    hidden = await hidden_tables(datasette, request, db)
+
+    def read(conn):
+        status = queries.without_tables(sync_status(conn), conn, hidden)
+        if not status["enabled"]:
+            return status, [], [], None
+        latest = queries.operations(conn, size=10, hidden=hidden)["operations"]
+        return status, queries.peers(conn), latest, queries.activity(conn)
+
+    status, peers, latest, activity = await db.execute_fn(read)
+    return await render(
+        datasette,
+        request,
+        db,
+        "sync_overview.html",
+        "overview",
+        {"status": status, "peers": peers, "latest": latest, "chart": activity_chart(activity)},
+        status,
+    )
+
+
+def activity_chart(activity: dict | None) -> dict | None:
+    """Geometry for the devices × time SVG: one row per device, one cell per time slice."""
+    if not activity:
+        return None
+    label_width, cell, gap, top = 200, 14, 2, 8
+    rows = []
+    for position, row in enumerate(activity["rows"]):
+        y = top + position * (cell + gap)
+        cells = [
+            {
+                "x": label_width + bucket * (cell + gap),
+                "opacity": round(0.2 + 0.8 * count / activity["max"], 3),
+                "title": f"{short(row['device_id'])}: {count} operation{'s' if count != 1 else ''} from "
+                f"{activity['bucket_starts'][bucket]} to {activity['bucket_starts'][bucket + 1]}",
+            }
+            for bucket, count in sorted(row["counts"].items())
+        ]
+        label = short(row["device_id"]) + (" (this database)" if row["local"] else "")
+        rows.append({"label": label, "y": y, "cells": cells})
+    width = label_width + activity["buckets"] * (cell + gap)
+    height = top + len(rows) * (cell + gap) + 22
+    return {
+        "rows": rows,
+        "width": width,
+        "height": height,
+        "cell": cell,
+        "label_width": label_width,
+        "axis_y": height - 6,
+        "start": activity["start"],
+        "end": activity["end"],
+        "max": activity["max"],
+    }
+
+
+async def operations_page(datasette, request):
+    db = await page_database(datasette, request)
+    filters = {key: request.args.get(key) or None for key in ("table", "device", "pk", "type")}
+    if filters["type"] and filters["type"] not in queries.OP_TYPES:
+        raise BadRequest(f"type must be one of {', '.join(queries.OP_TYPES)}")
+    if filters["pk"] and not filters["table"]:
+        raise BadRequest("Filtering by pk needs a table too")
+    size = page_size(request)
+    try:
+        after = queries.parse_next(request.args.get("next"))
+    except ValueError as ex:
+        raise BadRequest(str(ex))
+    hidden = await hidden_tables(datasette, request, db)
+
+    def read(conn):
+        page = queries.operations(
+            conn,
+            table=filters["table"],
+            device=filters["device"],
+            pk=filters["pk"],
+            op_type=filters["type"],
+            after=after,
+            size=size,
+            hidden=hidden,
+        )
+        tables = [name for name in queries.synced_tables(conn) if name not in hidden]
+        return page, tables, [d["device_id"] for d in queries.devices(conn)]
+
+    page, tables, devices = await db.execute_fn(read)
+    base = sync_url(datasette, db.name) + "/operations"
+    next_url = with_args(base, request, next=page["next"]) if page["next"] else None
+    data = {"operations": page["operations"], "next": page["next"]}
+    table_urls = {}
+    for table in {op["table"] for op in page["operations"] if op["table"]}:
+        if await db.table_exists(table):
+            table_urls[table] = datasette.urls.table(db.name, table)
+    return await render(
+        datasette,
+        request,
+        db,
+        "sync_operations.html",
+        "operations",
+        {
+            "operations": page["operations"],
+            "next_url": next_url,
+            "filters": filters,
+            "tables": tables,
+            "devices": devices,
+            "types": queries.OP_TYPES,
+            "table_urls": table_urls,
+            "clear_url": base,
+        },
+        data,
+    )
+
+
+async def conflicts_page(datasette, request):
+    db = await page_database(datasette, request)
+    include_resolved = request.args.get("all") in ("1", "true", "on")
+    table = request.args.get("table") or None
+    next_token = request.args.get("next") or None
+    size = page_size(request, CONFLICTS_PAGE_SIZE)
+    hidden = await hidden_tables(datasette, request, db)
+
+    def read(conn):
+        return queries.conflicts(
+            conn, include_resolved=include_resolved, table=table, after=next_token, size=size, hidden=hidden
+        )
+
+    page = await db.execute_fn(read)
+    base = sync_url(datasette, db.name) + "/conflicts"
+    next_url = with_args(base, request, next=page["next"]) if page["next"] else None
+    can_resolve = db.is_mutable and await can(datasette, request.actor, RESOLVE, db.name)
+    shown = []
+    for conflict in page["conflicts"]:
+        grid = conflict_grid(conflict)
+        row_url = None
+        plain_pk = all(isinstance(v, (str, int, float)) for v in conflict["pk"])
+        if conflict["current"] is not None and plain_pk and await db.table_exists(conflict["table"]):
+            pk_path = ",".join(tilde_encode(str(v)) for v in conflict["pk"])
+            row_url = datasette.urls.row(db.name, conflict["table"], pk_path)
+        shown.append({**grid, "row_url": row_url, "resolve_url": f"{base}/{conflict['id']}/resolve"})
+    return await render(
+        datasette,
+        request,
+        db,
+        "sync_conflicts.html",
+        "conflicts",
+        {
+            "conflicts": shown,
+            "include_resolved": include_resolved,
+            "table": table,
+            "next_url": next_url,
+            "can_resolve": can_resolve,
+            "toggle_url": with_args(base, request, all=None if include_resolved else "1", next=None),
+        },
+        page,
+    )
+
+
+MISSING = object()
+
+
+def conflict_grid(conflict: dict) -> dict:
+    """Versions side by side: one line per column, the disputed ones flagged, and which
+    version the table holds now."""
+    current = conflict["current"]
+    disputed = set(conflict["columns"])
+    columns = list(current) if current else []
+    for version in conflict["versions"]:
+        columns += [c for c in (version["values"] or {}) if c not in columns]
+    versions = []
+    for version in conflict["versions"]:
+        values = version["values"]
+        if values is None:
+            in_table = current is None
+        else:
+            compare = [c for c in values if c in disputed] or list(values)
+            in_table = current is not None and all(current.get(c, MISSING) == values[c] for c in compare)
+        versions.append({**version, "in_table": in_table})
+    lines = [
+        {
+            "column": column,
+            "disputed": column in disputed,
+            "cells": [version_cell(version, column) for version in versions],
+            "current": current.get(column, MISSING) if current else MISSING,
+        }
+        for column in columns
+    ]
+    return {**conflict, "versions": versions, "lines": lines, "missing": MISSING}
+
+
+def version_cell(version: dict, column: str) -> dict:
+    if version["values"] is None:
+        return {"state": "deleted"}
+    if column not in version["values"]:
+        # An update that did not touch this column.
+        return {"state": "unchanged"}
+    return {"state": "value", "value": version["values"][column]}
+
+
+async def clocks_page(datasette, request):
+    db = await page_database(datasette, request)
+
+    def read(conn):
+        status = sync_status(conn)
+        return status, queries.devices(conn), queries.peers(conn)
+
+    status, devices, peers = await db.execute_fn(read)
+    matrix = [
+        {
+            **peer,
+            "cells": [
+                {"seq": peer["clock"].get(d["device_id"], 0), "behind": peer["clock"].get(d["device_id"], 0) < d["seq"]}
+                for d in devices
+            ],
+        }
+        for peer in peers
+    ]
+    data = {"enabled": status["enabled"], "device_id": status["device_id"], "devices": devices, "peers": peers}
+    return await render(
+        datasette,
+        request,
+        db,
+        "sync_clocks.html",
+        "clocks",
+        {"status": status, "devices": devices, "matrix": matrix},
+        data,
+    )
+
+
+async def imports_page(datasette, request):
+    db = await page_database(datasette, request)
+    next_token = request.args.get("next") or None
+    size = page_size(request)
+    page = await db.execute_fn(lambda conn: queries.imports(conn, after=next_token, size=size))
+    base = sync_url(datasette, db.name) + "/imports"
+    next_url = with_args(base, request, next=page["next"]) if page["next"] else None
+    return await render(
+        datasette,
+        request,
+        db,
+        "sync_imports.html",
+        "imports",
+        {"imports": page["imports"], "next_url": next_url},
+        page,
+    )
+
+
+# Endpoints --------------------------------------------------------------------------------
+
+
+async def endpoint_database(datasette, request, method: str, action: str):
+    """Checks shared by the endpoints, in order: 404, 405, 403. Returns (db, error)."""
+    try:
+        db = await datasette.resolve_database(request)
+    except NotFound:
+        return None, error("Database not found", 404, "not_found")
+    if request.method != method:
+        return None, error(f"Use {method}", 405, "method_not_allowed")
+    if not await can(datasette, request.actor, action, db.name):
+        return None, error("Permission denied", 403, "forbidden")
+    return db, None
+
+
+async def export_endpoint(datasette, request):
+    """GET: the operations the caller lacks (everything without ``since``) as a bundle."""
+    db, problem = await endpoint_database(datasette, request, "GET", EXPORT)
+    if problem:
+        return problem
+    since = request.args.get("since") or None
+
+    def export(conn):
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = pathlib.Path(directory) / "export.bundle"
+            # repair=False: a read connection cannot write, and exporting must not.
+            result = export_bundle(conn, path, since=since, repair=False)
+            return result, path.read_bytes()
+
+    try:
+        result, body = await db.execute_fn(export)
+    except SyncError as ex:
+        return error(str(ex), 400, ex.reason)
+    return Response(
+        body,
+        content_type="application/vnd.sqlite3",
+        headers={
+            "X-Sync-Clock": clock_header(result.clock),
+            "X-Sync-Operations": str(result.operations),
+            "Content-Disposition": f'attachment; filename="{result.bundle_id}.bundle"',
+        },
+    )
+
+
+class TooLarge(Exception):
+    pass
+
+
+class Disconnected(Exception):
+    pass
+
+
+async def receive_to_file(request, path: str, limit: int) -> int:
+    """Stream the request body to ``path``, stopping as soon as it passes ``limit`` bytes.
+
+    Reads the ASGI channel directly: ``post_body()`` would hold the whole bundle in memory.
+    """
+    received = 0
+    out = await asyncio.to_thread(open, path, "wb")
+    try:
+        more_body = True
+        while more_body:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                raise Disconnected()
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                raise TooLarge()
+            if chunk:
+                await asyncio.to_thread(out.write, chunk)
+            more_body = message.get("more_body", False)
+    finally:
+        out.close()
+    return received
+
+
+def validate_bundle(path: str) -> None:
+    BundleReader(path).close()
+
+
+async def import_endpoint(datasette, request):
+    """POST a bundle as the raw body: apply it, answer like ``import-bundle --json``."""
+    db, problem = await endpoint_database(datasette, request, "POST", IMPORT)
+    if problem:
+        return problem
+    alter = request.args.get("alter") in ("1", "true", "on")
+    if alter and not await can_alter(datasette, request.actor, db.name):
+        return error("Permission denied", 403, "forbidden")
+    if not db.is_mutable:
+        return error(f"Database {db.name} is read-only (immutable): bundles cannot be imported", 403, "read_only")
+    limit = max_bundle_bytes(datasette, db.name)
+    too_large = error(f"Bundle is larger than the limit of {limit} bytes (max_bundle_bytes)", 413, "too_large")
+    try:
+        if int(request.headers.get("content-length", "")) > limit:
+            return too_large
+    except ValueError:
+        pass  # no length declared (chunked): the streaming check below applies
+    actor = request.actor or {}
+    actor_id = actor.get("id")
+    with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+        path = os.path.join(directory, "upload.bundle")
+        try:
+            await receive_to_file(request, path, limit)
+        except TooLarge:
+            return too_large
+        except Disconnected:
+            return error("Client disconnected", 400, "disconnected")
+        try:
+            # Check every hash before queueing the write, off the event loop: a bad bundle
+            # never takes a turn on the write thread.
+            await asyncio.to_thread(validate_bundle, path)
+            result = await db.execute_write_fn(
+                lambda conn: import_bundle(conn, path, alter=alter, actor=None if actor_id is None else str(actor_id)),
+                transaction=False,
+            )
+        except SyncError as ex:
+            return error(str(ex), 400, ex.reason)
+        except sqlite3.Error as ex:
+            return error(f"SQLite error: {ex}", 500, "sqlite_error")
+    body = result.as_dict()
+    body["clock"] = result.clock
+    return Response.json(body, headers={"X-Sync-Clock": clock_header(result.clock)})
+
+
+async def resolve_endpoint(datasette, request):
+    """POST ``keep`` (form field or JSON): resolve one conflict with a new operation."""
+    wants_json = "application/json" in (request.headers.get("content-type") or "") or "application/json" in (
+        request.headers.get("accept") or ""
+    )
+    db, problem = await endpoint_database(datasette, request, "POST", RESOLVE)
+    if problem:
+        if problem.status == 403 and not wants_json:
+            raise Forbidden("Permission denied")
+        return problem
+    if not db.is_mutable:
+        return error(
+            f"Database {db.name} is read-only (immutable): conflicts cannot be resolved here", 403, "read_only"
+        )
+    conflict_id = request.url_vars["conflict_id"]
+    if wants_json:
+        try:
+            body = json.loads(await request.post_body() or b"{}")
+        except ValueError:
+            return error("Request body is not valid JSON", 400, "invalid_json")
+        keep = body.get("keep") if isinstance(body, dict) else None
+    else:
+        keep = (await request.post_vars()).get("keep")
+    keep = keep or None
+    back = sync_url(datasette, db.name) + "/conflicts"
+
+    def write(conn):
+        op = resolve_conflict(conn, conflict_id, keep=keep)
+        return op, get_conflict(conn, conflict_id)
+
+    try:
+        op, record = await db.execute_write_fn(write, transaction=False)
+    except SyncError as ex:
+        status = {"unknown_conflict": 404, "already_resolved": 409}.get(ex.reason, 400)
+        if wants_json:
+            return error(str(ex), status, ex.reason)
+        datasette.add_message(request, str(ex), datasette.ERROR)
+        return Response.redirect(back)
+    if wants_json:
+        return Response.json({"ok": True, "op": op, "conflict": record})
+    datasette.add_message(request, f"Resolved conflict {conflict_id} with operation {op}", datasette.INFO)
+    return Response.redirect(back)

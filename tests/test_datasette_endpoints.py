@@ -1,0 +1,305 @@
+"""The bundle endpoints: export, import, resolve; their check order and error answers."""
+
+import asyncio
+import json
+import tempfile
+
+import pytest
+import sqlite_utils
+from datasette.app import Datasette
+
+from sqlite_utils_sync import (
+    enable_sync,
+    export_bundle,
+    import_bundle,
+    list_conflicts,
+    sync_status,
+)
+from sqlite_utils_sync.bundle import BundleReader
+
+IMPORT_KEYS = {
+    "bundle_id",
+    "source_device_id",
+    "total_operations",
+    "applied",
+    "conflicts",
+    "duplicates",
+    "skipped",
+    "not_applied",
+}
+ROOT = {"id": "root"}
+
+
+def new_device(path, rows=()):
+    db = sqlite_utils.Database(path)
+    db["todos"].create({"id": int, "title": str, "done": int}, pk="id")
+    enable_sync(db, ["todos"])
+    db["todos"].insert_all(rows)
+    return db
+
+
+@pytest.fixture
+def devices(tmp_path):
+    """An empty hub and two phones with their own rows, each exported as a bundle."""
+    hub = new_device(tmp_path / "hub.db")
+    phones = []
+    for number in (1, 2):
+        phone = new_device(
+            tmp_path / f"phone{number}.db", [{"id": number * 10 + i, "title": f"phone {number} #{i}"} for i in range(3)]
+        )
+        export_bundle(phone, tmp_path / f"phone{number}.bundle")
+        phones.append(phone)
+    return hub, phones
+
+
+@pytest.fixture
+async def ds(devices, tmp_path):
+    datasette = Datasette(
+        [str(tmp_path / "hub.db")],
+        config={"plugins": {"datasette-sync": {"max_bundle_bytes": 200_000}}},
+    )
+    datasette.root_enabled = True
+    await datasette.invoke_startup()
+    return datasette
+
+
+@pytest.fixture(autouse=True)
+def own_tempdir(tmp_path, monkeypatch):
+    """Bundles in flight go to a directory of their own, so tests can see it emptied."""
+    directory = tmp_path / "tmp"
+    directory.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    return directory
+
+
+def leftovers(directory):
+    """Temporary bundle directories the plugin did not remove (Datasette keeps its own there too)."""
+    return [p.name for p in directory.iterdir() if p.name.startswith("datasette-sync-")]
+
+
+def snapshot(db):
+    """What must not change after a refused request."""
+    return {
+        "todos": list(db["todos"].rows),
+        "ops": db.execute("SELECT count(*) FROM _sync_ops").fetchone()[0],
+        "imports": db.execute("SELECT count(*) FROM _sync_imports").fetchone()[0],
+    }
+
+
+async def test_import_then_export_round_trip(ds, devices, tmp_path, own_tempdir):
+    hub, phones = devices
+    bundle = (tmp_path / "phone1.bundle").read_bytes()
+    response = await ds.client.post("/hub/-/sync/import", content=bundle, actor=ROOT)
+    assert response.status_code == 200
+    result = response.json()
+    assert set(result) == IMPORT_KEYS | {"clock"}
+    assert result["applied"] == result["total_operations"] == 3
+    assert result["skipped"] is False and result["conflicts"] == 0
+    assert result["source_device_id"] == sync_status(phones[0])["device_id"]
+    assert result["clock"] == sync_status(hub)["clock"]
+    assert json.loads(response.headers["x-sync-clock"]) == result["clock"]
+    assert [r["title"] for r in hub["todos"].rows] == ["phone 1 #0", "phone 1 #1", "phone 1 #2"]
+    assert (await ds.client.get("/hub/-/sync/imports.json")).json()["imports"][0]["actor"] == "root"
+
+    # Pushing the same bundle again changes nothing.
+    again = (await ds.client.post("/hub/-/sync/import", content=bundle, actor=ROOT)).json()
+    assert again["skipped"] is True and again["applied"] == 0
+
+    # Phone 2 pulls everything it lacks and ends up with phone 1's rows.
+    since = json.dumps(sync_status(phones[1])["clock"])
+    pulled = await ds.client.get("/hub/-/sync/export", params={"since": since}, actor=ROOT)
+    assert pulled.status_code == 200
+    assert pulled.headers["content-type"] == "application/vnd.sqlite3"
+    assert json.loads(pulled.headers["x-sync-clock"]) == sync_status(hub)["clock"]
+    (tmp_path / "pulled.bundle").write_bytes(pulled.content)
+    import_bundle(phones[1], tmp_path / "pulled.bundle")
+    titles = {r["title"] for r in phones[1]["todos"].rows}
+    assert {"phone 1 #0", "phone 2 #0"} <= titles
+    assert leftovers(own_tempdir) == []
+
+
+async def test_export_without_since_is_everything(ds, devices, tmp_path):
+    hub = devices[0]
+    import_bundle(hub, tmp_path / "phone1.bundle")
+    response = await ds.client.get("/hub/-/sync/export", actor=ROOT)
+    assert response.status_code == 200
+    (tmp_path / "all.bundle").write_bytes(response.content)
+    reader = BundleReader(tmp_path / "all.bundle")
+    assert reader.header["operations"] == sync_status(hub)["operations"]
+    reader.close()
+    # A caller that already has everything gets an empty delta.
+    since = json.dumps(sync_status(hub)["clock"])
+    response = await ds.client.get("/hub/-/sync/export", params={"since": since}, actor=ROOT)
+    assert response.headers["x-sync-operations"] == "0"
+
+
+async def test_export_errors(ds):
+    response = await ds.client.get("/hub/-/sync/export", params={"since": "not json"}, actor=ROOT)
+    assert response.status_code == 400
+    assert response.json()["reason"] == "invalid_clock" and response.json()["ok"] is False
+    assert (await ds.client.get("/nope/-/sync/export", actor=ROOT)).status_code == 404
+    assert (await ds.client.post("/hub/-/sync/export", actor=ROOT)).status_code == 405
+
+
+async def test_export_from_database_without_sync(tmp_path):
+    sqlite_utils.Database(tmp_path / "plain.db")["t"].insert({"id": 1}, pk="id")
+    ds = Datasette([str(tmp_path / "plain.db")])
+    ds.root_enabled = True
+    response = await ds.client.get("/plain/-/sync/export", actor=ROOT)
+    assert response.status_code == 400 and response.json()["reason"] == "not_enabled"
+
+
+async def test_export_from_immutable_database(devices, tmp_path):
+    hub = devices[0]
+    import_bundle(hub, tmp_path / "phone1.bundle")
+    before = (tmp_path / "hub.db").read_bytes()
+    ds = Datasette(immutables=[str(tmp_path / "hub.db")])
+    ds.root_enabled = True
+    response = await ds.client.get("/hub/-/sync/export", actor=ROOT)
+    assert response.status_code == 200
+    assert json.loads(response.headers["x-sync-clock"]) == sync_status(hub)["clock"]
+    assert (tmp_path / "hub.db").read_bytes() == before
+
+
+async def test_check_order(devices, tmp_path, own_tempdir):
+    """401 bad token, then 403 permission, then 403 read-only, then 413, then 400."""
+    hub = devices[0]
+    config = {
+        "plugins": {"datasette-sync": {"max_bundle_bytes": 1000}},
+        "databases": {"hub": {"permissions": {"sync-import": {"id": "alice"}}}},
+    }
+    ds = Datasette([str(tmp_path / "hub.db")], config=config)
+    await ds.invoke_startup()
+    before = snapshot(hub)
+    huge, garbage, alice = b"x" * 5000, b"not a bundle", {"id": "alice"}
+
+    async def post(body, **kwargs):
+        return await ds.client.post("/hub/-/sync/import", content=body, **kwargs)
+
+    bad_token = await post(huge, headers={"Authorization": "Bearer dstok_bad"})
+    assert bad_token.status_code == 401
+
+    forbidden = await post(huge, actor={"id": "bob"})
+    assert forbidden.status_code == 403
+    # No detail about the database or the limit leaks to someone without permission.
+    assert forbidden.json() == {"ok": False, "error": "Permission denied", "reason": "forbidden"}
+
+    too_large = await post(huge, actor=alice)
+    assert too_large.status_code == 413
+    assert too_large.json()["reason"] == "too_large" and "1000" in too_large.json()["error"]
+
+    async def chunks():
+        for _ in range(5):
+            yield b"x" * 400
+
+    streamed = await post(chunks(), actor=alice)  # no Content-Length: the stream is counted
+    assert streamed.status_code == 413
+
+    invalid = await post(garbage, actor=alice)
+    assert invalid.status_code == 400
+    body = invalid.json()
+    assert body["ok"] is False and body["reason"] == "invalid_bundle"
+    assert body["error"].startswith("Bundle upload.bundle is not a SQLite file")
+
+    assert (await ds.client.post("/nope/-/sync/import", content=garbage, actor=alice)).status_code == 404
+    assert snapshot(hub) == before
+    assert leftovers(own_tempdir) == []
+
+    # The same database served immutable: permission first, then read-only.
+    immutable = Datasette(immutables=[str(tmp_path / "hub.db")], config=config)
+    await immutable.invoke_startup()
+    assert (await immutable.client.post("/hub/-/sync/import", content=huge)).status_code == 403
+    read_only = await immutable.client.post("/hub/-/sync/import", content=huge, actor=alice)
+    assert read_only.status_code == 403
+    assert read_only.json()["reason"] == "read_only" and "read-only" in read_only.json()["error"]
+    assert snapshot(hub) == before
+
+
+async def test_tampered_bundle_is_refused(ds, devices, tmp_path):
+    hub = devices[0]
+    path = tmp_path / "phone1.bundle"
+    bundle = sqlite_utils.Database(path)
+    [chunk] = [row["data"] for row in bundle["bundle_chunks"].rows][:1]
+    bundle.execute("UPDATE bundle_chunks SET data = ? WHERE id = 1", [chunk.replace(b"phone 1", b"phone X")])
+    bundle.conn.commit()
+    bundle.close()
+    before = snapshot(hub)
+    response = await ds.client.post("/hub/-/sync/import", content=path.read_bytes(), actor=ROOT)
+    assert response.status_code == 400
+    assert response.json()["reason"] == "hash_mismatch"
+    assert "integrity check" in response.json()["error"]
+    assert snapshot(hub) == before
+
+
+async def test_bundle_that_cannot_apply_changes_nothing(ds, devices, tmp_path):
+    hub, phones = devices
+    # Phone 1's second bundle starts after operations the hub never saw.
+    phones[0]["todos"].insert({"id": 99, "title": "later"})
+    export_bundle(phones[0], tmp_path / "gap.bundle", since={sync_status(phones[0])["device_id"]: 3})
+    before = snapshot(hub)
+    response = await ds.client.post("/hub/-/sync/import", content=(tmp_path / "gap.bundle").read_bytes(), actor=ROOT)
+    assert response.status_code == 400
+    assert response.json()["reason"] == "missing_operations"
+    assert snapshot(hub) == before
+
+
+async def test_concurrent_pushes_all_land(ds, devices, tmp_path):
+    hub, phones = devices
+    extra = []
+    for number in (3, 4, 5):
+        phone = new_device(tmp_path / f"phone{number}.db", [{"id": number * 10, "title": f"phone {number}"}])
+        export_bundle(phone, tmp_path / f"phone{number}.bundle")
+        extra.append(phone)
+    bodies = [(tmp_path / f"phone{n}.bundle").read_bytes() for n in (1, 2, 3, 4, 5)]
+    responses = await asyncio.gather(
+        *(ds.client.post("/hub/-/sync/import", content=body, actor=ROOT) for body in bodies)
+    )
+    assert [r.status_code for r in responses] == [200] * 5
+    assert hub["todos"].count == 3 + 3 + 1 + 1 + 1
+    clock = sync_status(hub)["clock"]
+    for phone in phones + extra:
+        device = sync_status(phone)["device_id"]
+        assert clock[device] == sync_status(phone)["clock"][device]
+
+
+async def test_resolve_endpoint(tmp_path):
+    data = new_device(tmp_path / "data.db", [{"id": 1, "title": "Buy milk"}])
+    export_bundle(data, tmp_path / "first.bundle")
+    phone = new_device(tmp_path / "phone.db")
+    import_bundle(phone, tmp_path / "first.bundle")
+    data["todos"].update(1, {"title": "Buy oat milk"})
+    phone["todos"].update(1, {"title": "Buy soy milk"})
+    export_bundle(phone, tmp_path / "phone.bundle", since=sync_status(data)["clock"])
+    import_bundle(data, tmp_path / "phone.bundle")
+    [conflict] = list_conflicts(data)
+    url = f"/data/-/sync/conflicts/{conflict['id']}/resolve"
+    ds = Datasette([str(tmp_path / "data.db")])
+    ds.root_enabled = True
+
+    unknown = await ds.client.post("/data/-/sync/conflicts/0123abcd/resolve", json={}, actor=ROOT)
+    assert unknown.status_code == 404 and unknown.json()["reason"] == "unknown_conflict"
+    wrong = await ds.client.post(url, json={"keep": "abc:1"}, actor=ROOT)
+    assert wrong.status_code == 400 and wrong.json()["reason"] == "unknown_version"
+    assert (await ds.client.get(url, actor=ROOT)).status_code == 405
+
+    keep = next(v for v in conflict["versions"] if v["values"]["title"] == "Buy soy milk")["op"]
+    response = await ds.client.post(url, json={"keep": keep}, actor=ROOT)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["ok"] is True and body["conflict"]["resolved"] is True
+    assert body["conflict"]["resolved_by"] == body["op"]
+    assert data["todos"].get(1)["title"] == "Buy soy milk"
+
+    again = await ds.client.post(url, json={"keep": keep}, actor=ROOT)
+    assert again.status_code == 409 and again.json()["reason"] == "already_resolved"
+
+    # A form post with an error comes back to the conflicts page with the message.
+    form = await ds.client.post(url, data={"keep": keep}, actor=ROOT)
+    assert form.status_code == 302
+    page = await ds.client.get("/data/-/sync/conflicts?all=1", actor=ROOT, cookies=form.cookies)
+    assert "already resolved" in page.text
+
+    immutable = Datasette(immutables=[str(tmp_path / "data.db")])
+    immutable.root_enabled = True
+    refused = await immutable.client.post(url, json={}, actor=ROOT)
+    assert refused.status_code == 403 and refused.json()["reason"] == "read_only"

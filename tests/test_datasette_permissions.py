@@ -1,0 +1,240 @@
+"""Who may see and use the sync pages and endpoints: defaults, grants, tokens, privacy."""
+
+import hashlib
+
+import pytest
+import sqlite_utils
+from click.testing import CliRunner
+from datasette.app import Datasette
+from datasette.cli import cli as datasette_cli
+
+from sqlite_utils_sync import (
+    enable_sync,
+    export_bundle,
+    import_bundle,
+    list_conflicts,
+    sync_status,
+)
+
+SECRET = "sync-test-secret"
+PAGES = ["/-/sync", "/-/sync/operations", "/-/sync/conflicts", "/-/sync/clocks", "/-/sync/imports"]
+
+
+def make_databases(tmp_path):
+    """``data.db`` holding one conflict on todos 1, and ``phone.bundle`` with phone's ops."""
+    data = sqlite_utils.Database(tmp_path / "data.db")
+    data["todos"].insert_all([{"id": 1, "title": "Buy milk"}, {"id": 2, "title": "Walk dog"}], pk="id")
+    enable_sync(data, ["todos"])
+    export_bundle(data, tmp_path / "first.bundle")
+    phone = sqlite_utils.Database(tmp_path / "phone.db")
+    phone["todos"].create({"id": int, "title": str}, pk="id")
+    enable_sync(phone, ["todos"])
+    import_bundle(phone, tmp_path / "first.bundle")
+    data["todos"].update(1, {"title": "Buy oat milk"})
+    phone["todos"].update(1, {"title": "Buy soy milk"})
+    export_bundle(phone, tmp_path / "phone.bundle", since=sync_status(data)["clock"])
+    import_bundle(data, tmp_path / "phone.bundle")
+    # Something the hub has not seen yet, for the import tests.
+    phone["todos"].insert({"id": 3, "title": "Call mum"})
+    export_bundle(phone, tmp_path / "phone-new.bundle", since=sync_status(data)["clock"])
+    return tmp_path / "data.db"
+
+
+@pytest.fixture
+def path(tmp_path):
+    return make_databases(tmp_path)
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def make_ds(path, config=None, **kwargs):
+    ds = Datasette([str(path)], config=config or {}, secret=SECRET, **kwargs)
+    await ds.invoke_startup()
+    return ds
+
+
+def conflict_id(path):
+    return list_conflicts(sqlite_utils.Database(path))[0]["id"]
+
+
+async def test_defaults_view_yes_everything_else_no(path):
+    ds = await make_ds(path)
+    before = digest(path)
+    for page in PAGES:
+        assert (await ds.client.get(f"/data{page}")).status_code == 200
+        assert (await ds.client.get(f"/data{page}.json")).status_code == 200
+    alice = {"id": "alice"}
+    for actor in (None, alice):
+        export = await ds.client.get("/data/-/sync/export", actor=actor)
+        assert export.status_code == 403
+        assert export.json() == {"ok": False, "error": "Permission denied", "reason": "forbidden"}
+        bundle = (path.parent / "phone-new.bundle").read_bytes()
+        assert (await ds.client.post("/data/-/sync/import", content=bundle, actor=actor)).status_code == 403
+        resolve = await ds.client.post(
+            f"/data/-/sync/conflicts/{conflict_id(path)}/resolve", json={"keep": None}, actor=actor
+        )
+        assert resolve.status_code == 403
+    assert "Accept what is in the table now" not in (await ds.client.get("/data/-/sync/conflicts", actor=alice)).text
+    assert digest(path) == before
+
+
+async def test_default_deny_needs_a_grant(path):
+    ds = await make_ds(path, default_deny=True)
+    for page in PAGES:
+        assert (await ds.client.get(f"/data{page}.json")).status_code == 403
+    assert "Sync status" not in (await ds.client.get("/data", actor={"id": "alice"})).text
+
+    granted = await make_ds(
+        path,
+        {"databases": {"data": {"permissions": {"view-database": {"id": "alice"}, "sync-view": {"id": "alice"}}}}},
+        default_deny=True,
+    )
+    for page in PAGES:
+        assert (await granted.client.get(f"/data{page}.json", actor={"id": "alice"})).status_code == 200
+        assert (await granted.client.get(f"/data{page}.json", actor={"id": "bob"})).status_code == 403
+    # sync-view alone is not enough: it also requires view-database.
+    view_only = await make_ds(
+        path, {"databases": {"data": {"permissions": {"sync-view": {"id": "alice"}}}}}, default_deny=True
+    )
+    assert (await view_only.client.get("/data/-/sync.json", actor={"id": "alice"})).status_code == 403
+
+
+async def test_grants_in_config(path):
+    config = {
+        "databases": {
+            "data": {
+                "permissions": {
+                    "sync-export": {"id": "alice"},
+                    "sync-import": {"id": "alice"},
+                    "sync-resolve": {"id": "carol"},
+                }
+            }
+        }
+    }
+    ds = await make_ds(path, config)
+    alice, bob, carol = {"id": "alice"}, {"id": "bob"}, {"id": "carol"}
+    assert (await ds.client.get("/data/-/sync/export", actor=alice)).status_code == 200
+    assert (await ds.client.get("/data/-/sync/export", actor=bob)).status_code == 403
+    bundle = (path.parent / "phone-new.bundle").read_bytes()
+    assert (await ds.client.post("/data/-/sync/import", content=bundle, actor=bob)).status_code == 403
+    response = await ds.client.post("/data/-/sync/import", content=bundle, actor=alice)
+    assert response.status_code == 200 and response.json()["applied"] == 1
+
+    # Only the resolver sees resolve buttons.
+    assert "Accept what is in the table now" not in (await ds.client.get("/data/-/sync/conflicts", actor=alice)).text
+    assert "Accept what is in the table now" in (await ds.client.get("/data/-/sync/conflicts", actor=carol)).text
+    url = f"/data/-/sync/conflicts/{conflict_id(path)}/resolve"
+    assert (await ds.client.post(url, json={}, actor=alice)).status_code == 403
+    assert (await ds.client.post(url, json={}, actor=carol)).json()["ok"] is True
+
+
+async def test_root_passes_every_check(path):
+    ds = await make_ds(path)
+    ds.root_enabled = True
+    root = {"id": "root"}
+    assert (await ds.client.get("/data/-/sync/export", actor=root)).status_code == 200
+    bundle = (path.parent / "phone-new.bundle").read_bytes()
+    assert (await ds.client.post("/data/-/sync/import?alter=1", content=bundle, actor=root)).status_code == 200
+    text = (await ds.client.get("/data/-/sync/conflicts", actor=root)).text
+    assert "Accept what is in the table now" in text
+
+
+async def test_alter_needs_alter_table_too(path):
+    bundle = (path.parent / "phone-new.bundle").read_bytes()
+    grants = {"sync-import": {"id": ["alice", "bob"]}, "alter-table": {"id": "bob"}}
+    ds = await make_ds(path, {"databases": {"data": {"permissions": grants}}})
+    before = digest(path)
+    response = await ds.client.post("/data/-/sync/import?alter=1", content=bundle, actor={"id": "alice"})
+    assert response.status_code == 403
+    assert digest(path) == before
+    response = await ds.client.post("/data/-/sync/import?alter=1", content=bundle, actor={"id": "bob"})
+    assert response.status_code == 200
+
+
+async def test_private_database_is_private_everywhere(path):
+    ds = await make_ds(path, {"databases": {"data": {"permissions": {"view-database": {"id": "nobody"}}}}})
+    ds.root_enabled = True
+    before = digest(path)
+    for page in PAGES:
+        for suffix in ("", ".json"):
+            response = await ds.client.get(f"/data{page}{suffix}")
+            assert response.status_code == 403, page + suffix
+            assert "todos" not in response.text
+    assert (await ds.client.get("/data/-/sync/export")).status_code == 403
+    bundle = (path.parent / "phone-new.bundle").read_bytes()
+    assert (await ds.client.post("/data/-/sync/import", content=bundle)).status_code == 403
+    url = f"/data/-/sync/conflicts/{conflict_id(path)}/resolve"
+    assert (await ds.client.post(url, json={})).status_code == 403
+    assert (await ds.client.post(url, data={"keep": ""})).status_code == 403
+    assert digest(path) == before
+    # The one named actor still gets in.
+    assert (await ds.client.get("/data/-/sync.json", actor={"id": "nobody"})).status_code == 200
+
+
+def create_token(*restrictions):
+    args = ["create-token", "alice", "--secret", SECRET]
+    for action in restrictions:
+        args += ["-d", "data", action]
+    result = CliRunner().invoke(datasette_cli, args)
+    assert result.exit_code == 0, result.output
+    return result.output.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def tokens():
+    # Created outside the event loop: the create-token command runs its own.
+    return {
+        "recipe": create_token("view-database", "sync-view", "sync-export", "sync-import"),
+        "no_view_database": create_token("sync-view", "sync-export", "sync-import"),
+        "export_only": create_token("view-database", "sync-export"),
+    }
+
+
+async def test_token_recipe(path, tokens):
+    """The README recipe: a token restricted to the sync actions on one database, plus
+    view-database (restrictions also apply to the actions the sync actions require)."""
+    config = {"databases": {"data": {"permissions": {"sync-export": {"id": "alice"}, "sync-import": {"id": "alice"}}}}}
+    ds = await make_ds(path, config)
+    bundle = (path.parent / "phone-new.bundle").read_bytes()
+
+    def auth(name):
+        return {"Authorization": f"Bearer {tokens[name]}"}
+
+    assert (await ds.client.get("/data/-/sync.json", headers=auth("recipe"))).status_code == 200
+    assert (await ds.client.get("/data/-/sync/export", headers=auth("recipe"))).status_code == 200
+    response = await ds.client.post("/data/-/sync/import", content=bundle, headers=auth("recipe"))
+    assert response.status_code == 200 and response.json()["applied"] == 1
+
+    assert (await ds.client.get("/data/-/sync/export", headers=auth("no_view_database"))).status_code == 403
+    assert (await ds.client.get("/data/-/sync/export", headers=auth("export_only"))).status_code == 200
+    assert (await ds.client.post("/data/-/sync/import", content=bundle, headers=auth("export_only"))).status_code == 403
+
+    bad = await ds.client.get("/data/-/sync/export", headers={"Authorization": "Bearer dstok_bad"})
+    assert bad.status_code == 401
+
+
+async def test_resolve_form_post_and_csrf(path):
+    ds = await make_ds(path, {"databases": {"data": {"permissions": {"sync-resolve": {"id": "carol"}}}}})
+    carol = {"id": "carol"}
+    conflict = list_conflicts(sqlite_utils.Database(path))[0]
+    url = f"/data/-/sync/conflicts/{conflict['id']}/resolve"
+    page = (await ds.client.get("/data/-/sync/conflicts", actor=carol)).text
+    assert f'action="{url}"' in page and 'name="csrftoken"' in page
+
+    # A cross-site form post carrying the cookie is refused by Datasette's CSRF protection.
+    cross_site = await ds.client.post(
+        url, data={"keep": conflict["versions"][0]["op"]}, actor=carol, headers={"Sec-Fetch-Site": "cross-site"}
+    )
+    assert cross_site.status_code == 403
+    assert list_conflicts(sqlite_utils.Database(path))[0]["id"] == conflict["id"]
+
+    keep = next(v for v in conflict["versions"] if v["values"]["title"] == "Buy oat milk")["op"]
+    response = await ds.client.post(url, data={"keep": keep}, actor=carol, headers={"Sec-Fetch-Site": "same-origin"})
+    assert response.status_code == 302
+    assert response.headers["location"] == "/data/-/sync/conflicts"
+    assert list_conflicts(sqlite_utils.Database(path)) == []
+    assert sqlite_utils.Database(path)["todos"].get(1)["title"] == "Buy oat milk"
+    after = await ds.client.get("/data/-/sync/conflicts", actor=carol, cookies=response.cookies)
+    assert f"Resolved conflict {conflict['id']}" in after.text
