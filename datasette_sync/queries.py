@@ -16,7 +16,7 @@ import sqlite3
 import time
 from typing import Any
 
-from sqlite_utils_sync import get_conflict
+from sqlite_utils_sync import list_conflicts
 from sqlite_utils_sync.capture import load_tables
 from sqlite_utils_sync.log import (
     DELETE,
@@ -339,30 +339,10 @@ def conflicts(
 ) -> dict[str, Any]:
     """A page of conflict records (the objects of ``list_conflicts``) after the conflict id
     ``after``, leaving out conflicts on ``hidden`` tables."""
-    if not has_table(conn, "_sync_conflicts"):
-        return {"conflicts": [], "next": None}
-    where, params = [], []
-    if hidden:
-        where.append(f'"table" NOT IN ({", ".join("?" * len(hidden))})')
-        params += sorted(hidden)
-    if not include_resolved:
-        where.append("resolved_by IS NULL")
-    if table:
-        where.append('"table" = ?')
-        params.append(table)
-    if after:
-        # Same order as list_conflicts: table, row, id.
-        where.append('("table", rowkey, id) > (SELECT "table", rowkey, id FROM _sync_conflicts WHERE id = ?)')
-        params.append(after)
-    sql = "SELECT id FROM _sync_conflicts"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += ' ORDER BY "table", rowkey, id LIMIT ?'
-    ids = [row[0] for row in conn.execute(sql, params + [size + 1])]
-    return {
-        "conflicts": [get_conflict(conn, conflict_id) for conflict_id in ids[:size]],
-        "next": ids[size - 1] if len(ids) > size else None,
-    }
+    found = list_conflicts(
+        conn, include_resolved=include_resolved, table=table, after=after, limit=size + 1, hidden_tables=hidden or ()
+    )
+    return {"conflicts": found[:size], "next": found[size - 1]["id"] if len(found) > size else None}
 
 
 def imports(conn: sqlite3.Connection, after: str | None = None, size: int = 50) -> dict[str, Any]:

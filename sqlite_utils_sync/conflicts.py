@@ -104,21 +104,43 @@ def rebuild_conflicts(conn: sqlite3.Connection, rows: Iterable[tuple[int, str]])
     return unresolved
 
 
-def list_conflicts(db: Any, include_resolved: bool = False, table: str | None = None) -> list[dict[str, Any]]:
-    """Conflict records as ``{"id", "table", "pk", "columns", "versions", "current", "resolved"}``."""
+def list_conflicts(
+    db: Any,
+    include_resolved: bool = False,
+    table: str | None = None,
+    after: str | None = None,
+    limit: int | None = None,
+    hidden_tables: Iterable[str] = (),
+) -> list[dict[str, Any]]:
+    """Conflict records as ``{"id", "table", "pk", "columns", "versions", "current", "resolved"}``.
+
+    :param after: a conflict id: only records that sort after it (for paging)
+    :param limit: at most this many records
+    :param hidden_tables: leave out records on these tables
+    """
     conn = connection(db)
     if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = '_sync_conflicts'").fetchone():
         return []
     where, params = [], []
+    hidden = sorted(hidden_tables)
+    if hidden:
+        where.append(f'"table" NOT IN ({", ".join("?" * len(hidden))})')
+        params += hidden
     if not include_resolved:
         where.append("resolved_by IS NULL")
     if table:
         where.append('"table" = ?')
         params.append(table)
+    if after:
+        where.append('("table", rowkey, id) > (SELECT "table", rowkey, id FROM _sync_conflicts WHERE id = ?)')
+        params.append(after)
     sql = 'SELECT id, "table", rowkey, pk, columns, versions, resolved_by FROM _sync_conflicts'
     if where:
         sql += " WHERE " + " AND ".join(where)
     sql += ' ORDER BY "table", rowkey, id'
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(limit)
     return [describe(conn, *row) for row in conn.execute(sql, params).fetchall()]
 
 
