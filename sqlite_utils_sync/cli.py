@@ -237,3 +237,7 @@ def register(cli: click.Group) -> None:
         with user_errors():
             device_id = new_device(open_db(path))
         click.echo(device_id)
+
+    from .client import register as register_client_commands
+
+    register_client_commands(cli)

@@ -1,0 +1,424 @@
+"""``sqlite-utils sync`` against a hub.
+
+Most tests run end to end: a real ``datasette serve`` subprocess with this project's plugin,
+tokens from the real ``datasette create-token`` CLI, device databases made and synced with
+the real ``sqlite-utils`` CLI. A few use an in-process hub (``httpx.MockTransport`` over the
+core engine) for what a real server makes awkward: a dropped response, 413, temp files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+
+import httpx
+import pytest
+import sqlite_utils
+
+from sqlite_utils_sync import export_bundle, import_bundle, sync_status
+from sqlite_utils_sync.client import HubError, sync_with_hub
+from sqlite_utils_sync.errors import SyncError
+
+from conftest import clean_env, free_port, make_todos_db, run, run_json
+
+HUB_CONFIG = {
+    "databases": {
+        "hub": {
+            "permissions": {
+                "sync-export": {"id": ["alice", "bob"]},
+                "sync-import": {"id": ["alice"]},
+                "insert-row": {"id": "writer"},
+                "update-row": {"id": "writer"},
+                "alter-table": {"id": "alice"},
+            }
+        }
+    }
+}
+
+
+def rows(path) -> list[dict]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM todos ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def upsert(path, row: dict) -> None:
+    run(["sqlite-utils", "upsert", path, "todos", "-", "--pk", "id"], input=json.dumps([row]))
+
+
+def sync(path, server, token, check=True):
+    """Run the real CLI; returns the parsed --json output (or the process when check=False)."""
+    args = ["sqlite-utils", "sync", path, server.url + "/hub", "--json"]
+    if token is not None:
+        args += ["--token", token]
+    if not check:
+        return run(args, check=False)
+    return run_json(args)
+
+
+def moved(result) -> tuple[int, int]:
+    pulled = result["pulled"]["total_operations"]
+    if result["pulled_after_push"]:
+        pulled += result["pulled_after_push"]["total_operations"]
+    return pulled, result["pushed"]["total_operations"]
+
+
+@pytest.fixture
+def hub(tmp_path, datasette_server):
+    hub_path = make_todos_db(tmp_path / "hub.db")
+    server = datasette_server([hub_path], HUB_CONFIG)
+    server.path = hub_path
+    return server
+
+
+@pytest.fixture
+def alice(hub):
+    """A token restricted to exactly what syncing needs (see test_token_recipe)."""
+    return hub.token("alice", "-d", "hub", "sync-export", "-d", "hub", "sync-import", "-d", "hub", "view-database")
+
+
+def test_two_devices_converge_conflict_and_resolution(tmp_path, hub, alice):
+    a = make_todos_db(tmp_path / "a.db", [{"id": 1, "title": "Buy milk", "done": 0}, {"id": 2, "title": "Walk dog", "done": 0}])
+    b = make_todos_db(tmp_path / "b.db")
+
+    first = sync(a, hub, alice)
+    assert first["pulled"]["total_operations"] == 0
+    assert first["pushed"]["total_operations"] >= 2
+    assert first["pushed"]["applied"] == first["pushed"]["total_operations"]
+    assert first["hub"]["device_id"] == sync_status(sqlite_utils.Database(hub.path))["device_id"]
+    sync(b, hub, alice)
+    assert rows(a) == rows(b) == rows(hub.path) == [
+        {"id": 1, "title": "Buy milk", "done": 0},
+        {"id": 2, "title": "Walk dog", "done": 0},
+    ]
+
+    # Both edit the same title offline, plus different columns of another row.
+    # (One row per upsert: sqlite-utils fills keys missing from some rows of a batch with NULL.)
+    upsert(a, {"id": 1, "title": "Buy oat milk"})
+    upsert(a, {"id": 3, "title": "From A", "done": 0})
+    upsert(b, {"id": 1, "title": "Buy soy milk"})
+    upsert(b, {"id": 2, "done": 1})
+    for path in (a, b, a, b):
+        sync(path, hub, alice)
+    assert rows(a) == rows(b) == rows(hub.path)
+    assert rows(a)[1:] == [{"id": 2, "title": "Walk dog", "done": 1}, {"id": 3, "title": "From A", "done": 0}]
+
+    conflicts_a = run_json(["sqlite-utils", "sync-conflicts", a, "--json"])
+    conflicts_b = run_json(["sqlite-utils", "sync-conflicts", b, "--json"])
+    assert len(conflicts_a) == 1
+    assert [c["id"] for c in conflicts_a] == [c["id"] for c in conflicts_b]
+    conflict = conflicts_a[0]
+    assert conflict["table"] == "todos" and conflict["pk"] == [1] and conflict["columns"] == ["title"]
+    assert sorted(v["values"]["title"] for v in conflict["versions"]) == ["Buy oat milk", "Buy soy milk"]
+    hub_conflicts = run_json(["sqlite-utils", "sync-conflicts", hub.path, "--json"])
+    assert [c["id"] for c in hub_conflicts] == [conflict["id"]]
+
+    # Quiet now: another run moves nothing either way, on both devices.
+    for path in (a, b):
+        assert moved(sync(path, hub, alice)) == (0, 0)
+
+    # Resolve on B, keeping A's version; it reaches A (and the hub) by syncing.
+    keep = next(v["op"] for v in conflict["versions"] if v["values"]["title"] == "Buy oat milk")
+    run(["sqlite-utils", "sync-resolve", b, conflict["id"], "--keep", keep])
+    assert run_json(["sqlite-utils", "sync-conflicts", b, "--json"]) == []
+    assert moved(sync(b, hub, alice))[1] >= 1
+    assert run_json(["sqlite-utils", "sync-conflicts", a, "--json"]) != []
+    sync(a, hub, alice)
+    assert run_json(["sqlite-utils", "sync-conflicts", a, "--json"]) == []
+    resolved = run_json(["sqlite-utils", "sync-conflicts", a, "--all", "--json"])
+    assert [c["id"] for c in resolved] == [conflict["id"]] and resolved[0]["resolved"]
+    assert run_json(["sqlite-utils", "sync-conflicts", hub.path, "--json"]) == []
+    assert rows(a) == rows(b) == rows(hub.path)
+    assert rows(a)[0]["title"] == "Buy oat milk"
+
+
+def test_second_run_moves_nothing_and_human_output(tmp_path, hub, alice):
+    a = make_todos_db(tmp_path / "a.db", [{"id": 1, "title": "One", "done": 0}])
+    result = run(["sqlite-utils", "sync", a, hub.url + "/hub/"], env=clean_env(DATASETTE_SYNC_TOKEN=alice))
+    assert result.stdout == ""
+    # The one operation pulled is the hub's knowledge tick, written when it imported the push.
+    assert result.stderr == f"Pulled 1 operation(s) from {hub.url}/hub (1 new); pushed 1 operation(s) (1 new to the hub)\n"
+    # The pull of the second run is empty even though the hub ticked when it imported the push.
+    second = sync(a, hub, alice)
+    assert second["pulled"]["total_operations"] == 0
+    assert second["pushed"]["total_operations"] == 0
+    assert second["pulled_after_push"] is None
+    assert second["hub"]["clock"] == sync_status(sqlite_utils.Database(a))["clock"]
+
+
+def test_writes_through_datasette_write_api_reach_devices(tmp_path, hub, alice):
+    writer = hub.token("writer")
+    headers = {"Authorization": f"Bearer {writer}"}
+    response = hub.post("/hub/todos/-/insert", json={"rows": [{"id": 10, "title": "Inserted via API", "done": 0}, {"id": 11, "title": "Second", "done": 0}]}, headers=headers)
+    assert response.status_code == 201, response.text
+    for row in ({"id": 11, "done": 1}, {"id": 12, "title": "Upserted", "done": 0}):
+        response = hub.post("/hub/todos/-/upsert", json={"rows": [row]}, headers=headers)
+        assert response.status_code == 200, response.text
+    response = hub.post("/hub/todos/-/insert", json={"rows": [{"id": 12, "title": "Replaced", "done": 1}], "replace": True}, headers=headers)
+    assert response.status_code == 201, response.text
+
+    status = run_json(["sqlite-utils", "sync-status", hub.path, "--json"])
+    # 2 inserts, 1 update, 1 insert, and the replace: a delete and an insert (Datasette's write
+    # connection has recursive_triggers on, so INSERT OR REPLACE fires the delete trigger too).
+    assert status["tables"]["todos"]["operations"] == 6
+    device = make_todos_db(tmp_path / "device.db")
+    result = sync(device, hub, alice)
+    assert result["pulled"]["applied"] >= 5
+    assert rows(device) == rows(hub.path) == [
+        {"id": 10, "title": "Inserted via API", "done": 0},
+        {"id": 11, "title": "Second", "done": 1},
+        {"id": 12, "title": "Replaced", "done": 1},
+    ]
+    # And back: an edit on the device shows up in Datasette's own JSON API.
+    upsert(device, {"id": 10, "done": 1})
+    sync(device, hub, alice)
+    api = hub.get("/hub/todos/10.json?_shape=objects", headers=headers).json()
+    assert api["rows"] == [{"id": 10, "title": "Inserted via API", "done": 1}]
+
+
+def test_token_recipe(hub, tmp_path):
+    """Restricted tokens must name view-database too (sync actions also require it)."""
+    device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
+    without_view = hub.token("alice", "-d", "hub", "sync-export", "-d", "hub", "sync-import")
+    result = sync(device, hub, without_view, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Error: hub {hub.url}/hub does not allow export (pull) (403)"), result.stderr
+    export_only = hub.token("alice", "-d", "hub", "sync-export", "-d", "hub", "view-database")
+    result = sync(device, hub, export_only, check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Error: hub {hub.url}/hub does not allow import (push) (403)"), result.stderr
+    unrestricted = hub.token("alice")
+    assert moved(sync(device, hub, unrestricted))[1] >= 1
+
+
+def test_error_lines(hub, tmp_path):
+    device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
+
+    def error(url, token):
+        args = ["sqlite-utils", "sync", device, url] + (["--token", token] if token else [])
+        result = run(args, check=False)
+        assert result.returncode == 1, result
+        assert result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        return lines[0]
+
+    url = hub.url + "/hub"
+    assert error(url, "dstok_not-a-real-token") == f"Error: hub {url} refused the token (401): Invalid token signature"
+    assert error(url, None).startswith(f"Error: hub {url} does not allow export (pull) (403)")
+    assert error(url, None).endswith("no token was sent: pass --token or set DATASETTE_SYNC_TOKEN")
+    bob = hub.token("bob")  # sync-export but not sync-import
+    assert error(url, bob).startswith(f"Error: hub {url} does not allow import (push) (403)")
+    carol = hub.token("carol")  # nothing granted
+    assert error(url, carol).startswith(f"Error: hub {url} does not allow export (pull) (403)")
+    alice = hub.token("alice")
+    assert error(hub.url + "/nope", alice).startswith(f"Error: hub {hub.url}/nope not found (404)")
+    wider = tmp_path / "wider.db"
+    run(["sqlite-utils", "create-table", wider, "todos", "id", "integer", "title", "text", "done", "integer", "notes", "text", "--pk", "id"])
+    run(["sqlite-utils", "insert", wider, "todos", "-", "--pk", "id"], input='{"id": 5, "notes": "n"}')
+    run(["sqlite-utils", "enable-sync", wider, "todos"])
+    line = run(["sqlite-utils", "sync", wider, url, "--token", alice], check=False).stderr.strip()
+    assert line.startswith(f"Error: hub {url} rejected the bundle (400): "), line
+    assert "notes" in line and "\n" not in line
+    closed = f"http://127.0.0.1:{free_port()}/data"
+    assert error(closed, alice) == f"Error: cannot connect to {closed}: connection refused"
+    assert error("ftp://example.com/data", alice).startswith("Error: Hub URL must be a database URL")
+    # None of it changed the device, and bob's failed push pulled nothing harmful: a retry works.
+    assert moved(sync(device, hub, alice))[1] >= 1
+
+
+def test_alter_adds_columns_both_ways_and_clones_a_new_device(hub, tmp_path):
+    alice = hub.token("alice")  # unrestricted: --alter also needs alter-table on the hub
+    plain = make_todos_db(tmp_path / "plain.db", [{"id": 1, "title": "plain", "done": 0}])
+    sync(plain, hub, alice)
+    wider = tmp_path / "wider.db"
+    run(["sqlite-utils", "create-table", wider, "todos", "id", "integer", "title", "text", "done", "integer", "notes", "text", "--pk", "id"])
+    run(["sqlite-utils", "enable-sync", wider, "todos"])
+    upsert(wider, {"id": 2, "title": "wide", "done": 0, "notes": "a note"})
+    run(["sqlite-utils", "sync", wider, hub.url + "/hub", "--token", alice, "--alter"])
+    assert rows(hub.path)[1] == {"id": 2, "title": "wide", "done": 0, "notes": "a note"}
+
+    # The narrower device is told what to do, then does it.
+    result = run(["sqlite-utils", "sync", plain, hub.url + "/hub", "--token", alice], check=False)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: Bundle from-hub.bundle: table 'todos' has column notes that this database lacks "
+        "(import with --alter to add)\n"
+    )
+    run(["sqlite-utils", "sync", plain, hub.url + "/hub", "--token", alice, "--alter"])
+    assert rows(plain) == rows(wider) == rows(hub.path)
+
+    # A brand new empty database gets the hub's tables with --alter.
+    fresh = tmp_path / "fresh.db"
+    run(["sqlite-utils", "create-database", fresh])
+    result = run(["sqlite-utils", "sync", fresh, hub.url + "/hub", "--token", alice], check=False)
+    assert "run enable-sync first (or sync with --alter" in result.stderr
+    run(["sqlite-utils", "sync", fresh, hub.url + "/hub", "--token", alice, "--alter"])
+    assert rows(fresh) == rows(hub.path)
+    upsert(fresh, {"id": 3, "title": "from the clone", "done": 1})
+    sync(fresh, hub, alice)
+    sync(plain, hub, alice)
+    assert rows(plain) == rows(fresh) == rows(hub.path)
+    assert len(rows(plain)) == 3
+
+
+def test_bundle_size_limit_413(tmp_path, datasette_server):
+    hub_path = make_todos_db(tmp_path / "hub.db")
+    config = {**HUB_CONFIG, "plugins": {"datasette-sync": {"max_bundle_bytes": 20_000}}}
+    server = datasette_server([hub_path], config)
+    device = make_todos_db(tmp_path / "d.db", [{"id": i, "title": "x" * 1000, "done": 0} for i in range(50)])
+    result = sync(device, server, server.token("alice"), check=False)
+    assert result.returncode == 1
+    url = server.url + "/hub"
+    assert result.stderr.startswith(f"Error: hub {url} refused the bundle as too large (413): "), result.stderr
+    assert "20000" in result.stderr
+
+
+def test_read_only_hub_answers_403(tmp_path, datasette_server):
+    hub_path = make_todos_db(tmp_path / "hub.db")
+    server = datasette_server([], HUB_CONFIG, "-i", str(hub_path))
+    device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
+    result = sync(device, server, server.token("alice"), check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"Error: hub {server.url}/hub does not allow import (push) (403)"), result.stderr
+
+
+# -- An in-process hub over the core engine: the same contract, for failure injection -------
+
+
+class FakeHub:
+    def __init__(self, path, tokens=None, max_bytes=None):
+        self.path = path
+        self.tokens = tokens or {"T": {"export", "import"}}
+        self.max_bytes = max_bytes
+        self.drop_import_response = False
+        self.requests = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        perms = self.tokens.get(request.headers.get("authorization", "").removeprefix("Bearer "))
+        if perms is None:
+            return httpx.Response(401, json={"ok": False, "error": "Invalid token"})
+        db = sqlite_utils.Database(self.path)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "b.bundle")
+            if request.url.path.endswith("/-/sync/export"):
+                if "export" not in perms:
+                    return httpx.Response(403, json={"ok": False, "error": "Permission denied: sync-export"})
+                export_bundle(db, path, since=request.url.params.get("since"))
+                with open(path, "rb") as fp:
+                    content = fp.read()
+                return httpx.Response(
+                    200,
+                    content=content,
+                    headers={"Content-Type": "application/vnd.sqlite3", "X-Sync-Clock": json.dumps(sync_status(db)["clock"])},
+                )
+            if "import" not in perms:
+                return httpx.Response(403, json={"ok": False, "error": "Permission denied: sync-import"})
+            if self.max_bytes is not None and len(request.content) > self.max_bytes:
+                return httpx.Response(413, json={"ok": False, "error": f"Bundle is larger than {self.max_bytes} bytes"})
+            with open(path, "wb") as fp:
+                fp.write(request.content)
+            try:
+                result = import_bundle(db, path)
+            except SyncError as ex:
+                return httpx.Response(400, json={"ok": False, "error": str(ex), "reason": ex.reason})
+            if self.drop_import_response:
+                raise httpx.ReadError("connection reset by peer")
+            body = {**result.as_dict(), "clock": result.clock}
+            return httpx.Response(200, json=body, headers={"X-Sync-Clock": json.dumps(result.clock)})
+
+
+def fake_setup(tmp_path):
+    for name in ("hub", "a", "b"):
+        db = sqlite_utils.Database(tmp_path / f"{name}.db")
+        db["todos"].create({"id": int, "title": str}, pk="id")
+        from sqlite_utils_sync import enable_sync
+
+        enable_sync(db, ["todos"])
+    return [sqlite_utils.Database(tmp_path / f"{name}.db") for name in ("hub", "a", "b")]
+
+
+@pytest.fixture
+def temp_dir(tmp_path, monkeypatch):
+    """Where the client's temp files go, to check that none are left behind."""
+    path = tmp_path / "temp"
+    path.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(path))
+    return path
+
+
+def test_rerun_after_lost_response_converges(tmp_path, temp_dir):
+    hub_db, a, _ = fake_setup(tmp_path)
+    fake = FakeHub(tmp_path / "hub.db")
+    a["todos"].insert_all([{"id": i, "title": f"t{i}"} for i in range(5)])
+    fake.drop_import_response = True
+    with pytest.raises(HubError) as ex:
+        sync_with_hub(a, "http://hub/hub", token="T", transport=httpx.MockTransport(fake))
+    assert ex.value.reason == "connection_failed"
+    assert list(temp_dir.iterdir()) == []
+    assert hub_db["todos"].count == 5  # the hub did import it
+    fake.drop_import_response = False
+    again = sync_with_hub(a, "http://hub/hub", token="T", transport=httpx.MockTransport(fake))
+    assert again["pushed"]["total_operations"] == 0  # nothing re-sent: the hub's clock has it
+    assert again["pulled"]["total_operations"] == 1  # only the hub's knowledge tick
+    assert moved(sync_with_hub(a, "http://hub/hub", token="T", transport=httpx.MockTransport(fake))) == (0, 0)
+    assert list(temp_dir.iterdir()) == []
+
+
+def test_errors_from_fake_hub(tmp_path, temp_dir):
+    _, a, _ = fake_setup(tmp_path)
+    a["todos"].insert({"id": 1, "title": "x" * 5000})
+    fake = FakeHub(tmp_path / "hub.db", tokens={"T": {"export", "import"}, "R": {"export"}}, max_bytes=1000)
+    transport = httpx.MockTransport(fake)
+    with pytest.raises(HubError, match=r"^hub http://hub/hub refused the bundle as too large \(413\): Bundle is larger than 1000 bytes$"):
+        sync_with_hub(a, "http://hub/hub", token="T", transport=transport)
+    with pytest.raises(HubError, match=r"^hub http://hub/hub refused the token \(401\): Invalid token$"):
+        sync_with_hub(a, "http://hub/hub", token="nope", transport=transport)
+    with pytest.raises(HubError, match=r"requires a token \(401\): pass --token or set DATASETTE_SYNC_TOKEN"):
+        sync_with_hub(a, "http://hub/hub", transport=transport)
+    with pytest.raises(HubError, match=r"does not allow import \(push\) \(403\): Permission denied: sync-import"):
+        sync_with_hub(a, "http://hub/hub", token="R", transport=transport)
+    assert list(temp_dir.iterdir()) == []
+    # A bundle the hub refuses (400): it has a column the hub's table lacks.
+    fake.max_bytes = None
+    wider = sqlite_utils.Database(tmp_path / "wider.db")
+    wider["todos"].create({"id": int, "title": str, "notes": str}, pk="id")
+    wider["todos"].insert({"id": 9, "title": "t", "notes": "n"})
+    from sqlite_utils_sync import enable_sync
+
+    enable_sync(wider, ["todos"])
+    with pytest.raises(HubError, match=r"^hub http://hub/hub rejected the bundle \(400\): Bundle b.bundle: table 'todos' has column notes"):
+        sync_with_hub(wider, "http://hub/hub", token="T", transport=transport)
+    with pytest.raises(SyncError, match="no synced tables"):
+        sync_with_hub(sqlite_utils.Database(memory=True), "http://hub/hub", token="T", transport=transport)
+    assert list(temp_dir.iterdir()) == []
+
+
+def test_progress_callback(tmp_path, temp_dir):
+    _, a, b = fake_setup(tmp_path)
+    a["todos"].insert_all([{"id": i, "title": f"t{i}"} for i in range(7)])
+    fake = FakeHub(tmp_path / "hub.db")
+    events = []
+    sync_with_hub(a, "http://hub/hub", token="T", transport=httpx.MockTransport(fake), progress=lambda *e: events.append(e))
+    assert ("push", 7, 7) in events
+    events.clear()
+    sync_with_hub(b, "http://hub/hub", token="T", transport=httpx.MockTransport(fake), progress=lambda *e: events.append(e))
+    assert [e[0] for e in events][0] == "pull" and sum(e[1] for e in events if e[0] == "pull") == events[0][2]
+    assert b["todos"].count == 7
+
+
+def test_invalid_bundle_from_hub(tmp_path, temp_dir):
+    _, a, _ = fake_setup(tmp_path)
+
+    def handler(request):
+        return httpx.Response(200, content=b"<html>not a bundle</html>", headers={"Content-Type": "text/html"})
+
+    with pytest.raises(HubError, match=r"^hub http://hub/hub sent an invalid bundle: Bundle from-hub.bundle is not"):
+        sync_with_hub(a, "http://hub/hub", token="T", transport=httpx.MockTransport(handler))
+    assert list(temp_dir.iterdir()) == []

@@ -1,0 +1,113 @@
+"""Publish readiness, offline: ``datasette publish heroku --generate-dir`` with a stub ``heroku``,
+then the generated app's own commands run against the generated files (immutable database)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shlex
+import shutil
+import stat
+
+import yaml
+
+from conftest import clean_env, make_todos_db, run
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEMO_METADATA = ROOT / "demo" / "metadata.yml"
+DEMO_DB = ROOT / "demo" / "hub.db"
+
+STUB_HEROKU = """#!/bin/sh
+# Stub of the Heroku CLI: 'heroku plugins' must list heroku-builds; nothing else may run.
+if [ "$1" = "plugins" ]; then
+    echo "heroku-builds 0.0.0"
+    exit 0
+fi
+echo "stub heroku: unexpected call: $*" >&2
+exit 1
+"""
+
+
+def test_publish_heroku_generate_dir_then_serve_immutable(tmp_path):
+    db_path = tmp_path / "hub.db"
+    if DEMO_METADATA.exists() and DEMO_DB.exists():
+        # Publish the demo as it is (a copy: nothing here may touch demo/).
+        shutil.copy(DEMO_DB, db_path)
+        metadata_path = DEMO_METADATA
+    else:
+        make_todos_db(db_path, [{"id": 1, "title": "Published", "done": 0}])
+        metadata_path = tmp_path / "metadata.yml"
+        metadata_path.write_text(
+            "title: Synced todos\n"
+            "description: A datasette-sync hub, published read-only\n"
+            "databases:\n"
+            "  hub:\n"
+            "    tables:\n"
+            "      todos:\n"
+            "        description: Todos synced from devices\n"
+        )
+    device_id = json.loads(run(["sqlite-utils", "sync-status", db_path, "--json"]).stdout)["device_id"]
+    assert device_id
+    expected_metadata = yaml.safe_load(metadata_path.read_text())
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    heroku = bin_dir / "heroku"
+    heroku.write_text(STUB_HEROKU)
+    heroku.chmod(heroku.stat().st_mode | stat.S_IEXEC)
+    env = clean_env()
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+
+    out = tmp_path / "generated"
+    result = run(
+        [
+            "datasette", "publish", "heroku", db_path,
+            "--generate-dir", out,
+            "--install", "datasette-sync",
+            "-m", metadata_path,
+        ],
+        env=env,
+        cwd=tmp_path,
+    )
+    assert f"Generated files written to {out}" in result.stderr
+
+    # The app installs datasette (1.0 alpha resolution is pip's job) and this plugin.
+    requirements = (out / "requirements.txt").read_text().split()
+    assert requirements == ["datasette", "datasette-sync"]
+    # The metadata travels as-is, and the database file itself (sync log included).
+    assert json.loads((out / "metadata.json").read_text()) == expected_metadata
+    assert (out / "hub.db").read_bytes() == db_path.read_bytes()
+    procfile = (out / "Procfile").read_text()
+    assert procfile.startswith("web: datasette serve")
+    command = shlex.split(procfile[len("web:"):])
+    assert "-i" in command and command[command.index("-i") + 1] == "hub.db"
+    assert command[command.index("--metadata") + 1] == "metadata.json"
+
+    # Run the app as the platform would: post_compile, then the Procfile command, but with
+    # --get instead of binding a port.
+    post_compile = shlex.split((out / "bin" / "post_compile").read_text())
+    run(post_compile, env=env, cwd=out)
+    serve = [arg.replace("$PORT", "8001") for arg in command]
+    result = run([*serve, "--get", "/hub/-/sync.json"], env=env, cwd=out, check=False)
+    assert result.returncode == 0, result
+    status = json.loads(result.stdout)
+    assert status["enabled"] is True
+    assert status["device_id"] == device_id
+    assert "todos" in json.dumps(status)
+    # Serving immutably must not have written to the file.
+    assert (out / "hub.db").read_bytes() == db_path.read_bytes()
+
+    # The plain form from the brief, straight on the source files.
+    result = run(
+        ["datasette", "serve", "-i", db_path, "-m", metadata_path, "--get", "/hub/-/sync.json"],
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result
+    assert json.loads(result.stdout)["device_id"] == device_id
+    # An HTML page of the published app renders too.
+    result = run(["datasette", "serve", "-i", db_path, "-m", metadata_path, "--get", "/hub/-/sync"], env=env, check=False)
+    assert result.returncode == 0, result
+    assert device_id in result.stdout
+    result = run(["datasette", "serve", "-i", db_path, "-m", metadata_path, "--get", "/"], env=env)
+    assert expected_metadata["title"] in result.stdout
