@@ -199,7 +199,7 @@ class Importer:
             if data_ops:
                 result.conflicts = self.apply_to_tables()
                 floor = conn.execute(
-                    "SELECT max(o.hlc) FROM _sync_ops o JOIN temp._sync_new r ON o.op BETWEEN r.lo AND r.hi"
+                    "SELECT max(o.hlc) FROM temp._sync_new r JOIN _sync_ops o NOT INDEXED ON o.op BETWEEN r.lo AND r.hi"
                 ).fetchone()[0]
                 append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=floor or 0)
         result.clock = clock(conn)
@@ -350,8 +350,9 @@ class Importer:
         return inserted
 
     # Rows touched more than once by the bundle need the per-row path. Spotting them while
-    # streaming costs a set insert per op; past ROW_SET_LIMIT keys (memory) SQL does it instead.
-    ROW_SET_LIMIT = 2_000_000
+    # streaming costs a set insert per op (~100 bytes); past ROW_SET_LIMIT keys SQL does it
+    # instead, so memory stays bounded (~20 MB) whatever the bundle's size.
+    ROW_SET_LIMIT = 200_000
 
     def note_rows(self, tid: int, ops: list) -> None:
         try:
@@ -402,7 +403,12 @@ class Importer:
         return ranges
 
     def new_ops(self, columns: str = "o.*", where: str = "1") -> str:
-        return f"SELECT {columns} FROM temp._sync_new r JOIN _sync_ops o ON o.op BETWEEN r.lo AND r.hi WHERE {where}"
+        # NOT INDEXED: without it SQLite may build an automatic index over the whole log for the
+        # other conditions, making every import cost O(log) instead of O(new operations).
+        return (
+            f"SELECT {columns} FROM temp._sync_new r JOIN _sync_ops o NOT INDEXED ON o.op BETWEEN r.lo AND r.hi "
+            f"WHERE {where}"
+        )
 
     def check_operations(self) -> None:
         """Every new operation is well-formed: its kind, clock and row key agree with its values
@@ -506,7 +512,7 @@ class Importer:
         ):
             conn.execute(sql)
         conn.executemany("INSERT INTO temp._sync_window VALUES (?, ?)", self.window_ranges())
-        window_ops = "SELECT o.* FROM temp._sync_window w JOIN _sync_ops o ON o.op BETWEEN w.lo AND w.hi WHERE o.kind != 3"
+        window_ops = "SELECT o.* FROM temp._sync_window w JOIN _sync_ops o NOT INDEXED ON o.op BETWEEN w.lo AND w.hi WHERE o.kind != 3"
         window_keys = conn.execute(
             f"SELECT tid, rowkey FROM ({window_ops}) UNION SELECT tid, newkey FROM ({window_ops}) WHERE newkey IS NOT NULL"
         ).fetchall()
@@ -610,7 +616,7 @@ class Importer:
             (True, self.new_ops("o.*", f"o.kind != 3 AND {on_slow}")),
             (
                 False,
-                "SELECT o.* FROM temp._sync_window w JOIN _sync_ops o ON o.op BETWEEN w.lo AND w.hi "
+                "SELECT o.* FROM temp._sync_window w JOIN _sync_ops o NOT INDEXED ON o.op BETWEEN w.lo AND w.hi "
                 f"WHERE o.kind != 3 AND {on_slow}",
             ),
         ):

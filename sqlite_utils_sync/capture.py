@@ -120,8 +120,12 @@ def register_table(conn: sqlite3.Connection, table: str, columns: list[str], pk:
     return SyncedTable(tid, table, slots, pk, True)
 
 
-def trigger_sql(table: SyncedTable, columns: list[str]) -> dict[str, str]:
-    """The CREATE TRIGGER statements that capture writes to ``table``."""
+def trigger_sql(table: SyncedTable, columns: list[str], declared: dict[str, str] | None = None) -> dict[str, str]:
+    """The CREATE TRIGGER statements that capture writes to ``table``.
+
+    :param declared: column name -> declared type, to skip type checks where affinity makes them moot
+    """
+    typed = {c for c, t in (declared or {}).items() if has_affinity(t)}
     t = quote_identifier(table.name)
     slot_list = ", ".join(f"c{table.slots[c]}" for c in columns)
     full_mask = table.mask_for(columns)
@@ -133,6 +137,9 @@ def trigger_sql(table: SyncedTable, columns: list[str]) -> dict[str, str]:
 
     def changed(c: str) -> str:
         q = quote_identifier(c)
+        if c in typed:
+            return f"(NEW.{q} IS NOT OLD.{q})"
+        # Only a column without type affinity can hold 1 and 1.0, which compare equal.
         return f"(NEW.{q} IS NOT OLD.{q} OR typeof(NEW.{q}) != typeof(OLD.{q}))"
 
     mask = " | ".join(f"({changed(c)} << {table.slots[c]})" for c in columns)
@@ -164,6 +171,17 @@ def trigger_sql(table: SyncedTable, columns: list[str]) -> dict[str, str]:
     }
 
 
+def has_affinity(declared_type: str) -> bool:
+    """True unless SQLite gives the column BLOB ("none") affinity: typed columns convert
+    1 and 1.0 to one storage class, so a change between them cannot happen unseen."""
+    upper = (declared_type or "").upper()
+    return bool(upper) and "BLOB" not in upper
+
+
+def declared_types(conn: sqlite3.Connection, table: str) -> dict[str, str]:
+    return {row[1]: row[2] for row in table_info(conn, table)}
+
+
 def installed_triggers(conn: sqlite3.Connection, table: str) -> dict[str, str]:
     found = {}
     for kind in TRIGGER_KINDS:
@@ -188,14 +206,14 @@ def table_drift(conn: sqlite3.Connection, table: SyncedTable) -> str | None:
     new = [c for c in columns if c not in table.slots]
     if new:
         return f"table '{table.name}' has columns not captured: {', '.join(new)}"
-    if installed != trigger_sql(table, columns):
+    if installed != trigger_sql(table, columns, declared_types(conn, table.name)):
         return f"table '{table.name}' has stale capture triggers"
     return None
 
 
 def install_triggers(conn: sqlite3.Connection, table: SyncedTable, columns: list[str]) -> None:
     drop_triggers(conn, table.name)
-    for sql in trigger_sql(table, columns).values():
+    for sql in trigger_sql(table, columns, declared_types(conn, table.name)).values():
         conn.execute(sql)
 
 
@@ -226,7 +244,7 @@ def enable_table(conn: sqlite3.Connection, name: str) -> int:
         )
     table = register_table(conn, name, columns, pk)
     current = installed_triggers(conn, name)
-    if current == trigger_sql(table, columns) and previous and previous.enabled:
+    if current == trigger_sql(table, columns, declared_types(conn, name)) and previous and previous.enabled:
         return 0
     install_triggers(conn, table, columns)
     return reconcile_table(conn, table)

@@ -10,7 +10,6 @@ from .bundle import ExportResult, export_bundle as write_bundle, parse_clock
 from .capture import drifted_tables, drop_triggers, enable_table, load_tables, repair_drift
 from .errors import SyncError
 from .log import (
-    SEQ_MASK,
     clock,
     connection,
     is_enabled,
@@ -87,7 +86,7 @@ def sync_status(db: Any) -> dict[str, Any]:
             "unresolved_conflicts": 0,
             "warnings": [],
         }
-    counts = dict(conn.execute("SELECT tid, count(*) FROM _sync_ops WHERE kind != 3 GROUP BY tid"))
+    counts = dict(conn.execute("SELECT tid, count(*) FROM _sync_ops GROUP BY tid"))  # one scan
     drift = drifted_tables(conn)
     tables = {
         name: {"operations": counts.get(table.tid, 0), "warning": drift.get(name)}
@@ -98,7 +97,8 @@ def sync_status(db: Any) -> dict[str, Any]:
         "device_id": local_device_id(conn),
         "clock": clock(conn),
         "tables": tables,
-        "operations": conn.execute("SELECT count(*) FROM _sync_ops WHERE op & ? != 0", [SEQ_MASK]).fetchone()[0],
+        # every operation but the local sentinel (seq 0, tid 0)
+        "operations": sum(counts.values()) - 1,
         "unresolved_conflicts": conn.execute(
             "SELECT count(*) FROM _sync_conflicts WHERE resolved_by IS NULL"
         ).fetchone()[0],

@@ -7,6 +7,8 @@ import json
 import pathlib
 import shlex
 import shutil
+import sys
+import subprocess
 import stat
 
 import yaml
@@ -15,7 +17,7 @@ from conftest import clean_env, make_todos_db, run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO_METADATA = ROOT / "demo" / "metadata.yml"
-DEMO_DB = ROOT / "demo" / "hub.db"
+BUILD_HUB = ROOT / "demo" / "build_hub.py"
 
 STUB_HEROKU = """#!/bin/sh
 # Stub of the Heroku CLI: 'heroku plugins' must list heroku-builds; nothing else may run.
@@ -30,9 +32,9 @@ exit 1
 
 def test_publish_heroku_generate_dir_then_serve_immutable(tmp_path):
     db_path = tmp_path / "hub.db"
-    if DEMO_METADATA.exists() and DEMO_DB.exists():
-        # Publish the demo as it is (a copy: nothing here may touch demo/).
-        shutil.copy(DEMO_DB, db_path)
+    if DEMO_METADATA.exists() and BUILD_HUB.exists():
+        # Publish the demo hub, built fresh the way the README says.
+        subprocess.run([sys.executable, str(BUILD_HUB), str(db_path)], check=True, capture_output=True)
         metadata_path = DEMO_METADATA
     else:
         make_todos_db(db_path, [{"id": 1, "title": "Published", "done": 0}])
