@@ -224,7 +224,7 @@ def activity_chart(activity: dict | None) -> dict | None:
     """Geometry for the devices × time SVG: one row per device, one cell per time slice."""
     if not activity:
         return None
-    label_width, cell, gap, top = 200, 14, 2, 8
+    label_width, cell, gap, top = 250, 14, 2, 8
     rows = []
     for position, row in enumerate(activity["rows"]):
         y = top + position * (cell + gap)

@@ -48,6 +48,7 @@ from .log import (
     knowledge_at,
     local_device_id,
     max_seq,
+    next_local_hlc,
     now_iso,
     op_id,
     parse_rowkey,
@@ -800,11 +801,18 @@ def record_clashes(
     return found
 
 
-def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
+def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, adopt: bool = False) -> int:
     """Log the changes the triggers missed: compare the table with the state its log implies.
 
     Used when sync is first enabled (every existing row becomes an insert) and when triggers
-    were missing or stale (after ``transform`` or ``ALTER TABLE``).
+    were missing or stale (after ``transform`` or ``ALTER TABLE``): the table is the truth and
+    its differences become new local operations.
+
+    :param adopt: the table was not synced while peers' operations for it arrived (kept, not
+        applied). Where a peer wrote last, the table takes the log's value instead of
+        overwriting it; where this device wrote last, the table still wins. Nothing a peer
+        wrote is deleted or reverted by enabling sync.
+    :returns: how many operations were logged
     """
     t = quote_identifier(table.name)
     columns = table.current_columns(conn)
@@ -813,8 +821,6 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
     has_ops = conn.execute("SELECT 1 FROM _sync_ops WHERE tid = ? LIMIT 1", [table.tid]).fetchone()
     if not has_ops:
         start = conn.execute("SELECT max(hlc) FROM _sync_ops").fetchone()[0]
-        from .log import next_local_hlc
-
         base = next_local_hlc(conn, start)
         cursor = conn.execute(
             f"INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, {', '.join(f'c{table.slots[c]}' for c in columns)}) "
@@ -823,40 +829,70 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
         )
         return cursor.rowcount
     devices = device_ids(conn)
+    local = local_device_id(conn)
     cursor = conn.execute("SELECT * FROM _sync_ops WHERE tid = ? AND kind != 3", [table.tid])
     names = [d[0] for d in cursor.description]
     history: dict[str, list[Effect]] = {}
     for row in cursor:
         for rowkey, effect in effects_of(dict(zip(names, row)), table, devices, False):
             history.setdefault(rowkey, []).append(effect)
+    for effects in history.values():
+        effects.sort(key=lambda e: e.key)
     defaults = {}
     for info in table_info(conn, table.name):
         defaults[info[1]] = conn.execute(f"SELECT {info[4]}").fetchone()[0] if info[4] is not None else None
+    slot_names = {slot: name for name, slot in table.slots.items() if name in columns}
+
+    def by_peer(effect: Effect | None) -> bool:
+        return adopt and effect is not None and effect.key[1] != local
+
     logged = 0
-    cursor = conn.execute(f"SELECT {key} AS _rowkey, * FROM {t}")
     seen = set()
-    for row in cursor.fetchall():
+    for row in conn.execute(f"SELECT {key} AS _rowkey, * FROM {t}").fetchall():
         rowkey, values = row[0], dict(zip(columns, row[1:]))
         seen.add(rowkey)
-        effects = sorted(history.get(rowkey, []), key=lambda e: e.key)
+        effects = history.get(rowkey, [])
         exists, implied = row_state(effects)
-        slots = {table.slots[c]: v for c, v in values.items()}
         if not exists:
-            append_local(conn, table.tid, INSERT, full, rowkey, slots=slots)
-            logged += 1
+            if by_peer(effects[-1] if effects else None):
+                with applying(conn):
+                    write_row(conn, table, rowkey, False, {}, True)
+            else:
+                append_local(conn, table.tid, INSERT, full, rowkey, slots={table.slots[c]: v for c, v in values.items()})
+                logged += 1
             continue
-        mask = 0
+        writers: dict[int, Effect] = {}
+        for effect in effects:
+            if effect.write:
+                writers.update((slot, effect) for slot in bits(effect.mask))
+        mask, taken = 0, {}
         for column, value in values.items():
             slot = table.slots[column]
-            if not same_value(implied.get(slot, defaults.get(column)), value):
+            if same_value(implied.get(slot, defaults.get(column)), value):
+                continue
+            if by_peer(writers.get(slot)):
+                taken[column] = implied[slot]
+            else:
                 mask |= 1 << slot
+        if taken:
+            with applying(conn):
+                write_row(conn, table, rowkey, True, taken, True)
+            values.update(taken)
         if mask:
-            append_local(conn, table.tid, UPDATE, mask, rowkey, slots=slots)
+            append_local(conn, table.tid, UPDATE, mask, rowkey, slots={table.slots[c]: v for c, v in values.items()})
             logged += 1
     for rowkey, effects in history.items():
-        if rowkey not in seen and row_state(sorted(effects, key=lambda e: e.key))[0]:
+        if rowkey in seen:
+            continue
+        exists, implied = row_state(effects)
+        if not exists:
+            continue
+        if by_peer(effects[-1]):
+            with applying(conn):
+                values = {slot_names[s]: v for s, v in implied.items() if s in slot_names}
+                write_row(conn, table, rowkey, True, values, False)
+        else:
             pk_slots = {table.slots[c]: v for c, v in zip(table.pk, parse_rowkey(rowkey))}
             append_local(conn, table.tid, DELETE, 0, rowkey, slots=pk_slots)
             logged += 1
     return logged
-

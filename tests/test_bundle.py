@@ -347,3 +347,25 @@ def test_copied_database_is_detected_and_can_get_a_new_identity(tmp_path, pair):
     sync(a, c, tmp_path)
     sync(copy2, c, tmp_path)
     assert c.execute("SELECT title FROM todos WHERE id = 300").fetchone() == ("copy2 edit",)
+
+
+def test_enabling_a_table_later_adopts_what_peers_wrote_instead_of_deleting_it(tmp_path):
+    schema = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL); CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"
+    a = make_db(tmp_path / "a.db", schema, ("todos", "notes"))
+    hub = make_db(tmp_path / "hub.db")
+    a.executemany("INSERT INTO notes VALUES (?, ?)", [(1, "one"), (2, "two"), (3, "three")])
+    sync(a, hub, tmp_path)
+    a.execute("UPDATE notes SET body = 'TWO' WHERE id = 2")
+    a.execute("DELETE FROM notes WHERE id = 3")
+    sync(a, hub, tmp_path)
+    # The hub starts syncing notes: it has one row of its own and one stale copy of a peer's row.
+    hub.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    hub.executemany("INSERT INTO notes VALUES (?, ?)", [(2, "two"), (3, "three"), (9, "hub's own")])
+    result = run_cli("enable-sync", tmp_path / "hub.db", "notes")
+    assert result.exit_code == 0, result.output
+    assert hub.execute("SELECT id, body FROM notes ORDER BY id").fetchall() == [(1, "one"), (2, "TWO"), (9, "hub's own")]
+    c = make_db(tmp_path / "c.db", schema, ("todos", "notes"))
+    sync(hub, c, tmp_path)
+    sync(hub, a, tmp_path)
+    for conn in (a, c):
+        assert conn.execute("SELECT id, body FROM notes ORDER BY id").fetchall() == [(1, "one"), (2, "TWO"), (9, "hub's own")]
