@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections import Counter
+from operator import itemgetter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
@@ -36,6 +37,7 @@ from .log import (
     LOCAL,
     RESOLUTION,
     SEQ_MASK,
+    TICK,
     UPDATE,
     append_local,
     append_tick,
@@ -126,6 +128,14 @@ def applying(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("UPDATE _sync_state SET applying = 0")
 
 
+VALID_KINDS = {INSERT, UPDATE, DELETE, INSERT | RESOLUTION, UPDATE | RESOLUTION, DELETE | RESOLUTION}
+
+
+def row_identity(pk_values: list[Any]) -> Any:
+    """A row's primary key as a set member: the value itself, or a tuple for composite keys."""
+    return pk_values[0] if len(pk_values) == 1 else tuple(pk_values)
+
+
 def bits(mask: int) -> Iterator[int]:
     slot = 0
     while mask:
@@ -186,14 +196,13 @@ class Importer:
         local_id = local_device_id(conn)
         self.old = {idx: max_seq(conn, idx) for idx in self.devices}
         self.kinds: dict[int, set[tuple[int, int]]] = {}
-        self.seen: dict[int, set[str]] | None = {}
+        self.seen: dict[int, set[Any]] | None = {}
         self.seen_count = 0
-        self.repeated: set[tuple[int, str]] = set()
+        self.repeated: set[tuple[int, Any]] = set()
         self.check_anchors()
         with applying(conn):
             inserted = self.append_ops(result, local_id)
             self.ranges = self.check_sequences(inserted)
-            self.check_operations()
             self.record_knowledge()
             data_ops = self.count_data_ops()
             result.applied = sum(hi - lo + 1 for _, lo, hi in self.ranges)
@@ -225,7 +234,8 @@ class Importer:
     def map_tables(self, result: ImportResult) -> None:
         """Map each bundle table to a local table id and slots, or refuse the bundle."""
         conn = self.conn
-        self.tables: list[tuple[int, list[int], bool]] = []
+        # (table id, slot of each bundle column, applied here?, positions of the pk columns)
+        self.tables: list[tuple[int, list[int], bool, list[int]]] = []
         self.applied_tids: dict[int, SyncedTable] = {}
         for name, columns, pk in self.reader.header["tables"]:
             if name.startswith("_sync_") or name.startswith("sqlite_"):
@@ -242,7 +252,7 @@ class Importer:
                     enable_table(conn, name)
                     local = load_tables(conn)[name]
                 else:
-                    self.tables.append(self.register_unapplied(name, columns, pk))
+                    self.tables.append((*self.register_unapplied(name, columns, pk), [columns.index(c) for c in pk]))
                     continue
             current = [row[1] for row in table_info(conn, name)]
             missing = [c for c in columns if c not in current]
@@ -259,7 +269,7 @@ class Importer:
                 local = load_tables(conn)[name]
             if pk != local.pk:
                 raise self.fail("pk_mismatch", f"table '{name}' has primary key {pk} here it is {local.pk}")
-            self.tables.append((local.tid, [local.slots[c] for c in columns], True))
+            self.tables.append((local.tid, [local.slots[c] for c in columns], True, [columns.index(c) for c in pk]))
             self.applied_tids[local.tid] = local
 
     def register_unapplied(self, name: str, columns: list[str], pk: list[str]) -> tuple[int, list[int], bool]:
@@ -305,9 +315,9 @@ class Importer:
         for position, table_position, ops in self.reader.chunks():
             idx = self.devices[position]
             if table_position == -1:
-                tid, slots, applied = 0, [], True
+                tid, slots, applied, pk_positions = 0, [], True, []
             else:
-                tid, slots, applied = self.tables[table_position]
+                tid, slots, applied, pk_positions = self.tables[table_position]
             if not ops:
                 continue
             try:
@@ -329,13 +339,17 @@ class Importer:
                 ours = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(idx, first)]).fetchone()
                 if ours and ours[0] != ops[0][1]:
                     raise self.clash(f"{self.reader.header['devices'][position]}:{first}")
-            if tid:
-                self.note_rows(tid, ops)
+            self.check_shapes(tid, ops, pk_positions)
             slot_columns = "".join(f", c{s}" for s in slots)
-            placeholders = ", ?" * len(slots)
+            if tid:
+                values = "".join(f", ?{6 + i}" for i in range(len(slots)))
+                key = rowkey_sql(f"?{6 + i}" for i in pk_positions)
+                keys = f"coalesce(?5, {key}), CASE WHEN ?5 IS NOT NULL THEN {key} END"
+            else:
+                values, keys = "", "?5, NULL"
             sql = (
                 f"INSERT OR IGNORE INTO _sync_ops (op, hlc, tid, kind, mask, rowkey, newkey{slot_columns}) "
-                f"VALUES (? + {op_id(idx, 0)}, ?, {tid}, ?, ?, ?, ?{placeholders})"
+                f"VALUES (?1 + {op_id(idx, 0)}, ?2, {tid}, ?3, ?4, {keys}{values})"
             )
             try:
                 count = conn.executemany(sql, ops).rowcount
@@ -355,22 +369,40 @@ class Importer:
     # instead, so memory stays bounded (~20 MB) whatever the bundle's size.
     ROW_SET_LIMIT = 200_000
 
-    def note_rows(self, tid: int, ops: list) -> None:
+    def check_shapes(self, tid: int, ops: list, pk_positions: list[int]) -> None:
+        """Check clocks, kinds and masks while streaming (C-speed set comprehensions), and note
+        which rows the bundle touches more than once: those need the per-row path."""
         try:
-            self.kinds.setdefault(tid, set()).update((op[2] & 3, op[3]) for op in ops)
-            keys = [op[4] for op in ops]
-            moved = [(op[4], op[5]) for op in ops if op[5] is not None]
+            if {type(op[1]) for op in ops} != {int}:
+                raise self.fail("invalid_operation", "an operation has a clock that is not an integer")
+            if not tid:
+                if {op[2] for op in ops} != {TICK} or not all(type(op[4]) is str for op in ops):
+                    raise self.fail("invalid_operation", "a knowledge operation is malformed")
+                return
+            kinds = {(op[2], op[3]) for op in ops}
+            if not all(kind in VALID_KINDS and type(mask) is int for kind, mask in kinds):
+                raise self.fail("invalid_operation", "an operation has an invalid kind or mask")
+            self.kinds.setdefault(tid, set()).update((kind & 3, mask) for kind, mask in kinds)
+            pk_of = itemgetter(*[5 + i for i in pk_positions])
+            keys = list(map(pk_of, ops))
+            moved = [(op[4], op[2], pk_of(op)) for op in ops if op[4] is not None]
         except (TypeError, IndexError):
             raise self.fail("invalid_operation", "an operation is malformed")
-        for old_key, new_key in moved:
-            self.repeated.update({(tid, old_key), (tid, new_key)})
+        for old_key, kind, new_key in moved:
+            try:
+                old_values = parse_rowkey(old_key) if isinstance(old_key, str) else None
+            except ValueError:
+                old_values = None
+            if kind & 3 != UPDATE or old_values is None or len(old_values) != len(pk_positions):
+                raise self.fail("invalid_operation", "an operation has an invalid moved-from key")
+            self.repeated.update({(tid, row_identity(old_values)), (tid, new_key)})
         if self.seen is None:
             return
         seen = self.seen.setdefault(tid, set())
         try:
             chunk = set(keys)
         except TypeError:
-            raise self.fail("invalid_operation", "an operation has an invalid row key")
+            raise self.fail("invalid_operation", "an operation has an invalid primary key value")
         if len(chunk) != len(keys):
             self.repeated.update((tid, k) for k, n in Counter(keys).items() if n > 1)
         self.repeated.update((tid, k) for k in chunk & seen)
@@ -410,34 +442,6 @@ class Importer:
             f"SELECT {columns} FROM temp._sync_new r JOIN _sync_ops o NOT INDEXED ON o.op BETWEEN r.lo AND r.hi "
             f"WHERE {where}"
         )
-
-    def check_operations(self) -> None:
-        """Every new operation is well-formed: its kind, clock and row key agree with its values
-        (one scan over the new operations)."""
-        conn = self.conn
-        key_checks = []
-        for tid, columns, pk in conn.execute("SELECT tid, columns, pk FROM _sync_tables").fetchall():
-            slots = json.loads(columns)
-            key = rowkey_sql(f"o.c{slots[c]}" for c in json.loads(pk))
-            key_checks.append(
-                f"WHEN {tid} THEN (CASE o.kind & 3 WHEN 1 THEN coalesce(o.newkey, o.rowkey) ELSE o.rowkey END) IS {key}"
-            )
-        key_matches = f"CASE o.tid {' '.join(key_checks)} ELSE 0 END" if key_checks else "0"
-        bad = conn.execute(
-            "SELECT count(*) FROM ("
-            + self.new_ops(
-                "o.op",
-                "NOT (typeof(o.hlc) = 'integer' AND typeof(o.rowkey) = 'text' AND CASE WHEN o.tid = 0 THEN o.kind = 3 "
-                "ELSE (o.kind & ~8) IN (0, 1, 2) AND typeof(o.mask) = 'integer' "
-                f"AND (o.newkey IS NULL OR typeof(o.newkey) = 'text') AND {key_matches} END)",
-            )
-            + ")"
-        ).fetchone()[0]
-        if bad:
-            raise self.fail(
-                "invalid_operation",
-                f"{bad} operation(s) have an invalid kind or clock, or a row key that does not match their values",
-            )
 
     def record_knowledge(self) -> int:
         """Index new tick operations and check that the bundle carries what they depend on."""
@@ -517,14 +521,22 @@ class Importer:
         window_keys = conn.execute(
             f"SELECT tid, rowkey FROM ({window_ops}) UNION SELECT tid, newkey FROM ({window_ops}) WHERE newkey IS NOT NULL"
         ).fetchall()
-        conn.executemany("INSERT OR IGNORE INTO temp._sync_slow VALUES (?, ?)", self.repeated)
+        slow = set(self.repeated)
         if self.seen is not None:
             # Rows the bundle touches that a concurrent old operation touched too.
-            conn.executemany(
-                "INSERT OR IGNORE INTO temp._sync_slow VALUES (?, ?)",
-                [(tid, key) for tid, key in window_keys if key in self.seen.get(tid, ())],
+            slow.update(
+                (tid, identity)
+                for tid, key in window_keys
+                if (identity := row_identity(parse_rowkey(key))) in self.seen.get(tid, ())
             )
-        else:
+        by_arity: dict[int, list] = {}
+        for tid, identity in slow:
+            values = list(identity) if isinstance(identity, tuple) else [identity]
+            by_arity.setdefault(len(values), []).append([tid, *values])
+        for arity, rows in by_arity.items():
+            key = rowkey_sql(f"?{2 + i}" for i in range(arity))
+            conn.executemany(f"INSERT OR IGNORE INTO temp._sync_slow VALUES (?1, {key})", rows)
+        if self.seen is None:
             conn.executemany("INSERT OR IGNORE INTO temp._sync_wkeys VALUES (?, ?)", window_keys)
             new_keys = (
                 self.new_ops("o.tid AS t, o.rowkey AS k", "o.kind != 3")

@@ -6,8 +6,9 @@ A bundle has three tables::
     bundle_header(id, data)      one msgpack map: source device, its clock, devices, tables
     bundle_chunks(id, data)      msgpack [device index, table index, [op, op, ...]]
 
-Each op is ``[seq, hlc, kind, mask, rowkey, newkey, value...]`` with the values in the order
-of the header's column list for that table. ``sha256`` covers the header and every chunk in
+Each op is ``[seq, hlc, kind, mask, moved_from, value...]`` with the values in the order of
+the header's column list for that table; ``moved_from`` is the old row key of a primary-key
+move (``None`` otherwise), and for a tick the clock it records. ``sha256`` covers the header and every chunk in
 order, so every byte that gets applied is checked before anything is applied; the bundle id
 is derived from it. Readers open the file read-only and only ever ``SELECT`` from those three
 tables, after checking they are plain tables: nothing in a bundle is executed.
@@ -131,7 +132,10 @@ def export_bundle(
                     if progress:
                         progress(len(run), total)
                 run_key, run = key, []
-            run.append([row[0] & SEQ_MASK, row[1], row[3], row[4], row[5], row[6], *[row[7 + s] for s in slots]])
+            # Row keys are not sent: the receiver derives them from the primary-key values it
+            # stores, so they cannot disagree. Only a move sends the key it moved from.
+            moved_from = row[5] if tid == 0 or row[6] is not None else None
+            run.append([row[0] & SEQ_MASK, row[1], row[3], row[4], moved_from, *[row[7 + s] for s in slots]])
             count += 1
         if run:
             chunks.append(msgpack.packb([device_position, run_key, run]))

@@ -152,7 +152,7 @@ def edit_header(conn, change):
 
 
 def tampered_value(conn):
-    edit_chunk(conn, lambda chunk: chunk[2][0].__setitem__(7, "tampered"))
+    edit_chunk(conn, lambda chunk: chunk[2][0].__setitem__(6, "tampered"))
 
 
 HOSTILE = {
@@ -178,10 +178,20 @@ HOSTILE = {
         "invalid_operation",
         "",
     ),
-    "bad row key": (
+    "moved-from key on an insert": (
         lambda c: (edit_chunk(c, lambda chunk: chunk[2][0].__setitem__(4, "999")), reseal(c)),
         "invalid_operation",
-        "row key that does not match",
+        "invalid moved-from key",
+    ),
+    "clock not an integer": (
+        lambda c: (edit_chunk(c, lambda chunk: chunk[2][0].__setitem__(1, "soon")), reseal(c)),
+        "invalid_operation",
+        "clock that is not an integer",
+    ),
+    "value of a type SQLite cannot store": (
+        lambda c: (edit_chunk(c, lambda chunk: chunk[2][0].__setitem__(6, {"a": 1})), reseal(c)),
+        "invalid_operation",
+        "cannot be stored",
     ),
     "bad sequence": (
         lambda c: (edit_chunk(c, lambda chunk: chunk[2][1].__setitem__(0, 77)), reseal(c)),
