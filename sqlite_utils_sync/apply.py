@@ -199,19 +199,20 @@ class Importer:
         self.seen: dict[int, set[Any]] | None = {}
         self.seen_count = 0
         self.repeated: set[tuple[int, Any]] = set()
+        # Gathered while streaming, so the new operations need no further scans.
+        self.data_inserted = 0
+        self.max_hlc = 0
+        self.has_resolutions = False
+        self.ticks: list[tuple[int, int, str]] = []
         self.check_anchors()
         with applying(conn):
             inserted = self.append_ops(result, local_id)
             self.ranges = self.check_sequences(inserted)
             self.record_knowledge()
-            data_ops = self.count_data_ops()
             result.applied = sum(hi - lo + 1 for _, lo, hi in self.ranges)
-            if data_ops:
+            if self.data_inserted:
                 result.conflicts = self.apply_to_tables()
-                floor = conn.execute(
-                    "SELECT max(o.hlc) FROM temp._sync_new r JOIN _sync_ops o NOT INDEXED ON o.op BETWEEN r.lo AND r.hi"
-                ).fetchone()[0]
-                append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=floor or 0)
+                append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=self.max_hlc)
         result.clock = clock(conn)
         self.record_peer(header, result.clock)
         conn.execute(
@@ -356,6 +357,11 @@ class Importer:
             except (sqlite3.Error, TypeError, ValueError, OverflowError) as ex:
                 raise self.fail("invalid_operation", f"an operation cannot be stored ({ex})")
             inserted[idx] = inserted.get(idx, 0) + count
+            if tid:
+                self.data_inserted += count
+                self.max_hlc = max(self.max_hlc, max(op[1] for op in ops))
+            else:
+                self.ticks.extend((idx, op[0], op[4]) for op in ops if op[0] > self.old[idx])
             result.duplicates += len(ops) - count
             if count and not applied:
                 table_name = self.reader.header["tables"][table_position][0]
@@ -383,6 +389,7 @@ class Importer:
             if not all(kind in VALID_KINDS and type(mask) is int for kind, mask in kinds):
                 raise self.fail("invalid_operation", "an operation has an invalid kind or mask")
             self.kinds.setdefault(tid, set()).update((kind & 3, mask) for kind, mask in kinds)
+            self.has_resolutions |= any(kind & RESOLUTION for kind, _ in kinds)
             pk_of = itemgetter(*[5 + i for i in pk_positions])
             keys = list(map(pk_of, ops))
             moved = [(op[4], op[2], pk_of(op)) for op in ops if op[4] is not None]
@@ -443,27 +450,20 @@ class Importer:
             f"WHERE {where}"
         )
 
-    def record_knowledge(self) -> int:
+    def record_knowledge(self) -> None:
         """Index new tick operations and check that the bundle carries what they depend on."""
         conn = self.conn
         have = clock(conn)
-        ticks = conn.execute(self.new_ops("o.op, o.rowkey", "o.kind = 3")).fetchall()
-        for op, text in ticks:
+        for idx, seq, text in self.ticks:
             known = parse_clock(text, f"Bundle {self.name} knowledge clock")
-            for device, seq in known.items():
-                if have.get(device, 0) < seq:
+            for device, needed in known.items():
+                if have.get(device, 0) < needed:
                     raise self.fail(
                         "missing_dependencies",
-                        f"its operations depend on device {device} up to seq {seq}, but neither this database nor "
+                        f"its operations depend on device {device} up to seq {needed}, but neither this database nor "
                         f"the bundle has more than seq {have.get(device, 0)}",
                     )
-            conn.execute(
-                "INSERT OR REPLACE INTO _sync_knowledge VALUES (?, ?, ?)", [op >> 40, (op & SEQ_MASK) + 1, text]
-            )
-        return len(ticks)
-
-    def count_data_ops(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM (" + self.new_ops("o.op", "o.kind != 3") + ")").fetchone()[0]
+            conn.execute("INSERT OR REPLACE INTO _sync_knowledge VALUES (?, ?, ?)", [idx, seq + 1, text])
 
     def record_peer(self, header: dict, have: dict[str, int]) -> None:
         """Remember what the source had, as far as it can be checked: deltas for it start there."""
@@ -550,9 +550,11 @@ class Importer:
         for tid, table in self.applied_tids.items():
             self.fast_path(table)
         self.slow_path()
-        resolutions = conn.execute(
-            self.new_ops("DISTINCT o.tid, coalesce(o.newkey, o.rowkey), o.op", f"o.kind & {RESOLUTION}")
-        ).fetchall()
+        resolutions = []
+        if self.has_resolutions:
+            resolutions = conn.execute(
+                self.new_ops("DISTINCT o.tid, coalesce(o.newkey, o.rowkey), o.op", f"o.kind & {RESOLUTION}")
+            ).fetchall()
         conn.executemany("INSERT OR IGNORE INTO _sync_resolutions VALUES (?, ?, ?)", resolutions)
         from .conflicts import rebuild_conflicts
 

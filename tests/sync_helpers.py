@@ -48,3 +48,12 @@ def conflict_records(conn: sqlite3.Connection) -> list[tuple]:
 
 def file_bytes(path: pathlib.Path | str) -> bytes:
     return pathlib.Path(path).read_bytes()
+
+
+def knowledge(conn: sqlite3.Connection) -> list[tuple]:
+    """Every device's knowledge epochs (what its ops from ``from_seq`` on had seen), by device id."""
+    return sorted(
+        conn.execute(
+            "SELECT d.device_id, k.from_seq, k.clock FROM _sync_knowledge k JOIN _sync_devices d ON d.idx = k.device"
+        ).fetchall()
+    )

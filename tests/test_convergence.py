@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sqlite_utils_sync import list_conflicts, resolve_conflict, sync_status
 
-from sync_helpers import conflict_records, make_db, rows, sync
+from sync_helpers import conflict_records, knowledge, make_db, rows, sync
 
 ROW_IDS = st.integers(min_value=1, max_value=3)
 TITLES = st.sampled_from(["milk", "eggs", "bread", None, ""])
@@ -58,9 +58,10 @@ def everyone_syncs(devices, folder):
 
 def assert_converged(devices):
     first_rows, first_conflicts = rows(devices[0]), conflict_records(devices[0])
-    first_clock = sync_status(devices[0])["clock"]
+    first_clock, first_knowledge = sync_status(devices[0])["clock"], knowledge(devices[0])
     for other in devices[1:]:
         assert sync_status(other)["clock"] == first_clock
+        assert knowledge(other) == first_knowledge
         assert rows(other) == first_rows
         assert conflict_records(other) == first_conflicts
 
