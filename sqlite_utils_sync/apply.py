@@ -403,6 +403,10 @@ class Importer:
             if kind & 3 != UPDATE or old_values is None or len(old_values) != len(pk_positions):
                 raise self.fail("invalid_operation", "an operation has an invalid moved-from key")
             self.repeated.update({(tid, row_identity(old_values)), (tid, new_key)})
+        flat = keys if len(pk_positions) == 1 else [v for key in keys for v in key]
+        if any(type(v) is str and "\x00" in v for v in flat):
+            # quote() stops at NUL, so such keys could not be told apart: refuse, never merge rows.
+            raise self.fail("unsupported_key", "a primary key value contains a NUL character, which sync does not support")
         if self.seen is None:
             return
         seen = self.seen.setdefault(tid, set())

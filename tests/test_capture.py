@@ -9,10 +9,11 @@ import subprocess
 
 import pytest
 import sqlite_utils
+from hypothesis import HealthCheck, given, settings, strategies as st
 from click.testing import CliRunner
 from sqlite_utils.cli import cli
 
-from sqlite_utils_sync import enable_sync, sync_status
+from sqlite_utils_sync import SyncError, enable_sync, sync_status
 
 from sync_helpers import file_bytes, make_db, rows, sync
 
@@ -203,3 +204,55 @@ def test_disable_sync_stops_capture_and_keeps_the_log(tmp_path):
     assert conn.execute("SELECT count(*) FROM _sync_ops WHERE kind = 0").fetchone()[0] == 1
     result = run_cli("disable-sync", str(path), "todos")
     assert result.exit_code == 1 and "Table 'todos' is not synced" in result.output
+
+
+SQLITE_VALUES = st.one_of(
+    st.none(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",))),
+    st.binary(),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    keys=st.lists(
+        st.one_of(
+            st.integers(-(2**63), 2**63 - 1),
+            st.floats(allow_nan=False),
+            st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")),
+            st.binary(),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    values=st.lists(SQLITE_VALUES, min_size=6, max_size=6),
+)
+def test_any_key_and_value_round_trips_exactly(tmp_path_factory, keys, values):
+    folder = tmp_path_factory.mktemp("values")
+    schema = "CREATE TABLE t (k PRIMARY KEY, v)"
+    a = make_db(folder / "a.db", schema, ("t",))
+    b = make_db(folder / "b.db", schema, ("t",))
+    for key, value in zip(keys, values):
+        a.execute("INSERT OR REPLACE INTO t VALUES (?, ?)", [key, value])
+    sync(a, b, folder)
+    assert rows(b, "t") == rows(a, "t")
+    # Updates and deletes find exactly the right rows, whatever the key looks like.
+    first = a.execute("SELECT k FROM t ORDER BY rowid LIMIT 1").fetchone()[0]
+    a.execute("UPDATE t SET v = 'updated' WHERE k IS ?", [first])
+    a.execute("DELETE FROM t WHERE k IS NOT ? AND rowid = (SELECT max(rowid) FROM t)", [first])
+    sync(a, b, folder)
+    assert rows(b, "t") == rows(a, "t")
+
+
+def test_text_keys_with_nul_are_refused_not_merged(tmp_path):
+    schema = "CREATE TABLE t (k TEXT PRIMARY KEY, v)"
+    a = make_db(tmp_path / "a.db", schema, ("t",))
+    b = make_db(tmp_path / "b.db", schema, ("t",))
+    a.executemany("INSERT INTO t VALUES (?, ?)", [("a\x00b", 1), ("a\x00c", 2)])
+    before = file_bytes(tmp_path / "b.db")
+    with pytest.raises(SyncError, match="primary key value contains a NUL character") as error:
+        sync(a, b, tmp_path)
+    assert error.value.reason == "unsupported_key"
+    assert file_bytes(tmp_path / "b.db") == before
