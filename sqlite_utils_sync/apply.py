@@ -572,12 +572,14 @@ class Importer:
         kinds = self.kinds.get(table.tid, set())
         present = {kind for kind, _ in kinds}
         not_slow = "NOT EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.rowkey)"
-        if INSERT in present:
-            self.fast_inserts(table, columns, full, not_slow, kinds)
-        if UPDATE in present:
-            self.fast_updates(table, columns, not_slow)
+        # Deletes, then updates, then inserts: as a replacement did on the sender, so that a
+        # value freed under a UNIQUE constraint is free before it is used again.
         if DELETE in present:
             self.fast_deletes(table, not_slow)
+        if UPDATE in present:
+            self.fast_updates(table, columns, not_slow)
+        if INSERT in present:
+            self.fast_inserts(table, columns, full, not_slow, kinds)
 
     def fast_inserts(self, table: SyncedTable, columns: list[str], full: int, not_slow: str, kinds) -> None:
         t = quote_identifier(table.name)
@@ -726,7 +728,9 @@ def write_row(
             conn.execute(f"DELETE FROM {t} WHERE {where}", pk_values)
         return
     if present:
-        changes = {c: v for c, v in values.items() if c not in table.pk}
+        # Primary-key columns are written too: 1 and 1.0 are one key, but the type must follow
+        # the latest writer.
+        changes = values
         if changes:
             conn.execute(
                 f"UPDATE {t} SET {', '.join(f'{quote_identifier(c)} = ?' for c in changes)} WHERE {where}",
@@ -734,7 +738,8 @@ def write_row(
             )
         return
     row = dict(values)
-    row.update(zip(table.pk, pk_values))
+    for column, value in zip(table.pk, pk_values):
+        row.setdefault(column, value)
     conn.execute(
         f"INSERT INTO {t} ({', '.join(quote_identifier(c) for c in row)}) VALUES ({', '.join('?' * len(row))})",
         list(row.values()),

@@ -241,12 +241,10 @@ class BundleReader:
             self.header_bytes = headers[0][0]
             digest = hashlib.sha256(FORMAT.encode())
             digest.update(self.header_bytes)
-            self.chunk_count = 0
             for (data,) in self.conn.execute("SELECT data FROM bundle_chunks ORDER BY id"):
                 if not isinstance(data, bytes):
                     raise BundleError("invalid_operation", f"Bundle {name} has a chunk that is not a BLOB")
                 digest.update(data)
-                self.chunk_count += 1
         except sqlite3.Error as ex:
             raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({ex})")
         if digest.hexdigest() != meta.get("sha256") or meta.get("bundle_id") != digest.hexdigest()[:32]:

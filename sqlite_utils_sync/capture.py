@@ -144,8 +144,9 @@ def trigger_sql(table: SyncedTable, columns: list[str], declared: dict[str, str]
 
     mask = " | ".join(f"({changed(c)} << {table.slots[c]})" for c in columns)
     pk_changed = " OR ".join(changed(c) for c in table.pk)
-    new_key = rowkey_sql(f"NEW.{quote_identifier(c)}" for c in table.pk)
-    old_key = rowkey_sql(f"OLD.{quote_identifier(c)}" for c in table.pk)
+    pk_typed = [key_is_canonical((declared or {}).get(c, "")) for c in table.pk]
+    new_key = rowkey_sql((f"NEW.{quote_identifier(c)}" for c in table.pk), pk_typed)
+    old_key = rowkey_sql((f"OLD.{quote_identifier(c)}" for c in table.pk), pk_typed)
     pk_slots = ", ".join(f"c{table.slots[c]}" for c in table.pk)
     old_pk = ", ".join(f"OLD.{quote_identifier(c)}" for c in table.pk)
     return {
@@ -176,6 +177,17 @@ def has_affinity(declared_type: str) -> bool:
     1 and 1.0 to one storage class, so a change between them cannot happen unseen."""
     upper = (declared_type or "").upper()
     return bool(upper) and "BLOB" not in upper
+
+
+def key_is_canonical(declared_type: str) -> bool:
+    """True when the column's affinity can never store an integral REAL (INTEGER and NUMERIC
+    turn 2.0 into 2, TEXT turns numbers into text), so its row key needs no normalising."""
+    upper = (declared_type or "").upper()
+    if "INT" in upper or any(t in upper for t in ("CHAR", "CLOB", "TEXT")):
+        return True
+    if not upper or "BLOB" in upper or any(t in upper for t in ("REAL", "FLOA", "DOUB")):
+        return False
+    return True
 
 
 def declared_types(conn: sqlite3.Connection, table: str) -> dict[str, str]:

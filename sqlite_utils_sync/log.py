@@ -136,10 +136,6 @@ def op_id(device_index: int, seq: int) -> int:
     return (device_index << SEQ_BITS) | seq
 
 
-def split_op(op: int) -> tuple[int, int]:
-    return op >> SEQ_BITS, op & SEQ_MASK
-
-
 def is_enabled(conn: sqlite3.Connection) -> bool:
     return bool(
         conn.execute(
@@ -339,12 +335,22 @@ def parse_rowkey(rowkey: str) -> list[Any]:
     return values
 
 
-def rowkey_sql(expressions: Iterable[str]) -> str:
-    return " || ',' || ".join(f"quote({e})" for e in expressions)
+def rowkey_sql(expressions: Iterable[str], typed: Iterable[bool] | None = None) -> str:
+    """SQL for a row key. SQLite treats 1 and 1.0 as the same key, so an integral REAL is keyed
+    as the integer; ``typed`` marks expressions (columns with type affinity) that can skip that."""
+    expressions = list(expressions)
+    flags = list(typed) if typed is not None else [False] * len(expressions)
+    return " || ',' || ".join(
+        f"quote({e})"
+        if flag
+        else f"(CASE WHEN typeof({e}) = 'real' AND {e} = CAST({e} AS INTEGER) THEN quote(CAST({e} AS INTEGER)) "
+        f"ELSE quote({e}) END)"
+        for e, flag in zip(expressions, flags)
+    )
 
 
 def make_rowkey(conn: sqlite3.Connection, values: list[Any]) -> str:
-    return conn.execute("SELECT " + rowkey_sql("?" for _ in values), values).fetchone()[0]
+    return conn.execute("SELECT " + rowkey_sql(f"?{i + 1}" for i in range(len(values))), values).fetchone()[0]
 
 
 def json_value(value: Any) -> Any:

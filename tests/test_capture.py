@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -215,7 +216,7 @@ SQLITE_VALUES = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("VALUE_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     keys=st.lists(
         st.one_of(
@@ -228,16 +229,19 @@ SQLITE_VALUES = st.one_of(
         max_size=6,
     ),
     values=st.lists(SQLITE_VALUES, min_size=6, max_size=6),
+    key_type=st.sampled_from(["", "REAL", "TEXT", "NUMERIC", "INT", "BLOB"]),
 )
-def test_any_key_and_value_round_trips_exactly(tmp_path_factory, keys, values):
+def test_any_key_and_value_round_trips_exactly(tmp_path_factory, keys, values, key_type):
     folder = tmp_path_factory.mktemp("values")
-    schema = "CREATE TABLE t (k PRIMARY KEY, v)"
+    schema = f"CREATE TABLE t (k {key_type} PRIMARY KEY, v)"
     a = make_db(folder / "a.db", schema, ("t",))
     b = make_db(folder / "b.db", schema, ("t",))
     for key, value in zip(keys, values):
         a.execute("INSERT OR REPLACE INTO t VALUES (?, ?)", [key, value])
     sync(a, b, folder)
     assert rows(b, "t") == rows(a, "t")
+    # Every copy computes the same row key for every operation (it identifies rows in conflicts).
+    assert keys_of(b) == keys_of(a)
     # Updates and deletes find exactly the right rows, whatever the key looks like.
     first = a.execute("SELECT k FROM t ORDER BY rowid LIMIT 1").fetchone()[0]
     a.execute("UPDATE t SET v = 'updated' WHERE k IS ?", [first])
@@ -256,3 +260,11 @@ def test_text_keys_with_nul_are_refused_not_merged(tmp_path):
         sync(a, b, tmp_path)
     assert error.value.reason == "unsupported_key"
     assert file_bytes(tmp_path / "b.db") == before
+
+
+def keys_of(conn):
+    devices = dict(conn.execute("SELECT idx, device_id FROM _sync_devices"))
+    return sorted(
+        (devices[op >> 40], op & (2**40 - 1), rowkey, newkey)
+        for op, rowkey, newkey in conn.execute("SELECT op, rowkey, newkey FROM _sync_ops WHERE tid != 0")
+    )
