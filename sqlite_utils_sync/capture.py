@@ -234,6 +234,15 @@ def drop_triggers(conn: sqlite3.Connection, table: str) -> None:
         conn.execute(f"DROP TRIGGER IF EXISTS {quote_identifier(trigger_name(kind, table))}")
 
 
+def secondary_unique_columns(conn: sqlite3.Connection, table: str) -> list[list[str]]:
+    """Column lists of UNIQUE constraints other than the primary key."""
+    found = []
+    for _, name, unique, origin, _ in conn.execute(f"PRAGMA index_list({quote_identifier(table)})").fetchall():
+        if unique and origin != "pk":
+            found.append([row[2] for row in conn.execute(f"PRAGMA index_info({quote_identifier(name)})")])
+    return found
+
+
 def drifted_tables(conn: sqlite3.Connection) -> dict[str, str]:
     """Synced tables whose capture is missing or stale, with the reason."""
     return {

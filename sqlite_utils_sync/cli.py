@@ -22,6 +22,7 @@ from . import (
     resolve_conflict,
     sync_status,
 )
+from .capture import secondary_unique_columns
 
 DB_PATH = click.Path(exists=True, dir_okay=False, allow_dash=False)
 
@@ -80,10 +81,18 @@ def register(cli: click.Group) -> None:
             sqlite-utils enable-sync data.db todos notes
         """
         with user_errors():
-            logged = enable_sync(open_db(path), list(tables))
+            db = open_db(path)
+            logged = enable_sync(db, list(tables))
         for table, count in logged.items():
             if count:
                 click.echo(f"{table}: logged {count} existing or missed row change(s)", err=True)
+            for columns in secondary_unique_columns(db.conn, table):
+                click.echo(
+                    f"Note: {table} has UNIQUE({', '.join(columns)}): an INSERT OR REPLACE that removes another "
+                    "row because of it is only captured with PRAGMA recursive_triggers=ON "
+                    "(sqlite-utils and Datasette turn it on)",
+                    err=True,
+                )
 
     @cli.command(name="disable-sync")
     @click.argument("path", type=DB_PATH)

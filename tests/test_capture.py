@@ -268,3 +268,25 @@ def keys_of(conn):
         (devices[op >> 40], op & (2**40 - 1), rowkey, newkey)
         for op, rowkey, newkey in conn.execute("SELECT op, rowkey, newkey FROM _sync_ops WHERE tid != 0")
     )
+
+
+def test_enable_sync_notes_secondary_unique_constraints(tmp_path):
+    path = tmp_path / "people.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE people (id INTEGER PRIMARY KEY, email TEXT UNIQUE)")
+    result = CliRunner().invoke(cli, ["enable-sync", str(path), "people"])
+    assert result.exit_code == 0
+    assert "Note: people has UNIQUE(email)" in result.output
+    assert "recursive_triggers=ON" in result.output
+
+
+def test_replace_that_removes_another_row_replicates_with_recursive_triggers(tmp_path):
+    schema = "CREATE TABLE people (id INTEGER PRIMARY KEY, email TEXT UNIQUE)"
+    a = make_db(tmp_path / "a.db", schema, ("people",))
+    b = make_db(tmp_path / "b.db", schema, ("people",))
+    a.execute("INSERT INTO people VALUES (1, 'x@example.com')")
+    sync(a, b, tmp_path)
+    a.execute("PRAGMA recursive_triggers = on")
+    a.execute("INSERT OR REPLACE INTO people VALUES (2, 'x@example.com')")  # removes row 1
+    sync(a, b, tmp_path)
+    assert rows(b, "people") == rows(a, "people") == [(2, "integer", "x@example.com", "text")]
