@@ -128,6 +128,7 @@ def applying(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("UPDATE _sync_state SET applying = 0")
 
 
+CLOCK, MOVED_FROM, KIND_MASK = itemgetter(1), itemgetter(4), itemgetter(2, 3)
 VALID_KINDS = {INSERT, UPDATE, DELETE, INSERT | RESOLUTION, UPDATE | RESOLUTION, DELETE | RESOLUTION}
 
 
@@ -359,7 +360,7 @@ class Importer:
             inserted[idx] = inserted.get(idx, 0) + count
             if tid:
                 self.data_inserted += count
-                self.max_hlc = max(self.max_hlc, max(op[1] for op in ops))
+                self.max_hlc = max(self.max_hlc, max(map(CLOCK, ops)))
             else:
                 self.ticks.extend((idx, op[0], op[4]) for op in ops if op[0] > self.old[idx])
             result.duplicates += len(ops) - count
@@ -376,23 +377,23 @@ class Importer:
     ROW_SET_LIMIT = 200_000
 
     def check_shapes(self, tid: int, ops: list, pk_positions: list[int]) -> None:
-        """Check clocks, kinds and masks while streaming (C-speed set comprehensions), and note
-        which rows the bundle touches more than once: those need the per-row path."""
+        """Check clocks, kinds and masks while streaming (map/itemgetter run at C speed), and
+        note which rows the bundle touches more than once: those need the per-row path."""
         try:
-            if {type(op[1]) for op in ops} != {int}:
+            if set(map(type, map(CLOCK, ops))) != {int}:
                 raise self.fail("invalid_operation", "an operation has a clock that is not an integer")
             if not tid:
                 if {op[2] for op in ops} != {TICK} or not all(type(op[4]) is str for op in ops):
                     raise self.fail("invalid_operation", "a knowledge operation is malformed")
                 return
-            kinds = {(op[2], op[3]) for op in ops}
+            kinds = set(map(KIND_MASK, ops))
             if not all(kind in VALID_KINDS and type(mask) is int for kind, mask in kinds):
                 raise self.fail("invalid_operation", "an operation has an invalid kind or mask")
             self.kinds.setdefault(tid, set()).update((kind & 3, mask) for kind, mask in kinds)
             self.has_resolutions |= any(kind & RESOLUTION for kind, _ in kinds)
             pk_of = itemgetter(*[5 + i for i in pk_positions])
             keys = list(map(pk_of, ops))
-            moved = [(op[4], op[2], pk_of(op)) for op in ops if op[4] is not None]
+            moved = [(op[4], op[2], pk_of(op)) for op in ops if op[4] is not None] if set(map(MOVED_FROM, ops)) != {None} else []
         except (TypeError, IndexError):
             raise self.fail("invalid_operation", "an operation is malformed")
         for old_key, kind, new_key in moved:
@@ -404,7 +405,8 @@ class Importer:
                 raise self.fail("invalid_operation", "an operation has an invalid moved-from key")
             self.repeated.update({(tid, row_identity(old_values)), (tid, new_key)})
         flat = keys if len(pk_positions) == 1 else [v for key in keys for v in key]
-        if any(type(v) is str and "\x00" in v for v in flat):
+        texts = [v for v in flat if type(v) is str] if str in set(map(type, flat)) else []
+        if any("\x00" in v for v in texts):
             # quote() stops at NUL, so such keys could not be told apart: refuse, never merge rows.
             raise self.fail("unsupported_key", "a primary key value contains a NUL character, which sync does not support")
         if self.seen is None:
