@@ -215,6 +215,11 @@ def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
             raise SyncError(
                 "unknown_version", f"{keep} is not a version of conflict {conflict_id}; versions: {', '.join(labels)}"
             )
+        # Columns the resolution writes: the disputed ones while the row stays (so concurrent
+        # edits of other columns still merge), the whole row when it comes back or when the
+        # dispute was about the row's existence. The table and the logged op get the same.
+        disputed = [c for c in record["columns"] if c in columns]
+        changing = disputed if disputed and current is not None else columns
         if keep is None:
             target = current
         else:
@@ -229,11 +234,9 @@ def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
                     target = {names[s]: v for s, v in implied.items() if names[s] in columns}
                 else:
                     target = dict(current)
-                for slot in range(max(table.slots.values()) + 1):
-                    if effect.mask >> slot & 1:
-                        name = next(n for n, s in table.slots.items() if s == slot)
-                        if name in columns:
-                            target[name] = effect.values[slot]
+                for name in changing:
+                    if effect.mask >> table.slots[name] & 1:
+                        target[name] = effect.values[table.slots[name]]
         with applying(conn):
             if target is None:
                 write_row(conn, table, rowkey, False, {}, current is not None)
@@ -241,13 +244,10 @@ def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
                 op = append_local(conn, table.tid, DELETE | RESOLUTION, 0, rowkey, slots=pk_slots)
             else:
                 for pk_column, value in zip(table.pk, parse_rowkey(rowkey)):
-                    target[pk_column] = value
+                    target.setdefault(pk_column, value)
                 write_row(conn, table, rowkey, True, target, current is not None)
                 slots = {table.slots[c]: target.get(c) for c in columns}
-                # Write only the disputed columns when the row stays, so that concurrent edits
-                # of other columns still merge; a row coming back is written whole.
-                disputed = [c for c in record["columns"] if c in columns]
-                mask = table.mask_for(disputed if disputed and current is not None else columns)
+                mask = table.mask_for(changing)
                 kind = (UPDATE if current is not None else INSERT) | RESOLUTION
                 op = append_local(conn, table.tid, kind, mask, rowkey, slots=slots)
         conn.execute("INSERT OR IGNORE INTO _sync_resolutions VALUES (?, ?, ?)", [table.tid, rowkey, op])

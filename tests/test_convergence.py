@@ -9,6 +9,8 @@ import pathlib
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sqlite_utils_sync import list_conflicts, resolve_conflict, sync_status
+from sqlite_utils_sync.apply import reconcile_table
+from sqlite_utils_sync.capture import load_tables
 
 from sync_helpers import conflict_records, knowledge, make_db, rows, sync
 
@@ -56,7 +58,18 @@ def everyone_syncs(devices, folder):
         sync(devices[n - 1], devices[i], folder)
 
 
+def assert_table_matches_its_log(conn):
+    """The table is exactly what its own log implies: a repair would find nothing to log."""
+    conn.execute("BEGIN")
+    try:
+        assert reconcile_table(conn, load_tables(conn)["todos"]) == 0
+    finally:
+        conn.execute("ROLLBACK")
+
+
 def assert_converged(devices):
+    for conn in devices:
+        assert_table_matches_its_log(conn)
     first_rows, first_conflicts = rows(devices[0]), conflict_records(devices[0])
     first_clock, first_knowledge = sync_status(devices[0])["clock"], knowledge(devices[0])
     for other in devices[1:]:

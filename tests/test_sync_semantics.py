@@ -190,3 +190,21 @@ def test_keep_must_name_a_version(tmp_path, trio):
     result = run_cli("sync-resolve", tmp_path / "x.db", conflict["id"], "--keep", "abc:1")
     assert result.exit_code == 1
     assert f"abc:1 is not a version of conflict {conflict['id']}" in result.output
+
+
+def test_keeping_a_version_restores_only_the_disputed_columns(tmp_path, trio):
+    x, y, _ = trio
+    x.execute("INSERT INTO todos VALUES (1, 'milk', 0, 1.0)")
+    sync(x, y, tmp_path)
+    x.execute("UPDATE todos SET title = 'x title' WHERE id = 1")
+    # y rewrites the whole row (an insert writes every column), disagreeing on the title only
+    y.execute("INSERT OR REPLACE INTO todos VALUES (1, 'y title', 0, 1.0)")
+    sync(y, x, tmp_path)
+    x.execute("UPDATE todos SET score = 5.0 WHERE id = 1")  # a later edit, after seeing y's
+    [conflict] = list_conflicts(x)
+    assert conflict["columns"] == ["title"]
+    y_version = next(v["op"] for v in conflict["versions"] if v["values"]["title"] == "y title")
+    resolve_conflict(x, conflict["id"], keep=y_version)
+    assert x.execute("SELECT title, score FROM todos").fetchone() == ("y title", 5.0)
+    sync(x, y, tmp_path)
+    assert rows(y) == rows(x)
