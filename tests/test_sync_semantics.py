@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -121,7 +122,8 @@ def test_update_beating_a_delete_brings_the_row_back_with_winning_values(tmp_pat
     sync(x, y, tmp_path)
     sync(x, z, tmp_path)
     y.execute("DELETE FROM todos WHERE id = 1")
-    x.execute("UPDATE todos SET title = 'later edit' WHERE id = 1")  # later clock wins
+    time.sleep(0.01)  # not a timing assertion: makes the update's clock the later one
+    x.execute("UPDATE todos SET title = 'later edit' WHERE id = 1")
     sync(y, z, tmp_path)  # z applies the delete first
     assert rows(z) == []
     sync(x, z, tmp_path)
