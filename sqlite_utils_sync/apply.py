@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from .bundle import BundleReader, op_fingerprint, parse_clock
-from .capture import SyncedTable, enable_table, load_tables, repair_drift, table_info
+from .capture import SyncedTable, enable_table, load_tables, muted, repair_drift, table_info
 from .errors import BundleError
 from .log import (
     DELETE,
@@ -118,16 +118,6 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("COMMIT")
 
 
-@contextmanager
-def applying(conn: sqlite3.Connection) -> Iterator[None]:
-    """Writes made inside are not captured by the triggers (they are not local edits)."""
-    conn.execute("UPDATE _sync_state SET applying = 1")
-    try:
-        yield
-    finally:
-        conn.execute("UPDATE _sync_state SET applying = 0")
-
-
 CLOCK, MOVED_FROM, KIND_MASK = itemgetter(1), itemgetter(4), itemgetter(2, 3)
 VALID_KINDS = {INSERT, UPDATE, DELETE, INSERT | RESOLUTION, UPDATE | RESOLUTION, DELETE | RESOLUTION}
 
@@ -206,7 +196,7 @@ class Importer:
         self.has_resolutions = False
         self.ticks: list[tuple[int, int, str]] = []
         self.check_anchors()
-        with applying(conn):
+        with muted(conn):
             inserted = self.append_ops(result, local_id)
             self.ranges = self.check_sequences(inserted)
             self.record_knowledge()
@@ -880,7 +870,7 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, adopt: bool = 
         exists, implied = row_state(effects)
         if not exists:
             if by_peer(effects[-1] if effects else None):
-                with applying(conn):
+                with muted(conn):
                     write_row(conn, table, rowkey, False, {}, True)
             else:
                 append_local(conn, table.tid, INSERT, full, rowkey, slots={table.slots[c]: v for c, v in values.items()})
@@ -900,7 +890,7 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, adopt: bool = 
             else:
                 mask |= 1 << slot
         if taken:
-            with applying(conn):
+            with muted(conn):
                 write_row(conn, table, rowkey, True, taken, True)
             values.update(taken)
         if mask:
@@ -913,7 +903,7 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, adopt: bool = 
         if not exists:
             continue
         if by_peer(effects[-1]):
-            with applying(conn):
+            with muted(conn):
                 values = {slot_names[s]: v for s, v in implied.items() if s in slot_names}
                 write_row(conn, table, rowkey, True, values, False)
         else:

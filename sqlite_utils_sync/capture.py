@@ -1,16 +1,19 @@
 """Change capture: the pure-SQL triggers that write ``_sync_ops``, and their upkeep.
 
 The triggers use only built-in SQL functions, so every client that writes the database (the
-``sqlite3`` shell, Python's ``sqlite3``, sqlite-utils, Datasette) is captured. They skip
-writing while ``_sync_state.applying`` is set, which is how applied remote operations stay
-echo-free.
+``sqlite3`` shell, Python's ``sqlite3``, sqlite-utils, Datasette) is captured. While remote
+operations are applied they are dropped inside the importing transaction and re-created
+before it commits (see :func:`muted`), so applied operations stay echo-free at no cost to
+ordinary writes; a crash rolls the drop back with everything else.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 from .errors import SyncError
 from .log import (
@@ -130,7 +133,6 @@ def trigger_sql(table: SyncedTable, columns: list[str], declared: dict[str, str]
     slot_list = ", ".join(f"c{table.slots[c]}" for c in columns)
     full_mask = table.mask_for(columns)
     hlc = f"max({HLC_NOW_SQL}, (SELECT hlc FROM _sync_ops ORDER BY op DESC LIMIT 1) + 1)"
-    when = "(SELECT applying FROM _sync_state) = 0"
 
     def values(prefix: str) -> str:
         return ", ".join(f"{prefix}.{quote_identifier(c)}" for c in columns)
@@ -152,20 +154,20 @@ def trigger_sql(table: SyncedTable, columns: list[str], declared: dict[str, str]
     return {
         "insert": (
             f"CREATE TRIGGER {quote_identifier(trigger_name('insert', table.name))} AFTER INSERT ON {t}\n"
-            f"WHEN {when}\nBEGIN\n"
+            "BEGIN\n"
             f"  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, {slot_list})\n"
             f"  VALUES ({hlc}, {table.tid}, {INSERT}, {full_mask}, {new_key}, {values('NEW')});\nEND"
         ),
         "update": (
             f"CREATE TRIGGER {quote_identifier(trigger_name('update', table.name))} AFTER UPDATE ON {t}\n"
-            f"WHEN {when} AND ({mask}) != 0\nBEGIN\n"
+            f"WHEN ({mask}) != 0\nBEGIN\n"
             f"  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, newkey, {slot_list})\n"
             f"  VALUES ({hlc}, {table.tid}, {UPDATE}, {mask}, {old_key},\n"
             f"    CASE WHEN {pk_changed} THEN {new_key} END, {values('NEW')});\nEND"
         ),
         "delete": (
             f"CREATE TRIGGER {quote_identifier(trigger_name('delete', table.name))} AFTER DELETE ON {t}\n"
-            f"WHEN {when}\nBEGIN\n"
+            "BEGIN\n"
             f"  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, {pk_slots})\n"
             f"  VALUES ({hlc}, {table.tid}, {DELETE}, 0, {old_key}, {old_pk});\nEND"
         ),
@@ -241,6 +243,25 @@ def secondary_unique_columns(conn: sqlite3.Connection, table: str) -> list[list[
         if unique and origin != "pk":
             found.append([row[2] for row in conn.execute(f"PRAGMA index_info({quote_identifier(name)})")])
     return found
+
+
+@contextmanager
+def muted(conn: sqlite3.Connection) -> Iterator[None]:
+    """Writes made inside are not captured (they are not local edits). Call inside a transaction."""
+    saved = []
+    for name in load_tables(conn, enabled_only=True):
+        for kind in TRIGGER_KINDS:
+            row = conn.execute(
+                "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = ?", [trigger_name(kind, name)]
+            ).fetchone()
+            if row:
+                saved.append(row[0])
+                conn.execute(f"DROP TRIGGER {quote_identifier(trigger_name(kind, name))}")
+    try:
+        yield
+    finally:
+        for sql in saved:
+            conn.execute(sql)
 
 
 def drifted_tables(conn: sqlite3.Connection) -> dict[str, str]:

@@ -20,8 +20,8 @@ import json
 import sqlite3
 from typing import Any, Iterable
 
-from .apply import KnowledgeCache, applying, effects_of, fetch_row, row_state, all_effects, transaction, write_row
-from .capture import SyncedTable, load_tables
+from .apply import KnowledgeCache, effects_of, fetch_row, row_state, all_effects, transaction, write_row
+from .capture import SyncedTable, load_tables, muted
 from .errors import SyncError
 from .log import (
     DELETE,
@@ -237,7 +237,7 @@ def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
                 for name in changing:
                     if effect.mask >> table.slots[name] & 1:
                         target[name] = effect.values[table.slots[name]]
-        with applying(conn):
+        with muted(conn):
             if target is None:
                 write_row(conn, table, rowkey, False, {}, current is not None)
                 pk_slots = {table.slots[c]: v for c, v in zip(table.pk, parse_rowkey(rowkey))}

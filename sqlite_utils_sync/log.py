@@ -47,8 +47,7 @@ HLC_NOW_SQL = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1024
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS _sync_state (
     id INTEGER PRIMARY KEY CHECK (id = 1),
-    schema_version INTEGER NOT NULL,
-    applying INTEGER NOT NULL DEFAULT 0
+    schema_version INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS _sync_devices (
     idx INTEGER PRIMARY KEY,
@@ -150,7 +149,7 @@ def ensure_schema(conn: sqlite3.Connection) -> None:
         return
     _exec_script(conn, SCHEMA_SQL)
     conn.execute(
-        "INSERT OR IGNORE INTO _sync_state (id, schema_version, applying) VALUES (1, ?, 0)",
+        "INSERT OR IGNORE INTO _sync_state (id, schema_version) VALUES (1, ?)",
         [SCHEMA_VERSION],
     )
     new_local_identity(conn)
