@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import pathlib
+import shutil
 import sqlite3
 import tempfile
 import urllib.parse
@@ -21,7 +22,7 @@ from typing import Any
 from datasette import Response
 from datasette.resources import TableResource
 from datasette.utils import tilde_encode
-from datasette.utils.asgi import BadRequest, Base400, Forbidden, NotFound
+from datasette.utils.asgi import AsgiFileDownload, BadRequest, Base400, Forbidden, NotFound, asgi_send_file
 from markupsafe import Markup, escape
 
 from sqlite_utils_sync import (
@@ -466,26 +467,49 @@ async def export_endpoint(datasette, request):
         return problem
     since = request.args.get("since") or None
 
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="datasette-sync-"))
+    path = directory / "export.bundle"
+
     def export(conn):
-        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
-            path = pathlib.Path(directory) / "export.bundle"
-            # repair=False: a read connection cannot write, and exporting must not.
-            result = export_bundle(conn, path, since=since, repair=False)
-            return result, path.read_bytes()
+        # repair=False: a read connection cannot write, and exporting must not.
+        return export_bundle(conn, path, since=since, repair=False)
 
     try:
-        result, body = await db.execute_fn(export)
+        result = await db.execute_fn(export)
     except SyncError as ex:
+        shutil.rmtree(directory, ignore_errors=True)
         return error(str(ex), 400, ex.reason)
-    return Response(
-        body,
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return BundleDownload(
+        directory,
+        path,
+        filename=f"{result.bundle_id}.bundle",
         content_type="application/vnd.sqlite3",
-        headers={
-            "X-Sync-Clock": clock_header(result.clock),
-            "X-Sync-Operations": str(result.operations),
-            "Content-Disposition": f'attachment; filename="{result.bundle_id}.bundle"',
-        },
+        headers={"X-Sync-Clock": clock_header(result.clock), "X-Sync-Operations": str(result.operations)},
     )
+
+
+class BundleDownload(AsgiFileDownload):
+    """Streams a bundle from its temporary file (never whole in memory), then removes it."""
+
+    def __init__(self, directory: pathlib.Path, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.directory = directory
+
+    async def asgi_send(self, send):
+        try:
+            await asgi_send_file(
+                send,
+                self.filepath,
+                filename=self.filename,
+                content_type=self.content_type,
+                chunk_size=1 << 16,
+                headers=self.headers,
+            )
+        finally:
+            await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
 
 class TooLarge(Exception):

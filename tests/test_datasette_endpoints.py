@@ -118,7 +118,7 @@ async def test_import_then_export_round_trip(ds, devices, tmp_path, own_tempdir)
     assert leftovers(own_tempdir) == []
 
 
-async def test_export_without_since_is_everything(ds, devices, tmp_path):
+async def test_export_without_since_is_everything(ds, devices, tmp_path, own_tempdir):
     hub = devices[0]
     import_bundle(hub, tmp_path / "phone1.bundle")
     response = await ds.client.get("/hub/-/sync/export", actor=ROOT)
@@ -131,6 +131,10 @@ async def test_export_without_since_is_everything(ds, devices, tmp_path):
     since = json.dumps(sync_status(hub)["clock"])
     response = await ds.client.get("/hub/-/sync/export", params={"since": since}, actor=ROOT)
     assert response.headers["x-sync-operations"] == "0"
+    bad = await ds.client.get("/hub/-/sync/export", params={"since": "{nope"}, actor=ROOT)
+    assert bad.status_code == 400
+    # Bundles are streamed from a temporary file that is gone once the response is sent.
+    assert leftovers(own_tempdir) == []
 
 
 async def test_export_errors(ds):
