@@ -9,12 +9,14 @@ Public API (each function takes a ``sqlite_utils.Database`` or a ``sqlite3.Conne
     list_conflicts(db, include_resolved=False)
     resolve_conflict(db, conflict_id, keep=None)
     new_device(db)
+    sync_with_hub(db, "http://127.0.0.1:8001/data", token=None)
 """
 
 import sqlite_utils
 
 from .apply import ImportResult, import_bundle
 from .bundle import ExportResult
+from .client import HubError, sync_with_hub
 from .conflicts import get_conflict, list_conflicts, resolve_conflict
 from .errors import BundleError, SyncError
 from .sync import disable_sync, enable_sync, export_bundle, new_device, repair, sync_status
@@ -22,6 +24,7 @@ from .sync import disable_sync, enable_sync, export_bundle, new_device, repair, 
 __all__ = [
     "BundleError",
     "ExportResult",
+    "HubError",
     "ImportResult",
     "SyncError",
     "disable_sync",
@@ -34,6 +37,7 @@ __all__ = [
     "repair",
     "resolve_conflict",
     "sync_status",
+    "sync_with_hub",
 ]
 
 
