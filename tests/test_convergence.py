@@ -12,7 +12,7 @@ from sqlite_utils_sync import list_conflicts, resolve_conflict, sync_status
 from sqlite_utils_sync.apply import reconcile_table
 from sqlite_utils_sync.capture import load_tables
 
-from sync_helpers import conflict_records, knowledge, make_db, rows, sync
+from sync_helpers import TODOS, conflict_records, knowledge, make_db, rows, sync
 
 ROW_IDS = st.integers(min_value=1, max_value=3)
 TITLES = st.sampled_from(["milk", "eggs", "bread", None, ""])
@@ -28,12 +28,15 @@ write = st.tuples(
     TITLES,
     DONE,
     SCORES,
+    st.booleans(),  # write the key as a REAL (1.0): the same row as 1 to SQLite
 )
 exchange = st.tuples(st.just("sync"), st.integers(0, 4), st.integers(0, 4))
 resolve = st.tuples(st.just("resolve"), st.integers(0, 4), st.booleans())
 
 
-def do_write(conn, kind, row_id, other_id, title, done, score):
+def do_write(conn, kind, row_id, other_id, title, done, score, as_real=False):
+    if as_real:
+        row_id, other_id = float(row_id), float(other_id)
     exists = conn.execute("SELECT 1 FROM todos WHERE id = ?", [row_id]).fetchone()
     if kind == "insert" and not exists:
         conn.execute("INSERT INTO todos VALUES (?, ?, ?, ?)", [row_id, title, done, score])
@@ -84,17 +87,19 @@ def assert_converged(devices):
     device_count=st.integers(min_value=3, max_value=5),
     steps=st.lists(st.one_of(write, write, write, exchange, resolve), min_size=10, max_size=50),
     recursive=st.booleans(),
+    untyped_key=st.booleans(),
 )
-def test_every_device_converges_to_identical_tables_and_conflicts(device_count, steps, recursive):
+def test_every_device_converges_to_identical_tables_and_conflicts(device_count, steps, recursive, untyped_key):
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
-        devices = [make_db(folder / f"d{i}.db") for i in range(device_count)]
+        schema = TODOS.replace("id INTEGER PRIMARY KEY", "id PRIMARY KEY") if untyped_key else TODOS
+        devices = [make_db(folder / f"d{i}.db", schema) for i in range(device_count)]
         for conn in devices:
             conn.execute(f"PRAGMA recursive_triggers = {'on' if recursive else 'off'}")
         for step in steps:
             if step[0] == "write":
-                _, d, kind, row_id, other_id, title, done, score = step
-                do_write(devices[d % device_count], kind, row_id, other_id, title, done, score)
+                _, d, kind, row_id, other_id, title, done, score, as_real = step
+                do_write(devices[d % device_count], kind, row_id, other_id, title, done, score, as_real and untyped_key)
             elif step[0] == "sync":
                 source, target = step[1] % device_count, step[2] % device_count
                 if source != target:
