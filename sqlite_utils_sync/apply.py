@@ -365,6 +365,7 @@ class Importer:
     # streaming costs a set insert per op (~100 bytes); past ROW_SET_LIMIT keys SQL does it
     # instead, so memory stays bounded (~20 MB) whatever the bundle's size.
     ROW_SET_LIMIT = 200_000
+    WINDOW_IN_PYTHON = 20_000
 
     def check_shapes(self, tid: int, ops: list, pk_positions: list[int]) -> None:
         """Check clocks, kinds and masks while streaming (map/itemgetter run at C speed), and
@@ -512,17 +513,20 @@ class Importer:
             "DELETE FROM temp._sync_wkeys",
         ):
             conn.execute(sql)
-        conn.executemany("INSERT INTO temp._sync_window VALUES (?, ?)", self.window_ranges())
+        window = self.window_ranges()
+        conn.executemany("INSERT INTO temp._sync_window VALUES (?, ?)", window)
         window_ops = "SELECT o.* FROM temp._sync_window w JOIN _sync_ops o NOT INDEXED ON o.op BETWEEN w.lo AND w.hi WHERE o.kind != 3"
-        window_keys = conn.execute(
+        window_keys = (
             f"SELECT tid, rowkey FROM ({window_ops}) UNION SELECT tid, newkey FROM ({window_ops}) WHERE newkey IS NOT NULL"
-        ).fetchall()
+        )
+        # Rows the bundle touches that a concurrent old operation touched too: checked against
+        # the keys seen while streaming when the window is small, in SQL when it is large.
+        in_python = self.seen is not None and sum(hi - lo + 1 for lo, hi in window) <= self.WINDOW_IN_PYTHON
         slow = set(self.repeated)
-        if self.seen is not None:
-            # Rows the bundle touches that a concurrent old operation touched too.
+        if in_python:
             slow.update(
                 (tid, identity)
-                for tid, key in window_keys
+                for tid, key in conn.execute(window_keys)
                 if (identity := row_identity(parse_rowkey(key))) in self.seen.get(tid, ())
             )
         by_arity: dict[int, list] = {}
@@ -532,8 +536,8 @@ class Importer:
         for arity, rows in by_arity.items():
             key = rowkey_sql(f"?{2 + i}" for i in range(arity))
             conn.executemany(f"INSERT OR IGNORE INTO temp._sync_slow VALUES (?1, {key})", rows)
-        if self.seen is None:
-            conn.executemany("INSERT OR IGNORE INTO temp._sync_wkeys VALUES (?, ?)", window_keys)
+        if not in_python:
+            conn.execute(f"INSERT OR IGNORE INTO temp._sync_wkeys {window_keys}")
             new_keys = (
                 self.new_ops("o.tid AS t, o.rowkey AS k", "o.kind != 3")
                 + " UNION ALL "
@@ -543,7 +547,7 @@ class Importer:
                 f"INSERT OR IGNORE INTO temp._sync_slow SELECT t, k FROM ({new_keys}) GROUP BY t, k "
                 "HAVING count(*) > 1 OR EXISTS (SELECT 1 FROM temp._sync_wkeys w WHERE w.tid = t AND w.rowkey = k)"
             )
-        for tid, table in self.applied_tids.items():
+        for table in self.applied_tids.values():
             self.fast_path(table)
         self.slow_path()
         resolutions = []

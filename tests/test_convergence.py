@@ -9,7 +9,7 @@ import pathlib
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sqlite_utils_sync import list_conflicts, resolve_conflict, sync_status
-from sqlite_utils_sync.apply import reconcile_table
+from sqlite_utils_sync.apply import Importer, reconcile_table
 from sqlite_utils_sync.capture import load_tables
 
 from sync_helpers import TODOS, conflict_records, knowledge, make_db, rows, sync
@@ -82,14 +82,35 @@ def assert_converged(devices):
         assert conflict_records(other) == first_conflicts
 
 
-@settings(max_examples=int(os.environ.get("CONVERGENCE_EXAMPLES", "80")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
+SCENARIO = dict(
     device_count=st.integers(min_value=3, max_value=5),
     steps=st.lists(st.one_of(write, write, write, exchange, resolve), min_size=10, max_size=50),
     recursive=st.booleans(),
     untyped_key=st.booleans(),
 )
+EXAMPLES = int(os.environ.get("CONVERGENCE_EXAMPLES", "80"))
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**SCENARIO)
 def test_every_device_converges_to_identical_tables_and_conflicts(device_count, steps, recursive, untyped_key):
+    play(device_count, steps, recursive, untyped_key)
+
+
+@settings(max_examples=max(EXAMPLES // 3, 10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**SCENARIO)
+def test_imports_converge_when_they_take_their_sql_paths(device_count, steps, recursive, untyped_key):
+    # Large bundles and large concurrency windows are checked in SQL instead of in Python
+    # sets; force those paths on the same scenarios.
+    limits = Importer.ROW_SET_LIMIT, Importer.WINDOW_IN_PYTHON
+    Importer.ROW_SET_LIMIT, Importer.WINDOW_IN_PYTHON = -1, -1
+    try:
+        play(device_count, steps, recursive, untyped_key)
+    finally:
+        Importer.ROW_SET_LIMIT, Importer.WINDOW_IN_PYTHON = limits
+
+
+def play(device_count, steps, recursive, untyped_key):
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
         schema = TODOS.replace("id INTEGER PRIMARY KEY", "id PRIMARY KEY") if untyped_key else TODOS
