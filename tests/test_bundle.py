@@ -379,3 +379,36 @@ def test_enabling_a_table_later_adopts_what_peers_wrote_instead_of_deleting_it(t
     sync(hub, a, tmp_path)
     for conn in (a, c):
         assert conn.execute("SELECT id, body FROM notes ORDER BY id").fetchall() == [(1, "one"), (2, "TWO"), (9, "hub's own")]
+
+
+def run_on_a_terminal(*args):
+    """Run a real sqlite-utils command with its stderr on a pseudo-terminal; return that output."""
+    import os
+    import pty
+    import subprocess
+
+    leader, follower = pty.openpty()
+    process = subprocess.run(["sqlite-utils", *map(str, args)], stderr=follower, stdout=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return process.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_and_silent_hides_it(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, 't', 0, 0)", [(i,) for i in range(12000)])
+    code, output = run_on_a_terminal("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle")
+    assert code == 0 and "Exporting" in output and "100%" in output
+    code, output = run_on_a_terminal("import-bundle", tmp_path / "b.db", tmp_path / "x.bundle", "--silent")
+    assert code == 0 and "Importing" not in output
+    assert "Applied 12000 operation(s)" in output
+    assert rows(b) == rows(a)
