@@ -175,6 +175,8 @@ def export_bundle(
     try:
         out = sqlite3.connect(temp, isolation_level=None)
         out.execute("PRAGMA journal_mode = OFF")
+        # Small pages keep small bundles (a handful of ops, the common case) small.
+        out.execute("PRAGMA page_size = 1024")
         out.execute("BEGIN")
         out.execute("CREATE TABLE bundle_meta (key TEXT PRIMARY KEY, value)")
         out.execute("CREATE TABLE bundle_header (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
