@@ -210,3 +210,25 @@ def test_keeping_a_version_restores_only_the_disputed_columns(tmp_path, trio):
     assert x.execute("SELECT title, score FROM todos").fetchone() == ("y title", 5.0)
     sync(x, y, tmp_path)
     assert rows(y) == rows(x)
+
+
+def test_foreign_keys_enforced_on_both_sides(tmp_path):
+    schema = (
+        "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, list_id INTEGER REFERENCES lists(id) ON DELETE CASCADE);"
+        "CREATE TABLE lists (id INTEGER PRIMARY KEY, name TEXT)"
+    )
+    a = make_db(tmp_path / "a.db", schema, ("todos", "lists"))
+    b = make_db(tmp_path / "b.db", schema, ("todos", "lists"))
+    for conn in (a, b):
+        conn.execute("PRAGMA foreign_keys = ON")
+    # Children arrive in the same bundle as their parent, whatever order tables are applied in.
+    a.execute("INSERT INTO lists VALUES (1, 'groceries')")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 1)", [(1, "milk"), (2, "eggs")])
+    sync(a, b, tmp_path)
+    assert rows(b) == rows(a) and rows(b, "lists") == rows(a, "lists")
+    # A cascade on the sender is captured row by row; the receiver ends up the same.
+    a.execute("DELETE FROM lists WHERE id = 1")
+    assert rows(a) == []
+    sync(a, b, tmp_path)
+    assert rows(b) == [] and rows(b, "lists") == []
+    assert b.execute("PRAGMA foreign_key_check").fetchall() == []
