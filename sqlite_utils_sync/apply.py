@@ -357,6 +357,11 @@ class Importer:
             if count and not applied:
                 table_name = self.reader.header["tables"][table_position][0]
                 result.not_applied[table_name] = result.not_applied.get(table_name, 0) + count
+                # Remember exactly which ones, so enabling the table later adopts these and no others.
+                conn.execute(
+                    f"INSERT OR IGNORE INTO _sync_unapplied SELECT {tid}, op FROM _sync_ops WHERE op BETWEEN ? AND ?",
+                    [op_id(idx, max(first, self.old[idx] + 1)), op_id(idx, seqs[-1])],
+                )
             if self.progress:
                 self.progress(len(ops), self.reader.header["operations"])
         return inserted
@@ -820,17 +825,18 @@ def record_clashes(
     return found
 
 
-def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, adopt: bool = False) -> int:
+def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
     """Log the changes the triggers missed: compare the table with the state its log implies.
 
     Used when sync is first enabled (every existing row becomes an insert) and when triggers
     were missing or stale (after ``transform`` or ``ALTER TABLE``): the table is the truth and
     its differences become new local operations.
 
-    :param adopt: the table was not synced while peers' operations for it arrived (kept, not
-        applied). Where a peer wrote last, the table takes the log's value instead of
-        overwriting it; where this device wrote last, the table still wins. Nothing a peer
-        wrote is deleted or reverted by enabling sync.
+    Operations that arrived while the table was not synced were kept but never applied
+    (``_sync_unapplied``). Where one of those wrote last, the table takes the log's value
+    instead of overwriting it: enabling sync never deletes or reverts what a peer wrote.
+    Everywhere else the table wins, including edits made here while sync was disabled.
+
     :returns: how many operations were logged
     """
     t = quote_identifier(table.name)
@@ -848,7 +854,8 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, adopt: bool = 
         )
         return cursor.rowcount
     devices = device_ids(conn)
-    local = local_device_id(conn)
+    unapplied = {op for (op,) in conn.execute("SELECT op FROM _sync_unapplied WHERE tid = ?", [table.tid])}
+    conn.execute("DELETE FROM _sync_unapplied WHERE tid = ?", [table.tid])
     cursor = conn.execute("SELECT * FROM _sync_ops WHERE tid = ? AND kind != 3", [table.tid])
     names = [d[0] for d in cursor.description]
     history: dict[str, list[Effect]] = {}
@@ -863,7 +870,7 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, adopt: bool = 
     slot_names = {slot: name for name, slot in table.slots.items() if name in columns}
 
     def by_peer(effect: Effect | None) -> bool:
-        return adopt and effect is not None and effect.key[1] != local
+        return effect is not None and effect.op in unapplied
 
     logged = 0
     seen = set()

@@ -289,7 +289,7 @@ def enable_table(conn: sqlite3.Connection, name: str) -> int:
     if current == trigger_sql(table, columns, declared_types(conn, name)) and previous and previous.enabled:
         return 0
     install_triggers(conn, table, columns)
-    return reconcile_table(conn, table, adopt=previous is not None and not previous.enabled)
+    return reconcile_table(conn, table)
 
 
 def repair_drift(conn: sqlite3.Connection) -> dict[str, int]:

@@ -76,6 +76,12 @@ CREATE TABLE IF NOT EXISTS _sync_knowledge (
     clock TEXT NOT NULL,
     PRIMARY KEY (device, from_seq)
 ) WITHOUT ROWID;
+-- Operations kept for a table this database did not sync when they arrived: not applied yet.
+CREATE TABLE IF NOT EXISTS _sync_unapplied (
+    tid INTEGER NOT NULL,
+    op INTEGER NOT NULL,
+    PRIMARY KEY (tid, op)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS _sync_peers (
     device_id TEXT PRIMARY KEY,
     clock TEXT NOT NULL,

@@ -412,3 +412,21 @@ def test_progress_bar_on_a_terminal_and_silent_hides_it(tmp_path):
     assert code == 0 and "Importing" not in output
     assert "Applied 12000 operation(s)" in output
     assert rows(b) == rows(a)
+
+
+def test_reenabling_keeps_local_edits_made_while_disabled_and_adopts_what_arrived(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(1, "one"), (2, "two")])
+    sync(a, b, tmp_path)  # b applies a's rows: a is their latest writer on b
+    assert run_cli("disable-sync", tmp_path / "b.db", "todos").exit_code == 0
+    b.execute("UPDATE todos SET title = 'edited on b while disabled' WHERE id = 1")
+    a.execute("UPDATE todos SET title = 'TWO' WHERE id = 2")
+    sync(a, b, tmp_path)  # kept, not applied
+    assert b.execute("SELECT title FROM todos WHERE id = 2").fetchone() == ("two",)
+    assert run_cli("enable-sync", tmp_path / "b.db", "todos").exit_code == 0
+    assert b.execute("SELECT id, title FROM todos ORDER BY id").fetchall() == [
+        (1, "edited on b while disabled"),
+        (2, "TWO"),
+    ]
+    sync(b, a, tmp_path)
+    assert rows(a) == rows(b)
