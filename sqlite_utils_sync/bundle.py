@@ -8,8 +8,9 @@ A bundle has three tables::
 
 Each op is ``[seq, hlc, kind, mask, moved_from, value...]`` with the values in the order of
 the header's column list for that table; ``moved_from`` is the old row key of a primary-key
-move (``None`` otherwise), and for a tick the clock it records. ``sha256`` covers the header and every chunk in
-order, so every byte that gets applied is checked before anything is applied; the bundle id
+move (``None`` otherwise), and for a tick the clock it records. ``sha256`` covers every chunk in
+order and then the header, so every byte that gets applied is checked before anything is
+applied, and a writer can stream chunks to the file before it knows the header; the bundle id
 is derived from it. Readers open the file read-only and only ever ``SELECT`` from those three
 tables, after checking they are plain tables: nothing in a bundle is executed.
 """
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterator
 
 import msgpack
 
+from .capture import load_tables
 from .errors import BundleError
 from .log import (
     SEQ_MASK,
@@ -83,9 +85,10 @@ def export_bundle(
     since: dict[str, int] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ExportResult:
-    """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``."""
-    from .capture import load_tables
+    """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``.
 
+    Chunks go to the file as they are made, so memory stays at one chunk whatever the size.
+    """
     since = since or {}
     devices = device_ids(conn)
     tables = load_tables(conn)
@@ -93,10 +96,6 @@ def export_bundle(
     header_devices: list[str] = []
     header_tables: list[list] = []
     table_index: dict[int, tuple[int, list[int]]] = {}
-    chunks: list[bytes] = []
-    count = 0
-    slot_count = sum(1 for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1].startswith("c"))
-    slot_columns = ", ".join(f"c{i}" for i in range(slot_count))
 
     def table_entry(tid: int) -> tuple[int, list[int]]:
         if tid not in table_index:
@@ -107,10 +106,75 @@ def export_bundle(
             header_tables.append([table.name, columns, table.pk])
         return table_index[tid]
 
-    total = sum(max(0, max_seq(conn, idx) - since.get(d, 0)) for idx, d in devices.items())
+    tops = {idx: max_seq(conn, idx) for idx in devices}
+    total = sum(max(0, tops[idx] - since.get(d, 0)) for idx, d in devices.items())
+    target = pathlib.Path(path)
+    fd, temp = tempfile.mkstemp(prefix=".bundle-", dir=target.parent or ".")
+    os.close(fd)
+    out = sqlite3.connect(temp, isolation_level=None)
+    digest = hashlib.sha256(FORMAT.encode())
+
+    def write_chunk(device_position: int, key: int, run: list) -> None:
+        data = msgpack.packb([device_position, key, run])
+        digest.update(data)
+        out.execute("INSERT INTO bundle_chunks (data) VALUES (?)", [data])
+        if progress:
+            progress(len(run), total)
+
+    try:
+        out.execute("PRAGMA journal_mode = OFF")
+        # Small pages keep small bundles (a handful of ops, the common case) small.
+        out.execute("PRAGMA page_size = 1024")
+        out.execute("BEGIN")
+        out.execute("CREATE TABLE bundle_meta (key TEXT PRIMARY KEY, value)")
+        out.execute("CREATE TABLE bundle_header (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+        out.execute("CREATE TABLE bundle_chunks (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+        count = write_operations(conn, since, devices, tops, table_entry, write_chunk, header_devices)
+        current = clock(conn)
+        header = msgpack.packb(
+            {
+                "anchors": anchors_for(conn, since, devices),
+                "source": local_device_id(conn),
+                "created": now_iso(),
+                "clock": current,
+                "since": since,
+                "devices": header_devices,
+                "tables": header_tables,
+                "operations": count,
+            }
+        )
+        digest.update(header)
+        sha = digest.hexdigest()
+        out.execute("INSERT INTO bundle_header VALUES (1, ?)", [header])
+        out.executemany(
+            "INSERT INTO bundle_meta VALUES (?, ?)", [("format", FORMAT), ("sha256", sha), ("bundle_id", sha[:32])]
+        )
+        out.execute("COMMIT")
+        out.close()  # before the rename: the file must be complete
+        os.replace(temp, target)
+    finally:
+        out.close()
+        if os.path.exists(temp):
+            os.remove(temp)
+    return ExportResult(sha[:32], local_device_id(conn), count, target.stat().st_size, current)
+
+
+def write_operations(
+    conn: sqlite3.Connection,
+    since: dict[str, int],
+    devices: dict[int, str],
+    tops: dict[int, int],
+    table_entry: Callable[[int], tuple[int, list[int]]],
+    write_chunk: Callable[[int, int, list], None],
+    header_devices: list[str],
+) -> int:
+    """Stream each device's operations after ``since`` as runs of one table, up to CHUNK_OPS."""
+    slot_count = sum(1 for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1].startswith("c"))
+    slot_columns = ", ".join(f"c{i}" for i in range(slot_count))
+    count = 0
     for idx in sorted(devices):
         start = since.get(devices[idx], 0)
-        if max_seq(conn, idx) <= start:
+        if tops[idx] <= start:
             continue
         device_position = len(header_devices)
         header_devices.append(devices[idx])
@@ -128,9 +192,7 @@ def export_bundle(
                 key, slots = table_entry(tid)
             if key != run_key or len(run) >= CHUNK_OPS:
                 if run:
-                    chunks.append(msgpack.packb([device_position, run_key, run]))
-                    if progress:
-                        progress(len(run), total)
+                    write_chunk(device_position, run_key, run)
                 run_key, run = key, []
             # Row keys are not sent: the receiver derives them from the primary-key values it
             # stores, so they cannot disagree. Only a move sends the key it moved from.
@@ -138,62 +200,20 @@ def export_bundle(
             run.append([row[0] & SEQ_MASK, row[1], row[3], row[4], moved_from, *[row[7 + s] for s in slots]])
             count += 1
         if run:
-            chunks.append(msgpack.packb([device_position, run_key, run]))
-            if progress:
-                progress(len(run), total)
+            write_chunk(device_position, run_key, run)
+    return count
 
-    current = clock(conn)
-    # The last op the receiver already has from each device, as we have it: if the receiver's
-    # copy differs, two databases are writing under one device id (a copied file).
+
+def anchors_for(conn: sqlite3.Connection, since: dict[str, int], devices: dict[int, str]) -> dict[str, list]:
+    """The last op the receiver already has from each device, as we have it: if the receiver's
+    copy differs, two databases are writing under one device id (a copied file)."""
     anchors = {}
     for idx, device in devices.items():
         seq = since.get(device, 0)
         fingerprint = seq and op_fingerprint(conn, op_id(idx, seq))
         if fingerprint:
             anchors[device] = [seq, fingerprint]
-    header = msgpack.packb(
-        {
-            "anchors": anchors,
-            "source": local_device_id(conn),
-            "created": now_iso(),
-            "clock": current,
-            "since": since,
-            "devices": header_devices,
-            "tables": header_tables,
-            "operations": count,
-        }
-    )
-    digest = hashlib.sha256(FORMAT.encode())
-    digest.update(header)
-    for chunk in chunks:
-        digest.update(chunk)
-    sha = digest.hexdigest()
-    bundle_id = sha[:32]
-    target = pathlib.Path(path)
-    fd, temp = tempfile.mkstemp(prefix=".bundle-", dir=target.parent or ".")
-    os.close(fd)
-    try:
-        out = sqlite3.connect(temp, isolation_level=None)
-        out.execute("PRAGMA journal_mode = OFF")
-        # Small pages keep small bundles (a handful of ops, the common case) small.
-        out.execute("PRAGMA page_size = 1024")
-        out.execute("BEGIN")
-        out.execute("CREATE TABLE bundle_meta (key TEXT PRIMARY KEY, value)")
-        out.execute("CREATE TABLE bundle_header (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
-        out.execute("CREATE TABLE bundle_chunks (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
-        out.executemany(
-            "INSERT INTO bundle_meta VALUES (?, ?)",
-            [("format", FORMAT), ("sha256", sha), ("bundle_id", bundle_id)],
-        )
-        out.execute("INSERT INTO bundle_header VALUES (1, ?)", [header])
-        out.executemany("INSERT INTO bundle_chunks (data) VALUES (?)", ((c,) for c in chunks))
-        out.execute("COMMIT")
-        out.close()
-        os.replace(temp, target)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-    return ExportResult(bundle_id, local_device_id(conn), count, target.stat().st_size, current)
+    return anchors
 
 
 def op_fingerprint(conn: sqlite3.Connection, op: int) -> str | None:
@@ -242,11 +262,11 @@ class BundleReader:
                 raise BundleError("invalid_metadata", f"Bundle {name} must have exactly one header")
             self.header_bytes = headers[0][0]
             digest = hashlib.sha256(FORMAT.encode())
-            digest.update(self.header_bytes)
             for (data,) in self.conn.execute("SELECT data FROM bundle_chunks ORDER BY id"):
                 if not isinstance(data, bytes):
                     raise BundleError("invalid_operation", f"Bundle {name} has a chunk that is not a BLOB")
                 digest.update(data)
+            digest.update(self.header_bytes)
         except sqlite3.Error as ex:
             raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({ex})")
         if digest.hexdigest() != meta.get("sha256") or meta.get("bundle_id") != digest.hexdigest()[:32]:

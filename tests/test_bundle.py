@@ -130,9 +130,9 @@ def reseal(conn):
     import hashlib
 
     digest = hashlib.sha256(FORMAT.encode())
-    digest.update(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
     for (data,) in conn.execute("SELECT data FROM bundle_chunks ORDER BY id"):
         digest.update(data)
+    digest.update(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
     sha = digest.hexdigest()
     conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'sha256'", [sha])
     conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'bundle_id'", [sha[:32]])
