@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from .bundle import BundleReader, op_fingerprint, parse_clock
-from .capture import SyncedTable, enable_table, load_tables, muted, repair_drift, table_info
+from .capture import SyncedTable, enable_table, load_tables, muted, register_table, repair_drift, table_info
 from .errors import BundleError
 from .log import (
     DELETE,
@@ -46,7 +46,6 @@ from .log import (
     device_ids,
     device_index,
     ensure_schema,
-    ensure_slots,
     knowledge_at,
     local_device_id,
     max_seq,
@@ -244,7 +243,9 @@ class Importer:
                     enable_table(conn, name)
                     local = load_tables(conn)[name]
                 else:
-                    self.tables.append((*self.register_unapplied(name, columns, pk), [columns.index(c) for c in pk]))
+                    # Not synced here: store and relay its operations, never apply them.
+                    kept = register_table(conn, name, columns, pk, enabled=False)
+                    self.tables.append((kept.tid, [kept.slots[c] for c in columns], False, [columns.index(c) for c in pk]))
                     continue
             current = [row[1] for row in table_info(conn, name)]
             missing = [c for c in columns if c not in current]
@@ -263,25 +264,6 @@ class Importer:
                 raise self.fail("pk_mismatch", f"table '{name}' has primary key {pk} here it is {local.pk}")
             self.tables.append((local.tid, [local.slots[c] for c in columns], True, [columns.index(c) for c in pk]))
             self.applied_tids[local.tid] = local
-
-    def register_unapplied(self, name: str, columns: list[str], pk: list[str]) -> tuple[int, list[int], bool]:
-        """Keep operations for a table this database does not sync: stored and relayed, not applied."""
-        conn = self.conn
-        row = conn.execute("SELECT tid, columns FROM _sync_tables WHERE name = ?", [name]).fetchone()
-        slots = json.loads(row[1]) if row else {}
-        for column in columns:
-            if column not in slots:
-                slots[column] = max(slots.values(), default=-1) + 1
-        if row:
-            conn.execute("UPDATE _sync_tables SET columns = ? WHERE tid = ?", [json.dumps(slots), row[0]])
-            tid = row[0]
-        else:
-            tid = conn.execute(
-                "INSERT INTO _sync_tables (name, columns, pk, enabled) VALUES (?, ?, ?, 0)",
-                [name, json.dumps(slots), json.dumps(pk)],
-            ).lastrowid
-        ensure_slots(conn, max(slots.values()) + 1)
-        return tid, [slots[c] for c in columns], False
 
     def check_anchors(self) -> None:
         """Refuse a bundle whose sender has a different op under an id we hold: two databases

@@ -99,8 +99,14 @@ def check_can_sync(conn: sqlite3.Connection, table: str) -> tuple[list[str], lis
     return columns, pk
 
 
-def register_table(conn: sqlite3.Connection, table: str, columns: list[str], pk: list[str]) -> SyncedTable:
-    """Record ``table`` in ``_sync_tables``, giving new columns the next free slots."""
+def register_table(
+    conn: sqlite3.Connection, table: str, columns: list[str], pk: list[str], enabled: bool = True
+) -> SyncedTable:
+    """Record ``table`` in ``_sync_tables``, giving new columns the next free slots.
+
+    ``enabled=False`` registers a table this database does not sync, so that operations for
+    it can be stored and relayed.
+    """
     row = conn.execute("SELECT tid, columns FROM _sync_tables WHERE name = ?", [table]).fetchone()
     slots: dict[str, int] = json.loads(row[1]) if row else {}
     for column in columns:
@@ -110,17 +116,17 @@ def register_table(conn: sqlite3.Connection, table: str, columns: list[str], pk:
         raise SyncError("too_many_columns", f"Table '{table}' has used more than {MAX_COLUMNS} column slots")
     if row:
         conn.execute(
-            "UPDATE _sync_tables SET columns = ?, pk = ?, enabled = 1 WHERE tid = ?",
-            [json.dumps(slots), json.dumps(pk), row[0]],
+            "UPDATE _sync_tables SET columns = ?, pk = ?, enabled = ? WHERE tid = ?",
+            [json.dumps(slots), json.dumps(pk), enabled, row[0]],
         )
         tid = row[0]
     else:
         tid = conn.execute(
-            "INSERT INTO _sync_tables (name, columns, pk, enabled) VALUES (?, ?, ?, 1)",
-            [table, json.dumps(slots), json.dumps(pk)],
+            "INSERT INTO _sync_tables (name, columns, pk, enabled) VALUES (?, ?, ?, ?)",
+            [table, json.dumps(slots), json.dumps(pk), enabled],
         ).lastrowid
     ensure_slots(conn, max(slots.values()) + 1)
-    return SyncedTable(tid, table, slots, pk, True)
+    return SyncedTable(tid, table, slots, pk, enabled)
 
 
 def trigger_sql(table: SyncedTable, columns: list[str], declared: dict[str, str] | None = None) -> dict[str, str]:
