@@ -371,7 +371,9 @@ class Importer:
             self.has_resolutions |= any(kind & RESOLUTION for kind, _ in kinds)
             pk_of = itemgetter(*[5 + i for i in pk_positions])
             keys = list(map(pk_of, ops))
-            moved = [(op[4], op[2], pk_of(op)) for op in ops if op[4] is not None] if set(map(MOVED_FROM, ops)) != {None} else []
+            moved = []
+            if set(map(MOVED_FROM, ops)) != {None}:
+                moved = [(op[4], op[2], pk_of(op)) for op in ops if op[4] is not None]
         except (TypeError, IndexError):
             raise self.fail("invalid_operation", "an operation is malformed")
         for old_key, kind, new_key in moved:
@@ -603,12 +605,14 @@ class Importer:
             + f") o WHERE {not_slow})"
         )
 
-    def slow_path(self) -> int:
+    def slow_path(self) -> None:
         """Rows with several new operations or concurrent ones: resolve each row in Python."""
         conn = self.conn
         self.clashed_rows: set[tuple[int, str]] = set()
-        if not conn.execute("SELECT 1 FROM temp._sync_slow LIMIT 1").fetchone():
-            return 0
+        # Unpacked: a Datasette connection returns sqlite3.Row objects, which never equal tuples.
+        slow = {(tid, rowkey) for tid, rowkey in conn.execute("SELECT tid, rowkey FROM temp._sync_slow")}
+        if not slow:
+            return
         devices = device_ids(conn)
         on_slow = (
             "(EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.rowkey) "
@@ -624,27 +628,17 @@ class Importer:
                 f"WHERE o.kind != 3 AND {on_slow}",
             ),
         ):
-            cursor = conn.execute(sql)
-            names = [d[0] for d in cursor.description]
-            for row in cursor:
-                record = dict(zip(names, row))
-                table = tables[record["tid"]]
-                for rowkey, effect in effects_of(record, table, devices, new):
-                    rows.setdefault((record["tid"], rowkey), []).append(effect)
+            for tid, rowkey, effect in cursor_effects(conn.execute(sql), tables, devices, new):
+                rows.setdefault((tid, rowkey), []).append(effect)
         knowledge = KnowledgeCache(conn)
         for (tid, rowkey), effects in rows.items():
             table = self.applied_tids.get(tid)
-            if table is None or not any(e.new for e in effects):
-                continue
-            if conn.execute(
-                "SELECT 1 FROM temp._sync_slow WHERE tid = ? AND rowkey = ?", [tid, rowkey]
-            ).fetchone() is None:
+            if table is None or (tid, rowkey) not in slow or not any(e.new for e in effects):
                 continue
             effects.sort(key=lambda e: e.key)
             apply_row(conn, table, rowkey, effects)
             if record_clashes(conn, table, rowkey, effects, knowledge):
                 self.clashed_rows.add((tid, rowkey))
-        return 0
 
 
 def effects_of(record: dict[str, Any], table: SyncedTable, devices: dict[int, str], new: bool) -> list[tuple[str, Effect]]:
@@ -666,35 +660,53 @@ def effects_of(record: dict[str, Any], table: SyncedTable, devices: dict[int, st
     return [(record["rowkey"], Effect(op, key, True, record["mask"] & all_slots, values, new, resolution))]
 
 
-def row_state(effects: list[Effect]) -> tuple[bool, dict[int, Any]]:
-    """The row implied by all its operations (sorted by key): does it exist, and its values."""
-    values: dict[int, Any] = {}
+def cursor_effects(
+    cursor: sqlite3.Cursor, tables: dict[int, SyncedTable], devices: dict[int, str], new: bool
+) -> Iterator[tuple[int, str, Effect]]:
+    """``(tid, row key, effect)`` for every row effect of the operations a cursor returns."""
+    names = [d[0] for d in cursor.description]
+    for row in cursor:
+        record = dict(zip(names, row))
+        for rowkey, effect in effects_of(record, tables[record["tid"]], devices, new):
+            yield record["tid"], rowkey, effect
+
+
+def latest_writers(effects: list[Effect]) -> dict[int, Effect]:
+    """For each column slot, the latest operation (effects sorted by key) that wrote it."""
+    writers: dict[int, Effect] = {}
     for effect in effects:
         if effect.write:
             for slot in bits(effect.mask):
-                values[slot] = effect.values[slot]
+                writers[slot] = effect
+    return writers
+
+
+def row_state(effects: list[Effect]) -> tuple[bool, dict[int, Any]]:
+    """The row implied by all its operations (sorted by key): does it exist, and its values."""
+    values = {slot: effect.values[slot] for slot, effect in latest_writers(effects).items()}
     return bool(effects) and effects[-1].write, values
 
 
 def all_effects(conn: sqlite3.Connection, table: SyncedTable, rowkey: str) -> list[Effect]:
     """Every operation ever recorded on one row (a log scan: only for restoring deleted rows)."""
-    devices = device_ids(conn)
     cursor = conn.execute(
         "SELECT * FROM _sync_ops WHERE tid = ? AND (rowkey = ? OR newkey = ?)", [table.tid, rowkey, rowkey]
     )
-    names = [d[0] for d in cursor.description]
-    effects = []
-    for row in cursor:
-        for key, effect in effects_of(dict(zip(names, row)), table, devices, False):
-            if key == rowkey:
-                effects.append(effect)
+    effects = [e for _, key, e in cursor_effects(cursor, {table.tid: table}, device_ids(conn), False) if key == rowkey]
     return sorted(effects, key=lambda e: e.key)
 
 
+def key_slots(table: SyncedTable, rowkey: str) -> dict[int, Any]:
+    """A row's primary-key values by slot: what a delete operation carries."""
+    return {table.slots[c]: v for c, v in zip(table.pk, parse_rowkey(rowkey))}
+
+
+def pk_where(table: SyncedTable) -> str:
+    return " AND ".join(f"{quote_identifier(c)} IS ?" for c in table.pk)
+
+
 def fetch_row(conn: sqlite3.Connection, table: SyncedTable, rowkey: str) -> dict[str, Any] | None:
-    pk_values = parse_rowkey(rowkey)
-    where = " AND ".join(f"{quote_identifier(c)} IS ?" for c in table.pk)
-    cursor = conn.execute(f"SELECT * FROM {quote_identifier(table.name)} WHERE {where}", pk_values)
+    cursor = conn.execute(f"SELECT * FROM {quote_identifier(table.name)} WHERE {pk_where(table)}", parse_rowkey(rowkey))
     row = cursor.fetchone()
     return None if row is None else dict(zip([d[0] for d in cursor.description], row))
 
@@ -705,7 +717,7 @@ def write_row(
     """Make the table's row match: delete it, insert it, or update the given columns."""
     t = quote_identifier(table.name)
     pk_values = parse_rowkey(rowkey)
-    where = " AND ".join(f"{quote_identifier(c)} IS ?" for c in table.pk)
+    where = pk_where(table)
     if not exists:
         if present:
             conn.execute(f"DELETE FROM {t} WHERE {where}", pk_values)
@@ -713,11 +725,10 @@ def write_row(
     if present:
         # Primary-key columns are written too: 1 and 1.0 are one key, but the type must follow
         # the latest writer.
-        changes = values
-        if changes:
+        if values:
             conn.execute(
-                f"UPDATE {t} SET {', '.join(f'{quote_identifier(c)} = ?' for c in changes)} WHERE {where}",
-                [*changes.values(), *pk_values],
+                f"UPDATE {t} SET {', '.join(f'{quote_identifier(c)} = ?' for c in values)} WHERE {where}",
+                [*values.values(), *pk_values],
             )
         return
     row = dict(values)
@@ -741,11 +752,7 @@ def apply_row(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effects
         _, values = row_state(all_effects(conn, table, rowkey))
         write_row(conn, table, rowkey, True, {names[s]: v for s, v in values.items() if s in names}, False)
         return
-    winners: dict[int, Effect] = {}
-    for effect in effects:
-        if effect.write:
-            for slot in bits(effect.mask):
-                winners[slot] = effect
+    winners = latest_writers(effects)
     changes = {names[s]: e.values[s] for s, e in winners.items() if e.new and s in names}
     write_row(conn, table, rowkey, exists, changes, current is not None)
 
@@ -839,11 +846,9 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
     unapplied = {op for (op,) in conn.execute("SELECT op FROM _sync_unapplied WHERE tid = ?", [table.tid])}
     conn.execute("DELETE FROM _sync_unapplied WHERE tid = ?", [table.tid])
     cursor = conn.execute("SELECT * FROM _sync_ops WHERE tid = ? AND kind != 3", [table.tid])
-    names = [d[0] for d in cursor.description]
     history: dict[str, list[Effect]] = {}
-    for row in cursor:
-        for rowkey, effect in effects_of(dict(zip(names, row)), table, devices, False):
-            history.setdefault(rowkey, []).append(effect)
+    for _, rowkey, effect in cursor_effects(cursor, {table.tid: table}, devices, False):
+        history.setdefault(rowkey, []).append(effect)
     for effects in history.values():
         effects.sort(key=lambda e: e.key)
     defaults = {}
@@ -856,6 +861,7 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
 
     logged = 0
     seen = set()
+    adopted: list[tuple[str, bool, dict[str, Any], bool]] = []  # write_row arguments
     for row in conn.execute(f"SELECT {key} AS _rowkey, * FROM {t}").fetchall():
         rowkey, values = row[0], dict(zip(columns, row[1:]))
         seen.add(rowkey)
@@ -863,16 +869,12 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
         exists, implied = row_state(effects)
         if not exists:
             if by_peer(effects[-1] if effects else None):
-                with muted(conn):
-                    write_row(conn, table, rowkey, False, {}, True)
+                adopted.append((rowkey, False, {}, True))
             else:
                 append_local(conn, table.tid, INSERT, full, rowkey, slots={table.slots[c]: v for c, v in values.items()})
                 logged += 1
             continue
-        writers: dict[int, Effect] = {}
-        for effect in effects:
-            if effect.write:
-                writers.update((slot, effect) for slot in bits(effect.mask))
+        writers = latest_writers(effects)
         mask, taken = 0, {}
         for column, value in values.items():
             slot = table.slots[column]
@@ -883,8 +885,7 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
             else:
                 mask |= 1 << slot
         if taken:
-            with muted(conn):
-                write_row(conn, table, rowkey, True, taken, True)
+            adopted.append((rowkey, True, taken, True))
             values.update(taken)
         if mask:
             append_local(conn, table.tid, UPDATE, mask, rowkey, slots={table.slots[c]: v for c, v in values.items()})
@@ -896,11 +897,13 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
         if not exists:
             continue
         if by_peer(effects[-1]):
-            with muted(conn):
-                values = {slot_names[s]: v for s, v in implied.items() if s in slot_names}
-                write_row(conn, table, rowkey, True, values, False)
+            adopted.append((rowkey, True, {slot_names[s]: v for s, v in implied.items() if s in slot_names}, False))
         else:
-            pk_slots = {table.slots[c]: v for c, v in zip(table.pk, parse_rowkey(rowkey))}
-            append_local(conn, table.tid, DELETE, 0, rowkey, slots=pk_slots)
+            append_local(conn, table.tid, DELETE, 0, rowkey, slots=key_slots(table, rowkey))
             logged += 1
+    if adopted:
+        # Taking a peer's value is not a local edit: write it with capture muted, once.
+        with muted(conn):
+            for arguments in adopted:
+                write_row(conn, table, *arguments)
     return logged

@@ -20,7 +20,7 @@ import json
 import sqlite3
 from typing import Any, Iterable
 
-from .apply import KnowledgeCache, effects_of, fetch_row, row_state, all_effects, transaction, write_row
+from .apply import KnowledgeCache, all_effects, effects_of, fetch_row, key_slots, row_state, transaction, write_row
 from .capture import SyncedTable, load_tables, muted
 from .errors import SyncError
 from .log import (
@@ -240,8 +240,7 @@ def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
         with muted(conn):
             if target is None:
                 write_row(conn, table, rowkey, False, {}, current is not None)
-                pk_slots = {table.slots[c]: v for c, v in zip(table.pk, parse_rowkey(rowkey))}
-                op = append_local(conn, table.tid, DELETE | RESOLUTION, 0, rowkey, slots=pk_slots)
+                op = append_local(conn, table.tid, DELETE | RESOLUTION, 0, rowkey, slots=key_slots(table, rowkey))
             else:
                 for pk_column, value in zip(table.pk, parse_rowkey(rowkey)):
                     target.setdefault(pk_column, value)
