@@ -25,7 +25,7 @@ def rows(conn: sqlite3.Connection, table: str = "todos") -> list[tuple[Any, ...]
     t = quote(table)
     columns = [quote(r[1]) for r in conn.execute(f"PRAGMA table_info({t})")]
     select = ", ".join(f"{c}, typeof({c})" for c in columns)
-    return conn.execute(f"SELECT {select} FROM {t} ORDER BY 1, 3").fetchall()
+    return [tuple(row) for row in conn.execute(f"SELECT {select} FROM {t} ORDER BY 1, 3")]
 
 
 def quote(name: str) -> str:
@@ -53,7 +53,8 @@ def file_bytes(path: pathlib.Path | str) -> bytes:
 def knowledge(conn: sqlite3.Connection) -> list[tuple]:
     """Every device's knowledge epochs (what its ops from ``from_seq`` on had seen), by device id."""
     return sorted(
-        conn.execute(
+        tuple(row)
+        for row in conn.execute(
             "SELECT d.device_id, k.from_seq, k.clock FROM _sync_knowledge k JOIN _sync_devices d ON d.idx = k.device"
-        ).fetchall()
+        )
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import tempfile
 import pathlib
 
@@ -115,8 +116,11 @@ def play(device_count, steps, recursive, untyped_key):
         folder = pathlib.Path(tmp)
         schema = TODOS.replace("id INTEGER PRIMARY KEY", "id PRIMARY KEY") if untyped_key else TODOS
         devices = [make_db(folder / f"d{i}.db", schema) for i in range(device_count)]
-        for conn in devices:
+        for i, conn in enumerate(devices):
             conn.execute(f"PRAGMA recursive_triggers = {'on' if recursive else 'off'}")
+            if i % 2:
+                conn.row_factory = sqlite3.Row  # as Datasette's connections are
+
         for step in steps:
             if step[0] == "write":
                 _, d, kind, row_id, other_id, title, done, score, as_real = step
