@@ -93,6 +93,7 @@ class Effect(NamedTuple):
     values: dict[int, Any]
     new: bool
     resolution: bool
+    kind: int  # the operation's kind (INSERT, UPDATE, DELETE), without the resolution flag
 
 
 @contextmanager
@@ -651,13 +652,13 @@ def effects_of(record: dict[str, Any], table: SyncedTable, devices: dict[int, st
     values = {slot: record.get(f"c{slot}") for slot in table.slots.values()}
     all_slots = table.mask_for(list(table.slots))
     if kind == DELETE:
-        return [(record["rowkey"], Effect(op, key, False, 0, {}, new, resolution))]
+        return [(record["rowkey"], Effect(op, key, False, 0, {}, new, resolution, kind))]
     if kind == UPDATE and record["newkey"] is not None:
         return [
-            (record["rowkey"], Effect(op, key, False, 0, {}, new, resolution)),
-            (record["newkey"], Effect(op, key, True, all_slots, values, new, resolution)),
+            (record["rowkey"], Effect(op, key, False, 0, {}, new, resolution, kind)),
+            (record["newkey"], Effect(op, key, True, all_slots, values, new, resolution, kind)),
         ]
-    return [(record["rowkey"], Effect(op, key, True, record["mask"] & all_slots, values, new, resolution))]
+    return [(record["rowkey"], Effect(op, key, True, record["mask"] & all_slots, values, new, resolution, kind))]
 
 
 def cursor_effects(

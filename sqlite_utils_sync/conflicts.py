@@ -20,12 +20,13 @@ import json
 import sqlite3
 from typing import Any, Iterable
 
-from .apply import KnowledgeCache, all_effects, effects_of, fetch_row, key_slots, row_state, transaction, write_row
+from .apply import Effect, KnowledgeCache, all_effects, cursor_effects, fetch_row, key_slots, row_state, transaction, write_row
 from .capture import SyncedTable, load_tables, muted
 from .errors import SyncError
 from .log import (
     DELETE,
     INSERT,
+    KIND_NAMES,
     RESOLUTION,
     SEQ_MASK,
     UPDATE,
@@ -39,11 +40,10 @@ from .log import (
 )
 
 
-def _effect(conn: sqlite3.Connection, table: SyncedTable, op: int, rowkey: str, devices: dict[int, str]):
+def _effect(conn: sqlite3.Connection, table: SyncedTable, op: int, rowkey: str, devices: dict[int, str]) -> Effect:
+    """What operation ``op`` did to the row ``rowkey``."""
     cursor = conn.execute("SELECT * FROM _sync_ops WHERE op = ?", [op])
-    names = [d[0] for d in cursor.description]
-    record = dict(zip(names, cursor.fetchone()))
-    for key, effect in effects_of(record, table, devices, False):
+    for _, key, effect in cursor_effects(cursor, {table.tid: table}, devices, False):
         if key == rowkey:
             return effect
     raise KeyError(op)
@@ -169,12 +169,12 @@ def describe(conn, conflict_id, table_name, rowkey, pk, columns, versions, resol
             if effect.write
             else None
         )
-        kind = conn.execute("SELECT kind FROM _sync_ops WHERE op = ?", [op]).fetchone()[0] & 3
         result_versions.append(
             {
                 "op": label,
                 "device_id": label.split(":")[0],
-                "kind": {INSERT: "insert", UPDATE: "update", DELETE: "delete"}[kind] if effect.write or kind == DELETE else "move",
+                # the old key of a primary-key move shows as a "move" away from this row
+                "kind": KIND_NAMES[effect.kind] if effect.write or effect.kind == DELETE else "move",
                 "hlc": effect.key[0],
                 "values": values,
             }
