@@ -22,6 +22,7 @@ columns, ``newkey`` set when the primary key changed), ``2`` delete (old primary
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -361,8 +362,6 @@ def make_rowkey(conn: sqlite3.Connection, values: list[Any]) -> str:
 def json_value(value: Any) -> Any:
     """A JSON-safe rendering of a SQLite value (BLOBs as Datasette renders them)."""
     if isinstance(value, bytes):
-        import base64
-
         return {"$base64": True, "encoded": base64.b64encode(value).decode()}
     if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
         return str(value)
@@ -387,14 +386,12 @@ def new_device(conn: sqlite3.Connection) -> str:
         f"INSERT INTO _sync_ops (op, {columns}) SELECT op + ?, {columns} FROM _sync_ops WHERE op > ?", [shift, base]
     )
     # The one sanctioned rewrite of the log: moving the local range under its old device index.
-    guards = conn.execute(
-        "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE '_sync_ops_append_only_%'"
-    ).fetchall()
+    (guard,) = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = '_sync_ops_append_only_delete'"
+    ).fetchone()
     conn.execute("DROP TRIGGER _sync_ops_append_only_delete")
     conn.execute("DELETE FROM _sync_ops WHERE op >= ?", [base])
-    for (sql,) in guards:
-        if "append_only_delete" in sql:
-            conn.execute(sql)
+    conn.execute(guard)
     for table, column in (("_sync_clashes", "a"), ("_sync_clashes", "b"), ("_sync_resolutions", "op")):
         conn.execute(f"UPDATE {table} SET {column} = {column} + ? WHERE {column} >= ?", [shift, base])
     conn.execute("UPDATE _sync_knowledge SET device = ? WHERE device = ?", [old_idx, LOCAL])

@@ -352,6 +352,8 @@ def test_copied_database_is_detected_and_can_get_a_new_identity(tmp_path, pair):
     assert result.exit_code == 0 and len(new_id) == 32 and new_id != old_id
     copy2 = sqlite3.connect(fresh, isolation_level=None)
     assert sync_status(copy2)["device_id"] == new_id
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        copy2.execute("DELETE FROM _sync_ops")  # the log is still guarded after the move
     copy2.execute("INSERT INTO todos VALUES (300, 'copy2 edit', 0, 0)")
     c = make_db(tmp_path / "c.db")
     sync(a, c, tmp_path)
