@@ -241,6 +241,8 @@ class BundleReader:
         name = self.path.name
         if not self.path.is_file():
             raise BundleError("missing_bundle", f"Bundle {name}: file not found")
+        if self.path.stat().st_size == 0:
+            raise BundleError("invalid_bundle", f"Bundle {name} is empty (0 bytes): was the transfer cut short?")
         try:
             self.conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True)
             kinds = {

@@ -251,19 +251,25 @@ def test_forged_dependency_clock_is_refused(tmp_path, pair):
 
 
 @pytest.mark.parametrize(
-    "content,reason",
+    "content,message",
     [
-        (b"", "invalid_bundle"),
-        (b"this is not a database at all" * 100, "invalid_bundle"),
+        (b"", "Error: Bundle junk.bundle is empty (0 bytes)"),
+        (b"this is not a database at all" * 100, "Error: Bundle junk.bundle is not a SQLite file"),
     ],
 )
-def test_garbage_files_are_refused(tmp_path, pair, content, reason):
+def test_garbage_files_are_refused(tmp_path, pair, content, message):
     a, b = pair
     path = tmp_path / "junk.bundle"
     path.write_bytes(content)
+    before = file_bytes(tmp_path / "b.db")
     with pytest.raises(BundleError) as error:
         import_bundle(b, path)
-    assert error.value.reason == reason
+    assert error.value.reason == "invalid_bundle"
+    result = run_cli("import-bundle", tmp_path / "b.db", path)
+    assert result.exit_code == 1
+    assert result.output.startswith(message)
+    assert result.output.count("\n") == 1
+    assert file_bytes(tmp_path / "b.db") == before
 
 
 def test_truncated_bundle_is_refused(tmp_path, pair):
