@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections import Counter
-from operator import itemgetter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
-from .bundle import BundleReader, op_fingerprint, parse_clock
+from .bundle import BundleReader, ChunkStage, op_fingerprint, parse_clock
 from .capture import SyncedTable, enable_table, load_tables, muted, register_table, repair_drift, table_info
 from .errors import BundleError
 from .log import (
@@ -118,7 +116,6 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("COMMIT")
 
 
-CLOCK, MOVED_FROM, KIND_MASK = itemgetter(1), itemgetter(4), itemgetter(2, 3)
 VALID_KINDS = {INSERT, UPDATE, DELETE, INSERT | RESOLUTION, UPDATE | RESOLUTION, DELETE | RESOLUTION}
 
 
@@ -153,17 +150,22 @@ def import_bundle(
     conn = connection(db)
     reader = BundleReader(path)
     try:
-        with transaction(conn):
-            conn.execute("PRAGMA defer_foreign_keys = ON")
-            return Importer(conn, reader, alter, actor, progress).run()
+        stage = ChunkStage(conn, reader.path.name)
+        try:
+            with transaction(conn):
+                conn.execute("PRAGMA defer_foreign_keys = ON")
+                return Importer(conn, reader, stage, alter, actor, progress).run()
+        finally:
+            stage.close()
     finally:
         reader.close()
 
 
 class Importer:
-    def __init__(self, conn, reader: BundleReader, alter: bool, actor: str | None, progress):
+    def __init__(self, conn, reader: BundleReader, stage: ChunkStage, alter: bool, actor: str | None, progress):
         self.conn = conn
         self.reader = reader
+        self.stage = stage
         self.name = reader.path.name
         self.alter = alter
         self.actor = actor
@@ -187,9 +189,7 @@ class Importer:
         local_id = local_device_id(conn)
         self.old = {idx: max_seq(conn, idx) for idx in self.devices}
         self.kinds: dict[int, set[tuple[int, int]]] = {}
-        self.seen: dict[int, set[Any]] | None = {}
-        self.seen_count = 0
-        self.repeated: set[tuple[int, Any]] = set()
+        self.moved: set[tuple[int, Any]] = set()
         # Gathered while streaming, so the new operations need no further scans.
         self.data_inserted = 0
         self.max_hlc = 0
@@ -285,125 +285,128 @@ class Importer:
         )
 
     def append_ops(self, result: ImportResult, local_id: str) -> dict[int, int]:
+        """Copy each chunk's operations into the log with one ``INSERT … SELECT``, after
+        checking them with a couple of set-based queries: no value passes through Python."""
         conn = self.conn
         inserted: dict[int, int] = {}
-        for position, table_position, ops in self.reader.chunks():
+        for position, table_position, data in self.reader.chunks():
             idx = self.devices[position]
+            width = self.reader.width(table_position)
             if table_position == -1:
                 tid, slots, applied, pk_positions = 0, [], True, []
             else:
                 tid, slots, applied, pk_positions = self.tables[table_position]
-            if not ops:
+            source = self.stage.load(data, width)
+            try:
+                count = self.append_chunk(source, idx, tid, slots, pk_positions, local_id, position)
+            except sqlite3.DatabaseError as ex:
+                raise self.fail("invalid_operation", f"a chunk cannot be read ({ex})")
+            if count is None:
                 continue
-            try:
-                seqs = [op[0] for op in ops]
-            except (TypeError, IndexError, KeyError):
-                raise self.fail("invalid_operation", "an operation is malformed")
-            first = seqs[0]
-            if not (type(first) is int and 0 < first and first + len(seqs) - 1 <= SEQ_MASK) or seqs != list(
-                range(first, first + len(seqs))
-            ):
-                raise self.fail("invalid_operation", "operation sequence numbers are not consecutive integers")
-            if idx == LOCAL and seqs[-1] > self.old[LOCAL]:
-                raise self.fail(
-                    "device_id_clash",
-                    f"it carries operations of this database's own device {local_id} that this database never "
-                    "wrote: was this file copied from another database? Run 'sqlite-utils sync-new-device' on the copy",
-                )
-            if first <= self.old[idx]:
-                ours = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(idx, first)]).fetchone()
-                if ours and ours[0] != ops[0][1]:
-                    raise self.clash(f"{self.reader.header['devices'][position]}:{first}")
-            self.check_shapes(tid, ops, pk_positions)
-            slot_columns = "".join(f", c{s}" for s in slots)
+            first, last, stored = count
+            inserted[idx] = inserted.get(idx, 0) + stored
             if tid:
-                values = "".join(f", ?{6 + i}" for i in range(len(slots)))
-                key = rowkey_sql(f"?{6 + i}" for i in pk_positions)
-                keys = f"coalesce(?5, {key}), CASE WHEN ?5 IS NOT NULL THEN {key} END"
-            else:
-                values, keys = "", "?5, NULL"
-            sql = (
-                f"INSERT OR IGNORE INTO _sync_ops (op, hlc, tid, kind, mask, rowkey, newkey{slot_columns}) "
-                f"VALUES (?1 + {op_id(idx, 0)}, ?2, {tid}, ?3, ?4, {keys}{values})"
-            )
-            try:
-                count = conn.executemany(sql, ops).rowcount
-            except (sqlite3.Error, TypeError, ValueError, OverflowError) as ex:
-                raise self.fail("invalid_operation", f"an operation cannot be stored ({ex})")
-            inserted[idx] = inserted.get(idx, 0) + count
-            if tid:
-                self.data_inserted += count
-                self.max_hlc = max(self.max_hlc, max(map(CLOCK, ops)))
-            else:
-                self.ticks.extend((idx, op[0], op[4]) for op in ops if op[0] > self.old[idx])
-            result.duplicates += len(ops) - count
-            if count and not applied:
+                self.data_inserted += stored
+            result.duplicates += last - first + 1 - stored
+            if stored and not applied:
                 table_name = self.reader.header["tables"][table_position][0]
-                result.not_applied[table_name] = result.not_applied.get(table_name, 0) + count
+                result.not_applied[table_name] = result.not_applied.get(table_name, 0) + stored
                 # Remember exactly which ones, so enabling the table later adopts these and no others.
                 conn.execute(
                     f"INSERT OR IGNORE INTO _sync_unapplied SELECT {tid}, op FROM _sync_ops WHERE op BETWEEN ? AND ?",
-                    [op_id(idx, max(first, self.old[idx] + 1)), op_id(idx, seqs[-1])],
+                    [op_id(idx, max(first, self.old[idx] + 1)), op_id(idx, last)],
                 )
             if self.progress:
-                self.progress(len(ops), self.reader.header["operations"])
+                self.progress(last - first + 1, self.reader.header["operations"])
         return inserted
 
-    # Rows touched more than once by the bundle need the per-row path. Spotting them while
-    # streaming costs a set insert per op (~100 bytes); past ROW_SET_LIMIT keys SQL does it
-    # instead, so memory stays bounded (~20 MB) whatever the bundle's size.
-    ROW_SET_LIMIT = 200_000
-    WINDOW_IN_PYTHON = 20_000
-
-    def check_shapes(self, tid: int, ops: list, pk_positions: list[int]) -> None:
-        """Check clocks, kinds and masks while streaming (map/itemgetter run at C speed), and
-        note which rows the bundle touches more than once: those need the per-row path."""
-        try:
-            if set(map(type, map(CLOCK, ops))) != {int}:
-                raise self.fail("invalid_operation", "an operation has a clock that is not an integer")
-            if not tid:
-                if {op[2] for op in ops} != {TICK} or not all(type(op[4]) is str for op in ops):
-                    raise self.fail("invalid_operation", "a knowledge operation is malformed")
-                return
-            kinds = set(map(KIND_MASK, ops))
-            if not all(kind in VALID_KINDS and type(mask) is int for kind, mask in kinds):
-                raise self.fail("invalid_operation", "an operation has an invalid kind or mask")
-            self.kinds.setdefault(tid, set()).update((kind & 3, mask) for kind, mask in kinds)
-            self.has_resolutions |= any(kind & RESOLUTION for kind, _ in kinds)
-            pk_of = itemgetter(*[5 + i for i in pk_positions])
-            keys = list(map(pk_of, ops))
-            moved = []
-            if set(map(MOVED_FROM, ops)) != {None}:
-                moved = [(op[4], op[2], pk_of(op)) for op in ops if op[4] is not None]
-        except (TypeError, IndexError):
-            raise self.fail("invalid_operation", "an operation is malformed")
-        for old_key, kind, new_key in moved:
-            try:
-                old_values = parse_rowkey(old_key) if isinstance(old_key, str) else None
-            except ValueError:
-                old_values = None
-            if kind & 3 != UPDATE or old_values is None or len(old_values) != len(pk_positions):
-                raise self.fail("invalid_operation", "an operation has an invalid moved-from key")
-            self.repeated.update({(tid, row_identity(old_values)), (tid, new_key)})
-        flat = keys if len(pk_positions) == 1 else [v for key in keys for v in key]
-        texts = [v for v in flat if type(v) is str] if str in set(map(type, flat)) else []
-        if any("\x00" in v for v in texts):
+    def append_chunk(
+        self, source: str, idx: int, tid: int, slots: list[int], pk_positions: list[int], local_id: str, position: int
+    ) -> tuple[int, int, int] | None:
+        """Check one loaded chunk and append it to the log: ``(first seq, last seq, stored)``."""
+        conn = self.conn
+        width = len(slots)
+        pk = [f"v{i}" for i in pk_positions]
+        # Each check is an O(1) lookup or one pass that keeps only distinct shapes.
+        (count,) = conn.execute(f"SELECT count(*) FROM {source}").fetchone()
+        if not count:
+            return None
+        first, _ = conn.execute(f"SELECT seq, hlc FROM {source} ORDER BY seq LIMIT 1").fetchone()
+        last, last_hlc = conn.execute(f"SELECT seq, hlc FROM {source} ORDER BY seq DESC LIMIT 1").fetchone()
+        if not (0 < first and last <= SEQ_MASK and last - first + 1 == count):
+            raise self.fail("invalid_operation", "operation sequence numbers are not consecutive integers")
+        if tid:
+            nul_keys = " OR ".join(f"(typeof({v}) = 'text' AND instr({v}, char(0)) > 0)" for v in pk)
+            shapes = conn.execute(
+                f"SELECT DISTINCT typeof(hlc), kind, mask, moved IS NOT NULL, {nul_keys} FROM {source}"
+            ).fetchall()
+        else:
+            shapes = conn.execute(f"SELECT DISTINCT typeof(hlc), kind, typeof(moved) FROM {source}").fetchall()
+        if any(shape[0] != "integer" for shape in shapes):
+            raise self.fail("invalid_operation", "an operation has a clock that is not an integer")
+        if idx == LOCAL and last > self.old[LOCAL]:
+            raise self.fail(
+                "device_id_clash",
+                f"it carries operations of this database's own device {local_id} that this database never "
+                "wrote: was this file copied from another database? Run 'sqlite-utils sync-new-device' on the copy",
+            )
+        if first <= self.old[idx]:
+            ours = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(idx, first)]).fetchone()
+            theirs = conn.execute(f"SELECT hlc FROM {source} WHERE seq = ?", [first]).fetchone()
+            if ours and ours[0] != theirs[0]:
+                raise self.clash(f"{self.reader.header['devices'][position]}:{first}")
+        base = op_id(idx, 0)
+        if not tid:
+            if any(kind != TICK or moved != "text" for _, kind, moved in shapes):
+                raise self.fail("invalid_operation", "a knowledge operation is malformed")
+            stored = conn.execute(
+                f"INSERT OR IGNORE INTO _sync_ops (op, hlc, tid, kind, rowkey) SELECT seq + {base}, hlc, 0, kind, moved "
+                f"FROM {source}"
+            ).rowcount
+            self.ticks.extend(
+                (idx, seq, text)
+                for seq, text in conn.execute(f"SELECT seq, moved FROM {source} WHERE seq > ?", [self.old[idx]])
+            )
+            return first, last, stored
+        if any(shape[4] for shape in shapes):
             # quote() stops at NUL, so such keys could not be told apart: refuse, never merge rows.
             raise self.fail("unsupported_key", "a primary key value contains a NUL character, which sync does not support")
-        if self.seen is None:
-            return
-        seen = self.seen.setdefault(tid, set())
-        try:
-            chunk = set(keys)
-        except TypeError:
-            raise self.fail("invalid_operation", "an operation has an invalid primary key value")
-        if len(chunk) != len(keys):
-            self.repeated.update((tid, k) for k, n in Counter(keys).items() if n > 1)
-        self.repeated.update((tid, k) for k in chunk & seen)
-        seen |= chunk
-        self.seen_count += len(chunk)
-        if self.seen_count > self.ROW_SET_LIMIT:
-            self.seen = None
+        kinds = {(kind, mask) for _, kind, mask, _, _ in shapes}
+        if not all(kind in VALID_KINDS and type(mask) is int and 0 <= mask < 1 << width for kind, mask in kinds):
+            raise self.fail("invalid_operation", "an operation has an invalid kind or mask")
+        # Masks arrive as bits of the header's column list; the log keeps them as local slots.
+        identity = slots == list(range(width))
+        local_mask = "mask" if identity else " | ".join(f"(((mask >> {i}) & 1) << {s})" for i, s in enumerate(slots))
+        self.kinds.setdefault(tid, set()).update(
+            (kind & 3, mask if identity else sum(1 << s for i, s in enumerate(slots) if mask >> i & 1))
+            for kind, mask in kinds
+        )
+        self.has_resolutions |= any(kind & RESOLUTION for kind, _ in kinds)
+        if any(shape[3] for shape in shapes):
+            self.check_moves(source, tid, pk)
+        key = rowkey_sql(pk)
+        stored = conn.execute(
+            f"INSERT OR IGNORE INTO _sync_ops (op, hlc, tid, kind, mask, rowkey, newkey"
+            + "".join(f", c{s}" for s in slots)
+            + f") SELECT seq + {base}, hlc, {tid}, kind, {local_mask}, coalesce(moved, {key}), "
+            f"CASE WHEN moved IS NOT NULL THEN {key} END"
+            + "".join(f", v{i}" for i in range(width))
+            + f" FROM {source}"
+        ).rowcount
+        # A device's clocks only grow, so its last op carries the chunk's highest.
+        self.max_hlc = max(self.max_hlc, last_hlc)
+        return first, last, stored
+
+    def check_moves(self, source: str, tid: int, pk: list[str]) -> None:
+        """A primary-key move names the key it left: check it, and send both rows per-row."""
+        for moved, kind, *new_key in self.conn.execute(f"SELECT moved, kind, {', '.join(pk)} FROM {source} WHERE moved IS NOT NULL"):
+            try:
+                old_values = parse_rowkey(moved) if isinstance(moved, str) else None
+            except ValueError:
+                old_values = None
+            if kind & 3 != UPDATE or old_values is None or len(old_values) != len(pk):
+                raise self.fail("invalid_operation", "an operation has an invalid moved-from key")
+            self.moved.update({(tid, row_identity(old_values)), (tid, row_identity(new_key))})
 
     def check_sequences(self, inserted: dict[int, int]) -> list[tuple[int, int, int]]:
         """Refuse a bundle that leaves a gap in a device's sequence; return the new op ranges."""
@@ -509,33 +512,27 @@ class Importer:
         window_keys = (
             f"SELECT tid, rowkey FROM ({window_ops}) UNION SELECT tid, newkey FROM ({window_ops}) WHERE newkey IS NOT NULL"
         )
-        # Rows the bundle touches that a concurrent old operation touched too: checked against
-        # the keys seen while streaming when the window is small, in SQL when it is large.
-        in_python = self.seen is not None and sum(hi - lo + 1 for lo, hi in window) <= self.WINDOW_IN_PYTHON
-        slow = set(self.repeated)
-        if in_python:
-            slow.update(
-                (tid, identity)
-                for tid, key in conn.execute(window_keys)
-                if (identity := row_identity(parse_rowkey(key))) in self.seen.get(tid, ())
-            )
         by_arity: dict[int, list] = {}
-        for tid, identity in slow:
+        for tid, identity in self.moved:
             values = list(identity) if isinstance(identity, tuple) else [identity]
             by_arity.setdefault(len(values), []).append([tid, *values])
         for arity, rows in by_arity.items():
             key = rowkey_sql(f"?{2 + i}" for i in range(arity))
             conn.executemany(f"INSERT OR IGNORE INTO temp._sync_slow VALUES (?1, {key})", rows)
-        if not in_python:
+        # Rows the bundle touches twice, or that a concurrent old operation touched too. (The
+        # new key of a move is already in: see check_moves.)
+        new_keys = " UNION ALL ".join(
+            f"SELECT tid, rowkey FROM _sync_ops WHERE op BETWEEN {lo} AND {hi} AND kind != {TICK}" for _, lo, hi in self.ranges
+        )
+        conn.execute(f"INSERT OR IGNORE INTO temp._sync_slow SELECT tid, rowkey FROM ({new_keys}) GROUP BY 1, 2 HAVING count(*) > 1")
+        if window:
             conn.execute(f"INSERT OR IGNORE INTO temp._sync_wkeys {window_keys}")
-            new_keys = (
-                self.new_ops("o.tid AS t, o.rowkey AS k", "o.kind != 3")
-                + " UNION ALL "
-                + self.new_ops("o.tid, o.newkey", "o.newkey IS NOT NULL")
-            )
             conn.execute(
-                f"INSERT OR IGNORE INTO temp._sync_slow SELECT t, k FROM ({new_keys}) GROUP BY t, k "
-                "HAVING count(*) > 1 OR EXISTS (SELECT 1 FROM temp._sync_wkeys w WHERE w.tid = t AND w.rowkey = k)"
+                "INSERT OR IGNORE INTO temp._sync_slow "
+                + self.new_ops(
+                    "o.tid, o.rowkey",
+                    "o.kind != 3 AND EXISTS (SELECT 1 FROM temp._sync_wkeys w WHERE w.tid = o.tid AND w.rowkey = o.rowkey)",
+                )
             )
         for table in self.applied_tids.values():
             self.fast_path(table)

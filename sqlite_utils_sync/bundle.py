@@ -2,17 +2,26 @@
 
 A bundle has three tables::
 
-    bundle_meta(key, value)      format, sha256, bundle_id
-    bundle_header(id, data)      one msgpack map: source device, its clock, devices, tables
-    bundle_chunks(id, data)      msgpack [device index, table index, [op, op, ...]]
+    bundle_meta(key, value)                 format, sha256, bundle_id
+    bundle_header(id, data)                 one msgpack map: source device, its clock, devices, tables
+    bundle_chunks(id, device, tbl, data)    a run of one device's operations on one table
 
-Each op is ``[seq, hlc, kind, mask, moved_from, value...]`` with the values in the order of
-the header's column list for that table; ``moved_from`` is the old row key of a primary-key
-move (``None`` otherwise), and for a tick the clock it records. ``sha256`` covers every chunk in
-order and then the header, so every byte that gets applied is checked before anything is
-applied, and a writer can stream chunks to the file before it knows the header; the bundle id
-is derived from it. Readers open the file read-only and only ever ``SELECT`` from those three
-tables, after checking they are plain tables: nothing in a bundle is executed.
+A chunk's ``data`` is itself a small SQLite database image holding one table::
+
+    ops(seq INTEGER PRIMARY KEY, hlc, kind, mask, moved, v0, v1, ...)
+
+with ``v0…`` the values in the order of the header's column list for that table, ``mask``
+the changed columns as bits of that same list, and ``moved`` the old row key of a
+primary-key move (or, for a tick, the clock it records). Values keep their exact SQLite types,
+and the importer copies them into its log with one ``INSERT … SELECT`` per chunk: no value
+passes through Python on the way in.
+
+``sha256`` covers every chunk in order (its device, table and length, then its bytes) and then
+the header, so every byte that gets applied is checked before anything is applied, and a
+writer can stream chunks to the file before it knows the header; the bundle id is derived from
+it. Readers open the file read-only and only ever ``SELECT`` from those three tables, after
+checking they are plain tables; a chunk image must hold exactly the ``ops`` table and nothing
+else: nothing in a bundle is executed.
 """
 
 from __future__ import annotations
@@ -23,8 +32,9 @@ import os
 import pathlib
 import sqlite3
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import msgpack
 
@@ -40,7 +50,7 @@ from .log import (
     op_id,
 )
 
-FORMAT = "datasette-sync-bundle/1"
+FORMAT = "datasette-sync-bundle/2"
 CHUNK_OPS = 5000
 BUNDLE_TABLES = ("bundle_meta", "bundle_header", "bundle_chunks")
 
@@ -115,9 +125,11 @@ def export_bundle(
     digest = hashlib.sha256(FORMAT.encode())
 
     def write_chunk(device_position: int, key: int, run: list) -> None:
-        data = msgpack.packb([device_position, key, run])
+        width = len(header_tables[key][1]) if key >= 0 else 0
+        data = chunk_image(run, width)
+        digest.update(chunk_prefix(device_position, key, data))
         digest.update(data)
-        out.execute("INSERT INTO bundle_chunks (data) VALUES (?)", [data])
+        out.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (?, ?, ?)", [device_position, key, data])
         if progress:
             progress(len(run), total)
 
@@ -128,7 +140,10 @@ def export_bundle(
         out.execute("BEGIN")
         out.execute("CREATE TABLE bundle_meta (key TEXT PRIMARY KEY, value)")
         out.execute("CREATE TABLE bundle_header (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
-        out.execute("CREATE TABLE bundle_chunks (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+        out.execute(
+            "CREATE TABLE bundle_chunks (id INTEGER PRIMARY KEY, device INTEGER NOT NULL, tbl INTEGER NOT NULL, "
+            "data BLOB NOT NULL)"
+        )
         count = write_operations(conn, since, devices, tops, table_entry, write_chunk, header_devices)
         current = clock(conn)
         header = msgpack.packb(
@@ -171,6 +186,9 @@ def write_operations(
     """Stream each device's operations after ``since`` as runs of one table, up to CHUNK_OPS."""
     slot_count = sum(1 for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1].startswith("c"))
     slot_columns = ", ".join(f"c{i}" for i in range(slot_count))
+    # Masks travel as bits of the header's column list: slot numbers are local to each copy
+    # (columns added in a different order get different slots).
+    wire_masks: dict[tuple[int, int], int] = {}
     count = 0
     for idx in sorted(devices):
         start = since.get(devices[idx], 0)
@@ -197,11 +215,62 @@ def write_operations(
             # Row keys are not sent: the receiver derives them from the primary-key values it
             # stores, so they cannot disagree. Only a move sends the key it moved from.
             moved_from = row[5] if tid == 0 or row[6] is not None else None
-            run.append([row[0] & SEQ_MASK, row[1], row[3], row[4], moved_from, *[row[7 + s] for s in slots]])
+            mask = row[4]
+            if tid:
+                wire = wire_masks.get((tid, mask))
+                if wire is None:
+                    wire = wire_masks[(tid, mask)] = sum(1 << i for i, s in enumerate(slots) if mask >> s & 1)
+                mask = wire
+            run.append([row[0] & SEQ_MASK, row[1], row[3], mask, moved_from, *[row[7 + s] for s in slots]])
             count += 1
         if run:
             write_chunk(device_position, run_key, run)
     return count
+
+
+def ops_table_sql(width: int) -> str:
+    """The one statement a chunk image's schema may hold, for a table of ``width`` columns."""
+    return "CREATE TABLE ops (seq INTEGER PRIMARY KEY, hlc, kind, mask, moved" + "".join(
+        f", v{i}" for i in range(width)
+    ) + ")"
+
+
+def chunk_prefix(device_position: int, table_position: int, data: bytes) -> bytes:
+    """What the hash covers before a chunk's bytes: where the chunk belongs, and its length."""
+    return msgpack.packb([device_position, table_position, len(data)])
+
+
+def chunk_image(rows: Sequence[Sequence[Any]], width: int) -> bytes:
+    """A SQLite database image holding ``rows`` in an ``ops`` table."""
+    with image_connection() as (image, read_back):
+        # Small pages keep a chunk of a few ops (the common delta) small.
+        image.execute(f"PRAGMA page_size = {1024 if len(rows) < 100 else 4096}")
+        image.execute(ops_table_sql(width))
+        image.executemany(f"INSERT INTO ops VALUES ({', '.join('?' * (5 + width))})", rows)
+        image.commit()
+        return read_back()
+
+
+@contextmanager
+def image_connection() -> Iterator[tuple[sqlite3.Connection, Callable[[], bytes]]]:
+    """A scratch database and a function returning its image: in memory where Python can
+    serialize one (3.11+), else in a temporary file."""
+    if SERIALIZE:
+        image = sqlite3.connect(":memory:")
+        try:
+            yield image, image.serialize
+        finally:
+            image.close()
+        return
+    fd, path = tempfile.mkstemp(prefix=".chunk-")
+    os.close(fd)
+    image = sqlite3.connect(path)
+    try:
+        image.execute("PRAGMA journal_mode = OFF")
+        yield image, lambda: pathlib.Path(path).read_bytes()
+    finally:
+        image.close()
+        os.remove(path)
 
 
 def anchors_for(conn: sqlite3.Connection, since: dict[str, int], devices: dict[int, str]) -> dict[str, list]:
@@ -264,19 +333,29 @@ class BundleReader:
                 raise BundleError("invalid_metadata", f"Bundle {name} must have exactly one header")
             self.header_bytes = headers[0][0]
             digest = hashlib.sha256(FORMAT.encode())
-            for (data,) in self.conn.execute("SELECT data FROM bundle_chunks ORDER BY id"):
-                if not isinstance(data, bytes):
-                    raise BundleError("invalid_operation", f"Bundle {name} has a chunk that is not a BLOB")
-                digest.update(data)
+            for _ in self._read_chunks(digest):
+                pass
             digest.update(self.header_bytes)
         except sqlite3.Error as ex:
             raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({ex})")
         if digest.hexdigest() != meta.get("sha256") or meta.get("bundle_id") != digest.hexdigest()[:32]:
-            raise BundleError(
-                "hash_mismatch", f"Bundle {name} failed its integrity check: content does not match its sha256"
-            )
+            raise self._hash_mismatch()
+        self.sha256: str = meta["sha256"]
         self.bundle_id: str = meta["bundle_id"]
         self.header = self._decode_header()
+
+    def _hash_mismatch(self) -> BundleError:
+        return BundleError(
+            "hash_mismatch", f"Bundle {self.path.name} failed its integrity check: content does not match its sha256"
+        )
+
+    def _read_chunks(self, digest: Any) -> Iterator[tuple[int, int, bytes]]:
+        for device, table, data in self.conn.execute("SELECT device, tbl, data FROM bundle_chunks ORDER BY id"):
+            if not (type(device) is int and type(table) is int and isinstance(data, bytes)):
+                raise BundleError("invalid_operation", f"Bundle {self.path.name} has a malformed chunk")
+            digest.update(chunk_prefix(device, table, data))
+            digest.update(data)
+            yield device, table, data
 
     def _decode_header(self) -> dict[str, Any]:
         name = self.path.name
@@ -319,28 +398,117 @@ class BundleReader:
         parse_clock(header.get("since"), f"Bundle {name} since-clock")
         return header
 
-    def chunks(self) -> Iterator[tuple[int, int, list]]:
-        """Yield ``(device position, table position, ops)``; re-checks each chunk's shape."""
+    def chunks(self) -> Iterator[tuple[int, int, bytes]]:
+        """Yield ``(device position, table position, chunk image)``.
+
+        The hash is taken again on the way: a file changed since it was checked fails the
+        import, whose transaction then rolls back.
+        """
         name = self.path.name
+        digest = hashlib.sha256(FORMAT.encode())
         try:
-            for (data,) in self.conn.execute("SELECT data FROM bundle_chunks ORDER BY id"):
-                try:
-                    chunk = msgpack.unpackb(data)
-                except Exception as ex:
-                    raise BundleError("invalid_operation", f"Bundle {name} has an undecodable chunk ({ex})")
-                if not (
-                    isinstance(chunk, list)
-                    and len(chunk) == 3
-                    and isinstance(chunk[0], int)
-                    and 0 <= chunk[0] < len(self.header["devices"])
-                    and isinstance(chunk[1], int)
-                    and -1 <= chunk[1] < len(self.header["tables"])
-                    and isinstance(chunk[2], list)
-                ):
+            for device, table, data in self._read_chunks(digest):
+                if not (0 <= device < len(self.header["devices"]) and -1 <= table < len(self.header["tables"])):
                     raise BundleError("invalid_operation", f"Bundle {name} has a malformed chunk")
-                yield chunk[0], chunk[1], chunk[2]
+                yield device, table, data
         except sqlite3.Error as ex:
             raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({ex})")
+        digest.update(self.header_bytes)
+        if digest.hexdigest() != self.sha256:
+            raise self._hash_mismatch()
+
+    def width(self, table_position: int) -> int:
+        """How many value columns the chunks of a table carry (0 for ticks)."""
+        return len(self.header["tables"][table_position][1]) if table_position >= 0 else 0
 
     def close(self) -> None:
         self.conn.close()
+
+
+# The importer reads chunk images with SQL. Python 3.11+ can hand an image straight to SQLite;
+# 3.10 cannot, and copies the rows into a temporary table instead.
+SERIALIZE = hasattr(sqlite3.Connection, "serialize")
+CHUNK_SCHEMA = "_sync_chunk"
+
+
+class ChunkStage:
+    """Where the importing connection reads the chunk images from, one at a time."""
+
+    def __init__(self, conn: sqlite3.Connection, bundle_name: str):
+        self.conn = conn
+        self.name = bundle_name
+        self.direct = SERIALIZE
+        if self.direct and CHUNK_SCHEMA not in {row[1] for row in conn.execute("PRAGMA database_list")}:
+            conn.execute(f"ATTACH ':memory:' AS {CHUNK_SCHEMA}")
+
+    def load(self, data: bytes, width: int) -> str:
+        """Load one chunk image after checking it holds nothing but the ``ops`` table; return the
+        name to ``SELECT`` its operations from."""
+        try:
+            if self.direct:
+                self.conn.deserialize(data, name=CHUNK_SCHEMA)
+                self.check(self.conn.execute(f"SELECT type, name, tbl_name, sql FROM {CHUNK_SCHEMA}.sqlite_master"), width)
+                return f"{CHUNK_SCHEMA}.ops"
+            with open_image(data) as image:
+                self.check(image.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"), width)
+                self.conn.execute("DROP TABLE IF EXISTS temp._sync_chunk_ops")
+                self.conn.execute(ops_table_sql(width).replace("CREATE TABLE ops", "CREATE TEMP TABLE _sync_chunk_ops"))
+                self.conn.executemany(
+                    f"INSERT INTO temp._sync_chunk_ops VALUES ({', '.join('?' * (5 + width))})",
+                    image.execute("SELECT * FROM ops"),
+                )
+                return "temp._sync_chunk_ops"
+        except sqlite3.DatabaseError as ex:
+            self.empty()  # a broken image would break every later statement that reads the schema
+            raise BundleError("invalid_operation", f"Bundle {self.name} has a chunk that cannot be read ({ex})")
+        except BundleError:
+            self.empty()
+            raise
+
+    def check(self, schema: Iterator, width: int) -> None:
+        if [tuple(row) for row in schema] != [("table", "ops", "ops", ops_table_sql(width))]:
+            raise BundleError("invalid_operation", f"Bundle {self.name} has a chunk that is not a table of operations")
+
+    def close(self) -> None:
+        if not self.direct:
+            self.conn.execute("DROP TABLE IF EXISTS temp._sync_chunk_ops")
+            return
+        try:
+            self.conn.execute(f"DETACH {CHUNK_SCHEMA}")
+        except sqlite3.OperationalError:
+            # Still inside the caller's transaction: leave it attached, emptied, for the next import.
+            self.empty()
+
+    def empty(self) -> None:
+        if self.direct:
+            with image_connection() as (image, read_back):
+                # An image needs a page: SQLite cannot load zero bytes.
+                image.execute("CREATE TABLE empty (x)")
+                image.execute("DROP TABLE empty")
+                image.commit()
+                self.conn.deserialize(read_back(), name=CHUNK_SCHEMA)
+
+
+@contextmanager
+def open_image(data: bytes) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to a database image."""
+    if SERIALIZE:
+        image = sqlite3.connect(":memory:")
+        try:
+            image.deserialize(data)
+            yield image
+        finally:
+            image.close()
+        return
+    fd, path = tempfile.mkstemp(prefix=".chunk-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        image = sqlite3.connect(pathlib.Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            yield image
+        finally:
+            image.close()
+    finally:
+        os.remove(path)
+

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from sqlite_utils.cli import cli
 
 from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
-from sqlite_utils_sync.bundle import FORMAT
+from sqlite_utils_sync.bundle import FORMAT, chunk_prefix
 
 from sync_helpers import file_bytes, make_db, rows, sync
 
@@ -130,7 +130,8 @@ def reseal(conn):
     import hashlib
 
     digest = hashlib.sha256(FORMAT.encode())
-    for (data,) in conn.execute("SELECT data FROM bundle_chunks ORDER BY id"):
+    for device, table, data in conn.execute("SELECT device, tbl, data FROM bundle_chunks ORDER BY id"):
+        digest.update(chunk_prefix(device, table, data))
         digest.update(data)
     digest.update(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
     sha = digest.hexdigest()
@@ -138,11 +139,16 @@ def reseal(conn):
     conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'bundle_id'", [sha[:32]])
 
 
-def edit_chunk(conn, change):
-    data = conn.execute("SELECT id, data FROM bundle_chunks ORDER BY id LIMIT 1").fetchone()
-    chunk = msgpack.unpackb(data[1])
-    change(chunk)
-    conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [msgpack.packb(chunk), data[0]])
+def edit_chunks(conn, sql, *params, first_only=True):
+    """Run ``sql`` on the ``ops`` table inside chunk images (each one a SQLite database)."""
+    chunks = conn.execute("SELECT id, data FROM bundle_chunks ORDER BY id").fetchall()
+    for chunk_id, data in chunks[:1] if first_only else chunks:
+        image = sqlite3.connect(":memory:")
+        image.deserialize(data)
+        image.execute(sql, params)
+        image.commit()
+        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [image.serialize(), chunk_id])
+        image.close()
 
 
 def edit_header(conn, change):
@@ -151,12 +157,18 @@ def edit_header(conn, change):
     conn.execute("UPDATE bundle_header SET data = ?", [msgpack.packb(header)])
 
 
-def tampered_value(conn):
-    edit_chunk(conn, lambda chunk: chunk[2][0].__setitem__(6, "tampered"))
+def sealed(sql, *params):
+    return lambda c: (edit_chunks(c, sql, *params), reseal(c))
 
+
+FIRST = "WHERE seq = (SELECT min(seq) FROM ops)"
 
 HOSTILE = {
-    "tampered value": (tampered_value, "hash_mismatch", "failed its integrity check"),
+    "tampered value": (
+        lambda c: edit_chunks(c, f"UPDATE ops SET v1 = 'tampered' {FIRST}"),
+        "hash_mismatch",
+        "failed its integrity check",
+    ),
     "internal table": (
         lambda c: (edit_header(c, lambda h: h["tables"][0].__setitem__(0, "_sync_devices")), reseal(c)),
         "internal_table",
@@ -171,32 +183,44 @@ HOSTILE = {
         "table 'todos' has column secret that this database lacks",
     ),
     "forged clock": (
-        lambda c: (
-            edit_chunk(c, lambda chunk: chunk[2][0].__setitem__(2, 3) or chunk[2][0].__setitem__(4, json.dumps({"f" * 32: 10**6}))),
-            reseal(c),
-        ),
+        sealed(f"UPDATE ops SET kind = 3, moved = ? {FIRST}", json.dumps({"f" * 32: 10**6})),
         "invalid_operation",
-        "",
+        "invalid kind or mask",
     ),
     "moved-from key on an insert": (
-        lambda c: (edit_chunk(c, lambda chunk: chunk[2][0].__setitem__(4, "999")), reseal(c)),
+        sealed(f"UPDATE ops SET moved = '999' {FIRST}"),
         "invalid_operation",
         "invalid moved-from key",
     ),
     "clock not an integer": (
-        lambda c: (edit_chunk(c, lambda chunk: chunk[2][0].__setitem__(1, "soon")), reseal(c)),
+        sealed(f"UPDATE ops SET hlc = 'soon' {FIRST}"),
         "invalid_operation",
         "clock that is not an integer",
     ),
-    "value of a type SQLite cannot store": (
-        lambda c: (edit_chunk(c, lambda chunk: chunk[2][0].__setitem__(6, {"a": 1})), reseal(c)),
+    "mask naming a column the bundle lacks": (
+        sealed(f"UPDATE ops SET mask = 1 << 20 {FIRST}"),
         "invalid_operation",
-        "cannot be stored",
+        "invalid kind or mask",
     ),
     "bad sequence": (
-        lambda c: (edit_chunk(c, lambda chunk: chunk[2][1].__setitem__(0, 77)), reseal(c)),
+        sealed("UPDATE ops SET seq = 77 WHERE seq = (SELECT min(seq) + 1 FROM ops)"),
         "invalid_operation",
         "not consecutive",
+    ),
+    "chunk image with a trigger": (
+        sealed("CREATE TRIGGER trap AFTER INSERT ON ops BEGIN DELETE FROM ops; END"),
+        "invalid_operation",
+        "has a chunk that is not a table of operations",
+    ),
+    "chunk image with another column": (
+        sealed("ALTER TABLE ops ADD COLUMN secret"),
+        "invalid_operation",
+        "has a chunk that is not a table of operations",
+    ),
+    "chunk that is not a database": (
+        lambda c: (c.execute("UPDATE bundle_chunks SET data = zeroblob(4096) WHERE id = 1"), reseal(c)),
+        "invalid_operation",
+        "has a chunk that",
     ),
 }
 
@@ -231,15 +255,7 @@ def test_forged_dependency_clock_is_refused(tmp_path, pair):
     export_bundle(b, path, since=sync_status(a)["clock"])
 
     def forge(conn):
-        def change(chunk):
-            for op in chunk[2]:
-                if op[2] == 3:
-                    op[4] = json.dumps({"e" * 32: 5})
-
-        for chunk_id, data in conn.execute("SELECT id, data FROM bundle_chunks").fetchall():
-            chunk = msgpack.unpackb(data)
-            change(chunk)
-            conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [msgpack.packb(chunk), chunk_id])
+        edit_chunks(conn, "UPDATE ops SET moved = ? WHERE kind = 3", json.dumps({"e" * 32: 5}), first_only=False)
         reseal(conn)
 
     rewrite(path, forge)

@@ -38,6 +38,26 @@ def test_add_column_is_detected_and_missed_writes_reach_peers(tmp_path):
     assert sync_status(a)["warnings"] == []
 
 
+def test_columns_added_in_another_order_on_each_copy_still_sync(tmp_path):
+    # Each copy numbers its columns in the order it first saw them, so the two disagree here.
+    base = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT)"
+    a, b = make_db(tmp_path / "a.db", base), make_db(tmp_path / "b.db", base)
+    for conn, order in ((a, ("done INTEGER", "note TEXT")), (b, ("note TEXT", "done INTEGER"))):
+        for column in order:
+            conn.execute(f"ALTER TABLE todos ADD COLUMN {column}")
+        assert run_cli("enable-sync", conn.execute("PRAGMA database_list").fetchone()[2], "todos").exit_code == 0
+    a.execute("INSERT INTO todos (id, title, done, note) VALUES (1, 'milk', 0, 'semi-skimmed')")
+    sync(a, b, tmp_path)
+    a.execute("UPDATE todos SET done = 1 WHERE id = 1")
+    b.execute("UPDATE todos SET note = 'oat' WHERE id = 1")
+    sync(a, b, tmp_path)
+    sync(b, a, tmp_path)
+    expected = [(1, "milk", 1, "oat")]
+    for conn in (a, b):
+        assert conn.execute("SELECT id, title, done, note FROM todos").fetchall() == expected
+        assert sync_status(conn)["unresolved_conflicts"] == 0
+
+
 def test_transform_drops_triggers_and_the_repair_logs_what_was_missed(tmp_path):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(1, "one"), (2, "two"), (3, "three")])
