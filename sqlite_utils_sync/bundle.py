@@ -34,7 +34,7 @@ import sqlite3
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 
@@ -124,14 +124,14 @@ def export_bundle(
     out = sqlite3.connect(temp, isolation_level=None)
     digest = hashlib.sha256(FORMAT.encode())
 
-    def write_chunk(device_position: int, key: int, run: list) -> None:
+    def write_chunk(device_position: int, key: int, rows: Iterable[Sequence[Any]], size: int) -> None:
         width = len(header_tables[key][1]) if key >= 0 else 0
-        data = chunk_image(run, width)
+        data = chunk_image(rows, width, small=size < 100)
         digest.update(chunk_prefix(device_position, key, data))
         digest.update(data)
         out.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (?, ?, ?)", [device_position, key, data])
         if progress:
-            progress(len(run), total)
+            progress(size, total)
 
     try:
         out.execute("PRAGMA journal_mode = OFF")
@@ -181,15 +181,10 @@ def write_operations(
     devices: dict[int, str],
     tops: dict[int, int],
     table_entry: Callable[[int], tuple[int, list[int]]],
-    write_chunk: Callable[[int, int, list], None],
+    write_chunk: Callable[[int, int, Iterable[Sequence[Any]], int], None],
     header_devices: list[str],
 ) -> int:
     """Stream each device's operations after ``since`` as runs of one table, up to CHUNK_OPS."""
-    slot_count = sum(1 for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1].startswith("c"))
-    slot_columns = ", ".join(f"c{i}" for i in range(slot_count))
-    # Masks travel as bits of the header's column list: slot numbers are local to each copy
-    # (columns added in a different order get different slots).
-    wire_masks: dict[tuple[int, int], int] = {}
     count = 0
     for idx in sorted(devices):
         start = since.get(devices[idx], 0)
@@ -197,36 +192,40 @@ def write_operations(
             continue
         device_position = len(header_devices)
         header_devices.append(devices[idx])
-        run_key, run = None, []
-        cursor = conn.execute(
-            f"SELECT op, hlc, tid, kind, mask, rowkey, newkey, {slot_columns} FROM _sync_ops "
-            "WHERE op BETWEEN ? AND ? ORDER BY op",
-            [op_id(idx, start + 1), op_id(idx, SEQ_MASK)],
-        )
-        for row in cursor:
-            tid = row[2]
+        for tid, lo, hi, size in runs(conn, op_id(idx, start + 1), op_id(idx, SEQ_MASK)):
             if tid == 0:
-                key, slots = -1, []
+                key, columns = -1, "NULL, rowkey"
             else:
                 key, slots = table_entry(tid)
-            if key != run_key or len(run) >= CHUNK_OPS:
-                if run:
-                    write_chunk(device_position, run_key, run)
-                run_key, run = key, []
-            # Row keys are not sent: the receiver derives them from the primary-key values it
-            # stores, so they cannot disagree. Only a move sends the key it moved from.
-            moved_from = row[5] if tid == 0 or row[6] is not None else None
-            mask = row[4]
-            if tid:
-                wire = wire_masks.get((tid, mask))
-                if wire is None:
-                    wire = wire_masks[(tid, mask)] = sum(1 << i for i, s in enumerate(slots) if mask >> s & 1)
-                mask = wire
-            run.append([row[0] & SEQ_MASK, row[1], row[3], mask, moved_from, *[row[7 + s] for s in slots]])
-            count += 1
-        if run:
-            write_chunk(device_position, run_key, run)
+                # Masks travel as bits of the header's column list: slot numbers are local to
+                # each copy (columns added in a different order get different slots). Row keys
+                # are not sent: the receiver derives them from the primary-key values, so they
+                # cannot disagree; only a move sends the key it moved from.
+                if slots == list(range(len(slots))):
+                    mask = f"mask & {(1 << len(slots)) - 1}"
+                else:
+                    mask = " | ".join(f"(((mask >> {s}) & 1) << {i})" for i, s in enumerate(slots)) or "0"
+                columns = f"{mask}, CASE WHEN newkey IS NOT NULL THEN rowkey END" + "".join(f", c{s}" for s in slots)
+            cursor = conn.execute(
+                f"SELECT op & {SEQ_MASK}, hlc, kind, {columns} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op", [lo, hi]
+            )
+            write_chunk(device_position, key, cursor, size)
+            count += size
     return count
+
+
+def runs(conn: sqlite3.Connection, lo: int, hi: int) -> Iterator[tuple[int, int, int, int]]:
+    """Split the ops in ``lo..hi`` into runs of one table: ``(tid, first op, last op, count)``."""
+    run: list[int] | None = None
+    for op, tid in conn.execute("SELECT op, tid FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op", [lo, hi]).fetchall():
+        if run and run[0] == tid and run[3] < CHUNK_OPS:
+            run[2], run[3] = op, run[3] + 1
+            continue
+        if run:
+            yield run[0], run[1], run[2], run[3]
+        run = [tid, op, op, 1]
+    if run:
+        yield run[0], run[1], run[2], run[3]
 
 
 def ops_table_sql(width: int) -> str:
@@ -241,11 +240,11 @@ def chunk_prefix(device_position: int, table_position: int, data: bytes) -> byte
     return msgpack.packb([device_position, table_position, len(data)])
 
 
-def chunk_image(rows: Sequence[Sequence[Any]], width: int) -> bytes:
+def chunk_image(rows: Iterable[Sequence[Any]], width: int, small: bool = False) -> bytes:
     """A SQLite database image holding ``rows`` in an ``ops`` table."""
     with image_connection() as (image, read_back):
         # Small pages keep a chunk of a few ops (the common delta) small.
-        image.execute(f"PRAGMA page_size = {1024 if len(rows) < 100 else 4096}")
+        image.execute(f"PRAGMA page_size = {1024 if small else 4096}")
         image.execute(ops_table_sql(width))
         image.executemany(f"INSERT INTO ops VALUES ({', '.join('?' * (5 + width))})", rows)
         image.commit()
