@@ -9,6 +9,7 @@ Public API (each function takes a ``sqlite_utils.Database`` or a ``sqlite3.Conne
     list_conflicts(db, include_resolved=False)
     resolve_conflict(db, conflict_id, keep=None)
     new_device(db)
+    compact_log(db)
     sync_with_hub(db, "http://127.0.0.1:8001/data", token=None)
 """
 
@@ -17,16 +18,19 @@ import sqlite_utils
 from .apply import ImportResult, import_bundle
 from .bundle import ExportResult
 from .client import HubError, sync_with_hub
+from .compact import CompactResult, compact_log
 from .conflicts import get_conflict, list_conflicts, resolve_conflict
 from .errors import BundleError, SyncError
 from .sync import disable_sync, enable_sync, export_bundle, new_device, repair, sync_status
 
 __all__ = [
     "BundleError",
+    "CompactResult",
     "ExportResult",
     "HubError",
     "ImportResult",
     "SyncError",
+    "compact_log",
     "disable_sync",
     "enable_sync",
     "export_bundle",

@@ -44,6 +44,7 @@ from .log import (
     device_ids,
     device_index,
     ensure_schema,
+    horizon,
     knowledge_at,
     local_device_id,
     max_seq,
@@ -52,6 +53,7 @@ from .log import (
     op_id,
     parse_rowkey,
     quote_identifier,
+    raise_horizon,
     rowkey_sql,
 )
 
@@ -188,6 +190,9 @@ class Importer:
         self.devices = [device_index(conn, d) for d in header["devices"]]
         local_id = local_device_id(conn)
         self.old = {idx: max_seq(conn, idx) for idx in self.devices}
+        self.fresh = not conn.execute(f"SELECT 1 FROM _sync_ops WHERE kind != {TICK} LIMIT 1").fetchone()
+        # As it was before this import: a snapshot adopted now was checked by its sender.
+        self.compacted = horizon(conn)
         self.kinds: dict[int, set[tuple[int, int]]] = {}
         self.moved: set[tuple[int, Any]] = set()
         # Gathered while streaming, so the new operations need no further scans.
@@ -200,7 +205,8 @@ class Importer:
             inserted = self.append_ops(result, local_id)
             self.ranges = self.check_sequences(inserted)
             self.record_knowledge()
-            result.applied = sum(hi - lo + 1 for _, lo, hi in self.ranges)
+            self.check_horizon()
+            result.applied = sum(inserted.values())
             if self.data_inserted:
                 result.conflicts = self.apply_to_tables()
                 append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=self.max_hlc)
@@ -333,8 +339,9 @@ class Importer:
             return None
         first, _ = conn.execute(f"SELECT seq, hlc FROM {source} ORDER BY seq LIMIT 1").fetchone()
         last, last_hlc = conn.execute(f"SELECT seq, hlc FROM {source} ORDER BY seq DESC LIMIT 1").fetchone()
-        if not (0 < first and last <= SEQ_MASK and last - first + 1 == count):
-            raise self.fail("invalid_operation", "operation sequence numbers are not consecutive integers")
+        if not (0 < first and last <= SEQ_MASK):
+            raise self.fail("invalid_operation", f"operation sequence numbers must be 1 to {SEQ_MASK}")
+        # Holes are checked per device once everything is in (a compacted sender may leave some).
         if tid:
             nul_keys = " OR ".join(f"(typeof({v}) = 'text' AND instr({v}, char(0)) > 0)" for v in pk)
             shapes = conn.execute(
@@ -360,8 +367,9 @@ class Importer:
             if any(kind != TICK or moved != "text" for _, kind, moved in shapes):
                 raise self.fail("invalid_operation", "a knowledge operation is malformed")
             stored = conn.execute(
-                f"INSERT OR IGNORE INTO _sync_ops (op, hlc, tid, kind, rowkey) SELECT seq + {base}, hlc, 0, kind, moved "
-                f"FROM {source}"
+                f"INSERT INTO _sync_ops (op, hlc, tid, kind, rowkey) SELECT seq + {base}, hlc, 0, kind, moved "
+                f"FROM {source} WHERE seq > ?",
+                [self.old[idx]],
             ).rowcount
             self.ticks.extend(
                 (idx, seq, text)
@@ -385,13 +393,15 @@ class Importer:
         if any(shape[3] for shape in shapes):
             self.check_moves(source, tid, pk)
         key = rowkey_sql(pk)
+        # What is at or below our clock is here already (or was compacted away): only the rest.
         stored = conn.execute(
-            f"INSERT OR IGNORE INTO _sync_ops (op, hlc, tid, kind, mask, rowkey, newkey"
+            f"INSERT INTO _sync_ops (op, hlc, tid, kind, mask, rowkey, newkey"
             + "".join(f", c{s}" for s in slots)
             + f") SELECT seq + {base}, hlc, {tid}, kind, {local_mask}, coalesce(moved, {key}), "
             f"CASE WHEN moved IS NOT NULL THEN {key} END"
             + "".join(f", v{i}" for i in range(width))
-            + f" FROM {source}"
+            + f" FROM {source} WHERE seq > ?",
+            [self.old[idx]],
         ).rowcount
         # A device's clocks only grow, so its last op carries the chunk's highest.
         self.max_hlc = max(self.max_hlc, last_hlc)
@@ -415,22 +425,83 @@ class Importer:
         conn.execute("DELETE FROM temp._sync_new")
         names = device_ids(conn)
         ranges = []
+        snapshot = self.reader.header.get("horizon", {})
+        adopted = {}
         for idx, count in inserted.items():
             if not count:
                 continue
             old, new = self.old[idx], max_seq(conn, idx)
-            if new - old != count:
-                first = conn.execute(
-                    "SELECT min(op) FROM _sync_ops WHERE op > ? AND op <= ?", [op_id(idx, old), op_id(idx, SEQ_MASK)]
-                ).fetchone()[0] & SEQ_MASK
+            floor = max(old, snapshot.get(names[idx], 0))
+            if new - old != count and self.fresh and floor < new and self.held(idx, floor, new) == new - floor:
+                # A snapshot: the sender compacted away ops up to its horizon, and this database
+                # holds no data yet, so nothing here can depend on them.
+                adopted[names[idx]] = snapshot[names[idx]]
+            elif new - old != count and floor > old:
                 raise self.fail(
-                    "missing_operations",
-                    f"it starts device {names[idx]} at seq {first} but this database has only up to seq {old} "
-                    f"(operations {old + 1}-{first - 1} are missing: import the bundles before it first)",
+                    "compacted_history",
+                    f"it comes from a compacted log (device {names[idx]} up to seq {snapshot[names[idx]]}) that this "
+                    "database has only partly: only a database with no synced data yet can start from it "
+                    "(import it into a fresh copy)",
                 )
+            elif new - old != count:
+                raise self.missing(idx, names[idx], old)
             ranges.append((idx, op_id(idx, old + 1), op_id(idx, new)))
         conn.executemany("INSERT INTO temp._sync_new VALUES (?, ?, ?)", ranges)
+        if adopted:
+            raise_horizon(conn, adopted)
         return ranges
+
+    def missing(self, idx: int, device: str, old: int) -> BundleError:
+        """Say which operations of a device the bundle lacks."""
+        conn = self.conn
+        first = conn.execute(
+            "SELECT min(op) FROM _sync_ops WHERE op > ? AND op <= ?", [op_id(idx, old), op_id(idx, SEQ_MASK)]
+        ).fetchone()[0] & SEQ_MASK
+        if first > old + 1:
+            return self.fail(
+                "missing_operations",
+                f"it starts device {device} at seq {first} but this database has only up to seq {old} "
+                f"(operations {old + 1}-{first - 1} are missing: import the bundles before it first)",
+            )
+        before_hole, after_hole = conn.execute(
+            "SELECT o.op, (SELECT min(n.op) FROM _sync_ops n WHERE n.op > o.op) FROM _sync_ops o "
+            "WHERE o.op BETWEEN ? AND ? AND NOT EXISTS (SELECT 1 FROM _sync_ops n WHERE n.op = o.op + 1) ORDER BY o.op LIMIT 1",
+            [op_id(idx, old + 1), op_id(idx, SEQ_MASK)],
+        ).fetchone()
+        lo, hi = (before_hole & SEQ_MASK) + 1, (after_hole & SEQ_MASK) - 1
+        return self.fail(
+            "missing_operations",
+            f"it lacks operation{f' {lo}' if lo == hi else f's {lo}-{hi}'} of device {device}, which the operations "
+            "after it depend on",
+        )
+
+    def held(self, idx: int, after: int, upto: int) -> int:
+        return self.conn.execute(
+            "SELECT count(*) FROM _sync_ops WHERE op BETWEEN ? AND ?", [op_id(idx, after + 1), op_id(idx, upto)]
+        ).fetchone()[0]
+
+    def check_horizon(self) -> None:
+        """Refuse data operations written without having seen what this database compacted away:
+        they would be compared with operations that are gone, unlike on copies that kept them."""
+        compacted = self.compacted
+        if not compacted:
+            return
+        names = device_ids(self.conn)
+        for idx, lo, hi in self.ranges:
+            (first,) = self.conn.execute(
+                f"SELECT min(op) FROM _sync_ops WHERE op BETWEEN ? AND ? AND kind != {TICK}", [lo, hi]
+            ).fetchone()
+            if first is None:
+                continue
+            seen = knowledge_at(self.conn, idx, first & SEQ_MASK)
+            for device, seq in compacted.items():
+                if device != names[idx] and seen.get(device, 0) < seq:
+                    raise self.fail(
+                        "compacted_history",
+                        f"device {names[idx]} wrote operations without having seen device {device} up to seq {seq}, "
+                        "which this database has compacted away; start that device from a copy (or a bundle) of "
+                        "a synced database before it writes",
+                    )
 
     def new_ops(self, columns: str = "o.*", where: str = "1") -> str:
         # NOT INDEXED: without it SQLite may build an automatic index over the whole log for the

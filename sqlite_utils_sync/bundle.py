@@ -44,6 +44,7 @@ from .log import (
     SEQ_MASK,
     clock,
     device_ids,
+    horizon,
     local_device_id,
     max_seq,
     now_iso,
@@ -154,6 +155,7 @@ def export_bundle(
                 "created": now_iso(),
                 "clock": current,
                 "since": since,
+                "horizon": horizon(conn),
                 "devices": header_devices,
                 "tables": header_tables,
                 "operations": count,
@@ -396,6 +398,7 @@ class BundleReader:
             raise BundleError("invalid_metadata", f"Bundle {name}: {problem}")
         parse_clock(header.get("clock"), f"Bundle {name} clock")
         parse_clock(header.get("since"), f"Bundle {name} since-clock")
+        parse_clock(header.get("horizon"), f"Bundle {name} horizon")
         return header
 
     def chunks(self) -> Iterator[tuple[int, int, bytes]]:

@@ -13,6 +13,7 @@ import sqlite_utils
 
 from . import (
     SyncError,
+    compact_log,
     disable_sync,
     enable_sync,
     export_bundle,
@@ -246,6 +247,28 @@ def register(cli: click.Group) -> None:
         with user_errors():
             device_id = new_device(open_db(path))
         click.echo(device_id)
+
+    @cli.command(name="sync-compact")
+    @click.argument("path", type=DB_PATH)
+    @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON")
+    def sync_compact_command(path, as_json):
+        """Remove operations no copy can need again from the sync log
+
+        Keeps what the tables, conflicts and peers still depend on: only operations every known
+        device has seen, and later operations have overwritten, go. New devices can then start
+        from a full export of this database. Run 'sqlite-utils vacuum' afterwards to shrink
+        the file.
+
+        Example:
+
+            sqlite-utils sync-compact data.db
+        """
+        with user_errors():
+            result = compact_log(open_db(path))
+        if as_json:
+            echo_json(result.as_dict())
+        else:
+            click.echo(f"Removed {result.removed} operations, kept {result.kept}", err=True)
 
     from .client import register as register_client_commands
 

@@ -28,7 +28,8 @@ import os
 import re
 import sqlite3
 import time
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 LOCAL = (1 << 22) - 1
 SEQ_BITS = 40
@@ -211,6 +212,24 @@ def append_tick(conn: sqlite3.Connection, known: dict[str, int], floor: int = 0)
     return op
 
 
+HORIZON_SQL = "CREATE TABLE IF NOT EXISTS _sync_horizon (device_id TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
+
+
+def horizon(conn: sqlite3.Connection) -> dict[str, int]:
+    """The highest seq of each device whose operations may be missing here (compacted)."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sync_horizon'").fetchone():
+        return {}
+    return {device: seq for device, seq in conn.execute("SELECT device_id, seq FROM _sync_horizon")}
+
+
+def raise_horizon(conn: sqlite3.Connection, seqs: dict[str, int]) -> None:
+    conn.execute(HORIZON_SQL)
+    conn.executemany(
+        "INSERT INTO _sync_horizon VALUES (?, ?) ON CONFLICT (device_id) DO UPDATE SET seq = max(seq, excluded.seq)",
+        list(seqs.items()),
+    )
+
+
 def local_device_id(conn: sqlite3.Connection) -> str:
     return conn.execute("SELECT device_id FROM _sync_devices WHERE idx = ?", [LOCAL]).fetchone()[0]
 
@@ -372,6 +391,20 @@ def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+@contextmanager
+def log_rewrite(conn: sqlite3.Connection) -> Iterator[None]:
+    """Allow deletes from the append-only log, for the two sanctioned rewrites: giving a copied
+    file a new identity, and compaction. Call inside a transaction."""
+    (guard,) = conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = '_sync_ops_append_only_delete'"
+    ).fetchone()
+    conn.execute("DROP TRIGGER _sync_ops_append_only_delete")
+    try:
+        yield
+    finally:
+        conn.execute(guard)
+
+
 def new_device(conn: sqlite3.Connection) -> str:
     """Give a copied database its own identity.
 
@@ -385,13 +418,8 @@ def new_device(conn: sqlite3.Connection) -> str:
     conn.execute(
         f"INSERT INTO _sync_ops (op, {columns}) SELECT op + ?, {columns} FROM _sync_ops WHERE op > ?", [shift, base]
     )
-    # The one sanctioned rewrite of the log: moving the local range under its old device index.
-    (guard,) = conn.execute(
-        "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = '_sync_ops_append_only_delete'"
-    ).fetchone()
-    conn.execute("DROP TRIGGER _sync_ops_append_only_delete")
-    conn.execute("DELETE FROM _sync_ops WHERE op >= ?", [base])
-    conn.execute(guard)
+    with log_rewrite(conn):  # moving the local range under its old device index
+        conn.execute("DELETE FROM _sync_ops WHERE op >= ?", [base])
     for table, column in (("_sync_clashes", "a"), ("_sync_clashes", "b"), ("_sync_resolutions", "op")):
         conn.execute(f"UPDATE {table} SET {column} = {column} + ? WHERE {column} >= ?", [shift, base])
     conn.execute("UPDATE _sync_knowledge SET device = ? WHERE device = ?", [old_idx, LOCAL])

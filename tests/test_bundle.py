@@ -202,10 +202,15 @@ HOSTILE = {
         "invalid_operation",
         "invalid kind or mask",
     ),
-    "bad sequence": (
+    "hole in a sequence": (
         sealed("UPDATE ops SET seq = 77 WHERE seq = (SELECT min(seq) + 1 FROM ops)"),
+        "missing_operations",
+        "it lacks operation 2 of device",
+    ),
+    "sequence out of range": (
+        sealed(f"UPDATE ops SET seq = -5 {FIRST}"),
         "invalid_operation",
-        "not consecutive",
+        "sequence numbers must be 1 to",
     ),
     "chunk image with a trigger": (
         sealed("CREATE TRIGGER trap AFTER INSERT ON ops BEGIN DELETE FROM ops; END"),

@@ -9,7 +9,7 @@ import pathlib
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sqlite_utils_sync import bundle, enable_sync, list_conflicts, resolve_conflict, sync_status
+from sqlite_utils_sync import bundle, compact_log, enable_sync, list_conflicts, resolve_conflict, sync_status
 from sqlite_utils_sync.apply import reconcile_table
 from sqlite_utils_sync.capture import load_tables
 
@@ -33,6 +33,7 @@ write = st.tuples(
 )
 exchange = st.tuples(st.just("sync"), st.integers(0, 4), st.integers(0, 4))
 resolve = st.tuples(st.just("resolve"), st.integers(0, 4), st.booleans())
+compact = st.tuples(st.just("compact"), st.integers(0, 4), st.booleans())
 
 
 def do_write(conn, kind, row_id, other_id, title, done, score, as_real=False):
@@ -91,34 +92,39 @@ def assert_converged(devices):
 
 SCENARIO = dict(
     device_count=st.integers(min_value=3, max_value=5),
-    steps=st.lists(st.one_of(write, write, write, exchange, resolve), min_size=10, max_size=50),
+    steps=st.lists(st.one_of(write, write, write, exchange, resolve, compact), min_size=10, max_size=50),
     recursive=st.booleans(),
     untyped_key=st.booleans(),
     shuffled=st.booleans(),  # odd devices add columns in another order: their slots differ
+    compaction=st.booleans(),  # devices meet first, then compact their logs at random
 )
 EXAMPLES = int(os.environ.get("CONVERGENCE_EXAMPLES", "80"))
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**SCENARIO)
-def test_every_device_converges_to_identical_tables_and_conflicts(device_count, steps, recursive, untyped_key, shuffled):
-    play(device_count, steps, recursive, untyped_key, shuffled)
+def test_every_device_converges_to_identical_tables_and_conflicts(
+    device_count, steps, recursive, untyped_key, shuffled, compaction
+):
+    play(device_count, steps, recursive, untyped_key, shuffled, compaction)
 
 
 @settings(max_examples=max(EXAMPLES // 3, 10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**SCENARIO)
-def test_imports_converge_when_python_cannot_hand_sqlite_a_chunk(device_count, steps, recursive, untyped_key, shuffled):
+def test_imports_converge_when_python_cannot_hand_sqlite_a_chunk(
+    device_count, steps, recursive, untyped_key, shuffled, compaction
+):
     # Python 3.10 has no Connection.serialize: chunk images then go through a temporary file
     # and a temporary table. Force that path on the same scenarios.
     saved = bundle.SERIALIZE
     bundle.SERIALIZE = False
     try:
-        play(device_count, steps, recursive, untyped_key, shuffled)
+        play(device_count, steps, recursive, untyped_key, shuffled, compaction)
     finally:
         bundle.SERIALIZE = saved
 
 
-def play(device_count, steps, recursive, untyped_key, shuffled=False):
+def play(device_count, steps, recursive, untyped_key, shuffled=False, compaction=False):
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
         schema = TODOS.replace("id INTEGER PRIMARY KEY", "id PRIMARY KEY") if untyped_key else TODOS
@@ -136,8 +142,19 @@ def play(device_count, steps, recursive, untyped_key, shuffled=False):
             if i % 2:
                 conn.row_factory = sqlite3.Row  # as Datasette's connections are
 
+        if compaction:
+            # Compaction is safe among devices that know each other: let them meet first.
+            for i, conn in enumerate(devices):
+                conn.execute("INSERT INTO todos (id, title) VALUES (?, 'hello')", [100 + i])
+            everyone_syncs(devices, folder)
+
         for step in steps:
-            if step[0] == "write":
+            if step[0] == "compact":
+                if compaction:
+                    if step[2]:
+                        everyone_syncs(devices, folder)  # so that there is history everyone has seen
+                    compact_log(devices[step[1] % device_count])
+            elif step[0] == "write":
                 _, d, kind, row_id, other_id, title, done, score, as_real = step
                 do_write(devices[d % device_count], kind, row_id, other_id, title, done, score, as_real and untyped_key)
             elif step[0] == "sync":
@@ -162,3 +179,9 @@ def play(device_count, steps, recursive, untyped_key, shuffled=False):
         assert_converged(devices)
         for conn in devices:
             assert list_conflicts(conn) == []
+
+        # A new device starts from any one of them (a snapshot, if that one compacted).
+        newcomer = make_db(folder / "new.db", schema)
+        sync(devices[len(steps) % device_count], newcomer, folder)
+        assert named_rows(newcomer) == named_rows(devices[0])
+        assert conflict_records(newcomer) == conflict_records(devices[0])

@@ -1,0 +1,163 @@
+"""Compaction: the log shrinks, nothing anyone needs goes, and new devices start from a snapshot."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from sqlite_utils.cli import cli
+
+from sqlite_utils_sync import BundleError, compact_log, export_bundle, import_bundle, list_conflicts, resolve_conflict, sync_status
+
+from sync_helpers import conflict_records, file_bytes, make_db, rows, sync
+
+
+def run_cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def everyone_syncs(devices, folder):
+    for _ in range(2):
+        for source in devices:
+            for target in devices:
+                if source is not target:
+                    sync(source, target, folder)
+
+
+@pytest.fixture
+def trio(tmp_path):
+    """Three devices that know each other, after a hundred edits of ten rows."""
+    devices = [make_db(tmp_path / f"{name}.db") for name in "abc"]
+    a, b, c = devices
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(i, f"todo {i}") for i in range(10)])
+    everyone_syncs(devices, tmp_path)
+    for round_ in range(10):
+        for i, conn in enumerate(devices):
+            conn.execute("UPDATE todos SET title = ?, done = ? WHERE id % 3 = ?", [f"v{round_}", round_ % 2, i])
+        everyone_syncs(devices, tmp_path)
+    return devices
+
+
+def operations(conn):
+    return conn.execute("SELECT count(*) FROM _sync_ops WHERE kind != 3").fetchone()[0]
+
+
+def test_compaction_removes_overwritten_history_and_changes_no_table(tmp_path, trio):
+    a, b, c = trio
+    before_rows, before_ops = rows(a), operations(a)
+    result = compact_log(a)
+    assert result.removed > 0.5 * before_ops
+    assert operations(a) == before_ops - result.removed
+    assert rows(a) == before_rows
+    assert sync_status(a)["clock"] == sync_status(b)["clock"]
+    # Every row keeps its latest operation: a second compaction finds nothing more.
+    assert compact_log(a).removed == 0
+
+
+def test_compacted_and_uncompacted_copies_keep_converging(tmp_path, trio):
+    a, b, c = trio
+    compact_log(a)
+    compact_log(b)
+    a.execute("UPDATE todos SET title = 'from a' WHERE id = 1")
+    c.execute("UPDATE todos SET title = 'from c' WHERE id = 1")  # concurrent: a conflict
+    c.execute("INSERT INTO todos VALUES (50, 'new on c', 0, 0)")
+    b.execute("DELETE FROM todos WHERE id = 2")
+    everyone_syncs(trio, tmp_path)
+    assert rows(a) == rows(b) == rows(c)
+    assert conflict_records(a) == conflict_records(b) == conflict_records(c)
+    assert len(list_conflicts(a)) == 1
+    compact_log(c)
+    resolve_conflict(c, list_conflicts(c)[0]["id"])
+    everyone_syncs(trio, tmp_path)
+    assert rows(a) == rows(b) == rows(c)
+    assert conflict_records(a) == conflict_records(b) == conflict_records(c)
+    assert list_conflicts(a) == []
+
+
+def test_versions_of_a_conflict_are_kept_until_and_after_it_is_resolved(tmp_path, trio):
+    a, b, c = trio
+    a.execute("UPDATE todos SET title = 'A' WHERE id = 4")
+    b.execute("UPDATE todos SET title = 'B' WHERE id = 4")
+    everyone_syncs(trio, tmp_path)
+    [conflict] = list_conflicts(a)
+    a.execute("UPDATE todos SET title = 'later' WHERE id = 4")
+    everyone_syncs(trio, tmp_path)
+    compact_log(a)
+    kept = {v["op"]: v["values"] for v in list_conflicts(a)[0]["versions"]}
+    assert kept == {v["op"]: v["values"] for v in conflict["versions"]}
+    loser = next(op for op, values in kept.items() if values["title"] == "B")
+    resolve_conflict(a, conflict["id"], keep=loser)
+    assert a.execute("SELECT title FROM todos WHERE id = 4").fetchone() == ("B",)
+
+
+def test_operations_a_device_has_not_seen_are_kept(tmp_path, trio):
+    a, b, c = trio
+    a.execute("UPDATE todos SET title = 'x' WHERE id = 7")
+    a.execute("UPDATE todos SET title = 'y' WHERE id = 7")
+    sync(a, b, tmp_path)  # c has not seen either
+    seqs = sync_status(a)["clock"][sync_status(a)["device_id"]]
+    compact_log(b)
+    b_ops = {row[0] & ((1 << 40) - 1) for row in b.execute("SELECT op FROM _sync_ops WHERE op >> 40 = (SELECT idx FROM _sync_devices WHERE device_id = ?)", [sync_status(a)["device_id"]])}
+    assert {seqs - 1, seqs} <= b_ops  # the overwritten 'x' too: c might still clash with it
+    everyone_syncs(trio, tmp_path)
+    assert rows(a) == rows(b) == rows(c)
+
+
+def test_a_new_device_starts_from_a_compacted_export(tmp_path, trio):
+    a, b, c = trio
+    compact_log(a)
+    fresh = make_db(tmp_path / "fresh.db")
+    export_bundle(a, tmp_path / "snapshot.bundle")
+    result = import_bundle(fresh, tmp_path / "snapshot.bundle")
+    assert result.applied == operations(a) + a.execute("SELECT count(*) FROM _sync_ops WHERE kind = 3 AND op & ((1 << 40) - 1) > 0").fetchone()[0]
+    assert rows(fresh) == rows(a)
+    status = sync_status(fresh)
+    assert {d: s for d, s in status["clock"].items() if d != status["device_id"]} == sync_status(a)["clock"]
+    assert conflict_records(fresh) == conflict_records(a)
+    # ...and from then on syncs like any other device, with those that kept their whole log too.
+    fresh.execute("UPDATE todos SET done = 5 WHERE id = 3")
+    everyone_syncs([a, b, c, fresh], tmp_path)
+    assert rows(a) == rows(b) == rows(c) == rows(fresh)
+    assert fresh.execute("SELECT done FROM todos WHERE id = 3").fetchone() == (5,)
+
+
+def test_a_database_with_data_cannot_start_from_a_compacted_export(tmp_path, trio):
+    a, b, c = trio
+    compact_log(a)
+    other = make_db(tmp_path / "other.db")
+    other.execute("INSERT INTO todos VALUES (99, 'mine', 0, 0)")
+    export_bundle(a, tmp_path / "snapshot.bundle")
+    before = file_bytes(tmp_path / "other.db")
+    result = run_cli("import-bundle", tmp_path / "other.db", tmp_path / "snapshot.bundle")
+    assert result.exit_code == 1
+    assert "comes from a compacted log" in result.output and "fresh copy" in result.output
+    assert result.output.count("\n") == 1
+    assert file_bytes(tmp_path / "other.db") == before
+
+
+def test_edits_made_without_the_compacted_history_are_refused(tmp_path, trio):
+    a, b, c = trio
+    compact_log(a)
+    stranger = make_db(tmp_path / "stranger.db")  # never synced, writes on its own
+    stranger.execute("INSERT INTO todos VALUES (1, 'stranger', 1, 1)")
+    export_bundle(stranger, tmp_path / "stranger.bundle")
+    before = file_bytes(tmp_path / "a.db")
+    with pytest.raises(BundleError) as error:
+        import_bundle(a, tmp_path / "stranger.bundle")
+    assert error.value.reason == "compacted_history"
+    assert "without having seen device" in str(error.value) and "compacted away" in str(error.value)
+    assert file_bytes(tmp_path / "a.db") == before
+
+
+def test_cli_sync_compact_json(tmp_path, trio):
+    a, b, c = trio
+    before = operations(a)
+    result = run_cli("sync-compact", tmp_path / "a.db", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert set(data) == {"removed", "kept", "horizon"}
+    assert data["removed"] > 0 and operations(a) == before - data["removed"]
+    assert sync_status(a)["device_id"] in data["horizon"]
+    missing = run_cli("sync-compact", tmp_path / "nope.db")
+    assert missing.exit_code == 2 and "does not exist" in missing.output
