@@ -304,16 +304,16 @@ class Importer:
                 tid, slots, applied, pk_positions = self.tables[table_position]
             source = self.stage.load(data, width)
             try:
-                count = self.append_chunk(source, idx, tid, slots, pk_positions, local_id, position)
+                appended = self.append_chunk(source, idx, tid, slots, pk_positions, local_id, position)
             except sqlite3.DatabaseError as ex:
                 raise self.fail("invalid_operation", f"a chunk cannot be read ({ex})")
-            if count is None:
+            if appended is None:
                 continue
-            first, last, stored = count
+            first, last, count, stored = appended
             inserted[idx] = inserted.get(idx, 0) + stored
             if tid:
                 self.data_inserted += stored
-            result.duplicates += last - first + 1 - stored
+            result.duplicates += count - stored
             if stored and not applied:
                 table_name = self.reader.header["tables"][table_position][0]
                 result.not_applied[table_name] = result.not_applied.get(table_name, 0) + stored
@@ -323,13 +323,13 @@ class Importer:
                     [op_id(idx, max(first, self.old[idx] + 1)), op_id(idx, last)],
                 )
             if self.progress:
-                self.progress(last - first + 1, self.reader.header["operations"])
+                self.progress(count, self.reader.header["operations"])
         return inserted
 
     def append_chunk(
         self, source: str, idx: int, tid: int, slots: list[int], pk_positions: list[int], local_id: str, position: int
-    ) -> tuple[int, int, int] | None:
-        """Check one loaded chunk and append it to the log: ``(first seq, last seq, stored)``."""
+    ) -> tuple[int, int, int, int] | None:
+        """Check one loaded chunk and append it to the log: ``(first seq, last seq, ops, stored)``."""
         conn = self.conn
         width = len(slots)
         pk = [f"v{i}" for i in pk_positions]
@@ -375,7 +375,7 @@ class Importer:
                 (idx, seq, text)
                 for seq, text in conn.execute(f"SELECT seq, moved FROM {source} WHERE seq > ?", [self.old[idx]])
             )
-            return first, last, stored
+            return first, last, count, stored
         if any(shape[4] for shape in shapes):
             # quote() stops at NUL, so such keys could not be told apart: refuse, never merge rows.
             raise self.fail("unsupported_key", "a primary key value contains a NUL character, which sync does not support")
@@ -405,7 +405,7 @@ class Importer:
         ).rowcount
         # A device's clocks only grow, so its last op carries the chunk's highest.
         self.max_hlc = max(self.max_hlc, last_hlc)
-        return first, last, stored
+        return first, last, count, stored
 
     def check_moves(self, source: str, tid: int, pk: list[str]) -> None:
         """A primary-key move names the key it left: check it, and send both rows per-row."""

@@ -245,8 +245,8 @@ def chunk_prefix(device_position: int, table_position: int, data: bytes) -> byte
 def chunk_image(rows: Iterable[Sequence[Any]], width: int, small: bool = False) -> bytes:
     """A SQLite database image holding ``rows`` in an ``ops`` table."""
     with image_connection() as (image, read_back):
-        # Small pages keep a chunk of a few ops (the common delta) small.
-        image.execute(f"PRAGMA page_size = {1024 if small else 4096}")
+        # The smallest pages keep a chunk of a few ops (the common delta) small.
+        image.execute(f"PRAGMA page_size = {512 if small else 4096}")
         image.execute(ops_table_sql(width))
         image.executemany(f"INSERT INTO ops VALUES ({', '.join('?' * (5 + width))})", rows)
         image.commit()

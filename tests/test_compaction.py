@@ -110,6 +110,7 @@ def test_a_new_device_starts_from_a_compacted_export(tmp_path, trio):
     fresh = make_db(tmp_path / "fresh.db")
     export_bundle(a, tmp_path / "snapshot.bundle")
     result = import_bundle(fresh, tmp_path / "snapshot.bundle")
+    assert result.duplicates == 0
     assert result.applied == operations(a) + a.execute("SELECT count(*) FROM _sync_ops WHERE kind = 3 AND op & ((1 << 40) - 1) > 0").fetchone()[0]
     assert rows(fresh) == rows(a)
     status = sync_status(fresh)

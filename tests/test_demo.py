@@ -38,8 +38,12 @@ def test_story_converges_after_conflict_and_resolution(tmp_path):
     for part in ("todos:", "notes:", "conflicts:"):
         assert any(line.startswith(part) and "identical on laptop, phone, server" in line for line in lines), part
     assert any(line.startswith("todo:") and "'Buy oat milk'" in line for line in lines)
+    # Later the server compacts its log, and a tablet starting from its export matches it.
+    compacted = next(line for line in lines if line.startswith("server:") and "sync-compact: removed" in line)
+    assert "tables and conflict records unchanged" in compacted and "removed 0 " not in compacted
+    assert any(line.startswith("tablet:") and "identical to the server" in line for line in lines), result.stdout
     # Real files were left behind for inspection.
-    assert {p.name for p in out.glob("*.db")} == {"laptop.db", "phone.db", "server.db"}
+    assert {p.name for p in out.glob("*.db")} == {"laptop.db", "phone.db", "server.db", "tablet.db"}
 
 
 def test_build_hub(tmp_path):
