@@ -267,6 +267,38 @@ def test_alter_adds_columns_both_ways_and_clones_a_new_device(hub, tmp_path):
     assert len(rows(plain)) == 3
 
 
+def test_hub_compacts_and_new_devices_start_from_it(hub, alice, tmp_path):
+    a = make_todos_db(tmp_path / "a.db", [{"id": i, "title": f"todo {i}", "done": 0} for i in range(1, 6)])
+    b = make_todos_db(tmp_path / "b.db")
+    for path in (a, b, a):
+        sync(path, hub, alice)
+    for round_ in range(4):
+        upsert(a, {"id": 1, "title": f"a{round_}"})
+        upsert(b, {"id": 2, "title": f"b{round_}"})
+        for path in (a, b, a, b):
+            sync(path, hub, alice)
+    # Compacting the file Datasette is serving, with the plain CLI.
+    result = run_json(["sqlite-utils", "sync-compact", hub.path, "--json"])
+    assert result["removed"] > 0
+    # A new device starts from the hub's compacted log, and from then on syncs like the others.
+    c = make_todos_db(tmp_path / "c.db")
+    sync(c, hub, alice)
+    assert rows(c) == rows(hub.path) == rows(a)
+    upsert(c, {"id": 3, "done": 1})
+    for path in (c, a, b):
+        sync(path, hub, alice)
+    assert rows(a) == rows(b) == rows(c) == rows(hub.path)
+    assert rows(a)[2] == {"id": 3, "title": "todo 3", "done": 1}
+    # A database with edits made before it ever synced is told, in one line, that it cannot join.
+    stranger = make_todos_db(tmp_path / "s.db", [{"id": 1, "title": "mine", "done": 0}])
+    before = rows(hub.path)
+    out = sync(stranger, hub, alice, check=False)
+    assert out.returncode == 1
+    assert out.stderr.startswith("Error: Bundle from-hub.bundle: it comes from a compacted log")
+    assert out.stderr.count("\n") == 1
+    assert rows(hub.path) == before and rows(stranger) == [{"id": 1, "title": "mine", "done": 0}]
+
+
 def test_bundle_size_limit_413(tmp_path, datasette_server):
     hub_path = make_todos_db(tmp_path / "hub.db")
     config = {**HUB_CONFIG, "plugins": {"datasette-sync": {"max_bundle_bytes": 20_000}}}
