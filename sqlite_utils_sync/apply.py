@@ -378,7 +378,9 @@ class Importer:
             return first, last, count, stored
         if any(shape[4] for shape in shapes):
             # quote() stops at NUL, so such keys could not be told apart: refuse, never merge rows.
-            raise self.fail("unsupported_key", "a primary key value contains a NUL character, which sync does not support")
+            raise self.fail(
+                "unsupported_key", "a primary key value contains a NUL character, which sync does not support"
+            )
         kinds = {(kind, mask) for _, kind, mask, _, _ in shapes}
         if not all(kind in VALID_KINDS and type(mask) is int and 0 <= mask < 1 << width for kind, mask in kinds):
             raise self.fail("invalid_operation", "an operation has an invalid kind or mask")
@@ -409,7 +411,8 @@ class Importer:
 
     def check_moves(self, source: str, tid: int, pk: list[str]) -> None:
         """A primary-key move names the key it left: check it, and send both rows per-row."""
-        for moved, kind, *new_key in self.conn.execute(f"SELECT moved, kind, {', '.join(pk)} FROM {source} WHERE moved IS NOT NULL"):
+        moves = self.conn.execute(f"SELECT moved, kind, {', '.join(pk)} FROM {source} WHERE moved IS NOT NULL")
+        for moved, kind, *new_key in moves:
             try:
                 old_values = parse_rowkey(moved) if isinstance(moved, str) else None
             except ValueError:

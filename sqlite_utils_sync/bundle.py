@@ -209,7 +209,8 @@ def write_operations(
                     mask = " | ".join(f"(((mask >> {s}) & 1) << {i})" for i, s in enumerate(slots)) or "0"
                 columns = f"{mask}, CASE WHEN newkey IS NOT NULL THEN rowkey END" + "".join(f", c{s}" for s in slots)
             cursor = conn.execute(
-                f"SELECT op & {SEQ_MASK}, hlc, kind, {columns} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op", [lo, hi]
+                f"SELECT op & {SEQ_MASK}, hlc, kind, {columns} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op",
+                [lo, hi],
             )
             write_chunk(device_position, key, cursor, size)
             count += size
@@ -219,7 +220,8 @@ def write_operations(
 def runs(conn: sqlite3.Connection, lo: int, hi: int) -> Iterator[tuple[int, int, int, int]]:
     """Split the ops in ``lo..hi`` into runs of one table: ``(tid, first op, last op, count)``."""
     run: list[int] | None = None
-    for op, tid in conn.execute("SELECT op, tid FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op", [lo, hi]).fetchall():
+    # Streamed, not fetched: memory stays flat however long the log.
+    for op, tid in conn.execute("SELECT op, tid FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op", [lo, hi]):
         if run and run[0] == tid and run[3] < CHUNK_OPS:
             run[2], run[3] = op, run[3] + 1
             continue
@@ -450,7 +452,8 @@ class ChunkStage:
         try:
             if self.direct:
                 self.conn.deserialize(data, name=CHUNK_SCHEMA)
-                self.check(self.conn.execute(f"SELECT type, name, tbl_name, sql FROM {CHUNK_SCHEMA}.sqlite_master"), width)
+                schema = self.conn.execute(f"SELECT type, name, tbl_name, sql FROM {CHUNK_SCHEMA}.sqlite_master")
+                self.check(schema, width)
                 return f"{CHUNK_SCHEMA}.ops"
             with open_image(data) as image:
                 self.check(image.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"), width)

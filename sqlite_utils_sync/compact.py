@@ -50,6 +50,11 @@ from .log import (
 )
 from .errors import SyncError
 
+# hlc, device id (32 hex digits), seq: text that sorts like the tuple, then the op id.
+ORDER_FORMAT = "%020d %s %013d %d"
+OP_AT = len("%020d %s %013d " % (0, "0" * 32, 0)) + 1  # where the op id starts (1-based)
+
+
 @dataclass
 class CompactResult:
     removed: int
@@ -127,19 +132,20 @@ def keep_needed_ops(conn: sqlite3.Connection, tid: int, slots: list[int]) -> Non
     op id at its end.
     """
     all_slots = sum(1 << s for s in slots)
-    order = f"printf('%020d %s %013d %d', o.hlc, d.device_id, o.op & {SEQ_MASK}, o.op)"
+    order = f"printf('{ORDER_FORMAT}', o.hlc, d.device_id, o.op & {SEQ_MASK}, o.op)"
     ops = f"_sync_ops o JOIN _sync_devices d ON d.idx = o.op >> 40 WHERE o.tid = {tid} AND o.kind != {TICK}"
     moved = f"o.kind & 3 = {UPDATE} AND o.newkey IS NOT NULL"
     # A delete, and a move on the key it left, write no column; a move writes the whole row
     # under its new key.
+    writes = f"CASE WHEN o.kind & 3 = {DELETE} OR ({moved}) THEN 0 ELSE ifnull(o.mask, 0) & {all_slots} END"
     effects = (
-        f"SELECT o.rowkey AS rowkey, {order} AS latest, "
-        f"CASE WHEN o.kind & 3 = {DELETE} OR ({moved}) THEN 0 ELSE ifnull(o.mask, 0) & {all_slots} END AS mask FROM {ops} "
+        f"SELECT o.rowkey AS rowkey, {order} AS latest, {writes} AS mask FROM {ops} "
         f"UNION ALL SELECT o.newkey, {order}, {all_slots} FROM {ops} AND {moved}"
     )
     writers = "".join(f", max(CASE WHEN mask & {1 << s} THEN latest END) AS w{s}" for s in slots)
     picks = " UNION ".join(["SELECT latest AS k FROM per_row"] + [f"SELECT w{s} FROM per_row" for s in slots])
     conn.execute(
         f"WITH per_row AS MATERIALIZED (SELECT max(latest) AS latest{writers} FROM ({effects}) GROUP BY rowkey) "
-        f"INSERT OR IGNORE INTO temp._sync_keep SELECT CAST(substr(k, 69) AS INTEGER) FROM ({picks}) WHERE k IS NOT NULL"
+        "INSERT OR IGNORE INTO temp._sync_keep "
+        f"SELECT CAST(substr(k, {OP_AT}) AS INTEGER) FROM ({picks}) WHERE k IS NOT NULL"
     )
