@@ -343,9 +343,9 @@ class Importer:
             raise self.fail("invalid_operation", f"operation sequence numbers must be 1 to {SEQ_MASK}")
         # Holes are checked per device once everything is in (a compacted sender may leave some).
         if tid:
-            nul_keys = " OR ".join(f"(typeof({v}) = 'text' AND instr({v}, char(0)) > 0)" for v in pk)
+            key_types = " || ' ' || ".join(f"typeof({v})" for v in pk)
             shapes = conn.execute(
-                f"SELECT DISTINCT typeof(hlc), kind, mask, moved IS NOT NULL, {nul_keys} FROM {source}"
+                f"SELECT DISTINCT typeof(hlc), kind, mask, moved IS NOT NULL, {key_types} FROM {source}"
             ).fetchall()
         else:
             shapes = conn.execute(f"SELECT DISTINCT typeof(hlc), kind, typeof(moved) FROM {source}").fetchall()
@@ -376,7 +376,10 @@ class Importer:
                 for seq, text in conn.execute(f"SELECT seq, moved FROM {source} WHERE seq > ?", [self.old[idx]])
             )
             return first, last, count, stored
-        if any(shape[4] for shape in shapes):
+        nul_keys = " OR ".join(f"(typeof({v}) = 'text' AND instr({v}, char(0)) > 0)" for v in pk)
+        if any("text" in shape[4] for shape in shapes) and conn.execute(
+            f"SELECT 1 FROM {source} WHERE {nul_keys} LIMIT 1"
+        ).fetchone():
             # quote() stops at NUL, so such keys could not be told apart: refuse, never merge rows.
             raise self.fail(
                 "unsupported_key", "a primary key value contains a NUL character, which sync does not support"
