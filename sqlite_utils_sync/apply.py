@@ -395,15 +395,16 @@ class Importer:
             for kind, mask in kinds
         )
         self.has_resolutions |= any(kind & RESOLUTION for kind, _ in kinds)
+        key = rowkey_sql(pk)
+        keys = f"{key}, NULL"
         if any(shape[3] for shape in shapes):
             self.check_moves(source, tid, pk)
-        key = rowkey_sql(pk)
+            keys = f"coalesce(moved, {key}), CASE WHEN moved IS NOT NULL THEN {key} END"
         # What is at or below our clock is here already (or was compacted away): only the rest.
         stored = conn.execute(
             f"INSERT INTO _sync_ops (op, hlc, tid, kind, mask, rowkey, newkey"
             + "".join(f", c{s}" for s in slots)
-            + f") SELECT seq + {base}, hlc, {tid}, kind, {local_mask}, coalesce(moved, {key}), "
-            f"CASE WHEN moved IS NOT NULL THEN {key} END"
+            + f") SELECT seq + {base}, hlc, {tid}, kind, {local_mask}, {keys}"
             + "".join(f", v{i}" for i in range(width))
             + f" FROM {source} WHERE seq > ?",
             [self.old[idx]],
