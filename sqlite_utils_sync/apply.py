@@ -256,12 +256,17 @@ class Importer:
                     continue
             current = [row[1] for row in table_info(conn, name)]
             missing = [c for c in columns if c not in current]
-            if missing and not self.alter:
+            # A column this table had and dropped is no surprise: its values stay in the log and
+            # never reach the table. One it never had is refused (or, with --alter, added).
+            unknown = [c for c in missing if c not in local.slots]
+            if unknown and not self.alter:
                 raise self.fail(
                     "unknown_column",
-                    f"table '{name}' has column{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                    f"table '{name}' has column{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
                     "that this database lacks (import with --alter to add)",
                 )
+            if not self.alter:
+                missing = []
             for column in missing:
                 conn.execute(f"ALTER TABLE {quote_identifier(name)} ADD COLUMN {quote_identifier(column)}")
             if missing:
@@ -655,15 +660,15 @@ class Importer:
     def fast_inserts(self, table: SyncedTable, columns: list[str], full: int, not_slow: str, kinds) -> None:
         t = quote_identifier(table.name)
         quoted = [quote_identifier(c) for c in columns]
-        if any(kind == INSERT and mask != full for kind, mask in kinds):
+        if any(kind == INSERT and mask & full != full for kind, mask in kinds):
             # Inserts written before a column existed go per-row, so the column gets its default.
             self.conn.execute(
                 "INSERT OR IGNORE INTO temp._sync_slow "
-                + self.new_ops("o.tid, o.rowkey", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask != {full}")
+                + self.new_ops("o.tid, o.rowkey", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask & {full} != {full}")
             )
         self.conn.execute(
             f"INSERT INTO {t} ({', '.join(quoted)}) SELECT {', '.join(f'o.c{table.slots[c]}' for c in columns)} FROM ("
-            + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask = {full}")
+            + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask & {full} = {full}")
             + f") o WHERE {not_slow} ON CONFLICT ({', '.join(quote_identifier(c) for c in table.pk)}) DO UPDATE SET "
             + ", ".join(f"{q} = excluded.{q}" for q in quoted)
         )

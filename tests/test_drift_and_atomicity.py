@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
 import sqlite_utils
 from click.testing import CliRunner
 from sqlite_utils.cli import cli
@@ -76,6 +77,37 @@ def test_transform_drops_triggers_and_the_repair_logs_what_was_missed(tmp_path):
     sync(a, b, tmp_path)
     assert rows(b) == rows(a)
     assert [r[0] for r in rows(b)] == [1, 3, 4]
+
+
+def test_dropping_a_column_on_one_copy(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 2.5)")
+    sync(a, b, tmp_path)
+    # SQLite refuses ALTER TABLE DROP COLUMN while a trigger names the column...
+    with pytest.raises(sqlite3.OperationalError, match="error in trigger"):
+        a.execute("ALTER TABLE todos DROP COLUMN score")
+    # ...so drop it with sqlite-utils transform (sync repairs itself afterwards), or around
+    # disable-sync / enable-sync.
+    a.close()
+    assert run_cli("transform", tmp_path / "a.db", "todos", "--drop", "score").exit_code == 0
+    a = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    a.execute("UPDATE todos SET title = 'oat milk' WHERE id = 1")
+    a.execute("INSERT INTO todos VALUES (2, 'eggs', 0)")
+    assert run_cli("disable-sync", tmp_path / "a.db", "todos").exit_code == 0
+    a.execute("ALTER TABLE todos DROP COLUMN done")
+    assert run_cli("enable-sync", tmp_path / "a.db", "todos").exit_code == 0
+    a.execute("INSERT INTO todos VALUES (3, 'bread')")
+    sync(a, b, tmp_path)
+    # The copy that kept the columns keeps the values it had. Bundles carry the sender's columns
+    # as they are when exported: row 2's done was dropped on a before a sent it.
+    assert b.execute("SELECT * FROM todos ORDER BY id").fetchall() == [
+        (1, "oat milk", 0, 2.5),
+        (2, "eggs", None, None),
+        (3, "bread", None, None),
+    ]
+    b.execute("UPDATE todos SET title = 'brown bread', done = 1 WHERE id = 3")
+    sync(b, a, tmp_path)
+    assert a.execute("SELECT * FROM todos ORDER BY id").fetchall() == [(1, "oat milk"), (2, "eggs"), (3, "brown bread")]
 
 
 def test_import_repairs_stale_triggers_on_the_receiver(tmp_path):
