@@ -511,8 +511,8 @@ class Importer:
                     raise self.fail(
                         "compacted_history",
                         f"device {names[idx]} wrote operations without having seen device {device} up to seq {seq}, "
-                        "which this database has compacted away; start that device from a copy (or a bundle) of "
-                        "a synced database before it writes",
+                        "which this database has compacted away. Send this database's changes to a peer that kept "
+                        "its whole log, then start this copy again from that peer's export (into a new database)",
                     )
 
     def new_ops(self, columns: str = "o.*", where: str = "1") -> str:

@@ -183,3 +183,28 @@ def test_cli_sync_compact_json(tmp_path, trio):
     assert sync_status(a)["device_id"] in data["horizon"]
     missing = run_cli("sync-compact", tmp_path / "nope.db")
     assert missing.exit_code == 2 and "does not exist" in missing.output
+
+
+def test_a_compacted_copy_refusing_a_strangers_edits_starts_again_from_a_peer(tmp_path, trio):
+    a, b, c = trio
+    compact_log(a)
+    a.execute("UPDATE todos SET title = 'unsent on a' WHERE id = 0")
+    stranger = make_db(tmp_path / "stranger.db")
+    stranger.execute("INSERT INTO todos VALUES (70, 'written before it ever synced', 0, 0)")
+    sync(b, stranger, tmp_path)  # b kept its whole log: the stranger can catch up from it
+    sync(stranger, b, tmp_path)
+    before = file_bytes(tmp_path / "a.db")
+    with pytest.raises(BundleError, match="compacted away. Send this database's changes to a peer"):
+        sync(b, a, tmp_path)
+    assert file_bytes(tmp_path / "a.db") == before
+    # The way on, as the message says: a's changes go to b, then a starts again from b.
+    sync(a, b, tmp_path)
+    restarted = make_db(tmp_path / "a2.db")
+    sync(b, restarted, tmp_path)
+    assert rows(restarted) == rows(b)
+    assert restarted.execute("SELECT title FROM todos WHERE id IN (0, 70) ORDER BY id").fetchall() == [
+        ("unsent on a",),
+        ("written before it ever synced",),
+    ]
+    everyone_syncs([restarted, b, c, stranger], tmp_path)
+    assert rows(restarted) == rows(b) == rows(c) == rows(stranger)
