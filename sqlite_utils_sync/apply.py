@@ -443,20 +443,20 @@ class Importer:
             if not count:
                 continue
             old, new = self.old[idx], max_seq(conn, idx)
-            floor = max(old, snapshot.get(names[idx], 0))
-            if new - old != count and self.fresh and floor < new and self.held(idx, floor, new) == new - floor:
-                # A snapshot: the sender compacted away ops up to its horizon, and this database
-                # holds no data yet, so nothing here can depend on them.
-                adopted[names[idx]] = snapshot[names[idx]]
-            elif new - old != count and floor > old:
-                raise self.fail(
-                    "compacted_history",
-                    f"it comes from a compacted log (device {names[idx]} up to seq {snapshot[names[idx]]}) that this "
-                    "database has only partly: only a database with no synced data yet can start from it "
-                    "(import it into a fresh copy)",
-                )
-            elif new - old != count:
-                raise self.missing(idx, names[idx], old)
+            if new - old != count:
+                # Holes are fine only at or below the sender's horizon (it compacted them away).
+                floor = max(old, snapshot.get(names[idx], 0))
+                if floor == old or self.held(idx, floor, new) != new - floor:
+                    raise self.missing(idx, names[idx], old)
+                if not self.fresh:
+                    raise self.fail(
+                        "compacted_history",
+                        f"it comes from a compacted log (device {names[idx]} up to seq {floor}) that this database "
+                        "has only partly: only a database with no synced data yet can start from it (import it "
+                        "into a new database)",
+                    )
+                # A snapshot: this database holds no data yet, so nothing here depends on them.
+                adopted[names[idx]] = floor
             ranges.append((idx, op_id(idx, old + 1), op_id(idx, new)))
         conn.executemany("INSERT INTO temp._sync_new VALUES (?, ?, ?)", ranges)
         if adopted:

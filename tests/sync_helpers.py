@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import sqlite3
 from typing import Any
 
+import msgpack
+
 from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, list_conflicts, sync_status
+from sqlite_utils_sync.bundle import FORMAT, chunk_prefix
 
 TODOS = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL)"
 
@@ -58,3 +62,44 @@ def knowledge(conn: sqlite3.Connection) -> list[tuple]:
             "SELECT d.device_id, k.from_seq, k.clock FROM _sync_knowledge k JOIN _sync_devices d ON d.idx = k.device"
         )
     )
+
+
+# Tampering with bundles, as a hostile peer would -------------------------------------------
+
+
+def rewrite(path, tamper):
+    """Change a bundle in place with ``tamper(conn)``."""
+    conn = sqlite3.connect(path)
+    tamper(conn)
+    conn.commit()
+    conn.close()
+
+
+def reseal(conn):
+    """Recompute the hash after tampering: what a hostile peer (not a corrupted file) sends."""
+    digest = hashlib.sha256(FORMAT.encode())
+    for device, table, data in conn.execute("SELECT device, tbl, data FROM bundle_chunks ORDER BY id"):
+        digest.update(chunk_prefix(device, table, data))
+        digest.update(data)
+    digest.update(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
+    sha = digest.hexdigest()
+    conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'sha256'", [sha])
+    conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'bundle_id'", [sha[:32]])
+
+
+def edit_chunks(conn, sql, *params, first_only=True):
+    """Run ``sql`` on the ``ops`` table inside chunk images (each one a SQLite database)."""
+    chunks = conn.execute("SELECT id, data FROM bundle_chunks ORDER BY id").fetchall()
+    for chunk_id, data in chunks[:1] if first_only else chunks:
+        image = sqlite3.connect(":memory:")
+        image.deserialize(data)
+        image.execute(sql, params)
+        image.commit()
+        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [image.serialize(), chunk_id])
+        image.close()
+
+
+def edit_header(conn, change):
+    header = msgpack.unpackb(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
+    change(header)
+    conn.execute("UPDATE bundle_header SET data = ?", [msgpack.packb(header)])

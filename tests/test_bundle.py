@@ -5,15 +5,13 @@ from __future__ import annotations
 import json
 import sqlite3
 
-import msgpack
 import pytest
 from click.testing import CliRunner
 from sqlite_utils.cli import cli
 
 from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
-from sqlite_utils_sync.bundle import FORMAT, chunk_prefix
 
-from sync_helpers import file_bytes, make_db, rows, sync
+from sync_helpers import edit_chunks, edit_header, file_bytes, make_db, reseal, rewrite, rows, sync
 
 
 def run_cli(*args):
@@ -115,46 +113,6 @@ def test_gap_in_a_devices_sequence_is_refused(tmp_path, pair):
     assert f"starts device {device} at seq 4 but this database has only up to seq 0" in result.output
     assert "operations 1-3 are missing" in result.output
     assert file_bytes(tmp_path / "b.db") == before
-
-
-def rewrite(path, tamper):
-    """Change a bundle in place with ``tamper(conn)``."""
-    conn = sqlite3.connect(path)
-    tamper(conn)
-    conn.commit()
-    conn.close()
-
-
-def reseal(conn):
-    """Recompute the hash after tampering: what a hostile peer (not a corrupted file) sends."""
-    import hashlib
-
-    digest = hashlib.sha256(FORMAT.encode())
-    for device, table, data in conn.execute("SELECT device, tbl, data FROM bundle_chunks ORDER BY id"):
-        digest.update(chunk_prefix(device, table, data))
-        digest.update(data)
-    digest.update(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
-    sha = digest.hexdigest()
-    conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'sha256'", [sha])
-    conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'bundle_id'", [sha[:32]])
-
-
-def edit_chunks(conn, sql, *params, first_only=True):
-    """Run ``sql`` on the ``ops`` table inside chunk images (each one a SQLite database)."""
-    chunks = conn.execute("SELECT id, data FROM bundle_chunks ORDER BY id").fetchall()
-    for chunk_id, data in chunks[:1] if first_only else chunks:
-        image = sqlite3.connect(":memory:")
-        image.deserialize(data)
-        image.execute(sql, params)
-        image.commit()
-        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [image.serialize(), chunk_id])
-        image.close()
-
-
-def edit_header(conn, change):
-    header = msgpack.unpackb(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
-    change(header)
-    conn.execute("UPDATE bundle_header SET data = ?", [msgpack.packb(header)])
 
 
 def sealed(sql, *params):

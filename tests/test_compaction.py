@@ -18,7 +18,7 @@ from sqlite_utils_sync import (
     sync_status,
 )
 
-from sync_helpers import conflict_records, file_bytes, make_db, rows, sync
+from sync_helpers import conflict_records, edit_header, file_bytes, make_db, reseal, rewrite, rows, sync
 
 
 def run_cli(*args):
@@ -153,7 +153,7 @@ def test_a_database_with_data_cannot_start_from_a_compacted_export(tmp_path, tri
     before = file_bytes(tmp_path / "other.db")
     result = run_cli("import-bundle", tmp_path / "other.db", tmp_path / "snapshot.bundle")
     assert result.exit_code == 1
-    assert "comes from a compacted log" in result.output and "fresh copy" in result.output
+    assert "comes from a compacted log" in result.output and "into a new database" in result.output
     assert result.output.count("\n") == 1
     assert file_bytes(tmp_path / "other.db") == before
 
@@ -208,3 +208,17 @@ def test_a_compacted_copy_refusing_a_strangers_edits_starts_again_from_a_peer(tm
     ]
     everyone_syncs([restarted, b, c, stranger], tmp_path)
     assert rows(restarted) == rows(b) == rows(c) == rows(stranger)
+
+
+def test_holes_the_sender_does_not_vouch_for_are_refused_even_by_a_new_database(tmp_path, trio):
+    a, b, c = trio
+    compact_log(a)
+    path = tmp_path / "snapshot.bundle"
+    export_bundle(a, path)
+    rewrite(path, lambda conn: (edit_header(conn, lambda header: header.__setitem__("horizon", {})), reseal(conn)))
+    fresh = make_db(tmp_path / "fresh.db")
+    before = file_bytes(tmp_path / "fresh.db")
+    with pytest.raises(BundleError, match="it lacks operations? [0-9-]+ of device") as error:
+        import_bundle(fresh, path)
+    assert error.value.reason == "missing_operations"
+    assert file_bytes(tmp_path / "fresh.db") == before
