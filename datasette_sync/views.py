@@ -34,7 +34,7 @@ from sqlite_utils_sync import (
     sync_status,
 )
 from sqlite_utils_sync.bundle import BundleReader
-from sqlite_utils_sync.log import json_value
+from sqlite_utils_sync.log import horizon, json_value
 
 from . import queries
 from .permissions import EXPORT, IMPORT, RESOLVE, VIEW, can, can_alter
@@ -205,20 +205,19 @@ async def overview_page(datasette, request):
     def read(conn):
         status = queries.without_tables(sync_status(conn), conn, hidden)
         if not status["enabled"]:
-            return status, [], [], None
+            return status, [], [], None, {}
         latest = queries.operations(conn, size=10, hidden=hidden)["operations"]
-        return status, queries.peers(conn), latest, queries.activity(conn)
+        return status, queries.peers(conn), latest, queries.activity(conn), horizon(conn)
 
-    status, peers, latest, activity = await db.execute_fn(read)
-    return await render(
-        datasette,
-        request,
-        db,
-        "sync_overview.html",
-        "overview",
-        {"status": status, "peers": peers, "latest": latest, "chart": activity_chart(activity)},
-        status,
-    )
+    status, peers, latest, activity, compacted = await db.execute_fn(read)
+    context = {
+        "status": status,
+        "peers": peers,
+        "latest": latest,
+        "chart": activity_chart(activity),
+        "compacted": compacted,
+    }
+    return await render(datasette, request, db, "sync_overview.html", "overview", context, status)
 
 
 def activity_chart(activity: dict | None) -> dict | None:

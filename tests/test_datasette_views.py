@@ -9,6 +9,7 @@ import sqlite_utils
 from datasette.app import Datasette
 
 from sqlite_utils_sync import (
+    compact_log,
     enable_sync,
     export_bundle,
     import_bundle,
@@ -86,6 +87,23 @@ async def test_overview_page(ds, paths):
     phone_id = sync_status(sqlite_utils.Database(paths[1]))["device_id"]
     assert "Peers" in text and phone_id in text
     assert "Latest operations" in text
+
+
+async def test_overview_says_when_the_log_was_compacted(tmp_path):
+    data = sqlite_utils.Database(tmp_path / "data.db")
+    data["todos"].insert({"id": 1, "title": "draft"}, pk="id")
+    enable_sync(data, ["todos"])
+    ds = Datasette([str(tmp_path / "data.db")])
+    assert "Compacted" not in visible_text((await ds.client.get("/data/-/sync")).text)
+    data["todos"].update(1, {"title": "second draft"})
+    data["todos"].update(1, {"title": "final"})
+    assert compact_log(data).removed == 1  # the middle draft: the insert still wrote "id" last
+    text = visible_text((await ds.client.get("/data/-/sync")).text)
+    device = sync_status(data)["device_id"]
+    assert "Compacted history no copy needs any more was removed by sync-compact" in text
+    assert f"up to seq 2 of {device[:8]}" in text
+    # The JSON twin keeps the keys of sync-status.
+    assert (await ds.client.get("/data/-/sync.json")).json().keys() == sync_status(data).keys()
 
 
 async def test_overview_json_matches_sync_status(ds, paths):
