@@ -595,6 +595,11 @@ class Importer:
         window_keys = (
             f"SELECT tid, rowkey FROM ({window_ops}) UNION SELECT tid, newkey FROM ({window_ops}) WHERE newkey IS NOT NULL"
         )
+        pending = dict(self.applied_tids)
+        if not window and not self.moved:
+            for tid, table in list(pending.items()):
+                if self.bulk_insert(table):
+                    del pending[tid]
         by_arity: dict[int, list] = {}
         for tid, identity in self.moved:
             values = list(identity) if isinstance(identity, tuple) else [identity]
@@ -605,7 +610,7 @@ class Importer:
         # Rows the bundle touches twice, or that a concurrent old operation touched too. Grouped
         # by key values rather than row-key text (the same groups: quote() is exact), which sorts
         # faster; moves are in already (see check_moves).
-        for table in self.applied_tids.values():
+        for table in pending.values():
             keys = ", ".join(f"c{table.slots[c]} AS k{i}" for i, c in enumerate(table.pk))
             new_keys = " UNION ALL ".join(
                 f"SELECT rowkey, {keys} FROM _sync_ops WHERE op BETWEEN {lo} AND {hi} AND tid = {table.tid} "
@@ -625,7 +630,7 @@ class Importer:
                     "o.kind != 3 AND EXISTS (SELECT 1 FROM temp._sync_wkeys w WHERE w.tid = o.tid AND w.rowkey = o.rowkey)",
                 )
             )
-        for table in self.applied_tids.values():
+        for table in pending.values():
             self.fast_path(table)
         self.slow_path()
         resolutions = []
@@ -638,6 +643,32 @@ class Importer:
 
         touched = set(self.clashed_rows) | {(tid, key) for tid, key, _ in resolutions}
         return rebuild_conflicts(conn, touched)
+
+    def bulk_insert(self, table: SyncedTable) -> bool:
+        """The common bulk case, optimistically: nothing concurrent and only whole-row inserts.
+        Plain INSERTs then fail only where a key repeats or exists already, and that is the one
+        thing the general path would have to look for; on failure it takes over. Returns True
+        when the table is done."""
+        conn = self.conn
+        columns = table.current_columns(conn)
+        full = table.mask_for(columns)
+        kinds = self.kinds.get(table.tid, set())
+        if not kinds or any(kind != INSERT or mask & full != full for kind, mask in kinds):
+            return False
+        conn.execute("SAVEPOINT _sync_bulk")
+        try:
+            conn.execute(
+                f"INSERT INTO {quote_identifier(table.name)} ({', '.join(quote_identifier(c) for c in columns)}) "
+                f"SELECT {', '.join(f'o.c{table.slots[c]}' for c in columns)} FROM ("
+                + self.new_ops("o.*", f"o.tid = {table.tid}")
+                + ") o"
+            )
+        except sqlite3.IntegrityError:
+            conn.execute("ROLLBACK TO _sync_bulk")
+            return False
+        finally:
+            conn.execute("RELEASE _sync_bulk")
+        return True
 
     def fast_path(self, table: SyncedTable) -> None:
         """Rows touched by one new operation and nothing concurrent: set-based writes."""
