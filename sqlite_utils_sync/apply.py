@@ -407,7 +407,7 @@ class Importer:
             keys = f"coalesce(moved, {key}), CASE WHEN moved IS NOT NULL THEN {key} END"
         # What is at or below our clock is here already (or was compacted away): only the rest.
         stored = conn.execute(
-            f"INSERT INTO _sync_ops (op, hlc, tid, kind, mask, rowkey, newkey"
+            "INSERT INTO _sync_ops (op, hlc, tid, kind, mask, rowkey, newkey"
             + "".join(f", c{s}" for s in slots)
             + f") SELECT seq + {base}, hlc, {tid}, kind, {local_mask}, {keys}"
             + "".join(f", v{i}" for i in range(width))

@@ -268,11 +268,10 @@ def test_bundle_is_opened_read_only_and_its_triggers_never_run(tmp_path, pair):
     a, b = pair
     path = tmp_path / "trap.bundle"
     export_bundle(a, path)
-    marker = tmp_path / "marker.db"
     rewrite(
         path,
         lambda c: c.executescript(
-            f"""
+            """
             CREATE TABLE log (x);
             CREATE TRIGGER trap AFTER INSERT ON bundle_chunks BEGIN INSERT INTO log VALUES (1); END;
             CREATE VIEW sneaky AS SELECT * FROM bundle_chunks;

@@ -13,7 +13,7 @@ from sqlite_utils_sync import bundle, compact_log, enable_sync, list_conflicts, 
 from sqlite_utils_sync.apply import reconcile_table
 from sqlite_utils_sync.capture import load_tables
 
-from sync_helpers import TODOS, conflict_records, knowledge, make_db, rows, sync
+from sync_helpers import TODOS, conflict_records, knowledge, make_db, sync
 
 ROW_IDS = st.integers(min_value=1, max_value=3)
 TITLES = st.sampled_from(["milk", "eggs", "bread", None, ""])

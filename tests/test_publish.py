@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import pathlib
 import shlex
-import shutil
 import sys
 import subprocess
 import stat
