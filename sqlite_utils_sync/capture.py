@@ -150,8 +150,9 @@ def trigger_sql(table: SyncedTable, columns: list[str], declared: dict[str, str]
         # Only a column without type affinity can hold 1 and 1.0, which compare equal.
         return f"(NEW.{q} IS NOT OLD.{q} OR typeof(NEW.{q}) != typeof(OLD.{q}))"
 
-    # The update trigger computes the mask twice (WHEN and VALUES): measured cheaper than a
-    # subquery that computes it once.
+    # WHEN asks whether any column changed (OR stops at the first that did); VALUES then builds
+    # the mask. Measured cheaper than testing the mask in WHEN, or a subquery computing it once.
+    any_changed = " OR ".join(changed(c) for c in columns)
     mask = " | ".join(f"({changed(c)} << {table.slots[c]})" for c in columns)
     pk_changed = " OR ".join(changed(c) for c in table.pk)
     pk_typed = [key_is_canonical((declared or {}).get(c, "")) for c in table.pk]
@@ -168,7 +169,7 @@ def trigger_sql(table: SyncedTable, columns: list[str], declared: dict[str, str]
         ),
         "update": (
             f"CREATE TRIGGER {quote_identifier(trigger_name('update', table.name))} AFTER UPDATE ON {t}\n"
-            f"WHEN ({mask}) != 0\nBEGIN\n"
+            f"WHEN {any_changed}\nBEGIN\n"
             f"  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, newkey, {slot_list})\n"
             f"  VALUES ({hlc}, {table.tid}, {UPDATE}, {mask}, {old_key},\n"
             f"    CASE WHEN {pk_changed} THEN {new_key} END, {values('NEW')});\nEND"
