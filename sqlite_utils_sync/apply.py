@@ -477,7 +477,8 @@ class Importer:
             )
         before_hole, after_hole = conn.execute(
             "SELECT o.op, (SELECT min(n.op) FROM _sync_ops n WHERE n.op > o.op) FROM _sync_ops o "
-            "WHERE o.op BETWEEN ? AND ? AND NOT EXISTS (SELECT 1 FROM _sync_ops n WHERE n.op = o.op + 1) ORDER BY o.op LIMIT 1",
+            "WHERE o.op BETWEEN ? AND ? AND NOT EXISTS (SELECT 1 FROM _sync_ops n WHERE n.op = o.op + 1) "
+            "ORDER BY o.op LIMIT 1",
             [op_id(idx, old + 1), op_id(idx, SEQ_MASK)],
         ).fetchone()
         lo, hi = (before_hole & SEQ_MASK) + 1, (after_hole & SEQ_MASK) - 1
@@ -693,10 +694,8 @@ class Importer:
         quoted = [quote_identifier(c) for c in columns]
         if any(kind == INSERT and mask & full != full for kind, mask in kinds):
             # Inserts written before a column existed go per-row, so the column gets its default.
-            self.conn.execute(
-                "INSERT OR IGNORE INTO temp._sync_slow "
-                + self.new_ops("o.tid, o.rowkey", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask & {full} != {full}")
-            )
+            partial = f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask & {full} != {full}"
+            self.conn.execute("INSERT OR IGNORE INTO temp._sync_slow " + self.new_ops("o.tid, o.rowkey", partial))
         self.conn.execute(
             f"INSERT INTO {t} ({', '.join(quoted)}) SELECT {', '.join(f'o.c{table.slots[c]}' for c in columns)} FROM ("
             + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask & {full} = {full}")
