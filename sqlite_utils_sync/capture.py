@@ -129,16 +129,21 @@ def register_table(
     return SyncedTable(tid, table, slots, pk, enabled)
 
 
-def trigger_sql(table: SyncedTable, columns: list[str], declared: dict[str, str] | None = None) -> dict[str, str]:
+def trigger_sql(
+    table: SyncedTable, columns: list[str], declared: dict[str, str] | None = None, rowid_key: bool = False
+) -> dict[str, str]:
     """The CREATE TRIGGER statements that capture writes to ``table``.
 
     :param declared: column name -> declared type, to skip type checks where affinity makes them moot
+    :param rowid_key: the primary key is the rowid (``INTEGER PRIMARY KEY``), always an integer
     """
     typed = {c for c, t in (declared or {}).items() if has_affinity(t)}
     t = quote_identifier(table.name)
     slot_list = ", ".join(f"c{table.slots[c]}" for c in columns)
     full_mask = table.mask_for(columns)
-    hlc = f"max({HLC_NOW_SQL}, (SELECT hlc FROM _sync_ops ORDER BY op DESC LIMIT 1) + 1)"
+    # Above the clock of the last op (the log always holds one: the local sentinel), so a device's
+    # clocks only grow and stay above everything it has imported.
+    hlc = f"(SELECT max(hlc + 1, {HLC_NOW_SQL}) FROM _sync_ops ORDER BY op DESC LIMIT 1)"
 
     def values(prefix: str) -> str:
         return ", ".join(f"{prefix}.{quote_identifier(c)}" for c in columns)
@@ -158,6 +163,9 @@ def trigger_sql(table: SyncedTable, columns: list[str], declared: dict[str, str]
     pk_typed = [key_is_canonical((declared or {}).get(c, "")) for c in table.pk]
     new_key = rowkey_sql((f"NEW.{quote_identifier(c)}" for c in table.pk), pk_typed)
     old_key = rowkey_sql((f"OLD.{quote_identifier(c)}" for c in table.pk), pk_typed)
+    if rowid_key:
+        # An integer stored in the TEXT rowkey column becomes exactly what quote() would make.
+        new_key, old_key = f"NEW.{quote_identifier(table.pk[0])}", f"OLD.{quote_identifier(table.pk[0])}"
     pk_slots = ", ".join(f"c{table.slots[c]}" for c in table.pk)
     old_pk = ", ".join(f"OLD.{quote_identifier(c)}" for c in table.pk)
     return {
@@ -213,6 +221,18 @@ def declared_types(conn: sqlite3.Connection, table: str) -> dict[str, str]:
     return {row[1]: row[2] for row in table_info(conn, table)}
 
 
+def capture_sql(conn: sqlite3.Connection, table: SyncedTable, columns: list[str]) -> dict[str, str]:
+    """The capture triggers ``table`` should have, given its schema now."""
+    declared = declared_types(conn, table.name)
+    # A rowid alias: one INTEGER PRIMARY KEY column in a rowid table (no index backs its key).
+    rowid_key = (
+        len(table.pk) == 1
+        and declared.get(table.pk[0], "").upper() == "INTEGER"
+        and not any(row[3] == "pk" for row in conn.execute(f"PRAGMA index_list({quote_identifier(table.name)})"))
+    )
+    return trigger_sql(table, columns, declared, rowid_key)
+
+
 def installed_triggers(conn: sqlite3.Connection, table: str) -> dict[str, str]:
     found = {}
     for kind in TRIGGER_KINDS:
@@ -237,14 +257,14 @@ def table_drift(conn: sqlite3.Connection, table: SyncedTable) -> str | None:
     new = [c for c in columns if c not in table.slots]
     if new:
         return f"table '{table.name}' has columns not captured: {', '.join(new)}"
-    if installed != trigger_sql(table, columns, declared_types(conn, table.name)):
+    if installed != capture_sql(conn, table, columns):
         return f"table '{table.name}' has stale capture triggers"
     return None
 
 
 def install_triggers(conn: sqlite3.Connection, table: SyncedTable, columns: list[str]) -> None:
     drop_triggers(conn, table.name)
-    for sql in trigger_sql(table, columns, declared_types(conn, table.name)).values():
+    for sql in capture_sql(conn, table, columns).values():
         conn.execute(sql)
 
 
@@ -298,7 +318,7 @@ def enable_table(conn: sqlite3.Connection, name: str) -> int:
         )
     table = register_table(conn, name, columns, pk)
     current = installed_triggers(conn, name)
-    if current == trigger_sql(table, columns, declared_types(conn, name)) and previous and previous.enabled:
+    if current == capture_sql(conn, table, columns) and previous and previous.enabled:
         return 0
     install_triggers(conn, table, columns)
     return reconcile_table(conn, table)
