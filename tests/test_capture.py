@@ -290,3 +290,18 @@ def test_replace_that_removes_another_row_replicates_with_recursive_triggers(tmp
     a.execute("INSERT OR REPLACE INTO people VALUES (2, 'x@example.com')")  # removes row 1
     sync(a, b, tmp_path)
     assert rows(b, "people") == rows(a, "people") == [(2, "integer", "x@example.com", "text")]
+
+
+def test_rowid_keys_are_logged_exactly_as_quote_writes_them(tmp_path):
+    # The capture triggers of an INTEGER PRIMARY KEY table store the key itself (TEXT affinity
+    # renders it); an import computes it with quote(). Both must give one text per row.
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    ids = [-(2**63), -1, 0, 7, 2**63 - 1]
+    a.executemany("INSERT INTO todos VALUES (?, 'x', 0, 0)", [(i,) for i in ids])
+    a.execute("UPDATE todos SET id = 8 WHERE id = 7")
+    a.execute("DELETE FROM todos WHERE id = -1")
+    sync(a, b, tmp_path)
+    logged = a.execute("SELECT rowkey, newkey FROM _sync_ops WHERE tid != 0 ORDER BY op").fetchall()
+    assert logged == [(str(i), None) for i in ids] + [("7", "8"), ("-1", None)]
+    assert keys_of(b) == keys_of(a)
+    assert rows(b) == rows(a)
