@@ -5,6 +5,7 @@ A bundle has three tables::
     bundle_meta(key, value)                 format, sha256, bundle_id
     bundle_header(id, data)                 one msgpack map: source device, its clock, devices, tables
     bundle_chunks(id, device, tbl, data)    a run of one device's operations on one table
+                                            (at most CHUNK_OPS of them, or CHUNK_BYTES of values)
 
 A chunk's ``data`` is itself a small SQLite database image holding one table::
 
@@ -53,6 +54,7 @@ from .log import (
 
 FORMAT = "datasette-sync-bundle/2"
 CHUNK_OPS = 5000
+CHUNK_BYTES = 8 * 1024 * 1024
 BUNDLE_TABLES = ("bundle_meta", "bundle_header", "bundle_chunks")
 
 
@@ -218,16 +220,24 @@ def write_operations(
 
 
 def runs(conn: sqlite3.Connection, lo: int, hi: int) -> Iterator[tuple[int, int, int, int]]:
-    """Split the ops in ``lo..hi`` into runs of one table: ``(tid, first op, last op, count)``."""
+    """Split the ops in ``lo..hi`` into runs of one table: ``(tid, first op, last op, count)``.
+
+    A run ends at CHUNK_OPS operations or CHUNK_BYTES of values, whichever comes first, so a
+    table of large BLOBs makes small chunks: a chunk is held whole in memory on both sides.
+    """
+    slots = [row[1] for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1].startswith("c")]
+    # length() of a BLOB reads its header only; text and numbers cast to BLOB count their bytes.
+    size = " + ".join(f"ifnull(length(CAST({c} AS BLOB)), 0)" for c in slots) or "0"
     run: list[int] | None = None
     # Streamed, not fetched: memory stays flat however long the log.
-    for op, tid in conn.execute("SELECT op, tid FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op", [lo, hi]):
-        if run and run[0] == tid and run[3] < CHUNK_OPS:
-            run[2], run[3] = op, run[3] + 1
+    cursor = conn.execute(f"SELECT op, tid, {size} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op", [lo, hi])
+    for op, tid, nbytes in cursor:
+        if run and run[0] == tid and run[3] < CHUNK_OPS and run[4] + nbytes <= CHUNK_BYTES:
+            run[2], run[3], run[4] = op, run[3] + 1, run[4] + nbytes
             continue
         if run:
             yield run[0], run[1], run[2], run[3]
-        run = [tid, op, op, 1]
+        run = [tid, op, op, 1, nbytes]
     if run:
         yield run[0], run[1], run[2], run[3]
 

@@ -416,3 +416,18 @@ def test_reenabling_keeps_local_edits_made_while_disabled_and_adopts_what_arrive
     ]
     sync(b, a, tmp_path)
     assert rows(a) == rows(b)
+
+
+def test_large_values_make_small_chunks(tmp_path):
+    # A chunk is held whole in memory while it is written and read: big BLOBs make small ones.
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    photo = bytes(range(256)) * (12 * 1024)  # 3 MB
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(i, photo) for i in range(1, 7)])
+    path = tmp_path / "photos.bundle"
+    export_bundle(a, path)
+    bundle = sqlite3.connect(path)
+    sizes = [length for (length,) in bundle.execute("SELECT length(data) FROM bundle_chunks ORDER BY id")]
+    bundle.close()
+    assert len(sizes) == 3 and max(sizes) < 8 * 1024 * 1024 + 64 * 1024
+    assert import_bundle(b, path).applied == 6
+    assert rows(b) == rows(a)
