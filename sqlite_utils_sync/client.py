@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import click
 
-from .apply import import_bundle
+from .apply import ImportResult, import_bundle
 from .bundle import BundleReader, parse_clock
 from .errors import BundleError, SyncError
 from .sync import export_bundle, sync_status
@@ -35,7 +35,6 @@ BUNDLE_MEDIA_TYPE = "application/vnd.sqlite3"
 CLOCK_HEADER = "X-Sync-Clock"
 TOKEN_ENV = "DATASETTE_SYNC_TOKEN"
 
-RESULT_KEYS = ("bundle_id", "source_device_id", "total_operations", "applied", "conflicts", "duplicates", "skipped", "not_applied")
 
 
 class HubError(SyncError):
@@ -47,16 +46,8 @@ class HubError(SyncError):
 
 
 def empty_result(source_device_id: str | None, bundle_id: str | None = None) -> dict[str, Any]:
-    return {
-        "bundle_id": bundle_id,
-        "source_device_id": source_device_id,
-        "total_operations": 0,
-        "applied": 0,
-        "conflicts": 0,
-        "duplicates": 0,
-        "skipped": False,
-        "not_applied": {},
-    }
+    """The result of a pull or push that moved nothing, shaped like every import result."""
+    return ImportResult(bundle_id, source_device_id, 0).as_dict()
 
 
 def normalize_url(url: str) -> str:
@@ -270,7 +261,7 @@ def sync_with_hub(
                     raise HubError("invalid_response", f"hub {url} answered the push with something other than JSON")
                 if not isinstance(answer, dict):
                     raise HubError("invalid_response", f"hub {url} answered the push with unexpected JSON")
-                pushed = {key: answer.get(key) for key in RESULT_KEYS}
+                pushed = {key: answer.get(key) for key in empty_result(None)}
                 pushed["not_applied"] = pushed["not_applied"] or {}
                 after = response.headers.get(CLOCK_HEADER) or answer.get("clock")
                 try:
