@@ -54,6 +54,7 @@ from .log import (
     parse_rowkey,
     quote_identifier,
     raise_horizon,
+    remap_mask_sql,
     rowkey_sql,
 )
 
@@ -119,11 +120,6 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 VALID_KINDS = {INSERT, UPDATE, DELETE, INSERT | RESOLUTION, UPDATE | RESOLUTION, DELETE | RESOLUTION}
-
-
-def row_identity(pk_values: list[Any]) -> Any:
-    """A row's primary key as a set member: the value itself, or a tuple for composite keys."""
-    return pk_values[0] if len(pk_values) == 1 else tuple(pk_values)
 
 
 def bits(mask: int) -> Iterator[int]:
@@ -194,7 +190,7 @@ class Importer:
         # As it was before this import: a snapshot adopted now was checked by its sender.
         self.compacted = horizon(conn)
         self.kinds: dict[int, set[tuple[int, int]]] = {}
-        self.moved: set[tuple[int, Any]] = set()
+        self.moved: set[tuple[int, str]] = set()  # (tid, row key) of both ends of every move
         # Gathered while streaming, so the new operations need no further scans.
         self.data_inserted = 0
         self.max_hlc = 0
@@ -393,11 +389,9 @@ class Importer:
         if not all(kind in VALID_KINDS and type(mask) is int and 0 <= mask < 1 << width for kind, mask in kinds):
             raise self.fail("invalid_operation", "an operation has an invalid kind or mask")
         # Masks arrive as bits of the header's column list; the log keeps them as local slots.
-        identity = slots == list(range(width))
-        local_mask = "mask" if identity else " | ".join(f"(((mask >> {i}) & 1) << {s})" for i, s in enumerate(slots))
+        local_mask = remap_mask_sql(list(enumerate(slots)))
         self.kinds.setdefault(tid, set()).update(
-            (kind & 3, mask if identity else sum(1 << s for i, s in enumerate(slots) if mask >> i & 1))
-            for kind, mask in kinds
+            (kind & 3, sum(1 << s for i, s in enumerate(slots) if mask >> i & 1)) for kind, mask in kinds
         )
         self.has_resolutions |= any(kind & RESOLUTION for kind, _ in kinds)
         key = rowkey_sql(pk)
@@ -420,15 +414,16 @@ class Importer:
 
     def check_moves(self, source: str, tid: int, pk: list[str]) -> None:
         """A primary-key move names the key it left: check it, and send both rows per-row."""
-        moves = self.conn.execute(f"SELECT moved, kind, {', '.join(pk)} FROM {source} WHERE moved IS NOT NULL")
-        for moved, kind, *new_key in moves:
+        moves = self.conn.execute(f"SELECT moved, kind, {rowkey_sql(pk)} FROM {source} WHERE moved IS NOT NULL")
+        for moved, kind, new_key in moves:
             try:
                 old_values = parse_rowkey(moved) if isinstance(moved, str) else None
             except ValueError:
                 old_values = None
             if kind & 3 != UPDATE or old_values is None or len(old_values) != len(pk):
                 raise self.fail("invalid_operation", "an operation has an invalid moved-from key")
-            self.moved.update({(tid, row_identity(old_values)), (tid, row_identity(new_key))})
+            # The keys as the log stores them (rowkey and newkey), which is what the slow set matches.
+            self.moved.update({(tid, moved), (tid, new_key)})
 
     def check_sequences(self, inserted: dict[int, int]) -> list[tuple[int, int, int]]:
         """Refuse a bundle that leaves a gap in a device's sequence; return the new op ranges."""
@@ -601,13 +596,7 @@ class Importer:
             for tid, table in list(pending.items()):
                 if self.bulk_insert(table):
                     del pending[tid]
-        by_arity: dict[int, list] = {}
-        for tid, identity in self.moved:
-            values = list(identity) if isinstance(identity, tuple) else [identity]
-            by_arity.setdefault(len(values), []).append([tid, *values])
-        for arity, rows in by_arity.items():
-            key = rowkey_sql(f"?{2 + i}" for i in range(arity))
-            conn.executemany(f"INSERT OR IGNORE INTO temp._sync_slow VALUES (?1, {key})", rows)
+        conn.executemany("INSERT OR IGNORE INTO temp._sync_slow VALUES (?, ?)", sorted(self.moved))
         # Rows the bundle touches twice, or that a concurrent old operation touched too. Grouped
         # by key values rather than row-key text (the same groups: quote() is exact), which sorts
         # faster; moves are in already (see check_moves).

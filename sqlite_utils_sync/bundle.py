@@ -50,6 +50,7 @@ from .log import (
     max_seq,
     now_iso,
     op_id,
+    remap_mask_sql,
 )
 
 FORMAT = "datasette-sync-bundle/2"
@@ -205,10 +206,7 @@ def write_operations(
                 # each copy (columns added in a different order get different slots). Row keys
                 # are not sent: the receiver derives them from the primary-key values, so they
                 # cannot disagree; only a move sends the key it moved from.
-                if slots == list(range(len(slots))):
-                    mask = f"mask & {(1 << len(slots)) - 1}"
-                else:
-                    mask = " | ".join(f"(((mask >> {s}) & 1) << {i})" for i, s in enumerate(slots)) or "0"
+                mask = remap_mask_sql([(s, i) for i, s in enumerate(slots)])
                 columns = f"{mask}, CASE WHEN newkey IS NOT NULL THEN rowkey END" + "".join(f", c{s}" for s in slots)
             cursor = conn.execute(
                 f"SELECT op & {SEQ_MASK}, hlc, kind, {columns} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op",

@@ -374,6 +374,17 @@ def rowkey_sql(expressions: Iterable[str], typed: Iterable[bool] | None = None) 
     )
 
 
+def remap_mask_sql(moves: list[tuple[int, int]]) -> str:
+    """SQL for ``mask`` with bit ``a`` moved to bit ``b`` for each ``(a, b)``; other bits drop.
+
+    Slots are numbered per copy, so masks are remapped on their way into a bundle (slot to
+    column position) and out of it (position to slot).
+    """
+    if all(a == b for a, b in moves):
+        return f"mask & {sum(1 << b for _, b in moves)}"
+    return " | ".join(f"(((mask >> {a}) & 1) << {b})" for a, b in moves)
+
+
 def make_rowkey(conn: sqlite3.Connection, values: list[Any]) -> str:
     return conn.execute("SELECT " + rowkey_sql(f"?{i + 1}" for i in range(len(values))), values).fetchone()[0]
 
