@@ -71,15 +71,26 @@ def load_tables(conn: sqlite3.Connection, enabled_only: bool = False) -> dict[st
     return tables
 
 
+def canonical_name(conn: sqlite3.Connection, table: str) -> str:
+    """The table's name as created: SQL names are case-insensitive, so ``TODOS`` finds ``todos``."""
+    row = conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ? COLLATE NOCASE", [table]).fetchone()
+    return row[0] if row else table
+
+
 def check_can_sync(conn: sqlite3.Connection, table: str) -> tuple[list[str], list[str]]:
     """Return (columns, pk columns) or raise a SyncError saying why ``table`` cannot be synced."""
-    if table.startswith("_sync_") or table.startswith("sqlite_"):
+    if table.lower().startswith(("_sync_", "sqlite_")):
         raise SyncError("internal_table", f"Table '{table}' is internal and cannot be synced")
     row = conn.execute("SELECT type, sql FROM sqlite_master WHERE name = ?", [table]).fetchone()
     if row is None or row[0] != "table":
         raise SyncError("missing_table", f"Table '{table}' does not exist")
     if (row[1] or "").lstrip().upper().startswith("CREATE VIRTUAL"):
         raise SyncError("virtual_table", f"Table '{table}' is a virtual (e.g. FTS) table and cannot be synced")
+    kind = conn.execute("SELECT type FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table]).fetchone()
+    if kind and kind[0] == "shadow":
+        raise SyncError(
+            "virtual_table", f"Table '{table}' holds the data of a virtual (e.g. FTS) table and cannot be synced"
+        )
     info = table_info(conn, table)
     generated = [r[1] for r in info if r[6] != 0]
     if generated:
@@ -93,6 +104,17 @@ def check_can_sync(conn: sqlite3.Connection, table: str) -> tuple[list[str], lis
             f"Table '{table}' has no explicit PRIMARY KEY: rowid-only tables cannot be synced safely "
             f"(add one, e.g. sqlite-utils transform data.db {table} --pk id)",
         )
+    if not is_rowid_alias(conn, table, pk):
+        for column in pk:
+            (nulls,) = conn.execute(
+                f"SELECT count(*) FROM {quote_identifier(table)} WHERE {quote_identifier(column)} IS NULL"
+            ).fetchone()
+            if nulls:
+                raise SyncError(
+                    "null_primary_key",
+                    f"Table '{table}' has {nulls} row(s) whose primary key column '{column}' is NULL: "
+                    "give them keys first (peers could not tell NULL keys apart)",
+                )
     columns = [r[1] for r in info]
     if len(columns) > MAX_COLUMNS:
         raise SyncError("too_many_columns", f"Table '{table}' has {len(columns)} columns; at most {MAX_COLUMNS} can be synced")
@@ -130,12 +152,18 @@ def register_table(
 
 
 def trigger_sql(
-    table: SyncedTable, columns: list[str], declared: dict[str, str] | None = None, rowid_key: bool = False
+    table: SyncedTable,
+    columns: list[str],
+    declared: dict[str, str] | None = None,
+    rowid_key: bool = False,
+    nullable: set[str] | None = None,
 ) -> dict[str, str]:
     """The CREATE TRIGGER statements that capture writes to ``table``.
 
     :param declared: column name -> declared type, to skip type checks where affinity makes them moot
     :param rowid_key: the primary key is the rowid (``INTEGER PRIMARY KEY``), always an integer
+    :param nullable: primary key columns SQLite lets hold NULL (rowid tables allow it unless
+        declared NOT NULL); writes that would leave NULL in them are refused
     """
     typed = {c for c, t in (declared or {}).items() if has_affinity(t)}
     t = quote_identifier(table.name)
@@ -166,6 +194,15 @@ def trigger_sql(
     if rowid_key:
         # An integer stored in the TEXT rowkey column becomes exactly what quote() would make.
         new_key, old_key = f"NEW.{quote_identifier(table.pk[0])}", f"OLD.{quote_identifier(table.pk[0])}"
+    null_pk = [c for c in table.pk if c in (nullable or ()) and not rowid_key]
+    if null_pk:
+        # Every NULL key would be the same row to a peer, so rows would merge: refuse the write.
+        message = (
+            f"datasette-sync: table '{table.name}' is synced, so its primary key "
+            f"({', '.join(table.pk)}) cannot be NULL"
+        ).replace("'", "''")
+        is_null = " OR ".join(f"NEW.{quote_identifier(c)} IS NULL" for c in null_pk)
+        new_key = f"CASE WHEN {is_null} THEN RAISE(ABORT, '{message}') ELSE {new_key} END"
     pk_slots = ", ".join(f"c{table.slots[c]}" for c in table.pk)
     old_pk = ", ".join(f"OLD.{quote_identifier(c)}" for c in table.pk)
     return {
@@ -221,16 +258,29 @@ def declared_types(conn: sqlite3.Connection, table: str) -> dict[str, str]:
     return {row[1]: row[2] for row in table_info(conn, table)}
 
 
+def is_rowid_alias(conn: sqlite3.Connection, table: str, pk: list[str]) -> bool:
+    """True when the key is one INTEGER PRIMARY KEY column of a rowid table (no index backs it)."""
+    return (
+        len(pk) == 1
+        and declared_types(conn, table).get(pk[0], "").upper() == "INTEGER"
+        and not any(row[3] == "pk" for row in conn.execute(f"PRAGMA index_list({quote_identifier(table)})"))
+    )
+
+
+def nullable_columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    """Columns without a NOT NULL constraint."""
+    return {row[1] for row in table_info(conn, table) if not row[3]}
+
+
 def capture_sql(conn: sqlite3.Connection, table: SyncedTable, columns: list[str]) -> dict[str, str]:
     """The capture triggers ``table`` should have, given its schema now."""
-    declared = declared_types(conn, table.name)
-    # A rowid alias: one INTEGER PRIMARY KEY column in a rowid table (no index backs its key).
-    rowid_key = (
-        len(table.pk) == 1
-        and declared.get(table.pk[0], "").upper() == "INTEGER"
-        and not any(row[3] == "pk" for row in conn.execute(f"PRAGMA index_list({quote_identifier(table.name)})"))
+    return trigger_sql(
+        table,
+        columns,
+        declared_types(conn, table.name),
+        is_rowid_alias(conn, table.name, table.pk),
+        nullable_columns(conn, table.name),
     )
-    return trigger_sql(table, columns, declared, rowid_key)
 
 
 def installed_triggers(conn: sqlite3.Connection, table: str) -> dict[str, str]:
@@ -309,6 +359,7 @@ def enable_table(conn: sqlite3.Connection, name: str) -> int:
     """Install (or repair) capture for one table; returns how many missed changes were logged."""
     from .apply import reconcile_table
 
+    name = canonical_name(conn, name)
     columns, pk = check_can_sync(conn, name)
     ensure_schema(conn)
     previous = load_tables(conn).get(name)

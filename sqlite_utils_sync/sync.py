@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 from .apply import transaction
 from .bundle import ExportResult, export_bundle as write_bundle, parse_clock
-from .capture import drifted_tables, drop_triggers, enable_table, load_tables, repair_drift
+from .capture import canonical_name, drifted_tables, drop_triggers, enable_table, load_tables, repair_drift
 from .errors import SyncError
 from .log import (
     clock,
@@ -25,7 +25,8 @@ def enable_sync(db: Any, tables: list[str]) -> dict[str, int]:
     """
     conn = connection(db)
     with transaction(conn):
-        return {table: enable_table(conn, table) for table in tables}
+        # One entry per table, however it was spelled.
+        return {name: enable_table(conn, name) for name in dict.fromkeys(canonical_name(conn, t) for t in tables)}
 
 
 def disable_sync(db: Any, tables: list[str]) -> None:

@@ -167,13 +167,19 @@ def run_cli(*args):
         ("CREATE TABLE nopk (a TEXT)", "nopk", "Table 'nopk' has no explicit PRIMARY KEY"),
         ("CREATE VIRTUAL TABLE docs USING fts5(body)", "docs", "Table 'docs' is a virtual (e.g. FTS) table"),
         ("", "_sync_ops", "Table '_sync_ops' is internal"),
+        ("CREATE VIRTUAL TABLE docs USING fts5(body)", "docs_data", "Table 'docs_data' holds the data of a virtual"),
+        (
+            "CREATE TABLE nk (id TEXT PRIMARY KEY, v); INSERT INTO nk VALUES (NULL, 1), ('a', 2)",
+            "nk",
+            "Table 'nk' has 1 row(s) whose primary key column 'id' is NULL: give them keys first",
+        ),
     ],
 )
 def test_enable_sync_refuses_bad_tables_and_changes_nothing(tmp_path, setup, table, message):
     path = tmp_path / "data.db"
     conn = make_db(path)
     if setup:
-        conn.execute(setup)
+        conn.executescript(setup)
     conn.close()
     before = file_bytes(path)
     result = run_cli("enable-sync", str(path), table)
@@ -260,6 +266,31 @@ def test_text_keys_with_nul_are_refused_not_merged(tmp_path):
         sync(a, b, tmp_path)
     assert error.value.reason == "unsupported_key"
     assert file_bytes(tmp_path / "b.db") == before
+
+
+def test_a_null_primary_key_is_refused_while_synced(tmp_path):
+    # SQLite lets a rowid table's TEXT PRIMARY KEY hold NULL, and every NULL key looks the same to a peer.
+    path = tmp_path / "data.db"
+    conn = make_db(path, "CREATE TABLE t (id TEXT PRIMARY KEY, v)", ("t",))
+    conn.execute("INSERT INTO t VALUES ('a', 1)")
+    shell = subprocess.run(
+        ["sqlite3", str(path), "INSERT INTO t VALUES (NULL, 2); UPDATE t SET id = NULL WHERE id = 'a';"],
+        capture_output=True,
+        text=True,
+    )
+    assert shell.returncode != 0
+    assert "table 't' is synced, so its primary key (id) cannot be NULL" in shell.stderr
+    assert conn.execute("SELECT id, v FROM t").fetchall() == [("a", 1)]
+    assert conn.execute("SELECT count(*) FROM _sync_ops WHERE tid != 0").fetchone() == (1,)
+
+
+def test_enable_sync_finds_a_table_however_its_name_is_cased(tmp_path):
+    path = tmp_path / "data.db"
+    make_db(path, "CREATE TABLE Todos (id INTEGER PRIMARY KEY, title TEXT)", ()).execute("INSERT INTO Todos VALUES (1, 'x')")
+    result = run_cli("enable-sync", str(path), "TODOS", "todos")
+    assert result.exit_code == 0
+    assert "Todos" in result.output and result.output.count("\n") == 1
+    assert list(json.loads(run_cli("sync-status", str(path), "--json").output)["tables"]) == ["Todos"]
 
 
 def keys_of(conn):
