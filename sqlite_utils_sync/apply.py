@@ -27,12 +27,23 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from .bundle import BundleReader, ChunkStage, op_fingerprint, parse_clock
-from .capture import SyncedTable, enable_table, load_tables, muted, register_table, repair_drift, table_info
+from .capture import (
+    SyncedTable,
+    canonical_name,
+    enable_table,
+    is_rowid_alias,
+    load_tables,
+    muted,
+    register_table,
+    repair_drift,
+    table_info,
+)
 from .errors import BundleError
 from .log import (
     DELETE,
     INSERT,
     LOCAL,
+    MAX_HLC,
     RESOLUTION,
     SEQ_MASK,
     TICK,
@@ -113,10 +124,12 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield
+            # Inside: a deferred foreign key can still fail the COMMIT, which leaves it open.
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
 
 
 VALID_KINDS = {INSERT, UPDATE, DELETE, INSERT | RESOLUTION, UPDATE | RESOLUTION, DELETE | RESOLUTION}
@@ -150,13 +163,30 @@ def import_bundle(
     try:
         stage = ChunkStage(conn, reader.path.name)
         try:
-            with transaction(conn):
-                conn.execute("PRAGMA defer_foreign_keys = ON")
-                return Importer(conn, reader, stage, alter, actor, progress).run()
+            try:
+                with transaction(conn):
+                    conn.execute("PRAGMA defer_foreign_keys = ON")
+                    return Importer(conn, reader, stage, alter, actor, progress).run()
+            except NothingNew as own:
+                return own.result
+            except sqlite3.IntegrityError as ex:
+                # Another row here holds a UNIQUE value (or a foreign key) the bundle's rows need.
+                raise BundleError(
+                    "constraint_failed",
+                    f"Bundle {reader.path.name} cannot be applied: {ex} here. Nothing was imported; change the "
+                    "row here that holds that value (it syncs too), then import again",
+                )
         finally:
             stage.close()
     finally:
         reader.close()
+
+
+class NothingNew(Exception):
+    """This database's own bundle came back: roll back even the trigger rebuilds, leave no trace."""
+
+    def __init__(self, result: ImportResult):
+        self.result = result
 
 
 class Importer:
@@ -178,6 +208,10 @@ class Importer:
         repair_drift(conn)
         result = ImportResult(self.reader.bundle_id, header["source"], header["operations"])
         if conn.execute("SELECT 1 FROM _sync_imports WHERE bundle_id = ?", [result.bundle_id]).fetchone():
+            if self.alter:
+                # Imported before without --alter: create what was missing, which adopts the
+                # operations that import kept for those tables.
+                self.map_tables(result)
             result.skipped = True
             result.duplicates = result.total_operations
             result.clock = clock(conn)
@@ -207,6 +241,9 @@ class Importer:
                 result.conflicts = self.apply_to_tables()
                 append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=self.max_hlc)
         result.clock = clock(conn)
+        if header["source"] == local_id and not result.applied:
+            result.skipped = True
+            raise NothingNew(result)
         self.record_peer(header, result.clock)
         conn.execute(
             "INSERT INTO _sync_imports VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -231,11 +268,20 @@ class Importer:
         # (table id, slot of each bundle column, applied here?, positions of the pk columns)
         self.tables: list[tuple[int, list[int], bool, list[int]]] = []
         self.applied_tids: dict[int, SyncedTable] = {}
+        self.table_names: dict[int, str] = {}
+        self.integer_keys: set[int] = set()  # tables keyed by their rowid here
         for name, columns, pk in self.reader.header["tables"]:
             if name.startswith("_sync_") or name.startswith("sqlite_"):
                 raise self.fail("internal_table", f"operations on internal table '{name}' are never accepted")
             local = load_tables(conn).get(name)
             exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()
+            here = canonical_name(conn, name)
+            if here != name:
+                raise self.fail(
+                    "table_name_case",
+                    f"table '{name}' is called '{here}' here; sync matches table names exactly, so rename "
+                    "one of them to match (ALTER TABLE ... RENAME TO ...)",
+                )
             if local is None or not local.enabled:
                 if self.alter and not exists:
                     conn.execute(
@@ -249,6 +295,7 @@ class Importer:
                     # Not synced here: store and relay its operations, never apply them.
                     kept = register_table(conn, name, columns, pk, enabled=False)
                     self.tables.append((kept.tid, [kept.slots[c] for c in columns], False, [columns.index(c) for c in pk]))
+                    self.table_names[kept.tid] = name
                     continue
             current = [row[1] for row in table_info(conn, name)]
             missing = [c for c in columns if c not in current]
@@ -272,6 +319,9 @@ class Importer:
                 raise self.fail("pk_mismatch", f"table '{name}' has primary key {pk} here it is {local.pk}")
             self.tables.append((local.tid, [local.slots[c] for c in columns], True, [columns.index(c) for c in pk]))
             self.applied_tids[local.tid] = local
+            self.table_names[local.tid] = name
+            if is_rowid_alias(conn, name, pk):
+                self.integer_keys.add(local.tid)
 
     def check_anchors(self) -> None:
         """Refuse a bundle whose sender has a different op under an id we hold: two databases
@@ -296,6 +346,7 @@ class Importer:
         checking them with a couple of set-based queries: no value passes through Python."""
         conn = self.conn
         inserted: dict[int, int] = {}
+        carried = 0
         for position, table_position, data in self.reader.chunks():
             idx = self.devices[position]
             width = self.reader.width(table_position)
@@ -311,6 +362,7 @@ class Importer:
             if appended is None:
                 continue
             first, last, count, stored = appended
+            carried += count
             inserted[idx] = inserted.get(idx, 0) + stored
             if tid:
                 self.data_inserted += stored
@@ -325,6 +377,10 @@ class Importer:
                 )
             if self.progress:
                 self.progress(count, self.reader.header["operations"])
+        if carried != self.reader.header["operations"]:
+            raise self.fail(
+                "invalid_metadata", f"its header counts {self.reader.header['operations']} operations but it carries {carried}"
+            )
         return inserted
 
     def append_chunk(
@@ -338,8 +394,7 @@ class Importer:
         (count,) = conn.execute(f"SELECT count(*) FROM {source}").fetchone()
         if not count:
             return None
-        first, _ = conn.execute(f"SELECT seq, hlc FROM {source} ORDER BY seq LIMIT 1").fetchone()
-        last, last_hlc = conn.execute(f"SELECT seq, hlc FROM {source} ORDER BY seq DESC LIMIT 1").fetchone()
+        first, last = conn.execute(f"SELECT min(seq), max(seq) FROM {source}").fetchone()
         if not (0 < first and last <= SEQ_MASK):
             raise self.fail("invalid_operation", f"operation sequence numbers must be 1 to {SEQ_MASK}")
         # Holes are checked per device once everything is in (a compacted sender may leave some).
@@ -352,18 +407,19 @@ class Importer:
             shapes = conn.execute(f"SELECT DISTINCT typeof(hlc), kind, typeof(moved) FROM {source}").fetchall()
         if any(shape[0] != "integer" for shape in shapes):
             raise self.fail("invalid_operation", "an operation has a clock that is not an integer")
+        low, high = conn.execute(f"SELECT min(hlc), max(hlc) FROM {source}").fetchone()
+        if low < 0 or high > MAX_HLC:
+            # Later local clocks count up from the highest one seen: it must leave room.
+            raise self.fail("invalid_operation", f"an operation has a clock out of range ({low if low < 0 else high})")
         if idx == LOCAL and last > self.old[LOCAL]:
             raise self.fail(
                 "device_id_clash",
                 f"it carries operations of this database's own device {local_id} that this database never "
                 "wrote: was this file copied from another database? Run 'sqlite-utils sync-new-device' on the copy",
             )
-        if first <= self.old[idx]:
-            ours = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(idx, first)]).fetchone()
-            theirs = conn.execute(f"SELECT hlc FROM {source} WHERE seq = ?", [first]).fetchone()
-            if ours and ours[0] != theirs[0]:
-                raise self.clash(f"{self.reader.header['devices'][position]}:{first}")
         base = op_id(idx, 0)
+        if first <= self.old[idx]:
+            self.check_overlap(source, idx, tid, slots, pk, position)
         if not tid:
             if any(kind != TICK or moved != "text" for _, kind, moved in shapes):
                 raise self.fail("invalid_operation", "a knowledge operation is malformed")
@@ -377,6 +433,16 @@ class Importer:
                 for seq, text in conn.execute(f"SELECT seq, moved FROM {source} WHERE seq > ?", [self.old[idx]])
             )
             return first, last, count, stored
+        key_types = {t for shape in shapes for t in shape[4].split(" ")}
+        if "null" in key_types:
+            raise self.fail("null_key", f"an operation for table '{self.table_names[tid]}' has a NULL primary key")
+        if tid in self.integer_keys and key_types != {"integer"}:
+            wrong = ", ".join(sorted(key_types - {"integer"}))
+            raise self.fail(
+                "key_type",
+                f"table '{self.table_names[tid]}' is keyed by an INTEGER PRIMARY KEY here, "
+                f"but operations carry {wrong} keys",
+            )
         nul_keys = " OR ".join(f"(typeof({v}) = 'text' AND instr({v}, char(0)) > 0)" for v in pk)
         if any("text" in shape[4] for shape in shapes) and conn.execute(
             f"SELECT 1 FROM {source} WHERE {nul_keys} LIMIT 1"
@@ -409,18 +475,40 @@ class Importer:
             [self.old[idx]],
         ).rowcount
         # A device's clocks only grow, so its last op carries the chunk's highest.
-        self.max_hlc = max(self.max_hlc, last_hlc)
+        self.max_hlc = max(self.max_hlc, high)
         return first, last, count, stored
+
+    def check_overlap(self, source: str, idx: int, tid: int, slots: list[int], pk: list[str], position: int) -> None:
+        """Operations we hold already must be the same operations: if one differs, two databases
+        share a device id (a copied file) and counting it as a duplicate would lose an edit."""
+        same = "o.hlc = s.hlc AND o.kind = s.kind"
+        if tid:
+            key = rowkey_sql(f"s.{v}" for v in pk)
+            same += f" AND o.rowkey IS coalesce(s.moved, {key})" + "".join(
+                f" AND o.c{slot} IS s.v{i}" for i, slot in enumerate(slots)
+            )
+        else:
+            same += " AND o.rowkey IS s.moved"
+        differs = self.conn.execute(
+            f"SELECT s.seq FROM {source} s JOIN _sync_ops o ON o.op = s.seq + {op_id(idx, 0)} "
+            f"WHERE s.seq <= ? AND NOT ({same}) LIMIT 1",
+            [self.old[idx]],
+        ).fetchone()
+        if differs:
+            raise self.clash(f"{self.reader.header['devices'][position]}:{differs[0]}")
 
     def check_moves(self, source: str, tid: int, pk: list[str]) -> None:
         """A primary-key move names the key it left: check it, and send both rows per-row."""
-        moves = self.conn.execute(f"SELECT moved, kind, {rowkey_sql(pk)} FROM {source} WHERE moved IS NOT NULL")
+        # Fetched whole: a statement left open on the chunk would outlive the chunk when this raises.
+        moves = self.conn.execute(
+            f"SELECT moved, kind, {rowkey_sql(pk)} FROM {source} WHERE moved IS NOT NULL"
+        ).fetchall()
         for moved, kind, new_key in moves:
             try:
                 old_values = parse_rowkey(moved) if isinstance(moved, str) else None
             except ValueError:
                 old_values = None
-            if kind & 3 != UPDATE or old_values is None or len(old_values) != len(pk):
+            if kind & 3 != UPDATE or old_values is None or len(old_values) != len(pk) or None in old_values:
                 raise self.fail("invalid_operation", "an operation has an invalid moved-from key")
             # The keys as the log stores them (rowkey and newkey), which is what the slow set matches.
             self.moved.update({(tid, moved), (tid, new_key)})
@@ -961,9 +1049,6 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
         history.setdefault(rowkey, []).append(effect)
     for effects in history.values():
         effects.sort(key=lambda e: e.key)
-    defaults = {}
-    for info in table_info(conn, table.name):
-        defaults[info[1]] = conn.execute(f"SELECT {info[4]}").fetchone()[0] if info[4] is not None else None
     slot_names = {slot: name for name, slot in table.slots.items() if name in columns}
 
     def by_peer(effect: Effect | None) -> bool:
@@ -988,7 +1073,9 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
         mask, taken = 0, {}
         for column, value in values.items():
             slot = table.slots[column]
-            if same_value(implied.get(slot, defaults.get(column)), value):
+            # A value no operation wrote (a column added since, with its DEFAULT) is a change:
+            # a peer that adds the column gets NULL there unless it is logged.
+            if same_value(implied.get(slot), value):
                 continue
             if by_peer(writers.get(slot)):
                 taken[column] = implied[slot]

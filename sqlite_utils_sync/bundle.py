@@ -80,13 +80,17 @@ def parse_clock(text: str | dict | None, what: str = "clock") -> dict[str, int]:
     except ValueError:
         raise BundleError("invalid_clock", f"{what} is not valid JSON: {text!r}")
     if not isinstance(value, dict) or not all(
-        is_device_id(k) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= SEQ_MASK
+        is_device_id(k) and is_count(v, SEQ_MASK)
         for k, v in value.items()
     ):
         raise BundleError(
             "invalid_clock", f'{what} must look like {{"<32 hex digit device id>": <seq>, ...}}, got {text!r}'
         )
     return value
+
+
+def is_count(value: Any, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
 
 
 def is_device_id(value: Any) -> bool:
@@ -123,7 +127,11 @@ def export_bundle(
     tops = {idx: max_seq(conn, idx) for idx in devices}
     total = sum(max(0, tops[idx] - since.get(d, 0)) for idx, d in devices.items())
     target = pathlib.Path(path)
-    fd, temp = tempfile.mkstemp(prefix=".bundle-", dir=target.parent or ".")
+    check_target(target)
+    try:
+        fd, temp = tempfile.mkstemp(prefix=".bundle-", dir=target.parent or ".")
+    except OSError as ex:
+        raise BundleError("cannot_write", f"Cannot write bundle {target}: {ex.strerror}")
     os.close(fd)
     out = sqlite3.connect(temp, isolation_level=None)
     digest = hashlib.sha256(FORMAT.encode())
@@ -178,6 +186,33 @@ def export_bundle(
         if os.path.exists(temp):
             os.remove(temp)
     return ExportResult(sha[:32], local_device_id(conn), count, target.stat().st_size, current)
+
+
+def check_target(target: pathlib.Path) -> None:
+    """Refuse to write a bundle anywhere but a new file or over an old bundle: the file is
+    replaced whole, so a database (even this one) or a device there would be lost."""
+    if not target.parent.is_dir():
+        raise BundleError("cannot_write", f"Cannot write bundle {target}: directory {target.parent} does not exist")
+    if not os.path.lexists(target):
+        return
+    if target.is_symlink() or not target.is_file():
+        raise BundleError("cannot_write", f"Cannot write bundle {target}: it exists and is not a regular file")
+    if target.stat().st_size and not is_bundle_file(target):
+        raise BundleError(
+            "cannot_write", f"Cannot write bundle {target}: it exists and is not a bundle, so it is not replaced"
+        )
+
+
+def is_bundle_file(path: pathlib.Path) -> bool:
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return False
+    return names == {"bundle_meta", "bundle_header", "bundle_chunks"}
 
 
 def write_operations(
@@ -397,10 +432,10 @@ class BundleReader:
             for t in header["tables"]
         ):
             problem = "table list is invalid"
-        elif not isinstance(header.get("operations"), int):
+        elif not is_count(header.get("operations"), 1 << 62):
             problem = "operation count is invalid"
         elif not isinstance(header.get("anchors", {}), dict) or not all(
-            is_device_id(k) and isinstance(v, list) and len(v) == 2 and isinstance(v[0], int) and isinstance(v[1], str)
+            is_device_id(k) and isinstance(v, list) and len(v) == 2 and is_count(v[0], SEQ_MASK) and isinstance(v[1], str)
             for k, v in header.get("anchors", {}).items()
         ):
             problem = "anchors are invalid"

@@ -24,6 +24,7 @@ from . import (
     sync_status,
 )
 from .capture import secondary_unique_columns
+from .log import local_device_id
 
 DB_PATH = click.Path(exists=True, dir_okay=False, allow_dash=False)
 
@@ -152,7 +153,10 @@ def register(cli: click.Group) -> None:
             echo_json(result.as_dict())
             return
         if result.skipped:
-            click.echo(f"Bundle {result.bundle_id} was already imported: nothing to do", err=True)
+            if result.source_device_id == local_device_id(open_db(path).conn):
+                click.echo(f"Bundle {result.bundle_id} was exported by this database: nothing to do", err=True)
+            else:
+                click.echo(f"Bundle {result.bundle_id} was already imported: nothing to do", err=True)
             return
         click.echo(
             f"Applied {result.applied} operation(s), {result.duplicates} duplicate(s), "
@@ -160,7 +164,11 @@ def register(cli: click.Group) -> None:
             err=True,
         )
         for table, count in result.not_applied.items():
-            click.echo(f"Warning: {count} operation(s) for table '{table}' kept but not applied: it is not synced here", err=True)
+            click.echo(
+                f"Warning: {count} operation(s) for table '{table}' kept but not applied: it is not synced here "
+                f"(import again with --alter, or create the table and run enable-sync, to apply them)",
+                err=True,
+            )
 
     @cli.command(name="sync-status")
     @click.argument("path", type=DB_PATH)

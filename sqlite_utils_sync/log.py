@@ -45,6 +45,8 @@ SCHEMA_VERSION = 1
 # Hybrid logical clock: milliseconds since the epoch, times 1024 so that up to 1024 operations
 # in one millisecond still get distinct, increasing values before the clock runs ahead.
 HLC_NOW_SQL = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1024"
+# Bundles may not carry clocks above this, so counting up from any clock seen stays an integer.
+MAX_HLC = 1 << 62
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS _sync_state (

@@ -11,6 +11,7 @@ from sqlite_utils.cli import cli
 
 from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
 
+from conftest import run
 from sync_helpers import edit_chunks, edit_header, file_bytes, make_db, reseal, rewrite, rows, sync
 
 
@@ -150,6 +151,36 @@ HOSTILE = {
         "invalid_operation",
         "invalid moved-from key",
     ),
+    "NULL primary key": (
+        sealed(f"UPDATE ops SET v0 = NULL {FIRST}"),
+        "null_key",
+        "an operation for table 'todos' has a NULL primary key",
+    ),
+    "text key for an INTEGER PRIMARY KEY": (
+        sealed(f"UPDATE ops SET v0 = 'one' {FIRST}"),
+        "key_type",
+        "table 'todos' is keyed by an INTEGER PRIMARY KEY here, but operations carry text keys",
+    ),
+    "negative clock": (
+        sealed(f"UPDATE ops SET hlc = -1 {FIRST}"),
+        "invalid_operation",
+        "clock out of range (-1)",
+    ),
+    "clock at the top of the integer range": (
+        sealed("UPDATE ops SET hlc = 9223372036854775807 WHERE seq = (SELECT max(seq) FROM ops)"),
+        "invalid_operation",
+        "clock out of range (9223372036854775807)",
+    ),
+    "operation count that is not what it carries": (
+        lambda c: (edit_header(c, lambda h: h.__setitem__("operations", 5)), reseal(c)),
+        "invalid_metadata",
+        "its header counts 5 operations but it carries 7",
+    ),
+    "operation count out of range": (
+        lambda c: (edit_header(c, lambda h: h.__setitem__("operations", 2**63)), reseal(c)),
+        "invalid_metadata",
+        "operation count is invalid",
+    ),
     "clock not an integer": (
         sealed(f"UPDATE ops SET hlc = 'soon' {FIRST}"),
         "invalid_operation",
@@ -202,9 +233,11 @@ def test_hostile_or_tampered_bundles_are_refused_and_change_nothing(tmp_path, pa
     assert message in str(error.value)
     assert str(error.value).startswith("Bundle x.bundle")
     assert file_bytes(tmp_path / "b.db") == before
-    result = run_cli("import-bundle", tmp_path / "b.db", path)
-    assert result.exit_code == 1 and result.output.startswith("Error: Bundle x.bundle")
-    assert "Traceback" not in result.output
+    # A real process: a crash at exit (a statement left open on a chunk) must not hide here.
+    result = run(["sqlite-utils", "import-bundle", tmp_path / "b.db", path], check=False)
+    assert result.returncode == 1 and result.stderr.startswith("Error: Bundle x.bundle")
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert file_bytes(tmp_path / "b.db") == before
     # A good bundle still works afterwards.
     export_bundle(a, tmp_path / "good.bundle")
     assert import_bundle(b, tmp_path / "good.bundle").applied == 7
@@ -295,6 +328,10 @@ def test_ops_for_a_table_not_synced_here_are_kept_not_applied(tmp_path):
     assert not hub.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes'").fetchone()
     out = run_cli("import-bundle", tmp_path / "hub.db", tmp_path / "b.bundle")
     assert out.exit_code == 0
+    # Importing again with --alter creates the table and applies what was kept.
+    out = run_cli("import-bundle", tmp_path / "hub.db", tmp_path / "b.bundle", "--alter")
+    assert out.exit_code == 0
+    assert hub.execute("SELECT id, body FROM notes").fetchall() == [(1, "private")]
     # The hub relays them onward.
     sync(hub, c, tmp_path)
     assert c.execute("SELECT body FROM notes").fetchall() == [("private",)]
@@ -309,6 +346,37 @@ def test_alter_adds_missing_columns_and_tables(tmp_path):
     result = run_cli("import-bundle", tmp_path / "fresh.db", tmp_path / "a.bundle", "--alter", "--json")
     assert json.loads(result.output)["applied"] >= 1
     assert fresh.execute("SELECT id, title, due FROM todos").fetchall() == [(1, "x", "2026-12-01")]
+
+
+def test_copied_database_is_detected_in_a_full_export(tmp_path, pair):
+    import shutil
+
+    a, b = pair
+    sync(a, b, tmp_path)
+    shutil.copy(tmp_path / "a.db", tmp_path / "copy.db")
+    copy = sqlite3.connect(tmp_path / "copy.db", isolation_level=None)
+    copy.execute("UPDATE todos SET title = 'edited on the copy' WHERE id = 2")
+    a.execute("UPDATE todos SET title = 'edited on the original' WHERE id = 1")
+    export_bundle(copy, tmp_path / "copy.bundle")  # everything, so the clash is among "duplicates"
+    for receiver in ("a.db", "b.db"):
+        if receiver == "b.db":
+            sync(a, b, tmp_path)
+        before = file_bytes(tmp_path / receiver)
+        result = run_cli("import-bundle", tmp_path / receiver, tmp_path / "copy.bundle")
+        assert result.exit_code == 1
+        assert "differs from the copy here: two databases share that device id" in result.output
+        assert file_bytes(tmp_path / receiver) == before
+
+
+def test_own_bundle_imported_back_changes_nothing(tmp_path, pair):
+    a, _ = pair
+    export_bundle(a, tmp_path / "mine.bundle")
+    before = file_bytes(tmp_path / "a.db")
+    result = run_cli("import-bundle", tmp_path / "a.db", tmp_path / "mine.bundle")
+    assert result.exit_code == 0
+    assert "was exported by this database: nothing to do" in result.output
+    assert file_bytes(tmp_path / "a.db") == before
+    assert import_bundle(a, tmp_path / "mine.bundle").skipped
 
 
 def test_copied_database_is_detected_and_can_get_a_new_identity(tmp_path, pair):
@@ -431,3 +499,47 @@ def test_large_values_make_small_chunks(tmp_path):
     assert len(sizes) == 3 and max(sizes) < 8 * 1024 * 1024 + 64 * 1024
     assert import_bundle(b, path).applied == 6
     assert rows(b) == rows(a)
+
+
+def test_export_never_replaces_a_database_or_anything_but_an_old_bundle(tmp_path, pair):
+    a, b = pair
+    (tmp_path / "notes.txt").write_text("mine")
+    cases = {
+        "a.db": "it exists and is not a bundle",  # the database itself
+        "b.db": "it exists and is not a bundle",
+        "notes.txt": "it exists and is not a bundle",
+        "missing/x.bundle": "directory",
+        "/dev/null": "it exists and is not a regular file",
+    }
+    for target, message in cases.items():
+        path = target if target.startswith("/") else tmp_path / target
+        before = file_bytes(path) if target.endswith((".db", ".txt")) else None
+        result = run_cli("export-bundle", tmp_path / "a.db", path)
+        assert result.exit_code == 1, target
+        assert result.output.startswith(f"Error: Cannot write bundle {path}: ") and message in result.output
+        assert result.output.count("\n") == 1
+        if before is not None:
+            assert file_bytes(path) == before
+    for _ in range(2):  # an old bundle is replaced
+        assert run_cli("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle").exit_code == 0
+    assert import_bundle(b, tmp_path / "x.bundle").applied == 7
+
+
+def test_a_unique_value_taken_here_is_a_clear_error_and_a_way_on(tmp_path):
+    schema = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT UNIQUE)"
+    a, b = make_db(tmp_path / "a.db", schema), make_db(tmp_path / "b.db", schema)
+    a.execute("INSERT INTO todos VALUES (3, 'same')")
+    b.execute("INSERT INTO todos VALUES (4, 'same')")
+    export_bundle(a, tmp_path / "a.bundle")
+    before = file_bytes(tmp_path / "b.db")
+    result = run_cli("import-bundle", tmp_path / "b.db", tmp_path / "a.bundle")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith("Error: Bundle a.bundle cannot be applied: UNIQUE constraint failed: todos.title")
+    assert "change the row here that holds that value" in result.output
+    assert file_bytes(tmp_path / "b.db") == before
+    assert not b.in_transaction
+    b.execute("UPDATE todos SET title = 'same (phone)' WHERE id = 4")
+    sync(a, b, tmp_path)
+    sync(b, a, tmp_path)
+    assert rows(a) == rows(b)
+    assert a.execute("SELECT * FROM todos ORDER BY id").fetchall() == [(3, "same"), (4, "same (phone)")]

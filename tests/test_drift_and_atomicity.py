@@ -39,6 +39,31 @@ def test_add_column_is_detected_and_missed_writes_reach_peers(tmp_path):
     assert sync_status(a)["warnings"] == []
 
 
+def test_column_added_with_a_default_reaches_a_peer_that_adds_it_without_one(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 1.0)", [(1, "milk"), (2, "eggs")])
+    sync(a, b, tmp_path)
+    # Existing rows get the default without any trigger firing.
+    a.execute("ALTER TABLE todos ADD COLUMN list TEXT DEFAULT 'groceries'")
+    a.execute("UPDATE todos SET list = 'urgent' WHERE id = 1")
+    export_bundle(a, tmp_path / "a.bundle")
+    assert run_cli("import-bundle", tmp_path / "b.db", tmp_path / "a.bundle", "--alter").exit_code == 0
+    assert b.execute("SELECT id, list FROM todos ORDER BY id").fetchall() == [(1, "urgent"), (2, "groceries")]
+    assert rows(b) == rows(a)
+
+
+def test_same_column_and_default_added_on_both_copies_is_no_conflict(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 1.0)", [(1, "milk"), (2, "eggs")])
+    sync(a, b, tmp_path)
+    for conn in (a, b):
+        conn.execute("ALTER TABLE todos ADD COLUMN list TEXT DEFAULT 'groceries'")
+    sync(a, b, tmp_path)
+    sync(b, a, tmp_path)
+    assert rows(a) == rows(b)
+    assert sync_status(a)["unresolved_conflicts"] == sync_status(b)["unresolved_conflicts"] == 0
+
+
 def test_columns_added_in_another_order_on_each_copy_still_sync(tmp_path):
     # Each copy numbers its columns in the order it first saw them, so the two disagree here.
     base = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT)"
