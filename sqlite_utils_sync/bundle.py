@@ -247,7 +247,19 @@ def write_operations(
                 f"SELECT op & {SEQ_MASK}, hlc, kind, {columns} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op",
                 [lo, hi],
             )
-            write_chunk(device_position, key, cursor, size)
+            try:
+                write_chunk(device_position, key, cursor, size)
+            except sqlite3.OperationalError as ex:
+                if "decode" not in str(ex):
+                    raise
+                # SQLite stores whatever bytes a client hands it as TEXT; Python cannot read them.
+                (name,) = conn.execute("SELECT name FROM _sync_tables WHERE tid = ?", [tid]).fetchone() or ("?",)
+                raise BundleError(
+                    "invalid_text",
+                    f"Table '{name}' has a TEXT value that is not valid UTF-8 in operations "
+                    f"{lo & SEQ_MASK}-{hi & SEQ_MASK} of device {devices[idx]}, which sync cannot carry "
+                    "(see Limits in the README)",
+                )
             count += size
     return count
 

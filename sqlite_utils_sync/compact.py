@@ -116,9 +116,11 @@ def compact_log(db: Any) -> CompactResult:
             devices[idx]: seq
             for idx, seq in conn.execute(f"SELECT op >> 40, max(op & {SEQ_MASK}) FROM temp._sync_drop GROUP BY 1")
         }
-        with log_rewrite(conn):
-            removed = conn.execute("DELETE FROM _sync_ops WHERE op IN (SELECT op FROM temp._sync_drop)").rowcount
-        raise_horizon(conn, removed_to)
+        removed = 0
+        if removed_to:  # else leave the file as it was, not even a trigger rebuilt
+            with log_rewrite(conn):
+                removed = conn.execute("DELETE FROM _sync_ops WHERE op IN (SELECT op FROM temp._sync_drop)").rowcount
+            raise_horizon(conn, removed_to)
         kept = conn.execute("SELECT count(*) FROM _sync_ops").fetchone()[0] - 1  # not the local sentinel
         return CompactResult(removed, kept, horizon(conn))
 

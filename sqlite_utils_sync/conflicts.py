@@ -33,6 +33,7 @@ from .log import (
     append_local,
     connection,
     device_ids,
+    is_enabled,
     json_value,
     op_label,
     parse_op_label,
@@ -146,6 +147,8 @@ def list_conflicts(
 
 def get_conflict(db: Any, conflict_id: str) -> dict[str, Any]:
     conn = connection(db)
+    if not is_enabled(conn):
+        raise SyncError("not_enabled", "This database has no synced tables")
     row = conn.execute(
         'SELECT id, "table", rowkey, pk, columns, versions, resolved_by FROM _sync_conflicts WHERE id = ?',
         [conflict_id],

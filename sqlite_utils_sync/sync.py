@@ -6,7 +6,7 @@ import os
 from typing import Any, Callable
 
 from .apply import transaction
-from .bundle import ExportResult, export_bundle as write_bundle, parse_clock
+from .bundle import ExportResult, export_bundle as write_bundle, is_device_id, parse_clock
 from .capture import canonical_name, drifted_tables, drop_triggers, enable_table, load_tables, repair_drift
 from .errors import SyncError
 from .log import (
@@ -60,7 +60,9 @@ def export_bundle(
     if not is_enabled(conn):
         raise SyncError("not_enabled", "This database has no synced tables: run enable-sync first")
     since_clock = parse_clock(since, "--since") if since is not None else {}
-    if for_device:
+    if for_device is not None:
+        if not is_device_id(for_device):
+            raise SyncError("unknown_device", f"--for takes a device id (32 hex digits), got {for_device!r}")
         row = conn.execute("SELECT clock FROM _sync_peers WHERE device_id = ?", [for_device]).fetchone()
         if row is None and for_device != local_device_id(conn):
             raise SyncError(

@@ -543,3 +543,26 @@ def test_a_unique_value_taken_here_is_a_clear_error_and_a_way_on(tmp_path):
     sync(b, a, tmp_path)
     assert rows(a) == rows(b)
     assert a.execute("SELECT * FROM todos ORDER BY id").fetchall() == [(3, "same"), (4, "same (phone)")]
+
+
+def test_commands_on_a_database_without_sync_or_with_an_empty_device_id_are_one_line(tmp_path, pair):
+    plain = tmp_path / "plain.db"
+    sqlite3.connect(plain).execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    before = file_bytes(plain)
+    for args, message in (
+        (("sync-resolve", plain, "abc"), "Error: This database has no synced tables"),
+        (("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle", "--for", ""), "Error: --for takes a device id"),
+    ):
+        result = run_cli(*args)
+        assert result.exit_code == 1 and result.output.startswith(message) and result.output.count("\n") == 1
+    assert file_bytes(plain) == before
+    assert not (tmp_path / "x.bundle").exists()
+
+
+def test_text_that_is_not_utf8_stops_the_export_with_one_line(tmp_path, pair):
+    a, _ = pair
+    a.execute("INSERT INTO todos VALUES (50, CAST(x'ff00fe' AS TEXT), 0, 0)")
+    result = run_cli("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith("Error: Table 'todos' has a TEXT value that is not valid UTF-8 in operations")
+    assert not (tmp_path / "x.bundle").exists()

@@ -183,6 +183,11 @@ def test_cli_sync_compact_json(tmp_path, trio):
     assert sync_status(a)["device_id"] in data["horizon"]
     missing = run_cli("sync-compact", tmp_path / "nope.db")
     assert missing.exit_code == 2 and "does not exist" in missing.output
+    # Nothing left to remove: the file is left exactly as it was.
+    before = file_bytes(tmp_path / "a.db")
+    again = json.loads(run_cli("sync-compact", tmp_path / "a.db", "--json").output)
+    assert again["removed"] == 0
+    assert file_bytes(tmp_path / "a.db") == before
 
 
 def test_a_compacted_copy_refusing_a_strangers_edits_starts_again_from_a_peer(tmp_path, trio):
