@@ -122,6 +122,10 @@ def activity(conn: sqlite3.Connection, buckets: int = 36) -> dict[str, Any] | No
 # The operation log ----------------------------------------------------------------------
 
 
+class InvalidArgument(ValueError):
+    """A query string argument that cannot mean anything: the page answers 400 with it."""
+
+
 def parse_pk_filter(conn: sqlite3.Connection, text: str) -> list[str]:
     """Row keys a visitor's ``pk`` filter can mean.
 
@@ -157,8 +161,29 @@ def parse_pk_filter(conn: sqlite3.Connection, text: str) -> list[str]:
 def decode_json_value(value: Any) -> Any:
     """Undo ``json_value`` for BLOBs so a JSON pk filter can name a BLOB key."""
     if isinstance(value, dict) and value.get("$base64"):
-        return base64.b64decode(value.get("encoded", ""))
+        encoded = value.get("encoded", "")
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except (TypeError, ValueError):
+            raise InvalidArgument(
+                f'pk: "encoded" of a {{"$base64": true}} value must be base64 text, got {json.dumps(encoded)}'
+            )
+    if isinstance(value, str) and not is_unicode(value):
+        # JSON can escape a lone surrogate, which no SQLite text value can hold.
+        raise InvalidArgument("pk: a string holds a lone surrogate escape (like \\ud800), not valid Unicode")
     return value
+
+
+def is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# Both parts are SQLite integers (hlc and op id): anything larger cannot be a position.
+MAX_INTEGER = 2**63 - 1
 
 
 def parse_next(token: str | None) -> tuple[int, int] | None:
@@ -166,8 +191,8 @@ def parse_next(token: str | None) -> tuple[int, int] | None:
     if not token:
         return None
     match = re.fullmatch(r"(\d+),(\d+)", token)
-    if not match:
-        raise ValueError(f"Invalid next token: {token!r}")
+    if not match or max(int(match.group(1)), int(match.group(2))) > MAX_INTEGER:
+        raise InvalidArgument(f"Invalid next token: {token!r}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -339,15 +364,28 @@ def conflicts(
 ) -> dict[str, Any]:
     """A page of conflict records (the objects of ``list_conflicts``) after the conflict id
     ``after``, leaving out conflicts on ``hidden`` tables."""
+    if after and conflict_table(conn, after) in (None, *hidden):
+        raise InvalidArgument(f"Invalid next token: {after!r} is not a conflict id")
     found = list_conflicts(
         conn, include_resolved=include_resolved, table=table, after=after, limit=size + 1, hidden_tables=hidden or ()
     )
     return {"conflicts": found[:size], "next": found[size - 1]["id"] if len(found) > size else None}
 
 
+def conflict_table(conn: sqlite3.Connection, conflict_id: str) -> str | None:
+    """The table of a conflict record, or None when there is no such conflict."""
+    if not has_table(conn, "_sync_conflicts"):
+        return None
+    row = conn.execute('SELECT "table" FROM _sync_conflicts WHERE id = ?', [conflict_id]).fetchone()
+    return row[0] if row else None
+
+
 def imports(conn: sqlite3.Connection, after: str | None = None, size: int = 50) -> dict[str, Any]:
     """A page of the import log, newest first, after the bundle id ``after``."""
-    if not has_table(conn, "_sync_imports"):
+    logged = has_table(conn, "_sync_imports")
+    if after and not (logged and conn.execute("SELECT 1 FROM _sync_imports WHERE bundle_id = ?", [after]).fetchone()):
+        raise InvalidArgument(f"Invalid next token: {after!r} is not a bundle id")
+    if not logged:
         return {"imports": [], "next": None}
     where, params = "", []
     if after:

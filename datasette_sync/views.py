@@ -33,7 +33,7 @@ from sqlite_utils_sync import (
     resolve_conflict,
     sync_status,
 )
-from sqlite_utils_sync.bundle import BundleReader
+from sqlite_utils_sync.bundle import BundleReader, parse_clock
 from sqlite_utils_sync.log import horizon, json_value
 
 from . import queries
@@ -42,6 +42,7 @@ from .permissions import EXPORT, IMPORT, RESOLVE, VIEW, can, can_alter
 PLUGIN = "datasette-sync"
 DEFAULT_MAX_BUNDLE_BYTES = 100 * 1024 * 1024
 PAGE_SIZE = 50
+CONFLICT_VALUE_CHARS = 200  # a conflict shows versions side by side: long text would hide the others
 CONFLICTS_PAGE_SIZE = 20  # conflicts are big: a table each
 MAX_PAGE_SIZE = 1000
 
@@ -69,8 +70,27 @@ def sync_url(datasette, database: str) -> str:
     return datasette.urls.database(database) + "/-/sync"
 
 
-def error(message: str, status: int, reason: str) -> Response:
-    return Response.json({"ok": False, "error": message, "reason": reason}, status=status)
+def error(message: str, status: int, reason: str, headers: dict | None = None) -> Response:
+    return Response.json({"ok": False, "error": message, "reason": reason}, status=status, headers=headers)
+
+
+BUSY_RETRY_SECONDS = 5
+
+
+def is_busy(ex: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds a lock longer than we waited."""
+    code = getattr(ex, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(ex) or "busy" in str(ex)
+
+
+def sqlite_error(ex: sqlite3.Error, database: str) -> tuple[str, int, str, dict | None]:
+    """(message, status, reason, headers) for an SQLite error: a lock is temporary (503)."""
+    if is_busy(ex):
+        message = f"Database {database} is busy: another connection holds a lock on it. Retry in a few seconds"
+        return message, 503, "busy", {"Retry-After": str(BUSY_RETRY_SECONDS)}
+    return f"SQLite error: {ex}", 500, "sqlite_error", None
 
 
 def clock_header(clock: dict[str, int]) -> str:
@@ -92,8 +112,9 @@ def jsonable(value: Any) -> Any:
     return json_value(value)
 
 
-def show(value: Any) -> Markup:
-    """A value for HTML: NULL and the empty string look different, BLOBs show size and hex."""
+def show(value: Any, limit: int | None = None) -> Markup:
+    """A value for HTML: NULL and the empty string look different, BLOBs show size and hex,
+    text longer than ``limit`` characters shows its start and its length."""
     if isinstance(value, dict) and value.get("$base64"):
         value = base64.b64decode(value.get("encoded", ""))
     if value is None:
@@ -106,7 +127,11 @@ def show(value: Any) -> Markup:
         return Markup('<span class="sync-blob">&lt;BLOB {} byte{}&gt; <code>{}{}</code></span>').format(
             len(value), "" if len(value) == 1 else "s", shown, more
         )
-    return escape(str(value))
+    text = str(value)
+    if limit is not None and len(text) > limit:
+        more = '<span class="sync-muted" title="shortened: the JSON has the whole value">… ({:,} characters)</span>'
+        return escape(text[:limit]) + Markup(more).format(len(text))
+    return escape(text)
 
 
 def show_pk(values: list[Any] | None) -> Markup:
@@ -150,12 +175,15 @@ async def synced_pk(datasette, actor, database: str, table: str) -> list[str] | 
     return await db.execute_fn(lambda conn: queries.table_pk(conn, table))
 
 
+async def can_view_table(datasette, actor, database: str, table: str) -> bool:
+    return await datasette.allowed(action="view-table", resource=TableResource(database, table), actor=actor)
+
+
 async def hidden_tables(datasette, request, db) -> frozenset[str]:
     """Logged tables this actor may not view: their rows stay off the sync pages too."""
     hidden = set()
     for name in await db.execute_fn(queries.logged_tables):
-        resource = TableResource(db.name, name)
-        if not await datasette.allowed(action="view-table", resource=resource, actor=request.actor):
+        if not await can_view_table(datasette, request.actor, db.name, name):
             hidden.add(name)
     return frozenset(hidden)
 
@@ -168,6 +196,14 @@ async def page_database(datasette, request):
     if not await can(datasette, request.actor, VIEW, db.name):
         raise Forbidden("Permission denied")
     return db
+
+
+async def read_page(db, read):
+    """Run a page's read; a query argument that cannot mean anything is the visitor's 400."""
+    try:
+        return await db.execute_fn(read)
+    except queries.InvalidArgument as ex:
+        raise BadRequest(str(ex))
 
 
 async def render(datasette, request, db, template: str, tab: str, context: dict, data: dict) -> Response:
@@ -186,6 +222,7 @@ async def render(datasette, request, db, template: str, tab: str, context: dict,
         "json_url": json_path,
         "alternate_url_json": json_path,
         "show": show,
+        "value_chars": CONFLICT_VALUE_CHARS,
         "show_pk": show_pk,
         "pk_json": lambda values: json.dumps(jsonable(values)),
         "short": short,
@@ -264,7 +301,7 @@ async def operations_page(datasette, request):
     size = page_size(request)
     try:
         after = queries.parse_next(request.args.get("next"))
-    except ValueError as ex:
+    except queries.InvalidArgument as ex:
         raise BadRequest(str(ex))
     hidden = await hidden_tables(datasette, request, db)
 
@@ -282,7 +319,7 @@ async def operations_page(datasette, request):
         tables = [name for name in queries.synced_tables(conn) if name not in hidden]
         return page, tables, [d["device_id"] for d in queries.devices(conn)]
 
-    page, tables, devices = await db.execute_fn(read)
+    page, tables, devices = await read_page(db, read)
     base = sync_url(datasette, db.name) + "/operations"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     data = {"operations": page["operations"], "next": page["next"]}
@@ -323,7 +360,7 @@ async def conflicts_page(datasette, request):
             conn, include_resolved=include_resolved, table=table, after=next_token, size=size, hidden=hidden
         )
 
-    page = await db.execute_fn(read)
+    page = await read_page(db, read)
     base = sync_url(datasette, db.name) + "/conflicts"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     can_resolve = db.is_mutable and await can(datasette, request.actor, RESOLVE, db.name)
@@ -429,7 +466,7 @@ async def imports_page(datasette, request):
     db = await page_database(datasette, request)
     next_token = request.args.get("next") or None
     size = page_size(request)
-    page = await db.execute_fn(lambda conn: queries.imports(conn, after=next_token, size=size))
+    page = await read_page(db, lambda conn: queries.imports(conn, after=next_token, size=size))
     base = sync_url(datasette, db.name) + "/imports"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     return await render(
@@ -447,7 +484,12 @@ async def imports_page(datasette, request):
 
 
 async def endpoint_database(datasette, request, method: str, action: str):
-    """Checks shared by the endpoints, in order: 404, 405, 403. Returns (db, error)."""
+    """Checks shared by the endpoints, in order: 401, 404, 405, 403. Returns (db, error)."""
+    authorization = request.headers.get("authorization") or ""
+    if authorization[:7].lower() == "bearer " and request.actor is None:
+        # Datasette answers 401 itself only for dstok_ tokens; any other token nobody
+        # recognised would otherwise look like a missing permission (403).
+        return None, error("Invalid token: the Bearer token does not authenticate any actor", 401, "unauthorized")
     try:
         db = await datasette.resolve_database(request)
     except NotFound:
@@ -464,7 +506,10 @@ async def export_endpoint(datasette, request):
     db, problem = await endpoint_database(datasette, request, "GET", EXPORT)
     if problem:
         return problem
-    since = request.args.get("since") or None
+    try:
+        since = parse_clock(request.args.get("since") or None, "since query parameter")
+    except SyncError as ex:
+        return error(str(ex), 400, ex.reason)
 
     directory = pathlib.Path(tempfile.mkdtemp(prefix="datasette-sync-"))
     path = directory / "export.bundle"
@@ -478,6 +523,9 @@ async def export_endpoint(datasette, request):
     except SyncError as ex:
         shutil.rmtree(directory, ignore_errors=True)
         return error(str(ex), 400, ex.reason)
+    except sqlite3.Error as ex:
+        shutil.rmtree(directory, ignore_errors=True)
+        return error(*sqlite_error(ex, db.name))
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -555,7 +603,7 @@ async def import_endpoint(datasette, request):
         return problem
     alter = request.args.get("alter") in ("1", "true", "on")
     if alter and not await can_alter(datasette, request.actor, db.name):
-        return error("Permission denied", 403, "forbidden")
+        return error("Permission denied: alter=1 also needs the alter-table permission", 403, "forbidden")
     if not db.is_mutable:
         return error(f"Database {db.name} is read-only (immutable): bundles cannot be imported", 403, "read_only")
     limit = max_bundle_bytes(datasette, db.name)
@@ -586,10 +634,57 @@ async def import_endpoint(datasette, request):
         except SyncError as ex:
             return error(str(ex), 400, ex.reason)
         except sqlite3.Error as ex:
-            return error(f"SQLite error: {ex}", 500, "sqlite_error")
+            return error(*sqlite_error(ex, db.name))
     body = result.as_dict()
     body["clock"] = result.clock
     return Response.json(body, headers={"X-Sync-Clock": clock_header(result.clock)})
+
+
+KEEP_HELP = 'send {"keep": "<op id>"} to restore that version, or {} to accept what is in the table now'
+
+
+def json_keep(raw: bytes) -> str | None:
+    """The ``keep`` of a JSON resolve request. Anything but ``{}`` or ``{"keep": "<op id>"}``
+    is refused: a typo must not silently accept what is in the table now."""
+    try:
+        body = json.loads(raw.strip() or b"{}")
+    except ValueError:
+        raise SyncError("invalid_json", f"Request body is not valid JSON: {KEEP_HELP}")
+    if not isinstance(body, dict):
+        raise SyncError("invalid_request", f"Request body must be a JSON object: {KEEP_HELP}")
+    unknown = sorted(set(body) - {"keep"})
+    if unknown:
+        raise SyncError("invalid_request", f"Unknown key {json.dumps(unknown[0])} in the request body: {KEEP_HELP}")
+    if "keep" not in body:
+        return None
+    keep = body["keep"]
+    if not isinstance(keep, str) or not keep:
+        shown = json.dumps(keep)
+        shown = shown if len(shown) <= 60 else shown[:60] + "…"
+        raise SyncError(
+            "invalid_request",
+            f'"keep" must be an op id string like "<device id>:<seq>", got {shown}: '
+            "leave it out to accept what is in the table now",
+        )
+    return keep
+
+
+def form_keep(raw: bytes) -> str | None:
+    """The ``keep`` field of the conflicts page form. An empty ``keep``, or no body at all,
+    accepts what is in the table."""
+    if not raw.strip():
+        return None
+    try:
+        fields = dict(urllib.parse.parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
+    except UnicodeDecodeError:
+        raise SyncError("invalid_request", "Request body is not valid UTF-8")
+    if "keep" not in fields:
+        raise SyncError(
+            "invalid_request",
+            "The form has no keep field: send keep=<op id> to restore that version, or keep= (empty) "
+            "to accept what is in the table now; send JSON with Content-Type: application/json",
+        )
+    return fields["keep"] or None
 
 
 async def resolve_endpoint(datasette, request):
@@ -607,15 +702,14 @@ async def resolve_endpoint(datasette, request):
             f"Database {db.name} is read-only (immutable): conflicts cannot be resolved here", 403, "read_only"
         )
     conflict_id = request.url_vars["conflict_id"]
-    if wants_json:
-        try:
-            body = json.loads(await request.post_body() or b"{}")
-        except ValueError:
-            return error("Request body is not valid JSON", 400, "invalid_json")
-        keep = body.get("keep") if isinstance(body, dict) else None
-    else:
-        keep = (await request.post_vars()).get("keep")
-    keep = keep or None
+    content_type = request.headers.get("content-type") or ""
+    is_json = "application/json" in content_type or (wants_json and "form" not in content_type)
+    try:
+        keep = (json_keep if is_json else form_keep)(await request.post_body())
+    except SyncError as ex:
+        if wants_json:
+            return error(str(ex), 400, ex.reason)
+        raise BadRequest(str(ex))
     back = sync_url(datasette, db.name) + "/conflicts"
 
     def write(conn):
@@ -623,12 +717,23 @@ async def resolve_endpoint(datasette, request):
         return op, get_conflict(conn, conflict_id)
 
     try:
+        table = await db.execute_fn(lambda conn: queries.conflict_table(conn, conflict_id))
+        # A conflict on a table the actor may not view does not exist for them, as on the
+        # conflicts page: its versions hold that table's rows.
+        if table is None or not await can_view_table(datasette, request.actor, db.name, table):
+            raise SyncError("unknown_conflict", f"No conflict with id {conflict_id}")
         op, record = await db.execute_write_fn(write, transaction=False)
     except SyncError as ex:
         status = {"unknown_conflict": 404, "already_resolved": 409}.get(ex.reason, 400)
         if wants_json:
             return error(str(ex), status, ex.reason)
         datasette.add_message(request, str(ex), datasette.ERROR)
+        return Response.redirect(back)
+    except sqlite3.Error as ex:
+        message, status, reason, headers = sqlite_error(ex, db.name)
+        if wants_json:
+            return error(message, status, reason, headers)
+        datasette.add_message(request, message, datasette.ERROR)
         return Response.redirect(back)
     if wants_json:
         return Response.json({"ok": True, "op": op, "conflict": record})

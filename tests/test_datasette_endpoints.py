@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import sqlite3
 import tempfile
 
 import pytest
@@ -141,6 +142,7 @@ async def test_export_errors(ds):
     response = await ds.client.get("/hub/-/sync/export", params={"since": "not json"}, actor=ROOT)
     assert response.status_code == 400
     assert response.json()["reason"] == "invalid_clock" and response.json()["ok"] is False
+    assert response.json()["error"] == "since query parameter is not valid JSON: 'not json'"
     assert (await ds.client.get("/nope/-/sync/export", actor=ROOT)).status_code == 404
     assert (await ds.client.post("/hub/-/sync/export", actor=ROOT)).status_code == 405
 
@@ -182,6 +184,9 @@ async def test_check_order(devices, tmp_path, own_tempdir):
 
     bad_token = await post(huge, headers={"Authorization": "Bearer dstok_bad"})
     assert bad_token.status_code == 401
+    # A token without Datasette's dstok_ prefix authenticates nobody either: 401, not 403.
+    not_a_token = await post(huge, headers={"Authorization": "Bearer garbage"})
+    assert not_a_token.status_code == 401 and not_a_token.json()["reason"] == "unauthorized"
 
     forbidden = await post(huge, actor={"id": "bob"})
     assert forbidden.status_code == 403
@@ -266,7 +271,8 @@ async def test_concurrent_pushes_all_land(ds, devices, tmp_path):
         assert clock[device] == sync_status(phone)["clock"][device]
 
 
-async def test_resolve_endpoint(tmp_path):
+def conflicted(tmp_path):
+    """``data.db`` holding one conflict: the title of todo 1, oat milk here, soy milk on a phone."""
     data = new_device(tmp_path / "data.db", [{"id": 1, "title": "Buy milk"}])
     export_bundle(data, tmp_path / "first.bundle")
     phone = new_device(tmp_path / "phone.db")
@@ -276,6 +282,11 @@ async def test_resolve_endpoint(tmp_path):
     export_bundle(phone, tmp_path / "phone.bundle", since=sync_status(data)["clock"])
     import_bundle(data, tmp_path / "phone.bundle")
     [conflict] = list_conflicts(data)
+    return data, conflict
+
+
+async def test_resolve_endpoint(tmp_path):
+    data, conflict = conflicted(tmp_path)
     url = f"/data/-/sync/conflicts/{conflict['id']}/resolve"
     ds = Datasette([str(tmp_path / "data.db")])
     ds.root_enabled = True
@@ -307,3 +318,66 @@ async def test_resolve_endpoint(tmp_path):
     immutable.root_enabled = True
     refused = await immutable.client.post(url, json={}, actor=ROOT)
     assert refused.status_code == 403 and refused.json()["reason"] == "read_only"
+
+
+async def test_resolve_refuses_bodies_that_do_not_say_what_to_keep(tmp_path):
+    data, conflict = conflicted(tmp_path)
+    url = f"/data/-/sync/conflicts/{conflict['id']}/resolve"
+    ds = Datasette([str(tmp_path / "data.db")])
+    ds.root_enabled = True
+    before = snapshot(data)
+    refused = {
+        "[1]": "must be a JSON object",
+        '"str"': "must be a JSON object",
+        "null": "must be a JSON object",
+        '{"kepp": "x"}': 'Unknown key "kepp"',
+        '{"keep": ""}': '"keep" must be an op id string like "<device id>:<seq>", got ""',
+        '{"keep": 0}': "got 0",
+        '{"keep": null}': "got null",
+        '{"keep": ["a"]}': 'got ["a"]',
+        "{nope": "not valid JSON",
+    }
+    for body, message in refused.items():
+        response = await ds.client.post(url, content=body, headers={"Content-Type": "application/json"}, actor=ROOT)
+        assert response.status_code == 400, body
+        assert response.json()["ok"] is False and message in response.json()["error"], body
+    # JSON sent as a form (curl -d without a Content-Type) has no keep field: refused too.
+    curl = {"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"}
+    form = await ds.client.post(url, content='{"keep": "x"}', headers=curl, actor=ROOT)
+    assert form.status_code == 400 and "no keep field" in form.json()["error"]
+    assert snapshot(data) == before and not list_conflicts(data)[0]["resolved"]
+
+    # An empty body accepts what is in the table now.
+    response = await ds.client.post(url, content=b"", headers={"Content-Type": "application/json"}, actor=ROOT)
+    assert response.status_code == 200 and response.json()["conflict"]["resolved"] is True
+    assert list(data["todos"].rows) == before["todos"]
+
+
+async def test_locked_database_answers_503(devices, tmp_path, own_tempdir):
+    """Another connection holding the database locked is temporary: 503 and Retry-After, not a 500."""
+    hub = devices[0]
+    ds = Datasette([str(tmp_path / "hub.db")], settings={"num_sql_threads": 1})
+    ds.root_enabled = True
+    await ds.invoke_startup()  # it reads every schema, which the lock would stop
+    db = ds.get_database("hub")
+    # Give up on the lock after 50 ms rather than Python's default 5 s, to keep the test fast.
+    await db.execute_fn(lambda conn: conn.execute("PRAGMA busy_timeout = 50"))
+    await db.execute_write_fn(lambda conn: conn.execute("PRAGMA busy_timeout = 50"), transaction=False)
+    bundle = (tmp_path / "phone1.bundle").read_bytes()
+    before = snapshot(hub)
+    locker = sqlite3.connect(tmp_path / "hub.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        export = await ds.client.get("/hub/-/sync/export", actor=ROOT)
+        push = await ds.client.post("/hub/-/sync/import", content=bundle, actor=ROOT)
+    finally:
+        locker.close()
+    for response in (export, push):
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        body = response.json()
+        assert body["reason"] == "busy"
+        assert body["error"] == "Database hub is busy: another connection holds a lock on it. Retry in a few seconds"
+    assert snapshot(hub) == before
+    assert leftovers(own_tempdir) == []
+    assert (await ds.client.post("/hub/-/sync/import", content=bundle, actor=ROOT)).json()["applied"] == 3

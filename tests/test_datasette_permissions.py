@@ -148,9 +148,36 @@ async def test_alter_needs_alter_table_too(path):
     before = digest(path)
     response = await ds.client.post("/data/-/sync/import?alter=1", content=bundle, actor={"id": "alice"})
     assert response.status_code == 403
+    assert response.json()["error"] == "Permission denied: alter=1 also needs the alter-table permission"
     assert digest(path) == before
     response = await ds.client.post("/data/-/sync/import?alter=1", content=bundle, actor={"id": "bob"})
     assert response.status_code == 200
+
+
+async def test_resolve_hides_conflicts_on_tables_the_actor_cannot_view(path):
+    config = {
+        "databases": {
+            "data": {
+                "permissions": {"sync-resolve": {"id": ["carol", "admin"]}},
+                "tables": {"todos": {"allow": {"id": "admin"}}},
+            }
+        }
+    }
+    ds = await make_ds(path, config)
+    conflict = conflict_id(path)
+    url = f"/data/-/sync/conflicts/{conflict}/resolve"
+    before = digest(path)
+    carol, unknown = {"id": "carol"}, f"No conflict with id {conflict}"
+    # To carol it answers like a conflict that does not exist, and shows no version's values.
+    for body in ({}, {"keep": list_conflicts(sqlite_utils.Database(path))[0]["versions"][0]["op"]}):
+        response = await ds.client.post(url, json=body, actor=carol)
+        assert response.status_code == 404
+        assert response.json() == {"ok": False, "error": unknown, "reason": "unknown_conflict"}
+    form = await ds.client.post(url, data={"keep": ""}, actor=carol, headers={"Sec-Fetch-Site": "same-origin"})
+    page = await ds.client.get("/data/-/sync/conflicts", actor=carol, cookies=form.cookies)
+    assert unknown in page.text and "milk" not in page.text
+    assert digest(path) == before
+    assert (await ds.client.post(url, json={}, actor={"id": "admin"})).json()["ok"] is True
 
 
 async def test_private_database_is_private_everywhere(path):

@@ -185,6 +185,26 @@ async def test_operations_filters(ds, paths):
     assert (await ds.client.get("/data/-/sync/operations.json?next=garbage")).status_code == 400
 
 
+async def test_arguments_that_cannot_mean_anything_are_400(ds):
+    refused = {
+        '/operations?table=todos&pk=[{"$base64":true,"encoded":5}]': 'must be base64 text, got 5',
+        '/operations?table=todos&pk=[{"$base64":true,"encoded":null}]': "must be base64 text, got null",
+        '/operations?table=todos&pk=[{"$base64":true,"encoded":"A"}]': 'must be base64 text, got "A"',
+        '/operations?table=todos&pk=[{"$base64":true,"encoded":"é"}]': 'must be base64 text, got "\\u00e9"',
+        '/operations?table=todos&pk=["\\ud800"]': "lone surrogate",
+        "/operations?next=99999999999999999999999999,1": "Invalid next token: '99999999999999999999999999,1'",
+        "/conflicts?next=abc": "Invalid next token: 'abc' is not a conflict id",
+        "/imports?next=abc": "Invalid next token: 'abc' is not a bundle id",
+    }
+    for path, message in refused.items():
+        page, query = path.split("?")
+        for suffix in (".json", ""):
+            response = await ds.client.get(f"/data/-/sync{page}{suffix}?{query}")
+            assert response.status_code == 400, path + suffix
+            text = response.json()["error"] if suffix else visible_text(response.text).replace("&#34;", '"')
+            assert message in text.replace("&#39;", "'"), path + suffix
+
+
 async def test_operations_page_shows_readable_values(ds):
     response = await ds.client.get("/data/-/sync/operations?table=todos&type=insert")
     assert response.status_code == 200
@@ -232,6 +252,17 @@ async def test_conflicts_page_shows_versions_side_by_side(ds, paths):
         assert conflict["id"] in text
     # Anonymous visitors cannot resolve: no form.
     assert "Keep " not in text and "/resolve" not in response.text
+
+
+async def test_conflicts_page_shortens_long_values(ds, paths):
+    db = sqlite_utils.Database(paths[0])
+    long_title = "word " * 4000
+    db["todos"].update(1, {"title": long_title})  # now the table holds 20,000 characters
+    text = visible_text((await ds.client.get("/data/-/sync/conflicts")).text)
+    assert long_title not in text
+    assert long_title[:200] + "… (20,000 characters)" in text
+    conflicts = (await ds.client.get("/data/-/sync/conflicts.json")).json()["conflicts"]
+    assert {c["current"]["title"] for c in conflicts if c["pk"] == [1]} == {long_title}
 
 
 async def test_resolved_conflicts_need_all(ds, paths):
