@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.parse
 import shutil
 import tempfile
 from typing import Any, Callable
@@ -52,10 +53,19 @@ def empty_result(source_device_id: str | None, bundle_id: str | None = None) -> 
 
 def normalize_url(url: str) -> str:
     url = url.strip().rstrip("/")
+    example = "a database URL like http://127.0.0.1:8001/data"
     if not (url.startswith("http://") or url.startswith("https://")) or url.count("/") < 3:
-        raise HubError(
-            "invalid_url", f"Hub URL must be a database URL like http://127.0.0.1:8001/data, got {url!r}"
-        )
+        raise HubError("invalid_url", f"Hub URL must be {example}, got {url!r}")
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises for a port that is not a number in range
+    except ValueError as ex:
+        raise HubError("invalid_url", f"Hub URL {url!r} is not a valid URL ({ex}): it must be {example}")
+    if not parts.hostname:
+        raise HubError("invalid_url", f"Hub URL {url!r} has no host: it must be {example}")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        # The endpoints are appended to the path: .../data?x=1/-/sync/export would miss them.
+        raise HubError("invalid_url", f"Hub URL {url!r} must not have a query string or fragment: use {example}")
     return url
 
 
@@ -104,6 +114,8 @@ def _check(response: Any, url: str, what: str, has_token: bool) -> None:
     if status == 400:
         target = "the bundle" if what.startswith("import") else "the request"
         raise HubError("rejected", f"hub {url} rejected {target} (400){suffix}", status)
+    if status == 503:
+        raise HubError("busy", f"hub {url} could not do the {what} now (503){suffix}", status)
     raise HubError("hub_error", f"hub {url} failed the {what} ({status}){suffix}", status)
 
 
@@ -129,6 +141,8 @@ def _request(
         raise HubError("connection_failed", f"cannot connect to {url}: {reason}")
     except httpx.TimeoutException:
         raise HubError("timeout", f"hub {url} timed out during the {what}")
+    except httpx.InvalidURL as ex:
+        raise HubError("invalid_url", f"Hub URL {url!r} is not a valid URL: {ex}")
     except httpx.HTTPError as ex:
         raise HubError("connection_failed", f"{what} from {url} failed: {ex}")
 

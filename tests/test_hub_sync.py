@@ -232,6 +232,40 @@ def test_error_lines(hub, tmp_path):
     assert moved(sync(device, hub, alice))[1] >= 1
 
 
+def test_hub_url_mistakes_are_one_line_errors(tmp_path):
+    device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
+    example = "a database URL like http://127.0.0.1:8001/data"
+    refused = {
+        "http://127.0.0.1:abc/data": "is not a valid URL (Port could not be cast to integer value as 'abc')",
+        "http://[::1/data": "is not a valid URL (Invalid IPv6 URL)",
+        "http://127.0.0.1:8001/data?x=1": f"must not have a query string or fragment: use {example}",
+        "http://127.0.0.1:8001/data#frag": f"must not have a query string or fragment: use {example}",
+    }
+    for url, message in refused.items():
+        result = run(["sqlite-utils", "sync", device, url, "--token", "T"], check=False)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.startswith(f"Error: Hub URL {url!r} {message}"), result.stderr
+        assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_busy_hub_says_so(hub, alice, tmp_path):
+    """The hub's database locked by another connection: the hub's reason in one line, nothing changed."""
+    device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
+    locker = sqlite3.connect(hub.path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        result = sync(device, hub, alice, check=False)  # the hub waits 5 s for the lock, then gives up
+    finally:
+        locker.close()
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"Error: hub {hub.url}/hub could not do the export (pull) now (503): "
+        "Database hub is busy: another connection holds a lock on it. Retry in a few seconds\n"
+    )
+    assert rows(device) == [{"id": 1, "title": "x", "done": 0}] and rows(hub.path) == []
+    assert moved(sync(device, hub, alice))[1] >= 1
+
+
 def test_alter_adds_columns_both_ways_and_clones_a_new_device(hub, tmp_path):
     alice = hub.token("alice")  # unrestricted: --alter also needs alter-table on the hub
     plain = make_todos_db(tmp_path / "plain.db", [{"id": 1, "title": "plain", "done": 0}])
