@@ -391,10 +391,11 @@ class Importer:
         width = len(slots)
         pk = [f"v{i}" for i in pk_positions]
         # Each check is an O(1) lookup or one pass that keeps only distinct shapes.
-        (count,) = conn.execute(f"SELECT count(*) FROM {source}").fetchone()
+        count, first, last, low, high = conn.execute(
+            f"SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM {source}"
+        ).fetchone()
         if not count:
             return None
-        first, last = conn.execute(f"SELECT min(seq), max(seq) FROM {source}").fetchone()
         if not (0 < first and last <= SEQ_MASK):
             raise self.fail("invalid_operation", f"operation sequence numbers must be 1 to {SEQ_MASK}")
         # Holes are checked per device once everything is in (a compacted sender may leave some).
@@ -407,7 +408,6 @@ class Importer:
             shapes = conn.execute(f"SELECT DISTINCT typeof(hlc), kind, typeof(moved) FROM {source}").fetchall()
         if any(shape[0] != "integer" for shape in shapes):
             raise self.fail("invalid_operation", "an operation has a clock that is not an integer")
-        low, high = conn.execute(f"SELECT min(hlc), max(hlc) FROM {source}").fetchone()
         if low < 0 or high > MAX_HLC:
             # Later local clocks count up from the highest one seen: it must leave room.
             raise self.fail("invalid_operation", f"an operation has a clock out of range ({low if low < 0 else high})")
