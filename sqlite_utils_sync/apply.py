@@ -770,7 +770,8 @@ class Importer:
         t = quote_identifier(table.name)
         quoted = [quote_identifier(c) for c in columns]
         if any(kind == INSERT and mask & full != full for kind, mask in kinds):
-            # Inserts written before a column existed go per-row, so the column gets its default.
+            # Inserts written before a column existed go per-row: the row's history decides the
+            # columns they lack (NULL where nothing wrote them).
             partial = f"o.tid = {table.tid} AND o.kind & 3 = {INSERT} AND o.mask & {full} != {full}"
             self.conn.execute("INSERT OR IGNORE INTO temp._sync_slow " + self.new_ops("o.tid, o.rowkey", partial))
         self.conn.execute(
@@ -929,9 +930,13 @@ def write_row(
                 [*values.values(), *pk_values],
             )
         return
-    row = dict(values)
+    # Columns no operation wrote are NULL, never the DEFAULT: a copy that got the column later
+    # (ALTER, import --alter) has NULL there, and so does what the log implies.
+    row = {column: None for column in table.current_columns(conn)}
+    row.update(values)
     for column, value in zip(table.pk, pk_values):
-        row.setdefault(column, value)
+        if row.get(column) is None:
+            row[column] = value
     conn.execute(
         f"INSERT INTO {t} ({', '.join(quote_identifier(c) for c in row)}) VALUES ({', '.join('?' * len(row))})",
         list(row.values()),
@@ -1010,6 +1015,24 @@ def record_clashes(
             )
             found = True
     return found
+
+
+def record_kept_clashes(
+    conn: sqlite3.Connection, table: SyncedTable, history: dict[str, list[Effect]], kept: set[int]
+) -> None:
+    """Operations kept while the table was not synced here were never checked against each
+    other: record their clashes now, as the copies that applied them did on arrival."""
+    from .conflicts import rebuild_conflicts
+
+    knowledge = KnowledgeCache(conn)
+    clashed = set()
+    for rowkey, effects in history.items():
+        if any(e.op in kept for e in effects):
+            marked = [e._replace(new=e.op in kept) for e in effects]
+            if record_clashes(conn, table, rowkey, marked, knowledge):
+                clashed.add((table.tid, rowkey))
+    if clashed:
+        rebuild_conflicts(conn, clashed)
 
 
 def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
@@ -1103,4 +1126,6 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
         with muted(conn):
             for arguments in adopted:
                 write_row(conn, table, *arguments)
+    if unapplied:
+        record_kept_clashes(conn, table, history, unapplied)
     return logged

@@ -21,7 +21,7 @@ import sqlite3
 from typing import Any, Iterable
 
 from .apply import Effect, KnowledgeCache, all_effects, cursor_effects, fetch_row, key_slots, row_state, transaction, write_row
-from .capture import SyncedTable, load_tables, muted
+from .capture import SyncedTable, load_tables, muted, repair_drift
 from .errors import SyncError
 from .log import (
     DELETE,
@@ -204,6 +204,8 @@ def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
     """
     conn = connection(db)
     with transaction(conn):
+        # The resolution is a new operation: it needs capture in step with the table's columns.
+        repair_drift(conn)
         record = get_conflict(conn, conflict_id)
         if record["resolved"]:
             raise SyncError("already_resolved", f"Conflict {conflict_id} is already resolved (by {record['resolved_by']})")

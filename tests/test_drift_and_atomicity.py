@@ -191,3 +191,19 @@ def test_status_json_on_a_database_without_sync(tmp_path):
     sqlite_utils.Database(tmp_path / "plain.db")["t"].insert({"id": 1}, pk="id")
     status = json.loads(run_cli("sync-status", tmp_path / "plain.db", "--json").output)
     assert status["enabled"] is False and status["operations"] == 0
+
+
+def test_a_row_from_a_copy_without_the_column_gets_null_not_the_default(tmp_path):
+    # The DEFAULT is this copy's own: the copy the row came from, and any copy that adds the
+    # column later, hold NULL there, so NULL is what every copy must hold.
+    schema = "CREATE TABLE t (id TEXT PRIMARY KEY, x)"
+    a, b = make_db(tmp_path / "a.db", schema, ("t",)), make_db(tmp_path / "b.db", schema, ("t",))
+    a.execute("INSERT INTO t (id, x) VALUES ('k1', 'hello')")
+    b.execute("ALTER TABLE t ADD COLUMN n DEFAULT 'dv'")
+    b.execute("INSERT INTO t (id, x) VALUES ('k0', 'mine')")
+    sync(a, b, tmp_path)
+    export_bundle(b, tmp_path / "b.bundle")
+    import_bundle(a, tmp_path / "b.bundle", alter=True)
+    expected = [("k0", "mine", "dv"), ("k1", "hello", None)]
+    for conn in (a, b):
+        assert conn.execute("SELECT id, x, n FROM t ORDER BY id").fetchall() == expected

@@ -232,3 +232,40 @@ def test_foreign_keys_enforced_on_both_sides(tmp_path):
     sync(a, b, tmp_path)
     assert rows(b) == [] and rows(b, "lists") == []
     assert b.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+def test_concurrent_edits_that_arrive_while_a_table_is_not_synced_still_become_a_conflict(tmp_path, trio):
+    from sqlite_utils_sync import disable_sync, enable_sync
+
+    x, y, z = trio
+    x.execute("INSERT INTO todos VALUES (1, 'orig', 0, 0)")
+    for target in (y, z):
+        sync(x, target, tmp_path)
+    disable_sync(y, ["todos"])
+    x.execute("UPDATE todos SET title = 'from x' WHERE id = 1")
+    z.execute("UPDATE todos SET title = 'from z' WHERE id = 1")
+    sync(x, y, tmp_path)
+    sync(z, y, tmp_path)  # both kept, not applied: y does not sync todos now
+    enable_sync(y, ["todos"])
+    for source in (x, y, z):
+        for target in (x, y, z):
+            if source is not target:
+                sync(source, target, tmp_path)
+    assert rows(x) == rows(y) == rows(z)
+    assert conflict_records(x) == conflict_records(y) == conflict_records(z)
+    assert [c["columns"] for c in list_conflicts(y)] == [["title"]]
+
+
+def test_resolving_right_after_a_column_was_added(tmp_path, trio):
+    x, y, _ = trio
+    x.execute("INSERT INTO todos VALUES (1, 'orig', 0, 0)")
+    sync(x, y, tmp_path)
+    x.execute("UPDATE todos SET title = 'from x' WHERE id = 1")
+    y.execute("UPDATE todos SET title = 'from y' WHERE id = 1")
+    sync(x, y, tmp_path)
+    y.execute("ALTER TABLE todos ADD COLUMN due TEXT")  # capture is stale until repaired
+    (conflict,) = list_conflicts(y)
+    path = y.execute("PRAGMA database_list").fetchone()[2]
+    result = CliRunner().invoke(cli, ["sync-resolve", path, conflict["id"]], catch_exceptions=False)
+    assert result.exit_code == 0 and result.output.startswith(f"Resolved {conflict['id']} with operation")
+    assert list_conflicts(y) == []
