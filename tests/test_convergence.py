@@ -9,7 +9,15 @@ import pathlib
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sqlite_utils_sync import bundle, compact_log, enable_sync, list_conflicts, resolve_conflict, sync_status
+from sqlite_utils_sync import (
+    bundle,
+    compact_log,
+    disable_sync,
+    enable_sync,
+    list_conflicts,
+    resolve_conflict,
+    sync_status,
+)
 from sqlite_utils_sync.apply import reconcile_table
 from sqlite_utils_sync.capture import load_tables
 
@@ -34,6 +42,7 @@ write = st.tuples(
 exchange = st.tuples(st.just("sync"), st.integers(0, 4), st.integers(0, 4))
 resolve = st.tuples(st.just("resolve"), st.integers(0, 4), st.booleans())
 compact = st.tuples(st.just("compact"), st.integers(0, 4), st.booleans())
+toggle = st.tuples(st.just("toggle"), st.integers(0, 4))  # disable-sync, or enable it again
 
 
 def do_write(conn, kind, row_id, other_id, title, done, score, as_real=False):
@@ -92,7 +101,7 @@ def assert_converged(devices):
 
 SCENARIO = dict(
     device_count=st.integers(min_value=3, max_value=5),
-    steps=st.lists(st.one_of(write, write, write, exchange, resolve, compact), min_size=10, max_size=50),
+    steps=st.lists(st.one_of(write, write, write, exchange, resolve, compact, toggle), min_size=10, max_size=50),
     recursive=st.booleans(),
     untyped_key=st.booleans(),
     shuffled=st.booleans(),  # odd devices add columns in another order: their slots differ
@@ -148,8 +157,14 @@ def play(device_count, steps, recursive, untyped_key, shuffled=False, compaction
                 conn.execute("INSERT INTO todos (id, title) VALUES (?, 'hello')", [100 + i])
             everyone_syncs(devices, folder)
 
+        disabled: set[int] = set()
         for step in steps:
-            if step[0] == "compact":
+            if step[0] == "toggle":
+                d = step[1] % device_count
+                # Edits made meanwhile are logged on enabling; what arrived meanwhile is adopted.
+                (enable_sync if d in disabled else disable_sync)(devices[d], ["todos"])
+                disabled ^= {d}
+            elif step[0] == "compact":
                 if compaction:
                     if step[2]:
                         everyone_syncs(devices, folder)  # so that there is history everyone has seen
@@ -161,13 +176,15 @@ def play(device_count, steps, recursive, untyped_key, shuffled=False, compaction
                 source, target = step[1] % device_count, step[2] % device_count
                 if source != target:
                     sync(devices[source], devices[target], folder)
-            else:
+            elif step[1] % device_count not in disabled:
                 conn = devices[step[1] % device_count]
                 open_conflicts = list_conflicts(conn)
                 if open_conflicts:
                     conflict = open_conflicts[0]
                     keep = conflict["versions"][-1]["op"] if step[2] else None
                     resolve_conflict(conn, conflict["id"], keep=keep)
+        for d in disabled:
+            enable_sync(devices[d], ["todos"])
         everyone_syncs(devices, folder)
         assert_converged(devices)
 
