@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.parse
 import shutil
 import tempfile
+import urllib.parse
 from typing import Any, Callable
 
 import click

@@ -161,6 +161,11 @@ HOSTILE = {
         "key_type",
         "table 'todos' is keyed by an INTEGER PRIMARY KEY here, but operations carry text keys",
     ),
+    "fractional key for an INTEGER PRIMARY KEY": (
+        sealed(f"UPDATE ops SET v0 = 1.5 {FIRST}"),
+        "key_type",
+        "table 'todos' is keyed by an INTEGER PRIMARY KEY here, but operations carry real keys",
+    ),
     "negative clock": (
         sealed(f"UPDATE ops SET hlc = -1 {FIRST}"),
         "invalid_operation",
@@ -566,3 +571,11 @@ def test_text_that_is_not_utf8_stops_the_export_with_one_line(tmp_path, pair):
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert result.output.startswith("Error: Table 'todos' has a TEXT value that is not valid UTF-8 in operations")
     assert not (tmp_path / "x.bundle").exists()
+
+
+def test_an_untyped_key_column_elsewhere_may_send_integral_reals(tmp_path):
+    a = make_db(tmp_path / "a.db", "CREATE TABLE todos (id PRIMARY KEY, title TEXT)")
+    b = make_db(tmp_path / "b.db", "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT)")
+    a.execute("INSERT INTO todos VALUES (2.0, 'two')")
+    sync(a, b, tmp_path)
+    assert b.execute("SELECT id, typeof(id), title FROM todos").fetchall() == [(2, "integer", "two")]
