@@ -173,8 +173,9 @@ def import_bundle(
                 # Another row here holds a UNIQUE value (or a foreign key) the bundle's rows need.
                 raise BundleError(
                     "constraint_failed",
-                    f"Bundle {reader.path.name} cannot be applied: {ex} here. Nothing was imported; change the "
-                    "row here that holds that value (it syncs too), then import again",
+                    f"Bundle {reader.path.name} cannot be applied: {ex} here. Nothing was imported. If a row "
+                    "here holds that value, change it (the change syncs too) and import again; see Limits "
+                    "in the README",
                 )
         finally:
             stage.close()
@@ -936,8 +937,13 @@ def write_row(
             )
         return
     # Columns no operation wrote are NULL, never the DEFAULT: a copy that got the column later
-    # (ALTER, import --alter) has NULL there, and so does what the log implies.
-    row = {column: None for column in table.current_columns(conn)}
+    # (ALTER, import --alter) has NULL there, and so does what the log implies. A NOT NULL
+    # column can't be, and takes its DEFAULT (copies must declare it alike).
+    row = {
+        info[1]: None
+        for info in table_info(conn, table.name)
+        if not (info[3] and info[4] is not None)
+    }
     row.update(values)
     for column, value in zip(table.pk, pk_values):
         if row.get(column) is None:

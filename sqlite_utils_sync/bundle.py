@@ -133,6 +133,10 @@ def export_bundle(
     except OSError as ex:
         raise BundleError("cannot_write", f"Cannot write bundle {target}: {ex.strerror}")
     os.close(fd)
+    # mkstemp makes the file private; a bundle is a file like any other the user writes.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)
     out = sqlite3.connect(temp, isolation_level=None)
     digest = hashlib.sha256(FORMAT.encode())
 

@@ -33,6 +33,7 @@ def disable_sync(db: Any, tables: list[str]) -> None:
     """Stop capturing writes to ``tables``; their operations stay in the log."""
     conn = connection(db)
     synced = load_tables(conn, enabled_only=True)
+    tables = [canonical_name(conn, table) for table in tables]
     for table in tables:
         if table not in synced:
             raise SyncError("not_enabled", f"Table '{table}' is not synced")

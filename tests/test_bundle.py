@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 
 import pytest
@@ -527,6 +528,9 @@ def test_export_never_replaces_a_database_or_anything_but_an_old_bundle(tmp_path
             assert file_bytes(path) == before
     for _ in range(2):  # an old bundle is replaced
         assert run_cli("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle").exit_code == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.bundle").stat().st_mode & 0o777 == 0o666 & ~umask  # not private like a temp file
     assert import_bundle(b, tmp_path / "x.bundle").applied == 7
 
 
@@ -540,7 +544,7 @@ def test_a_unique_value_taken_here_is_a_clear_error_and_a_way_on(tmp_path):
     result = run_cli("import-bundle", tmp_path / "b.db", tmp_path / "a.bundle")
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert result.output.startswith("Error: Bundle a.bundle cannot be applied: UNIQUE constraint failed: todos.title")
-    assert "change the row here that holds that value" in result.output
+    assert "If a row here holds that value, change it (the change syncs too) and import again" in result.output
     assert file_bytes(tmp_path / "b.db") == before
     assert not b.in_transaction
     b.execute("UPDATE todos SET title = 'same (phone)' WHERE id = 4")

@@ -291,6 +291,8 @@ def test_enable_sync_finds_a_table_however_its_name_is_cased(tmp_path):
     assert result.exit_code == 0
     assert "Todos" in result.output and result.output.count("\n") == 1
     assert list(json.loads(run_cli("sync-status", str(path), "--json").output)["tables"]) == ["Todos"]
+    assert run_cli("disable-sync", str(path), "todos").exit_code == 0
+    assert json.loads(run_cli("sync-status", str(path), "--json").output)["tables"] == {}
 
 
 def keys_of(conn):

@@ -207,3 +207,12 @@ def test_a_row_from_a_copy_without_the_column_gets_null_not_the_default(tmp_path
     expected = [("k0", "mine", "dv"), ("k1", "hello", None)]
     for conn in (a, b):
         assert conn.execute("SELECT id, x, n FROM t ORDER BY id").fetchall() == expected
+
+
+def test_a_not_null_column_takes_its_default_for_rows_from_a_copy_without_it(tmp_path):
+    schema = "CREATE TABLE t (id TEXT PRIMARY KEY, x)"
+    a, b = make_db(tmp_path / "a.db", schema, ("t",)), make_db(tmp_path / "b.db", schema, ("t",))
+    a.execute("ALTER TABLE t ADD COLUMN prio INTEGER NOT NULL DEFAULT 0")
+    b.execute("INSERT INTO t (id, x) VALUES ('k1', 'from b')")
+    sync(b, a, tmp_path)
+    assert a.execute("SELECT id, x, prio FROM t").fetchall() == [("k1", "from b", 0)]
