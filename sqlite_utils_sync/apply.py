@@ -276,6 +276,8 @@ class Importer:
                 raise self.fail("internal_table", f"operations on internal table '{name}' are never accepted")
             local = load_tables(conn).get(name)
             exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()
+            # Columns the sender dropped: it relays their values, nobody needs to have them.
+            dropped = set(self.reader.header.get("dropped", {}).get(name, []))
             here = canonical_name(conn, name)
             if here != name:
                 raise self.fail(
@@ -287,7 +289,7 @@ class Importer:
                 if self.alter and not exists:
                     conn.execute(
                         f"CREATE TABLE {quote_identifier(name)} ("
-                        + ", ".join(quote_identifier(c) for c in columns)
+                        + ", ".join(quote_identifier(c) for c in columns if c not in dropped)
                         + f", PRIMARY KEY ({', '.join(quote_identifier(c) for c in pk)}))"
                     )
                     enable_table(conn, name)
@@ -302,15 +304,14 @@ class Importer:
             missing = [c for c in columns if c not in current]
             # A column this table had and dropped is no surprise: its values stay in the log and
             # never reach the table. One it never had is refused (or, with --alter, added).
-            unknown = [c for c in missing if c not in local.slots]
+            unknown = [c for c in missing if c not in local.slots and c not in dropped]
             if unknown and not self.alter:
                 raise self.fail(
                     "unknown_column",
                     f"table '{name}' has column{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
                     "that this database lacks (import with --alter to add)",
                 )
-            if not self.alter:
-                missing = []
+            missing = [c for c in missing if c not in dropped] if self.alter else []
             for column in missing:
                 conn.execute(f"ALTER TABLE {quote_identifier(name)} ADD COLUMN {quote_identifier(column)}")
             if missing:
@@ -318,6 +319,9 @@ class Importer:
                 local = load_tables(conn)[name]
             if pk != local.pk:
                 raise self.fail("pk_mismatch", f"table '{name}' has primary key {pk} here it is {local.pk}")
+            if any(c not in local.slots for c in columns):
+                # Only dropped ones are left: a slot keeps their values for relaying.
+                local = register_table(conn, name, [c for c in columns if c not in local.slots], local.pk)
             self.tables.append((local.tid, [local.slots[c] for c in columns], True, [columns.index(c) for c in pk]))
             self.applied_tids[local.tid] = local
             self.table_names[local.tid] = name

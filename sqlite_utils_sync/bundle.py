@@ -113,13 +113,20 @@ def export_bundle(
     by_tid = {t.tid: t for t in tables.values()}
     header_devices: list[str] = []
     header_tables: list[list] = []
+    header_dropped: dict[str, list[str]] = {}
     table_index: dict[int, tuple[int, list[int]]] = {}
 
     def table_entry(tid: int) -> tuple[int, list[int]]:
         if tid not in table_index:
             table = by_tid[tid]
-            columns = table.current_columns(conn) if table.enabled else []
-            columns = [c for c in columns if c in table.slots] or sorted(table.slots, key=table.slots.get)
+            every = sorted(table.slots, key=table.slots.get)
+            current = [c for c in table.current_columns(conn) if c in table.slots] if table.enabled else []
+            # Operations this copy relays may hold values for columns it dropped: they go too,
+            # marked, so a relay never strips an operation and receivers need not have them.
+            dropped = [c for c in every if c not in current] if current else []
+            columns = current + dropped if current else every
+            if dropped:
+                header_dropped[table.name] = dropped
             table_index[tid] = (len(header_tables), [table.slots[c] for c in columns])
             header_tables.append([table.name, columns, table.pk])
         return table_index[tid]
@@ -173,6 +180,7 @@ def export_bundle(
                 "horizon": horizon(conn),
                 "devices": header_devices,
                 "tables": header_tables,
+                "dropped": header_dropped,
                 "operations": count,
             }
         )
@@ -448,6 +456,11 @@ class BundleReader:
             for t in header["tables"]
         ):
             problem = "table list is invalid"
+        elif not isinstance(header.get("dropped", {}), dict) or not all(
+            isinstance(v, list) and any(t[0] == k and all(c in t[1] and c not in t[2] for c in v) for t in header["tables"])
+            for k, v in header.get("dropped", {}).items()
+        ):
+            problem = "dropped-column list is invalid"
         elif not is_count(header.get("operations"), 1 << 62):
             problem = "operation count is invalid"
         elif not isinstance(header.get("anchors", {}), dict) or not all(

@@ -182,6 +182,11 @@ HOSTILE = {
         "invalid_metadata",
         "its header counts 5 operations but it carries 7",
     ),
+    "primary key marked as a dropped column": (
+        lambda c: (edit_header(c, lambda h: h.__setitem__("dropped", {"todos": ["id"]})), reseal(c)),
+        "invalid_metadata",
+        "dropped-column list is invalid",
+    ),
     "operation count out of range": (
         lambda c: (edit_header(c, lambda h: h.__setitem__("operations", 2**63)), reseal(c)),
         "invalid_metadata",

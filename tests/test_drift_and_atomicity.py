@@ -135,6 +135,28 @@ def test_dropping_a_column_on_one_copy(tmp_path):
     assert a.execute("SELECT * FROM todos ORDER BY id").fetchall() == [(1, "oat milk"), (2, "eggs"), (3, "brown bread")]
 
 
+def test_a_copy_that_dropped_a_column_relays_it_untouched(tmp_path):
+    a, b, c = (make_db(tmp_path / f"{name}.db") for name in "abc")
+    b.close()
+    assert run_cli("transform", tmp_path / "b.db", "todos", "--drop", "score").exit_code == 0
+    b = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
+    a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 2.5)")
+    sync(a, b, tmp_path)
+    assert b.execute("SELECT * FROM todos").fetchall() == [(1, "milk", 0)]
+    sync(b, c, tmp_path)  # the relay sends the column it dropped, marked as dropped
+    assert c.execute("SELECT * FROM todos").fetchall() == [(1, "milk", 0, 2.5)]
+    export_bundle(a, tmp_path / "a.bundle")  # the same operation straight from its author
+    result = import_bundle(c, tmp_path / "a.bundle")
+    assert (result.applied, result.duplicates) == (0, 1)
+    fresh = make_db(tmp_path / "fresh.db", "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER)")
+    sync(b, fresh, tmp_path)  # a copy that never had the column need not add it
+    assert fresh.execute("SELECT * FROM todos").fetchall() == [(1, "milk", 0)]
+    a.execute("UPDATE todos SET score = 3.5 WHERE id = 1")
+    for source, target in ((a, b), (b, c), (b, fresh), (a, c)):
+        sync(source, target, tmp_path)
+    assert c.execute("SELECT * FROM todos").fetchall() == [(1, "milk", 0, 3.5)]
+
+
 def test_import_repairs_stale_triggers_on_the_receiver(tmp_path):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     b.execute("DROP TRIGGER _sync_insert_todos")
