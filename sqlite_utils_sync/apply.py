@@ -718,9 +718,21 @@ class Importer:
                     "o.kind != 3 AND EXISTS (SELECT 1 FROM temp._sync_wkeys w WHERE w.tid = o.tid AND w.rowkey = o.rowkey)",
                 )
             )
-        for table in pending.values():
-            self.fast_path(table)
-        self.slow_path()
+        conn.execute("SAVEPOINT _sync_apply")
+        try:
+            for table in pending.values():
+                self.fast_path(table)
+            self.slow_path()
+        except sqlite3.IntegrityError:
+            # Set-based writes can pass through states the author never had: a UNIQUE value
+            # handed from row to row (a swap through a temporary value, a reordering) trips
+            # here. Write the operations one by one in their authors' order instead, then
+            # settle the rows with several operations as usual.
+            conn.execute("ROLLBACK TO _sync_apply")
+            self.replay(pending)
+            self.slow_path()
+        finally:
+            conn.execute("RELEASE _sync_apply")
         resolutions = []
         if self.has_resolutions:
             resolutions = conn.execute(
@@ -731,6 +743,27 @@ class Importer:
 
         touched = set(self.clashed_rows) | {(tid, key) for tid, key, _ in resolutions}
         return rebuild_conflicts(conn, touched)
+
+    def replay(self, tables: dict[int, SyncedTable]) -> None:
+        """Write each new operation's own effect, in clock order (each device's order)."""
+        conn = self.conn
+        devices = device_ids(conn)
+        columns = {tid: set(table.current_columns(conn)) for tid, table in tables.items()}
+        cursor = conn.execute(self.new_ops("o.*", "o.kind != 3") + " ORDER BY o.hlc, o.op")
+        names = [d[0] for d in cursor.description]
+        for row in cursor.fetchall():
+            record = dict(zip(names, row))
+            table = tables.get(record["tid"])
+            if table is None:
+                continue
+            slot_names = {slot: name for name, slot in table.slots.items() if name in columns[table.tid]}
+            for position, (rowkey, effect) in enumerate(effects_of(record, table, devices, True)):
+                present = fetch_row(conn, table, rowkey) is not None
+                moved_in = position == 1  # the new key of a move: the whole row arrives
+                if effect.write and not present and effect.kind == UPDATE and not moved_in:
+                    continue  # not here to update: settling the row decides
+                values = {slot_names[s]: effect.values[s] for s in bits(effect.mask) if s in slot_names}
+                write_row(conn, table, rowkey, effect.write, values, present)
 
     def bulk_insert(self, table: SyncedTable) -> bool:
         """The common bulk case, optimistically: nothing concurrent and only whole-row inserts.

@@ -588,3 +588,17 @@ def test_an_untyped_key_column_elsewhere_may_send_integral_reals(tmp_path):
     a.execute("INSERT INTO todos VALUES (2.0, 'two')")
     sync(a, b, tmp_path)
     assert b.execute("SELECT id, typeof(id), title FROM todos").fetchall() == [(2, "integer", "two")]
+
+
+def test_unique_values_handed_between_rows_import_in_their_authors_order(tmp_path):
+    # Reordering a list with a UNIQUE position column passes through a temporary value.
+    schema = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, position INTEGER UNIQUE)"
+    a, b = make_db(tmp_path / "a.db", schema), make_db(tmp_path / "b.db", schema)
+    a.executemany("INSERT INTO todos VALUES (?, ?, ?)", [(1, "milk", 1), (2, "eggs", 2), (3, "bread", 3)])
+    sync(a, b, tmp_path)
+    for position, row in ((-1, 1), (1, 3), (3, 2), (2, 1)):  # rotate: bread first, then milk, then eggs
+        a.execute("UPDATE todos SET position = ? WHERE id = ?", [position, row])
+    a.execute("UPDATE todos SET title = 'oat milk' WHERE id = 1")
+    sync(a, b, tmp_path)
+    assert rows(b) == rows(a)
+    assert b.execute("SELECT title FROM todos ORDER BY position").fetchall() == [("bread",), ("oat milk",), ("eggs",)]
