@@ -729,8 +729,7 @@ class Importer:
             # here. Write the operations one by one in their authors' order instead, then
             # settle the rows with several operations as usual.
             conn.execute("ROLLBACK TO _sync_apply")
-            self.replay(pending)
-            self.slow_path()
+            self.slow_path(before=self.replay(pending))
         finally:
             conn.execute("RELEASE _sync_apply")
         resolutions = []
@@ -744,26 +743,31 @@ class Importer:
         touched = set(self.clashed_rows) | {(tid, key) for tid, key, _ in resolutions}
         return rebuild_conflicts(conn, touched)
 
-    def replay(self, tables: dict[int, SyncedTable]) -> None:
-        """Write each new operation's own effect, in clock order (each device's order)."""
+    def replay(self, tables: dict[int, SyncedTable]) -> dict[tuple[int, str], dict[str, Any] | None]:
+        """Write each new operation's own effect in clock order (each author's order), whether
+        it wins or not, and mark every row it touches for settling. Returns those rows as they
+        were before: settling decides against them, as the set-based path would have."""
         conn = self.conn
         devices = device_ids(conn)
         columns = {tid: set(table.current_columns(conn)) for tid, table in tables.items()}
-        cursor = conn.execute(self.new_ops("o.*", "o.kind != 3") + " ORDER BY o.hlc, o.op")
+        cursor = conn.execute(self.new_ops("o.*", f"o.kind != {TICK}"))
         names = [d[0] for d in cursor.description]
-        for row in cursor.fetchall():
-            record = dict(zip(names, row))
-            table = tables.get(record["tid"])
-            if table is None:
-                continue
+        records = [dict(zip(names, row)) for row in cursor.fetchall() if row[names.index("tid")] in tables]
+        records.sort(key=lambda r: (r["hlc"], devices[r["op"] >> 40], r["op"] & SEQ_MASK))
+        before: dict[tuple[int, str], dict[str, Any] | None] = {}
+        for record in records:
+            table = tables[record["tid"]]
             slot_names = {slot: name for name, slot in table.slots.items() if name in columns[table.tid]}
             for position, (rowkey, effect) in enumerate(effects_of(record, table, devices, True)):
-                present = fetch_row(conn, table, rowkey) is not None
+                row = fetch_row(conn, table, rowkey)
+                before.setdefault((table.tid, rowkey), row)
                 moved_in = position == 1  # the new key of a move: the whole row arrives
-                if effect.write and not present and effect.kind == UPDATE and not moved_in:
+                if effect.write and row is None and effect.kind == UPDATE and not moved_in:
                     continue  # not here to update: settling the row decides
                 values = {slot_names[s]: effect.values[s] for s in bits(effect.mask) if s in slot_names}
-                write_row(conn, table, rowkey, effect.write, values, present)
+                write_row(conn, table, rowkey, effect.write, values, row is not None)
+        conn.executemany("INSERT OR IGNORE INTO temp._sync_slow VALUES (?, ?)", list(before))
+        return before
 
     def bulk_insert(self, table: SyncedTable) -> bool:
         """The common bulk case, optimistically: nothing concurrent and only whole-row inserts.
@@ -847,8 +851,11 @@ class Importer:
             + f") o WHERE {not_slow})"
         )
 
-    def slow_path(self) -> None:
-        """Rows with several new operations or concurrent ones: resolve each row in Python."""
+    def slow_path(self, before: dict[tuple[int, str], dict[str, Any] | None] | None = None) -> None:
+        """Rows with several new operations or concurrent ones: resolve each row in Python.
+
+        :param before: after a replay, the rows as they were before it (see :meth:`replay`)
+        """
         conn = self.conn
         self.clashed_rows: set[tuple[int, str]] = set()
         # Unpacked: a Datasette connection returns sqlite3.Row objects, which never equal tuples.
@@ -878,7 +885,10 @@ class Importer:
             if table is None or (tid, rowkey) not in slow or not any(e.new for e in effects):
                 continue
             effects.sort(key=lambda e: e.key)
-            apply_row(conn, table, rowkey, effects)
+            if before is None:
+                apply_row(conn, table, rowkey, effects)
+            else:
+                settle_row(conn, table, rowkey, effects, before.get((tid, rowkey)))
             if record_clashes(conn, table, rowkey, effects, knowledge):
                 self.clashed_rows.add((tid, rowkey))
 
@@ -1008,6 +1018,34 @@ def apply_row(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effects
     write_row(conn, table, rowkey, exists, changes, current is not None)
 
 
+def settle_row(
+    conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effects: list[Effect], before: dict[str, Any] | None
+) -> None:
+    """What :func:`apply_row` decides when the table held ``before``, written whole: after a
+    replay the row may hold any new operation's value, the winner's or not."""
+    columns = table.current_columns(conn)
+    names = {slot: name for name, slot in table.slots.items() if name in columns}
+    latest = effects[-1]
+    exists = latest.write if latest.new else before is not None
+    present = fetch_row(conn, table, rowkey) is not None
+    if not exists:
+        write_row(conn, table, rowkey, False, {}, present)
+        return
+    if before is None:
+        # Coming (back) into existence: the row's history decides every column. Older history
+        # sorts before these effects, so they decide alone when they write every column.
+        _, values = row_state(effects)
+        if any(slot not in values for slot in names):
+            _, values = row_state(all_effects(conn, table, rowkey))
+        final = {names[s]: v for s, v in values.items() if s in names}
+    else:
+        final = dict(before)
+        final.update({names[s]: e.values[s] for s, e in latest_writers(effects).items() if e.new and s in names})
+    if present:
+        final = {column: final.get(column) for column in columns}
+    write_row(conn, table, rowkey, True, final, present)
+
+
 class KnowledgeCache:
     """Who had seen what: ``seen(a, b)`` is true when b's author had seen a when writing b."""
 
@@ -1083,7 +1121,7 @@ def record_kept_clashes(
         rebuild_conflicts(conn, clashed)
 
 
-def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
+def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, captured: set[int] | None = None) -> int:
     """Log the changes the triggers missed: compare the table with the state its log implies.
 
     Used when sync is first enabled (every existing row becomes an insert) and when triggers
@@ -1094,6 +1132,11 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
     (``_sync_unapplied``). Where one of those wrote last, the table takes the log's value
     instead of overwriting it: enabling sync never deletes or reverts what a peer wrote.
     Everywhere else the table wins, including edits made here while sync was disabled.
+
+    :param captured: slots the capture triggers wrote until now. A column outside them was
+        added since (again, or for the first time by ``--alter``): where the log holds values
+        for it, peers wrote them and the table takes them, rather than its empty new column
+        overwriting them everywhere.
 
     :returns: how many operations were logged
     """
@@ -1148,7 +1191,7 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable) -> int:
             # a peer that adds the column gets NULL there unless it is logged.
             if same_value(implied.get(slot), value):
                 continue
-            if by_peer(writers.get(slot)):
+            if by_peer(writers.get(slot)) or (captured is not None and slot not in captured and slot in writers):
                 taken[column] = implied[slot]
             else:
                 mask |= 1 << slot

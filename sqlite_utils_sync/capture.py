@@ -10,6 +10,7 @@ ordinary writes; a crash rolls the drop back with everything else.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -372,7 +373,14 @@ def enable_table(conn: sqlite3.Connection, name: str) -> int:
     if current == capture_sql(conn, table, columns) and previous and previous.enabled:
         return 0
     install_triggers(conn, table, columns)
-    return reconcile_table(conn, table)
+    return reconcile_table(conn, table, captured_slots(current.get("insert")))
+
+
+def captured_slots(insert_trigger: str | None) -> set[int] | None:
+    """The log slots an installed insert trigger writes (None without one): columns outside
+    them were added since, so the table has nothing of its own in them yet."""
+    match = re.search(r"INSERT INTO _sync_ops \(([^)]*)\)", insert_trigger or "")
+    return {int(slot) for slot in re.findall(r"\bc(\d+)\b", match.group(1))} if match else None
 
 
 def repair_drift(conn: sqlite3.Connection) -> dict[str, int]:

@@ -13,7 +13,7 @@ from sqlite_utils.cli import cli
 from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
 
 from conftest import run
-from sync_helpers import edit_chunks, edit_header, file_bytes, make_db, reseal, rewrite, rows, sync
+from sync_helpers import conflict_records, edit_chunks, edit_header, file_bytes, make_db, reseal, rewrite, rows, sync
 
 
 def run_cli(*args):
@@ -602,3 +602,31 @@ def test_unique_values_handed_between_rows_import_in_their_authors_order(tmp_pat
     sync(a, b, tmp_path)
     assert rows(b) == rows(a)
     assert b.execute("SELECT title FROM todos ORDER BY position").fetchall() == [("bread",), ("oat milk",), ("eggs",)]
+
+
+def test_an_ordered_import_keeps_concurrent_edits_that_win_here(tmp_path):
+    import time
+
+    schema = "CREATE TABLE todos (id INTEGER PRIMARY KEY, position INTEGER UNIQUE, title TEXT)"
+    a, b = make_db(tmp_path / "a.db", schema), make_db(tmp_path / "b.db", schema)
+    a.executemany(
+        "INSERT INTO todos VALUES (?, ?, ?)", [(1, 1, "milk"), (2, 2, "eggs"), (3, 3, "bread"), (4, 4, "tea")]
+    )
+    sync(a, b, tmp_path)
+    a.execute("UPDATE todos SET title = 'from a' WHERE id = 1")
+    a.execute("DELETE FROM todos WHERE id = 4")
+    for position, row in ((-1, 2), (2, 3), (3, 2)):  # a swap: the import has to go in order
+        a.execute("UPDATE todos SET position = ? WHERE id = ?", [position, row])
+    time.sleep(0.01)
+    b.execute("UPDATE todos SET title = 'from b, later' WHERE id = 1")  # wins on both sides
+    b.execute("UPDATE todos SET title = 'kept by b' WHERE id = 4")  # update vs delete: the row stays
+    sync(a, b, tmp_path)
+    sync(b, a, tmp_path)
+    assert rows(a) == rows(b)
+    assert a.execute("SELECT id, position, title FROM todos ORDER BY id").fetchall() == [
+        (1, 1, "from b, later"),
+        (2, 3, "eggs"),
+        (3, 2, "bread"),
+        (4, 4, "kept by b"),
+    ]
+    assert conflict_records(a) == conflict_records(b)

@@ -157,6 +157,22 @@ def test_a_copy_that_dropped_a_column_relays_it_untouched(tmp_path):
     assert c.execute("SELECT * FROM todos").fetchall() == [(1, "milk", 0, 3.5)]
 
 
+def test_adding_a_dropped_column_back_takes_the_values_peers_wrote(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 2.5)")
+    sync(a, b, tmp_path)
+    a.close()
+    assert run_cli("transform", tmp_path / "a.db", "todos", "--drop", "score").exit_code == 0
+    a = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    b.execute("UPDATE todos SET score = 9.5 WHERE id = 1")
+    sync(b, a, tmp_path)  # a keeps b's value in its log, not in its table
+    a.execute("ALTER TABLE todos ADD COLUMN score REAL")
+    assert run_cli("enable-sync", tmp_path / "a.db", "todos").exit_code == 0
+    assert a.execute("SELECT * FROM todos").fetchall() == [(1, "milk", 0, 9.5)]
+    sync(a, b, tmp_path)
+    assert b.execute("SELECT * FROM todos").fetchall() == [(1, "milk", 0, 9.5)]
+
+
 def test_import_repairs_stale_triggers_on_the_receiver(tmp_path):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     b.execute("DROP TRIGGER _sync_insert_todos")
