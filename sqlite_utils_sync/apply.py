@@ -765,7 +765,15 @@ class Importer:
                 if effect.write and row is None and effect.kind == UPDATE and not moved_in:
                     continue  # not here to update: settling the row decides
                 values = {slot_names[s]: effect.values[s] for s in bits(effect.mask) if s in slot_names}
-                write_row(conn, table, rowkey, effect.write, values, row is not None)
+                conn.execute("SAVEPOINT _sync_step")
+                try:
+                    write_row(conn, table, rowkey, effect.write, values, row is not None)
+                except sqlite3.IntegrityError:
+                    # A value another copy holds concurrently: this step is passed by; settling
+                    # writes the row's final state in any case.
+                    conn.execute("ROLLBACK TO _sync_step")
+                finally:
+                    conn.execute("RELEASE _sync_step")
         conn.executemany("INSERT OR IGNORE INTO temp._sync_slow VALUES (?, ?)", list(before))
         return before
 
@@ -880,6 +888,7 @@ class Importer:
             for tid, rowkey, effect in cursor_effects(conn.execute(sql), tables, devices, new):
                 rows.setdefault((tid, rowkey), []).append(effect)
         knowledge = KnowledgeCache(conn)
+        todo = []
         for (tid, rowkey), effects in rows.items():
             table = self.applied_tids.get(tid)
             if table is None or (tid, rowkey) not in slow or not any(e.new for e in effects):
@@ -888,9 +897,26 @@ class Importer:
             if before is None:
                 apply_row(conn, table, rowkey, effects)
             else:
-                settle_row(conn, table, rowkey, effects, before.get((tid, rowkey)))
+                todo.append((table, rowkey, effects))
             if record_clashes(conn, table, rowkey, effects, knowledge):
                 self.clashed_rows.add((tid, rowkey))
+        while todo:
+            # After a replay, a row's final value may still sit in a row not settled yet: put
+            # such rows off until another round has moved it, for as long as rounds progress.
+            blocked, failure = [], None
+            for table, rowkey, effects in todo:
+                conn.execute("SAVEPOINT _sync_settle")
+                try:
+                    settle_row(conn, table, rowkey, effects, before.get((table.tid, rowkey)))
+                except sqlite3.IntegrityError as ex:
+                    conn.execute("ROLLBACK TO _sync_settle")
+                    blocked.append((table, rowkey, effects))
+                    failure = ex
+                finally:
+                    conn.execute("RELEASE _sync_settle")
+            if failure and len(blocked) == len(todo):
+                raise failure
+            todo = blocked
 
 
 def effects_of(record: dict[str, Any], table: SyncedTable, devices: dict[int, str], new: bool) -> list[tuple[str, Effect]]:
@@ -1164,9 +1190,23 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, captured: set[
     for effects in history.values():
         effects.sort(key=lambda e: e.key)
     slot_names = {slot: name for name, slot in table.slots.items() if name in columns}
+    # New columns (outside ``captured``), with what ALTER TABLE gave every row: (default, NOT NULL)
+    fresh = {
+        info[1]: (conn.execute(f"SELECT {info[4]}").fetchone()[0] if info[4] is not None else None, bool(info[3]))
+        for info in table_info(conn, table.name)
+        if captured is not None and info[1] in table.slots and table.slots[info[1]] not in captured
+    }
 
     def by_peer(effect: Effect | None) -> bool:
         return effect is not None and effect.op in unapplied
+
+    def adopts(column: str, value: Any, implied: dict[int, Any]) -> bool:
+        """A new column still holding what ALTER gave it takes what peers wrote there. A value
+        written here since is a local edit, and the log's NULL can't go into a NOT NULL column."""
+        if column not in fresh or table.slots[column] not in implied:
+            return False
+        default, not_null = fresh[column]
+        return same_value(value, default) and not (not_null and implied[table.slots[column]] is None)
 
     logged = 0
     seen = set()
@@ -1191,7 +1231,7 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, captured: set[
             # a peer that adds the column gets NULL there unless it is logged.
             if same_value(implied.get(slot), value):
                 continue
-            if by_peer(writers.get(slot)) or (captured is not None and slot not in captured and slot in writers):
+            if by_peer(writers.get(slot)) or adopts(column, value, implied):
                 taken[column] = implied[slot]
             else:
                 mask |= 1 << slot

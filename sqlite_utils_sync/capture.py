@@ -313,10 +313,31 @@ def table_drift(conn: sqlite3.Connection, table: SyncedTable) -> str | None:
     return None
 
 
+# The columns capture last covered, per table: kept apart from the triggers, which
+# disable-sync and transform remove.
+CAPTURED_SQL = "CREATE TABLE IF NOT EXISTS _sync_captured (tid INTEGER PRIMARY KEY, columns TEXT NOT NULL)"
+
+
 def install_triggers(conn: sqlite3.Connection, table: SyncedTable, columns: list[str]) -> None:
     drop_triggers(conn, table.name)
     for sql in capture_sql(conn, table, columns).values():
         conn.execute(sql)
+    conn.execute(CAPTURED_SQL)
+    conn.execute("INSERT OR REPLACE INTO _sync_captured VALUES (?, ?)", [table.tid, json.dumps(columns)])
+
+
+def captured_before(conn: sqlite3.Connection, table: SyncedTable, insert_trigger: str | None) -> set[int] | None:
+    """The slots capture covered until now (None when unknown): columns outside them were
+    added since, so the table holds nothing of its own in them yet."""
+    if insert_trigger:
+        match = re.search(r"INSERT INTO _sync_ops \(([^)]*)\)", insert_trigger)
+        if match:
+            return {int(slot) for slot in re.findall(r"\bc(\d+)\b", match.group(1))}
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = '_sync_captured'").fetchone():
+        row = conn.execute("SELECT columns FROM _sync_captured WHERE tid = ?", [table.tid]).fetchone()
+        if row:
+            return {table.slots[c] for c in json.loads(row[0]) if c in table.slots}
+    return None
 
 
 def drop_triggers(conn: sqlite3.Connection, table: str) -> None:
@@ -372,15 +393,9 @@ def enable_table(conn: sqlite3.Connection, name: str) -> int:
     current = installed_triggers(conn, name)
     if current == capture_sql(conn, table, columns) and previous and previous.enabled:
         return 0
+    captured = captured_before(conn, table, current.get("insert"))
     install_triggers(conn, table, columns)
-    return reconcile_table(conn, table, captured_slots(current.get("insert")))
-
-
-def captured_slots(insert_trigger: str | None) -> set[int] | None:
-    """The log slots an installed insert trigger writes (None without one): columns outside
-    them were added since, so the table has nothing of its own in them yet."""
-    match = re.search(r"INSERT INTO _sync_ops \(([^)]*)\)", insert_trigger or "")
-    return {int(slot) for slot in re.findall(r"\bc(\d+)\b", match.group(1))} if match else None
+    return reconcile_table(conn, table, captured)
 
 
 def repair_drift(conn: sqlite3.Connection) -> dict[str, int]:

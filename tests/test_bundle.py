@@ -630,3 +630,23 @@ def test_an_ordered_import_keeps_concurrent_edits_that_win_here(tmp_path):
         (4, 4, "kept by b"),
     ]
     assert conflict_records(a) == conflict_records(b)
+
+
+def test_a_valid_merge_imports_even_when_the_authors_orders_cross(tmp_path):
+    import time
+
+    schema = "CREATE TABLE todos (id INTEGER PRIMARY KEY, position INTEGER UNIQUE)"
+    a, b = make_db(tmp_path / "a.db", schema), make_db(tmp_path / "b.db", schema)
+    a.executemany("INSERT INTO todos VALUES (?, ?)", [(1, 1), (2, 2), (3, 3), (4, 4)])
+    sync(a, b, tmp_path)
+    a.execute("UPDATE todos SET position = 50 WHERE id = 1")
+    time.sleep(0.01)
+    b.execute("UPDATE todos SET position = 50 WHERE id = 2")  # taken here while a had it
+    time.sleep(0.01)
+    a.execute("UPDATE todos SET position = 70 WHERE id = 1")  # ...and a moved on
+    for position, row in ((-1, 3), (3, 4), (4, 3)):
+        a.execute("UPDATE todos SET position = ? WHERE id = ?", [position, row])
+    sync(a, b, tmp_path)
+    sync(b, a, tmp_path)
+    assert rows(a) == rows(b)
+    assert a.execute("SELECT * FROM todos ORDER BY id").fetchall() == [(1, 70), (2, 50), (3, 4), (4, 3)]

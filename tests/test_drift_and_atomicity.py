@@ -14,7 +14,7 @@ import sqlite_utils
 from click.testing import CliRunner
 from sqlite_utils.cli import cli
 
-from sqlite_utils_sync import export_bundle, import_bundle, sync_status
+from sqlite_utils_sync import disable_sync, enable_sync, export_bundle, import_bundle, sync_status
 
 from sync_helpers import make_db, rows, sync
 
@@ -171,6 +171,24 @@ def test_adding_a_dropped_column_back_takes_the_values_peers_wrote(tmp_path):
     assert a.execute("SELECT * FROM todos").fetchall() == [(1, "milk", 0, 9.5)]
     sync(a, b, tmp_path)
     assert b.execute("SELECT * FROM todos").fetchall() == [(1, "milk", 0, 9.5)]
+
+
+def test_a_column_added_back_around_disable_sync_keeps_peer_values_and_local_edits(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0.5)", [(1, "milk"), (2, "eggs")])
+    sync(a, b, tmp_path)
+    disable_sync(a, ["todos"])
+    a.execute("ALTER TABLE todos DROP COLUMN score")
+    enable_sync(a, ["todos"])
+    b.execute("UPDATE todos SET score = 9.5 WHERE id = 1")
+    sync(b, a, tmp_path)
+    disable_sync(a, ["todos"])
+    a.execute("ALTER TABLE todos ADD COLUMN score REAL")
+    a.execute("UPDATE todos SET score = 7.5 WHERE id = 2")  # written here after adding it back
+    enable_sync(a, ["todos"])
+    sync(a, b, tmp_path)
+    for conn in (a, b):
+        assert conn.execute("SELECT id, score FROM todos ORDER BY id").fetchall() == [(1, 9.5), (2, 7.5)]
 
 
 def test_import_repairs_stale_triggers_on_the_receiver(tmp_path):
