@@ -10,7 +10,9 @@ An operation can go when all of these hold:
   "latest" order) decided whether the row exists, and later operations wrote every column
   it wrote. The tables are a function of the latest operations only, so they do not change;
 * nothing refers to it: it is no version of a conflict, no resolution, not waiting in
-  ``_sync_unapplied``, and not the last operation of its device (which carries the clock);
+  ``_sync_unapplied``, and not the last operation of its device (which carries the clock).
+  A table with operations waiting there keeps all of its history: the clashes among them
+  are only found when the table is enabled, and any older operation may be a version;
 * it is a data operation: knowledge epochs (ticks) are kept, they are few.
 
 The highest sequence removed from each device is the database's **horizon**
@@ -109,7 +111,8 @@ def compact_log(db: Any) -> CompactResult:
                 AND op NOT IN (SELECT op FROM temp._sync_keep)
                 AND op NOT IN (SELECT a FROM _sync_clashes UNION SELECT b FROM _sync_clashes)
                 AND op NOT IN (SELECT op FROM _sync_resolutions)
-                AND op NOT IN (SELECT op FROM _sync_unapplied)""",
+                AND op NOT IN (SELECT op FROM _sync_unapplied)
+                AND tid NOT IN (SELECT tid FROM _sync_unapplied)""",
                 [op_id(idx, 1), op_id(idx, min(seq, last))],
             )
         removed_to = {
