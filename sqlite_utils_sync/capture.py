@@ -326,6 +326,23 @@ def install_triggers(conn: sqlite3.Connection, table: SyncedTable, columns: list
     conn.execute("INSERT OR REPLACE INTO _sync_captured VALUES (?, ?)", [table.tid, json.dumps(columns)])
 
 
+def remember_captured(conn: sqlite3.Connection, table: SyncedTable) -> None:
+    """Record what the installed triggers cover, if nothing is recorded yet (a database synced
+    by a version without ``_sync_captured``), before something removes them."""
+    has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE name = '_sync_captured'").fetchone()
+    if has_table and conn.execute("SELECT 1 FROM _sync_captured WHERE tid = ?", [table.tid]).fetchone():
+        return
+    trigger = installed_triggers(conn, table.name).get("insert")
+    slots = captured_before(conn, table, trigger) if trigger else None
+    if slots is not None:
+        names = {slot: name for name, slot in table.slots.items()}
+        conn.execute(CAPTURED_SQL)
+        conn.execute(
+            "INSERT INTO _sync_captured VALUES (?, ?)",
+            [table.tid, json.dumps([names[s] for s in sorted(slots) if s in names])],
+        )
+
+
 def captured_before(conn: sqlite3.Connection, table: SyncedTable, insert_trigger: str | None) -> set[int] | None:
     """The slots capture covered until now (None when unknown): columns outside them were
     added since, so the table holds nothing of its own in them yet."""
@@ -404,6 +421,7 @@ def repair_drift(conn: sqlite3.Connection) -> dict[str, int]:
     for name, table in load_tables(conn, enabled_only=True).items():
         reason = table_drift(conn, table)
         if reason is None:
+            remember_captured(conn, table)
             continue
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone():
             continue

@@ -7,7 +7,15 @@ from typing import Any, Callable
 
 from .apply import transaction
 from .bundle import ExportResult, export_bundle as write_bundle, is_device_id, parse_clock
-from .capture import canonical_name, drifted_tables, drop_triggers, enable_table, load_tables, repair_drift
+from .capture import (
+    canonical_name,
+    drifted_tables,
+    drop_triggers,
+    enable_table,
+    load_tables,
+    remember_captured,
+    repair_drift,
+)
 from .errors import SyncError
 from .log import (
     clock,
@@ -39,6 +47,7 @@ def disable_sync(db: Any, tables: list[str]) -> None:
             raise SyncError("not_enabled", f"Table '{table}' is not synced")
     with transaction(conn):
         for table in tables:
+            remember_captured(conn, synced[table])
             drop_triggers(conn, table)
             conn.execute("UPDATE _sync_tables SET enabled = 0 WHERE name = ?", [table])
 
