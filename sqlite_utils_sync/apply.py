@@ -272,7 +272,7 @@ class Importer:
         self.table_names: dict[int, str] = {}
         self.integer_keys: set[int] = set()  # tables keyed by their rowid here
         for name, columns, pk in self.reader.header["tables"]:
-            if name.startswith("_sync_") or name.startswith("sqlite_"):
+            if name.lower().startswith(("_sync_", "sqlite_")):  # SQL names ignore case
                 raise self.fail("internal_table", f"operations on internal table '{name}' are never accepted")
             local = load_tables(conn).get(name)
             exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()

@@ -134,6 +134,11 @@ HOSTILE = {
         "internal_table",
         "operations on internal table '_sync_devices' are never accepted",
     ),
+    "internal table under another case": (
+        lambda c: (edit_header(c, lambda h: h["tables"][0].__setitem__(0, "_SYNC_Devices")), reseal(c)),
+        "internal_table",
+        "operations on internal table '_SYNC_Devices' are never accepted",
+    ),
     "unknown column": (
         lambda c: (
             edit_header(c, lambda h: h["tables"][0][1].__setitem__(3, "secret")),
