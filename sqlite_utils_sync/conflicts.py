@@ -202,7 +202,18 @@ def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
         without it the value currently in the table is accepted
     :returns: the id of the resolution operation
     """
-    conn = connection(db)
+    try:
+        return _resolve(connection(db), conflict_id, keep)
+    except sqlite3.IntegrityError as ex:
+        # Restoring a version can need a UNIQUE value another row holds now.
+        raise SyncError(
+            "constraint_failed",
+            f"Conflict {conflict_id} cannot be resolved that way: {ex} here. Nothing was changed; "
+            "change the row that holds that value first, then resolve again",
+        )
+
+
+def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> str:
     with transaction(conn):
         # The resolution is a new operation: it needs capture in step with the table's columns.
         repair_drift(conn)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import time
 
 import pytest
@@ -269,3 +270,23 @@ def test_resolving_right_after_a_column_was_added(tmp_path, trio):
     result = CliRunner().invoke(cli, ["sync-resolve", path, conflict["id"]], catch_exceptions=False)
     assert result.exit_code == 0 and result.output.startswith(f"Resolved {conflict['id']} with operation")
     assert list_conflicts(y) == []
+
+
+def test_keeping_a_version_whose_unique_value_is_taken_now_is_one_line(tmp_path):
+    schema = "CREATE TABLE items (id INTEGER PRIMARY KEY, code TEXT UNIQUE)"
+    x, y = make_db(tmp_path / "x.db", schema, ("items",)), make_db(tmp_path / "y.db", schema, ("items",))
+    x.execute("INSERT INTO items VALUES (1, 'aa'), (2, 'cc')")
+    sync(x, y, tmp_path)
+    x.execute("UPDATE items SET code = 'bb' WHERE id = 2")
+    time.sleep(0.01)
+    y.execute("UPDATE items SET code = 'zz' WHERE id = 2")  # later: in the table now
+    sync(x, y, tmp_path)
+    y.execute("UPDATE items SET code = 'bb' WHERE id = 1")  # the losing version's value, taken
+    (conflict,) = list_conflicts(y)
+    losing = next(v["op"] for v in conflict["versions"] if v["values"]["code"] == "bb")
+    path = y.execute("PRAGMA database_list").fetchone()[2]
+    before = pathlib.Path(path).read_bytes()
+    result = run_cli("sync-resolve", path, conflict["id"], "--keep", losing)
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert f"Error: Conflict {conflict['id']} cannot be resolved that way: UNIQUE constraint failed" in result.output
+    assert pathlib.Path(path).read_bytes() == before
