@@ -135,6 +135,19 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
 VALID_KINDS = {INSERT, UPDATE, DELETE, INSERT | RESOLUTION, UPDATE | RESOLUTION, DELETE | RESOLUTION}
 
 
+def attempt(conn: sqlite3.Connection, write: Callable[[], Any]) -> sqlite3.IntegrityError | None:
+    """Run ``write`` in a savepoint; if it breaks a constraint, undo only it and return why."""
+    conn.execute("SAVEPOINT _sync_attempt")
+    try:
+        write()
+    except sqlite3.IntegrityError as ex:
+        conn.execute("ROLLBACK TO _sync_attempt")
+        return ex
+    finally:
+        conn.execute("RELEASE _sync_attempt")
+    return None
+
+
 def bits(mask: int) -> Iterator[int]:
     slot = 0
     while mask:
@@ -718,20 +731,17 @@ class Importer:
                     "o.kind != 3 AND EXISTS (SELECT 1 FROM temp._sync_wkeys w WHERE w.tid = o.tid AND w.rowkey = o.rowkey)",
                 )
             )
-        conn.execute("SAVEPOINT _sync_apply")
-        try:
+        def set_based() -> None:
             for table in pending.values():
                 self.fast_path(table)
             self.slow_path()
-        except sqlite3.IntegrityError:
+
+        if attempt(conn, set_based):
             # Set-based writes can pass through states the author never had: a UNIQUE value
             # handed from row to row (a swap through a temporary value, a reordering) trips
             # here. Write the operations one by one in their authors' order instead, then
-            # settle the rows with several operations as usual.
-            conn.execute("ROLLBACK TO _sync_apply")
+            # settle every row they touched.
             self.slow_path(before=self.replay(pending))
-        finally:
-            conn.execute("RELEASE _sync_apply")
         resolutions = []
         if self.has_resolutions:
             resolutions = conn.execute(
@@ -750,9 +760,9 @@ class Importer:
         conn = self.conn
         devices = device_ids(conn)
         columns = {tid: set(table.current_columns(conn)) for tid, table in tables.items()}
-        cursor = conn.execute(self.new_ops("o.*", f"o.kind != {TICK}"))
+        cursor = conn.execute(self.new_ops("o.*", f"o.kind != {TICK} AND o.tid IN ({', '.join(map(str, tables))})"))
         names = [d[0] for d in cursor.description]
-        records = [dict(zip(names, row)) for row in cursor.fetchall() if row[names.index("tid")] in tables]
+        records = [dict(zip(names, row)) for row in cursor.fetchall()]
         records.sort(key=lambda r: (r["hlc"], devices[r["op"] >> 40], r["op"] & SEQ_MASK))
         before: dict[tuple[int, str], dict[str, Any] | None] = {}
         for record in records:
@@ -765,15 +775,9 @@ class Importer:
                 if effect.write and row is None and effect.kind == UPDATE and not moved_in:
                     continue  # not here to update: settling the row decides
                 values = {slot_names[s]: effect.values[s] for s in bits(effect.mask) if s in slot_names}
-                conn.execute("SAVEPOINT _sync_step")
-                try:
-                    write_row(conn, table, rowkey, effect.write, values, row is not None)
-                except sqlite3.IntegrityError:
-                    # A value another copy holds concurrently: this step is passed by; settling
-                    # writes the row's final state in any case.
-                    conn.execute("ROLLBACK TO _sync_step")
-                finally:
-                    conn.execute("RELEASE _sync_step")
+                # A step that meets a value another copy holds concurrently is passed by:
+                # settling writes the row's final state in any case.
+                attempt(conn, lambda: write_row(conn, table, rowkey, effect.write, values, row is not None))
         conn.executemany("INSERT OR IGNORE INTO temp._sync_slow VALUES (?, ?)", list(before))
         return before
 
@@ -788,20 +792,16 @@ class Importer:
         kinds = self.kinds.get(table.tid, set())
         if not kinds or any(kind != INSERT or mask & full != full for kind, mask in kinds):
             return False
-        conn.execute("SAVEPOINT _sync_bulk")
-        try:
-            conn.execute(
+        failed = attempt(
+            conn,
+            lambda: conn.execute(
                 f"INSERT INTO {quote_identifier(table.name)} ({', '.join(quote_identifier(c) for c in columns)}) "
                 f"SELECT {', '.join(f'o.c{table.slots[c]}' for c in columns)} FROM ("
                 + self.new_ops("o.*", f"o.tid = {table.tid}")
                 + ") o"
-            )
-        except sqlite3.IntegrityError:
-            conn.execute("ROLLBACK TO _sync_bulk")
-            return False
-        finally:
-            conn.execute("RELEASE _sync_bulk")
-        return True
+            ),
+        )
+        return failed is None
 
     def fast_path(self, table: SyncedTable) -> None:
         """Rows touched by one new operation and nothing concurrent: set-based writes."""
@@ -897,25 +897,16 @@ class Importer:
             if before is None:
                 apply_row(conn, table, rowkey, effects)
             else:
-                todo.append((table, rowkey, effects))
+                todo.append((table, rowkey, effects, before.get((tid, rowkey))))
             if record_clashes(conn, table, rowkey, effects, knowledge):
                 self.clashed_rows.add((tid, rowkey))
         while todo:
             # After a replay, a row's final value may still sit in a row not settled yet: put
             # such rows off until another round has moved it, for as long as rounds progress.
-            blocked, failure = [], None
-            for table, rowkey, effects in todo:
-                conn.execute("SAVEPOINT _sync_settle")
-                try:
-                    settle_row(conn, table, rowkey, effects, before.get((table.tid, rowkey)))
-                except sqlite3.IntegrityError as ex:
-                    conn.execute("ROLLBACK TO _sync_settle")
-                    blocked.append((table, rowkey, effects))
-                    failure = ex
-                finally:
-                    conn.execute("RELEASE _sync_settle")
-            if failure and len(blocked) == len(todo):
-                raise failure
+            failures = [(row, attempt(conn, lambda row=row: apply_row(conn, *row))) for row in todo]
+            blocked = [row for row, failure in failures if failure]
+            if blocked and len(blocked) == len(todo):
+                raise failures[0][1]
             todo = blocked
 
 
@@ -1027,35 +1018,28 @@ def write_row(
     )
 
 
-def apply_row(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effects: list[Effect]) -> None:
-    """Bring one row up to date given the new operations on it and the concurrent old ones."""
-    current = fetch_row(conn, table, rowkey)
-    columns = set(table.current_columns(conn))
-    names = {slot: name for name, slot in table.slots.items() if name in columns}
-    latest = effects[-1]
-    exists = (latest.write if latest.new else current is not None)
-    if exists and current is None:
-        # Coming back after a delete: rebuild the whole row from its history.
-        _, values = row_state(all_effects(conn, table, rowkey))
-        write_row(conn, table, rowkey, True, {names[s]: v for s, v in values.items() if s in names}, False)
-        return
-    winners = latest_writers(effects)
-    changes = {names[s]: e.values[s] for s, e in winners.items() if e.new and s in names}
-    write_row(conn, table, rowkey, exists, changes, current is not None)
+UNCHANGED: Any = object()
 
 
-def settle_row(
-    conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effects: list[Effect], before: dict[str, Any] | None
+def apply_row(
+    conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effects: list[Effect], before: Any = UNCHANGED
 ) -> None:
-    """What :func:`apply_row` decides when the table held ``before``, written whole: after a
-    replay the row may hold any new operation's value, the winner's or not."""
+    """Bring one row up to date given the new operations on it and the concurrent old ones.
+
+    :param before: the row as it was before this import, when the table no longer shows it
+        (after a replay, which may have written any new operation's value, the winner's or
+        not); the row is then written whole
+    """
+    current = fetch_row(conn, table, rowkey)
+    replayed = before is not UNCHANGED
+    if not replayed:
+        before = current
     columns = table.current_columns(conn)
     names = {slot: name for name, slot in table.slots.items() if name in columns}
     latest = effects[-1]
     exists = latest.write if latest.new else before is not None
-    present = fetch_row(conn, table, rowkey) is not None
     if not exists:
-        write_row(conn, table, rowkey, False, {}, present)
+        write_row(conn, table, rowkey, False, {}, current is not None)
         return
     if before is None:
         # Coming (back) into existence: the row's history decides every column. Older history
@@ -1065,11 +1049,11 @@ def settle_row(
             _, values = row_state(all_effects(conn, table, rowkey))
         final = {names[s]: v for s, v in values.items() if s in names}
     else:
-        final = dict(before)
+        final = dict(before) if replayed else {}
         final.update({names[s]: e.values[s] for s, e in latest_writers(effects).items() if e.new and s in names})
-    if present:
+    if replayed and current is not None:
         final = {column: final.get(column) for column in columns}
-    write_row(conn, table, rowkey, True, final, present)
+    write_row(conn, table, rowkey, True, final, current is not None)
 
 
 class KnowledgeCache:
