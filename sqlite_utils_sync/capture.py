@@ -106,7 +106,7 @@ def check_can_sync(conn: sqlite3.Connection, table: str) -> tuple[list[str], lis
             f"(add one, e.g. sqlite-utils transform data.db {table} --pk id)",
         )
     if not is_rowid_alias(conn, table, pk):
-        for column in [c for c in pk if c in nullable_columns(conn, table)]:
+        for column in [r[1] for r in info if r[5] and not r[3]]:  # key columns without NOT NULL
             (nulls,) = conn.execute(
                 f"SELECT count(*) FROM {quote_identifier(table)} WHERE {quote_identifier(column)} IS NULL"
             ).fetchone()

@@ -111,7 +111,6 @@ def compact_log(db: Any) -> CompactResult:
                 AND op NOT IN (SELECT op FROM temp._sync_keep)
                 AND op NOT IN (SELECT a FROM _sync_clashes UNION SELECT b FROM _sync_clashes)
                 AND op NOT IN (SELECT op FROM _sync_resolutions)
-                AND op NOT IN (SELECT op FROM _sync_unapplied)
                 AND tid NOT IN (SELECT tid FROM _sync_unapplied)""",
                 [op_id(idx, 1), op_id(idx, min(seq, last))],
             )
