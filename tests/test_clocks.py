@@ -1,0 +1,77 @@
+"""Wall clocks that disagree or jump back: every copy still ends up with the same rows.
+
+The clock of a write is moved with libfaketime (``faketime``) around the real ``sqlite3``
+shell, so the capture triggers read the skewed time exactly as they would on that device.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import make_todos_db, run, run_json
+from test_hub_sync import alice, hub, rows, sync  # noqa: F401  (fixtures)
+
+FAKETIME = shutil.which("faketime")
+pytestmark = pytest.mark.skipif(not FAKETIME, reason="needs faketime (apt install faketime)")
+
+
+def shell(path, sql: str, offset: str = "+0") -> None:
+    """Run ``sql`` in the sqlite3 shell on a machine whose clock is ``offset`` (``-1d``) away."""
+    subprocess.run([FAKETIME, "-f", offset, "sqlite3", str(path), sql], check=True, capture_output=True)
+
+
+def send(source, target, folder, name: str = "b.bundle") -> dict:
+    bundle = folder / name
+    if bundle.exists():
+        bundle.unlink()
+    run(["sqlite-utils", "export-bundle", source, bundle])
+    return run_json(["sqlite-utils", "import-bundle", target, bundle, "--json"])
+
+
+def conflicts(path) -> list:
+    return run_json(["sqlite-utils", "sync-conflicts", path, "--json", "--all"])
+
+
+def test_an_edit_made_after_a_fast_clock_was_seen_wins_everywhere(tmp_path):
+    laptop, phone, server = (make_todos_db(tmp_path / f"{n}.db") for n in ("laptop", "phone", "server"))
+    shell(phone, "INSERT INTO todos VALUES (1, 'buy milk', 0)", "+1d")  # the phone runs a day fast
+    send(phone, laptop, tmp_path)
+    # Seen the phone's row, the laptop edits it: a later edit, though its clock reads earlier.
+    shell(laptop, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1")
+    send(laptop, phone, tmp_path)
+    send(phone, server, tmp_path)  # the server meets both operations in one bundle
+    expected = [{"id": 1, "title": "buy oat milk", "done": 0}]
+    assert rows(laptop) == rows(phone) == rows(server) == expected
+    assert conflicts(laptop) == conflicts(phone) == conflicts(server) == []
+
+
+def test_an_edit_made_after_the_clock_was_set_back_wins_everywhere(tmp_path):
+    laptop, phone = (make_todos_db(tmp_path / f"{n}.db") for n in ("laptop", "phone"))
+    shell(laptop, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
+    shell(laptop, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")  # clock set back a day
+    shell(laptop, "INSERT INTO todos VALUES (2, 'call mum', 0)", "-1d")
+    shell(laptop, "UPDATE todos SET done = 1 WHERE id = 2")  # and forward again
+    send(laptop, phone, tmp_path)
+    expected = [{"id": 1, "title": "buy oat milk", "done": 0}, {"id": 2, "title": "call mum", "done": 1}]
+    assert rows(laptop) == rows(phone) == expected
+    # The phone's own edit, made after it saw the laptop's, wins on both.
+    shell(phone, "UPDATE todos SET title = 'buy soy milk' WHERE id = 1", "-2d")
+    send(phone, laptop, tmp_path)
+    assert rows(laptop) == rows(phone) == [{"id": 1, "title": "buy soy milk", "done": 0}, expected[1]]
+    assert conflicts(laptop) == conflicts(phone) == []
+
+
+def test_a_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, hub, alice):  # noqa: F811
+    shell(hub.path, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
+    shell(hub.path, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")
+    device = make_todos_db(tmp_path / "device.db")
+    result = sync(device, hub, alice)  # a pull first: the hub exports from a read connection
+    assert result["pulled"]["applied"] == 2
+    assert rows(device) == rows(hub.path) == [{"id": 1, "title": "buy oat milk", "done": 0}]
+    # A third copy meeting the hub's operations through the device agrees too.
+    other = make_todos_db(tmp_path / "other.db")
+    send(device, other, tmp_path)
+    assert rows(other) == rows(hub.path)
