@@ -19,15 +19,18 @@ from typing import Iterator
 from .errors import SyncError
 from .log import (
     DELETE,
-    HLC_NOW_SQL,
     INSERT,
     MAX_COLUMNS,
     UPDATE,
+    capture_hlc_sql,
     ensure_schema,
     ensure_slots,
     is_enabled,
+    last_hlc,
     quote_identifier,
     rowkey_sql,
+    settle_clocks,
+    with_floor,
 )
 
 TRIGGER_KINDS = ("insert", "update", "delete")
@@ -158,6 +161,7 @@ def trigger_sql(
     declared: dict[str, str] | None = None,
     rowid_key: bool = False,
     nullable: set[str] | None = None,
+    floor: int = 0,
 ) -> dict[str, str]:
     """The CREATE TRIGGER statements that capture writes to ``table``.
 
@@ -165,14 +169,13 @@ def trigger_sql(
     :param rowid_key: the primary key is the rowid (``INTEGER PRIMARY KEY``), always an integer
     :param nullable: primary key columns SQLite lets hold NULL (rowid tables allow it unless
         declared NOT NULL); writes that would leave NULL in them are refused
+    :param floor: the lowest clock the triggers may give (see :func:`capture_hlc_sql`)
     """
     typed = {c for c, t in (declared or {}).items() if has_affinity(t)}
     t = quote_identifier(table.name)
     slot_list = ", ".join(f"c{table.slots[c]}" for c in columns)
     full_mask = table.mask_for(columns)
-    # Above the clock of the last op (the log always holds one: the local sentinel), so a device's
-    # clocks only grow and stay above everything it has imported.
-    hlc = f"(SELECT max(hlc + 1, {HLC_NOW_SQL}) FROM _sync_ops ORDER BY op DESC LIMIT 1)"
+    hlc = capture_hlc_sql(floor)
 
     def values(prefix: str) -> str:
         return ", ".join(f"{prefix}.{quote_identifier(c)}" for c in columns)
@@ -281,7 +284,13 @@ def capture_sql(conn: sqlite3.Connection, table: SyncedTable, columns: list[str]
         declared_types(conn, table.name),
         is_rowid_alias(conn, table.name, table.pk),
         nullable_columns(conn, table.name),
+        last_hlc(conn),
     )
+
+
+def same_capture(installed: dict[str, str], wanted: dict[str, str]) -> bool:
+    """True when the installed triggers are the wanted ones, whatever clock floor each has."""
+    return {k: with_floor(v, None) for k, v in installed.items()} == {k: with_floor(v, None) for k, v in wanted.items()}
 
 
 def installed_triggers(conn: sqlite3.Connection, table: str) -> dict[str, str]:
@@ -308,7 +317,7 @@ def table_drift(conn: sqlite3.Connection, table: SyncedTable) -> str | None:
     new = [c for c in columns if c not in table.slots]
     if new:
         return f"table '{table.name}' has columns not captured: {', '.join(new)}"
-    if installed != capture_sql(conn, table, columns):
+    if not same_capture(installed, capture_sql(conn, table, columns)):
         return f"table '{table.name}' has stale capture triggers"
     return None
 
@@ -381,8 +390,11 @@ def muted(conn: sqlite3.Connection) -> Iterator[None]:
     try:
         yield
     finally:
+        # Raise the clock floor past whatever was written meanwhile (an import's tick is above
+        # every clock it imported), so local edits made next order after it.
+        floor = last_hlc(conn)
         for sql in saved:
-            conn.execute(sql)
+            conn.execute(with_floor(sql, floor))
 
 
 def drifted_tables(conn: sqlite3.Connection) -> dict[str, str]:
@@ -408,7 +420,7 @@ def enable_table(conn: sqlite3.Connection, name: str) -> int:
         )
     table = register_table(conn, name, columns, pk)
     current = installed_triggers(conn, name)
-    if current == capture_sql(conn, table, columns) and previous and previous.enabled:
+    if same_capture(current, capture_sql(conn, table, columns)) and previous and previous.enabled:
         return 0
     captured = captured_before(conn, table, current.get("insert"))
     install_triggers(conn, table, columns)
@@ -416,7 +428,11 @@ def enable_table(conn: sqlite3.Connection, name: str) -> int:
 
 
 def repair_drift(conn: sqlite3.Connection) -> dict[str, int]:
-    """Re-install stale or missing triggers and log the changes they missed."""
+    """Settle the local clocks, re-install stale or missing triggers and log the changes they
+    missed: what every export, import and resolution does first."""
+    if not is_enabled(conn):
+        return {}
+    settle_clocks(conn)
     repaired = {}
     for name, table in load_tables(conn, enabled_only=True).items():
         reason = table_drift(conn, table)

@@ -49,6 +49,7 @@ from .log import (
     max_seq,
     op_id,
     raise_horizon,
+    settle_clocks,
 )
 from .errors import SyncError
 
@@ -93,6 +94,7 @@ def compact_log(db: Any) -> CompactResult:
     if not is_enabled(conn):
         raise SyncError("not_enabled", "This database has no synced tables")
     with transaction(conn):
+        settle_clocks(conn)  # which operations are latest depends on their clocks
         devices = device_ids(conn)
         stable = stable_clock(conn)
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS _sync_keep (op INTEGER PRIMARY KEY)")

@@ -42,8 +42,9 @@ KIND_NAMES = {INSERT: "insert", UPDATE: "update", DELETE: "delete", TICK: "tick"
 
 SCHEMA_VERSION = 1
 
-# Hybrid logical clock: milliseconds since the epoch, times 1024 so that up to 1024 operations
-# in one millisecond still get distinct, increasing values before the clock runs ahead.
+# Hybrid logical clock: milliseconds since the epoch, times 1024 (the low bits leave room for
+# clocks carried up from peers). A device's clocks never decrease and stay above every clock
+# it has imported; operations of one device that share a clock are ordered by seq.
 HLC_NOW_SQL = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1024"
 # Bundles may not carry clocks above this, so counting up from any clock seen stays an integer.
 MAX_HLC = 1 << 62
@@ -272,9 +273,72 @@ def last_hlc(conn: sqlite3.Connection) -> int:
     return conn.execute("SELECT hlc FROM _sync_ops ORDER BY op DESC LIMIT 1").fetchone()[0]
 
 
+def capture_hlc_sql(floor: int) -> str:
+    """The clock a capture trigger gives an operation: the wall clock, but not below ``floor``
+    (the local clock when the trigger was made, which is above everything imported by then).
+
+    Reading the last operation's clock instead would cost a lookup per captured row; a wall
+    clock set back is caught by :func:`settle_clocks` before any operation leaves.
+    """
+    return f"max({floor}, {HLC_NOW_SQL})"
+
+
+def with_floor(trigger_sql: str, floor: int | None) -> str:
+    """``trigger_sql`` with its clock floor replaced (None: a placeholder, for comparisons)."""
+    return CAPTURE_FLOOR.sub(rf"\g<1>{'?' if floor is None else floor}, ", trigger_sql)
+
+
+CAPTURE_FLOOR = re.compile(r"(VALUES \(max\()(?:\d+|\?), ")
+
+
 def next_local_hlc(conn: sqlite3.Connection, floor: int = 0) -> int:
-    now = int(time.time() * 1000) * 1024
-    return max(now, last_hlc(conn) + 1, floor + 1)
+    (now,) = conn.execute(f"SELECT {HLC_NOW_SQL}").fetchone()  # the clock the triggers read
+    return max(now, last_hlc(conn), floor + 1)
+
+
+# Local operations up to ``op`` have settled clocks (see settle_clocks).
+SETTLED_SQL = "CREATE TABLE IF NOT EXISTS _sync_settled (id INTEGER PRIMARY KEY CHECK (id = 1), op INTEGER NOT NULL)"
+
+
+def settled_through(conn: sqlite3.Connection) -> int:
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sync_settled'").fetchone():
+        row = conn.execute("SELECT op FROM _sync_settled").fetchone()
+        if row:
+            return row[0]
+    return op_id(LOCAL, 0)
+
+
+def unsettled_clocks(conn: sqlite3.Connection) -> list[tuple[int, int]]:
+    """``(clock, op)`` for each local operation whose clock is below an earlier one's (the wall
+    clock was set back), with the clock it should have: the highest before it."""
+    base = op_id(LOCAL, 0)
+    (start,) = conn.execute(
+        "SELECT ifnull(max(op), ?) FROM _sync_ops WHERE op BETWEEN ? AND ?", [base, base, settled_through(conn)]
+    ).fetchone()
+    return conn.execute(
+        "SELECT top, op FROM (SELECT op, hlc, max(hlc) OVER (ORDER BY op ROWS UNBOUNDED PRECEDING) AS top "
+        "FROM _sync_ops WHERE op >= ?) WHERE hlc < top",
+        [start],
+    ).fetchall()
+
+
+def settle_clocks(conn: sqlite3.Connection) -> int:
+    """Make the local clocks non-decreasing before anything reads them; returns how many changed.
+
+    Capture triggers take the wall clock, so a clock set back gives a later operation a lower
+    clock than an earlier one. Such operations are raised to the clock before them here, while
+    they are still local: every export, import, resolution and compaction settles first.
+    Call inside a transaction.
+    """
+    fixes = unsettled_clocks(conn)
+    if fixes:
+        with log_rewrite(conn):
+            conn.executemany("UPDATE _sync_ops SET hlc = ? WHERE op = ?", fixes)
+    last = conn.execute("SELECT max(op) FROM _sync_ops").fetchone()[0]  # the local range sorts last
+    if last != settled_through(conn):
+        conn.execute(SETTLED_SQL)
+        conn.execute("INSERT OR REPLACE INTO _sync_settled (id, op) VALUES (1, ?)", [last])
+    return len(fixes)
 
 
 def append_local(
@@ -406,16 +470,20 @@ def now_iso() -> str:
 
 @contextmanager
 def log_rewrite(conn: sqlite3.Connection) -> Iterator[None]:
-    """Allow deletes from the append-only log, for the two sanctioned rewrites: giving a copied
-    file a new identity, and compaction. Call inside a transaction."""
-    (guard,) = conn.execute(
-        "SELECT sql FROM sqlite_master WHERE type = 'trigger' AND name = '_sync_ops_append_only_delete'"
-    ).fetchone()
-    conn.execute("DROP TRIGGER _sync_ops_append_only_delete")
+    """Allow changes to the append-only log, for the three sanctioned rewrites: giving a copied
+    file a new identity, compaction, and settling the clocks of operations not yet sent.
+    Call inside a transaction."""
+    guards = conn.execute(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+        "AND name IN ('_sync_ops_append_only_update', '_sync_ops_append_only_delete')"
+    ).fetchall()
+    for name, _ in guards:
+        conn.execute(f"DROP TRIGGER {quote_identifier(name)}")
     try:
         yield
     finally:
-        conn.execute(guard)
+        for _, sql in guards:
+            conn.execute(sql)
 
 
 def new_device(conn: sqlite3.Connection) -> str:
@@ -424,6 +492,7 @@ def new_device(conn: sqlite3.Connection) -> str:
     The operations written so far stay under the old device id (peers may hold them already);
     new local operations are written under a fresh id, which is returned.
     """
+    settle_clocks(conn)  # the operations moved keep their clocks, so settle them first
     old_id = local_device_id(conn)
     old_idx = conn.execute("SELECT ifnull(max(idx), 0) + 1 FROM _sync_devices WHERE idx < ?", [LOCAL]).fetchone()[0]
     columns = ", ".join(row[1] for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1] != "op")
@@ -438,4 +507,6 @@ def new_device(conn: sqlite3.Connection) -> str:
     conn.execute("UPDATE _sync_knowledge SET device = ? WHERE device = ?", [old_idx, LOCAL])
     conn.execute("UPDATE _sync_devices SET device_id = ? WHERE idx = ?", [f"moving-{old_id}", LOCAL])
     conn.execute("INSERT INTO _sync_devices (idx, device_id) VALUES (?, ?)", [old_idx, old_id])
+    conn.execute(SETTLED_SQL)
+    conn.execute("DELETE FROM _sync_settled")  # the local range starts again
     return new_local_identity(conn)

@@ -23,6 +23,8 @@ from .log import (
     is_enabled,
     local_device_id,
     new_device as _new_device,
+    settle_clocks,
+    unsettled_clocks,
 )
 
 
@@ -33,6 +35,8 @@ def enable_sync(db: Any, tables: list[str]) -> dict[str, int]:
     """
     conn = connection(db)
     with transaction(conn):
+        if is_enabled(conn):
+            settle_clocks(conn)  # repairs append operations after the ones already captured
         # One entry per table, however it was spelled.
         return {name: enable_table(conn, name) for name in dict.fromkeys(canonical_name(conn, t) for t in tables)}
 
@@ -64,7 +68,8 @@ def export_bundle(
 
     :param since: the peer's vector clock (dict or JSON); operations after it are included
     :param for_device: use the clock this database last learned from that device's bundles
-    :param repair: first re-install stale triggers and log missed changes (needs a writable DB)
+    :param repair: first settle clocks, re-install stale triggers and log missed changes (needs
+        a writable DB); without it, a log holding unsettled clocks is refused (``unsettled_clocks``)
     """
     conn = connection(db)
     if not is_enabled(conn):
@@ -83,6 +88,12 @@ def export_bundle(
         with transaction(conn):
             repair_drift(conn)
             return write_bundle(conn, path, since_clock, progress)
+    if unsettled_clocks(conn):
+        raise SyncError(
+            "unsettled_clocks",
+            "Some local edits were made after the wall clock was set back, and their clocks must be "
+            "settled (a write) before they are sent: export with repair",
+        )
     return write_bundle(conn, path, since_clock, progress)
 
 

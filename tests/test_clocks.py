@@ -7,9 +7,12 @@ shell, so the capture triggers read the skewed time exactly as they would on tha
 from __future__ import annotations
 
 import shutil
+import sqlite3
 import subprocess
 
 import pytest
+
+from sqlite_utils_sync import SyncError, export_bundle
 
 from conftest import make_todos_db, run, run_json
 from test_hub_sync import alice, hub, rows, sync  # noqa: F401  (fixtures)
@@ -75,3 +78,17 @@ def test_a_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, hub, ali
     other = make_todos_db(tmp_path / "other.db")
     send(device, other, tmp_path)
     assert rows(other) == rows(hub.path)
+
+
+def test_exporting_without_repair_refuses_clocks_not_yet_settled(tmp_path):
+    laptop = make_todos_db(tmp_path / "laptop.db")
+    shell(laptop, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
+    shell(laptop, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")
+    conn = sqlite3.connect(laptop, isolation_level=None)
+    with pytest.raises(SyncError, match="made after the wall clock was set back") as raised:
+        export_bundle(conn, tmp_path / "a.bundle", repair=False)
+    assert raised.value.reason == "unsettled_clocks"
+    assert not (tmp_path / "a.bundle").exists()
+    # A writable export settles them first; after that, exporting without repair works too.
+    export_bundle(conn, tmp_path / "a.bundle")
+    assert export_bundle(conn, tmp_path / "b.bundle", repair=False).operations == 2
