@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,6 +55,15 @@ def run(args: list[str], check: bool = True, env: dict[str, str] | None = None, 
 
 def run_json(args: list[str], **kwargs):
     return json.loads(run(args, **kwargs).stdout)
+
+
+FAKETIME = shutil.which("faketime")
+
+
+def shell(path, sql: str, offset: str = "+0") -> None:
+    """Run ``sql`` in the real sqlite3 shell on a machine whose clock is ``offset`` (``-1d``)
+    away, moved by libfaketime: the capture triggers read that time as on such a device."""
+    subprocess.run([FAKETIME, "-f", offset, "sqlite3", str(path), sql], check=True, capture_output=True)
 
 
 def free_port() -> int:

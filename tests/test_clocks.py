@@ -6,24 +6,16 @@ shell, so the capture triggers read the skewed time exactly as they would on tha
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
-import subprocess
 
 import pytest
 
 from sqlite_utils_sync import SyncError, export_bundle
 
-from conftest import make_todos_db, run, run_json
-from test_hub_sync import alice, hub, rows, sync  # noqa: F401  (fixtures)
+from conftest import FAKETIME, make_todos_db, run, run_json, shell
+from test_hub_sync import rows
 
-FAKETIME = shutil.which("faketime")
 pytestmark = pytest.mark.skipif(not FAKETIME, reason="needs faketime (apt install faketime)")
-
-
-def shell(path, sql: str, offset: str = "+0") -> None:
-    """Run ``sql`` in the sqlite3 shell on a machine whose clock is ``offset`` (``-1d``) away."""
-    subprocess.run([FAKETIME, "-f", offset, "sqlite3", str(path), sql], check=True, capture_output=True)
 
 
 def send(source, target, folder, name: str = "b.bundle") -> dict:
@@ -65,19 +57,6 @@ def test_an_edit_made_after_the_clock_was_set_back_wins_everywhere(tmp_path):
     send(phone, laptop, tmp_path)
     assert rows(laptop) == rows(phone) == [{"id": 1, "title": "buy soy milk", "done": 0}, expected[1]]
     assert conflicts(laptop) == conflicts(phone) == []
-
-
-def test_a_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, hub, alice):  # noqa: F811
-    shell(hub.path, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
-    shell(hub.path, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")
-    device = make_todos_db(tmp_path / "device.db")
-    result = sync(device, hub, alice)  # a pull first: the hub exports from a read connection
-    assert result["pulled"]["applied"] == 2
-    assert rows(device) == rows(hub.path) == [{"id": 1, "title": "buy oat milk", "done": 0}]
-    # A third copy meeting the hub's operations through the device agrees too.
-    other = make_todos_db(tmp_path / "other.db")
-    send(device, other, tmp_path)
-    assert rows(other) == rows(hub.path)
 
 
 def test_exporting_without_repair_refuses_clocks_not_yet_settled(tmp_path):

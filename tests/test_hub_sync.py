@@ -21,7 +21,7 @@ from sqlite_utils_sync import export_bundle, import_bundle, sync_status
 from sqlite_utils_sync.client import HubError, sync_with_hub
 from sqlite_utils_sync.errors import SyncError
 
-from conftest import clean_env, free_port, make_todos_db, run, run_json
+from conftest import FAKETIME, clean_env, free_port, make_todos_db, run, run_json, shell
 
 HUB_CONFIG = {
     "databases": {
@@ -179,6 +179,21 @@ def test_writes_through_datasette_write_api_reach_devices(tmp_path, hub, alice):
     sync(device, hub, alice)
     api = hub.get("/hub/todos/10.json?_shape=objects", headers=headers).json()
     assert api["rows"] == [{"id": 10, "title": "Inserted via API", "done": 1}]
+
+
+@pytest.mark.skipif(not FAKETIME, reason="needs faketime (apt install faketime)")
+def test_a_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, hub, alice):
+    shell(hub.path, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
+    shell(hub.path, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")
+    device = make_todos_db(tmp_path / "device.db")
+    result = sync(device, hub, alice)  # a pull first: the hub exports from a read connection
+    assert result["pulled"]["applied"] == 2
+    assert rows(device) == rows(hub.path) == [{"id": 1, "title": "buy oat milk", "done": 0}]
+    # A third copy meeting the hub's operations through the device agrees too.
+    other = make_todos_db(tmp_path / "other.db")
+    run(["sqlite-utils", "export-bundle", device, tmp_path / "d.bundle"])
+    run(["sqlite-utils", "import-bundle", other, tmp_path / "d.bundle"])
+    assert rows(other) == rows(hub.path)
 
 
 def test_token_recipe(hub, tmp_path):
