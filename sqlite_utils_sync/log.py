@@ -189,12 +189,12 @@ def new_local_identity(conn: sqlite3.Connection) -> str:
     """Give the local device a fresh random id, keeping older local ops under the old id."""
     device_id = random_device_id()
     conn.execute("INSERT OR REPLACE INTO _sync_devices (idx, device_id) VALUES (?, ?)", [LOCAL, device_id])
-    # The sentinel keeps the local range non-empty so rowid allocation stays inside it; its hlc
-    # carries the clock floor forward.
+    # The sentinel keeps the local range non-empty so rowid allocation stays inside it; its hlc,
+    # above every clock held (a copy's history included), is where the new device's clocks start.
     floor = conn.execute("SELECT max(hlc) FROM _sync_ops").fetchone()[0] or 0
     conn.execute(
         "INSERT INTO _sync_ops (op, hlc, tid, kind) VALUES (?, ?, 0, ?)",
-        [op_id(LOCAL, 0), floor, TICK],
+        [op_id(LOCAL, 0), floor + 1, TICK],
     )
     known = clock(conn)
     if known:
@@ -284,11 +284,20 @@ def capture_hlc_sql(floor: int) -> str:
 
 
 def with_floor(trigger_sql: str, floor: int | None) -> str:
-    """``trigger_sql`` with its clock floor replaced (None: a placeholder, for comparisons)."""
-    return CAPTURE_FLOOR.sub(rf"\g<1>{'?' if floor is None else floor}, ", trigger_sql)
+    """``trigger_sql`` with its clock floor replaced (None: a placeholder, for comparisons).
+
+    Quoted names and strings are passed over whole, so a column named like the clock is not.
+    """
+
+    def replace(match: re.Match) -> str:
+        if match.group(1) is None:
+            return match.group(0)
+        return f"{match.group(1)}{'?' if floor is None else floor}, "
+
+    return CAPTURE_FLOOR.sub(replace, trigger_sql)
 
 
-CAPTURE_FLOOR = re.compile(r"(VALUES \(max\()(?:\d+|\?), ")
+CAPTURE_FLOOR = re.compile(r""""(?:[^"]|"")*"|'(?:[^']|'')*'|(VALUES \(max\()(?:\d+|\?), """)
 
 
 def next_local_hlc(conn: sqlite3.Connection, floor: int = 0) -> int:
