@@ -19,6 +19,7 @@ from typing import Iterator
 from .errors import SyncError
 from .log import (
     DELETE,
+    HLC_NOW_SQL,
     INSERT,
     MAX_COLUMNS,
     UPDATE,
@@ -162,6 +163,7 @@ def trigger_sql(
     rowid_key: bool = False,
     nullable: set[str] | None = None,
     floor: int = 0,
+    clock_sql: str | None = None,
 ) -> dict[str, str]:
     """The CREATE TRIGGER statements that capture writes to ``table``.
 
@@ -170,12 +172,13 @@ def trigger_sql(
     :param nullable: primary key columns SQLite lets hold NULL (rowid tables allow it unless
         declared NOT NULL); writes that would leave NULL in them are refused
     :param floor: the lowest clock the triggers may give (see :func:`capture_hlc_sql`)
+    :param clock_sql: another clock expression (to recognise triggers an earlier version made)
     """
     typed = {c for c, t in (declared or {}).items() if has_affinity(t)}
     t = quote_identifier(table.name)
     slot_list = ", ".join(f"c{table.slots[c]}" for c in columns)
     full_mask = table.mask_for(columns)
-    hlc = capture_hlc_sql(floor)
+    hlc = clock_sql or capture_hlc_sql(floor)
 
     def values(prefix: str) -> str:
         return ", ".join(f"{prefix}.{quote_identifier(c)}" for c in columns)
@@ -276,7 +279,14 @@ def nullable_columns(conn: sqlite3.Connection, table: str) -> set[str]:
     return {row[1] for row in table_info(conn, table) if not row[3]}
 
 
-def capture_sql(conn: sqlite3.Connection, table: SyncedTable, columns: list[str]) -> dict[str, str]:
+# The clock of triggers made before the floor existed: a lookup of the last operation per row.
+# They capture the same writes, only slower, and the next export or import replaces them.
+LEGACY_HLC_SQL = f"(SELECT max(hlc + 1, {HLC_NOW_SQL}) FROM _sync_ops ORDER BY op DESC LIMIT 1)"
+
+
+def capture_sql(
+    conn: sqlite3.Connection, table: SyncedTable, columns: list[str], clock_sql: str | None = None
+) -> dict[str, str]:
     """The capture triggers ``table`` should have, given its schema now."""
     return trigger_sql(
         table,
@@ -285,6 +295,7 @@ def capture_sql(conn: sqlite3.Connection, table: SyncedTable, columns: list[str]
         is_rowid_alias(conn, table.name, table.pk),
         nullable_columns(conn, table.name),
         last_hlc(conn),
+        clock_sql,
     )
 
 
@@ -318,6 +329,8 @@ def table_drift(conn: sqlite3.Connection, table: SyncedTable) -> str | None:
     if new:
         return f"table '{table.name}' has columns not captured: {', '.join(new)}"
     if not same_capture(installed, capture_sql(conn, table, columns)):
+        if installed == capture_sql(conn, table, columns, LEGACY_HLC_SQL):
+            return None  # an earlier version's triggers: they miss nothing
         return f"table '{table.name}' has stale capture triggers"
     return None
 
@@ -438,6 +451,8 @@ def repair_drift(conn: sqlite3.Connection) -> dict[str, int]:
         reason = table_drift(conn, table)
         if reason is None:
             remember_captured(conn, table)
+            if any(LEGACY_HLC_SQL in sql for sql in installed_triggers(conn, name).values()):
+                install_triggers(conn, table, table.current_columns(conn))  # the faster clock
             continue
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone():
             continue

@@ -338,3 +338,17 @@ def test_rowid_keys_are_logged_exactly_as_quote_writes_them(tmp_path):
     assert logged == [(str(i), None) for i in ids] + [("7", "8"), ("-1", None)]
     assert keys_of(b) == keys_of(a)
     assert rows(b) == rows(a)
+
+
+def test_a_column_named_like_the_trigger_clock_keeps_working_after_imports(tmp_path):
+    # Importing rewrites the clock floor inside each capture trigger; quoted names are not touched.
+    schema = """CREATE TABLE t (id INTEGER PRIMARY KEY, "VALUES (max(1, " TEXT, 'it''s' TEXT)"""
+    a, b = (make_db(tmp_path / f"{n}.db", schema, ("t",)) for n in ("a", "b"))
+    a.execute("INSERT INTO t VALUES (1, 'from a', 'x')")
+    sync(a, b, tmp_path)
+    b.execute("INSERT INTO t VALUES (2, 'from b', 'y')")
+    b.execute("""UPDATE t SET "VALUES (max(1, " = 'edited on b' WHERE id = 1""")
+    sync(b, a, tmp_path)
+    assert rows(a, "t") == rows(b, "t")
+    assert b.execute("SELECT * FROM t ORDER BY id").fetchall() == [(1, "edited on b", "x"), (2, "from b", "y")]
+    assert sync_status(a)["warnings"] == sync_status(b)["warnings"] == []

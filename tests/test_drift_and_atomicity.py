@@ -218,6 +218,51 @@ import_bundle(conn, sys.argv[2], progress=progress)
 """
 
 
+# The capture triggers datasette-sync made before they carried a clock floor: each looked up the
+# last operation's clock. Taken verbatim from a database that version made.
+EARLIER_CLOCK = (
+    "(SELECT max(hlc + 1, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1024) "
+    "FROM _sync_ops ORDER BY op DESC LIMIT 1)"
+)
+EARLIER_TRIGGERS = [
+    'CREATE TRIGGER "_sync_insert_todos" AFTER INSERT ON "todos"\nBEGIN\n'
+    "  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, c0, c1, c2, c3)\n"
+    f'  VALUES ({EARLIER_CLOCK}, 1, 0, 15, NEW."id", NEW."id", NEW."title", NEW."done", NEW."score");\nEND',
+    'CREATE TRIGGER "_sync_update_todos" AFTER UPDATE ON "todos"\n'
+    'WHEN (NEW."id" IS NOT OLD."id") OR (NEW."title" IS NOT OLD."title") OR (NEW."done" IS NOT OLD."done") '
+    'OR (NEW."score" IS NOT OLD."score")\nBEGIN\n'
+    "  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, newkey, c0, c1, c2, c3)\n"
+    f'  VALUES ({EARLIER_CLOCK}, 1, 1, ((NEW."id" IS NOT OLD."id") << 0) | ((NEW."title" IS NOT OLD."title") << 1) '
+    '| ((NEW."done" IS NOT OLD."done") << 2) | ((NEW."score" IS NOT OLD."score") << 3), OLD."id",\n'
+    '    CASE WHEN (NEW."id" IS NOT OLD."id") THEN NEW."id" END, NEW."id", NEW."title", NEW."done", NEW."score");\nEND',
+    'CREATE TRIGGER "_sync_delete_todos" AFTER DELETE ON "todos"\nBEGIN\n'
+    "  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, c0)\n"
+    f'  VALUES ({EARLIER_CLOCK}, 1, 2, 0, OLD."id", OLD."id");\nEND',
+]
+
+
+def test_triggers_an_earlier_version_made_raise_no_warning_and_are_replaced_at_the_next_sync(tmp_path):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("BEGIN")
+    for kind in ("insert", "update", "delete"):
+        a.execute(f"DROP TRIGGER _sync_{kind}_todos")
+    for sql in EARLIER_TRIGGERS:
+        a.execute(sql)
+    a.execute("COMMIT")
+    a.execute("INSERT INTO todos VALUES (1, 'captured by the old triggers', 0, 0)")
+    a.execute("UPDATE todos SET done = 1 WHERE id = 1")
+    # They capture every write, so there is nothing to warn about.
+    assert sync_status(a)["warnings"] == []
+    assert sync_status(a)["tables"]["todos"]["operations"] == 2
+    sync(a, b, tmp_path)
+    assert rows(b) == rows(a) == [(1, "integer", "captured by the old triggers", "text", 1, "integer", 0.0, "real")]
+    triggers = [sql for (sql,) in a.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'todos'")]
+    assert len(triggers) == 3 and not any("ORDER BY op DESC" in sql for sql in triggers)
+    a.execute("DELETE FROM todos WHERE id = 1")  # and the new ones capture too
+    sync(a, b, tmp_path)
+    assert rows(b) == rows(a) == []
+
+
 def test_killing_the_importer_midway_leaves_the_database_unchanged(tmp_path):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     a.executemany("INSERT INTO todos VALUES (?, 't', 0, 0)", [(i,) for i in range(12000)])
