@@ -197,7 +197,8 @@ def import_bundle(
 
 
 class NothingNew(Exception):
-    """This database's own bundle came back: roll back even the trigger rebuilds, leave no trace."""
+    """A bundle already held came back (this database's own, or one imported before): roll back
+    even the trigger rebuilds, leave no trace."""
 
     def __init__(self, result: ImportResult):
         self.result = result
@@ -229,6 +230,8 @@ class Importer:
             result.skipped = True
             result.duplicates = result.total_operations
             result.clock = clock(conn)
+            if not self.alter:
+                raise NothingNew(result)  # not even the clock settling or a trigger rebuild stays
             return result
         self.map_tables(result)
         self.devices = [device_index(conn, d) for d in header["devices"]]
@@ -1042,12 +1045,13 @@ def apply_row(
         write_row(conn, table, rowkey, False, {}, current is not None)
         return
     if before is None:
-        # Coming (back) into existence: the row's history decides every column. Older history
-        # sorts before these effects, so they decide alone when they write every column.
-        _, values = row_state(effects)
-        if any(slot not in values for slot in names):
-            _, values = row_state(all_effects(conn, table, rowkey))
-        final = {names[s]: v for s, v in values.items() if s in names}
+        # Coming (back) into existence: the row's history decides every column. A new effect
+        # sorts after all the history left out of ``effects`` (its author had seen it); an old
+        # concurrent one need not. So new effects decide alone where they are the latest writers.
+        writers = latest_writers(effects)
+        if any(slot not in writers or not writers[slot].new for slot in names):
+            writers = latest_writers(all_effects(conn, table, rowkey))
+        final = {names[s]: e.values[s] for s, e in writers.items() if s in names}
     else:
         final = dict(before) if replayed else {}
         final.update({names[s]: e.values[s] for s, e in latest_writers(effects).items() if e.new and s in names})

@@ -50,13 +50,16 @@ def test_same_bundle_twice_is_skipped_and_overlap_counts_duplicates(tmp_path, pa
     a, b = pair
     export_bundle(a, tmp_path / "first.bundle")
     assert import_bundle(b, tmp_path / "first.bundle").applied == 7
+    b.execute("INSERT INTO todos VALUES (50, 'local, not yet sent', 0, 0)")
+    before = file_bytes(tmp_path / "b.db")
     again = import_bundle(b, tmp_path / "first.bundle")
     assert again.skipped and again.applied == 0
+    assert file_bytes(tmp_path / "b.db") == before  # not even bookkeeping changed
     a.execute("INSERT INTO todos VALUES (100, 'new', 0, 0)")
     export_bundle(a, tmp_path / "overlap.bundle")  # everything again, plus one
     overlap = import_bundle(b, tmp_path / "overlap.bundle")
     assert (overlap.applied, overlap.duplicates, overlap.skipped) == (1, 7, False)
-    assert rows(b) == rows(a)
+    assert rows(b) == sorted(rows(a) + [(50, "integer", "local, not yet sent", "text", 0, "integer", 0.0, "real")])
 
 
 def test_empty_delta_is_a_valid_bundle(tmp_path, pair):

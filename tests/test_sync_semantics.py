@@ -132,6 +132,23 @@ def test_update_beating_a_delete_brings_the_row_back_with_winning_values(tmp_pat
     assert len(list_conflicts(z)) == 1
 
 
+def test_a_row_brought_back_takes_each_columns_latest_value_on_every_copy(tmp_path, trio):
+    x, y, z = trio
+    y.execute("INSERT INTO todos VALUES (3, 'bread', 0, 0.0)")
+    time.sleep(0.01)  # not a timing assertion: orders the clocks as the story says
+    x.execute("INSERT INTO todos VALUES (3, 'eggs', 1, 0.0)")  # the same key, concurrently and later
+    sync(x, y, tmp_path)
+    y.execute("DELETE FROM todos WHERE id = 3")  # y deletes the row, having seen both inserts
+    time.sleep(0.01)
+    x.execute("UPDATE todos SET title = 'fish' WHERE id = 3")  # x, concurrently and later, edits it
+    for source, target in ((y, x), (x, y), (x, z), (y, z)):
+        sync(source, target, tmp_path)
+    # The update beats the delete; `done` is still the later insert's, whichever copy is asked.
+    for copy in (x, y, z):
+        assert copy.execute("SELECT id, title, done FROM todos").fetchall() == [(3, "fish", 1)]
+    assert conflict_records(x) == conflict_records(y) == conflict_records(z)
+
+
 def test_cli_conflicts_json_and_resolution_syncs_everywhere(tmp_path, trio):
     x, y, z = trio
     diverge(
