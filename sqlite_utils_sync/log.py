@@ -42,9 +42,9 @@ KIND_NAMES = {INSERT: "insert", UPDATE: "update", DELETE: "delete", TICK: "tick"
 
 SCHEMA_VERSION = 1
 
-# Hybrid logical clock: milliseconds since the epoch, times 1024 (the low bits leave room for
-# clocks carried up from peers). A device's clocks never decrease and stay above every clock
-# it has imported; operations of one device that share a clock are ordered by seq.
+# Hybrid logical clock: milliseconds since the epoch, times 1024 (the unit bundles carry). A
+# device's clocks never decrease and stay above every clock it has imported; operations of one
+# device that share a clock are ordered by seq.
 HLC_NOW_SQL = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1024"
 # Bundles may not carry clocks above this, so counting up from any clock seen stays an integer.
 MAX_HLC = 1 << 62

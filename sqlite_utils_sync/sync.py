@@ -13,6 +13,7 @@ from .capture import (
     drop_triggers,
     enable_table,
     load_tables,
+    muted,
     remember_captured,
     repair_drift,
 )
@@ -138,7 +139,7 @@ def new_device(db: Any) -> str:
     conn = connection(db)
     if not is_enabled(conn):
         raise SyncError("not_enabled", "This database has no synced tables")
-    with transaction(conn):
+    with transaction(conn), muted(conn):  # the triggers come back with the new clocks' floor
         return _new_device(conn)
 
 
