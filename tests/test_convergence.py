@@ -31,7 +31,7 @@ SCORES = st.sampled_from([0.1 + 0.2, 1 / 3, 1e308, -0.5])
 write = st.tuples(
     st.just("write"),
     st.integers(min_value=0, max_value=4),  # device (mod device count)
-    st.sampled_from(["insert", "update", "update", "delete", "move", "replace"]),
+    st.sampled_from(["insert", "update", "update", "retitle", "rescore", "delete", "move", "replace"]),
     ROW_IDS,
     ROW_IDS,
     TITLES,
@@ -55,6 +55,10 @@ def do_write(conn, kind, row_id, other_id, title, done, score, as_real=False):
         conn.execute("INSERT OR REPLACE INTO todos (id, title, done, score) VALUES (?, ?, ?, ?)", [row_id, title, done, score])
     elif kind == "update" and exists:
         conn.execute("UPDATE todos SET title = ?, done = ? WHERE id = ?", [title, done, row_id])
+    elif kind == "retitle" and exists:  # one column: the others keep their last writers
+        conn.execute("UPDATE todos SET title = ? WHERE id = ?", [title, row_id])
+    elif kind == "rescore" and exists:
+        conn.execute("UPDATE todos SET score = ? WHERE id = ?", [score, row_id])
     elif kind == "delete" and exists:
         conn.execute("DELETE FROM todos WHERE id = ?", [row_id])
     elif kind == "move" and exists:
