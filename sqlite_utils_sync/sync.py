@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 from typing import Any, Callable
 
 from .apply import transaction
@@ -35,11 +36,20 @@ def enable_sync(db: Any, tables: list[str]) -> dict[str, int]:
     :returns: for each table, how many existing or missed rows were logged as operations
     """
     conn = connection(db)
-    with transaction(conn):
-        if is_enabled(conn):
-            settle_clocks(conn)  # repairs append operations after the ones already captured
-        # One entry per table, however it was spelled.
-        return {name: enable_table(conn, name) for name in dict.fromkeys(canonical_name(conn, t) for t in tables)}
+    try:
+        with transaction(conn):
+            if is_enabled(conn):
+                settle_clocks(conn)  # repairs append operations after the ones already captured
+            # One entry per table, however it was spelled.
+            return {name: enable_table(conn, name) for name in dict.fromkeys(canonical_name(conn, t) for t in tables)}
+    except sqlite3.IntegrityError as ex:
+        # Taking values peers wrote while this copy was not syncing can meet a UNIQUE value (or
+        # a foreign key) a row written here meanwhile holds.
+        raise SyncError(
+            "constraint_failed",
+            f"Cannot bring {', '.join(tables)} up to date with what peers wrote while sync was off: {ex} "
+            "here. Nothing was changed; change the row that holds that value, then run enable-sync again",
+        )
 
 
 def disable_sync(db: Any, tables: list[str]) -> None:

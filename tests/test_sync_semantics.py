@@ -12,7 +12,7 @@ from sqlite_utils.cli import cli
 
 from sqlite_utils_sync import SyncError, list_conflicts, resolve_conflict, sync_status
 
-from sync_helpers import conflict_records, make_db, rows, sync
+from sync_helpers import conflict_records, file_bytes, make_db, rows, sync
 
 
 def run_cli(*args):
@@ -307,3 +307,24 @@ def test_keeping_a_version_whose_unique_value_is_taken_now_is_one_line(tmp_path)
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert f"Error: Conflict {conflict['id']} cannot be resolved that way: UNIQUE constraint failed" in result.output
     assert pathlib.Path(path).read_bytes() == before
+
+
+def test_enabling_sync_where_a_peers_value_meets_a_unique_value_set_meanwhile_is_one_line(tmp_path):
+    schema = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT UNIQUE)"
+    a, b = make_db(tmp_path / "a.db", schema), make_db(tmp_path / "b.db", schema)
+    a.execute("INSERT INTO todos VALUES (1, 'milk')")
+    sync(a, b, tmp_path)
+    run_cli("disable-sync", tmp_path / "b.db", "todos")
+    b.execute("INSERT INTO todos VALUES (2, 'eggs')")  # written while b does not sync todos
+    a.execute("UPDATE todos SET title = 'eggs' WHERE id = 1")
+    sync(a, b, tmp_path)  # kept for later: b does not sync todos now
+    before = file_bytes(tmp_path / "b.db")
+    result = run_cli("enable-sync", tmp_path / "b.db", "todos")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert result.output.startswith("Error: Cannot bring todos up to date with what peers wrote while sync was off")
+    assert "UNIQUE constraint failed: todos.title" in result.output
+    assert file_bytes(tmp_path / "b.db") == before
+    # Once the local row gives the value up, enabling takes the peer's value.
+    b.execute("UPDATE todos SET title = 'eggs (b)' WHERE id = 2")
+    assert run_cli("enable-sync", tmp_path / "b.db", "todos").exit_code == 0
+    assert b.execute("SELECT id, title FROM todos ORDER BY id").fetchall() == [(1, "eggs"), (2, "eggs (b)")]
