@@ -30,7 +30,6 @@ from sqlite_utils_sync import (
     export_bundle,
     get_conflict,
     import_bundle,
-    repair,
     resolve_conflict,
     sync_status,
 )
@@ -520,15 +519,7 @@ async def export_endpoint(datasette, request):
         return export_bundle(conn, path, since=since, repair=False)
 
     try:
-        try:
-            result = await db.execute_fn(export)
-        except SyncError as ex:
-            if ex.reason != "unsettled_clocks" or not db.is_mutable:
-                raise
-            # Edits made here after the wall clock was set back: settle their clocks (a
-            # write, so on the write thread), then export from a read connection as usual.
-            await db.execute_write_fn(repair, transaction=False)
-            result = await db.execute_fn(export)
+        result = await db.execute_fn(export)
     except SyncError as ex:
         shutil.rmtree(directory, ignore_errors=True)
         return error(str(ex), 400, ex.reason)

@@ -42,6 +42,7 @@ import msgpack
 from .capture import load_tables
 from .errors import BundleError
 from .log import (
+    LOCAL,
     SEQ_MASK,
     clock,
     device_ids,
@@ -102,10 +103,14 @@ def export_bundle(
     path: str | os.PathLike,
     since: dict[str, int] | None = None,
     progress: Callable[[int], None] | None = None,
+    clock_fixes: list[tuple[int, int]] = (),
 ) -> ExportResult:
     """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``.
 
     Chunks go to the file as they are made, so memory stays at one chunk whatever the size.
+
+    :param clock_fixes: ``(clock, op)`` for local operations whose clocks are not settled in
+        the log yet (:func:`~sqlite_utils_sync.log.unsettled_clocks`): they are sent settled
     """
     since = since or {}
     devices = device_ids(conn)
@@ -168,7 +173,9 @@ def export_bundle(
             "CREATE TABLE bundle_chunks (id INTEGER PRIMARY KEY, device INTEGER NOT NULL, tbl INTEGER NOT NULL, "
             "data BLOB NOT NULL)"
         )
-        count = write_operations(conn, since, devices, tops, table_entry, write_chunk, header_devices)
+        count = write_operations(
+            conn, since, devices, tops, table_entry, write_chunk, header_devices, dict((op, hlc) for hlc, op in clock_fixes)
+        )
         current = clock(conn)
         header = msgpack.packb(
             {
@@ -235,6 +242,7 @@ def write_operations(
     table_entry: Callable[[int], tuple[int, list[int]]],
     write_chunk: Callable[[int, int, Iterable[Sequence[Any]], int], None],
     header_devices: list[str],
+    clock_fixes: dict[int, int],
 ) -> int:
     """Stream each device's operations after ``since`` as runs of one table, up to CHUNK_OPS."""
     count = 0
@@ -259,8 +267,11 @@ def write_operations(
                 f"SELECT op & {SEQ_MASK}, hlc, kind, {columns} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op",
                 [lo, hi],
             )
+            rows: Iterable[Sequence[Any]] = cursor
+            if clock_fixes and idx == LOCAL:
+                rows = ((seq, clock_fixes.get(op_id(idx, seq), hlc), *rest) for seq, hlc, *rest in cursor)
             try:
-                write_chunk(device_position, key, cursor, size)
+                write_chunk(device_position, key, rows, size)
             except sqlite3.OperationalError as ex:
                 if "decode" not in str(ex):
                     raise

@@ -307,6 +307,9 @@ def next_local_hlc(conn: sqlite3.Connection, floor: int = 0) -> int:
 
 # Local operations up to ``op`` have settled clocks (see settle_clocks).
 SETTLED_SQL = "CREATE TABLE IF NOT EXISTS _sync_settled (id INTEGER PRIMARY KEY CHECK (id = 1), op INTEGER NOT NULL)"
+# The marker only bounds the next scan, so it moves only when that saves a real one: small
+# exports and imports leave the file as it was.
+SETTLE_MARK_EVERY = 4096
 
 
 def settled_through(conn: sqlite3.Connection) -> int:
@@ -317,37 +320,55 @@ def settled_through(conn: sqlite3.Connection) -> int:
     return op_id(LOCAL, 0)
 
 
-def unsettled_clocks(conn: sqlite3.Connection) -> list[tuple[int, int]]:
-    """``(clock, op)`` for each local operation whose clock is below an earlier one's (the wall
-    clock was set back), with the clock it should have: the highest before it."""
+def settle_start(conn: sqlite3.Connection) -> int:
     base = op_id(LOCAL, 0)
     (start,) = conn.execute(
         "SELECT ifnull(max(op), ?) FROM _sync_ops WHERE op BETWEEN ? AND ?", [base, base, settled_through(conn)]
     ).fetchone()
+    return start
+
+
+def unsettled_clocks(conn: sqlite3.Connection, start: int | None = None) -> list[tuple[int, int]]:
+    """``(clock, op)`` for each local operation whose clock is below an earlier one's (the wall
+    clock was set back), with the clock it should have: the highest before it."""
     return conn.execute(
         "SELECT top, op FROM (SELECT op, hlc, max(hlc) OVER (ORDER BY op ROWS UNBOUNDED PRECEDING) AS top "
         "FROM _sync_ops WHERE op >= ?) WHERE hlc < top",
-        [start],
+        [settle_start(conn) if start is None else start],
     ).fetchall()
 
 
-def settle_clocks(conn: sqlite3.Connection) -> int:
-    """Make the local clocks non-decreasing before anything reads them; returns how many changed.
+def settle_clocks(conn: sqlite3.Connection) -> list[tuple[int, int]]:
+    """Make the local clocks non-decreasing before anything reads them.
 
     Capture triggers take the wall clock, so a clock set back gives a later operation a lower
     clock than an earlier one. Such operations are raised to the clock before them here, while
-    they are still local: every export, import, resolution and compaction settles first.
-    Call inside a transaction.
+    they are still local: every export, import, resolution and compaction settles first. The
+    result is a function of the log alone, so an export from a database it cannot write sends
+    the same clocks (see :func:`unsettled_clocks`). Call inside a transaction.
+
+    :returns: the ``(clock, op)`` changes it could not write (a read-only database)
     """
-    fixes = unsettled_clocks(conn)
-    if fixes:
-        with log_rewrite(conn):
-            conn.executemany("UPDATE _sync_ops SET hlc = ? WHERE op = ?", fixes)
+    start = settle_start(conn)
+    fixes = unsettled_clocks(conn, start)
     last = conn.execute("SELECT max(op) FROM _sync_ops").fetchone()[0]  # the local range sorts last
-    if last != settled_through(conn):
+    if not fixes and last - start < SETTLE_MARK_EVERY:
+        return []
+    conn.execute("SAVEPOINT settle_clocks")
+    try:
+        if fixes:
+            with log_rewrite(conn):
+                conn.executemany("UPDATE _sync_ops SET hlc = ? WHERE op = ?", fixes)
         conn.execute(SETTLED_SQL)
         conn.execute("INSERT OR REPLACE INTO _sync_settled (id, op) VALUES (1, ?)", [last])
-    return len(fixes)
+    except sqlite3.OperationalError as ex:
+        conn.execute("ROLLBACK TO settle_clocks")
+        conn.execute("RELEASE settle_clocks")
+        if "readonly" not in str(ex):
+            raise
+        return fixes
+    conn.execute("RELEASE settle_clocks")
+    return []
 
 
 def append_local(

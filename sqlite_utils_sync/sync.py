@@ -79,8 +79,8 @@ def export_bundle(
 
     :param since: the peer's vector clock (dict or JSON); operations after it are included
     :param for_device: use the clock this database last learned from that device's bundles
-    :param repair: first settle clocks, re-install stale triggers and log missed changes (needs
-        a writable DB); without it, a log holding unsettled clocks is refused (``unsettled_clocks``)
+    :param repair: first settle clocks, re-install stale triggers and log missed changes, where
+        the database can be written; without it, nothing is written
     """
     conn = connection(db)
     if not is_enabled(conn):
@@ -98,14 +98,9 @@ def export_bundle(
     if repair:
         with transaction(conn):
             repair_drift(conn)
-            return write_bundle(conn, path, since_clock, progress)
-    if unsettled_clocks(conn):
-        raise SyncError(
-            "unsettled_clocks",
-            "Some local edits were made after the wall clock was set back, and their clocks must be "
-            "settled (a write) before they are sent: export with repair",
-        )
-    return write_bundle(conn, path, since_clock, progress)
+            return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn))
+    # Clocks a set-back wall clock left lower go out raised, as settling would write them.
+    return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn))
 
 
 def sync_status(db: Any) -> dict[str, Any]:

@@ -55,6 +55,8 @@ def test_same_bundle_twice_is_skipped_and_overlap_counts_duplicates(tmp_path, pa
     again = import_bundle(b, tmp_path / "first.bundle")
     assert again.skipped and again.applied == 0
     assert file_bytes(tmp_path / "b.db") == before  # not even bookkeeping changed
+    assert import_bundle(b, tmp_path / "first.bundle", alter=True).skipped  # nothing to add either
+    assert file_bytes(tmp_path / "b.db") == before
     a.execute("INSERT INTO todos VALUES (100, 'new', 0, 0)")
     export_bundle(a, tmp_path / "overlap.bundle")  # everything again, plus one
     overlap = import_bundle(b, tmp_path / "overlap.bundle")

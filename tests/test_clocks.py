@@ -11,7 +11,7 @@ import sqlite3
 
 import pytest
 
-from sqlite_utils_sync import SyncError, export_bundle
+from sqlite_utils_sync import export_bundle
 
 from conftest import FAKETIME, executable, make_todos_db, run, run_json, shell
 from test_hub_sync import rows
@@ -60,18 +60,25 @@ def test_an_edit_made_after_the_clock_was_set_back_wins_everywhere(tmp_path):
     assert conflicts(laptop) == conflicts(phone) == []
 
 
-def test_exporting_without_repair_refuses_clocks_not_yet_settled(tmp_path):
+def test_a_database_that_cannot_be_written_exports_settled_clocks(tmp_path):
     laptop = make_todos_db(tmp_path / "laptop.db")
     shell(laptop, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
     shell(laptop, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")
-    conn = sqlite3.connect(laptop, isolation_level=None)
-    with pytest.raises(SyncError, match="made after the wall clock was set back") as raised:
-        export_bundle(conn, tmp_path / "a.bundle", repair=False)
-    assert raised.value.reason == "unsettled_clocks"
-    assert not (tmp_path / "a.bundle").exists()
-    # A writable export settles them first; after that, exporting without repair works too.
-    export_bundle(conn, tmp_path / "a.bundle")
-    assert export_bundle(conn, tmp_path / "b.bundle", repair=False).operations == 2
+    before = (tmp_path / "laptop.db").read_bytes()
+    read_only = sqlite3.connect(f"file:{laptop}?mode=ro", uri=True, isolation_level=None)
+    export_bundle(read_only, tmp_path / "a.bundle")  # settling can't write here ...
+    export_bundle(read_only, tmp_path / "b.bundle", repair=False)  # ... nor here
+    assert (tmp_path / "laptop.db").read_bytes() == before
+    # ... yet both carry the raised clock, the same a writable export sends.
+    for name in ("a.bundle", "b.bundle"):
+        phone = make_todos_db(tmp_path / f"phone-{name}.db")
+        run(["sqlite-utils", "import-bundle", phone, tmp_path / name])
+        assert rows(phone) == [{"id": 1, "title": "buy oat milk", "done": 0}]
+    # Once the file can be written, an export settles it, and sends the very same operations:
+    # a copy holding them from the read-only export takes them as duplicates, not a clash.
+    run(["sqlite-utils", "export-bundle", laptop, tmp_path / "c.bundle"])
+    result = run_json(["sqlite-utils", "import-bundle", tmp_path / "phone-a.bundle.db", tmp_path / "c.bundle", "--json"])
+    assert (result["applied"], result["duplicates"]) == (0, 2)
 
 
 def test_a_copy_given_a_new_identity_orders_its_edits_after_the_original(tmp_path):

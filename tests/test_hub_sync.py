@@ -196,6 +196,22 @@ def test_a_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, hub, ali
     assert rows(other) == rows(hub.path)
 
 
+@pytest.mark.skipif(not FAKETIME, reason="needs faketime (apt install faketime)")
+def test_an_immutable_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, datasette_server):
+    hub_path = make_todos_db(tmp_path / "hub.db")
+    shell(hub_path, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
+    shell(hub_path, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")
+    before = hub_path.read_bytes()
+    server = datasette_server([], HUB_CONFIG, "-i", str(hub_path))
+    device = make_todos_db(tmp_path / "device.db")
+    response = server.get("/hub/-/sync/export", headers={"Authorization": f"Bearer {server.token('alice')}"})
+    assert response.status_code == 200, response.text
+    (tmp_path / "hub.bundle").write_bytes(response.content)
+    run(["sqlite-utils", "import-bundle", device, tmp_path / "hub.bundle"])
+    assert rows(device) == rows(hub_path) == [{"id": 1, "title": "buy oat milk", "done": 0}]
+    assert hub_path.read_bytes() == before
+
+
 def test_token_recipe(hub, tmp_path):
     """Restricted tokens must name view-database too (sync actions also require it)."""
     device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
