@@ -67,6 +67,7 @@ from .log import (
     raise_horizon,
     remap_mask_sql,
     rowkey_sql,
+    settle_clocks,
 )
 
 
@@ -220,6 +221,7 @@ class Importer:
     def run(self) -> ImportResult:
         conn, header = self.conn, self.reader.header
         ensure_schema(conn)
+        settle_clocks(conn)  # local clocks decide against the bundle's
         repair_drift(conn)
         result = ImportResult(self.reader.bundle_id, header["source"], header["operations"])
         if conn.execute("SELECT 1 FROM _sync_imports WHERE bundle_id = ?", [result.bundle_id]).fetchone():

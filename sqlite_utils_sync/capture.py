@@ -30,7 +30,6 @@ from .log import (
     last_hlc,
     quote_identifier,
     rowkey_sql,
-    settle_clocks,
     with_floor,
 )
 
@@ -441,11 +440,7 @@ def enable_table(conn: sqlite3.Connection, name: str) -> int:
 
 
 def repair_drift(conn: sqlite3.Connection) -> dict[str, int]:
-    """Settle the local clocks, re-install stale or missing triggers and log the changes they
-    missed: what every export, import and resolution does first."""
-    if not is_enabled(conn):
-        return {}
-    settle_clocks(conn)
+    """Re-install stale or missing triggers and log the changes they missed."""
     repaired = {}
     for name, table in load_tables(conn, enabled_only=True).items():
         reason = table_drift(conn, table)

@@ -38,6 +38,7 @@ from .log import (
     op_label,
     parse_op_label,
     parse_rowkey,
+    settle_clocks,
 )
 
 
@@ -218,6 +219,7 @@ def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> st
         # The resolution is a new operation: it needs capture in step with the table's columns.
         repair_drift(conn)
         record = get_conflict(conn, conflict_id)
+        settle_clocks(conn)  # the versions' clocks decide what the table holds
         if record["resolved"]:
             raise SyncError("already_resolved", f"Conflict {conflict_id} is already resolved (by {record['resolved_by']})")
         table = load_tables(conn)[record["table"]]

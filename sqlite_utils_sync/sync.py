@@ -97,8 +97,9 @@ def export_bundle(
         since_clock = parse_clock(row[0]) if row else clock(conn)
     if repair:
         with transaction(conn):
+            unsettled = settle_clocks(conn)  # what it could not write (a read-only file)
             repair_drift(conn)
-            return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn))
+            return write_bundle(conn, path, since_clock, progress, unsettled)
     # Clocks a set-back wall clock left lower go out raised, as settling would write them.
     return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn))
 
@@ -151,4 +152,6 @@ def new_device(db: Any) -> str:
 def repair(db: Any) -> dict[str, int]:
     conn = connection(db)
     with transaction(conn):
+        if is_enabled(conn):
+            settle_clocks(conn)
         return repair_drift(conn)
