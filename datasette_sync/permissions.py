@@ -3,8 +3,12 @@
 ``sync-view`` follows ``view-database``: it is granted by default (so every database page
 reader can see its sync pages) unless Datasette runs with ``--default-deny``, and it also
 requires ``view-database``, so a private database keeps its sync pages private too.
-Exporting, importing and resolving change or reveal more, so they are never granted by
-default: only root and actors named in a ``permissions:`` block get them.
+Exporting, importing, relaying and resolving change or reveal more, so they are never
+granted by default: only root and actors named in a ``permissions:`` block get them.
+
+``sync-relay``: without it, an actor's push may only add new operations of devices that actor
+owns (the first actor to push a device's new operations owns it), so one token holder cannot
+write as another's device. Operations the hub already holds relay freely.
 
 Every action also requires ``view-database``. Datasette applies a token's restriction
 allowlist to that requirement too, so a restricted token must list ``view-database`` beside
@@ -18,6 +22,7 @@ VIEW = "sync-view"
 EXPORT = "sync-export"
 IMPORT = "sync-import"
 RESOLVE = "sync-resolve"
+RELAY = "sync-relay"
 
 ACTIONS = [
     Action(
@@ -35,6 +40,12 @@ ACTIONS = [
     Action(
         name=IMPORT,
         description="Upload sync bundles that change the database",
+        resource_class=DatabaseResource,
+        also_requires="view-database",
+    ),
+    Action(
+        name=RELAY,
+        description="Push new operations of devices another actor pushes from (relay for other devices)",
         resource_class=DatabaseResource,
         also_requires="view-database",
     ),

@@ -34,10 +34,10 @@ from sqlite_utils_sync import (
     sync_status,
 )
 from sqlite_utils_sync.bundle import BundleReader, parse_clock
-from sqlite_utils_sync.log import horizon, json_value
+from sqlite_utils_sync.log import DEFAULT_MAX_CLOCK_SKEW, horizon, json_value, parse_duration
 
 from . import queries
-from .permissions import EXPORT, IMPORT, RESOLVE, VIEW, can, can_alter
+from .permissions import EXPORT, IMPORT, RELAY, RESOLVE, VIEW, can, can_alter
 
 PLUGIN = "datasette-sync"
 DEFAULT_MAX_BUNDLE_BYTES = 100 * 1024 * 1024
@@ -101,6 +101,12 @@ def max_bundle_bytes(datasette, database: str) -> int:
     # plugin_config() can return None even with fallback, so try both levels explicitly.
     config = datasette.plugin_config(PLUGIN, database=database) or datasette.plugin_config(PLUGIN) or {}
     return int(config.get("max_bundle_bytes") or DEFAULT_MAX_BUNDLE_BYTES)
+
+
+def max_clock_skew(datasette, database: str) -> float:
+    """The ``max_clock_skew`` plugin setting in seconds (raises SyncError when it is invalid)."""
+    config = datasette.plugin_config(PLUGIN, database=database) or datasette.plugin_config(PLUGIN) or {}
+    return parse_duration(config.get("max_clock_skew", DEFAULT_MAX_CLOCK_SKEW), "max_clock_skew (datasette-sync plugin config)")
 
 
 def jsonable(value: Any) -> Any:
@@ -615,6 +621,11 @@ async def import_endpoint(datasette, request):
         pass  # no length declared (chunked): the streaming check below applies
     actor = request.actor or {}
     actor_id = actor.get("id")
+    try:
+        skew = max_clock_skew(datasette, db.name)
+    except SyncError as ex:
+        return error(str(ex), 500, "config_error")
+    may_relay = await can(datasette, request.actor, RELAY, db.name)
     with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
         path = os.path.join(directory, "upload.bundle")
         try:
@@ -628,11 +639,18 @@ async def import_endpoint(datasette, request):
             # never takes a turn on the write thread.
             await asyncio.to_thread(validate_bundle, path)
             result = await db.execute_write_fn(
-                lambda conn: import_bundle(conn, path, alter=alter, actor=None if actor_id is None else str(actor_id)),
+                lambda conn: import_bundle(
+                    conn,
+                    path,
+                    alter=alter,
+                    actor=None if actor_id is None else str(actor_id),
+                    max_clock_skew=skew,
+                    may_relay=may_relay,
+                ),
                 transaction=False,
             )
         except SyncError as ex:
-            return error(str(ex), 400, ex.reason)
+            return error(str(ex), 403 if ex.reason == "device_owned" else 400, ex.reason)
         except sqlite3.Error as ex:
             return error(*sqlite_error(ex, db.name))
     body = result.as_dict()

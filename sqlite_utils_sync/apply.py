@@ -43,6 +43,9 @@ from .log import (
     DELETE,
     INSERT,
     LOCAL,
+    DEFAULT_MAX_CLOCK_SKEW,
+    HLC_NOW_SQL,
+    HLC_PER_SECOND,
     MAX_HLC,
     RESOLUTION,
     SEQ_MASK,
@@ -62,6 +65,7 @@ from .log import (
     next_local_hlc,
     now_iso,
     op_id,
+    parse_duration,
     parse_rowkey,
     quote_identifier,
     raise_horizon,
@@ -164,15 +168,23 @@ def import_bundle(
     alter: bool = False,
     actor: str | None = None,
     progress: Callable[[int], None] | None = None,
+    max_clock_skew: float | str = DEFAULT_MAX_CLOCK_SKEW,
+    may_relay: bool = True,
 ) -> ImportResult:
     """Apply the bundle at ``path`` in one transaction.
 
     :param alter: add columns (and tables) the bundle has and this database lacks
     :param actor: who imported it, for the import log
     :param progress: called with (operations just read, total) after each chunk
+    :param max_clock_skew: refuse operations whose clock is further ahead of this machine's
+        wall clock than this (seconds, or a duration like ``"7d"``)
+    :param may_relay: False for a hub that limits who pushes each device's new operations
+        (see :meth:`Importer.check_owners`): ``actor`` may then only add operations of devices
+        it owns, and comes to own the devices nobody owns yet
     :raises BundleError: the bundle is invalid or cannot be applied; nothing was changed
     """
     conn = connection(db)
+    skew = parse_duration(max_clock_skew)
     reader = BundleReader(path)
     try:
         stage = ChunkStage(conn, reader.path.name)
@@ -180,7 +192,9 @@ def import_bundle(
             try:
                 with transaction(conn):
                     conn.execute("PRAGMA defer_foreign_keys = ON")
-                    return Importer(conn, reader, stage, alter, actor, progress).run()
+                    importer = Importer(conn, reader, stage, alter, actor, progress)
+                    importer.max_clock_skew, importer.may_relay = skew, may_relay
+                    return importer.run()
             except NothingNew as own:
                 return own.result
             except sqlite3.IntegrityError as ex:
@@ -195,6 +209,12 @@ def import_bundle(
             stage.close()
     finally:
         reader.close()
+
+
+# Which actor may push new operations of each device to a hub (see Importer.check_owners).
+DEVICE_ACTORS_SQL = (
+    "CREATE TABLE IF NOT EXISTS _sync_device_actors (device_id TEXT PRIMARY KEY, actor TEXT NOT NULL, since TEXT NOT NULL)"
+)
 
 
 class NothingNew(Exception):
@@ -214,6 +234,8 @@ class Importer:
         self.alter = alter
         self.actor = actor
         self.progress = progress
+        self.max_clock_skew = DEFAULT_MAX_CLOCK_SKEW
+        self.may_relay = True
 
     def fail(self, reason: str, message: str) -> BundleError:
         return BundleError(reason, f"Bundle {self.name}: {message}")
@@ -249,10 +271,15 @@ class Importer:
         self.max_hlc = 0
         self.has_resolutions = False
         self.ticks: list[tuple[int, int, str]] = []
+        (now,) = conn.execute(f"SELECT {HLC_NOW_SQL}").fetchone()  # the clock the triggers read
+        # Every later local clock is at least one above an accepted one: keep that valid too.
+        self.clock_limit = min(MAX_HLC - 1, now + int(self.max_clock_skew * HLC_PER_SECOND))
+        self.now = now
         self.check_anchors()
         with muted(conn):
             inserted = self.append_ops(result, local_id)
             self.ranges = self.check_sequences(inserted)
+            self.check_owners(inserted)
             self.record_knowledge()
             self.check_horizon()
             result.applied = sum(inserted.values())
@@ -431,9 +458,10 @@ class Importer:
             shapes = conn.execute(f"SELECT DISTINCT typeof(hlc), kind, typeof(moved) FROM {source}").fetchall()
         if any(shape[0] != "integer" for shape in shapes):
             raise self.fail("invalid_operation", "an operation has a clock that is not an integer")
-        if low < 0 or high > MAX_HLC:
-            # Later local clocks count up from the highest one seen: it must leave room.
-            raise self.fail("invalid_operation", f"an operation has a clock out of range ({low if low < 0 else high})")
+        if low < 0:
+            raise self.fail("invalid_operation", f"an operation has a clock out of range ({low})")
+        if high > self.clock_limit:
+            raise self.clock_ahead(source, position, high)
         if idx == LOCAL and last > self.old[LOCAL]:
             raise self.fail(
                 "device_id_clash",
@@ -505,6 +533,56 @@ class Importer:
         # A device's clocks only grow, so its last op carries the chunk's highest.
         self.max_hlc = max(self.max_hlc, high)
         return first, last, count, stored
+
+    def clock_ahead(self, source: str, position: int, high: int) -> BundleError:
+        """Refuse a clock that would become the floor of every later clock here: one past the
+        valid range, or further ahead of this machine's wall clock than ``max_clock_skew``."""
+        # Fetched whole: a statement left open on the chunk would outlive the chunk.
+        seq = self.conn.execute(f"SELECT seq FROM {source} WHERE hlc = ? LIMIT 1", [high]).fetchall()[0][0]
+        label = f"{self.reader.header['devices'][position]}:{seq}"
+        if high > MAX_HLC - 1:
+            return self.fail(
+                "invalid_operation",
+                f"operation {label} has a clock out of range ({high}): this database's own next operation "
+                "would have no valid clock after it",
+            )
+        days = (high - self.now) / HLC_PER_SECOND / 86400
+        return self.fail(
+            "clock_ahead",
+            f"operation {label} has a clock {days:.1f} days ahead of this machine's clock, more than "
+            f"max_clock_skew allows ({self.max_clock_skew / 86400:g} days). If this machine's clock is right, "
+            "the sending device's clock is wrong: fix it there",
+        )
+
+    def check_owners(self, inserted: dict[int, int]) -> None:
+        """On a hub (``may_relay`` False): who may add new operations of a device.
+
+        The first actor to push new operations of a device owns it (``_sync_device_actors``,
+        written in this transaction, so no push can slip in between the check and the write);
+        afterwards only that actor may add new ones. Operations the hub holds already are
+        duplicates and relay freely. An anonymous push (actor None) owns nothing: it may add
+        operations only of devices nobody owns. Actors that may relay are not checked and claim
+        nothing, so relaying never takes a device from the actor whose device it is.
+        """
+        if self.may_relay:
+            return
+        conn = self.conn
+        conn.execute(DEVICE_ACTORS_SQL)
+        names = device_ids(conn)
+        for idx, count in inserted.items():
+            if not count:
+                continue
+            device = names[idx]
+            row = conn.execute("SELECT actor FROM _sync_device_actors WHERE device_id = ?", [device]).fetchone()
+            if row is None and self.actor is not None:
+                conn.execute("INSERT INTO _sync_device_actors VALUES (?, ?, ?)", [device, self.actor, now_iso()])
+            elif row is not None and row[0] != self.actor:
+                raise self.fail(
+                    "device_owned",
+                    f"it adds new operations of device {device}, which another actor pushes to this hub (relaying "
+                    "them needs the sync-relay permission). If it is your device, run 'sqlite-utils sync-new-device' "
+                    "on its database to give it an id of its own, then sync again",
+                )
 
     def check_overlap(self, source: str, idx: int, tid: int, slots: list[int], pk: list[str], position: int) -> None:
         """Operations we hold already must be the same operations: if one differs, two databases

@@ -29,6 +29,15 @@ from .log import local_device_id
 DB_PATH = click.Path(exists=True, dir_okay=False, allow_dash=False)
 
 
+def max_clock_skew_option(command: Callable) -> Callable:
+    return click.option(
+        "--max-clock-skew",
+        default="7d",
+        show_default=True,
+        help="Refuse operations whose clock is further ahead of this machine's clock (like 90s, 36h, 7d)",
+    )(command)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn engine errors into one readable line and a non-zero exit."""
@@ -138,9 +147,10 @@ def register(cli: click.Group) -> None:
     @click.argument("path", type=DB_PATH)
     @click.argument("bundle", type=click.Path(dir_okay=False))
     @click.option("--alter", is_flag=True, help="Add tables and columns the bundle has and this database lacks")
+    @max_clock_skew_option
     @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON")
     @click.option("--silent", is_flag=True, help="Don't show a progress bar")
-    def import_bundle_command(path, bundle, alter, as_json, silent):
+    def import_bundle_command(path, bundle, alter, max_clock_skew, as_json, silent):
         """Apply BUNDLE to the database, in one transaction
 
         Example:
@@ -148,7 +158,9 @@ def register(cli: click.Group) -> None:
             sqlite-utils import-bundle phone.db to-phone.bundle
         """
         with user_errors(), progress_bar(silent, "Importing") as progress:
-            result = import_bundle(open_db(path), bundle, alter=alter, progress=progress)
+            result = import_bundle(
+                open_db(path), bundle, alter=alter, progress=progress, max_clock_skew=max_clock_skew
+            )
         if as_json:
             echo_json(result.as_dict())
             return

@@ -30,6 +30,7 @@ import click
 from .apply import ImportResult, import_bundle
 from .bundle import BundleReader, parse_clock
 from .errors import BundleError, SyncError
+from .log import DEFAULT_MAX_CLOCK_SKEW, parse_duration
 from .sync import export_bundle, sync_status
 
 BUNDLE_MEDIA_TYPE = "application/vnd.sqlite3"
@@ -171,6 +172,7 @@ def sync_with_hub(
     alter: bool = False,
     timeout: float = 60.0,
     transport: Any = None,
+    max_clock_skew: float | str = DEFAULT_MAX_CLOCK_SKEW,
 ) -> dict[str, Any]:
     """Pull what the hub has and this database lacks, then push what the hub lacks.
 
@@ -181,6 +183,8 @@ def sync_with_hub(
     :param alter: add tables and columns a bundle has and the receiver lacks, here and on the
         hub (there it needs the ``alter-table`` permission)
     :param transport: an ``httpx`` transport (tests)
+    :param max_clock_skew: refuse pulled operations whose clock is further ahead of this
+        machine's clock (seconds, or a duration like ``"7d"``); the hub applies its own bound
     :returns: ``{"hub": {"url", "device_id", "clock"}, "pulled": {...}, "pushed": {...},
         "pulled_after_push": {...} or None}``; each result is an import result dict
         (``bundle_id``, ``source_device_id``, ``total_operations``, ``applied``, ``conflicts``,
@@ -191,6 +195,7 @@ def sync_with_hub(
     import httpx
 
     url = normalize_url(url)
+    max_clock_skew = parse_duration(max_clock_skew)
     if not sync_status(db)["enabled"] and not alter:
         raise SyncError(
             "not_enabled",
@@ -242,7 +247,9 @@ def sync_with_hub(
                 if not operations:
                     # Nothing to apply: don't record an empty import on every run.
                     return empty_result(hub_device, bundle_id), hub_clock, hub_device
-                result = import_bundle(db, path, alter=alter, progress=stage("pull")).as_dict()
+                result = import_bundle(
+                    db, path, alter=alter, progress=stage("pull"), max_clock_skew=max_clock_skew
+                ).as_dict()
                 return result, hub_clock, hub_device
 
             pulled, hub_clock, hub_device = pull("from-hub.bundle")
@@ -318,15 +325,16 @@ def summary(url: str, result: dict[str, Any]) -> str:
 
 def register(cli: click.Group) -> None:
     """Add the ``sync`` command (called from :func:`sqlite_utils_sync.cli.register`)."""
-    from .cli import DB_PATH, echo_json, open_db, user_errors
+    from .cli import DB_PATH, echo_json, max_clock_skew_option, open_db, user_errors
 
     @cli.command(name="sync")
     @click.argument("path", type=DB_PATH)
     @click.argument("url")
     @click.option("--token", envvar=TOKEN_ENV, help=f"API token for the hub (default: ${TOKEN_ENV})")
     @click.option("--alter", is_flag=True, help="Add tables and columns one side has and the other lacks")
+    @max_clock_skew_option
     @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON")
-    def sync_command(path, url, token, alter, as_json):
+    def sync_command(path, url, token, alter, max_clock_skew, as_json):
         """Sync the database with a Datasette hub: pull what it lacks here, push what the hub lacks
 
         URL is the hub database's URL. Safe to re-run at any time, also after a network failure.
@@ -339,7 +347,7 @@ def register(cli: click.Group) -> None:
         """
         db = open_db(path)
         with user_errors():
-            result = sync_with_hub(db, url, token=token or None, alter=alter)
+            result = sync_with_hub(db, url, token=token or None, alter=alter, max_clock_skew=max_clock_skew)
             unresolved = sync_status(db)["unresolved_conflicts"]
         if as_json:
             echo_json(result)

@@ -31,6 +31,8 @@ import time
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
+from .errors import SyncError
+
 LOCAL = (1 << 22) - 1
 SEQ_BITS = 40
 SEQ_MASK = (1 << SEQ_BITS) - 1
@@ -48,6 +50,17 @@ SCHEMA_VERSION = 1
 HLC_NOW_SQL = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1024"
 # Bundles may not carry clocks above this, so counting up from any clock seen stays an integer.
 MAX_HLC = 1 << 62
+HLC_PER_SECOND = 1000 * 1024
+# How far ahead of the receiver's wall clock an imported clock may be, in seconds. An accepted
+# clock becomes the floor of every later local clock (here and wherever this copy syncs), so
+# a far-future one would stop ordering edits by time until the wall clock caught up with it.
+# A week tolerates devices that are days fast (a wrong date, a time zone error) and keeps the
+# damage of a wrong clock to a week; the limit is configurable for odder setups.
+DEFAULT_MAX_CLOCK_SKEW = 7 * 86400
+# A bound far below MAX_HLC (2^62 units is about 142,000 years), so that a copy's clocks, at
+# most the wall clock plus the bound plus one unit per relay, never leave the valid range.
+MAX_CLOCK_SKEW_LIMIT = 100 * 365 * 86400
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS _sync_state (
@@ -131,6 +144,24 @@ BEGIN SELECT RAISE(ABORT, '_sync_ops is append-only: operations cannot be change
 CREATE TRIGGER IF NOT EXISTS _sync_ops_append_only_delete BEFORE DELETE ON _sync_ops
 BEGIN SELECT RAISE(ABORT, '_sync_ops is append-only: operations cannot be deleted'); END;
 """
+
+
+def parse_duration(value: Any, what: str = "max_clock_skew") -> float:
+    """Seconds from a number of seconds or a string like ``90s``, ``36h`` or ``7d``, checked
+    against :data:`MAX_CLOCK_SKEW_LIMIT`."""
+    seconds = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smhd]?)\s*", value.lower())
+        if match:
+            seconds = float(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+    if seconds is None or not 0 <= seconds <= MAX_CLOCK_SKEW_LIMIT:
+        raise SyncError(
+            "invalid_argument",
+            f"{what} must be a duration like 90s, 36h or 7d (at most {MAX_CLOCK_SKEW_LIMIT // 86400}d), got {value!r}",
+        )
+    return seconds
 
 
 def connection(db: Any) -> sqlite3.Connection:
