@@ -217,6 +217,12 @@ DEVICE_ACTORS_SQL = (
 )
 
 
+RECOVER_HINT = (
+    "run 'sqlite-utils sync-new-device --recover' on the database whose edits under that id are not "
+    "synced yet (either one, if unsure): it keeps every edit"
+)
+
+
 class NothingNew(Exception):
     """A bundle already held came back (this database's own, or one imported before): roll back
     even the trigger rebuilds, leave no trace."""
@@ -271,6 +277,8 @@ class Importer:
         self.max_hlc = 0
         self.has_resolutions = False
         self.ticks: list[tuple[int, int, str]] = []
+        # How far the source was checked to hold this database's own operations as they are here.
+        self.verified = 0
         (now,) = conn.execute(f"SELECT {HLC_NOW_SQL}").fetchone()  # the clock the triggers read
         # Every later local clock is at least one above an accepted one: keep that valid too.
         self.clock_limit = min(MAX_HLC - 1, now + int(self.max_clock_skew * HLC_PER_SECOND))
@@ -383,12 +391,14 @@ class Importer:
             ours = op_fingerprint(self.conn, op_id(idx, seq))
             if ours and ours != fingerprint:
                 raise self.clash(f"{device}:{seq}")
+            if ours and idx == LOCAL:
+                self.verified = max(self.verified, seq)
 
     def clash(self, label: str) -> BundleError:
         return self.fail(
             "device_id_clash",
-            f"operation {label} differs from the copy here: two databases share that device id (a copied "
-            "file?); run 'sqlite-utils sync-new-device' on the copy",
+            f"operation {label} differs from the copy here: two databases share that device id (a copied file, "
+            f"or operations pushed under its id by someone else); {RECOVER_HINT}",
         )
 
     def append_ops(self, result: ImportResult, local_id: str) -> dict[int, int]:
@@ -466,11 +476,13 @@ class Importer:
             raise self.fail(
                 "device_id_clash",
                 f"it carries operations of this database's own device {local_id} that this database never "
-                "wrote: was this file copied from another database? Run 'sqlite-utils sync-new-device' on the copy",
+                f"wrote (a copied file, or operations pushed under its id); {RECOVER_HINT}",
             )
         base = op_id(idx, 0)
         if first <= self.old[idx]:
             self.check_overlap(source, idx, tid, slots, pk, position)
+            if idx == LOCAL:
+                self.verified = max(self.verified, min(last, self.old[idx]))
         if not tid:
             if any(kind != TICK or moved != "text" for _, kind, moved in shapes):
                 raise self.fail("invalid_operation", "a knowledge operation is malformed")
@@ -735,8 +747,12 @@ class Importer:
         claimed = parse_clock(header["clock"])
         row = conn.execute("SELECT clock FROM _sync_peers WHERE device_id = ?", [source]).fetchone()
         known = json.loads(row[0]) if row else {}
+        local_id = local_device_id(conn)
         for device, seq in claimed.items():
-            known[device] = max(known.get(device, 0), min(seq, have.get(device, 0)))
+            # Our own operations only as far as this import compared them: a source holding
+            # another database's operations under our id must never count as having ours.
+            checked = self.verified if device == local_id else seq
+            known[device] = max(known.get(device, 0), min(seq, have.get(device, 0), checked))
         conn.execute(
             "INSERT OR REPLACE INTO _sync_peers VALUES (?, ?, ?)",
             [source, json.dumps(known, sort_keys=True), now_iso()],
@@ -1157,8 +1173,38 @@ class KnowledgeCache:
             return a.op < b.op
         return self.clock_of(b.op).get(a.key[1], 0) >= a.key[2]
 
-    def concurrent(self, a: Effect, b: Effect) -> bool:
-        return a.op != b.op and not self.seen(a, b) and not self.seen(b, a)
+    def concurrent(self, a: Effect, b: Effect, twins: dict[int, list[Effect]] | None = None) -> bool:
+        """Neither author had seen the other's operation, nor a twin of it (see :func:`twins_of`)."""
+        if a.op == b.op or self.seen(a, b) or self.seen(b, a):
+            return False
+        if twins:
+            return not any(self.seen(t, b) for t in twins.get(a.op, ())) and not any(
+                self.seen(t, a) for t in twins.get(b.op, ())
+            )
+        return True
+
+
+def twins_of(effects: list[Effect]) -> dict[int, list[Effect]]:
+    """Effects of other devices with the same clock and the same change, by op.
+
+    ``sync-new-device --recover`` moves operations to a new id with their clocks and values:
+    a copy that held the original gets the move too. An author who had seen either had seen
+    that edit, so neither is concurrent with its later edits (no conflict is made up).
+    """
+    groups: dict[tuple, list[Effect]] = {}
+    for effect in effects:
+        if effect.write:
+            change = tuple(sorted((slot, type(v).__name__, v) for slot, v in effect.values.items() if effect.mask >> slot & 1))
+        else:
+            change = ()
+        groups.setdefault((effect.key[0], effect.write, effect.kind, effect.mask, change), []).append(effect)
+    twins: dict[int, list[Effect]] = {}
+    for group in groups.values():
+        for effect in group:
+            others = [e for e in group if e.key[1] != effect.key[1]]
+            if others:
+                twins[effect.op] = others
+    return twins
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -1181,9 +1227,10 @@ def record_clashes(
     conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effects: list[Effect], knowledge: KnowledgeCache
 ) -> bool:
     found = False
+    twins = twins_of(effects)
     for i, a in enumerate(effects):
         for b in effects[i + 1 :]:
-            if not (a.new or b.new) or not knowledge.concurrent(a, b):
+            if not (a.new or b.new) or not knowledge.concurrent(a, b, twins):
                 continue
             columns = clash_columns(table, a, b)
             if columns is None:

@@ -255,17 +255,26 @@ def register(cli: click.Group) -> None:
 
     @cli.command(name="sync-new-device")
     @click.argument("path", type=DB_PATH)
-    def sync_new_device_command(path):
+    @click.option(
+        "--recover",
+        is_flag=True,
+        help="After a device_id_clash: also move this database's edits that no peer has acknowledged to the new id",
+    )
+    def sync_new_device_command(path, recover):
         """Give a copied database file its own device id
 
-        Run this on the copy after copying a synced database file, before editing it.
+        Run this on the copy after copying a synced database file, before editing it. If an
+        import or sync failed with device_id_clash (the copy was edited under the old id, or
+        someone pushed operations under it), run it with --recover: every edit is kept, and
+        syncing works again.
 
         Example:
 
             sqlite-utils sync-new-device phone.db
+            sqlite-utils sync-new-device --recover phone.db
         """
         with user_errors():
-            device_id = new_device(open_db(path))
+            device_id = new_device(open_db(path), recover=recover)
         click.echo(device_id)
 
     @cli.command(name="sync-compact")

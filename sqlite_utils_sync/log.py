@@ -547,27 +547,126 @@ def log_rewrite(conn: sqlite3.Connection) -> Iterator[None]:
             conn.execute(sql)
 
 
-def new_device(conn: sqlite3.Connection) -> str:
-    """Give a copied database its own identity.
+def shared_through(conn: sqlite3.Connection) -> int:
+    """The highest seq of the local device that a peer has acknowledged holding as it is here.
 
-    The operations written so far stay under the old device id (peers may hold them already);
-    new local operations are written under a fresh id, which is returned.
+    Peers' acknowledgements are the clocks recorded in ``_sync_peers`` by imports; for the
+    local device an import only records what it checked against its own copy (an anchor or
+    the operations it carried), so a peer that holds another database's operations under
+    this id never counts.
+    """
+    local = local_device_id(conn)
+    best = 0
+    for (text,) in conn.execute("SELECT clock FROM _sync_peers"):
+        try:
+            seq = json.loads(text).get(local, 0)
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(seq, int):
+            best = max(best, seq)
+    return min(best, max_seq(conn, LOCAL))
+
+
+def new_device(conn: sqlite3.Connection, recover: bool = False) -> str:
+    """Give this database a new device id; returns it.
+
+    Without ``recover`` (a copy made a moment ago, before it was edited): every operation
+    written so far stays under the old id, which the original keeps using, and only new
+    local operations get the new id.
+
+    With ``recover`` (after ``device_id_clash``: another database holds different operations
+    under this id, because the file was copied and both were edited, or because someone
+    pushed operations under this id): the rule is that an operation stays under the old id
+    only when a peer has acknowledged holding it exactly as it is here
+    (:func:`shared_through`); every later one moves to the new id, in order, with its clock,
+    values and knowledge unchanged, after a knowledge tick saying the new device had seen the
+    old id up to that point. So this database no longer holds any operation under the old id
+    that could differ from another database's, and no edit is lost: peers order the moved
+    edits by their original clocks, as they would have. An operation that had already reached
+    some peer unacknowledged (relayed, or the other copy's shared prefix) then arrives there
+    twice, under both ids, with the same clock and values: rows come out the same, but where
+    a later edit elsewhere meets the moved copy it can show as a conflict (sync-resolve
+    settles it).
     """
     settle_clocks(conn)  # the operations moved keep their clocks, so settle them first
     old_id = local_device_id(conn)
     old_idx = conn.execute("SELECT ifnull(max(idx), 0) + 1 FROM _sync_devices WHERE idx < ?", [LOCAL]).fetchone()[0]
-    columns = ", ".join(row[1] for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1] != "op")
-    base, shift = op_id(LOCAL, 0), op_id(old_idx, 0) - op_id(LOCAL, 0)
-    conn.execute(
-        f"INSERT INTO _sync_ops (op, {columns}) SELECT op + ?, {columns} FROM _sync_ops WHERE op > ?", [shift, base]
-    )
-    with log_rewrite(conn):  # moving the local range under its old device index
-        conn.execute("DELETE FROM _sync_ops WHERE op >= ?", [base])
-    for table, column in (("_sync_clashes", "a"), ("_sync_clashes", "b"), ("_sync_resolutions", "op")):
-        conn.execute(f"UPDATE {table} SET {column} = {column} + ? WHERE {column} >= ?", [shift, base])
+    top = max_seq(conn, LOCAL)
+    keep = shared_through(conn) if recover else top
+    # Local seq s <= keep goes to the old id's index; s > keep becomes the new id's s - keep + 1
+    # (its seq 1 is the knowledge tick that starts it).
+    shift = op_id(old_idx, 0) - op_id(LOCAL, 0)
+    first, last_kept = op_id(LOCAL, 1), op_id(LOCAL, keep)
+
+    def remap(column: str) -> str:
+        return (
+            f"CASE WHEN {column} < {first} THEN {column} WHEN {column} <= {last_kept} THEN {column} + {shift} "
+            f"ELSE {column} - {keep} + 1 END"
+        )
+
+    start = knowledge_at(conn, LOCAL, keep + 1)
+    if keep:
+        start[old_id] = keep
+    moved_hlc = conn.execute("SELECT min(hlc) FROM _sync_ops WHERE op > ?", [last_kept]).fetchone()[0]
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(_sync_ops)")]
+    remap_rows(conn, "_sync_ops", columns, ["op"], remap, delete_from=op_id(LOCAL, 0))
+    for table, op_columns in (("_sync_clashes", ["a", "b"]), ("_sync_resolutions", ["op"]), ("_sync_unapplied", ["op"])):
+        remap_rows(conn, table, [row[1] for row in conn.execute(f"PRAGMA table_info({table})")], op_columns, remap)
+    conn.execute("DELETE FROM _sync_knowledge WHERE device = ? AND from_seq > ?", [LOCAL, keep + 1])
     conn.execute("UPDATE _sync_knowledge SET device = ? WHERE device = ?", [old_idx, LOCAL])
     conn.execute("UPDATE _sync_devices SET device_id = ? WHERE idx = ?", [f"moving-{old_id}", LOCAL])
     conn.execute("INSERT INTO _sync_devices (idx, device_id) VALUES (?, ?)", [old_idx, old_id])
     conn.execute(SETTLED_SQL)
     conn.execute("DELETE FROM _sync_settled")  # the local range starts again
-    return new_local_identity(conn)
+    if moved_hlc is None:
+        return new_local_identity(conn)
+    return restart_moved(conn, start, old_id, keep, moved_hlc)
+
+
+def remap_rows(conn, table: str, columns: list[str], op_columns: list[str], remap, delete_from: int | None = None) -> None:
+    """Renumber the local operations ``table`` refers to (through a copy: renumbering in
+    place could collide with a row not renumbered yet)."""
+    low = op_id(LOCAL, 1) if delete_from is None else delete_from
+    where = " OR ".join(f"{c} >= {low}" for c in op_columns)
+    conn.execute("DROP TABLE IF EXISTS temp._sync_remap")
+    conn.execute(f"CREATE TEMP TABLE _sync_remap AS SELECT * FROM {table} WHERE {where}")
+    with log_rewrite(conn):
+        conn.execute(f"DELETE FROM {table} WHERE {where}")
+    names = ", ".join(quote_identifier(c) for c in columns)
+    values = ", ".join(remap(c) if c in op_columns else quote_identifier(c) for c in columns)
+    # The sentinel (seq 0) is made again for the new id.
+    skip = f" WHERE op >= {op_id(LOCAL, 1)} OR op < {op_id(LOCAL, 0)}" if delete_from is not None else ""
+    conn.execute(f"INSERT INTO {table} ({names}) SELECT {values} FROM temp._sync_remap{skip}")
+    conn.execute("DROP TABLE temp._sync_remap")
+
+
+def restart_moved(conn: sqlite3.Connection, start: dict[str, int], old_id: str, keep: int, moved_hlc: int) -> str:
+    """Finish a recovery: the new id, its sentinel and starting tick at the first moved
+    operation's clock (so no moved clock is raised), the moved ticks' knowledge extended to
+    the old id's kept operations, and a closing tick above every clock held."""
+    device_id = random_device_id()
+    conn.execute("UPDATE _sync_devices SET device_id = ? WHERE idx = ?", [device_id, LOCAL])
+    text = json.dumps(start, sort_keys=True, separators=(",", ":"))
+    conn.executemany(
+        "INSERT INTO _sync_ops (op, hlc, tid, kind, rowkey) VALUES (?, ?, 0, ?, ?)",
+        [(op_id(LOCAL, 0), moved_hlc, TICK, None), (op_id(LOCAL, 1), moved_hlc, TICK, text)],
+    )
+    ticks = conn.execute(
+        "SELECT op, rowkey FROM _sync_ops WHERE op > ? AND kind = ?", [op_id(LOCAL, 1), TICK]
+    ).fetchall()
+    with log_rewrite(conn):
+        for op, clock_text in ticks:
+            known = json.loads(clock_text)
+            if keep:
+                known[old_id] = max(known.get(old_id, 0), keep)
+            conn.execute(
+                "UPDATE _sync_ops SET rowkey = ? WHERE op = ?", [json.dumps(known, sort_keys=True, separators=(",", ":")), op]
+            )
+    conn.executemany(
+        "INSERT OR REPLACE INTO _sync_knowledge (device, from_seq, clock) "
+        "SELECT ?, (op & ?) + 1, rowkey FROM _sync_ops WHERE op = ?",
+        [(LOCAL, SEQ_MASK, op) for op in [op_id(LOCAL, 1), *(op for op, _ in ticks)]],
+    )
+    (floor,) = conn.execute("SELECT max(hlc) FROM _sync_ops").fetchone()
+    append_tick(conn, {k: v for k, v in clock(conn).items() if k != device_id}, floor=floor)
+    return device_id

@@ -20,11 +20,13 @@ from .capture import (
 )
 from .errors import SyncError
 from .log import (
+    LOCAL,
     clock,
     connection,
     is_enabled,
     local_device_id,
     new_device as _new_device,
+    op_id,
     settle_clocks,
     unsettled_clocks,
 )
@@ -140,13 +142,28 @@ def sync_status(db: Any) -> dict[str, Any]:
     }
 
 
-def new_device(db: Any) -> str:
-    """Give a copied database file its own device id; returns the new id."""
+def new_device(db: Any, recover: bool = False) -> str:
+    """Give a copied database file its own device id; returns the new id.
+
+    :param recover: after ``device_id_clash``: also move the local operations no peer has
+        acknowledged to the new id (see :func:`sqlite_utils_sync.log.new_device`)
+    """
+    from .conflicts import rebuild_conflicts
+
     conn = connection(db)
     if not is_enabled(conn):
         raise SyncError("not_enabled", "This database has no synced tables")
     with transaction(conn), muted(conn):  # the triggers come back with the new clocks' floor
-        return _new_device(conn)
+        device_id = _new_device(conn, recover=recover)
+        # Conflict records name their operations: those of moved ones change.
+        rows = conn.execute(
+            "SELECT tid, rowkey FROM _sync_clashes WHERE b >= ?1 UNION SELECT tid, rowkey FROM _sync_resolutions "
+            "WHERE op >= ?1",
+            [op_id(LOCAL, 1)],
+        ).fetchall()
+        if rows:
+            rebuild_conflicts(conn, rows)
+        return device_id
 
 
 def repair(db: Any) -> dict[str, int]:
