@@ -592,8 +592,8 @@ class Importer:
                 raise self.fail(
                     "device_owned",
                     f"it adds new operations of device {device}, which another actor pushes to this hub (relaying "
-                    "them needs the sync-relay permission). If it is your device, run 'sqlite-utils sync-new-device' "
-                    "on its database to give it an id of its own, then sync again",
+                    "them needs the sync-relay permission). If it is your device, run 'sqlite-utils sync-new-device "
+                    "--recover' on its database to give its edits an id of its own, then sync again",
                 )
 
     def check_overlap(self, source: str, idx: int, tid: int, slots: list[int], pk: list[str], position: int) -> None:

@@ -1,0 +1,231 @@
+"""Device identity: who may push a device's operations to a hub, and recovering from a clash.
+
+Two databases holding different operations under one device id (a copied file edited on both
+sides, or operations pushed under someone else's id) refuse each other's bundles with
+``device_id_clash``. The error names one command, ``sync-new-device --recover``, which keeps
+every edit and makes syncing work again. A hub lets only the actor that first pushed a
+device's operations push new ones (``sync-relay`` lifts that), so a token holder cannot
+write as another's device in the first place.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+
+import pytest
+
+from conftest import make_todos_db, run, run_json
+from test_hub_sync import rows, upsert
+
+CONFIG = {
+    "databases": {
+        "hub": {
+            "permissions": {
+                "sync-export": {"id": ["alice", "mallory", "relay"]},
+                "sync-import": {"id": ["alice", "mallory", "relay"]},
+                "sync-relay": {"id": "relay"},
+            }
+        }
+    }
+}
+RECOVER = "run 'sqlite-utils sync-new-device --recover'"
+
+
+def status(path) -> dict:
+    return run_json(["sqlite-utils", "sync-status", path, "--json"])
+
+
+def conflicts(path) -> list:
+    return run_json(["sqlite-utils", "sync-conflicts", path, "--json", "--all"])
+
+
+def send(source, target, bundle) -> dict:
+    if bundle.exists():
+        bundle.unlink()
+    run(["sqlite-utils", "export-bundle", source, bundle])
+    return run_json(["sqlite-utils", "import-bundle", target, bundle, "--json"])
+
+
+def refused(target, bundle):
+    before = target.read_bytes()
+    result = run(["sqlite-utils", "import-bundle", target, bundle], check=False)
+    assert result.returncode == 1, result
+    assert target.read_bytes() == before
+    return result.stderr
+
+
+def sync(path, server, token, check=True):
+    args = ["sqlite-utils", "sync", path, server.url + "/hub", "--token", token]
+    return run(args, check=check)
+
+
+def push(server, bundle, token):
+    return server.post(
+        "/hub/-/sync/import",
+        content=bundle.read_bytes(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/vnd.sqlite3"},
+    )
+
+
+def hub_owners(path) -> dict:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT device_id, actor FROM _sync_device_actors"))
+    finally:
+        conn.close()
+
+
+def test_a_copied_file_edited_on_both_sides_recovers_with_the_command_the_error_names(tmp_path):
+    a = make_todos_db(tmp_path / "a.db", [{"id": 1, "title": "one", "done": 0}, {"id": 2, "title": "two", "done": 0}])
+    b = tmp_path / "b.db"
+    shutil.copy(a, b)  # and sync-new-device is forgotten
+    upsert(a, {"id": 1, "title": "edited on a"})
+    upsert(b, {"id": 2, "done": 1})
+    upsert(b, {"id": 3, "title": "new on b", "done": 0})
+    run(["sqlite-utils", "export-bundle", a, tmp_path / "a.bundle"])
+    run(["sqlite-utils", "export-bundle", b, tmp_path / "b.bundle"])
+    # Refused both ways, unchanged, with the command to run.
+    for target, bundle in ((b, "a.bundle"), (a, "b.bundle")):
+        error = refused(target, tmp_path / bundle)
+        assert error.startswith(f"Error: Bundle {bundle}: ") and status(a)["device_id"] in error, error
+        assert "device_id_clash" not in error and RECOVER in error and len(error.splitlines()) == 1
+    old_id = status(b)["device_id"]
+    new_id = run(["sqlite-utils", "sync-new-device", "--recover", b]).stdout.strip()
+    assert new_id != old_id and status(b)["device_id"] == new_id
+    send(b, a, tmp_path / "b.bundle")
+    send(a, b, tmp_path / "a.bundle")
+    expected = [
+        {"id": 1, "title": "edited on a", "done": 0},
+        {"id": 2, "title": "two", "done": 1},
+        {"id": 3, "title": "new on b", "done": 0},
+    ]
+    assert rows(a) == rows(b) == expected
+    assert conflicts(a) == conflicts(b) == []  # the moved operations are not made into conflicts
+    # From then on both sync as two devices: edits travel, concurrent ones are conflicts.
+    upsert(a, {"id": 3, "title": "a's title"})
+    upsert(b, {"id": 3, "title": "b's title"})
+    send(a, b, tmp_path / "a.bundle")
+    send(b, a, tmp_path / "b.bundle")
+    assert rows(a) == rows(b)
+    assert len(conflicts(a)) == len(conflicts(b)) == 1
+    # A third copy that meets everything agrees.
+    c = make_todos_db(tmp_path / "c.db")
+    send(a, c, tmp_path / "c.bundle")
+    assert rows(c) == rows(a) and conflicts(c) == conflicts(a)
+
+
+def test_recovery_moves_only_what_no_peer_acknowledged(tmp_path):
+    laptop = make_todos_db(tmp_path / "laptop.db", [{"id": 1, "title": "synced", "done": 0}])
+    server = make_todos_db(tmp_path / "server.db")
+    send(laptop, server, tmp_path / "up.bundle")
+    send(server, laptop, tmp_path / "down.bundle")  # the laptop learns what the server holds
+    old_id = status(laptop)["device_id"]
+    acknowledged = status(laptop)["clock"][old_id]
+    copy = tmp_path / "copy.db"
+    shutil.copy(laptop, copy)
+    upsert(laptop, {"id": 2, "title": "laptop, not synced", "done": 0})
+    upsert(copy, {"id": 3, "title": "copy, not synced", "done": 0})
+    send(laptop, server, tmp_path / "up.bundle")
+    error = refused(copy, tmp_path / "up.bundle")  # the server's version reaches the copy
+    assert RECOVER in error
+    run(["sqlite-utils", "sync-new-device", "--recover", copy])
+    # The acknowledged operations stay under the old id; the copy's own edit moved.
+    assert status(copy)["clock"][old_id] == acknowledged
+    send(server, copy, tmp_path / "down.bundle")
+    send(copy, server, tmp_path / "copy.bundle")
+    send(server, laptop, tmp_path / "down.bundle")
+    assert rows(laptop) == rows(copy) == rows(server) == [
+        {"id": 1, "title": "synced", "done": 0},
+        {"id": 2, "title": "laptop, not synced", "done": 0},
+        {"id": 3, "title": "copy, not synced", "done": 0},
+    ]
+    assert conflicts(laptop) == conflicts(copy) == conflicts(server) == []
+
+
+@pytest.fixture
+def owned_hub(tmp_path, datasette_server):
+    hub_path = make_todos_db(tmp_path / "hub.db")
+    server = datasette_server([hub_path], CONFIG)
+    server.path = hub_path
+    return server
+
+
+def test_a_push_under_another_actors_device_is_refused(tmp_path, owned_hub):
+    hub = owned_hub
+    alice, mallory = hub.token("alice"), hub.token("mallory")
+    victim = make_todos_db(tmp_path / "victim.db", [{"id": 1, "title": "alice's", "done": 0}])
+    sync(victim, hub, alice)
+    victim_id = status(victim)["device_id"]
+    assert hub_owners(hub.path)[victim_id] == "alice"
+    # Mallory writes the victim's next operation (from a copy of its file) and pushes it.
+    forged = tmp_path / "forged.db"
+    shutil.copy(victim, forged)
+    upsert(forged, {"id": 1, "title": "mallory was here"})
+    bundle = tmp_path / "forged.bundle"
+    since = status(hub.path)["clock"]
+    run(["sqlite-utils", "export-bundle", forged, bundle, "--since", __import__("json").dumps(since)])
+    before = hub.path.read_bytes()
+    response = push(hub, bundle, mallory)
+    assert response.status_code == 403, response.text
+    body = response.json()
+    assert body["reason"] == "device_owned"
+    assert body["error"].startswith(f"Bundle upload.bundle: it adds new operations of device {victim_id}, ")
+    assert "sync-relay" in body["error"]
+    assert hub.path.read_bytes() == before
+    # Duplicates relay freely: Mallory may send what the hub holds already.
+    full = tmp_path / "victim.bundle"
+    run(["sqlite-utils", "export-bundle", victim, full])
+    response = push(hub, full, mallory)
+    assert response.status_code == 200, response.text
+    assert response.json()["applied"] == 0 and response.json()["duplicates"] >= 1
+    # Mallory's own device is hers; the victim's next edit reaches the hub.
+    mine = make_todos_db(tmp_path / "mallory.db", [{"id": 9, "title": "mallory's own", "done": 0}])
+    sync(mine, hub, mallory)
+    assert hub_owners(hub.path)[status(mine)["device_id"]] == "mallory"
+    upsert(victim, {"id": 1, "title": "alice's edit"})
+    sync(victim, hub, alice)
+    assert rows(hub.path) == [{"id": 1, "title": "alice's edit", "done": 0}, {"id": 9, "title": "mallory's own", "done": 0}]
+    # Through the CLI, the refusal is one line.
+    upsert(mine, {"id": 9, "title": "edited"})
+    result = run(["sqlite-utils", "sync", mine, hub.url + "/hub", "--token", alice], check=False)
+    assert result.returncode == 1
+    assert "(403): Bundle upload.bundle: it adds new operations of device" in result.stderr
+    assert "sync-new-device --recover" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_relay_pushes_others_devices_and_a_victim_of_a_forged_operation_recovers(tmp_path, owned_hub):
+    hub = owned_hub
+    alice, relay = hub.token("alice"), hub.token("relay")
+    victim = make_todos_db(tmp_path / "victim.db", [{"id": 1, "title": "alice's", "done": 0}])
+    sync(victim, hub, alice)
+    # A forged next operation of the victim's device gets in (a relay pushes it; on an older hub
+    # anyone could): sync-relay may push another actor's device's new operations.
+    forged = tmp_path / "forged.db"
+    shutil.copy(victim, forged)
+    upsert(forged, {"id": 2, "title": "forged", "done": 0})
+    bundle = tmp_path / "forged.bundle"
+    run(["sqlite-utils", "export-bundle", forged, bundle])
+    response = push(hub, bundle, relay)
+    assert response.status_code == 200 and response.json()["applied"] >= 1, response.text
+    assert hub_owners(hub.path)[status(victim)["device_id"]] == "alice"  # a relay claims nothing
+    # The victim's own next edit: its sync now meets the forged operation.
+    upsert(victim, {"id": 1, "title": "alice's edit"})
+    before = victim.read_bytes()
+    result = sync(victim, hub, alice, check=False)
+    assert result.returncode == 1
+    assert RECOVER in result.stderr and len(result.stderr.splitlines()) == 1
+    assert victim.read_bytes() == before
+    run(["sqlite-utils", "sync-new-device", "--recover", victim])
+    sync(victim, hub, alice)
+    expected = [{"id": 1, "title": "alice's edit", "done": 0}, {"id": 2, "title": "forged", "done": 0}]
+    assert rows(victim) == rows(hub.path) == expected
+    assert conflicts(victim) == conflicts(hub.path) == []
+    assert hub_owners(hub.path)[status(victim)["device_id"]] == "alice"  # the new id is alice's too
+    # And syncs normally from then on.
+    upsert(victim, {"id": 3, "title": "later", "done": 0})
+    sync(victim, hub, alice)
+    other = make_todos_db(tmp_path / "other.db")
+    sync(other, hub, alice)
+    assert rows(other) == rows(victim) == rows(hub.path)
