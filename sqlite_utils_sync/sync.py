@@ -18,6 +18,7 @@ from .capture import (
     remember_captured,
     repair_drift,
 )
+from .conflicts import rebuild_conflicts
 from .errors import SyncError
 from .log import (
     LOCAL,
@@ -148,8 +149,6 @@ def new_device(db: Any, recover: bool = False) -> str:
     :param recover: after ``device_id_clash``: also move the local operations no peer has
         acknowledged to the new id (see :func:`sqlite_utils_sync.log.new_device`)
     """
-    from .conflicts import rebuild_conflicts
-
     conn = connection(db)
     if not is_enabled(conn):
         raise SyncError("not_enabled", "This database has no synced tables")
