@@ -37,6 +37,7 @@ from sqlite_utils_sync.bundle import BundleReader, parse_clock
 from sqlite_utils_sync.log import horizon, json_value
 
 from . import queries
+from .guard import sync_write
 from .permissions import EXPORT, IMPORT, RESOLVE, VIEW, can, can_alter
 
 PLUGIN = "datasette-sync"
@@ -627,10 +628,11 @@ async def import_endpoint(datasette, request):
             # Check every hash before queueing the write, off the event loop: a bad bundle
             # never takes a turn on the write thread.
             await asyncio.to_thread(validate_bundle, path)
-            result = await db.execute_write_fn(
-                lambda conn: import_bundle(conn, path, alter=alter, actor=None if actor_id is None else str(actor_id)),
-                transaction=False,
-            )
+            with sync_write():
+                result = await db.execute_write_fn(
+                    lambda conn: import_bundle(conn, path, alter=alter, actor=None if actor_id is None else str(actor_id)),
+                    transaction=False,
+                )
         except SyncError as ex:
             return error(str(ex), 400, ex.reason)
         except sqlite3.Error as ex:
@@ -722,7 +724,8 @@ async def resolve_endpoint(datasette, request):
         # conflicts page: its versions hold that table's rows.
         if table is None or not await can_view_table(datasette, request.actor, db.name, table):
             raise SyncError("unknown_conflict", f"No conflict with id {conflict_id}")
-        op, record = await db.execute_write_fn(write, transaction=False)
+        with sync_write():
+            op, record = await db.execute_write_fn(write, transaction=False)
     except SyncError as ex:
         status = {"unknown_conflict": 404, "already_resolved": 409}.get(ex.reason, 400)
         if wants_json:
