@@ -469,3 +469,47 @@ async def test_resolve_with_hostile_bodies_is_a_4xx(tmp_path):
         assert 400 <= response.status_code < 500, (body[:30], response.status_code, response.text[:200])
         assert response.json()["ok"] is False
     assert path.read_bytes() == before
+
+
+def test_export_with_messages_cookie_head_and_percent_encoded_name(tmp_path, datasette_server):
+    """On a real ``datasette serve``: a database named ``data base``, written ``data%20base``
+    as clients do; the ``ds_messages`` cookie the resolve form sets; ``HEAD`` on export."""
+    import httpx
+
+    from test_datasette_permissions import make_databases
+
+    path = make_databases(tmp_path)
+    spaced = path.with_name("data base.db")
+    path.rename(spaced)
+    grants = {action: {"id": "alice"} for action in ("sync-export", "sync-import", "sync-resolve")}
+    server = datasette_server([spaced], {"databases": {"data base": {"permissions": grants}}})
+    bearer = {"Authorization": f"Bearer {server.token('alice')}"}
+    [conflict] = list_conflicts(sqlite_utils.Database(spaced))
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for base in ("/data%20base", "/data~20base"):
+            assert client.get(f"{base}/-/sync.json").json()["enabled"] is True, base
+            response = client.get(f"{base}/-/sync/export", headers=bearer)
+            assert response.status_code == 200, (base, response.text)
+            assert response.content[:16] == b"SQLite format 3\x00"
+        # The conflicts page's form (keep= accepts the table) answers with a redirect that
+        # sets ds_messages; the browser sends it back on its next request.
+        response = client.post(
+            f"/data%20base/-/sync/conflicts/{conflict['id']}/resolve",
+            content=b"keep=",
+            headers={**bearer, "content-type": "application/x-www-form-urlencoded"},
+        )
+        assert response.status_code == 302, response.text
+        assert "ds_messages" in client.cookies
+        get = client.get("/data%20base/-/sync/export", headers=bearer)
+        assert get.status_code == 200, get.text
+        assert get.content[:16] == b"SQLite format 3\x00"
+        head = client.head("/data%20base/-/sync/export", headers=bearer)
+        assert head.status_code == 200, head.text
+        assert head.content == b""
+        assert int(head.headers["content-length"]) > 0
+        assert head.headers["x-sync-clock"] == get.headers["x-sync-clock"]
+        assert head.headers["x-sync-operations"] == get.headers["x-sync-operations"]
+        assert head.headers["content-type"] == "application/vnd.sqlite3"
+        missing = client.get("/no%20such/-/sync/export", headers=bearer)
+        assert missing.status_code == 404 and missing.json()["reason"] == "not_found"
+    assert "Traceback" not in server.output()
