@@ -113,7 +113,11 @@ def import_sqlite_error(ex: sqlite3.Error, database: str) -> tuple[str, int, str
     if is_busy(ex):
         return sqlite_error(ex, database)
     code = getattr(ex, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None and code & 0xFF in SERVER_SIDE or code is None and any(t in str(ex).lower() for t in SERVER_SIDE_TEXT):
+    if code is not None:
+        server_side = (code & 0xFF) in SERVER_SIDE
+    else:
+        server_side = any(text in str(ex).lower() for text in SERVER_SIDE_TEXT)
+    if server_side:
         return sqlite_error(ex, database)
     return f"Bundle could not be read: {ex}. Nothing was imported", 400, "invalid_bundle", None
 
