@@ -22,27 +22,29 @@ PREFIX = "_sync_"
 _sync_write = contextvars.ContextVar("datasette_sync_write", default=False)
 
 _ROW_WRITES = {sqlite3.SQLITE_INSERT, sqlite3.SQLITE_UPDATE, sqlite3.SQLITE_DELETE}
-# Schema changes: (action, which argument names the object, which names its table).
+# Schema changes, and which authorizer arguments (1 or 2) must not be a _sync_* name. Dropping
+# a table drops its triggers and indexes too, so for those drops only the table counts: a
+# synced table can still be dropped or rebuilt (its capture triggers go with it, as before).
 _SCHEMA = {
-    sqlite3.SQLITE_CREATE_TABLE: (1, 1),
-    sqlite3.SQLITE_CREATE_TEMP_TABLE: (1, 1),
-    sqlite3.SQLITE_DROP_TABLE: (1, 1),
-    sqlite3.SQLITE_DROP_TEMP_TABLE: (1, 1),
+    sqlite3.SQLITE_CREATE_TABLE: (1,),
+    sqlite3.SQLITE_CREATE_TEMP_TABLE: (1,),
+    sqlite3.SQLITE_DROP_TABLE: (1,),
+    sqlite3.SQLITE_DROP_TEMP_TABLE: (1,),
     sqlite3.SQLITE_CREATE_INDEX: (1, 2),
     sqlite3.SQLITE_CREATE_TEMP_INDEX: (1, 2),
-    sqlite3.SQLITE_DROP_INDEX: (1, 2),
-    sqlite3.SQLITE_DROP_TEMP_INDEX: (1, 2),
+    sqlite3.SQLITE_DROP_INDEX: (2,),
+    sqlite3.SQLITE_DROP_TEMP_INDEX: (2,),
     sqlite3.SQLITE_CREATE_TRIGGER: (1, 2),
     sqlite3.SQLITE_CREATE_TEMP_TRIGGER: (1, 2),
-    sqlite3.SQLITE_DROP_TRIGGER: (1, 2),
-    sqlite3.SQLITE_DROP_TEMP_TRIGGER: (1, 2),
-    sqlite3.SQLITE_CREATE_VIEW: (1, 1),
-    sqlite3.SQLITE_CREATE_TEMP_VIEW: (1, 1),
-    sqlite3.SQLITE_ALTER_TABLE: (2, 2),
+    sqlite3.SQLITE_DROP_TRIGGER: (2,),
+    sqlite3.SQLITE_DROP_TEMP_TRIGGER: (2,),
+    sqlite3.SQLITE_CREATE_VIEW: (1,),
+    sqlite3.SQLITE_CREATE_TEMP_VIEW: (1,),
+    sqlite3.SQLITE_ALTER_TABLE: (2,),
 }
 for _name in ("SQLITE_CREATE_VTABLE", "SQLITE_DROP_VTABLE"):
     if hasattr(sqlite3, _name):
-        _SCHEMA[getattr(sqlite3, _name)] = (1, 1)
+        _SCHEMA[getattr(sqlite3, _name)] = (1,)
 
 
 def is_sync_name(name: str | None) -> bool:
@@ -56,9 +58,7 @@ def authorizer(action, arg1, arg2, schema, source):
         if is_sync_name(arg1) and not is_sync_name(source):
             return sqlite3.SQLITE_DENY
     elif action in _SCHEMA:
-        name_arg, table_arg = _SCHEMA[action]
-        names = (arg1, arg2)
-        if is_sync_name(names[name_arg - 1]) or is_sync_name(names[table_arg - 1]):
+        if any(is_sync_name((arg1, arg2)[position - 1]) for position in _SCHEMA[action]):
             return sqlite3.SQLITE_DENY
     return sqlite3.SQLITE_OK
 

@@ -182,6 +182,16 @@ def test_no_actor_changes_a_sync_table_through_datasette(hub, tmp_path):
     conn.close()
     assert titles == ["Buy milk", "From the phone", "Via the API"]
     assert logged >= len(before["_sync_ops"]) + 3  # the push and both API writes were logged
+    # A synced table itself can still be altered, rebuilt and dropped by those granted it
+    # (its capture triggers go with it), without a 500.
+    for route, body in (
+        ("/hub/todos/-/alter", {"operations": [{"op": "add_column", "args": {"name": "note", "type": "text"}}]}),
+        ("/hub/todos/-/alter", {"operations": [{"op": "rename_column", "args": {"name": "note", "to": "memo"}}]}),
+        ("/hub/todos/-/drop", {"confirm": True}),
+    ):
+        response = client.post(route, json=body, headers=auth)
+        assert response.status_code == 200, (route, response.status_code, response.text[:300])
+    assert "Traceback" not in server.output()
 
 
 PAGES = [
