@@ -8,7 +8,7 @@ from markupsafe import Markup
 
 from sqlite_utils_sync.log import is_enabled, json_value
 
-from . import permissions, views
+from . import guard, permissions, views
 
 
 @hookimpl
@@ -19,6 +19,11 @@ def register_actions(datasette):
 @hookimpl
 def permission_resources_sql(datasette, actor, action):
     return permissions.default_permission_sql(datasette, action)
+
+
+@hookimpl
+def write_wrapper(datasette, database, request, transaction):
+    return guard.write_wrapper(datasette, database, request, transaction)
 
 
 @hookimpl

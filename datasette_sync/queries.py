@@ -135,7 +135,7 @@ def parse_pk_filter(conn: sqlite3.Connection, text: str) -> list[str]:
     """
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         value = None
     if isinstance(value, list) and value:
         candidates = [[decode_json_value(v) for v in value]]
@@ -143,7 +143,9 @@ def parse_pk_filter(conn: sqlite3.Connection, text: str) -> list[str]:
         choices = []
         for part in text.split(","):
             options: list[Any] = [part]
-            if re.fullmatch(r"-?\d+", part.strip()):
+            # No SQLite integer has more than 20 characters; longer digit runs stay text
+            # (int() refuses very long ones).
+            if re.fullmatch(r"-?\d{1,20}", part.strip()):
                 options.insert(0, int(part))
             elif re.fullmatch(r"-?\d+\.\d*(e-?\d+)?", part.strip()):
                 options.insert(0, float(part))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -21,8 +22,8 @@ from typing import Any
 
 from datasette import Response
 from datasette.resources import TableResource
-from datasette.utils import tilde_encode
-from datasette.utils.asgi import AsgiFileDownload, BadRequest, Base400, Forbidden, NotFound, asgi_send_file
+from datasette.utils import tilde_decode, tilde_encode
+from datasette.utils.asgi import BadRequest, Base400, Forbidden, NotFound
 from markupsafe import Markup, escape
 
 from sqlite_utils_sync import (
@@ -37,7 +38,10 @@ from sqlite_utils_sync.bundle import BundleReader, parse_clock
 from sqlite_utils_sync.log import DEFAULT_MAX_CLOCK_SKEW, horizon, json_value, parse_duration
 
 from . import queries
+from .guard import sync_write
 from .permissions import EXPORT, IMPORT, RELAY, RESOLVE, VIEW, can, can_alter
+
+log = logging.getLogger("datasette_sync")
 
 PLUGIN = "datasette-sync"
 DEFAULT_MAX_BUNDLE_BYTES = 100 * 1024 * 1024
@@ -91,6 +95,31 @@ def sqlite_error(ex: sqlite3.Error, database: str) -> tuple[str, int, str, dict 
         message = f"Database {database} is busy: another connection holds a lock on it. Retry in a few seconds"
         return message, 503, "busy", {"Retry-After": str(BUSY_RETRY_SECONDS)}
     return f"SQLite error: {ex}", 500, "sqlite_error", None
+
+
+# SQLite result codes that say the hub itself is in trouble (disk full, I/O, permissions),
+# whatever bundle was being imported. Any other error while importing comes from the bundle.
+SERVER_SIDE = {
+    getattr(sqlite3, name)
+    for name in ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_NOMEM", "SQLITE_PERM")
+    if hasattr(sqlite3, name)
+}
+SERVER_SIDE_TEXT = ("disk is full", "disk i/o error", "readonly database", "unable to open", "out of memory")
+
+
+def import_sqlite_error(ex: sqlite3.Error, database: str) -> tuple[str, int, str, dict | None]:
+    """An SQLite error while importing a pushed bundle: a lock is temporary (503), the hub's
+    own trouble is a 500, and anything else (a malformed chunk image, say) is the bundle's 400."""
+    if is_busy(ex):
+        return sqlite_error(ex, database)
+    code = getattr(ex, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        server_side = (code & 0xFF) in SERVER_SIDE
+    else:
+        server_side = any(text in str(ex).lower() for text in SERVER_SIDE_TEXT)
+    if server_side:
+        return sqlite_error(ex, database)
+    return f"Bundle could not be read: {ex}. Nothing was imported", 400, "invalid_bundle", None
 
 
 def clock_header(clock: dict[str, int]) -> str:
@@ -194,11 +223,26 @@ async def hidden_tables(datasette, request, db) -> frozenset[str]:
     return frozenset(hidden)
 
 
+def resolve_database(datasette, request):
+    """The database named in the URL, tilde-encoded as Datasette writes it or %-encoded
+    (``data%20base``) as clients and browsers do: Datasette's own pages accept both."""
+    route = request.url_vars["database"]
+    names = [tilde_decode(route)]
+    if "%" in route:
+        names.append(urllib.parse.unquote(route))
+    for name in names:
+        try:
+            return datasette.get_database(route=name)
+        except KeyError:
+            pass
+    raise NotFound(f"Database not found: {names[-1]}")
+
+
 async def page_database(datasette, request):
     """The database of a sync page, after the sync-view check (404, then 403)."""
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed("Sync pages only answer GET")
-    db = await datasette.resolve_database(request)
+    db = resolve_database(datasette, request)
     if not await can(datasette, request.actor, VIEW, db.name):
         raise Forbidden("Permission denied")
     return db
@@ -497,10 +541,10 @@ async def endpoint_database(datasette, request, method: str, action: str):
         # recognised would otherwise look like a missing permission (403).
         return None, error("Invalid token: the Bearer token does not authenticate any actor", 401, "unauthorized")
     try:
-        db = await datasette.resolve_database(request)
+        db = resolve_database(datasette, request)
     except NotFound:
         return None, error("Database not found", 404, "not_found")
-    if request.method != method:
+    if request.method != method and not (method == "GET" and request.method == "HEAD"):
         return None, error(f"Use {method}", 405, "method_not_allowed")
     if not await can(datasette, request.actor, action, db.name):
         return None, error("Permission denied", 403, "forbidden")
@@ -513,7 +557,7 @@ async def export_endpoint(datasette, request):
     if problem:
         return problem
     try:
-        since = parse_clock(request.args.get("since") or None, "since query parameter")
+        since = parse_since(request.args.get("since") or None)
     except SyncError as ex:
         return error(str(ex), 400, ex.reason)
 
@@ -539,28 +583,57 @@ async def export_endpoint(datasette, request):
         directory,
         path,
         filename=f"{result.bundle_id}.bundle",
-        content_type="application/vnd.sqlite3",
         headers={"X-Sync-Clock": clock_header(result.clock), "X-Sync-Operations": str(result.operations)},
+        body=request.method != "HEAD",
     )
 
 
-class BundleDownload(AsgiFileDownload):
-    """Streams a bundle from its temporary file (never whole in memory), then removes it."""
+def parse_since(text: str | None) -> dict[str, int]:
+    try:
+        return parse_clock(text, "since query parameter")
+    except RecursionError:
+        # json.loads gives up on deep nesting: no clock nests at all.
+        raise SyncError("invalid_clock", "since query parameter is not a clock: it nests too deeply")
 
-    def __init__(self, directory: pathlib.Path, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+
+class BundleDownload(Response):
+    """Streams a bundle from its temporary file (never whole in memory), then removes it.
+
+    A ``Response``, so Datasette can add its cookies (it sets ``ds_messages`` on any
+    response to a request that carries one). ``body=False`` answers a HEAD: the headers only.
+    """
+
+    CHUNK = 1 << 16
+
+    def __init__(self, directory: pathlib.Path, path: pathlib.Path, filename: str, headers: dict, body: bool = True):
+        super().__init__(status=200, headers=headers, content_type="application/vnd.sqlite3")
         self.directory = directory
+        self.path = path
+        self.filename = filename
+        self.body_wanted = body
 
     async def asgi_send(self, send):
         try:
-            await asgi_send_file(
-                send,
-                self.filepath,
-                filename=self.filename,
-                content_type=self.content_type,
-                chunk_size=1 << 16,
-                headers=self.headers,
-            )
+            size = (await asyncio.to_thread(os.stat, self.path)).st_size
+            headers = {
+                **self.headers,
+                "content-type": self.content_type,
+                "content-disposition": f'attachment; filename="{self.filename}"',
+                "content-length": str(size),
+            }
+            raw = [[key.lower().encode("latin-1"), str(value).encode("latin-1")] for key, value in headers.items()]
+            raw += [[b"set-cookie", cookie.encode("latin-1")] for cookie in self._set_cookie_headers]
+            await send({"type": "http.response.start", "status": self.status, "headers": raw})
+            if not self.body_wanted:
+                await send({"type": "http.response.body", "body": b""})
+                return
+            with await asyncio.to_thread(open, self.path, "rb") as source:
+                while True:
+                    chunk = await asyncio.to_thread(source.read, self.CHUNK)
+                    more = len(chunk) == self.CHUNK
+                    await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                    if not more:
+                        break
         finally:
             await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
@@ -638,21 +711,29 @@ async def import_endpoint(datasette, request):
             # Check every hash before queueing the write, off the event loop: a bad bundle
             # never takes a turn on the write thread.
             await asyncio.to_thread(validate_bundle, path)
-            result = await db.execute_write_fn(
-                lambda conn: import_bundle(
-                    conn,
-                    path,
-                    alter=alter,
-                    actor=None if actor_id is None else str(actor_id),
-                    max_clock_skew=skew,
-                    may_relay=may_relay,
-                ),
-                transaction=False,
-            )
+            with sync_write():
+                result = await db.execute_write_fn(
+                    lambda conn: import_bundle(
+                        conn,
+                        path,
+                        alter=alter,
+                        actor=None if actor_id is None else str(actor_id),
+                        max_clock_skew=skew,
+                        may_relay=may_relay,
+                    ),
+                    transaction=False,
+                )
         except SyncError as ex:
             return error(str(ex), 403 if ex.reason == "device_owned" else 400, ex.reason)
         except sqlite3.Error as ex:
-            return error(*sqlite_error(ex, db.name))
+            return error(*import_sqlite_error(ex, db.name))
+        except Exception as ex:
+            # The body is the only input here, and the import rolled back: the sender's
+            # problem (400), logged in full so a bug in reading bundles is still seen.
+            log.exception("datasette-sync: a bundle pushed to %s could not be imported", db.name)
+            return error(
+                f"Bundle could not be read ({type(ex).__name__}): nothing was imported", 400, "invalid_bundle"
+            )
     body = result.as_dict()
     body["clock"] = result.clock
     return Response.json(body, headers={"X-Sync-Clock": clock_header(result.clock)})
@@ -666,7 +747,8 @@ def json_keep(raw: bytes) -> str | None:
     is refused: a typo must not silently accept what is in the table now."""
     try:
         body = json.loads(raw.strip() or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):
+        # RecursionError: nesting deeper than json can read, which no valid request has.
         raise SyncError("invalid_json", f"Request body is not valid JSON: {KEEP_HELP}")
     if not isinstance(body, dict):
         raise SyncError("invalid_request", f"Request body must be a JSON object: {KEEP_HELP}")
@@ -740,7 +822,8 @@ async def resolve_endpoint(datasette, request):
         # conflicts page: its versions hold that table's rows.
         if table is None or not await can_view_table(datasette, request.actor, db.name, table):
             raise SyncError("unknown_conflict", f"No conflict with id {conflict_id}")
-        op, record = await db.execute_write_fn(write, transaction=False)
+        with sync_write():
+            op, record = await db.execute_write_fn(write, transaction=False)
     except SyncError as ex:
         status = {"unknown_conflict": 404, "already_resolved": 409}.get(ex.reason, 400)
         if wants_json:

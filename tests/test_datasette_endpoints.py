@@ -381,3 +381,135 @@ async def test_locked_database_answers_503(devices, tmp_path, own_tempdir):
     assert snapshot(hub) == before
     assert leftovers(own_tempdir) == []
     assert (await ds.client.post("/hub/-/sync/import", content=bundle, actor=ROOT)).json()["applied"] == 3
+
+
+# Bad input never a 500; names, cookies and HEAD as Datasette's own pages take them ---------
+
+
+def malformed_chunk_bundle(source, target):
+    """``source`` with its first chunk image's ops page broken, resealed with a valid hash:
+    what any sender can make."""
+    from sync_helpers import reseal, rewrite
+
+    target.write_bytes(source.read_bytes())
+
+    def tamper(conn):
+        chunk_id, data = conn.execute("SELECT id, data FROM bundle_chunks ORDER BY id").fetchone()
+        page_size = int.from_bytes(data[16:18], "big") or 65536
+        assert len(data) >= 2 * page_size
+        broken = bytearray(data)
+        broken[page_size : page_size + 8] = b"\xff" * 8  # page 2 (the ops table) is no b-tree page
+        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [bytes(broken), chunk_id])
+        reseal(conn)
+
+    rewrite(target, tamper)
+    return target
+
+
+async def test_malformed_chunk_image_is_a_400(ds, devices, tmp_path):
+    hub = devices[0]
+    path = malformed_chunk_bundle(tmp_path / "phone1.bundle", tmp_path / "malformed.bundle")
+    before = snapshot(hub)
+    response = await ds.client.post("/hub/-/sync/import", content=path.read_bytes(), actor=ROOT)
+    assert response.status_code == 400, response.text
+    assert response.json()["ok"] is False
+    assert response.json()["reason"] in ("invalid_bundle", "invalid_operation")
+    assert "malformed" in response.json()["error"] or "cannot be read" in response.json()["error"]
+    assert snapshot(hub) == before
+    # The hub still takes a good bundle.
+    response = await ds.client.post("/hub/-/sync/import", content=(tmp_path / "phone2.bundle").read_bytes(), actor=ROOT)
+    assert response.status_code == 200
+
+
+DEEP = "[" * 15_000
+
+
+async def test_deeply_nested_arguments_and_bodies_are_400s(ds, devices, tmp_path):
+    hub = devices[0]
+    import_bundle(hub, tmp_path / "phone1.bundle")
+    before = snapshot(hub)
+    response = await ds.client.get("/hub/-/sync/export", params={"since": DEEP}, actor=ROOT)
+    assert response.status_code == 400 and response.json()["reason"] == "invalid_clock", response.text
+    response = await ds.client.get("/hub/-/sync/export", params={"since": '{"a":' * 3000}, actor=ROOT)
+    assert response.status_code == 400 and response.json()["reason"] == "invalid_clock", response.text
+    for pk in (DEEP, "9" * 5000, "9" * 5000 + ",1", "1e999999"):
+        for page in ("/hub/-/sync/operations", "/hub/-/sync/operations.json"):
+            response = await ds.client.get(page, params={"table": "todos", "pk": pk}, actor=ROOT)
+            assert response.status_code in (200, 400), (page, pk[:20], response.status_code)
+            if page.endswith(".json") and response.status_code == 200:
+                assert response.json()["operations"] == []
+    assert snapshot(hub) == before
+
+
+async def test_resolve_with_hostile_bodies_is_a_4xx(tmp_path):
+    from test_datasette_permissions import make_databases
+
+    path = make_databases(tmp_path)
+    ds = Datasette([str(path)])
+    ds.root_enabled = True
+    await ds.invoke_startup()
+    db = sqlite_utils.Database(path)
+    [conflict] = list_conflicts(db)
+    before = path.read_bytes()
+    url = f"/data/-/sync/conflicts/{conflict['id']}/resolve"
+    bodies = [
+        ("application/json", DEEP.encode()),
+        ("application/json", ('{"keep":' * 15_000).encode()),
+        ("application/json", b'{"keep": "\xff\xfe"}'),
+        ("application/json", b"\xff\xfe\x00{"),
+        ("application/json", b'{"keep": "\\ud800"}'),
+        ("application/json", b'{"keep": ' + b"9" * 5000 + b"}"),
+        ("application/x-www-form-urlencoded", b"keep=\xff\xfe"),
+        ("application/x-www-form-urlencoded", b"keep=" + b"%5B" * 15_000),
+    ]
+    for content_type, body in bodies:
+        response = await ds.client.post(
+            url, content=body, headers={"content-type": content_type, "accept": "application/json"}, actor=ROOT
+        )
+        assert 400 <= response.status_code < 500, (body[:30], response.status_code, response.text[:200])
+        assert response.json()["ok"] is False
+    assert path.read_bytes() == before
+
+
+def test_export_with_messages_cookie_head_and_percent_encoded_name(tmp_path, datasette_server):
+    """On a real ``datasette serve``: a database named ``data base``, written ``data%20base``
+    as clients do; the ``ds_messages`` cookie the resolve form sets; ``HEAD`` on export."""
+    import httpx
+
+    from test_datasette_permissions import make_databases
+
+    path = make_databases(tmp_path)
+    spaced = path.with_name("data base.db")
+    path.rename(spaced)
+    grants = {action: {"id": "alice"} for action in ("sync-export", "sync-import", "sync-resolve")}
+    server = datasette_server([spaced], {"databases": {"data base": {"permissions": grants}}})
+    bearer = {"Authorization": f"Bearer {server.token('alice')}"}
+    [conflict] = list_conflicts(sqlite_utils.Database(spaced))
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        for base in ("/data%20base", "/data~20base"):
+            assert client.get(f"{base}/-/sync.json").json()["enabled"] is True, base
+            response = client.get(f"{base}/-/sync/export", headers=bearer)
+            assert response.status_code == 200, (base, response.text)
+            assert response.content[:16] == b"SQLite format 3\x00"
+        # The conflicts page's form (keep= accepts the table) answers with a redirect that
+        # sets ds_messages; the browser sends it back on its next request.
+        response = client.post(
+            f"/data%20base/-/sync/conflicts/{conflict['id']}/resolve",
+            content=b"keep=",
+            headers={**bearer, "content-type": "application/x-www-form-urlencoded"},
+        )
+        assert response.status_code == 302, response.text
+        assert "ds_messages" in client.cookies
+        get = client.get("/data%20base/-/sync/export", headers=bearer)
+        assert get.status_code == 200, get.text
+        assert get.content[:16] == b"SQLite format 3\x00"
+        head = client.head("/data%20base/-/sync/export", headers=bearer)
+        assert head.status_code == 200, head.text
+        assert head.content == b""
+        assert int(head.headers["content-length"]) > 0
+        assert head.headers["x-sync-clock"] == get.headers["x-sync-clock"]
+        assert head.headers["x-sync-operations"] == get.headers["x-sync-operations"]
+        assert head.headers["content-type"] == "application/vnd.sqlite3"
+        missing = client.get("/no%20such/-/sync/export", headers=bearer)
+        assert missing.status_code == 404 and missing.json()["reason"] == "not_found"
+    assert "Traceback" not in server.output()
