@@ -67,11 +67,12 @@ ACTIONS = [
 ]
 
 
-# Table-scoped actions denied on every _sync_* table. create-table is database-scoped in
-# Datasette, so a new table named _sync_* is refused by the write guard (guard.py) instead.
-SYNC_TABLE_DENIED = frozenset(
-    {"view-table", "insert-row", "update-row", "delete-row", "alter-table", "drop-table", "set-column-type"}
-)
+# Table-scoped actions denied on every _sync_* table. Row writes are not among them:
+# Datasette's write SQL checks them on the tables its triggers write, so denying them would
+# refuse every write SQL on a synced table. The write guard (guard.py) refuses row writes to
+# _sync_* tables that do not come from a capture trigger, and creating a _sync_* table
+# (create-table is database-scoped in Datasette).
+SYNC_TABLE_DENIED = frozenset({"view-table", "alter-table", "drop-table", "set-column-type"})
 
 # The engine's tables, denied even before Datasette's catalog (refreshed at most once a
 # second) lists them; the catalog covers every other _sync_* table.

@@ -176,12 +176,17 @@ def test_no_actor_changes_a_sync_table_through_datasette(hub, tmp_path):
     auth = {"Authorization": f"Bearer {tokens['writer']}"}
     assert client.post("/hub/todos/-/insert", json={"rows": [{"id": 8, "title": "Via the API", "done": 0}]}, headers=auth).status_code == 201
     assert client.post("/hub/todos/8/-/update", json={"update": {"done": 1}}, headers=auth).status_code == 200
+    # Write SQL on a synced table works too: its capture triggers may write the log.
+    response = client.post(
+        "/hub/-/execute-write", json={"sql": "UPDATE todos SET title = 'Via SQL' WHERE id = 8"}, headers=auth
+    )
+    assert response.status_code == 200, response.text[:300]
     conn = sqlite3.connect(path)
     titles = [r[0] for r in conn.execute("SELECT title FROM todos ORDER BY id")]
     logged = conn.execute("SELECT count(*) FROM _sync_ops").fetchone()[0]
     conn.close()
-    assert titles == ["Buy milk", "From the phone", "Via the API"]
-    assert logged >= len(before["_sync_ops"]) + 3  # the push and both API writes were logged
+    assert titles == ["Buy milk", "From the phone", "Via SQL"]
+    assert logged >= len(before["_sync_ops"]) + 4  # the push, both API writes and the SQL were logged
     # A synced table itself can still be altered, rebuilt and dropped by those granted it
     # (its capture triggers go with it), without a 500.
     for route, body in (
