@@ -288,7 +288,9 @@ def run(args) -> dict:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    server_errors = [line for line in open(log_path, errors="replace") if " 500 " in line or "Traceback" in line]
+    log_lines = open(log_path, errors="replace").readlines()
+    server_errors = [line for line in log_lines if " 500 " in line or "Traceback" in line]
+    busy_answers = sum(1 for line in log_lines if '" 503 ' in line)
     latencies = sorted(x for s in stats for x in s["latencies"])
     failures = [f for s in stats for f in s["failures"]]
     by_reason: dict[str, int] = {}
@@ -312,6 +314,7 @@ def run(args) -> dict:
         "failed_syncs": len(failures),
         "failed_by_reason": by_reason,
         "busy_retries": sum(s["retries"] for s in stats),
+        "hub_503_answers": busy_answers,
         "crashed_clients": crashed,
         "settle_rounds": rounds,
         "settle_failures": len(settle_failures),
@@ -335,7 +338,7 @@ def report(result: dict) -> str:
         f"syncs: {result['syncs']} ({result['syncs_per_second']}/s), "
         f"latency p50 {result['latency_p50_ms']} ms, p99 {result['latency_p99_ms']} ms, max {result['latency_max_ms']} ms",
         f"failed syncs: {result['failed_syncs']} {result['failed_by_reason'] or ''}".rstrip(),
-        f"503 busy answers retried by the client: {result['busy_retries']}",
+        f"503 busy answers retried by the clients: {result['busy_retries']} (hub log: {result['hub_503_answers']})",
         f"hub: {result['hub_operations']} operations, {result['conflicts']} conflicts "
         f"({result['unresolved_conflicts']} unresolved)",
         f"settled in {result['settle_rounds']} round(s) of syncs; "
