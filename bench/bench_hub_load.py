@@ -176,13 +176,36 @@ def sync_once(conn, db_path: str, url: str, token: str, cli: bool) -> tuple[str 
     return None, len(retried)
 
 
+def warm_up() -> None:
+    """What a process pays once, not per sync: importing httpx, making its TLS context."""
+    import httpx  # noqa: F401
+
+    from sqlite_utils_sync.client import _tls_context
+
+    _tls_context()
+
+
+def wait_for_start(workdir: str, me: int) -> tuple[float, float]:
+    """Say this client is ready, then wait for the run's (start, until), set once all are."""
+    open(os.path.join(workdir, f"ready-{me}"), "w").close()
+    go = os.path.join(workdir, "go.json")
+    while not os.path.exists(go):
+        time.sleep(0.02)
+    with open(go) as fp:
+        times = json.load(fp)
+    time.sleep(max(0.0, times["start"] - time.time()))  # every client starts together
+    return times["start"], times["until"]
+
+
 def worker(args) -> None:
     rng = random.Random(args.worker)
     conn = sqlite3.connect(args.db, isolation_level=None, timeout=30)
     stats = {"latencies": [], "failures": [], "retries": 0}
-    time.sleep(max(0.0, args.start - time.time()))  # every client starts together
+    if not args.cli:
+        warm_up()
+    start, until = wait_for_start(os.path.dirname(args.out), args.worker)
     step = 0
-    while (args.syncs and step < args.syncs) or (not args.syncs and time.time() < args.until):
+    while (args.syncs and step < args.syncs) or (not args.syncs and time.time() < until):
         step += 1
         if step > 1:  # the first sync pulls the shared rows
             edit(conn, rng, args.worker, args.shared, step)
@@ -261,9 +284,25 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
+def start_together(workdir: str, workers: list[subprocess.Popen], seconds: float) -> float:
+    """Once every client process is ready, tell them all when to start and stop."""
+    ready = [os.path.join(workdir, f"ready-{n}") for n in range(len(workers))]
+    while not all(os.path.exists(path) for path in ready):
+        if any(w.poll() is not None for w in workers):
+            break  # a client died while starting: the others still run, it is reported
+        time.sleep(0.05)
+    start = time.time() + 0.5
+    with open(os.path.join(workdir, "go.json.tmp"), "w") as fp:
+        json.dump({"start": start, "until": start + seconds}, fp)
+    os.replace(os.path.join(workdir, "go.json.tmp"), os.path.join(workdir, "go.json"))
+    return start
+
+
 def run(args) -> dict:
     workdir = args.dir or tempfile.mkdtemp(prefix="bench-hub-load-")
     os.makedirs(workdir, exist_ok=True)
+    if os.listdir(workdir):
+        raise SystemExit(f"--dir {workdir} must be a new or empty directory")
     hub_path = os.path.join(workdir, "hub.db")
     make_hub(hub_path, args.shared, args.wal)
     keys = tokens(args.clients)
@@ -272,14 +311,13 @@ def run(args) -> dict:
         make_client(path)
     proc, url, log_path = start_hub(workdir, hub_path)
     try:
-        start = time.time() + 1.0 + 0.1 * args.clients  # time for every process to start
         workers = []
         for n, (path, token) in enumerate(zip(paths, keys)):
             command = [sys.executable, os.path.abspath(__file__), "--worker", str(n), "--db", path, "--url", url,
-                       "--token", token, "--start", str(start), "--until", str(start + args.seconds),
-                       "--syncs", str(args.syncs or 0), "--shared", str(args.shared),
+                       "--token", token, "--syncs", str(args.syncs or 0), "--shared", str(args.shared),
                        "--out", os.path.join(workdir, f"stats-{n}.json")]
             workers.append(subprocess.Popen(command + (["--cli"] if args.cli else [])))
+        start = start_together(workdir, workers, args.seconds)
         crashed = [n for n, w in enumerate(workers) if w.wait() != 0]
         elapsed = time.time() - start
         stats = [json.load(open(os.path.join(workdir, f"stats-{n}.json"))) for n in range(args.clients) if n not in crashed]
@@ -375,8 +413,6 @@ def main() -> None:
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     for name in ("--db", "--url", "--token", "--out"):
         parser.add_argument(name, help=argparse.SUPPRESS)
-    for name in ("--start", "--until"):
-        parser.add_argument(name, type=float, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker is not None:
         worker(args)
