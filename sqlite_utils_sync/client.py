@@ -13,15 +13,21 @@ moves nothing either way.
 
 Every step is idempotent: imports skip bundles and operations they already hold and both
 directions are computed from clocks, so a run cut short by a network failure is simply
-re-run.
+re-run. For the same reason a request the hub answers with ``503`` (busy: another connection
+held a lock on its database longer than it waited) is sent again by itself, after the hub's
+``Retry-After`` or a growing delay, a bounded number of times.
 """
 
 from __future__ import annotations
 
+import email.utils
+import functools
 import json
 import os
+import random
 import shutil
 import tempfile
+import time
 import urllib.parse
 from typing import Any, Callable
 
@@ -36,15 +42,44 @@ from .sync import export_bundle, sync_status
 BUNDLE_MEDIA_TYPE = "application/vnd.sqlite3"
 CLOCK_HEADER = "X-Sync-Clock"
 TOKEN_ENV = "DATASETTE_SYNC_TOKEN"
-
+RETRIES = 5  # 503 busy answers retried per request before giving up
+FIRST_RETRY_DELAY = 0.5  # seconds, doubled on each retry unless the hub asks for longer
+MAX_RETRY_DELAY = 60.0  # a hub asking for a longer wait is not retried: run sync again later
 
 
 class HubError(SyncError):
     """The hub could not be reached, or it refused or failed a request."""
 
-    def __init__(self, reason: str, message: str, status: int | None = None):
+    def __init__(self, reason: str, message: str, status: int | None = None, retry_after: float | None = None):
         super().__init__(reason, message)
         self.status = status
+        self.retry_after = retry_after
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds (it may also be an HTTP date); None when absent or
+    unreadable."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def retry_delay(retry: int, retry_after: float | None) -> float | None:
+    """Seconds to wait before retry number ``retry`` (1-based): at least what the hub asked
+    for, else a delay doubling from FIRST_RETRY_DELAY. A random quarter more spreads out
+    clients that met the same lock. None when the hub asks for more than MAX_RETRY_DELAY."""
+    if retry_after is not None and retry_after > MAX_RETRY_DELAY:
+        return None
+    delay = max(retry_after or 0.0, FIRST_RETRY_DELAY * 2 ** (retry - 1))
+    return min(delay, MAX_RETRY_DELAY) * random.uniform(1.0, 1.25)
 
 
 def empty_result(source_device_id: str | None, bundle_id: str | None = None) -> dict[str, Any]:
@@ -116,11 +151,49 @@ def _check(response: Any, url: str, what: str, has_token: bool) -> None:
         target = "the bundle" if what.startswith("import") else "the request"
         raise HubError("rejected", f"hub {url} rejected {target} (400){suffix}", status)
     if status == 503:
-        raise HubError("busy", f"hub {url} could not do the {what} now (503){suffix}", status)
+        retry_after = retry_after_seconds(response.headers.get("retry-after"))
+        raise HubError("busy", f"hub {url} could not do the {what} now (503){suffix}", status, retry_after)
     raise HubError("hub_error", f"hub {url} failed the {what} ({status}){suffix}", status)
 
 
 def _request(
+    client: Any,
+    method: str,
+    endpoint: str,
+    url: str,
+    what: str,
+    has_token: bool,
+    save_to: str | None = None,
+    retries: int = RETRIES,
+    on_retry: Callable[[str, int, int, float], None] | None = None,
+    **kwargs,
+) -> Any:
+    """Send a request, again after a ``503`` busy answer up to ``retries`` times: every request
+    is idempotent, and a busy hub changed nothing. ``on_retry(what, retry, retries, delay)``
+    is called before each wait."""
+    retry = 0
+    while True:
+        try:
+            return _request_once(client, method, endpoint, url, what, has_token, save_to, **kwargs)
+        except HubError as ex:
+            if ex.reason != "busy":
+                raise
+            retry += 1
+            delay = retry_delay(retry, ex.retry_after) if retry <= retries else None
+            if delay is None:
+                if retry > 1:
+                    tries = f"{retry - 1} retr{'y' if retry == 2 else 'ies'}"
+                    raise HubError(ex.reason, f"{ex.message}; gave up after {tries}", ex.status)
+                raise
+            if on_retry is not None:
+                on_retry(what, retry, retries, delay)
+            time.sleep(delay)
+            body = kwargs.get("content")
+            if hasattr(body, "seek"):
+                body.seek(0)  # the file being pushed is sent whole again
+
+
+def _request_once(
     client: Any, method: str, endpoint: str, url: str, what: str, has_token: bool, save_to: str | None = None, **kwargs
 ) -> Any:
     """Send one request; with ``save_to`` a successful body is streamed into that file."""
@@ -160,6 +233,15 @@ def _hub_clock(response: Any, reader: BundleReader | None, url: str) -> dict[str
     return {}
 
 
+@functools.lru_cache(maxsize=1)
+def _tls_context() -> Any:
+    """httpx makes a TLS context for every client, reading every CA certificate (about 0.1 s
+    of CPU, more than the rest of a small sync): a process that syncs often makes it once."""
+    import httpx
+
+    return httpx.create_ssl_context()
+
+
 def _behind(ours: dict[str, int], theirs: dict[str, int]) -> bool:
     return any(seq > ours.get(device, 0) for device, seq in theirs.items())
 
@@ -173,6 +255,8 @@ def sync_with_hub(
     timeout: float = 60.0,
     transport: Any = None,
     max_clock_skew: float | str = DEFAULT_MAX_CLOCK_SKEW,
+    retries: int = RETRIES,
+    on_retry: Callable[[str, int, int, float], None] | None = None,
 ) -> dict[str, Any]:
     """Pull what the hub has and this database lacks, then push what the hub lacks.
 
@@ -185,6 +269,9 @@ def sync_with_hub(
     :param transport: an ``httpx`` transport (tests)
     :param max_clock_skew: refuse pulled operations whose clock is further ahead of this
         machine's clock (seconds, or a duration like ``"7d"``); the hub applies its own bound
+    :param retries: how many times each request is sent again after a ``503`` busy answer,
+        waiting the hub's ``Retry-After`` (or 0.5 s, 1 s, 2 s, ...) in between; 0 never retries
+    :param on_retry: called as ``on_retry(what, retry, retries, delay)`` before each wait
     :returns: ``{"hub": {"url", "device_id", "clock"}, "pulled": {...}, "pushed": {...},
         "pulled_after_push": {...} or None}``; each result is an import result dict
         (``bundle_id``, ``source_device_id``, ``total_operations``, ``applied``, ``conflicts``,
@@ -217,6 +304,7 @@ def sync_with_hub(
             headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             transport=transport,
+            verify=_tls_context(),
             follow_redirects=False,
         ) as client:
 
@@ -231,6 +319,8 @@ def sync_with_hub(
                     "export (pull)",
                     has_token,
                     save_to=path,
+                    retries=retries,
+                    on_retry=on_retry,
                     params={"since": since},
                 )
                 try:
@@ -272,6 +362,8 @@ def sync_with_hub(
                         url,
                         "import (push)",
                         has_token,
+                        retries=retries,
+                        on_retry=on_retry,
                         content=body,
                         headers={"Content-Type": BUNDLE_MEDIA_TYPE},
                         params={"alter": "1"} if alter else None,
@@ -333,8 +425,15 @@ def register(cli: click.Group) -> None:
     @click.option("--token", envvar=TOKEN_ENV, help=f"API token for the hub (default: ${TOKEN_ENV})")
     @click.option("--alter", is_flag=True, help="Add tables and columns one side has and the other lacks")
     @max_clock_skew_option
+    @click.option(
+        "--retries",
+        type=click.IntRange(0),
+        default=RETRIES,
+        show_default=True,
+        help="Send a request again this many times while the hub answers 503 busy",
+    )
     @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON")
-    def sync_command(path, url, token, alter, max_clock_skew, as_json):
+    def sync_command(path, url, token, alter, max_clock_skew, retries, as_json):
         """Sync the database with a Datasette hub: pull what it lacks here, push what the hub lacks
 
         URL is the hub database's URL. Safe to re-run at any time, also after a network failure.
@@ -346,8 +445,20 @@ def register(cli: click.Group) -> None:
             DATASETTE_SYNC_TOKEN=dstok_... sqlite-utils sync laptop.db https://hub.example.com/data
         """
         db = open_db(path)
+
+        def say_retry(what: str, retry: int, retries: int, delay: float) -> None:
+            click.echo(f"Hub is busy: retrying the {what} in {delay:.1f} s (retry {retry} of {retries})", err=True)
+
         with user_errors():
-            result = sync_with_hub(db, url, token=token or None, alter=alter, max_clock_skew=max_clock_skew)
+            result = sync_with_hub(
+                db,
+                url,
+                token=token or None,
+                alter=alter,
+                max_clock_skew=max_clock_skew,
+                retries=retries,
+                on_retry=say_retry,
+            )
             unresolved = sync_status(db)["unresolved_conflicts"]
         if as_json:
             echo_json(result)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .apply import transaction
 from .bundle import ExportResult, export_bundle as write_bundle, is_device_id, parse_clock
@@ -83,7 +84,9 @@ def export_bundle(
     :param since: the peer's vector clock (dict or JSON); operations after it are included
     :param for_device: use the clock this database last learned from that device's bundles
     :param repair: first settle clocks, re-install stale triggers and log missed changes, where
-        the database can be written; without it, nothing is written
+        the database can be written; without it, nothing is written and the operations are
+        read in one read transaction (unless the caller has one open), so a write committed
+        by another connection meanwhile is wholly in the bundle or not at all
     """
     conn = connection(db)
     if not is_enabled(conn):
@@ -103,8 +106,27 @@ def export_bundle(
             unsettled = settle_clocks(conn)  # what it could not write (a read-only file)
             repair_drift(conn)
             return write_bundle(conn, path, since_clock, progress, unsettled)
-    # Clocks a set-back wall clock left lower go out raised, as settling would write them.
-    return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn))
+    with read_snapshot(conn):
+        # Clocks a set-back wall clock left lower go out raised, as settling would write them.
+        return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn))
+
+
+@contextlib.contextmanager
+def read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """Read the database as of one moment: an export reads the devices, their tops, the
+    operations and the clock one query at a time, and another connection's write committing
+    in between would give a bundle whose ticks name operations it does not hold. A read
+    transaction pins what every query sees (WAL), or keeps writers out until it ends (a
+    rollback journal: they wait, then fail busy)."""
+    if conn.in_transaction:  # the caller's transaction already is one snapshot
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")  # nothing was written: ending it only releases the lock
 
 
 def sync_status(db: Any) -> dict[str, Any]:

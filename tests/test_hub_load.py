@@ -1,0 +1,193 @@
+"""A hub under concurrent pushes and pulls.
+
+A hub answers a pull with ``export_bundle(read connection, repair=False)`` while Datasette's
+write connection imports other devices' pushes. The export must be one snapshot: a push that
+commits while it runs is wholly in the bundle or not at all, otherwise the bundle carries the
+hub's knowledge tick without the operations that tick names, and the client refuses it with
+``missing_dependencies``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+
+from sqlite_utils_sync import export_bundle, import_bundle, sync_status
+
+from conftest import clean_env, executable, make_todos_db
+from sync_helpers import conflict_records, make_db, rows, sync
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench" / "bench_hub_load.py"
+OPS_READ = "SELECT max(op) FROM _sync_ops"  # the export has listed the devices and reads their tops
+
+
+def hub_with_a_pending_push(tmp_path: pathlib.Path, journal_mode: str):
+    """A hub with rows, a client level with it, and a push from a new device ready to import."""
+    hub = make_db(tmp_path / "hub.db")
+    hub.execute(f"PRAGMA journal_mode = {journal_mode}")
+    hub.executemany("INSERT INTO todos (id, title) VALUES (?, ?)", [(i, f"hub {i}") for i in range(1, 6)])
+    client = make_db(tmp_path / "client.db")
+    sync(hub, client, tmp_path)
+    pusher = make_db(tmp_path / "pusher.db")
+    pusher.executemany("INSERT INTO todos (id, title) VALUES (?, ?)", [(i, f"pusher {i}") for i in range(10, 13)])
+    export_bundle(pusher, tmp_path / "push.bundle")
+    return hub, client
+
+
+def export_while_pushing(tmp_path: pathlib.Path, hub_path: pathlib.Path, since: dict) -> str:
+    """Export from a read connection like Datasette's; once the export has read the hub's devices,
+    a second connection (Datasette's write connection) imports the push. Returns what the
+    push did: ``committed``, or ``busy`` when the export's lock kept it out."""
+    read = sqlite3.connect(f"file:{hub_path}?mode=ro", uri=True)
+    writer = sqlite3.connect(hub_path, isolation_level=None, timeout=0.05)
+    outcome = []
+
+    def push_once(sql: str) -> None:
+        if outcome or OPS_READ not in sql:
+            return
+        try:
+            import_bundle(writer, str(tmp_path / "push.bundle"))
+            outcome.append("committed")
+        except sqlite3.OperationalError as ex:
+            outcome.append("busy" if "locked" in str(ex) else repr(ex))
+
+    read.set_trace_callback(push_once)
+    try:
+        export_bundle(read, tmp_path / "pull.bundle", since=since, repair=False)
+    finally:
+        read.close()
+        writer.close()
+    # No outcome: the export no longer runs OPS_READ, so the push never happened mid-export.
+    return outcome[0] if outcome else f"never pushed: no statement had {OPS_READ!r}"
+
+
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+def test_a_push_committing_during_an_export_is_wholly_in_the_pull_or_not_at_all(tmp_path, journal_mode):
+    hub, client = hub_with_a_pending_push(tmp_path, journal_mode)
+    hub.close()
+    hub_path = tmp_path / "hub.db"
+    pushed = export_while_pushing(tmp_path, hub_path, sync_status(client)["clock"])
+    # WAL lets the push commit beside the export's snapshot; a rollback journal makes it wait
+    # for the export's lock (the hub answers 503 busy after its timeout and the client retries).
+    assert pushed == ("committed" if journal_mode == "wal" else "busy")
+
+    result = import_bundle(client, str(tmp_path / "pull.bundle"))  # missing_dependencies before the fix
+    assert result.total_operations == 0  # the client was level with the hub before the push
+
+    hub = sqlite3.connect(hub_path, isolation_level=None)
+    if pushed == "busy":
+        import_bundle(hub, str(tmp_path / "push.bundle"))
+    sync(hub, client, tmp_path, "after.bundle")
+    assert rows(client) == rows(hub)
+    assert [r[0] for r in rows(hub)] == [1, 2, 3, 4, 5, 10, 11, 12]
+    assert conflict_records(client) == conflict_records(hub)
+
+
+# A real hub under real load ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+def test_clients_syncing_at_once_never_fail_and_end_identical(tmp_path, journal_mode):
+    """4 client processes, 8 syncs each, through one ``datasette serve``: before the snapshot
+    export a few of them failed with missing_dependencies in every such run."""
+    work = tmp_path / "run"
+    args = [sys.executable, str(BENCH), "--clients", "4", "--syncs", "8", "--dir", str(work), "--json"]
+    if journal_mode == "wal":
+        args.append("--wal")
+    done = subprocess.run(args, capture_output=True, text=True, env=clean_env(), timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout)
+    assert result["syncs"] == 32
+    assert result["failed_syncs"] == 0, result["first_failures"]
+    assert result["server_errors"] == [] and result["crashed_clients"] == []
+
+    hub = sqlite3.connect(work / "hub.db")
+    assert hub.execute("PRAGMA journal_mode").fetchone()[0] == journal_mode
+    expected_rows, expected_conflicts = rows(hub, "items"), conflict_records(hub)
+    assert len(expected_rows) > 5  # the shared rows and the clients' own
+    for n in range(4):
+        client = sqlite3.connect(work / f"client-{n}.db")
+        assert rows(client, "items") == expected_rows
+        assert conflict_records(client) == expected_conflicts
+
+
+# The client retries a busy hub -----------------------------------------------------------------
+
+HUB_CONFIG = {"databases": {"hub": {"permissions": {"sync-export": {"id": "alice"}, "sync-import": {"id": "alice"}}}}}
+
+
+@pytest.fixture
+def hub(tmp_path, datasette_server):
+    """A hub in SQLite's default rollback-journal mode, where a lock keeps others waiting."""
+    path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "on the hub", "done": 0}])
+    server = datasette_server([path], HUB_CONFIG)
+    server.path = path
+    server.alice = server.token("alice")
+    return server
+
+
+def sync_process(client, hub, *options: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [executable("sqlite-utils"), "sync", str(client), hub.url + "/hub", "--token", hub.alice, "--json", *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+
+
+def test_a_push_the_hub_answers_busy_is_sent_again_by_itself_and_lands(tmp_path, hub):
+    client = make_todos_db(tmp_path / "client.db", [{"id": 2, "title": "from the client", "done": 1}])
+    # A reader holding its lock: the hub's import cannot commit, waits, then answers 503.
+    reader = sqlite3.connect(hub.path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM todos").fetchone()
+    proc = sync_process(client, hub, "--retries", "3")
+    first_line = proc.stderr.readline()  # written when the client meets the 503
+    reader.execute("ROLLBACK")
+    out, err = proc.communicate(timeout=300)
+    assert first_line.startswith("Hub is busy: retrying the import (push) in "), first_line + err
+    assert first_line.rstrip().endswith("(retry 1 of 3)")
+    assert proc.returncode == 0, err
+    result = json.loads(out)
+    assert result["pushed"]["applied"] >= 1  # the body was sent whole again
+    hub_conn, client_conn = sqlite3.connect(hub.path), sqlite3.connect(client)
+    assert rows(hub_conn) == rows(client_conn)
+    assert [r[0] for r in rows(hub_conn)] == [1, 2]
+
+
+def test_a_hub_busy_for_longer_than_the_retries_is_one_line_and_changes_nothing(tmp_path, hub):
+    client = make_todos_db(tmp_path / "client.db", [{"id": 2, "title": "from the client", "done": 1}])
+    before = (client).read_bytes()
+    writer = sqlite3.connect(hub.path, isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")  # keeps the hub's readers out: the pull answers 503
+    try:
+        proc = sync_process(client, hub, "--retries", "1")
+        out, err = proc.communicate(timeout=300)
+    finally:
+        writer.execute("ROLLBACK")
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1
+    assert lines[0].startswith("Hub is busy: retrying the export (pull) in ")
+    assert len(lines) == 2 and lines[1].startswith("Error: hub ")
+    assert "could not do the export (pull) now (503)" in lines[1] and lines[1].endswith("gave up after 1 retry")
+    assert "Traceback" not in err and out == ""
+    assert client.read_bytes() == before
+
+
+def test_retry_after_is_honoured_and_bounded():
+    from sqlite_utils_sync.client import MAX_RETRY_DELAY, retry_after_seconds, retry_delay
+
+    assert retry_after_seconds("5") == 5.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # a date in the past
+    assert retry_after_seconds("soon") is None
+    assert 5.0 <= retry_delay(1, 5.0) <= 6.25  # never sooner than the hub asked
+    assert 2.0 <= retry_delay(3, None) <= 2.5  # 0.5 s doubled per retry
+    assert retry_delay(20, None) <= MAX_RETRY_DELAY * 1.25
+    assert retry_delay(1, MAX_RETRY_DELAY + 1) is None  # the hub wants longer than a sync waits
