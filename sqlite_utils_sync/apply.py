@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
-from .bundle import BundleReader, ChunkStage, op_fingerprint, parse_clock
+from .bundle import BundleReader, ChunkStage, op_fingerprint, parse_clock, text_as
 from .capture import (
     SyncedTable,
     canonical_name,
@@ -178,11 +178,23 @@ def import_bundle(
         stage = ChunkStage(conn, reader.path.name)
         try:
             try:
-                with transaction(conn):
+                # Strict: where values pass through Python (rows with concurrent operations), a
+                # TEXT value that is not valid UTF-8 stops the import rather than being replaced
+                # (as a Datasette connection's text_factory would) and written back changed.
+                with text_as(conn, str), transaction(conn):
                     conn.execute("PRAGMA defer_foreign_keys = ON")
                     return Importer(conn, reader, stage, alter, actor, progress).run()
             except NothingNew as own:
                 return own.result
+            except sqlite3.OperationalError as ex:
+                if "decode" not in str(ex):
+                    raise
+                raise BundleError(
+                    "invalid_text",
+                    f"Bundle {reader.path.name} cannot be applied: a row it changes has a TEXT value that is not "
+                    "valid UTF-8, which this import would have to read. Nothing was imported; store such data as "
+                    "a BLOB",
+                )
             except sqlite3.IntegrityError as ex:
                 # Another row here holds a UNIQUE value (or a foreign key) the bundle's rows need.
                 raise BundleError(
@@ -451,9 +463,12 @@ class Importer:
                 f"FROM {source} WHERE seq > ?",
                 [self.old[idx]],
             ).rowcount
+            # As bytes, fetched whole: no statement may stay open on the chunk (see check_image).
             self.ticks.extend(
-                (idx, seq, text)
-                for seq, text in conn.execute(f"SELECT seq, moved FROM {source} WHERE seq > ?", [self.old[idx]])
+                (idx, seq, text.decode("utf-8", "replace"))
+                for seq, text in conn.execute(
+                    f"SELECT seq, CAST(moved AS BLOB) FROM {source} WHERE seq > ?", [self.old[idx]]
+                ).fetchall()
             )
             return first, last, count, stored
         key_types = {t for shape in shapes for t in shape[4].split(" ")}
@@ -528,13 +543,15 @@ class Importer:
     def check_moves(self, source: str, tid: int, pk: list[str]) -> None:
         """A primary-key move names the key it left: check it, and send both rows per-row."""
         # Fetched whole: a statement left open on the chunk would outlive the chunk when this raises.
+        # As bytes: a key that is not valid UTF-8 must not stop a statement half-way.
         moves = self.conn.execute(
-            f"SELECT moved, kind, {rowkey_sql(pk)} FROM {source} WHERE moved IS NOT NULL"
+            f"SELECT CAST(moved AS BLOB), kind, CAST({rowkey_sql(pk)} AS BLOB) FROM {source} WHERE moved IS NOT NULL"
         ).fetchall()
         for moved, kind, new_key in moves:
             try:
-                old_values = parse_rowkey(moved) if isinstance(moved, str) else None
-            except ValueError:
+                moved, new_key = moved.decode("utf-8"), new_key.decode("utf-8")
+                old_values = parse_rowkey(moved)
+            except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
                 old_values = None
             if kind & 3 != UPDATE or old_values is None or len(old_values) != len(pk) or None in old_values:
                 raise self.fail("invalid_operation", "an operation has an invalid moved-from key")
