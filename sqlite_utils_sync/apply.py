@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
-from .bundle import BundleReader, ChunkStage, op_fingerprint, parse_clock, text_as
+from .bundle import BundleReader, ChunkStage, RawText, exact_text, op_fingerprint, parse_clock, text_as
 from .capture import (
     SyncedTable,
     canonical_name,
@@ -178,23 +178,18 @@ def import_bundle(
         stage = ChunkStage(conn, reader.path.name)
         try:
             try:
-                # Strict: where values pass through Python (rows with concurrent operations), a
-                # TEXT value that is not valid UTF-8 stops the import rather than being replaced
-                # (as a Datasette connection's text_factory would) and written back changed.
-                with text_as(conn, str), transaction(conn):
+                # Where values pass through Python (rows with several or concurrent operations),
+                # TEXT that is not valid UTF-8 is read as its bytes and written back as TEXT, never
+                # replaced (as a Datasette connection's text_factory would) and written back changed.
+                with text_as(conn, exact_text), transaction(conn):
                     conn.execute("PRAGMA defer_foreign_keys = ON")
                     return Importer(conn, reader, stage, alter, actor, progress).run()
             except NothingNew as own:
                 return own.result
-            except sqlite3.OperationalError as ex:
-                if "decode" not in str(ex):
+            except BundleError as ex:
+                if ex.message.startswith("Bundle "):
                     raise
-                raise BundleError(
-                    "invalid_text",
-                    f"Bundle {reader.path.name} cannot be applied: a row it changes has a TEXT value that is not "
-                    "valid UTF-8, which this import would have to read. Nothing was imported; store such data as "
-                    "a BLOB",
-                )
+                raise BundleError(ex.reason, f"Bundle {reader.path.name}: {ex.message}")
             except sqlite3.IntegrityError as ex:
                 # Another row here holds a UNIQUE value (or a foreign key) the bundle's rows need.
                 raise BundleError(
@@ -657,6 +652,8 @@ class Importer:
         conn = self.conn
         have = clock(conn)
         for idx, seq, text in self.ticks:
+            if not text:  # parse_clock reads "" as no clock, but later readers need the JSON
+                raise self.fail("invalid_operation", "a knowledge operation is malformed")
             known = parse_clock(text, f"Bundle {self.name} knowledge clock")
             for device, needed in known.items():
                 if have.get(device, 0) < needed:
@@ -989,15 +986,27 @@ def all_effects(conn: sqlite3.Connection, table: SyncedTable, rowkey: str) -> li
 
 def key_slots(table: SyncedTable, rowkey: str) -> dict[int, Any]:
     """A row's primary-key values by slot: what a delete operation carries."""
-    return {table.slots[c]: v for c, v in zip(table.pk, parse_rowkey(rowkey))}
+    return {table.slots[c]: v for c, v in zip(table.pk, key_values(rowkey))}
 
 
 def pk_where(table: SyncedTable) -> str:
     return " AND ".join(f"{quote_identifier(c)} IS ?" for c in table.pk)
 
 
+def marker(value: Any) -> str:
+    """The SQL parameter for a value read from the database: TEXT that is not UTF-8 comes as
+    bytes (see exact_text) and must go back as TEXT."""
+    return "CAST(? AS TEXT)" if isinstance(value, RawText) else "?"
+
+
+def key_values(rowkey: str) -> list[Any]:
+    if isinstance(rowkey, RawText):
+        raise BundleError("invalid_text", "a primary key holds TEXT that is not valid UTF-8, which sync cannot match")
+    return parse_rowkey(rowkey)
+
+
 def fetch_row(conn: sqlite3.Connection, table: SyncedTable, rowkey: str) -> dict[str, Any] | None:
-    cursor = conn.execute(f"SELECT * FROM {quote_identifier(table.name)} WHERE {pk_where(table)}", parse_rowkey(rowkey))
+    cursor = conn.execute(f"SELECT * FROM {quote_identifier(table.name)} WHERE {pk_where(table)}", key_values(rowkey))
     row = cursor.fetchone()
     return None if row is None else dict(zip([d[0] for d in cursor.description], row))
 
@@ -1007,7 +1016,7 @@ def write_row(
 ) -> None:
     """Make the table's row match: delete it, insert it, or update the given columns."""
     t = quote_identifier(table.name)
-    pk_values = parse_rowkey(rowkey)
+    pk_values = key_values(rowkey)
     where = pk_where(table)
     if not exists:
         if present:
@@ -1018,7 +1027,8 @@ def write_row(
         # the latest writer.
         if values:
             conn.execute(
-                f"UPDATE {t} SET {', '.join(f'{quote_identifier(c)} = ?' for c in values)} WHERE {where}",
+                f"UPDATE {t} SET {', '.join(f'{quote_identifier(c)} = {marker(v)}' for c, v in values.items())} "
+                f"WHERE {where}",
                 [*values.values(), *pk_values],
             )
         return
@@ -1035,7 +1045,8 @@ def write_row(
         if row.get(column) is None:
             row[column] = value
     conn.execute(
-        f"INSERT INTO {t} ({', '.join(quote_identifier(c) for c in row)}) VALUES ({', '.join('?' * len(row))})",
+        f"INSERT INTO {t} ({', '.join(quote_identifier(c) for c in row)}) "
+        f"VALUES ({', '.join(marker(v) for v in row.values())})",
         list(row.values()),
     )
 

@@ -387,12 +387,17 @@ def text_as(conn: sqlite3.Connection, factory: Callable[[bytes], Any]) -> Iterat
         conn.text_factory = old
 
 
-def exact_text(data: bytes) -> Any:
-    """TEXT as ``str`` where it is valid UTF-8, else its bytes marked as TEXT (for digests)."""
+class RawText(bytes):
+    """A TEXT value that is not valid UTF-8 (SQLite stores what a client hands it), as its
+    bytes: written back with ``CAST(? AS TEXT)`` it is the same value again."""
+
+
+def exact_text(data: bytes) -> str | RawText:
+    """A ``text_factory`` that changes no value: ``str`` where TEXT is valid UTF-8, else RawText."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        return msgpack.ExtType(1, data)
+        return RawText(data)
 
 
 @contextmanager
@@ -442,6 +447,8 @@ def op_fingerprint(conn: sqlite3.Connection, op: int) -> str | None:
         row = cursor.fetchone()
     if row is None:
         return None
+    # TEXT that is not UTF-8 digests apart from a BLOB of the same bytes.
+    row = [msgpack.ExtType(1, bytes(v)) if isinstance(v, RawText) else v for v in row]
     record = dict(zip([d[0] for d in cursor.description], row))
     slots = json.loads(record["_slots"] or "{}")
     values = sorted((c, record[f"c{s}"]) for c, s in slots.items() if (record["mask"] or 0) >> s & 1)
