@@ -293,8 +293,8 @@ def test_schema_text_that_is_not_utf8_in_the_bundle_file_is_one_line(tmp_path, p
     path = tmp_path / "x.bundle"
     export_bundle(b, path)
     data = bytearray(path.read_bytes())
-    at = data.index(b"CREATE TABLE bundle_header")
-    data[at + 14] = 0xFF
+    at = data.index(b"CREATE TABLE bundle_header (id INTEGER PRIMARY KEY, data BLOB")
+    data[at + 2] = 0xFF  # CR\xffATE: SQLite's error message quotes it, and Python cannot decode that
     path.write_bytes(bytes(data))
     assert refused_by_library(a, tmp_path / "a.db", path).reason == "invalid_bundle"
     refused_by_cli(tmp_path / "a.db", path)
