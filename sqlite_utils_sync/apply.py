@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
-from .bundle import BundleReader, ChunkStage, RawText, exact_text, op_fingerprint, parse_clock, text_as
+from .bundle import BundleReader, ChunkStage, op_fingerprint, parse_clock, text_as
 from .capture import (
     SyncedTable,
     canonical_name,
@@ -44,6 +44,7 @@ from .log import (
     INSERT,
     LOCAL,
     MAX_HLC,
+    RawText,
     RESOLUTION,
     SEQ_MASK,
     TICK,
@@ -55,9 +56,11 @@ from .log import (
     device_ids,
     device_index,
     ensure_schema,
+    exact_text,
     horizon,
     knowledge_at,
     local_device_id,
+    marker,
     max_seq,
     next_local_hlc,
     now_iso,
@@ -991,12 +994,6 @@ def key_slots(table: SyncedTable, rowkey: str) -> dict[int, Any]:
 
 def pk_where(table: SyncedTable) -> str:
     return " AND ".join(f"{quote_identifier(c)} IS ?" for c in table.pk)
-
-
-def marker(value: Any) -> str:
-    """The SQL parameter for a value read from the database: TEXT that is not UTF-8 comes as
-    bytes (see exact_text) and must go back as TEXT."""
-    return "CAST(? AS TEXT)" if isinstance(value, RawText) else "?"
 
 
 def key_values(rowkey: str) -> list[Any]:

@@ -44,6 +44,8 @@ from .errors import BundleError
 from .log import (
     LOCAL,
     MAX_COLUMNS,
+    RawText,
+    exact_text,
     SEQ_MASK,
     clock,
     device_ids,
@@ -387,17 +389,6 @@ def text_as(conn: sqlite3.Connection, factory: Callable[[bytes], Any]) -> Iterat
         conn.text_factory = old
 
 
-class RawText(bytes):
-    """A TEXT value that is not valid UTF-8 (SQLite stores what a client hands it), as its
-    bytes: written back with ``CAST(? AS TEXT)`` it is the same value again."""
-
-
-def exact_text(data: bytes) -> str | RawText:
-    """A ``text_factory`` that changes no value: ``str`` where TEXT is valid UTF-8, else RawText."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return RawText(data)
 
 
 @contextmanager

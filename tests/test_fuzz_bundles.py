@@ -112,7 +112,6 @@ class Worker:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(__file__).parent.parent), os.environ.get("PYTHONPATH", "")])},
         )
 
     def run(self, bundle: pathlib.Path, db: pathlib.Path, timeout: float = 60) -> dict:

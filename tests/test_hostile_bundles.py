@@ -17,7 +17,15 @@ import pytest
 from conftest import executable, make_todos_db, run
 from sync_helpers import edit_header, file_bytes, make_db, reseal, rewrite, sync
 
-from sqlite_utils_sync import BundleError, export_bundle, import_bundle
+from sqlite_utils_sync import (
+    BundleError,
+    enable_sync,
+    export_bundle,
+    import_bundle,
+    list_conflicts,
+    resolve_conflict,
+    sync_status,
+)
 from sqlite_utils_sync.bundle import parse_clock
 
 
@@ -349,3 +357,33 @@ def test_text_that_is_not_utf8_travels_bit_identical_through_a_hub(tmp_path, dat
     for path in (a_path, hub_path, b_path):
         assert sqlite3.connect(path).execute(select).fetchall() == expected, path
         assert sqlite3.connect(path).execute("SELECT done FROM todos WHERE id = 1").fetchone() == (1,)
+
+
+def test_conflicts_and_enable_sync_keep_text_that_is_not_utf8_exact(tmp_path):
+    # A connection that decodes with replacement (as Datasette's do) must not change a value
+    # that passes through Python: a concurrent edit, a resolution, enable-sync over old rows.
+    c = sqlite3.connect(tmp_path / "c.db", isolation_level=None)
+    c.execute("CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL)")
+    c.execute("INSERT INTO todos VALUES (9, CAST(x'ff61' AS TEXT), 0, 0)")
+    c.text_factory = lambda data: str(data, "utf-8", "replace")
+    enable_sync(c, ["todos"])
+    assert c.execute("SELECT hex(c1), typeof(c1) FROM _sync_ops WHERE tid != 0").fetchall() == [("FF61", "text")]
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("INSERT INTO todos VALUES (1, 'x', 0, 0)")
+    sync(a, b, tmp_path)
+    a.execute("UPDATE todos SET title = CAST(x'41ff42' AS TEXT) WHERE id = 1")
+    b.execute("UPDATE todos SET title = CAST(x'43ff44' AS TEXT) WHERE id = 1")
+    b.text_factory = a.text_factory = c.text_factory
+    sync(a, b, tmp_path)
+    sync(b, a, tmp_path)
+    select = "SELECT hex(title), typeof(title) FROM todos"
+    assert a.execute(select).fetchall() == b.execute(select).fetchall()
+    (conflict,) = list_conflicts(b)
+    # Keep the version the table does not hold: it is written from Python.
+    current = conflict["current"]["title"]
+    version = next(v for v in conflict["versions"] if v["values"]["title"][0] != current[0])
+    resolve_conflict(b, conflict["id"], keep=version["op"])
+    kept = b.execute(select).fetchall()
+    assert kept == [("41FF42" if version["values"]["title"][0] == "A" else "43FF44", "text")]
+    sync(b, a, tmp_path)
+    assert a.execute(select).fetchall() == kept
