@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
-from .bundle import BundleReader, ChunkStage, op_fingerprint, parse_clock
+from .bundle import BundleReader, ChunkStage, op_fingerprint, parse_clock, text_as
 from .capture import (
     SyncedTable,
     canonical_name,
@@ -47,6 +47,7 @@ from .log import (
     HLC_NOW_SQL,
     HLC_PER_SECOND,
     MAX_HLC,
+    RawText,
     RESOLUTION,
     SEQ_MASK,
     TICK,
@@ -58,9 +59,11 @@ from .log import (
     device_ids,
     device_index,
     ensure_schema,
+    exact_text,
     horizon,
     knowledge_at,
     local_device_id,
+    marker,
     max_seq,
     next_local_hlc,
     now_iso,
@@ -190,13 +193,20 @@ def import_bundle(
         stage = ChunkStage(conn, reader.path.name)
         try:
             try:
-                with transaction(conn):
+                # Where values pass through Python (rows with several or concurrent operations),
+                # TEXT that is not valid UTF-8 is read as its bytes and written back as TEXT, never
+                # replaced (as a Datasette connection's text_factory would) and written back changed.
+                with text_as(conn, exact_text), transaction(conn):
                     conn.execute("PRAGMA defer_foreign_keys = ON")
                     importer = Importer(conn, reader, stage, alter, actor, progress)
                     importer.max_clock_skew, importer.may_relay = skew, may_relay
                     return importer.run()
             except NothingNew as own:
                 return own.result
+            except BundleError as ex:
+                if ex.message.startswith("Bundle "):
+                    raise
+                raise BundleError(ex.reason, f"Bundle {reader.path.name}: {ex.message}")
             except sqlite3.IntegrityError as ex:
                 # Another row here holds a UNIQUE value (or a foreign key) the bundle's rows need.
                 raise BundleError(
@@ -491,9 +501,12 @@ class Importer:
                 f"FROM {source} WHERE seq > ?",
                 [self.old[idx]],
             ).rowcount
+            # As bytes, fetched whole: no statement may stay open on the chunk (see check_image).
             self.ticks.extend(
-                (idx, seq, text)
-                for seq, text in conn.execute(f"SELECT seq, moved FROM {source} WHERE seq > ?", [self.old[idx]])
+                (idx, seq, text.decode("utf-8", "replace"))
+                for seq, text in conn.execute(
+                    f"SELECT seq, CAST(moved AS BLOB) FROM {source} WHERE seq > ?", [self.old[idx]]
+                ).fetchall()
             )
             return first, last, count, stored
         key_types = {t for shape in shapes for t in shape[4].split(" ")}
@@ -618,13 +631,15 @@ class Importer:
     def check_moves(self, source: str, tid: int, pk: list[str]) -> None:
         """A primary-key move names the key it left: check it, and send both rows per-row."""
         # Fetched whole: a statement left open on the chunk would outlive the chunk when this raises.
+        # As bytes: a key that is not valid UTF-8 must not stop a statement half-way.
         moves = self.conn.execute(
-            f"SELECT moved, kind, {rowkey_sql(pk)} FROM {source} WHERE moved IS NOT NULL"
+            f"SELECT CAST(moved AS BLOB), kind, CAST({rowkey_sql(pk)} AS BLOB) FROM {source} WHERE moved IS NOT NULL"
         ).fetchall()
         for moved, kind, new_key in moves:
             try:
-                old_values = parse_rowkey(moved) if isinstance(moved, str) else None
-            except ValueError:
+                moved, new_key = moved.decode("utf-8"), new_key.decode("utf-8")
+                old_values = parse_rowkey(moved)
+            except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
                 old_values = None
             if kind & 3 != UPDATE or old_values is None or len(old_values) != len(pk) or None in old_values:
                 raise self.fail("invalid_operation", "an operation has an invalid moved-from key")
@@ -730,6 +745,8 @@ class Importer:
         conn = self.conn
         have = clock(conn)
         for idx, seq, text in self.ticks:
+            if not text:  # parse_clock reads "" as no clock, but later readers need the JSON
+                raise self.fail("invalid_operation", "a knowledge operation is malformed")
             known = parse_clock(text, f"Bundle {self.name} knowledge clock")
             for device, needed in known.items():
                 if have.get(device, 0) < needed:
@@ -1066,15 +1083,21 @@ def all_effects(conn: sqlite3.Connection, table: SyncedTable, rowkey: str) -> li
 
 def key_slots(table: SyncedTable, rowkey: str) -> dict[int, Any]:
     """A row's primary-key values by slot: what a delete operation carries."""
-    return {table.slots[c]: v for c, v in zip(table.pk, parse_rowkey(rowkey))}
+    return {table.slots[c]: v for c, v in zip(table.pk, key_values(rowkey))}
 
 
 def pk_where(table: SyncedTable) -> str:
     return " AND ".join(f"{quote_identifier(c)} IS ?" for c in table.pk)
 
 
+def key_values(rowkey: str) -> list[Any]:
+    if isinstance(rowkey, RawText):
+        raise BundleError("invalid_text", "a primary key holds TEXT that is not valid UTF-8, which sync cannot match")
+    return parse_rowkey(rowkey)
+
+
 def fetch_row(conn: sqlite3.Connection, table: SyncedTable, rowkey: str) -> dict[str, Any] | None:
-    cursor = conn.execute(f"SELECT * FROM {quote_identifier(table.name)} WHERE {pk_where(table)}", parse_rowkey(rowkey))
+    cursor = conn.execute(f"SELECT * FROM {quote_identifier(table.name)} WHERE {pk_where(table)}", key_values(rowkey))
     row = cursor.fetchone()
     return None if row is None else dict(zip([d[0] for d in cursor.description], row))
 
@@ -1084,7 +1107,7 @@ def write_row(
 ) -> None:
     """Make the table's row match: delete it, insert it, or update the given columns."""
     t = quote_identifier(table.name)
-    pk_values = parse_rowkey(rowkey)
+    pk_values = key_values(rowkey)
     where = pk_where(table)
     if not exists:
         if present:
@@ -1095,7 +1118,8 @@ def write_row(
         # the latest writer.
         if values:
             conn.execute(
-                f"UPDATE {t} SET {', '.join(f'{quote_identifier(c)} = ?' for c in values)} WHERE {where}",
+                f"UPDATE {t} SET {', '.join(f'{quote_identifier(c)} = {marker(v)}' for c, v in values.items())} "
+                f"WHERE {where}",
                 [*values.values(), *pk_values],
             )
         return
@@ -1112,7 +1136,8 @@ def write_row(
         if row.get(column) is None:
             row[column] = value
     conn.execute(
-        f"INSERT INTO {t} ({', '.join(quote_identifier(c) for c in row)}) VALUES ({', '.join('?' * len(row))})",
+        f"INSERT INTO {t} ({', '.join(quote_identifier(c) for c in row)}) "
+        f"VALUES ({', '.join(marker(v) for v in row.values())})",
         list(row.values()),
     )
 

@@ -43,6 +43,9 @@ from .capture import load_tables
 from .errors import BundleError
 from .log import (
     LOCAL,
+    MAX_COLUMNS,
+    RawText,
+    exact_text,
     SEQ_MASK,
     clock,
     device_ids,
@@ -57,7 +60,16 @@ from .log import (
 FORMAT = "datasette-sync-bundle/2"
 CHUNK_OPS = 5000
 CHUNK_BYTES = 8 * 1024 * 1024
-BUNDLE_TABLES = ("bundle_meta", "bundle_header", "bundle_chunks")
+# A reader accepts these tables exactly as the exporter writes them (and has since format 2):
+# a generated column, or a DEFAULT that fills short records, would make values the file does not
+# hold, costing work and memory out of proportion to its size.
+BUNDLE_SCHEMA = {
+    "bundle_meta": "CREATE TABLE bundle_meta (key TEXT PRIMARY KEY, value)",
+    "bundle_header": "CREATE TABLE bundle_header (id INTEGER PRIMARY KEY, data BLOB NOT NULL)",
+    "bundle_chunks": "CREATE TABLE bundle_chunks (id INTEGER PRIMARY KEY, device INTEGER NOT NULL, tbl INTEGER NOT NULL, "
+    "data BLOB NOT NULL)",
+}
+BUNDLE_TABLES = tuple(BUNDLE_SCHEMA)
 
 
 @dataclass
@@ -78,16 +90,23 @@ def parse_clock(text: str | dict | None, what: str = "clock") -> dict[str, int]:
         return {}
     try:
         value = json.loads(text) if isinstance(text, str) else text
-    except ValueError:
-        raise BundleError("invalid_clock", f"{what} is not valid JSON: {text!r}")
+    except (ValueError, RecursionError):  # deep nesting is a RecursionError, not a ValueError
+        raise BundleError("invalid_clock", f"{what} is not valid JSON: {shorten(text)}")
     if not isinstance(value, dict) or not all(
         is_device_id(k) and is_count(v, SEQ_MASK)
         for k, v in value.items()
     ):
         raise BundleError(
-            "invalid_clock", f'{what} must look like {{"<32 hex digit device id>": <seq>, ...}}, got {text!r}'
+            "invalid_clock", f'{what} must look like {{"<32 hex digit device id>": <seq>, ...}}, got {shorten(text)}'
         )
     return value
+
+
+def shorten(value: Any, most: int = 80) -> str:
+    """A value for a one-line message: repr (text as it is), cut short."""
+    text = value if isinstance(value, str) and most > 80 else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def is_count(value: Any, most: int) -> bool:
@@ -112,7 +131,19 @@ def export_bundle(
     :param clock_fixes: ``(clock, op)`` for local operations whose clocks are not settled in
         the log yet (:func:`~sqlite_utils_sync.log.unsettled_clocks`): they are sent settled
     """
-    since = since or {}
+    # Strict decoding: a TEXT value that is not valid UTF-8 must fail loudly, never be replaced
+    # (a Datasette connection decodes with replacement), so write_operations can send it as bytes.
+    with text_as(conn, str):
+        return write_bundle(conn, path, since or {}, progress, clock_fixes)
+
+
+def write_bundle(
+    conn: sqlite3.Connection,
+    path: str | os.PathLike,
+    since: dict[str, int],
+    progress: Callable[[int], None] | None,
+    clock_fixes: list[tuple[int, int]],
+) -> ExportResult:
     devices = device_ids(conn)
     tables = load_tables(conn)
     by_tid = {t.tid: t for t in tables.values()}
@@ -152,9 +183,11 @@ def export_bundle(
     out = sqlite3.connect(temp, isolation_level=None)
     digest = hashlib.sha256(FORMAT.encode())
 
-    def write_chunk(device_position: int, key: int, rows: Iterable[Sequence[Any]], size: int) -> None:
+    def write_chunk(
+        device_position: int, key: int, rows: Iterable[Sequence[Any]], size: int, exact: bool = False
+    ) -> None:
         width = len(header_tables[key][1]) if key >= 0 else 0
-        data = chunk_image(rows, width, small=size < 100)
+        data = chunk_image(rows, width, small=size < 100, exact=exact)
         digest.update(chunk_prefix(device_position, key, data))
         digest.update(data)
         out.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (?, ?, ?)", [device_position, key, data])
@@ -167,12 +200,8 @@ def export_bundle(
         # read faster with the usual size.
         out.execute(f"PRAGMA page_size = {1024 if total < 1000 else 4096}")
         out.execute("BEGIN")
-        out.execute("CREATE TABLE bundle_meta (key TEXT PRIMARY KEY, value)")
-        out.execute("CREATE TABLE bundle_header (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
-        out.execute(
-            "CREATE TABLE bundle_chunks (id INTEGER PRIMARY KEY, device INTEGER NOT NULL, tbl INTEGER NOT NULL, "
-            "data BLOB NOT NULL)"
-        )
+        for create in BUNDLE_SCHEMA.values():
+            out.execute(create)
         count = write_operations(
             conn, since, devices, tops, table_entry, write_chunk, header_devices, dict((op, hlc) for hlc, op in clock_fixes)
         )
@@ -240,7 +269,7 @@ def write_operations(
     devices: dict[int, str],
     tops: dict[int, int],
     table_entry: Callable[[int], tuple[int, list[int]]],
-    write_chunk: Callable[[int, int, Iterable[Sequence[Any]], int], None],
+    write_chunk: Callable[..., None],
     header_devices: list[str],
     clock_fixes: dict[int, int],
 ) -> int:
@@ -254,7 +283,7 @@ def write_operations(
         header_devices.append(devices[idx])
         for tid, lo, hi, size in runs(conn, op_id(idx, start + 1), op_id(idx, SEQ_MASK)):
             if tid == 0:
-                key, columns = -1, "NULL, rowkey"
+                key, mask, values = -1, "NULL", ["rowkey"]
             else:
                 key, slots = table_entry(tid)
                 # Masks travel as bits of the header's column list: slot numbers are local to
@@ -262,27 +291,28 @@ def write_operations(
                 # are not sent: the receiver derives them from the primary-key values, so they
                 # cannot disagree; only a move sends the key it moved from.
                 mask = remap_mask_sql([(s, i) for i, s in enumerate(slots)])
-                columns = f"{mask}, CASE WHEN newkey IS NOT NULL THEN rowkey END" + "".join(f", c{s}" for s in slots)
-            cursor = conn.execute(
-                f"SELECT op & {SEQ_MASK}, hlc, kind, {columns} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op",
-                [lo, hi],
-            )
-            rows: Iterable[Sequence[Any]] = cursor
-            if clock_fixes and idx == LOCAL:
-                rows = ((seq, clock_fixes.get(op_id(idx, seq), hlc), *rest) for seq, hlc, *rest in cursor)
+                values = ["CASE WHEN newkey IS NOT NULL THEN rowkey END"] + [f"c{s}" for s in slots]
+
+            def fetch(extra: str = "") -> Iterable[Sequence[Any]]:
+                cursor = conn.execute(
+                    f"SELECT op & {SEQ_MASK}, hlc, kind, {mask}, {', '.join(values)}{extra} FROM _sync_ops "
+                    "WHERE op BETWEEN ? AND ? ORDER BY op",
+                    [lo, hi],
+                )
+                if clock_fixes and idx == LOCAL:
+                    return ((seq, clock_fixes.get(op_id(idx, seq), hlc), *rest) for seq, hlc, *rest in cursor)
+                return cursor
+
             try:
-                write_chunk(device_position, key, rows, size)
+                write_chunk(device_position, key, fetch(), size)
             except sqlite3.OperationalError as ex:
                 if "decode" not in str(ex):
                     raise
-                # SQLite stores whatever bytes a client hands it as TEXT; Python cannot read them.
-                (name,) = conn.execute("SELECT name FROM _sync_tables WHERE tid = ?", [tid]).fetchone() or ("?",)
-                raise BundleError(
-                    "invalid_text",
-                    f"Table '{name}' has a TEXT value that is not valid UTF-8 in operations "
-                    f"{lo & SEQ_MASK}-{hi & SEQ_MASK} of device {devices[idx]}, which sync cannot carry "
-                    "(see Limits in the README)",
-                )
+                # SQLite stores whatever bytes a client hands it as TEXT. Such a run travels as
+                # bytes, with a bit per value saying which were TEXT, and is TEXT again in the image.
+                texts = " | ".join(f"((typeof({v}) = 'text') << {n})" for n, v in enumerate(values))
+                with text_as(conn, bytes):
+                    write_chunk(device_position, key, fetch(f", {texts}"), size, exact=True)
             count += size
     return count
 
@@ -322,15 +352,43 @@ def chunk_prefix(device_position: int, table_position: int, data: bytes) -> byte
     return msgpack.packb([device_position, table_position, len(data)])
 
 
-def chunk_image(rows: Iterable[Sequence[Any]], width: int, small: bool = False) -> bytes:
-    """A SQLite database image holding ``rows`` in an ``ops`` table."""
+def chunk_image(rows: Iterable[Sequence[Any]], width: int, small: bool = False, exact: bool = False) -> bytes:
+    """A SQLite database image holding ``rows`` in an ``ops`` table.
+
+    :param exact: TEXT values come as bytes, and each row ends with a bit mask of which of
+        ``moved, v0, v1, ...`` were TEXT: they are made TEXT again, byte for byte
+    """
     with image_connection() as (image, read_back):
         # The smallest pages keep a chunk of a few ops (the common delta) small.
         image.execute(f"PRAGMA page_size = {512 if small else 4096}")
         image.execute(ops_table_sql(width))
-        image.executemany(f"INSERT INTO ops VALUES ({', '.join('?' * (5 + width))})", rows)
+        if not exact:
+            image.executemany(f"INSERT INTO ops VALUES ({', '.join('?' * (5 + width))})", rows)
+        else:
+            image.execute(ops_table_sql(width).replace("CREATE TABLE ops", "CREATE TEMP TABLE stage")[:-1] + ", texts)")
+            image.executemany(f"INSERT INTO temp.stage VALUES ({', '.join('?' * (6 + width))})", rows)
+            columns = ["moved"] + [f"v{i}" for i in range(width)]
+            image.execute(
+                "INSERT INTO ops SELECT seq, hlc, kind, mask, "
+                + ", ".join(f"CASE WHEN texts >> {n} & 1 THEN CAST({c} AS TEXT) ELSE {c} END" for n, c in enumerate(columns))
+                + " FROM temp.stage"
+            )
         image.commit()
         return read_back()
+
+
+@contextmanager
+def text_as(conn: sqlite3.Connection, factory: Callable[[bytes], Any]) -> Iterator[None]:
+    """Read TEXT through ``factory`` for a while. Datasette's connections decode with
+    replacement, which would change a value that is not valid UTF-8 without a word."""
+    old = conn.text_factory
+    conn.text_factory = factory
+    try:
+        yield
+    finally:
+        conn.text_factory = old
+
+
 
 
 @contextmanager
@@ -369,14 +427,19 @@ def anchors_for(conn: sqlite3.Connection, since: dict[str, int], devices: dict[i
 
 def op_fingerprint(conn: sqlite3.Connection, op: int) -> str | None:
     """A digest of what an operation says, independent of local slot numbering."""
-    cursor = conn.execute(
-        "SELECT o.*, t.name AS _table, t.columns AS _slots FROM _sync_ops o LEFT JOIN _sync_tables t ON t.tid = o.tid "
-        "WHERE o.op = ?",
-        [op],
-    )
-    row = cursor.fetchone()
+    # Bytes, not what the connection's text_factory makes of them: a replaced character would
+    # give an invalid value the fingerprint of another.
+    with text_as(conn, exact_text):
+        cursor = conn.execute(
+            "SELECT o.*, t.name AS _table, t.columns AS _slots FROM _sync_ops o LEFT JOIN _sync_tables t "
+            "ON t.tid = o.tid WHERE o.op = ?",
+            [op],
+        )
+        row = cursor.fetchone()
     if row is None:
         return None
+    # TEXT that is not UTF-8 digests apart from a BLOB of the same bytes.
+    row = [msgpack.ExtType(1, bytes(v)) if isinstance(v, RawText) else v for v in row]
     record = dict(zip([d[0] for d in cursor.description], row))
     slots = json.loads(record["_slots"] or "{}")
     values = sorted((c, record[f"c{s}"]) for c, s in slots.items() if (record["mask"] or 0) >> s & 1)
@@ -385,46 +448,83 @@ def op_fingerprint(conn: sqlite3.Connection, op: int) -> str | None:
 
 
 class BundleReader:
-    """Open a bundle read-only and check its integrity before anything is applied."""
+    """Open a bundle read-only and check its integrity before anything is applied.
+
+    Whatever the file holds, the work and memory this costs stay within a small multiple of
+    its size: its tables must be exactly what the exporter writes (nothing computes a value),
+    their b-trees pass ``PRAGMA quick_check`` (no page is read twice), no value may be longer
+    than the file, and the chunks together may not hold more bytes than it.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
         name = self.path.name
         if not self.path.is_file():
             raise BundleError("missing_bundle", f"Bundle {name}: file not found")
-        if self.path.stat().st_size == 0:
+        self.size = self.path.stat().st_size
+        if self.size == 0:
             raise BundleError("invalid_bundle", f"Bundle {name} is empty (0 bytes): was the transfer cut short?")
         try:
             self.conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True)
+        except sqlite3.Error as ex:
+            raise BundleError("invalid_bundle", f"Bundle {name} is not a SQLite file ({ex})")
+        try:
+            self._open()
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _open(self) -> None:
+        name = self.path.name
+        # Bytes: nothing in the file is decoded unless it is checked (schema text may be any bytes).
+        self.conn.text_factory = bytes
+        limit_values(self.conn, self.size)
+        try:
             kinds = {
-                row[0]: (row[1], row[2] or "")
+                row[0]: (row[1], row[2] or b"")
                 for row in self.conn.execute("SELECT name, type, sql FROM sqlite_master")
             }
         except sqlite3.Error as ex:
             raise BundleError("invalid_bundle", f"Bundle {name} is not a SQLite file ({ex})")
-        for table in BUNDLE_TABLES:
-            kind, sql = kinds.get(table, (None, ""))
-            if kind != "table" or sql.lstrip().upper().startswith("CREATE VIRTUAL"):
+        except UnicodeDecodeError:  # SQLite's message quoted schema text Python could not decode
+            raise BundleError("invalid_bundle", f"Bundle {name} cannot be read (malformed schema that is not valid UTF-8)")
+        for table, create in BUNDLE_SCHEMA.items():
+            kind, sql = kinds.get(table.encode(), (None, b""))
+            if kind != b"table":
                 raise BundleError("invalid_bundle", f"Bundle {name} is not a sync bundle: no {table} table")
+            if sql != create.encode():
+                raise BundleError(
+                    "invalid_bundle", f"Bundle {name} is not a sync bundle: its {table} table is not as the exporter writes it"
+                )
         try:
-            meta = dict(self.conn.execute("SELECT key, value FROM bundle_meta"))
+            check_btrees(self.conn, BUNDLE_TABLES, f"Bundle {name}")
+            meta = self._read_meta()
             if meta.get("format") != FORMAT:
-                raise BundleError("unsupported_format", f"Bundle {name} has format {meta.get('format')!r}, expected {FORMAT}")
-            headers = self.conn.execute("SELECT data FROM bundle_header ORDER BY id").fetchall()
-            if len(headers) != 1 or not isinstance(headers[0][0], bytes):
+                raise BundleError(
+                    "unsupported_format", f"Bundle {name} has format {shorten(meta.get('format'))}, expected {FORMAT}"
+                )
+            headers = self.conn.execute("SELECT data, typeof(data) FROM bundle_header ORDER BY id LIMIT 2").fetchall()
+            if len(headers) != 1 or headers[0][1] != b"blob":
                 raise BundleError("invalid_metadata", f"Bundle {name} must have exactly one header")
             self.header_bytes = headers[0][0]
             digest = hashlib.sha256(FORMAT.encode())
             for _ in self._read_chunks(digest):
                 pass
             digest.update(self.header_bytes)
-        except sqlite3.Error as ex:
-            raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({ex})")
+        except (sqlite3.Error, UnicodeDecodeError) as ex:
+            raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({shorten(str(ex), 200)})")
         if digest.hexdigest() != meta.get("sha256") or meta.get("bundle_id") != digest.hexdigest()[:32]:
             raise self._hash_mismatch()
         self.sha256: str = meta["sha256"]
         self.bundle_id: str = meta["bundle_id"]
         self.header = self._decode_header()
+
+    def _read_meta(self) -> dict[str, Any]:
+        meta = {}
+        for key, value in self.conn.execute("SELECT key, value FROM bundle_meta LIMIT 16"):
+            if isinstance(key, bytes):
+                meta[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        return meta
 
     def _hash_mismatch(self) -> BundleError:
         return BundleError(
@@ -432,9 +532,16 @@ class BundleReader:
         )
 
     def _read_chunks(self, digest: Any) -> Iterator[tuple[int, int, bytes]]:
-        for device, table, data in self.conn.execute("SELECT device, tbl, data FROM bundle_chunks ORDER BY id"):
+        held = 0
+        for device, table, data in self.conn.execute(
+            "SELECT device, tbl, data FROM bundle_chunks WHERE typeof(data) = 'blob' ORDER BY id"
+        ):
             if not (type(device) is int and type(table) is int and isinstance(data, bytes)):
                 raise BundleError("invalid_operation", f"Bundle {self.path.name} has a malformed chunk")
+            held += len(data)
+            if held > self.size:
+                # Only a damaged file can show the same bytes twice: stop before that costs more.
+                raise BundleError("invalid_bundle", f"Bundle {self.path.name} is damaged: its chunks hold more than the file")
             digest.update(chunk_prefix(device, table, data))
             digest.update(data)
             yield device, table, data
@@ -443,47 +550,14 @@ class BundleReader:
         name = self.path.name
         try:
             header = msgpack.unpackb(self.header_bytes)
-        except Exception as ex:
-            raise BundleError("invalid_metadata", f"Bundle {name} header cannot be decoded ({ex})")
-        problem = None
-        if not isinstance(header, dict):
-            problem = "header is not a map"
-        elif not is_device_id(header.get("source")):
-            problem = "source device id is invalid"
-        elif not isinstance(header.get("devices"), list) or not all(is_device_id(d) for d in header["devices"]):
-            problem = "device list is invalid"
-        elif len(set(header["devices"])) != len(header["devices"]):
-            problem = "device list repeats a device"
-        elif not isinstance(header.get("tables"), list) or not all(
-            isinstance(t, list)
-            and len(t) == 3
-            and isinstance(t[0], str)
-            and isinstance(t[1], list)
-            and isinstance(t[2], list)
-            and all(isinstance(c, str) for c in t[1])
-            and len(set(t[1])) == len(t[1])
-            and t[2]
-            and all(c in t[1] for c in t[2])
-            for t in header["tables"]
-        ):
-            problem = "table list is invalid"
-        elif not isinstance(header.get("dropped", {}), dict) or not all(
-            isinstance(v, list) and any(t[0] == k and all(c in t[1] and c not in t[2] for c in v) for t in header["tables"])
-            for k, v in header.get("dropped", {}).items()
-        ):
-            problem = "dropped-column list is invalid"
-        elif not is_count(header.get("operations"), 1 << 62):
-            problem = "operation count is invalid"
-        elif not isinstance(header.get("anchors", {}), dict) or not all(
-            is_device_id(k) and isinstance(v, list) and len(v) == 2 and is_count(v[0], SEQ_MASK) and isinstance(v[1], str)
-            for k, v in header.get("anchors", {}).items()
-        ):
-            problem = "anchors are invalid"
+        except Exception as ex:  # msgpack raises several kinds for malformed input
+            raise BundleError("invalid_metadata", f"Bundle {name} header cannot be decoded ({shorten(str(ex))})")
+        problem = header_problem(header)
         if problem:
             raise BundleError("invalid_metadata", f"Bundle {name}: {problem}")
-        parse_clock(header.get("clock"), f"Bundle {name} clock")
-        parse_clock(header.get("since"), f"Bundle {name} since-clock")
-        parse_clock(header.get("horizon"), f"Bundle {name} horizon")
+        parse_clock(header["clock"], f"Bundle {name} clock")
+        parse_clock(header.get("since", {}), f"Bundle {name} since-clock")
+        parse_clock(header.get("horizon", {}), f"Bundle {name} horizon")
         return header
 
     def chunks(self) -> Iterator[tuple[int, int, bytes]]:
@@ -499,8 +573,8 @@ class BundleReader:
                 if not (0 <= device < len(self.header["devices"]) and -1 <= table < len(self.header["tables"])):
                     raise BundleError("invalid_operation", f"Bundle {name} has a malformed chunk")
                 yield device, table, data
-        except sqlite3.Error as ex:
-            raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({ex})")
+        except (sqlite3.Error, UnicodeDecodeError) as ex:
+            raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({shorten(str(ex), 200)})")
         digest.update(self.header_bytes)
         if digest.hexdigest() != self.sha256:
             raise self._hash_mismatch()
@@ -513,10 +587,139 @@ class BundleReader:
         self.conn.close()
 
 
+REQUIRED_KEYS = ("source", "clock", "devices", "tables", "operations")
+
+
+def is_name(value: Any) -> bool:
+    """A table or column name the importer can put in SQL (no NUL, of a sane length)."""
+    return isinstance(value, str) and 0 < len(value) <= 1000 and "\0" not in value
+
+
+def is_table_entry(entry: Any) -> bool:
+    """``[name, columns, primary key columns]`` as the exporter writes it."""
+    if not (isinstance(entry, list) and len(entry) == 3 and is_name(entry[0])):
+        return False
+    _, columns, pk = entry
+    return (
+        isinstance(columns, list)
+        and 0 < len(columns) <= MAX_COLUMNS
+        and all(is_name(c) for c in columns)
+        and len(set(columns)) == len(columns)
+        and isinstance(pk, list)
+        and 0 < len(pk) == len(set(pk))
+        and all(isinstance(c, str) and c in columns for c in pk)
+    )
+
+
+def header_problem(header: Any) -> str | None:
+    """What is wrong with a decoded header (every key the importer reads), or None."""
+    if not isinstance(header, dict):
+        return "header is not a map"
+    missing = [key for key in REQUIRED_KEYS if key not in header]
+    if missing:
+        return f"header lacks {', '.join(missing)}"
+    tables = header["tables"]
+    if not is_device_id(header["source"]):
+        return "source device id is invalid"
+    if not isinstance(header["devices"], list) or not all(is_device_id(d) for d in header["devices"]):
+        return "device list is invalid"
+    if len(set(header["devices"])) != len(header["devices"]):
+        return "device list repeats a device"
+    if not isinstance(tables, list) or not all(is_table_entry(t) for t in tables):
+        return "table list is invalid"
+    dropped = header.get("dropped", {})
+    if not isinstance(dropped, dict) or not all(
+        isinstance(v, list) and any(t[0] == k and all(c in t[1] and c not in t[2] for c in v) for t in tables)
+        for k, v in dropped.items()
+    ):
+        return "dropped-column list is invalid"
+    if not is_count(header["operations"], 1 << 62):
+        return "operation count is invalid"
+    anchors = header.get("anchors", {})
+    if not isinstance(anchors, dict) or not all(
+        is_device_id(k) and isinstance(v, list) and len(v) == 2 and is_count(v[0], SEQ_MASK)
+        and isinstance(v[1], str) and len(v[1]) <= 64
+        for k, v in anchors.items()
+    ):
+        return "anchors are invalid"
+    for key in ("clock", "since", "horizon"):
+        if not isinstance(header.get(key, {}), dict):
+            return f"{key} is not a map"
+    return None
+
+
+def limit_values(conn: sqlite3.Connection, most: int) -> None:
+    """No string or BLOB read on ``conn`` may be longer than ``most`` bytes (Python 3.11+)."""
+    if hasattr(conn, "setlimit"):
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max(most, 1024))
+
+
+def check_btrees(conn: sqlite3.Connection, tables: Sequence[str], what: str, reason: str = "invalid_bundle") -> None:
+    """``PRAGMA quick_check`` of ``tables``: O(their size), and afterwards no page of them is
+    reached twice, so reading them costs no more than their size.
+
+    Only for tables whose schema was checked: quick_check also evaluates CHECK constraints.
+    """
+    for table in tables:
+        problem = conn.execute(f"PRAGMA quick_check({table})").fetchone()
+        if problem is None or problem[0] not in (b"ok", "ok"):
+            detail = problem[0] if problem else b"?"
+            detail = detail.decode("utf-8", "replace") if isinstance(detail, bytes) else str(detail)
+            raise BundleError(reason, f"{what} is damaged ({shorten(detail)})")
+
+
 # The importer reads chunk images with SQL. Python 3.11+ can hand an image straight to SQLite;
 # 3.10 cannot, and copies the rows into a temporary table instead.
 SERIALIZE = hasattr(sqlite3.Connection, "serialize")
 CHUNK_SCHEMA = "_sync_chunk"
+
+
+def check_image(data: bytes, width: int, name: str) -> None:
+    """Check a chunk image on a connection of its own, before the importer attaches it.
+
+    After this, every column the importer reads into Python is an integer or valid UTF-8, so
+    no statement on the importing connection can stop half-way over the attached image (which
+    the next image would then be loaded under: a crash), and reading it costs O(its size).
+    """
+    def fail(message: str) -> BundleError:
+        return BundleError("invalid_operation", f"Bundle {name}{message}")
+
+    try:
+        with open_image(data) as image:
+            image.text_factory = bytes
+            limit_values(image, len(data))
+            schema = image.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
+            if schema != [(b"table", b"ops", b"ops", ops_table_sql(width).encode())]:
+                raise fail(" has a chunk that is not a table of operations")
+            check_btrees(image, ["ops"], f"Bundle {name} has a chunk that", "invalid_operation")
+            # One pass for every type.
+            clocks, kinds, moves, moved = image.execute(
+                "SELECT ifnull(max(typeof(hlc) != 'integer'), 0), "
+                "ifnull(max(typeof(kind) != 'integer' OR typeof(mask) NOT IN ('integer', 'null')), 0), "
+                "ifnull(max(typeof(moved) NOT IN ('text', 'null')), 0), ifnull(max(moved IS NOT NULL), 0) FROM ops"
+            ).fetchone()
+            if clocks:
+                raise fail(": an operation has a clock that is not an integer")
+            if kinds:
+                raise fail(": an operation has an invalid kind or mask")
+            if moves:
+                raise fail(": an operation has an invalid moved-from key or clock")
+            for (text,) in image.execute("SELECT moved FROM ops WHERE moved IS NOT NULL") if moved else ():
+                if not is_utf8(text):
+                    raise fail(": an operation has a moved-from key or clock that is not valid UTF-8")
+    except sqlite3.Error as ex:
+        raise fail(f" has a chunk that cannot be read ({ex})")
+    except UnicodeDecodeError:
+        # SQLite's message quotes the schema, and Python could not decode it.
+        raise fail(" has a chunk that cannot be read (malformed schema that is not valid UTF-8)")
+
+
+def is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class ChunkStage:
@@ -532,14 +735,12 @@ class ChunkStage:
     def load(self, data: bytes, width: int) -> str:
         """Load one chunk image after checking it holds nothing but the ``ops`` table; return the
         name to ``SELECT`` its operations from."""
+        check_image(data, width, self.name)
         try:
             if self.direct:
                 self.conn.deserialize(data, name=CHUNK_SCHEMA)
-                schema = self.conn.execute(f"SELECT type, name, tbl_name, sql FROM {CHUNK_SCHEMA}.sqlite_master")
-                self.check(schema, width)
                 return f"{CHUNK_SCHEMA}.ops"
             with open_image(data) as image:
-                self.check(image.execute("SELECT type, name, tbl_name, sql FROM sqlite_master"), width)
                 self.conn.execute("DROP TABLE IF EXISTS temp._sync_chunk_ops")
                 self.conn.execute(ops_table_sql(width).replace("CREATE TABLE ops", "CREATE TEMP TABLE _sync_chunk_ops"))
                 self.conn.executemany(
@@ -548,15 +749,11 @@ class ChunkStage:
                 )
                 return "temp._sync_chunk_ops"
         except sqlite3.DatabaseError as ex:
-            self.empty()  # a broken image would break every later statement that reads the schema
-            raise BundleError("invalid_operation", f"Bundle {self.name} has a chunk that cannot be read ({ex})")
-        except BundleError:
             self.empty()
-            raise
-
-    def check(self, schema: Iterator, width: int) -> None:
-        if [tuple(row) for row in schema] != [("table", "ops", "ops", ops_table_sql(width))]:
-            raise BundleError("invalid_operation", f"Bundle {self.name} has a chunk that is not a table of operations")
+            if "decode" in str(ex):  # only here, where values pass through Python (3.10)
+                raise BundleError("invalid_text", f"Bundle {self.name} has a TEXT value that is not valid UTF-8, "
+                                  "which this Python (3.10) cannot carry")
+            raise BundleError("invalid_operation", f"Bundle {self.name} has a chunk that cannot be read ({ex})")
 
     def close(self) -> None:
         if not self.direct:

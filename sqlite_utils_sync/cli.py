@@ -47,6 +47,9 @@ def user_errors() -> Iterator[None]:
         raise click.ClickException(str(ex))
     except sqlite3.Error as ex:
         raise click.ClickException(f"SQLite error: {ex}")
+    except (UnicodeError, RecursionError, MemoryError, ValueError, TypeError, KeyError, IndexError) as ex:
+        # A bug, but one line all the same: a user must never see a traceback.
+        raise click.ClickException(f"Unexpected {type(ex).__name__}: {' '.join(str(ex).split())[:300]} (please report this)")
 
 
 @contextlib.contextmanager

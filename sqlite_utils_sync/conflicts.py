@@ -21,9 +21,11 @@ import sqlite3
 from typing import Any, Iterable
 
 from .apply import Effect, KnowledgeCache, all_effects, cursor_effects, fetch_row, key_slots, row_state, transaction, write_row
+from .bundle import text_as
 from .capture import SyncedTable, load_tables, muted, repair_drift
 from .errors import SyncError
 from .log import (
+    exact_text,
     DELETE,
     INSERT,
     KIND_NAMES,
@@ -203,8 +205,12 @@ def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
         without it the value currently in the table is accepted
     :returns: the id of the resolution operation
     """
+    conn = connection(db)
     try:
-        return _resolve(connection(db), conflict_id, keep)
+        # Values pass through Python here: read them exactly (a Datasette connection would
+        # replace what is not UTF-8, and the resolution would write the changed value).
+        with text_as(conn, exact_text):
+            return _resolve(conn, conflict_id, keep)
     except sqlite3.IntegrityError as ex:
         # Restoring a version can need a UNIQUE value another row holds now.
         raise SyncError(

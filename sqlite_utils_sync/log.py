@@ -402,6 +402,24 @@ def settle_clocks(conn: sqlite3.Connection) -> list[tuple[int, int]]:
     return []
 
 
+class RawText(bytes):
+    """A TEXT value that is not valid UTF-8 (SQLite stores what a client hands it), as its
+    bytes: written back with ``CAST(? AS TEXT)`` (see :func:`marker`) it is the same value."""
+
+
+def exact_text(data: bytes) -> str | RawText:
+    """A ``text_factory`` that changes no value: ``str`` where TEXT is valid UTF-8, else RawText."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return RawText(data)
+
+
+def marker(value: Any) -> str:
+    """The SQL parameter for a value read with :func:`exact_text`: RawText goes back as TEXT."""
+    return "CAST(? AS TEXT)" if isinstance(value, RawText) else "?"
+
+
 def append_local(
     conn: sqlite3.Connection,
     tid: int,
@@ -417,7 +435,7 @@ def append_local(
     columns = ["hlc", "tid", "kind", "mask", "rowkey", "newkey"] + [f"c{s}" for s in slots]
     values = [next_local_hlc(conn, floor), tid, kind, mask, rowkey, newkey] + list(slots.values())
     cursor = conn.execute(
-        f"INSERT INTO _sync_ops ({', '.join(columns)}) VALUES ({', '.join('?' * len(values))})", values
+        f"INSERT INTO _sync_ops ({', '.join(columns)}) VALUES ({', '.join(marker(v) for v in values)})", values
     )
     return cursor.lastrowid
 

@@ -8,7 +8,7 @@ import sqlite3
 from typing import Any, Callable, Iterator
 
 from .apply import transaction
-from .bundle import ExportResult, export_bundle as write_bundle, is_device_id, parse_clock
+from .bundle import ExportResult, export_bundle as write_bundle, is_device_id, parse_clock, text_as
 from .capture import (
     canonical_name,
     drifted_tables,
@@ -25,6 +25,7 @@ from .log import (
     LOCAL,
     clock,
     connection,
+    exact_text,
     is_enabled,
     local_device_id,
     new_device as _new_device,
@@ -41,7 +42,8 @@ def enable_sync(db: Any, tables: list[str]) -> dict[str, int]:
     """
     conn = connection(db)
     try:
-        with transaction(conn):
+        # Rows pass through Python when they are compared with the log: read them exactly.
+        with text_as(conn, exact_text), transaction(conn):
             if is_enabled(conn):
                 settle_clocks(conn)  # repairs append operations after the ones already captured
             # One entry per table, however it was spelled.
@@ -102,7 +104,7 @@ def export_bundle(
             )
         since_clock = parse_clock(row[0]) if row else clock(conn)
     if repair:
-        with transaction(conn):
+        with text_as(conn, exact_text), transaction(conn):
             unsettled = settle_clocks(conn)  # what it could not write (a read-only file)
             repair_drift(conn)
             return write_bundle(conn, path, since_clock, progress, unsettled)
