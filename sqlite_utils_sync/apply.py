@@ -1077,20 +1077,54 @@ def settle(conn: sqlite3.Connection, writes: list[PendingWrite]) -> None:
     if not attempt(conn, lambda: [write[3]() for write in writes]):
         return  # the common case: no value had to wait, and one savepoint did
     set_aside_rows: set[tuple[int, str]] = set()
-    while writes:
-        failures = [(write, attempt(conn, write[3])) for write in writes]
+    referring: list[tuple] = []  # rows a foreign key updated along with a value set aside
+    pending = writes
+    while pending:
+        failures = [(write, attempt(conn, write[3])) for write in pending]
         blocked = [write for write, failure in failures if failure]
-        if blocked and len(blocked) == len(writes):
+        if blocked and len(blocked) == len(pending):
             stuck = [w for w in blocked if (w[0].tid, w[1]) not in set_aside_rows]
             if not stuck:
                 raise next(failure for _, failure in failures if failure)
             for table, rowkey, columns, _ in stuck:
-                set_aside(conn, table, rowkey, columns)
+                referring.extend(set_aside(conn, table, rowkey, columns))
                 set_aside_rows.add((table.tid, rowkey))
-        writes = blocked
+        pending = blocked
+    if referring:
+        # ON UPDATE CASCADE passed the values set aside on to rows that refer to them. Those
+        # rows' own operations decide them: put back what they held, then write every row of
+        # this settling once more (each write is its row's final state; one that inserted a
+        # row fails the second time, harmlessly).
+        for child, rowid, columns, values in referring:
+            assignments = ", ".join(f"{quote_identifier(c)} = ?" for c in columns)
+            conn.execute(f"UPDATE {quote_identifier(child)} SET {assignments} WHERE rowid = ?", [*values, rowid])
+        for write in writes:
+            attempt(conn, write[3])
 
 
-def set_aside(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, columns: set[str]) -> None:
+def referring_rows(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, columns: set[str]) -> list[tuple]:
+    """Rows of rowid tables whose foreign key cascades updates of ``columns`` of this row:
+    ``(table, rowid, their key columns, the values they hold)``."""
+    found = []
+    for (child,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+        keys: dict[int, list[tuple[str, str]]] = {}
+        for fk in conn.execute(f"PRAGMA foreign_key_list({quote_identifier(child)})").fetchall():
+            if fk[2].lower() == table.name.lower() and fk[5].upper() == "CASCADE" and fk[4] is not None:
+                keys.setdefault(fk[0], []).append((fk[3], fk[4]))
+        for pairs in keys.values():
+            if not columns & {to for _, to in pairs}:
+                continue
+            mine = fetch_row(conn, table, rowkey) or {}
+            where = " AND ".join(f"{quote_identifier(f)} = ?" for f, _ in pairs)
+            select = ", ".join(quote_identifier(f) for f, _ in pairs)
+            for rowid, *values in conn.execute(
+                f"SELECT rowid, {select} FROM {quote_identifier(child)} WHERE {where}", [mine.get(to) for _, to in pairs]
+            ).fetchall():
+                found.append((child, rowid, [f for f, _ in pairs], values))
+    return found
+
+
+def set_aside(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, columns: set[str]) -> list[tuple]:
     """Give a row's UNIQUE values among ``columns`` (its next write sets them again) values no
     other row can hold: NULL (NULLs never collide under UNIQUE), or in a NOT NULL column a value
     made from the row's own key. A composite constraint is freed by one of its columns."""
@@ -1100,7 +1134,7 @@ def set_aside(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, columns
         aside |= columns if None in index else columns & set(index)
     aside -= set(table.pk)
     if not aside:
-        return
+        return []
     info = {row[1]: row for row in table_info(conn, table.name)}
     strict = conn.execute(
         "SELECT strict FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table.name]
@@ -1119,13 +1153,15 @@ def set_aside(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, columns
             marker = f"datasette-sync: set aside {rowkey}"
             assignments.append(f"{q} = ?")
             params.append(marker if affinity == "TEXT" else marker.encode())
+    referring = referring_rows(conn, table, rowkey, aside)
     # A CHECK constraint may refuse the placeholder: the write then fails as it did before.
-    attempt(
+    failed = attempt(
         conn,
         lambda: conn.execute(
             f"UPDATE {t} SET {', '.join(assignments)} WHERE {pk_where(table)}", [*params, *parse_rowkey(rowkey)]
         ),
     )
+    return [] if failed else referring
 
 
 class KnowledgeCache:

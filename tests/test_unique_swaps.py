@@ -230,3 +230,33 @@ def test_enable_sync_notes_a_unique_expression_index_without_a_traceback(tmp_pat
     result = run(["sqlite-utils", "enable-sync", path, "t"], check=False)
     assert result.returncode == 0 and "Traceback" not in result.stderr
     assert "Note: t has UNIQUE(<expression>): an INSERT OR REPLACE" in result.stderr
+
+
+CASCADE = (
+    "CREATE TABLE t (id INTEGER PRIMARY KEY, code TEXT UNIQUE);"
+    "CREATE TABLE c (id INTEGER PRIMARY KEY, pcode TEXT REFERENCES t (code) ON UPDATE CASCADE)"
+)
+
+
+@pytest.mark.parametrize("disabled", ["sender", "receiver"])
+def test_rows_whose_foreign_key_cascades_from_a_swapped_value_keep_their_own_values(tmp_path, disabled):
+    # On the author the children follow their parent rows (the cascade is captured); values
+    # set aside on the way must not reach them on the copies.
+    a, b = (make_db(tmp_path / f"{n}.db", CASCADE, ("t", "c")) for n in "ab")
+    for conn in (a, b):
+        conn.execute("PRAGMA foreign_keys = ON")
+    a.execute("INSERT INTO t VALUES (1, 'X'), (2, 'Y')")
+    a.execute("INSERT INTO c VALUES (10, 'X'), (20, 'Y')")
+    sync(a, b, tmp_path)
+    disable_sync(a if disabled == "sender" else b, ["t"])
+    for row, code in ((1, "tmp"), (2, "X"), (1, "Y")):
+        a.execute("UPDATE t SET code = ? WHERE id = ?", [code, row])
+    if disabled == "sender":
+        enable_sync(a, ["t"])
+    sync(a, b, tmp_path)
+    if disabled == "receiver":
+        enable_sync(b, ["t"])
+    for conn in (a, b):
+        assert conn.execute("SELECT * FROM t ORDER BY id").fetchall() == [(1, "Y"), (2, "X")]
+        assert conn.execute("SELECT * FROM c ORDER BY id").fetchall() == [(10, "Y"), (20, "X")]
+        assert_table_matches_its_log(conn, "c")
