@@ -1106,7 +1106,9 @@ def referring_rows(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, co
     """Rows of rowid tables whose foreign key cascades updates of ``columns`` of this row:
     ``(table, rowid, their key columns, the values they hold)``."""
     found = []
-    for (child,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+    # A WITHOUT ROWID table has no rowid to put its values back by: its rows are left out.
+    tables = "SELECT name FROM pragma_table_list WHERE schema = 'main' AND type = 'table' AND NOT wr"
+    for (child,) in conn.execute(tables).fetchall():
         keys: dict[int, list[tuple[str, str]]] = {}
         for fk in conn.execute(f"PRAGMA foreign_key_list({quote_identifier(child)})").fetchall():
             if fk[2].lower() == table.name.lower() and fk[5].upper() == "CASCADE" and fk[4] is not None:
