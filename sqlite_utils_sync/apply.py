@@ -36,6 +36,7 @@ from .capture import (
     muted,
     register_table,
     repair_drift,
+    secondary_unique_columns,
     table_info,
 )
 from .errors import BundleError
@@ -1016,14 +1017,12 @@ class Importer:
                 todo.append((table, rowkey, effects, before.get((tid, rowkey))))
             if record_clashes(conn, table, rowkey, effects, knowledge):
                 self.clashed_rows.add((tid, rowkey))
-        while todo:
-            # After a replay, a row's final value may still sit in a row not settled yet: put
-            # such rows off until another round has moved it, for as long as rounds progress.
-            failures = [(row, attempt(conn, lambda row=row: apply_row(conn, *row))) for row in todo]
-            blocked = [row for row, failure in failures if failure]
-            if blocked and len(blocked) == len(todo):
-                raise failures[0][1]
-            todo = blocked
+        # After a replay a row's final value may still sit in a row not settled yet, or rows may
+        # hand values round in a cycle. Each row is then written whole, so any column may be set aside.
+        settle(
+            conn,
+            [(row[0], row[1], set(row[0].current_columns(conn)), lambda row=row: apply_row(conn, *row)) for row in todo],
+        )
 
 
 def effects_of(record: dict[str, Any], table: SyncedTable, devices: dict[int, str], new: bool) -> list[tuple[str, Effect]]:
@@ -1179,6 +1178,111 @@ def apply_row(
     if replayed and current is not None:
         final = {column: final.get(column) for column in columns}
     write_row(conn, table, rowkey, True, final, current is not None)
+
+
+PendingWrite = tuple[SyncedTable, str, set[str], Callable[[], Any]]  # table, row key, columns it writes, the write
+
+
+def settle(conn: sqlite3.Connection, writes: list[PendingWrite]) -> None:
+    """Bring rows to their final state when their UNIQUE values may move from row to row.
+
+    Unless they all go in at once, each write runs in its own savepoint, in rounds: one that
+    meets a value another pending row still holds waits for the next round. When a round moves
+    nothing, the pending rows hand values to each other in a cycle (a swap, a rotation, however
+    it was logged): their UNIQUE values are set aside and the rounds go on. Fails with the first
+    constraint error only when nothing is left to set aside, that is when the final state itself
+    breaks a constraint. Call with capture muted: the values set aside are never operations.
+    """
+    if not attempt(conn, lambda: [write[3]() for write in writes]):
+        return  # the common case: no value had to wait, and one savepoint did
+    set_aside_rows: set[tuple[int, str]] = set()
+    referring: list[tuple] = []  # rows a foreign key updated along with a value set aside
+    pending = writes
+    while pending:
+        failures = [(write, attempt(conn, write[3])) for write in pending]
+        blocked = [write for write, failure in failures if failure]
+        if blocked and len(blocked) == len(pending):
+            stuck = [w for w in blocked if (w[0].tid, w[1]) not in set_aside_rows]
+            if not stuck:
+                raise next(failure for _, failure in failures if failure)
+            for table, rowkey, columns, _ in stuck:
+                referring.extend(set_aside(conn, table, rowkey, columns))
+                set_aside_rows.add((table.tid, rowkey))
+        pending = blocked
+    if referring:
+        # ON UPDATE CASCADE passed the values set aside on to rows that refer to them. Those
+        # rows' own operations decide them: put back what they held, then write every row of
+        # this settling once more (each write is its row's final state; one that inserted a
+        # row fails the second time, harmlessly).
+        for child, rowid, columns, values in referring:
+            assignments = ", ".join(f"{quote_identifier(c)} = ?" for c in columns)
+            conn.execute(f"UPDATE {quote_identifier(child)} SET {assignments} WHERE rowid = ?", [*values, rowid])
+        for write in writes:
+            attempt(conn, write[3])
+
+
+def referring_rows(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, columns: set[str]) -> list[tuple]:
+    """Rows of rowid tables whose foreign key cascades updates of ``columns`` of this row:
+    ``(table, rowid, their key columns, the values they hold)``."""
+    found = []
+    # A WITHOUT ROWID table has no rowid to put its values back by: its rows are left out.
+    tables = "SELECT name FROM pragma_table_list WHERE schema = 'main' AND type = 'table' AND NOT wr"
+    for (child,) in conn.execute(tables).fetchall():
+        keys: dict[int, list[tuple[str, str]]] = {}
+        for fk in conn.execute(f"PRAGMA foreign_key_list({quote_identifier(child)})").fetchall():
+            if fk[2].lower() == table.name.lower() and fk[5].upper() == "CASCADE" and fk[4] is not None:
+                keys.setdefault(fk[0], []).append((fk[3], fk[4]))
+        for pairs in keys.values():
+            if not columns & {to for _, to in pairs}:
+                continue
+            mine = fetch_row(conn, table, rowkey) or {}
+            where = " AND ".join(f"{quote_identifier(f)} = ?" for f, _ in pairs)
+            select = ", ".join(quote_identifier(f) for f, _ in pairs)
+            for rowid, *values in conn.execute(
+                f"SELECT rowid, {select} FROM {quote_identifier(child)} WHERE {where}", [mine.get(to) for _, to in pairs]
+            ).fetchall():
+                found.append((child, rowid, [f for f, _ in pairs], values))
+    return found
+
+
+def set_aside(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, columns: set[str]) -> list[tuple]:
+    """Give a row's UNIQUE values among ``columns`` (its next write sets them again) values no
+    other row can hold: NULL (NULLs never collide under UNIQUE), or in a NOT NULL column a value
+    made from the row's own key. A composite constraint is freed by one of its columns."""
+    aside = set()
+    for index in secondary_unique_columns(conn, table.name):
+        # An expression in the index (lower(code)) hides its columns: set aside every one written.
+        aside |= columns if None in index else columns & set(index)
+    aside -= set(table.pk)
+    if not aside:
+        return []
+    info = {row[1]: row for row in table_info(conn, table.name)}
+    strict = conn.execute(
+        "SELECT strict FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table.name]
+    ).fetchone()
+    t = quote_identifier(table.name)
+    assignments, params = [], []
+    for column in sorted(aside):
+        q = quote_identifier(column)
+        affinity = (info[column][2] or "").upper() if strict and strict[0] else "BLOB"
+        if not info[column][3]:
+            assignments.append(f"{q} = NULL")
+        elif affinity in ("INT", "INTEGER", "REAL"):
+            assignments.append(f"{q} = (SELECT coalesce(min({q}), 0) - 1 FROM {t})")  # a STRICT number
+        else:
+            # A BLOB is stored as it is under any affinity and never equals a TEXT value.
+            marker = f"datasette-sync: set aside {rowkey}"
+            assignments.append(f"{q} = ?")
+            params.append(marker if affinity == "TEXT" else marker.encode())
+    referring = referring_rows(conn, table, rowkey, aside)
+    # A CHECK constraint may refuse the placeholder: the write then fails as it did before.
+    failed = attempt(
+        conn,
+        lambda: conn.execute(
+            f"UPDATE {t} SET {', '.join(assignments)} WHERE {pk_where(table)}", [*params, *parse_rowkey(rowkey)]
+        ),
+    )
+    return [] if failed else referring
 
 
 class KnowledgeCache:
@@ -1393,10 +1497,13 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, captured: set[
             append_local(conn, table.tid, DELETE, 0, rowkey, slots=key_slots(table, rowkey))
             logged += 1
     if adopted:
-        # Taking a peer's value is not a local edit: write it with capture muted, once.
+        # Taking a peer's value is not a local edit: write it with capture muted, once. Peers
+        # may have handed UNIQUE values from row to row (a swap): settle them as an import does.
         with muted(conn):
-            for arguments in adopted:
-                write_row(conn, table, *arguments)
+            settle(
+                conn,
+                [(table, a[0], set(a[2]), lambda a=a: write_row(conn, table, *a)) for a in adopted],
+            )
     if unapplied:
         record_kept_clashes(conn, table, history, unapplied)
     return logged

@@ -101,8 +101,9 @@ def register(cli: click.Group) -> None:
             if count:
                 click.echo(f"{table}: logged {count} existing or missed row change(s)", err=True)
             for columns in secondary_unique_columns(db.conn, table):
+                named = ", ".join(c or "<expression>" for c in columns)  # None: an expression index
                 click.echo(
-                    f"Note: {table} has UNIQUE({', '.join(columns)}): an INSERT OR REPLACE that removes another "
+                    f"Note: {table} has UNIQUE({named}): an INSERT OR REPLACE that removes another "
                     "row because of it is only captured with PRAGMA recursive_triggers=ON "
                     "(sqlite-utils and Datasette turn it on)",
                     err=True,
