@@ -27,6 +27,11 @@ def write_wrapper(datasette, database, request, transaction):
 
 
 @hookimpl
+def startup(datasette):
+    views.check_config(datasette)
+
+
+@hookimpl
 def register_routes():
     return views.routes()
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from datasette import Response
 from datasette.resources import TableResource
-from datasette.utils import tilde_decode, tilde_encode
+from datasette.utils import StartupError, tilde_decode, tilde_encode
 from datasette.utils.asgi import BadRequest, Base400, Forbidden, NotFound
 from markupsafe import Markup, escape
 
@@ -126,15 +126,34 @@ def clock_header(clock: dict[str, int]) -> str:
     return json.dumps(clock, separators=(",", ":"), sort_keys=True)
 
 
-def max_bundle_bytes(datasette, database: str) -> int:
+def plugin_config(datasette, database: str | None) -> dict:
     # plugin_config() can return None even with fallback, so try both levels explicitly.
-    config = datasette.plugin_config(PLUGIN, database=database) or datasette.plugin_config(PLUGIN) or {}
-    return int(config.get("max_bundle_bytes") or DEFAULT_MAX_BUNDLE_BYTES)
+    if database is None:
+        return datasette.plugin_config(PLUGIN) or {}
+    return datasette.plugin_config(PLUGIN, database=database) or datasette.plugin_config(PLUGIN) or {}
 
 
-def max_clock_skew(datasette, database: str) -> float:
+def max_bundle_bytes(datasette, database: str) -> int:
+    return int(plugin_config(datasette, database).get("max_bundle_bytes") or DEFAULT_MAX_BUNDLE_BYTES)
+
+
+def check_config(datasette) -> None:
+    """Refuse to start with a plugin setting the endpoints could not use, so a typo in
+    ``datasette.yaml`` is one line at startup instead of an error on every push."""
+    for database in [None, *datasette.databases]:
+        where = "datasette-sync plugin config" + (f" for database {database}" if database else "")
+        limit = plugin_config(datasette, database).get("max_bundle_bytes")
+        if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0):
+            raise StartupError(f"max_bundle_bytes ({where}) must be a positive whole number of bytes, got {limit!r}")
+        try:
+            max_clock_skew(datasette, database)
+        except SyncError as ex:
+            raise StartupError(f"{ex}" + (f" (database {database})" if database else ""))
+
+
+def max_clock_skew(datasette, database: str | None) -> float:
     """The ``max_clock_skew`` plugin setting in seconds (raises SyncError when it is invalid)."""
-    config = datasette.plugin_config(PLUGIN, database=database) or datasette.plugin_config(PLUGIN) or {}
+    config = plugin_config(datasette, database)
     return parse_duration(config.get("max_clock_skew", DEFAULT_MAX_CLOCK_SKEW), "max_clock_skew (datasette-sync plugin config)")
 
 
@@ -694,10 +713,7 @@ async def import_endpoint(datasette, request):
         pass  # no length declared (chunked): the streaming check below applies
     actor = request.actor or {}
     actor_id = actor.get("id")
-    try:
-        skew = max_clock_skew(datasette, db.name)
-    except SyncError as ex:
-        return error(str(ex), 500, "config_error")
+    skew = max_clock_skew(datasette, db.name)  # checked at startup (check_config)
     may_relay = await can(datasette, request.actor, RELAY, db.name)
     with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
         path = os.path.join(directory, "upload.bundle")

@@ -109,15 +109,20 @@ def test_a_hub_accepts_clocks_within_its_configured_bound(tmp_path, datasette_se
     assert rows(device) == rows(hub_path) == [{"id": 7, "title": "from the future", "done": 0}]
 
 
-def test_a_hub_with_an_invalid_bound_says_so(tmp_path, datasette_server):
+def test_a_hub_with_an_invalid_setting_refuses_to_start_with_one_line(tmp_path):
     hub_path = make_todos_db(tmp_path / "hub.db")
-    config = json.loads(json.dumps(HUB_CONFIG))
-    config["plugins"] = {"datasette-sync": {"max_clock_skew": "a week"}}
-    server = datasette_server([hub_path], config)
-    bundle, _ = crafted(tmp_path, hlc_in(0))
-    response = post(server, bundle, alice_token(server))
-    assert response.json()["reason"] == "config_error"
-    assert "max_clock_skew (datasette-sync plugin config) must be a duration like 90s, 36h or 7d" in response.json()["error"]
+    for setting, value, message in (
+        ("max_clock_skew", "a week", "max_clock_skew (datasette-sync plugin config) must be a duration like 90s, 36h or 7d"),
+        ("max_bundle_bytes", "lots", "max_bundle_bytes (datasette-sync plugin config) must be a positive whole number"),
+    ):
+        config = json.loads(json.dumps(HUB_CONFIG))
+        config["plugins"] = {"datasette-sync": {setting: value}}
+        config_path = tmp_path / "bad.json"
+        config_path.write_text(json.dumps(config))
+        result = run(["datasette", "serve", hub_path, "-c", config_path, "--get", "/-/versions.json"], check=False)
+        assert result.returncode == 1, result
+        assert result.stderr.startswith("Error: ") and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
 
 
 def test_the_cli_refuses_a_clock_too_far_ahead_unless_the_bound_allows_it(tmp_path):
