@@ -369,7 +369,8 @@ class Importer:
                 raise SyncError(
                     "table_missing",
                     f"table '{name}' is synced but no longer exists in this database (dropped or renamed): "
-                    f"rename it back, or run 'sqlite-utils disable-sync DB {name}' to stop syncing it (its operations are then kept, unapplied)",
+                    f"rename it back, or run 'sqlite-utils disable-sync DB {name}' to stop syncing it "
+                    "(its operations are then kept, unapplied)",
                 )
             current = [row[1] for row in table_info(conn, name)]
             missing = [c for c in columns if c not in current]
