@@ -78,13 +78,40 @@ def write_wrapper(datasette, database, request, transaction):
         return None
 
     def guard(conn):
+        before = table_pages(conn)
         conn.set_authorizer(authorizer)
         try:
             yield
         finally:
             remove_authorizer(conn)
+        undo_renames(conn, before)
 
     return guard
+
+
+def table_pages(conn) -> dict[str, int]:
+    return dict(conn.execute("SELECT name, rootpage FROM main.sqlite_master WHERE type = 'table'"))
+
+
+def undo_renames(conn, before: dict[str, int]) -> None:
+    """``ALTER TABLE x RENAME TO _sync_y`` passes the authorizer, which is only told the old
+    name: a table that appeared under a ``_sync_*`` name was renamed there (creating one is
+    denied), and could plant an engine table the engine makes only when first needed
+    (``_sync_device_actors``, ``_sync_horizon``...). Rename it back and refuse the write."""
+    after = table_pages(conn)
+    planted = [name for name in after if is_sync_name(name) and name not in before]
+    if not planted:
+        return
+    gone = {page: name for name, page in before.items() if name not in after}
+    for name in planted:
+        old = gone.get(after[name])
+        if old is not None:
+            conn.execute(f"ALTER TABLE {quote(name)} RENAME TO {quote(old)}")
+    raise sqlite3.DatabaseError(f"not authorized: {planted[0]} is a name only the sync machinery may give a table")
+
+
+def quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 @contextlib.contextmanager

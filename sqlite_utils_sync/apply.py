@@ -39,7 +39,7 @@ from .capture import (
     secondary_unique_columns,
     table_info,
 )
-from .errors import BundleError
+from .errors import BundleError, SyncError
 from .log import (
     DELETE,
     INSERT,
@@ -364,6 +364,14 @@ class Importer:
                     self.tables.append((kept.tid, [kept.slots[c] for c in columns], False, [columns.index(c) for c in pk]))
                     self.table_names[kept.tid] = name
                     continue
+            if not exists:
+                # Dropped or renamed while synced: there is nothing to apply its operations to.
+                raise SyncError(
+                    "table_missing",
+                    f"table '{name}' is synced but no longer exists in this database (dropped or renamed): "
+                    f"rename it back, or run 'sqlite-utils disable-sync DB {name}' to stop syncing it "
+                    "(its operations are then kept, unapplied)",
+                )
             current = [row[1] for row in table_info(conn, name)]
             missing = [c for c in columns if c not in current]
             # A column this table had and dropped is no surprise: its values stay in the log and

@@ -320,3 +320,29 @@ def test_a_not_null_column_takes_its_default_for_rows_from_a_copy_without_it(tmp
     b.execute("INSERT INTO t (id, x) VALUES ('k1', 'from b')")
     sync(b, a, tmp_path)
     assert a.execute("SELECT id, x, prio FROM t").fetchall() == [("k1", "from b", 0)]
+
+
+def test_an_import_into_a_synced_table_that_no_longer_exists_says_so(tmp_path):
+    """A synced table dropped or renamed (sqlite-utils, or Datasette's drop/rename on a hub):
+    the import is refused with one line naming the table and what to do, not a SQL syntax error."""
+    from conftest import make_todos_db, run, run_json
+
+    a = make_todos_db(tmp_path / "a.db", [{"id": 1, "title": "one", "done": 0}])
+    b = make_todos_db(tmp_path / "b.db")
+    run(["sqlite-utils", "export-bundle", a, tmp_path / "1.bundle"])
+    run(["sqlite-utils", "import-bundle", b, tmp_path / "1.bundle"])
+    run(["sqlite-utils", "rename-table", b, "todos", "todos_old"])
+    run(["sqlite-utils", "insert", a, "todos", "-", "--pk", "id"], input=json.dumps([{"id": 2, "title": "two", "done": 0}]))
+    run(["sqlite-utils", "export-bundle", a, tmp_path / "2.bundle"])
+    before = b.read_bytes()
+    result = run(["sqlite-utils", "import-bundle", b, tmp_path / "2.bundle"], check=False)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        "Error: table 'todos' is synced but no longer exists in this database (dropped or renamed): rename it back, "
+        "or run 'sqlite-utils disable-sync DB todos' to stop syncing it (its operations are then kept, unapplied)"
+    ]
+    assert b.read_bytes() == before
+    # Either way out works.
+    run(["sqlite-utils", "rename-table", b, "todos_old", "todos"])
+    run(["sqlite-utils", "import-bundle", b, tmp_path / "2.bundle"])
+    assert run_json(["sqlite-utils", "rows", b, "todos"]) == run_json(["sqlite-utils", "rows", a, "todos"])

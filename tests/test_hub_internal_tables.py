@@ -247,3 +247,37 @@ def test_sync_table_pages_reveal_nothing(hub):
             text = client.get(route, headers=headers).text
             assert all(marker not in text for marker in MARKERS), (actor, route)
     assert MARKERS[1] in client.get("/hub/-/sync/conflicts.json", headers=root).text
+
+
+def test_no_table_is_renamed_into_a_sync_name(hub, tmp_path):
+    """SQLite tells the write guard only the old name of a renamed table: renaming one into
+    ``_sync_*`` would plant an engine table the engine creates only when first needed, such as
+    ``_sync_device_actors`` claiming others' devices, or ``_sync_horizon``."""
+    path, server, client = hub
+    auth = {"Authorization": f"Bearer {server.token('writer')}"}
+    columns = [{"name": "device_id", "type": "text"}, {"name": "actor", "type": "text"}, {"name": "since", "type": "text"}]
+    response = client.post("/hub/-/create", json={"table": "claims", "columns": columns, "pk": "device_id"}, headers=auth)
+    assert response.status_code == 201, response.text
+    before = contents(path)
+    for route, body in (
+        ("/hub/claims/-/alter", {"operations": [{"op": "rename_table", "args": {"to": "_sync_device_actors"}}]}),
+        ("/hub/claims/-/alter", {"operations": [{"op": "rename_table", "args": {"to": "_SYNC_Horizon"}}]}),
+        ("/hub/-/execute-write", {"sql": "ALTER TABLE claims RENAME TO _sync_device_actors"}),
+        ("/hub/-/execute-write", {"sql": "ALTER TABLE todos RENAME TO _sync_horizon"}),
+    ):
+        response = client.post(route, json=body, headers=auth)
+        assert 400 <= response.status_code < 500, (route, body, response.status_code, response.text[:300])
+        assert contents(path) == before, (route, body)
+    assert "Traceback" not in server.output()
+    # Renaming to an ordinary name still works, and a push still lands and is owned by its pusher.
+    response = client.post("/hub/claims/-/alter", json={"operations": [{"op": "rename_table", "args": {"to": "claims2"}}]}, headers=auth)
+    assert response.status_code == 200, response.text[:300]
+    phone = tmp_path / "phone2.db"
+    run(["sqlite-utils", "insert", phone, "todos", "-", "--pk", "id"], input=json.dumps([{"id": 7, "title": "From the phone", "done": 0}]))
+    run(["sqlite-utils", "enable-sync", phone, "todos"])
+    run(["sqlite-utils", "sync", phone, server.url + "/hub", "--token", server.token("pusher")])
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT actor FROM _sync_device_actors").fetchall() == [("pusher",)]
+    finally:
+        conn.close()
