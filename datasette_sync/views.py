@@ -531,11 +531,19 @@ async def clocks_page(datasette, request):
     )
 
 
+HIDDEN_ACTOR = "(hidden)"
+
+
 async def imports_page(datasette, request):
     db = await page_database(datasette, request)
     next_token = request.args.get("next") or None
     size = page_size(request)
     page = await read_page(db, lambda conn: queries.imports(conn, after=next_token, size=size))
+    # Who pushed which device tells who owns it on this hub: only for those who may export.
+    shows_actors = await can(datasette, request.actor, EXPORT, db.name)
+    for item in page["imports"]:
+        if not shows_actors and item["actor"] is not None:
+            item["actor"] = HIDDEN_ACTOR
     base = sync_url(datasette, db.name) + "/imports"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     return await render(

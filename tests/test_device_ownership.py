@@ -193,6 +193,12 @@ def test_a_push_under_another_actors_device_is_refused(tmp_path, owned_hub):
     assert "(403): Bundle upload.bundle: it adds new operations of device" in result.stderr
     assert "sync-new-device --recover" in result.stderr
     assert len(result.stderr.splitlines()) == 1
+    # Who pushed which device is shown only to those who may export; an anonymous visitor of
+    # the imports page does not learn who owns which device.
+    anonymous = hub.get("/hub/-/sync/imports.json").json()["imports"]
+    assert anonymous and {item["actor"] for item in anonymous} == {"(hidden)"}
+    shown = hub.get("/hub/-/sync/imports.json", headers={"Authorization": f"Bearer {alice}"}).json()["imports"]
+    assert {item["actor"] for item in shown} == {"alice", "mallory"}
 
 
 def test_a_relay_pushes_others_devices_and_a_victim_of_a_forged_operation_recovers(tmp_path, owned_hub):
