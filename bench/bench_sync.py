@@ -8,8 +8,8 @@ Usage::
 
 Stdlib plus this project only. Every database is a real file opened with
 ``sqlite3.connect(path, isolation_level=None)`` in WAL mode with ``synchronous=NORMAL``; each
-measured write is one transaction; the table is the one in
-``/work/shared/notes/performance-floors.md``::
+measured write is one transaction; the table is a plain todo list with one column of each
+common type::
 
     todos(id INTEGER PRIMARY KEY, title TEXT, done INTEGER, note TEXT, score REAL)
 
