@@ -358,6 +358,7 @@ class Importer:
                     )
                     enable_table(conn, name)
                     local = load_tables(conn)[name]
+                    exists = True
                 else:
                     # Not synced here: store and relay its operations, never apply them.
                     kept = register_table(conn, name, columns, pk, enabled=False)
