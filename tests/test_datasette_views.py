@@ -292,14 +292,20 @@ async def test_clocks_page(ds, paths):
 
 
 async def test_imports_page(ds):
-    data = (await ds.client.get("/data/-/sync/imports.json")).json()
+    # Who pushed is shown to those who may export (here root); it tells who owns which device.
+    ds.root_enabled = True
+    root = {"id": "root"}
+    data = (await ds.client.get("/data/-/sync/imports.json", actor=root)).json()
     assert data["next"] is None
     [entry] = data["imports"]
     assert entry["actor"] == "alice"
     assert entry["applied"] == entry["total_operations"] > 0
     assert entry["conflicts"] == 3
-    text = visible_text((await ds.client.get("/data/-/sync/imports")).text)
+    text = visible_text((await ds.client.get("/data/-/sync/imports", actor=root)).text)
     assert entry["bundle_id"] in text and "alice" in text
+    [hidden] = (await ds.client.get("/data/-/sync/imports.json")).json()["imports"]
+    assert hidden["actor"] == "(hidden)" and hidden["bundle_id"] == entry["bundle_id"]
+    assert "alice" not in visible_text((await ds.client.get("/data/-/sync/imports")).text)
 
 
 async def test_links_into_sync_pages(ds):
