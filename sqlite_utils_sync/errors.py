@@ -1,15 +1,17 @@
-"""Errors raised by the sync engine.
+"""Errors raised by the sync engine, and the catalogue of their reasons.
 
 Every error carries a machine-readable ``reason`` and a one-line message that says what is
 wrong and with which bundle, table or column, so the CLI and the Datasette endpoints can show
-it as-is.
+it as-is. The reasons below are part of the contract: ``--json`` output and the hub's error
+bodies carry them, so a reason is never renamed. The hub maps each one to an HTTP status in
+:mod:`sqlite_utils_sync.protocol`.
 """
 
 
 class SyncError(Exception):
     """A user-facing sync error.
 
-    :param reason: a short machine-readable code such as ``hash_mismatch``
+    :param reason: one of the reason constants below, such as :data:`HASH_MISMATCH`
     :param message: one readable line
     """
 
@@ -24,3 +26,127 @@ class SyncError(Exception):
 
 class BundleError(SyncError):
     """The bundle is invalid, tampered with, or cannot be applied to this database."""
+
+
+# The database and its tables.
+
+NOT_ENABLED = "not_enabled"
+"""The database has never had sync enabled: run ``enable-sync`` first."""
+MISSING_TABLE = "missing_table"
+"""``enable-sync`` was given a table that does not exist."""
+INTERNAL_TABLE = "internal_table"
+"""A ``_sync_*`` table was named where a user table is needed, or a bundle carries one."""
+VIRTUAL_TABLE = "virtual_table"
+"""Virtual tables (FTS, R*Tree, ...) cannot be synced: their triggers cannot capture writes."""
+GENERATED_COLUMNS = "generated_columns"
+"""The table has generated columns, which capture cannot write back."""
+NO_PRIMARY_KEY = "no_primary_key"
+"""The table has no explicit primary key, so rows have no identity that peers share."""
+NULL_PRIMARY_KEY = "null_primary_key"
+"""Rows of the table have a NULL primary key value."""
+TOO_MANY_COLUMNS = "too_many_columns"
+"""The table has more columns than an operation's change mask can hold."""
+PK_CHANGED = "pk_changed"
+"""The primary key of a synced table changed since sync was enabled on it."""
+CONSTRAINT_FAILED = "constraint_failed"
+"""A write the merge decided on breaks a constraint of this database (CHECK, UNIQUE, FOREIGN KEY)."""
+INVALID_ARGUMENT = "invalid_argument"
+"""An option has a value out of range or of the wrong form (a duration, say)."""
+UNKNOWN_DEVICE = "unknown_device"
+"""A ``--for`` device id that this database has never heard of."""
+
+# Conflicts.
+
+UNKNOWN_CONFLICT = "unknown_conflict"
+"""No conflict has that id."""
+ALREADY_RESOLVED = "already_resolved"
+"""The conflict was resolved already (here or on a peer)."""
+UNKNOWN_VERSION = "unknown_version"
+"""``--keep`` names an operation that is not one of the conflict's versions."""
+
+# Bundle files.
+
+MISSING_BUNDLE = "missing_bundle"
+"""The bundle file does not exist."""
+CANNOT_WRITE = "cannot_write"
+"""The bundle file cannot be written (missing directory, permissions, full disk)."""
+INVALID_BUNDLE = "invalid_bundle"
+"""The file is not a readable bundle: not SQLite, damaged, or with unexpected tables."""
+UNSUPPORTED_FORMAT = "unsupported_format"
+"""The bundle was written in a format version this code does not read."""
+HASH_MISMATCH = "hash_mismatch"
+"""The bundle's content does not match its recorded hash: truncated or tampered with."""
+INVALID_METADATA = "invalid_metadata"
+"""The bundle's metadata or header is missing, malformed or inconsistent."""
+INVALID_CLOCK = "invalid_clock"
+"""A vector clock (in a bundle, a header or a request) is malformed."""
+INVALID_OPERATION = "invalid_operation"
+"""An operation in the bundle is malformed (kind, mask, sequence, values)."""
+INVALID_TEXT = "invalid_text"
+"""A TEXT value in the bundle cannot be stored as-is here."""
+
+# A bundle that cannot be applied to this database.
+
+TABLE_NAME_CASE = "table_name_case"
+"""A table of the bundle exists here under a name that differs only in case."""
+TABLE_MISSING = "table_missing"
+"""A synced table was dropped or renamed here, so its operations cannot be applied."""
+UNKNOWN_COLUMN = "unknown_column"
+"""The bundle writes columns this table lacks (import with ``--alter`` to add them)."""
+PK_MISMATCH = "pk_mismatch"
+"""A table has a different primary key here than in the bundle."""
+NULL_KEY = "null_key"
+"""An operation has a NULL primary key value."""
+KEY_TYPE = "key_type"
+"""An operation's key cannot be a key of this table (a text key for an INTEGER PRIMARY KEY)."""
+UNSUPPORTED_KEY = "unsupported_key"
+"""A primary key value contains a NUL character."""
+MISSING_OPERATIONS = "missing_operations"
+"""The bundle starts a device's operations after a gap: import the bundles before it first."""
+MISSING_DEPENDENCIES = "missing_dependencies"
+"""The bundle's operations depend on operations neither this database nor the bundle has."""
+COMPACTED_HISTORY = "compacted_history"
+"""The bundle comes from a compacted log that only an empty database can start from."""
+DEVICE_ID_CLASH = "device_id_clash"
+"""Two databases write under one device id: run ``sqlite-utils sync-new-device --recover``."""
+DEVICE_OWNED = "device_owned"
+"""The bundle carries operations of a device that another actor owns on this hub."""
+CLOCK_AHEAD = "clock_ahead"
+"""An operation's clock is further ahead of this machine's clock than ``max_clock_skew``."""
+
+# The hub, as its endpoints answer and its client reports.
+
+INVALID_REQUEST = "invalid_request"
+"""A request parameter is missing or malformed."""
+INVALID_JSON = "invalid_json"
+"""A request body that should be JSON is not."""
+UNAUTHORIZED = "unauthorized"
+"""The token authenticates no actor."""
+FORBIDDEN = "forbidden"
+"""The actor lacks the permission the request needs."""
+NOT_FOUND = "not_found"
+"""No such database (or hub endpoint)."""
+METHOD_NOT_ALLOWED = "method_not_allowed"
+"""The endpoint does not take that HTTP method."""
+READ_ONLY = "read_only"
+"""The hub's database is immutable, so bundles cannot be imported into it."""
+TOO_LARGE = "too_large"
+"""The pushed bundle is larger than the hub's ``max_bundle_bytes``."""
+DISCONNECTED = "disconnected"
+"""The client went away while sending its bundle."""
+BUSY = "busy"
+"""Another connection holds a lock on the hub's database: retry shortly."""
+SQLITE_ERROR = "sqlite_error"
+"""SQLite failed on the hub's side (disk full, I/O error)."""
+INVALID_URL = "invalid_url"
+"""The hub URL is not an http(s) URL of a Datasette database."""
+CONNECTION_FAILED = "connection_failed"
+"""The hub cannot be reached."""
+TIMEOUT = "timeout"
+"""The hub did not answer in time."""
+INVALID_RESPONSE = "invalid_response"
+"""The hub answered with something that is not a bundle or a JSON error body."""
+REJECTED = "rejected"
+"""The hub refused the pushed bundle (400); the message says why."""
+HUB_ERROR = "hub_error"
+"""The hub failed with an unexpected status."""
