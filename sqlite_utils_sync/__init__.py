@@ -15,10 +15,10 @@ Public API (each function takes a ``sqlite_utils.Database`` or a ``sqlite3.Conne
 
 import sqlite_utils
 
-from .apply import ImportResult, import_bundle
+from .importer import ImportResult, import_bundle
 from .bundle import ExportResult
 from .client import HubError, sync_with_hub
-from .compact import CompactResult, compact_log
+from .compaction import CompactResult, compact_log
 from .conflicts import get_conflict, list_conflicts, resolve_conflict
 from .errors import BundleError, SyncError
 from .sync import disable_sync, enable_sync, export_bundle, new_device, repair, sync_status

@@ -420,7 +420,7 @@ def drifted_tables(conn: sqlite3.Connection) -> dict[str, str]:
 
 def enable_table(conn: sqlite3.Connection, name: str) -> int:
     """Install (or repair) capture for one table; returns how many missed changes were logged."""
-    from .apply import reconcile_table
+    from .reconcile import reconcile_table
 
     name = canonical_name(conn, name)
     columns, pk = check_can_sync(conn, name)

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import click
 
-from .apply import ImportResult, import_bundle
+from .importer import ImportResult, import_bundle
 from .bundle import BundleReader, parse_clock
 from .errors import BundleError, SyncError
 from .log import DEFAULT_MAX_CLOCK_SKEW, parse_duration

@@ -20,21 +20,22 @@ import json
 import sqlite3
 from typing import Any, Iterable
 
-from .apply import Effect, KnowledgeCache, all_effects, cursor_effects, fetch_row, key_slots, row_state, transaction, write_row
+from . import errors
 from .bundle import text_as
 from .capture import SyncedTable, load_tables, muted, repair_drift
 from .errors import SyncError
 from .log import (
-    exact_text,
     DELETE,
     INSERT,
     KIND_NAMES,
     RESOLUTION,
+    SEQ_BITS,
     SEQ_MASK,
     UPDATE,
     append_local,
     connection,
     device_ids,
+    exact_text,
     is_enabled,
     json_value,
     op_label,
@@ -42,15 +43,9 @@ from .log import (
     parse_rowkey,
     settle_clocks,
 )
-
-
-def _effect(conn: sqlite3.Connection, table: SyncedTable, op: int, rowkey: str, devices: dict[int, str]) -> Effect:
-    """What operation ``op`` did to the row ``rowkey``."""
-    cursor = conn.execute("SELECT * FROM _sync_ops WHERE op = ?", [op])
-    for _, key, effect in cursor_effects(cursor, {table.tid: table}, devices, False):
-        if key == rowkey:
-            return effect
-    raise KeyError(op)
+from .merge import Effect, KnowledgeCache, all_effects, column_names, op_effect, row_state
+from .rows import fetch_row, key_slots, write_row
+from .transaction import transaction
 
 
 def rebuild_conflicts(conn: sqlite3.Connection, rows: Iterable[tuple[int, str]]) -> int:
@@ -61,36 +56,20 @@ def rebuild_conflicts(conn: sqlite3.Connection, rows: Iterable[tuple[int, str]])
     unresolved = 0
     for tid, rowkey in rows:
         table = tables[tid]
-        parent: dict[int, int] = {}
-
-        def find(x: int) -> int:
-            while parent.setdefault(x, x) != x:
-                x = parent[x]
-            return x
-
-        columns_of: dict[int, set[str]] = {}
-        pairs = conn.execute("SELECT a, b, columns FROM _sync_clashes WHERE tid = ? AND rowkey = ?", [tid, rowkey]).fetchall()
-        for a, b, columns in pairs:
-            parent[find(a)] = find(b)
-        for a, b, columns in pairs:
-            columns_of.setdefault(find(a), set()).update(json.loads(columns))
-        groups: dict[int, list[int]] = {}
-        for op in parent:
-            groups.setdefault(find(op), []).append(op)
         resolutions = [
-            _effect(conn, table, op, rowkey, devices)
+            op_effect(conn, table, op, rowkey, devices)
             for (op,) in conn.execute("SELECT op FROM _sync_resolutions WHERE tid = ? AND rowkey = ?", [tid, rowkey])
         ]
         resolutions.sort(key=lambda e: e.key)
         conn.execute('DELETE FROM _sync_conflicts WHERE "table" = ? AND rowkey = ?', [table.name, rowkey])
-        for root, ops in groups.items():
-            versions = sorted(_effect(conn, table, op, rowkey, devices) for op in ops)
-            labels = sorted(op_label(devices[v.op >> 40], v.op & SEQ_MASK) for v in versions)
+        for ops, columns in clash_groups(conn, tid, rowkey):
+            versions = sorted(op_effect(conn, table, op, rowkey, devices) for op in ops)
+            labels = sorted(op_label(devices[v.op >> SEQ_BITS], v.op & SEQ_MASK) for v in versions)
             conflict_id = hashlib.sha256("\n".join([table.name, rowkey, *labels]).encode()).hexdigest()[:16]
             resolved_by = None
             for r in resolutions:
                 if all(v.op == r.op or knowledge.seen(v, r) for v in versions):
-                    resolved_by = op_label(devices[r.op >> 40], r.op & SEQ_MASK)
+                    resolved_by = op_label(devices[r.op >> SEQ_BITS], r.op & SEQ_MASK)
                     break
             unresolved += resolved_by is None
             conn.execute(
@@ -100,12 +79,33 @@ def rebuild_conflicts(conn: sqlite3.Connection, rows: Iterable[tuple[int, str]])
                     table.name,
                     rowkey,
                     json.dumps([json_value(v) for v in parse_rowkey(rowkey)]),
-                    json.dumps(sorted(columns_of.get(find(root), set()))),
+                    json.dumps(sorted(columns)),
                     json.dumps(labels),
                     resolved_by,
                 ],
             )
     return unresolved
+
+
+def clash_groups(conn: sqlite3.Connection, tid: int, rowkey: str) -> list[tuple[list[int], set[str]]]:
+    """The connected groups of clashing operations on a row, each with the columns disputed."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    pairs = conn.execute("SELECT a, b, columns FROM _sync_clashes WHERE tid = ? AND rowkey = ?", [tid, rowkey]).fetchall()
+    for a, b, _ in pairs:
+        parent[find(a)] = find(b)
+    columns_of: dict[int, set[str]] = {}
+    for a, _, columns in pairs:
+        columns_of.setdefault(find(a), set()).update(json.loads(columns))
+    groups: dict[int, list[int]] = {}
+    for op in parent:
+        groups.setdefault(find(op), []).append(op)
+    return [(ops, columns_of.get(root, set())) for root, ops in groups.items()]
 
 
 def list_conflicts(
@@ -148,16 +148,20 @@ def list_conflicts(
     return [describe(conn, *row) for row in conn.execute(sql, params).fetchall()]
 
 
+def require_enabled(conn: sqlite3.Connection) -> None:
+    if not is_enabled(conn):
+        raise SyncError(errors.NOT_ENABLED, "This database has no synced tables")
+
+
 def get_conflict(db: Any, conflict_id: str) -> dict[str, Any]:
     conn = connection(db)
-    if not is_enabled(conn):
-        raise SyncError("not_enabled", "This database has no synced tables")
+    require_enabled(conn)
     row = conn.execute(
         'SELECT id, "table", rowkey, pk, columns, versions, resolved_by FROM _sync_conflicts WHERE id = ?',
         [conflict_id],
     ).fetchone()
     if row is None:
-        raise SyncError("unknown_conflict", f"No conflict with id {conflict_id}")
+        raise SyncError(errors.UNKNOWN_CONFLICT, f"No conflict with id {conflict_id}")
     return describe(conn, *row)
 
 
@@ -165,11 +169,11 @@ def describe(conn, conflict_id, table_name, rowkey, pk, columns, versions, resol
     tables = load_tables(conn)
     table = tables[table_name]
     devices = device_ids(conn)
-    names = {slot: name for name, slot in table.slots.items()}
+    names = column_names(table)
     result_versions = []
     for label in json.loads(versions):
         op = parse_op_label(conn, label)
-        effect = _effect(conn, table, op, rowkey, devices)
+        effect = op_effect(conn, table, op, rowkey, devices)
         values = (
             {names[s]: json_value(effect.values[s]) for s in sorted(effect.values) if effect.mask >> s & 1}
             if effect.write
@@ -214,7 +218,7 @@ def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
     except sqlite3.IntegrityError as ex:
         # Restoring a version can need a UNIQUE value another row holds now.
         raise SyncError(
-            "constraint_failed",
+            errors.CONSTRAINT_FAILED,
             f"Conflict {conflict_id} cannot be resolved that way: {ex} here. Nothing was changed; "
             "change the row that holds that value first, then resolve again",
         )
@@ -222,23 +226,25 @@ def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
 
 def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> str:
     with transaction(conn):
-        # The resolution is a new operation: it needs capture in step with the table's columns.
+        require_enabled(conn)
+        # The resolution is a new operation: it needs capture in step with the table's columns,
+        # and the versions' settled clocks decide what the table holds.
         repair_drift(conn)
+        settle_clocks(conn)
         record = get_conflict(conn, conflict_id)
-        settle_clocks(conn)  # the versions' clocks decide what the table holds
         if record["resolved"]:
-            raise SyncError("already_resolved", f"Conflict {conflict_id} is already resolved (by {record['resolved_by']})")
+            raise SyncError(errors.ALREADY_RESOLVED, f"Conflict {conflict_id} is already resolved (by {record['resolved_by']})")
         table = load_tables(conn)[record["table"]]
         if not table.enabled:
-            raise SyncError("not_enabled", f"Table '{table.name}' is not synced here")
-        rowkey = conn.execute("SELECT rowkey FROM _sync_conflicts WHERE id = ?", [conflict_id]).fetchone()[0]
+            raise SyncError(errors.NOT_ENABLED, f"Table '{table.name}' is not synced here")
         labels = [v["op"] for v in record["versions"]]
-        current = fetch_row(conn, table, rowkey)
-        columns = table.current_columns(conn)
         if keep is not None and keep not in labels:
             raise SyncError(
-                "unknown_version", f"{keep} is not a version of conflict {conflict_id}; versions: {', '.join(labels)}"
+                errors.UNKNOWN_VERSION, f"{keep} is not a version of conflict {conflict_id}; versions: {', '.join(labels)}"
             )
+        rowkey = conn.execute("SELECT rowkey FROM _sync_conflicts WHERE id = ?", [conflict_id]).fetchone()[0]
+        current = fetch_row(conn, table, rowkey)
+        columns = table.current_columns(conn)
         # Columns the resolution writes: the disputed ones while the row stays (so concurrent
         # edits of other columns still merge), the whole row when it comes back or when the
         # dispute was about the row's existence. The table and the logged op get the same.
@@ -247,33 +253,56 @@ def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> st
         if keep is None:
             target = current
         else:
-            devices = device_ids(conn)
-            effect = _effect(conn, table, parse_op_label(conn, keep), rowkey, devices)
-            if not effect.write:
-                target = None
-            else:
-                if current is None:
-                    _, implied = row_state(all_effects(conn, table, rowkey))
-                    names = {slot: name for name, slot in table.slots.items()}
-                    target = {names[s]: v for s, v in implied.items() if names[s] in columns}
-                else:
-                    target = dict(current)
-                for name in changing:
-                    if effect.mask >> table.slots[name] & 1:
-                        target[name] = effect.values[table.slots[name]]
-        with muted(conn):
-            if target is None:
-                write_row(conn, table, rowkey, False, {}, current is not None)
-                op = append_local(conn, table.tid, DELETE | RESOLUTION, 0, rowkey, slots=key_slots(table, rowkey))
-            else:
-                for pk_column, value in zip(table.pk, parse_rowkey(rowkey)):
-                    target.setdefault(pk_column, value)
-                write_row(conn, table, rowkey, True, target, current is not None)
-                slots = {table.slots[c]: target.get(c) for c in columns}
-                mask = table.mask_for(changing)
-                kind = (UPDATE if current is not None else INSERT) | RESOLUTION
-                op = append_local(conn, table.tid, kind, mask, rowkey, slots=slots)
+            version = op_effect(conn, table, parse_op_label(conn, keep), rowkey, device_ids(conn))
+            target = _restored(conn, table, rowkey, version, current, columns, changing)
+        op = _write_resolution(conn, table, rowkey, target, current, columns, changing)
         conn.execute("INSERT OR IGNORE INTO _sync_resolutions VALUES (?, ?, ?)", [table.tid, rowkey, op])
         rebuild_conflicts(conn, [(table.tid, rowkey)])
-        devices = device_ids(conn)
-        return op_label(devices[op >> 40], op & SEQ_MASK)
+        return op_label(device_ids(conn)[op >> SEQ_BITS], op & SEQ_MASK)
+
+
+def _restored(
+    conn: sqlite3.Connection,
+    table: SyncedTable,
+    rowkey: str,
+    version: Effect,
+    current: dict[str, Any] | None,
+    columns: list[str],
+    changing: list[str],
+) -> dict[str, Any] | None:
+    """The row with one version kept: its values in the ``changing`` columns it wrote, the row
+    as it is (or as its history implies, when it is gone) elsewhere; None for a delete."""
+    if not version.write:
+        return None
+    if current is None:
+        _, implied = row_state(all_effects(conn, table, rowkey))
+        names = column_names(table, columns)
+        target = {names[s]: v for s, v in implied.items() if s in names}
+    else:
+        target = dict(current)
+    for name in changing:
+        if version.mask >> table.slots[name] & 1:
+            target[name] = version.values[table.slots[name]]
+    return target
+
+
+def _write_resolution(
+    conn: sqlite3.Connection,
+    table: SyncedTable,
+    rowkey: str,
+    target: dict[str, Any] | None,
+    current: dict[str, Any] | None,
+    columns: list[str],
+    changing: list[str],
+) -> int:
+    """Make the row ``target`` (None: deleted) and log that as a resolution operation."""
+    with muted(conn):
+        if target is None:
+            write_row(conn, table, rowkey, False, {}, current is not None)
+            return append_local(conn, table.tid, DELETE | RESOLUTION, 0, rowkey, slots=key_slots(table, rowkey))
+        for pk_column, value in zip(table.pk, parse_rowkey(rowkey)):
+            target.setdefault(pk_column, value)
+        write_row(conn, table, rowkey, True, target, current is not None)
+        slots = {table.slots[c]: target.get(c) for c in columns}
+        kind = (UPDATE if current is not None else INSERT) | RESOLUTION
+        return append_local(conn, table.tid, kind, table.mask_for(changing), rowkey, slots=slots)

@@ -7,7 +7,7 @@ import os
 import sqlite3
 from typing import Any, Callable, Iterator
 
-from .apply import transaction
+from .transaction import transaction
 from .bundle import ExportResult, export_bundle as write_bundle, is_device_id, parse_clock, text_as
 from .capture import (
     canonical_name,

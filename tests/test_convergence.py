@@ -18,7 +18,7 @@ from sqlite_utils_sync import (
     resolve_conflict,
     sync_status,
 )
-from sqlite_utils_sync.apply import reconcile_table
+from sqlite_utils_sync.reconcile import reconcile_table
 from sqlite_utils_sync.capture import load_tables
 
 from sync_helpers import TODOS, conflict_records, knowledge, make_db, sync

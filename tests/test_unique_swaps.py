@@ -12,7 +12,7 @@ import time
 import pytest
 
 from sqlite_utils_sync import BundleError, disable_sync, enable_sync, export_bundle, import_bundle
-from sqlite_utils_sync.apply import reconcile_table
+from sqlite_utils_sync.reconcile import reconcile_table
 from sqlite_utils_sync.capture import load_tables
 
 from conftest import run

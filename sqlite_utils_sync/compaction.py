@@ -33,10 +33,13 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from . import errors
 from .capture import load_tables
+from .errors import SyncError
 from .log import (
     DELETE,
     LOCAL,
+    SEQ_BITS,
     SEQ_MASK,
     TICK,
     UPDATE,
@@ -51,11 +54,8 @@ from .log import (
     raise_horizon,
     settle_clocks,
 )
-from .errors import SyncError
-
-# hlc, device id (32 hex digits), seq: text that sorts like the tuple, then the op id.
-ORDER_FORMAT = "%020d %s %013d %d"
-OP_AT = len("%020d %s %013d " % (0, "0" * 32, 0)) + 1  # where the op id starts (1-based)
+from .merge import KIND_BITS, latest_op_sql, latest_sql
+from .transaction import transaction
 
 
 @dataclass
@@ -88,11 +88,9 @@ def compact_log(db: Any) -> CompactResult:
     """Remove every operation no copy can need again (see the module docs); the tables and the
     conflict records do not change. The file keeps its size until ``VACUUM``.
     """
-    from .apply import transaction
-
     conn = connection(db)
     if not is_enabled(conn):
-        raise SyncError("not_enabled", "This database has no synced tables")
+        raise SyncError(errors.NOT_ENABLED, "This database has no synced tables")
     with transaction(conn):
         settle_clocks(conn)  # which operations are latest depends on their clocks
         devices = device_ids(conn)
@@ -118,7 +116,7 @@ def compact_log(db: Any) -> CompactResult:
             )
         removed_to = {
             devices[idx]: seq
-            for idx, seq in conn.execute(f"SELECT op >> 40, max(op & {SEQ_MASK}) FROM temp._sync_drop GROUP BY 1")
+            for idx, seq in conn.execute(f"SELECT op >> {SEQ_BITS}, max(op & {SEQ_MASK}) FROM temp._sync_drop GROUP BY 1")
         }
         removed = 0
         if removed_to:  # else leave the file as it was, not even a trigger rebuilt
@@ -133,17 +131,16 @@ def keep_needed_ops(conn: sqlite3.Connection, tid: int, slots: list[int]) -> Non
     """Add to ``temp._sync_keep`` the operations the state of a table's rows depends on: on each
     row, the latest one (does the row exist?) and the latest writer of each column.
 
-    One ``GROUP BY`` in SQL, so memory stays bounded: "latest" is the deterministic order (hybrid
-    logical clock, then device id, then seq), written as text that sorts the same way, with the
-    op id at its end.
+    One ``GROUP BY`` in SQL, so memory stays bounded: "latest" is compared as the text
+    :func:`merge.latest_sql` makes, which sorts in the "latest" order and ends with the op id.
     """
     all_slots = sum(1 << s for s in slots)
-    order = f"printf('{ORDER_FORMAT}', o.hlc, d.device_id, o.op & {SEQ_MASK}, o.op)"
-    ops = f"_sync_ops o JOIN _sync_devices d ON d.idx = o.op >> 40 WHERE o.tid = {tid} AND o.kind != {TICK}"
-    moved = f"o.kind & 3 = {UPDATE} AND o.newkey IS NOT NULL"
+    order = latest_sql("o.hlc", "d.device_id", "o.op")
+    ops = f"_sync_ops o JOIN _sync_devices d ON d.idx = o.op >> {SEQ_BITS} WHERE o.tid = {tid} AND o.kind != {TICK}"
+    moved = f"o.kind & {KIND_BITS} = {UPDATE} AND o.newkey IS NOT NULL"
     # A delete, and a move on the key it left, write no column; a move writes the whole row
     # under its new key.
-    writes = f"CASE WHEN o.kind & 3 = {DELETE} OR ({moved}) THEN 0 ELSE ifnull(o.mask, 0) & {all_slots} END"
+    writes = f"CASE WHEN o.kind & {KIND_BITS} = {DELETE} OR ({moved}) THEN 0 ELSE ifnull(o.mask, 0) & {all_slots} END"
     effects = (
         f"SELECT o.rowkey AS rowkey, {order} AS latest, {writes} AS mask FROM {ops} "
         f"UNION ALL SELECT o.newkey, {order}, {all_slots} FROM {ops} AND {moved}"
@@ -153,5 +150,5 @@ def keep_needed_ops(conn: sqlite3.Connection, tid: int, slots: list[int]) -> Non
     conn.execute(
         f"WITH per_row AS MATERIALIZED (SELECT max(latest) AS latest{writers} FROM ({effects}) GROUP BY rowkey) "
         "INSERT OR IGNORE INTO temp._sync_keep "
-        f"SELECT CAST(substr(k, {OP_AT}) AS INTEGER) FROM ({picks}) WHERE k IS NOT NULL"
+        f"SELECT {latest_op_sql('k')} FROM ({picks}) WHERE k IS NOT NULL"
     )

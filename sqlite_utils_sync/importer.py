@@ -1,0 +1,1062 @@
+"""Importing bundles: validate, append to the log, bring the tables up to date.
+
+The path of a bundle through :func:`import_bundle`, in one transaction:
+
+1. map the bundle's tables to local tables and slots (:meth:`Importer.map_tables`);
+2. stream its chunks into the log, each checked by a few set-based queries and appended with
+   one ``INSERT … SELECT`` (:meth:`Importer.append_ops`);
+3. check the whole: no gap in a device's sequence, who may push which device, what the
+   operations depend on, the compaction horizon;
+4. bring the tables up to date (:meth:`Importer.apply_to_tables`) by the merge rules of
+   :mod:`merge`, and rebuild the conflict records of the rows with clashes (:mod:`conflicts`).
+
+Applying is set-based where it can be: a row touched by exactly one new operation and by no
+operation its author had not seen is written with one ``INSERT … SELECT`` / ``UPDATE … FROM``
+/ ``DELETE`` per table straight from ``_sync_ops``. Only rows with concurrent or several new
+operations go through Python (:mod:`rows`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
+
+from . import errors
+from .bundle import BundleReader, ChunkStage, op_fingerprint, parse_clock, text_as
+from .capture import (
+    SyncedTable,
+    canonical_name,
+    enable_table,
+    is_rowid_alias,
+    load_tables,
+    muted,
+    register_table,
+    repair_drift,
+    table_info,
+)
+from .conflicts import rebuild_conflicts
+from .errors import BundleError, SyncError
+from .log import (
+    DEFAULT_MAX_CLOCK_SKEW,
+    DELETE,
+    HLC_NOW_SQL,
+    HLC_PER_SECOND,
+    INSERT,
+    LOCAL,
+    MAX_HLC,
+    RESOLUTION,
+    SEQ_MASK,
+    TICK,
+    UPDATE,
+    append_tick,
+    clock,
+    connection,
+    device_ids,
+    device_index,
+    ensure_schema,
+    exact_text,
+    horizon,
+    knowledge_at,
+    local_device_id,
+    max_seq,
+    now_iso,
+    op_id,
+    parse_duration,
+    parse_rowkey,
+    quote_identifier,
+    raise_horizon,
+    remap_mask_sql,
+    rowkey_sql,
+    settle_clocks,
+)
+from .merge import KIND_BITS, Effect, KnowledgeCache, bits, column_names, cursor_effects, effects_of, latest_key, record_clashes
+from .rows import apply_row, fetch_row, settle, write_row
+from .transaction import attempt, transaction
+
+VALID_KINDS = {INSERT, UPDATE, DELETE, INSERT | RESOLUTION, UPDATE | RESOLUTION, DELETE | RESOLUTION}
+
+# Which actor may push new operations of each device to a hub (see Importer.check_owners).
+DEVICE_ACTORS_SQL = (
+    "CREATE TABLE IF NOT EXISTS _sync_device_actors (device_id TEXT PRIMARY KEY, actor TEXT NOT NULL, since TEXT NOT NULL)"
+)
+
+RECOVER_HINT = (
+    "run 'sqlite-utils sync-new-device --recover' on the database whose edits under that id are not "
+    "synced yet (either one, if unsure): it keeps every edit"
+)
+
+
+@dataclass
+class ImportResult:
+    bundle_id: str
+    source_device_id: str
+    total_operations: int
+    applied: int = 0
+    conflicts: int = 0
+    duplicates: int = 0
+    skipped: bool = False
+    not_applied: dict[str, int] = field(default_factory=dict)
+    clock: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bundle_id": self.bundle_id,
+            "source_device_id": self.source_device_id,
+            "total_operations": self.total_operations,
+            "applied": self.applied,
+            "conflicts": self.conflicts,
+            "duplicates": self.duplicates,
+            "skipped": self.skipped,
+            "not_applied": self.not_applied,
+        }
+
+
+def import_bundle(
+    db: Any,
+    path: str,
+    alter: bool = False,
+    actor: str | None = None,
+    progress: Callable[[int], None] | None = None,
+    max_clock_skew: float | str = DEFAULT_MAX_CLOCK_SKEW,
+    may_relay: bool = True,
+) -> ImportResult:
+    """Apply the bundle at ``path`` in one transaction.
+
+    :param alter: add columns (and tables) the bundle has and this database lacks
+    :param actor: who imported it, for the import log
+    :param progress: called with (operations just read, total) after each chunk
+    :param max_clock_skew: refuse operations whose clock is further ahead of this machine's
+        wall clock than this (seconds, or a duration like ``"7d"``)
+    :param may_relay: False for a hub that limits who pushes each device's new operations
+        (see :meth:`Importer.check_owners`): ``actor`` may then only add operations of devices
+        it owns, and comes to own the devices nobody owns yet
+    :raises BundleError: the bundle is invalid or cannot be applied; nothing was changed
+    """
+    conn = connection(db)
+    skew = parse_duration(max_clock_skew)
+    reader = BundleReader(path)
+    try:
+        stage = ChunkStage(conn, reader.path.name)
+        try:
+            try:
+                # Where values pass through Python (rows with several or concurrent operations),
+                # TEXT that is not valid UTF-8 is read as its bytes and written back as TEXT, never
+                # replaced (as a Datasette connection's text_factory would) and written back changed.
+                with text_as(conn, exact_text), transaction(conn):
+                    conn.execute("PRAGMA defer_foreign_keys = ON")
+                    return Importer(conn, reader, stage, alter, actor, progress, skew, may_relay).run()
+            except NothingNew as own:
+                return own.result
+            except BundleError as ex:
+                if ex.message.startswith("Bundle "):
+                    raise
+                raise BundleError(ex.reason, f"Bundle {reader.path.name}: {ex.message}")
+            except sqlite3.IntegrityError as ex:
+                # Another row here holds a UNIQUE value (or a foreign key) the bundle's rows need.
+                raise BundleError(
+                    errors.CONSTRAINT_FAILED,
+                    f"Bundle {reader.path.name} cannot be applied: {ex} here. Nothing was imported. If a row "
+                    "here holds that value, change it (the change syncs too) and import again; see Limits "
+                    "in the README",
+                )
+        finally:
+            stage.close()
+    finally:
+        reader.close()
+
+
+class NothingNew(Exception):
+    """A bundle already held came back (this database's own, or one imported before): roll back
+    even the trigger rebuilds, leave no trace."""
+
+    def __init__(self, result: ImportResult):
+        self.result = result
+
+
+class MappedTable(NamedTuple):
+    """A bundle table as this database holds it."""
+
+    tid: int
+    slots: list[int]  # the local slot of each of the bundle's columns
+    applied: bool  # synced here (else its operations are only kept and relayed)
+    pk_positions: list[int]  # where the primary-key columns are among the bundle's columns
+
+
+NO_TABLE = MappedTable(0, [], True, [])  # the table of knowledge (tick) operations
+
+RowKey = tuple[int, str]  # (tid, row key)
+
+
+class Importer:
+    """One bundle's import. Every piece of its state is declared here, in the order the steps
+    of :meth:`run` fill it in."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        reader: BundleReader,
+        stage: ChunkStage,
+        alter: bool,
+        actor: str | None,
+        progress: Callable[[int, int], None] | None,
+        max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
+        may_relay: bool = True,
+    ):
+        self.conn = conn
+        self.reader = reader
+        self.stage = stage
+        self.name = reader.path.name
+        self.alter = alter
+        self.actor = actor
+        self.progress = progress
+        self.max_clock_skew = max_clock_skew
+        self.may_relay = may_relay
+        # map_tables: the bundle's tables, by their position in its header.
+        self.tables: list[MappedTable] = []
+        self.applied_tids: dict[int, SyncedTable] = {}  # the tables its operations are applied to
+        self.table_names: dict[int, str] = {}
+        self.integer_keys: set[int] = set()  # tables keyed by their rowid here
+        # take_snapshot: this database as it was before the import.
+        self.devices: list[int] = []  # the local index of each of the bundle's devices
+        self.old: dict[int, int] = {}  # each of those devices' highest seq here
+        self.fresh = False  # no data operations yet: may start from a compacted sender's snapshot
+        self.compacted: dict[str, int] = {}  # the horizon (a snapshot adopted now was checked by its sender)
+        self.now = 0  # the clock the triggers read
+        self.clock_limit = 0  # the highest clock accepted
+        # How far the source was checked to hold this database's own operations as they are here.
+        self.verified = 0
+        # append_ops: gathered while streaming, so the new operations need no further scans.
+        self.kinds: dict[int, set[tuple[int, int]]] = {}  # per table: (kind, mask in local slots)
+        self.moved: set[RowKey] = set()  # both ends of every primary-key move
+        self.data_inserted = 0
+        self.max_hlc = 0
+        self.has_resolutions = False
+        self.ticks: list[tuple[int, int, str]] = []  # (device index, seq, knowledge clock)
+        # check_sequences: the new operations, as (device index, first op id, last op id).
+        self.ranges: list[tuple[int, int, int]] = []
+        # slow_path: rows with clashes, whose conflict records are rebuilt.
+        self.clashed_rows: set[RowKey] = set()
+
+    def fail(self, reason: str, message: str) -> BundleError:
+        return BundleError(reason, f"Bundle {self.name}: {message}")
+
+    def run(self) -> ImportResult:
+        conn, header = self.conn, self.reader.header
+        ensure_schema(conn)
+        settle_clocks(conn)  # local clocks decide against the bundle's
+        repair_drift(conn)
+        result = ImportResult(self.reader.bundle_id, header["source"], header["operations"])
+        if conn.execute("SELECT 1 FROM _sync_imports WHERE bundle_id = ?", [result.bundle_id]).fetchone():
+            return self.repeat(result)
+        self.map_tables(result)
+        self.take_snapshot()
+        self.check_anchors()
+        local_id = local_device_id(conn)
+        with muted(conn):
+            inserted = self.append_ops(result, local_id)
+            self.check_sequences(inserted)
+            self.check_owners(inserted)
+            self.record_knowledge()
+            self.check_horizon()
+            result.applied = sum(inserted.values())
+            if self.data_inserted:
+                result.conflicts = self.apply_to_tables()
+                append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=self.max_hlc)
+        result.clock = clock(conn)
+        if header["source"] == local_id and not result.applied:
+            result.skipped = True
+            raise NothingNew(result)
+        self.record_peer(header, result.clock)
+        self.record_import(result)
+        return result
+
+    def repeat(self, result: ImportResult) -> ImportResult:
+        """A bundle imported before: nothing to do, unless ``--alter`` creates what was missing
+        then, which adopts the operations that import kept for those tables."""
+        if self.alter:
+            self.map_tables(result)
+        result.skipped = True
+        result.duplicates = result.total_operations
+        result.clock = clock(self.conn)
+        if not self.alter:
+            raise NothingNew(result)  # not even the clock settling or a trigger rebuild stays
+        return result
+
+    def take_snapshot(self) -> None:
+        conn = self.conn
+        self.devices = [device_index(conn, d) for d in self.reader.header["devices"]]
+        self.old = {idx: max_seq(conn, idx) for idx in self.devices}
+        self.fresh = not conn.execute(f"SELECT 1 FROM _sync_ops WHERE kind != {TICK} LIMIT 1").fetchone()
+        self.compacted = horizon(conn)
+        (self.now,) = conn.execute(f"SELECT {HLC_NOW_SQL}").fetchone()
+        # Every later local clock is at least one above an accepted one: keep that valid too.
+        self.clock_limit = min(MAX_HLC - 1, self.now + int(self.max_clock_skew * HLC_PER_SECOND))
+
+    def record_import(self, result: ImportResult) -> None:
+        self.conn.execute(
+            "INSERT INTO _sync_imports VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                result.bundle_id,
+                result.source_device_id,
+                now_iso(),
+                result.total_operations,
+                result.applied,
+                result.conflicts,
+                result.duplicates,
+                self.actor,
+            ],
+        )
+
+    # -- validation and mapping --------------------------------------------------------------
+
+    def map_tables(self, result: ImportResult) -> None:
+        """Map each bundle table to a local table id and slots, or refuse the bundle."""
+        for name, columns, pk in self.reader.header["tables"]:
+            self.map_table(name, columns, pk)
+
+    def map_table(self, name: str, columns: list[str], pk: list[str]) -> None:
+        conn = self.conn
+        if name.lower().startswith(("_sync_", "sqlite_")):  # SQL names ignore case
+            raise self.fail(errors.INTERNAL_TABLE, f"operations on internal table '{name}' are never accepted")
+        local = load_tables(conn).get(name)
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()
+        # Columns the sender dropped: it relays their values, nobody needs to have them.
+        dropped = set(self.reader.header.get("dropped", {}).get(name, []))
+        here = canonical_name(conn, name)
+        if here != name:
+            raise self.fail(
+                errors.TABLE_NAME_CASE,
+                f"table '{name}' is called '{here}' here; sync matches table names exactly, so rename "
+                "one of them to match (ALTER TABLE ... RENAME TO ...)",
+            )
+        if local is None or not local.enabled:
+            if not self.alter or exists:
+                # Not synced here: store and relay its operations, never apply them.
+                kept = register_table(conn, name, columns, pk, enabled=False)
+                self.tables.append(MappedTable(kept.tid, [kept.slots[c] for c in columns], False, [columns.index(c) for c in pk]))
+                self.table_names[kept.tid] = name
+                return
+            local = self.create_table(name, columns, pk, dropped)
+        elif not exists:
+            # Dropped or renamed while synced: there is nothing to apply its operations to.
+            raise SyncError(
+                errors.TABLE_MISSING,
+                f"table '{name}' is synced but no longer exists in this database (dropped or renamed): "
+                f"rename it back, or run 'sqlite-utils disable-sync DB {name}' to stop syncing it "
+                "(its operations are then kept, unapplied)",
+            )
+        local = self.match_columns(local, columns, pk, dropped)
+        self.tables.append(MappedTable(local.tid, [local.slots[c] for c in columns], True, [columns.index(c) for c in pk]))
+        self.applied_tids[local.tid] = local
+        self.table_names[local.tid] = name
+        if is_rowid_alias(conn, name, pk):
+            self.integer_keys.add(local.tid)
+
+    def create_table(self, name: str, columns: list[str], pk: list[str], dropped: set[str]) -> SyncedTable:
+        """``--alter`` and a table this database lacks: create it and sync it."""
+        self.conn.execute(
+            f"CREATE TABLE {quote_identifier(name)} ("
+            + ", ".join(quote_identifier(c) for c in columns if c not in dropped)
+            + f", PRIMARY KEY ({', '.join(quote_identifier(c) for c in pk)}))"
+        )
+        enable_table(self.conn, name)
+        return load_tables(self.conn)[name]
+
+    def match_columns(self, local: SyncedTable, columns: list[str], pk: list[str], dropped: set[str]) -> SyncedTable:
+        """Check a synced table has the bundle's columns and primary key (``--alter`` adds the
+        missing columns); returns the table with a slot for every column of the bundle."""
+        conn, name = self.conn, local.name
+        current = [row[1] for row in table_info(conn, name)]
+        missing = [c for c in columns if c not in current]
+        # A column this table had and dropped is no surprise: its values stay in the log and
+        # never reach the table. One it never had is refused (or, with --alter, added).
+        unknown = [c for c in missing if c not in local.slots and c not in dropped]
+        if unknown and not self.alter:
+            raise self.fail(
+                errors.UNKNOWN_COLUMN,
+                f"table '{name}' has column{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                "that this database lacks (import with --alter to add)",
+            )
+        missing = [c for c in missing if c not in dropped] if self.alter else []
+        for column in missing:
+            conn.execute(f"ALTER TABLE {quote_identifier(name)} ADD COLUMN {quote_identifier(column)}")
+        if missing:
+            enable_table(conn, name)
+            local = load_tables(conn)[name]
+        if pk != local.pk:
+            raise self.fail(errors.PK_MISMATCH, f"table '{name}' has primary key {pk} here it is {local.pk}")
+        if any(c not in local.slots for c in columns):
+            # Only dropped ones are left: a slot keeps their values for relaying.
+            local = register_table(conn, name, [c for c in columns if c not in local.slots], local.pk)
+        return local
+
+    def check_anchors(self) -> None:
+        """Refuse a bundle whose sender has a different op under an id we hold: two databases
+        share a device id, and one side's edits would be silently lost."""
+        for device, (seq, fingerprint) in self.reader.header.get("anchors", {}).items():
+            idx = device_index(self.conn, device, create=False)
+            if idx is None:
+                continue
+            ours = op_fingerprint(self.conn, op_id(idx, seq))
+            if ours and ours != fingerprint:
+                raise self.clash(f"{device}:{seq}")
+            if ours and idx == LOCAL:
+                self.verified = max(self.verified, seq)
+
+    def clash(self, label: str) -> BundleError:
+        return self.fail(
+            errors.DEVICE_ID_CLASH,
+            f"operation {label} differs from the copy here: two databases share that device id (a copied file, "
+            f"or operations pushed under its id by someone else); {RECOVER_HINT}",
+        )
+
+    # -- appending to the log ----------------------------------------------------------------
+
+    def append_ops(self, result: ImportResult, local_id: str) -> dict[int, int]:
+        """Copy each chunk's operations into the log with one ``INSERT … SELECT``, after
+        checking them with a couple of set-based queries: no value passes through Python."""
+        inserted: dict[int, int] = {}
+        carried = 0
+        for position, table_position, data in self.reader.chunks():
+            idx = self.devices[position]
+            table = NO_TABLE if table_position == -1 else self.tables[table_position]
+            source = self.stage.load(data, self.reader.width(table_position))
+            try:
+                appended = self.append_chunk(source, idx, table, local_id, position)
+            except sqlite3.DatabaseError as ex:
+                raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({ex})")
+            if appended is None:
+                continue
+            first, last, count, stored = appended
+            carried += count
+            inserted[idx] = inserted.get(idx, 0) + stored
+            if table.tid:
+                self.data_inserted += stored
+            result.duplicates += count - stored
+            if stored and not table.applied:
+                self.keep_unapplied(result, table, table_position, idx, first, last, stored)
+            if self.progress:
+                self.progress(count, self.reader.header["operations"])
+        if carried != self.reader.header["operations"]:
+            raise self.fail(
+                errors.INVALID_METADATA,
+                f"its header counts {self.reader.header['operations']} operations but it carries {carried}",
+            )
+        return inserted
+
+    def keep_unapplied(
+        self, result: ImportResult, table: MappedTable, table_position: int, idx: int, first: int, last: int, stored: int
+    ) -> None:
+        """Remember exactly which operations of a table not synced here were stored, so enabling
+        the table later adopts these and no others."""
+        table_name = self.reader.header["tables"][table_position][0]
+        result.not_applied[table_name] = result.not_applied.get(table_name, 0) + stored
+        self.conn.execute(
+            f"INSERT OR IGNORE INTO _sync_unapplied SELECT {table.tid}, op FROM _sync_ops WHERE op BETWEEN ? AND ?",
+            [op_id(idx, max(first, self.old[idx] + 1)), op_id(idx, last)],
+        )
+
+    def append_chunk(
+        self, source: str, idx: int, table: MappedTable, local_id: str, position: int
+    ) -> tuple[int, int, int, int] | None:
+        """Check one loaded chunk and append it to the log: ``(first seq, last seq, ops, stored)``."""
+        pk = [f"v{i}" for i in table.pk_positions]
+        # Each check is an O(1) lookup or one pass that keeps only distinct shapes.
+        count, first, last, low, high = self.conn.execute(
+            f"SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM {source}"
+        ).fetchone()
+        if not count:
+            return None
+        if not (0 < first and last <= SEQ_MASK):
+            raise self.fail(errors.INVALID_OPERATION, f"operation sequence numbers must be 1 to {SEQ_MASK}")
+        # Holes are checked per device once everything is in (a compacted sender may leave some).
+        shapes = self.chunk_shapes(source, table.tid, pk)
+        self.check_clocks(source, position, shapes, low, high)
+        if idx == LOCAL and last > self.old[LOCAL]:
+            raise self.fail(
+                errors.DEVICE_ID_CLASH,
+                f"it carries operations of this database's own device {local_id} that this database never "
+                f"wrote (a copied file, or operations pushed under its id); {RECOVER_HINT}",
+            )
+        if first <= self.old[idx]:
+            self.check_overlap(source, idx, table.tid, table.slots, pk, position)
+            if idx == LOCAL:
+                self.verified = max(self.verified, min(last, self.old[idx]))
+        if not table.tid:
+            return first, last, count, self.append_ticks(source, idx, shapes)
+        stored = self.append_data(source, idx, table, pk, shapes)
+        # A device's clocks only grow, so its last op carries the chunk's highest.
+        self.max_hlc = max(self.max_hlc, high)
+        return first, last, count, stored
+
+    def chunk_shapes(self, source: str, tid: int, pk: list[str]) -> list[tuple]:
+        """The distinct shapes of a chunk's operations: clock type, kind, mask, whether a move,
+        key types (for ticks: clock type, kind, type of the knowledge clock)."""
+        if not tid:
+            return self.conn.execute(f"SELECT DISTINCT typeof(hlc), kind, typeof(moved) FROM {source}").fetchall()
+        key_types = " || ' ' || ".join(f"typeof({v})" for v in pk)
+        return self.conn.execute(
+            f"SELECT DISTINCT typeof(hlc), kind, mask, moved IS NOT NULL, {key_types} FROM {source}"
+        ).fetchall()
+
+    def check_clocks(self, source: str, position: int, shapes: list[tuple], low: int, high: int) -> None:
+        if any(shape[0] != "integer" for shape in shapes):
+            raise self.fail(errors.INVALID_OPERATION, "an operation has a clock that is not an integer")
+        if low < 0:
+            raise self.fail(errors.INVALID_OPERATION, f"an operation has a clock out of range ({low})")
+        if high > self.clock_limit:
+            raise self.clock_ahead(source, position, high)
+
+    def append_ticks(self, source: str, idx: int, shapes: list[tuple]) -> int:
+        """Append a chunk of knowledge operations; their clocks are checked once all are in
+        (see :meth:`record_knowledge`)."""
+        if any(kind != TICK or moved != "text" for _, kind, moved in shapes):
+            raise self.fail(errors.INVALID_OPERATION, "a knowledge operation is malformed")
+        stored = self.conn.execute(
+            f"INSERT INTO _sync_ops (op, hlc, tid, kind, rowkey) SELECT seq + {op_id(idx, 0)}, hlc, 0, kind, moved "
+            f"FROM {source} WHERE seq > ?",
+            [self.old[idx]],
+        ).rowcount
+        # As bytes, fetched whole: no statement may stay open on the chunk (see check_image).
+        self.ticks.extend(
+            (idx, seq, text.decode("utf-8", "replace"))
+            for seq, text in self.conn.execute(
+                f"SELECT seq, CAST(moved AS BLOB) FROM {source} WHERE seq > ?", [self.old[idx]]
+            ).fetchall()
+        )
+        return stored
+
+    def append_data(self, source: str, idx: int, table: MappedTable, pk: list[str], shapes: list[tuple]) -> int:
+        """Append a chunk of data operations, after checking their keys, kinds and masks."""
+        self.check_keys(source, table.tid, pk, shapes)
+        kinds = {(kind, mask) for _, kind, mask, _, _ in shapes}
+        width = len(table.slots)
+        if not all(kind in VALID_KINDS and type(mask) is int and 0 <= mask < 1 << width for kind, mask in kinds):
+            raise self.fail(errors.INVALID_OPERATION, "an operation has an invalid kind or mask")
+        # Masks arrive as bits of the header's column list; the log keeps them as local slots.
+        local_mask = remap_mask_sql(list(enumerate(table.slots)))
+        self.kinds.setdefault(table.tid, set()).update(
+            (kind & KIND_BITS, sum(1 << s for i, s in enumerate(table.slots) if mask >> i & 1)) for kind, mask in kinds
+        )
+        self.has_resolutions |= any(kind & RESOLUTION for kind, _ in kinds)
+        key = rowkey_sql(pk)
+        keys = f"{key}, NULL"
+        if any(shape[3] for shape in shapes):
+            self.check_moves(source, table.tid, pk)
+            keys = f"coalesce(moved, {key}), CASE WHEN moved IS NOT NULL THEN {key} END"
+        # What is at or below our clock is here already (or was compacted away): only the rest.
+        return self.conn.execute(
+            "INSERT INTO _sync_ops (op, hlc, tid, kind, mask, rowkey, newkey"
+            + "".join(f", c{s}" for s in table.slots)
+            + f") SELECT seq + {op_id(idx, 0)}, hlc, {table.tid}, kind, {local_mask}, {keys}"
+            + "".join(f", v{i}" for i in range(width))
+            + f" FROM {source} WHERE seq > ?",
+            [self.old[idx]],
+        ).rowcount
+
+    def check_keys(self, source: str, tid: int, pk: list[str], shapes: list[tuple]) -> None:
+        """Refuse primary-key values that cannot be keys here: NULL, a non-integer for a rowid
+        key, text with a NUL character."""
+        key_types = {t for shape in shapes for t in shape[4].split(" ")}
+        if "null" in key_types:
+            raise self.fail(errors.NULL_KEY, f"an operation for table '{self.table_names[tid]}' has a NULL primary key")
+        fractional = " OR ".join(f"(typeof({v}) = 'real' AND {v} != CAST({v} AS INTEGER))" for v in pk)
+        if tid in self.integer_keys and (
+            key_types - {"integer", "real"}
+            # 2.0 is the key 2 (an untyped key column elsewhere may send it so); 2.5 is no rowid.
+            or "real" in key_types and self.conn.execute(f"SELECT 1 FROM {source} WHERE {fractional} LIMIT 1").fetchone()
+        ):
+            wrong = ", ".join(sorted(key_types - {"integer"}))
+            raise self.fail(
+                errors.KEY_TYPE,
+                f"table '{self.table_names[tid]}' is keyed by an INTEGER PRIMARY KEY here, "
+                f"but operations carry {wrong} keys",
+            )
+        nul_keys = " OR ".join(f"(typeof({v}) = 'text' AND instr({v}, char(0)) > 0)" for v in pk)
+        if any("text" in shape[4] for shape in shapes) and self.conn.execute(
+            f"SELECT 1 FROM {source} WHERE {nul_keys} LIMIT 1"
+        ).fetchone():
+            # quote() stops at NUL, so such keys could not be told apart: refuse, never merge rows.
+            raise self.fail(
+                errors.UNSUPPORTED_KEY, "a primary key value contains a NUL character, which sync does not support"
+            )
+
+    def clock_ahead(self, source: str, position: int, high: int) -> BundleError:
+        """Refuse a clock that would become the floor of every later clock here: one past the
+        valid range, or further ahead of this machine's wall clock than ``max_clock_skew``."""
+        # Fetched whole: a statement left open on the chunk would outlive the chunk.
+        seq = self.conn.execute(f"SELECT seq FROM {source} WHERE hlc = ? LIMIT 1", [high]).fetchall()[0][0]
+        label = f"{self.reader.header['devices'][position]}:{seq}"
+        if high > MAX_HLC - 1:
+            return self.fail(
+                errors.INVALID_OPERATION,
+                f"operation {label} has a clock out of range ({high}): this database's own next operation "
+                "would have no valid clock after it",
+            )
+        days = (high - self.now) / HLC_PER_SECOND / 86400
+        return self.fail(
+            errors.CLOCK_AHEAD,
+            f"operation {label} has a clock {days:.1f} days ahead of this machine's clock, more than "
+            f"max_clock_skew allows ({self.max_clock_skew / 86400:g} days). If this machine's clock is right, "
+            "the sending device's clock is wrong: fix it there",
+        )
+
+    def check_overlap(self, source: str, idx: int, tid: int, slots: list[int], pk: list[str], position: int) -> None:
+        """Operations we hold already must be the same operations: if one differs, two databases
+        share a device id (a copied file) and counting it as a duplicate would lose an edit."""
+        same = "o.hlc = s.hlc AND o.kind = s.kind"
+        if tid:
+            key = rowkey_sql(f"s.{v}" for v in pk)
+            same += f" AND o.rowkey IS coalesce(s.moved, {key})" + "".join(
+                f" AND o.c{slot} IS s.v{i}" for i, slot in enumerate(slots)
+            )
+        else:
+            same += " AND o.rowkey IS s.moved"
+        differs = self.conn.execute(
+            f"SELECT s.seq FROM {source} s JOIN _sync_ops o ON o.op = s.seq + {op_id(idx, 0)} "
+            f"WHERE s.seq <= ? AND NOT ({same}) LIMIT 1",
+            [self.old[idx]],
+        ).fetchone()
+        if differs:
+            raise self.clash(f"{self.reader.header['devices'][position]}:{differs[0]}")
+
+    def check_moves(self, source: str, tid: int, pk: list[str]) -> None:
+        """A primary-key move names the key it left: check it, and send both rows per-row."""
+        # Fetched whole: a statement left open on the chunk would outlive the chunk when this raises.
+        # As bytes: a key that is not valid UTF-8 must not stop a statement half-way.
+        moves = self.conn.execute(
+            f"SELECT CAST(moved AS BLOB), kind, CAST({rowkey_sql(pk)} AS BLOB) FROM {source} WHERE moved IS NOT NULL"
+        ).fetchall()
+        for moved, kind, new_key in moves:
+            try:
+                moved, new_key = moved.decode("utf-8"), new_key.decode("utf-8")
+                old_values = parse_rowkey(moved)
+            except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
+                old_values = None
+            if kind & KIND_BITS != UPDATE or old_values is None or len(old_values) != len(pk) or None in old_values:
+                raise self.fail(errors.INVALID_OPERATION, "an operation has an invalid moved-from key")
+            # The keys as the log stores them (rowkey and newkey), which is what the slow set matches.
+            self.moved.update({(tid, moved), (tid, new_key)})
+
+    # -- checking the whole ------------------------------------------------------------------
+
+    def check_owners(self, inserted: dict[int, int]) -> None:
+        """On a hub (``may_relay`` False): who may add new operations of a device.
+
+        The first actor to push new operations of a device owns it (``_sync_device_actors``,
+        written in this transaction, so no push can slip in between the check and the write);
+        afterwards only that actor may add new ones. Operations the hub holds already are
+        duplicates and relay freely. An anonymous push (actor None) owns nothing: it may add
+        operations only of devices nobody owns. Actors that may relay are not checked and claim
+        nothing, so relaying never takes a device from the actor whose device it is.
+        """
+        if self.may_relay:
+            return
+        conn = self.conn
+        conn.execute(DEVICE_ACTORS_SQL)
+        names = device_ids(conn)
+        for idx, count in inserted.items():
+            if not count:
+                continue
+            device = names[idx]
+            row = conn.execute("SELECT actor FROM _sync_device_actors WHERE device_id = ?", [device]).fetchone()
+            if row is None and self.actor is not None:
+                conn.execute("INSERT INTO _sync_device_actors VALUES (?, ?, ?)", [device, self.actor, now_iso()])
+            elif row is not None and row[0] != self.actor:
+                raise self.fail(
+                    errors.DEVICE_OWNED,
+                    f"it adds new operations of device {device}, which another actor pushes to this hub (relaying "
+                    "them needs the sync-relay permission). If it is your device, run 'sqlite-utils sync-new-device "
+                    "--recover' on its database to give its edits an id of its own, then sync again",
+                )
+
+    def check_sequences(self, inserted: dict[int, int]) -> None:
+        """Refuse a bundle that leaves a gap in a device's sequence; record the new op ranges."""
+        conn = self.conn
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS _sync_new (device INTEGER, lo INTEGER, hi INTEGER)")
+        conn.execute("DELETE FROM temp._sync_new")
+        names = device_ids(conn)
+        snapshot = self.reader.header.get("horizon", {})
+        adopted = {}
+        for idx, count in inserted.items():
+            if not count:
+                continue
+            old, new = self.old[idx], max_seq(conn, idx)
+            if new - old != count:
+                # Holes are fine only at or below the sender's horizon (it compacted them away).
+                floor = max(old, snapshot.get(names[idx], 0))
+                if floor == old or self.held(idx, floor, new) != new - floor:
+                    raise self.missing(idx, names[idx], old)
+                if not self.fresh:
+                    raise self.fail(
+                        errors.COMPACTED_HISTORY,
+                        f"it comes from a compacted log (device {names[idx]} up to seq {floor}) that this database "
+                        "has only partly: only a database with no synced data yet can start from it (import it "
+                        "into a new database)",
+                    )
+                # A snapshot: this database holds no data yet, so nothing here depends on them.
+                adopted[names[idx]] = floor
+            self.ranges.append((idx, op_id(idx, old + 1), op_id(idx, new)))
+        conn.executemany("INSERT INTO temp._sync_new VALUES (?, ?, ?)", self.ranges)
+        if adopted:
+            raise_horizon(conn, adopted)
+
+    def missing(self, idx: int, device: str, old: int) -> BundleError:
+        """Say which operations of a device the bundle lacks."""
+        conn = self.conn
+        first = conn.execute(
+            "SELECT min(op) FROM _sync_ops WHERE op > ? AND op <= ?", [op_id(idx, old), op_id(idx, SEQ_MASK)]
+        ).fetchone()[0] & SEQ_MASK
+        if first > old + 1:
+            return self.fail(
+                errors.MISSING_OPERATIONS,
+                f"it starts device {device} at seq {first} but this database has only up to seq {old} "
+                f"(operations {old + 1}-{first - 1} are missing: import the bundles before it first)",
+            )
+        before_hole, after_hole = conn.execute(
+            "SELECT o.op, (SELECT min(n.op) FROM _sync_ops n WHERE n.op > o.op) FROM _sync_ops o "
+            "WHERE o.op BETWEEN ? AND ? AND NOT EXISTS (SELECT 1 FROM _sync_ops n WHERE n.op = o.op + 1) "
+            "ORDER BY o.op LIMIT 1",
+            [op_id(idx, old + 1), op_id(idx, SEQ_MASK)],
+        ).fetchone()
+        lo, hi = (before_hole & SEQ_MASK) + 1, (after_hole & SEQ_MASK) - 1
+        return self.fail(
+            errors.MISSING_OPERATIONS,
+            f"it lacks operation{f' {lo}' if lo == hi else f's {lo}-{hi}'} of device {device}, which the operations "
+            "after it depend on",
+        )
+
+    def held(self, idx: int, after: int, upto: int) -> int:
+        return self.conn.execute(
+            "SELECT count(*) FROM _sync_ops WHERE op BETWEEN ? AND ?", [op_id(idx, after + 1), op_id(idx, upto)]
+        ).fetchone()[0]
+
+    def check_horizon(self) -> None:
+        """Refuse data operations written without having seen what this database compacted away:
+        they would be compared with operations that are gone, unlike on copies that kept them."""
+        compacted = self.compacted
+        if not compacted:
+            return
+        names = device_ids(self.conn)
+        for idx, lo, hi in self.ranges:
+            (first,) = self.conn.execute(
+                f"SELECT min(op) FROM _sync_ops WHERE op BETWEEN ? AND ? AND kind != {TICK}", [lo, hi]
+            ).fetchone()
+            if first is None:
+                continue
+            seen = knowledge_at(self.conn, idx, first & SEQ_MASK)
+            for device, seq in compacted.items():
+                if device != names[idx] and seen.get(device, 0) < seq:
+                    raise self.fail(
+                        errors.COMPACTED_HISTORY,
+                        f"device {names[idx]} wrote operations without having seen device {device} up to seq {seq}, "
+                        "which this database has compacted away. Send this database's changes to a peer that kept "
+                        "its whole log, then start this copy again from that peer's export (into a new database)",
+                    )
+
+    def record_knowledge(self) -> None:
+        """Index new tick operations and check that the bundle carries what they depend on."""
+        conn = self.conn
+        have = clock(conn)
+        for idx, seq, text in self.ticks:
+            if not text:  # parse_clock reads "" as no clock, but later readers need the JSON
+                raise self.fail(errors.INVALID_OPERATION, "a knowledge operation is malformed")
+            known = parse_clock(text, f"Bundle {self.name} knowledge clock")
+            for device, needed in known.items():
+                if have.get(device, 0) < needed:
+                    raise self.fail(
+                        errors.MISSING_DEPENDENCIES,
+                        f"its operations depend on device {device} up to seq {needed}, but neither this database nor "
+                        f"the bundle has more than seq {have.get(device, 0)}",
+                    )
+            conn.execute("INSERT OR REPLACE INTO _sync_knowledge VALUES (?, ?, ?)", [idx, seq + 1, text])
+
+    def record_peer(self, header: dict, have: dict[str, int]) -> None:
+        """Remember what the source had, as far as it can be checked: deltas for it start there."""
+        conn = self.conn
+        source = header["source"]
+        claimed = parse_clock(header["clock"])
+        row = conn.execute("SELECT clock FROM _sync_peers WHERE device_id = ?", [source]).fetchone()
+        known = json.loads(row[0]) if row else {}
+        local_id = local_device_id(conn)
+        for device, seq in claimed.items():
+            # Our own operations only as far as this import compared them: a source holding
+            # another database's operations under our id must never count as having ours.
+            checked = self.verified if device == local_id else seq
+            known[device] = max(known.get(device, 0), min(seq, have.get(device, 0), checked))
+        conn.execute(
+            "INSERT OR REPLACE INTO _sync_peers VALUES (?, ?, ?)",
+            [source, json.dumps(known, sort_keys=True), now_iso()],
+        )
+
+    # -- bringing the tables up to date -----------------------------------------------------
+
+    def new_ops(self, columns: str = "o.*", where: str = "1") -> str:
+        """The new operations (``temp._sync_new``)."""
+        # NOT INDEXED: without it SQLite may build an automatic index over the whole log for the
+        # other conditions, making every import cost O(log) instead of O(new operations).
+        return (
+            f"SELECT {columns} FROM temp._sync_new r JOIN _sync_ops o NOT INDEXED ON o.op BETWEEN r.lo AND r.hi "
+            f"WHERE {where}"
+        )
+
+    def window_ops(self, where: str) -> str:
+        """The old operations some new one's author had not seen (``temp._sync_window``)."""
+        return (
+            "SELECT o.* FROM temp._sync_window w JOIN _sync_ops o NOT INDEXED ON o.op BETWEEN w.lo AND w.hi "
+            f"WHERE o.kind != {TICK} AND {where}"
+        )
+
+    def window_ranges(self) -> list[tuple[int, int]]:
+        """Old operations that some new operation's author had not seen: the only candidates for
+        concurrency with the new ones."""
+        conn = self.conn
+        names = device_ids(conn)
+        floor: dict[int, int] = {}
+        for idx, lo, hi in self.ranges:
+            epochs = [knowledge_at(conn, idx, lo & SEQ_MASK)] + [
+                json.loads(text)
+                for (text,) in conn.execute(
+                    "SELECT clock FROM _sync_knowledge WHERE device = ? AND from_seq > ? AND from_seq <= ?",
+                    [idx, lo & SEQ_MASK, hi & SEQ_MASK],
+                )
+            ]
+            for other, name in names.items():
+                seen = self.old.get(other, 0) if other == idx else min(e.get(name, 0) for e in epochs)
+                floor[other] = min(floor.get(other, seen), seen)
+        result = []
+        for other, seen in floor.items():
+            top = self.old[other] if other in self.old else max_seq(conn, other)
+            if top > seen:
+                result.append((op_id(other, seen + 1), op_id(other, top)))
+        return result
+
+    def apply_to_tables(self) -> int:
+        """Bring the tables up to date with the new operations; returns how many conflicts the
+        rows they touched have unresolved."""
+        conn = self.conn
+        for sql in (
+            "CREATE TEMP TABLE IF NOT EXISTS _sync_window (lo INTEGER, hi INTEGER)",
+            "CREATE TEMP TABLE IF NOT EXISTS _sync_slow (tid INTEGER, rowkey TEXT, PRIMARY KEY (tid, rowkey)) WITHOUT ROWID",
+            "CREATE TEMP TABLE IF NOT EXISTS _sync_wkeys (tid INTEGER, rowkey TEXT, PRIMARY KEY (tid, rowkey)) WITHOUT ROWID",
+            "DELETE FROM temp._sync_window",
+            "DELETE FROM temp._sync_slow",
+            "DELETE FROM temp._sync_wkeys",
+        ):
+            conn.execute(sql)
+        window = self.window_ranges()
+        conn.executemany("INSERT INTO temp._sync_window VALUES (?, ?)", window)
+        pending = dict(self.applied_tids)
+        if not window and not self.moved:
+            for tid, table in list(pending.items()):
+                if self.bulk_insert(table):
+                    del pending[tid]
+        self.mark_slow_rows(pending, bool(window))
+
+        def set_based() -> None:
+            for table in pending.values():
+                self.fast_path(table)
+            self.slow_path()
+
+        if attempt(conn, set_based):
+            # Set-based writes can pass through states the author never had: a UNIQUE value
+            # handed from row to row (a swap through a temporary value, a reordering) trips
+            # here. Write the operations one by one in their authors' order instead, then
+            # settle every row they touched.
+            self.slow_path(before=self.replay(pending))
+        resolutions = []
+        if self.has_resolutions:
+            resolutions = conn.execute(
+                self.new_ops("DISTINCT o.tid, coalesce(o.newkey, o.rowkey), o.op", f"o.kind & {RESOLUTION}")
+            ).fetchall()
+        conn.executemany("INSERT OR IGNORE INTO _sync_resolutions VALUES (?, ?, ?)", resolutions)
+        touched = set(self.clashed_rows) | {(tid, key) for tid, key, _ in resolutions}
+        return rebuild_conflicts(conn, touched)
+
+    def mark_slow_rows(self, tables: dict[int, SyncedTable], window: bool) -> None:
+        """Put in ``temp._sync_slow`` the rows that need the per-row path: both ends of every
+        move, rows the bundle touches twice, and rows a concurrent old operation touched too."""
+        conn = self.conn
+        conn.executemany("INSERT OR IGNORE INTO temp._sync_slow VALUES (?, ?)", sorted(self.moved))
+        # Grouped by key values rather than row-key text (the same groups: quote() is exact),
+        # which sorts faster; moves are in already (see check_moves).
+        for table in tables.values():
+            keys = ", ".join(f"c{table.slots[c]} AS k{i}" for i, c in enumerate(table.pk))
+            new_keys = " UNION ALL ".join(
+                f"SELECT rowkey, {keys} FROM _sync_ops WHERE op BETWEEN {lo} AND {hi} AND tid = {table.tid} "
+                "AND newkey IS NULL"
+                for _, lo, hi in self.ranges
+            )
+            conn.execute(
+                f"INSERT OR IGNORE INTO temp._sync_slow SELECT {table.tid}, rowkey FROM ({new_keys}) "
+                f"GROUP BY {', '.join(f'k{i}' for i in range(len(table.pk)))} HAVING count(*) > 1"
+            )
+        if window:
+            window_ops = self.window_ops("1")
+            conn.execute(
+                f"INSERT OR IGNORE INTO temp._sync_wkeys SELECT tid, rowkey FROM ({window_ops}) "
+                f"UNION SELECT tid, newkey FROM ({window_ops}) WHERE newkey IS NOT NULL"
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO temp._sync_slow "
+                + self.new_ops(
+                    "o.tid, o.rowkey",
+                    f"o.kind != {TICK} AND EXISTS (SELECT 1 FROM temp._sync_wkeys w WHERE w.tid = o.tid AND w.rowkey = o.rowkey)",
+                )
+            )
+
+    def replay(self, tables: dict[int, SyncedTable]) -> dict[RowKey, dict[str, Any] | None]:
+        """Write each new operation's own effect in "latest" order (each author's order), whether
+        it wins or not, and mark every row it touches for settling. Returns those rows as they
+        were before: settling decides against them, as the set-based path would have."""
+        conn = self.conn
+        devices = device_ids(conn)
+        names = {tid: column_names(table, table.current_columns(conn)) for tid, table in tables.items()}
+        cursor = conn.execute(self.new_ops("o.*", f"o.kind != {TICK} AND o.tid IN ({', '.join(map(str, tables))})"))
+        fields = [d[0] for d in cursor.description]
+        records = [dict(zip(fields, row)) for row in cursor.fetchall()]
+        records.sort(key=lambda r: latest_key(r["hlc"], r["op"], devices))
+        before: dict[RowKey, dict[str, Any] | None] = {}
+        for record in records:
+            table = tables[record["tid"]]
+            slot_names = names[table.tid]
+            for position, (rowkey, effect) in enumerate(effects_of(record, table, devices, True)):
+                row = fetch_row(conn, table, rowkey)
+                before.setdefault((table.tid, rowkey), row)
+                moved_in = position == 1  # the new key of a move: the whole row arrives
+                if effect.write and row is None and effect.kind == UPDATE and not moved_in:
+                    continue  # not here to update: settling the row decides
+                values = {slot_names[s]: effect.values[s] for s in bits(effect.mask) if s in slot_names}
+                # A step that meets a value another copy holds concurrently is passed by:
+                # settling writes the row's final state in any case.
+                attempt(conn, lambda: write_row(conn, table, rowkey, effect.write, values, row is not None))
+        conn.executemany("INSERT OR IGNORE INTO temp._sync_slow VALUES (?, ?)", list(before))
+        return before
+
+    def bulk_insert(self, table: SyncedTable) -> bool:
+        """The common bulk case, optimistically: nothing concurrent and only whole-row inserts.
+        Plain INSERTs then fail only where a key repeats or exists already, and that is the one
+        thing the general path would have to look for; on failure it takes over. Returns True
+        when the table is done."""
+        conn = self.conn
+        columns = table.current_columns(conn)
+        full = table.mask_for(columns)
+        kinds = self.kinds.get(table.tid, set())
+        if not kinds or any(kind != INSERT or mask & full != full for kind, mask in kinds):
+            return False
+        failed = attempt(
+            conn,
+            lambda: conn.execute(
+                f"INSERT INTO {quote_identifier(table.name)} ({', '.join(quote_identifier(c) for c in columns)}) "
+                f"SELECT {', '.join(f'o.c{table.slots[c]}' for c in columns)} FROM ("
+                + self.new_ops("o.*", f"o.tid = {table.tid}")
+                + ") o"
+            ),
+        )
+        return failed is None
+
+    def fast_path(self, table: SyncedTable) -> None:
+        """Rows touched by one new operation and nothing concurrent: set-based writes."""
+        columns = table.current_columns(self.conn)
+        full = table.mask_for(columns)
+        kinds = self.kinds.get(table.tid, set())
+        present = {kind for kind, _ in kinds}
+        not_slow = "NOT EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.rowkey)"
+        if not self.conn.execute("SELECT 1 FROM temp._sync_slow WHERE tid = ? LIMIT 1", [table.tid]).fetchone():
+            not_slow = "1"  # the common bulk case: no row needs the per-row path
+        # Deletes, then updates, then inserts: as a replacement did on the sender, so that a
+        # value freed under a UNIQUE constraint is free before it is used again.
+        if DELETE in present:
+            self.fast_deletes(table, not_slow)
+        if UPDATE in present:
+            self.fast_updates(table, columns, not_slow)
+        if INSERT in present:
+            self.fast_inserts(table, columns, full, not_slow, kinds)
+
+    def fast_inserts(self, table: SyncedTable, columns: list[str], full: int, not_slow: str, kinds) -> None:
+        t = quote_identifier(table.name)
+        quoted = [quote_identifier(c) for c in columns]
+        inserts = f"o.tid = {table.tid} AND o.kind & {KIND_BITS} = {INSERT}"
+        if any(kind == INSERT and mask & full != full for kind, mask in kinds):
+            # Inserts written before a column existed go per-row: the row's history decides the
+            # columns they lack (NULL where nothing wrote them).
+            partial = f"{inserts} AND o.mask & {full} != {full}"
+            self.conn.execute("INSERT OR IGNORE INTO temp._sync_slow " + self.new_ops("o.tid, o.rowkey", partial))
+        self.conn.execute(
+            f"INSERT INTO {t} ({', '.join(quoted)}) SELECT {', '.join(f'o.c{table.slots[c]}' for c in columns)} FROM ("
+            + self.new_ops("o.*", f"{inserts} AND o.mask & {full} = {full}")
+            + f") o WHERE {not_slow} ON CONFLICT ({', '.join(quote_identifier(c) for c in table.pk)}) DO UPDATE SET "
+            + ", ".join(f"{q} = excluded.{q}" for q in quoted)
+        )
+
+    def fast_updates(self, table: SyncedTable, columns: list[str], not_slow: str) -> None:
+        t = quote_identifier(table.name)
+        pk_match = " AND ".join(f"{t}.{quote_identifier(c)} = o.c{table.slots[c]}" for c in table.pk)
+        assignments = ", ".join(
+            f"{quote_identifier(c)} = CASE WHEN o.mask & {1 << table.slots[c]} THEN o.c{table.slots[c]} "
+            f"ELSE {t}.{quote_identifier(c)} END"
+            for c in columns
+        )
+        self.conn.execute(
+            f"UPDATE {t} SET {assignments} FROM ("
+            + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & {KIND_BITS} = {UPDATE} AND o.newkey IS NULL")
+            + f") o WHERE {not_slow} AND {pk_match}"
+        )
+
+    def fast_deletes(self, table: SyncedTable, not_slow: str) -> None:
+        pk_cols = ", ".join(quote_identifier(c) for c in table.pk)
+        pk_slots = ", ".join(f"o.c{table.slots[c]}" for c in table.pk)
+        self.conn.execute(
+            f"DELETE FROM {quote_identifier(table.name)} WHERE ({pk_cols}) IN (SELECT {pk_slots} FROM ("
+            + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & {KIND_BITS} = {DELETE}")
+            + f") o WHERE {not_slow})"
+        )
+
+    def slow_path(self, before: dict[RowKey, dict[str, Any] | None] | None = None) -> None:
+        """Rows with several new operations or concurrent ones: resolve each row in Python.
+
+        :param before: after a replay, the rows as they were before it (see :meth:`replay`)
+        """
+        conn = self.conn
+        self.clashed_rows.clear()  # a replay runs this again after the first run was undone
+        # Unpacked: a Datasette connection returns sqlite3.Row objects, which never equal tuples.
+        slow = {(tid, rowkey) for tid, rowkey in conn.execute("SELECT tid, rowkey FROM temp._sync_slow")}
+        if not slow:
+            return
+        knowledge = KnowledgeCache(conn)
+        todo = []
+        for (tid, rowkey), effects in self.slow_effects().items():
+            table = self.applied_tids.get(tid)
+            if table is None or (tid, rowkey) not in slow or not any(e.new for e in effects):
+                continue
+            effects.sort(key=lambda e: e.key)
+            if before is None:
+                apply_row(conn, table, rowkey, effects)
+            else:
+                todo.append((table, rowkey, effects, before.get((tid, rowkey))))
+            if record_clashes(conn, table, rowkey, effects, knowledge):
+                self.clashed_rows.add((tid, rowkey))
+        # After a replay a row's final value may still sit in a row not settled yet, or rows may
+        # hand values round in a cycle. Each row is then written whole, so any column may be set aside.
+        settle(
+            conn,
+            [(row[0], row[1], set(row[0].current_columns(conn)), lambda row=row: apply_row(conn, *row)) for row in todo],
+        )
+
+    def slow_effects(self) -> dict[RowKey, list[Effect]]:
+        """The effects on the rows of ``temp._sync_slow``: of the new operations, and of the old
+        ones some new operation's author had not seen."""
+        conn = self.conn
+        devices = device_ids(conn)
+        on_slow = (
+            "(EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.rowkey) "
+            "OR EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.newkey))"
+        )
+        rows: dict[RowKey, list[Effect]] = {}
+        tables = {t.tid: t for t in load_tables(conn).values()}
+        for new, sql in ((True, self.new_ops("o.*", f"o.kind != {TICK} AND {on_slow}")), (False, self.window_ops(on_slow))):
+            for tid, rowkey, effect in cursor_effects(conn.execute(sql), tables, devices, new):
+                rows.setdefault((tid, rowkey), []).append(effect)
+        return rows

@@ -1,0 +1,258 @@
+"""Merge rules: what the operations on a row say its state is, and which of them clash.
+
+The state of a row is a function of the set of operations on it, so every copy that holds
+the same operations holds the same row, whatever order they arrived in:
+
+* the row exists when its latest operation (see :func:`latest_key`) is not a delete;
+* each column holds the value of its latest writer (inserts write every column, updates the
+  columns they changed).
+
+Because the clock of an operation is higher than the clock of everything its author had seen,
+"latest" never reverts an edit its author had seen; it only picks between concurrent ones,
+and those clash (:func:`record_clashes`) and become conflict records (see :mod:`conflicts`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any, Iterable, Iterator, NamedTuple
+
+from .capture import SyncedTable
+from .log import DELETE, INSERT, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, device_ids, knowledge_at
+
+# The bits of ``_sync_ops.kind`` that say INSERT, UPDATE, DELETE or TICK; RESOLUTION is a flag above them.
+KIND_BITS = INSERT | UPDATE | DELETE | TICK
+
+# -- "latest" ------------------------------------------------------------------------------
+#
+# The one deterministic order of operations, used wherever "latest" is decided (importing,
+# reconciling, conflicts, compaction): by hybrid logical clock, then device id, then seq. The
+# clock puts an operation after everything its author had seen; the device id and seq break
+# ties between concurrent operations the same way on every copy. Python sorts by
+# :func:`latest_key`; SQL compares :func:`latest_sql`, text that sorts the same way.
+
+LatestKey = tuple[int, str, int]  # (hlc, device id, seq)
+
+# hlc (below 2**62: 19 digits), device id (32 hex digits), seq (below 2**40: 13 digits), op id.
+_LATEST_FORMAT = "%020d %s %013d %d"
+_LATEST_OP_AT = len(_LATEST_FORMAT.rsplit(" ", 1)[0] % (0, "0" * 32, 0)) + 2  # 1-based, past the space
+
+
+def latest_key(hlc: int, op: int, devices: dict[int, str]) -> LatestKey:
+    """Where an operation stands in the "latest" order: the greatest key is the latest."""
+    return (hlc, devices[op >> SEQ_BITS], op & SEQ_MASK)
+
+
+def latest_sql(hlc: str, device_id: str, op: str) -> str:
+    """SQL text that sorts like :func:`latest_key`, so ``max()`` picks the latest operation;
+    it ends with the op id, which :func:`latest_op_sql` reads back."""
+    return f"printf('{_LATEST_FORMAT}', {hlc}, {device_id}, {op} & {SEQ_MASK}, {op})"
+
+
+def latest_op_sql(latest: str) -> str:
+    """The op id of a :func:`latest_sql` value."""
+    return f"CAST(substr({latest}, {_LATEST_OP_AT}) AS INTEGER)"
+
+
+# -- effects -------------------------------------------------------------------------------
+
+
+class Effect(NamedTuple):
+    """What one operation does to one row."""
+
+    op: int
+    key: LatestKey
+    write: bool  # False for a delete (or the old key of a primary-key move)
+    mask: int
+    values: dict[int, Any]
+    new: bool
+    resolution: bool
+    kind: int  # the operation's kind (INSERT, UPDATE, DELETE), without the resolution flag
+
+
+def bits(mask: int) -> Iterator[int]:
+    """The slots set in a column mask."""
+    slot = 0
+    while mask:
+        if mask & 1:
+            yield slot
+        mask >>= 1
+        slot += 1
+
+
+def column_names(table: SyncedTable, columns: Iterable[str] | None = None) -> dict[int, str]:
+    """The slot -> column map of a table: every column it ever had, or only ``columns``."""
+    if columns is None:
+        return {slot: name for name, slot in table.slots.items()}
+    present = set(columns)
+    return {slot: name for name, slot in table.slots.items() if name in present}
+
+
+def effects_of(record: dict[str, Any], table: SyncedTable, devices: dict[int, str], new: bool) -> list[tuple[str, Effect]]:
+    """The row effects of one operation: a primary-key move deletes the old key, writes the new."""
+    op = record["op"]
+    key = latest_key(record["hlc"], op, devices)
+    kind = record["kind"] & KIND_BITS
+    resolution = bool(record["kind"] & RESOLUTION)
+    values = {slot: record.get(f"c{slot}") for slot in table.slots.values()}
+    all_slots = table.mask_for(list(table.slots))
+    if kind == DELETE:
+        return [(record["rowkey"], Effect(op, key, False, 0, {}, new, resolution, kind))]
+    if kind == UPDATE and record["newkey"] is not None:
+        return [
+            (record["rowkey"], Effect(op, key, False, 0, {}, new, resolution, kind)),
+            (record["newkey"], Effect(op, key, True, all_slots, values, new, resolution, kind)),
+        ]
+    return [(record["rowkey"], Effect(op, key, True, record["mask"] & all_slots, values, new, resolution, kind))]
+
+
+def cursor_effects(
+    cursor: sqlite3.Cursor, tables: dict[int, SyncedTable], devices: dict[int, str], new: bool
+) -> Iterator[tuple[int, str, Effect]]:
+    """``(tid, row key, effect)`` for every row effect of the operations a cursor returns."""
+    names = [d[0] for d in cursor.description]
+    for row in cursor:
+        record = dict(zip(names, row))
+        for rowkey, effect in effects_of(record, tables[record["tid"]], devices, new):
+            yield record["tid"], rowkey, effect
+
+
+def table_history(conn: sqlite3.Connection, table: SyncedTable) -> dict[str, list[Effect]]:
+    """Every data operation on a table, by row key, each row's in "latest" order."""
+    cursor = conn.execute(f"SELECT * FROM _sync_ops WHERE tid = ? AND kind != {TICK}", [table.tid])
+    history: dict[str, list[Effect]] = {}
+    for _, rowkey, effect in cursor_effects(cursor, {table.tid: table}, device_ids(conn), False):
+        history.setdefault(rowkey, []).append(effect)
+    for effects in history.values():
+        effects.sort(key=lambda e: e.key)
+    return history
+
+
+def all_effects(conn: sqlite3.Connection, table: SyncedTable, rowkey: str) -> list[Effect]:
+    """Every operation ever recorded on one row, in "latest" order (a log scan: only for
+    restoring deleted rows)."""
+    cursor = conn.execute(
+        "SELECT * FROM _sync_ops WHERE tid = ? AND (rowkey = ? OR newkey = ?)", [table.tid, rowkey, rowkey]
+    )
+    effects = [e for _, key, e in cursor_effects(cursor, {table.tid: table}, device_ids(conn), False) if key == rowkey]
+    return sorted(effects, key=lambda e: e.key)
+
+
+def op_effect(conn: sqlite3.Connection, table: SyncedTable, op: int, rowkey: str, devices: dict[int, str]) -> Effect:
+    """What operation ``op`` did to the row ``rowkey``."""
+    cursor = conn.execute("SELECT * FROM _sync_ops WHERE op = ?", [op])
+    for _, key, effect in cursor_effects(cursor, {table.tid: table}, devices, False):
+        if key == rowkey:
+            return effect
+    raise KeyError(op)
+
+
+def latest_writers(effects: list[Effect]) -> dict[int, Effect]:
+    """For each column slot, the latest operation (effects in "latest" order) that wrote it."""
+    writers: dict[int, Effect] = {}
+    for effect in effects:
+        if effect.write:
+            for slot in bits(effect.mask):
+                writers[slot] = effect
+    return writers
+
+
+def row_state(effects: list[Effect]) -> tuple[bool, dict[int, Any]]:
+    """The row implied by all its operations (in "latest" order): does it exist, and its values."""
+    values = {slot: effect.values[slot] for slot, effect in latest_writers(effects).items()}
+    return bool(effects) and effects[-1].write, values
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Equal and of the same type: 1, 1.0 and '1' are different values to sync."""
+    return type(a) is type(b) and a == b
+
+
+# -- concurrency and clashes -----------------------------------------------------------------
+
+
+class KnowledgeCache:
+    """Who had seen what: ``seen(a, b)`` is true when b's author had seen a when writing b."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.cache: dict[int, dict[str, int]] = {}
+
+    def clock_of(self, op: int) -> dict[str, int]:
+        if op not in self.cache:
+            self.cache[op] = knowledge_at(self.conn, op >> SEQ_BITS, op & SEQ_MASK)
+        return self.cache[op]
+
+    def seen(self, a: Effect, b: Effect) -> bool:
+        if a.op >> SEQ_BITS == b.op >> SEQ_BITS:
+            return a.op < b.op
+        return self.clock_of(b.op).get(a.key[1], 0) >= a.key[2]
+
+    def concurrent(self, a: Effect, b: Effect, twins: dict[int, list[Effect]] | None = None) -> bool:
+        """Neither author had seen the other's operation, nor a twin of it (see :func:`twins_of`)."""
+        if a.op == b.op or self.seen(a, b) or self.seen(b, a):
+            return False
+        if twins:
+            return not any(self.seen(t, b) for t in twins.get(a.op, ())) and not any(
+                self.seen(t, a) for t in twins.get(b.op, ())
+            )
+        return True
+
+
+def twins_of(effects: list[Effect]) -> dict[int, list[Effect]]:
+    """Effects of other devices with the same clock and the same change, by op.
+
+    ``sync-new-device --recover`` moves operations to a new id with their clocks and values:
+    a copy that held the original gets the move too. An author who had seen either had seen
+    that edit, so neither is concurrent with its later edits (no conflict is made up).
+    """
+    groups: dict[tuple, list[Effect]] = {}
+    for effect in effects:
+        if effect.write:
+            change = tuple(sorted((slot, type(v).__name__, v) for slot, v in effect.values.items() if effect.mask >> slot & 1))
+        else:
+            change = ()
+        groups.setdefault((effect.key[0], effect.write, effect.kind, effect.mask, change), []).append(effect)
+    twins: dict[int, list[Effect]] = {}
+    for group in groups.values():
+        for effect in group:
+            others = [e for e in group if e.key[1] != effect.key[1]]
+            if others:
+                twins[effect.op] = others
+    return twins
+
+
+def clash_columns(table: SyncedTable, a: Effect, b: Effect) -> list[str] | None:
+    """The columns two concurrent effects disagree on; [] for a write against a delete; None
+    when they agree."""
+    if not a.write and not b.write:
+        return None
+    if a.write != b.write:
+        return []
+    names = column_names(table)
+    differing = [names[s] for s in bits(a.mask & b.mask) if not same_value(a.values[s], b.values[s])]
+    return sorted(differing) or None
+
+
+def record_clashes(
+    conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effects: list[Effect], knowledge: KnowledgeCache
+) -> bool:
+    """Record each pair of concurrent, disagreeing effects on a row where one of them is new;
+    returns whether there was any."""
+    found = False
+    twins = twins_of(effects)
+    for i, a in enumerate(effects):
+        for b in effects[i + 1 :]:
+            if not (a.new or b.new) or not knowledge.concurrent(a, b, twins):
+                continue
+            columns = clash_columns(table, a, b)
+            if columns is None:
+                continue
+            first, second = sorted((a.op, b.op))
+            conn.execute(
+                "INSERT OR IGNORE INTO _sync_clashes VALUES (?, ?, ?, ?, ?)",
+                [table.tid, rowkey, first, second, json.dumps(columns)],
+            )
+            found = True
+    return found

@@ -1,0 +1,176 @@
+"""Reconciling a table with its log: the changes capture missed become local operations."""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from .capture import SyncedTable, muted, table_info
+from .conflicts import rebuild_conflicts
+from .log import DELETE, INSERT, UPDATE, append_local, next_local_hlc, quote_identifier, rowkey_sql
+from .merge import Effect, KnowledgeCache, column_names, latest_writers, record_clashes, row_state, same_value, table_history
+from .rows import key_slots, settle, write_row
+
+
+def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, captured: set[int] | None = None) -> int:
+    """Log the changes the triggers missed: compare the table with the state its log implies.
+
+    Used when sync is first enabled (every existing row becomes an insert) and when triggers
+    were missing or stale (after ``transform`` or ``ALTER TABLE``): the table is the truth and
+    its differences become new local operations.
+
+    Operations that arrived while the table was not synced were kept but never applied
+    (``_sync_unapplied``). Where one of those wrote last, the table takes the log's value
+    instead of overwriting it: enabling sync never deletes or reverts what a peer wrote.
+    Everywhere else the table wins, including edits made here while sync was disabled.
+
+    :param captured: slots the capture triggers wrote until now. A column outside them was
+        added since (again, or for the first time by ``--alter``): where the log holds values
+        for it, peers wrote them and the table takes them, rather than its empty new column
+        overwriting them everywhere.
+
+    :returns: how many operations were logged
+    """
+    if not conn.execute("SELECT 1 FROM _sync_ops WHERE tid = ? LIMIT 1", [table.tid]).fetchone():
+        return log_every_row(conn, table)
+    return Reconciler(conn, table, captured).run()
+
+
+def log_every_row(conn: sqlite3.Connection, table: SyncedTable) -> int:
+    """A table with no operations yet: every row becomes an insert, in one statement."""
+    columns = table.current_columns(conn)
+    key = rowkey_sql(quote_identifier(c) for c in table.pk)
+    start = conn.execute("SELECT max(hlc) FROM _sync_ops").fetchone()[0]
+    base = next_local_hlc(conn, start)
+    cursor = conn.execute(
+        f"INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, {', '.join(f'c{table.slots[c]}' for c in columns)}) "
+        f"SELECT {base} + row_number() OVER () - 1, {table.tid}, {INSERT}, {table.mask_for(columns)}, {key}, "
+        f"{', '.join(quote_identifier(c) for c in columns)} FROM {quote_identifier(table.name)}"
+    )
+    return cursor.rowcount
+
+
+WriteRowArgs = tuple[str, bool, dict[str, Any], bool]  # write_row's rowkey, exists, values, present
+
+
+class Reconciler:
+    """One table's rows compared with its history: differences are logged, or adopted where a
+    kept (unapplied) operation of a peer wrote last."""
+
+    def __init__(self, conn: sqlite3.Connection, table: SyncedTable, captured: set[int] | None):
+        self.conn = conn
+        self.table = table
+        self.columns = table.current_columns(conn)
+        self.full = table.mask_for(self.columns)
+        # Operations kept unapplied while the table was not synced here.
+        self.unapplied = {op for (op,) in conn.execute("SELECT op FROM _sync_unapplied WHERE tid = ?", [table.tid])}
+        conn.execute("DELETE FROM _sync_unapplied WHERE tid = ?", [table.tid])
+        self.history = table_history(conn, table)
+        self.fresh = self.fresh_columns(captured)
+        self.logged = 0
+        self.adopted: list[WriteRowArgs] = []  # peers' values the table takes
+
+    def fresh_columns(self, captured: set[int] | None) -> dict[str, tuple[Any, bool]]:
+        """Columns outside ``captured``, with what ALTER TABLE gave every row: (default, NOT NULL)."""
+        if captured is None:
+            return {}
+        return {
+            info[1]: (self.conn.execute(f"SELECT {info[4]}").fetchone()[0] if info[4] is not None else None, bool(info[3]))
+            for info in table_info(self.conn, self.table.name)
+            if info[1] in self.table.slots and self.table.slots[info[1]] not in captured
+        }
+
+    def run(self) -> int:
+        key = rowkey_sql(quote_identifier(c) for c in self.table.pk)
+        seen = set()
+        for row in self.conn.execute(f"SELECT {key} AS _rowkey, * FROM {quote_identifier(self.table.name)}").fetchall():
+            seen.add(row[0])
+            self.reconcile_row(row[0], dict(zip(self.columns, row[1:])))
+        for rowkey, effects in self.history.items():
+            if rowkey not in seen:
+                self.reconcile_gone(rowkey, effects)
+        if self.adopted:
+            # Taking a peer's value is not a local edit: write it with capture muted, once. Peers
+            # may have handed UNIQUE values from row to row (a swap): settle them as an import does.
+            with muted(self.conn):
+                settle(
+                    self.conn,
+                    [(self.table, a[0], set(a[2]), lambda a=a: write_row(self.conn, self.table, *a)) for a in self.adopted],
+                )
+        if self.unapplied:
+            record_kept_clashes(self.conn, self.table, self.history, self.unapplied)
+        return self.logged
+
+    def by_peer(self, effect: Effect | None) -> bool:
+        return effect is not None and effect.op in self.unapplied
+
+    def adopts(self, column: str, value: Any, implied: dict[int, Any]) -> bool:
+        """A new column still holding what ALTER gave it takes what peers wrote there. A value
+        written here since is a local edit, and the log's NULL can't go into a NOT NULL column."""
+        slot = self.table.slots[column]
+        if column not in self.fresh or slot not in implied:
+            return False
+        default, not_null = self.fresh[column]
+        return same_value(value, default) and not (not_null and implied[slot] is None)
+
+    def log(self, kind: int, mask: int, rowkey: str, slots: dict[int, Any]) -> None:
+        append_local(self.conn, self.table.tid, kind, mask, rowkey, slots=slots)
+        self.logged += 1
+
+    def reconcile_row(self, rowkey: str, values: dict[str, Any]) -> None:
+        """A row the table holds: log an insert or the columns that differ from the log, or
+        take the log's values where a peer's kept operation wrote last."""
+        slots = self.table.slots
+        effects = self.history.get(rowkey, [])
+        exists, implied = row_state(effects)
+        if not exists:
+            if self.by_peer(effects[-1] if effects else None):
+                self.adopted.append((rowkey, False, {}, True))
+            else:
+                self.log(INSERT, self.full, rowkey, {slots[c]: v for c, v in values.items()})
+            return
+        writers = latest_writers(effects)
+        mask, taken = 0, {}
+        for column, value in values.items():
+            slot = slots[column]
+            # A value no operation wrote (a column added since, with its DEFAULT) is a change:
+            # a peer that adds the column gets NULL there unless it is logged.
+            if same_value(implied.get(slot), value):
+                continue
+            if self.by_peer(writers.get(slot)) or self.adopts(column, value, implied):
+                taken[column] = implied[slot]
+            else:
+                mask |= 1 << slot
+        if taken:
+            self.adopted.append((rowkey, True, taken, True))
+            values.update(taken)
+        if mask:
+            self.log(UPDATE, mask, rowkey, {slots[c]: v for c, v in values.items()})
+
+    def reconcile_gone(self, rowkey: str, effects: list[Effect]) -> None:
+        """A row the log implies and the table lacks: log its delete, or bring it back when a
+        peer's kept operation wrote last."""
+        exists, implied = row_state(effects)
+        if not exists:
+            return
+        if self.by_peer(effects[-1]):
+            names = column_names(self.table, self.columns)
+            self.adopted.append((rowkey, True, {names[s]: v for s, v in implied.items() if s in names}, False))
+        else:
+            self.log(DELETE, 0, rowkey, key_slots(self.table, rowkey))
+
+
+def record_kept_clashes(
+    conn: sqlite3.Connection, table: SyncedTable, history: dict[str, list[Effect]], kept: set[int]
+) -> None:
+    """Operations kept while the table was not synced here were never checked against each
+    other: record their clashes now, as the copies that applied them did on arrival."""
+    knowledge = KnowledgeCache(conn)
+    clashed = set()
+    for rowkey, effects in history.items():
+        if any(e.op in kept for e in effects):
+            marked = [e._replace(new=e.op in kept) for e in effects]
+            if record_clashes(conn, table, rowkey, marked, knowledge):
+                clashed.add((table.tid, rowkey))
+    if clashed:
+        rebuild_conflicts(conn, clashed)
