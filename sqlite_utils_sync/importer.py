@@ -7,7 +7,7 @@ The path of a bundle through :func:`import_bundle`, in one transaction:
    one ``INSERT … SELECT`` (:meth:`Importer.append_ops`);
 3. check the whole: no gap in a device's sequence, who may push which device, what the
    operations depend on, the compaction horizon;
-4. bring the tables up to date (:meth:`Importer.apply_to_tables`) by the merge rules of
+4. bring the tables up to date (:class:`TableUpdate`) by the merge rules of
    :mod:`merge`, and rebuild the conflict records of the rows with clashes (:mod:`conflicts`).
 
 Applying is set-based where it can be: a row touched by exactly one new operation and by no
@@ -236,8 +236,6 @@ class Importer:
         self.ticks: list[tuple[int, int, str]] = []  # (device index, seq, knowledge clock)
         # check_sequences: the new operations, as (device index, first op id, last op id).
         self.ranges: list[tuple[int, int, int]] = []
-        # slow_path: rows with clashes, whose conflict records are rebuilt.
-        self.clashed_rows: set[RowKey] = set()
 
     def fail(self, reason: str, message: str) -> BundleError:
         return BundleError(reason, f"Bundle {self.name}: {message}")
@@ -262,7 +260,7 @@ class Importer:
             self.check_horizon()
             result.applied = sum(inserted.values())
             if self.data_inserted:
-                result.conflicts = self.apply_to_tables()
+                result.conflicts = TableUpdate(self).run()
                 append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=self.max_hlc)
         result.clock = clock(conn)
         if header["source"] == local_id and not result.applied:
@@ -791,7 +789,20 @@ class Importer:
             [source, json.dumps(known, sort_keys=True), now_iso()],
         )
 
-    # -- bringing the tables up to date -----------------------------------------------------
+
+class TableUpdate:
+    """Brings the tables up to date with the operations an import appended to the log."""
+
+    def __init__(self, importer: Importer):
+        self.conn = importer.conn
+        self.tables = importer.applied_tids  # the tables the operations are applied to
+        self.ranges = importer.ranges  # the new operations: (device index, first op id, last op id)
+        self.old = importer.old  # each bundle device's highest seq before the import
+        self.kinds = importer.kinds  # per table: the (kind, mask) of its new operations
+        self.moved = importer.moved  # (tid, row key) of both ends of every primary-key move
+        self.has_resolutions = importer.has_resolutions
+        # Rows with clashes, whose conflict records are rebuilt (filled in by slow_path).
+        self.clashed_rows: set[RowKey] = set()
 
     def new_ops(self, columns: str = "o.*", where: str = "1") -> str:
         """The new operations (``temp._sync_new``)."""
@@ -833,7 +844,7 @@ class Importer:
                 result.append((op_id(other, seen + 1), op_id(other, top)))
         return result
 
-    def apply_to_tables(self) -> int:
+    def run(self) -> int:
         """Bring the tables up to date with the new operations; returns how many conflicts the
         rows they touched have unresolved."""
         conn = self.conn
@@ -848,7 +859,7 @@ class Importer:
             conn.execute(sql)
         window = self.window_ranges()
         conn.executemany("INSERT INTO temp._sync_window VALUES (?, ?)", window)
-        pending = dict(self.applied_tids)
+        pending = dict(self.tables)
         if not window and not self.moved:
             for tid, table in list(pending.items()):
                 if self.bulk_insert(table):
@@ -1028,7 +1039,7 @@ class Importer:
         knowledge = KnowledgeCache(conn)
         todo = []
         for (tid, rowkey), effects in self.slow_effects().items():
-            table = self.applied_tids.get(tid)
+            table = self.tables.get(tid)
             if table is None or (tid, rowkey) not in slow or not any(e.new for e in effects):
                 continue
             effects.sort(key=lambda e: e.key)
