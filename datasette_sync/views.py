@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -23,18 +24,20 @@ from typing import Any
 from datasette import Response
 from datasette.resources import TableResource
 from datasette.utils import StartupError, tilde_decode, tilde_encode
-from datasette.utils.asgi import BadRequest, Base400, Forbidden, NotFound
+from datasette.utils.asgi import BadRequest, Base400, Forbidden, NotFound, PayloadTooLarge
 from markupsafe import Markup, escape
 
 from sqlite_utils_sync import (
     SyncError,
+    errors,
     export_bundle,
     get_conflict,
     import_bundle,
+    protocol,
     resolve_conflict,
     sync_status,
 )
-from sqlite_utils_sync.bundle import BundleReader, parse_clock
+from sqlite_utils_sync.bundle import BundleReader
 from sqlite_utils_sync.log import DEFAULT_MAX_CLOCK_SKEW, horizon, json_value, parse_duration
 
 from . import queries
@@ -50,7 +53,8 @@ CONFLICT_VALUE_CHARS = 200  # a conflict shows versions side by side: long text 
 CONFLICTS_PAGE_SIZE = 20  # conflicts are big: a table each
 MAX_PAGE_SIZE = 1000
 
-SYNC = r"^/(?P<database>[^/]+)/-/sync"
+DATABASE = r"^/(?P<database>[^/]+)"
+SYNC = DATABASE + re.escape(protocol.SYNC_PATH)
 FORMAT = r"(\.(?P<format>json))?$"
 
 
@@ -61,9 +65,16 @@ def routes():
         (SYNC + r"/conflicts" + FORMAT, conflicts_page),
         (SYNC + r"/clocks" + FORMAT, clocks_page),
         (SYNC + r"/imports" + FORMAT, imports_page),
-        (SYNC + r"/export$", export_endpoint),
-        (SYNC + r"/import$", import_endpoint),
-        (SYNC + r"/conflicts/(?P<conflict_id>[0-9a-f]{1,64})/resolve$", resolve_endpoint),
+        (DATABASE + re.escape(protocol.EXPORT_PATH) + "$", ExportEndpoint),
+        (DATABASE + re.escape(protocol.IMPORT_PATH) + "$", ImportEndpoint),
+        (
+            DATABASE
+            + re.escape(protocol.CONFLICTS_PATH + "/")
+            + f"(?P<conflict_id>{protocol.CONFLICT_ID_PATTERN})"
+            + re.escape(protocol.RESOLVE_SUFFIX)
+            + "$",
+            ResolveEndpoint,
+        ),
     ]
 
 
@@ -71,59 +82,7 @@ def routes():
 
 
 def sync_url(datasette, database: str) -> str:
-    return datasette.urls.database(database) + "/-/sync"
-
-
-def error(message: str, status: int, reason: str, headers: dict | None = None) -> Response:
-    return Response.json({"ok": False, "error": message, "reason": reason}, status=status, headers=headers)
-
-
-BUSY_RETRY_SECONDS = 5
-
-
-def is_busy(ex: sqlite3.Error) -> bool:
-    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds a lock longer than we waited."""
-    code = getattr(ex, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    return "locked" in str(ex) or "busy" in str(ex)
-
-
-def sqlite_error(ex: sqlite3.Error, database: str) -> tuple[str, int, str, dict | None]:
-    """(message, status, reason, headers) for an SQLite error: a lock is temporary (503)."""
-    if is_busy(ex):
-        message = f"Database {database} is busy: another connection holds a lock on it. Retry in a few seconds"
-        return message, 503, "busy", {"Retry-After": str(BUSY_RETRY_SECONDS)}
-    return f"SQLite error: {ex}", 500, "sqlite_error", None
-
-
-# SQLite result codes that say the hub itself is in trouble (disk full, I/O, permissions),
-# whatever bundle was being imported. Any other error while importing comes from the bundle.
-SERVER_SIDE = {
-    getattr(sqlite3, name)
-    for name in ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_NOMEM", "SQLITE_PERM")
-    if hasattr(sqlite3, name)
-}
-SERVER_SIDE_TEXT = ("disk is full", "disk i/o error", "readonly database", "unable to open", "out of memory")
-
-
-def import_sqlite_error(ex: sqlite3.Error, database: str) -> tuple[str, int, str, dict | None]:
-    """An SQLite error while importing a pushed bundle: a lock is temporary (503), the hub's
-    own trouble is a 500, and anything else (a malformed chunk image, say) is the bundle's 400."""
-    if is_busy(ex):
-        return sqlite_error(ex, database)
-    code = getattr(ex, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        server_side = (code & 0xFF) in SERVER_SIDE
-    else:
-        server_side = any(text in str(ex).lower() for text in SERVER_SIDE_TEXT)
-    if server_side:
-        return sqlite_error(ex, database)
-    return f"Bundle could not be read: {ex}. Nothing was imported", 400, "invalid_bundle", None
-
-
-def clock_header(clock: dict[str, int]) -> str:
-    return json.dumps(clock, separators=(",", ":"), sort_keys=True)
+    return datasette.urls.database(database) + protocol.SYNC_PATH
 
 
 def plugin_config(datasette, database: str | None) -> dict:
@@ -215,10 +174,6 @@ def with_args(path: str, request, **changes) -> str:
         else:
             args[key] = value
     return path + ("?" + urllib.parse.urlencode(args) if args else "")
-
-
-class MethodNotAllowed(Base400):
-    status = 405
 
 
 async def synced_pk(datasette, actor, database: str, table: str) -> list[str] | None:
@@ -441,7 +396,8 @@ async def conflicts_page(datasette, request):
         if conflict["current"] is not None and plain_pk and await db.table_exists(conflict["table"]):
             pk_path = ",".join(tilde_encode(str(v)) for v in conflict["pk"])
             row_url = datasette.urls.row(db.name, conflict["table"], pk_path)
-        shown.append({**grid, "row_url": row_url, "resolve_url": f"{base}/{conflict['id']}/resolve"})
+        resolve_url = datasette.urls.database(db.name) + protocol.resolve_path(conflict["id"])
+        shown.append({**grid, "row_url": row_url, "resolve_url": resolve_url})
     return await render(
         datasette,
         request,
@@ -558,69 +514,179 @@ async def imports_page(datasette, request):
 
 
 # Endpoints --------------------------------------------------------------------------------
+#
+# Each endpoint is a class dispatched on the request method, like Datasette's views/base.py
+# View. A refusal is raised as one of Datasette's error classes carrying a reason (below)
+# or as the engine's SyncError, and the endpoint answers it itself with protocol's JSON
+# error body: Datasette would send a raised NotFound to its 404 handling (which redirects
+# a %-encoded URL) and a Forbidden to its forbidden hook, and neither keeps the reason.
 
 
-async def endpoint_database(datasette, request, method: str, action: str):
-    """Checks shared by the endpoints, in order: 401, 404, 405, 403. Returns (db, error)."""
+class EndpointError(Base400):
+    """A sync endpoint's refusal, with the status protocol gives its ``reason``. A page that
+    raises one gets Datasette's error page with that status."""
+
+    reason = errors.INVALID_REQUEST
+
+    def __init__(self, message: str, reason: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.reason = reason or self.reason
+        self.status = protocol.status_for(self.reason)
+        self.headers = headers
+
+
+class SyncBadRequest(EndpointError, BadRequest):
+    pass
+
+
+class Unauthorized(EndpointError):
+    reason = errors.UNAUTHORIZED
+
+
+class SyncForbidden(EndpointError, Forbidden):
+    reason = errors.FORBIDDEN
+
+
+class SyncNotFound(EndpointError, NotFound):
+    reason = errors.NOT_FOUND
+
+
+class MethodNotAllowed(EndpointError):
+    reason = errors.METHOD_NOT_ALLOWED
+
+
+class SyncPayloadTooLarge(EndpointError, PayloadTooLarge):
+    reason = errors.TOO_LARGE
+
+
+def refusal(ex: EndpointError) -> Response:
+    return Response.json(protocol.error_body(str(ex), ex.reason), status=ex.status, headers=ex.headers)
+
+
+def is_busy(ex: sqlite3.Error) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: another connection holds a lock longer than we waited."""
+    code = getattr(ex, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(ex) or "busy" in str(ex)
+
+
+def sqlite_refusal(ex: sqlite3.Error, database: str) -> EndpointError:
+    """The refusal for an SQLite error: a lock is temporary (busy, with Retry-After)."""
+    if is_busy(ex):
+        message = f"Database {database} is busy: another connection holds a lock on it. Retry in a few seconds"
+        return EndpointError(message, errors.BUSY, {protocol.RETRY_AFTER_HEADER: str(protocol.BUSY_RETRY_SECONDS)})
+    return EndpointError(f"SQLite error: {ex}", errors.SQLITE_ERROR)
+
+
+# SQLite result codes that say the hub itself is in trouble (disk full, I/O, permissions),
+# whatever bundle was being imported. Any other error while importing comes from the bundle.
+SERVER_SIDE = {
+    getattr(sqlite3, name)
+    for name in ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_NOMEM", "SQLITE_PERM")
+    if hasattr(sqlite3, name)
+}
+SERVER_SIDE_TEXT = ("disk is full", "disk i/o error", "readonly database", "unable to open", "out of memory")
+
+
+def import_sqlite_refusal(ex: sqlite3.Error, database: str) -> EndpointError:
+    """An SQLite error while importing a pushed bundle: a lock is temporary (503), the hub's
+    own trouble is a 500, and anything else (a malformed chunk image, say) is the bundle's 400."""
+    if is_busy(ex):
+        return sqlite_refusal(ex, database)
+    code = getattr(ex, "sqlite_errorcode", None)  # Python 3.11+
+    if code is not None:
+        server_side = (code & 0xFF) in SERVER_SIDE
+    else:
+        server_side = any(text in str(ex).lower() for text in SERVER_SIDE_TEXT)
+    if server_side:
+        return sqlite_refusal(ex, database)
+    return SyncBadRequest(f"Bundle could not be read: {ex}. Nothing was imported", errors.INVALID_BUNDLE)
+
+
+class Endpoint:
+    """The checks every endpoint shares, in order: 401 (a Bearer token nobody recognised),
+    404, 405, 403 (the endpoint's ``action``); then the method's handler, called as
+    ``handler(request, datasette, db)``."""
+
+    action: str
+    METHODS = ("get", "head", "post")
+
+    async def __call__(self, request, datasette):
+        db = None
+        try:
+            check_token(request)
+            db = endpoint_database(datasette, request)
+            handler = self.handler(request)
+            if not await can(datasette, request.actor, self.action, db.name):
+                raise SyncForbidden("Permission denied")
+            return await handler(request, datasette, db)
+        except EndpointError as ex:
+            return self.refuse(request, ex)
+        except SyncError as ex:
+            return self.refuse(request, EndpointError(ex.message, ex.reason))
+        except sqlite3.Error as ex:
+            return self.refuse(request, sqlite_refusal(ex, db.name if db else ""))
+
+    def handler(self, request):
+        name = request.method.lower()
+        handler = getattr(self, name, None) if name in self.METHODS else None
+        if handler is None:
+            allowed = [method.upper() for method in self.METHODS if hasattr(self, method)]
+            raise MethodNotAllowed(f"Use {allowed[0]}", headers={"Allow": ", ".join(allowed)})
+        return handler
+
+    def refuse(self, request, ex: EndpointError) -> Response:
+        return refusal(ex)
+
+
+def check_token(request) -> None:
     authorization = request.headers.get("authorization") or ""
     if authorization[:7].lower() == "bearer " and request.actor is None:
         # Datasette answers 401 itself only for dstok_ tokens; any other token nobody
         # recognised would otherwise look like a missing permission (403).
-        return None, error("Invalid token: the Bearer token does not authenticate any actor", 401, "unauthorized")
+        raise Unauthorized("Invalid token: the Bearer token does not authenticate any actor")
+
+
+def endpoint_database(datasette, request):
     try:
-        db = resolve_database(datasette, request)
+        return resolve_database(datasette, request)
     except NotFound:
-        return None, error("Database not found", 404, "not_found")
-    if request.method != method and not (method == "GET" and request.method == "HEAD"):
-        return None, error(f"Use {method}", 405, "method_not_allowed")
-    if not await can(datasette, request.actor, action, db.name):
-        return None, error("Permission denied", 403, "forbidden")
-    return db, None
+        raise SyncNotFound("Database not found")
 
 
-async def export_endpoint(datasette, request):
-    """GET: the operations the caller lacks (everything without ``since``) as a bundle."""
-    db, problem = await endpoint_database(datasette, request, "GET", EXPORT)
-    if problem:
-        return problem
-    try:
-        since = parse_since(request.args.get("since") or None)
-    except SyncError as ex:
-        return error(str(ex), 400, ex.reason)
+class ExportEndpoint(Endpoint):
+    """GET: the operations the caller lacks (everything without ``since``) as a bundle;
+    HEAD: its headers only."""
 
-    directory = pathlib.Path(tempfile.mkdtemp(prefix="datasette-sync-"))
-    path = directory / "export.bundle"
+    action = EXPORT
 
-    def export(conn):
-        # repair=False: a read connection cannot write, and exporting must not.
-        return export_bundle(conn, path, since=since, repair=False)
+    async def get(self, request, datasette, db):
+        since = protocol.decode_clock(request.args.get(protocol.SINCE_PARAM) or None, "since query parameter")
+        directory = pathlib.Path(tempfile.mkdtemp(prefix="datasette-sync-"))
+        path = directory / "export.bundle"
 
-    try:
-        result = await db.execute_fn(export)
-    except SyncError as ex:
-        shutil.rmtree(directory, ignore_errors=True)
-        return error(str(ex), 400, ex.reason)
-    except sqlite3.Error as ex:
-        shutil.rmtree(directory, ignore_errors=True)
-        return error(*sqlite_error(ex, db.name))
-    except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    return BundleDownload(
-        directory,
-        path,
-        filename=f"{result.bundle_id}.bundle",
-        headers={"X-Sync-Clock": clock_header(result.clock), "X-Sync-Operations": str(result.operations)},
-        body=request.method != "HEAD",
-    )
+        def export(conn):
+            # repair=False: a read connection cannot write, and exporting must not.
+            return export_bundle(conn, path, since=since, repair=False)
 
+        try:
+            result = await db.execute_fn(export)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        return BundleDownload(
+            directory,
+            path,
+            filename=f"{result.bundle_id}.bundle",
+            headers={
+                protocol.CLOCK_HEADER: protocol.encode_clock(result.clock),
+                protocol.OPERATIONS_HEADER: str(result.operations),
+            },
+            body=request.method != "HEAD",
+        )
 
-def parse_since(text: str | None) -> dict[str, int]:
-    try:
-        return parse_clock(text, "since query parameter")
-    except RecursionError:
-        # json.loads gives up on deep nesting: no clock nests at all.
-        raise SyncError("invalid_clock", "since query parameter is not a clock: it nests too deeply")
+    head = get
 
 
 class BundleDownload(Response):
@@ -633,7 +699,7 @@ class BundleDownload(Response):
     CHUNK = 1 << 16
 
     def __init__(self, directory: pathlib.Path, path: pathlib.Path, filename: str, headers: dict, body: bool = True):
-        super().__init__(status=200, headers=headers, content_type="application/vnd.sqlite3")
+        super().__init__(status=200, headers=headers, content_type=protocol.BUNDLE_MEDIA_TYPE)
         self.directory = directory
         self.path = path
         self.filename = filename
@@ -665,12 +731,48 @@ class BundleDownload(Response):
             await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
 
-class TooLarge(Exception):
-    pass
+class ImportEndpoint(Endpoint):
+    """POST a bundle as the raw body: apply it, answer like ``import-bundle --json``."""
+
+    action = IMPORT
+
+    async def post(self, request, datasette, db):
+        alter = request.args.get(protocol.ALTER_PARAM) in protocol.TRUE_VALUES
+        if alter and not await can_alter(datasette, request.actor, db.name):
+            raise SyncForbidden("Permission denied: alter=1 also needs the alter-table permission")
+        if not db.is_mutable:
+            raise SyncForbidden(
+                f"Database {db.name} is read-only (immutable): bundles cannot be imported", errors.READ_ONLY
+            )
+        limit = max_bundle_bytes(datasette, db.name)
+        if declared_length(request) > limit:
+            raise too_large(limit)
+        actor_id = (request.actor or {}).get("id")
+        options = {
+            "alter": alter,
+            "actor": None if actor_id is None else str(actor_id),
+            "max_clock_skew": max_clock_skew(datasette, db.name),  # checked at startup (check_config)
+            "may_relay": await can(datasette, request.actor, RELAY, db.name),
+        }
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "upload.bundle")
+            await receive_to_file(request, path, limit)
+            result = await import_pushed(db, path, options)
+        body = result.as_dict()
+        body["clock"] = result.clock
+        return Response.json(body, headers={protocol.CLOCK_HEADER: protocol.encode_clock(result.clock)})
 
 
-class Disconnected(Exception):
-    pass
+def too_large(limit: int) -> SyncPayloadTooLarge:
+    return SyncPayloadTooLarge(f"Bundle is larger than the limit of {limit} bytes (max_bundle_bytes)")
+
+
+def declared_length(request) -> int:
+    """The body's Content-Length, 0 when none is declared (chunked: the streaming check applies)."""
+    try:
+        return int(request.headers.get("content-length", ""))
+    except ValueError:
+        return 0
 
 
 async def receive_to_file(request, path: str, limit: int) -> int:
@@ -685,11 +787,11 @@ async def receive_to_file(request, path: str, limit: int) -> int:
         while more_body:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                raise Disconnected()
+                raise SyncBadRequest("Client disconnected", errors.DISCONNECTED)
             chunk = message.get("body", b"")
             received += len(chunk)
             if received > limit:
-                raise TooLarge()
+                raise too_large(limit)
             if chunk:
                 await asyncio.to_thread(out.write, chunk)
             more_body = message.get("more_body", False)
@@ -702,65 +804,93 @@ def validate_bundle(path: str) -> None:
     BundleReader(path).close()
 
 
-async def import_endpoint(datasette, request):
-    """POST a bundle as the raw body: apply it, answer like ``import-bundle --json``."""
-    db, problem = await endpoint_database(datasette, request, "POST", IMPORT)
-    if problem:
-        return problem
-    alter = request.args.get("alter") in ("1", "true", "on")
-    if alter and not await can_alter(datasette, request.actor, db.name):
-        return error("Permission denied: alter=1 also needs the alter-table permission", 403, "forbidden")
-    if not db.is_mutable:
-        return error(f"Database {db.name} is read-only (immutable): bundles cannot be imported", 403, "read_only")
-    limit = max_bundle_bytes(datasette, db.name)
-    too_large = error(f"Bundle is larger than the limit of {limit} bytes (max_bundle_bytes)", 413, "too_large")
+async def import_pushed(db, path: str, options: dict):
+    """Check every hash of the pushed bundle off the event loop, so a bad bundle never takes
+    a turn on the write thread, then import it there. Raises the engine's SyncError, or an
+    EndpointError for an SQLite error (import_sqlite_refusal) or anything else."""
     try:
-        if int(request.headers.get("content-length", "")) > limit:
-            return too_large
-    except ValueError:
-        pass  # no length declared (chunked): the streaming check below applies
-    actor = request.actor or {}
-    actor_id = actor.get("id")
-    skew = max_clock_skew(datasette, db.name)  # checked at startup (check_config)
-    may_relay = await can(datasette, request.actor, RELAY, db.name)
-    with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
-        path = os.path.join(directory, "upload.bundle")
-        try:
-            await receive_to_file(request, path, limit)
-        except TooLarge:
-            return too_large
-        except Disconnected:
-            return error("Client disconnected", 400, "disconnected")
-        try:
-            # Check every hash before queueing the write, off the event loop: a bad bundle
-            # never takes a turn on the write thread.
-            await asyncio.to_thread(validate_bundle, path)
-            with sync_write():
-                result = await db.execute_write_fn(
-                    lambda conn: import_bundle(
-                        conn,
-                        path,
-                        alter=alter,
-                        actor=None if actor_id is None else str(actor_id),
-                        max_clock_skew=skew,
-                        may_relay=may_relay,
-                    ),
-                    transaction=False,
-                )
-        except SyncError as ex:
-            return error(str(ex), 403 if ex.reason == "device_owned" else 400, ex.reason)
-        except sqlite3.Error as ex:
-            return error(*import_sqlite_error(ex, db.name))
-        except Exception as ex:
-            # The body is the only input here, and the import rolled back: the sender's
-            # problem (400), logged in full so a bug in reading bundles is still seen.
-            log.exception("datasette-sync: a bundle pushed to %s could not be imported", db.name)
-            return error(
-                f"Bundle could not be read ({type(ex).__name__}): nothing was imported", 400, "invalid_bundle"
+        await asyncio.to_thread(validate_bundle, path)
+        with sync_write():
+            return await db.execute_write_fn(lambda conn: import_bundle(conn, path, **options), transaction=False)
+    except SyncError:
+        raise
+    except sqlite3.Error as ex:
+        raise import_sqlite_refusal(ex, db.name)
+    except Exception as ex:
+        # The body is the only input here, and the import rolled back: the sender's
+        # problem (400), logged in full so a bug in reading bundles is still seen.
+        log.exception("datasette-sync: a bundle pushed to %s could not be imported", db.name)
+        raise SyncBadRequest(
+            f"Bundle could not be read ({type(ex).__name__}): nothing was imported", errors.INVALID_BUNDLE
+        )
+
+
+class ResolveEndpoint(Endpoint):
+    """POST ``keep`` (form field or JSON): resolve one conflict with a new operation.
+
+    A JSON caller gets JSON. The conflicts page's form gets what a browser wants: Datasette's
+    own 403 and 400 pages, and a redirect to the conflicts page with a message."""
+
+    action = RESOLVE
+
+    def refuse(self, request, ex: EndpointError) -> Response:
+        if ex.reason == errors.FORBIDDEN and not wants_json(request):
+            raise Forbidden(str(ex))
+        return refusal(ex)
+
+    async def post(self, request, datasette, db):
+        if not db.is_mutable:
+            raise SyncForbidden(
+                f"Database {db.name} is read-only (immutable): conflicts cannot be resolved here", errors.READ_ONLY
             )
-    body = result.as_dict()
-    body["clock"] = result.clock
-    return Response.json(body, headers={"X-Sync-Clock": clock_header(result.clock)})
+        conflict_id = request.url_vars["conflict_id"]
+        keep = await read_keep(request)
+        try:
+            op, record = await resolve(datasette, request, db, conflict_id, keep)
+        except (SyncError, sqlite3.Error) as ex:
+            if wants_json(request):
+                raise
+            message = str(ex) if isinstance(ex, SyncError) else str(sqlite_refusal(ex, db.name))
+            datasette.add_message(request, message, datasette.ERROR)
+            return Response.redirect(sync_url(datasette, db.name) + "/conflicts")
+        if wants_json(request):
+            return Response.json({"ok": True, "op": op, "conflict": record})
+        datasette.add_message(request, f"Resolved conflict {conflict_id} with operation {op}", datasette.INFO)
+        return Response.redirect(sync_url(datasette, db.name) + "/conflicts")
+
+
+def wants_json(request) -> bool:
+    return protocol.JSON_MEDIA_TYPE in (request.headers.get("content-type") or "") or protocol.JSON_MEDIA_TYPE in (
+        request.headers.get("accept") or ""
+    )
+
+
+async def read_keep(request) -> str | None:
+    """The ``keep`` of a resolve request, from JSON or from the conflicts page's form."""
+    content_type = request.headers.get("content-type") or ""
+    is_json = protocol.JSON_MEDIA_TYPE in content_type or (wants_json(request) and "form" not in content_type)
+    try:
+        return (json_keep if is_json else form_keep)(await request.post_body())
+    except SyncError as ex:
+        if wants_json(request):
+            raise
+        raise BadRequest(str(ex))
+
+
+async def resolve(datasette, request, db, conflict_id: str, keep: str | None):
+    """Resolve the conflict on the write thread: (the new op id, the conflict record)."""
+    table = await db.execute_fn(lambda conn: queries.conflict_table(conn, conflict_id))
+    # A conflict on a table the actor may not view does not exist for them, as on the
+    # conflicts page: its versions hold that table's rows.
+    if table is None or not await can_view_table(datasette, request.actor, db.name, table):
+        raise SyncError(errors.UNKNOWN_CONFLICT, f"No conflict with id {conflict_id}")
+
+    def write(conn):
+        op = resolve_conflict(conn, conflict_id, keep=keep)
+        return op, get_conflict(conn, conflict_id)
+
+    with sync_write():
+        return await db.execute_write_fn(write, transaction=False)
 
 
 KEEP_HELP = 'send {"keep": "<op id>"} to restore that version, or {} to accept what is in the table now'
@@ -773,20 +903,22 @@ def json_keep(raw: bytes) -> str | None:
         body = json.loads(raw.strip() or b"{}")
     except (ValueError, RecursionError):
         # RecursionError: nesting deeper than json can read, which no valid request has.
-        raise SyncError("invalid_json", f"Request body is not valid JSON: {KEEP_HELP}")
+        raise SyncError(errors.INVALID_JSON, f"Request body is not valid JSON: {KEEP_HELP}")
     if not isinstance(body, dict):
-        raise SyncError("invalid_request", f"Request body must be a JSON object: {KEEP_HELP}")
-    unknown = sorted(set(body) - {"keep"})
+        raise SyncError(errors.INVALID_REQUEST, f"Request body must be a JSON object: {KEEP_HELP}")
+    unknown = sorted(set(body) - {protocol.KEEP_FIELD})
     if unknown:
-        raise SyncError("invalid_request", f"Unknown key {json.dumps(unknown[0])} in the request body: {KEEP_HELP}")
-    if "keep" not in body:
+        raise SyncError(
+            errors.INVALID_REQUEST, f"Unknown key {json.dumps(unknown[0])} in the request body: {KEEP_HELP}"
+        )
+    if protocol.KEEP_FIELD not in body:
         return None
-    keep = body["keep"]
+    keep = body[protocol.KEEP_FIELD]
     if not isinstance(keep, str) or not keep:
         shown = json.dumps(keep)
         shown = shown if len(shown) <= 60 else shown[:60] + "…"
         raise SyncError(
-            "invalid_request",
+            errors.INVALID_REQUEST,
             f'"keep" must be an op id string like "<device id>:<seq>", got {shown}: '
             "leave it out to accept what is in the table now",
         )
@@ -801,66 +933,11 @@ def form_keep(raw: bytes) -> str | None:
     try:
         fields = dict(urllib.parse.parse_qsl(raw.decode("utf-8"), keep_blank_values=True))
     except UnicodeDecodeError:
-        raise SyncError("invalid_request", "Request body is not valid UTF-8")
-    if "keep" not in fields:
+        raise SyncError(errors.INVALID_REQUEST, "Request body is not valid UTF-8")
+    if protocol.KEEP_FIELD not in fields:
         raise SyncError(
-            "invalid_request",
+            errors.INVALID_REQUEST,
             "The form has no keep field: send keep=<op id> to restore that version, or keep= (empty) "
             "to accept what is in the table now; send JSON with Content-Type: application/json",
         )
-    return fields["keep"] or None
-
-
-async def resolve_endpoint(datasette, request):
-    """POST ``keep`` (form field or JSON): resolve one conflict with a new operation."""
-    wants_json = "application/json" in (request.headers.get("content-type") or "") or "application/json" in (
-        request.headers.get("accept") or ""
-    )
-    db, problem = await endpoint_database(datasette, request, "POST", RESOLVE)
-    if problem:
-        if problem.status == 403 and not wants_json:
-            raise Forbidden("Permission denied")
-        return problem
-    if not db.is_mutable:
-        return error(
-            f"Database {db.name} is read-only (immutable): conflicts cannot be resolved here", 403, "read_only"
-        )
-    conflict_id = request.url_vars["conflict_id"]
-    content_type = request.headers.get("content-type") or ""
-    is_json = "application/json" in content_type or (wants_json and "form" not in content_type)
-    try:
-        keep = (json_keep if is_json else form_keep)(await request.post_body())
-    except SyncError as ex:
-        if wants_json:
-            return error(str(ex), 400, ex.reason)
-        raise BadRequest(str(ex))
-    back = sync_url(datasette, db.name) + "/conflicts"
-
-    def write(conn):
-        op = resolve_conflict(conn, conflict_id, keep=keep)
-        return op, get_conflict(conn, conflict_id)
-
-    try:
-        table = await db.execute_fn(lambda conn: queries.conflict_table(conn, conflict_id))
-        # A conflict on a table the actor may not view does not exist for them, as on the
-        # conflicts page: its versions hold that table's rows.
-        if table is None or not await can_view_table(datasette, request.actor, db.name, table):
-            raise SyncError("unknown_conflict", f"No conflict with id {conflict_id}")
-        with sync_write():
-            op, record = await db.execute_write_fn(write, transaction=False)
-    except SyncError as ex:
-        status = {"unknown_conflict": 404, "already_resolved": 409}.get(ex.reason, 400)
-        if wants_json:
-            return error(str(ex), status, ex.reason)
-        datasette.add_message(request, str(ex), datasette.ERROR)
-        return Response.redirect(back)
-    except sqlite3.Error as ex:
-        message, status, reason, headers = sqlite_error(ex, db.name)
-        if wants_json:
-            return error(message, status, reason, headers)
-        datasette.add_message(request, message, datasette.ERROR)
-        return Response.redirect(back)
-    if wants_json:
-        return Response.json({"ok": True, "op": op, "conflict": record})
-    datasette.add_message(request, f"Resolved conflict {conflict_id} with operation {op}", datasette.INFO)
-    return Response.redirect(back)
+    return fields[protocol.KEEP_FIELD] or None

@@ -13,10 +13,9 @@ Public API (each function takes a ``sqlite_utils.Database`` or a ``sqlite3.Conne
     sync_with_hub(db, "http://127.0.0.1:8001/data", token=None)
 """
 
-import sqlite_utils
-
 from .importer import ImportResult, import_bundle
 from .bundle import ExportResult
+from .cli import register_commands  # noqa: F401  the sqlite-utils plugin hook, looked up on this module
 from .client import HubError, sync_with_hub
 from .compaction import CompactResult, compact_log
 from .conflicts import get_conflict, list_conflicts, resolve_conflict
@@ -43,10 +42,3 @@ __all__ = [
     "sync_status",
     "sync_with_hub",
 ]
-
-
-@sqlite_utils.hookimpl
-def register_commands(cli):
-    from .cli import register
-
-    register(cli)

@@ -1,4 +1,9 @@
-"""sqlite-utils commands: each a thin wrapper over a library call."""
+"""The sqlite-utils commands: each a thin wrapper over a library call.
+
+Every command is a top-level ``click`` command; :func:`register_commands` (the sqlite-utils
+plugin hook) adds them to the ``sqlite-utils`` group. Engine errors become one readable line
+and exit code 1 (:func:`user_errors`).
+"""
 
 from __future__ import annotations
 
@@ -11,28 +16,33 @@ from typing import Any, Callable, Iterator
 import click
 import sqlite_utils
 
-from . import (
-    SyncError,
-    compact_log,
-    disable_sync,
-    enable_sync,
-    export_bundle,
-    import_bundle,
-    list_conflicts,
-    new_device,
-    resolve_conflict,
-    sync_status,
-)
+from .importer import import_bundle
 from .capture import secondary_unique_columns
+from .client import RETRIES, TOKEN_ENV, normalize_url, sync_with_hub
+from .compaction import compact_log
+from .conflicts import list_conflicts, resolve_conflict
+from .errors import SyncError
 from .log import local_device_id
+from .sync import disable_sync, enable_sync, export_bundle, new_device, sync_status
 
 DB_PATH = click.Path(exists=True, dir_okay=False, allow_dash=False)
+
+
+# Options shared by several commands.
+
+
+def json_option(command: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Output as JSON")(command)
+
+
+def silent_option(command: Callable) -> Callable:
+    return click.option("--silent", is_flag=True, help="Don't show a progress bar")(command)
 
 
 def max_clock_skew_option(command: Callable) -> Callable:
     return click.option(
         "--max-clock-skew",
-        default="7d",
+        default="7d",  # DEFAULT_MAX_CLOCK_SKEW, as --help shows it
         show_default=True,
         help="Refuse operations whose clock is further ahead of this machine's clock (like 90s, 36h, 7d)",
     )(command)
@@ -81,228 +91,324 @@ def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=str))
 
 
-def register(cli: click.Group) -> None:
-    @cli.command(name="enable-sync")
-    @click.argument("path", type=DB_PATH)
-    @click.argument("tables", nargs=-1, required=True)
-    def enable_sync_command(path, tables):
-        """Capture every write to TABLES so they can be synced
+# Commands.
 
-        Idempotent: running it again repairs stale triggers and logs changes they missed.
 
-        Example:
+@click.command(name="enable-sync")
+@click.argument("path", type=DB_PATH)
+@click.argument("tables", nargs=-1, required=True)
+def enable_sync_command(path, tables):
+    """Capture every write to TABLES so they can be synced
 
-            sqlite-utils enable-sync data.db todos notes
-        """
-        with user_errors():
-            db = open_db(path)
-            logged = enable_sync(db, list(tables))
-        for table, count in logged.items():
-            if count:
-                click.echo(f"{table}: logged {count} existing or missed row change(s)", err=True)
-            for columns in secondary_unique_columns(db.conn, table):
-                named = ", ".join(c or "<expression>" for c in columns)  # None: an expression index
-                click.echo(
-                    f"Note: {table} has UNIQUE({named}): an INSERT OR REPLACE that removes another "
-                    "row because of it is only captured with PRAGMA recursive_triggers=ON "
-                    "(sqlite-utils and Datasette turn it on)",
-                    err=True,
-                )
+    Idempotent: running it again repairs stale triggers and logs changes they missed.
 
-    @cli.command(name="disable-sync")
-    @click.argument("path", type=DB_PATH)
-    @click.argument("tables", nargs=-1, required=True)
-    def disable_sync_command(path, tables):
-        """Stop capturing writes to TABLES (the operation log is kept)
+    Example:
 
-        Example:
-
-            sqlite-utils disable-sync data.db todos
-        """
-        with user_errors():
-            disable_sync(open_db(path), list(tables))
-
-    @cli.command(name="export-bundle")
-    @click.argument("path", type=DB_PATH)
-    @click.argument("bundle", type=click.Path(dir_okay=False, writable=True))
-    @click.option("--since", help='Vector clock of the receiver: {"<device id>": <seq>, ...}')
-    @click.option("--for", "for_device", help="Device id: send what it has not acknowledged")
-    @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON")
-    @click.option("--silent", is_flag=True, help="Don't show a progress bar")
-    def export_bundle_command(path, bundle, since, for_device, as_json, silent):
-        """Write the operations a peer lacks to BUNDLE (a SQLite file)
-
-        Without --since or --for, every operation is included.
-
-        Example:
-
-            sqlite-utils export-bundle laptop.db to-phone.bundle --for 5f0c...
-        """
-        if since and for_device:
-            raise click.ClickException("Use --since or --for, not both")
-        with user_errors(), progress_bar(silent, "Exporting") as progress:
-            result = export_bundle(open_db(path), bundle, since=since, for_device=for_device, progress=progress)
-        if as_json:
-            echo_json(result.as_dict())
-        else:
-            click.echo(f"Wrote {result.operations} operation(s) to {bundle} ({result.bytes} bytes)", err=True)
-
-    @cli.command(name="import-bundle")
-    @click.argument("path", type=DB_PATH)
-    @click.argument("bundle", type=click.Path(dir_okay=False))
-    @click.option("--alter", is_flag=True, help="Add tables and columns the bundle has and this database lacks")
-    @max_clock_skew_option
-    @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON")
-    @click.option("--silent", is_flag=True, help="Don't show a progress bar")
-    def import_bundle_command(path, bundle, alter, max_clock_skew, as_json, silent):
-        """Apply BUNDLE to the database, in one transaction
-
-        Example:
-
-            sqlite-utils import-bundle phone.db to-phone.bundle
-        """
-        with user_errors(), progress_bar(silent, "Importing") as progress:
-            result = import_bundle(
-                open_db(path), bundle, alter=alter, progress=progress, max_clock_skew=max_clock_skew
-            )
-        if as_json:
-            echo_json(result.as_dict())
-            return
-        if result.skipped:
-            if result.source_device_id == local_device_id(open_db(path).conn):
-                click.echo(f"Bundle {result.bundle_id} was exported by this database: nothing to do", err=True)
-            else:
-                click.echo(f"Bundle {result.bundle_id} was already imported: nothing to do", err=True)
-            return
-        click.echo(
-            f"Applied {result.applied} operation(s), {result.duplicates} duplicate(s), "
-            f"{result.conflicts} unresolved conflict(s)",
-            err=True,
-        )
-        for table, count in result.not_applied.items():
+        sqlite-utils enable-sync data.db todos notes
+    """
+    with user_errors():
+        db = open_db(path)
+        logged = enable_sync(db, list(tables))
+    for table, count in logged.items():
+        if count:
+            click.echo(f"{table}: logged {count} existing or missed row change(s)", err=True)
+        for columns in secondary_unique_columns(db.conn, table):
+            named = ", ".join(c or "<expression>" for c in columns)  # None: an expression index
             click.echo(
-                f"Warning: {count} operation(s) for table '{table}' kept but not applied: it is not synced here "
-                f"(import again with --alter, or create the table and run enable-sync, to apply them)",
+                f"Note: {table} has UNIQUE({named}): an INSERT OR REPLACE that removes another "
+                "row because of it is only captured with PRAGMA recursive_triggers=ON "
+                "(sqlite-utils and Datasette turn it on)",
                 err=True,
             )
 
-    @cli.command(name="sync-status")
-    @click.argument("path", type=DB_PATH)
-    @click.option("--json", "as_json", is_flag=True, help="Output as JSON")
-    def sync_status_command(path, as_json):
-        """Show this database's device id, vector clock, synced tables and conflicts
 
-        Example:
+@click.command(name="disable-sync")
+@click.argument("path", type=DB_PATH)
+@click.argument("tables", nargs=-1, required=True)
+def disable_sync_command(path, tables):
+    """Stop capturing writes to TABLES (the operation log is kept)
 
-            sqlite-utils sync-status data.db --json
-        """
-        with user_errors():
-            status = sync_status(open_db(path))
-        for warning in status["warnings"]:
-            click.echo(f"Warning: {warning}", err=True)
-        if as_json:
-            echo_json(status)
-            return
-        if not status["enabled"]:
-            click.echo("Sync is not enabled on this database")
-            return
-        click.echo(f"Device: {status['device_id']}")
-        click.echo(f"Operations: {status['operations']}")
-        click.echo(f"Unresolved conflicts: {status['unresolved_conflicts']}")
-        click.echo("Tables:")
-        for name, info in status["tables"].items():
-            click.echo(f"  {name}: {info['operations']} operation(s)")
-        click.echo("Clock:")
-        for device, seq in status["clock"].items():
-            click.echo(f"  {device}: {seq}")
+    Example:
 
-    @cli.command(name="sync-conflicts")
-    @click.argument("path", type=DB_PATH)
-    @click.option("--all", "include_resolved", is_flag=True, help="Include resolved conflicts")
-    @click.option("--json", "as_json", is_flag=True, help="Output as JSON")
-    def sync_conflicts_command(path, include_resolved, as_json):
-        """List conflicts: concurrent edits that disagreed
+        sqlite-utils disable-sync data.db todos
+    """
+    with user_errors():
+        disable_sync(open_db(path), list(tables))
 
-        Example:
 
-            sqlite-utils sync-conflicts data.db --json
-        """
-        with user_errors():
-            conflicts = list_conflicts(open_db(path), include_resolved=include_resolved)
-        if as_json:
-            echo_json(conflicts)
-            return
-        if not conflicts:
-            click.echo("No conflicts")
-        for conflict in conflicts:
-            state = "resolved" if conflict["resolved"] else "unresolved"
-            columns = ", ".join(conflict["columns"]) or "update vs delete"
-            click.echo(f"{conflict['id']}  {conflict['table']} {json.dumps(conflict['pk'])}  [{columns}]  {state}")
-            for version in conflict["versions"]:
-                click.echo(f"    {version['op']}  {json.dumps(version['values'], default=str)}")
-            click.echo(f"    now: {json.dumps(conflict['current'], default=str)}")
+@click.command(name="export-bundle")
+@click.argument("path", type=DB_PATH)
+@click.argument("bundle", type=click.Path(dir_okay=False, writable=True))
+@click.option("--since", help='Vector clock of the receiver: {"<device id>": <seq>, ...}')
+@click.option("--for", "for_device", help="Device id: send what it has not acknowledged")
+@json_option
+@silent_option
+def export_bundle_command(path, bundle, since, for_device, as_json, silent):
+    """Write the operations a peer lacks to BUNDLE (a SQLite file)
 
-    @cli.command(name="sync-resolve")
-    @click.argument("path", type=DB_PATH)
-    @click.argument("conflict_id")
-    @click.option("--keep", help="Op id of the version to keep (default: the value in the table now)")
-    def sync_resolve_command(path, conflict_id, keep):
-        """Resolve a conflict; the resolution syncs like any other change
+    Without --since or --for, every operation is included.
 
-        Example:
+    Example:
 
-            sqlite-utils sync-resolve data.db 3f2a9c0d1e2b4a5c --keep 5f0c...:12
-        """
-        with user_errors():
-            op = resolve_conflict(open_db(path), conflict_id, keep=keep)
-        click.echo(f"Resolved {conflict_id} with operation {op}", err=True)
+        sqlite-utils export-bundle laptop.db to-phone.bundle --for 5f0c...
+    """
+    if since and for_device:
+        raise click.ClickException("Use --since or --for, not both")
+    with user_errors(), progress_bar(silent, "Exporting") as progress:
+        result = export_bundle(open_db(path), bundle, since=since, for_device=for_device, progress=progress)
+    if as_json:
+        echo_json(result.as_dict())
+    else:
+        click.echo(f"Wrote {result.operations} operation(s) to {bundle} ({result.bytes} bytes)", err=True)
 
-    @cli.command(name="sync-new-device")
-    @click.argument("path", type=DB_PATH)
-    @click.option(
-        "--recover",
-        is_flag=True,
-        help="After a device_id_clash: also move this database's edits that no peer has acknowledged to the new id",
-    )
-    def sync_new_device_command(path, recover):
-        """Give a copied database file its own device id
 
-        Run this on the copy after copying a synced database file, before editing it. If an
-        import or sync failed with device_id_clash (the copy was edited under the old id, or
-        someone pushed operations under it), run it with --recover: every edit is kept, and
-        syncing works again.
+@click.command(name="import-bundle")
+@click.argument("path", type=DB_PATH)
+@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.option("--alter", is_flag=True, help="Add tables and columns the bundle has and this database lacks")
+@max_clock_skew_option
+@json_option
+@silent_option
+def import_bundle_command(path, bundle, alter, max_clock_skew, as_json, silent):
+    """Apply BUNDLE to the database, in one transaction
 
-        Example:
+    Example:
 
-            sqlite-utils sync-new-device phone.db
-            sqlite-utils sync-new-device --recover phone.db
-        """
-        with user_errors():
-            device_id = new_device(open_db(path), recover=recover)
-        click.echo(device_id)
-
-    @cli.command(name="sync-compact")
-    @click.argument("path", type=DB_PATH)
-    @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON")
-    def sync_compact_command(path, as_json):
-        """Remove operations no copy can need again from the sync log
-
-        Keeps what the tables, conflicts and peers still depend on: only operations every known
-        device has seen, and later operations have overwritten, go. New devices can then start
-        from a full export of this database. Run 'sqlite-utils vacuum' afterwards to shrink
-        the file.
-
-        Example:
-
-            sqlite-utils sync-compact data.db
-        """
-        with user_errors():
-            result = compact_log(open_db(path))
-        if as_json:
-            echo_json(result.as_dict())
+        sqlite-utils import-bundle phone.db to-phone.bundle
+    """
+    with user_errors(), progress_bar(silent, "Importing") as progress:
+        result = import_bundle(
+            open_db(path), bundle, alter=alter, progress=progress, max_clock_skew=max_clock_skew
+        )
+    if as_json:
+        echo_json(result.as_dict())
+        return
+    if result.skipped:
+        if result.source_device_id == local_device_id(open_db(path).conn):
+            click.echo(f"Bundle {result.bundle_id} was exported by this database: nothing to do", err=True)
         else:
-            click.echo(f"Removed {result.removed} operations, kept {result.kept}", err=True)
+            click.echo(f"Bundle {result.bundle_id} was already imported: nothing to do", err=True)
+        return
+    click.echo(
+        f"Applied {result.applied} operation(s), {result.duplicates} duplicate(s), "
+        f"{result.conflicts} unresolved conflict(s)",
+        err=True,
+    )
+    for table, count in result.not_applied.items():
+        click.echo(
+            f"Warning: {count} operation(s) for table '{table}' kept but not applied: it is not synced here "
+            f"(import again with --alter, or create the table and run enable-sync, to apply them)",
+            err=True,
+        )
 
-    from .client import register as register_client_commands
 
-    register_client_commands(cli)
+@click.command(name="sync-status")
+@click.argument("path", type=DB_PATH)
+@json_option
+def sync_status_command(path, as_json):
+    """Show this database's device id, vector clock, synced tables and conflicts
+
+    Example:
+
+        sqlite-utils sync-status data.db --json
+    """
+    with user_errors():
+        status = sync_status(open_db(path))
+    for warning in status["warnings"]:
+        click.echo(f"Warning: {warning}", err=True)
+    if as_json:
+        echo_json(status)
+        return
+    if not status["enabled"]:
+        click.echo("Sync is not enabled on this database")
+        return
+    click.echo(f"Device: {status['device_id']}")
+    click.echo(f"Operations: {status['operations']}")
+    click.echo(f"Unresolved conflicts: {status['unresolved_conflicts']}")
+    click.echo("Tables:")
+    for name, info in status["tables"].items():
+        click.echo(f"  {name}: {info['operations']} operation(s)")
+    click.echo("Clock:")
+    for device, seq in status["clock"].items():
+        click.echo(f"  {device}: {seq}")
+
+
+@click.command(name="sync-conflicts")
+@click.argument("path", type=DB_PATH)
+@click.option("--all", "include_resolved", is_flag=True, help="Include resolved conflicts")
+@json_option
+def sync_conflicts_command(path, include_resolved, as_json):
+    """List conflicts: concurrent edits that disagreed
+
+    Example:
+
+        sqlite-utils sync-conflicts data.db --json
+    """
+    with user_errors():
+        conflicts = list_conflicts(open_db(path), include_resolved=include_resolved)
+    if as_json:
+        echo_json(conflicts)
+        return
+    if not conflicts:
+        click.echo("No conflicts")
+    for conflict in conflicts:
+        state = "resolved" if conflict["resolved"] else "unresolved"
+        columns = ", ".join(conflict["columns"]) or "update vs delete"
+        click.echo(f"{conflict['id']}  {conflict['table']} {json.dumps(conflict['pk'])}  [{columns}]  {state}")
+        for version in conflict["versions"]:
+            click.echo(f"    {version['op']}  {json.dumps(version['values'], default=str)}")
+        click.echo(f"    now: {json.dumps(conflict['current'], default=str)}")
+
+
+@click.command(name="sync-resolve")
+@click.argument("path", type=DB_PATH)
+@click.argument("conflict_id")
+@click.option("--keep", help="Op id of the version to keep (default: the value in the table now)")
+def sync_resolve_command(path, conflict_id, keep):
+    """Resolve a conflict; the resolution syncs like any other change
+
+    Example:
+
+        sqlite-utils sync-resolve data.db 3f2a9c0d1e2b4a5c --keep 5f0c...:12
+    """
+    with user_errors():
+        op = resolve_conflict(open_db(path), conflict_id, keep=keep)
+    click.echo(f"Resolved {conflict_id} with operation {op}", err=True)
+
+
+@click.command(name="sync-new-device")
+@click.argument("path", type=DB_PATH)
+@click.option(
+    "--recover",
+    is_flag=True,
+    help="After a device_id_clash: also move this database's edits that no peer has acknowledged to the new id",
+)
+def sync_new_device_command(path, recover):
+    """Give a copied database file its own device id
+
+    Run this on the copy after copying a synced database file, before editing it. If an
+    import or sync failed with device_id_clash (the copy was edited under the old id, or
+    someone pushed operations under it), run it with --recover: every edit is kept, and
+    syncing works again.
+
+    Example:
+
+        sqlite-utils sync-new-device phone.db
+        sqlite-utils sync-new-device --recover phone.db
+    """
+    with user_errors():
+        device_id = new_device(open_db(path), recover=recover)
+    click.echo(device_id)
+
+
+@click.command(name="sync-compact")
+@click.argument("path", type=DB_PATH)
+@json_option
+def sync_compact_command(path, as_json):
+    """Remove operations no copy can need again from the sync log
+
+    Keeps what the tables, conflicts and peers still depend on: only operations every known
+    device has seen, and later operations have overwritten, go. New devices can then start
+    from a full export of this database. Run 'sqlite-utils vacuum' afterwards to shrink
+    the file.
+
+    Example:
+
+        sqlite-utils sync-compact data.db
+    """
+    with user_errors():
+        result = compact_log(open_db(path))
+    if as_json:
+        echo_json(result.as_dict())
+    else:
+        click.echo(f"Removed {result.removed} operations, kept {result.kept}", err=True)
+
+
+@click.command(name="sync")
+@click.argument("path", type=DB_PATH)
+@click.argument("url")
+@click.option("--token", envvar=TOKEN_ENV, help=f"API token for the hub (default: ${TOKEN_ENV})")
+@click.option("--alter", is_flag=True, help="Add tables and columns one side has and the other lacks")
+@max_clock_skew_option
+@click.option(
+    "--retries",
+    type=click.IntRange(0),
+    default=RETRIES,
+    show_default=True,
+    help="Send a request again this many times while the hub answers 503 busy",
+)
+@json_option
+def sync_command(path, url, token, alter, max_clock_skew, retries, as_json):
+    """Sync the database with a Datasette hub: pull what it lacks here, push what the hub lacks
+
+    URL is the hub database's URL. Safe to re-run at any time, also after a network failure.
+
+    Example:
+
+    \b
+        sqlite-utils sync laptop.db http://127.0.0.1:8001/data --token dstok_...
+        DATASETTE_SYNC_TOKEN=dstok_... sqlite-utils sync laptop.db https://hub.example.com/data
+    """
+    db = open_db(path)
+    with user_errors():
+        result = sync_with_hub(
+            db,
+            url,
+            token=token or None,
+            alter=alter,
+            max_clock_skew=max_clock_skew,
+            retries=retries,
+            on_retry=say_retry,
+        )
+        unresolved = sync_status(db)["unresolved_conflicts"]
+    if as_json:
+        echo_json(result)
+        return
+    click.echo(sync_summary(normalize_url(url), result), err=True)
+    for table, count in result["pulled"]["not_applied"].items():
+        click.echo(f"Warning: {count} operation(s) for table '{table}' kept but not applied: it is not synced here", err=True)
+    if unresolved:
+        click.echo(f"{unresolved} unresolved conflict(s): see 'sqlite-utils sync-conflicts {path}'", err=True)
+
+
+def say_retry(what: str, retry: int, retries: int, delay: float) -> None:
+    click.echo(f"Hub is busy: retrying the {what} in {delay:.1f} s (retry {retry} of {retries})", err=True)
+
+
+def sync_summary(url: str, result: dict[str, Any]) -> str:
+    """One line on what a sync moved each way."""
+    pulled, pushed, extra = result["pulled"], result["pushed"], result["pulled_after_push"]
+    pulled_ops = pulled["total_operations"] + (extra["total_operations"] if extra else 0)
+    applied = pulled["applied"] + (extra["applied"] if extra else 0)
+    conflicts = pulled["conflicts"] + (extra["conflicts"] if extra else 0)
+    line = f"Pulled {pulled_ops} operation(s) from {url} ({applied} new"
+    if conflicts:
+        line += f", {conflicts} unresolved conflict(s)"
+    line += f"); pushed {pushed['total_operations'] or 0} operation(s)"
+    if pushed["total_operations"]:
+        line += f" ({pushed['applied'] or 0} new to the hub"
+        if pushed["conflicts"]:
+            line += f", {pushed['conflicts']} unresolved conflict(s) there"
+        line += ")"
+    return line
+
+
+COMMANDS = [
+    enable_sync_command,
+    disable_sync_command,
+    export_bundle_command,
+    import_bundle_command,
+    sync_status_command,
+    sync_conflicts_command,
+    sync_resolve_command,
+    sync_new_device_command,
+    sync_compact_command,
+    sync_command,
+]
+
+
+@sqlite_utils.hookimpl
+def register_commands(cli: click.Group) -> None:
+    """The sqlite-utils plugin hook: add every command to the ``sqlite-utils`` group."""
+    for command in COMMANDS:
+        cli.add_command(command)

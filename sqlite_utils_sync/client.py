@@ -1,6 +1,8 @@
-"""Sync a local database with a Datasette hub over HTTP (no Datasette import: httpx only).
+"""The hub client: sync a local database with a Datasette hub over HTTP (httpx only, no
+Datasette, no click; the ``sync`` command in cli.py wraps :func:`sync_with_hub`).
 
-One run is a pull and a push, both deltas by vector clock::
+One run is a pull and a push, both deltas by vector clock (the endpoints, headers and error
+bodies are in protocol.py)::
 
     GET  {url}/-/sync/export?since=<our clock>   -> bundle of the operations we lack
                                                     (header X-Sync-Clock: the hub's clock)
@@ -16,31 +18,32 @@ directions are computed from clocks, so a run cut short by a network failure is 
 re-run. For the same reason a request the hub answers with ``503`` (busy: another connection
 held a lock on its database longer than it waited) is sent again by itself, after the hub's
 ``Retry-After`` or a growing delay, a bounded number of times.
+
+httpx is imported by the functions that send requests, not with this module: sqlite-utils
+imports every plugin for every command, and httpx alone takes about 0.14 s to import.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import functools
-import json
 import os
 import random
 import shutil
 import tempfile
 import time
 import urllib.parse
+from http import HTTPStatus
 from typing import Any, Callable
 
-import click
-
+from . import errors, protocol
 from .importer import ImportResult, import_bundle
-from .bundle import BundleReader, parse_clock
+from .bundle import BundleReader
 from .errors import BundleError, SyncError
 from .log import DEFAULT_MAX_CLOCK_SKEW, parse_duration
 from .sync import export_bundle, sync_status
 
-BUNDLE_MEDIA_TYPE = "application/vnd.sqlite3"
-CLOCK_HEADER = "X-Sync-Clock"
 TOKEN_ENV = "DATASETTE_SYNC_TOKEN"
 RETRIES = 5  # 503 busy answers retried per request before giving up
 FIRST_RETRY_DELAY = 0.5  # seconds, doubled on each retry unless the hub asks for longer
@@ -91,69 +94,61 @@ def normalize_url(url: str) -> str:
     url = url.strip().rstrip("/")
     example = "a database URL like http://127.0.0.1:8001/data"
     if not (url.startswith("http://") or url.startswith("https://")) or url.count("/") < 3:
-        raise HubError("invalid_url", f"Hub URL must be {example}, got {url!r}")
+        raise HubError(errors.INVALID_URL, f"Hub URL must be {example}, got {url!r}")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # raises for a port that is not a number in range
     except ValueError as ex:
-        raise HubError("invalid_url", f"Hub URL {url!r} is not a valid URL ({ex}): it must be {example}")
+        raise HubError(errors.INVALID_URL, f"Hub URL {url!r} is not a valid URL ({ex}): it must be {example}")
     if not parts.hostname:
-        raise HubError("invalid_url", f"Hub URL {url!r} has no host: it must be {example}")
+        raise HubError(errors.INVALID_URL, f"Hub URL {url!r} has no host: it must be {example}")
     if parts.query or parts.fragment or url.endswith(("?", "#")):
         # The endpoints are appended to the path: .../data?x=1/-/sync/export would miss them.
-        raise HubError("invalid_url", f"Hub URL {url!r} must not have a query string or fragment: use {example}")
+        raise HubError(errors.INVALID_URL, f"Hub URL {url!r} must not have a query string or fragment: use {example}")
     return url
 
 
 def _error_detail(response: Any) -> str:
-    """The error text of a hub response: JSON "error"/"errors"/"message", else nothing."""
+    """The error text of a hub response, else nothing."""
     try:
-        body = response.json()
-    except Exception:
+        return protocol.error_message(response.json())
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than json reads
         return ""
-    if not isinstance(body, dict):
-        return ""
-    for key in ("error", "errors", "message"):
-        value = body.get(key)
-        if isinstance(value, list):
-            value = "; ".join(str(v) for v in value)
-        if value:
-            return str(value)
-    return ""
 
 
 def _check(response: Any, url: str, what: str, has_token: bool) -> None:
-    """Raise a one-line HubError for any non-2xx answer."""
+    """Raise a one-line HubError for any non-2xx answer. By its status, not the reason in
+    its body: Datasette itself, or a proxy in front of it, may answer too."""
     status = response.status_code
     if 200 <= status < 300:
         return
     detail = _error_detail(response)
     suffix = f": {detail}" if detail else ""
-    if status == 401:
+    if status == HTTPStatus.UNAUTHORIZED:
         if has_token:
-            message = f"hub {url} refused the token (401){suffix}"
+            message = f"hub {url} refused the token ({status}){suffix}"
         else:
-            message = f"hub {url} requires a token (401): pass --token or set {TOKEN_ENV}"
-        raise HubError("unauthorized", message, status)
-    if status == 403:
+            message = f"hub {url} requires a token ({status}): pass --token or set {TOKEN_ENV}"
+        raise HubError(errors.UNAUTHORIZED, message, status)
+    if status == HTTPStatus.FORBIDDEN:
         if not has_token:
             suffix = f"{suffix}; no token was sent: pass --token or set {TOKEN_ENV}"
-        raise HubError("forbidden", f"hub {url} does not allow {what} (403){suffix}", status)
-    if status == 404:
+        raise HubError(errors.FORBIDDEN, f"hub {url} does not allow {what} ({status}){suffix}", status)
+    if status == HTTPStatus.NOT_FOUND:
         raise HubError(
-            "not_found",
-            f"hub {url} not found (404): check the database name and that datasette-sync is installed{suffix}",
+            errors.NOT_FOUND,
+            f"hub {url} not found ({status}): check the database name and that datasette-sync is installed{suffix}",
             status,
         )
-    if status == 413:
-        raise HubError("too_large", f"hub {url} refused the bundle as too large (413){suffix}", status)
-    if status == 400:
+    if status == HTTPStatus.REQUEST_ENTITY_TOO_LARGE:
+        raise HubError(errors.TOO_LARGE, f"hub {url} refused the bundle as too large ({status}){suffix}", status)
+    if status == HTTPStatus.BAD_REQUEST:
         target = "the bundle" if what.startswith("import") else "the request"
-        raise HubError("rejected", f"hub {url} rejected {target} (400){suffix}", status)
-    if status == 503:
-        retry_after = retry_after_seconds(response.headers.get("retry-after"))
-        raise HubError("busy", f"hub {url} could not do the {what} now (503){suffix}", status, retry_after)
-    raise HubError("hub_error", f"hub {url} failed the {what} ({status}){suffix}", status)
+        raise HubError(errors.REJECTED, f"hub {url} rejected {target} ({status}){suffix}", status)
+    if status == HTTPStatus.SERVICE_UNAVAILABLE:
+        retry_after = retry_after_seconds(response.headers.get(protocol.RETRY_AFTER_HEADER))
+        raise HubError(errors.BUSY, f"hub {url} could not do the {what} now ({status}){suffix}", status, retry_after)
+    raise HubError(errors.HUB_ERROR, f"hub {url} failed the {what} ({status}){suffix}", status)
 
 
 def _request(
@@ -176,7 +171,7 @@ def _request(
         try:
             return _request_once(client, method, endpoint, url, what, has_token, save_to, **kwargs)
         except HubError as ex:
-            if ex.reason != "busy":
+            if ex.reason != errors.BUSY:
                 raise
             retry += 1
             delay = retry_delay(retry, ex.retry_after) if retry <= retries else None
@@ -212,22 +207,22 @@ def _request_once(
     except httpx.ConnectError as ex:
         text = str(ex)
         reason = "connection refused" if "refused" in text.lower() else text or "connection failed"
-        raise HubError("connection_failed", f"cannot connect to {url}: {reason}")
+        raise HubError(errors.CONNECTION_FAILED, f"cannot connect to {url}: {reason}")
     except httpx.TimeoutException:
-        raise HubError("timeout", f"hub {url} timed out during the {what}")
+        raise HubError(errors.TIMEOUT, f"hub {url} timed out during the {what}")
     except httpx.InvalidURL as ex:
-        raise HubError("invalid_url", f"Hub URL {url!r} is not a valid URL: {ex}")
+        raise HubError(errors.INVALID_URL, f"Hub URL {url!r} is not a valid URL: {ex}")
     except httpx.HTTPError as ex:
-        raise HubError("connection_failed", f"{what} from {url} failed: {ex}")
+        raise HubError(errors.CONNECTION_FAILED, f"{what} from {url} failed: {ex}")
 
 
 def _hub_clock(response: Any, reader: BundleReader | None, url: str) -> dict[str, int]:
-    text = response.headers.get(CLOCK_HEADER)
+    text = response.headers.get(protocol.CLOCK_HEADER)
     if text:
         try:
-            return parse_clock(text, f"{CLOCK_HEADER} header from {url}")
+            return protocol.decode_clock(text, f"{protocol.CLOCK_HEADER} header from {url}")
         except BundleError as ex:
-            raise HubError("invalid_response", str(ex))
+            raise HubError(errors.INVALID_RESPONSE, str(ex))
     if reader is not None:
         return dict(reader.header.get("clock") or {})
     return {}
@@ -285,19 +280,12 @@ def sync_with_hub(
     max_clock_skew = parse_duration(max_clock_skew)
     if not sync_status(db)["enabled"] and not alter:
         raise SyncError(
-            "not_enabled",
+            errors.NOT_ENABLED,
             "This database has no synced tables: run enable-sync first (or sync with --alter to copy the hub's tables)",
         )
-    headers = {"Accept": "application/json"}
+    headers = {"Accept": protocol.JSON_MEDIA_TYPE}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    has_token = bool(token)
-
-    def stage(name: str) -> Callable[[int, int], None] | None:
-        if progress is None:
-            return None
-        return lambda done, total: progress(name, done, total)
-
     workdir = tempfile.mkdtemp(prefix="sqlite-utils-sync-")
     try:
         with httpx.Client(
@@ -307,86 +295,20 @@ def sync_with_hub(
             verify=_tls_context(),
             follow_redirects=False,
         ) as client:
-
-            def pull(name: str) -> tuple[dict[str, Any], dict[str, int], str | None]:
-                since = json.dumps(sync_status(db)["clock"], sort_keys=True, separators=(",", ":"))
-                path = os.path.join(workdir, name)
-                response = _request(
-                    client,
-                    "GET",
-                    f"{url}/-/sync/export",
-                    url,
-                    "export (pull)",
-                    has_token,
-                    save_to=path,
-                    retries=retries,
-                    on_retry=on_retry,
-                    params={"since": since},
-                )
-                try:
-                    reader = BundleReader(path)
-                except BundleError as ex:
-                    raise HubError("invalid_response", f"hub {url} sent an invalid bundle: {ex}")
-                try:
-                    hub_clock = _hub_clock(response, reader, url)
-                    hub_device = reader.header["source"]
-                    operations = reader.header["operations"]
-                    bundle_id = reader.bundle_id
-                finally:
-                    reader.close()
-                if not operations:
-                    # Nothing to apply: don't record an empty import on every run.
-                    return empty_result(hub_device, bundle_id), hub_clock, hub_device
-                result = import_bundle(
-                    db, path, alter=alter, progress=stage("pull"), max_clock_skew=max_clock_skew
-                ).as_dict()
-                return result, hub_clock, hub_device
-
-            pulled, hub_clock, hub_device = pull("from-hub.bundle")
+            run = _Run(db, client, url, bool(token), workdir, alter, max_clock_skew, progress, retries, on_retry)
+            pulled, hub_clock, hub_device = run.pull("from-hub.bundle")
             status = sync_status(db)
             if not status["enabled"]:
-                raise SyncError("not_enabled", "The hub has no operations and this database has no synced tables")
+                raise SyncError(errors.NOT_ENABLED, "The hub has no operations and this database has no synced tables")
             device_id = status["device_id"]
-
-            push_path = os.path.join(workdir, "to-hub.bundle")
-            exported = export_bundle(db, push_path, since=hub_clock, progress=stage("push"))
+            pushed, clock_after_push = run.push(device_id, hub_clock)
             pulled_after_push = None
-            if not exported.operations:
-                pushed = empty_result(device_id, None)
-            else:
-                with open(push_path, "rb") as body:  # streamed, with its Content-Length
-                    response = _request(
-                        client,
-                        "POST",
-                        f"{url}/-/sync/import",
-                        url,
-                        "import (push)",
-                        has_token,
-                        retries=retries,
-                        on_retry=on_retry,
-                        content=body,
-                        headers={"Content-Type": BUNDLE_MEDIA_TYPE},
-                        params={"alter": "1"} if alter else None,
-                    )
-                try:
-                    answer = response.json()
-                except ValueError:
-                    raise HubError("invalid_response", f"hub {url} answered the push with something other than JSON")
-                if not isinstance(answer, dict):
-                    raise HubError("invalid_response", f"hub {url} answered the push with unexpected JSON")
-                pushed = {key: answer.get(key) for key in empty_result(None)}
-                pushed["not_applied"] = pushed["not_applied"] or {}
-                after = response.headers.get(CLOCK_HEADER) or answer.get("clock")
-                try:
-                    after_clock = parse_clock(after, f"hub {url} clock") if after else {}
-                except BundleError as ex:
-                    raise HubError("invalid_response", str(ex))
-                if after_clock:
-                    hub_clock = after_clock
+            if clock_after_push is not None:
+                hub_clock = clock_after_push or hub_clock
                 # Importing our push may make the hub write a knowledge tick of its own: fetch it
                 # now so that the next run starts level.
                 if _behind(sync_status(db)["clock"], hub_clock):
-                    pulled_after_push, hub_clock, hub_device = pull("from-hub-2.bundle")
+                    pulled_after_push, hub_clock, hub_device = run.pull("from-hub-2.bundle")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {
@@ -398,73 +320,94 @@ def sync_with_hub(
     }
 
 
-def summary(url: str, result: dict[str, Any]) -> str:
-    pulled, pushed, extra = result["pulled"], result["pushed"], result["pulled_after_push"]
-    pulled_ops = pulled["total_operations"] + (extra["total_operations"] if extra else 0)
-    applied = pulled["applied"] + (extra["applied"] if extra else 0)
-    conflicts = pulled["conflicts"] + (extra["conflicts"] if extra else 0)
-    line = f"Pulled {pulled_ops} operation(s) from {url} ({applied} new"
-    if conflicts:
-        line += f", {conflicts} unresolved conflict(s)"
-    line += f"); pushed {pushed['total_operations'] or 0} operation(s)"
-    if pushed["total_operations"]:
-        line += f" ({pushed['applied'] or 0} new to the hub"
-        if pushed["conflicts"]:
-            line += f", {pushed['conflicts']} unresolved conflict(s) there"
-        line += ")"
-    return line
+@dataclasses.dataclass
+class _Run:
+    """One :func:`sync_with_hub` run: the local database, the open connection to the hub,
+    and the options every request and import of the run shares."""
 
+    db: Any
+    client: Any  # an httpx.Client
+    url: str
+    has_token: bool
+    workdir: str
+    alter: bool
+    max_clock_skew: float
+    progress: Callable[[str, int, int], None] | None
+    retries: int
+    on_retry: Callable[[str, int, int, float], None] | None
 
-def register(cli: click.Group) -> None:
-    """Add the ``sync`` command (called from :func:`sqlite_utils_sync.cli.register`)."""
-    from .cli import DB_PATH, echo_json, max_clock_skew_option, open_db, user_errors
+    def request(self, method: str, path: str, what: str, **kwargs) -> Any:
+        return _request(
+            self.client,
+            method,
+            self.url + path,
+            self.url,
+            what,
+            self.has_token,
+            retries=self.retries,
+            on_retry=self.on_retry,
+            **kwargs,
+        )
 
-    @cli.command(name="sync")
-    @click.argument("path", type=DB_PATH)
-    @click.argument("url")
-    @click.option("--token", envvar=TOKEN_ENV, help=f"API token for the hub (default: ${TOKEN_ENV})")
-    @click.option("--alter", is_flag=True, help="Add tables and columns one side has and the other lacks")
-    @max_clock_skew_option
-    @click.option(
-        "--retries",
-        type=click.IntRange(0),
-        default=RETRIES,
-        show_default=True,
-        help="Send a request again this many times while the hub answers 503 busy",
-    )
-    @click.option("--json", "as_json", is_flag=True, help="Output the result as JSON")
-    def sync_command(path, url, token, alter, max_clock_skew, retries, as_json):
-        """Sync the database with a Datasette hub: pull what it lacks here, push what the hub lacks
+    def stage(self, name: str) -> Callable[[int, int], None] | None:
+        progress = self.progress
+        if progress is None:
+            return None
+        return lambda done, total: progress(name, done, total)
 
-        URL is the hub database's URL. Safe to re-run at any time, also after a network failure.
+    def pull(self, name: str) -> tuple[dict[str, Any], dict[str, int], str | None]:
+        """Fetch and import what the hub has and this database lacks: (the import result,
+        the hub's clock, the hub's device id)."""
+        path = os.path.join(self.workdir, name)
+        since = protocol.encode_clock(sync_status(self.db)["clock"])
+        response = self.request(
+            "GET", protocol.EXPORT_PATH, "export (pull)", save_to=path, params={protocol.SINCE_PARAM: since}
+        )
+        try:
+            reader = BundleReader(path)
+        except BundleError as ex:
+            raise HubError(errors.INVALID_RESPONSE, f"hub {self.url} sent an invalid bundle: {ex}")
+        try:
+            hub_clock = _hub_clock(response, reader, self.url)
+            hub_device = reader.header["source"]
+            operations = reader.header["operations"]
+            bundle_id = reader.bundle_id
+        finally:
+            reader.close()
+        if not operations:
+            # Nothing to apply: don't record an empty import on every run.
+            return empty_result(hub_device, bundle_id), hub_clock, hub_device
+        result = import_bundle(
+            self.db, path, alter=self.alter, progress=self.stage("pull"), max_clock_skew=self.max_clock_skew
+        )
+        return result.as_dict(), hub_clock, hub_device
 
-        Example:
-
-        \b
-            sqlite-utils sync laptop.db http://127.0.0.1:8001/data --token dstok_...
-            DATASETTE_SYNC_TOKEN=dstok_... sqlite-utils sync laptop.db https://hub.example.com/data
-        """
-        db = open_db(path)
-
-        def say_retry(what: str, retry: int, retries: int, delay: float) -> None:
-            click.echo(f"Hub is busy: retrying the {what} in {delay:.1f} s (retry {retry} of {retries})", err=True)
-
-        with user_errors():
-            result = sync_with_hub(
-                db,
-                url,
-                token=token or None,
-                alter=alter,
-                max_clock_skew=max_clock_skew,
-                retries=retries,
-                on_retry=say_retry,
+    def push(self, device_id: str, hub_clock: dict[str, int]) -> tuple[dict[str, Any], dict[str, int] | None]:
+        """Send what the hub's clock lacks: (the hub's import result, the hub's clock after
+        it, {} when it did not say); the clock is None when there was nothing to send."""
+        path = os.path.join(self.workdir, "to-hub.bundle")
+        exported = export_bundle(self.db, path, since=hub_clock, progress=self.stage("push"))
+        if not exported.operations:
+            return empty_result(device_id, None), None
+        with open(path, "rb") as body:  # streamed, with its Content-Length
+            response = self.request(
+                "POST",
+                protocol.IMPORT_PATH,
+                "import (push)",
+                content=body,
+                headers={"Content-Type": protocol.BUNDLE_MEDIA_TYPE},
+                params={protocol.ALTER_PARAM: "1"} if self.alter else None,
             )
-            unresolved = sync_status(db)["unresolved_conflicts"]
-        if as_json:
-            echo_json(result)
-            return
-        click.echo(summary(normalize_url(url), result), err=True)
-        for table, count in result["pulled"]["not_applied"].items():
-            click.echo(f"Warning: {count} operation(s) for table '{table}' kept but not applied: it is not synced here", err=True)
-        if unresolved:
-            click.echo(f"{unresolved} unresolved conflict(s): see 'sqlite-utils sync-conflicts {path}'", err=True)
+        try:
+            answer = response.json()
+        except (ValueError, RecursionError):
+            raise HubError(errors.INVALID_RESPONSE, f"hub {self.url} answered the push with something other than JSON")
+        if not isinstance(answer, dict):
+            raise HubError(errors.INVALID_RESPONSE, f"hub {self.url} answered the push with unexpected JSON")
+        pushed = {key: answer.get(key) for key in empty_result(None)}
+        pushed["not_applied"] = pushed["not_applied"] or {}
+        after = response.headers.get(protocol.CLOCK_HEADER) or answer.get("clock")
+        try:
+            return pushed, protocol.decode_clock(after, f"hub {self.url} clock") if after else {}
+        except BundleError as ex:
+            raise HubError(errors.INVALID_RESPONSE, str(ex))

@@ -1,0 +1,158 @@
+"""The hub protocol: what the client (client.py) sends a Datasette hub and what the hub's
+endpoints (datasette_sync/views.py) answer. Both sides read every path, header, media type
+and status from here.
+
+Paths are relative to a database's URL (``http://127.0.0.1:8001/data``)::
+
+    GET  /-/sync/export?since=<clock>    200: a bundle (BUNDLE_MEDIA_TYPE) of the operations
+                                         the caller lacks; X-Sync-Clock: the hub's clock,
+                                         X-Sync-Operations: how many it holds (HEAD: headers only)
+    POST /-/sync/import[?alter=1]        body: a bundle; 200: the import result as JSON
+                                         (like ``import-bundle --json``), plus "clock" and
+                                         X-Sync-Clock: the hub's clock after the import
+    POST /-/sync/conflicts/<id>/resolve  body: {"keep": "<op id>"} or {}; 200:
+                                         {"ok": true, "op": <op id>, "conflict": {...}}
+
+A refusal is JSON, ``{"ok": false, "error": "<one line>", "reason": "<reason>"}``, with the
+status :data:`STATUS` gives the reason; a ``503`` (busy) also carries ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from . import errors
+from .bundle import parse_clock
+
+SYNC_PATH = "/-/sync"
+EXPORT_PATH = SYNC_PATH + "/export"
+IMPORT_PATH = SYNC_PATH + "/import"
+CONFLICTS_PATH = SYNC_PATH + "/conflicts"
+RESOLVE_SUFFIX = "/resolve"
+CONFLICT_ID_PATTERN = "[0-9a-f]{1,64}"
+
+SINCE_PARAM = "since"
+ALTER_PARAM = "alter"
+TRUE_VALUES = ("1", "true", "on")
+KEEP_FIELD = "keep"
+
+CLOCK_HEADER = "X-Sync-Clock"
+OPERATIONS_HEADER = "X-Sync-Operations"
+RETRY_AFTER_HEADER = "Retry-After"
+BUNDLE_MEDIA_TYPE = "application/vnd.sqlite3"
+JSON_MEDIA_TYPE = "application/json"
+
+BUSY_RETRY_SECONDS = 5
+"""The wait a busy hub asks for in ``Retry-After``: a lock held longer than it waited."""
+
+DEFAULT_STATUS = 400
+"""The status of a reason missing from :data:`STATUS`: the request's (or bundle's) fault."""
+
+STATUS: dict[str, int] = {
+    # The database and its tables.
+    errors.NOT_ENABLED: 400,
+    errors.MISSING_TABLE: 400,
+    errors.INTERNAL_TABLE: 400,
+    errors.VIRTUAL_TABLE: 400,
+    errors.GENERATED_COLUMNS: 400,
+    errors.NO_PRIMARY_KEY: 400,
+    errors.NULL_PRIMARY_KEY: 400,
+    errors.TOO_MANY_COLUMNS: 400,
+    errors.PK_CHANGED: 400,
+    errors.CONSTRAINT_FAILED: 400,
+    errors.INVALID_ARGUMENT: 400,
+    errors.UNKNOWN_DEVICE: 400,
+    # Conflicts.
+    errors.UNKNOWN_CONFLICT: 404,
+    errors.ALREADY_RESOLVED: 409,
+    errors.UNKNOWN_VERSION: 400,
+    # Bundle files.
+    errors.MISSING_BUNDLE: 400,
+    errors.CANNOT_WRITE: 400,
+    errors.INVALID_BUNDLE: 400,
+    errors.UNSUPPORTED_FORMAT: 400,
+    errors.HASH_MISMATCH: 400,
+    errors.INVALID_METADATA: 400,
+    errors.INVALID_CLOCK: 400,
+    errors.INVALID_OPERATION: 400,
+    errors.INVALID_TEXT: 400,
+    # A bundle that cannot be applied to the hub's database.
+    errors.TABLE_NAME_CASE: 400,
+    errors.TABLE_MISSING: 400,
+    errors.UNKNOWN_COLUMN: 400,
+    errors.PK_MISMATCH: 400,
+    errors.NULL_KEY: 400,
+    errors.KEY_TYPE: 400,
+    errors.UNSUPPORTED_KEY: 400,
+    errors.MISSING_OPERATIONS: 400,
+    errors.MISSING_DEPENDENCIES: 400,
+    errors.COMPACTED_HISTORY: 400,
+    errors.DEVICE_ID_CLASH: 400,
+    errors.DEVICE_OWNED: 403,  # the actor may not write as that device: a permission, not a bad bundle
+    errors.CLOCK_AHEAD: 400,
+    # The hub's own refusals.
+    errors.INVALID_REQUEST: 400,
+    errors.INVALID_JSON: 400,
+    errors.UNAUTHORIZED: 401,
+    errors.FORBIDDEN: 403,
+    errors.NOT_FOUND: 404,
+    errors.METHOD_NOT_ALLOWED: 405,
+    errors.READ_ONLY: 403,
+    errors.TOO_LARGE: 413,
+    errors.DISCONNECTED: 400,
+    errors.BUSY: 503,
+    errors.SQLITE_ERROR: 500,
+}
+"""Every reason the hub answers with, and its HTTP status."""
+
+CLIENT_REASONS = frozenset(
+    {
+        errors.INVALID_URL,
+        errors.CONNECTION_FAILED,
+        errors.TIMEOUT,
+        errors.INVALID_RESPONSE,
+        errors.REJECTED,
+        errors.HUB_ERROR,
+    }
+)
+"""Reasons only the client raises (about the hub's answer), never in a hub's answer."""
+
+
+def status_for(reason: str) -> int:
+    """The HTTP status the hub answers a refusal for ``reason`` with."""
+    return STATUS.get(reason, DEFAULT_STATUS)
+
+
+def error_body(message: str, reason: str) -> dict[str, Any]:
+    """The JSON body of a refusal."""
+    return {"ok": False, "error": message, "reason": reason}
+
+
+def error_message(body: Any) -> str:
+    """The one-line error in a refusal's JSON body: the hub's ``error``, or the ``errors`` /
+    ``message`` of an answer Datasette made itself (a rejected ``dstok_`` token); else ""."""
+    if not isinstance(body, dict):
+        return ""
+    for key in ("error", "errors", "message"):
+        value = body.get(key)
+        if isinstance(value, list):
+            value = "; ".join(str(v) for v in value)
+        if value:
+            return str(value)
+    return ""
+
+
+def encode_clock(clock: dict[str, int]) -> str:
+    """A vector clock as the ``since`` parameter and the X-Sync-Clock header carry it."""
+    return json.dumps(clock, separators=(",", ":"), sort_keys=True)
+
+
+def decode_clock(text: str | None, what: str) -> dict[str, int]:
+    """A vector clock from a ``since`` parameter or an X-Sync-Clock header (raises
+    BundleError with reason ``invalid_clock``); nothing is the empty clock."""
+    return parse_clock(text, what)
+
+
+def resolve_path(conflict_id: str) -> str:
+    return f"{CONFLICTS_PATH}/{conflict_id}{RESOLVE_SUFFIX}"
