@@ -163,8 +163,8 @@ EXAMPLES = int(os.environ.get("CONVERGENCE_EXAMPLES", "56"))
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**SCENARIO)
-# Found by this test: a copy compacted away a version of a clash it had not recorded yet,
-# because the table was disabled when the other version arrived.
+# A copy must not compact away a version of a clash it has not recorded yet, because the table
+# was disabled when the other version arrived.
 @example(
     device_count=3,
     steps=[
@@ -180,8 +180,8 @@ EXAMPLES = int(os.environ.get("CONVERGENCE_EXAMPLES", "56"))
     shuffled=False,
     compaction=True,
 )
-# Found by an independent fuzz: a swap made while sync was off, logged as a direct swap, was
-# refused by every peer; a copy that re-enabled the table after receiving a swap could not.
+# A swap made while sync was off is logged as one direct swap: every peer takes it, and so
+# does a copy that enables the table again after receiving a swap.
 @example(
     device_count=3,
     steps=[

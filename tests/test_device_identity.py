@@ -227,8 +227,8 @@ def test_a_relay_pushes_others_devices_and_a_victim_of_a_forged_operation_recove
     alice, relay = hub.token("alice"), hub.token("relay")
     victim = make_todos_db(tmp_path / "victim.db", [{"id": 1, "title": "alice's", "done": 0}])
     cli_sync(victim, hub, alice)
-    # A forged next operation of the victim's device gets in (a relay pushes it; on an older hub
-    # anyone could): sync-relay may push another actor's device's new operations.
+    # A forged next operation of the victim's device gets in: a relay (sync-relay) may push
+    # another actor's device's new operations.
     forged = tmp_path / "forged.db"
     shutil.copy(victim, forged)
     upsert(forged, {"id": 2, "title": "forged", "done": 0})

@@ -78,7 +78,7 @@ def tick_chunk(conn, sql: str, craft) -> None:
     craft.reseal(conn)
 
 
-# -- 2. crafted images must not crash the process ------------------------------------------------
+# Crafted chunk images must not crash the process ---------------------------------------------
 
 
 CRASHERS = {
@@ -143,7 +143,7 @@ def test_a_hub_serving_a_crafted_bundle_does_not_crash_the_client(tmp_path, sync
     assert file_bytes(tmp_path / "a.db") == before
 
 
-# -- 6. work and memory bounded by the body's size -----------------------------------------------
+# Work and memory bounded by the bundle's size -------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -261,7 +261,7 @@ def test_a_bundle_file_with_a_damaged_btree_is_refused_before_it_is_read(tmp_pat
     refused_by_cli(tmp_path / "a.db", path)
 
 
-# -- 7. errors that used to escape as something else ---------------------------------------------
+# Damaged headers and files: a BundleError, never another exception ---------------------------
 
 
 @pytest.mark.parametrize(
@@ -306,7 +306,7 @@ def test_deeply_nested_header_and_clock_are_one_line(tmp_path, synced_pair, craf
 
 
 def test_schema_text_that_is_not_utf8_in_the_bundle_file_is_one_line(tmp_path, synced_pair, refused_by_cli, refused_by_library):
-    # A raw bit flip there used to surface as a UnicodeDecodeError traceback.
+    # A raw bit flip in the schema text of the bundle file itself.
     a, b = synced_pair
     path = tmp_path / "x.bundle"
     export_bundle(b, path)
@@ -337,7 +337,7 @@ def test_damaged_chunk_image_is_a_bundle_error_not_a_database_error(tmp_path, sy
     refused_by_cli(tmp_path / "a.db", path)
 
 
-# -- 8. tampered, forged, garbage and truncated bundles -------------------------------------------
+# Tampered, forged, garbage and truncated bundles ----------------------------------------------
 
 
 def sealed(sql, *params):

@@ -66,7 +66,7 @@ def export_while_pushing(tmp_path: pathlib.Path, hub_path: pathlib.Path, since: 
     finally:
         read.close()
         writer.close()
-    # No outcome: the export no longer runs OPS_READ, so the push never happened mid-export.
+    # No outcome: no statement of the export had OPS_READ, so the push never happened mid-export.
     return outcome[0] if outcome else f"never pushed: no statement had {OPS_READ!r}"
 
 
@@ -80,7 +80,7 @@ def test_a_push_committing_during_an_export_is_wholly_in_the_pull_or_not_at_all(
     # for the export's lock (the hub answers 503 busy after its timeout and the client retries).
     assert pushed == ("committed" if journal_mode == "wal" else "busy")
 
-    result = import_bundle(client, str(tmp_path / "pull.bundle"))  # missing_dependencies before the fix
+    result = import_bundle(client, str(tmp_path / "pull.bundle"))  # missing_dependencies if the export saw half the push
     assert result.total_operations == 0  # the client was level with the hub before the push
 
     hub = sqlite3.connect(hub_path, isolation_level=None)
@@ -97,8 +97,8 @@ def test_a_push_committing_during_an_export_is_wholly_in_the_pull_or_not_at_all(
 
 @pytest.mark.parametrize("journal_mode", ["delete", "wal"])
 def test_clients_syncing_at_once_never_fail_and_end_identical(tmp_path, journal_mode, clean_env, conflict_records, rows):
-    """4 client processes, 8 syncs each, through one ``datasette serve``: before the snapshot
-    export a few of them failed with missing_dependencies in every such run."""
+    """4 client processes, 8 syncs each, through one ``datasette serve``: an export that is not
+    one snapshot makes a few of them fail with missing_dependencies in every such run."""
     work = tmp_path / "run"
     args = [sys.executable, str(BENCH), "--clients", "4", "--syncs", "8", "--dir", str(work), "--json"]
     if journal_mode == "wal":
