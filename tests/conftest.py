@@ -1,4 +1,17 @@
-"""Shared test helpers: real ``datasette serve`` and CLI subprocesses.
+"""Shared test fixtures: real SQLite files, real bundles, real CLIs and real ``datasette serve``.
+
+Helpers are fixtures, requested by name like ``tmp_path``; those that only return a function
+are session-scoped, so Hypothesis tests may use them too (Hypothesis refuses function-scoped
+fixtures: they are not reset between its examples).
+
+- Processes: ``run`` / ``run_json`` (a CLI as a real subprocess), ``run_cli`` (the sqlite-utils
+  CLI in process, with this project's commands), ``shell`` (the sqlite3 shell under
+  libfaketime), ``executable``, ``clean_env``, ``free_port``, ``datasette_server``.
+- Databases and bundles through the Python API: ``make_db``, ``rows``, ``sync``,
+  ``file_bytes``, ``conflict_records``, ``knowledge``, ``pair``, ``trio``, and ``craft`` to
+  tamper with a bundle as a hostile peer would.
+- Databases through the CLI and a hub: ``make_todos_db``, ``todo_rows``, ``upsert``,
+  ``conflicts``, ``hub_sync``, ``hub_config``, ``conflicted_db``.
 
 Never set ``sys._called_from_test`` here: it stops Datasette and sqlite-utils from loading
 entry-point plugins, i.e. this project.
@@ -6,43 +19,72 @@ entry-point plugins, i.e. this project.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import os
 import pathlib
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
+import msgpack
 import pytest
+import sqlite_utils
+from click.testing import CliRunner
+from sqlite_utils.cli import cli as sqlite_utils_cli
+
+from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, list_conflicts, sync_status
+from sqlite_utils_sync.bundle import FORMAT, chunk_prefix
 
 BIN = pathlib.Path(sys.executable).parent
 SECRET = "test-secret-for-datasette-sync"
+FAKETIME = shutil.which("faketime")
+TODOS = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL)"
+HUB_CONFIG = {
+    "databases": {
+        "hub": {
+            "permissions": {
+                "sync-export": {"id": ["alice", "bob"]},
+                "sync-import": {"id": ["alice"]},
+                "insert-row": {"id": "writer"},
+                "update-row": {"id": "writer"},
+                "alter-table": {"id": "alice"},
+            }
+        }
+    }
+}
 
 
-def executable(name: str) -> str:
+# Processes ------------------------------------------------------------------------------------
+
+
+def _executable(name: str) -> str:
     """The console script installed next to this Python (falls back to PATH)."""
     candidate = BIN / name
     return str(candidate) if candidate.exists() else name
 
 
-def clean_env(**extra: str) -> dict[str, str]:
+def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATASETTE_", "SQLITE_UTILS_"))}
     env.update(extra)
     return env
 
 
-def run(args: list[str], check: bool = True, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+def _run(args: list, check: bool = True, env: dict[str, str] | None = None, **kwargs) -> subprocess.CompletedProcess:
     """Run a CLI (``sqlite-utils``, ``datasette``) as a real subprocess."""
     program, *rest = args
     result = subprocess.run(
-        [executable(program), *map(str, rest)],
+        [_executable(program), *map(str, rest)],
         capture_output=True,
         text=True,
-        env=env or clean_env(),
+        env=env or _clean_env(),
         timeout=60,
         **kwargs,
     )
@@ -53,23 +95,72 @@ def run(args: list[str], check: bool = True, env: dict[str, str] | None = None, 
     return result
 
 
-def run_json(args: list[str], **kwargs):
-    return json.loads(run(args, **kwargs).stdout)
+def _run_json(args: list, **kwargs):
+    return json.loads(_run(args, **kwargs).stdout)
 
 
-FAKETIME = shutil.which("faketime")
+def _run_cli(*args):
+    """The sqlite-utils CLI in this process (click's CliRunner): stdout and stderr in ``.output``."""
+    return CliRunner().invoke(sqlite_utils_cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def shell(path, sql: str, offset: str = "+0") -> None:
+def _shell(path, sql: str, offset: str = "+0") -> None:
     """Run ``sql`` in the real sqlite3 shell on a machine whose clock is ``offset`` (``-1d``)
     away, moved by libfaketime: the capture triggers read that time as on such a device."""
     subprocess.run([FAKETIME, "-f", offset, "sqlite3", str(path), sql], check=True, capture_output=True)
 
 
-def free_port() -> int:
+def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def executable():
+    return _executable
+
+
+@pytest.fixture(scope="session")
+def clean_env():
+    """The environment without DATASETTE_* and SQLITE_UTILS_* variables, plus ``**extra``."""
+    return _clean_env
+
+
+@pytest.fixture(scope="session")
+def run():
+    """``run(args, check=True, env=None, **subprocess_kwargs)``: a CLI as a real subprocess;
+    raises with its output when it fails and ``check`` is true."""
+    return _run
+
+
+@pytest.fixture(scope="session")
+def run_json():
+    """``run_json(args)``: :func:`run`, its stdout parsed as JSON."""
+    return _run_json
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """``run_cli(*args)``: the sqlite-utils CLI in process, its result's ``.output`` and ``.exit_code``."""
+    return _run_cli
+
+
+@pytest.fixture(scope="session")
+def shell():
+    """``shell(path, sql, offset="+0")``: the sqlite3 shell with its clock moved by ``offset``.
+    Skips the test where faketime is not installed."""
+    if not FAKETIME:
+        pytest.skip("needs faketime (apt install faketime)")
+    return _shell
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    return _free_port
+
+
+# A real datasette serve ------------------------------------------------------------------------
 
 
 @dataclass
@@ -84,7 +175,7 @@ class Server:
 
     def token(self, actor: str, *restrictions: str) -> str:
         """A real ``datasette create-token`` token signed with this server's secret."""
-        result = run(["datasette", "create-token", actor, "--secret", self.secret, *restrictions], cwd=self.cwd)
+        result = _run(["datasette", "create-token", actor, "--secret", self.secret, *restrictions], cwd=self.cwd)
         token = result.stdout.strip().splitlines()[0]
         assert token.startswith("dstok_"), result
         return token
@@ -119,13 +210,13 @@ def datasette_server(tmp_path):
         args += list(extra)
         last_error = None
         for _ in range(3):  # retry on the rare port race
-            port = free_port()
+            port = _free_port()
             with open(log, "wb") as out:
                 proc = subprocess.Popen(
-                    [executable("datasette"), *args, "--port", str(port)],
+                    [_executable("datasette"), *args, "--port", str(port)],
                     stdout=out,
                     stderr=subprocess.STDOUT,
-                    env=clean_env(),
+                    env=_clean_env(),
                     cwd=tmp_path,
                 )
             server = Server(f"http://127.0.0.1:{port}", port, SECRET, proc, log, tmp_path, args)
@@ -160,10 +251,252 @@ def datasette_server(tmp_path):
                 server.proc.wait()
 
 
-def make_todos_db(path: pathlib.Path, rows: list[dict] | None = None) -> pathlib.Path:
-    """A database with a synced ``todos`` table, made with the real sqlite-utils CLI."""
-    run(["sqlite-utils", "create-table", path, "todos", "id", "integer", "title", "text", "done", "integer", "--pk", "id"])
+# Databases and bundles through the Python API ---------------------------------------------------
+
+
+def _make_db(path: pathlib.Path | str, schema: str = TODOS, tables: tuple[str, ...] = ("todos",)) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    for statement in schema.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    enable_sync(conn, list(tables))
+    return conn
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _rows(conn: sqlite3.Connection, table: str = "todos") -> list[tuple[Any, ...]]:
+    t = _quote(table)
+    columns = [_quote(r[1]) for r in conn.execute(f"PRAGMA table_info({t})")]
+    select = ", ".join(f"{c}, typeof({c})" for c in columns)
+    return [tuple(row) for row in conn.execute(f"SELECT {select} FROM {t} ORDER BY 1, 3")]
+
+
+def _sync(source: sqlite3.Connection, target: sqlite3.Connection, folder: pathlib.Path, name: str = "b.bundle"):
+    path = folder / name
+    export_bundle(source, path, since=sync_status(target)["clock"])
+    return import_bundle(target, path)
+
+
+def _file_bytes(path: pathlib.Path | str) -> bytes:
+    return pathlib.Path(path).read_bytes()
+
+
+def _conflict_records(conn: sqlite3.Connection) -> list[tuple]:
+    return sorted(
+        (c["id"], c["table"], tuple(v["op"] for v in c["versions"]), c["resolved"])
+        for c in list_conflicts(conn, include_resolved=True)
+    )
+
+
+def _knowledge(conn: sqlite3.Connection) -> list[tuple]:
+    return sorted(
+        tuple(row)
+        for row in conn.execute(
+            "SELECT d.device_id, k.from_seq, k.clock FROM _sync_knowledge k JOIN _sync_devices d ON d.idx = k.device"
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def make_db():
+    """``make_db(path, schema=TODOS, tables=("todos",))``: a connection (autocommit) to a new
+    database made from ``schema`` (statements separated by ``;``), ``tables`` synced. TODOS is
+    ``todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL)``."""
+    return _make_db
+
+
+@pytest.fixture(scope="session")
+def rows():
+    """``rows(conn, table="todos")``: every row with the SQLite type of every value, in primary key order."""
+    return _rows
+
+
+@pytest.fixture(scope="session")
+def sync():
+    """``sync(source, target, folder, name="b.bundle")``: send ``target`` what it lacks from
+    ``source`` (connections) through a bundle file in ``folder``; returns the import result."""
+    return _sync
+
+
+@pytest.fixture(scope="session")
+def file_bytes():
+    """``file_bytes(path)``: the file's bytes, to show a database was left exactly as it was."""
+    return _file_bytes
+
+
+@pytest.fixture(scope="session")
+def conflict_records():
+    """``conflict_records(conn)``: every conflict record, resolved ones too, as sorted tuples
+    (id, table, version op ids, resolved) that compare across copies."""
+    return _conflict_records
+
+
+@pytest.fixture(scope="session")
+def knowledge():
+    """``knowledge(conn)``: every device's knowledge epochs (what its ops from ``from_seq`` on had seen), by device id."""
+    return _knowledge
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """``a.db`` with seven todos, never synced, and an empty ``b.db``."""
+    a, b = _make_db(tmp_path / "a.db"), _make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0.5)", [(i, f"todo {i}") for i in range(1, 8)])
+    return a, b
+
+
+@pytest.fixture
+def trio(tmp_path):
+    """Three empty devices, ``x.db``, ``y.db`` and ``z.db``."""
+    return [_make_db(tmp_path / f"{name}.db") for name in ("x", "y", "z")]
+
+
+class BundleCraft:
+    """Tampering with a bundle file as a hostile peer would (not a corrupted file: ``reseal``
+    makes the hash valid again)."""
+
+    @staticmethod
+    def rewrite(path, tamper) -> None:
+        """Change a bundle in place with ``tamper(conn)``."""
+        conn = sqlite3.connect(path)
+        tamper(conn)
+        conn.commit()
+        conn.close()
+
+    @staticmethod
+    def reseal(conn) -> None:
+        """Recompute the hash after tampering, the way the exporter does."""
+        digest = hashlib.sha256(FORMAT.encode())
+        for device, table, data in conn.execute("SELECT device, tbl, data FROM bundle_chunks ORDER BY id"):
+            digest.update(chunk_prefix(device, table, data))
+            digest.update(data)
+        digest.update(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
+        sha = digest.hexdigest()
+        conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'sha256'", [sha])
+        conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'bundle_id'", [sha[:32]])
+
+    @staticmethod
+    def edit_chunks(conn, sql, *params, first_only=True) -> None:
+        """Run ``sql`` on the ``ops`` table inside chunk images (each one a SQLite database)."""
+        chunks = conn.execute("SELECT id, data FROM bundle_chunks ORDER BY id").fetchall()
+        for chunk_id, data in chunks[:1] if first_only else chunks:
+            image = sqlite3.connect(":memory:")
+            image.deserialize(data)
+            image.execute(sql, params)
+            image.commit()
+            conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [image.serialize(), chunk_id])
+            image.close()
+
+    @staticmethod
+    def edit_header(conn, change) -> None:
+        """Apply ``change(header)`` to the bundle's msgpack header."""
+        header = msgpack.unpackb(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
+        change(header)
+        conn.execute("UPDATE bundle_header SET data = ?", [msgpack.packb(header)])
+
+
+@pytest.fixture(scope="session")
+def craft():
+    """``craft.rewrite(path, tamper)``, ``craft.reseal(conn)``, ``craft.edit_chunks(conn, sql, *params,
+    first_only=True)``, ``craft.edit_header(conn, change)``: see :class:`BundleCraft`."""
+    return BundleCraft
+
+
+# Databases through the CLI, and a hub -----------------------------------------------------------
+
+
+def _make_todos_db(path: pathlib.Path, rows: list[dict] | None = None) -> pathlib.Path:
+    _run(["sqlite-utils", "create-table", path, "todos", "id", "integer", "title", "text", "done", "integer", "--pk", "id"])
     if rows:
-        run(["sqlite-utils", "insert", path, "todos", "-", "--pk", "id"], input=json.dumps(rows))
-    run(["sqlite-utils", "enable-sync", path, "todos"])
+        _run(["sqlite-utils", "insert", path, "todos", "-", "--pk", "id"], input=json.dumps(rows))
+    _run(["sqlite-utils", "enable-sync", path, "todos"])
     return path
+
+
+def _todo_rows(path) -> list[dict]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM todos ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def _upsert(path, row: dict) -> None:
+    _run(["sqlite-utils", "upsert", path, "todos", "-", "--pk", "id"], input=json.dumps([row]))
+
+
+def _conflicts(path) -> list:
+    return _run_json(["sqlite-utils", "sync-conflicts", path, "--json", "--all"])
+
+
+def _hub_sync(path, server, token, check=True):
+    args = ["sqlite-utils", "sync", path, server.url + "/hub", "--json"]
+    if token is not None:
+        args += ["--token", token]
+    if not check:
+        return _run(args, check=False)
+    return _run_json(args)
+
+
+@pytest.fixture(scope="session")
+def make_todos_db():
+    """``make_todos_db(path, rows=None)``: a database with a synced ``todos (id, title, done)``
+    table holding ``rows``, made with the real sqlite-utils CLI; returns ``path``."""
+    return _make_todos_db
+
+
+@pytest.fixture(scope="session")
+def todo_rows():
+    """``todo_rows(path)``: the ``todos`` rows of a database file as dicts, read read-only."""
+    return _todo_rows
+
+
+@pytest.fixture(scope="session")
+def upsert():
+    """``upsert(path, row)``: ``sqlite-utils upsert`` one row into ``todos``."""
+    return _upsert
+
+
+@pytest.fixture(scope="session")
+def conflicts():
+    """``conflicts(path)``: ``sqlite-utils sync-conflicts --json --all``, parsed."""
+    return _conflicts
+
+
+@pytest.fixture(scope="session")
+def hub_sync():
+    """``hub_sync(path, server, token, check=True)``: ``sqlite-utils sync`` with the database
+    ``hub`` of ``server``; returns the parsed ``--json`` output (the process when ``check`` is false)."""
+    return _hub_sync
+
+
+@pytest.fixture
+def hub_config():
+    """A hub config of its own for each test: alice may push and pull, bob pull, writer
+    insert and update rows, alice alter tables."""
+    return copy.deepcopy(HUB_CONFIG)
+
+
+@pytest.fixture
+def conflicted_db(tmp_path):
+    """``data.db`` holding one conflict on todos 1; beside it ``phone.bundle`` with phone's ops
+    and ``phone-new.bundle`` with one operation ``data.db`` has not seen. Returns the path of ``data.db``."""
+    data = sqlite_utils.Database(tmp_path / "data.db")
+    data["todos"].insert_all([{"id": 1, "title": "Buy milk"}, {"id": 2, "title": "Walk dog"}], pk="id")
+    enable_sync(data, ["todos"])
+    export_bundle(data, tmp_path / "first.bundle")
+    phone = sqlite_utils.Database(tmp_path / "phone.db")
+    phone["todos"].create({"id": int, "title": str}, pk="id")
+    enable_sync(phone, ["todos"])
+    import_bundle(phone, tmp_path / "first.bundle")
+    data["todos"].update(1, {"title": "Buy oat milk"})
+    phone["todos"].update(1, {"title": "Buy soy milk"})
+    export_bundle(phone, tmp_path / "phone.bundle", since=sync_status(data)["clock"])
+    import_bundle(data, tmp_path / "phone.bundle")
+    phone["todos"].insert({"id": 3, "title": "Call mum"})
+    export_bundle(phone, tmp_path / "phone-new.bundle", since=sync_status(data)["clock"])
+    return tmp_path / "data.db"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
-from sqlite_utils.cli import cli
 
 from sqlite_utils_sync import (
     BundleError,
@@ -18,23 +16,23 @@ from sqlite_utils_sync import (
     sync_status,
 )
 
-from sync_helpers import conflict_records, edit_header, file_bytes, make_db, reseal, rewrite, rows, sync
 
+@pytest.fixture(scope="session")
+def everyone_syncs(sync):
+    """``everyone_syncs(devices, folder)``: every device sends every other what it lacks, twice round."""
 
-def run_cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    def everyone_syncs(devices, folder):
+        for _ in range(2):
+            for source in devices:
+                for target in devices:
+                    if source is not target:
+                        sync(source, target, folder)
 
-
-def everyone_syncs(devices, folder):
-    for _ in range(2):
-        for source in devices:
-            for target in devices:
-                if source is not target:
-                    sync(source, target, folder)
+    return everyone_syncs
 
 
 @pytest.fixture
-def trio(tmp_path):
+def synced_trio(tmp_path, make_db, everyone_syncs):
     """Three devices that know each other, after a hundred edits of ten rows."""
     devices = [make_db(tmp_path / f"{name}.db") for name in "abc"]
     a, b, c = devices
@@ -64,8 +62,8 @@ def seqs_held(conn, device_id):
     return {seq for (seq,) in cursor}
 
 
-def test_compaction_removes_overwritten_history_and_changes_no_table(tmp_path, trio):
-    a, b, c = trio
+def test_compaction_removes_overwritten_history_and_changes_no_table(tmp_path, synced_trio, rows):
+    a, b, c = synced_trio
     before_rows, before_ops = rows(a), operations(a)
     result = compact_log(a)
     assert result.removed > 0.5 * before_ops
@@ -76,34 +74,34 @@ def test_compaction_removes_overwritten_history_and_changes_no_table(tmp_path, t
     assert compact_log(a).removed == 0
 
 
-def test_compacted_and_uncompacted_copies_keep_converging(tmp_path, trio):
-    a, b, c = trio
+def test_compacted_and_uncompacted_copies_keep_converging(tmp_path, synced_trio, conflict_records, rows, everyone_syncs):
+    a, b, c = synced_trio
     compact_log(a)
     compact_log(b)
     a.execute("UPDATE todos SET title = 'from a' WHERE id = 1")
     c.execute("UPDATE todos SET title = 'from c' WHERE id = 1")  # concurrent: a conflict
     c.execute("INSERT INTO todos VALUES (50, 'new on c', 0, 0)")
     b.execute("DELETE FROM todos WHERE id = 2")
-    everyone_syncs(trio, tmp_path)
+    everyone_syncs(synced_trio, tmp_path)
     assert rows(a) == rows(b) == rows(c)
     assert conflict_records(a) == conflict_records(b) == conflict_records(c)
     assert len(list_conflicts(a)) == 1
     compact_log(c)
     resolve_conflict(c, list_conflicts(c)[0]["id"])
-    everyone_syncs(trio, tmp_path)
+    everyone_syncs(synced_trio, tmp_path)
     assert rows(a) == rows(b) == rows(c)
     assert conflict_records(a) == conflict_records(b) == conflict_records(c)
     assert list_conflicts(a) == []
 
 
-def test_versions_of_a_conflict_are_kept_until_and_after_it_is_resolved(tmp_path, trio):
-    a, b, c = trio
+def test_versions_of_a_conflict_are_kept_until_and_after_it_is_resolved(tmp_path, synced_trio, everyone_syncs):
+    a, b, c = synced_trio
     a.execute("UPDATE todos SET title = 'A' WHERE id = 4")
     b.execute("UPDATE todos SET title = 'B' WHERE id = 4")
-    everyone_syncs(trio, tmp_path)
+    everyone_syncs(synced_trio, tmp_path)
     [conflict] = list_conflicts(a)
     a.execute("UPDATE todos SET title = 'later' WHERE id = 4")
-    everyone_syncs(trio, tmp_path)
+    everyone_syncs(synced_trio, tmp_path)
     compact_log(a)
     kept = {v["op"]: v["values"] for v in list_conflicts(a)[0]["versions"]}
     assert kept == {v["op"]: v["values"] for v in conflict["versions"]}
@@ -112,8 +110,8 @@ def test_versions_of_a_conflict_are_kept_until_and_after_it_is_resolved(tmp_path
     assert a.execute("SELECT title FROM todos WHERE id = 4").fetchone() == ("B",)
 
 
-def test_operations_a_device_has_not_seen_are_kept(tmp_path, trio):
-    a, b, c = trio
+def test_operations_a_device_has_not_seen_are_kept(tmp_path, synced_trio, rows, sync, everyone_syncs):
+    a, b, c = synced_trio
     a.execute("UPDATE todos SET title = 'x' WHERE id = 7")
     a.execute("UPDATE todos SET title = 'y' WHERE id = 7")
     sync(a, b, tmp_path)  # c has not seen either
@@ -121,12 +119,12 @@ def test_operations_a_device_has_not_seen_are_kept(tmp_path, trio):
     compact_log(b)
     # The overwritten 'x' stays too: c might still clash with it.
     assert {seqs - 1, seqs} <= seqs_held(b, sync_status(a)["device_id"])
-    everyone_syncs(trio, tmp_path)
+    everyone_syncs(synced_trio, tmp_path)
     assert rows(a) == rows(b) == rows(c)
 
 
-def test_a_new_device_starts_from_a_compacted_export(tmp_path, trio):
-    a, b, c = trio
+def test_a_new_device_starts_from_a_compacted_export(tmp_path, synced_trio, conflict_records, make_db, rows, everyone_syncs):
+    a, b, c = synced_trio
     compact_log(a)
     fresh = make_db(tmp_path / "fresh.db")
     export_bundle(a, tmp_path / "snapshot.bundle")
@@ -144,8 +142,8 @@ def test_a_new_device_starts_from_a_compacted_export(tmp_path, trio):
     assert fresh.execute("SELECT done FROM todos WHERE id = 3").fetchone() == (5,)
 
 
-def test_a_database_with_data_cannot_start_from_a_compacted_export(tmp_path, trio):
-    a, b, c = trio
+def test_a_database_with_data_cannot_start_from_a_compacted_export(tmp_path, synced_trio, file_bytes, make_db, run_cli):
+    a, b, c = synced_trio
     compact_log(a)
     other = make_db(tmp_path / "other.db")
     other.execute("INSERT INTO todos VALUES (99, 'mine', 0, 0)")
@@ -158,8 +156,8 @@ def test_a_database_with_data_cannot_start_from_a_compacted_export(tmp_path, tri
     assert file_bytes(tmp_path / "other.db") == before
 
 
-def test_edits_made_without_the_compacted_history_are_refused(tmp_path, trio):
-    a, b, c = trio
+def test_edits_made_without_the_compacted_history_are_refused(tmp_path, synced_trio, file_bytes, make_db):
+    a, b, c = synced_trio
     compact_log(a)
     stranger = make_db(tmp_path / "stranger.db")  # never synced, writes on its own
     stranger.execute("INSERT INTO todos VALUES (1, 'stranger', 1, 1)")
@@ -172,8 +170,8 @@ def test_edits_made_without_the_compacted_history_are_refused(tmp_path, trio):
     assert file_bytes(tmp_path / "a.db") == before
 
 
-def test_cli_sync_compact_json(tmp_path, trio):
-    a, b, c = trio
+def test_cli_sync_compact_json(tmp_path, synced_trio, file_bytes, run_cli):
+    a, b, c = synced_trio
     before = operations(a)
     result = run_cli("sync-compact", tmp_path / "a.db", "--json")
     assert result.exit_code == 0, result.output
@@ -190,8 +188,8 @@ def test_cli_sync_compact_json(tmp_path, trio):
     assert file_bytes(tmp_path / "a.db") == before
 
 
-def test_a_compacted_copy_refusing_a_strangers_edits_starts_again_from_a_peer(tmp_path, trio):
-    a, b, c = trio
+def test_a_compacted_copy_refusing_a_strangers_edits_starts_again_from_a_peer(tmp_path, synced_trio, file_bytes, make_db, rows, sync, everyone_syncs):
+    a, b, c = synced_trio
     compact_log(a)
     a.execute("UPDATE todos SET title = 'unsent on a' WHERE id = 0")
     stranger = make_db(tmp_path / "stranger.db")
@@ -215,12 +213,12 @@ def test_a_compacted_copy_refusing_a_strangers_edits_starts_again_from_a_peer(tm
     assert rows(restarted) == rows(b) == rows(c) == rows(stranger)
 
 
-def test_holes_the_sender_does_not_vouch_for_are_refused_even_by_a_new_database(tmp_path, trio):
-    a, b, c = trio
+def test_holes_the_sender_does_not_vouch_for_are_refused_even_by_a_new_database(tmp_path, synced_trio, craft, file_bytes, make_db):
+    a, b, c = synced_trio
     compact_log(a)
     path = tmp_path / "snapshot.bundle"
     export_bundle(a, path)
-    rewrite(path, lambda conn: (edit_header(conn, lambda header: header.__setitem__("horizon", {})), reseal(conn)))
+    craft.rewrite(path, lambda conn: (craft.edit_header(conn, lambda header: header.__setitem__("horizon", {})), craft.reseal(conn)))
     fresh = make_db(tmp_path / "fresh.db")
     before = file_bytes(tmp_path / "fresh.db")
     with pytest.raises(BundleError, match="it lacks operations? [0-9-]+ of device") as error:

@@ -6,7 +6,9 @@ import os
 import sqlite3
 import tempfile
 import pathlib
+import types
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 from sqlite_utils_sync import (
@@ -21,7 +23,6 @@ from sqlite_utils_sync import (
 from sqlite_utils_sync.reconcile import reconcile_table
 from sqlite_utils_sync.capture import load_tables
 
-from sync_helpers import TODOS, conflict_records, knowledge, make_db, sync
 
 ROW_IDS = st.integers(min_value=1, max_value=3)
 TITLES = st.sampled_from(["milk", "eggs", "bread", None, ""])
@@ -47,6 +48,7 @@ toggle = st.tuples(st.just("toggle"), st.integers(0, 4))  # disable-sync, or ena
 # temporary value, captured step by step, or logged as one direct permutation when it is made
 # while sync is off); every device edits qty. Only device 0 writing codes keeps every merge
 # valid under the constraint, so each copy must take every permutation, however it was logged.
+TODOS = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL)"
 T_UNIQ = "CREATE TABLE t_uniq (id INTEGER PRIMARY KEY, code TEXT UNIQUE, qty INTEGER)"
 uniq = st.tuples(
     st.just("uniq"),
@@ -57,6 +59,13 @@ uniq = st.tuples(
     st.integers(min_value=0, max_value=3),
 )
 toggle_uniq = st.tuples(st.just("toggle_uniq"), st.integers(0, 4))  # t_uniq alone
+
+
+@pytest.fixture(scope="session")
+def helpers(make_db, sync, conflict_records, knowledge):
+    """The shared fixtures a scenario plays with, in one object for the functions below
+    (session-scoped: Hypothesis runs many examples in one test)."""
+    return types.SimpleNamespace(make_db=make_db, sync=sync, conflict_records=conflict_records, knowledge=knowledge)
 
 
 def do_write(conn, kind, row_id, other_id, title, done, score, as_real=False):
@@ -98,14 +107,14 @@ def do_uniq(devices, d, kind, row_id, other_id, qty):
         permute(devices[0], cycle if other_id % 2 else cycle[::-1])
 
 
-def everyone_syncs(devices, folder):
+def everyone_syncs(helpers, devices, folder):
     # Two passes around a ring, then everyone from the last: everyone has everything.
     n = len(devices)
     for _ in range(2):
         for i in range(n):
-            sync(devices[i], devices[(i + 1) % n], folder)
+            helpers.sync(devices[i], devices[(i + 1) % n], folder)
     for i in range(n - 1):
-        sync(devices[n - 1], devices[i], folder)
+        helpers.sync(devices[n - 1], devices[i], folder)
 
 
 def assert_table_matches_its_log(conn):
@@ -125,16 +134,16 @@ def named_rows(conn):
     return todos + [tuple(row) for row in conn.execute("SELECT id, code, qty FROM t_uniq ORDER BY id")]
 
 
-def assert_converged(devices):
+def assert_converged(helpers, devices):
     for conn in devices:
         assert_table_matches_its_log(conn)
-    first_rows, first_conflicts = named_rows(devices[0]), conflict_records(devices[0])
-    first_clock, first_knowledge = sync_status(devices[0])["clock"], knowledge(devices[0])
+    first_rows, first_conflicts = named_rows(devices[0]), helpers.conflict_records(devices[0])
+    first_clock, first_knowledge = sync_status(devices[0])["clock"], helpers.knowledge(devices[0])
     for other in devices[1:]:
         assert sync_status(other)["clock"] == first_clock
-        assert knowledge(other) == first_knowledge
+        assert helpers.knowledge(other) == first_knowledge
         assert named_rows(other) == first_rows
-        assert conflict_records(other) == first_conflicts
+        assert helpers.conflict_records(other) == first_conflicts
 
 
 SCENARIO = dict(
@@ -154,8 +163,8 @@ EXAMPLES = int(os.environ.get("CONVERGENCE_EXAMPLES", "56"))
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**SCENARIO)
-# Found by this test: a copy compacted away a version of a clash it had not recorded yet,
-# because the table was disabled when the other version arrived.
+# A copy must not compact away a version of a clash it has not recorded yet, because the table
+# was disabled when the other version arrived.
 @example(
     device_count=3,
     steps=[
@@ -171,8 +180,8 @@ EXAMPLES = int(os.environ.get("CONVERGENCE_EXAMPLES", "56"))
     shuffled=False,
     compaction=True,
 )
-# Found by an independent fuzz: a swap made while sync was off, logged as a direct swap, was
-# refused by every peer; a copy that re-enabled the table after receiving a swap could not.
+# A swap made while sync was off is logged as one direct swap: every peer takes it, and so
+# does a copy that enables the table again after receiving a swap.
 @example(
     device_count=3,
     steps=[
@@ -207,37 +216,37 @@ EXAMPLES = int(os.environ.get("CONVERGENCE_EXAMPLES", "56"))
     compaction=False,
 )
 def test_every_device_converges_to_identical_tables_and_conflicts(
-    device_count, steps, recursive, untyped_key, shuffled, compaction
+    helpers, device_count, steps, recursive, untyped_key, shuffled, compaction
 ):
-    play(device_count, steps, recursive, untyped_key, shuffled, compaction)
+    play(helpers, device_count, steps, recursive, untyped_key, shuffled, compaction)
 
 
 @settings(max_examples=max(EXAMPLES // 3, 10), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**SCENARIO)
 def test_imports_converge_when_python_cannot_hand_sqlite_a_chunk(
-    device_count, steps, recursive, untyped_key, shuffled, compaction
+    helpers, device_count, steps, recursive, untyped_key, shuffled, compaction
 ):
     # Python 3.10 has no Connection.serialize: chunk images then go through a temporary file
     # and a temporary table. Force that path on the same scenarios.
     saved = bundle.SERIALIZE
     bundle.SERIALIZE = False
     try:
-        play(device_count, steps, recursive, untyped_key, shuffled, compaction)
+        play(helpers, device_count, steps, recursive, untyped_key, shuffled, compaction)
     finally:
         bundle.SERIALIZE = saved
 
 
-def play(device_count, steps, recursive, untyped_key, shuffled=False, compaction=False):
+def play(helpers, device_count, steps, recursive, untyped_key, shuffled=False, compaction=False):
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
         todos = TODOS.replace("id INTEGER PRIMARY KEY", "id PRIMARY KEY") if untyped_key else TODOS
         schema = f"{todos}; {T_UNIQ}"
-        devices = [make_db(folder / f"d{i}.db", schema, TABLES) for i in range(device_count)]
+        devices = [helpers.make_db(folder / f"d{i}.db", schema, TABLES) for i in range(device_count)]
         if shuffled:
             for i in range(1, device_count, 2):
                 devices[i].close()
                 (folder / f"d{i}.db").unlink()
-                devices[i] = make_db(folder / f"d{i}.db", schema.replace(", done INTEGER, score REAL", ""), TABLES)
+                devices[i] = helpers.make_db(folder / f"d{i}.db", schema.replace(", done INTEGER, score REAL", ""), TABLES)
                 devices[i].execute("ALTER TABLE todos ADD COLUMN score REAL")
                 devices[i].execute("ALTER TABLE todos ADD COLUMN done INTEGER")
                 enable_sync(devices[i], ["todos"])
@@ -251,7 +260,7 @@ def play(device_count, steps, recursive, untyped_key, shuffled=False, compaction
             # Compaction is safe among devices that know each other: let them meet first.
             for i, conn in enumerate(devices):
                 conn.execute("INSERT INTO todos (id, title) VALUES (?, 'hello')", [100 + i])
-            everyone_syncs(devices, folder)
+            everyone_syncs(helpers, devices, folder)
 
         disabled: dict[str, set[int]] = {"todos": set(), "t_uniq": set()}
         for step in steps:
@@ -263,7 +272,7 @@ def play(device_count, steps, recursive, untyped_key, shuffled=False, compaction
             elif step[0] == "compact":
                 if compaction:
                     if step[2]:
-                        everyone_syncs(devices, folder)  # so that there is history everyone has seen
+                        everyone_syncs(helpers, devices, folder)  # so that there is history everyone has seen
                     compact_log(devices[step[1] % device_count])
             elif step[0] == "write":
                 _, d, kind, row_id, other_id, title, done, score, as_real = step
@@ -274,7 +283,7 @@ def play(device_count, steps, recursive, untyped_key, shuffled=False, compaction
             elif step[0] == "sync":
                 source, target = step[1] % device_count, step[2] % device_count
                 if source != target:
-                    sync(devices[source], devices[target], folder)
+                    helpers.sync(devices[source], devices[target], folder)
             else:
                 d = step[1] % device_count
                 # Only where the conflict's table is synced now.
@@ -286,20 +295,20 @@ def play(device_count, steps, recursive, untyped_key, shuffled=False, compaction
         for table, ds in disabled.items():
             for d in ds:
                 enable_sync(devices[d], [table])
-        everyone_syncs(devices, folder)
-        assert_converged(devices)
+        everyone_syncs(helpers, devices, folder)
+        assert_converged(helpers, devices)
 
         # Resolving everything anywhere clears it everywhere, and still converges.
         # One resolution can clear several records on a row (it had seen all their versions).
         while open_conflicts := list_conflicts(devices[-1]):
             resolve_conflict(devices[-1], open_conflicts[0]["id"])
-        everyone_syncs(devices, folder)
-        assert_converged(devices)
+        everyone_syncs(helpers, devices, folder)
+        assert_converged(helpers, devices)
         for conn in devices:
             assert list_conflicts(conn) == []
 
         # A new device starts from any one of them (a snapshot, if that one compacted).
-        newcomer = make_db(folder / "new.db", schema, TABLES)
-        sync(devices[len(steps) % device_count], newcomer, folder)
+        newcomer = helpers.make_db(folder / "new.db", schema, TABLES)
+        helpers.sync(devices[len(steps) % device_count], newcomer, folder)
         assert named_rows(newcomer) == named_rows(devices[0])
-        assert conflict_records(newcomer) == conflict_records(devices[0])
+        assert helpers.conflict_records(newcomer) == helpers.conflict_records(devices[0])

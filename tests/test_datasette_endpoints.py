@@ -386,10 +386,9 @@ async def test_locked_database_answers_503(devices, tmp_path, own_tempdir):
 # Bad input never a 500; names, cookies and HEAD as Datasette's own pages take them ---------
 
 
-def malformed_chunk_bundle(source, target):
+def malformed_chunk_bundle(source, target, craft):
     """``source`` with its first chunk image's ops page broken, resealed with a valid hash:
     what any sender can make."""
-    from sync_helpers import reseal, rewrite
 
     target.write_bytes(source.read_bytes())
 
@@ -400,15 +399,15 @@ def malformed_chunk_bundle(source, target):
         broken = bytearray(data)
         broken[page_size : page_size + 8] = b"\xff" * 8  # page 2 (the ops table) is no b-tree page
         conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [bytes(broken), chunk_id])
-        reseal(conn)
+        craft.reseal(conn)
 
-    rewrite(target, tamper)
+    craft.rewrite(target, tamper)
     return target
 
 
-async def test_malformed_chunk_image_is_a_400(ds, devices, tmp_path):
+async def test_malformed_chunk_image_is_a_400(ds, devices, tmp_path, craft):
     hub = devices[0]
-    path = malformed_chunk_bundle(tmp_path / "phone1.bundle", tmp_path / "malformed.bundle")
+    path = malformed_chunk_bundle(tmp_path / "phone1.bundle", tmp_path / "malformed.bundle", craft)
     before = snapshot(hub)
     response = await ds.client.post("/hub/-/sync/import", content=path.read_bytes(), actor=ROOT)
     assert response.status_code == 400, response.text
@@ -441,10 +440,8 @@ async def test_deeply_nested_arguments_and_bodies_are_400s(ds, devices, tmp_path
     assert snapshot(hub) == before
 
 
-async def test_resolve_with_hostile_bodies_is_a_4xx(tmp_path):
-    from test_datasette_permissions import make_databases
-
-    path = make_databases(tmp_path)
+async def test_resolve_with_hostile_bodies_is_a_4xx(conflicted_db):
+    path = conflicted_db
     ds = Datasette([str(path)])
     ds.root_enabled = True
     await ds.invoke_startup()
@@ -471,14 +468,12 @@ async def test_resolve_with_hostile_bodies_is_a_4xx(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_export_with_messages_cookie_head_and_percent_encoded_name(tmp_path, datasette_server):
+def test_export_with_messages_cookie_head_and_percent_encoded_name(tmp_path, datasette_server, conflicted_db):
     """On a real ``datasette serve``: a database named ``data base``, written ``data%20base``
     as clients do; the ``ds_messages`` cookie the resolve form sets; ``HEAD`` on export."""
     import httpx
 
-    from test_datasette_permissions import make_databases
-
-    path = make_databases(tmp_path)
+    path = conflicted_db
     spaced = path.with_name("data base.db")
     path.rename(spaced)
     grants = {action: {"id": "alice"} for action in ("sync-export", "sync-import", "sync-resolve")}

@@ -8,41 +8,10 @@ from click.testing import CliRunner
 from datasette.app import Datasette
 from datasette.cli import cli as datasette_cli
 
-from sqlite_utils_sync import (
-    enable_sync,
-    export_bundle,
-    import_bundle,
-    list_conflicts,
-    sync_status,
-)
+from sqlite_utils_sync import list_conflicts
 
 SECRET = "sync-test-secret"
 PAGES = ["/-/sync", "/-/sync/operations", "/-/sync/conflicts", "/-/sync/clocks", "/-/sync/imports"]
-
-
-def make_databases(tmp_path):
-    """``data.db`` holding one conflict on todos 1, and ``phone.bundle`` with phone's ops."""
-    data = sqlite_utils.Database(tmp_path / "data.db")
-    data["todos"].insert_all([{"id": 1, "title": "Buy milk"}, {"id": 2, "title": "Walk dog"}], pk="id")
-    enable_sync(data, ["todos"])
-    export_bundle(data, tmp_path / "first.bundle")
-    phone = sqlite_utils.Database(tmp_path / "phone.db")
-    phone["todos"].create({"id": int, "title": str}, pk="id")
-    enable_sync(phone, ["todos"])
-    import_bundle(phone, tmp_path / "first.bundle")
-    data["todos"].update(1, {"title": "Buy oat milk"})
-    phone["todos"].update(1, {"title": "Buy soy milk"})
-    export_bundle(phone, tmp_path / "phone.bundle", since=sync_status(data)["clock"])
-    import_bundle(data, tmp_path / "phone.bundle")
-    # Something the hub has not seen yet, for the import tests.
-    phone["todos"].insert({"id": 3, "title": "Call mum"})
-    export_bundle(phone, tmp_path / "phone-new.bundle", since=sync_status(data)["clock"])
-    return tmp_path / "data.db"
-
-
-@pytest.fixture
-def path(tmp_path):
-    return make_databases(tmp_path)
 
 
 def digest(path):
@@ -59,9 +28,9 @@ def conflict_id(path):
     return list_conflicts(sqlite_utils.Database(path))[0]["id"]
 
 
-async def test_defaults_view_yes_everything_else_no(path):
-    ds = await make_ds(path)
-    before = digest(path)
+async def test_defaults_view_yes_everything_else_no(conflicted_db):
+    ds = await make_ds(conflicted_db)
+    before = digest(conflicted_db)
     for page in PAGES:
         assert (await ds.client.get(f"/data{page}")).status_code == 200
         assert (await ds.client.get(f"/data{page}.json")).status_code == 200
@@ -70,24 +39,24 @@ async def test_defaults_view_yes_everything_else_no(path):
         export = await ds.client.get("/data/-/sync/export", actor=actor)
         assert export.status_code == 403
         assert export.json() == {"ok": False, "error": "Permission denied", "reason": "forbidden"}
-        bundle = (path.parent / "phone-new.bundle").read_bytes()
+        bundle = (conflicted_db.parent / "phone-new.bundle").read_bytes()
         assert (await ds.client.post("/data/-/sync/import", content=bundle, actor=actor)).status_code == 403
         resolve = await ds.client.post(
-            f"/data/-/sync/conflicts/{conflict_id(path)}/resolve", json={"keep": None}, actor=actor
+            f"/data/-/sync/conflicts/{conflict_id(conflicted_db)}/resolve", json={"keep": None}, actor=actor
         )
         assert resolve.status_code == 403
     assert "Accept what is in the table now" not in (await ds.client.get("/data/-/sync/conflicts", actor=alice)).text
-    assert digest(path) == before
+    assert digest(conflicted_db) == before
 
 
-async def test_default_deny_needs_a_grant(path):
-    ds = await make_ds(path, default_deny=True)
+async def test_default_deny_needs_a_grant(conflicted_db):
+    ds = await make_ds(conflicted_db, default_deny=True)
     for page in PAGES:
         assert (await ds.client.get(f"/data{page}.json")).status_code == 403
     assert "Sync status" not in (await ds.client.get("/data", actor={"id": "alice"})).text
 
     granted = await make_ds(
-        path,
+        conflicted_db,
         {"databases": {"data": {"permissions": {"view-database": {"id": "alice"}, "sync-view": {"id": "alice"}}}}},
         default_deny=True,
     )
@@ -96,12 +65,12 @@ async def test_default_deny_needs_a_grant(path):
         assert (await granted.client.get(f"/data{page}.json", actor={"id": "bob"})).status_code == 403
     # sync-view alone is not enough: it also requires view-database.
     view_only = await make_ds(
-        path, {"databases": {"data": {"permissions": {"sync-view": {"id": "alice"}}}}}, default_deny=True
+        conflicted_db, {"databases": {"data": {"permissions": {"sync-view": {"id": "alice"}}}}}, default_deny=True
     )
     assert (await view_only.client.get("/data/-/sync.json", actor={"id": "alice"})).status_code == 403
 
 
-async def test_grants_in_config(path):
+async def test_grants_in_config(conflicted_db):
     config = {
         "databases": {
             "data": {
@@ -113,11 +82,11 @@ async def test_grants_in_config(path):
             }
         }
     }
-    ds = await make_ds(path, config)
+    ds = await make_ds(conflicted_db, config)
     alice, bob, carol = {"id": "alice"}, {"id": "bob"}, {"id": "carol"}
     assert (await ds.client.get("/data/-/sync/export", actor=alice)).status_code == 200
     assert (await ds.client.get("/data/-/sync/export", actor=bob)).status_code == 403
-    bundle = (path.parent / "phone-new.bundle").read_bytes()
+    bundle = (conflicted_db.parent / "phone-new.bundle").read_bytes()
     assert (await ds.client.post("/data/-/sync/import", content=bundle, actor=bob)).status_code == 403
     response = await ds.client.post("/data/-/sync/import", content=bundle, actor=alice)
     assert response.status_code == 200 and response.json()["applied"] == 1
@@ -125,36 +94,36 @@ async def test_grants_in_config(path):
     # Only the resolver sees resolve buttons.
     assert "Accept what is in the table now" not in (await ds.client.get("/data/-/sync/conflicts", actor=alice)).text
     assert "Accept what is in the table now" in (await ds.client.get("/data/-/sync/conflicts", actor=carol)).text
-    url = f"/data/-/sync/conflicts/{conflict_id(path)}/resolve"
+    url = f"/data/-/sync/conflicts/{conflict_id(conflicted_db)}/resolve"
     assert (await ds.client.post(url, json={}, actor=alice)).status_code == 403
     assert (await ds.client.post(url, json={}, actor=carol)).json()["ok"] is True
 
 
-async def test_root_passes_every_check(path):
-    ds = await make_ds(path)
+async def test_root_passes_every_check(conflicted_db):
+    ds = await make_ds(conflicted_db)
     ds.root_enabled = True
     root = {"id": "root"}
     assert (await ds.client.get("/data/-/sync/export", actor=root)).status_code == 200
-    bundle = (path.parent / "phone-new.bundle").read_bytes()
+    bundle = (conflicted_db.parent / "phone-new.bundle").read_bytes()
     assert (await ds.client.post("/data/-/sync/import?alter=1", content=bundle, actor=root)).status_code == 200
     text = (await ds.client.get("/data/-/sync/conflicts", actor=root)).text
     assert "Accept what is in the table now" in text
 
 
-async def test_alter_needs_alter_table_too(path):
-    bundle = (path.parent / "phone-new.bundle").read_bytes()
+async def test_alter_needs_alter_table_too(conflicted_db):
+    bundle = (conflicted_db.parent / "phone-new.bundle").read_bytes()
     grants = {"sync-import": {"id": ["alice", "bob"]}, "alter-table": {"id": "bob"}}
-    ds = await make_ds(path, {"databases": {"data": {"permissions": grants}}})
-    before = digest(path)
+    ds = await make_ds(conflicted_db, {"databases": {"data": {"permissions": grants}}})
+    before = digest(conflicted_db)
     response = await ds.client.post("/data/-/sync/import?alter=1", content=bundle, actor={"id": "alice"})
     assert response.status_code == 403
     assert response.json()["error"] == "Permission denied: alter=1 also needs the alter-table permission"
-    assert digest(path) == before
+    assert digest(conflicted_db) == before
     response = await ds.client.post("/data/-/sync/import?alter=1", content=bundle, actor={"id": "bob"})
     assert response.status_code == 200
 
 
-async def test_resolve_hides_conflicts_on_tables_the_actor_cannot_view(path):
+async def test_resolve_hides_conflicts_on_tables_the_actor_cannot_view(conflicted_db):
     config = {
         "databases": {
             "data": {
@@ -163,39 +132,39 @@ async def test_resolve_hides_conflicts_on_tables_the_actor_cannot_view(path):
             }
         }
     }
-    ds = await make_ds(path, config)
-    conflict = conflict_id(path)
+    ds = await make_ds(conflicted_db, config)
+    conflict = conflict_id(conflicted_db)
     url = f"/data/-/sync/conflicts/{conflict}/resolve"
-    before = digest(path)
+    before = digest(conflicted_db)
     carol, unknown = {"id": "carol"}, f"No conflict with id {conflict}"
     # To carol it answers like a conflict that does not exist, and shows no version's values.
-    for body in ({}, {"keep": list_conflicts(sqlite_utils.Database(path))[0]["versions"][0]["op"]}):
+    for body in ({}, {"keep": list_conflicts(sqlite_utils.Database(conflicted_db))[0]["versions"][0]["op"]}):
         response = await ds.client.post(url, json=body, actor=carol)
         assert response.status_code == 404
         assert response.json() == {"ok": False, "error": unknown, "reason": "unknown_conflict"}
     form = await ds.client.post(url, data={"keep": ""}, actor=carol, headers={"Sec-Fetch-Site": "same-origin"})
     page = await ds.client.get("/data/-/sync/conflicts", actor=carol, cookies=form.cookies)
     assert unknown in page.text and "milk" not in page.text
-    assert digest(path) == before
+    assert digest(conflicted_db) == before
     assert (await ds.client.post(url, json={}, actor={"id": "admin"})).json()["ok"] is True
 
 
-async def test_private_database_is_private_everywhere(path):
-    ds = await make_ds(path, {"databases": {"data": {"permissions": {"view-database": {"id": "nobody"}}}}})
+async def test_private_database_is_private_everywhere(conflicted_db):
+    ds = await make_ds(conflicted_db, {"databases": {"data": {"permissions": {"view-database": {"id": "nobody"}}}}})
     ds.root_enabled = True
-    before = digest(path)
+    before = digest(conflicted_db)
     for page in PAGES:
         for suffix in ("", ".json"):
             response = await ds.client.get(f"/data{page}{suffix}")
             assert response.status_code == 403, page + suffix
             assert "todos" not in response.text
     assert (await ds.client.get("/data/-/sync/export")).status_code == 403
-    bundle = (path.parent / "phone-new.bundle").read_bytes()
+    bundle = (conflicted_db.parent / "phone-new.bundle").read_bytes()
     assert (await ds.client.post("/data/-/sync/import", content=bundle)).status_code == 403
-    url = f"/data/-/sync/conflicts/{conflict_id(path)}/resolve"
+    url = f"/data/-/sync/conflicts/{conflict_id(conflicted_db)}/resolve"
     assert (await ds.client.post(url, json={})).status_code == 403
     assert (await ds.client.post(url, data={"keep": ""})).status_code == 403
-    assert digest(path) == before
+    assert digest(conflicted_db) == before
     # The one named actor still gets in.
     assert (await ds.client.get("/data/-/sync.json", actor={"id": "nobody"})).status_code == 200
 
@@ -219,12 +188,12 @@ def tokens():
     }
 
 
-async def test_token_recipe(path, tokens):
+async def test_token_recipe(conflicted_db, tokens):
     """The README recipe: a token restricted to the sync actions on one database, plus
     view-database (restrictions also apply to the actions the sync actions require)."""
     config = {"databases": {"data": {"permissions": {"sync-export": {"id": "alice"}, "sync-import": {"id": "alice"}}}}}
-    ds = await make_ds(path, config)
-    bundle = (path.parent / "phone-new.bundle").read_bytes()
+    ds = await make_ds(conflicted_db, config)
+    bundle = (conflicted_db.parent / "phone-new.bundle").read_bytes()
 
     def auth(name):
         return {"Authorization": f"Bearer {tokens[name]}"}
@@ -242,10 +211,10 @@ async def test_token_recipe(path, tokens):
     assert bad.status_code == 401
 
 
-async def test_resolve_form_post_and_csrf(path):
-    ds = await make_ds(path, {"databases": {"data": {"permissions": {"sync-resolve": {"id": "carol"}}}}})
+async def test_resolve_form_post_and_csrf(conflicted_db):
+    ds = await make_ds(conflicted_db, {"databases": {"data": {"permissions": {"sync-resolve": {"id": "carol"}}}}})
     carol = {"id": "carol"}
-    conflict = list_conflicts(sqlite_utils.Database(path))[0]
+    conflict = list_conflicts(sqlite_utils.Database(conflicted_db))[0]
     url = f"/data/-/sync/conflicts/{conflict['id']}/resolve"
     page = (await ds.client.get("/data/-/sync/conflicts", actor=carol)).text
     assert f'action="{url}"' in page and 'name="csrftoken"' in page
@@ -255,13 +224,13 @@ async def test_resolve_form_post_and_csrf(path):
         url, data={"keep": conflict["versions"][0]["op"]}, actor=carol, headers={"Sec-Fetch-Site": "cross-site"}
     )
     assert cross_site.status_code == 403
-    assert list_conflicts(sqlite_utils.Database(path))[0]["id"] == conflict["id"]
+    assert list_conflicts(sqlite_utils.Database(conflicted_db))[0]["id"] == conflict["id"]
 
     keep = next(v for v in conflict["versions"] if v["values"]["title"] == "Buy oat milk")["op"]
     response = await ds.client.post(url, data={"keep": keep}, actor=carol, headers={"Sec-Fetch-Site": "same-origin"})
     assert response.status_code == 302
     assert response.headers["location"] == "/data/-/sync/conflicts"
-    assert list_conflicts(sqlite_utils.Database(path)) == []
-    assert sqlite_utils.Database(path)["todos"].get(1)["title"] == "Buy oat milk"
+    assert list_conflicts(sqlite_utils.Database(conflicted_db)) == []
+    assert sqlite_utils.Database(conflicted_db)["todos"].get(1)["title"] == "Buy oat milk"
     after = await ds.client.get("/data/-/sync/conflicts", actor=carol, cookies=response.cookies)
     assert f"Resolved conflict {conflict['id']}" in after.text

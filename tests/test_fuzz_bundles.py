@@ -23,8 +23,6 @@ import sys
 import msgpack
 import pytest
 
-from conftest import run
-from sync_helpers import make_db, reseal, sync
 
 from sqlite_utils_sync import export_bundle, sync_status
 
@@ -73,7 +71,7 @@ DEEP_MSGPACK = b"\x91" * 100_000 + b"\xc0"
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, make_db, sync):
     """Two real bundles (a full export with a knowledge tick, moves, conflicts; and a delta) and
     the databases they go into (one that holds part of them, one that holds nothing)."""
     d = tmp_path_factory.mktemp("fuzz")
@@ -325,7 +323,7 @@ def mutate_outer(rng: random.Random, conn: sqlite3.Connection) -> str:
     return f"outer: {how}"
 
 
-def resealed_mutation(rng: random.Random, path: pathlib.Path) -> str:
+def resealed_mutation(rng: random.Random, path: pathlib.Path, craft) -> str:
     conn = sqlite3.connect(path)
     conn.text_factory = bytes  # a chunk may have become TEXT
     try:
@@ -333,7 +331,7 @@ def resealed_mutation(rng: random.Random, path: pathlib.Path) -> str:
         for _ in range(rng.choice([1, 1, 1, 2])):
             mutate = rng.choice([mutate_chunk] * 6 + [mutate_header] * 3 + [mutate_outer])
             done.append(mutate(rng, conn))
-        reseal(conn)
+        craft.reseal(conn)
         if rng.random() < 0.05:  # after the hash: what the reader must check before it reads
             statement = rng.choice(OUTER_SCHEMAS)
             conn.execute("PRAGMA writable_schema = ON")
@@ -345,7 +343,7 @@ def resealed_mutation(rng: random.Random, path: pathlib.Path) -> str:
         conn.close()
 
 
-def make_bundles(corpus: pathlib.Path, out: pathlib.Path, seed: int, raw: int, resealed: int):
+def make_bundles(corpus: pathlib.Path, out: pathlib.Path, seed: int, raw: int, resealed: int, craft):
     """Yield ``(label, bundle, target db)``, deterministically from ``seed``."""
     sources = [corpus / "full.bundle", corpus / "delta.bundle"]
     targets = [corpus / "target-a.db", corpus / "target-fresh.db"]
@@ -358,7 +356,7 @@ def make_bundles(corpus: pathlib.Path, out: pathlib.Path, seed: int, raw: int, r
             path.write_bytes(data)
         else:
             shutil.copyfile(source, path)
-            how = resealed_mutation(rng, path)
+            how = resealed_mutation(rng, path, craft)
         yield f"#{n} {source.name} -> {target.name}: {how}", path, target
 
 
@@ -379,10 +377,10 @@ def problem_with(result: dict) -> str | None:
     return None
 
 
-def test_thousands_of_mutated_bundles_import_or_fail_cleanly(corpus, worker, tmp_path):
+def test_thousands_of_mutated_bundles_import_or_fail_cleanly(corpus, worker, tmp_path, craft):
     outcomes: dict[str, int] = {}
     failures = []
-    for label, path, target in make_bundles(corpus, tmp_path, SEED, RAW, RESEALED):
+    for label, path, target in make_bundles(corpus, tmp_path, SEED, RAW, RESEALED, craft):
         result = worker.run(path, target)
         key = result["outcome"] if result["outcome"] != "error" else f"error {result['reason']}"
         outcomes[key] = outcomes.get(key, 0) + 1
@@ -398,9 +396,9 @@ def test_thousands_of_mutated_bundles_import_or_fail_cleanly(corpus, worker, tmp
     assert sum(v for k, v in outcomes.items() if k.startswith("error") and "hash" not in k) > 500
 
 
-def test_a_sample_through_the_real_cli_is_one_line_and_exit_1(corpus, worker, tmp_path):
+def test_a_sample_through_the_real_cli_is_one_line_and_exit_1(corpus, worker, tmp_path, run, craft):
     refused: dict[bool, list] = {True: [], False: []}  # by: failed the hash?
-    for label, path, target in make_bundles(corpus, tmp_path, SEED + 1, 40, 260):
+    for label, path, target in make_bundles(corpus, tmp_path, SEED + 1, 40, 260, craft):
         result = worker.run(path, target)
         if result["outcome"] == "error":
             refused[result["reason"] == "hash_mismatch"].append((label, path, target))
@@ -419,7 +417,7 @@ def test_a_sample_through_the_real_cli_is_one_line_and_exit_1(corpus, worker, tm
         assert "Traceback" not in result.stderr and db.read_bytes() == before, label
 
 
-def test_a_hub_answers_hostile_bodies_with_4xx_and_stays_up(corpus, tmp_path, datasette_server):
+def test_a_hub_answers_hostile_bodies_with_4xx_and_stays_up(corpus, tmp_path, datasette_server, craft):
     import httpx
 
     hub = tmp_path / "hub.db"
@@ -430,7 +428,7 @@ def test_a_hub_answers_hostile_bodies_with_4xx_and_stays_up(corpus, tmp_path, da
     statuses: dict[int, int] = {}
     failures = []
     with httpx.Client(timeout=60) as client:
-        for label, path, _ in make_bundles(corpus, tmp_path, SEED + 2, 100, 200):
+        for label, path, _ in make_bundles(corpus, tmp_path, SEED + 2, 100, 200, craft):
             response = client.post(
                 f"{server.url}/hub/-/sync/import",
                 content=path.read_bytes(),

@@ -1,11 +1,14 @@
 """Bundles made to hurt: each is refused with one line (exit 1 from the real CLI, a
 BundleError from the library), the database byte-identical, the process alive, and the work
-it costs bounded by its size. Values that are not valid UTF-8 travel bit-identical.
+it costs bounded by its size: crafted chunk images, headers and bundle tables, tampered or
+forged contents re-signed with a valid hash, garbage and truncated files. Thousands of
+random ones: test_fuzz_bundles.py.
 """
 
 from __future__ import annotations
 
 import http.server
+import json
 import pathlib
 import sqlite3
 import subprocess
@@ -14,23 +17,13 @@ import threading
 
 import pytest
 
-from conftest import executable, make_todos_db, run
-from sync_helpers import edit_header, file_bytes, make_db, reseal, rewrite, sync
 
-from sqlite_utils_sync import (
-    BundleError,
-    enable_sync,
-    export_bundle,
-    import_bundle,
-    list_conflicts,
-    resolve_conflict,
-    sync_status,
-)
+from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
 from sqlite_utils_sync.bundle import parse_clock
 
 
 @pytest.fixture
-def pair(tmp_path):
+def synced_pair(tmp_path, make_db, sync):
     """A and B in sync; then B edits, so B's bundles carry a knowledge tick and its edits."""
     a = make_db(tmp_path / "a.db")
     b = make_db(tmp_path / "b.db")
@@ -40,27 +33,39 @@ def pair(tmp_path):
     return a, b
 
 
-def refused_by_cli(db: pathlib.Path, bundle: pathlib.Path, starts: str = "Error: Bundle ") -> str:
+@pytest.fixture(scope="session")
+def refused_by_cli(run, file_bytes):
     """Import with the real CLI: exit 1, one line, no traceback, database byte-identical."""
-    before = file_bytes(db)
-    result = run(["sqlite-utils", "import-bundle", db, bundle], check=False)
-    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
-    assert result.stderr.startswith(starts), result.stderr
-    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert file_bytes(db) == before
-    return result.stderr
+
+    def refused_by_cli(db: pathlib.Path, bundle: pathlib.Path, starts: str = "Error: Bundle ") -> str:
+        before = file_bytes(db)
+        result = run(["sqlite-utils", "import-bundle", db, bundle], check=False)
+        assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+        assert result.stderr.startswith(starts), result.stderr
+        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert file_bytes(db) == before
+        return result.stderr
+
+    return refused_by_cli
 
 
-def refused_by_library(conn, db: pathlib.Path, bundle: pathlib.Path) -> BundleError:
-    before = file_bytes(db)
-    with pytest.raises(BundleError) as error:
-        import_bundle(conn, bundle)
-    assert str(error.value).startswith(f"Bundle {bundle.name}") and "\n" not in str(error.value)
-    assert file_bytes(db) == before
-    return error.value
+@pytest.fixture(scope="session")
+def refused_by_library(file_bytes):
+    """``refused_by_library(conn, db, bundle)``: ``import_bundle`` raises a one-line BundleError
+    naming the bundle, ``db`` unchanged; returns the error."""
+
+    def refused_by_library(conn, db: pathlib.Path, bundle: pathlib.Path) -> BundleError:
+        before = file_bytes(db)
+        with pytest.raises(BundleError) as error:
+            import_bundle(conn, bundle)
+        assert str(error.value).startswith(f"Bundle {bundle.name}") and "\n" not in str(error.value)
+        assert file_bytes(db) == before
+        return error.value
+
+    return refused_by_library
 
 
-def tick_chunk(conn, sql: str) -> None:
+def tick_chunk(conn, sql: str, craft) -> None:
     """Run ``sql`` in the knowledge-tick chunk image (table position -1) and re-sign."""
     for chunk_id, data in conn.execute("SELECT id, data FROM bundle_chunks WHERE tbl = -1").fetchall():
         image = sqlite3.connect(":memory:")
@@ -70,10 +75,10 @@ def tick_chunk(conn, sql: str) -> None:
         image.commit()
         conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [image.serialize(), chunk_id])
         image.close()
-    reseal(conn)
+    craft.reseal(conn)
 
 
-# -- 2. crafted images must not crash the process ------------------------------------------------
+# Crafted chunk images must not crash the process ---------------------------------------------
 
 
 CRASHERS = {
@@ -86,11 +91,11 @@ CRASHERS = {
 
 
 @pytest.mark.parametrize("name", list(CRASHERS))
-def test_crafted_chunk_images_are_one_line_not_a_crash(tmp_path, pair, name):
-    a, b = pair
+def test_crafted_chunk_images_are_one_line_not_a_crash(tmp_path, synced_pair, name, craft, refused_by_cli, refused_by_library):
+    a, b = synced_pair
     path = tmp_path / "x.bundle"
     export_bundle(b, path)
-    rewrite(path, lambda c: tick_chunk(c, CRASHERS[name]))
+    craft.rewrite(path, lambda c: tick_chunk(c, CRASHERS[name], craft))
     refused_by_library(a, tmp_path / "a.db", path)
     refused_by_cli(tmp_path / "a.db", path)
 
@@ -125,11 +130,11 @@ def hostile_hub():
 
 
 @pytest.mark.parametrize("name", list(CRASHERS))
-def test_a_hub_serving_a_crafted_bundle_does_not_crash_the_client(tmp_path, pair, hostile_hub, name):
-    a, b = pair
+def test_a_hub_serving_a_crafted_bundle_does_not_crash_the_client(tmp_path, synced_pair, hostile_hub, name, craft, file_bytes, run):
+    a, b = synced_pair
     path = tmp_path / "x.bundle"
     export_bundle(b, path)
-    rewrite(path, lambda c: tick_chunk(c, CRASHERS[name]))
+    craft.rewrite(path, lambda c: tick_chunk(c, CRASHERS[name], craft))
     url = hostile_hub(path.read_bytes())
     before = file_bytes(tmp_path / "a.db")
     result = run(["sqlite-utils", "sync", tmp_path / "a.db", url], check=False)
@@ -138,22 +143,27 @@ def test_a_hub_serving_a_crafted_bundle_does_not_crash_the_client(tmp_path, pair
     assert file_bytes(tmp_path / "a.db") == before
 
 
-# -- 6. work and memory bounded by the body's size -----------------------------------------------
+# Work and memory bounded by the bundle's size -------------------------------------------------
 
 
-def peak_rss_mb(args: list) -> tuple[subprocess.CompletedProcess, float]:
+@pytest.fixture(scope="session")
+def peak_rss_mb(executable):
     """Run ``args`` under a small wrapper whose only child it is: its peak memory, in MB."""
-    wrapper = (
-        "import resource, subprocess, sys\n"
-        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
-        "sys.stderr.write(r.stderr)\n"
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-        "sys.exit(r.returncode)\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", wrapper, executable(args[0]), *map(str, args[1:])], capture_output=True, text=True
-    )
-    return result, int(result.stdout.split()[-1]) / 1024
+
+    def peak_rss_mb(args: list) -> tuple[subprocess.CompletedProcess, float]:
+        wrapper = (
+            "import resource, subprocess, sys\n"
+            "r = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+            "sys.stderr.write(r.stderr)\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+            "sys.exit(r.returncode)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", wrapper, executable(args[0]), *map(str, args[1:])], capture_output=True, text=True
+        )
+        return result, int(result.stdout.split()[-1]) / 1024
+
+    return peak_rss_mb
 
 
 EXPANDERS = {
@@ -181,8 +191,8 @@ EXPANDERS = {
 
 
 @pytest.mark.parametrize("name", list(EXPANDERS))
-def test_a_small_bundle_cannot_cost_memory_beyond_its_size(tmp_path, pair, name):
-    a, b = pair
+def test_a_small_bundle_cannot_cost_memory_beyond_its_size(tmp_path, synced_pair, name, file_bytes, peak_rss_mb, refused_by_library):
+    a, b = synced_pair
     path = tmp_path / "x.bundle"
     export_bundle(b, path)
     conn = sqlite3.connect(path)
@@ -209,8 +219,8 @@ CHUNK_EXPANDERS = [
 
 
 @pytest.mark.parametrize("statement", CHUNK_EXPANDERS)
-def test_a_chunk_image_that_computes_values_is_refused_before_they_are_read(tmp_path, pair, statement):
-    a, b = pair
+def test_a_chunk_image_that_computes_values_is_refused_before_they_are_read(tmp_path, synced_pair, statement, craft, peak_rss_mb, refused_by_library):
+    a, b = synced_pair
     path = tmp_path / "x.bundle"
     export_bundle(b, path)
 
@@ -224,9 +234,9 @@ def test_a_chunk_image_that_computes_values_is_refused_before_they_are_read(tmp_
             image.commit()
             conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [image.serialize(), chunk_id])
             image.close()
-        reseal(conn)
+        craft.reseal(conn)
 
-    rewrite(path, tamper)
+    craft.rewrite(path, tamper)
     error = refused_by_library(a, tmp_path / "a.db", path)
     assert "not a table of operations" in str(error)
     result, peak = peak_rss_mb(["sqlite-utils", "import-bundle", tmp_path / "a.db", path])
@@ -234,10 +244,10 @@ def test_a_chunk_image_that_computes_values_is_refused_before_they_are_read(tmp_
     assert peak < 150, f"peak memory {peak:.0f} MB"
 
 
-def test_a_bundle_file_with_a_damaged_btree_is_refused_before_it_is_read(tmp_path, pair):
+def test_a_bundle_file_with_a_damaged_btree_is_refused_before_it_is_read(tmp_path, synced_pair, refused_by_cli, refused_by_library):
     # A damaged b-tree can reach pages twice (a loop, shared overflow pages): reading it could
     # cost far more than the file. quick_check walks each page once and refuses it first.
-    a, b = pair
+    a, b = synced_pair
     b.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(i, "x" * 2000) for i in range(100, 140)])
     path = tmp_path / "x.bundle"
     export_bundle(b, path)
@@ -251,7 +261,7 @@ def test_a_bundle_file_with_a_damaged_btree_is_refused_before_it_is_read(tmp_pat
     refused_by_cli(tmp_path / "a.db", path)
 
 
-# -- 7. errors that used to escape as something else ---------------------------------------------
+# Damaged headers and files: a BundleError, never another exception ---------------------------
 
 
 @pytest.mark.parametrize(
@@ -270,21 +280,21 @@ def test_a_bundle_file_with_a_damaged_btree_is_refused_before_it_is_read(tmp_pat
         (lambda h: h.__setitem__("devices", "e" * 32), "device list is invalid"),
     ],
 )
-def test_header_with_missing_keys_or_wrong_types_is_one_line(tmp_path, pair, change, message):
-    a, b = pair
+def test_header_with_missing_keys_or_wrong_types_is_one_line(tmp_path, synced_pair, change, message, craft, refused_by_cli, refused_by_library):
+    a, b = synced_pair
     path = tmp_path / "x.bundle"
     export_bundle(b, path)
-    rewrite(path, lambda c: (edit_header(c, change), reseal(c)))
+    craft.rewrite(path, lambda c: (craft.edit_header(c, change), craft.reseal(c)))
     error = refused_by_library(a, tmp_path / "a.db", path)
     assert error.reason in ("invalid_metadata", "invalid_clock") and message in str(error), str(error)
     refused_by_cli(tmp_path / "a.db", path)
 
 
-def test_deeply_nested_header_and_clock_are_one_line(tmp_path, pair):
-    a, b = pair
+def test_deeply_nested_header_and_clock_are_one_line(tmp_path, synced_pair, craft, run, refused_by_cli, refused_by_library):
+    a, b = synced_pair
     path = tmp_path / "x.bundle"
     export_bundle(b, path)
-    rewrite(path, lambda c: (c.execute("UPDATE bundle_header SET data = ?", [b"\x91" * 100_000 + b"\xc0"]), reseal(c)))
+    craft.rewrite(path, lambda c: (c.execute("UPDATE bundle_header SET data = ?", [b"\x91" * 100_000 + b"\xc0"]), craft.reseal(c)))
     assert refused_by_library(a, tmp_path / "a.db", path).reason == "invalid_metadata"
     refused_by_cli(tmp_path / "a.db", path)
     deep = "[" * 15_000
@@ -295,9 +305,9 @@ def test_deeply_nested_header_and_clock_are_one_line(tmp_path, pair):
     assert result.returncode == 1 and len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
 
 
-def test_schema_text_that_is_not_utf8_in_the_bundle_file_is_one_line(tmp_path, pair):
-    # A raw bit flip there used to surface as a UnicodeDecodeError traceback.
-    a, b = pair
+def test_schema_text_that_is_not_utf8_in_the_bundle_file_is_one_line(tmp_path, synced_pair, refused_by_cli, refused_by_library):
+    # A raw bit flip in the schema text of the bundle file itself.
+    a, b = synced_pair
     path = tmp_path / "x.bundle"
     export_bundle(b, path)
     data = bytearray(path.read_bytes())
@@ -308,8 +318,8 @@ def test_schema_text_that_is_not_utf8_in_the_bundle_file_is_one_line(tmp_path, p
     refused_by_cli(tmp_path / "a.db", path)
 
 
-def test_damaged_chunk_image_is_a_bundle_error_not_a_database_error(tmp_path, pair):
-    a, b = pair
+def test_damaged_chunk_image_is_a_bundle_error_not_a_database_error(tmp_path, synced_pair, craft, refused_by_cli, refused_by_library):
+    a, b = synced_pair
     path = tmp_path / "x.bundle"
     export_bundle(b, path)
 
@@ -319,71 +329,228 @@ def test_damaged_chunk_image_is_a_bundle_error_not_a_database_error(tmp_path, pa
         page_size = int.from_bytes(data[16:18], "big")
         data[page_size : page_size + 8] = b"\x0d\xff\xff\xff\xff\xff\xff\xff"  # the ops table's page header
         conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [bytes(data), chunk_id])
-        reseal(conn)
+        craft.reseal(conn)
 
-    rewrite(path, damage)
+    craft.rewrite(path, damage)
     error = refused_by_library(a, tmp_path / "a.db", path)
     assert error.reason == "invalid_operation" and "chunk" in str(error)
     refused_by_cli(tmp_path / "a.db", path)
 
 
-# -- 8. values that are not valid UTF-8 travel bit-identical -------------------------------------
+# Tampered, forged, garbage and truncated bundles ----------------------------------------------
 
 
-def test_text_that_is_not_utf8_travels_bit_identical_through_a_hub(tmp_path, datasette_server):
-    hub_path = make_todos_db(tmp_path / "hub.db")
-    config = {"databases": {"hub": {"permissions": {"sync-export": {"id": "alice"}, "sync-import": {"id": "alice"}}}}}
-    server = datasette_server([hub_path], config)
-    token = server.token("alice", "-d", "hub", "view-database", "-d", "hub", "sync-export", "-d", "hub", "sync-import")
-    a_path, b_path = make_todos_db(tmp_path / "a.db"), make_todos_db(tmp_path / "b.db")
-    a = sqlite3.connect(a_path, isolation_level=None)
-    # Written with the sqlite3 module: SQLite stores these bytes as TEXT without a word.
-    a.execute("INSERT INTO todos VALUES (1, CAST(x'41FF42' AS TEXT), 0)")
-    a.execute("INSERT INTO todos VALUES (2, CAST(x'C3' AS TEXT), 0)")
-    a.execute("UPDATE todos SET title = CAST(x'FE41' AS TEXT) WHERE id = 2")  # two ops on a row: through Python
-    a.execute("INSERT INTO todos VALUES (3, x'41FF42', 0)")  # the same bytes as a BLOB stay a BLOB
-    a.close()
-    for path in (a_path, b_path):
-        result = run(["sqlite-utils", "sync", path, server.url + "/hub", "--token", token, "--json"], check=False)
-        assert result.returncode == 0, result.stderr
-    select = "SELECT id, hex(title), typeof(title) FROM todos ORDER BY id"
-    expected = [(1, "41FF42", "text"), (2, "FE41", "text"), (3, "41FF42", "blob")]
-    for path in (a_path, hub_path, b_path):
-        assert sqlite3.connect(path).execute(select).fetchall() == expected, path
-    # And back: B edits another row, A pulls; nothing differs anywhere.
-    sqlite3.connect(b_path, isolation_level=None).execute("UPDATE todos SET done = 1 WHERE id = 1")
-    for path in (b_path, a_path):
-        assert run(["sqlite-utils", "sync", path, server.url + "/hub", "--token", token]).returncode == 0
-    for path in (a_path, hub_path, b_path):
-        assert sqlite3.connect(path).execute(select).fetchall() == expected, path
-        assert sqlite3.connect(path).execute("SELECT done FROM todos WHERE id = 1").fetchone() == (1,)
+def sealed(sql, *params):
+    return lambda c, craft: (craft.edit_chunks(c, sql, *params), craft.reseal(c))
 
 
-def test_conflicts_and_enable_sync_keep_text_that_is_not_utf8_exact(tmp_path):
-    # A connection that decodes with replacement (as Datasette's do) must not change a value
-    # that passes through Python: a concurrent edit, a resolution, enable-sync over old rows.
-    c = sqlite3.connect(tmp_path / "c.db", isolation_level=None)
-    c.execute("CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL)")
-    c.execute("INSERT INTO todos VALUES (9, CAST(x'ff61' AS TEXT), 0, 0)")
-    c.text_factory = lambda data: str(data, "utf-8", "replace")
-    enable_sync(c, ["todos"])
-    assert c.execute("SELECT hex(c1), typeof(c1) FROM _sync_ops WHERE tid != 0").fetchall() == [("FF61", "text")]
-    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
-    a.execute("INSERT INTO todos VALUES (1, 'x', 0, 0)")
+FIRST = "WHERE seq = (SELECT min(seq) FROM ops)"
+
+
+HOSTILE = {
+    "tampered value": (
+        lambda c, craft: craft.edit_chunks(c, f"UPDATE ops SET v1 = 'tampered' {FIRST}"),
+        "hash_mismatch",
+        "failed its integrity check",
+    ),
+    "internal table": (
+        lambda c, craft: (craft.edit_header(c, lambda h: h["tables"][0].__setitem__(0, "_sync_devices")), craft.reseal(c)),
+        "internal_table",
+        "operations on internal table '_sync_devices' are never accepted",
+    ),
+    "internal table under another case": (
+        lambda c, craft: (craft.edit_header(c, lambda h: h["tables"][0].__setitem__(0, "_SYNC_Devices")), craft.reseal(c)),
+        "internal_table",
+        "operations on internal table '_SYNC_Devices' are never accepted",
+    ),
+    "unknown column": (
+        lambda c, craft: (
+            craft.edit_header(c, lambda h: h["tables"][0][1].__setitem__(3, "secret")),
+            craft.reseal(c),
+        ),
+        "unknown_column",
+        "table 'todos' has column secret that this database lacks",
+    ),
+    "forged clock": (
+        sealed(f"UPDATE ops SET kind = 3, moved = ? {FIRST}", json.dumps({"f" * 32: 10**6})),
+        "invalid_operation",
+        "invalid kind or mask",
+    ),
+    "moved-from key on an insert": (
+        sealed(f"UPDATE ops SET moved = '999' {FIRST}"),
+        "invalid_operation",
+        "invalid moved-from key",
+    ),
+    "NULL primary key": (
+        sealed(f"UPDATE ops SET v0 = NULL {FIRST}"),
+        "null_key",
+        "an operation for table 'todos' has a NULL primary key",
+    ),
+    "text key for an INTEGER PRIMARY KEY": (
+        sealed(f"UPDATE ops SET v0 = 'one' {FIRST}"),
+        "key_type",
+        "table 'todos' is keyed by an INTEGER PRIMARY KEY here, but operations carry text keys",
+    ),
+    "fractional key for an INTEGER PRIMARY KEY": (
+        sealed(f"UPDATE ops SET v0 = 1.5 {FIRST}"),
+        "key_type",
+        "table 'todos' is keyed by an INTEGER PRIMARY KEY here, but operations carry real keys",
+    ),
+    "negative clock": (
+        sealed(f"UPDATE ops SET hlc = -1 {FIRST}"),
+        "invalid_operation",
+        "clock out of range (-1)",
+    ),
+    "clock at the top of the integer range": (
+        sealed("UPDATE ops SET hlc = 9223372036854775807 WHERE seq = (SELECT max(seq) FROM ops)"),
+        "invalid_operation",
+        "clock out of range (9223372036854775807)",
+    ),
+    "operation count that is not what it carries": (
+        lambda c, craft: (craft.edit_header(c, lambda h: h.__setitem__("operations", 5)), craft.reseal(c)),
+        "invalid_metadata",
+        "its header counts 5 operations but it carries 7",
+    ),
+    "primary key marked as a dropped column": (
+        lambda c, craft: (craft.edit_header(c, lambda h: h.__setitem__("dropped", {"todos": ["id"]})), craft.reseal(c)),
+        "invalid_metadata",
+        "dropped-column list is invalid",
+    ),
+    "operation count out of range": (
+        lambda c, craft: (craft.edit_header(c, lambda h: h.__setitem__("operations", 2**63)), craft.reseal(c)),
+        "invalid_metadata",
+        "operation count is invalid",
+    ),
+    "clock not an integer": (
+        sealed(f"UPDATE ops SET hlc = 'soon' {FIRST}"),
+        "invalid_operation",
+        "clock that is not an integer",
+    ),
+    "mask naming a column the bundle lacks": (
+        sealed(f"UPDATE ops SET mask = 1 << 20 {FIRST}"),
+        "invalid_operation",
+        "invalid kind or mask",
+    ),
+    "hole in a sequence": (
+        sealed("UPDATE ops SET seq = 77 WHERE seq = (SELECT min(seq) + 1 FROM ops)"),
+        "missing_operations",
+        "it lacks operation 2 of device",
+    ),
+    "sequence out of range": (
+        sealed(f"UPDATE ops SET seq = -5 {FIRST}"),
+        "invalid_operation",
+        "sequence numbers must be 1 to",
+    ),
+    "chunk image with a trigger": (
+        sealed("CREATE TRIGGER trap AFTER INSERT ON ops BEGIN DELETE FROM ops; END"),
+        "invalid_operation",
+        "has a chunk that is not a table of operations",
+    ),
+    "chunk image with another column": (
+        sealed("ALTER TABLE ops ADD COLUMN secret"),
+        "invalid_operation",
+        "has a chunk that is not a table of operations",
+    ),
+    "chunk that is not a database": (
+        lambda c, craft: (c.execute("UPDATE bundle_chunks SET data = zeroblob(4096) WHERE id = 1"), craft.reseal(c)),
+        "invalid_operation",
+        "has a chunk that",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_or_tampered_bundles_are_refused_and_change_nothing(tmp_path, pair, name, craft, file_bytes, run):
+    tamper, reason, message = HOSTILE[name]
+    a, b = pair
+    path = tmp_path / "x.bundle"
+    export_bundle(a, path)
+    craft.rewrite(path, lambda c: tamper(c, craft))
+    before = file_bytes(tmp_path / "b.db")
+    with pytest.raises(BundleError) as error:
+        import_bundle(b, path)
+    assert error.value.reason == reason
+    assert message in str(error.value)
+    assert str(error.value).startswith("Bundle x.bundle")
+    assert file_bytes(tmp_path / "b.db") == before
+    # A real process: a crash at exit (a statement left open on a chunk) must not hide here.
+    result = run(["sqlite-utils", "import-bundle", tmp_path / "b.db", path], check=False)
+    assert result.returncode == 1 and result.stderr.startswith("Error: Bundle x.bundle")
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    assert file_bytes(tmp_path / "b.db") == before
+    # A good bundle still works afterwards.
+    export_bundle(a, tmp_path / "good.bundle")
+    assert import_bundle(b, tmp_path / "good.bundle").applied == 7
+
+
+def test_forged_dependency_clock_is_refused(tmp_path, pair, craft, file_bytes, sync):
+    a, b = pair
     sync(a, b, tmp_path)
-    a.execute("UPDATE todos SET title = CAST(x'41ff42' AS TEXT) WHERE id = 1")
-    b.execute("UPDATE todos SET title = CAST(x'43ff44' AS TEXT) WHERE id = 1")
-    b.text_factory = a.text_factory = c.text_factory
-    sync(a, b, tmp_path)
-    sync(b, a, tmp_path)
-    select = "SELECT hex(title), typeof(title) FROM todos"
-    assert a.execute(select).fetchall() == b.execute(select).fetchall()
-    (conflict,) = list_conflicts(b)
-    # Keep the version the table does not hold: it is written from Python.
-    current = conflict["current"]["title"]
-    version = next(v for v in conflict["versions"] if v["values"]["title"][0] != current[0])
-    resolve_conflict(b, conflict["id"], keep=version["op"])
-    kept = b.execute(select).fetchall()
-    assert kept == [("41FF42" if version["values"]["title"][0] == "A" else "43FF44", "text")]
-    sync(b, a, tmp_path)
-    assert a.execute(select).fetchall() == kept
+    b.execute("INSERT INTO todos VALUES (70, 'b', 0, 0)")
+    path = tmp_path / "dep.bundle"
+    export_bundle(b, path, since=sync_status(a)["clock"])
+
+    def forge(conn):
+        craft.edit_chunks(conn, "UPDATE ops SET moved = ? WHERE kind = 3", json.dumps({"e" * 32: 5}), first_only=False)
+        craft.reseal(conn)
+
+    craft.rewrite(path, forge)
+    before = file_bytes(tmp_path / "a.db")
+    with pytest.raises(BundleError, match="depend on device e{32} up to seq 5") as error:
+        import_bundle(a, path)
+    assert error.value.reason == "missing_dependencies"
+    assert file_bytes(tmp_path / "a.db") == before
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "Error: Bundle junk.bundle is empty (0 bytes)"),
+        (b"this is not a database at all" * 100, "Error: Bundle junk.bundle is not a SQLite file"),
+    ],
+)
+def test_garbage_files_are_refused(tmp_path, pair, content, message, file_bytes, run_cli):
+    a, b = pair
+    path = tmp_path / "junk.bundle"
+    path.write_bytes(content)
+    before = file_bytes(tmp_path / "b.db")
+    with pytest.raises(BundleError) as error:
+        import_bundle(b, path)
+    assert error.value.reason == "invalid_bundle"
+    result = run_cli("import-bundle", tmp_path / "b.db", path)
+    assert result.exit_code == 1
+    assert result.output.startswith(message)
+    assert result.output.count("\n") == 1
+    assert file_bytes(tmp_path / "b.db") == before
+
+
+def test_truncated_bundle_is_refused(tmp_path, pair, file_bytes):
+    a, b = pair
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(i, "x" * 200) for i in range(100, 3000)])
+    export_bundle(a, tmp_path / "full.bundle")
+    data = file_bytes(tmp_path / "full.bundle")
+    (tmp_path / "cut.bundle").write_bytes(data[: len(data) // 2])
+    before = file_bytes(tmp_path / "b.db")
+    with pytest.raises(BundleError) as error:
+        import_bundle(b, tmp_path / "cut.bundle")
+    assert error.value.reason in {"invalid_bundle", "hash_mismatch"}
+    assert file_bytes(tmp_path / "b.db") == before
+
+
+def test_bundle_is_opened_read_only_and_its_triggers_never_run(tmp_path, pair, craft, file_bytes):
+    a, b = pair
+    path = tmp_path / "trap.bundle"
+    export_bundle(a, path)
+    craft.rewrite(
+        path,
+        lambda c: c.executescript(
+            """
+            CREATE TABLE log (x);
+            CREATE TRIGGER trap AFTER INSERT ON bundle_chunks BEGIN INSERT INTO log VALUES (1); END;
+            CREATE VIEW sneaky AS SELECT * FROM bundle_chunks;
+            """
+        ),
+    )
+    before = file_bytes(path)
+    assert import_bundle(b, path).applied == 7
+    assert file_bytes(path) == before  # read-only: the bundle file is untouched

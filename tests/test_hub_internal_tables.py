@@ -18,7 +18,6 @@ from datasette.utils import tilde_encode
 
 from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, sync_status
 
-from conftest import make_todos_db, run
 
 WRITES = ["insert-row", "update-row", "delete-row", "drop-table", "alter-table", "create-table", "set-column-type"]
 CONFIG = {
@@ -62,7 +61,7 @@ def contents(path) -> dict[str, list]:
         conn.close()
 
 
-def build_hub(tmp_path):
+def build_hub(tmp_path, make_todos_db):
     """``hub.db``: synced ``todos`` and ``secret``, with a conflict on secret row 1."""
     path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "Buy milk", "done": 0}])
     hub = sqlite3.connect(path, isolation_level=None)
@@ -86,8 +85,8 @@ def build_hub(tmp_path):
 
 
 @pytest.fixture
-def hub(tmp_path, datasette_server):
-    path = build_hub(tmp_path)
+def hub(tmp_path, datasette_server, make_todos_db):
+    path = build_hub(tmp_path, make_todos_db)
     server = datasette_server([path], CONFIG, "--root")
     with httpx.Client(base_url=server.url, timeout=30) as client:
         yield path, server, client
@@ -137,7 +136,7 @@ def write_requests(path, table):
     yield "/hub/-/execute-write", {"sql": f'DROP TABLE "{table}"'}
 
 
-def test_no_actor_changes_a_sync_table_through_datasette(hub, tmp_path):
+def test_no_actor_changes_a_sync_table_through_datasette(hub, tmp_path, run):
     path, server, client = hub
     before_digest, before = digest(path), contents(path)
     tables = sync_tables(path)
@@ -249,7 +248,7 @@ def test_sync_table_pages_reveal_nothing(hub):
     assert MARKERS[1] in client.get("/hub/-/sync/conflicts.json", headers=root).text
 
 
-def test_no_table_is_renamed_into_a_sync_name(hub, tmp_path):
+def test_no_table_is_renamed_into_a_sync_name(hub, tmp_path, run):
     """SQLite tells the write guard only the old name of a renamed table: renaming one into
     ``_sync_*`` would plant an engine table the engine creates only when first needed, such as
     ``_sync_device_actors`` claiming others' devices, or ``_sync_horizon``."""

@@ -19,25 +19,28 @@ import pytest
 
 from sqlite_utils_sync import export_bundle, import_bundle, sync_status
 
-from conftest import clean_env, executable, make_todos_db
-from sync_helpers import conflict_records, make_db, rows, sync
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "bench_hub_load.py"
 OPS_READ = "SELECT max(op) FROM _sync_ops"  # the export has listed the devices and reads their tops
 
 
-def hub_with_a_pending_push(tmp_path: pathlib.Path, journal_mode: str):
+@pytest.fixture(scope="session")
+def hub_with_a_pending_push(make_db, sync):
     """A hub with rows, a client level with it, and a push from a new device ready to import."""
-    hub = make_db(tmp_path / "hub.db")
-    hub.execute(f"PRAGMA journal_mode = {journal_mode}")
-    hub.executemany("INSERT INTO todos (id, title) VALUES (?, ?)", [(i, f"hub {i}") for i in range(1, 6)])
-    client = make_db(tmp_path / "client.db")
-    sync(hub, client, tmp_path)
-    pusher = make_db(tmp_path / "pusher.db")
-    pusher.executemany("INSERT INTO todos (id, title) VALUES (?, ?)", [(i, f"pusher {i}") for i in range(10, 13)])
-    export_bundle(pusher, tmp_path / "push.bundle")
-    return hub, client
+
+    def hub_with_a_pending_push(tmp_path: pathlib.Path, journal_mode: str):
+        hub = make_db(tmp_path / "hub.db")
+        hub.execute(f"PRAGMA journal_mode = {journal_mode}")
+        hub.executemany("INSERT INTO todos (id, title) VALUES (?, ?)", [(i, f"hub {i}") for i in range(1, 6)])
+        client = make_db(tmp_path / "client.db")
+        sync(hub, client, tmp_path)
+        pusher = make_db(tmp_path / "pusher.db")
+        pusher.executemany("INSERT INTO todos (id, title) VALUES (?, ?)", [(i, f"pusher {i}") for i in range(10, 13)])
+        export_bundle(pusher, tmp_path / "push.bundle")
+        return hub, client
+
+    return hub_with_a_pending_push
 
 
 def export_while_pushing(tmp_path: pathlib.Path, hub_path: pathlib.Path, since: dict) -> str:
@@ -63,12 +66,12 @@ def export_while_pushing(tmp_path: pathlib.Path, hub_path: pathlib.Path, since: 
     finally:
         read.close()
         writer.close()
-    # No outcome: the export no longer runs OPS_READ, so the push never happened mid-export.
+    # No outcome: no statement of the export had OPS_READ, so the push never happened mid-export.
     return outcome[0] if outcome else f"never pushed: no statement had {OPS_READ!r}"
 
 
 @pytest.mark.parametrize("journal_mode", ["delete", "wal"])
-def test_a_push_committing_during_an_export_is_wholly_in_the_pull_or_not_at_all(tmp_path, journal_mode):
+def test_a_push_committing_during_an_export_is_wholly_in_the_pull_or_not_at_all(tmp_path, journal_mode, conflict_records, rows, sync, hub_with_a_pending_push):
     hub, client = hub_with_a_pending_push(tmp_path, journal_mode)
     hub.close()
     hub_path = tmp_path / "hub.db"
@@ -77,7 +80,7 @@ def test_a_push_committing_during_an_export_is_wholly_in_the_pull_or_not_at_all(
     # for the export's lock (the hub answers 503 busy after its timeout and the client retries).
     assert pushed == ("committed" if journal_mode == "wal" else "busy")
 
-    result = import_bundle(client, str(tmp_path / "pull.bundle"))  # missing_dependencies before the fix
+    result = import_bundle(client, str(tmp_path / "pull.bundle"))  # missing_dependencies if the export saw half the push
     assert result.total_operations == 0  # the client was level with the hub before the push
 
     hub = sqlite3.connect(hub_path, isolation_level=None)
@@ -93,9 +96,9 @@ def test_a_push_committing_during_an_export_is_wholly_in_the_pull_or_not_at_all(
 
 
 @pytest.mark.parametrize("journal_mode", ["delete", "wal"])
-def test_clients_syncing_at_once_never_fail_and_end_identical(tmp_path, journal_mode):
-    """4 client processes, 8 syncs each, through one ``datasette serve``: before the snapshot
-    export a few of them failed with missing_dependencies in every such run."""
+def test_clients_syncing_at_once_never_fail_and_end_identical(tmp_path, journal_mode, clean_env, conflict_records, rows):
+    """4 client processes, 8 syncs each, through one ``datasette serve``: an export that is not
+    one snapshot makes a few of them fail with missing_dependencies in every such run."""
     work = tmp_path / "run"
     args = [sys.executable, str(BENCH), "--clients", "4", "--syncs", "8", "--dir", str(work), "--json"]
     if journal_mode == "wal":
@@ -123,7 +126,7 @@ HUB_CONFIG = {"databases": {"hub": {"permissions": {"sync-export": {"id": "alice
 
 
 @pytest.fixture
-def hub(tmp_path, datasette_server):
+def hub(tmp_path, datasette_server, make_todos_db):
     """A hub in SQLite's default rollback-journal mode, where a lock keeps others waiting."""
     path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "on the hub", "done": 0}])
     server = datasette_server([path], HUB_CONFIG)
@@ -132,17 +135,23 @@ def hub(tmp_path, datasette_server):
     return server
 
 
-def sync_process(client, hub, *options: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [executable("sqlite-utils"), "sync", str(client), hub.url + "/hub", "--token", hub.alice, "--json", *options],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=clean_env(),
-    )
+@pytest.fixture(scope="session")
+def sync_process(executable, clean_env):
+    """``sync_process(client, hub, *options)``: ``sqlite-utils sync --json`` with the hub, started, not awaited."""
+
+    def sync_process(client, hub, *options: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [executable("sqlite-utils"), "sync", str(client), hub.url + "/hub", "--token", hub.alice, "--json", *options],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+        )
+
+    return sync_process
 
 
-def test_a_push_the_hub_answers_busy_is_sent_again_by_itself_and_lands(tmp_path, hub):
+def test_a_push_the_hub_answers_busy_is_sent_again_by_itself_and_lands(tmp_path, hub, make_todos_db, rows, sync_process):
     client = make_todos_db(tmp_path / "client.db", [{"id": 2, "title": "from the client", "done": 1}])
     # A reader holding its lock: the hub's import cannot commit, waits, then answers 503.
     reader = sqlite3.connect(hub.path, isolation_level=None)
@@ -162,7 +171,7 @@ def test_a_push_the_hub_answers_busy_is_sent_again_by_itself_and_lands(tmp_path,
     assert [r[0] for r in rows(hub_conn)] == [1, 2]
 
 
-def test_a_hub_busy_for_longer_than_the_retries_is_one_line_and_changes_nothing(tmp_path, hub):
+def test_a_hub_busy_for_longer_than_the_retries_is_one_line_and_changes_nothing(tmp_path, hub, make_todos_db, sync_process):
     client = make_todos_db(tmp_path / "client.db", [{"id": 2, "title": "from the client", "done": 1}])
     before = (client).read_bytes()
     writer = sqlite3.connect(hub.path, isolation_level=None)

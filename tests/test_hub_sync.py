@@ -21,45 +21,6 @@ from sqlite_utils_sync import export_bundle, import_bundle, sync_status
 from sqlite_utils_sync.client import HubError, sync_with_hub
 from sqlite_utils_sync.errors import SyncError
 
-from conftest import FAKETIME, clean_env, free_port, make_todos_db, run, run_json, shell
-
-HUB_CONFIG = {
-    "databases": {
-        "hub": {
-            "permissions": {
-                "sync-export": {"id": ["alice", "bob"]},
-                "sync-import": {"id": ["alice"]},
-                "insert-row": {"id": "writer"},
-                "update-row": {"id": "writer"},
-                "alter-table": {"id": "alice"},
-            }
-        }
-    }
-}
-
-
-def rows(path) -> list[dict]:
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM todos ORDER BY id")]
-    finally:
-        conn.close()
-
-
-def upsert(path, row: dict) -> None:
-    run(["sqlite-utils", "upsert", path, "todos", "-", "--pk", "id"], input=json.dumps([row]))
-
-
-def sync(path, server, token, check=True):
-    """Run the real CLI; returns the parsed --json output (or the process when check=False)."""
-    args = ["sqlite-utils", "sync", path, server.url + "/hub", "--json"]
-    if token is not None:
-        args += ["--token", token]
-    if not check:
-        return run(args, check=False)
-    return run_json(args)
-
 
 def moved(result) -> tuple[int, int]:
     pulled = result["pulled"]["total_operations"]
@@ -69,9 +30,9 @@ def moved(result) -> tuple[int, int]:
 
 
 @pytest.fixture
-def hub(tmp_path, datasette_server):
+def hub(tmp_path, datasette_server, hub_config, make_todos_db):
     hub_path = make_todos_db(tmp_path / "hub.db")
-    server = datasette_server([hub_path], HUB_CONFIG)
+    server = datasette_server([hub_path], hub_config)
     server.path = hub_path
     return server
 
@@ -82,17 +43,17 @@ def alice(hub):
     return hub.token("alice", "-d", "hub", "sync-export", "-d", "hub", "sync-import", "-d", "hub", "view-database")
 
 
-def test_two_devices_converge_conflict_and_resolution(tmp_path, hub, alice):
+def test_two_devices_converge_conflict_and_resolution(tmp_path, hub, alice, hub_sync, make_todos_db, run, run_json, todo_rows, upsert):
     a = make_todos_db(tmp_path / "a.db", [{"id": 1, "title": "Buy milk", "done": 0}, {"id": 2, "title": "Walk dog", "done": 0}])
     b = make_todos_db(tmp_path / "b.db")
 
-    first = sync(a, hub, alice)
+    first = hub_sync(a, hub, alice)
     assert first["pulled"]["total_operations"] == 0
     assert first["pushed"]["total_operations"] >= 2
     assert first["pushed"]["applied"] == first["pushed"]["total_operations"]
     assert first["hub"]["device_id"] == sync_status(sqlite_utils.Database(hub.path))["device_id"]
-    sync(b, hub, alice)
-    assert rows(a) == rows(b) == rows(hub.path) == [
+    hub_sync(b, hub, alice)
+    assert todo_rows(a) == todo_rows(b) == todo_rows(hub.path) == [
         {"id": 1, "title": "Buy milk", "done": 0},
         {"id": 2, "title": "Walk dog", "done": 0},
     ]
@@ -104,9 +65,9 @@ def test_two_devices_converge_conflict_and_resolution(tmp_path, hub, alice):
     upsert(b, {"id": 1, "title": "Buy soy milk"})
     upsert(b, {"id": 2, "done": 1})
     for path in (a, b, a, b):
-        sync(path, hub, alice)
-    assert rows(a) == rows(b) == rows(hub.path)
-    assert rows(a)[1:] == [{"id": 2, "title": "Walk dog", "done": 1}, {"id": 3, "title": "From A", "done": 0}]
+        hub_sync(path, hub, alice)
+    assert todo_rows(a) == todo_rows(b) == todo_rows(hub.path)
+    assert todo_rows(a)[1:] == [{"id": 2, "title": "Walk dog", "done": 1}, {"id": 3, "title": "From A", "done": 0}]
 
     conflicts_a = run_json(["sqlite-utils", "sync-conflicts", a, "--json"])
     conflicts_b = run_json(["sqlite-utils", "sync-conflicts", b, "--json"])
@@ -120,38 +81,38 @@ def test_two_devices_converge_conflict_and_resolution(tmp_path, hub, alice):
 
     # Quiet now: another run moves nothing either way, on both devices.
     for path in (a, b):
-        assert moved(sync(path, hub, alice)) == (0, 0)
+        assert moved(hub_sync(path, hub, alice)) == (0, 0)
 
     # Resolve on B, keeping A's version; it reaches A (and the hub) by syncing.
     keep = next(v["op"] for v in conflict["versions"] if v["values"]["title"] == "Buy oat milk")
     run(["sqlite-utils", "sync-resolve", b, conflict["id"], "--keep", keep])
     assert run_json(["sqlite-utils", "sync-conflicts", b, "--json"]) == []
-    assert moved(sync(b, hub, alice))[1] >= 1
+    assert moved(hub_sync(b, hub, alice))[1] >= 1
     assert run_json(["sqlite-utils", "sync-conflicts", a, "--json"]) != []
-    sync(a, hub, alice)
+    hub_sync(a, hub, alice)
     assert run_json(["sqlite-utils", "sync-conflicts", a, "--json"]) == []
     resolved = run_json(["sqlite-utils", "sync-conflicts", a, "--all", "--json"])
     assert [c["id"] for c in resolved] == [conflict["id"]] and resolved[0]["resolved"]
     assert run_json(["sqlite-utils", "sync-conflicts", hub.path, "--json"]) == []
-    assert rows(a) == rows(b) == rows(hub.path)
-    assert rows(a)[0]["title"] == "Buy oat milk"
+    assert todo_rows(a) == todo_rows(b) == todo_rows(hub.path)
+    assert todo_rows(a)[0]["title"] == "Buy oat milk"
 
 
-def test_second_run_moves_nothing_and_human_output(tmp_path, hub, alice):
+def test_second_run_moves_nothing_and_human_output(tmp_path, hub, alice, clean_env, hub_sync, make_todos_db, run):
     a = make_todos_db(tmp_path / "a.db", [{"id": 1, "title": "One", "done": 0}])
     result = run(["sqlite-utils", "sync", a, hub.url + "/hub/"], env=clean_env(DATASETTE_SYNC_TOKEN=alice))
     assert result.stdout == ""
     # The one operation pulled is the hub's knowledge tick, written when it imported the push.
     assert result.stderr == f"Pulled 1 operation(s) from {hub.url}/hub (1 new); pushed 1 operation(s) (1 new to the hub)\n"
     # The pull of the second run is empty even though the hub ticked when it imported the push.
-    second = sync(a, hub, alice)
+    second = hub_sync(a, hub, alice)
     assert second["pulled"]["total_operations"] == 0
     assert second["pushed"]["total_operations"] == 0
     assert second["pulled_after_push"] is None
     assert second["hub"]["clock"] == sync_status(sqlite_utils.Database(a))["clock"]
 
 
-def test_writes_through_datasette_write_api_reach_devices(tmp_path, hub, alice):
+def test_writes_through_datasette_write_api_reach_devices(tmp_path, hub, alice, hub_sync, make_todos_db, run_json, todo_rows, upsert):
     writer = hub.token("writer")
     headers = {"Authorization": f"Bearer {writer}"}
     response = hub.post("/hub/todos/-/insert", json={"rows": [{"id": 10, "title": "Inserted via API", "done": 0}, {"id": 11, "title": "Second", "done": 0}]}, headers=headers)
@@ -167,67 +128,65 @@ def test_writes_through_datasette_write_api_reach_devices(tmp_path, hub, alice):
     # connection has recursive_triggers on, so INSERT OR REPLACE fires the delete trigger too).
     assert status["tables"]["todos"]["operations"] == 6
     device = make_todos_db(tmp_path / "device.db")
-    result = sync(device, hub, alice)
+    result = hub_sync(device, hub, alice)
     assert result["pulled"]["applied"] >= 5
-    assert rows(device) == rows(hub.path) == [
+    assert todo_rows(device) == todo_rows(hub.path) == [
         {"id": 10, "title": "Inserted via API", "done": 0},
         {"id": 11, "title": "Second", "done": 1},
         {"id": 12, "title": "Replaced", "done": 1},
     ]
     # And back: an edit on the device shows up in Datasette's own JSON API.
     upsert(device, {"id": 10, "done": 1})
-    sync(device, hub, alice)
+    hub_sync(device, hub, alice)
     api = hub.get("/hub/todos/10.json?_shape=objects", headers=headers).json()
     assert api["rows"] == [{"id": 10, "title": "Inserted via API", "done": 1}]
 
 
-@pytest.mark.skipif(not FAKETIME, reason="needs faketime (apt install faketime)")
-def test_a_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, hub, alice):
+def test_a_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, hub, alice, hub_sync, make_todos_db, run, shell, todo_rows):
     shell(hub.path, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
     shell(hub.path, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")
     device = make_todos_db(tmp_path / "device.db")
-    result = sync(device, hub, alice)  # a pull first: the hub exports from a read connection
+    result = hub_sync(device, hub, alice)  # a pull first: the hub exports from a read connection
     assert result["pulled"]["applied"] == 2
-    assert rows(device) == rows(hub.path) == [{"id": 1, "title": "buy oat milk", "done": 0}]
+    assert todo_rows(device) == todo_rows(hub.path) == [{"id": 1, "title": "buy oat milk", "done": 0}]
     # A third copy meeting the hub's operations through the device agrees too.
     other = make_todos_db(tmp_path / "other.db")
     run(["sqlite-utils", "export-bundle", device, tmp_path / "d.bundle"])
     run(["sqlite-utils", "import-bundle", other, tmp_path / "d.bundle"])
-    assert rows(other) == rows(hub.path)
+    assert todo_rows(other) == todo_rows(hub.path)
 
 
-@pytest.mark.skipif(not FAKETIME, reason="needs faketime (apt install faketime)")
-def test_an_immutable_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, datasette_server):
+def test_an_immutable_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, datasette_server, hub_config, make_todos_db, run, shell, todo_rows):
     hub_path = make_todos_db(tmp_path / "hub.db")
     shell(hub_path, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
     shell(hub_path, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")
     before = hub_path.read_bytes()
-    server = datasette_server([], HUB_CONFIG, "-i", str(hub_path))
+    server = datasette_server([], hub_config, "-i", str(hub_path))
     device = make_todos_db(tmp_path / "device.db")
     response = server.get("/hub/-/sync/export", headers={"Authorization": f"Bearer {server.token('alice')}"})
     assert response.status_code == 200, response.text
     (tmp_path / "hub.bundle").write_bytes(response.content)
     run(["sqlite-utils", "import-bundle", device, tmp_path / "hub.bundle"])
-    assert rows(device) == rows(hub_path) == [{"id": 1, "title": "buy oat milk", "done": 0}]
+    assert todo_rows(device) == todo_rows(hub_path) == [{"id": 1, "title": "buy oat milk", "done": 0}]
     assert hub_path.read_bytes() == before
 
 
-def test_token_recipe(hub, tmp_path):
+def test_token_recipe(hub, tmp_path, hub_sync, make_todos_db):
     """Restricted tokens must name view-database too (sync actions also require it)."""
     device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
     without_view = hub.token("alice", "-d", "hub", "sync-export", "-d", "hub", "sync-import")
-    result = sync(device, hub, without_view, check=False)
+    result = hub_sync(device, hub, without_view, check=False)
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: hub {hub.url}/hub does not allow export (pull) (403)"), result.stderr
     export_only = hub.token("alice", "-d", "hub", "sync-export", "-d", "hub", "view-database")
-    result = sync(device, hub, export_only, check=False)
+    result = hub_sync(device, hub, export_only, check=False)
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: hub {hub.url}/hub does not allow import (push) (403)"), result.stderr
     unrestricted = hub.token("alice")
-    assert moved(sync(device, hub, unrestricted))[1] >= 1
+    assert moved(hub_sync(device, hub, unrestricted))[1] >= 1
 
 
-def test_error_lines(hub, tmp_path):
+def test_error_lines(hub, tmp_path, free_port, hub_sync, make_todos_db, run):
     device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
 
     def error(url, token):
@@ -260,10 +219,10 @@ def test_error_lines(hub, tmp_path):
     assert error(closed, alice) == f"Error: cannot connect to {closed}: connection refused"
     assert error("ftp://example.com/data", alice).startswith("Error: Hub URL must be a database URL")
     # None of it changed the device, and bob's failed push pulled nothing harmful: a retry works.
-    assert moved(sync(device, hub, alice))[1] >= 1
+    assert moved(hub_sync(device, hub, alice))[1] >= 1
 
 
-def test_hub_url_mistakes_are_one_line_errors(tmp_path):
+def test_hub_url_mistakes_are_one_line_errors(tmp_path, make_todos_db, run):
     device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
     example = "a database URL like http://127.0.0.1:8001/data"
     refused = {
@@ -279,7 +238,7 @@ def test_hub_url_mistakes_are_one_line_errors(tmp_path):
         assert result.stderr.count("\n") == 1, result.stderr
 
 
-def test_busy_hub_says_so(hub, alice, tmp_path):
+def test_busy_hub_says_so(hub, alice, tmp_path, hub_sync, make_todos_db, run, todo_rows):
     """The hub's database locked by another connection: the hub's reason in one line, nothing changed."""
     device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
     locker = sqlite3.connect(hub.path, isolation_level=None)
@@ -295,20 +254,20 @@ def test_busy_hub_says_so(hub, alice, tmp_path):
         f"Error: hub {hub.url}/hub could not do the export (pull) now (503): "
         "Database hub is busy: another connection holds a lock on it. Retry in a few seconds\n"
     )
-    assert rows(device) == [{"id": 1, "title": "x", "done": 0}] and rows(hub.path) == []
-    assert moved(sync(device, hub, alice))[1] >= 1
+    assert todo_rows(device) == [{"id": 1, "title": "x", "done": 0}] and todo_rows(hub.path) == []
+    assert moved(hub_sync(device, hub, alice))[1] >= 1
 
 
-def test_alter_adds_columns_both_ways_and_clones_a_new_device(hub, tmp_path):
+def test_alter_adds_columns_both_ways_and_clones_a_new_device(hub, tmp_path, hub_sync, make_todos_db, run, todo_rows, upsert):
     alice = hub.token("alice")  # unrestricted: --alter also needs alter-table on the hub
     plain = make_todos_db(tmp_path / "plain.db", [{"id": 1, "title": "plain", "done": 0}])
-    sync(plain, hub, alice)
+    hub_sync(plain, hub, alice)
     wider = tmp_path / "wider.db"
     run(["sqlite-utils", "create-table", wider, "todos", "id", "integer", "title", "text", "done", "integer", "notes", "text", "--pk", "id"])
     run(["sqlite-utils", "enable-sync", wider, "todos"])
     upsert(wider, {"id": 2, "title": "wide", "done": 0, "notes": "a note"})
     run(["sqlite-utils", "sync", wider, hub.url + "/hub", "--token", alice, "--alter"])
-    assert rows(hub.path)[1] == {"id": 2, "title": "wide", "done": 0, "notes": "a note"}
+    assert todo_rows(hub.path)[1] == {"id": 2, "title": "wide", "done": 0, "notes": "a note"}
 
     # The narrower device is told what to do, then does it.
     result = run(["sqlite-utils", "sync", plain, hub.url + "/hub", "--token", alice], check=False)
@@ -318,7 +277,7 @@ def test_alter_adds_columns_both_ways_and_clones_a_new_device(hub, tmp_path):
         "(import with --alter to add)\n"
     )
     run(["sqlite-utils", "sync", plain, hub.url + "/hub", "--token", alice, "--alter"])
-    assert rows(plain) == rows(wider) == rows(hub.path)
+    assert todo_rows(plain) == todo_rows(wider) == todo_rows(hub.path)
 
     # A brand new empty database gets the hub's tables with --alter.
     fresh = tmp_path / "fresh.db"
@@ -326,63 +285,63 @@ def test_alter_adds_columns_both_ways_and_clones_a_new_device(hub, tmp_path):
     result = run(["sqlite-utils", "sync", fresh, hub.url + "/hub", "--token", alice], check=False)
     assert "run enable-sync first (or sync with --alter" in result.stderr
     run(["sqlite-utils", "sync", fresh, hub.url + "/hub", "--token", alice, "--alter"])
-    assert rows(fresh) == rows(hub.path)
+    assert todo_rows(fresh) == todo_rows(hub.path)
     upsert(fresh, {"id": 3, "title": "from the clone", "done": 1})
-    sync(fresh, hub, alice)
-    sync(plain, hub, alice)
-    assert rows(plain) == rows(fresh) == rows(hub.path)
-    assert len(rows(plain)) == 3
+    hub_sync(fresh, hub, alice)
+    hub_sync(plain, hub, alice)
+    assert todo_rows(plain) == todo_rows(fresh) == todo_rows(hub.path)
+    assert len(todo_rows(plain)) == 3
 
 
-def test_hub_compacts_and_new_devices_start_from_it(hub, alice, tmp_path):
+def test_hub_compacts_and_new_devices_start_from_it(hub, alice, tmp_path, hub_sync, make_todos_db, run_json, todo_rows, upsert):
     a = make_todos_db(tmp_path / "a.db", [{"id": i, "title": f"todo {i}", "done": 0} for i in range(1, 6)])
     b = make_todos_db(tmp_path / "b.db")
     for path in (a, b, a):
-        sync(path, hub, alice)
+        hub_sync(path, hub, alice)
     for round_ in range(4):
         upsert(a, {"id": 1, "title": f"a{round_}"})
         upsert(b, {"id": 2, "title": f"b{round_}"})
         for path in (a, b, a, b):
-            sync(path, hub, alice)
+            hub_sync(path, hub, alice)
     # Compacting the file Datasette is serving, with the plain CLI.
     result = run_json(["sqlite-utils", "sync-compact", hub.path, "--json"])
     assert result["removed"] > 0
     # A new device starts from the hub's compacted log, and from then on syncs like the others.
     c = make_todos_db(tmp_path / "c.db")
-    sync(c, hub, alice)
-    assert rows(c) == rows(hub.path) == rows(a)
+    hub_sync(c, hub, alice)
+    assert todo_rows(c) == todo_rows(hub.path) == todo_rows(a)
     upsert(c, {"id": 3, "done": 1})
     for path in (c, a, b):
-        sync(path, hub, alice)
-    assert rows(a) == rows(b) == rows(c) == rows(hub.path)
-    assert rows(a)[2] == {"id": 3, "title": "todo 3", "done": 1}
+        hub_sync(path, hub, alice)
+    assert todo_rows(a) == todo_rows(b) == todo_rows(c) == todo_rows(hub.path)
+    assert todo_rows(a)[2] == {"id": 3, "title": "todo 3", "done": 1}
     # A database with edits made before it ever synced is told, in one line, that it cannot join.
     stranger = make_todos_db(tmp_path / "s.db", [{"id": 1, "title": "mine", "done": 0}])
-    before = rows(hub.path)
-    out = sync(stranger, hub, alice, check=False)
+    before = todo_rows(hub.path)
+    out = hub_sync(stranger, hub, alice, check=False)
     assert out.returncode == 1
     assert out.stderr.startswith("Error: Bundle from-hub.bundle: it comes from a compacted log")
     assert out.stderr.count("\n") == 1
-    assert rows(hub.path) == before and rows(stranger) == [{"id": 1, "title": "mine", "done": 0}]
+    assert todo_rows(hub.path) == before and todo_rows(stranger) == [{"id": 1, "title": "mine", "done": 0}]
 
 
-def test_bundle_size_limit_413(tmp_path, datasette_server):
+def test_bundle_size_limit_413(tmp_path, datasette_server, hub_config, hub_sync, make_todos_db):
     hub_path = make_todos_db(tmp_path / "hub.db")
-    config = {**HUB_CONFIG, "plugins": {"datasette-sync": {"max_bundle_bytes": 20_000}}}
+    config = {**hub_config, "plugins": {"datasette-sync": {"max_bundle_bytes": 20_000}}}
     server = datasette_server([hub_path], config)
     device = make_todos_db(tmp_path / "d.db", [{"id": i, "title": "x" * 1000, "done": 0} for i in range(50)])
-    result = sync(device, server, server.token("alice"), check=False)
+    result = hub_sync(device, server, server.token("alice"), check=False)
     assert result.returncode == 1
     url = server.url + "/hub"
     assert result.stderr.startswith(f"Error: hub {url} refused the bundle as too large (413): "), result.stderr
     assert "20000" in result.stderr
 
 
-def test_read_only_hub_answers_403(tmp_path, datasette_server):
+def test_read_only_hub_answers_403(tmp_path, datasette_server, hub_config, hub_sync, make_todos_db):
     hub_path = make_todos_db(tmp_path / "hub.db")
-    server = datasette_server([], HUB_CONFIG, "-i", str(hub_path))
+    server = datasette_server([], hub_config, "-i", str(hub_path))
     device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
-    result = sync(device, server, server.token("alice"), check=False)
+    result = hub_sync(device, server, server.token("alice"), check=False)
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: hub {server.url}/hub does not allow import (push) (403)"), result.stderr
 

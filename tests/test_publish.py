@@ -12,7 +12,6 @@ import stat
 
 import yaml
 
-from conftest import clean_env, make_todos_db, run
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEMO_METADATA = ROOT / "demo" / "metadata.yml"
@@ -29,7 +28,7 @@ exit 1
 """
 
 
-def test_publish_heroku_generate_dir_then_serve_immutable(tmp_path):
+def test_publish_heroku_generate_dir_then_serve_immutable(tmp_path, clean_env, make_todos_db, run):
     db_path = tmp_path / "hub.db"
     if DEMO_METADATA.exists() and BUILD_HUB.exists():
         # Publish the demo hub, built fresh the way the README says.

@@ -5,7 +5,8 @@ sides, or operations pushed under someone else's id) refuse each other's bundles
 ``device_id_clash``. The error names one command, ``sync-new-device --recover``, which keeps
 every edit and makes syncing work again. A hub lets only the actor that first pushed a
 device's operations push new ones (``sync-relay`` lifts that), so a token holder cannot
-write as another's device in the first place.
+write as another's device in the first place. A copied database is noticed whichever way its
+operations arrive, and ``sync-new-device`` gives it an identity of its own.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import sqlite3
 
 import pytest
 
-from conftest import make_todos_db, run, run_json
-from test_hub_sync import rows, upsert
+from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
+
 
 CONFIG = {
     "databases": {
@@ -32,32 +33,52 @@ CONFIG = {
 RECOVER = "run 'sqlite-utils sync-new-device --recover'"
 
 
-def status(path) -> dict:
-    return run_json(["sqlite-utils", "sync-status", path, "--json"])
+@pytest.fixture(scope="session")
+def status(run_json):
+    """``status(path)``: ``sqlite-utils sync-status --json``, parsed."""
+
+    def status(path) -> dict:
+        return run_json(["sqlite-utils", "sync-status", path, "--json"])
+
+    return status
 
 
-def conflicts(path) -> list:
-    return run_json(["sqlite-utils", "sync-conflicts", path, "--json", "--all"])
+@pytest.fixture(scope="session")
+def send(run, run_json):
+    """``send(source, target, bundle)``: export all of ``source`` to ``bundle``, import it into ``target`` (``--json``)."""
+
+    def send(source, target, bundle) -> dict:
+        if bundle.exists():
+            bundle.unlink()
+        run(["sqlite-utils", "export-bundle", source, bundle])
+        return run_json(["sqlite-utils", "import-bundle", target, bundle, "--json"])
+
+    return send
 
 
-def send(source, target, bundle) -> dict:
-    if bundle.exists():
-        bundle.unlink()
-    run(["sqlite-utils", "export-bundle", source, bundle])
-    return run_json(["sqlite-utils", "import-bundle", target, bundle, "--json"])
+@pytest.fixture(scope="session")
+def refused(run):
+    """``refused(target, bundle)``: the import fails with exit 1 and ``target`` unchanged; returns stderr."""
+
+    def refused(target, bundle):
+        before = target.read_bytes()
+        result = run(["sqlite-utils", "import-bundle", target, bundle], check=False)
+        assert result.returncode == 1, result
+        assert target.read_bytes() == before
+        return result.stderr
+
+    return refused
 
 
-def refused(target, bundle):
-    before = target.read_bytes()
-    result = run(["sqlite-utils", "import-bundle", target, bundle], check=False)
-    assert result.returncode == 1, result
-    assert target.read_bytes() == before
-    return result.stderr
+@pytest.fixture(scope="session")
+def cli_sync(run):
+    """``cli_sync(path, server, token, check=True)``: ``sqlite-utils sync`` with the hub, without ``--json``."""
 
+    def cli_sync(path, server, token, check=True):
+        args = ["sqlite-utils", "sync", path, server.url + "/hub", "--token", token]
+        return run(args, check=check)
 
-def sync(path, server, token, check=True):
-    args = ["sqlite-utils", "sync", path, server.url + "/hub", "--token", token]
-    return run(args, check=check)
+    return cli_sync
 
 
 def push(server, bundle, token):
@@ -76,7 +97,7 @@ def hub_owners(path) -> dict:
         conn.close()
 
 
-def test_a_copied_file_edited_on_both_sides_recovers_with_the_command_the_error_names(tmp_path):
+def test_a_copied_file_edited_on_both_sides_recovers_with_the_command_the_error_names(tmp_path, conflicts, make_todos_db, run, todo_rows, upsert, refused, send, status):
     a = make_todos_db(tmp_path / "a.db", [{"id": 1, "title": "one", "done": 0}, {"id": 2, "title": "two", "done": 0}])
     b = tmp_path / "b.db"
     shutil.copy(a, b)  # and sync-new-device is forgotten
@@ -100,22 +121,22 @@ def test_a_copied_file_edited_on_both_sides_recovers_with_the_command_the_error_
         {"id": 2, "title": "two", "done": 1},
         {"id": 3, "title": "new on b", "done": 0},
     ]
-    assert rows(a) == rows(b) == expected
+    assert todo_rows(a) == todo_rows(b) == expected
     assert conflicts(a) == conflicts(b) == []  # the moved operations are not made into conflicts
     # From then on both sync as two devices: edits travel, concurrent ones are conflicts.
     upsert(a, {"id": 3, "title": "a's title"})
     upsert(b, {"id": 3, "title": "b's title"})
     send(a, b, tmp_path / "a.bundle")
     send(b, a, tmp_path / "b.bundle")
-    assert rows(a) == rows(b)
+    assert todo_rows(a) == todo_rows(b)
     assert len(conflicts(a)) == len(conflicts(b)) == 1
     # A third copy that meets everything agrees.
     c = make_todos_db(tmp_path / "c.db")
     send(a, c, tmp_path / "c.bundle")
-    assert rows(c) == rows(a) and conflicts(c) == conflicts(a)
+    assert todo_rows(c) == todo_rows(a) and conflicts(c) == conflicts(a)
 
 
-def test_recovery_moves_only_what_no_peer_acknowledged(tmp_path):
+def test_recovery_moves_only_what_no_peer_acknowledged(tmp_path, conflicts, make_todos_db, run, todo_rows, upsert, refused, send, status):
     laptop = make_todos_db(tmp_path / "laptop.db", [{"id": 1, "title": "synced", "done": 0}])
     server = make_todos_db(tmp_path / "server.db")
     send(laptop, server, tmp_path / "up.bundle")
@@ -135,7 +156,7 @@ def test_recovery_moves_only_what_no_peer_acknowledged(tmp_path):
     send(server, copy, tmp_path / "down.bundle")
     send(copy, server, tmp_path / "copy.bundle")
     send(server, laptop, tmp_path / "down.bundle")
-    assert rows(laptop) == rows(copy) == rows(server) == [
+    assert todo_rows(laptop) == todo_rows(copy) == todo_rows(server) == [
         {"id": 1, "title": "synced", "done": 0},
         {"id": 2, "title": "laptop, not synced", "done": 0},
         {"id": 3, "title": "copy, not synced", "done": 0},
@@ -144,18 +165,18 @@ def test_recovery_moves_only_what_no_peer_acknowledged(tmp_path):
 
 
 @pytest.fixture
-def owned_hub(tmp_path, datasette_server):
+def owned_hub(tmp_path, datasette_server, make_todos_db):
     hub_path = make_todos_db(tmp_path / "hub.db")
     server = datasette_server([hub_path], CONFIG)
     server.path = hub_path
     return server
 
 
-def test_a_push_under_another_actors_device_is_refused(tmp_path, owned_hub):
+def test_a_push_under_another_actors_device_is_refused(tmp_path, owned_hub, make_todos_db, run, todo_rows, upsert, cli_sync, status):
     hub = owned_hub
     alice, mallory = hub.token("alice"), hub.token("mallory")
     victim = make_todos_db(tmp_path / "victim.db", [{"id": 1, "title": "alice's", "done": 0}])
-    sync(victim, hub, alice)
+    cli_sync(victim, hub, alice)
     victim_id = status(victim)["device_id"]
     assert hub_owners(hub.path)[victim_id] == "alice"
     # Mallory writes the victim's next operation (from a copy of its file) and pushes it.
@@ -181,11 +202,11 @@ def test_a_push_under_another_actors_device_is_refused(tmp_path, owned_hub):
     assert response.json()["applied"] == 0 and response.json()["duplicates"] >= 1
     # Mallory's own device is hers; the victim's next edit reaches the hub.
     mine = make_todos_db(tmp_path / "mallory.db", [{"id": 9, "title": "mallory's own", "done": 0}])
-    sync(mine, hub, mallory)
+    cli_sync(mine, hub, mallory)
     assert hub_owners(hub.path)[status(mine)["device_id"]] == "mallory"
     upsert(victim, {"id": 1, "title": "alice's edit"})
-    sync(victim, hub, alice)
-    assert rows(hub.path) == [{"id": 1, "title": "alice's edit", "done": 0}, {"id": 9, "title": "mallory's own", "done": 0}]
+    cli_sync(victim, hub, alice)
+    assert todo_rows(hub.path) == [{"id": 1, "title": "alice's edit", "done": 0}, {"id": 9, "title": "mallory's own", "done": 0}]
     # Through the CLI, the refusal is one line.
     upsert(mine, {"id": 9, "title": "edited"})
     result = run(["sqlite-utils", "sync", mine, hub.url + "/hub", "--token", alice], check=False)
@@ -201,13 +222,13 @@ def test_a_push_under_another_actors_device_is_refused(tmp_path, owned_hub):
     assert {item["actor"] for item in shown} == {"alice", "mallory"}
 
 
-def test_a_relay_pushes_others_devices_and_a_victim_of_a_forged_operation_recovers(tmp_path, owned_hub):
+def test_a_relay_pushes_others_devices_and_a_victim_of_a_forged_operation_recovers(tmp_path, owned_hub, conflicts, make_todos_db, run, todo_rows, upsert, cli_sync, status):
     hub = owned_hub
     alice, relay = hub.token("alice"), hub.token("relay")
     victim = make_todos_db(tmp_path / "victim.db", [{"id": 1, "title": "alice's", "done": 0}])
-    sync(victim, hub, alice)
-    # A forged next operation of the victim's device gets in (a relay pushes it; on an older hub
-    # anyone could): sync-relay may push another actor's device's new operations.
+    cli_sync(victim, hub, alice)
+    # A forged next operation of the victim's device gets in: a relay (sync-relay) may push
+    # another actor's device's new operations.
     forged = tmp_path / "forged.db"
     shutil.copy(victim, forged)
     upsert(forged, {"id": 2, "title": "forged", "done": 0})
@@ -219,19 +240,69 @@ def test_a_relay_pushes_others_devices_and_a_victim_of_a_forged_operation_recove
     # The victim's own next edit: its sync now meets the forged operation.
     upsert(victim, {"id": 1, "title": "alice's edit"})
     before = victim.read_bytes()
-    result = sync(victim, hub, alice, check=False)
+    result = cli_sync(victim, hub, alice, check=False)
     assert result.returncode == 1
     assert RECOVER in result.stderr and len(result.stderr.splitlines()) == 1
     assert victim.read_bytes() == before
     run(["sqlite-utils", "sync-new-device", "--recover", victim])
-    sync(victim, hub, alice)
+    cli_sync(victim, hub, alice)
     expected = [{"id": 1, "title": "alice's edit", "done": 0}, {"id": 2, "title": "forged", "done": 0}]
-    assert rows(victim) == rows(hub.path) == expected
+    assert todo_rows(victim) == todo_rows(hub.path) == expected
     assert conflicts(victim) == conflicts(hub.path) == []
     assert hub_owners(hub.path)[status(victim)["device_id"]] == "alice"  # the new id is alice's too
     # And syncs normally from then on.
     upsert(victim, {"id": 3, "title": "later", "done": 0})
-    sync(victim, hub, alice)
+    cli_sync(victim, hub, alice)
     other = make_todos_db(tmp_path / "other.db")
-    sync(other, hub, alice)
-    assert rows(other) == rows(victim) == rows(hub.path)
+    cli_sync(other, hub, alice)
+    assert todo_rows(other) == todo_rows(victim) == todo_rows(hub.path)
+
+
+def test_copied_database_is_detected_in_a_full_export(tmp_path, pair, file_bytes, run_cli, sync):
+    a, b = pair
+    sync(a, b, tmp_path)
+    shutil.copy(tmp_path / "a.db", tmp_path / "copy.db")
+    copy = sqlite3.connect(tmp_path / "copy.db", isolation_level=None)
+    copy.execute("UPDATE todos SET title = 'edited on the copy' WHERE id = 2")
+    a.execute("UPDATE todos SET title = 'edited on the original' WHERE id = 1")
+    export_bundle(copy, tmp_path / "copy.bundle")  # everything, so the clash is among "duplicates"
+    for receiver in ("a.db", "b.db"):
+        if receiver == "b.db":
+            sync(a, b, tmp_path)
+        before = file_bytes(tmp_path / receiver)
+        result = run_cli("import-bundle", tmp_path / receiver, tmp_path / "copy.bundle")
+        assert result.exit_code == 1
+        assert "differs from the copy here: two databases share that device id" in result.output
+        assert file_bytes(tmp_path / receiver) == before
+
+
+def test_copied_database_is_detected_and_can_get_a_new_identity(tmp_path, pair, make_db, run_cli, sync):
+    a, b = pair
+    sync(a, b, tmp_path)
+    a.close()
+    shutil.copy(tmp_path / "a.db", tmp_path / "copy.db")
+    a = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    copy = sqlite3.connect(tmp_path / "copy.db", isolation_level=None)
+    copy.execute("INSERT INTO todos VALUES (200, 'written on the copy', 0, 0)")
+    a.execute("INSERT INTO todos VALUES (200, 'written on the original', 0, 0)")
+    export_bundle(copy, tmp_path / "copy.bundle", since=sync_status(b)["clock"])
+    import_bundle(b, tmp_path / "copy.bundle")
+    with pytest.raises(BundleError, match="two databases share that device id") as error:
+        sync(a, b, tmp_path)
+    assert error.value.reason == "device_id_clash"
+
+    fresh = tmp_path / "copy2.db"
+    shutil.copy(tmp_path / "a.db", fresh)
+    old_id = sync_status(a)["device_id"]
+    result = run_cli("sync-new-device", fresh)
+    new_id = result.output.strip()
+    assert result.exit_code == 0 and len(new_id) == 32 and new_id != old_id
+    copy2 = sqlite3.connect(fresh, isolation_level=None)
+    assert sync_status(copy2)["device_id"] == new_id
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        copy2.execute("DELETE FROM _sync_ops")  # the log is still guarded after the move
+    copy2.execute("INSERT INTO todos VALUES (300, 'copy2 edit', 0, 0)")
+    c = make_db(tmp_path / "c.db")
+    sync(a, c, tmp_path)
+    sync(copy2, c, tmp_path)
+    assert c.execute("SELECT title FROM todos WHERE id = 300").fetchone() == ("copy2 edit",)

@@ -9,8 +9,6 @@ hostile sender would: edited and re-signed with a valid hash.
 from __future__ import annotations
 
 import json
-import shutil
-import sqlite3
 import time
 
 import pytest
@@ -19,9 +17,6 @@ import sqlite_utils
 from sqlite_utils_sync import import_bundle
 from sqlite_utils_sync.errors import SyncError
 
-from conftest import make_todos_db, run, run_json
-from sync_helpers import edit_chunks, reseal, rewrite
-from test_hub_sync import HUB_CONFIG, rows, sync, upsert
 
 DAY = 86400
 
@@ -31,19 +26,24 @@ def hlc_in(days: float) -> int:
     return int((time.time() + days * DAY) * 1000) * 1024
 
 
-def crafted(tmp_path, clock: int, name: str = "crafted.bundle", kinds: str = "kind != 3") -> tuple:
+@pytest.fixture(scope="session")
+def crafted(craft, make_todos_db, run, run_json):
     """A re-signed one-row bundle from a new device whose operations (``kinds``) carry ``clock``."""
-    source = make_todos_db(tmp_path / f"{name}.db", [{"id": 7, "title": "from the future", "done": 0}])
-    bundle = tmp_path / name
-    run(["sqlite-utils", "export-bundle", source, bundle])
 
-    def tamper(conn):
-        edit_chunks(conn, f"UPDATE ops SET hlc = ? WHERE {kinds}", clock, first_only=False)
-        reseal(conn)
+    def crafted(tmp_path, clock: int, name: str = "crafted.bundle", kinds: str = "kind != 3") -> tuple:
+        source = make_todos_db(tmp_path / f"{name}.db", [{"id": 7, "title": "from the future", "done": 0}])
+        bundle = tmp_path / name
+        run(["sqlite-utils", "export-bundle", source, bundle])
 
-    rewrite(bundle, tamper)
-    device = run_json(["sqlite-utils", "sync-status", source, "--json"])["device_id"]
-    return bundle, device
+        def tamper(conn):
+            craft.edit_chunks(conn, f"UPDATE ops SET hlc = ? WHERE {kinds}", clock, first_only=False)
+            craft.reseal(conn)
+
+        craft.rewrite(bundle, tamper)
+        device = run_json(["sqlite-utils", "sync-status", source, "--json"])["device_id"]
+        return bundle, device
+
+    return crafted
 
 
 def post(server, bundle, token):
@@ -65,9 +65,9 @@ def alice_token(server):
         (hlc_in(30), "clock_ahead", "has a clock 30.0 days ahead of this machine's clock"),
     ],
 )
-def test_a_hub_refuses_a_far_future_clock_and_keeps_serving_pulls(tmp_path, datasette_server, clock, reason, text):
+def test_a_hub_refuses_a_far_future_clock_and_keeps_serving_pulls(tmp_path, datasette_server, clock, reason, text, hub_config, hub_sync, make_todos_db, todo_rows, upsert, crafted):
     hub_path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "kept", "done": 0}])
-    server = datasette_server([hub_path], HUB_CONFIG)
+    server = datasette_server([hub_path], hub_config)
     token = alice_token(server)
     bundle, device = crafted(tmp_path, clock)
     before = hub_path.read_bytes()
@@ -80,15 +80,15 @@ def test_a_hub_refuses_a_far_future_clock_and_keeps_serving_pulls(tmp_path, data
     assert hub_path.read_bytes() == before
     # Pulls and pushes go on as before.
     device_db = make_todos_db(tmp_path / "device.db")
-    sync(device_db, server, token)
+    hub_sync(device_db, server, token)
     upsert(device_db, {"id": 2, "title": "new", "done": 0})
-    sync(device_db, server, token)
-    assert rows(device_db) == rows(hub_path) == [{"id": 1, "title": "kept", "done": 0}, {"id": 2, "title": "new", "done": 0}]
+    hub_sync(device_db, server, token)
+    assert todo_rows(device_db) == todo_rows(hub_path) == [{"id": 1, "title": "kept", "done": 0}, {"id": 2, "title": "new", "done": 0}]
 
 
-def test_a_hub_accepts_clocks_within_its_configured_bound(tmp_path, datasette_server):
+def test_a_hub_accepts_clocks_within_its_configured_bound(tmp_path, datasette_server, hub_config, make_todos_db, run, todo_rows, crafted):
     hub_path = make_todos_db(tmp_path / "hub.db")
-    config = json.loads(json.dumps(HUB_CONFIG))
+    config = hub_config
     config["plugins"] = {"datasette-sync": {"max_clock_skew": "60d"}}
     server = datasette_server([hub_path], config)
     token = alice_token(server)
@@ -106,16 +106,16 @@ def test_a_hub_accepts_clocks_within_its_configured_bound(tmp_path, datasette_se
     assert refused.returncode == 1
     assert "days ahead of this machine's clock" in refused.stderr and "Traceback" not in refused.stderr
     run([*args, "--max-clock-skew", "60d"])
-    assert rows(device) == rows(hub_path) == [{"id": 7, "title": "from the future", "done": 0}]
+    assert todo_rows(device) == todo_rows(hub_path) == [{"id": 7, "title": "from the future", "done": 0}]
 
 
-def test_a_hub_with_an_invalid_setting_refuses_to_start_with_one_line(tmp_path):
+def test_a_hub_with_an_invalid_setting_refuses_to_start_with_one_line(tmp_path, hub_config, make_todos_db, run):
     hub_path = make_todos_db(tmp_path / "hub.db")
     for setting, value, message in (
         ("max_clock_skew", "a week", "max_clock_skew (datasette-sync plugin config) must be a duration like 90s, 36h or 7d"),
         ("max_bundle_bytes", "lots", "max_bundle_bytes (datasette-sync plugin config) must be a positive whole number"),
     ):
-        config = json.loads(json.dumps(HUB_CONFIG))
+        config = hub_config
         config["plugins"] = {"datasette-sync": {setting: value}}
         config_path = tmp_path / "bad.json"
         config_path.write_text(json.dumps(config))
@@ -125,7 +125,7 @@ def test_a_hub_with_an_invalid_setting_refuses_to_start_with_one_line(tmp_path):
         assert "Traceback" not in result.stderr
 
 
-def test_the_cli_refuses_a_clock_too_far_ahead_unless_the_bound_allows_it(tmp_path):
+def test_the_cli_refuses_a_clock_too_far_ahead_unless_the_bound_allows_it(tmp_path, make_todos_db, run, todo_rows, upsert, crafted):
     target = make_todos_db(tmp_path / "target.db", [{"id": 1, "title": "kept", "done": 0}])
     bundle, device = crafted(tmp_path, hlc_in(30))
     before = target.read_bytes()
@@ -141,13 +141,13 @@ def test_the_cli_refuses_a_clock_too_far_ahead_unless_the_bound_allows_it(tmp_pa
     run(["sqlite-utils", "export-bundle", target, tmp_path / "after.bundle"])
     other = make_todos_db(tmp_path / "other.db")
     run(["sqlite-utils", "import-bundle", other, tmp_path / "after.bundle", "--max-clock-skew", "31d"])
-    assert rows(other) == rows(target) == [
+    assert todo_rows(other) == todo_rows(target) == [
         {"id": 1, "title": "edited after", "done": 1},
         {"id": 7, "title": "from the future", "done": 0},
     ]
 
 
-def test_the_top_of_the_range_is_refused_whatever_the_bound(tmp_path):
+def test_the_top_of_the_range_is_refused_whatever_the_bound(tmp_path, make_todos_db, run, crafted):
     target = make_todos_db(tmp_path / "target.db")
     bundle, device = crafted(tmp_path, 1 << 62)
     before = target.read_bytes()
@@ -157,7 +157,7 @@ def test_the_top_of_the_range_is_refused_whatever_the_bound(tmp_path):
     assert target.read_bytes() == before
 
 
-def test_knowledge_ticks_are_bounded_too(tmp_path):
+def test_knowledge_ticks_are_bounded_too(tmp_path, craft, make_todos_db, run):
     # A tick's clock is a clock like any other: a relay's bundle carries the relay's ticks.
     source = make_todos_db(tmp_path / "source.db", [{"id": 1, "title": "a", "done": 0}])
     relay = make_todos_db(tmp_path / "relay.db")
@@ -167,10 +167,10 @@ def test_knowledge_ticks_are_bounded_too(tmp_path):
     run(["sqlite-utils", "export-bundle", relay, bundle])
 
     def tamper(conn):
-        edit_chunks(conn, "UPDATE ops SET hlc = ? WHERE kind = 3", hlc_in(30), first_only=False)
-        reseal(conn)
+        craft.edit_chunks(conn, "UPDATE ops SET hlc = ? WHERE kind = 3", hlc_in(30), first_only=False)
+        craft.reseal(conn)
 
-    rewrite(bundle, tamper)
+    craft.rewrite(bundle, tamper)
     target = make_todos_db(tmp_path / "target.db")
     before = target.read_bytes()
     result = run(["sqlite-utils", "import-bundle", target, bundle], check=False)
@@ -178,7 +178,7 @@ def test_knowledge_ticks_are_bounded_too(tmp_path):
     assert target.read_bytes() == before
 
 
-def test_the_python_api_takes_the_bound(tmp_path):
+def test_the_python_api_takes_the_bound(tmp_path, make_todos_db, crafted):
     target = make_todos_db(tmp_path / "target.db")
     bundle, _ = crafted(tmp_path, hlc_in(3))
     db = sqlite_utils.Database(target)

@@ -1,29 +1,20 @@
-"""Schema drift is noticed and repaired without losing writes; imports are all-or-nothing."""
+"""Copies whose schemas differ or change: columns added (with or without a default), dropped,
+or added back, tables missing here or renamed, and ``--alter``. Capture that a schema change
+made stale is noticed and repaired without losing a write."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 
 import pytest
-import sqlite_utils
 from click.testing import CliRunner
 from sqlite_utils.cli import cli
 
 from sqlite_utils_sync import disable_sync, enable_sync, export_bundle, import_bundle, sync_status
 
-from sync_helpers import make_db, rows, sync
 
-
-def run_cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def test_add_column_is_detected_and_missed_writes_reach_peers(tmp_path):
+def test_add_column_is_detected_and_missed_writes_reach_peers(tmp_path, make_db, rows, run_cli, sync):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 1.0)")
     sync(a, b, tmp_path)
@@ -39,7 +30,7 @@ def test_add_column_is_detected_and_missed_writes_reach_peers(tmp_path):
     assert sync_status(a)["warnings"] == []
 
 
-def test_column_added_with_a_default_reaches_a_peer_that_adds_it_without_one(tmp_path):
+def test_column_added_with_a_default_reaches_a_peer_that_adds_it_without_one(tmp_path, make_db, rows, run_cli, sync):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     a.executemany("INSERT INTO todos VALUES (?, ?, 0, 1.0)", [(1, "milk"), (2, "eggs")])
     sync(a, b, tmp_path)
@@ -52,7 +43,7 @@ def test_column_added_with_a_default_reaches_a_peer_that_adds_it_without_one(tmp
     assert rows(b) == rows(a)
 
 
-def test_same_column_and_default_added_on_both_copies_is_no_conflict(tmp_path):
+def test_same_column_and_default_added_on_both_copies_is_no_conflict(tmp_path, make_db, rows, sync):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     a.executemany("INSERT INTO todos VALUES (?, ?, 0, 1.0)", [(1, "milk"), (2, "eggs")])
     sync(a, b, tmp_path)
@@ -64,7 +55,7 @@ def test_same_column_and_default_added_on_both_copies_is_no_conflict(tmp_path):
     assert sync_status(a)["unresolved_conflicts"] == sync_status(b)["unresolved_conflicts"] == 0
 
 
-def test_columns_added_in_another_order_on_each_copy_still_sync(tmp_path):
+def test_columns_added_in_another_order_on_each_copy_still_sync(tmp_path, make_db, run_cli, sync):
     # Each copy numbers its columns in the order it first saw them, so the two disagree here.
     base = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT)"
     a, b = make_db(tmp_path / "a.db", base), make_db(tmp_path / "b.db", base)
@@ -84,7 +75,7 @@ def test_columns_added_in_another_order_on_each_copy_still_sync(tmp_path):
         assert sync_status(conn)["unresolved_conflicts"] == 0
 
 
-def test_transform_drops_triggers_and_the_repair_logs_what_was_missed(tmp_path):
+def test_transform_drops_triggers_and_the_repair_logs_what_was_missed(tmp_path, make_db, rows, run_cli, sync):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(1, "one"), (2, "two"), (3, "three")])
     sync(a, b, tmp_path)
@@ -104,7 +95,7 @@ def test_transform_drops_triggers_and_the_repair_logs_what_was_missed(tmp_path):
     assert [r[0] for r in rows(b)] == [1, 3, 4]
 
 
-def test_dropping_a_column_on_one_copy(tmp_path):
+def test_dropping_a_column_on_one_copy(tmp_path, make_db, run_cli, sync):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 2.5)")
     sync(a, b, tmp_path)
@@ -135,7 +126,7 @@ def test_dropping_a_column_on_one_copy(tmp_path):
     assert a.execute("SELECT * FROM todos ORDER BY id").fetchall() == [(1, "oat milk"), (2, "eggs"), (3, "brown bread")]
 
 
-def test_a_copy_that_dropped_a_column_relays_it_untouched(tmp_path):
+def test_a_copy_that_dropped_a_column_relays_it_untouched(tmp_path, make_db, run_cli, sync):
     a, b, c = (make_db(tmp_path / f"{name}.db") for name in "abc")
     b.close()
     assert run_cli("transform", tmp_path / "b.db", "todos", "--drop", "score").exit_code == 0
@@ -157,7 +148,7 @@ def test_a_copy_that_dropped_a_column_relays_it_untouched(tmp_path):
     assert c.execute("SELECT * FROM todos").fetchall() == [(1, "milk", 0, 3.5)]
 
 
-def test_adding_a_dropped_column_back_takes_the_values_peers_wrote(tmp_path):
+def test_adding_a_dropped_column_back_takes_the_values_peers_wrote(tmp_path, make_db, run_cli, sync):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 2.5)")
     sync(a, b, tmp_path)
@@ -174,7 +165,7 @@ def test_adding_a_dropped_column_back_takes_the_values_peers_wrote(tmp_path):
 
 
 @pytest.mark.parametrize("upgraded", [False, True])
-def test_a_column_added_back_around_disable_sync_keeps_peer_values_and_local_edits(tmp_path, upgraded):
+def test_a_column_added_back_around_disable_sync_keeps_peer_values_and_local_edits(tmp_path, upgraded, make_db, sync):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0.5)", [(1, "milk"), (2, "eggs")])
     sync(a, b, tmp_path)
@@ -194,110 +185,7 @@ def test_a_column_added_back_around_disable_sync_keeps_peer_values_and_local_edi
         assert conn.execute("SELECT id, score FROM todos ORDER BY id").fetchall() == [(1, 9.5), (2, 7.5)]
 
 
-def test_import_repairs_stale_triggers_on_the_receiver(tmp_path):
-    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
-    b.execute("DROP TRIGGER _sync_insert_todos")
-    b.execute("INSERT INTO todos VALUES (9, 'missed on b', 0, 0)")
-    a.execute("INSERT INTO todos VALUES (1, 'from a', 0, 0)")
-    sync(a, b, tmp_path)
-    assert sync_status(b)["warnings"] == []
-    sync(b, a, tmp_path)
-    assert rows(a) == rows(b)
-    assert [r[0] for r in rows(a)] == [1, 9]
-
-
-IMPORTER = """
-import sqlite3, sys, time
-from sqlite_utils_sync import import_bundle
-conn = sqlite3.connect(sys.argv[1], isolation_level=None)
-# Slow the import down so it can be killed mid-way: sleep in a progress callback.
-def progress(done, total):
-    print("progress", flush=True)
-    time.sleep(30)
-import_bundle(conn, sys.argv[2], progress=progress)
-"""
-
-
-# The capture triggers datasette-sync made before they carried a clock floor: each looked up the
-# last operation's clock. Taken verbatim from a database that version made.
-EARLIER_CLOCK = (
-    "(SELECT max(hlc + 1, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1024) "
-    "FROM _sync_ops ORDER BY op DESC LIMIT 1)"
-)
-EARLIER_TRIGGERS = [
-    'CREATE TRIGGER "_sync_insert_todos" AFTER INSERT ON "todos"\nBEGIN\n'
-    "  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, c0, c1, c2, c3)\n"
-    f'  VALUES ({EARLIER_CLOCK}, 1, 0, 15, NEW."id", NEW."id", NEW."title", NEW."done", NEW."score");\nEND',
-    'CREATE TRIGGER "_sync_update_todos" AFTER UPDATE ON "todos"\n'
-    'WHEN (NEW."id" IS NOT OLD."id") OR (NEW."title" IS NOT OLD."title") OR (NEW."done" IS NOT OLD."done") '
-    'OR (NEW."score" IS NOT OLD."score")\nBEGIN\n'
-    "  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, newkey, c0, c1, c2, c3)\n"
-    f'  VALUES ({EARLIER_CLOCK}, 1, 1, ((NEW."id" IS NOT OLD."id") << 0) | ((NEW."title" IS NOT OLD."title") << 1) '
-    '| ((NEW."done" IS NOT OLD."done") << 2) | ((NEW."score" IS NOT OLD."score") << 3), OLD."id",\n'
-    '    CASE WHEN (NEW."id" IS NOT OLD."id") THEN NEW."id" END, NEW."id", NEW."title", NEW."done", NEW."score");\nEND',
-    'CREATE TRIGGER "_sync_delete_todos" AFTER DELETE ON "todos"\nBEGIN\n'
-    "  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, c0)\n"
-    f'  VALUES ({EARLIER_CLOCK}, 1, 2, 0, OLD."id", OLD."id");\nEND',
-]
-
-
-def test_triggers_an_earlier_version_made_raise_no_warning_and_are_replaced_at_the_next_sync(tmp_path):
-    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
-    a.execute("BEGIN")
-    for kind in ("insert", "update", "delete"):
-        a.execute(f"DROP TRIGGER _sync_{kind}_todos")
-    for sql in EARLIER_TRIGGERS:
-        a.execute(sql)
-    a.execute("COMMIT")
-    a.execute("INSERT INTO todos VALUES (1, 'captured by the old triggers', 0, 0)")
-    a.execute("UPDATE todos SET done = 1 WHERE id = 1")
-    # They capture every write, so there is nothing to warn about.
-    assert sync_status(a)["warnings"] == []
-    assert sync_status(a)["tables"]["todos"]["operations"] == 2
-    sync(a, b, tmp_path)
-    assert rows(b) == rows(a) == [(1, "integer", "captured by the old triggers", "text", 1, "integer", 0.0, "real")]
-    triggers = [sql for (sql,) in a.execute("SELECT sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'todos'")]
-    assert len(triggers) == 3 and not any("ORDER BY op DESC" in sql for sql in triggers)
-    a.execute("DELETE FROM todos WHERE id = 1")  # and the new ones capture too
-    sync(a, b, tmp_path)
-    assert rows(b) == rows(a) == []
-
-
-def test_killing_the_importer_midway_leaves_the_database_unchanged(tmp_path):
-    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
-    a.executemany("INSERT INTO todos VALUES (?, 't', 0, 0)", [(i,) for i in range(12000)])
-    export_bundle(a, tmp_path / "big.bundle")
-    b.close()
-    process = subprocess.Popen(
-        [sys.executable, "-c", IMPORTER, str(tmp_path / "b.db"), str(tmp_path / "big.bundle")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout.readline().strip() == "progress"  # a chunk is written, uncommitted
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    b = sqlite_utils.Database(tmp_path / "b.db").conn
-    assert b.execute("SELECT count(*) FROM todos").fetchone()[0] == 0
-    assert b.execute("SELECT count(*) FROM _sync_ops WHERE kind = 0").fetchone()[0] == 0
-    result = import_bundle(b, tmp_path / "big.bundle")
-    assert result.applied == 12000
-    assert rows(b) == rows(a)
-
-
-def test_cli_import_of_missing_file_is_one_line(tmp_path):
-    make_db(tmp_path / "a.db").close()
-    result = run_cli("import-bundle", tmp_path / "a.db", tmp_path / "nope.bundle")
-    assert result.exit_code == 1
-    assert result.output == "Error: Bundle nope.bundle: file not found\n"
-
-
-def test_status_json_on_a_database_without_sync(tmp_path):
-    sqlite_utils.Database(tmp_path / "plain.db")["t"].insert({"id": 1}, pk="id")
-    status = json.loads(run_cli("sync-status", tmp_path / "plain.db", "--json").output)
-    assert status["enabled"] is False and status["operations"] == 0
-
-
-def test_a_row_from_a_copy_without_the_column_gets_null_not_the_default(tmp_path):
+def test_a_row_from_a_copy_without_the_column_gets_null_not_the_default(tmp_path, make_db, sync):
     # The DEFAULT is this copy's own: the copy the row came from, and any copy that adds the
     # column later, hold NULL there, so NULL is what every copy must hold.
     schema = "CREATE TABLE t (id TEXT PRIMARY KEY, x)"
@@ -313,7 +201,7 @@ def test_a_row_from_a_copy_without_the_column_gets_null_not_the_default(tmp_path
         assert conn.execute("SELECT id, x, n FROM t ORDER BY id").fetchall() == expected
 
 
-def test_a_not_null_column_takes_its_default_for_rows_from_a_copy_without_it(tmp_path):
+def test_a_not_null_column_takes_its_default_for_rows_from_a_copy_without_it(tmp_path, make_db, sync):
     schema = "CREATE TABLE t (id TEXT PRIMARY KEY, x)"
     a, b = make_db(tmp_path / "a.db", schema, ("t",)), make_db(tmp_path / "b.db", schema, ("t",))
     a.execute("ALTER TABLE t ADD COLUMN prio INTEGER NOT NULL DEFAULT 0")
@@ -322,10 +210,9 @@ def test_a_not_null_column_takes_its_default_for_rows_from_a_copy_without_it(tmp
     assert a.execute("SELECT id, x, prio FROM t").fetchall() == [("k1", "from b", 0)]
 
 
-def test_an_import_into_a_synced_table_that_no_longer_exists_says_so(tmp_path):
+def test_an_import_into_a_synced_table_that_no_longer_exists_says_so(tmp_path, make_todos_db, run, run_json):
     """A synced table dropped or renamed (sqlite-utils, or Datasette's drop/rename on a hub):
     the import is refused with one line naming the table and what to do, not a SQL syntax error."""
-    from conftest import make_todos_db, run, run_json
 
     a = make_todos_db(tmp_path / "a.db", [{"id": 1, "title": "one", "done": 0}])
     b = make_todos_db(tmp_path / "b.db")
@@ -346,3 +233,35 @@ def test_an_import_into_a_synced_table_that_no_longer_exists_says_so(tmp_path):
     run(["sqlite-utils", "rename-table", b, "todos_old", "todos"])
     run(["sqlite-utils", "import-bundle", b, tmp_path / "2.bundle"])
     assert run_json(["sqlite-utils", "rows", b, "todos"]) == run_json(["sqlite-utils", "rows", a, "todos"])
+
+
+def test_ops_for_a_table_not_synced_here_are_kept_not_applied(tmp_path, make_db, run_cli, sync):
+    schema = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL); CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"
+    a = make_db(tmp_path / "a.db", schema, ("todos", "notes"))
+    hub = make_db(tmp_path / "hub.db")  # syncs todos only, has no notes table
+    c = make_db(tmp_path / "c.db", schema, ("todos", "notes"))
+    a.execute("INSERT INTO notes VALUES (1, 'private')")
+    a.execute("INSERT INTO todos VALUES (1, 'shared', 0, 0)")
+    result = sync(a, hub, tmp_path)
+    assert result.not_applied == {"notes": 1}
+    assert not hub.execute("SELECT 1 FROM sqlite_master WHERE name = 'notes'").fetchone()
+    out = run_cli("import-bundle", tmp_path / "hub.db", tmp_path / "b.bundle")
+    assert out.exit_code == 0
+    # Importing again with --alter creates the table and applies what was kept.
+    out = run_cli("import-bundle", tmp_path / "hub.db", tmp_path / "b.bundle", "--alter")
+    assert out.exit_code == 0
+    assert hub.execute("SELECT id, body FROM notes").fetchall() == [(1, "private")]
+    # The hub relays them onward.
+    sync(hub, c, tmp_path)
+    assert c.execute("SELECT body FROM notes").fetchall() == [("private",)]
+
+
+def test_alter_adds_missing_columns_and_tables(tmp_path, make_db, run_cli):
+    a = make_db(tmp_path / "a.db")
+    a.execute("ALTER TABLE todos ADD COLUMN due TEXT")
+    a.execute("INSERT INTO todos VALUES (1, 'x', 0, 0, '2026-12-01')")
+    fresh = sqlite3.connect(tmp_path / "fresh.db", isolation_level=None)
+    export_bundle(a, tmp_path / "a.bundle")
+    result = run_cli("import-bundle", tmp_path / "fresh.db", tmp_path / "a.bundle", "--alter", "--json")
+    assert json.loads(result.output)["applied"] >= 1
+    assert fresh.execute("SELECT id, title, due FROM todos").fetchall() == [(1, "x", "2026-12-01")]

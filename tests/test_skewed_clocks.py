@@ -13,25 +13,22 @@ import pytest
 
 from sqlite_utils_sync import export_bundle
 
-from conftest import FAKETIME, executable, make_todos_db, run, run_json, shell
-from test_hub_sync import rows
 
-pytestmark = pytest.mark.skipif(not FAKETIME, reason="needs faketime (apt install faketime)")
+@pytest.fixture(scope="session")
+def send(run, run_json):
+    """``send(source, target, folder, name)``: export all of ``source``, import it into ``target`` (``--json``)."""
 
+    def send(source, target, folder, name: str = "b.bundle") -> dict:
+        bundle = folder / name
+        if bundle.exists():
+            bundle.unlink()
+        run(["sqlite-utils", "export-bundle", source, bundle])
+        return run_json(["sqlite-utils", "import-bundle", target, bundle, "--json"])
 
-def send(source, target, folder, name: str = "b.bundle") -> dict:
-    bundle = folder / name
-    if bundle.exists():
-        bundle.unlink()
-    run(["sqlite-utils", "export-bundle", source, bundle])
-    return run_json(["sqlite-utils", "import-bundle", target, bundle, "--json"])
-
-
-def conflicts(path) -> list:
-    return run_json(["sqlite-utils", "sync-conflicts", path, "--json", "--all"])
+    return send
 
 
-def test_an_edit_made_after_a_fast_clock_was_seen_wins_everywhere(tmp_path):
+def test_an_edit_made_after_a_fast_clock_was_seen_wins_everywhere(tmp_path, conflicts, make_todos_db, shell, todo_rows, send):
     laptop, phone, server = (make_todos_db(tmp_path / f"{n}.db") for n in ("laptop", "phone", "server"))
     shell(phone, "INSERT INTO todos VALUES (1, 'buy milk', 0)", "+1d")  # the phone runs a day fast
     send(phone, laptop, tmp_path)
@@ -40,11 +37,11 @@ def test_an_edit_made_after_a_fast_clock_was_seen_wins_everywhere(tmp_path):
     send(laptop, phone, tmp_path)
     send(phone, server, tmp_path)  # the server meets both operations in one bundle
     expected = [{"id": 1, "title": "buy oat milk", "done": 0}]
-    assert rows(laptop) == rows(phone) == rows(server) == expected
+    assert todo_rows(laptop) == todo_rows(phone) == todo_rows(server) == expected
     assert conflicts(laptop) == conflicts(phone) == conflicts(server) == []
 
 
-def test_an_edit_made_after_the_clock_was_set_back_wins_everywhere(tmp_path):
+def test_an_edit_made_after_the_clock_was_set_back_wins_everywhere(tmp_path, conflicts, make_todos_db, shell, todo_rows, send):
     laptop, phone = (make_todos_db(tmp_path / f"{n}.db") for n in ("laptop", "phone"))
     shell(laptop, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
     shell(laptop, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")  # clock set back a day
@@ -52,15 +49,15 @@ def test_an_edit_made_after_the_clock_was_set_back_wins_everywhere(tmp_path):
     shell(laptop, "UPDATE todos SET done = 1 WHERE id = 2")  # and forward again
     send(laptop, phone, tmp_path)
     expected = [{"id": 1, "title": "buy oat milk", "done": 0}, {"id": 2, "title": "call mum", "done": 1}]
-    assert rows(laptop) == rows(phone) == expected
+    assert todo_rows(laptop) == todo_rows(phone) == expected
     # The phone's own edit, made after it saw the laptop's, wins on both.
     shell(phone, "UPDATE todos SET title = 'buy soy milk' WHERE id = 1", "-2d")
     send(phone, laptop, tmp_path)
-    assert rows(laptop) == rows(phone) == [{"id": 1, "title": "buy soy milk", "done": 0}, expected[1]]
+    assert todo_rows(laptop) == todo_rows(phone) == [{"id": 1, "title": "buy soy milk", "done": 0}, expected[1]]
     assert conflicts(laptop) == conflicts(phone) == []
 
 
-def test_a_database_that_cannot_be_written_exports_settled_clocks(tmp_path):
+def test_a_database_that_cannot_be_written_exports_settled_clocks(tmp_path, make_todos_db, run, run_json, shell, todo_rows):
     laptop = make_todos_db(tmp_path / "laptop.db")
     shell(laptop, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
     shell(laptop, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")
@@ -73,7 +70,7 @@ def test_a_database_that_cannot_be_written_exports_settled_clocks(tmp_path):
     for name in ("a.bundle", "b.bundle"):
         phone = make_todos_db(tmp_path / f"phone-{name}.db")
         run(["sqlite-utils", "import-bundle", phone, tmp_path / name])
-        assert rows(phone) == [{"id": 1, "title": "buy oat milk", "done": 0}]
+        assert todo_rows(phone) == [{"id": 1, "title": "buy oat milk", "done": 0}]
     # Once the file can be written, an export settles it, and sends the very same operations:
     # a copy holding them from the read-only export takes them as duplicates, not a clash.
     run(["sqlite-utils", "export-bundle", laptop, tmp_path / "c.bundle"])
@@ -81,7 +78,7 @@ def test_a_database_that_cannot_be_written_exports_settled_clocks(tmp_path):
     assert (result["applied"], result["duplicates"]) == (0, 2)
 
 
-def test_a_copy_given_a_new_identity_orders_its_edits_after_the_original(tmp_path):
+def test_a_copy_given_a_new_identity_orders_its_edits_after_the_original(tmp_path, conflicts, executable, make_todos_db, run, run_json, shell, todo_rows, send):
     laptop = make_todos_db(tmp_path / "laptop.db")
     shell(laptop, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
     laptop_id = run_json(["sqlite-utils", "sync-status", laptop, "--json"])["device_id"]
@@ -98,5 +95,5 @@ def test_a_copy_given_a_new_identity_orders_its_edits_after_the_original(tmp_pat
     server = make_todos_db(tmp_path / "server.db")
     send(laptop, server, tmp_path)
     expected = [{"id": 1, "title": "buy oat milk", "done": 0}]
-    assert rows(tablet) == rows(laptop) == rows(server) == expected
+    assert todo_rows(tablet) == todo_rows(laptop) == todo_rows(server) == expected
     assert conflicts(laptop) == conflicts(server) == []

@@ -1,0 +1,100 @@
+"""The sqlite-utils commands as a user meets them: the ``--json`` shapes, the progress bar on
+a terminal, and one-line errors on a database that does not sync or a bundle that is missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import sqlite3
+import subprocess
+
+import sqlite_utils
+
+
+def test_export_import_cli_json_contract(tmp_path, pair, rows, run_cli):
+    a, b = pair
+    out = run_cli("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle", "--json")
+    exported = json.loads(out.output)
+    assert set(exported) == {"bundle_id", "device_id", "operations", "bytes"}
+    assert exported["operations"] == 7
+    result = json.loads(run_cli("import-bundle", tmp_path / "b.db", tmp_path / "x.bundle", "--json").output)
+    assert {k: result[k] for k in ("applied", "conflicts", "duplicates", "skipped")} == {
+        "applied": 7,
+        "conflicts": 0,
+        "duplicates": 0,
+        "skipped": False,
+    }
+    assert result["source_device_id"] == exported["device_id"]
+    assert result["bundle_id"] == exported["bundle_id"]
+    assert result["total_operations"] == 7
+    assert rows(b) == rows(a)
+
+
+def run_on_a_terminal(*args):
+    """Run a real sqlite-utils command with its stderr on a pseudo-terminal; return that output."""
+    leader, follower = pty.openpty()
+    process = subprocess.run(["sqlite-utils", *map(str, args)], stderr=follower, stdout=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    return process.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_and_silent_hides_it(tmp_path, make_db, rows):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, 't', 0, 0)", [(i,) for i in range(12000)])
+    code, output = run_on_a_terminal("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle")
+    assert code == 0 and "Exporting" in output and "100%" in output
+    code, output = run_on_a_terminal("import-bundle", tmp_path / "b.db", tmp_path / "x.bundle", "--silent")
+    assert code == 0 and "Importing" not in output
+    assert "Applied 12000 operation(s)" in output
+    assert rows(b) == rows(a)
+
+
+def test_commands_on_a_database_without_sync_or_with_an_empty_device_id_are_one_line(tmp_path, pair, file_bytes, run_cli):
+    plain = tmp_path / "plain.db"
+    sqlite3.connect(plain).execute("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+    before = file_bytes(plain)
+    for args, message in (
+        (("sync-resolve", plain, "abc"), "Error: This database has no synced tables"),
+        (("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle", "--for", ""), "Error: --for takes a device id"),
+    ):
+        result = run_cli(*args)
+        assert result.exit_code == 1 and result.output.startswith(message) and result.output.count("\n") == 1
+    assert file_bytes(plain) == before
+    assert not (tmp_path / "x.bundle").exists()
+
+
+def test_enable_sync_cli_and_status_json(tmp_path, run_cli):
+    path = tmp_path / "data.db"
+    sqlite_utils.Database(path)["todos"].insert({"id": 1, "title": "x"}, pk="id")
+    result = run_cli("enable-sync", str(path), "todos")
+    assert result.exit_code == 0
+    status = json.loads(run_cli("sync-status", str(path), "--json").output)
+    assert set(status) >= {"device_id", "clock", "tables", "operations", "unresolved_conflicts"}
+    assert len(status["device_id"]) == 32
+    assert status["clock"] == {status["device_id"]: 1}
+    assert status["operations"] == 1
+    assert list(status["tables"]) == ["todos"]
+
+
+def test_cli_import_of_missing_file_is_one_line(tmp_path, make_db, run_cli):
+    make_db(tmp_path / "a.db").close()
+    result = run_cli("import-bundle", tmp_path / "a.db", tmp_path / "nope.bundle")
+    assert result.exit_code == 1
+    assert result.output == "Error: Bundle nope.bundle: file not found\n"
+
+
+def test_status_json_on_a_database_without_sync(tmp_path, run_cli):
+    sqlite_utils.Database(tmp_path / "plain.db")["t"].insert({"id": 1}, pk="id")
+    status = json.loads(run_cli("sync-status", tmp_path / "plain.db", "--json").output)
+    assert status["enabled"] is False and status["operations"] == 0

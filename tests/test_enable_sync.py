@@ -1,0 +1,133 @@
+"""Enabling and disabling sync on a table: which tables may sync, what is logged on enabling,
+and what peers wrote meanwhile (kept, not applied) is adopted once the table syncs again."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from sqlite_utils_sync import disable_sync, enable_sync, list_conflicts
+
+
+def test_existing_rows_are_logged_when_sync_is_enabled(tmp_path, make_db, rows, sync):
+    conn = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
+    conn.execute("CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL)")
+    conn.executemany("INSERT INTO todos VALUES (?, 'x', 0, 0)", [(i,) for i in range(10)])
+    assert enable_sync(conn, ["todos"]) == {"todos": 10}
+    assert enable_sync(conn, ["todos"]) == {"todos": 0}  # idempotent
+    b = make_db(tmp_path / "b.db")
+    sync(conn, b, tmp_path)
+    assert len(rows(b)) == 10
+
+
+@pytest.mark.parametrize(
+    "setup,table,message",
+    [
+        ("", "missing", "Table 'missing' does not exist"),
+        ("CREATE TABLE nopk (a TEXT)", "nopk", "Table 'nopk' has no explicit PRIMARY KEY"),
+        ("CREATE VIRTUAL TABLE docs USING fts5(body)", "docs", "Table 'docs' is a virtual (e.g. FTS) table"),
+        ("", "_sync_ops", "Table '_sync_ops' is internal"),
+        ("CREATE VIRTUAL TABLE docs USING fts5(body)", "docs_data", "Table 'docs_data' holds the data of a virtual"),
+        (
+            "CREATE TABLE nk (id TEXT PRIMARY KEY, v); INSERT INTO nk VALUES (NULL, 1), ('a', 2)",
+            "nk",
+            "Table 'nk' has 1 row(s) whose primary key column 'id' is NULL: give them keys first",
+        ),
+    ],
+)
+def test_enable_sync_refuses_bad_tables_and_changes_nothing(tmp_path, setup, table, message, file_bytes, make_db, run_cli):
+    path = tmp_path / "data.db"
+    conn = make_db(path)
+    if setup:
+        conn.executescript(setup)
+    conn.close()
+    before = file_bytes(path)
+    result = run_cli("enable-sync", str(path), table)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert result.output.count("\n") == 1  # one line, no traceback
+    assert file_bytes(path) == before
+
+
+def test_enable_sync_finds_a_table_however_its_name_is_cased(tmp_path, make_db, run_cli):
+    path = tmp_path / "data.db"
+    make_db(path, "CREATE TABLE Todos (id INTEGER PRIMARY KEY, title TEXT)", ()).execute("INSERT INTO Todos VALUES (1, 'x')")
+    result = run_cli("enable-sync", str(path), "TODOS", "todos")
+    assert result.exit_code == 0
+    assert "Todos" in result.output and result.output.count("\n") == 1
+    assert list(json.loads(run_cli("sync-status", str(path), "--json").output)["tables"]) == ["Todos"]
+    assert run_cli("disable-sync", str(path), "todos").exit_code == 0
+    assert json.loads(run_cli("sync-status", str(path), "--json").output)["tables"] == {}
+
+
+def test_disable_sync_stops_capture_and_keeps_the_log(tmp_path, make_db, run_cli):
+    path = tmp_path / "data.db"
+    conn = make_db(path)
+    conn.execute("INSERT INTO todos VALUES (1, 'x', 0, 0)")
+    assert run_cli("disable-sync", str(path), "todos").exit_code == 0
+    conn.execute("INSERT INTO todos VALUES (2, 'y', 0, 0)")
+    assert conn.execute("SELECT count(*) FROM _sync_ops WHERE kind = 0").fetchone()[0] == 1
+    result = run_cli("disable-sync", str(path), "todos")
+    assert result.exit_code == 1 and "Table 'todos' is not synced" in result.output
+
+
+def test_enabling_a_table_later_adopts_what_peers_wrote_instead_of_deleting_it(tmp_path, make_db, run_cli, sync):
+    schema = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL); CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"
+    a = make_db(tmp_path / "a.db", schema, ("todos", "notes"))
+    hub = make_db(tmp_path / "hub.db")
+    a.executemany("INSERT INTO notes VALUES (?, ?)", [(1, "one"), (2, "two"), (3, "three")])
+    sync(a, hub, tmp_path)
+    a.execute("UPDATE notes SET body = 'TWO' WHERE id = 2")
+    a.execute("DELETE FROM notes WHERE id = 3")
+    sync(a, hub, tmp_path)
+    # The hub starts syncing notes: it has one row of its own and one stale copy of a peer's row.
+    hub.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    hub.executemany("INSERT INTO notes VALUES (?, ?)", [(2, "two"), (3, "three"), (9, "hub's own")])
+    result = run_cli("enable-sync", tmp_path / "hub.db", "notes")
+    assert result.exit_code == 0, result.output
+    assert hub.execute("SELECT id, body FROM notes ORDER BY id").fetchall() == [(1, "one"), (2, "TWO"), (9, "hub's own")]
+    c = make_db(tmp_path / "c.db", schema, ("todos", "notes"))
+    sync(hub, c, tmp_path)
+    sync(hub, a, tmp_path)
+    for conn in (a, c):
+        assert conn.execute("SELECT id, body FROM notes ORDER BY id").fetchall() == [(1, "one"), (2, "TWO"), (9, "hub's own")]
+
+
+def test_reenabling_keeps_local_edits_made_while_disabled_and_adopts_what_arrived(tmp_path, make_db, rows, run_cli, sync):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(1, "one"), (2, "two")])
+    sync(a, b, tmp_path)  # b applies a's rows: a is their latest writer on b
+    assert run_cli("disable-sync", tmp_path / "b.db", "todos").exit_code == 0
+    b.execute("UPDATE todos SET title = 'edited on b while disabled' WHERE id = 1")
+    a.execute("UPDATE todos SET title = 'TWO' WHERE id = 2")
+    sync(a, b, tmp_path)  # kept, not applied
+    assert b.execute("SELECT title FROM todos WHERE id = 2").fetchone() == ("two",)
+    assert run_cli("enable-sync", tmp_path / "b.db", "todos").exit_code == 0
+    assert b.execute("SELECT id, title FROM todos ORDER BY id").fetchall() == [
+        (1, "edited on b while disabled"),
+        (2, "TWO"),
+    ]
+    sync(b, a, tmp_path)
+    assert rows(a) == rows(b)
+
+
+def test_concurrent_edits_that_arrive_while_a_table_is_not_synced_still_become_a_conflict(tmp_path, trio, conflict_records, rows, sync):
+    x, y, z = trio
+    x.execute("INSERT INTO todos VALUES (1, 'orig', 0, 0)")
+    for target in (y, z):
+        sync(x, target, tmp_path)
+    disable_sync(y, ["todos"])
+    x.execute("UPDATE todos SET title = 'from x' WHERE id = 1")
+    z.execute("UPDATE todos SET title = 'from z' WHERE id = 1")
+    sync(x, y, tmp_path)
+    sync(z, y, tmp_path)  # both kept, not applied: y does not sync todos now
+    enable_sync(y, ["todos"])
+    for source in (x, y, z):
+        for target in (x, y, z):
+            if source is not target:
+                sync(source, target, tmp_path)
+    assert rows(x) == rows(y) == rows(z)
+    assert conflict_records(x) == conflict_records(y) == conflict_records(z)
+    assert [c["columns"] for c in list_conflicts(y)] == [["title"]]
