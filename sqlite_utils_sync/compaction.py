@@ -109,7 +109,7 @@ def compact_log(db: Any) -> CompactResult:
                 f"""INSERT INTO temp._sync_drop SELECT op FROM _sync_ops o
                 WHERE op BETWEEN ? AND ? AND kind != {TICK}
                 AND op NOT IN (SELECT op FROM temp._sync_keep)
-                AND op NOT IN (SELECT a FROM _sync_clashes UNION SELECT b FROM _sync_clashes)
+                AND op NOT IN (SELECT a FROM _sync_conflict_pairs UNION SELECT b FROM _sync_conflict_pairs)
                 AND op NOT IN (SELECT op FROM _sync_resolutions)
                 AND tid NOT IN (SELECT tid FROM _sync_unapplied)""",
                 [op_id(idx, 1), op_id(idx, min(seq, last))],

@@ -10,7 +10,7 @@ from the operations alone (``sha256(table, row key, sorted op ids)``), so every 
 holds the same operations holds the same records. A record is resolved when a resolution
 operation (written by :func:`resolve_conflict`) on that row had seen every version in it; a
 plain later edit changes the value but not the record. Records are rebuilt from
-``_sync_clashes`` and ``_sync_resolutions`` whenever either changes for a row.
+``_sync_conflict_pairs`` and ``_sync_resolutions`` whenever either changes for a row.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def clash_groups(conn: sqlite3.Connection, tid: int, rowkey: str) -> list[tuple[
             x = parent[x]
         return x
 
-    pairs = conn.execute("SELECT a, b, columns FROM _sync_clashes WHERE tid = ? AND rowkey = ?", [tid, rowkey]).fetchall()
+    pairs = conn.execute("SELECT a, b, columns FROM _sync_conflict_pairs WHERE tid = ? AND rowkey = ?", [tid, rowkey]).fetchall()
     for a, b, _ in pairs:
         parent[find(a)] = find(b)
     columns_of: dict[int, set[str]] = {}

@@ -118,7 +118,7 @@ def import_bundle(
     path: str,
     alter: bool = False,
     actor: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
     max_clock_skew: float | str = DEFAULT_MAX_CLOCK_SKEW,
     may_relay: bool = True,
 ) -> ImportResult:
@@ -248,7 +248,7 @@ class Importer:
         result = ImportResult(self.reader.bundle_id, header["source"], header["operations"])
         if conn.execute("SELECT 1 FROM _sync_imports WHERE bundle_id = ?", [result.bundle_id]).fetchone():
             return self.repeat(result)
-        self.map_tables(result)
+        self.map_tables()
         self.take_snapshot()
         self.check_anchors()
         local_id = local_device_id(conn)
@@ -274,7 +274,7 @@ class Importer:
         """A bundle imported before: nothing to do, unless ``--alter`` creates what was missing
         then, which adopts the operations that import kept for those tables."""
         if self.alter:
-            self.map_tables(result)
+            self.map_tables()
         result.skipped = True
         result.duplicates = result.total_operations
         result.clock = clock(self.conn)
@@ -309,7 +309,7 @@ class Importer:
 
     # -- validation and mapping --------------------------------------------------------------
 
-    def map_tables(self, result: ImportResult) -> None:
+    def map_tables(self) -> None:
         """Map each bundle table to a local table id and slots, or refuse the bundle."""
         for name, columns, pk in self.reader.header["tables"]:
             self.map_table(name, columns, pk)

@@ -251,7 +251,7 @@ def record_clashes(
                 continue
             first, second = sorted((a.op, b.op))
             conn.execute(
-                "INSERT OR IGNORE INTO _sync_clashes VALUES (?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO _sync_conflict_pairs VALUES (?, ?, ?, ?, ?)",
                 [table.tid, rowkey, first, second, json.dumps(columns)],
             )
             found = True
