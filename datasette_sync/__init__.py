@@ -6,7 +6,8 @@ import urllib.parse
 from datasette import hookimpl
 from markupsafe import Markup
 
-from sqlite_utils_sync.log import is_enabled, json_value
+from sqlite_utils_sync.oplog import json_value
+from sqlite_utils_sync.schema import is_enabled
 
 from . import guard, permissions, views
 

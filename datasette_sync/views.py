@@ -34,8 +34,9 @@ from sqlite_utils_sync import (
     resolve_conflict,
     sync_status,
 )
-from sqlite_utils_sync.bundle import BundleReader, parse_clock
-from sqlite_utils_sync.log import DEFAULT_MAX_CLOCK_SKEW, horizon, json_value, parse_duration
+from sqlite_utils_sync.bundle import BundleReader
+from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, horizon, parse_duration
+from sqlite_utils_sync.oplog import json_value, parse_clock
 
 from . import queries
 from .guard import sync_write

@@ -15,13 +15,13 @@ Public API (each function takes a ``sqlite_utils.Database`` or a ``sqlite3.Conne
 
 import sqlite_utils
 
+from .api import disable_sync, enable_sync, export_bundle, new_device, sync_status
 from .apply import ImportResult, import_bundle
 from .bundle import ExportResult
 from .client import HubError, sync_with_hub
 from .compact import CompactResult, compact_log
 from .conflicts import get_conflict, list_conflicts, resolve_conflict
 from .errors import BundleError, SyncError
-from .sync import disable_sync, enable_sync, export_bundle, new_device, repair, sync_status
 
 __all__ = [
     "BundleError",
@@ -38,7 +38,6 @@ __all__ = [
     "import_bundle",
     "list_conflicts",
     "new_device",
-    "repair",
     "resolve_conflict",
     "sync_status",
     "sync_with_hub",

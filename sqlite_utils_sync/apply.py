@@ -26,57 +26,56 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
-from .bundle import BundleReader, ChunkStage, op_fingerprint, parse_clock, text_as
+from .bundle import BundleReader, ChunkStage, op_fingerprint
 from .capture import (
     SyncedTable,
     canonical_name,
-    enable_table,
     is_rowid_alias,
     load_tables,
     muted,
     register_table,
-    repair_drift,
     secondary_unique_columns,
     table_info,
 )
-from .errors import BundleError, SyncError
-from .log import (
-    DELETE,
-    INSERT,
-    LOCAL,
+from .clocks import (
     DEFAULT_MAX_CLOCK_SKEW,
     HLC_NOW_SQL,
     HLC_PER_SECOND,
     MAX_HLC,
-    RawText,
+    append_local,
+    append_tick,
+    clock,
+    horizon,
+    knowledge_at,
+    max_seq,
+    next_local_hlc,
+    now_iso,
+    parse_duration,
+    raise_horizon,
+    settle_clocks,
+)
+from .devices import device_ids, device_index, ensure_log as ensure_schema, local_device_id
+from .errors import BundleError, SyncError
+from .oplog import (
+    DELETE,
+    INSERT,
+    LOCAL,
     RESOLUTION,
     SEQ_MASK,
     TICK,
     UPDATE,
-    append_local,
-    append_tick,
-    clock,
-    connection,
-    device_ids,
-    device_index,
-    ensure_schema,
+    RawText,
     exact_text,
-    horizon,
-    knowledge_at,
-    local_device_id,
     marker,
-    max_seq,
-    next_local_hlc,
-    now_iso,
     op_id,
-    parse_duration,
+    parse_clock,
     parse_rowkey,
-    quote_identifier,
-    raise_horizon,
     remap_mask_sql,
     rowkey_sql,
-    settle_clocks,
+    text_as,
 )
+from .schema import connection, quote_identifier
+from .transaction import capture_table as enable_table, repair_capture as repair_drift
 
 
 @dataclass

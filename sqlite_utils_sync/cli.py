@@ -24,7 +24,7 @@ from . import (
     sync_status,
 )
 from .capture import secondary_unique_columns
-from .log import local_device_id
+from .devices import local_device_id
 
 DB_PATH = click.Path(exists=True, dir_okay=False, allow_dash=False)
 

@@ -34,10 +34,11 @@ from typing import Any, Callable
 import click
 
 from .apply import ImportResult, import_bundle
-from .bundle import BundleReader, parse_clock
+from .bundle import BundleReader
 from .errors import BundleError, SyncError
-from .log import DEFAULT_MAX_CLOCK_SKEW, parse_duration
-from .sync import export_bundle, sync_status
+from .api import export_bundle, sync_status
+from .clocks import DEFAULT_MAX_CLOCK_SKEW, parse_duration
+from .oplog import parse_clock
 
 BUNDLE_MEDIA_TYPE = "application/vnd.sqlite3"
 CLOCK_HEADER = "X-Sync-Clock"

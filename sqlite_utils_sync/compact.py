@@ -34,23 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .capture import load_tables
-from .log import (
-    DELETE,
-    LOCAL,
-    SEQ_MASK,
-    TICK,
-    UPDATE,
-    clock,
-    connection,
-    device_ids,
-    horizon,
-    is_enabled,
-    log_rewrite,
-    max_seq,
-    op_id,
-    raise_horizon,
-    settle_clocks,
-)
+from .clocks import clock, horizon, max_seq, raise_horizon, settle_clocks
+from .devices import device_ids
+from .oplog import DELETE, LOCAL, SEQ_MASK, TICK, UPDATE, op_id
+from .schema import connection, is_enabled, log_rewrite
 from .errors import SyncError
 
 # hlc, device id (32 hex digits), seq: text that sorts like the tuple, then the op id.

@@ -21,27 +21,25 @@ import sqlite3
 from typing import Any, Iterable
 
 from .apply import Effect, KnowledgeCache, all_effects, cursor_effects, fetch_row, key_slots, row_state, transaction, write_row
-from .bundle import text_as
-from .capture import SyncedTable, load_tables, muted, repair_drift
+from .capture import SyncedTable, load_tables, muted
+from .clocks import append_local, settle_clocks
+from .devices import device_ids, parse_op_label
 from .errors import SyncError
-from .log import (
-    exact_text,
+from .oplog import (
     DELETE,
     INSERT,
     KIND_NAMES,
     RESOLUTION,
     SEQ_MASK,
     UPDATE,
-    append_local,
-    connection,
-    device_ids,
-    is_enabled,
+    exact_text,
     json_value,
     op_label,
-    parse_op_label,
     parse_rowkey,
-    settle_clocks,
+    text_as,
 )
+from .schema import connection, is_enabled
+from .transaction import repair_capture as repair_drift
 
 
 def _effect(conn: sqlite3.Connection, table: SyncedTable, op: int, rowkey: str, devices: dict[int, str]) -> Effect:

@@ -26,7 +26,7 @@ from sqlite_utils_sync import (
     resolve_conflict,
     sync_status,
 )
-from sqlite_utils_sync.bundle import parse_clock
+from sqlite_utils_sync.oplog import parse_clock
 
 
 @pytest.fixture
