@@ -1,7 +1,7 @@
 """The public operations behind the CLI: enable, disable, export, status, new identity.
 
 Each takes a ``sqlite_utils.Database`` or a ``sqlite3.Connection``; every one that writes runs
-in :func:`~sqlite_utils_sync.transaction.writing`.
+in :func:`~sqlite_utils_sync.writing.writing`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .devices import local_device_id, new_device as give_new_id
 from .errors import CONSTRAINT_FAILED, NOT_ENABLED, UNKNOWN_DEVICE, SyncError
 from .oplog import LOCAL, is_device_id, op_id, parse_clock
 from .schema import check_schema, connection, is_enabled
-from .transaction import capture_table, writing
+from .writing import capture_table, writing
 
 
 def enable_sync(db: Any, tables: list[str]) -> dict[str, int]:

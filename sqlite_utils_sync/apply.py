@@ -75,7 +75,7 @@ from .oplog import (
     text_as,
 )
 from .schema import connection, quote_identifier
-from .transaction import capture_table as enable_table, repair_capture as repair_drift
+from .writing import capture_table as enable_table, repair_capture as repair_drift
 
 
 @dataclass

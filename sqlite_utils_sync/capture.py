@@ -462,7 +462,7 @@ def install_capture(conn: sqlite3.Connection, name: str) -> tuple[SyncedTable, s
 
     :returns: None when they were current already, else the table and the slots the previous
         triggers covered (see :func:`captured_before`): the caller then logs the changes they
-        missed (:func:`sqlite_utils_sync.transaction.capture_table`)
+        missed (:func:`sqlite_utils_sync.writing.capture_table`)
     """
     name = canonical_name(conn, name)
     columns, pk = check_can_sync(conn, name)

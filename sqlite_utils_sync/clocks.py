@@ -196,7 +196,7 @@ def settle_clocks(conn: sqlite3.Connection) -> list[tuple[int, int]]:
     Capture triggers take the wall clock, so a clock set back gives a later operation a lower
     clock than an earlier one. Such operations are raised to the clock before them here, while
     they are still local: every write settles first (see
-    :func:`sqlite_utils_sync.transaction.writing`). The result is a function of the log alone,
+    :func:`sqlite_utils_sync.writing.writing`). The result is a function of the log alone,
     so an export from a database it cannot write sends the same clocks (see
     :func:`unsettled_clocks`). Call inside a transaction.
 

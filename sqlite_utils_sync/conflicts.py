@@ -39,7 +39,7 @@ from .oplog import (
     text_as,
 )
 from .schema import connection, is_enabled
-from .transaction import repair_capture as repair_drift
+from .writing import repair_capture as repair_drift
 
 
 def _effect(conn: sqlite3.Connection, table: SyncedTable, op: int, rowkey: str, devices: dict[int, str]) -> Effect:

@@ -103,7 +103,7 @@ def shared_through(conn: sqlite3.Connection) -> int:
 
 def new_device(conn: sqlite3.Connection, recover: bool = False) -> str:
     """Give this database a new device id; returns it. Call inside
-    :func:`~sqlite_utils_sync.transaction.writing` (the operations moved keep their clocks, so
+    :func:`~sqlite_utils_sync.writing.writing` (the operations moved keep their clocks, so
     those must be settled) with capture muted.
 
     Without ``recover`` (a copy made a moment ago, before it was edited): every operation

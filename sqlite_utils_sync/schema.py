@@ -2,7 +2,7 @@
 
 ``_sync_state.schema_version`` says which layout a database has. :func:`migrate` brings it up
 to :data:`SCHEMA_VERSION` by running the migrations it lacks, in order, inside the caller's
-transaction; every write runs it first (see :func:`sqlite_utils_sync.transaction.writing`).
+transaction; every write runs it first (see :func:`sqlite_utils_sync.writing.writing`).
 Read-only paths (status, the Datasette pages, an export that may not write) call
 :func:`check_schema` instead: they read a database of any version up to this code's, and
 refuse a newer one with :data:`~sqlite_utils_sync.errors.SCHEMA_TOO_NEW`.
