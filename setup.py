@@ -10,7 +10,7 @@ setup(
     packages=["sqlite_utils_sync", "datasette_sync"],
     package_data={"datasette_sync": ["templates/*.html"]},
     entry_points={
-        "sqlite_utils": ["sync = sqlite_utils_sync"],
+        "sqlite_utils": ["sync = sqlite_utils_sync.cli"],
         "datasette": ["sync = datasette_sync"],
     },
     install_requires=["sqlite-utils>=4", "msgpack>=1.0", "httpx", "datasette>=1.0a41"],

@@ -6,7 +6,9 @@ import urllib.parse
 from datasette import hookimpl
 from markupsafe import Markup
 
-from sqlite_utils_sync.log import is_enabled, json_value
+from sqlite_utils_sync.oplog import json_value
+from sqlite_utils_sync import SyncError
+from sqlite_utils_sync.schema import is_enabled
 
 from . import guard, permissions, views
 
@@ -41,8 +43,11 @@ def database_actions(datasette, actor, database, request):
     async def inner():
         if not await permissions.can(datasette, actor, permissions.VIEW, database):
             return []
-        if not await datasette.get_database(database).execute_fn(is_enabled):
-            return []
+        try:
+            if not await datasette.get_database(database).execute_fn(is_enabled):
+                return []
+        except SyncError:
+            pass  # sync tables of a newer version: the sync page says so
         base = views.sync_url(datasette, database)
         return [
             {"href": base, "label": "Sync status", "description": "Devices, clocks, peers and recent activity"},

@@ -78,7 +78,7 @@ SYNC_TABLE_DENIED = frozenset({"view-table", "alter-table", "drop-table", "set-c
 # second) lists them; the catalog covers every other _sync_* table.
 ENGINE_TABLES = (
     "_sync_state _sync_devices _sync_tables _sync_ops _sync_knowledge _sync_unapplied _sync_peers "
-    "_sync_imports _sync_clashes _sync_resolutions _sync_conflicts _sync_horizon _sync_settled _sync_captured "
+    "_sync_imports _sync_conflict_pairs _sync_resolutions _sync_conflicts _sync_horizon _sync_settled _sync_captured "
     "_sync_device_actors"
 ).split()
 

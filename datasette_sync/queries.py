@@ -18,24 +18,33 @@ from typing import Any
 
 from sqlite_utils_sync import list_conflicts
 from sqlite_utils_sync.capture import load_tables
-from sqlite_utils_sync.log import (
+from sqlite_utils_sync.clocks import max_seq
+from sqlite_utils_sync.oplog import (
     DELETE,
     INSERT,
+    KIND_CODES,
     KIND_NAMES,
     LOCAL,
-    RESOLUTION,
-    SEQ_MASK,
     TICK,
     UPDATE,
-    is_enabled,
+    device_range,
+    device_sql,
+    is_resolution,
+    kind_of,
+    kind_sql,
+    load_clock,
     make_rowkey,
-    max_seq,
-    op_id,
+    mask_slots,
+    op_device,
     op_label,
+    op_seq,
     parse_rowkey,
+    resolution_sql,
+    seq_sql,
+    slot_column,
 )
+from sqlite_utils_sync.schema import has_table, is_enabled
 
-KIND_CODES = {name: code for code, name in KIND_NAMES.items()}
 # Operation types a visitor can filter on: the four kinds plus conflict resolutions.
 OP_TYPES = ["insert", "update", "delete", "tick", "resolution"]
 
@@ -48,10 +57,6 @@ def hlc_time(hlc: int | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(milliseconds // 1000)) + f".{milliseconds % 1000:03d}Z"
 
 
-def has_table(conn: sqlite3.Connection, name: str) -> bool:
-    return bool(conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone())
-
-
 def devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Every device this database knows, local first, with the highest seq held from it."""
     if not is_enabled(conn):
@@ -61,8 +66,7 @@ def devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         seq = max_seq(conn, idx)
         # The range scan on the primary key is cheap; the sentinel (seq 0) is not an operation.
         first, last = conn.execute(
-            "SELECT min(hlc), max(hlc) FROM _sync_ops WHERE op BETWEEN ? AND ?",
-            [op_id(idx, 1), op_id(idx, SEQ_MASK)],
+            "SELECT min(hlc), max(hlc) FROM _sync_ops WHERE op BETWEEN ? AND ?", device_range(idx)
         ).fetchone()
         found.append(
             {
@@ -81,7 +85,7 @@ def peers(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     if not has_table(conn, "_sync_peers"):
         return []
     return [
-        {"device_id": device_id, "clock": json.loads(clock), "last_seen": last_seen}
+        {"device_id": device_id, "clock": load_clock(clock), "last_seen": last_seen}
         for device_id, clock, last_seen in conn.execute(
             "SELECT device_id, clock, last_seen FROM _sync_peers ORDER BY last_seen DESC, device_id"
         )
@@ -92,14 +96,14 @@ def activity(conn: sqlite3.Connection, buckets: int = 36) -> dict[str, Any] | No
     """Data operations per device per slice of time, for the overview chart."""
     if not is_enabled(conn):
         return None
-    data_ops = f"op & {SEQ_MASK} != 0 AND kind & 3 != {TICK}"
+    data_ops = f"{seq_sql('op')} != 0 AND {kind_sql('kind')} != {TICK}"
     low, high = conn.execute(f"SELECT min(hlc), max(hlc) FROM _sync_ops WHERE {data_ops}").fetchone()
     if low is None:
         return None
     span = high - low + 1
     counts: dict[int, dict[int, int]] = {}
     for idx, bucket, count in conn.execute(
-        f"SELECT op >> 40, min(:n - 1, (hlc - :low) * :n / :span), count(*) FROM _sync_ops "
+        f"SELECT {device_sql('op')}, min(:n - 1, (hlc - :low) * :n / :span), count(*) FROM _sync_ops "
         f"WHERE {data_ops} GROUP BY 1, 2",
         {"n": buckets, "low": low, "span": span},
     ):
@@ -214,40 +218,14 @@ def operations(
     last operation shown (``after``, from :func:`parse_next`). Operations on ``hidden``
     tables are left out.
     """
+    empty = {"operations": [], "next": None}
     if not is_enabled(conn):
-        return {"operations": [], "next": None}
+        return empty
     tables = load_tables(conn)
-    by_tid = {t.tid: t for t in tables.values()}
-    where = [f"op & {SEQ_MASK} != 0"]
-    params: list[Any] = []
-    hidden_tids = [t.tid for name, t in tables.items() if name in hidden]
-    if hidden_tids:
-        where.append(f"tid NOT IN ({', '.join('?' * len(hidden_tids))})")
-        params += hidden_tids
-    if table is not None:
-        if table not in tables or table in hidden:
-            return {"operations": [], "next": None}
-        where.append("tid = ?")
-        params.append(tables[table].tid)
-    if device is not None:
-        row = conn.execute("SELECT idx FROM _sync_devices WHERE device_id = ?", [device]).fetchone()
-        if row is None:
-            return {"operations": [], "next": None}
-        # A range on the primary key: one device's operations.
-        where.append("op BETWEEN ? AND ?")
-        params += [op_id(row[0], 1), op_id(row[0], SEQ_MASK)]
-    if pk is not None:
-        keys = parse_pk_filter(conn, pk)
-        if not keys:
-            return {"operations": [], "next": None}
-        marks = ", ".join("?" * len(keys))
-        where.append(f"tid != 0 AND (rowkey IN ({marks}) OR newkey IN ({marks}))")
-        params += keys + keys
-    if op_type == "resolution":
-        where.append(f"kind & {RESOLUTION}")
-    elif op_type in KIND_CODES:
-        where.append("kind & 3 = ?")
-        params.append(KIND_CODES[op_type])
+    filters = operation_filters(conn, tables, table, device, pk, op_type, hidden)
+    if filters is None:
+        return empty
+    where, params = filters
     if after is not None:
         where.append("(hlc < ? OR (hlc = ? AND op < ?))")
         params += [after[0], after[0], after[1]]
@@ -258,6 +236,7 @@ def operations(
     names = [d[0] for d in cursor.description]
     rows = [dict(zip(names, row)) for row in cursor.fetchall()]
     devices_by_idx = dict(conn.execute("SELECT idx, device_id FROM _sync_devices"))
+    by_tid = {t.tid: t for t in tables.values()}
     page = [describe_op(record, by_tid, devices_by_idx) for record in rows[:size]]
     token = None
     if len(rows) > size:
@@ -266,11 +245,54 @@ def operations(
     return {"operations": page, "next": token}
 
 
+def operation_filters(
+    conn: sqlite3.Connection,
+    tables: dict,
+    table: str | None,
+    device: str | None,
+    pk: str | None,
+    op_type: str | None,
+    hidden: frozenset[str],
+) -> tuple[list[str], list[Any]] | None:
+    """The WHERE terms and parameters of :func:`operations` filters (None: nothing can match)."""
+    where = [f"{seq_sql('op')} != 0"]  # not the local sentinel
+    params: list[Any] = []
+    hidden_tids = [t.tid for name, t in tables.items() if name in hidden]
+    if hidden_tids:
+        where.append(f"tid NOT IN ({', '.join('?' * len(hidden_tids))})")
+        params += hidden_tids
+    if table is not None:
+        if table not in tables or table in hidden:
+            return None
+        where.append("tid = ?")
+        params.append(tables[table].tid)
+    if device is not None:
+        row = conn.execute("SELECT idx FROM _sync_devices WHERE device_id = ?", [device]).fetchone()
+        if row is None:
+            return None
+        # A range on the primary key: one device's operations.
+        where.append("op BETWEEN ? AND ?")
+        params += device_range(row[0])
+    if pk is not None:
+        keys = parse_pk_filter(conn, pk)
+        if not keys:
+            return None
+        marks = ", ".join("?" * len(keys))
+        where.append(f"tid != 0 AND (rowkey IN ({marks}) OR newkey IN ({marks}))")
+        params += keys + keys
+    if op_type == "resolution":
+        where.append(resolution_sql("kind"))
+    elif op_type in KIND_CODES:
+        where.append(f"{kind_sql('kind')} = ?")
+        params.append(KIND_CODES[op_type])
+    return where, params
+
+
 def describe_op(record: dict[str, Any], by_tid: dict, devices_by_idx: dict[int, str]) -> dict[str, Any]:
     """One ``_sync_ops`` row in readable form: names instead of slots and masks."""
-    idx, seq = record["op"] >> 40, record["op"] & SEQ_MASK
+    idx, seq = op_device(record["op"]), op_seq(record["op"])
     device_id = devices_by_idx.get(idx, str(idx))
-    kind = record["kind"] & 3
+    kind = kind_of(record["kind"])
     described: dict[str, Any] = {
         "op": op_label(device_id, seq),
         "device_id": device_id,
@@ -278,7 +300,7 @@ def describe_op(record: dict[str, Any], by_tid: dict, devices_by_idx: dict[int, 
         "hlc": record["hlc"],
         "time": hlc_time(record["hlc"]),
         "type": KIND_NAMES[kind],
-        "resolution": bool(record["kind"] & RESOLUTION),
+        "resolution": is_resolution(record["kind"]),
         "table": None,
         "pk": None,
         "new_pk": None,
@@ -287,7 +309,7 @@ def describe_op(record: dict[str, Any], by_tid: dict, devices_by_idx: dict[int, 
     if kind == TICK:
         # A knowledge epoch: its row key holds the clock the device had seen.
         try:
-            described["clock"] = json.loads(record["rowkey"]) if record["rowkey"] else {}
+            described["clock"] = load_clock(record["rowkey"])
         except ValueError:
             described["clock"] = {}
         return described
@@ -300,10 +322,9 @@ def describe_op(record: dict[str, Any], by_tid: dict, devices_by_idx: dict[int, 
         described["new_pk"] = safe_rowkey(record["newkey"])
     if kind in (INSERT, UPDATE):
         mask = record["mask"] or 0
+        written = set(mask_slots(mask))
         described["values"] = {
-            name: record.get(f"c{slot}")
-            for name, slot in sorted(table.slots.items(), key=lambda item: item[1])
-            if mask >> slot & 1
+            name: record.get(slot_column(slot)) for slot, name in table.slot_names().items() if slot in written
         }
     elif kind == DELETE:
         described["values"] = {}

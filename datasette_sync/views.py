@@ -38,7 +38,9 @@ from sqlite_utils_sync import (
     sync_status,
 )
 from sqlite_utils_sync.bundle import BundleReader
-from sqlite_utils_sync.log import DEFAULT_MAX_CLOCK_SKEW, horizon, json_value, parse_duration
+from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, horizon, parse_duration
+from sqlite_utils_sync.oplog import json_value
+from sqlite_utils_sync.schema import check_schema
 
 from . import queries
 from .guard import sync_write
@@ -213,12 +215,17 @@ def resolve_database(datasette, request):
 
 
 async def page_database(datasette, request):
-    """The database of a sync page, after the sync-view check (404, then 403)."""
+    """The database of a sync page, after the sync-view check (404, then 403) and the check
+    that this code can read its sync tables (a newer schema version is refused, not guessed at)."""
     if request.method not in ("GET", "HEAD"):
         raise MethodNotAllowed("Sync pages only answer GET")
     db = resolve_database(datasette, request)
     if not await can(datasette, request.actor, VIEW, db.name):
         raise Forbidden("Permission denied")
+    try:
+        await db.execute_fn(check_schema)
+    except SyncError as ex:
+        raise EndpointError(str(ex), ex.reason)
     return db
 
 

@@ -1,4 +1,6 @@
-"""Offline-first sync for SQLite: the core engine and its sqlite-utils plugin.
+"""Offline-first sync for SQLite: the core engine. Its sqlite-utils commands are in
+:mod:`sqlite_utils_sync.cli`, the module the ``sqlite_utils`` entry point names, so importing
+the library loads no click.
 
 Public API (each function takes a ``sqlite_utils.Database`` or a ``sqlite3.Connection``)::
 
@@ -13,14 +15,14 @@ Public API (each function takes a ``sqlite_utils.Database`` or a ``sqlite3.Conne
     sync_with_hub(db, "http://127.0.0.1:8001/data", token=None)
 """
 
+from .api import disable_sync, enable_sync, export_bundle, new_device, sync_status
 from .importer import ImportResult, import_bundle
 from .bundle import ExportResult
-from .cli import register_commands  # noqa: F401  the sqlite-utils plugin hook, looked up on this module
 from .client import HubError, sync_with_hub
 from .compaction import CompactResult, compact_log
-from .conflicts import get_conflict, list_conflicts, resolve_conflict
+from .conflicts import get_conflict, list_conflicts
+from .resolution import resolve_conflict
 from .errors import BundleError, SyncError
-from .sync import disable_sync, enable_sync, export_bundle, new_device, repair, sync_status
 
 __all__ = [
     "BundleError",
@@ -37,7 +39,6 @@ __all__ = [
     "import_bundle",
     "list_conflicts",
     "new_device",
-    "repair",
     "resolve_conflict",
     "sync_status",
     "sync_with_hub",

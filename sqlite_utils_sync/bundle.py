@@ -40,21 +40,37 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import msgpack
 
 from .capture import load_tables
-from .errors import BundleError
-from .log import (
+from .clocks import clock, horizon, max_seq, now_iso
+from .devices import device_ids, local_device_id
+from .errors import (
+    CANNOT_WRITE,
+    HASH_MISMATCH,
+    INVALID_BUNDLE,
+    INVALID_METADATA,
+    INVALID_OPERATION,
+    INVALID_TEXT,
+    MISSING_BUNDLE,
+    UNSUPPORTED_FORMAT,
+    BundleError,
+    shorten,
+)
+from .oplog import (
     LOCAL,
     MAX_COLUMNS,
-    RawText,
-    exact_text,
     SEQ_MASK,
-    clock,
-    device_ids,
-    horizon,
-    local_device_id,
-    max_seq,
-    now_iso,
+    RawText,
+    device_range,
+    exact_text,
+    is_count,
+    is_device_id,
+    mask_slots,
+    op_device,
     op_id,
+    parse_clock,
     remap_mask_sql,
+    seq_sql,
+    slot_column,
+    text_as,
 )
 
 FORMAT = "datasette-sync-bundle/2"
@@ -84,170 +100,155 @@ class ExportResult:
         return {"bundle_id": self.bundle_id, "device_id": self.device_id, "operations": self.operations, "bytes": self.bytes}
 
 
-def parse_clock(text: str | dict | None, what: str = "clock") -> dict[str, int]:
-    """Parse and check a vector clock: ``{"<32 hex device id>": <seq>, ...}``."""
-    if text is None or text == "":
-        return {}
-    try:
-        value = json.loads(text) if isinstance(text, str) else text
-    except (ValueError, RecursionError):  # deep nesting is a RecursionError, not a ValueError
-        raise BundleError("invalid_clock", f"{what} is not valid JSON: {shorten(text)}")
-    if not isinstance(value, dict) or not all(
-        is_device_id(k) and is_count(v, SEQ_MASK)
-        for k, v in value.items()
-    ):
-        raise BundleError(
-            "invalid_clock", f'{what} must look like {{"<32 hex digit device id>": <seq>, ...}}, got {shorten(text)}'
-        )
-    return value
-
-
-def shorten(value: Any, most: int = 80) -> str:
-    """A value for a one-line message: repr (text as it is), cut short."""
-    text = value if isinstance(value, str) and most > 80 else repr(value)
-    text = " ".join(text.split())
-    return text if len(text) <= most else text[: most - 3] + "..."
-
-
-def is_count(value: Any, most: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most
-
-
-def is_device_id(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
-
-
-def export_bundle(
+def write_bundle(
     conn: sqlite3.Connection,
     path: str | os.PathLike,
     since: dict[str, int] | None = None,
-    progress: Callable[[int], None] | None = None,
-    clock_fixes: list[tuple[int, int]] = (),
+    progress: Callable[[int, int], None] | None = None,
+    clock_fixes: Sequence[tuple[int, int]] = (),
 ) -> ExportResult:
     """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``.
 
     Chunks go to the file as they are made, so memory stays at one chunk whatever the size.
+    The file appears at ``path`` only once complete.
 
+    :param progress: called with (operations just written, total) after each chunk
     :param clock_fixes: ``(clock, op)`` for local operations whose clocks are not settled in
-        the log yet (:func:`~sqlite_utils_sync.log.unsettled_clocks`): they are sent settled
+        the log yet (:func:`~sqlite_utils_sync.clocks.unsettled_clocks`): they are sent settled
     """
+    since = since or {}
     # Strict decoding: a TEXT value that is not valid UTF-8 must fail loudly, never be replaced
     # (a Datasette connection decodes with replacement), so write_operations can send it as bytes.
     with text_as(conn, str):
-        return write_bundle(conn, path, since or {}, progress, clock_fixes)
+        devices = device_ids(conn)
+        tops = {idx: max_seq(conn, idx) for idx in devices}
+        total = sum(max(0, tops[idx] - since.get(d, 0)) for idx, d in devices.items())
+        target = pathlib.Path(path)
+        check_target(target)
+        temp = temporary_file(target)
+        try:
+            writer = BundleWriter(conn, temp, total, progress)
+            try:
+                count = write_operations(conn, since, devices, tops, writer, {op: hlc for hlc, op in clock_fixes})
+                current = clock(conn)
+                sha = writer.finish(
+                    {
+                        "anchors": anchors_for(conn, since, devices),
+                        "source": local_device_id(conn),
+                        "created": now_iso(),
+                        "clock": current,
+                        "since": since,
+                        "horizon": horizon(conn),
+                        "devices": writer.devices,
+                        "tables": writer.tables,
+                        "dropped": writer.dropped,
+                        "operations": count,
+                    }
+                )
+            finally:
+                writer.close()  # before the rename: the file must be complete
+            os.replace(temp, target)
+        finally:
+            if os.path.exists(temp):
+                os.remove(temp)
+        return ExportResult(sha[:32], local_device_id(conn), count, target.stat().st_size, current)
 
 
-def write_bundle(
-    conn: sqlite3.Connection,
-    path: str | os.PathLike,
-    since: dict[str, int],
-    progress: Callable[[int], None] | None,
-    clock_fixes: list[tuple[int, int]],
-) -> ExportResult:
-    devices = device_ids(conn)
-    tables = load_tables(conn)
-    by_tid = {t.tid: t for t in tables.values()}
-    header_devices: list[str] = []
-    header_tables: list[list] = []
-    header_dropped: dict[str, list[str]] = {}
-    table_index: dict[int, tuple[int, list[int]]] = {}
-
-    def table_entry(tid: int) -> tuple[int, list[int]]:
-        if tid not in table_index:
-            table = by_tid[tid]
-            every = sorted(table.slots, key=table.slots.get)
-            current = [c for c in table.current_columns(conn) if c in table.slots] if table.enabled else []
-            # Operations this copy relays may hold values for columns it dropped: they go too,
-            # marked, so a relay never strips an operation and receivers need not have them.
-            dropped = [c for c in every if c not in current] if current else []
-            columns = current + dropped if current else every
-            if dropped:
-                header_dropped[table.name] = dropped
-            table_index[tid] = (len(header_tables), [table.slots[c] for c in columns])
-            header_tables.append([table.name, columns, table.pk])
-        return table_index[tid]
-
-    tops = {idx: max_seq(conn, idx) for idx in devices}
-    total = sum(max(0, tops[idx] - since.get(d, 0)) for idx, d in devices.items())
-    target = pathlib.Path(path)
-    check_target(target)
+def temporary_file(target: pathlib.Path) -> str:
+    """A new empty file beside ``target``, with the permissions a file the user writes gets."""
     try:
         fd, temp = tempfile.mkstemp(prefix=".bundle-", dir=target.parent or ".")
     except OSError as ex:
-        raise BundleError("cannot_write", f"Cannot write bundle {target}: {ex.strerror}")
+        raise BundleError(CANNOT_WRITE, f"Cannot write bundle {target}: {ex.strerror}")
     os.close(fd)
     # mkstemp makes the file private; a bundle is a file like any other the user writes.
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(temp, 0o666 & ~umask)
-    out = sqlite3.connect(temp, isolation_level=None)
-    digest = hashlib.sha256(FORMAT.encode())
+    return temp
 
-    def write_chunk(
-        device_position: int, key: int, rows: Iterable[Sequence[Any]], size: int, exact: bool = False
+
+class BundleWriter:
+    """A bundle being written: chunks as they are made, then the header and the hash.
+
+    It also builds the header's device and table lists as the chunks name them.
+    """
+
+    def __init__(
+        self, conn: sqlite3.Connection, temp: str, total: int, progress: Callable[[int, int], None] | None
     ) -> None:
-        width = len(header_tables[key][1]) if key >= 0 else 0
-        data = chunk_image(rows, width, small=size < 100, exact=exact)
-        digest.update(chunk_prefix(device_position, key, data))
-        digest.update(data)
-        out.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (?, ?, ?)", [device_position, key, data])
-        if progress:
-            progress(size, total)
-
-    try:
-        out.execute("PRAGMA journal_mode = OFF")
+        self.conn = conn
+        self.by_tid = {t.tid: t for t in load_tables(conn).values()}
+        self.devices: list[str] = []
+        self.tables: list[list] = []
+        self.dropped: dict[str, list[str]] = {}
+        self.table_index: dict[int, tuple[int, list[int]]] = {}
+        self.total, self.progress = total, progress
+        self.digest = hashlib.sha256(FORMAT.encode())
+        self.out = sqlite3.connect(temp, isolation_level=None)
+        self.out.execute("PRAGMA journal_mode = OFF")
         # Small pages keep small bundles (a handful of ops, the common case) small; large ones
         # read faster with the usual size.
-        out.execute(f"PRAGMA page_size = {1024 if total < 1000 else 4096}")
-        out.execute("BEGIN")
+        self.out.execute(f"PRAGMA page_size = {1024 if total < 1000 else 4096}")
+        self.out.execute("BEGIN")
         for create in BUNDLE_SCHEMA.values():
-            out.execute(create)
-        count = write_operations(
-            conn, since, devices, tops, table_entry, write_chunk, header_devices, dict((op, hlc) for hlc, op in clock_fixes)
-        )
-        current = clock(conn)
-        header = msgpack.packb(
-            {
-                "anchors": anchors_for(conn, since, devices),
-                "source": local_device_id(conn),
-                "created": now_iso(),
-                "clock": current,
-                "since": since,
-                "horizon": horizon(conn),
-                "devices": header_devices,
-                "tables": header_tables,
-                "dropped": header_dropped,
-                "operations": count,
-            }
-        )
-        digest.update(header)
-        sha = digest.hexdigest()
-        out.execute("INSERT INTO bundle_header VALUES (1, ?)", [header])
-        out.executemany(
+            self.out.execute(create)
+
+    def table_entry(self, tid: int) -> tuple[int, list[int]]:
+        """The header position of a table, and the slots of its columns in header order."""
+        if tid not in self.table_index:
+            table = self.by_tid[tid]
+            every = list(table.slot_names().values())
+            current = [c for c in table.current_columns(self.conn) if c in table.slots] if table.enabled else []
+            # Operations this copy relays may hold values for columns it dropped: they go too,
+            # marked, so a relay never strips an operation and receivers need not have them.
+            dropped = [c for c in every if c not in current] if current else []
+            columns = current + dropped if current else every
+            if dropped:
+                self.dropped[table.name] = dropped
+            self.table_index[tid] = (len(self.tables), [table.slots[c] for c in columns])
+            self.tables.append([table.name, columns, table.pk])
+        return self.table_index[tid]
+
+    def write_chunk(
+        self, device_position: int, key: int, rows: Iterable[Sequence[Any]], size: int, exact: bool = False
+    ) -> None:
+        width = len(self.tables[key][1]) if key >= 0 else 0
+        data = chunk_image(rows, width, small=size < 100, exact=exact)
+        self.digest.update(chunk_prefix(device_position, key, data))
+        self.digest.update(data)
+        self.out.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (?, ?, ?)", [device_position, key, data])
+        if self.progress:
+            self.progress(size, self.total)
+
+    def finish(self, header: dict[str, Any]) -> str:
+        """Write the header and the metadata; returns the sha256."""
+        packed = msgpack.packb(header)
+        self.digest.update(packed)
+        sha = self.digest.hexdigest()
+        self.out.execute("INSERT INTO bundle_header VALUES (1, ?)", [packed])
+        self.out.executemany(
             "INSERT INTO bundle_meta VALUES (?, ?)", [("format", FORMAT), ("sha256", sha), ("bundle_id", sha[:32])]
         )
-        out.execute("COMMIT")
-        out.close()  # before the rename: the file must be complete
-        os.replace(temp, target)
-    finally:
-        out.close()
-        if os.path.exists(temp):
-            os.remove(temp)
-    return ExportResult(sha[:32], local_device_id(conn), count, target.stat().st_size, current)
+        self.out.execute("COMMIT")
+        return sha
+
+    def close(self) -> None:
+        self.out.close()
 
 
 def check_target(target: pathlib.Path) -> None:
     """Refuse to write a bundle anywhere but a new file or over an old bundle: the file is
     replaced whole, so a database (even this one) or a device there would be lost."""
     if not target.parent.is_dir():
-        raise BundleError("cannot_write", f"Cannot write bundle {target}: directory {target.parent} does not exist")
+        raise BundleError(CANNOT_WRITE, f"Cannot write bundle {target}: directory {target.parent} does not exist")
     if not os.path.lexists(target):
         return
     if target.is_symlink() or not target.is_file():
-        raise BundleError("cannot_write", f"Cannot write bundle {target}: it exists and is not a regular file")
+        raise BundleError(CANNOT_WRITE, f"Cannot write bundle {target}: it exists and is not a regular file")
     if target.stat().st_size and not is_bundle_file(target):
         raise BundleError(
-            "cannot_write", f"Cannot write bundle {target}: it exists and is not a bundle, so it is not replaced"
+            CANNOT_WRITE, f"Cannot write bundle {target}: it exists and is not a bundle, so it is not replaced"
         )
 
 
@@ -268,9 +269,7 @@ def write_operations(
     since: dict[str, int],
     devices: dict[int, str],
     tops: dict[int, int],
-    table_entry: Callable[[int], tuple[int, list[int]]],
-    write_chunk: Callable[..., None],
-    header_devices: list[str],
+    writer: BundleWriter,
     clock_fixes: dict[int, int],
 ) -> int:
     """Stream each device's operations after ``since`` as runs of one table, up to CHUNK_OPS."""
@@ -279,42 +278,61 @@ def write_operations(
         start = since.get(devices[idx], 0)
         if tops[idx] <= start:
             continue
-        device_position = len(header_devices)
-        header_devices.append(devices[idx])
-        for tid, lo, hi, size in runs(conn, op_id(idx, start + 1), op_id(idx, SEQ_MASK)):
+        device_position = len(writer.devices)
+        writer.devices.append(devices[idx])
+        for tid, lo, hi, size in runs(conn, *device_range(idx, start + 1)):
             if tid == 0:
                 key, mask, values = -1, "NULL", ["rowkey"]
             else:
-                key, slots = table_entry(tid)
+                key, slots = writer.table_entry(tid)
                 # Masks travel as bits of the header's column list: slot numbers are local to
                 # each copy (columns added in a different order get different slots). Row keys
                 # are not sent: the receiver derives them from the primary-key values, so they
                 # cannot disagree; only a move sends the key it moved from.
                 mask = remap_mask_sql([(s, i) for i, s in enumerate(slots)])
-                values = ["CASE WHEN newkey IS NOT NULL THEN rowkey END"] + [f"c{s}" for s in slots]
-
-            def fetch(extra: str = "") -> Iterable[Sequence[Any]]:
-                cursor = conn.execute(
-                    f"SELECT op & {SEQ_MASK}, hlc, kind, {mask}, {', '.join(values)}{extra} FROM _sync_ops "
-                    "WHERE op BETWEEN ? AND ? ORDER BY op",
-                    [lo, hi],
-                )
-                if clock_fixes and idx == LOCAL:
-                    return ((seq, clock_fixes.get(op_id(idx, seq), hlc), *rest) for seq, hlc, *rest in cursor)
-                return cursor
-
-            try:
-                write_chunk(device_position, key, fetch(), size)
-            except sqlite3.OperationalError as ex:
-                if "decode" not in str(ex):
-                    raise
-                # SQLite stores whatever bytes a client hands it as TEXT. Such a run travels as
-                # bytes, with a bit per value saying which were TEXT, and is TEXT again in the image.
-                texts = " | ".join(f"((typeof({v}) = 'text') << {n})" for n, v in enumerate(values))
-                with text_as(conn, bytes):
-                    write_chunk(device_position, key, fetch(f", {texts}"), size, exact=True)
+                values = ["CASE WHEN newkey IS NOT NULL THEN rowkey END"] + [slot_column(s) for s in slots]
+            fixes = clock_fixes if idx == LOCAL else {}
+            write_run(conn, writer, (device_position, key), (lo, hi, size), [mask, *values], fixes)
             count += size
     return count
+
+
+def write_run(
+    conn: sqlite3.Connection,
+    writer: BundleWriter,
+    position: tuple[int, int],
+    run: tuple[int, int, int],
+    columns: list[str],
+    clock_fixes: dict[int, int],
+) -> None:
+    """Write one run, the ``size`` operations ``lo..hi`` of one device on one table, as a chunk.
+
+    :param position: the header positions of the run's device and table
+    :param columns: SQL for the mask, then the moved-from key, then the values
+    """
+    (lo, hi, size), values = run, columns[1:]
+
+    def fetch(extra: str = "") -> Iterable[Sequence[Any]]:
+        cursor = conn.execute(
+            f"SELECT {seq_sql('op')}, hlc, kind, {', '.join(columns)}{extra} FROM _sync_ops "
+            "WHERE op BETWEEN ? AND ? ORDER BY op",
+            [lo, hi],
+        )
+        if clock_fixes:
+            idx = op_device(lo)
+            return ((seq, clock_fixes.get(op_id(idx, seq), hlc), *rest) for seq, hlc, *rest in cursor)
+        return cursor
+
+    try:
+        writer.write_chunk(*position, fetch(), size)
+    except sqlite3.OperationalError as ex:
+        if "decode" not in str(ex):
+            raise
+        # SQLite stores whatever bytes a client hands it as TEXT. Such a run travels as
+        # bytes, with a bit per value saying which were TEXT, and is TEXT again in the image.
+        texts = " | ".join(f"((typeof({v}) = 'text') << {n})" for n, v in enumerate(values))
+        with text_as(conn, bytes):
+            writer.write_chunk(*position, fetch(f", {texts}"), size, exact=True)
 
 
 def runs(conn: sqlite3.Connection, lo: int, hi: int) -> Iterator[tuple[int, int, int, int]]:
@@ -378,20 +396,6 @@ def chunk_image(rows: Iterable[Sequence[Any]], width: int, small: bool = False, 
 
 
 @contextmanager
-def text_as(conn: sqlite3.Connection, factory: Callable[[bytes], Any]) -> Iterator[None]:
-    """Read TEXT through ``factory`` for a while. Datasette's connections decode with
-    replacement, which would change a value that is not valid UTF-8 without a word."""
-    old = conn.text_factory
-    conn.text_factory = factory
-    try:
-        yield
-    finally:
-        conn.text_factory = old
-
-
-
-
-@contextmanager
 def image_connection() -> Iterator[tuple[sqlite3.Connection, Callable[[], bytes]]]:
     """A scratch database and a function returning its image: in memory where Python can
     serialize one (3.11+), else in a temporary file."""
@@ -441,8 +445,9 @@ def op_fingerprint(conn: sqlite3.Connection, op: int) -> str | None:
     # TEXT that is not UTF-8 digests apart from a BLOB of the same bytes.
     row = [msgpack.ExtType(1, bytes(v)) if isinstance(v, RawText) else v for v in row]
     record = dict(zip([d[0] for d in cursor.description], row))
-    slots = json.loads(record["_slots"] or "{}")
-    values = sorted((c, record[f"c{s}"]) for c, s in slots.items() if (record["mask"] or 0) >> s & 1)
+    slots = json.loads(record["_slots"] or "{}")  # column -> slot
+    written = set(mask_slots(record["mask"] or 0))
+    values = sorted((c, record[slot_column(s)]) for c, s in slots.items() if s in written)
     content = [record["hlc"], record["kind"], record["_table"], record["rowkey"], record["newkey"], values]
     return hashlib.sha256(msgpack.packb(content)).hexdigest()[:32]
 
@@ -460,14 +465,14 @@ class BundleReader:
         self.path = pathlib.Path(path)
         name = self.path.name
         if not self.path.is_file():
-            raise BundleError("missing_bundle", f"Bundle {name}: file not found")
+            raise BundleError(MISSING_BUNDLE, f"Bundle {name}: file not found")
         self.size = self.path.stat().st_size
         if self.size == 0:
-            raise BundleError("invalid_bundle", f"Bundle {name} is empty (0 bytes): was the transfer cut short?")
+            raise BundleError(INVALID_BUNDLE, f"Bundle {name} is empty (0 bytes): was the transfer cut short?")
         try:
             self.conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True)
         except sqlite3.Error as ex:
-            raise BundleError("invalid_bundle", f"Bundle {name} is not a SQLite file ({ex})")
+            raise BundleError(INVALID_BUNDLE, f"Bundle {name} is not a SQLite file ({ex})")
         try:
             self._open()
         except BaseException:
@@ -485,34 +490,34 @@ class BundleReader:
                 for row in self.conn.execute("SELECT name, type, sql FROM sqlite_master")
             }
         except sqlite3.Error as ex:
-            raise BundleError("invalid_bundle", f"Bundle {name} is not a SQLite file ({ex})")
+            raise BundleError(INVALID_BUNDLE, f"Bundle {name} is not a SQLite file ({ex})")
         except UnicodeDecodeError:  # SQLite's message quoted schema text Python could not decode
-            raise BundleError("invalid_bundle", f"Bundle {name} cannot be read (malformed schema that is not valid UTF-8)")
+            raise BundleError(INVALID_BUNDLE, f"Bundle {name} cannot be read (malformed schema that is not valid UTF-8)")
         for table, create in BUNDLE_SCHEMA.items():
             kind, sql = kinds.get(table.encode(), (None, b""))
             if kind != b"table":
-                raise BundleError("invalid_bundle", f"Bundle {name} is not a sync bundle: no {table} table")
+                raise BundleError(INVALID_BUNDLE, f"Bundle {name} is not a sync bundle: no {table} table")
             if sql != create.encode():
                 raise BundleError(
-                    "invalid_bundle", f"Bundle {name} is not a sync bundle: its {table} table is not as the exporter writes it"
+                    INVALID_BUNDLE, f"Bundle {name} is not a sync bundle: its {table} table is not as the exporter writes it"
                 )
         try:
             check_btrees(self.conn, BUNDLE_TABLES, f"Bundle {name}")
             meta = self._read_meta()
             if meta.get("format") != FORMAT:
                 raise BundleError(
-                    "unsupported_format", f"Bundle {name} has format {shorten(meta.get('format'))}, expected {FORMAT}"
+                    UNSUPPORTED_FORMAT, f"Bundle {name} has format {shorten(meta.get('format'))}, expected {FORMAT}"
                 )
             headers = self.conn.execute("SELECT data, typeof(data) FROM bundle_header ORDER BY id LIMIT 2").fetchall()
             if len(headers) != 1 or headers[0][1] != b"blob":
-                raise BundleError("invalid_metadata", f"Bundle {name} must have exactly one header")
+                raise BundleError(INVALID_METADATA, f"Bundle {name} must have exactly one header")
             self.header_bytes = headers[0][0]
             digest = hashlib.sha256(FORMAT.encode())
             for _ in self._read_chunks(digest):
                 pass
             digest.update(self.header_bytes)
         except (sqlite3.Error, UnicodeDecodeError) as ex:
-            raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({shorten(str(ex), 200)})")
+            raise BundleError(INVALID_BUNDLE, f"Bundle {name} cannot be read ({shorten(str(ex), 200)})")
         if digest.hexdigest() != meta.get("sha256") or meta.get("bundle_id") != digest.hexdigest()[:32]:
             raise self._hash_mismatch()
         self.sha256: str = meta["sha256"]
@@ -528,7 +533,7 @@ class BundleReader:
 
     def _hash_mismatch(self) -> BundleError:
         return BundleError(
-            "hash_mismatch", f"Bundle {self.path.name} failed its integrity check: content does not match its sha256"
+            HASH_MISMATCH, f"Bundle {self.path.name} failed its integrity check: content does not match its sha256"
         )
 
     def _read_chunks(self, digest: Any) -> Iterator[tuple[int, int, bytes]]:
@@ -537,11 +542,11 @@ class BundleReader:
             "SELECT device, tbl, data FROM bundle_chunks WHERE typeof(data) = 'blob' ORDER BY id"
         ):
             if not (type(device) is int and type(table) is int and isinstance(data, bytes)):
-                raise BundleError("invalid_operation", f"Bundle {self.path.name} has a malformed chunk")
+                raise BundleError(INVALID_OPERATION, f"Bundle {self.path.name} has a malformed chunk")
             held += len(data)
             if held > self.size:
                 # Only a damaged file can show the same bytes twice: stop before that costs more.
-                raise BundleError("invalid_bundle", f"Bundle {self.path.name} is damaged: its chunks hold more than the file")
+                raise BundleError(INVALID_BUNDLE, f"Bundle {self.path.name} is damaged: its chunks hold more than the file")
             digest.update(chunk_prefix(device, table, data))
             digest.update(data)
             yield device, table, data
@@ -551,10 +556,10 @@ class BundleReader:
         try:
             header = msgpack.unpackb(self.header_bytes)
         except Exception as ex:  # msgpack raises several kinds for malformed input
-            raise BundleError("invalid_metadata", f"Bundle {name} header cannot be decoded ({shorten(str(ex))})")
+            raise BundleError(INVALID_METADATA, f"Bundle {name} header cannot be decoded ({shorten(str(ex))})")
         problem = header_problem(header)
         if problem:
-            raise BundleError("invalid_metadata", f"Bundle {name}: {problem}")
+            raise BundleError(INVALID_METADATA, f"Bundle {name}: {problem}")
         parse_clock(header["clock"], f"Bundle {name} clock")
         parse_clock(header.get("since", {}), f"Bundle {name} since-clock")
         parse_clock(header.get("horizon", {}), f"Bundle {name} horizon")
@@ -571,10 +576,10 @@ class BundleReader:
         try:
             for device, table, data in self._read_chunks(digest):
                 if not (0 <= device < len(self.header["devices"]) and -1 <= table < len(self.header["tables"])):
-                    raise BundleError("invalid_operation", f"Bundle {name} has a malformed chunk")
+                    raise BundleError(INVALID_OPERATION, f"Bundle {name} has a malformed chunk")
                 yield device, table, data
         except (sqlite3.Error, UnicodeDecodeError) as ex:
-            raise BundleError("invalid_bundle", f"Bundle {name} cannot be read ({shorten(str(ex), 200)})")
+            raise BundleError(INVALID_BUNDLE, f"Bundle {name} cannot be read ({shorten(str(ex), 200)})")
         digest.update(self.header_bytes)
         if digest.hexdigest() != self.sha256:
             raise self._hash_mismatch()
@@ -654,7 +659,7 @@ def limit_values(conn: sqlite3.Connection, most: int) -> None:
         conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max(most, 1024))
 
 
-def check_btrees(conn: sqlite3.Connection, tables: Sequence[str], what: str, reason: str = "invalid_bundle") -> None:
+def check_btrees(conn: sqlite3.Connection, tables: Sequence[str], what: str, reason: str = INVALID_BUNDLE) -> None:
     """``PRAGMA quick_check`` of ``tables``: O(their size), and afterwards no page of them is
     reached twice, so reading them costs no more than their size.
 
@@ -688,7 +693,7 @@ def check_image(data: bytes, width: int, name: str) -> None:
     the next image would then be loaded under: a crash), and reading it costs O(its size).
     """
     def fail(message: str) -> BundleError:
-        return BundleError("invalid_operation", f"Bundle {name}{message}")
+        return BundleError(INVALID_OPERATION, f"Bundle {name}{message}")
 
     try:
         with open_image(data) as image:
@@ -697,7 +702,7 @@ def check_image(data: bytes, width: int, name: str) -> None:
             schema = image.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
             if schema != [(b"table", b"ops", b"ops", ops_table_sql(width).encode())]:
                 raise fail(" has a chunk that is not a table of operations")
-            check_btrees(image, ["ops"], f"Bundle {name} has a chunk that", "invalid_operation")
+            check_btrees(image, ["ops"], f"Bundle {name} has a chunk that", INVALID_OPERATION)
             # One pass that stops at the first bad row; which check failed is only worked out
             # for a bad chunk (an aggregate per check costs more than the rest of the import).
             (bad,) = image.execute(f"SELECT EXISTS (SELECT 1 FROM ops WHERE {BAD_OP_SQL})").fetchone()
@@ -762,9 +767,9 @@ class ChunkStage:
         except sqlite3.DatabaseError as ex:
             self.empty()
             if "decode" in str(ex):  # only here, where values pass through Python (3.10)
-                raise BundleError("invalid_text", f"Bundle {self.name} has a TEXT value that is not valid UTF-8, "
+                raise BundleError(INVALID_TEXT, f"Bundle {self.name} has a TEXT value that is not valid UTF-8, "
                                   "which this Python (3.10) cannot carry")
-            raise BundleError("invalid_operation", f"Bundle {self.name} has a chunk that cannot be read ({ex})")
+            raise BundleError(INVALID_OPERATION, f"Bundle {self.name} has a chunk that cannot be read ({ex})")
 
     def close(self) -> None:
         if not self.direct:

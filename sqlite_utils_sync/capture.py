@@ -14,24 +14,22 @@ import re
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
-from .errors import SyncError
-from .log import (
-    DELETE,
-    HLC_NOW_SQL,
-    INSERT,
-    MAX_COLUMNS,
-    UPDATE,
-    capture_hlc_sql,
-    ensure_schema,
-    ensure_slots,
-    is_enabled,
-    last_hlc,
-    quote_identifier,
-    rowkey_sql,
-    with_floor,
+from .clocks import HLC_NOW_SQL, last_hlc
+from .errors import (
+    GENERATED_COLUMNS,
+    INTERNAL_TABLE,
+    MISSING_TABLE,
+    NO_PRIMARY_KEY,
+    NULL_PRIMARY_KEY,
+    PK_CHANGED,
+    TOO_MANY_COLUMNS,
+    VIRTUAL_TABLE,
+    SyncError,
 )
+from .oplog import DELETE, INSERT, MAX_COLUMNS, UPDATE, mask_of, rowkey_sql, slot_column, slot_names
+from .schema import ensure_slots, has_table, is_enabled, quote_identifier
 
 TRIGGER_KINDS = ("insert", "update", "delete")
 
@@ -48,10 +46,11 @@ class SyncedTable:
         return [row[1] for row in table_info(conn, self.name)]
 
     def mask_for(self, columns: list[str]) -> int:
-        mask = 0
-        for column in columns:
-            mask |= 1 << self.slots[column]
-        return mask
+        return mask_of(self.slots[column] for column in columns)
+
+    def slot_names(self, columns: Iterable[str] | None = None) -> dict[int, str]:
+        """slot -> column name, in slot order (only for ``columns``, if given)."""
+        return slot_names(self.slots, columns)
 
 
 def table_info(conn: sqlite3.Connection, table: str) -> list[tuple]:
@@ -84,27 +83,27 @@ def canonical_name(conn: sqlite3.Connection, table: str) -> str:
 def check_can_sync(conn: sqlite3.Connection, table: str) -> tuple[list[str], list[str]]:
     """Return (columns, pk columns) or raise a SyncError saying why ``table`` cannot be synced."""
     if table.lower().startswith(("_sync_", "sqlite_")):
-        raise SyncError("internal_table", f"Table '{table}' is internal and cannot be synced")
+        raise SyncError(INTERNAL_TABLE, f"Table '{table}' is internal and cannot be synced")
     row = conn.execute("SELECT type, sql FROM sqlite_master WHERE name = ?", [table]).fetchone()
     if row is None or row[0] != "table":
-        raise SyncError("missing_table", f"Table '{table}' does not exist")
+        raise SyncError(MISSING_TABLE, f"Table '{table}' does not exist")
     if (row[1] or "").lstrip().upper().startswith("CREATE VIRTUAL"):
-        raise SyncError("virtual_table", f"Table '{table}' is a virtual (e.g. FTS) table and cannot be synced")
+        raise SyncError(VIRTUAL_TABLE, f"Table '{table}' is a virtual (e.g. FTS) table and cannot be synced")
     kind = conn.execute("SELECT type FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table]).fetchone()
     if kind and kind[0] == "shadow":
         raise SyncError(
-            "virtual_table", f"Table '{table}' holds the data of a virtual (e.g. FTS) table and cannot be synced"
+            VIRTUAL_TABLE, f"Table '{table}' holds the data of a virtual (e.g. FTS) table and cannot be synced"
         )
     info = table_info(conn, table)
     generated = [r[1] for r in info if r[6] != 0]
     if generated:
         raise SyncError(
-            "generated_columns", f"Table '{table}' has generated columns ({', '.join(generated)}), not supported"
+            GENERATED_COLUMNS, f"Table '{table}' has generated columns ({', '.join(generated)}), not supported"
         )
     pk = [r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5])]
     if not pk:
         raise SyncError(
-            "no_primary_key",
+            NO_PRIMARY_KEY,
             f"Table '{table}' has no explicit PRIMARY KEY: rowid-only tables cannot be synced safely "
             f"(add one, e.g. sqlite-utils transform data.db {table} --pk id)",
         )
@@ -115,13 +114,13 @@ def check_can_sync(conn: sqlite3.Connection, table: str) -> tuple[list[str], lis
             ).fetchone()
             if nulls:
                 raise SyncError(
-                    "null_primary_key",
+                    NULL_PRIMARY_KEY,
                     f"Table '{table}' has {nulls} row(s) whose primary key column '{column}' is NULL: "
                     "give them keys first (peers could not tell NULL keys apart)",
                 )
     columns = [r[1] for r in info]
     if len(columns) > MAX_COLUMNS:
-        raise SyncError("too_many_columns", f"Table '{table}' has {len(columns)} columns; at most {MAX_COLUMNS} can be synced")
+        raise SyncError(TOO_MANY_COLUMNS, f"Table '{table}' has {len(columns)} columns; at most {MAX_COLUMNS} can be synced")
     return columns, pk
 
 
@@ -139,7 +138,7 @@ def register_table(
         if column not in slots:
             slots[column] = max(slots.values(), default=-1) + 1
     if max(slots.values(), default=0) >= MAX_COLUMNS:
-        raise SyncError("too_many_columns", f"Table '{table}' has used more than {MAX_COLUMNS} column slots")
+        raise SyncError(TOO_MANY_COLUMNS, f"Table '{table}' has used more than {MAX_COLUMNS} column slots")
     if row:
         conn.execute(
             "UPDATE _sync_tables SET columns = ?, pk = ?, enabled = ? WHERE tid = ?",
@@ -171,12 +170,12 @@ def trigger_sql(
     :param nullable: primary key columns SQLite lets hold NULL (rowid tables allow it unless
         declared NOT NULL); writes that would leave NULL in them are refused
     :param floor: the lowest clock the triggers may give (see :func:`capture_hlc_sql`)
-    :param clock_sql: another clock expression (to recognise triggers an earlier version made)
+    :param clock_sql: another clock expression (:data:`LOOKUP_HLC_SQL`, to recognise triggers
+        that use it)
     """
     typed = {c for c, t in (declared or {}).items() if has_affinity(t)}
     t = quote_identifier(table.name)
-    slot_list = ", ".join(f"c{table.slots[c]}" for c in columns)
-    full_mask = table.mask_for(columns)
+    slot_list = ", ".join(slot_column(table.slots[c]) for c in columns)
     hlc = clock_sql or capture_hlc_sql(floor)
 
     def values(prefix: str) -> str:
@@ -194,29 +193,15 @@ def trigger_sql(
     any_changed = " OR ".join(changed(c) for c in columns)
     mask = " | ".join(f"({changed(c)} << {table.slots[c]})" for c in columns)
     pk_changed = " OR ".join(changed(c) for c in table.pk)
-    pk_typed = [key_is_canonical((declared or {}).get(c, "")) for c in table.pk]
-    new_key = rowkey_sql((f"NEW.{quote_identifier(c)}" for c in table.pk), pk_typed)
-    old_key = rowkey_sql((f"OLD.{quote_identifier(c)}" for c in table.pk), pk_typed)
-    if rowid_key:
-        # An integer stored in the TEXT rowkey column becomes exactly what quote() would make.
-        new_key, old_key = f"NEW.{quote_identifier(table.pk[0])}", f"OLD.{quote_identifier(table.pk[0])}"
-    null_pk = [c for c in table.pk if c in (nullable or ()) and not rowid_key]
-    if null_pk:
-        # Every NULL key would be the same row to a peer, so rows would merge: refuse the write.
-        message = (
-            f"datasette-sync: table '{table.name}' is synced, so its primary key "
-            f"({', '.join(table.pk)}) cannot be NULL"
-        ).replace("'", "''")
-        is_null = " OR ".join(f"NEW.{quote_identifier(c)} IS NULL" for c in null_pk)
-        new_key = f"CASE WHEN {is_null} THEN RAISE(ABORT, '{message}') ELSE {new_key} END"
-    pk_slots = ", ".join(f"c{table.slots[c]}" for c in table.pk)
+    new_key, old_key = key_sql(table, declared or {}, rowid_key, nullable or set())
+    pk_slots = ", ".join(slot_column(table.slots[c]) for c in table.pk)
     old_pk = ", ".join(f"OLD.{quote_identifier(c)}" for c in table.pk)
     return {
         "insert": (
             f"CREATE TRIGGER {quote_identifier(trigger_name('insert', table.name))} AFTER INSERT ON {t}\n"
             "BEGIN\n"
             f"  INSERT INTO _sync_ops (hlc, tid, kind, mask, rowkey, {slot_list})\n"
-            f"  VALUES ({hlc}, {table.tid}, {INSERT}, {full_mask}, {new_key}, {values('NEW')});\nEND"
+            f"  VALUES ({hlc}, {table.tid}, {INSERT}, {table.mask_for(columns)}, {new_key}, {values('NEW')});\nEND"
         ),
         "update": (
             f"CREATE TRIGGER {quote_identifier(trigger_name('update', table.name))} AFTER UPDATE ON {t}\n"
@@ -232,6 +217,53 @@ def trigger_sql(
             f"  VALUES ({hlc}, {table.tid}, {DELETE}, 0, {old_key}, {old_pk});\nEND"
         ),
     }
+
+
+def key_sql(table: SyncedTable, declared: dict[str, str], rowid_key: bool, nullable: set[str]) -> tuple[str, str]:
+    """The row key expressions of a capture trigger: ``(NEW row's, OLD row's)``."""
+    pk_typed = [key_is_canonical(declared.get(c, "")) for c in table.pk]
+    new_key = rowkey_sql((f"NEW.{quote_identifier(c)}" for c in table.pk), pk_typed)
+    old_key = rowkey_sql((f"OLD.{quote_identifier(c)}" for c in table.pk), pk_typed)
+    if rowid_key:
+        # An integer stored in the TEXT rowkey column becomes exactly what quote() would make.
+        new_key, old_key = f"NEW.{quote_identifier(table.pk[0])}", f"OLD.{quote_identifier(table.pk[0])}"
+    null_pk = [c for c in table.pk if c in nullable and not rowid_key]
+    if null_pk:
+        # Every NULL key would be the same row to a peer, so rows would merge: refuse the write.
+        message = (
+            f"datasette-sync: table '{table.name}' is synced, so its primary key "
+            f"({', '.join(table.pk)}) cannot be NULL"
+        ).replace("'", "''")
+        is_null = " OR ".join(f"NEW.{quote_identifier(c)} IS NULL" for c in null_pk)
+        new_key = f"CASE WHEN {is_null} THEN RAISE(ABORT, '{message}') ELSE {new_key} END"
+    return new_key, old_key
+
+
+def capture_hlc_sql(floor: int) -> str:
+    """The clock a capture trigger gives an operation: the wall clock, but not below ``floor``
+    (the local clock when the trigger was made, which is above everything imported by then).
+
+    Reading the last operation's clock instead would cost a lookup per captured row; a wall
+    clock set back is caught by :func:`~sqlite_utils_sync.clocks.settle_clocks` before any
+    operation leaves.
+    """
+    return f"max({floor}, {HLC_NOW_SQL})"
+
+
+# Where the floor sits in a trigger. Quoted names and strings are passed over whole, so a
+# column named like the clock is not taken for it.
+CAPTURE_FLOOR = re.compile(r""""(?:[^"]|"")*"|'(?:[^']|'')*'|(VALUES \(max\()(?:\d+|\?), """)
+
+
+def with_floor(trigger_sql: str, floor: int | None) -> str:
+    """``trigger_sql`` with its clock floor replaced (None: a placeholder, for comparisons)."""
+
+    def replace(match: re.Match) -> str:
+        if match.group(1) is None:
+            return match.group(0)
+        return f"{match.group(1)}{'?' if floor is None else floor}, "
+
+    return CAPTURE_FLOOR.sub(replace, trigger_sql)
 
 
 def affinity(declared_type: str) -> str:
@@ -278,9 +310,10 @@ def nullable_columns(conn: sqlite3.Connection, table: str) -> set[str]:
     return {row[1] for row in table_info(conn, table) if not row[3]}
 
 
-# The clock of triggers made before the floor existed: a lookup of the last operation per row.
-# They capture the same writes, only slower, and the next export or import replaces them.
-LEGACY_HLC_SQL = f"(SELECT max(hlc + 1, {HLC_NOW_SQL}) FROM _sync_ops ORDER BY op DESC LIMIT 1)"
+# A clock that looks up the last operation's for every captured row, instead of a floor written
+# into the trigger. Triggers using it capture the same writes, only slower: they are not drift,
+# and a repair replaces them with the floor form.
+LOOKUP_HLC_SQL = f"(SELECT max(hlc + 1, {HLC_NOW_SQL}) FROM _sync_ops ORDER BY op DESC LIMIT 1)"
 
 
 def capture_sql(
@@ -315,10 +348,13 @@ def installed_triggers(conn: sqlite3.Connection, table: str) -> dict[str, str]:
     return found
 
 
+def table_exists(conn: sqlite3.Connection, name: str) -> bool:
+    return bool(conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone())
+
+
 def table_drift(conn: sqlite3.Connection, table: SyncedTable) -> str | None:
     """Why ``table``'s capture is out of step with its schema, or None when it is current."""
-    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [table.name]).fetchone()
-    if not exists:
+    if not table_exists(conn, table.name):
         return f"table '{table.name}' no longer exists"
     installed = installed_triggers(conn, table.name)
     if not installed:
@@ -328,36 +364,30 @@ def table_drift(conn: sqlite3.Connection, table: SyncedTable) -> str | None:
     if new:
         return f"table '{table.name}' has columns not captured: {', '.join(new)}"
     if not same_capture(installed, capture_sql(conn, table, columns)):
-        if installed == capture_sql(conn, table, columns, LEGACY_HLC_SQL):
-            return None  # an earlier version's triggers: they miss nothing
+        if installed == capture_sql(conn, table, columns, LOOKUP_HLC_SQL):
+            return None  # they miss nothing
         return f"table '{table.name}' has stale capture triggers"
     return None
-
-
-# The columns capture last covered, per table: kept apart from the triggers, which
-# disable-sync and transform remove.
-CAPTURED_SQL = "CREATE TABLE IF NOT EXISTS _sync_captured (tid INTEGER PRIMARY KEY, columns TEXT NOT NULL)"
 
 
 def install_triggers(conn: sqlite3.Connection, table: SyncedTable, columns: list[str]) -> None:
     drop_triggers(conn, table.name)
     for sql in capture_sql(conn, table, columns).values():
         conn.execute(sql)
-    conn.execute(CAPTURED_SQL)
     conn.execute("INSERT OR REPLACE INTO _sync_captured VALUES (?, ?)", [table.tid, json.dumps(columns)])
 
 
 def remember_captured(conn: sqlite3.Connection, table: SyncedTable) -> None:
-    """Record what the installed triggers cover, if nothing is recorded yet (a database synced
-    by a version without ``_sync_captured``), before something removes them."""
-    has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE name = '_sync_captured'").fetchone()
-    if has_table and conn.execute("SELECT 1 FROM _sync_captured WHERE tid = ?", [table.tid]).fetchone():
+    """Record what the installed triggers cover, if nothing is recorded yet (``_sync_captured``
+    is empty in a database upgraded from schema version 1), before something removes them."""
+    if not has_table(conn, "_sync_captured"):
+        return  # a version-1 database opened read-only: nothing can be recorded
+    if conn.execute("SELECT 1 FROM _sync_captured WHERE tid = ?", [table.tid]).fetchone():
         return
     trigger = installed_triggers(conn, table.name).get("insert")
     slots = captured_before(conn, table, trigger) if trigger else None
     if slots is not None:
-        names = {slot: name for name, slot in table.slots.items()}
-        conn.execute(CAPTURED_SQL)
+        names = table.slot_names()
         conn.execute(
             "INSERT INTO _sync_captured VALUES (?, ?)",
             [table.tid, json.dumps([names[s] for s in sorted(slots) if s in names])],
@@ -371,11 +401,20 @@ def captured_before(conn: sqlite3.Connection, table: SyncedTable, insert_trigger
         match = re.search(r"INSERT INTO _sync_ops \(([^)]*)\)", insert_trigger)
         if match:
             return {int(slot) for slot in re.findall(r"\bc(\d+)\b", match.group(1))}
-    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = '_sync_captured'").fetchone():
-        row = conn.execute("SELECT columns FROM _sync_captured WHERE tid = ?", [table.tid]).fetchone()
-        if row:
-            return {table.slots[c] for c in json.loads(row[0]) if c in table.slots}
+    row = has_table(conn, "_sync_captured") and conn.execute(
+        "SELECT columns FROM _sync_captured WHERE tid = ?", [table.tid]
+    ).fetchone()
+    if row:
+        return {table.slots[c] for c in json.loads(row[0]) if c in table.slots}
     return None
+
+
+def refresh_capture(conn: sqlite3.Connection, table: SyncedTable) -> None:
+    """Upkeep of a table whose capture is current: record what it covers, and replace triggers
+    that use :data:`LOOKUP_HLC_SQL` with the faster form."""
+    remember_captured(conn, table)
+    if any(LOOKUP_HLC_SQL in sql for sql in installed_triggers(conn, table.name).values()):
+        install_triggers(conn, table, table.current_columns(conn))
 
 
 def drop_triggers(conn: sqlite3.Connection, table: str) -> None:
@@ -418,38 +457,24 @@ def drifted_tables(conn: sqlite3.Connection) -> dict[str, str]:
     }
 
 
-def enable_table(conn: sqlite3.Connection, name: str) -> int:
-    """Install (or repair) capture for one table; returns how many missed changes were logged."""
-    from .reconcile import reconcile_table
+def install_capture(conn: sqlite3.Connection, name: str) -> tuple[SyncedTable, set[int] | None] | None:
+    """Install (or repair) the capture triggers of one table.
 
+    :returns: None when they were current already, else the table and the slots the previous
+        triggers covered (see :func:`captured_before`): the caller then logs the changes they
+        missed (:func:`sqlite_utils_sync.writing.capture_table`)
+    """
     name = canonical_name(conn, name)
     columns, pk = check_can_sync(conn, name)
-    ensure_schema(conn)
     previous = load_tables(conn).get(name)
     if previous and previous.pk and previous.pk != pk and previous.enabled:
         raise SyncError(
-            "pk_changed", f"Table '{name}' primary key changed from {previous.pk} to {pk}; peers cannot follow that"
+            PK_CHANGED, f"Table '{name}' primary key changed from {previous.pk} to {pk}; peers cannot follow that"
         )
     table = register_table(conn, name, columns, pk)
     current = installed_triggers(conn, name)
     if same_capture(current, capture_sql(conn, table, columns)) and previous and previous.enabled:
-        return 0
+        return None
     captured = captured_before(conn, table, current.get("insert"))
     install_triggers(conn, table, columns)
-    return reconcile_table(conn, table, captured)
-
-
-def repair_drift(conn: sqlite3.Connection) -> dict[str, int]:
-    """Re-install stale or missing triggers and log the changes they missed."""
-    repaired = {}
-    for name, table in load_tables(conn, enabled_only=True).items():
-        reason = table_drift(conn, table)
-        if reason is None:
-            remember_captured(conn, table)
-            if any(LEGACY_HLC_SQL in sql for sql in installed_triggers(conn, name).values()):
-                install_triggers(conn, table, table.current_columns(conn))  # the faster clock
-            continue
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone():
-            continue
-        repaired[name] = enable_table(conn, name)
-    return repaired
+    return table, captured

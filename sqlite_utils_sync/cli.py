@@ -18,12 +18,13 @@ import sqlite_utils
 
 from .importer import import_bundle
 from .capture import secondary_unique_columns
+from .api import disable_sync, enable_sync, export_bundle, new_device, sync_status
 from .client import RETRIES, TOKEN_ENV, normalize_url, sync_with_hub
 from .compaction import compact_log
-from .conflicts import list_conflicts, resolve_conflict
+from .conflicts import list_conflicts
+from .resolution import resolve_conflict
+from .devices import local_device_id
 from .errors import SyncError
-from .log import local_device_id
-from .sync import disable_sync, enable_sync, export_bundle, new_device, sync_status
 
 DB_PATH = click.Path(exists=True, dir_okay=False, allow_dash=False)
 

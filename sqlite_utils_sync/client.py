@@ -41,8 +41,8 @@ from . import errors, protocol
 from .importer import ImportResult, import_bundle
 from .bundle import BundleReader
 from .errors import BundleError, SyncError
-from .log import DEFAULT_MAX_CLOCK_SKEW, parse_duration
-from .sync import export_bundle, sync_status
+from .api import export_bundle, sync_status
+from .clocks import DEFAULT_MAX_CLOCK_SKEW, parse_duration
 
 TOKEN_ENV = "DATASETTE_SYNC_TOKEN"
 RETRIES = 5  # 503 busy answers retried per request before giving up

@@ -28,34 +28,19 @@ The highest sequence removed from each device is the database's **horizon**
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
 from . import errors
 from .capture import load_tables
+from .clocks import clock, horizon, max_seq, raise_horizon
+from .devices import device_ids
 from .errors import SyncError
-from .log import (
-    DELETE,
-    LOCAL,
-    SEQ_BITS,
-    SEQ_MASK,
-    TICK,
-    UPDATE,
-    clock,
-    connection,
-    device_ids,
-    horizon,
-    is_enabled,
-    log_rewrite,
-    max_seq,
-    op_id,
-    raise_horizon,
-    settle_clocks,
-)
 from .merge import KIND_BITS, latest_op_sql, latest_sql
-from .transaction import transaction
+from .oplog import DELETE, LOCAL, SEQ_BITS, SEQ_MASK, TICK, UPDATE, load_clock, op_id
+from .schema import connection, is_enabled, log_rewrite
+from .writing import writing
 
 
 @dataclass
@@ -78,7 +63,7 @@ def stable_clock(conn: sqlite3.Connection) -> dict[int, int]:
         row = conn.execute(
             "SELECT clock FROM _sync_knowledge WHERE device = ? ORDER BY from_seq DESC LIMIT 1", [idx]
         ).fetchone()
-        view = json.loads(row[0]) if row else {}
+        view = load_clock(row[0] if row else None)
         view[device] = max_seq(conn, idx)  # a device has seen its own operations
         views.append(view)
     return {idx: min(view.get(device, 0) for view in views) for idx, device in devices.items()}
@@ -91,8 +76,8 @@ def compact_log(db: Any) -> CompactResult:
     conn = connection(db)
     if not is_enabled(conn):
         raise SyncError(errors.NOT_ENABLED, "This database has no synced tables")
-    with transaction(conn):
-        settle_clocks(conn)  # which operations are latest depends on their clocks
+    # writing() settles the local clocks first: which operations are latest depends on them.
+    with writing(conn):
         devices = device_ids(conn)
         stable = stable_clock(conn)
         conn.execute("CREATE TEMP TABLE IF NOT EXISTS _sync_keep (op INTEGER PRIMARY KEY)")

@@ -1,4 +1,4 @@
-"""Conflict records and their resolution.
+"""Conflict records: which operations clash on a row, listed and described.
 
 Two operations on the same row *clash* when neither author had seen the other's operation
 and they disagree: they set the same column to different values, or one writes the row while
@@ -8,7 +8,7 @@ different columns merge.
 A conflict record is a connected group of clashing operations on one row. Its id is derived
 from the operations alone (``sha256(table, row key, sorted op ids)``), so every copy that
 holds the same operations holds the same records. A record is resolved when a resolution
-operation (written by :func:`resolve_conflict`) on that row had seen every version in it; a
+operation (written by :func:`sqlite_utils_sync.resolution.resolve_conflict`) on that row had seen every version in it; a
 plain later edit changes the value but not the record. Records are rebuilt from
 ``_sync_conflict_pairs`` and ``_sync_resolutions`` whenever either changes for a row.
 """
@@ -21,31 +21,21 @@ import sqlite3
 from typing import Any, Iterable
 
 from . import errors
-from .bundle import text_as
-from .capture import SyncedTable, load_tables, muted, repair_drift
+from .capture import load_tables
+from .devices import device_ids, parse_op_label
 from .errors import SyncError
-from .log import (
+from .oplog import (
     DELETE,
-    INSERT,
     KIND_NAMES,
-    RESOLUTION,
     SEQ_BITS,
     SEQ_MASK,
-    UPDATE,
-    append_local,
-    connection,
-    device_ids,
-    exact_text,
-    is_enabled,
     json_value,
     op_label,
-    parse_op_label,
     parse_rowkey,
-    settle_clocks,
 )
-from .merge import Effect, KnowledgeCache, all_effects, column_names, op_effect, row_state
-from .rows import fetch_row, key_slots, write_row
-from .transaction import transaction
+from .merge import KnowledgeCache, column_names, op_effect
+from .rows import fetch_row
+from .schema import connection, is_enabled
 
 
 def rebuild_conflicts(conn: sqlite3.Connection, rows: Iterable[tuple[int, str]]) -> int:
@@ -200,109 +190,3 @@ def describe(conn, conflict_id, table_name, rowkey, pk, columns, versions, resol
         "resolved": resolved_by is not None,
         "resolved_by": resolved_by,
     }
-
-
-def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
-    """Resolve a conflict with a new operation that syncs like any other.
-
-    :param keep: an op id (``<device id>:<seq>``) of one of the conflict's versions to restore;
-        without it the value currently in the table is accepted
-    :returns: the id of the resolution operation
-    """
-    conn = connection(db)
-    try:
-        # Values pass through Python here: read them exactly (a Datasette connection would
-        # replace what is not UTF-8, and the resolution would write the changed value).
-        with text_as(conn, exact_text):
-            return _resolve(conn, conflict_id, keep)
-    except sqlite3.IntegrityError as ex:
-        # Restoring a version can need a UNIQUE value another row holds now.
-        raise SyncError(
-            errors.CONSTRAINT_FAILED,
-            f"Conflict {conflict_id} cannot be resolved that way: {ex} here. Nothing was changed; "
-            "change the row that holds that value first, then resolve again",
-        )
-
-
-def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> str:
-    with transaction(conn):
-        require_enabled(conn)
-        # The resolution is a new operation: it needs capture in step with the table's columns,
-        # and the versions' settled clocks decide what the table holds.
-        repair_drift(conn)
-        settle_clocks(conn)
-        record = get_conflict(conn, conflict_id)
-        if record["resolved"]:
-            raise SyncError(errors.ALREADY_RESOLVED, f"Conflict {conflict_id} is already resolved (by {record['resolved_by']})")
-        table = load_tables(conn)[record["table"]]
-        if not table.enabled:
-            raise SyncError(errors.NOT_ENABLED, f"Table '{table.name}' is not synced here")
-        labels = [v["op"] for v in record["versions"]]
-        if keep is not None and keep not in labels:
-            raise SyncError(
-                errors.UNKNOWN_VERSION, f"{keep} is not a version of conflict {conflict_id}; versions: {', '.join(labels)}"
-            )
-        rowkey = conn.execute("SELECT rowkey FROM _sync_conflicts WHERE id = ?", [conflict_id]).fetchone()[0]
-        current = fetch_row(conn, table, rowkey)
-        columns = table.current_columns(conn)
-        # Columns the resolution writes: the disputed ones while the row stays (so concurrent
-        # edits of other columns still merge), the whole row when it comes back or when the
-        # dispute was about the row's existence. The table and the logged op get the same.
-        disputed = [c for c in record["columns"] if c in columns]
-        changing = disputed if disputed and current is not None else columns
-        if keep is None:
-            target = current
-        else:
-            version = op_effect(conn, table, parse_op_label(conn, keep), rowkey, device_ids(conn))
-            target = _restored(conn, table, rowkey, version, current, columns, changing)
-        op = _write_resolution(conn, table, rowkey, target, current, columns, changing)
-        conn.execute("INSERT OR IGNORE INTO _sync_resolutions VALUES (?, ?, ?)", [table.tid, rowkey, op])
-        rebuild_conflicts(conn, [(table.tid, rowkey)])
-        return op_label(device_ids(conn)[op >> SEQ_BITS], op & SEQ_MASK)
-
-
-def _restored(
-    conn: sqlite3.Connection,
-    table: SyncedTable,
-    rowkey: str,
-    version: Effect,
-    current: dict[str, Any] | None,
-    columns: list[str],
-    changing: list[str],
-) -> dict[str, Any] | None:
-    """The row with one version kept: its values in the ``changing`` columns it wrote, the row
-    as it is (or as its history implies, when it is gone) elsewhere; None for a delete."""
-    if not version.write:
-        return None
-    if current is None:
-        _, implied = row_state(all_effects(conn, table, rowkey))
-        names = column_names(table, columns)
-        target = {names[s]: v for s, v in implied.items() if s in names}
-    else:
-        target = dict(current)
-    for name in changing:
-        if version.mask >> table.slots[name] & 1:
-            target[name] = version.values[table.slots[name]]
-    return target
-
-
-def _write_resolution(
-    conn: sqlite3.Connection,
-    table: SyncedTable,
-    rowkey: str,
-    target: dict[str, Any] | None,
-    current: dict[str, Any] | None,
-    columns: list[str],
-    changing: list[str],
-) -> int:
-    """Make the row ``target`` (None: deleted) and log that as a resolution operation."""
-    with muted(conn):
-        if target is None:
-            write_row(conn, table, rowkey, False, {}, current is not None)
-            return append_local(conn, table.tid, DELETE | RESOLUTION, 0, rowkey, slots=key_slots(table, rowkey))
-        for pk_column, value in zip(table.pk, parse_rowkey(rowkey)):
-            target.setdefault(pk_column, value)
-        write_row(conn, table, rowkey, True, target, current is not None)
-        slots = {table.slots[c]: target.get(c) for c in columns}
-        kind = (UPDATE if current is not None else INSERT) | RESOLUTION
-        return append_local(conn, table.tid, kind, table.mask_for(changing), rowkey, slots=slots)

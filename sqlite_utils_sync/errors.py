@@ -28,6 +28,13 @@ class BundleError(SyncError):
     """The bundle is invalid, tampered with, or cannot be applied to this database."""
 
 
+def shorten(value, most: int = 80) -> str:
+    """A value for a one-line message: repr (text as it is), cut short."""
+    text = value if isinstance(value, str) and most > 80 else repr(value)
+    text = " ".join(text.split())
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 # The database and its tables.
 
 NOT_ENABLED = "not_enabled"
@@ -54,6 +61,8 @@ INVALID_ARGUMENT = "invalid_argument"
 """An option has a value out of range or of the wrong form (a duration, say)."""
 UNKNOWN_DEVICE = "unknown_device"
 """A ``--for`` device id that this database has never heard of."""
+SCHEMA_TOO_NEW = "schema_too_new"
+"""The database's sync tables were made by a newer version of this code: upgrade it."""
 
 # Conflicts.
 

@@ -18,69 +18,34 @@ operations go through Python (:mod:`rows`).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 from . import errors
-from .bundle import BundleReader, ChunkStage, op_fingerprint, parse_clock, text_as
+from .bundle import BundleReader, ChunkStage, op_fingerprint
 from .capture import (
     SyncedTable,
     canonical_name,
-    enable_table,
     is_rowid_alias,
     load_tables,
     muted,
     register_table,
-    repair_drift,
     table_info,
 )
 from .conflicts import rebuild_conflicts
 from .errors import BundleError, SyncError
-from .log import (
-    DEFAULT_MAX_CLOCK_SKEW,
-    DELETE,
-    HLC_NOW_SQL,
-    HLC_PER_SECOND,
-    INSERT,
-    LOCAL,
-    MAX_HLC,
-    RESOLUTION,
-    SEQ_MASK,
-    TICK,
-    UPDATE,
-    append_tick,
-    clock,
-    connection,
-    device_ids,
-    device_index,
-    ensure_schema,
-    exact_text,
-    horizon,
-    knowledge_at,
-    local_device_id,
-    max_seq,
-    now_iso,
-    op_id,
-    parse_duration,
-    parse_rowkey,
-    quote_identifier,
-    raise_horizon,
-    remap_mask_sql,
-    rowkey_sql,
-    settle_clocks,
-)
+from .clocks import DEFAULT_MAX_CLOCK_SKEW, HLC_NOW_SQL, HLC_PER_SECOND, MAX_HLC, append_tick, clock, horizon, knowledge_at, max_seq, now_iso, parse_duration, raise_horizon
+from .devices import device_ids, device_index, local_device_id
+from .oplog import DELETE, INSERT, LOCAL, RESOLUTION, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, op_id, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
+from .schema import connection, quote_identifier
 from .merge import KIND_BITS, Effect, KnowledgeCache, bits, column_names, cursor_effects, effects_of, latest_key, record_clashes
 from .rows import apply_row, fetch_row, settle, write_row
-from .transaction import attempt, transaction
+from .transaction import attempt
+from .writing import capture_table, writing
 
 VALID_KINDS = {INSERT, UPDATE, DELETE, INSERT | RESOLUTION, UPDATE | RESOLUTION, DELETE | RESOLUTION}
 
-# Which actor may push new operations of each device to a hub (see Importer.check_owners).
-DEVICE_ACTORS_SQL = (
-    "CREATE TABLE IF NOT EXISTS _sync_device_actors (device_id TEXT PRIMARY KEY, actor TEXT NOT NULL, since TEXT NOT NULL)"
-)
 
 RECOVER_HINT = (
     "run 'sqlite-utils sync-new-device --recover' on the database whose edits under that id are not "
@@ -141,10 +106,9 @@ def import_bundle(
         stage = ChunkStage(conn, reader.path.name)
         try:
             try:
-                # Where values pass through Python (rows with several or concurrent operations),
-                # TEXT that is not valid UTF-8 is read as its bytes and written back as TEXT, never
-                # replaced (as a Datasette connection's text_factory would) and written back changed.
-                with text_as(conn, exact_text), transaction(conn):
+                # writing() reads TEXT exactly where values pass through Python, creates or
+                # migrates the log, settles local clocks and repairs capture before anything else.
+                with writing(conn, create=True):
                     conn.execute("PRAGMA defer_foreign_keys = ON")
                     return Importer(conn, reader, stage, alter, actor, progress, skew, may_relay).run()
             except NothingNew as own:
@@ -242,9 +206,6 @@ class Importer:
 
     def run(self) -> ImportResult:
         conn, header = self.conn, self.reader.header
-        ensure_schema(conn)
-        settle_clocks(conn)  # local clocks decide against the bundle's
-        repair_drift(conn)
         result = ImportResult(self.reader.bundle_id, header["source"], header["operations"])
         if conn.execute("SELECT 1 FROM _sync_imports WHERE bundle_id = ?", [result.bundle_id]).fetchone():
             return self.repeat(result)
@@ -359,7 +320,7 @@ class Importer:
             + ", ".join(quote_identifier(c) for c in columns if c not in dropped)
             + f", PRIMARY KEY ({', '.join(quote_identifier(c) for c in pk)}))"
         )
-        enable_table(self.conn, name)
+        capture_table(self.conn, name)
         return load_tables(self.conn)[name]
 
     def match_columns(self, local: SyncedTable, columns: list[str], pk: list[str], dropped: set[str]) -> SyncedTable:
@@ -381,7 +342,7 @@ class Importer:
         for column in missing:
             conn.execute(f"ALTER TABLE {quote_identifier(name)} ADD COLUMN {quote_identifier(column)}")
         if missing:
-            enable_table(conn, name)
+            capture_table(conn, name)
             local = load_tables(conn)[name]
         if pk != local.pk:
             raise self.fail(errors.PK_MISMATCH, f"table '{name}' has primary key {pk} here it is {local.pk}")
@@ -653,7 +614,6 @@ class Importer:
         if self.may_relay:
             return
         conn = self.conn
-        conn.execute(DEVICE_ACTORS_SQL)
         names = device_ids(conn)
         for idx, count in inserted.items():
             if not count:
@@ -777,7 +737,7 @@ class Importer:
         source = header["source"]
         claimed = parse_clock(header["clock"])
         row = conn.execute("SELECT clock FROM _sync_peers WHERE device_id = ?", [source]).fetchone()
-        known = json.loads(row[0]) if row else {}
+        known = load_clock(row[0] if row else None)
         local_id = local_device_id(conn)
         for device, seq in claimed.items():
             # Our own operations only as far as this import compared them: a source holding
@@ -786,7 +746,7 @@ class Importer:
             known[device] = max(known.get(device, 0), min(seq, have.get(device, 0), checked))
         conn.execute(
             "INSERT OR REPLACE INTO _sync_peers VALUES (?, ?, ?)",
-            [source, json.dumps(known, sort_keys=True), now_iso()],
+            [source, encode_clock(known), now_iso()],
         )
 
 
@@ -828,7 +788,7 @@ class TableUpdate:
         floor: dict[int, int] = {}
         for idx, lo, hi in self.ranges:
             epochs = [knowledge_at(conn, idx, lo & SEQ_MASK)] + [
-                json.loads(text)
+                load_clock(text)
                 for (text,) in conn.execute(
                     "SELECT clock FROM _sync_knowledge WHERE device = ? AND from_seq > ? AND from_seq <= ?",
                     [idx, lo & SEQ_MASK, hi & SEQ_MASK],

@@ -19,7 +19,9 @@ import sqlite3
 from typing import Any, Iterable, Iterator, NamedTuple
 
 from .capture import SyncedTable
-from .log import DELETE, INSERT, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, device_ids, knowledge_at
+from .clocks import knowledge_at
+from .devices import device_ids
+from .oplog import DELETE, INSERT, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE
 
 # The bits of ``_sync_ops.kind`` that say INSERT, UPDATE, DELETE or TICK; RESOLUTION is a flag above them.
 KIND_BITS = INSERT | UPDATE | DELETE | TICK

@@ -19,11 +19,11 @@ status :data:`STATUS` gives the reason; a ``503`` (busy) also carries ``Retry-Af
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from . import errors
-from .bundle import parse_clock
+from . import oplog
+from .oplog import parse_clock
 
 SYNC_PATH = "/-/sync"
 EXPORT_PATH = SYNC_PATH + "/export"
@@ -63,6 +63,7 @@ STATUS: dict[str, int] = {
     errors.CONSTRAINT_FAILED: 400,
     errors.INVALID_ARGUMENT: 400,
     errors.UNKNOWN_DEVICE: 400,
+    errors.SCHEMA_TOO_NEW: 503,  # the hub's database needs a newer datasette-sync: not the client's fault
     # Conflicts.
     errors.UNKNOWN_CONFLICT: 404,
     errors.ALREADY_RESOLVED: 409,
@@ -144,8 +145,9 @@ def error_message(body: Any) -> str:
 
 
 def encode_clock(clock: dict[str, int]) -> str:
-    """A vector clock as the ``since`` parameter and the X-Sync-Clock header carry it."""
-    return json.dumps(clock, separators=(",", ":"), sort_keys=True)
+    """A vector clock as the ``since`` parameter and the X-Sync-Clock header carry it: the op
+    log's one JSON form of a clock."""
+    return oplog.encode_clock(clock)
 
 
 def decode_clock(text: str | None, what: str) -> dict[str, int]:

@@ -7,7 +7,9 @@ from typing import Any
 
 from .capture import SyncedTable, muted, table_info
 from .conflicts import rebuild_conflicts
-from .log import DELETE, INSERT, UPDATE, append_local, next_local_hlc, quote_identifier, rowkey_sql
+from .clocks import append_local, next_local_hlc
+from .oplog import DELETE, INSERT, UPDATE, rowkey_sql
+from .schema import quote_identifier
 from .merge import Effect, KnowledgeCache, column_names, latest_writers, record_clashes, row_state, same_value, table_history
 from .rows import key_slots, settle, write_row
 

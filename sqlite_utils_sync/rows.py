@@ -9,7 +9,8 @@ from typing import Any, Callable
 from . import errors
 from .capture import SyncedTable, secondary_unique_columns, table_info
 from .errors import BundleError
-from .log import RawText, marker, parse_rowkey, quote_identifier
+from .oplog import RawText, marker, parse_rowkey
+from .schema import quote_identifier
 from .merge import Effect, all_effects, column_names, latest_writers
 from .transaction import attempt
 

@@ -19,7 +19,7 @@ import pytest
 
 
 from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
-from sqlite_utils_sync.bundle import parse_clock
+from sqlite_utils_sync.oplog import parse_clock
 
 
 @pytest.fixture

@@ -174,6 +174,8 @@ def test_a_column_added_back_around_disable_sync_keeps_peer_values_and_local_edi
     enable_sync(a, ["todos"])
     if upgraded:  # the drop was synced by a version that did not record what capture covered
         a.execute("DROP TABLE _sync_captured")
+        a.execute("ALTER TABLE _sync_conflict_pairs RENAME TO _sync_clashes")
+        a.execute("UPDATE _sync_state SET schema_version = 1")
     b.execute("UPDATE todos SET score = 9.5 WHERE id = 1")
     sync(b, a, tmp_path)
     disable_sync(a, ["todos"])

@@ -1,4 +1,8 @@
-"""The public operations behind the CLI: enable, disable, export, status, new identity."""
+"""The public operations behind the CLI: enable, disable, export, status, new identity.
+
+Each takes a ``sqlite_utils.Database`` or a ``sqlite3.Connection``; every one that writes runs
+in :func:`~sqlite_utils_sync.writing.writing`.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,15 @@ import os
 import sqlite3
 from typing import Any, Callable, Iterator
 
-from .transaction import transaction
-from .bundle import ExportResult, export_bundle as write_bundle, is_device_id, parse_clock, text_as
-from .capture import (
-    canonical_name,
-    drifted_tables,
-    drop_triggers,
-    enable_table,
-    load_tables,
-    muted,
-    remember_captured,
-    repair_drift,
-)
+from .bundle import ExportResult, write_bundle
+from .capture import canonical_name, drifted_tables, drop_triggers, load_tables, muted, remember_captured
+from .clocks import clock, unsettled_clocks
 from .conflicts import rebuild_conflicts
-from .errors import SyncError
-from .log import (
-    LOCAL,
-    clock,
-    connection,
-    exact_text,
-    is_enabled,
-    local_device_id,
-    new_device as _new_device,
-    op_id,
-    settle_clocks,
-    unsettled_clocks,
-)
+from .devices import local_device_id, new_device as give_new_id
+from .errors import CONSTRAINT_FAILED, NOT_ENABLED, UNKNOWN_DEVICE, SyncError
+from .oplog import LOCAL, is_device_id, op_id, parse_clock
+from .schema import check_schema, connection, is_enabled
+from .writing import capture_table, writing
 
 
 def enable_sync(db: Any, tables: list[str]) -> dict[str, int]:
@@ -42,17 +29,14 @@ def enable_sync(db: Any, tables: list[str]) -> dict[str, int]:
     """
     conn = connection(db)
     try:
-        # Rows pass through Python when they are compared with the log: read them exactly.
-        with text_as(conn, exact_text), transaction(conn):
-            if is_enabled(conn):
-                settle_clocks(conn)  # repairs append operations after the ones already captured
+        with writing(conn, create=True, repair=False):
             # One entry per table, however it was spelled.
-            return {name: enable_table(conn, name) for name in dict.fromkeys(canonical_name(conn, t) for t in tables)}
+            return {name: capture_table(conn, name) for name in dict.fromkeys(canonical_name(conn, t) for t in tables)}
     except sqlite3.IntegrityError as ex:
         # Taking values peers wrote while this copy was not syncing can meet a UNIQUE value (or
         # a foreign key) a row written here meanwhile holds.
         raise SyncError(
-            "constraint_failed",
+            CONSTRAINT_FAILED,
             f"Cannot bring {', '.join(tables)} up to date with what peers wrote while sync was off: {ex} "
             "here. Nothing was changed; change the row that holds that value, then run enable-sync again",
         )
@@ -65,8 +49,9 @@ def disable_sync(db: Any, tables: list[str]) -> None:
     tables = [canonical_name(conn, table) for table in tables]
     for table in tables:
         if table not in synced:
-            raise SyncError("not_enabled", f"Table '{table}' is not synced")
-    with transaction(conn):
+            raise SyncError(NOT_ENABLED, f"Table '{table}' is not synced")
+    # Not repaired first: what the triggers of these tables covered is recorded as it is.
+    with writing(conn, repair=False):
         for table in tables:
             remember_captured(conn, synced[table])
             drop_triggers(conn, table)
@@ -92,25 +77,26 @@ def export_bundle(
     """
     conn = connection(db)
     if not is_enabled(conn):
-        raise SyncError("not_enabled", "This database has no synced tables: run enable-sync first")
+        raise SyncError(NOT_ENABLED, "This database has no synced tables: run enable-sync first")
     since_clock = parse_clock(since, "--since") if since is not None else {}
     if for_device is not None:
-        if not is_device_id(for_device):
-            raise SyncError("unknown_device", f"--for takes a device id (32 hex digits), got {for_device!r}")
-        row = conn.execute("SELECT clock FROM _sync_peers WHERE device_id = ?", [for_device]).fetchone()
-        if row is None and for_device != local_device_id(conn):
-            raise SyncError(
-                "unknown_device", f"No bundle from device {for_device} was imported here, so its clock is unknown"
-            )
-        since_clock = parse_clock(row[0]) if row else clock(conn)
+        since_clock = clock_of_device(conn, for_device)
     if repair:
-        with text_as(conn, exact_text), transaction(conn):
-            unsettled = settle_clocks(conn)  # what it could not write (a read-only file)
-            repair_drift(conn)
-            return write_bundle(conn, path, since_clock, progress, unsettled)
+        with writing(conn) as state:
+            return write_bundle(conn, path, since_clock, progress, state.unsettled)
     with read_snapshot(conn):
         # Clocks a set-back wall clock left lower go out raised, as settling would write them.
         return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn))
+
+
+def clock_of_device(conn: sqlite3.Connection, device_id: str) -> dict[str, int]:
+    """The clock this database last learned from ``device_id``'s bundles (its own: its clock)."""
+    if not is_device_id(device_id):
+        raise SyncError(UNKNOWN_DEVICE, f"--for takes a device id (32 hex digits), got {device_id!r}")
+    row = conn.execute("SELECT clock FROM _sync_peers WHERE device_id = ?", [device_id]).fetchone()
+    if row is None and device_id != local_device_id(conn):
+        raise SyncError(UNKNOWN_DEVICE, f"No bundle from device {device_id} was imported here, so its clock is unknown")
+    return parse_clock(row[0]) if row else clock(conn)
 
 
 @contextlib.contextmanager
@@ -134,7 +120,7 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
 def sync_status(db: Any) -> dict[str, Any]:
     """``{"device_id", "clock", "tables", "operations", "unresolved_conflicts", "warnings"}``."""
     conn = connection(db)
-    if not is_enabled(conn):
+    if not check_schema(conn):
         return {
             "enabled": False,
             "device_id": None,
@@ -171,27 +157,19 @@ def new_device(db: Any, recover: bool = False) -> str:
     """Give a copied database file its own device id; returns the new id.
 
     :param recover: after ``device_id_clash``: also move the local operations no peer has
-        acknowledged to the new id (see :func:`sqlite_utils_sync.log.new_device`)
+        acknowledged to the new id (see :func:`sqlite_utils_sync.devices.new_device`)
     """
     conn = connection(db)
     if not is_enabled(conn):
-        raise SyncError("not_enabled", "This database has no synced tables")
-    with transaction(conn), muted(conn):  # the triggers come back with the new clocks' floor
-        device_id = _new_device(conn, recover=recover)
+        raise SyncError(NOT_ENABLED, "This database has no synced tables")
+    with writing(conn), muted(conn):  # the triggers come back with the new clocks' floor
+        device_id = give_new_id(conn, recover=recover)
         # Conflict records name their operations: those of moved ones change.
         rows = conn.execute(
-            "SELECT tid, rowkey FROM _sync_clashes WHERE b >= ?1 UNION SELECT tid, rowkey FROM _sync_resolutions "
+            "SELECT tid, rowkey FROM _sync_conflict_pairs WHERE b >= ?1 UNION SELECT tid, rowkey FROM _sync_resolutions "
             "WHERE op >= ?1",
             [op_id(LOCAL, 1)],
         ).fetchall()
         if rows:
             rebuild_conflicts(conn, rows)
         return device_id
-
-
-def repair(db: Any) -> dict[str, int]:
-    conn = connection(db)
-    with transaction(conn):
-        if is_enabled(conn):
-            settle_clocks(conn)
-        return repair_drift(conn)

@@ -1,0 +1,206 @@
+"""Device identities: this database's own id, the devices it holds operations of, and a new
+id for a copied file (:func:`new_device`), with recovery when two files wrote under one id.
+
+The ownership of devices on a hub (which actor may push a device's new operations) is kept in
+``_sync_device_actors`` and checked by the importer.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Callable
+
+from .clocks import append_tick, clock, knowledge_at, max_seq, record_knowledge, restart_settling
+from .oplog import LOCAL, TICK, encode_clock, load_clock, op_id, op_seq
+from .schema import log_rewrite, migrate, quote_identifier
+
+# Tables that refer to operations by op id, and their op id columns: renumbered with the log.
+OP_REFERENCES = (("_sync_conflict_pairs", ["a", "b"]), ("_sync_resolutions", ["op"]), ("_sync_unapplied", ["op"]))
+
+
+def random_device_id() -> str:
+    return os.urandom(16).hex()
+
+
+def ensure_log(conn: sqlite3.Connection) -> None:
+    """Create the sync tables (with a device identity) if missing, else bring them up to date.
+    Call inside a transaction."""
+    if migrate(conn, create=True) == 0:
+        new_local_identity(conn)
+
+
+def local_device_id(conn: sqlite3.Connection) -> str:
+    return conn.execute("SELECT device_id FROM _sync_devices WHERE idx = ?", [LOCAL]).fetchone()[0]
+
+
+def device_ids(conn: sqlite3.Connection) -> dict[int, str]:
+    return dict(conn.execute("SELECT idx, device_id FROM _sync_devices"))
+
+
+def device_index(conn: sqlite3.Connection, device_id: str, create: bool = True) -> int | None:
+    row = conn.execute("SELECT idx FROM _sync_devices WHERE device_id = ?", [device_id]).fetchone()
+    if row:
+        return row[0]
+    if not create:
+        return None
+    next_idx = next_device_index(conn)
+    conn.execute("INSERT INTO _sync_devices (idx, device_id) VALUES (?, ?)", [next_idx, device_id])
+    return next_idx
+
+
+def next_device_index(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT ifnull(max(idx), 0) + 1 FROM _sync_devices WHERE idx < ?", [LOCAL]).fetchone()[0]
+
+
+def parse_op_label(conn: sqlite3.Connection, label: str) -> int | None:
+    """The op id of a public operation id ``<device id hex>:<seq>`` (None: unknown here)."""
+    device_id, _, seq = label.partition(":")
+    if not seq.isdigit():
+        return None
+    idx = device_index(conn, device_id, create=False)
+    return None if idx is None else op_id(idx, int(seq))
+
+
+def new_local_identity(conn: sqlite3.Connection) -> str:
+    """Give the local device a fresh random id, keeping older local ops under the old id."""
+    device_id = random_device_id()
+    conn.execute("INSERT OR REPLACE INTO _sync_devices (idx, device_id) VALUES (?, ?)", [LOCAL, device_id])
+    # The sentinel keeps the local range non-empty so rowid allocation stays inside it; its hlc,
+    # above every clock held (a copy's history included), is where the new device's clocks start.
+    floor = conn.execute("SELECT max(hlc) FROM _sync_ops").fetchone()[0] or 0
+    conn.execute(
+        "INSERT INTO _sync_ops (op, hlc, tid, kind) VALUES (?, ?, 0, ?)",
+        [op_id(LOCAL, 0), floor + 1, TICK],
+    )
+    known = clock(conn)
+    if known:
+        # A copy starts out knowing everything the original had: say so in a tick so peers
+        # order the copy's edits after those.
+        append_tick(conn, known)
+    return device_id
+
+
+def shared_through(conn: sqlite3.Connection) -> int:
+    """The highest seq of the local device that a peer has acknowledged holding as it is here.
+
+    Peers' acknowledgements are the clocks recorded in ``_sync_peers`` by imports; for the
+    local device an import only records what it checked against its own copy (an anchor or
+    the operations it carried), so a peer that holds another database's operations under
+    this id never counts.
+    """
+    local = local_device_id(conn)
+    best = 0
+    for (text,) in conn.execute("SELECT clock FROM _sync_peers"):
+        try:
+            seq = load_clock(text).get(local, 0)
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(seq, int):
+            best = max(best, seq)
+    return min(best, max_seq(conn, LOCAL))
+
+
+def new_device(conn: sqlite3.Connection, recover: bool = False) -> str:
+    """Give this database a new device id; returns it. Call inside
+    :func:`~sqlite_utils_sync.writing.writing` (the operations moved keep their clocks, so
+    those must be settled) with capture muted.
+
+    Without ``recover`` (a copy made a moment ago, before it was edited): every operation
+    written so far stays under the old id, which the original keeps using, and only new
+    local operations get the new id.
+
+    With ``recover`` (after ``device_id_clash``: another database holds different operations
+    under this id, because the file was copied and both were edited, or because someone
+    pushed operations under this id): the rule is that an operation stays under the old id
+    only when a peer has acknowledged holding it exactly as it is here
+    (:func:`shared_through`); every later one moves to the new id, in order, with its clock,
+    values and knowledge unchanged, after a knowledge tick saying the new device had seen the
+    old id up to that point. So this database no longer holds any operation under the old id
+    that could differ from another database's, and no edit is lost: peers order the moved
+    edits by their original clocks, as they would have. An operation that had already reached
+    some peer unacknowledged (relayed, or the other copy's shared prefix) then arrives there
+    twice, under both ids, with the same clock and values: rows come out the same, but where
+    a later edit elsewhere meets the moved copy it can show as a conflict (sync-resolve
+    settles it).
+    """
+    old_id = local_device_id(conn)
+    old_idx = next_device_index(conn)
+    keep = shared_through(conn) if recover else max_seq(conn, LOCAL)
+    start = knowledge_at(conn, LOCAL, keep + 1)
+    if keep:
+        start[old_id] = keep
+    moved_hlc = conn.execute("SELECT min(hlc) FROM _sync_ops WHERE op > ?", [op_id(LOCAL, keep)]).fetchone()[0]
+    remap = local_remap(old_idx, keep)
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(_sync_ops)")]
+    remap_rows(conn, "_sync_ops", columns, ["op"], remap, delete_from=op_id(LOCAL, 0))
+    for table, op_columns in OP_REFERENCES:
+        remap_rows(conn, table, [row[1] for row in conn.execute(f"PRAGMA table_info({table})")], op_columns, remap)
+    conn.execute("DELETE FROM _sync_knowledge WHERE device = ? AND from_seq > ?", [LOCAL, keep + 1])
+    conn.execute("UPDATE _sync_knowledge SET device = ? WHERE device = ?", [old_idx, LOCAL])
+    conn.execute("UPDATE _sync_devices SET device_id = ? WHERE idx = ?", [f"moving-{old_id}", LOCAL])
+    conn.execute("INSERT INTO _sync_devices (idx, device_id) VALUES (?, ?)", [old_idx, old_id])
+    restart_settling(conn)
+    if moved_hlc is None:
+        return new_local_identity(conn)
+    return restart_moved(conn, start, old_id, keep, moved_hlc)
+
+
+def local_remap(old_idx: int, keep: int) -> Callable[[str], str]:
+    """SQL renumbering an op id column: local seq s <= ``keep`` goes to the old id's index
+    ``old_idx``; s > keep becomes the new id's s - keep + 1 (its seq 1 is the knowledge tick
+    that starts it); other devices' ops stay."""
+    shift = op_id(old_idx, 0) - op_id(LOCAL, 0)
+    first, last_kept = op_id(LOCAL, 1), op_id(LOCAL, keep)
+
+    def remap(column: str) -> str:
+        return (
+            f"CASE WHEN {column} < {first} THEN {column} WHEN {column} <= {last_kept} THEN {column} + {shift} "
+            f"ELSE {column} - {keep} + 1 END"
+        )
+
+    return remap
+
+
+def remap_rows(conn, table: str, columns: list[str], op_columns: list[str], remap, delete_from: int | None = None) -> None:
+    """Renumber the local operations ``table`` refers to (through a copy: renumbering in
+    place could collide with a row not renumbered yet)."""
+    low = op_id(LOCAL, 1) if delete_from is None else delete_from
+    where = " OR ".join(f"{c} >= {low}" for c in op_columns)
+    conn.execute("DROP TABLE IF EXISTS temp._sync_remap")
+    conn.execute(f"CREATE TEMP TABLE _sync_remap AS SELECT * FROM {table} WHERE {where}")
+    with log_rewrite(conn):
+        conn.execute(f"DELETE FROM {table} WHERE {where}")
+    names = ", ".join(quote_identifier(c) for c in columns)
+    values = ", ".join(remap(c) if c in op_columns else quote_identifier(c) for c in columns)
+    # The sentinel (seq 0) is made again for the new id.
+    skip = f" WHERE op >= {op_id(LOCAL, 1)} OR op < {op_id(LOCAL, 0)}" if delete_from is not None else ""
+    conn.execute(f"INSERT INTO {table} ({names}) SELECT {values} FROM temp._sync_remap{skip}")
+    conn.execute("DROP TABLE temp._sync_remap")
+
+
+def restart_moved(conn: sqlite3.Connection, start: dict[str, int], old_id: str, keep: int, moved_hlc: int) -> str:
+    """Finish a recovery: the new id, its sentinel and starting tick at the first moved
+    operation's clock (so no moved clock is raised), the moved ticks' knowledge extended to
+    the old id's kept operations, and a closing tick above every clock held."""
+    device_id = random_device_id()
+    conn.execute("UPDATE _sync_devices SET device_id = ? WHERE idx = ?", [device_id, LOCAL])
+    conn.executemany(
+        "INSERT INTO _sync_ops (op, hlc, tid, kind, rowkey) VALUES (?, ?, 0, ?, ?)",
+        [(op_id(LOCAL, 0), moved_hlc, TICK, None), (op_id(LOCAL, 1), moved_hlc, TICK, encode_clock(start))],
+    )
+    ticks = conn.execute(
+        "SELECT op, rowkey FROM _sync_ops WHERE op > ? AND kind = ?", [op_id(LOCAL, 1), TICK]
+    ).fetchall()
+    with log_rewrite(conn):
+        for op, clock_text in ticks:
+            known = load_clock(clock_text)
+            if keep:
+                known[old_id] = max(known.get(old_id, 0), keep)
+            conn.execute("UPDATE _sync_ops SET rowkey = ? WHERE op = ?", [encode_clock(known), op])
+    for op in [op_id(LOCAL, 1), *(op for op, _ in ticks)]:
+        (text,) = conn.execute("SELECT rowkey FROM _sync_ops WHERE op = ?", [op]).fetchone()
+        record_knowledge(conn, LOCAL, op_seq(op) + 1, text)
+    (floor,) = conn.execute("SELECT max(hlc) FROM _sync_ops").fetchone()
+    append_tick(conn, {k: v for k, v in clock(conn).items() if k != device_id}, floor=floor)
+    return device_id

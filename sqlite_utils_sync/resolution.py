@@ -1,0 +1,123 @@
+"""Resolving a conflict: a new operation that restores one version (or accepts the row as it
+is) and syncs like any other change; every copy that receives it marks the conflict resolved.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any
+
+from . import errors
+from .capture import SyncedTable, load_tables, muted
+from .clocks import append_local
+from .conflicts import get_conflict, rebuild_conflicts, require_enabled
+from .devices import device_ids, parse_op_label
+from .errors import SyncError
+from .merge import Effect, all_effects, column_names, op_effect, row_state
+from .oplog import DELETE, INSERT, RESOLUTION, SEQ_BITS, SEQ_MASK, UPDATE, op_label, parse_rowkey
+from .rows import fetch_row, key_slots, write_row
+from .schema import connection
+from .writing import writing
+
+
+def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
+    """Resolve a conflict with a new operation that syncs like any other.
+
+    :param keep: an op id (``<device id>:<seq>``) of one of the conflict's versions to restore;
+        without it the value currently in the table is accepted
+    :returns: the id of the resolution operation
+    """
+    conn = connection(db)
+    try:
+        return _resolve(conn, conflict_id, keep)
+    except sqlite3.IntegrityError as ex:
+        # Restoring a version can need a UNIQUE value another row holds now.
+        raise SyncError(
+            errors.CONSTRAINT_FAILED,
+            f"Conflict {conflict_id} cannot be resolved that way: {ex} here. Nothing was changed; "
+            "change the row that holds that value first, then resolve again",
+        )
+
+
+def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> str:
+    require_enabled(conn)
+    # The resolution is a new operation: writing() puts capture in step with the table's
+    # columns and settles the clocks that decide what the table holds. It also reads values
+    # exactly: a Datasette connection would replace TEXT that is not UTF-8, and the
+    # resolution would write the changed value back.
+    with writing(conn):
+        record = get_conflict(conn, conflict_id)
+        if record["resolved"]:
+            raise SyncError(errors.ALREADY_RESOLVED, f"Conflict {conflict_id} is already resolved (by {record['resolved_by']})")
+        table = load_tables(conn)[record["table"]]
+        if not table.enabled:
+            raise SyncError(errors.NOT_ENABLED, f"Table '{table.name}' is not synced here")
+        labels = [v["op"] for v in record["versions"]]
+        if keep is not None and keep not in labels:
+            raise SyncError(
+                errors.UNKNOWN_VERSION, f"{keep} is not a version of conflict {conflict_id}; versions: {', '.join(labels)}"
+            )
+        rowkey = conn.execute("SELECT rowkey FROM _sync_conflicts WHERE id = ?", [conflict_id]).fetchone()[0]
+        current = fetch_row(conn, table, rowkey)
+        columns = table.current_columns(conn)
+        # Columns the resolution writes: the disputed ones while the row stays (so concurrent
+        # edits of other columns still merge), the whole row when it comes back or when the
+        # dispute was about the row's existence. The table and the logged op get the same.
+        disputed = [c for c in record["columns"] if c in columns]
+        changing = disputed if disputed and current is not None else columns
+        if keep is None:
+            target = current
+        else:
+            version = op_effect(conn, table, parse_op_label(conn, keep), rowkey, device_ids(conn))
+            target = _restored(conn, table, rowkey, version, current, columns, changing)
+        op = _write_resolution(conn, table, rowkey, target, current, columns, changing)
+        conn.execute("INSERT OR IGNORE INTO _sync_resolutions VALUES (?, ?, ?)", [table.tid, rowkey, op])
+        rebuild_conflicts(conn, [(table.tid, rowkey)])
+        return op_label(device_ids(conn)[op >> SEQ_BITS], op & SEQ_MASK)
+
+
+def _restored(
+    conn: sqlite3.Connection,
+    table: SyncedTable,
+    rowkey: str,
+    version: Effect,
+    current: dict[str, Any] | None,
+    columns: list[str],
+    changing: list[str],
+) -> dict[str, Any] | None:
+    """The row with one version kept: its values in the ``changing`` columns it wrote, the row
+    as it is (or as its history implies, when it is gone) elsewhere; None for a delete."""
+    if not version.write:
+        return None
+    if current is None:
+        _, implied = row_state(all_effects(conn, table, rowkey))
+        names = column_names(table, columns)
+        target = {names[s]: v for s, v in implied.items() if s in names}
+    else:
+        target = dict(current)
+    for name in changing:
+        if version.mask >> table.slots[name] & 1:
+            target[name] = version.values[table.slots[name]]
+    return target
+
+
+def _write_resolution(
+    conn: sqlite3.Connection,
+    table: SyncedTable,
+    rowkey: str,
+    target: dict[str, Any] | None,
+    current: dict[str, Any] | None,
+    columns: list[str],
+    changing: list[str],
+) -> int:
+    """Make the row ``target`` (None: deleted) and log that as a resolution operation."""
+    with muted(conn):
+        if target is None:
+            write_row(conn, table, rowkey, False, {}, current is not None)
+            return append_local(conn, table.tid, DELETE | RESOLUTION, 0, rowkey, slots=key_slots(table, rowkey))
+        for pk_column, value in zip(table.pk, parse_rowkey(rowkey)):
+            target.setdefault(pk_column, value)
+        write_row(conn, table, rowkey, True, target, current is not None)
+        slots = {table.slots[c]: target.get(c) for c in columns}
+        kind = (UPDATE if current is not None else INSERT) | RESOLUTION
+        return append_local(conn, table.tid, kind, table.mask_for(changing), rowkey, slots=slots)

@@ -1,0 +1,81 @@
+"""The one context every engine write runs in (:func:`writing`), and the capture repair it does.
+
+Import, enable, disable, export (with repair), resolve, compaction and a new device id all
+write through :func:`writing`, so each finds the schema current, the local clocks settled and
+capture in step with the tables, in the same order.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from .capture import install_capture, load_tables, refresh_capture, table_drift, table_exists
+from .clocks import settle_clocks
+from .devices import ensure_log
+from .oplog import exact_text, text_as
+from .reconcile import reconcile_table
+from .schema import is_enabled, migrate
+from .transaction import transaction
+
+
+@dataclass
+class Writing:
+    """What :func:`writing` did before handing over."""
+
+    unsettled: list[tuple[int, int]] = field(default_factory=list)
+    """``(clock, op)`` of local clocks that could not be settled (a read-only file)"""
+    repaired: dict[str, int] = field(default_factory=dict)
+    """per table whose capture was repaired, how many missed changes were logged"""
+
+
+@contextmanager
+def writing(conn: sqlite3.Connection, create: bool = False, repair: bool = True) -> Iterator[Writing]:
+    """The context of every engine write. In this order, inside one transaction:
+
+    1. TEXT is read exactly (:func:`~sqlite_utils_sync.oplog.exact_text`): rows compared with
+       the log or written back pass through Python unchanged, even TEXT that is not UTF-8;
+    2. the sync tables are brought up to the current schema version (created, with a device
+       identity, when ``create``; a database without them is left alone otherwise);
+    3. local clocks are settled (a wall clock set back left some lower than earlier ones):
+       what is merged, compacted or sent next compares clocks;
+    4. capture is repaired: tables whose triggers are missing or stale get current ones, and
+       the changes the old ones missed are logged (``repair=False`` leaves that to the
+       caller, e.g. ``enable_sync`` repairs the tables it is given and reports the counts).
+
+    Nothing is written by steps 2-4 when nothing needs it, and a rollback undoes them all.
+    """
+    with text_as(conn, exact_text), transaction(conn):
+        if create:
+            ensure_log(conn)
+        else:
+            migrate(conn)
+        state = Writing()
+        if is_enabled(conn):
+            state.unsettled = settle_clocks(conn)
+            if repair:
+                state.repaired = repair_capture(conn)
+        yield state
+
+
+def capture_table(conn: sqlite3.Connection, name: str) -> int:
+    """Install (or repair) capture for one table and log the changes missed meanwhile: every
+    existing row when sync is first enabled; returns how many operations were logged."""
+    installed = install_capture(conn, name)
+    if installed is None:
+        return 0
+    table, captured = installed
+    return reconcile_table(conn, table, captured)
+
+
+def repair_capture(conn: sqlite3.Connection) -> dict[str, int]:
+    """Re-install stale or missing triggers and log the changes they missed."""
+    repaired = {}
+    for name, table in load_tables(conn, enabled_only=True).items():
+        if table_drift(conn, table) is None:
+            refresh_capture(conn, table)
+        elif table_exists(conn, name):
+            repaired[name] = capture_table(conn, name)
+    return repaired
