@@ -183,7 +183,10 @@ async def synced_pk(datasette, actor, database: str, table: str) -> list[str] | 
     if not await can(datasette, actor, VIEW, database):
         return None
     db = datasette.get_database(database)
-    return await db.execute_fn(lambda conn: queries.table_pk(conn, table))
+    try:
+        return await db.execute_fn(lambda conn: queries.table_pk(conn, table))
+    except SyncError:
+        return None  # sync tables of a newer version: the table pages stay as Datasette's own
 
 
 async def can_view_table(datasette, actor, database: str, table: str) -> bool:

@@ -4,11 +4,8 @@ it as it is, and a database from a newer version is refused with one clear line.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 import sqlite_utils
@@ -112,20 +109,6 @@ V1_TABLES = [
 SECOND_VERSION_TABLES = {"_sync_horizon", "_sync_settled", "_sync_captured", "_sync_device_actors"}
 
 
-def sqlite_utils_cli(*args, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real ``sqlite-utils`` CLI installed beside this Python."""
-    program = pathlib.Path(sys.executable).parent / "sqlite-utils"
-    result = subprocess.run(
-        [str(program) if program.exists() else "sqlite-utils", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("SQLITE_UTILS_")},
-    )
-    assert not check or result.returncode == 0, result
-    return result
-
-
 def concurrent_edits(tmp_path: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """``laptop`` and ``phone`` edited row 1 concurrently; ``laptop`` has imported the phone's
     edit, so it holds one conflict (a pair of clashing operations)."""
@@ -212,13 +195,13 @@ def old(tmp_path):
     "command",
     [["enable-sync", "{db}", "todos"], ["export-bundle", "{db}", "{tmp}/out.bundle"], ["import-bundle", "{db}", "{bundle}"]],
 )
-def test_a_version_1_database_is_upgraded_by_an_ordinary_command(tmp_path, old, command, captured):
+def test_a_version_1_database_is_upgraded_by_an_ordinary_command(tmp_path, old, command, captured, run):
     path, bundle = old
     if not captured:
         path = version_1_copy(tmp_path / "laptop.db", tmp_path / "older.db", captured=False)
     before = snapshot(path)
     assert len(before["pairs"]) == 1 and len(before["conflicts"]) == 1
-    sqlite_utils_cli(*(arg.format(db=path, tmp=tmp_path, bundle=bundle) for arg in command))
+    run(["sqlite-utils", *(arg.format(db=path, tmp=tmp_path, bundle=bundle) for arg in command)])
     assert schema_version(path) == 2
     after = snapshot(path)
     assert after["pairs"] == before["pairs"] and after["conflicts"] == before["conflicts"]
@@ -229,24 +212,24 @@ def test_a_version_1_database_is_upgraded_by_an_ordinary_command(tmp_path, old, 
     conn = sqlite3.connect(path)
     assert SECOND_VERSION_TABLES <= table_names(conn) and "_sync_clashes" not in table_names(conn)
     conn.close()
-    status = json.loads(sqlite_utils_cli("sync-status", path, "--json").stdout)
+    status = json.loads(run(["sqlite-utils", "sync-status", path, "--json"]).stdout)
     assert (status["unresolved_conflicts"], status["warnings"]) == (1, [])
 
 
-def test_an_upgraded_database_resolves_its_old_conflict_and_syncs(tmp_path, old):
+def test_an_upgraded_database_resolves_its_old_conflict_and_syncs(tmp_path, old, run):
     path, bundle = old
-    sqlite_utils_cli("import-bundle", path, bundle)
-    (conflict,) = json.loads(sqlite_utils_cli("sync-conflicts", path, "--json").stdout)
-    sqlite_utils_cli("sync-resolve", path, conflict["id"])
-    assert json.loads(sqlite_utils_cli("sync-status", path, "--json").stdout)["unresolved_conflicts"] == 0
+    run(["sqlite-utils", "import-bundle", path, bundle])
+    (conflict,) = json.loads(run(["sqlite-utils", "sync-conflicts", path, "--json"]).stdout)
+    run(["sqlite-utils", "sync-resolve", path, conflict["id"]])
+    assert json.loads(run(["sqlite-utils", "sync-status", path, "--json"]).stdout)["unresolved_conflicts"] == 0
     fresh = tmp_path / "fresh.db"
-    sqlite_utils_cli("create-database", fresh)
-    sqlite_utils_cli("export-bundle", path, tmp_path / "back.bundle")
-    sqlite_utils_cli("import-bundle", fresh, tmp_path / "back.bundle", "--alter")
+    run(["sqlite-utils", "create-database", fresh])
+    run(["sqlite-utils", "export-bundle", path, tmp_path / "back.bundle"])
+    run(["sqlite-utils", "import-bundle", fresh, tmp_path / "back.bundle", "--alter"])
     assert sqlite3.connect(fresh).execute("SELECT * FROM todos ORDER BY id").fetchall() == snapshot(path)["rows"]
 
 
-def test_read_only_paths_read_a_version_1_database_as_it_is(tmp_path, old):
+def test_read_only_paths_read_a_version_1_database_as_it_is(tmp_path, old, run):
     path, _ = old
     before = path.read_bytes()
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
@@ -257,8 +240,8 @@ def test_read_only_paths_read_a_version_1_database_as_it_is(tmp_path, old):
     conn.close()
     assert path.read_bytes() == before
     fresh = tmp_path / "fresh.db"
-    sqlite_utils_cli("create-database", fresh)
-    sqlite_utils_cli("import-bundle", fresh, tmp_path / "a.bundle", "--alter")
+    run(["sqlite-utils", "create-database", fresh])
+    run(["sqlite-utils", "import-bundle", fresh, tmp_path / "a.bundle", "--alter"])
     assert sqlite3.connect(fresh).execute("SELECT count(*) FROM todos").fetchone() == (2,)
 
 
@@ -278,15 +261,35 @@ async def test_the_datasette_pages_read_a_version_1_database(old):
 
 
 @pytest.mark.parametrize("command", [["sync-status", "{db}"], ["enable-sync", "{db}", "todos"], ["export-bundle", "{db}", "{tmp}/x.bundle"]])
-def test_a_database_from_a_newer_version_is_refused(tmp_path, old, command):
+def test_a_database_from_a_newer_version_is_refused(tmp_path, old, command, run):
     path, _ = old
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("UPDATE _sync_state SET schema_version = 99")
     conn.close()
     before = path.read_bytes()
-    result = sqlite_utils_cli(*(arg.format(db=path, tmp=tmp_path) for arg in command), check=False)
+    result = run(["sqlite-utils", *(arg.format(db=path, tmp=tmp_path) for arg in command)], check=False)
     assert result.returncode != 0
     assert "schema version 99" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
     assert path.read_bytes() == before
     assert not (tmp_path / "x.bundle").exists()
+
+
+async def test_a_hub_with_a_database_from_a_newer_version_says_so_and_serves_the_rest(old):
+    path, _ = old
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("UPDATE _sync_state SET schema_version = 99")
+    conn.close()
+    datasette = Datasette(immutables=[str(path)])
+    await datasette.invoke_startup()
+    datasette.root_enabled = True
+    assert (await datasette.client.get("/old")).status_code == 200
+    assert (await datasette.client.get("/old/todos")).status_code == 200
+    assert (await datasette.client.get("/old/todos/1")).status_code == 200
+    for page in ("", "/operations", "/conflicts"):
+        response = await datasette.client.get(f"/old/-/sync{page}")
+        assert response.status_code == 503, page
+        assert "schema version 99" in response.text
+    export = await datasette.client.get("/old/-/sync/export", actor={"id": "root"})
+    assert export.status_code == 503
+    assert export.json()["reason"] == "schema_too_new"
