@@ -37,8 +37,8 @@ from .capture import load_tables
 from .clocks import clock, horizon, max_seq, raise_horizon
 from .devices import device_ids
 from .errors import SyncError
-from .merge import KIND_BITS, latest_op_sql, latest_sql
-from .oplog import DELETE, LOCAL, SEQ_BITS, SEQ_MASK, TICK, UPDATE, load_clock, op_id
+from .merge import latest_op_sql, latest_sql
+from .oplog import DELETE, KIND_MASK, LOCAL, SEQ_BITS, SEQ_MASK, TICK, UPDATE, load_clock, op_id
 from .schema import connection, is_enabled, log_rewrite
 from .writing import writing
 
@@ -122,10 +122,10 @@ def keep_needed_ops(conn: sqlite3.Connection, tid: int, slots: list[int]) -> Non
     all_slots = sum(1 << s for s in slots)
     order = latest_sql("o.hlc", "d.device_id", "o.op")
     ops = f"_sync_ops o JOIN _sync_devices d ON d.idx = o.op >> {SEQ_BITS} WHERE o.tid = {tid} AND o.kind != {TICK}"
-    moved = f"o.kind & {KIND_BITS} = {UPDATE} AND o.newkey IS NOT NULL"
+    moved = f"o.kind & {KIND_MASK} = {UPDATE} AND o.newkey IS NOT NULL"
     # A delete, and a move on the key it left, write no column; a move writes the whole row
     # under its new key.
-    writes = f"CASE WHEN o.kind & {KIND_BITS} = {DELETE} OR ({moved}) THEN 0 ELSE ifnull(o.mask, 0) & {all_slots} END"
+    writes = f"CASE WHEN o.kind & {KIND_MASK} = {DELETE} OR ({moved}) THEN 0 ELSE ifnull(o.mask, 0) & {all_slots} END"
     effects = (
         f"SELECT o.rowkey AS rowkey, {order} AS latest, {writes} AS mask FROM {ops} "
         f"UNION ALL SELECT o.newkey, {order}, {all_slots} FROM {ops} AND {moved}"

@@ -33,7 +33,7 @@ from .oplog import (
     op_label,
     parse_rowkey,
 )
-from .merge import KnowledgeCache, column_names, op_effect
+from .merge import KnowledgeCache, op_effect
 from .rows import fetch_row
 from .schema import connection, is_enabled
 
@@ -159,7 +159,7 @@ def describe(conn, conflict_id, table_name, rowkey, pk, columns, versions, resol
     tables = load_tables(conn)
     table = tables[table_name]
     devices = device_ids(conn)
-    names = column_names(table)
+    names = table.slot_names()
     result_versions = []
     for label in json.loads(versions):
         op = parse_op_label(conn, label)

@@ -37,9 +37,9 @@ from .conflicts import rebuild_conflicts
 from .errors import BundleError, SyncError
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, HLC_NOW_SQL, HLC_PER_SECOND, MAX_HLC, append_tick, clock, horizon, knowledge_at, max_seq, now_iso, parse_duration, raise_horizon
 from .devices import device_ids, device_index, local_device_id
-from .oplog import DELETE, INSERT, LOCAL, RESOLUTION, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, op_id, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
+from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_slots, op_id, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
 from .schema import connection, quote_identifier
-from .merge import KIND_BITS, Effect, KnowledgeCache, bits, column_names, cursor_effects, effects_of, latest_key, record_clashes
+from .merge import Effect, KnowledgeCache, cursor_effects, effects_of, latest_key, record_clashes
 from .rows import apply_row, fetch_row, settle, write_row
 from .transaction import attempt
 from .writing import capture_table, writing
@@ -497,7 +497,7 @@ class Importer:
         # Masks arrive as bits of the header's column list; the log keeps them as local slots.
         local_mask = remap_mask_sql(list(enumerate(table.slots)))
         self.kinds.setdefault(table.tid, set()).update(
-            (kind & KIND_BITS, sum(1 << s for i, s in enumerate(table.slots) if mask >> i & 1)) for kind, mask in kinds
+            (kind & KIND_MASK, sum(1 << s for i, s in enumerate(table.slots) if mask >> i & 1)) for kind, mask in kinds
         )
         self.has_resolutions |= any(kind & RESOLUTION for kind, _ in kinds)
         key = rowkey_sql(pk)
@@ -594,7 +594,7 @@ class Importer:
                 old_values = parse_rowkey(moved)
             except (ValueError, AttributeError):  # UnicodeDecodeError is a ValueError
                 old_values = None
-            if kind & KIND_BITS != UPDATE or old_values is None or len(old_values) != len(pk) or None in old_values:
+            if kind & KIND_MASK != UPDATE or old_values is None or len(old_values) != len(pk) or None in old_values:
                 raise self.fail(errors.INVALID_OPERATION, "an operation has an invalid moved-from key")
             # The keys as the log stores them (rowkey and newkey), which is what the slow set matches.
             self.moved.update({(tid, moved), (tid, new_key)})
@@ -884,7 +884,7 @@ class TableUpdate:
         were before: settling decides against them, as the set-based path would have."""
         conn = self.conn
         devices = device_ids(conn)
-        names = {tid: column_names(table, table.current_columns(conn)) for tid, table in tables.items()}
+        names = {tid: table.slot_names(table.current_columns(conn)) for tid, table in tables.items()}
         cursor = conn.execute(self.new_ops("o.*", f"o.kind != {TICK} AND o.tid IN ({', '.join(map(str, tables))})"))
         fields = [d[0] for d in cursor.description]
         records = [dict(zip(fields, row)) for row in cursor.fetchall()]
@@ -899,7 +899,7 @@ class TableUpdate:
                 moved_in = position == 1  # the new key of a move: the whole row arrives
                 if effect.write and row is None and effect.kind == UPDATE and not moved_in:
                     continue  # not here to update: settling the row decides
-                values = {slot_names[s]: effect.values[s] for s in bits(effect.mask) if s in slot_names}
+                values = {slot_names[s]: effect.values[s] for s in mask_slots(effect.mask) if s in slot_names}
                 # A step that meets a value another copy holds concurrently is passed by:
                 # settling writes the row's final state in any case.
                 attempt(conn, lambda: write_row(conn, table, rowkey, effect.write, values, row is not None))
@@ -949,7 +949,7 @@ class TableUpdate:
     def fast_inserts(self, table: SyncedTable, columns: list[str], full: int, not_slow: str, kinds) -> None:
         t = quote_identifier(table.name)
         quoted = [quote_identifier(c) for c in columns]
-        inserts = f"o.tid = {table.tid} AND o.kind & {KIND_BITS} = {INSERT}"
+        inserts = f"o.tid = {table.tid} AND o.kind & {KIND_MASK} = {INSERT}"
         if any(kind == INSERT and mask & full != full for kind, mask in kinds):
             # Inserts written before a column existed go per-row: the row's history decides the
             # columns they lack (NULL where nothing wrote them).
@@ -972,7 +972,7 @@ class TableUpdate:
         )
         self.conn.execute(
             f"UPDATE {t} SET {assignments} FROM ("
-            + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & {KIND_BITS} = {UPDATE} AND o.newkey IS NULL")
+            + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & {KIND_MASK} = {UPDATE} AND o.newkey IS NULL")
             + f") o WHERE {not_slow} AND {pk_match}"
         )
 
@@ -981,7 +981,7 @@ class TableUpdate:
         pk_slots = ", ".join(f"o.c{table.slots[c]}" for c in table.pk)
         self.conn.execute(
             f"DELETE FROM {quote_identifier(table.name)} WHERE ({pk_cols}) IN (SELECT {pk_slots} FROM ("
-            + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & {KIND_BITS} = {DELETE}")
+            + self.new_ops("o.*", f"o.tid = {table.tid} AND o.kind & {KIND_MASK} = {DELETE}")
             + f") o WHERE {not_slow})"
         )
 

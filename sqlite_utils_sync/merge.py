@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from .capture import SyncedTable
 from .clocks import knowledge_at
 from .devices import device_ids
-from .oplog import DELETE, INSERT, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE
-
-# The bits of ``_sync_ops.kind`` that say INSERT, UPDATE, DELETE or TICK; RESOLUTION is a flag above them.
-KIND_BITS = INSERT | UPDATE | DELETE | TICK
+from .oplog import DELETE, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, kind_of, mask_slots
 
 # -- "latest" ------------------------------------------------------------------------------
 #
@@ -73,29 +70,11 @@ class Effect(NamedTuple):
     kind: int  # the operation's kind (INSERT, UPDATE, DELETE), without the resolution flag
 
 
-def bits(mask: int) -> Iterator[int]:
-    """The slots set in a column mask."""
-    slot = 0
-    while mask:
-        if mask & 1:
-            yield slot
-        mask >>= 1
-        slot += 1
-
-
-def column_names(table: SyncedTable, columns: Iterable[str] | None = None) -> dict[int, str]:
-    """The slot -> column map of a table: every column it ever had, or only ``columns``."""
-    if columns is None:
-        return {slot: name for name, slot in table.slots.items()}
-    present = set(columns)
-    return {slot: name for name, slot in table.slots.items() if name in present}
-
-
 def effects_of(record: dict[str, Any], table: SyncedTable, devices: dict[int, str], new: bool) -> list[tuple[str, Effect]]:
     """The row effects of one operation: a primary-key move deletes the old key, writes the new."""
     op = record["op"]
     key = latest_key(record["hlc"], op, devices)
-    kind = record["kind"] & KIND_BITS
+    kind = kind_of(record["kind"])
     resolution = bool(record["kind"] & RESOLUTION)
     values = {slot: record.get(f"c{slot}") for slot in table.slots.values()}
     all_slots = table.mask_for(list(table.slots))
@@ -155,7 +134,7 @@ def latest_writers(effects: list[Effect]) -> dict[int, Effect]:
     writers: dict[int, Effect] = {}
     for effect in effects:
         if effect.write:
-            for slot in bits(effect.mask):
+            for slot in mask_slots(effect.mask):
                 writers[slot] = effect
     return writers
 
@@ -232,8 +211,8 @@ def clash_columns(table: SyncedTable, a: Effect, b: Effect) -> list[str] | None:
         return None
     if a.write != b.write:
         return []
-    names = column_names(table)
-    differing = [names[s] for s in bits(a.mask & b.mask) if not same_value(a.values[s], b.values[s])]
+    names = table.slot_names()
+    differing = [names[s] for s in mask_slots(a.mask & b.mask) if not same_value(a.values[s], b.values[s])]
     return sorted(differing) or None
 
 

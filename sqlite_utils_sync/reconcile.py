@@ -10,7 +10,7 @@ from .conflicts import rebuild_conflicts
 from .clocks import append_local, next_local_hlc
 from .oplog import DELETE, INSERT, UPDATE, rowkey_sql
 from .schema import quote_identifier
-from .merge import Effect, KnowledgeCache, column_names, latest_writers, record_clashes, row_state, same_value, table_history
+from .merge import Effect, KnowledgeCache, latest_writers, record_clashes, row_state, same_value, table_history
 from .rows import key_slots, settle, write_row
 
 
@@ -156,7 +156,7 @@ class Reconciler:
         if not exists:
             return
         if self.by_peer(effects[-1]):
-            names = column_names(self.table, self.columns)
+            names = self.table.slot_names(self.columns)
             self.adopted.append((rowkey, True, {names[s]: v for s, v in implied.items() if s in names}, False))
         else:
             self.log(DELETE, 0, rowkey, key_slots(self.table, rowkey))

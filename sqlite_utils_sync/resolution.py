@@ -13,7 +13,7 @@ from .clocks import append_local
 from .conflicts import get_conflict, rebuild_conflicts, require_enabled
 from .devices import device_ids, parse_op_label
 from .errors import SyncError
-from .merge import Effect, all_effects, column_names, op_effect, row_state
+from .merge import Effect, all_effects, op_effect, row_state
 from .oplog import DELETE, INSERT, RESOLUTION, SEQ_BITS, SEQ_MASK, UPDATE, op_label, parse_rowkey
 from .rows import fetch_row, key_slots, write_row
 from .schema import connection
@@ -91,7 +91,7 @@ def _restored(
         return None
     if current is None:
         _, implied = row_state(all_effects(conn, table, rowkey))
-        names = column_names(table, columns)
+        names = table.slot_names(columns)
         target = {names[s]: v for s, v in implied.items() if s in names}
     else:
         target = dict(current)

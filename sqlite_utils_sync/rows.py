@@ -11,7 +11,7 @@ from .capture import SyncedTable, secondary_unique_columns, table_info
 from .errors import BundleError
 from .oplog import RawText, marker, parse_rowkey
 from .schema import quote_identifier
-from .merge import Effect, all_effects, column_names, latest_writers
+from .merge import Effect, all_effects, latest_writers
 from .transaction import attempt
 
 
@@ -95,7 +95,7 @@ def apply_row(
     if not replayed:
         before = current
     columns = table.current_columns(conn)
-    names = column_names(table, columns)
+    names = table.slot_names(columns)
     latest = effects[-1]
     exists = latest.write if latest.new else before is not None
     if not exists:
