@@ -7,6 +7,7 @@ in :func:`~sqlite_utils_sync.writing.writing`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 from typing import Any, Callable, Iterator
@@ -68,8 +69,10 @@ def export_bundle(
 ) -> ExportResult:
     """Write the operations a peer lacks to a bundle file.
 
-    :param since: the peer's vector clock (dict or JSON); operations after it are included
-    :param for_device: use the clock this database last learned from that device's bundles
+    :param since: the peer's vector clock (dict or JSON), or what its ``sync-status --json``
+        prints (its ``"clock"`` is used); operations after it are included
+    :param for_device: use the clock this database last learned from that device's bundles;
+        everything, when no bundle of that device was imported here yet
     :param repair: first settle clocks, re-install stale triggers and log missed changes, where
         the database can be written; without it, nothing is written and the operations are
         read in one read transaction (unless the caller has one open), so a write committed
@@ -78,7 +81,7 @@ def export_bundle(
     conn = connection(db)
     if not is_enabled(conn):
         raise SyncError(NOT_ENABLED, "This database has no synced tables: run enable-sync first")
-    since_clock = parse_clock(since, "--since") if since is not None else {}
+    since_clock = clock_from_since(since) if since is not None else {}
     if for_device is not None:
         since_clock = clock_of_device(conn, for_device)
     if repair:
@@ -89,14 +92,29 @@ def export_bundle(
         return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn))
 
 
+def clock_from_since(since: dict | str) -> dict[str, int]:
+    """A ``--since`` clock: a vector clock, or a whole ``sync-status --json`` result, so that
+    the receiver's status can be pasted (or piped) as it is."""
+    value: Any = since
+    if isinstance(since, str):
+        try:
+            value = json.loads(since)
+        except (ValueError, RecursionError):
+            value = since  # parse_clock says what is wrong with it
+    if isinstance(value, dict) and isinstance(value.get("clock"), dict):
+        value = value["clock"]
+    return parse_clock(value, "--since")
+
+
 def clock_of_device(conn: sqlite3.Connection, device_id: str) -> dict[str, int]:
-    """The clock this database last learned from ``device_id``'s bundles (its own: its clock)."""
+    """The clock this database last learned from ``device_id``'s bundles (its own: its clock).
+    A device nothing was imported from yet gets everything: its first bundle starts it."""
     if not is_device_id(device_id):
         raise SyncError(UNKNOWN_DEVICE, f"--for takes a device id (32 hex digits), got {device_id!r}")
     row = conn.execute("SELECT clock FROM _sync_peers WHERE device_id = ?", [device_id]).fetchone()
-    if row is None and device_id != local_device_id(conn):
-        raise SyncError(UNKNOWN_DEVICE, f"No bundle from device {device_id} was imported here, so its clock is unknown")
-    return parse_clock(row[0]) if row else clock(conn)
+    if row is not None:
+        return parse_clock(row[0])
+    return clock(conn) if device_id == local_device_id(conn) else {}
 
 
 @contextlib.contextmanager

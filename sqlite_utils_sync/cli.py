@@ -140,8 +140,10 @@ def disable_sync_command(path, tables):
 @click.command(name="export-bundle")
 @click.argument("path", type=DB_PATH)
 @click.argument("bundle", type=click.Path(dir_okay=False, writable=True))
-@click.option("--since", help='Vector clock of the receiver: {"<device id>": <seq>, ...}')
-@click.option("--for", "for_device", help="Device id: send what it has not acknowledged")
+@click.option(
+    "--since", help='Vector clock of the receiver: {"<device id>": <seq>, ...}, or its sync-status --json output'
+)
+@click.option("--for", "for_device", help="Device id: send what it has not acknowledged (everything, the first time)")
 @json_option
 @silent_option
 def export_bundle_command(path, bundle, since, for_device, as_json, silent):

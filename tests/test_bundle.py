@@ -71,6 +71,28 @@ def test_lost_bundle_is_sent_again_by_acknowledgement(tmp_path, pair, rows, run_
     assert rows(b) == rows(a)
 
 
+def test_the_first_export_for_a_device_sends_everything(tmp_path, pair, rows, run_cli):
+    a, b = pair
+    b_id = sync_status(b)["device_id"]  # nothing of B was ever imported into A
+    result = run_cli("export-bundle", tmp_path / "a.db", tmp_path / "first.bundle", "--for", b_id, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["operations"] == sync_status(a)["operations"]
+    import_bundle(b, tmp_path / "first.bundle")
+    assert rows(b) == rows(a)
+
+
+def test_since_takes_the_receivers_sync_status_output(tmp_path, pair, rows, run_cli, run, sync):
+    a, b = pair
+    sync(a, b, tmp_path)
+    a.execute("INSERT INTO todos VALUES (60, 'new since', 0, 0)")
+    status = run(["sqlite-utils", "sync-status", tmp_path / "b.db", "--json"]).stdout
+    result = run_cli("export-bundle", tmp_path / "a.db", tmp_path / "d.bundle", "--since", status, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["operations"] == 1
+    import_bundle(b, tmp_path / "d.bundle")
+    assert rows(b) == rows(a)
+
+
 def test_since_takes_a_vector_clock(tmp_path, pair, run_cli):
     a, b = pair
     device = sync_status(a)["device_id"]
