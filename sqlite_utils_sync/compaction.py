@@ -38,7 +38,7 @@ from .clocks import clock, horizon, max_seq, raise_horizon
 from .devices import device_ids
 from .errors import SyncError
 from .merge import latest_op_sql, latest_sql
-from .oplog import DELETE, KIND_MASK, LOCAL, SEQ_BITS, SEQ_MASK, TICK, UPDATE, load_clock, op_id
+from .oplog import DELETE, KIND_MASK, LOCAL, TICK, UPDATE, device_sql, load_clock, op_id, seq_sql
 from .schema import connection, is_enabled, log_rewrite
 from .writing import writing
 
@@ -101,7 +101,7 @@ def compact_log(db: Any) -> CompactResult:
             )
         removed_to = {
             devices[idx]: seq
-            for idx, seq in conn.execute(f"SELECT op >> {SEQ_BITS}, max(op & {SEQ_MASK}) FROM temp._sync_drop GROUP BY 1")
+            for idx, seq in conn.execute(f"SELECT {device_sql('op')}, max({seq_sql('op')}) FROM temp._sync_drop GROUP BY 1")
         }
         removed = 0
         if removed_to:  # else leave the file as it was, not even a trigger rebuilt
@@ -121,7 +121,7 @@ def keep_needed_ops(conn: sqlite3.Connection, tid: int, slots: list[int]) -> Non
     """
     all_slots = sum(1 << s for s in slots)
     order = latest_sql("o.hlc", "d.device_id", "o.op")
-    ops = f"_sync_ops o JOIN _sync_devices d ON d.idx = o.op >> {SEQ_BITS} WHERE o.tid = {tid} AND o.kind != {TICK}"
+    ops = f"_sync_ops o JOIN _sync_devices d ON d.idx = {device_sql('o.op')} WHERE o.tid = {tid} AND o.kind != {TICK}"
     moved = f"o.kind & {KIND_MASK} = {UPDATE} AND o.newkey IS NOT NULL"
     # A delete, and a move on the key it left, write no column; a move writes the whole row
     # under its new key.

@@ -24,15 +24,7 @@ from . import errors
 from .capture import load_tables
 from .devices import device_ids, parse_op_label
 from .errors import SyncError
-from .oplog import (
-    DELETE,
-    KIND_NAMES,
-    SEQ_BITS,
-    SEQ_MASK,
-    json_value,
-    op_label,
-    parse_rowkey,
-)
+from .oplog import DELETE, KIND_NAMES, json_value, op_device, op_label, op_seq, parse_rowkey
 from .merge import KnowledgeCache, op_effect
 from .rows import fetch_row
 from .schema import connection, is_enabled
@@ -54,12 +46,12 @@ def rebuild_conflicts(conn: sqlite3.Connection, rows: Iterable[tuple[int, str]])
         conn.execute('DELETE FROM _sync_conflicts WHERE "table" = ? AND rowkey = ?', [table.name, rowkey])
         for ops, columns in clash_groups(conn, tid, rowkey):
             versions = sorted(op_effect(conn, table, op, rowkey, devices) for op in ops)
-            labels = sorted(op_label(devices[v.op >> SEQ_BITS], v.op & SEQ_MASK) for v in versions)
+            labels = sorted(op_label(devices[op_device(v.op)], op_seq(v.op)) for v in versions)
             conflict_id = hashlib.sha256("\n".join([table.name, rowkey, *labels]).encode()).hexdigest()[:16]
             resolved_by = None
             for r in resolutions:
                 if all(v.op == r.op or knowledge.seen(v, r) for v in versions):
-                    resolved_by = op_label(devices[r.op >> SEQ_BITS], r.op & SEQ_MASK)
+                    resolved_by = op_label(devices[op_device(r.op)], op_seq(r.op))
                     break
             unresolved += resolved_by is None
             conn.execute(

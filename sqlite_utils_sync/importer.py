@@ -35,9 +35,9 @@ from .capture import (
 )
 from .conflicts import rebuild_conflicts
 from .errors import BundleError, SyncError
-from .clocks import DEFAULT_MAX_CLOCK_SKEW, HLC_NOW_SQL, HLC_PER_SECOND, MAX_HLC, append_tick, clock, horizon, knowledge_at, max_seq, now_iso, parse_duration, raise_horizon
+from .clocks import DEFAULT_MAX_CLOCK_SKEW, HLC_NOW_SQL, HLC_PER_SECOND, MAX_HLC, append_tick, clock, horizon, knowledge_at, max_seq, now_iso, parse_duration, raise_horizon, record_knowledge
 from .devices import device_ids, device_index, local_device_id
-from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_slots, op_id, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
+from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
 from .schema import connection, quote_identifier
 from .merge import Effect, KnowledgeCache, cursor_effects, effects_of, latest_key, record_clashes
 from .rows import apply_row, fetch_row, settle, write_row
@@ -664,9 +664,11 @@ class Importer:
     def missing(self, idx: int, device: str, old: int) -> BundleError:
         """Say which operations of a device the bundle lacks."""
         conn = self.conn
-        first = conn.execute(
-            "SELECT min(op) FROM _sync_ops WHERE op > ? AND op <= ?", [op_id(idx, old), op_id(idx, SEQ_MASK)]
-        ).fetchone()[0] & SEQ_MASK
+        first = op_seq(
+            conn.execute(
+                "SELECT min(op) FROM _sync_ops WHERE op > ? AND op <= ?", [op_id(idx, old), op_id(idx, SEQ_MASK)]
+            ).fetchone()[0]
+        )
         if first > old + 1:
             return self.fail(
                 errors.MISSING_OPERATIONS,
@@ -679,7 +681,7 @@ class Importer:
             "ORDER BY o.op LIMIT 1",
             [op_id(idx, old + 1), op_id(idx, SEQ_MASK)],
         ).fetchone()
-        lo, hi = (before_hole & SEQ_MASK) + 1, (after_hole & SEQ_MASK) - 1
+        lo, hi = op_seq(before_hole) + 1, op_seq(after_hole) - 1
         return self.fail(
             errors.MISSING_OPERATIONS,
             f"it lacks operation{f' {lo}' if lo == hi else f's {lo}-{hi}'} of device {device}, which the operations "
@@ -704,7 +706,7 @@ class Importer:
             ).fetchone()
             if first is None:
                 continue
-            seen = knowledge_at(self.conn, idx, first & SEQ_MASK)
+            seen = knowledge_at(self.conn, idx, op_seq(first))
             for device, seq in compacted.items():
                 if device != names[idx] and seen.get(device, 0) < seq:
                     raise self.fail(
@@ -729,7 +731,7 @@ class Importer:
                         f"its operations depend on device {device} up to seq {needed}, but neither this database nor "
                         f"the bundle has more than seq {have.get(device, 0)}",
                     )
-            conn.execute("INSERT OR REPLACE INTO _sync_knowledge VALUES (?, ?, ?)", [idx, seq + 1, text])
+            record_knowledge(conn, idx, seq + 1, text)
 
     def record_peer(self, header: dict, have: dict[str, int]) -> None:
         """Remember what the source had, as far as it can be checked: deltas for it start there."""
@@ -787,11 +789,11 @@ class TableUpdate:
         names = device_ids(conn)
         floor: dict[int, int] = {}
         for idx, lo, hi in self.ranges:
-            epochs = [knowledge_at(conn, idx, lo & SEQ_MASK)] + [
+            epochs = [knowledge_at(conn, idx, op_seq(lo))] + [
                 load_clock(text)
                 for (text,) in conn.execute(
                     "SELECT clock FROM _sync_knowledge WHERE device = ? AND from_seq > ? AND from_seq <= ?",
-                    [idx, lo & SEQ_MASK, hi & SEQ_MASK],
+                    [idx, op_seq(lo), op_seq(hi)],
                 )
             ]
             for other, name in names.items():

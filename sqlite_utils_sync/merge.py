@@ -21,7 +21,7 @@ from typing import Any, Iterator, NamedTuple
 from .capture import SyncedTable
 from .clocks import knowledge_at
 from .devices import device_ids
-from .oplog import DELETE, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, kind_of, mask_slots
+from .oplog import DELETE, RESOLUTION, TICK, UPDATE, kind_of, mask_slots, op_device, op_seq, seq_sql
 
 # -- "latest" ------------------------------------------------------------------------------
 #
@@ -40,13 +40,13 @@ _LATEST_OP_AT = len(_LATEST_FORMAT.rsplit(" ", 1)[0] % (0, "0" * 32, 0)) + 2  # 
 
 def latest_key(hlc: int, op: int, devices: dict[int, str]) -> LatestKey:
     """Where an operation stands in the "latest" order: the greatest key is the latest."""
-    return (hlc, devices[op >> SEQ_BITS], op & SEQ_MASK)
+    return (hlc, devices[op_device(op)], op_seq(op))
 
 
 def latest_sql(hlc: str, device_id: str, op: str) -> str:
     """SQL text that sorts like :func:`latest_key`, so ``max()`` picks the latest operation;
     it ends with the op id, which :func:`latest_op_sql` reads back."""
-    return f"printf('{_LATEST_FORMAT}', {hlc}, {device_id}, {op} & {SEQ_MASK}, {op})"
+    return f"printf('{_LATEST_FORMAT}', {hlc}, {device_id}, {seq_sql(op)}, {op})"
 
 
 def latest_op_sql(latest: str) -> str:
@@ -162,11 +162,11 @@ class KnowledgeCache:
 
     def clock_of(self, op: int) -> dict[str, int]:
         if op not in self.cache:
-            self.cache[op] = knowledge_at(self.conn, op >> SEQ_BITS, op & SEQ_MASK)
+            self.cache[op] = knowledge_at(self.conn, op_device(op), op_seq(op))
         return self.cache[op]
 
     def seen(self, a: Effect, b: Effect) -> bool:
-        if a.op >> SEQ_BITS == b.op >> SEQ_BITS:
+        if op_device(a.op) == op_device(b.op):
             return a.op < b.op
         return self.clock_of(b.op).get(a.key[1], 0) >= a.key[2]
 

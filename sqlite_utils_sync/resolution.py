@@ -14,7 +14,7 @@ from .conflicts import get_conflict, rebuild_conflicts, require_enabled
 from .devices import device_ids, parse_op_label
 from .errors import SyncError
 from .merge import Effect, all_effects, op_effect, row_state
-from .oplog import DELETE, INSERT, RESOLUTION, SEQ_BITS, SEQ_MASK, UPDATE, op_label, parse_rowkey
+from .oplog import DELETE, INSERT, RESOLUTION, UPDATE, op_device, op_label, op_seq, parse_rowkey
 from .rows import fetch_row, key_slots, write_row
 from .schema import connection
 from .writing import writing
@@ -73,7 +73,7 @@ def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> st
         op = _write_resolution(conn, table, rowkey, target, current, columns, changing)
         conn.execute("INSERT OR IGNORE INTO _sync_resolutions VALUES (?, ?, ?)", [table.tid, rowkey, op])
         rebuild_conflicts(conn, [(table.tid, rowkey)])
-        return op_label(device_ids(conn)[op >> SEQ_BITS], op & SEQ_MASK)
+        return op_label(device_ids(conn)[op_device(op)], op_seq(op))
 
 
 def _restored(
