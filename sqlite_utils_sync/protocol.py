@@ -97,6 +97,7 @@ STATUS: dict[str, int] = {
     errors.INVALID_JSON: 400,
     errors.UNAUTHORIZED: 401,
     errors.FORBIDDEN: 403,
+    errors.TABLE_FORBIDDEN: 403,
     errors.NOT_FOUND: 404,
     errors.METHOD_NOT_ALLOWED: 405,
     errors.READ_ONLY: 403,
