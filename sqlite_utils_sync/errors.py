@@ -122,6 +122,8 @@ DEVICE_OWNED = "device_owned"
 """The bundle carries operations of a device that another actor owns on this hub."""
 CLOCK_AHEAD = "clock_ahead"
 """An operation's clock is further ahead of this machine's clock than ``max_clock_skew``."""
+PARTIAL_BUNDLE = "partial_bundle"
+"""A bundle exported for only some tables reached a copy that holds a table it withholds."""
 
 # The hub, as its endpoints answer and its client reports.
 
