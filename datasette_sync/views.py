@@ -697,12 +697,13 @@ class ExportEndpoint(Endpoint):
 
     async def get(self, request, datasette, db):
         since = protocol.decode_clock(request.args.get(protocol.SINCE_PARAM) or None, "since query parameter")
+        tables = await pull_scope(datasette, request.actor, db, request.args.getlist(protocol.TABLE_PARAM))
         directory = pathlib.Path(tempfile.mkdtemp(prefix="datasette-sync-"))
         path = directory / "export.bundle"
 
         def export(conn):
             # repair=False: a read connection cannot write, and exporting must not.
-            return export_bundle(conn, path, since=since, repair=False)
+            return export_bundle(conn, path, since=since, repair=False, tables=tables)
 
         try:
             result = await db.execute_fn(export)
@@ -716,6 +717,7 @@ class ExportEndpoint(Endpoint):
             headers={
                 protocol.CLOCK_HEADER: protocol.encode_clock(result.clock),
                 protocol.OPERATIONS_HEADER: str(result.operations),
+                protocol.SCOPE_HEADER: json.dumps(None if tables is None else sorted(tables)),
             },
             body=request.method != "HEAD",
         )
@@ -876,7 +878,7 @@ async def import_pushed(datasette, actor, db, path: str, options: dict):
         authorize = write_authorizer(await table_access(datasette, actor, db.name, [*logged, *tables]))
         with sync_write():
             return await db.execute_write_fn(
-                lambda conn: import_bundle(conn, path, **options), transaction=False
+                lambda conn: import_bundle(conn, path, authorize=authorize, **options), transaction=False
             )
     except SyncError:
         raise

@@ -1,0 +1,369 @@
+"""A hub shared by actors with different table permissions, through a real ``datasette serve``.
+
+The config is the README's (*Sharing a hub with per-table permissions*): ``tasks`` is shared by
+alice and bob, ``salaries`` is alice's alone, ``catalogue`` is read-only to both. A pull
+carries the values of the tables the actor may view (``view-table``) and withholds the others'
+operations; a push may add new operations of a table only where the actor holds the write
+action they need (``insert-row``, ``update-row``, ``delete-row``), else it is refused whole
+with a 403 naming the table and the action, and the hub is left as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import pathlib
+import shutil
+import sqlite3
+import tempfile
+import time
+
+import httpx
+import msgpack
+import pytest
+from datasette.app import Datasette
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from sqlite_utils_sync import enable_sync
+from sqlite_utils_sync.client import sync_with_hub
+
+from conftest import SECRET
+
+WRITES = {action: {"id": ["alice", "bob"]} for action in ("insert-row", "update-row", "delete-row")}
+CONFIG = {
+    "databases": {
+        "hub": {
+            "permissions": {
+                "sync-export": {"id": ["alice", "bob"]},
+                "sync-import": {"id": ["alice", "bob"]},
+            },
+            "tables": {
+                "tasks": {"permissions": WRITES},
+                "salaries": {
+                    "allow": {"id": "alice"},
+                    "permissions": {action: {"id": "alice"} for action in WRITES},
+                },
+            },
+        }
+    }
+}
+SCHEMA = {
+    "tasks": "CREATE TABLE tasks (id INTEGER PRIMARY KEY, title TEXT, done INTEGER)",
+    "salaries": "CREATE TABLE salaries (id INTEGER PRIMARY KEY, name TEXT, amount INTEGER)",
+    "catalogue": "CREATE TABLE catalogue (id INTEGER PRIMARY KEY, item TEXT, price REAL)",
+}
+# What only alice may see: no byte of it may reach bob.
+HIDDEN = [b"salaries", b"SECRET-PAYEE", b"SECRET-AMOUNT"]
+
+
+def build_hub(path: pathlib.Path) -> pathlib.Path:
+    """Three synced tables; the hub's salaries rows are written last, so a copy that withholds
+    them still holds everything of the hub's device before them (see test_relaying...)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    for sql in SCHEMA.values():
+        conn.execute(sql)
+    enable_sync(conn, list(SCHEMA))
+    conn.executemany("INSERT INTO catalogue VALUES (?, ?, ?)", [(1, "chair", 40.0), (2, "desk", 120.5)])
+    conn.executemany("INSERT INTO tasks VALUES (?, ?, 0)", [(1, "order chairs"), (2, "pay invoices")])
+    conn.executemany(
+        "INSERT INTO salaries VALUES (?, ?, ?)", [(1, "SECRET-PAYEE-ann", "SECRET-AMOUNT-5100"), (2, "SECRET-PAYEE-bo", "x")]
+    )
+    conn.close()
+    return path
+
+
+def table_rows(path, table: str) -> list[tuple]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute(f'SELECT * FROM "{table}" ORDER BY 1').fetchall()
+    finally:
+        conn.close()
+
+
+def table_names(path) -> set[str]:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE '\\_sync\\_%' ESCAPE '\\'")}
+    finally:
+        conn.close()
+
+
+def digest(path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def bundle_header(data: bytes) -> dict:
+    with tempfile.TemporaryDirectory() as directory:
+        path = pathlib.Path(directory) / "b.bundle"
+        path.write_bytes(data)
+        conn = sqlite3.connect(path)
+        try:
+            return msgpack.unpackb(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
+        finally:
+            conn.close()
+
+
+def bundle_values(data: bytes) -> list:
+    """Every value in every chunk image of a bundle."""
+    values = []
+    with tempfile.TemporaryDirectory() as directory:
+        path = pathlib.Path(directory) / "b.bundle"
+        path.write_bytes(data)
+        conn = sqlite3.connect(path)
+        try:
+            for (image,) in conn.execute("SELECT data FROM bundle_chunks ORDER BY id"):
+                chunk = sqlite3.connect(":memory:")
+                chunk.deserialize(image)
+                for (name,) in chunk.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                    for row in chunk.execute(f'SELECT * FROM "{name}"'):
+                        values.extend(row)
+                chunk.close()
+        finally:
+            conn.close()
+    return values
+
+
+def auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+def hub(tmp_path, datasette_server):
+    path = build_hub(tmp_path / "hub.db")
+    server = datasette_server([path], CONFIG)
+    server.path = path
+    return server
+
+
+@pytest.fixture
+def tokens(hub):
+    # Unrestricted tokens: each actor may do what the config grants it.
+    return {name: hub.token(name) for name in ("alice", "bob")}
+
+
+def clone(run, hub, token, path, *extra) -> pathlib.Path:
+    """A new copy of the hub for the token's actor: an empty database, synced with --alter."""
+    run(["sqlite-utils", "create-database", path])
+    run(["sqlite-utils", "sync", path, hub.url + "/hub", "--token", token, "--alter", *extra])
+    return path
+
+
+def test_pull_carries_only_the_tables_the_actor_may_view(hub, tokens, tmp_path, run, run_json):
+    bob = hub.get("/hub/-/sync/export", headers=auth(tokens["bob"]))
+    assert bob.status_code == 200
+    assert json.loads(bob.headers["X-Sync-Scope"]) == ["catalogue", "tasks"]
+    for secret in HIDDEN:
+        assert secret not in bob.content  # not a value, not the table's name
+    header = bundle_header(bob.content)
+    assert header["scope"] == ["catalogue", "tasks"]
+    assert header["withheld"] == 2 and header["operations"] >= 4
+    values = bundle_values(bob.content)
+    assert "chair" in values and "order chairs" in values
+    assert not any(isinstance(v, str) and v.startswith("SECRET") for v in values)
+
+    # alice may view every table: today's full bundle, salaries included.
+    alice = hub.get("/hub/-/sync/export", headers=auth(tokens["alice"]))
+    assert json.loads(alice.headers["X-Sync-Scope"]) is None
+    assert "scope" not in bundle_header(alice.content)  # exactly today's bundle
+    assert b"SECRET-PAYEE-ann" in alice.content
+
+
+def test_a_new_copy_holds_the_tables_its_actor_may_view(hub, tokens, tmp_path, run, run_json):
+    """Through the CLI: bob's new copy holds tasks and catalogue, knows that salaries' two
+    operations exist, and never got their values."""
+    copy = clone(run, hub, tokens["bob"], tmp_path / "bob.db")
+    assert table_names(copy) == {"tasks", "catalogue"}
+    assert table_rows(copy, "tasks") == table_rows(hub.path, "tasks")
+    assert table_rows(copy, "catalogue") == table_rows(hub.path, "catalogue")
+    status = run_json(["sqlite-utils", "sync-status", copy, "--json"])
+    assert status["scope"] == ["catalogue", "tasks"] and status["withheld"] == 2
+    assert not any(secret in copy.read_bytes() for secret in HIDDEN)
+
+
+def test_a_pull_may_ask_for_fewer_tables_but_not_a_hidden_one(hub, tokens):
+    tasks = hub.get("/hub/-/sync/export", params={"table": "tasks"}, headers=auth(tokens["alice"]))
+    assert tasks.status_code == 200 and json.loads(tasks.headers["X-Sync-Scope"]) == ["tasks"]
+    assert b"desk" not in tasks.content and b"SECRET" not in tasks.content
+    hidden = hub.get("/hub/-/sync/export", params={"table": ["tasks", "salaries"]}, headers=auth(tokens["bob"]))
+    assert hidden.status_code == 403
+    assert hidden.json() == {
+        "ok": False,
+        "error": "Permission denied: table salaries cannot be pulled, it needs view-table on it",
+        "reason": "table_forbidden",
+    }
+
+
+@pytest.mark.parametrize(
+    "sql, table, action",
+    [
+        ("INSERT INTO catalogue VALUES (3, 'lamp', 15.0)", "catalogue", "insert-row"),
+        ("UPDATE catalogue SET price = 1.0 WHERE id = 1", "catalogue", "update-row"),
+        ("DELETE FROM catalogue WHERE id = 2", "catalogue", "delete-row"),
+    ],
+    ids=["insert", "update", "delete"],
+)
+def test_a_push_needs_the_write_action_on_each_table(hub, tokens, tmp_path, run, sql, table, action):
+    copy = clone(run, hub, tokens["bob"], tmp_path / "bob.db")
+    conn = sqlite3.connect(copy, isolation_level=None)
+    conn.execute("INSERT INTO tasks VALUES (3, 'allowed on its own', 0)")  # bob may do this...
+    conn.execute(sql)  # ...but not this: the whole push is refused
+    conn.close()
+    before = digest(hub.path)
+    result = run(["sqlite-utils", "sync", copy, hub.url + "/hub", "--token", tokens["bob"]], check=False)
+    assert result.returncode == 1
+    verb = {"insert-row": "inserts rows into", "update-row": "updates rows of", "delete-row": "deletes rows from"}[action]
+    assert result.stderr == (
+        f"Error: hub {hub.url}/hub does not allow import (push) (403): Permission denied: the bundle {verb} "
+        f"table {table}, which needs {action} on it. Nothing was imported\n"
+    )
+    assert digest(hub.path) == before
+    assert [row[0] for row in table_rows(hub.path, "tasks")] == [1, 2]
+
+
+def test_relaying_operations_the_hub_holds_is_free(hub, tokens, tmp_path, run, run_json):
+    """bob may not write the catalogue, but a bundle carrying catalogue operations the hub
+    already holds is accepted: they are duplicates; only bob's own new task is applied."""
+    copy = clone(run, hub, tokens["bob"], tmp_path / "bob.db")
+    conn = sqlite3.connect(copy, isolation_level=None)
+    conn.execute("INSERT INTO tasks VALUES (3, 'from bob', 0)")
+    conn.close()
+    bundle = tmp_path / "everything.bundle"
+    exported = run_json(["sqlite-utils", "export-bundle", copy, bundle, "--json"])
+    assert exported["operations"] >= 5  # the hub's catalogue and tasks, and bob's task
+    response = hub.post("/hub/-/sync/import", content=bundle.read_bytes(), headers=auth(tokens["bob"]))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["applied"] == 1 and body["duplicates"] == exported["operations"] - 1
+    assert table_rows(hub.path, "tasks")[-1] == (3, "from bob", 0)
+
+
+def test_sync_pages_say_what_the_actor_syncs(hub, tokens):
+    def access(token=None):
+        response = hub.get("/hub/-/sync.json", headers=auth(token) if token else {})
+        assert response.status_code == 200
+        return response.json()["access"]
+
+    everything = ["insert-row", "update-row", "delete-row"]
+    assert access(tokens["alice"]) == {
+        "pull": ["catalogue", "salaries", "tasks"],
+        "push": {"salaries": everything, "tasks": everything},
+    }
+    assert access(tokens["bob"]) == {"pull": ["catalogue", "tasks"], "push": {"tasks": everything}}
+    assert access() == {"pull": [], "push": {}}
+    page = hub.get("/hub/-/sync", headers=auth(tokens["bob"])).text
+    assert "Pulling brings you the rows of <code>catalogue</code>, <code>tasks</code>" in page
+    assert "You may push <code>tasks</code> (insert-row, update-row, delete-row)" in page
+    assert "salaries" not in page
+    assert "You may not push changes to any table here" in hub.get("/hub/-/sync").text
+
+
+# Random per-actor permissions --------------------------------------------------------------
+
+TABLES = sorted(SCHEMA)
+OPEN_CONFIG = {
+    "databases": {
+        "hub": {
+            "permissions": {
+                action: {"id": "*"}
+                for action in ("sync-export", "sync-import", "insert-row", "update-row", "delete-row", "alter-table")
+            }
+        }
+    }
+}
+
+
+class Recorder(httpx.BaseTransport):
+    """A real HTTP transport that keeps every bundle the hub sends."""
+
+    def __init__(self):
+        self.inner = httpx.HTTPTransport()
+        self.bundles: list[bytes] = []
+
+    def handle_request(self, request):
+        response = self.inner.handle_request(request)
+        body = response.read()
+        if response.headers.get("content-type", "").startswith("application/vnd.sqlite3"):
+            self.bundles.append(body)
+        return httpx.Response(response.status_code, headers=response.headers, content=body, request=request)
+
+    def close(self):
+        self.inner.close()
+
+
+def restricted_token(signer: Datasette, actor: str, views: set[str], writes: set[str]) -> str:
+    """A token allowed to sync, to view ``views`` and to write ``writes`` (per table)."""
+    tables = {
+        table: ["vt"] + (["ir", "ur", "dr"] if table in writes else []) for table in views
+    }
+    restrictions = {"d": {"hub": ["vd", "sync-export", "sync-import", "alter-table"]}, "r": {"hub": tables}}
+    return "dstok_" + signer.sign({"a": actor, "t": int(time.time()), "_r": restrictions}, namespace="token")
+
+
+ACTOR = st.fixed_dictionaries(
+    {
+        "views": st.sets(st.sampled_from(TABLES), min_size=1),
+        "writes": st.sets(st.sampled_from(TABLES)),
+    }
+)
+EDIT = st.tuples(st.integers(0, 2), st.sampled_from(TABLES), st.integers(1, 4), st.sampled_from(["put", "delete"]))
+
+
+@pytest.fixture
+def open_hub(tmp_path, datasette_server):
+    path = build_hub(tmp_path / "hub.db")
+    server = datasette_server([path], OPEN_CONFIG)
+    server.path = path
+    return server
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(actors=st.lists(ACTOR, min_size=2, max_size=3), edits=st.lists(EDIT, max_size=12))
+def test_random_permissions_converge_and_never_leak(open_hub, actors, edits):
+    """Actors with random view and write grants (token restrictions) edit the tables they may
+    write, all sync twice: each copy holds exactly the tables its actor may view, equal to the
+    hub's, and no bundle an actor received holds a byte of a table it may not view."""
+    signer = Datasette([], secret=SECRET)
+    run_id = next(COUNTER)
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="perm-"))
+    try:
+        devices = []
+        for number, grant in enumerate(actors):
+            writes = grant["writes"] & grant["views"]
+            token = restricted_token(signer, f"actor{run_id}x{number}", grant["views"], writes)
+            recorder = Recorder()
+            path = folder / f"device{number}.db"
+            sqlite3.connect(path).close()
+            sync_with_hub(str(path), open_hub.url + "/hub", token=token, alter=True, transport=recorder)
+            devices.append((path, token, recorder, grant["views"], writes))
+        for who, table, key, kind in edits:
+            path, token, recorder, views, writes = devices[who % len(devices)]
+            if table not in writes:
+                continue
+            conn = sqlite3.connect(path, isolation_level=None)
+            if kind == "put":
+                value = f"{table}-value-{run_id}-{who}-{key}"
+                conn.execute(f"INSERT OR REPLACE INTO {table} VALUES (?, ?, ?)", [key, value, key])
+            else:
+                conn.execute(f"DELETE FROM {table} WHERE id = ?", [key])
+            conn.close()
+            sync_with_hub(str(path), open_hub.url + "/hub", token=token, transport=recorder)
+        for _ in range(2):
+            for path, token, recorder, views, writes in devices:
+                sync_with_hub(str(path), open_hub.url + "/hub", token=token, transport=recorder)
+        for path, token, recorder, views, writes in devices:
+            assert table_names(path) == views
+            for table in views:
+                assert table_rows(path, table) == table_rows(open_hub.path, table), table
+            hidden = [table for table in TABLES if table not in views]
+            for bundle in recorder.bundles:
+                for table in hidden:
+                    assert table.encode() not in bundle
+                    assert f"{table}-value".encode() not in bundle
+                    if table == "salaries":
+                        assert b"SECRET" not in bundle
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+COUNTER = itertools.count()
