@@ -17,7 +17,7 @@ from .capture import canonical_name, drifted_tables, drop_triggers, load_tables,
 from .clocks import clock, unsettled_clocks
 from .conflicts import rebuild_conflicts
 from .devices import local_device_id, new_device as give_new_id
-from .errors import CONSTRAINT_FAILED, MISSING_TABLE, NOT_ENABLED, UNKNOWN_DEVICE, SyncError
+from .errors import CONSTRAINT_FAILED, INVALID_ARGUMENT, MISSING_TABLE, NOT_ENABLED, UNKNOWN_DEVICE, SyncError
 from .oplog import LOCAL, is_device_id, op_id, parse_clock
 from .schema import check_schema, connection, is_enabled
 from .scope import check_scope_change, load_scope, store_scope, withheld_count
@@ -131,6 +131,13 @@ def set_scope(db: Any, tables: list[str] | None) -> set[str] | None:
         if tables is None:
             return load_scope(conn)
         wanted = set(tables)
+        outside = sorted(set(load_tables(conn, enabled_only=True)) - wanted)
+        if outside:
+            # Its edits would go out while nobody else's came in: the copies would drift apart.
+            raise SyncError(
+                INVALID_ARGUMENT,
+                f"This copy syncs {', '.join(outside)} too: add --table for each, or run disable-sync on them first",
+            )
         if wanted != load_scope(conn):
             check_scope_change(conn, wanted)
             store_scope(conn, wanted)
