@@ -796,8 +796,9 @@ class ImportEndpoint(Endpoint):
 
     async def post(self, request, datasette, db):
         alter = request.args.get(protocol.ALTER_PARAM) in protocol.TRUE_VALUES
-        if alter and not await can_alter(datasette, request.actor, db.name):
-            raise SyncForbidden("Permission denied: alter=1 also needs the alter-table permission")
+        # Refused once the bundle is read, and only if it has a table it could alter: a new
+        # copy's first sync with --alter pushes nothing but its knowledge tick.
+        alter_denied = alter and not await can_alter(datasette, request.actor, db.name)
         if not db.is_mutable:
             raise SyncForbidden(
                 f"Database {db.name} is read-only (immutable): bundles cannot be imported", errors.READ_ONLY
@@ -807,7 +808,7 @@ class ImportEndpoint(Endpoint):
             raise too_large(limit)
         actor_id = (request.actor or {}).get("id")
         options = {
-            "alter": alter,
+            "alter": alter and not alter_denied,
             "actor": None if actor_id is None else str(actor_id),
             "max_clock_skew": max_clock_skew(datasette, db.name),  # checked at startup (check_config)
             "may_relay": await can(datasette, request.actor, RELAY, db.name),
@@ -815,7 +816,7 @@ class ImportEndpoint(Endpoint):
         with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
             path = os.path.join(directory, "upload.bundle")
             await receive_to_file(request, path, limit)
-            result = await import_pushed(datasette, request.actor, db, path, options)
+            result = await import_pushed(datasette, request.actor, db, path, options, alter_denied)
         body = result.as_dict()
         body["clock"] = result.clock
         return Response.json(body, headers={protocol.CLOCK_HEADER: protocol.encode_clock(result.clock)})
@@ -867,12 +868,14 @@ def validate_bundle(path: str) -> list[str]:
         reader.close()
 
 
-async def import_pushed(datasette, actor, db, path: str, options: dict):
+async def import_pushed(datasette, actor, db, path: str, options: dict, alter_denied: bool = False):
     """Check every hash of the pushed bundle off the event loop, so a bad bundle never takes
     a turn on the write thread, then import it there. Raises the engine's SyncError, or an
     EndpointError for an SQLite error (import_sqlite_refusal) or anything else."""
     try:
         tables = await asyncio.to_thread(validate_bundle, path)
+        if alter_denied and tables:
+            raise SyncForbidden("Permission denied: alter=1 also needs the alter-table permission")
         # Asked here, on the event loop: the importer's hook runs on the write thread.
         logged = await db.execute_fn(queries.logged_tables)
         authorize = write_authorizer(await table_access(datasette, actor, db.name, [*logged, *tables]))
@@ -880,7 +883,7 @@ async def import_pushed(datasette, actor, db, path: str, options: dict):
             return await db.execute_write_fn(
                 lambda conn: import_bundle(conn, path, authorize=authorize, **options), transaction=False
             )
-    except SyncError:
+    except (SyncError, EndpointError):
         raise
     except sqlite3.Error as ex:
         raise import_sqlite_refusal(ex, db.name)
