@@ -314,6 +314,14 @@ ACTOR = st.fixed_dictionaries(
 EDIT = st.tuples(st.integers(0, 2), st.sampled_from(TABLES), st.integers(1, 4), st.sampled_from(["put", "delete"]))
 
 
+def pull_push(hub, path, token: str, recorder: Recorder, alter: bool = False) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        sync_with_hub(conn, hub.url + "/hub", token=token, alter=alter, transport=recorder)
+    finally:
+        conn.close()
+
+
 @pytest.fixture
 def open_hub(tmp_path, datasette_server):
     path = build_hub(tmp_path / "hub.db")
@@ -339,7 +347,7 @@ def test_random_permissions_converge_and_never_leak(open_hub, actors, edits):
             recorder = Recorder()
             path = folder / f"device{number}.db"
             sqlite3.connect(path).close()
-            sync_with_hub(str(path), open_hub.url + "/hub", token=token, alter=True, transport=recorder)
+            pull_push(open_hub, path, token, recorder, alter=True)
             devices.append((path, token, recorder, grant["views"], writes))
         for who, table, key, kind in edits:
             path, token, recorder, views, writes = devices[who % len(devices)]
@@ -352,10 +360,10 @@ def test_random_permissions_converge_and_never_leak(open_hub, actors, edits):
             else:
                 conn.execute(f"DELETE FROM {table} WHERE id = ?", [key])
             conn.close()
-            sync_with_hub(str(path), open_hub.url + "/hub", token=token, transport=recorder)
+            pull_push(open_hub, path, token, recorder)
         for _ in range(2):
             for path, token, recorder, views, writes in devices:
-                sync_with_hub(str(path), open_hub.url + "/hub", token=token, transport=recorder)
+                pull_push(open_hub, path, token, recorder)
         for path, token, recorder, views, writes in devices:
             assert table_names(path) == views
             for table in views:
