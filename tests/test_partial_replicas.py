@@ -208,6 +208,30 @@ def test_authorize_sees_the_new_operations_actions_and_can_refuse(tmp_path, offi
     assert seen == []
 
 
+def test_no_digest_of_a_withheld_operation_goes_to_a_partial_copy(tmp_path, office, run_cli):
+    office_id = sync_status(office)["device_id"]
+    phone = new_db(tmp_path / "phone.db")
+    office.execute(f"INSERT INTO salaries VALUES (3, '{SECRET} 3', 3000)")  # the phone's last office op
+    run_cli("export-bundle", tmp_path / "office.db", tmp_path / "1.bundle", "--table", "todos")
+    run_cli("import-bundle", phone, tmp_path / "1.bundle", "--alter")
+    office.execute("INSERT INTO todos VALUES (4, 'task 4')")
+    since = json.dumps(sync_status(sqlite3.connect(phone)))
+    run_cli("export-bundle", tmp_path / "office.db", tmp_path / "2.bundle", "--table", "todos", "--since", since)
+    assert office_id not in header(tmp_path / "2.bundle")["anchors"]
+    # A full bundle to a full copy keeps its anchor.
+    run_cli("export-bundle", tmp_path / "office.db", tmp_path / "3.bundle", "--since", since)
+    assert office_id in header(tmp_path / "3.bundle")["anchors"]
+
+
+def test_a_bundle_of_some_tables_that_withholds_nothing_is_a_full_bundle(tmp_path, make_db, run_cli):
+    make_db(tmp_path / "a.db", SCHEMA, ("todos",)).execute("INSERT INTO todos VALUES (1, 'only todos here')")
+    laptop = make_db(tmp_path / "laptop.db", SCHEMA, TABLES)
+    run_cli("export-bundle", tmp_path / "a.db", tmp_path / "1.bundle", "--table", "todos")
+    assert header(tmp_path / "1.bundle")["withheld"] == 0
+    assert import_bundle(laptop, tmp_path / "1.bundle").applied == 1
+    assert sync_status(laptop)["scope"] is None
+
+
 # Hostile withheld ranges ----------------------------------------------------------------------
 
 
