@@ -146,7 +146,7 @@ def write_bundle(
                     count = write_filtered(conn, since, devices, tops, writer, fixes, plan)
                 current = clock(conn)
                 header = {
-                    "anchors": anchors_for(conn, since, devices),
+                    "anchors": anchors_for(conn, since, devices, None if plan is None else plan.wanted_tids),
                     "source": local_device_id(conn),
                     "created": now_iso(),
                     "clock": current,
@@ -627,12 +627,22 @@ def image_connection() -> Iterator[tuple[sqlite3.Connection, Callable[[], bytes]
         os.remove(path)
 
 
-def anchors_for(conn: sqlite3.Connection, since: dict[str, int], devices: dict[int, str]) -> dict[str, list]:
+def anchors_for(
+    conn: sqlite3.Connection, since: dict[str, int], devices: dict[int, str], wanted: set[int] | None = None
+) -> dict[str, list]:
     """The last op the receiver already has from each device, as we have it: if the receiver's
-    copy differs, two databases are writing under one device id (a copied file)."""
+    copy differs, two databases are writing under one device id (a copied file).
+
+    :param wanted: the tables a partial receiver may see: an op of another table gets no
+        anchor, since even a digest of it says something about its values
+    """
     anchors = {}
     for idx, device in devices.items():
         seq = since.get(device, 0)
+        if seq and wanted is not None:
+            row = conn.execute("SELECT tid FROM _sync_ops WHERE op = ?", [op_id(idx, seq)]).fetchone()
+            if row and row[0] and row[0] not in wanted:
+                continue
         fingerprint = seq and op_fingerprint(conn, op_id(idx, seq))
         if fingerprint:
             anchors[device] = [seq, fingerprint]

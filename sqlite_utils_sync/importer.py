@@ -289,6 +289,10 @@ class Importer:
             store_scope(conn, self.bundle_scope)
             self.scope = self.bundle_scope
             return
+        if not self.reader.header.get("withheld"):
+            # It withholds nothing: every operation up to its clock is in it, as in a full bundle.
+            self.bundle_scope = None
+            return
         holds = "all tables" if self.scope is None else f"tables {', '.join(sorted(self.scope))}"
         raise self.fail(
             errors.PARTIAL_BUNDLE,

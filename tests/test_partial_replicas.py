@@ -208,6 +208,30 @@ def test_authorize_sees_the_new_operations_actions_and_can_refuse(tmp_path, offi
     assert seen == []
 
 
+def test_no_digest_of_a_withheld_operation_goes_to_a_partial_copy(tmp_path, office, run_cli):
+    office_id = sync_status(office)["device_id"]
+    phone = new_db(tmp_path / "phone.db")
+    office.execute(f"INSERT INTO salaries VALUES (3, '{SECRET} 3', 3000)")  # the phone's last office op
+    run_cli("export-bundle", tmp_path / "office.db", tmp_path / "1.bundle", "--table", "todos")
+    run_cli("import-bundle", phone, tmp_path / "1.bundle", "--alter")
+    office.execute("INSERT INTO todos VALUES (4, 'task 4')")
+    since = json.dumps(sync_status(sqlite3.connect(phone)))
+    run_cli("export-bundle", tmp_path / "office.db", tmp_path / "2.bundle", "--table", "todos", "--since", since)
+    assert office_id not in header(tmp_path / "2.bundle")["anchors"]
+    # A full bundle to a full copy keeps its anchor.
+    run_cli("export-bundle", tmp_path / "office.db", tmp_path / "3.bundle", "--since", since)
+    assert office_id in header(tmp_path / "3.bundle")["anchors"]
+
+
+def test_a_bundle_of_some_tables_that_withholds_nothing_is_a_full_bundle(tmp_path, make_db, run_cli):
+    make_db(tmp_path / "a.db", SCHEMA, ("todos",)).execute("INSERT INTO todos VALUES (1, 'only todos here')")
+    laptop = make_db(tmp_path / "laptop.db", SCHEMA, TABLES)
+    run_cli("export-bundle", tmp_path / "a.db", tmp_path / "1.bundle", "--table", "todos")
+    assert header(tmp_path / "1.bundle")["withheld"] == 0
+    assert import_bundle(laptop, tmp_path / "1.bundle").applied == 1
+    assert sync_status(laptop)["scope"] is None
+
+
 # Hostile withheld ranges ----------------------------------------------------------------------
 
 
@@ -265,3 +289,31 @@ def test_a_scope_that_omits_a_table_it_carries_is_refused(tmp_path, scoped_bundl
     craft.rewrite(scoped_bundle, lambda conn: (craft.edit_header(conn, lambda h: h.update(scope=["other"])), craft.reseal(conn)))
     with pytest.raises(BundleError, match="outside its scope"):
         import_bundle(sqlite3.connect(new_db(tmp_path / "p.db")), scoped_bundle, adopt_scope=True)
+
+
+# Through a hub ------------------------------------------------------------------------------------
+
+
+def test_sync_with_table_keeps_a_partial_copy(tmp_path, make_db, datasette_server, hub_config, run, run_json):
+    hub_conn = make_db(tmp_path / "hub.db", SCHEMA, TABLES)
+    hub_conn.execute("INSERT INTO todos VALUES (1, 'shared')")
+    hub_conn.execute(f"INSERT INTO salaries VALUES (1, '{SECRET}', 1)")
+    hub_conn.execute("INSERT INTO todos VALUES (2, 'shared too')")
+    hub = datasette_server([tmp_path / "hub.db"], hub_config)
+    token = hub.token("alice")
+    phone = new_db(tmp_path / "phone.db")
+    url = hub.url + "/hub"
+    first = run_json(["sqlite-utils", "sync", phone, url, "--table", "todos", "--alter", "--token", token, "--json"])
+    assert first["pulled"]["withheld"] == 1
+    status = run_json(["sqlite-utils", "sync-status", phone, "--json"])
+    assert status["scope"] == ["todos"] and status["withheld"] == 1
+    assert not has_table(phone, "salaries")
+    run(["sqlite-utils", "insert", phone, "todos", "-", "--pk", "id"], input=json.dumps([{"id": 3, "title": "phone"}]))
+    # Later syncs keep to the stored scope, and the phone's edits reach the hub.
+    run_json(["sqlite-utils", "sync", phone, url, "--token", token, "--json"])
+    assert table_rows(tmp_path / "hub.db") == table_rows(phone) == [(1, "shared"), (2, "shared too"), (3, "phone")]
+    assert run_json(["sqlite-utils", "sync-status", phone, "--json"])["scope"] == ["todos"]
+    # Asking for a table the phone withholds operations of would widen it: refused, one line.
+    wider = run(["sqlite-utils", "sync", phone, url, "--table", "todos", "--table", "salaries", "--token", token], check=False)
+    assert wider.returncode == 1 and len(wider.stderr.strip().splitlines()) == 1
+    assert "Start a new copy" in wider.stderr
