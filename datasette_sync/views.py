@@ -703,7 +703,7 @@ class ExportEndpoint(Endpoint):
 
         def export(conn):
             # repair=False: a read connection cannot write, and exporting must not.
-            return export_bundle(conn, path, since=since, repair=False, tables=tables)
+            return export_bundle(conn, path, since=since, repair=False, tables=tables, unknown_tables=True)
 
         try:
             result = await db.execute_fn(export)

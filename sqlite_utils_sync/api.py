@@ -78,6 +78,7 @@ def export_bundle(
     repair: bool = True,
     progress: Callable[[int], None] | None = None,
     tables: list[str] | set[str] | None = None,
+    unknown_tables: bool = False,
 ) -> ExportResult:
     """Write the operations a peer lacks to a bundle file.
 
@@ -91,12 +92,15 @@ def export_bundle(
         by another connection meanwhile is wholly in the bundle or not at all
     :param tables: send the values of these tables only (``--table``); the other operations go
         withheld: the receiver learns they exist, never what they hold. None: every table
+    :param unknown_tables: a table of ``tables`` this database holds no operation of is sent
+        as it is (none of its operations), instead of refused as a typo: a hub answers a copy
+        that syncs a table nobody pushed yet
     """
     conn = connection(db)
     if not is_enabled(conn):
         raise SyncError(NOT_ENABLED, "This database has no synced tables: run enable-sync first")
     if tables is not None:
-        tables = known_tables(conn, tables)
+        tables = known_tables(conn, tables, unknown_tables)
     since_clock = clock_from_since(since) if since is not None else {}
     if for_device is not None:
         since_clock = clock_of_device(conn, for_device)
@@ -108,13 +112,14 @@ def export_bundle(
         return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn), tables)
 
 
-def known_tables(conn: sqlite3.Connection, tables: list[str] | set[str]) -> set[str]:
-    """The tables named, as the log names them; a name it does not know is an error."""
+def known_tables(conn: sqlite3.Connection, tables: list[str] | set[str], unknown: bool = False) -> set[str]:
+    """The tables named, as the log names them; a name it does not know is an error (kept as
+    it is with ``unknown``)."""
     known = load_tables(conn)
     names = set()
     for table in tables:
         name = canonical_name(conn, table)
-        if name not in known and table not in known:
+        if name not in known and table not in known and not unknown:
             raise SyncError(
                 MISSING_TABLE, f"Table '{table}' is not synced here and no operations of it are held, so it cannot be exported"
             )

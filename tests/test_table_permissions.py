@@ -314,6 +314,26 @@ ACTOR = st.fixed_dictionaries(
 EDIT = st.tuples(st.integers(0, 2), st.sampled_from(TABLES), st.integers(1, 4), st.sampled_from(["put", "delete"]))
 
 
+def test_a_copy_of_some_tables_syncs_a_table_the_hub_has_not_seen(open_hub, tmp_path, run):
+    """A copy that syncs tasks and a new notes table pulls with table=notes&table=tasks: the
+    hub holds no notes operation yet, so its bundle carries all it has of notes (none)."""
+    token = open_hub.token("carol")
+    phone = tmp_path / "phone.db"
+    conn = sqlite3.connect(phone, isolation_level=None)
+    conn.execute(SCHEMA["tasks"])
+    conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    conn.execute("INSERT INTO notes VALUES (1, 'first note')")
+    conn.close()
+    run(["sqlite-utils", "enable-sync", phone, "tasks", "notes", "--partial"])
+    run(["sqlite-utils", "sync", phone, open_hub.url + "/hub", "--token", token])
+    assert table_rows(phone, "tasks") == table_rows(open_hub.path, "tasks")
+    # The hub keeps and relays notes without having the table: a new copy of notes gets it.
+    tablet = tmp_path / "tablet.db"
+    run(["sqlite-utils", "create-database", tablet])
+    run(["sqlite-utils", "sync", tablet, open_hub.url + "/hub", "--token", token, "--alter", "--table", "notes"])
+    assert table_names(tablet) == {"notes"} and table_rows(tablet, "notes") == [(1, "first note")]
+
+
 def pull_push(hub, path, token: str, recorder: Recorder, alter: bool = False) -> None:
     conn = sqlite3.connect(path, isolation_level=None)
     try:
