@@ -457,7 +457,7 @@ class Importer:
         announced = 0  # withheld operations the bundle's own ranges say exist
         for position, table_position, data in self.reader.chunks():
             idx = self.devices[position]
-            table = NO_TABLE if table_position == -1 else WITHHELD_TABLE if table_position == WITHHELD_CHUNK else self.tables[table_position]
+            table = NO_TABLE if table_position < 0 else self.tables[table_position]
             source = self.stage.load(data, self.reader.width(table_position))
             try:
                 if table_position == WITHHELD_CHUNK:
@@ -470,15 +470,13 @@ class Importer:
                 continue
             first, last, count, stored = appended
             carried += count
-            if table.withheld:
-                result.duplicates += count - stored  # the rest is counted as withheld (keep_withheld)
-                continue
-            inserted[idx] = inserted.get(idx, 0) + stored
-            if table.tid:
-                self.data_inserted += stored
-            result.duplicates += count - stored
-            if stored and not table.applied:
-                self.keep_unapplied(result, table, table_position, idx, first, last, stored)
+            result.duplicates += count - stored  # of a withheld table, the rest is counted in keep_withheld
+            if not table.withheld:
+                inserted[idx] = inserted.get(idx, 0) + stored
+                if table.tid:
+                    self.data_inserted += stored
+                if stored and not table.applied:
+                    self.keep_unapplied(result, table, table_position, idx, first, last, stored)
             if self.progress:
                 self.progress(count, self.reader.header["operations"])
         if carried != self.reader.header["operations"]:

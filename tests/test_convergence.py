@@ -336,6 +336,19 @@ MARKERS = {"todos": [b"milk", b"eggs", b"bread"], "t_uniq": [b"UNIQ-"]}
         max_size=40,
     ),
 )
+# A partial copy relays to a full one that lacks what it withholds: only up to the cut.
+@example(
+    scopes=[("todos",), None],
+    steps=[
+        ("write", 0, "insert", 1, 1, "milk", 0, 0.5, False),
+        ("uniq", 0, "qty", 1, 1, 3),
+        ("write", 0, "insert", 2, 1, "eggs", 0, 0.5, False),
+        ("sync", 0, 1, False),
+        ("write", 1, "update", 1, 1, "bread", 1, 0.5, False),
+        ("sync", 1, 2, False),
+        ("sync", 2, 1, True),
+    ],
+)
 def test_partial_copies_converge_on_their_tables(helpers, scopes, steps):
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
