@@ -253,6 +253,9 @@ class Importer:
                 self.authorize(self.actions_needed())
             if self.data_inserted:
                 result.conflicts = TableUpdate(self).run()
+            if self.data_inserted or result.withheld:
+                # Withheld operations are known too: this copy's next edits come after them, so
+                # peers that compacted them away still take those edits.
                 append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=self.max_hlc)
         result.clock = clock(conn)
         if header["source"] == local_id and not result.applied:

@@ -349,6 +349,16 @@ MARKERS = {"todos": [b"milk", b"eggs", b"bread"], "t_uniq": [b"UNIQ-"]}
         ("sync", 2, 1, True),
     ],
 )
+# A partial copy that only learned of withheld operations still records that it knows them:
+# its next edit reaches a copy that compacted them away.
+@example(
+    scopes=[None, ("todos",), None, None],
+    steps=[
+        ("uniq", 0, "swap", 1, 3, 0),
+        ("compact", 0, True),
+        ("write", 2, "insert", 1, 1, "milk", 0, 0.5, False),
+    ],
+)
 def test_partial_copies_converge_on_their_tables(helpers, scopes, steps):
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
