@@ -80,10 +80,11 @@ def free_port() -> int:
 
 
 def start_hub(workdir: str, hub_path: str) -> tuple[subprocess.Popen, str, str]:
-    """``datasette serve`` with sync-export and sync-import granted to every actor."""
+    """``datasette serve`` with sync-export, sync-import and the row writes granted to every actor."""
     import httpx
 
-    config = {"databases": {"hub": {"permissions": {"sync-export": {"id": "*"}, "sync-import": {"id": "*"}}}}}
+    actions = ("sync-export", "sync-import", "insert-row", "update-row", "delete-row")
+    config = {"databases": {"hub": {"permissions": {action: {"id": "*"} for action in actions}}}}
     config_path = os.path.join(workdir, "datasette.json")
     with open(config_path, "w") as fp:
         json.dump(config, fp)

@@ -20,6 +20,11 @@ of tables the actor may not view), and a change made outside the sync endpoints 
 log. A DENY on the table itself is the most specific rule, and Datasette lets a deny win over
 an allow at the same level, so no grant (root's, or a ``permissions:`` block at any level)
 reopens them. The sync pages are the supported view: they filter by ``view-table``.
+
+Per table, the hub asks Datasette's own table actions: a pull carries the values of the
+tables the actor may ``view-table`` (the others' operations are withheld), and a push may add
+new operations of a table only where the actor holds what they do there (``insert-row``,
+``update-row``, ``delete-row``), on top of ``sync-import``.
 """
 
 import json
@@ -107,6 +112,17 @@ def default_permission_sql(datasette, action):
     return None
 
 
+VIEW_TABLE = "view-table"
+INSERT_ROW = "insert-row"
+UPDATE_ROW = "update-row"
+DELETE_ROW = "delete-row"
+WRITE_ACTIONS = (INSERT_ROW, UPDATE_ROW, DELETE_ROW)
+TABLE_ACTIONS = (VIEW_TABLE, *WRITE_ACTIONS)
+
+# What a refused write action does, for the one-line refusal of a push.
+WRITE_VERBS = {INSERT_ROW: "inserts rows into", UPDATE_ROW: "updates rows of", DELETE_ROW: "deletes rows from"}
+
+
 async def can(datasette, actor, action, database):
     return await datasette.allowed(action=action, resource=DatabaseResource(database), actor=actor)
 
@@ -115,3 +131,43 @@ async def can_alter(datasette, actor, database):
     """``import?alter=1`` may add columns to any table: require alter-table on the whole
     database (a grant at database level or above, not on one table)."""
     return await datasette.allowed(action="alter-table", resource=TableResource(database, None), actor=actor)
+
+
+async def table_access(datasette, actor, database: str, tables) -> dict[str, frozenset[str]]:
+    """For each of ``tables``, which of :data:`TABLE_ACTIONS` the actor holds on it: one
+    query of Datasette's own permission check per table (token restrictions included)."""
+    access = {}
+    for table in dict.fromkeys(tables):
+        allowed = await datasette.allowed_many(
+            actions=TABLE_ACTIONS, resource=TableResource(database, table), actor=actor
+        )
+        access[table] = frozenset(action for action, yes in allowed.items() if yes and action in TABLE_ACTIONS)
+    return access
+
+
+def viewable(access: dict[str, frozenset[str]]) -> list[str]:
+    """The tables of a :func:`table_access` map the actor may view, sorted."""
+    return sorted(table for table, actions in access.items() if VIEW_TABLE in actions)
+
+
+def push_actions(access: dict[str, frozenset[str]]) -> dict[str, list[str]]:
+    """The write actions per viewable table, for the sync pages: a table the actor may not
+    view is not named to them even where a grant lets them write it."""
+    return {
+        table: [action for action in WRITE_ACTIONS if action in actions]
+        for table, actions in sorted(access.items())
+        if VIEW_TABLE in actions and any(action in actions for action in WRITE_ACTIONS)
+    }
+
+
+def refused_write(access: dict[str, frozenset[str]], needed: dict[str, set[str]]) -> tuple[str, str] | None:
+    """The first (table, action) of ``needed`` (what a push's new operations do per table)
+    that ``access`` does not grant, in a stable order; None when everything is granted.
+    A table missing from ``access`` grants nothing."""
+    order = {action: position for position, action in enumerate(WRITE_ACTIONS)}
+    for table in sorted(needed):
+        granted = access.get(table, frozenset())
+        for action in sorted(needed[table], key=lambda a: (order.get(a, len(order)), a)):
+            if action not in granted:
+                return table, action
+    return None

@@ -44,7 +44,21 @@ from sqlite_utils_sync.schema import check_schema
 
 from . import queries
 from .guard import sync_write
-from .permissions import EXPORT, IMPORT, RELAY, RESOLVE, VIEW, can, can_alter
+from .permissions import (
+    EXPORT,
+    IMPORT,
+    RELAY,
+    RESOLVE,
+    VIEW,
+    VIEW_TABLE,
+    WRITE_VERBS,
+    can,
+    can_alter,
+    push_actions,
+    refused_write,
+    table_access,
+    viewable,
+)
 
 log = logging.getLogger("datasette_sync")
 
@@ -281,6 +295,7 @@ async def overview_page(datasette, request):
         return status, queries.peers(conn), latest, queries.activity(conn), horizon(conn)
 
     status, peers, latest, activity, compacted = await db.execute_fn(read)
+    status = {**status, "access": await actor_access(datasette, request.actor, db)}
     context = {
         "status": status,
         "peers": peers,
@@ -289,6 +304,15 @@ async def overview_page(datasette, request):
         "compacted": compacted,
     }
     return await render(datasette, request, db, "sync_overview.html", "overview", context, status)
+
+
+async def actor_access(datasette, actor, db) -> dict[str, Any]:
+    """What the actor syncs with this hub: ``{"pull": [tables whose values a pull carries],
+    "push": {table: [write actions a push may use there]}}``, over the tables in the log."""
+    access = await table_access(datasette, actor, db.name, await db.execute_fn(queries.logged_tables))
+    pull = viewable(access) if await can(datasette, actor, EXPORT, db.name) else []
+    may_push = db.is_mutable and await can(datasette, actor, IMPORT, db.name)
+    return {"pull": pull, "push": push_actions(access) if may_push else {}}
 
 
 def activity_chart(activity: dict | None) -> dict | None:
@@ -673,12 +697,13 @@ class ExportEndpoint(Endpoint):
 
     async def get(self, request, datasette, db):
         since = protocol.decode_clock(request.args.get(protocol.SINCE_PARAM) or None, "since query parameter")
+        tables = await pull_scope(datasette, request.actor, db, request.args.getlist(protocol.TABLE_PARAM))
         directory = pathlib.Path(tempfile.mkdtemp(prefix="datasette-sync-"))
         path = directory / "export.bundle"
 
         def export(conn):
             # repair=False: a read connection cannot write, and exporting must not.
-            return export_bundle(conn, path, since=since, repair=False)
+            return export_bundle(conn, path, since=since, repair=False, tables=tables, unknown_tables=True)
 
         try:
             result = await db.execute_fn(export)
@@ -692,11 +717,34 @@ class ExportEndpoint(Endpoint):
             headers={
                 protocol.CLOCK_HEADER: protocol.encode_clock(result.clock),
                 protocol.OPERATIONS_HEADER: str(result.operations),
+                protocol.SCOPE_HEADER: json.dumps(None if tables is None else sorted(tables)),
             },
             body=request.method != "HEAD",
         )
 
     head = get
+
+
+async def pull_scope(datasette, actor, db, requested: list[str]) -> set[str] | None:
+    """The tables whose values a pull carries (None: every table, today's full bundle).
+
+    Without ``table=`` parameters: every table in the log the actor may view, None when that
+    is all of them. With them: exactly those tables, each of which the actor must be allowed
+    to view (a table not in the log yet is fine: its operations may come later). Operations
+    of every other table are withheld, so their values never leave the hub.
+    """
+    if requested:
+        access = await table_access(datasette, actor, db.name, requested)
+        for table in requested:
+            if VIEW_TABLE not in access[table]:
+                raise SyncForbidden(
+                    f"Permission denied: table {table} cannot be pulled, it needs view-table on it",
+                    errors.TABLE_FORBIDDEN,
+                )
+        return set(requested)
+    logged = await db.execute_fn(queries.logged_tables)
+    visible = viewable(await table_access(datasette, actor, db.name, logged))
+    return None if len(visible) == len(logged) else set(visible)
 
 
 class BundleDownload(Response):
@@ -748,8 +796,9 @@ class ImportEndpoint(Endpoint):
 
     async def post(self, request, datasette, db):
         alter = request.args.get(protocol.ALTER_PARAM) in protocol.TRUE_VALUES
-        if alter and not await can_alter(datasette, request.actor, db.name):
-            raise SyncForbidden("Permission denied: alter=1 also needs the alter-table permission")
+        # Refused once the bundle is read, and only if it has a table it could alter: a new
+        # copy's first sync with --alter pushes nothing but its knowledge tick.
+        alter_denied = alter and not await can_alter(datasette, request.actor, db.name)
         if not db.is_mutable:
             raise SyncForbidden(
                 f"Database {db.name} is read-only (immutable): bundles cannot be imported", errors.READ_ONLY
@@ -759,7 +808,7 @@ class ImportEndpoint(Endpoint):
             raise too_large(limit)
         actor_id = (request.actor or {}).get("id")
         options = {
-            "alter": alter,
+            "alter": alter and not alter_denied,
             "actor": None if actor_id is None else str(actor_id),
             "max_clock_skew": max_clock_skew(datasette, db.name),  # checked at startup (check_config)
             "may_relay": await can(datasette, request.actor, RELAY, db.name),
@@ -767,7 +816,7 @@ class ImportEndpoint(Endpoint):
         with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
             path = os.path.join(directory, "upload.bundle")
             await receive_to_file(request, path, limit)
-            result = await import_pushed(db, path, options)
+            result = await import_pushed(datasette, request.actor, db, path, options, alter_denied)
         body = result.as_dict()
         body["clock"] = result.clock
         return Response.json(body, headers={protocol.CLOCK_HEADER: protocol.encode_clock(result.clock)})
@@ -810,19 +859,31 @@ async def receive_to_file(request, path: str, limit: int) -> int:
     return received
 
 
-def validate_bundle(path: str) -> None:
-    BundleReader(path).close()
+def validate_bundle(path: str) -> list[str]:
+    """Check every hash of the bundle; the names of its tables."""
+    reader = BundleReader(path)
+    try:
+        return [entry[0] for entry in reader.header["tables"]]
+    finally:
+        reader.close()
 
 
-async def import_pushed(db, path: str, options: dict):
+async def import_pushed(datasette, actor, db, path: str, options: dict, alter_denied: bool = False):
     """Check every hash of the pushed bundle off the event loop, so a bad bundle never takes
     a turn on the write thread, then import it there. Raises the engine's SyncError, or an
     EndpointError for an SQLite error (import_sqlite_refusal) or anything else."""
     try:
-        await asyncio.to_thread(validate_bundle, path)
+        tables = await asyncio.to_thread(validate_bundle, path)
+        if alter_denied and tables:
+            raise SyncForbidden("Permission denied: alter=1 also needs the alter-table permission")
+        # Asked here, on the event loop: the importer's hook runs on the write thread.
+        logged = await db.execute_fn(queries.logged_tables)
+        authorize = write_authorizer(await table_access(datasette, actor, db.name, [*logged, *tables]))
         with sync_write():
-            return await db.execute_write_fn(lambda conn: import_bundle(conn, path, **options), transaction=False)
-    except SyncError:
+            return await db.execute_write_fn(
+                lambda conn: import_bundle(conn, path, authorize=authorize, **options), transaction=False
+            )
+    except (SyncError, EndpointError):
         raise
     except sqlite3.Error as ex:
         raise import_sqlite_refusal(ex, db.name)
@@ -833,6 +894,24 @@ async def import_pushed(db, path: str, options: dict):
         raise SyncBadRequest(
             f"Bundle could not be read ({type(ex).__name__}): nothing was imported", errors.INVALID_BUNDLE
         )
+
+
+def write_authorizer(access: dict[str, frozenset[str]]):
+    """The importer's ``authorize`` hook for a push: it is given the write actions the push's
+    new operations need per table, and refuses the whole push (the import rolls back) at the
+    first one the actor does not hold."""
+
+    def authorize(needed: dict[str, set[str]]) -> None:
+        refused = refused_write(access, needed)
+        if refused is not None:
+            table, action = refused
+            verb = WRITE_VERBS.get(action, f"needs {action} on")
+            raise SyncError(
+                errors.TABLE_FORBIDDEN,
+                f"Permission denied: the bundle {verb} table {table}, which needs {action} on it. Nothing was imported",
+            )
+
+    return authorize
 
 
 class ResolveEndpoint(Endpoint):

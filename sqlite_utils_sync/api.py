@@ -17,22 +17,33 @@ from .capture import canonical_name, drifted_tables, drop_triggers, load_tables,
 from .clocks import clock, unsettled_clocks
 from .conflicts import rebuild_conflicts
 from .devices import local_device_id, new_device as give_new_id
-from .errors import CONSTRAINT_FAILED, NOT_ENABLED, UNKNOWN_DEVICE, SyncError
+from .errors import CONSTRAINT_FAILED, INVALID_ARGUMENT, MISSING_TABLE, NOT_ENABLED, UNKNOWN_DEVICE, SyncError
 from .oplog import LOCAL, is_device_id, op_id, parse_clock
 from .schema import check_schema, connection, is_enabled
+from .scope import check_scope_change, load_scope, store_scope, withheld_count
 from .writing import capture_table, writing
 
 
-def enable_sync(db: Any, tables: list[str]) -> dict[str, int]:
+def enable_sync(db: Any, tables: list[str], partial: bool = False) -> dict[str, int]:
     """Start capturing writes to ``tables`` (idempotent; re-running repairs the triggers).
 
+    :param partial: this copy holds only the tables synced here: its scope becomes them (see
+        :mod:`scope`). A copy that is partial already adds ``tables`` to its scope either way
     :returns: for each table, how many existing or missed rows were logged as operations
     """
     conn = connection(db)
     try:
         with writing(conn, create=True, repair=False):
             # One entry per table, however it was spelled.
-            return {name: capture_table(conn, name) for name in dict.fromkeys(canonical_name(conn, t) for t in tables)}
+            names = list(dict.fromkeys(canonical_name(conn, t) for t in tables))
+            scope = load_scope(conn)
+            if partial or scope is not None:
+                wanted = (scope or set()) | set(names)
+                if scope is None:
+                    wanted |= set(load_tables(conn, enabled_only=True))
+                check_scope_change(conn, wanted)
+                store_scope(conn, wanted)
+            return {name: capture_table(conn, name) for name in names}
     except sqlite3.IntegrityError as ex:
         # Taking values peers wrote while this copy was not syncing can meet a UNIQUE value (or
         # a foreign key) a row written here meanwhile holds.
@@ -66,6 +77,8 @@ def export_bundle(
     for_device: str | None = None,
     repair: bool = True,
     progress: Callable[[int], None] | None = None,
+    tables: list[str] | set[str] | None = None,
+    unknown_tables: bool = False,
 ) -> ExportResult:
     """Write the operations a peer lacks to a bundle file.
 
@@ -77,19 +90,63 @@ def export_bundle(
         the database can be written; without it, nothing is written and the operations are
         read in one read transaction (unless the caller has one open), so a write committed
         by another connection meanwhile is wholly in the bundle or not at all
+    :param tables: send the values of these tables only (``--table``); the other operations go
+        withheld: the receiver learns they exist, never what they hold. None: every table
+    :param unknown_tables: a table of ``tables`` this database holds no operation of is sent
+        as it is (none of its operations), instead of refused as a typo: a hub answers a copy
+        that syncs a table nobody pushed yet
     """
     conn = connection(db)
     if not is_enabled(conn):
         raise SyncError(NOT_ENABLED, "This database has no synced tables: run enable-sync first")
+    if tables is not None:
+        tables = known_tables(conn, tables, unknown_tables)
     since_clock = clock_from_since(since) if since is not None else {}
     if for_device is not None:
         since_clock = clock_of_device(conn, for_device)
     if repair:
         with writing(conn) as state:
-            return write_bundle(conn, path, since_clock, progress, state.unsettled)
+            return write_bundle(conn, path, since_clock, progress, state.unsettled, tables)
     with read_snapshot(conn):
         # Clocks a set-back wall clock left lower go out raised, as settling would write them.
-        return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn))
+        return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn), tables)
+
+
+def known_tables(conn: sqlite3.Connection, tables: list[str] | set[str], unknown: bool = False) -> set[str]:
+    """The tables named, as the log names them; a name it does not know is an error (kept as
+    it is with ``unknown``)."""
+    known = load_tables(conn)
+    names = set()
+    for table in tables:
+        name = canonical_name(conn, table)
+        if name not in known and table not in known and not unknown:
+            raise SyncError(
+                MISSING_TABLE, f"Table '{table}' is not synced here and no operations of it are held, so it cannot be exported"
+            )
+        names.add(name if name in known else table)
+    return names
+
+
+def set_scope(db: Any, tables: list[str] | None) -> set[str] | None:
+    """Make this copy hold only ``tables`` (``sqlite-utils sync --table``): narrowing is always
+    safe, widening is refused once it withholds operations (see :mod:`scope`). Returns the
+    scope now stored."""
+    conn = connection(db)
+    with writing(conn, create=True, repair=False):
+        if tables is None:
+            return load_scope(conn)
+        wanted = set(tables)
+        outside = sorted(set(load_tables(conn, enabled_only=True)) - wanted)
+        if outside:
+            # Its edits would go out while nobody else's came in: the copies would drift apart.
+            raise SyncError(
+                INVALID_ARGUMENT,
+                f"This copy syncs {', '.join(outside)} too: add --table for each, or run disable-sync on them first",
+            )
+        if wanted != load_scope(conn):
+            check_scope_change(conn, wanted)
+            store_scope(conn, wanted)
+        return wanted
 
 
 def clock_from_since(since: dict | str) -> dict[str, int]:
@@ -147,9 +204,12 @@ def sync_status(db: Any) -> dict[str, Any]:
             "operations": 0,
             "unresolved_conflicts": 0,
             "warnings": [],
+            "scope": None,
+            "withheld": 0,
         }
     counts = dict(conn.execute("SELECT tid, count(*) FROM _sync_ops GROUP BY tid"))  # one scan
     drift = drifted_tables(conn)
+    scope = load_scope(conn)
     tables = {
         name: {"operations": counts.get(table.tid, 0), "warning": drift.get(name)}
         for name, table in load_tables(conn, enabled_only=True).items()
@@ -168,6 +228,10 @@ def sync_status(db: Any) -> dict[str, Any]:
             f"{reason}: writes since then are not yet logged; run enable-sync (or the next export/import) to repair"
             for reason in drift.values()
         ],
+        # A partial copy: the tables it holds (None: all), and how many operations of the
+        # others it knows exist without holding them.
+        "scope": None if scope is None else sorted(scope),
+        "withheld": withheld_count(conn),
     }
 
 

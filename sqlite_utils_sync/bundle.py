@@ -41,6 +41,7 @@ import msgpack
 
 from .capture import load_tables
 from .clocks import clock, horizon, max_seq, now_iso
+from .scope import load_scope, withheld_count, withheld_ranges
 from .devices import device_ids, local_device_id
 from .errors import (
     CANNOT_WRITE,
@@ -64,8 +65,10 @@ from .oplog import (
     is_count,
     is_device_id,
     mask_slots,
+    load_clock,
     op_device,
     op_id,
+    op_seq,
     parse_clock,
     remap_mask_sql,
     seq_sql,
@@ -74,6 +77,9 @@ from .oplog import (
 )
 
 FORMAT = "datasette-sync-bundle/2"
+# The table position of a chunk of withheld ranges: each row one range of a device's seqs that
+# exist but whose values the bundle does not carry (``seq`` = first, ``hlc`` = last).
+WITHHELD_CHUNK = -2
 CHUNK_OPS = 5000
 CHUNK_BYTES = 8 * 1024 * 1024
 # A reader accepts these tables exactly as the exporter writes them (and has since format 2):
@@ -106,6 +112,7 @@ def write_bundle(
     since: dict[str, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
     clock_fixes: Sequence[tuple[int, int]] = (),
+    tables: Iterable[str] | None = None,
 ) -> ExportResult:
     """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``.
 
@@ -115,6 +122,8 @@ def write_bundle(
     :param progress: called with (operations just written, total) after each chunk
     :param clock_fixes: ``(clock, op)`` for local operations whose clocks are not settled in
         the log yet (:func:`~sqlite_utils_sync.clocks.unsettled_clocks`): they are sent settled
+    :param tables: send values of these tables only (None: every table); the other
+        operations go as withheld ranges (see :mod:`scope`)
     """
     since = since or {}
     # Strict decoding: a TEXT value that is not valid UTF-8 must fail loudly, never be replaced
@@ -122,6 +131,7 @@ def write_bundle(
     with text_as(conn, str):
         devices = device_ids(conn)
         tops = {idx: max_seq(conn, idx) for idx in devices}
+        plan = export_plan(conn, since, devices, tables)
         total = sum(max(0, tops[idx] - since.get(d, 0)) for idx, d in devices.items())
         target = pathlib.Path(path)
         check_target(target)
@@ -129,22 +139,30 @@ def write_bundle(
         try:
             writer = BundleWriter(conn, temp, total, progress)
             try:
-                count = write_operations(conn, since, devices, tops, writer, {op: hlc for hlc, op in clock_fixes})
+                fixes = {op: hlc for hlc, op in clock_fixes}
+                if plan is None:
+                    count = write_operations(conn, since, devices, tops, writer, fixes)
+                else:
+                    count = write_filtered(conn, since, devices, tops, writer, fixes, plan)
                 current = clock(conn)
-                sha = writer.finish(
-                    {
-                        "anchors": anchors_for(conn, since, devices),
-                        "source": local_device_id(conn),
-                        "created": now_iso(),
-                        "clock": current,
-                        "since": since,
-                        "horizon": horizon(conn),
-                        "devices": writer.devices,
-                        "tables": writer.tables,
-                        "dropped": writer.dropped,
-                        "operations": count,
-                    }
-                )
+                header = {
+                    "anchors": anchors_for(conn, since, devices, None if plan is None else plan.wanted_tids),
+                    "source": local_device_id(conn),
+                    "created": now_iso(),
+                    "clock": current,
+                    "since": since,
+                    "horizon": horizon(conn),
+                    "devices": writer.devices,
+                    "tables": writer.tables,
+                    "dropped": writer.dropped,
+                    "operations": count,
+                }
+                if plan is not None:
+                    # A cut device is sent only below its cut: the clock claims no more.
+                    current = header["clock"] = plan.cut_clock(current, devices)
+                    header["scope"] = None if plan.wanted is None else sorted(plan.wanted)
+                    header["withheld"] = writer.withheld
+                sha = writer.finish(header)
             finally:
                 writer.close()  # before the rename: the file must be complete
             os.replace(temp, target)
@@ -182,6 +200,7 @@ class BundleWriter:
         self.devices: list[str] = []
         self.tables: list[list] = []
         self.dropped: dict[str, list[str]] = {}
+        self.withheld = 0  # operations sent as withheld ranges
         self.table_index: dict[int, tuple[int, list[int]]] = {}
         self.total, self.progress = total, progress
         self.digest = hashlib.sha256(FORMAT.encode())
@@ -295,6 +314,197 @@ def write_operations(
             write_run(conn, writer, (device_position, key), (lo, hi, size), [mask, *values], fixes)
             count += size
     return count
+
+
+@dataclass
+class ExportPlan:
+    """What a bundle for a partial copy, or from one, sends (see :mod:`scope`).
+
+    ``wanted``: the table ids whose values go (None: every table); ``cut``: per device index,
+    the first seq not sent at all (this copy withholds it, and the receiver wants it).
+    """
+
+    wanted: set[str] | None
+    wanted_tids: set[int] | None
+    cut: dict[int, int]
+
+    def cut_clock(self, current: dict[str, int], devices: dict[int, str]) -> dict[str, int]:
+        clock_ = dict(current)
+        for idx, seq in self.cut.items():
+            device = devices[idx]
+            if seq - 1 < clock_.get(device, 0):
+                clock_[device] = seq - 1
+            if not clock_.get(device):
+                clock_.pop(device, None)
+        return clock_
+
+
+def export_plan(
+    conn: sqlite3.Connection, since: dict[str, int], devices: dict[int, str], tables: Iterable[str] | None
+) -> ExportPlan | None:
+    """None for today's bundle: every table, from a copy that withholds nothing."""
+    wanted = None if tables is None else set(tables)
+    withholds = withheld_count(conn) > 0
+    if wanted is None and not withholds:
+        return None
+    tids = {t.name: t.tid for t in load_tables(conn).values()}
+    wanted_tids = None if wanted is None else {tids[n] for n in wanted if n in tids}
+    scope = load_scope(conn)
+    # A receiver wanting only tables this copy holds whole gets the withheld ranges passed on;
+    # any other gets each device only up to the first seq this copy withholds.
+    covered = wanted is not None and scope is not None and wanted <= scope
+    cut = {} if covered or not withholds else cut_points(conn, since, devices)
+    return ExportPlan(wanted, wanted_tids, cut)
+
+
+def cut_points(conn: sqlite3.Connection, since: dict[str, int], devices: dict[int, str]) -> dict[int, int]:
+    """Per device, the first seq after ``since`` this copy withholds; then lowered to each tick
+    whose knowledge reaches a cut (the receiver could not check what it depends on)."""
+    cut = {}
+    for idx, device in devices.items():
+        first = next(withheld_ranges(conn, idx, since.get(device, 0)), None)
+        if first:
+            cut[idx] = first[0]
+    changed = bool(cut)
+    while changed:
+        changed = False
+        for idx, device in devices.items():
+            start, limit = since.get(device, 0), cut.get(idx, SEQ_MASK + 1)
+            for from_seq, text in conn.execute(
+                "SELECT from_seq, clock FROM _sync_knowledge WHERE device = ? AND from_seq > ? AND from_seq <= ? "
+                "ORDER BY from_seq",
+                [idx, start + 1, limit],
+            ).fetchall():
+                known = load_clock(text)
+                if any(known.get(devices[other], 0) >= seq for other, seq in cut.items()):
+                    cut[idx] = from_seq - 1  # the tick's own seq
+                    changed = True
+                    break
+    return cut
+
+
+class WithheldSink:
+    """Withheld ranges of one device on their way into chunks: adjacent ones merged."""
+
+    def __init__(self, writer: BundleWriter, device_position: int):
+        self.writer, self.position = writer, device_position
+        self.ranges: list[tuple[int, int, int, None, None]] = []
+
+    def add(self, lo: int, hi: int) -> None:
+        last = self.ranges[-1] if self.ranges else None
+        if last and last[1] + 1 == lo:
+            self.ranges[-1] = (last[0], hi, 0, None, None)
+        else:
+            if len(self.ranges) >= CHUNK_OPS:
+                self.flush()
+            self.ranges.append((lo, hi, 0, None, None))
+        self.writer.withheld += hi - lo + 1
+
+    def flush(self) -> None:
+        if self.ranges:
+            self.writer.write_chunk(self.position, WITHHELD_CHUNK, self.ranges, 0)
+            self.ranges = []
+
+
+def write_filtered(
+    conn: sqlite3.Connection,
+    since: dict[str, int],
+    devices: dict[int, str],
+    tops: dict[int, int],
+    writer: BundleWriter,
+    clock_fixes: dict[int, int],
+    plan: ExportPlan,
+) -> int:
+    """:func:`write_operations` for a partial copy: values of the wanted tables and ticks,
+    withheld ranges for the rest, each device only below its cut."""
+    count = 0
+    for idx in sorted(devices):
+        start, end = since.get(devices[idx], 0), min(tops[idx], plan.cut.get(idx, SEQ_MASK + 1) - 1)
+        if end <= start:
+            continue
+        device_position = len(writer.devices)
+        writer.devices.append(devices[idx])
+        sink = WithheldSink(writer, device_position)
+        own = list(withheld_ranges(conn, idx, start, end)) if not plan.cut else []
+        for piece in filtered_runs(conn, op_id(idx, start + 1), op_id(idx, end), plan.wanted_tids, own):
+            if piece[0] is None:
+                sink.add(piece[1], piece[2])
+                continue
+            tid, lo, hi, size = piece
+            if tid == 0:
+                key, mask, values = -1, "NULL", ["rowkey"]
+            else:
+                key, slots = writer.table_entry(tid)
+                mask = remap_mask_sql([(s, i) for i, s in enumerate(slots)])
+                values = ["CASE WHEN newkey IS NOT NULL THEN rowkey END"] + [slot_column(s) for s in slots]
+            fixes = clock_fixes if idx == LOCAL else {}
+            write_run(conn, writer, (device_position, key), (lo, hi, size), [mask, *values], fixes)
+            count += size
+        sink.flush()
+    return count
+
+
+def filtered_runs(
+    conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | None, own: list[tuple[int, int]]
+) -> Iterator[tuple]:
+    """:func:`runs` of the wanted tables and ticks, and ``(None, first seq, last seq)`` for each
+    stretch of other held seqs (operations of other tables, and ``own`` withheld ranges),
+    in seq order. Only the wanted operations' values are read."""
+    slots = [row[1] for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1].startswith("c")]
+    size = " + ".join(f"ifnull(length(CAST({c} AS BLOB)), 0)" for c in slots) or "0"
+    keep = "1" if wanted is None else f"tid = 0 OR tid IN ({', '.join(map(str, sorted(wanted))) or 'NULL'})"
+    run: list[int] | None = None
+    gap: list[int] | None = None
+    pending = iter(own)
+    next_own = next(pending, None)
+    cursor = conn.execute(
+        f"SELECT op, tid, CASE WHEN {keep} THEN {size} END FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op", [lo, hi]
+    )
+    for op, tid, nbytes in cursor:
+        seq = op_seq(op)
+        while next_own is not None and next_own[0] < seq:
+            if run:
+                yield tuple(run[:4])
+                run = None
+            if gap and gap[1] + 1 == next_own[0]:
+                gap[1] = next_own[1]
+            else:
+                if gap:
+                    yield (None, *gap)
+                gap = list(next_own)
+            next_own = next(pending, None)
+        if nbytes is None:  # not wanted: withheld
+            if run:
+                yield tuple(run[:4])
+                run = None
+            if gap and gap[1] + 1 == seq:
+                gap[1] = seq
+            else:
+                if gap:
+                    yield (None, *gap)
+                gap = [seq, seq]
+            continue
+        if gap:
+            yield (None, *gap)
+            gap = None
+        if run and run[0] == tid and run[3] < CHUNK_OPS and run[4] + nbytes <= CHUNK_BYTES:
+            run[2], run[3], run[4] = op, run[3] + 1, run[4] + nbytes
+            continue
+        if run:
+            yield tuple(run[:4])
+        run = [tid, op, op, 1, nbytes]
+    if run:
+        yield tuple(run[:4])
+    while next_own is not None:
+        if gap and gap[1] + 1 == next_own[0]:
+            gap[1] = next_own[1]
+        else:
+            if gap:
+                yield (None, *gap)
+            gap = list(next_own)
+        next_own = next(pending, None)
+    if gap:
+        yield (None, *gap)
 
 
 def write_run(
@@ -417,12 +627,22 @@ def image_connection() -> Iterator[tuple[sqlite3.Connection, Callable[[], bytes]
         os.remove(path)
 
 
-def anchors_for(conn: sqlite3.Connection, since: dict[str, int], devices: dict[int, str]) -> dict[str, list]:
+def anchors_for(
+    conn: sqlite3.Connection, since: dict[str, int], devices: dict[int, str], wanted: set[int] | None = None
+) -> dict[str, list]:
     """The last op the receiver already has from each device, as we have it: if the receiver's
-    copy differs, two databases are writing under one device id (a copied file)."""
+    copy differs, two databases are writing under one device id (a copied file).
+
+    :param wanted: the tables a partial receiver may see: an op of another table gets no
+        anchor, since even a digest of it says something about its values
+    """
     anchors = {}
     for idx, device in devices.items():
         seq = since.get(device, 0)
+        if seq and wanted is not None:
+            row = conn.execute("SELECT tid FROM _sync_ops WHERE op = ?", [op_id(idx, seq)]).fetchone()
+            if row and row[0] and row[0] not in wanted:
+                continue
         fingerprint = seq and op_fingerprint(conn, op_id(idx, seq))
         if fingerprint:
             anchors[device] = [seq, fingerprint]
@@ -575,7 +795,7 @@ class BundleReader:
         digest = hashlib.sha256(FORMAT.encode())
         try:
             for device, table, data in self._read_chunks(digest):
-                if not (0 <= device < len(self.header["devices"]) and -1 <= table < len(self.header["tables"])):
+                if not (0 <= device < len(self.header["devices"]) and WITHHELD_CHUNK <= table < len(self.header["tables"])):
                     raise BundleError(INVALID_OPERATION, f"Bundle {name} has a malformed chunk")
                 yield device, table, data
         except (sqlite3.Error, UnicodeDecodeError) as ex:
@@ -650,6 +870,15 @@ def header_problem(header: Any) -> str | None:
     for key in ("clock", "since", "horizon"):
         if not isinstance(header.get(key, {}), dict):
             return f"{key} is not a map"
+    scope = header.get("scope")
+    if scope is not None and not (
+        isinstance(scope, list) and all(is_name(n) for n in scope) and len(set(scope)) == len(scope)
+    ):
+        return "scope is invalid"
+    if scope is not None and not {t[0] for t in tables} <= set(scope):
+        return "it carries operations of a table outside its scope"
+    if not is_count(header.get("withheld", 0), 1 << 62):
+        return "withheld count is invalid"
     return None
 
 

@@ -98,7 +98,12 @@ def echo_json(value: Any) -> None:
 @click.command(name="enable-sync")
 @click.argument("path", type=DB_PATH)
 @click.argument("tables", nargs=-1, required=True)
-def enable_sync_command(path, tables):
+@click.option(
+    "--partial",
+    is_flag=True,
+    help="This copy holds only the tables synced here: operations of others it receives are kept as withheld",
+)
+def enable_sync_command(path, tables, partial):
     """Capture every write to TABLES so they can be synced
 
     Idempotent: running it again repairs stale triggers and logs changes they missed.
@@ -106,10 +111,11 @@ def enable_sync_command(path, tables):
     Example:
 
         sqlite-utils enable-sync data.db todos notes
+        sqlite-utils enable-sync phone.db todos --partial
     """
     with user_errors():
         db = open_db(path)
-        logged = enable_sync(db, list(tables))
+        logged = enable_sync(db, list(tables), partial=partial)
     for table, count in logged.items():
         if count:
             click.echo(f"{table}: logged {count} existing or missed row change(s)", err=True)
@@ -144,9 +150,15 @@ def disable_sync_command(path, tables):
     "--since", help='Vector clock of the receiver: {"<device id>": <seq>, ...}, or its sync-status --json output'
 )
 @click.option("--for", "for_device", help="Device id: send what it has not acknowledged (everything, the first time)")
+@click.option(
+    "--table",
+    "tables",
+    multiple=True,
+    help="Send the values of this table only (repeatable); other operations go withheld: counted, never their values",
+)
 @json_option
 @silent_option
-def export_bundle_command(path, bundle, since, for_device, as_json, silent):
+def export_bundle_command(path, bundle, since, for_device, tables, as_json, silent):
     """Write the operations a peer lacks to BUNDLE (a SQLite file)
 
     Without --since or --for, every operation is included.
@@ -154,11 +166,14 @@ def export_bundle_command(path, bundle, since, for_device, as_json, silent):
     Example:
 
         sqlite-utils export-bundle laptop.db to-phone.bundle --for 5f0c...
+        sqlite-utils export-bundle laptop.db todos-only.bundle --table todos
     """
     if since and for_device:
         raise click.ClickException("Use --since or --for, not both")
     with user_errors(), progress_bar(silent, "Exporting") as progress:
-        result = export_bundle(open_db(path), bundle, since=since, for_device=for_device, progress=progress)
+        result = export_bundle(
+            open_db(path), bundle, since=since, for_device=for_device, progress=progress, tables=list(tables) or None
+        )
     if as_json:
         echo_json(result.as_dict())
     else:
@@ -181,7 +196,7 @@ def import_bundle_command(path, bundle, alter, max_clock_skew, as_json, silent):
     """
     with user_errors(), progress_bar(silent, "Importing") as progress:
         result = import_bundle(
-            open_db(path), bundle, alter=alter, progress=progress, max_clock_skew=max_clock_skew
+            open_db(path), bundle, alter=alter, progress=progress, max_clock_skew=max_clock_skew, adopt_scope=True
         )
     if as_json:
         echo_json(result.as_dict())
@@ -194,7 +209,8 @@ def import_bundle_command(path, bundle, alter, max_clock_skew, as_json, silent):
         return
     click.echo(
         f"Applied {result.applied} operation(s), {result.duplicates} duplicate(s), "
-        f"{result.conflicts} unresolved conflict(s)",
+        f"{result.conflicts} unresolved conflict(s)"
+        + (f", {result.withheld} withheld (of tables this copy does not hold)" if result.withheld else ""),
         err=True,
     )
     for table, count in result.not_applied.items():
@@ -228,6 +244,8 @@ def sync_status_command(path, as_json):
     click.echo(f"Device: {status['device_id']}")
     click.echo(f"Operations: {status['operations']}")
     click.echo(f"Unresolved conflicts: {status['unresolved_conflicts']}")
+    if status["scope"] is not None:
+        click.echo(f"Partial copy of: {', '.join(status['scope'])} ({status['withheld']} operation(s) of others withheld)")
     click.echo("Tables:")
     for name, info in status["tables"].items():
         click.echo(f"  {name}: {info['operations']} operation(s)")
@@ -332,6 +350,12 @@ def sync_compact_command(path, as_json):
 @click.argument("url")
 @click.option("--token", envvar=TOKEN_ENV, help=f"API token for the hub (default: ${TOKEN_ENV})")
 @click.option("--alter", is_flag=True, help="Add tables and columns one side has and the other lacks")
+@click.option(
+    "--table",
+    "tables",
+    multiple=True,
+    help="Pull only this table (repeatable): this copy then holds only these tables; later syncs keep to them",
+)
 @max_clock_skew_option
 @click.option(
     "--retries",
@@ -341,7 +365,7 @@ def sync_compact_command(path, as_json):
     help="Send a request again this many times while the hub answers 503 busy",
 )
 @json_option
-def sync_command(path, url, token, alter, max_clock_skew, retries, as_json):
+def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_json):
     """Sync the database with a Datasette hub: pull what it lacks here, push what the hub lacks
 
     URL is the hub database's URL. Safe to re-run at any time, also after a network failure.
@@ -350,6 +374,7 @@ def sync_command(path, url, token, alter, max_clock_skew, retries, as_json):
 
     \b
         sqlite-utils sync laptop.db http://127.0.0.1:8001/data --token dstok_...
+        sqlite-utils sync phone.db http://127.0.0.1:8001/data --table todos
         DATASETTE_SYNC_TOKEN=dstok_... sqlite-utils sync laptop.db https://hub.example.com/data
     """
     db = open_db(path)
@@ -362,6 +387,7 @@ def sync_command(path, url, token, alter, max_clock_skew, retries, as_json):
             max_clock_skew=max_clock_skew,
             retries=retries,
             on_retry=say_retry,
+            tables=list(tables) or None,
         )
         unresolved = sync_status(db)["unresolved_conflicts"]
     if as_json:

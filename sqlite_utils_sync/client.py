@@ -41,7 +41,9 @@ from . import errors, protocol
 from .importer import ImportResult, import_bundle
 from .bundle import BundleReader
 from .errors import BundleError, SyncError
-from .api import export_bundle, sync_status
+from .api import export_bundle, set_scope, sync_status
+from .schema import connection
+from .scope import load_scope
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, parse_duration
 
 TOKEN_ENV = "DATASETTE_SYNC_TOKEN"
@@ -252,6 +254,7 @@ def sync_with_hub(
     max_clock_skew: float | str = DEFAULT_MAX_CLOCK_SKEW,
     retries: int = RETRIES,
     on_retry: Callable[[str, int, int, float], None] | None = None,
+    tables: list[str] | None = None,
 ) -> dict[str, Any]:
     """Pull what the hub has and this database lacks, then push what the hub lacks.
 
@@ -267,6 +270,8 @@ def sync_with_hub(
     :param retries: how many times each request is sent again after a ``503`` busy answer,
         waiting the hub's ``Retry-After`` (or 0.5 s, 1 s, 2 s, ...) in between; 0 never retries
     :param on_retry: called as ``on_retry(what, retry, retries, delay)`` before each wait
+    :param tables: pull only these tables; this copy then holds only them (its scope, kept for
+        later syncs; see :mod:`~sqlite_utils_sync.scope`). None: the scope stored, if any
     :returns: ``{"hub": {"url", "device_id", "clock"}, "pulled": {...}, "pushed": {...},
         "pulled_after_push": {...} or None}``; each result is an import result dict
         (``bundle_id``, ``source_device_id``, ``total_operations``, ``applied``, ``conflicts``,
@@ -283,6 +288,8 @@ def sync_with_hub(
             errors.NOT_ENABLED,
             "This database has no synced tables: run enable-sync first (or sync with --alter to copy the hub's tables)",
         )
+    # Stored before the pull: a copy asking for fewer tables holds fewer from now on.
+    scope = set_scope(db, tables) if tables is not None else load_scope(connection(db))
     headers = {"Accept": protocol.JSON_MEDIA_TYPE}
     if token:
         headers["Authorization"] = f"Bearer {token}"
@@ -295,7 +302,7 @@ def sync_with_hub(
             verify=_tls_context(),
             follow_redirects=False,
         ) as client:
-            run = _Run(db, client, url, bool(token), workdir, alter, max_clock_skew, progress, retries, on_retry)
+            run = _Run(db, client, url, bool(token), workdir, alter, max_clock_skew, progress, retries, on_retry, scope)
             pulled, hub_clock, hub_device = run.pull("from-hub.bundle")
             status = sync_status(db)
             if not status["enabled"]:
@@ -335,6 +342,7 @@ class _Run:
     progress: Callable[[str, int, int], None] | None
     retries: int
     on_retry: Callable[[str, int, int, float], None] | None
+    scope: set[str] | None = None  # the tables this copy holds (None: all)
 
     def request(self, method: str, path: str, what: str, **kwargs) -> Any:
         return _request(
@@ -360,9 +368,10 @@ class _Run:
         the hub's clock, the hub's device id)."""
         path = os.path.join(self.workdir, name)
         since = protocol.encode_clock(sync_status(self.db)["clock"])
-        response = self.request(
-            "GET", protocol.EXPORT_PATH, "export (pull)", save_to=path, params={protocol.SINCE_PARAM: since}
-        )
+        params: dict[str, Any] = {protocol.SINCE_PARAM: since}
+        if self.scope is not None:
+            params[protocol.TABLE_PARAM] = sorted(self.scope)
+        response = self.request("GET", protocol.EXPORT_PATH, "export (pull)", save_to=path, params=params)
         try:
             reader = BundleReader(path)
         except BundleError as ex:
@@ -378,7 +387,12 @@ class _Run:
             # Nothing to apply: don't record an empty import on every run.
             return empty_result(hub_device, bundle_id), hub_clock, hub_device
         result = import_bundle(
-            self.db, path, alter=self.alter, progress=self.stage("pull"), max_clock_skew=self.max_clock_skew
+            self.db,
+            path,
+            alter=self.alter,
+            progress=self.stage("pull"),
+            max_clock_skew=self.max_clock_skew,
+            adopt_scope=True,
         )
         return result.as_dict(), hub_clock, hub_device
 

@@ -28,6 +28,7 @@ from .oplog import (
     slot_column,
 )
 from .schema import has_table, log_rewrite
+from .scope import max_withheld
 
 HLC_NOW_SQL = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) * 1024"
 # Bundles may not carry clocks above this, so counting up from any clock seen stays an integer.
@@ -74,9 +75,10 @@ def now_iso() -> str:
 
 
 def max_seq(conn: sqlite3.Connection, idx: int) -> int:
-    """The highest seq held from the device with index ``idx`` (0: none)."""
+    """The highest seq held from the device with index ``idx`` (0: none), withheld seqs
+    included: a partial copy knows they exist (see :mod:`scope`)."""
     row = conn.execute("SELECT max(op) FROM _sync_ops WHERE op BETWEEN ? AND ?", device_range(idx, 0)).fetchone()
-    return 0 if row[0] is None else op_seq(row[0])
+    return max(0 if row[0] is None else op_seq(row[0]), max_withheld(conn, idx))
 
 
 def clock(conn: sqlite3.Connection) -> dict[str, int]:

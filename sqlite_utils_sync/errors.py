@@ -122,6 +122,8 @@ DEVICE_OWNED = "device_owned"
 """The bundle carries operations of a device that another actor owns on this hub."""
 CLOCK_AHEAD = "clock_ahead"
 """An operation's clock is further ahead of this machine's clock than ``max_clock_skew``."""
+PARTIAL_BUNDLE = "partial_bundle"
+"""A bundle exported for only some tables reached a copy that holds a table it withholds."""
 
 # The hub, as its endpoints answer and its client reports.
 
@@ -133,6 +135,9 @@ UNAUTHORIZED = "unauthorized"
 """The token authenticates no actor."""
 FORBIDDEN = "forbidden"
 """The actor lacks the permission the request needs."""
+TABLE_FORBIDDEN = "table_forbidden"
+"""The actor lacks a table's permission: ``view-table`` for a pull that asks for it, or the
+write action (``insert-row``, ``update-row``, ``delete-row``) a push's new operations need."""
 NOT_FOUND = "not_found"
 """No such database (or hub endpoint)."""
 METHOD_NOT_ALLOWED = "method_not_allowed"

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 from . import errors
-from .bundle import BundleReader, ChunkStage, op_fingerprint
+from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, op_fingerprint
 from .capture import (
     SyncedTable,
     canonical_name,
@@ -37,8 +37,9 @@ from .conflicts import rebuild_conflicts
 from .errors import BundleError, SyncError
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, HLC_NOW_SQL, HLC_PER_SECOND, MAX_HLC, append_tick, clock, horizon, knowledge_at, max_seq, now_iso, parse_duration, raise_horizon, record_knowledge
 from .devices import device_ids, device_index, local_device_id
-from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
+from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
 from .schema import connection, quote_identifier
+from .scope import add_withheld, load_scope, store_scope, withheld_between, withheld_count, withheld_ranges
 from .merge import Effect, KnowledgeCache, cursor_effects, effects_of, latest_key, record_clashes
 from .rows import apply_row, fetch_row, settle, write_row
 from .transaction import attempt
@@ -64,6 +65,7 @@ class ImportResult:
     skipped: bool = False
     not_applied: dict[str, int] = field(default_factory=dict)
     clock: dict[str, int] = field(default_factory=dict)
+    withheld: int = 0  # new operations known to exist whose values this copy does not hold
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +77,7 @@ class ImportResult:
             "duplicates": self.duplicates,
             "skipped": self.skipped,
             "not_applied": self.not_applied,
+            "withheld": self.withheld,
         }
 
 
@@ -86,6 +89,8 @@ def import_bundle(
     progress: Callable[[int, int], None] | None = None,
     max_clock_skew: float | str = DEFAULT_MAX_CLOCK_SKEW,
     may_relay: bool = True,
+    adopt_scope: bool = False,
+    authorize: Callable[[dict[str, set[str]]], None] | None = None,
 ) -> ImportResult:
     """Apply the bundle at ``path`` in one transaction.
 
@@ -97,6 +102,13 @@ def import_bundle(
     :param may_relay: False for a hub that limits who pushes each device's new operations
         (see :meth:`Importer.check_owners`): ``actor`` may then only add operations of devices
         it owns, and comes to own the devices nobody owns yet
+    :param adopt_scope: a database holding no operations yet takes the scope of a bundle
+        exported for only some tables (``--table``) as its own; otherwise such a bundle is
+        refused by a copy holding a table it lacks (see :mod:`scope`)
+    :param authorize: called once the new operations are appended and checked, before the
+        tables are written, with the actions they need per table: ``{table: {"insert-row",
+        "update-row", "delete-row"}}`` (a resolution needs ``update-row``); operations held
+        here already need none. It raises to refuse the bundle: nothing is then written
     :raises BundleError: the bundle is invalid or cannot be applied; nothing was changed
     """
     conn = connection(db)
@@ -110,7 +122,9 @@ def import_bundle(
                 # migrates the log, settles local clocks and repairs capture before anything else.
                 with writing(conn, create=True):
                     conn.execute("PRAGMA defer_foreign_keys = ON")
-                    return Importer(conn, reader, stage, alter, actor, progress, skew, may_relay).run()
+                    importer = Importer(conn, reader, stage, alter, actor, progress, skew, may_relay)
+                    importer.adopt_scope, importer.authorize = adopt_scope, authorize
+                    return importer.run()
             except NothingNew as own:
                 return own.result
             except BundleError as ex:
@@ -146,6 +160,12 @@ class MappedTable(NamedTuple):
     slots: list[int]  # the local slot of each of the bundle's columns
     applied: bool  # synced here (else its operations are only kept and relayed)
     pk_positions: list[int]  # where the primary-key columns are among the bundle's columns
+    withheld: bool = False  # outside this partial copy's scope: only its seqs are kept
+
+
+WITHHELD_TABLE = MappedTable(-1, [], False, [], True)
+# What each kind of operation needs on a table (see the ``authorize`` hook of import_bundle).
+ACTIONS = {INSERT: "insert-row", UPDATE: "update-row", DELETE: "delete-row"}
 
 
 NO_TABLE = MappedTable(0, [], True, [])  # the table of knowledge (tick) operations
@@ -177,6 +197,11 @@ class Importer:
         self.progress = progress
         self.max_clock_skew = max_clock_skew
         self.may_relay = may_relay
+        self.adopt_scope = False
+        self.authorize: Callable[[dict[str, set[str]]], None] | None = None
+        # decide_scope: the tables this copy holds (None: all), the bundle's (None: all).
+        self.scope: set[str] | None = None
+        self.bundle_scope: set[str] | None = None
         # map_tables: the bundle's tables, by their position in its header.
         self.tables: list[MappedTable] = []
         self.applied_tids: dict[int, SyncedTable] = {}  # the tables its operations are applied to
@@ -198,6 +223,7 @@ class Importer:
         self.max_hlc = 0
         self.has_resolutions = False
         self.ticks: list[tuple[int, int, str]] = []  # (device index, seq, knowledge clock)
+        self.withheld: dict[int, int] = {}  # per device index: how many new seqs are withheld
         # check_sequences: the new operations, as (device index, first op id, last op id).
         self.ranges: list[tuple[int, int, int]] = []
 
@@ -209,19 +235,27 @@ class Importer:
         result = ImportResult(self.reader.bundle_id, header["source"], header["operations"])
         if conn.execute("SELECT 1 FROM _sync_imports WHERE bundle_id = ?", [result.bundle_id]).fetchone():
             return self.repeat(result)
+        self.decide_scope()
         self.map_tables()
         self.take_snapshot()
         self.check_anchors()
         local_id = local_device_id(conn)
         with muted(conn):
             inserted = self.append_ops(result, local_id)
-            self.check_sequences(inserted)
-            self.check_owners(inserted)
+            held = {idx: inserted.get(idx, 0) + self.withheld.get(idx, 0) for idx in {*inserted, *self.withheld}}
+            self.check_sequences(held)
+            self.check_owners(held)
             self.record_knowledge()
             self.check_horizon()
             result.applied = sum(inserted.values())
+            result.withheld = sum(self.withheld.values())
+            if self.authorize is not None and self.data_inserted:
+                self.authorize(self.actions_needed())
             if self.data_inserted:
                 result.conflicts = TableUpdate(self).run()
+            if self.data_inserted or result.withheld:
+                # Withheld operations are known too: this copy's next edits come after them, so
+                # peers that compacted them away still take those edits.
                 append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=self.max_hlc)
         result.clock = clock(conn)
         if header["source"] == local_id and not result.applied:
@@ -243,6 +277,33 @@ class Importer:
             raise NothingNew(result)  # not even the clock settling or a trigger rebuild stays
         return result
 
+    def decide_scope(self) -> None:
+        """Which tables this copy holds, and whether it may take a bundle that withholds some
+        (see :mod:`scope`): only if it holds no table the bundle lacks, or holds no operations
+        yet and may adopt the bundle's scope."""
+        conn = self.conn
+        self.scope = load_scope(conn)
+        scope = self.reader.header.get("scope")
+        self.bundle_scope = None if scope is None else set(scope)
+        if self.bundle_scope is None or (self.scope is not None and self.scope <= self.bundle_scope):
+            return
+        fresh = not conn.execute("SELECT 1 FROM _sync_ops WHERE kind != ? LIMIT 1", [TICK]).fetchone()
+        if fresh and self.adopt_scope and not withheld_count(conn):
+            store_scope(conn, self.bundle_scope)
+            self.scope = self.bundle_scope
+            return
+        if not self.reader.header.get("withheld"):
+            # It withholds nothing: every operation up to its clock is in it, as in a full bundle.
+            self.bundle_scope = None
+            return
+        holds = "all tables" if self.scope is None else f"tables {', '.join(sorted(self.scope))}"
+        raise self.fail(
+            errors.PARTIAL_BUNDLE,
+            f"it holds only tables {', '.join(sorted(self.bundle_scope)) or '(none)'} (the others' operations are "
+            f"withheld); this database holds {holds}, so it would miss operations: import a bundle exported "
+            "without --table" + ("" if self.scope is None else " or with --table for each of its tables"),
+        )
+
     def take_snapshot(self) -> None:
         conn = self.conn
         self.devices = [device_index(conn, d) for d in self.reader.header["devices"]]
@@ -252,6 +313,18 @@ class Importer:
         (self.now,) = conn.execute(f"SELECT {HLC_NOW_SQL}").fetchone()
         # Every later local clock is at least one above an accepted one: keep that valid too.
         self.clock_limit = min(MAX_HLC - 1, self.now + int(self.max_clock_skew * HLC_PER_SECOND))
+
+    def actions_needed(self) -> dict[str, set[str]]:
+        """What the new data operations do, per table: for the ``authorize`` hook."""
+        needed: dict[str, set[str]] = {}
+        for tid, kind in self.conn.execute(
+            "SELECT DISTINCT o.tid, o.kind FROM temp._sync_new r JOIN _sync_ops o NOT INDEXED "
+            "ON o.op BETWEEN r.lo AND r.hi WHERE o.kind != ?",
+            [TICK],
+        ).fetchall():
+            action = "update-row" if kind & RESOLUTION else ACTIONS[kind & KIND_MASK]
+            needed.setdefault(self.table_names[tid], set()).add(action)
+        return needed
 
     def record_import(self, result: ImportResult) -> None:
         self.conn.execute(
@@ -279,6 +352,10 @@ class Importer:
         conn = self.conn
         if name.lower().startswith(("_sync_", "sqlite_")):  # SQL names ignore case
             raise self.fail(errors.INTERNAL_TABLE, f"operations on internal table '{name}' are never accepted")
+        if self.scope is not None and name not in self.scope:
+            # Outside this partial copy: only the seqs of its operations are kept, never a value.
+            self.tables.append(WITHHELD_TABLE)
+            return
         local = load_tables(conn).get(name)
         exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()
         # Columns the sender dropped: it relays their values, nobody needs to have them.
@@ -378,11 +455,17 @@ class Importer:
         checking them with a couple of set-based queries: no value passes through Python."""
         inserted: dict[int, int] = {}
         carried = 0
+        self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS _sync_new_withheld (device INTEGER, lo INTEGER, hi INTEGER)")
+        self.conn.execute("DELETE FROM temp._sync_new_withheld")
+        announced = 0  # withheld operations the bundle's own ranges say exist
         for position, table_position, data in self.reader.chunks():
             idx = self.devices[position]
-            table = NO_TABLE if table_position == -1 else self.tables[table_position]
+            table = NO_TABLE if table_position < 0 else self.tables[table_position]
             source = self.stage.load(data, self.reader.width(table_position))
             try:
+                if table_position == WITHHELD_CHUNK:
+                    announced += self.stage_withheld(source, idx, position)
+                    continue
                 appended = self.append_chunk(source, idx, table, local_id, position)
             except sqlite3.DatabaseError as ex:
                 raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({ex})")
@@ -390,12 +473,13 @@ class Importer:
                 continue
             first, last, count, stored = appended
             carried += count
-            inserted[idx] = inserted.get(idx, 0) + stored
-            if table.tid:
-                self.data_inserted += stored
-            result.duplicates += count - stored
-            if stored and not table.applied:
-                self.keep_unapplied(result, table, table_position, idx, first, last, stored)
+            result.duplicates += count - stored  # of a withheld table, the rest is counted in keep_withheld
+            if not table.withheld:
+                inserted[idx] = inserted.get(idx, 0) + stored
+                if table.tid:
+                    self.data_inserted += stored
+                if stored and not table.applied:
+                    self.keep_unapplied(result, table, table_position, idx, first, last, stored)
             if self.progress:
                 self.progress(count, self.reader.header["operations"])
         if carried != self.reader.header["operations"]:
@@ -403,7 +487,83 @@ class Importer:
                 errors.INVALID_METADATA,
                 f"its header counts {self.reader.header['operations']} operations but it carries {carried}",
             )
+        if announced != self.reader.header.get("withheld", 0):
+            raise self.fail(
+                errors.INVALID_METADATA,
+                f"its header counts {self.reader.header.get('withheld', 0)} withheld operations but it carries {announced}",
+            )
+        self.keep_withheld()
         return inserted
+
+    def stage_withheld(self, source: str, idx: int, position: int) -> int:
+        """Check a chunk of the bundle's withheld ranges (``seq`` = first, ``hlc`` = last) and
+        stage the part this database lacks; returns how many operations they span."""
+        header, device = self.reader.header, self.reader.header["devices"][position]
+        if self.bundle_scope is None:
+            raise self.fail(errors.INVALID_BUNDLE, "it withholds operations but says it holds every table")
+        count, lo, hi, span, bad = self.conn.execute(
+            f"SELECT count(*), min(seq), max(hlc), sum(hlc - seq + 1), max(kind != 0 OR mask IS NOT NULL OR "
+            f"moved IS NOT NULL OR seq < 1 OR hlc < seq OR hlc > {SEQ_MASK}) FROM {source}"
+        ).fetchone()
+        if not count:
+            return 0
+        (overlap,) = self.conn.execute(
+            f"SELECT EXISTS (SELECT 1 FROM (SELECT seq, lag(hlc) OVER (ORDER BY seq) AS p FROM {source}) WHERE p >= seq)"
+        ).fetchone()
+        if bad or overlap:
+            raise self.fail(errors.INVALID_OPERATION, f"its withheld operations of device {device} are malformed or overlap")
+        since, claimed = header.get("since", {}).get(device, 0), header["clock"].get(device, 0)
+        if lo <= since or hi > claimed:
+            raise self.fail(
+                errors.INVALID_OPERATION,
+                f"it withholds operations {lo}-{hi} of device {device}, outside what it sends (after seq {since} "
+                f"up to its clock, seq {claimed})",
+            )
+        if idx == LOCAL and hi > self.old[LOCAL]:
+            raise self.fail(errors.DEVICE_ID_CLASH, f"it withholds operations of this database's own device that it never wrote; {RECOVER_HINT}")
+        self.conn.execute(
+            f"INSERT INTO temp._sync_new_withheld SELECT ?, max(seq, ?), hlc FROM {source} WHERE hlc > ?",
+            [idx, self.old[idx] + 1, self.old[idx]],
+        )
+        return span
+
+    def withhold_chunk(self, source: str, idx: int) -> tuple[int, int, int, int] | None:
+        """A chunk of a table outside this partial copy: stage the seqs it lacks as withheld
+        ranges (runs of consecutive seqs), keep no value."""
+        count, first, last = self.conn.execute(f"SELECT count(*), min(seq), max(seq) FROM {source}").fetchone()
+        if not count:
+            return None
+        if not (0 < first and last <= SEQ_MASK):
+            raise self.fail(errors.INVALID_OPERATION, f"operation sequence numbers must be 1 to {SEQ_MASK}")
+        if idx == LOCAL and last > self.old[LOCAL]:
+            raise self.fail(errors.DEVICE_ID_CLASH, f"it carries operations of this database's own device that it never wrote; {RECOVER_HINT}")
+        stored = self.conn.execute(
+            "INSERT INTO temp._sync_new_withheld SELECT ?, min(seq), max(seq) FROM "
+            f"(SELECT seq, seq - row_number() OVER (ORDER BY seq) AS run FROM {source} WHERE seq > ?) GROUP BY run",
+            [idx, self.old[idx]],
+        ).rowcount
+        if stored:
+            (stored,) = self.conn.execute(f"SELECT count(*) FROM {source} WHERE seq > ?", [self.old[idx]]).fetchone()
+        return first, last, count, stored
+
+    def keep_withheld(self) -> None:
+        """Check the staged withheld ranges overlap neither each other nor the operations the
+        bundle carries, and record them."""
+        conn = self.conn
+        overlap = conn.execute(
+            "SELECT device FROM (SELECT device, lo, lag(hi) OVER (PARTITION BY device ORDER BY lo) AS p "
+            "FROM temp._sync_new_withheld) WHERE p >= lo "
+            "UNION ALL SELECT w.device FROM temp._sync_new_withheld w WHERE EXISTS (SELECT 1 FROM _sync_ops o "
+            f"WHERE o.op BETWEEN (w.device << {SEQ_BITS}) + w.lo AND (w.device << {SEQ_BITS}) + w.hi) LIMIT 1"
+        ).fetchone()
+        if overlap:
+            raise self.fail(
+                errors.INVALID_OPERATION,
+                f"it both withholds and sends operations of device {device_ids(conn)[overlap[0]]} (or withholds them twice)",
+            )
+        for idx, lo, hi in conn.execute("SELECT device, lo, hi FROM temp._sync_new_withheld ORDER BY device, lo").fetchall():
+            add_withheld(conn, idx, lo, hi)
+            self.withheld[idx] = self.withheld.get(idx, 0) + hi - lo + 1
 
     def keep_unapplied(
         self, result: ImportResult, table: MappedTable, table_position: int, idx: int, first: int, last: int, stored: int
@@ -421,6 +581,8 @@ class Importer:
         self, source: str, idx: int, table: MappedTable, local_id: str, position: int
     ) -> tuple[int, int, int, int] | None:
         """Check one loaded chunk and append it to the log: ``(first seq, last seq, ops, stored)``."""
+        if table.withheld:
+            return self.withhold_chunk(source, idx)
         pk = [f"v{i}" for i in table.pk_positions]
         # Each check is an O(1) lookup or one pass that keeps only distinct shapes.
         count, first, last, low, high = self.conn.execute(
@@ -664,11 +826,16 @@ class Importer:
     def missing(self, idx: int, device: str, old: int) -> BundleError:
         """Say which operations of a device the bundle lacks."""
         conn = self.conn
-        first = op_seq(
-            conn.execute(
-                "SELECT min(op) FROM _sync_ops WHERE op > ? AND op <= ?", [op_id(idx, old), op_id(idx, SEQ_MASK)]
-            ).fetchone()[0]
-        )
+        first_op = conn.execute(
+            "SELECT min(op) FROM _sync_ops WHERE op > ? AND op <= ?", [op_id(idx, old), op_id(idx, SEQ_MASK)]
+        ).fetchone()[0]
+        withheld = [lo for lo, _ in withheld_ranges(conn, idx, old)]
+        first = min(([op_seq(first_op)] if first_op is not None else []) + withheld[:1])
+        if withheld and first <= old + 1:
+            return self.fail(
+                errors.MISSING_OPERATIONS,
+                f"it lacks operations of device {device} after seq {old}, which the operations after them depend on",
+            )
         if first > old + 1:
             return self.fail(
                 errors.MISSING_OPERATIONS,
@@ -689,9 +856,10 @@ class Importer:
         )
 
     def held(self, idx: int, after: int, upto: int) -> int:
+        """How many seqs of a device in ``after + 1 .. upto`` are held here, withheld ones too."""
         return self.conn.execute(
             "SELECT count(*) FROM _sync_ops WHERE op BETWEEN ? AND ?", [op_id(idx, after + 1), op_id(idx, upto)]
-        ).fetchone()[0]
+        ).fetchone()[0] + withheld_between(self.conn, idx, after, upto)
 
     def check_horizon(self) -> None:
         """Refuse data operations written without having seen what this database compacted away:

@@ -5,8 +5,10 @@ and status from here.
 Paths are relative to a database's URL (``http://127.0.0.1:8001/data``)::
 
     GET  /-/sync/export?since=<clock>    200: a bundle (BUNDLE_MEDIA_TYPE) of the operations
-                                         the caller lacks; X-Sync-Clock: the hub's clock,
-                                         X-Sync-Operations: how many it holds (HEAD: headers only)
+         [&table=<name>...]              the caller lacks (only of those tables, the others'
+                                         withheld); X-Sync-Clock: the hub's clock,
+                                         X-Sync-Operations: how many it holds, X-Sync-Scope:
+                                         the bundle's tables (HEAD: headers only)
     POST /-/sync/import[?alter=1]        body: a bundle; 200: the import result as JSON
                                          (like ``import-bundle --json``), plus "clock" and
                                          X-Sync-Clock: the hub's clock after the import
@@ -33,12 +35,16 @@ RESOLVE_SUFFIX = "/resolve"
 CONFLICT_ID_PATTERN = "[0-9a-f]{1,64}"
 
 SINCE_PARAM = "since"
+TABLE_PARAM = "table"
+"""Repeatable: a pull wants only these tables (the others' operations come withheld)."""
 ALTER_PARAM = "alter"
 TRUE_VALUES = ("1", "true", "on")
 KEEP_FIELD = "keep"
 
 CLOCK_HEADER = "X-Sync-Clock"
 OPERATIONS_HEADER = "X-Sync-Operations"
+SCOPE_HEADER = "X-Sync-Scope"
+"""The tables an exported bundle holds, as a JSON list; ``null``: every table."""
 RETRY_AFTER_HEADER = "Retry-After"
 BUNDLE_MEDIA_TYPE = "application/vnd.sqlite3"
 JSON_MEDIA_TYPE = "application/json"
@@ -92,11 +98,13 @@ STATUS: dict[str, int] = {
     errors.DEVICE_ID_CLASH: 400,
     errors.DEVICE_OWNED: 403,  # the actor may not write as that device: a permission, not a bad bundle
     errors.CLOCK_AHEAD: 400,
+    errors.PARTIAL_BUNDLE: 400,
     # The hub's own refusals.
     errors.INVALID_REQUEST: 400,
     errors.INVALID_JSON: 400,
     errors.UNAUTHORIZED: 401,
     errors.FORBIDDEN: 403,
+    errors.TABLE_FORBIDDEN: 403,
     errors.NOT_FOUND: 404,
     errors.METHOD_NOT_ALLOWED: 405,
     errors.READ_ONLY: 403,

@@ -13,6 +13,8 @@ Versions:
    were created on first use, so a version-1 database may or may not have them
 2. ``_sync_horizon``, ``_sync_settled``, ``_sync_captured`` and ``_sync_device_actors`` always
    exist; ``_sync_clashes`` is named ``_sync_conflict_pairs``
+3. ``_sync_scope`` (the tables a partial copy holds) and ``_sync_withheld`` (operations it
+   knows exist but holds no values of), see :mod:`scope`
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Iterator
 
 from .errors import SCHEMA_TOO_NEW, SyncError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 CREATE_LOG = """
 CREATE TABLE IF NOT EXISTS _sync_state (
@@ -132,12 +134,26 @@ INSERT INTO _sync_conflict_pairs (tid, rowkey, a, b, columns) SELECT tid, rowkey
 DROP TABLE _sync_clashes;
 """
 
+VERSION_3 = """
+-- The tables a partial copy holds values for; no rows: every table (a full copy).
+CREATE TABLE IF NOT EXISTS _sync_scope (name TEXT PRIMARY KEY);
+-- Operations a partial copy knows exist (device index, seqs lo..hi) but holds no values of.
+CREATE TABLE IF NOT EXISTS _sync_withheld (
+    device INTEGER NOT NULL,
+    lo INTEGER NOT NULL,
+    hi INTEGER NOT NULL,
+    PRIMARY KEY (device, lo)
+) WITHOUT ROWID;
+"""
+
 # (version, script): what takes a database from the version before to this one.
-MIGRATIONS = [(1, CREATE_LOG), (2, VERSION_2)]
+MIGRATIONS = [(1, CREATE_LOG), (2, VERSION_2), (3, VERSION_3)]
 
 # Tables a version-1 database made only when first needed: there, whether one exists is a
 # question for sqlite_master; from version 2 on, it always does.
 FIRST_USE_TABLES = {"_sync_horizon", "_sync_settled", "_sync_captured", "_sync_device_actors"}
+# Tables of version 3: a database read as it is (not migrated) may be older.
+VERSION_3_TABLES = {"_sync_scope", "_sync_withheld"}
 
 
 def connection(db: Any) -> sqlite3.Connection:
@@ -179,6 +195,8 @@ def has_table(conn: sqlite3.Connection, name: str) -> bool:
     version = check_schema(conn)
     if version == 0:
         return False
+    if name in VERSION_3_TABLES:
+        return version >= 3
     if version >= 2 or name not in FIRST_USE_TABLES:
         return True
     return bool(conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone())

@@ -53,8 +53,10 @@ HUB_CONFIG = {
             "permissions": {
                 "sync-export": {"id": ["alice", "bob"]},
                 "sync-import": {"id": ["alice"]},
-                "insert-row": {"id": "writer"},
-                "update-row": {"id": "writer"},
+                # alice's pushes insert, update and delete todos (checked per table).
+                "insert-row": {"id": ["writer", "alice"]},
+                "update-row": {"id": ["writer", "alice"]},
+                "delete-row": {"id": ["alice"]},
                 "alter-table": {"id": "alice"},
             }
         }
@@ -477,7 +479,7 @@ def hub_sync():
 @pytest.fixture
 def hub_config():
     """A hub config of its own for each test: alice may push and pull, bob pull, writer
-    insert and update rows, alice alter tables."""
+    insert and update rows, alice insert, update and delete rows and alter tables."""
     return copy.deepcopy(HUB_CONFIG)
 
 

@@ -16,6 +16,7 @@ from sqlite_utils_sync import (
     compact_log,
     disable_sync,
     enable_sync,
+    import_bundle,
     list_conflicts,
     resolve_conflict,
     sync_status,
@@ -312,3 +313,110 @@ def play(helpers, device_count, steps, recursive, untyped_key, shuffled=False, c
         helpers.sync(devices[len(steps) % device_count], newcomer, folder)
         assert named_rows(newcomer) == named_rows(devices[0])
         assert helpers.conflict_records(newcomer) == helpers.conflict_records(devices[0])
+
+
+# Partial copies ---------------------------------------------------------------------------------
+#
+# Some devices hold only some tables (enable-sync --partial). Every exchange sends the receiver
+# what it may take: a full copy everything, a partial copy its tables (or everything, at random:
+# it withholds the rest itself). Device 0 is full and is where everyone meets at the end.
+
+SCOPES = st.sampled_from([None, None, ("todos",), ("t_uniq",)])
+PARTIAL_EXAMPLES = int(os.environ.get("PARTIAL_CONVERGENCE_EXAMPLES", "12"))
+# Values of each table that only its rows hold: a bundle for a copy without it must not carry them.
+MARKERS = {"todos": [b"milk", b"eggs", b"bread"], "t_uniq": [b"UNIQ-"]}
+
+
+@settings(max_examples=PARTIAL_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    scopes=st.lists(SCOPES, min_size=2, max_size=4),
+    steps=st.lists(
+        st.one_of(write, write, uniq, st.tuples(st.just("sync"), st.integers(0, 4), st.integers(0, 4), st.booleans()), compact),
+        min_size=8,
+        max_size=40,
+    ),
+)
+# A partial copy relays to a full one that lacks what it withholds: only up to the cut.
+@example(
+    scopes=[("todos",), None],
+    steps=[
+        ("write", 0, "insert", 1, 1, "milk", 0, 0.5, False),
+        ("uniq", 0, "qty", 1, 1, 3),
+        ("write", 0, "insert", 2, 1, "eggs", 0, 0.5, False),
+        ("sync", 0, 1, False),
+        ("write", 1, "update", 1, 1, "bread", 1, 0.5, False),
+        ("sync", 1, 2, False),
+        ("sync", 2, 1, True),
+    ],
+)
+# A partial copy that only learned of withheld operations still records that it knows them:
+# its next edit reaches a copy that compacted them away.
+@example(
+    scopes=[None, ("todos",), None, None],
+    steps=[
+        ("uniq", 0, "swap", 1, 3, 0),
+        ("compact", 0, True),
+        ("write", 2, "insert", 1, 1, "milk", 0, 0.5, False),
+    ],
+)
+def test_partial_copies_converge_on_their_tables(helpers, scopes, steps):
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = pathlib.Path(tmp)
+        scopes = [None] + scopes  # device 0: full
+        devices = []
+        for i, scope in enumerate(scopes):
+            conn = helpers.make_db(folder / f"d{i}.db", f"{TODOS}; {T_UNIQ}", scope or TABLES)
+            if scope:
+                enable_sync(conn, list(scope), partial=True)
+            devices.append(conn)
+        devices[0].execute("INSERT INTO t_uniq VALUES (1, 'UNIQ-X', 0), (2, 'UNIQ-Y', 0), (3, 'UNIQ-Z', 0)")
+        n = len(devices)
+
+        def exchange(source, target, wanted_all=False):
+            scope = scopes[target]
+            tables = None if scope is None or wanted_all else list(scope)
+            path = folder / "p.bundle"
+            bundle.write_bundle(devices[source], path, sync_status(devices[target])["clock"], tables=tables)
+            if tables is not None:
+                data = path.read_bytes()
+                for table in set(TABLES) - set(tables):
+                    assert not any(marker in data for marker in MARKERS[table]), table
+            import_bundle(devices[target], path)
+
+        def everyone_meets():
+            for _ in range(2):
+                for i in range(1, n):
+                    exchange(i, 0)
+                for i in range(1, n):
+                    exchange(0, i)
+
+        for step in steps:
+            if step[0] == "write":
+                _, d, kind, row_id, other_id, title, done, score, _ = step
+                if scopes[d % n] is None or "todos" in scopes[d % n]:
+                    do_write(devices[d % n], kind, row_id, other_id, title, done, score)
+            elif step[0] == "uniq":
+                _, d, kind, row_id, other_id, qty = step
+                if scopes[d % n] is None or "t_uniq" in scopes[d % n]:
+                    do_uniq(devices, d % n, kind, row_id, other_id, qty)
+            elif step[0] == "sync":
+                if step[1] % n != step[2] % n:
+                    exchange(step[1] % n, step[2] % n, step[3])
+            elif step[2]:
+                everyone_meets()  # so that there is history everyone has seen
+                compact_log(devices[step[1] % n])
+        everyone_meets()
+        full_rows = {table: table_rows(devices[0], table) for table in TABLES}
+        full_conflicts = helpers.conflict_records(devices[0])
+        for conn, scope in zip(devices, scopes):
+            assert sync_status(conn)["clock"] == sync_status(devices[0])["clock"]
+            for table in scope or TABLES:
+                assert table_rows(conn, table) == full_rows[table], table
+            assert helpers.conflict_records(conn) == [c for c in full_conflicts if c[1] in (scope or TABLES)]
+
+
+def table_rows(conn, table):
+    if table == "todos":
+        columns = ", ".join(f"{c}, typeof({c})" for c in ("id", "title", "done", "score"))
+        return [tuple(row) for row in conn.execute(f"SELECT {columns} FROM todos ORDER BY 1, 2")]
+    return [tuple(row) for row in conn.execute("SELECT id, code, qty FROM t_uniq ORDER BY id")]

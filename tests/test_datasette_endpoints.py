@@ -27,6 +27,7 @@ IMPORT_KEYS = {
     "duplicates",
     "skipped",
     "not_applied",
+    "withheld",
 }
 ROOT = {"id": "root"}
 

@@ -1,6 +1,7 @@
 """Who may see and use the sync pages and endpoints: defaults, grants, tokens, privacy."""
 
 import hashlib
+import json
 
 import pytest
 import sqlite_utils
@@ -78,6 +79,7 @@ async def test_grants_in_config(conflicted_db):
                     "sync-export": {"id": "alice"},
                     "sync-import": {"id": "alice"},
                     "sync-resolve": {"id": "carol"},
+                    "insert-row": {"id": "alice"},  # the pushed bundle inserts a row
                 }
             }
         }
@@ -112,7 +114,7 @@ async def test_root_passes_every_check(conflicted_db):
 
 async def test_alter_needs_alter_table_too(conflicted_db):
     bundle = (conflicted_db.parent / "phone-new.bundle").read_bytes()
-    grants = {"sync-import": {"id": ["alice", "bob"]}, "alter-table": {"id": "bob"}}
+    grants = {"sync-import": {"id": ["alice", "bob"]}, "insert-row": {"id": ["alice", "bob"]}, "alter-table": {"id": "bob"}}
     ds = await make_ds(conflicted_db, {"databases": {"data": {"permissions": grants}}})
     before = digest(conflicted_db)
     response = await ds.client.post("/data/-/sync/import?alter=1", content=bundle, actor={"id": "alice"})
@@ -169,6 +171,9 @@ async def test_private_database_is_private_everywhere(conflicted_db):
     assert (await ds.client.get("/data/-/sync.json", actor={"id": "nobody"})).status_code == 200
 
 
+WRITES = ("insert-row", "update-row", "delete-row")
+
+
 def create_token(*restrictions):
     args = ["create-token", "alice", "--secret", SECRET]
     for action in restrictions:
@@ -182,21 +187,30 @@ def create_token(*restrictions):
 def tokens():
     # Created outside the event loop: the create-token command runs its own.
     return {
-        "recipe": create_token("view-database", "sync-view", "sync-export", "sync-import"),
-        "no_view_database": create_token("sync-view", "sync-export", "sync-import"),
-        "export_only": create_token("view-database", "sync-export"),
+        "recipe": create_token("view-database", "view-table", "sync-view", "sync-export", "sync-import", *WRITES),
+        "no_view_database": create_token("view-table", "sync-view", "sync-export", "sync-import", *WRITES),
+        "export_only": create_token("view-database", "view-table", "sync-export"),
+        "no_tables": create_token("view-database", "sync-view", "sync-export", "sync-import"),
     }
 
 
 async def test_token_recipe(conflicted_db, tokens):
     """The README recipe: a token restricted to the sync actions on one database, plus
-    view-database (restrictions also apply to the actions the sync actions require)."""
-    config = {"databases": {"data": {"permissions": {"sync-export": {"id": "alice"}, "sync-import": {"id": "alice"}}}}}
+    view-database (restrictions also apply to the actions the sync actions require), and
+    the table actions a pull (view-table) and a push (insert-row, ...) are checked against."""
+    grants = {action: {"id": "alice"} for action in ("sync-export", "sync-import", *WRITES)}
+    config = {"databases": {"data": {"permissions": grants}}}
     ds = await make_ds(conflicted_db, config)
     bundle = (conflicted_db.parent / "phone-new.bundle").read_bytes()
 
     def auth(name):
         return {"Authorization": f"Bearer {tokens[name]}"}
+
+    # Without the table actions: a pull withholds every table, a push may not insert.
+    pulled = await ds.client.get("/data/-/sync/export", headers=auth("no_tables"))
+    assert pulled.status_code == 200 and json.loads(pulled.headers["x-sync-scope"]) == []
+    pushed = await ds.client.post("/data/-/sync/import", content=bundle, headers=auth("no_tables"))
+    assert pushed.status_code == 403 and pushed.json()["reason"] == "table_forbidden"
 
     assert (await ds.client.get("/data/-/sync.json", headers=auth("recipe"))).status_code == 200
     assert (await ds.client.get("/data/-/sync/export", headers=auth("recipe"))).status_code == 200

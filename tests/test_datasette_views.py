@@ -102,14 +102,16 @@ async def test_overview_says_when_the_log_was_compacted(tmp_path):
     device = sync_status(data)["device_id"]
     assert "Compacted history no copy needs any more was removed by sync-compact" in text
     assert f"up to seq 2 of {device[:8]}" in text
-    # The JSON twin keeps the keys of sync-status.
-    assert (await ds.client.get("/data/-/sync.json")).json().keys() == sync_status(data).keys()
+    # The JSON twin keeps the keys of sync-status, and says what the visitor syncs.
+    assert (await ds.client.get("/data/-/sync.json")).json().keys() == sync_status(data).keys() | {"access"}
 
 
 async def test_overview_json_matches_sync_status(ds, paths):
     response = await ds.client.get("/data/-/sync.json")
     assert response.status_code == 200
-    assert response.json() == json.loads(json.dumps(sync_status(sqlite_utils.Database(paths[0]))))
+    status = json.loads(json.dumps(sync_status(sqlite_utils.Database(paths[0]))))
+    # An anonymous visitor may not export or import: they sync no table with this hub.
+    assert response.json() == {**status, "access": {"pull": [], "push": {}}}
 
 
 async def test_pages_on_database_without_sync(tmp_path):
@@ -120,7 +122,7 @@ async def test_pages_on_database_without_sync(tmp_path):
     response = await ds.client.get("/plain/-/sync.json")
     assert response.status_code == 200
     assert response.json()["enabled"] is False
-    assert response.json().keys() == sync_status(plain).keys()
+    assert response.json().keys() == sync_status(plain).keys() | {"access"}
     response = await ds.client.get("/plain/-/sync")
     assert response.status_code == 200
     assert "Sync is not enabled on this database" in visible_text(response.text)

@@ -26,6 +26,7 @@ CONFIG = {
                 "sync-export": {"id": ["alice", "mallory", "relay"]},
                 "sync-import": {"id": ["alice", "mallory", "relay"]},
                 "sync-relay": {"id": "relay"},
+                **{action: {"id": ["alice", "mallory", "relay"]} for action in ("insert-row", "update-row", "delete-row")},
             }
         }
     }

@@ -200,9 +200,10 @@ def test_text_that_is_not_utf8_in_a_primary_key_survives_concurrent_edits(tmp_pa
 
 def test_text_that_is_not_utf8_travels_bit_identical_through_a_hub(tmp_path, datasette_server, make_todos_db, run):
     hub_path = make_todos_db(tmp_path / "hub.db")
-    config = {"databases": {"hub": {"permissions": {"sync-export": {"id": "alice"}, "sync-import": {"id": "alice"}}}}}
+    actions = ("sync-export", "sync-import", "insert-row", "update-row", "delete-row")
+    config = {"databases": {"hub": {"permissions": {action: {"id": "alice"} for action in actions}}}}
     server = datasette_server([hub_path], config)
-    token = server.token("alice", "-d", "hub", "view-database", "-d", "hub", "sync-export", "-d", "hub", "sync-import")
+    token = server.token("alice", *[arg for action in ("view-database", "view-table", *actions) for arg in ("-d", "hub", action)])
     a_path, b_path = make_todos_db(tmp_path / "a.db"), make_todos_db(tmp_path / "b.db")
     a = sqlite3.connect(a_path, isolation_level=None)
     # Written with the sqlite3 module: SQLite stores these bytes as TEXT without a word.

@@ -422,9 +422,10 @@ def test_a_hub_answers_hostile_bodies_with_4xx_and_stays_up(corpus, tmp_path, da
 
     hub = tmp_path / "hub.db"
     shutil.copyfile(corpus / "target-a.db", hub)
-    config = {"databases": {"hub": {"permissions": {"sync-import": {"id": "alice"}}}}}
+    writes = ("insert-row", "update-row", "delete-row")
+    config = {"databases": {"hub": {"permissions": {action: {"id": "alice"} for action in ("sync-import", *writes)}}}}
     server = datasette_server([hub], config)
-    token = server.token("alice", "-d", "hub", "view-database", "-d", "hub", "sync-import")
+    token = server.token("alice", *[arg for action in ("view-database", "sync-import", *writes) for arg in ("-d", "hub", action)])
     statuses: dict[int, int] = {}
     failures = []
     with httpx.Client(timeout=60) as client:

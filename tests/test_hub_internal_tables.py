@@ -168,9 +168,11 @@ def test_no_actor_changes_a_sync_table_through_datasette(hub, tmp_path, run):
     assert "Traceback" not in server.output()
 
     # The sync endpoints still work: a push lands and the write API on todos is captured.
-    phone = tmp_path / "phone.db"
+    # pusher may not view secret: its copy holds todos only.
+    phone = tmp_path / "pusher.db"
     run(["sqlite-utils", "insert", phone, "todos", "-", "--pk", "id"], input=json.dumps([{"id": 7, "title": "From the phone", "done": 0}]))
-    result = run(["sqlite-utils", "sync", phone, server.url + "/hub", "--token", tokens["pusher"], "--json"])
+    run(["sqlite-utils", "enable-sync", phone, "todos"])
+    result = run(["sqlite-utils", "sync", phone, server.url + "/hub", "--token", tokens["pusher"], "--json", "--table", "todos"])
     assert json.loads(result.stdout)
     auth = {"Authorization": f"Bearer {tokens['writer']}"}
     assert client.post("/hub/todos/-/insert", json={"rows": [{"id": 8, "title": "Via the API", "done": 0}]}, headers=auth).status_code == 201
@@ -274,7 +276,7 @@ def test_no_table_is_renamed_into_a_sync_name(hub, tmp_path, run):
     phone = tmp_path / "phone2.db"
     run(["sqlite-utils", "insert", phone, "todos", "-", "--pk", "id"], input=json.dumps([{"id": 7, "title": "From the phone", "done": 0}]))
     run(["sqlite-utils", "enable-sync", phone, "todos"])
-    run(["sqlite-utils", "sync", phone, server.url + "/hub", "--token", server.token("pusher")])
+    run(["sqlite-utils", "sync", phone, server.url + "/hub", "--token", server.token("pusher"), "--table", "todos"])
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("SELECT actor FROM _sync_device_actors").fetchall() == [("pusher",)]

@@ -122,7 +122,15 @@ def test_clients_syncing_at_once_never_fail_and_end_identical(tmp_path, journal_
 
 # The client retries a busy hub -----------------------------------------------------------------
 
-HUB_CONFIG = {"databases": {"hub": {"permissions": {"sync-export": {"id": "alice"}, "sync-import": {"id": "alice"}}}}}
+HUB_CONFIG = {
+    "databases": {
+        "hub": {
+            "permissions": {
+                action: {"id": "alice"} for action in ("sync-export", "sync-import", "insert-row", "update-row", "delete-row")
+            }
+        }
+    }
+}
 
 
 @pytest.fixture

@@ -40,7 +40,8 @@ def hub(tmp_path, datasette_server, hub_config, make_todos_db):
 @pytest.fixture
 def alice(hub):
     """A token restricted to exactly what syncing needs (see test_token_recipe)."""
-    return hub.token("alice", "-d", "hub", "sync-export", "-d", "hub", "sync-import", "-d", "hub", "view-database")
+    actions = ["sync-export", "sync-import", "view-database", "view-table", "insert-row", "update-row", "delete-row"]
+    return hub.token("alice", *[arg for action in actions for arg in ("-d", "hub", action)])
 
 
 def test_two_devices_converge_conflict_and_resolution(tmp_path, hub, alice, hub_sync, make_todos_db, run, run_json, todo_rows, upsert):

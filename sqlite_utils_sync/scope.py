@@ -1,0 +1,96 @@
+"""Partial copies: the scope of a copy and the operations it withholds.
+
+The **scope** of a copy is the set of tables it holds values for (``_sync_scope``; no rows: a
+full copy, every table). A **withheld** operation is one whose existence (device, seq) a copy
+knows but whose values it never received: ``_sync_withheld`` keeps them as seq ranges per
+device. ``_sync_ops`` holds only real operations.
+
+The invariant everything rests on: a copy with scope S holds every operation of every table
+in S up to its vector clock; its withheld ranges are only ever operations of tables outside
+S; a full copy holds none. So the vector clock is the highest seq held per device, counting
+withheld seqs (:func:`~sqlite_utils_sync.clocks.max_seq`), and gap checks and deltas work as
+for a full copy. A withheld operation says nothing but its device and seq.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Iterable, Iterator
+
+from .errors import INVALID_ARGUMENT, SyncError
+from .schema import has_table
+
+
+def load_scope(conn: sqlite3.Connection) -> set[str] | None:
+    """The tables this copy holds values for; None: every table (a full copy)."""
+    if not has_table(conn, "_sync_scope"):
+        return None
+    names = {name for (name,) in conn.execute("SELECT name FROM _sync_scope")}
+    return names or None
+
+
+def store_scope(conn: sqlite3.Connection, names: Iterable[str] | None) -> None:
+    """Replace the scope (None: a full copy). Call inside a transaction, after the checks of
+    :func:`check_scope_change`."""
+    conn.execute("DELETE FROM _sync_scope")
+    conn.executemany("INSERT INTO _sync_scope (name) VALUES (?)", [[n] for n in sorted(set(names or ()))])
+
+
+def check_scope_change(conn: sqlite3.Connection, new: set[str] | None) -> None:
+    """Narrowing a scope is always safe; widening it is not once the copy withholds operations:
+    their tables are unknown, so the new table's past operations may be among them."""
+    old = load_scope(conn)
+    widening = old is not None and (new is None or not new <= old)
+    if widening and withheld_count(conn):
+        added = "every table" if new is None else ", ".join(sorted(new - old))
+        raise SyncError(
+            INVALID_ARGUMENT,
+            f"This copy holds only tables {', '.join(sorted(old))} and withholds operations of others, "
+            f"so it cannot add {added}: some of their past operations may be among the withheld ones. "
+            "Start a new copy (a new database) that pulls the wider set of tables",
+        )
+
+
+def withheld_ranges(conn: sqlite3.Connection, idx: int, after: int = 0, upto: int | None = None) -> Iterator[tuple[int, int]]:
+    """The withheld ranges ``(lo, hi)`` of a device that reach above seq ``after`` (and start
+    at or below ``upto``), clipped to that window, lowest first."""
+    if not has_table(conn, "_sync_withheld"):
+        return iter(())
+    top = (1 << 62) if upto is None else upto
+    rows = conn.execute(
+        "SELECT max(lo, ?), min(hi, ?) FROM _sync_withheld WHERE device = ? AND hi > ? AND lo <= ? ORDER BY lo",
+        [after + 1, top, idx, after, top],
+    ).fetchall()
+    return iter(rows)
+
+
+def max_withheld(conn: sqlite3.Connection, idx: int) -> int:
+    """The highest seq of a device held as withheld (0: none)."""
+    try:
+        row = conn.execute("SELECT max(hi) FROM _sync_withheld WHERE device = ?", [idx]).fetchone()
+    except sqlite3.OperationalError:  # a database read as it is, older than version 3
+        return 0
+    return row[0] or 0
+
+
+def withheld_count(conn: sqlite3.Connection) -> int:
+    """How many operations this copy knows exist and holds no values of."""
+    if not has_table(conn, "_sync_withheld"):
+        return 0
+    return conn.execute("SELECT ifnull(sum(hi - lo + 1), 0) FROM _sync_withheld").fetchone()[0]
+
+
+def withheld_between(conn: sqlite3.Connection, idx: int, after: int, upto: int) -> int:
+    """How many seqs of a device in ``after + 1 .. upto`` are held as withheld."""
+    return sum(hi - lo + 1 for lo, hi in withheld_ranges(conn, idx, after, upto))
+
+
+def add_withheld(conn: sqlite3.Connection, idx: int, lo: int, hi: int) -> None:
+    """Record seqs ``lo..hi`` of a device as withheld, merged with the ranges they touch."""
+    touching = conn.execute(
+        "SELECT min(lo), max(hi) FROM _sync_withheld WHERE device = ? AND lo <= ? AND hi >= ?", [idx, hi + 1, lo - 1]
+    ).fetchone()
+    if touching[0] is not None:
+        lo, hi = min(lo, touching[0]), max(hi, touching[1])
+        conn.execute("DELETE FROM _sync_withheld WHERE device = ? AND lo <= ? AND hi >= ?", [idx, hi + 1, lo - 1])
+    conn.execute("INSERT INTO _sync_withheld (device, lo, hi) VALUES (?, ?, ?)", [idx, lo, hi])

@@ -1,0 +1,319 @@
+"""Partial copies: a copy that holds only some tables (``export-bundle --table``,
+``enable-sync --partial``, ``sync --table``) converges on exactly those, never receives a
+value of the others, and exchanging bundles with it never makes another copy lose, refuse
+or mis-order the operations it withheld."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import msgpack
+import pytest
+
+from sqlite_utils_sync import BundleError, compact_log, export_bundle, import_bundle, sync_status
+from sqlite_utils_sync.bundle import WITHHELD_CHUNK, chunk_image
+
+SCHEMA = (
+    "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT);"
+    "CREATE TABLE salaries (id INTEGER PRIMARY KEY, who TEXT, amount INTEGER)"
+)
+TABLES = ("todos", "salaries")
+SECRET = "SECRET-PAYROLL"
+
+
+@pytest.fixture
+def office(tmp_path, make_db):
+    """A full copy whose log interleaves both tables: todos 1, salary 1, todos 2, salary 2, todos 3."""
+    conn = make_db(tmp_path / "office.db", SCHEMA, TABLES)
+    for i in (1, 2):
+        conn.execute("INSERT INTO todos VALUES (?, ?)", [i, f"task {i}"])
+        conn.execute("INSERT INTO salaries VALUES (?, ?, ?)", [i, f"{SECRET} {i}", 1000 * i])
+    conn.execute("INSERT INTO todos VALUES (3, 'task 3')")
+    return conn
+
+
+def new_db(path) -> str:
+    sqlite3.connect(path).close()
+    return str(path)
+
+
+def header(path) -> dict:
+    conn = sqlite3.connect(path)
+    try:
+        return msgpack.unpackb(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def table_rows(path, table="todos"):
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY 1").fetchall()
+    finally:
+        conn.close()
+
+
+def has_table(path, table) -> bool:
+    conn = sqlite3.connect(path)
+    try:
+        return bool(conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", [table]).fetchone())
+    finally:
+        conn.close()
+
+
+def test_export_one_table_gives_a_new_copy_that_table_only(tmp_path, office, run, run_json, file_bytes):
+    bundle = tmp_path / "todos.bundle"
+    run(["sqlite-utils", "export-bundle", tmp_path / "office.db", bundle, "--table", "todos"])
+    data = file_bytes(bundle)
+    assert SECRET.encode() not in data and b"salaries" not in data and b"amount" not in data
+    head = header(bundle)
+    assert head["scope"] == ["todos"] and [t[0] for t in head["tables"]] == ["todos"]
+    assert (head["operations"], head["withheld"]) == (3, 2)
+    phone = new_db(tmp_path / "phone.db")
+    result = run_json(["sqlite-utils", "import-bundle", phone, bundle, "--alter", "--json"])
+    assert (result["applied"], result["withheld"]) == (3, 2)
+    assert table_rows(phone) == [(1, "task 1"), (2, "task 2"), (3, "task 3")]
+    assert not has_table(phone, "salaries")
+    status = run_json(["sqlite-utils", "sync-status", phone, "--json"])
+    assert status["scope"] == ["todos"] and status["withheld"] == 2
+    assert status["clock"][sync_status(office)["device_id"]] == 5  # the withheld seqs count as held
+    assert SECRET.encode() not in file_bytes(phone)
+
+
+def test_a_full_copy_refuses_a_bundle_of_some_tables(tmp_path, office, make_db, run, file_bytes):
+    make_db(tmp_path / "laptop.db", SCHEMA, TABLES).execute("INSERT INTO todos VALUES (9, 'mine')")
+    bundle = tmp_path / "todos.bundle"
+    run(["sqlite-utils", "export-bundle", tmp_path / "office.db", bundle, "--table", "todos"])
+    before = file_bytes(tmp_path / "laptop.db")
+    result = run(["sqlite-utils", "import-bundle", tmp_path / "laptop.db", bundle], check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: Bundle todos.bundle: it holds only tables todos (the others' operations are withheld); this "
+        "database holds all tables, so it would miss operations: import a bundle exported without --table"
+    ]
+    assert file_bytes(tmp_path / "laptop.db") == before
+
+
+def test_export_of_an_unknown_table_names_it(tmp_path, office, run):
+    result = run(["sqlite-utils", "export-bundle", tmp_path / "office.db", tmp_path / "x.bundle", "--table", "nope"], check=False)
+    assert result.returncode == 1
+    assert "Table 'nope' is not synced here" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.bundle").exists()
+
+
+def test_partial_copy_relays_to_a_full_copy_and_back(tmp_path, office, make_db, run_cli):
+    office_db, phone, tablet = tmp_path / "office.db", new_db(tmp_path / "phone.db"), new_db(tmp_path / "tablet.db")
+    office_id = sync_status(office)["device_id"]
+    assert run_cli("export-bundle", office_db, tmp_path / "1.bundle", "--table", "todos").exit_code == 0
+    assert run_cli("import-bundle", phone, tmp_path / "1.bundle", "--alter").exit_code == 0
+    phone_conn = sqlite3.connect(phone, isolation_level=None)
+    phone_conn.execute("INSERT INTO todos VALUES (10, 'from the phone')")
+    # Phone to a new full copy over USB: office's operations only below the first withheld one
+    # (seq 2, a salary), and none of the phone's, whose tick depends on all of office's.
+    run_cli("export-bundle", phone, tmp_path / "2.bundle")
+    assert header(tmp_path / "2.bundle")["clock"] == {office_id: 1}
+    assert run_cli("import-bundle", tablet, tmp_path / "2.bundle", "--alter").exit_code == 0
+    tablet_conn = sqlite3.connect(tablet, isolation_level=None)
+    assert sync_status(tablet_conn)["scope"] is None and sync_status(tablet_conn)["withheld"] == 0
+    assert sync_status(tablet_conn)["clock"][office_id] == 1
+    # The tablet's --since delta from the office brings the rest, salaries included.
+    since = json.dumps(sync_status(tablet_conn))
+    assert run_cli("export-bundle", office_db, tmp_path / "3.bundle", "--since", since).exit_code == 0
+    assert run_cli("import-bundle", tablet, tmp_path / "3.bundle", "--alter").exit_code == 0
+    # Now the phone's own edit can follow (nothing it withholds is missing there any more).
+    run_cli("export-bundle", phone, tmp_path / "4.bundle", "--since", json.dumps(sync_status(tablet_conn)))
+    assert run_cli("import-bundle", tablet, tmp_path / "4.bundle").exit_code == 0
+    # And back to the office through the tablet, with --for.
+    run_cli("export-bundle", tablet, tmp_path / "5.bundle", "--for", office_id)
+    assert run_cli("import-bundle", office_db, tmp_path / "5.bundle").exit_code == 0
+    assert table_rows(office_db) == table_rows(tablet) == table_rows(phone)
+    assert table_rows(office_db, "salaries") == table_rows(tablet, "salaries")
+    assert (10, "from the phone") in table_rows(office_db)
+    # A later salary edit reaches the phone as withheld only.
+    office.execute("UPDATE salaries SET amount = 1 WHERE id = 1")
+    run_cli("export-bundle", office_db, tmp_path / "6.bundle", "--table", "todos", "--since", json.dumps(sync_status(phone_conn)))
+    assert run_cli("import-bundle", phone, tmp_path / "6.bundle").exit_code == 0
+    assert sync_status(phone_conn)["clock"] == sync_status(office)["clock"] | {sync_status(phone_conn)["device_id"]: 3}  # and a tick: it knows of them
+    assert sync_status(phone_conn)["withheld"] == 3
+
+
+def test_a_partial_copy_passes_on_its_withheld_ranges_to_a_copy_of_its_tables(tmp_path, office, run_cli):
+    phone, watch = new_db(tmp_path / "phone.db"), new_db(tmp_path / "watch.db")
+    run_cli("export-bundle", tmp_path / "office.db", tmp_path / "1.bundle", "--table", "todos")
+    run_cli("import-bundle", phone, tmp_path / "1.bundle", "--alter")
+    # The watch wants what the phone holds whole: everything goes, the salaries as withheld.
+    run_cli("export-bundle", phone, tmp_path / "2.bundle", "--table", "todos")
+    assert header(tmp_path / "2.bundle")["withheld"] == 2
+    result = run_cli("import-bundle", watch, tmp_path / "2.bundle", "--alter", "--json")
+    assert json.loads(result.stdout)["withheld"] == 2
+    watch_conn = sqlite3.connect(watch)
+    assert sync_status(watch_conn)["clock"][sync_status(office)["device_id"]] == 5
+    assert table_rows(watch) == table_rows(tmp_path / "office.db")
+
+
+def test_enable_sync_partial_narrows_and_widening_is_refused(tmp_path, office, make_db, run, run_cli, file_bytes):
+    phone = make_db(tmp_path / "phone.db", SCHEMA, ("todos",))
+    assert run_cli("enable-sync", tmp_path / "phone.db", "todos", "--partial").exit_code == 0
+    assert sync_status(phone)["scope"] == ["todos"]
+    export_bundle(office, tmp_path / "all.bundle")
+    result = import_bundle(phone, tmp_path / "all.bundle")
+    assert (result.applied, result.withheld) == (3, 2)
+    assert phone.execute("SELECT count(*) FROM salaries").fetchone()[0] == 0
+    before = file_bytes(tmp_path / "phone.db")
+    refused = run(["sqlite-utils", "enable-sync", tmp_path / "phone.db", "salaries"], check=False)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "cannot add salaries" in refused.stderr and "Start a new copy" in refused.stderr
+    assert file_bytes(tmp_path / "phone.db") == before
+
+
+def test_compaction_keeps_withheld_ranges_and_the_cut(tmp_path, office, run_cli):
+    phone, tablet = new_db(tmp_path / "phone.db"), new_db(tmp_path / "tablet.db")
+    office_id = sync_status(office)["device_id"]
+    run_cli("export-bundle", tmp_path / "office.db", tmp_path / "1.bundle", "--table", "todos")
+    run_cli("import-bundle", phone, tmp_path / "1.bundle", "--alter")
+    phone_conn = sqlite3.connect(phone, isolation_level=None)
+    phone_conn.execute("UPDATE todos SET title = 'new' WHERE id = 1")
+    assert run_cli("sync-compact", phone).exit_code == 0
+    status = sync_status(phone_conn)
+    assert status["withheld"] == 2 and status["clock"][office_id] == 5
+    # A new full copy started from the compacted phone still gets nothing it cannot complete.
+    run_cli("export-bundle", phone, tmp_path / "2.bundle")
+    assert run_cli("import-bundle", tablet, tmp_path / "2.bundle", "--alter").exit_code == 0
+    assert sync_status(sqlite3.connect(tablet))["clock"].get(office_id, 0) < 2
+
+
+def test_authorize_sees_the_new_operations_actions_and_can_refuse(tmp_path, office, make_db, file_bytes):
+    hub = make_db(tmp_path / "hub.db", SCHEMA, TABLES)
+    export_bundle(office, tmp_path / "1.bundle")
+    seen = []
+    import_bundle(hub, tmp_path / "1.bundle", authorize=seen.append)
+    assert seen == [{"todos": {"insert-row"}, "salaries": {"insert-row"}}]
+    office.execute("UPDATE todos SET title = 'x' WHERE id = 1")
+    office.execute("DELETE FROM salaries WHERE id = 2")
+    export_bundle(office, tmp_path / "2.bundle")  # everything again: the first five are duplicates
+    before = file_bytes(tmp_path / "hub.db")
+
+    def refuse(actions):
+        seen.append(actions)
+        raise BundleError("forbidden", "no delete-row on salaries")
+
+    with pytest.raises(BundleError, match="no delete-row on salaries"):
+        import_bundle(hub, tmp_path / "2.bundle", authorize=refuse)
+    assert seen[-1] == {"todos": {"update-row"}, "salaries": {"delete-row"}}
+    assert file_bytes(tmp_path / "hub.db") == before
+    seen.clear()
+    # Relaying what the hub holds already needs nothing.
+    import_bundle(hub, tmp_path / "1.bundle", authorize=refuse)
+    assert seen == []
+
+
+def test_no_digest_of_a_withheld_operation_goes_to_a_partial_copy(tmp_path, office, run_cli):
+    office_id = sync_status(office)["device_id"]
+    phone = new_db(tmp_path / "phone.db")
+    office.execute(f"INSERT INTO salaries VALUES (3, '{SECRET} 3', 3000)")  # the phone's last office op
+    run_cli("export-bundle", tmp_path / "office.db", tmp_path / "1.bundle", "--table", "todos")
+    run_cli("import-bundle", phone, tmp_path / "1.bundle", "--alter")
+    office.execute("INSERT INTO todos VALUES (4, 'task 4')")
+    since = json.dumps(sync_status(sqlite3.connect(phone)))
+    run_cli("export-bundle", tmp_path / "office.db", tmp_path / "2.bundle", "--table", "todos", "--since", since)
+    assert office_id not in header(tmp_path / "2.bundle")["anchors"]
+    # A full bundle to a full copy keeps its anchor.
+    run_cli("export-bundle", tmp_path / "office.db", tmp_path / "3.bundle", "--since", since)
+    assert office_id in header(tmp_path / "3.bundle")["anchors"]
+
+
+def test_a_bundle_of_some_tables_that_withholds_nothing_is_a_full_bundle(tmp_path, make_db, run_cli):
+    make_db(tmp_path / "a.db", SCHEMA, ("todos",)).execute("INSERT INTO todos VALUES (1, 'only todos here')")
+    laptop = make_db(tmp_path / "laptop.db", SCHEMA, TABLES)
+    run_cli("export-bundle", tmp_path / "a.db", tmp_path / "1.bundle", "--table", "todos")
+    assert header(tmp_path / "1.bundle")["withheld"] == 0
+    assert import_bundle(laptop, tmp_path / "1.bundle").applied == 1
+    assert sync_status(laptop)["scope"] is None
+
+
+# Hostile withheld ranges ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def scoped_bundle(tmp_path, office):
+    path = tmp_path / "todos.bundle"
+    export_bundle(office, path, tables=["todos"])
+    return path
+
+
+def set_ranges(conn, ranges):
+    """Replace the bundle's withheld chunk with ``ranges`` ([(lo, hi)]) of device 0."""
+    conn.execute("DELETE FROM bundle_chunks WHERE tbl = ?", [WITHHELD_CHUNK])
+    data = chunk_image([(lo, hi, 0, None, None) for lo, hi in ranges], 0)
+    conn.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (0, ?, ?)", [WITHHELD_CHUNK, data])
+
+
+@pytest.mark.parametrize(
+    "ranges, count, message",
+    [
+        ([(2, 4), (4, 4)], 4, "malformed or overlap"),
+        ([(2, 3)], 2, "both withholds and sends"),  # seq 3 is a todo it carries
+        ([(2, 2), (4, 9)], 7, "outside what it sends"),
+        ([(2, 2), (4, 4)], 5, "header counts 5 withheld operations but it carries 2"),
+    ],
+)
+def test_bad_withheld_ranges_are_refused(tmp_path, scoped_bundle, craft, file_bytes, ranges, count, message):
+    def tamper(conn):
+        set_ranges(conn, ranges)
+        craft.edit_header(conn, lambda h: h.update(withheld=count))
+        craft.reseal(conn)
+
+    craft.rewrite(scoped_bundle, tamper)
+    target = new_db(tmp_path / "phone.db")
+    conn = sqlite3.connect(target, isolation_level=None)
+    before = file_bytes(target)
+    with pytest.raises(BundleError, match=message):
+        import_bundle(conn, scoped_bundle, alter=True, adopt_scope=True)
+    assert file_bytes(target) == before
+
+
+def test_withheld_ranges_in_a_bundle_of_every_table_are_refused(tmp_path, scoped_bundle, craft, run, file_bytes):
+    craft.rewrite(scoped_bundle, lambda conn: (craft.edit_header(conn, lambda h: h.update(scope=None)), craft.reseal(conn)))
+    target = new_db(tmp_path / "phone.db")
+    before = file_bytes(target)
+    result = run(["sqlite-utils", "import-bundle", target, scoped_bundle, "--alter"], check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: Bundle todos.bundle: it withholds operations but says it holds every table"
+    ]
+    assert file_bytes(target) == before
+
+
+def test_a_scope_that_omits_a_table_it_carries_is_refused(tmp_path, scoped_bundle, craft):
+    craft.rewrite(scoped_bundle, lambda conn: (craft.edit_header(conn, lambda h: h.update(scope=["other"])), craft.reseal(conn)))
+    with pytest.raises(BundleError, match="outside its scope"):
+        import_bundle(sqlite3.connect(new_db(tmp_path / "p.db")), scoped_bundle, adopt_scope=True)
+
+
+# Through a hub ------------------------------------------------------------------------------------
+
+
+def test_sync_with_table_keeps_a_partial_copy(tmp_path, make_db, datasette_server, hub_config, run, run_json):
+    hub_conn = make_db(tmp_path / "hub.db", SCHEMA, TABLES)
+    hub_conn.execute("INSERT INTO todos VALUES (1, 'shared')")
+    hub_conn.execute(f"INSERT INTO salaries VALUES (1, '{SECRET}', 1)")
+    hub_conn.execute("INSERT INTO todos VALUES (2, 'shared too')")
+    hub = datasette_server([tmp_path / "hub.db"], hub_config)
+    token = hub.token("alice")
+    phone = new_db(tmp_path / "phone.db")
+    url = hub.url + "/hub"
+    first = run_json(["sqlite-utils", "sync", phone, url, "--table", "todos", "--alter", "--token", token, "--json"])
+    assert first["pulled"]["withheld"] == 1
+    status = run_json(["sqlite-utils", "sync-status", phone, "--json"])
+    assert status["scope"] == ["todos"] and status["withheld"] == 1
+    assert not has_table(phone, "salaries")
+    run(["sqlite-utils", "insert", phone, "todos", "-", "--pk", "id"], input=json.dumps([{"id": 3, "title": "phone"}]))
+    # Later syncs keep to the stored scope, and the phone's edits reach the hub.
+    run_json(["sqlite-utils", "sync", phone, url, "--token", token, "--json"])
+    assert table_rows(tmp_path / "hub.db") == table_rows(phone) == [(1, "shared"), (2, "shared too"), (3, "phone")]
+    assert run_json(["sqlite-utils", "sync-status", phone, "--json"])["scope"] == ["todos"]
+    # Asking for a table the phone withholds operations of would widen it: refused, one line.
+    wider = run(["sqlite-utils", "sync", phone, url, "--table", "todos", "--table", "salaries", "--token", token], check=False)
+    assert wider.returncode == 1 and len(wider.stderr.strip().splitlines()) == 1
+    assert "Start a new copy" in wider.stderr
