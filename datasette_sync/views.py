@@ -39,6 +39,7 @@ from sqlite_utils_sync import (
 )
 from sqlite_utils_sync.bundle import BundleReader
 from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, horizon, parse_duration
+from sqlite_utils_sync.devices import device_names, label, resolve_device
 from sqlite_utils_sync.oplog import json_value
 from sqlite_utils_sync.schema import check_schema
 
@@ -159,6 +160,15 @@ def short(device_id: str | None) -> str:
     return (device_id or "")[:8]
 
 
+def device_label(device_id: str | None, names: dict[str, str] | None = None, full: bool = False) -> str:
+    """How a page shows a device: ``laptop (19cecc3d)`` when it has a name, else ``19cecc3d``;
+    ``full`` shows the whole id. ``names`` is :func:`~sqlite_utils_sync.devices.device_names`."""
+    if full:
+        name = (names or {}).get(device_id or "")
+        return f"{name} ({device_id})" if name else (device_id or "")
+    return label(device_id, names or {})
+
+
 def page_size(request, default: int = PAGE_SIZE) -> int:
     try:
         size = int(request.args.get("_size") or default)
@@ -246,6 +256,7 @@ async def render(datasette, request, db, template: str, tab: str, context: dict,
     base = sync_url(datasette, db.name)
     paths = {"overview": base, **{name: f"{base}/{name}" for name in ("operations", "conflicts", "clocks", "imports")}}
     json_path = paths[tab] + ".json" + (f"?{request.query_string}" if request.query_string else "")
+    names = await db.execute_fn(device_names)
     context = {
         "database": db.name,
         "database_color": db.color,
@@ -259,7 +270,9 @@ async def render(datasette, request, db, template: str, tab: str, context: dict,
         "value_chars": CONFLICT_VALUE_CHARS,
         "show_pk": show_pk,
         "pk_json": lambda values: json.dumps(jsonable(values)),
-        "short": short,
+        # Every short device id on the pages goes through this: named devices show their name.
+        "short": lambda device_id: device_label(device_id, names),
+        "full_label": lambda device_id: device_label(device_id, names, full=True),
         "ops_url": lambda **args: base + "/operations?" + urllib.parse.urlencode(args),
         **context,
     }
@@ -340,10 +353,16 @@ async def operations_page(datasette, request):
     hidden = await hidden_tables(datasette, request, db)
 
     def read(conn):
+        device = filters["device"]
+        if device:
+            try:
+                device = resolve_device(conn, device)
+            except SyncError as ex:
+                raise queries.InvalidArgument(str(ex))
         page = queries.operations(
             conn,
             table=filters["table"],
-            device=filters["device"],
+            device=device,
             pk=filters["pk"],
             op_type=filters["type"],
             after=after,
