@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from .clocks import append_tick, clock, knowledge_at, max_seq, next_local_hlc, record_knowledge, restart_settling
 from .errors import AMBIGUOUS_DEVICE, INVALID_ARGUMENT, UNKNOWN_DEVICE, SyncError, shorten
-from .oplog import LOCAL, TICK, encode_clock, is_device_id, load_clock, op_id, op_seq
+from .oplog import LOCAL, TICK, device_range, encode_clock, is_device_id, load_clock, op_id, op_seq
 from .schema import has_table, log_rewrite, migrate, quote_identifier
 
 # Tables that refer to operations by op id, and their op id columns: renumbered with the log.
@@ -126,6 +126,14 @@ def new_device(conn: sqlite3.Connection, recover: bool = False) -> str:
     a later edit elsewhere meets the moved copy it can show as a conflict (sync-resolve
     settles it).
     """
+    if not recover and never_left(conn):
+        return replace_local_id(conn)
+    new_id = move_to_new_id(conn, recover)
+    conn.execute("INSERT OR IGNORE INTO _sync_fresh_ids VALUES (?)", [new_id])
+    return new_id
+
+
+def move_to_new_id(conn: sqlite3.Connection, recover: bool) -> str:
     old_id = local_device_id(conn)
     old_idx = next_device_index(conn)
     keep = shared_through(conn) if recover else max_seq(conn, LOCAL)
@@ -261,7 +269,7 @@ def merge_names(conn: sqlite3.Connection, records: dict[str, list], only: set[st
     for device_id, (name, hlc) in records.items():
         if only is not None and device_id not in only:
             continue
-        if device_id not in held or (hlc, name) > tuple(held[device_id]):
+        if device_id not in held or (hlc, name) > (held[device_id][1], held[device_id][0]):
             conn.execute("INSERT OR REPLACE INTO _sync_device_names VALUES (?, ?, ?)", [device_id, name, hlc])
 
 
@@ -270,6 +278,12 @@ def label(device_id: str | None, names: dict[str, str]) -> str:
     short = (device_id or "")[:8]
     name = names.get(device_id or "")
     return f"{name} ({short})" if name else short
+
+
+def describe_device(conn: sqlite3.Connection, device_id: str) -> str:
+    """A device for a message: ``laptop (<its whole id>)``, or the id alone."""
+    name = device_names(conn).get(device_id)
+    return f"{name} ({device_id})" if name else device_id
 
 
 def resolve_device(conn: sqlite3.Connection, text: str) -> str:
@@ -340,3 +354,45 @@ def merge_retired(conn: sqlite3.Connection, records: dict[str, list]) -> None:
         "seq = excluded.seq, retired_by = excluded.retired_by, hlc = excluded.hlc WHERE excluded.seq > seq",
         [(d, seq, by, hlc) for d, (seq, by, hlc) in records.items()],
     )
+
+
+# Ids that never left this database ----------------------------------------------------------
+
+
+def mark_sent(conn: sqlite3.Connection, devices: list[str]) -> None:
+    """A bundle carried operations of ``devices``: the local id, if among them, has left."""
+    local = local_device_id(conn)
+    if local not in devices or not has_table(conn, "_sync_fresh_ids"):
+        return
+    if conn.execute("SELECT 1 FROM _sync_fresh_ids WHERE device_id = ?", [local]).fetchone():
+        conn.execute("DELETE FROM _sync_fresh_ids WHERE device_id = ?", [local])
+
+
+def never_left(conn: sqlite3.Connection) -> bool:
+    """Whether the local id may simply be replaced by another: sync-new-device made it here,
+    no bundle carried it, no peer names it, and it wrote no data operation (only the knowledge
+    ticks that a copy of this file, if any, holds identically)."""
+    local = local_device_id(conn)
+    if not conn.execute("SELECT 1 FROM _sync_fresh_ids WHERE device_id = ?", [local]).fetchone():
+        return False
+    if conn.execute(
+        f"SELECT 1 FROM _sync_ops WHERE op BETWEEN ? AND ? AND kind != {TICK} LIMIT 1", device_range(LOCAL, 1)
+    ).fetchone():
+        return False
+    for (text,) in conn.execute("SELECT clock FROM _sync_peers"):
+        if local in text:
+            return False
+    return not conn.execute(
+        "SELECT 1 FROM _sync_peers WHERE device_id = ?1 UNION ALL SELECT 1 FROM _sync_imports WHERE source_device_id = ?1",
+        [local],
+    ).fetchone()
+
+
+def replace_local_id(conn: sqlite3.Connection) -> str:
+    """Give the local device a new id in place of one that never left (see :func:`never_left`):
+    its operations, knowledge and name go with it, so no peer ever hears of the old one."""
+    old, new = local_device_id(conn), random_device_id()
+    conn.execute("UPDATE _sync_devices SET device_id = ? WHERE idx = ?", [new, LOCAL])
+    for table in ("_sync_device_names", "_sync_horizon", "_sync_fresh_ids"):
+        conn.execute(f"UPDATE {table} SET device_id = ? WHERE device_id = ?", [new, old])
+    return new
