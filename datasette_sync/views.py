@@ -370,9 +370,9 @@ async def operations_page(datasette, request):
             hidden=hidden,
         )
         tables = [name for name in queries.synced_tables(conn) if name not in hidden]
-        return page, tables, [d["device_id"] for d in queries.devices(conn)]
+        return page, tables, [d["device_id"] for d in queries.devices(conn)], device
 
-    page, tables, devices = await read_page(db, read)
+    page, tables, devices, filters["device"] = await read_page(db, read)
     base = sync_url(datasette, db.name) + "/operations"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     data = {"operations": page["operations"], "next": page["next"]}

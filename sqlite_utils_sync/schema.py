@@ -157,6 +157,9 @@ MIGRATIONS = [(1, CREATE_LOG), (2, VERSION_2), (3, VERSION_DEVICES)]
 # Tables a version-1 database made only when first needed: there, whether one exists is a
 # question for sqlite_master; from version 2 on, it always does.
 FIRST_USE_TABLES = {"_sync_horizon", "_sync_settled", "_sync_captured", "_sync_device_actors"}
+# Tables of later versions, and the version that made them: a read-only path reads an older
+# database as it is, without them.
+LATER_TABLES = {"_sync_device_names": 3, "_sync_retired": 3, "_sync_fresh_ids": 3}
 
 
 def connection(db: Any) -> sqlite3.Connection:
@@ -196,7 +199,7 @@ def is_enabled(conn: sqlite3.Connection) -> bool:
 def has_table(conn: sqlite3.Connection, name: str) -> bool:
     """Whether one of the sync tables exists, for paths that read a database as it is."""
     version = check_schema(conn)
-    if version == 0:
+    if version == 0 or version < LATER_TABLES.get(name, 0):
         return False
     if version >= 2 or name not in FIRST_USE_TABLES:
         return True
