@@ -12,7 +12,7 @@ import os
 import sqlite3
 from typing import Any, Callable
 
-from .clocks import append_tick, clock, knowledge_at, max_seq, next_local_hlc, record_knowledge, restart_settling
+from .clocks import append_tick, clock, knowledge_at, max_seq, record_knowledge, restart_settling
 from .errors import AMBIGUOUS_DEVICE, INVALID_ARGUMENT, UNKNOWN_DEVICE, SyncError, shorten
 from .oplog import LOCAL, TICK, device_range, encode_clock, is_device_id, load_clock, op_id, op_seq
 from .schema import has_table, log_rewrite, migrate, quote_identifier
@@ -256,8 +256,16 @@ def set_local_name(conn: sqlite3.Connection, name: str) -> None:
         raise SyncError(INVALID_ARGUMENT, f"{problem}, got {shorten(name)}")
     device_id = local_device_id(conn)
     old = conn.execute("SELECT hlc FROM _sync_device_names WHERE device_id = ?", [device_id]).fetchone()
-    hlc = max(next_local_hlc(conn), old[0] + 1 if old else 0)
+    hlc = max(announce(conn), old[0] + 1 if old else 0)
     conn.execute("INSERT OR REPLACE INTO _sync_device_names VALUES (?, ?, ?)", [device_id, name, hlc])
+
+
+def announce(conn: sqlite3.Connection) -> int:
+    """Append a knowledge tick, so that the next sync and every ``--for`` export has something
+    new of this device to send, and with it the header's device records; returns its clock."""
+    local = local_device_id(conn)
+    op = append_tick(conn, {d: seq for d, seq in clock(conn).items() if d != local})
+    return conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op]).fetchone()[0]
 
 
 def merge_names(conn: sqlite3.Connection, records: dict[str, list], only: set[str] | None = None) -> None:
@@ -342,7 +350,7 @@ def retire(conn: sqlite3.Connection, device_id: str) -> int:
     if idx is None:
         raise SyncError(UNKNOWN_DEVICE, f"No device {device_id} is known here: nothing of it to retire")
     seq = max_seq(conn, idx)
-    merge_retired(conn, {device_id: [seq, local, next_local_hlc(conn)]})
+    merge_retired(conn, {device_id: [seq, local, announce(conn)]})
     return retired_records(conn)[device_id][0]
 
 
@@ -365,7 +373,13 @@ def mark_sent(conn: sqlite3.Connection, devices: list[str]) -> None:
     if local not in devices or not has_table(conn, "_sync_fresh_ids"):
         return
     if conn.execute("SELECT 1 FROM _sync_fresh_ids WHERE device_id = ?", [local]).fetchone():
-        conn.execute("DELETE FROM _sync_fresh_ids WHERE device_id = ?", [local])
+        try:
+            conn.execute("DELETE FROM _sync_fresh_ids WHERE device_id = ?", [local])
+        except sqlite3.OperationalError as ex:
+            # An export that may not write (a hub's read connection) still sends the bundle;
+            # the receivers' clocks, which name this id once they push back, say it left.
+            if "readonly" not in str(ex):
+                raise
 
 
 def never_left(conn: sqlite3.Connection) -> bool:
