@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 
 import pytest
+
+from sqlite_utils_sync import import_bundle
 
 
 def status(run_json, path) -> dict:
@@ -167,3 +170,18 @@ def test_the_hub_shows_names_and_filters_by_name(tmp_path, laptop_and_phone, dat
     assert f'value="{phone_id}" selected' in page.text
     unknown = server.get("/hub/-/sync/operations?device=tablet", headers={"Authorization": f"Bearer {token}"})
     assert unknown.status_code == 400 and "No device here is named" in unknown.text
+
+
+def test_a_hub_takes_only_the_pushing_devices_own_name(tmp_path, laptop_and_phone, make_todos_db, run, run_json):
+    """As the hub's import endpoint imports a push from an actor without sync-relay: names
+    relayed for other devices are not taken (only a device names itself)."""
+    laptop, phone = laptop_and_phone
+    exchange(run, laptop, phone, tmp_path)  # phone now holds laptop's name record too
+    bundle = tmp_path / "push.bundle"
+    run(["sqlite-utils", "export-bundle", phone, bundle])
+    hub = make_todos_db(tmp_path / "hub.db")
+    conn = sqlite3.connect(hub)
+    import_bundle(conn, str(bundle), actor="alice", may_relay=False)
+    conn.commit()
+    conn.close()
+    assert dict(_names(run, hub)) == {status(run_json, phone)["device_id"]: "phone"}
