@@ -260,8 +260,8 @@ def setup(demo: Demo) -> None:
     demo.say("laptop", f"sqlite-utils insert: {len(TODOS)} todos, {len(NOTES)} notes")
     demo.say("server", "sqlite-utils create-table: empty todos and notes tables")
     demo.parallel(
-        lambda: demo.cli("enable-sync", laptop, "todos", "notes"),
-        lambda: demo.cli("enable-sync", server, "todos", "notes"),
+        lambda: demo.cli("enable-sync", laptop, "todos", "notes", "--name", "laptop"),
+        lambda: demo.cli("enable-sync", server, "todos", "notes", "--name", "server"),
     )
     status, server_status = demo.parallel(lambda: demo.status("laptop"), lambda: demo.status("server"))
     demo.say("laptop", f"enable-sync todos notes: device {status['device_id'][:8]}…, "
@@ -277,6 +277,7 @@ def setup(demo: Demo) -> None:
     copy.close()
     phone_id = demo.cli("sync-new-device", demo.path("phone")).strip()
     demo.names[phone_id] = "phone"
+    demo.cli("sync-name", demo.path("phone"), "phone")  # every copy and page then shows the name
     demo.say("phone", f"copied laptop.db, then sync-new-device: device {phone_id[:8]}…")
 
 
