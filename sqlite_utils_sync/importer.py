@@ -646,6 +646,8 @@ class Importer:
         retired = {d: r for d, r in header.get("retired", {}).items() if r[2] <= self.clock_limit}
         if retired:
             held = retired_records(conn)
+            # What this copy held of a device before hearing of its retirement stays accepted.
+            retired = {d: [max(r[0], self.held_before(d)), *r[1:]] for d, r in retired.items()}
             changes = {d: r for d, r in retired.items() if d not in held or r[0] > held[d][0]}
             for device in changes if not self.may_relay else ():
                 owner = self.owner(device)
@@ -662,13 +664,21 @@ class Importer:
         only = None if self.may_relay else ({source} if self.owner(source) in (None, self.actor) else set())
         merge_names(conn, names, only)
 
+    def held_before(self, device: str) -> int:
+        """The highest seq of ``device`` this database held before this import."""
+        idx = device_index(self.conn, device, create=False)
+        if idx is None:
+            return 0
+        return self.old[idx] if idx in self.old else max_seq(self.conn, idx)
+
     def owner(self, device: str) -> str | None:
         row = self.conn.execute("SELECT actor FROM _sync_device_actors WHERE device_id = ?", [device]).fetchone()
         return row[0] if row else None
 
     def check_retired(self, inserted: dict[int, int]) -> None:
-        """Refuse operations a retired device wrote after it was retired, and a bundle saying
-        this database's own device is retired."""
+        """Refuse operations of a retired device beyond those accepted when it was retired, from
+        the device itself or from a copy that knows of the retirement; and a bundle saying this
+        database's own device is retired."""
         conn = self.conn
         records = retired_records(conn)
         if not records:
@@ -683,16 +693,24 @@ class Importer:
                 "then sync again",
             )
         names = device_ids(conn)
+        source, carried = self.reader.header["source"], self.reader.header.get("retired", {})
         for idx, count in inserted.items():
             device = names[idx]
-            if count and device in records and max_seq(conn, idx) > records[device][0]:
-                raise self.fail(
-                    errors.DEVICE_RETIRED,
-                    f"it carries operations of device {describe_device(conn, device)} written after it was retired "
-                    f"(it was retired after seq {records[device][0]} by {describe_device(conn, records[device][1])}): "
-                    "a retired device never syncs again. If it is in use after all, run 'sqlite-utils "
-                    "sync-new-device --recover' on its database to give its edits a new id, then sync again",
-                )
+            top = max_seq(conn, idx)
+            if not count or device not in records or top <= records[device][0]:
+                continue
+            if device != source and device not in carried:
+                # Relayed by a copy that has not heard of the retirement: operations it took
+                # before hearing. Every copy takes them, as this record now says.
+                conn.execute("UPDATE _sync_retired SET seq = ? WHERE device_id = ?", [top, device])
+                continue
+            raise self.fail(
+                errors.DEVICE_RETIRED,
+                f"it carries operations of device {describe_device(conn, device)} written after it was retired "
+                f"(it was retired after seq {records[device][0]} by {describe_device(conn, records[device][1])}): "
+                "a retired device never syncs again. If it is in use after all, run 'sqlite-utils "
+                "sync-new-device --recover' on its database to give its edits a new id, then sync again",
+            )
 
     def check_sequences(self, inserted: dict[int, int]) -> None:
         """Refuse a bundle that leaves a gap in a device's sequence; record the new op ranges."""

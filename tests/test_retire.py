@@ -138,7 +138,7 @@ def test_a_bundle_with_bad_retirement_records_is_refused(tmp_path, lost_phone, r
     assert file_bytes(laptop) == before
 
 
-def test_a_hub_refuses_a_retired_devices_push(tmp_path, datasette_server, hub_config, make_todos_db, hub_sync, run, run_json, upsert, file_bytes):
+def test_a_hub_refuses_a_retired_devices_push(tmp_path, datasette_server, hub_config, make_todos_db, hub_sync, run, run_json, upsert, file_bytes, todo_rows):
     hub_path = make_todos_db(tmp_path / "hub.db")
     server = datasette_server([hub_path], hub_config)
     token = server.token("alice")
@@ -147,8 +147,13 @@ def test_a_hub_refuses_a_retired_devices_push(tmp_path, datasette_server, hub_co
     run(["sqlite-utils", "sync-name", phone, "phone"])
     for path in (laptop, phone, laptop):
         hub_sync(path, server, token)
+    # The phone's last edit reaches the hub, not the laptop, before the laptop retires it:
+    # the laptop's next sync still takes it (it was written before the retirement).
+    upsert(phone, {"id": 4, "title": "last from phone", "done": 0})
+    hub_sync(phone, server, token)
     run(["sqlite-utils", "sync-retire", laptop, "phone"])
     hub_sync(laptop, server, token)
+    assert 4 in [row["id"] for row in todo_rows(laptop)]
     upsert(phone, {"id": 5, "title": "late", "done": 0})
     hub_clock = status(run_json, hub_path)["clock"]
     late = tmp_path / "late.bundle"
