@@ -490,8 +490,9 @@ async def clocks_page(datasette, request):
     db = await page_database(datasette, request)
 
     def read(conn):
-        status = sync_status(conn)
-        return status, queries.devices(conn), queries.peers(conn)
+        status, names = sync_status(conn), device_names(conn)
+        devices = [{**device, "name": names.get(device["device_id"])} for device in queries.devices(conn)]
+        return status, devices, queries.peers(conn)
 
     status, devices, peers = await db.execute_fn(read)
     matrix = [
@@ -504,7 +505,13 @@ async def clocks_page(datasette, request):
         }
         for peer in peers
     ]
-    data = {"enabled": status["enabled"], "device_id": status["device_id"], "devices": devices, "peers": peers}
+    data = {
+        "enabled": status["enabled"],
+        "device_id": status["device_id"],
+        "device_name": status["device_name"],
+        "devices": devices,
+        "peers": peers,
+    }
     return await render(
         datasette,
         request,

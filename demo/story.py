@@ -260,8 +260,8 @@ def setup(demo: Demo) -> None:
     demo.say("laptop", f"sqlite-utils insert: {len(TODOS)} todos, {len(NOTES)} notes")
     demo.say("server", "sqlite-utils create-table: empty todos and notes tables")
     demo.parallel(
-        lambda: demo.cli("enable-sync", laptop, "todos", "notes", "--name", "laptop"),
-        lambda: demo.cli("enable-sync", server, "todos", "notes", "--name", "server"),
+        lambda: demo.cli("enable-sync", laptop, "todos", "notes"),
+        lambda: demo.cli("enable-sync", server, "todos", "notes"),
     )
     status, server_status = demo.parallel(lambda: demo.status("laptop"), lambda: demo.status("server"))
     demo.say("laptop", f"enable-sync todos notes: device {status['device_id'][:8]}…, "
@@ -269,6 +269,10 @@ def setup(demo: Demo) -> None:
     demo.say("server", f"enable-sync todos notes: device {server_status['device_id'][:8]}…")
     result = demo.send("laptop", "server")
     demo.expect(result["applied"] == len(TODOS) + len(NOTES), "the server should receive every row")
+    # Named devices: every copy and page shows "laptop (0db5b7d4)" rather than a bare id.
+    demo.parallel(
+        lambda: demo.cli("sync-name", laptop, "laptop"), lambda: demo.cli("sync-name", server, "server")
+    )
     # The phone is set up from a copy of the laptop's file (sqlite3's backup API makes a
     # consistent copy); a copy must get its own device id before it is edited.
     source, copy = sqlite3.connect(laptop), sqlite3.connect(demo.path("phone"))

@@ -161,6 +161,8 @@ def test_the_hub_shows_names_and_filters_by_name(tmp_path, laptop_and_phone, dat
     clocks = server.get("/hub/-/sync/clocks", headers={"Authorization": f"Bearer {token}"})
     assert clocks.status_code == 200
     assert f"laptop ({laptop_id[:8]})" in clocks.text and f"phone ({phone_id[:8]})" in clocks.text
+    listed = server.get("/hub/-/sync/clocks.json", headers={"Authorization": f"Bearer {token}"}).json()["devices"]
+    assert {d["device_id"]: d["name"] for d in listed if d["name"]} == {laptop_id: "laptop", phone_id: "phone"}
     overview = server.get("/hub/-/sync", headers={"Authorization": f"Bearer {token}"})
     assert f"phone ({phone_id})" in overview.text
     ops = server.get("/hub/-/sync/operations.json?device=phone", headers={"Authorization": f"Bearer {token}"})
