@@ -5,8 +5,9 @@ The path of a bundle through :func:`import_bundle`, in one transaction:
 1. map the bundle's tables to local tables and slots (:meth:`Importer.map_tables`);
 2. stream its chunks into the log, each checked by a few set-based queries and appended with
    one ``INSERT … SELECT`` (:meth:`Importer.append_ops`);
-3. check the whole: no gap in a device's sequence, who may push which device, what the
-   operations depend on, the compaction horizon;
+3. check the whole: no gap in a device's sequence, who may push which device, retired devices
+   (and take the header's device names and retirements), what the operations depend on, the
+   compaction horizon;
 4. bring the tables up to date (:class:`TableUpdate`) by the merge rules of
    :mod:`merge`, and rebuild the conflict records of the rows with clashes (:mod:`conflicts`).
 
