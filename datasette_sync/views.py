@@ -39,6 +39,7 @@ from sqlite_utils_sync import (
 )
 from sqlite_utils_sync.bundle import BundleReader
 from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, horizon, parse_duration
+from sqlite_utils_sync.devices import device_names, label, resolve_device
 from sqlite_utils_sync.oplog import json_value
 from sqlite_utils_sync.schema import check_schema
 
@@ -173,6 +174,15 @@ def short(device_id: str | None) -> str:
     return (device_id or "")[:8]
 
 
+def device_label(device_id: str | None, names: dict[str, str] | None = None, full: bool = False) -> str:
+    """How a page shows a device: ``laptop (19cecc3d)`` when it has a name, else ``19cecc3d``;
+    ``full`` shows the whole id. ``names`` is :func:`~sqlite_utils_sync.devices.device_names`."""
+    if full:
+        name = (names or {}).get(device_id or "")
+        return f"{name} ({device_id})" if name else (device_id or "")
+    return label(device_id, names or {})
+
+
 def page_size(request, default: int = PAGE_SIZE) -> int:
     try:
         size = int(request.args.get("_size") or default)
@@ -260,6 +270,7 @@ async def render(datasette, request, db, template: str, tab: str, context: dict,
     base = sync_url(datasette, db.name)
     paths = {"overview": base, **{name: f"{base}/{name}" for name in ("operations", "conflicts", "clocks", "imports")}}
     json_path = paths[tab] + ".json" + (f"?{request.query_string}" if request.query_string else "")
+    names = await db.execute_fn(device_names)
     context = {
         "database": db.name,
         "database_color": db.color,
@@ -273,7 +284,9 @@ async def render(datasette, request, db, template: str, tab: str, context: dict,
         "value_chars": CONFLICT_VALUE_CHARS,
         "show_pk": show_pk,
         "pk_json": lambda values: json.dumps(jsonable(values)),
-        "short": short,
+        # Every short device id on the pages goes through this: named devices show their name.
+        "short": lambda device_id: device_label(device_id, names),
+        "full_label": lambda device_id: device_label(device_id, names, full=True),
         "ops_url": lambda **args: base + "/operations?" + urllib.parse.urlencode(args),
         **context,
     }
@@ -364,10 +377,16 @@ async def operations_page(datasette, request):
     hidden = await hidden_tables(datasette, request, db)
 
     def read(conn):
+        device = filters["device"]
+        if device:
+            try:
+                device = resolve_device(conn, device)
+            except SyncError as ex:
+                raise queries.InvalidArgument(str(ex))
         page = queries.operations(
             conn,
             table=filters["table"],
-            device=filters["device"],
+            device=device,
             pk=filters["pk"],
             op_type=filters["type"],
             after=after,
@@ -375,9 +394,9 @@ async def operations_page(datasette, request):
             hidden=hidden,
         )
         tables = [name for name in queries.synced_tables(conn) if name not in hidden]
-        return page, tables, [d["device_id"] for d in queries.devices(conn)]
+        return page, tables, [d["device_id"] for d in queries.devices(conn)], device
 
-    page, tables, devices = await read_page(db, read)
+    page, tables, devices, filters["device"] = await read_page(db, read)
     base = sync_url(datasette, db.name) + "/operations"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     data = {"operations": page["operations"], "next": page["next"]}
@@ -495,8 +514,9 @@ async def clocks_page(datasette, request):
     db = await page_database(datasette, request)
 
     def read(conn):
-        status = sync_status(conn)
-        return status, queries.devices(conn), queries.peers(conn)
+        status, names = sync_status(conn), device_names(conn)
+        devices = [{**device, "name": names.get(device["device_id"])} for device in queries.devices(conn)]
+        return status, devices, queries.peers(conn)
 
     status, devices, peers = await db.execute_fn(read)
     matrix = [
@@ -509,7 +529,13 @@ async def clocks_page(datasette, request):
         }
         for peer in peers
     ]
-    data = {"enabled": status["enabled"], "device_id": status["device_id"], "devices": devices, "peers": peers}
+    data = {
+        "enabled": status["enabled"],
+        "device_id": status["device_id"],
+        "device_name": status["device_name"],
+        "devices": devices,
+        "peers": peers,
+    }
     return await render(
         datasette,
         request,

@@ -39,14 +39,6 @@ def build_hub(output: str, echo=lambda line: None) -> dict:
         source, target = sqlite3.connect(demo.path("server")), sqlite3.connect(output)
         source.backup(target)
         source.close()
-        # Which device id is which, for people browsing the demo (a plain table: not synced).
-        target.execute("CREATE TABLE demo_device_names (device_id TEXT PRIMARY KEY, name TEXT NOT NULL)")
-        known = {device_id for (device_id,) in target.execute("SELECT device_id FROM _sync_devices")}
-        target.executemany(
-            "INSERT INTO demo_device_names VALUES (?, ?)",
-            sorted((device_id, name) for device_id, name in demo.names.items() if device_id in known),
-        )
-        target.commit()
         # One self-contained file: no -wal/-shm next to it, compact.
         target.execute("PRAGMA journal_mode = DELETE")
         target.execute("VACUUM")

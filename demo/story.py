@@ -269,6 +269,10 @@ def setup(demo: Demo) -> None:
     demo.say("server", f"enable-sync todos notes: device {server_status['device_id'][:8]}…")
     result = demo.send("laptop", "server")
     demo.expect(result["applied"] == len(TODOS) + len(NOTES), "the server should receive every row")
+    # Named devices: every copy and page shows "laptop (0db5b7d4)" rather than a bare id.
+    demo.parallel(
+        lambda: demo.cli("sync-name", laptop, "laptop"), lambda: demo.cli("sync-name", server, "server")
+    )
     # The phone is set up from a copy of the laptop's file (sqlite3's backup API makes a
     # consistent copy); a copy must get its own device id before it is edited.
     source, copy = sqlite3.connect(laptop), sqlite3.connect(demo.path("phone"))
@@ -277,6 +281,7 @@ def setup(demo: Demo) -> None:
     copy.close()
     phone_id = demo.cli("sync-new-device", demo.path("phone")).strip()
     demo.names[phone_id] = "phone"
+    demo.cli("sync-name", demo.path("phone"), "phone")  # every copy and page then shows the name
     demo.say("phone", f"copied laptop.db, then sync-new-device: device {phone_id[:8]}…")
 
 

@@ -5,8 +5,9 @@ The path of a bundle through :func:`import_bundle`, in one transaction:
 1. map the bundle's tables to local tables and slots (:meth:`Importer.map_tables`);
 2. stream its chunks into the log, each checked by a few set-based queries and appended with
    one ``INSERT … SELECT`` (:meth:`Importer.append_ops`);
-3. check the whole: no gap in a device's sequence, who may push which device, what the
-   operations depend on, the compaction horizon;
+3. check the whole: no gap in a device's sequence, who may push which device, retired devices
+   (and take the header's device names and retirements), what the operations depend on, the
+   compaction horizon;
 4. bring the tables up to date (:class:`TableUpdate`) by the merge rules of
    :mod:`merge`, and rebuild the conflict records of the rows with clashes (:mod:`conflicts`).
 
@@ -36,7 +37,15 @@ from .capture import (
 from .conflicts import rebuild_conflicts
 from .errors import BundleError, SyncError
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, HLC_NOW_SQL, HLC_PER_SECOND, MAX_HLC, append_tick, clock, horizon, knowledge_at, max_seq, now_iso, parse_duration, raise_horizon, record_knowledge
-from .devices import device_ids, device_index, local_device_id
+from .devices import (
+    describe_device,
+    device_ids,
+    device_index,
+    local_device_id,
+    merge_names,
+    merge_retired,
+    retired_records,
+)
 from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
 from .schema import connection, quote_identifier
 from .scope import add_withheld, load_scope, store_scope, withheld_between, withheld_count, withheld_ranges
@@ -245,6 +254,8 @@ class Importer:
             held = {idx: inserted.get(idx, 0) + self.withheld.get(idx, 0) for idx in {*inserted, *self.withheld}}
             self.check_sequences(held)
             self.check_owners(held)
+            # Withheld operations of a retired device are new operations of it too.
+            self.take_device_records(held)
             self.record_knowledge()
             self.check_horizon()
             result.applied = sum(inserted.values())
@@ -791,6 +802,79 @@ class Importer:
                     "them needs the sync-relay permission). If it is your device, run 'sqlite-utils sync-new-device "
                     "--recover' on its database to give its edits an id of its own, then sync again",
                 )
+
+    def take_device_records(self, inserted: dict[int, int]) -> None:
+        """Take the bundle's retirements, refuse what retired devices wrote after retiring, and
+        take its device names (on a hub, only the pushing device's own, from its actor)."""
+        conn, header = self.conn, self.reader.header
+        retired = {d: r for d, r in header.get("retired", {}).items() if r[2] <= self.clock_limit}
+        if retired:
+            held = retired_records(conn)
+            # What this copy held of a device before hearing of its retirement stays accepted.
+            retired = {d: [max(r[0], self.held_before(d)), *r[1:]] for d, r in retired.items()}
+            changes = {d: r for d, r in retired.items() if d not in held or r[0] > held[d][0]}
+            for device in changes if not self.may_relay else ():
+                owner = self.owner(device)
+                if owner is not None and owner != self.actor:
+                    raise self.fail(
+                        errors.DEVICE_OWNED,
+                        f"it retires device {describe_device(conn, device)}, which another actor pushes to this hub "
+                        "(retiring it needs the sync-relay permission)",
+                    )
+            merge_retired(conn, changes)
+        self.check_retired(inserted)
+        names = {d: r for d, r in header.get("device_names", {}).items() if r[1] <= self.clock_limit}
+        source = header["source"]
+        only = None if self.may_relay else ({source} if self.owner(source) in (None, self.actor) else set())
+        merge_names(conn, names, only)
+
+    def held_before(self, device: str) -> int:
+        """The highest seq of ``device`` this database held before this import."""
+        idx = device_index(self.conn, device, create=False)
+        if idx is None:
+            return 0
+        return self.old[idx] if idx in self.old else max_seq(self.conn, idx)
+
+    def owner(self, device: str) -> str | None:
+        row = self.conn.execute("SELECT actor FROM _sync_device_actors WHERE device_id = ?", [device]).fetchone()
+        return row[0] if row else None
+
+    def check_retired(self, inserted: dict[int, int]) -> None:
+        """Refuse operations of a retired device beyond those accepted when it was retired, from
+        the device itself or from a copy that knows of the retirement; and a bundle saying this
+        database's own device is retired."""
+        conn = self.conn
+        records = retired_records(conn)
+        if not records:
+            return
+        local = local_device_id(conn)
+        if local in records:
+            raise self.fail(
+                errors.DEVICE_RETIRED,
+                f"this database's device {describe_device(conn, local)} was retired by "
+                f"{describe_device(conn, records[local][1])}: a retired device never syncs again. To go on with "
+                "this database, run 'sqlite-utils sync-new-device --recover' on it (its edits move to a new id), "
+                "then sync again",
+            )
+        names = device_ids(conn)
+        source, carried = self.reader.header["source"], self.reader.header.get("retired", {})
+        for idx, count in inserted.items():
+            device = names[idx]
+            top = max_seq(conn, idx)
+            if not count or device not in records or top <= records[device][0]:
+                continue
+            if device != source and device not in carried:
+                # Relayed by a copy that has not heard of the retirement: operations it took
+                # before hearing. Every copy takes them, as this record now says.
+                conn.execute("UPDATE _sync_retired SET seq = ? WHERE device_id = ?", [top, device])
+                continue
+            raise self.fail(
+                errors.DEVICE_RETIRED,
+                f"it carries operations of device {describe_device(conn, device)} written after it was retired "
+                f"(it was retired after seq {records[device][0]} by {describe_device(conn, records[device][1])}): "
+                "a retired device never syncs again. If it is in use after all, run 'sqlite-utils "
+                "sync-new-device --recover' on its database to give its edits a new id, then sync again",
+            )
 
     def check_sequences(self, inserted: dict[int, int]) -> None:
         """Refuse a bundle that leaves a gap in a device's sequence; record the new op ranges."""

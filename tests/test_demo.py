@@ -64,7 +64,7 @@ def test_build_hub(tmp_path):
         assert conn.execute("SELECT count(*) FROM _sync_peers").fetchone()[0] == 2  # laptop and phone sent bundles
         assert conn.execute("SELECT title FROM todos WHERE id = 3").fetchone()[0] == "Buy oat milk"
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-        names = dict(conn.execute("SELECT name, device_id FROM demo_device_names"))
+        names = dict(conn.execute("SELECT name, device_id FROM _sync_device_names"))
         assert set(names) == {"laptop", "phone", "server"}
     finally:
         conn.close()

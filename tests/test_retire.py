@@ -1,0 +1,172 @@
+"""Copies and lost devices (issue 12, item 4): sync-new-device run twice replaces the id that
+never left, and sync-retire retires a device that will never sync again."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+
+def status(run_json, path) -> dict:
+    return run_json(["sqlite-utils", "sync-status", path, "--json"])
+
+
+def exchange(run, source, target, bundle) -> None:
+    run(["sqlite-utils", "export-bundle", source, bundle])
+    run(["sqlite-utils", "import-bundle", target, bundle])
+
+
+def compact(run_json, path) -> dict:
+    return run_json(["sqlite-utils", "sync-compact", path, "--json"])
+
+
+def copy_with_new_id(run, source, target, times: int = 1):
+    shutil.copy(source, target)
+    for _ in range(times):
+        run(["sqlite-utils", "sync-new-device", target])
+    return target
+
+
+def edit_four_times(upsert, path) -> None:
+    for title in ("one", "two", "three", "four"):
+        upsert(path, {"id": 1, "title": title, "done": 0})
+
+
+@pytest.mark.parametrize("times", [1, 2, 3])
+def test_new_device_again_replaces_the_id_that_never_left(tmp_path, times, make_todos_db, run, run_json, upsert):
+    laptop = make_todos_db(tmp_path / "laptop.db", [{"id": 1, "title": "a", "done": 0}, {"id": 2, "title": "b", "done": 0}])
+    phone = copy_with_new_id(run, laptop, tmp_path / "phone.db", times)
+    edit_four_times(upsert, laptop)
+    exchange(run, laptop, phone, tmp_path / "l.bundle")
+    exchange(run, phone, laptop, tmp_path / "p.bundle")
+    devices = set(status(run_json, laptop)["clock"])
+    assert devices == {status(run_json, laptop)["device_id"], status(run_json, phone)["device_id"]}
+    # The same as a single run: the three superseded edits of row 1 go.
+    assert compact(run_json, laptop)["removed"] == 3
+
+
+def test_an_id_that_left_is_kept(tmp_path, make_todos_db, run, run_json):
+    laptop = make_todos_db(tmp_path / "laptop.db", [{"id": 1, "title": "a", "done": 0}])
+    phone = copy_with_new_id(run, laptop, tmp_path / "phone.db")
+    first = status(run_json, phone)["device_id"]
+    run(["sqlite-utils", "export-bundle", phone, tmp_path / "p.bundle"])  # the id left in this bundle
+    run(["sqlite-utils", "sync-new-device", phone])
+    exchange(run, phone, laptop, tmp_path / "q.bundle")
+    assert first in status(run_json, laptop)["clock"]
+
+
+@pytest.fixture
+def lost_phone(tmp_path, make_todos_db, run, run_json, upsert):
+    """laptop.db (named laptop) and phone.db (named phone) in sync; then laptop edits row 1
+    four times, which phone never sees."""
+    laptop = make_todos_db(tmp_path / "laptop.db", [{"id": 1, "title": "a", "done": 0}])
+    run(["sqlite-utils", "sync-name", laptop, "laptop"])
+    phone = copy_with_new_id(run, laptop, tmp_path / "phone.db")
+    run(["sqlite-utils", "sync-name", phone, "phone"])
+    upsert(phone, {"id": 2, "title": "from phone", "done": 0})
+    exchange(run, phone, laptop, tmp_path / "p.bundle")
+    exchange(run, laptop, phone, tmp_path / "l.bundle")
+    exchange(run, phone, laptop, tmp_path / "p2.bundle")
+    edit_four_times(upsert, laptop)
+    return laptop, phone
+
+
+def test_compaction_stops_waiting_for_a_retired_device(tmp_path, lost_phone, run, run_json):
+    laptop, phone = lost_phone
+    assert compact(run_json, laptop)["removed"] == 0  # phone might still write concurrently
+    phone_id = status(run_json, phone)["device_id"]
+    retired = run_json(["sqlite-utils", "sync-retire", laptop, "phone", "--json"])
+    assert retired["device_id"] == phone_id
+    assert compact(run_json, laptop)["removed"] == 3
+
+
+def test_the_retirement_travels_and_the_device_is_refused_everywhere(tmp_path, lost_phone, run, run_json, upsert, file_bytes, todo_rows):
+    laptop, phone = lost_phone
+    desktop = copy_with_new_id(run, laptop, tmp_path / "desktop.db")
+    run(["sqlite-utils", "sync-retire", laptop, status(run_json, phone)["device_id"][:8]])
+    exchange(run, laptop, desktop, tmp_path / "to-desktop.bundle")  # the retirement syncs like an edit
+    upsert(phone, {"id": 3, "title": "found the phone", "done": 0})
+    late = tmp_path / "late.bundle"
+    run(["sqlite-utils", "export-bundle", phone, late])
+    for path in (laptop, desktop):
+        before = file_bytes(path)
+        result = run(["sqlite-utils", "import-bundle", path, late], check=False)
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+        assert "it carries operations of device phone (" in result.stderr
+        assert "written after it was retired" in result.stderr and "by laptop (" in result.stderr
+        assert file_bytes(path) == before
+        assert 3 not in [row["id"] for row in todo_rows(path)]
+    # The retired device itself is told, when the retirement reaches it.
+    result = run(["sqlite-utils", "import-bundle", phone, tmp_path / "to-desktop.bundle"], check=False)
+    assert result.returncode == 1 and "this database's device phone (" in result.stderr
+    assert "sync-new-device --recover" in result.stderr
+    # ...and can go on under a new id, keeping its edit.
+    run(["sqlite-utils", "sync-new-device", "--recover", phone])
+    exchange(run, phone, desktop, tmp_path / "recovered.bundle")
+    assert [row["title"] for row in todo_rows(desktop) if row["id"] == 3] == ["found the phone"]
+
+
+def test_retiring_this_device_or_an_unknown_one_is_refused(tmp_path, lost_phone, run, file_bytes):
+    laptop, _ = lost_phone
+    before = file_bytes(laptop)
+    for device, message in (
+        ("laptop", "is this database's own device: retire it from another copy"),
+        ("ffffffffffffffffffffffffffffffff", "No device ffffffffffffffffffffffffffffffff is known here"),
+        ("tablet", "No device here is named 'tablet'"),
+    ):
+        result = run(["sqlite-utils", "sync-retire", laptop, device], check=False)
+        assert result.returncode == 1 and message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert file_bytes(laptop) == before
+
+
+def test_a_bundle_with_bad_retirement_records_is_refused(tmp_path, lost_phone, run, craft, file_bytes):
+    laptop, phone = lost_phone
+    bundle = tmp_path / "x.bundle"
+    run(["sqlite-utils", "export-bundle", phone, bundle])
+
+    def tamper(conn):
+        craft.edit_header(conn, lambda header: header.__setitem__("retired", {"0" * 32: [-1, "0" * 32, 1]}))
+        craft.reseal(conn)
+
+    craft.rewrite(bundle, tamper)
+    before = file_bytes(laptop)
+    result = run(["sqlite-utils", "import-bundle", laptop, bundle], check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "Error: Bundle x.bundle: retired-device records are invalid"
+    assert file_bytes(laptop) == before
+
+
+def test_a_hub_refuses_a_retired_devices_push(tmp_path, datasette_server, hub_config, make_todos_db, hub_sync, run, run_json, upsert, file_bytes, todo_rows):
+    hub_path = make_todos_db(tmp_path / "hub.db")
+    server = datasette_server([hub_path], hub_config)
+    token = server.token("alice")
+    laptop = make_todos_db(tmp_path / "laptop.db", [{"id": 1, "title": "a", "done": 0}])
+    phone = copy_with_new_id(run, laptop, tmp_path / "phone.db")
+    run(["sqlite-utils", "sync-name", phone, "phone"])
+    for path in (laptop, phone, laptop):
+        hub_sync(path, server, token)
+    # The phone's last edit reaches the hub, not the laptop, before the laptop retires it:
+    # the laptop's next sync still takes it (it was written before the retirement).
+    upsert(phone, {"id": 4, "title": "last from phone", "done": 0})
+    hub_sync(phone, server, token)
+    run(["sqlite-utils", "sync-retire", laptop, "phone"])
+    hub_sync(laptop, server, token)
+    assert 4 in [row["id"] for row in todo_rows(laptop)]
+    upsert(phone, {"id": 5, "title": "late", "done": 0})
+    hub_clock = status(run_json, hub_path)["clock"]
+    late = tmp_path / "late.bundle"
+    run(["sqlite-utils", "export-bundle", phone, late, "--since", str(hub_clock).replace("'", '"')])
+    before = file_bytes(hub_path)
+    response = server.post(
+        "/hub/-/sync/import", content=late.read_bytes(), headers={"Authorization": f"Bearer {token}"}
+    )
+    assert response.status_code == 409
+    body = response.json()
+    assert body["reason"] == "device_retired" and "written after it was retired" in body["error"]
+    assert file_bytes(hub_path) == before
+    # The phone's own sync stops at the pull, saying why in one line.
+    result = hub_sync(phone, server, token, check=False)
+    assert result.returncode == 1 and "was retired by" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
