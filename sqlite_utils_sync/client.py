@@ -252,6 +252,7 @@ def sync_with_hub(
     max_clock_skew: float | str = DEFAULT_MAX_CLOCK_SKEW,
     retries: int = RETRIES,
     on_retry: Callable[[str, int, int, float], None] | None = None,
+    create_tables: bool = False,
 ) -> dict[str, Any]:
     """Pull what the hub has and this database lacks, then push what the hub lacks.
 
@@ -267,10 +268,13 @@ def sync_with_hub(
     :param retries: how many times each request is sent again after a ``503`` busy answer,
         waiting the hub's ``Retry-After`` (or 0.5 s, 1 s, 2 s, ...) in between; 0 never retries
     :param on_retry: called as ``on_retry(what, retry, retries, delay)`` before each wait
+    :param create_tables: create the tables the hub has and this database lacks, as the hub
+        declares them, and sync them (for a new database; ``alter`` does it too)
     :returns: ``{"hub": {"url", "device_id", "clock"}, "pulled": {...}, "pushed": {...},
         "pulled_after_push": {...} or None}``; each result is an import result dict
         (``bundle_id``, ``source_device_id``, ``total_operations``, ``applied``, ``conflicts``,
-        ``duplicates``, ``skipped``, ``not_applied``)
+        ``duplicates``, ``skipped``, ``not_applied``, ``applied_by_table``, ``tables_created``,
+        ``columns_added``)
     :raises HubError: the hub is unreachable or refused a request (nothing half-applied)
     :raises SyncError: the local database cannot sync (e.g. sync not enabled)
     """
@@ -278,7 +282,7 @@ def sync_with_hub(
 
     url = normalize_url(url)
     max_clock_skew = parse_duration(max_clock_skew)
-    if not sync_status(db)["enabled"] and not alter:
+    if not sync_status(db)["enabled"] and not (alter or create_tables):
         raise SyncError(
             errors.NOT_ENABLED,
             "This database has no synced tables: run enable-sync first (or sync with --alter to copy the hub's tables)",
@@ -295,7 +299,9 @@ def sync_with_hub(
             verify=_tls_context(),
             follow_redirects=False,
         ) as client:
-            run = _Run(db, client, url, bool(token), workdir, alter, max_clock_skew, progress, retries, on_retry)
+            run = _Run(
+                db, client, url, bool(token), workdir, alter, max_clock_skew, progress, retries, on_retry, create_tables
+            )
             pulled, hub_clock, hub_device = run.pull("from-hub.bundle")
             status = sync_status(db)
             if not status["enabled"]:
@@ -335,6 +341,7 @@ class _Run:
     progress: Callable[[str, int, int], None] | None
     retries: int
     on_retry: Callable[[str, int, int, float], None] | None
+    create_tables: bool = False
 
     def request(self, method: str, path: str, what: str, **kwargs) -> Any:
         return _request(
@@ -378,7 +385,12 @@ class _Run:
             # Nothing to apply: don't record an empty import on every run.
             return empty_result(hub_device, bundle_id), hub_clock, hub_device
         result = import_bundle(
-            self.db, path, alter=self.alter, progress=self.stage("pull"), max_clock_skew=self.max_clock_skew
+            self.db,
+            path,
+            alter=self.alter,
+            progress=self.stage("pull"),
+            max_clock_skew=self.max_clock_skew,
+            create_tables=self.create_tables,
         )
         return result.as_dict(), hub_clock, hub_device
 
@@ -405,7 +417,9 @@ class _Run:
         if not isinstance(answer, dict):
             raise HubError(errors.INVALID_RESPONSE, f"hub {self.url} answered the push with unexpected JSON")
         pushed = {key: answer.get(key) for key in empty_result(None)}
-        pushed["not_applied"] = pushed["not_applied"] or {}
+        # An older hub answers without the newer keys: they are empty, not missing.
+        for key, empty in (("not_applied", {}), ("applied_by_table", {}), ("tables_created", []), ("columns_added", {})):
+            pushed[key] = pushed[key] or empty
         after = response.headers.get(protocol.CLOCK_HEADER) or answer.get("clock")
         try:
             return pushed, protocol.decode_clock(after, f"hub {self.url} clock") if after else {}
