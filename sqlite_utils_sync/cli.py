@@ -484,10 +484,12 @@ def sync_summary(path: str, url: str, result: dict[str, Any], unresolved: int, m
     parts += changes or ["Nothing new to apply here."]
     sent = pushed["total_operations"] or 0
     if sent:
-        there = f"{pushed['applied'] or 0} new there"
+        notes = []
+        if (pushed["applied"] or 0) != sent:
+            notes.append(f"{pushed['applied'] or 0} new there")
         if pushed["conflicts"]:
-            there += f", {plural(pushed['conflicts'], 'unresolved conflict')} there"
-        parts.append(f"Sent {plural(sent, 'operation')} to the hub ({there}).")
+            notes.append(f"{plural(pushed['conflicts'], 'unresolved conflict')} there")
+        parts.append(f"Sent {plural(sent, 'operation')} to the hub{' (' + ', '.join(notes) + ')' if notes else ''}.")
     else:
         parts.append("The hub had everything from here.")
     if unresolved:
