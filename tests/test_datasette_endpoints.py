@@ -27,6 +27,9 @@ IMPORT_KEYS = {
     "duplicates",
     "skipped",
     "not_applied",
+    "applied_by_table",
+    "tables_created",
+    "columns_added",
 }
 ROOT = {"id": "root"}
 
