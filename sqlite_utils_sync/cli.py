@@ -110,7 +110,7 @@ def new_database(path: str) -> Iterator[bool]:
 def has_tables(path: str) -> bool:
     """True unless the file is an empty database (an unreadable one is left to the command)."""
     try:
-        conn = sqlite3.connect(f"file:{pathlib.Path(path).resolve().as_posix()}?mode=ro", uri=True)
+        conn = sqlite3.connect(pathlib.Path(path).resolve().as_uri() + "?mode=ro", uri=True)
         try:
             return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' LIMIT 1").fetchone() is not None
         finally:

@@ -69,8 +69,12 @@ def sender_types(conn: sqlite3.Connection, table: str, columns: list[str]) -> di
 
 
 def is_without_rowid(conn: sqlite3.Connection, table: str) -> bool:
-    row = conn.execute("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table]).fetchone()
-    return bool(row and row[0])
+    try:
+        row = conn.execute("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table]).fetchone()
+        return bool(row and row[0])
+    except sqlite3.OperationalError:  # SQLite before 3.37: the clause ends the table's SQL
+        row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", [table]).fetchone()
+        return bool(row and re.search(r"\)\s*WITHOUT\s+ROWID\s*$", row[0] or "", re.I))
 
 
 def column_sql(column: str, declared: str) -> str:
