@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import pathlib
+import shlex
 import sqlite3
 import sys
 from typing import Any, Callable, Iterator
@@ -439,14 +440,18 @@ def changes_summary(path: str, result: dict[str, Any], missing: set[str], comman
         # Every operation held already: the ones applied now were kept by an earlier import.
         earlier = " kept from an earlier import" if result["duplicates"] == result["total_operations"] else ""
         parts.append(f"Applied {plural(sum(by_table.values()), 'operation')}{earlier}: {counts}.")
-    kept = result.get("not_applied") or {}
-    lacking = {t: n for t, n in kept.items() if t in missing}
+    return parts + kept_summary(path, result.get("not_applied") or {}, missing, command)
+
+
+def kept_summary(path: str, kept: dict[str, int], missing: set[str], command: str) -> list[str]:
+    """Why operations were kept for later, per reason: a table not synced here, or one missing."""
+    parts = []
     unsynced = {t: n for t, n in kept.items() if t not in missing}
     if unsynced:
         them = "it" if sum(unsynced.values()) == 1 else "them"
-        how = f"'sqlite-utils enable-sync {path} {' '.join(unsynced)}' applies {them}"
-        why = f"{'it is' if len(unsynced) == 1 else 'they are'} not synced here ({how})"
-        parts.append(kept_for_later(unsynced, why))
+        how = f"'sqlite-utils enable-sync {shlex.join([path, *unsynced])}' applies {them}"
+        parts.append(kept_for_later(unsynced, f"{'it is' if len(unsynced) == 1 else 'they are'} not synced here ({how})"))
+    lacking = {t: n for t, n in kept.items() if t in missing}
     if lacking:
         it = "it" if len(lacking) == 1 else "them"
         parts.append(kept_for_later(lacking, f"this database lacks {it} ({command} again with --alter to create {it})"))
@@ -472,7 +477,7 @@ def import_summary(path: str, result: dict[str, Any], missing: set[str]) -> str:
     if duplicates and duplicates < total:
         parts.append(f"{plural(duplicates, 'operation')} of the bundle's {total} {held}.")
     if result["conflicts"]:
-        parts.append(f"{plural(result['conflicts'], 'unresolved conflict')}: see 'sqlite-utils sync-conflicts {path}'.")
+        parts.append(f"{plural(result['conflicts'], 'unresolved conflict')}: see 'sqlite-utils sync-conflicts {shlex.quote(path)}'.")
     return " ".join(parts)
 
 
@@ -493,7 +498,7 @@ def sync_summary(path: str, url: str, result: dict[str, Any], unresolved: int, m
     else:
         parts.append("The hub had everything from here.")
     if unresolved:
-        parts.append(f"{plural(unresolved, 'unresolved conflict')} here: see 'sqlite-utils sync-conflicts {path}'.")
+        parts.append(f"{plural(unresolved, 'unresolved conflict')} here: see 'sqlite-utils sync-conflicts {shlex.quote(path)}'.")
     return " ".join(parts)
 
 
