@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 
-from .capture import load_tables
+from .capture import load_tables, table_exists
+from .declared import is_without_rowid, sender_types, types_problem
 from .clocks import clock, horizon, max_seq, now_iso
 from .scope import load_scope, withheld_count, withheld_ranges
 from .devices import device_ids, local_device_id, mark_sent, name_problem, name_records, retired_records
@@ -155,6 +156,8 @@ def write_bundle(
                     "devices": writer.devices,
                     "tables": writer.tables,
                     "dropped": writer.dropped,
+                    "column_types": writer.types,
+                    "without_rowid": writer.without_rowid,
                     "operations": count,
                 }
                 if plan is not None:
@@ -209,6 +212,9 @@ class BundleWriter:
         self.tables: list[list] = []
         self.dropped: dict[str, list[str]] = {}
         self.withheld = 0  # operations sent as withheld ranges
+        # How the tables are declared here, so a receiver lacking one creates it the same way.
+        self.types: dict[str, dict[str, str]] = {}
+        self.without_rowid: list[str] = []
         self.table_index: dict[int, tuple[int, list[int]]] = {}
         self.total, self.progress = total, progress
         self.digest = hashlib.sha256(FORMAT.encode())
@@ -235,7 +241,17 @@ class BundleWriter:
                 self.dropped[table.name] = dropped
             self.table_index[tid] = (len(self.tables), [table.slots[c] for c in columns])
             self.tables.append([table.name, columns, table.pk])
+            self.declare(table.name, columns)
         return self.table_index[tid]
+
+    def declare(self, name: str, columns: list[str]) -> None:
+        if not table_exists(self.conn, name):
+            return
+        types = sender_types(self.conn, name, columns)
+        if types:
+            self.types[name] = types
+        if is_without_rowid(self.conn, name):
+            self.without_rowid.append(name)
 
     def write_chunk(
         self, device_position: int, key: int, rows: Iterable[Sequence[Any]], size: int, exact: bool = False
@@ -868,6 +884,9 @@ def header_problem(header: Any) -> str | None:
         return "dropped-column list is invalid"
     if not is_count(header["operations"], 1 << 62):
         return "operation count is invalid"
+    problem = types_problem(header)
+    if problem:
+        return problem
     anchors = header.get("anchors", {})
     if not isinstance(anchors, dict) or not all(
         is_device_id(k) and isinstance(v, list) and len(v) == 2 and is_count(v[0], SEQ_MASK)

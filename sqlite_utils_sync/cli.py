@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import pathlib
+import shlex
 import sqlite3
 import sys
 from typing import Any, Callable, Iterator
@@ -27,6 +30,8 @@ from .devices import local_device_id
 from .errors import SyncError
 
 DB_PATH = click.Path(exists=True, dir_okay=False, allow_dash=False)
+# import-bundle and sync create a database that does not exist yet.
+NEW_DB_PATH = click.Path(dir_okay=False, allow_dash=False)
 
 
 # Options shared by several commands.
@@ -86,6 +91,33 @@ def progress_bar(silent: bool, label: str) -> Iterator[Callable[[int, int], None
 
 def open_db(path: str) -> sqlite_utils.Database:
     return sqlite_utils.Database(path)
+
+
+@contextlib.contextmanager
+def new_database(path: str) -> Iterator[bool]:
+    """Yields whether ``path`` is a new database: missing, or with no tables at all. A file
+    this creates is removed again if the command fails, so a failure leaves nothing behind."""
+    created = not os.path.exists(path)
+    try:
+        yield created or not has_tables(path)
+    except BaseException:
+        if created:
+            for leftover in (path, path + "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(leftover)
+        raise
+
+
+def has_tables(path: str) -> bool:
+    """True unless the file is an empty database (an unreadable one is left to the command)."""
+    try:
+        conn = sqlite3.connect(pathlib.Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' LIMIT 1").fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return True
 
 
 def echo_json(value: Any) -> None:
@@ -184,7 +216,7 @@ def export_bundle_command(path, bundle, since, for_device, tables, as_json, sile
 
 
 @click.command(name="import-bundle")
-@click.argument("path", type=DB_PATH)
+@click.argument("path", type=NEW_DB_PATH)
 @click.argument("bundle", type=click.Path(dir_okay=False))
 @click.option("--alter", is_flag=True, help="Add tables and columns the bundle has and this database lacks")
 @max_clock_skew_option
@@ -193,35 +225,27 @@ def export_bundle_command(path, bundle, since, for_device, tables, as_json, sile
 def import_bundle_command(path, bundle, alter, max_clock_skew, as_json, silent):
     """Apply BUNDLE to the database, in one transaction
 
+    A database that does not exist yet (or has no tables) is created with the bundle's
+    tables, as their sender declared them, and syncs them from then on.
+
     Example:
 
         sqlite-utils import-bundle phone.db to-phone.bundle
     """
-    with user_errors(), progress_bar(silent, "Importing") as progress:
+    with user_errors(), new_database(path) as new, progress_bar(silent, "Importing") as progress:
+        db = open_db(path)
         result = import_bundle(
-            open_db(path), bundle, alter=alter, progress=progress, max_clock_skew=max_clock_skew, adopt_scope=True
+            db, bundle, alter=alter, progress=progress, max_clock_skew=max_clock_skew, adopt_scope=True, create_tables=new
         )
+        own = result.skipped and result.source_device_id == local_device_id(db.conn)
+        missing = {t for t in result.not_applied if not db[t].exists()}
     if as_json:
         echo_json(result.as_dict())
-        return
-    if result.skipped:
-        if result.source_device_id == local_device_id(open_db(path).conn):
-            click.echo(f"Bundle {result.bundle_id} was exported by this database: nothing to do", err=True)
-        else:
-            click.echo(f"Bundle {result.bundle_id} was already imported: nothing to do", err=True)
-        return
-    click.echo(
-        f"Applied {result.applied} operation(s), {result.duplicates} duplicate(s), "
-        f"{result.conflicts} unresolved conflict(s)"
-        + (f", {result.withheld} withheld (of tables this copy does not hold)" if result.withheld else ""),
-        err=True,
-    )
-    for table, count in result.not_applied.items():
-        click.echo(
-            f"Warning: {count} operation(s) for table '{table}' kept but not applied: it is not synced here "
-            f"(import again with --alter, or create the table and run enable-sync, to apply them)",
-            err=True,
-        )
+    elif result.skipped:
+        done = "was exported by this database" if own else "was already imported"
+        click.echo(f"Bundle {result.bundle_id} {done}: nothing to do", err=True)
+    else:
+        click.echo(import_summary(path, result.as_dict(), missing), err=True)
 
 
 @click.command(name="sync-status")
@@ -392,7 +416,7 @@ def sync_compact_command(path, as_json):
 
 
 @click.command(name="sync")
-@click.argument("path", type=DB_PATH)
+@click.argument("path", type=NEW_DB_PATH)
 @click.argument("url")
 @click.option("--token", envvar=TOKEN_ENV, help=f"API token for the hub (default: ${TOKEN_ENV})")
 @click.option("--alter", is_flag=True, help="Add tables and columns one side has and the other lacks")
@@ -415,6 +439,7 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
     """Sync the database with a Datasette hub: pull what it lacks here, push what the hub lacks
 
     URL is the hub database's URL. Safe to re-run at any time, also after a network failure.
+    A database that does not exist yet (or has no tables) is created with the hub's tables.
 
     Example:
 
@@ -423,8 +448,8 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
         sqlite-utils sync phone.db http://127.0.0.1:8001/data --table todos
         DATASETTE_SYNC_TOKEN=dstok_... sqlite-utils sync laptop.db https://hub.example.com/data
     """
-    db = open_db(path)
-    with user_errors():
+    with user_errors(), new_database(path) as new:
+        db = open_db(path)
         result = sync_with_hub(
             db,
             url,
@@ -434,38 +459,123 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
             retries=retries,
             on_retry=say_retry,
             tables=list(tables) or None,
+            create_tables=new,
         )
         unresolved = sync_status(db)["unresolved_conflicts"]
+        missing = {t for t in merged_pull(result)["not_applied"] if not db[t].exists()}
     if as_json:
         echo_json(result)
         return
-    click.echo(sync_summary(normalize_url(url), result), err=True)
-    for table, count in result["pulled"]["not_applied"].items():
-        click.echo(f"Warning: {count} operation(s) for table '{table}' kept but not applied: it is not synced here", err=True)
-    if unresolved:
-        click.echo(f"{unresolved} unresolved conflict(s): see 'sqlite-utils sync-conflicts {path}'", err=True)
+    click.echo(sync_summary(path, normalize_url(url), result, unresolved, missing), err=True)
 
 
 def say_retry(what: str, retry: int, retries: int, delay: float) -> None:
     click.echo(f"Hub is busy: retrying the {what} in {delay:.1f} s (retry {retry} of {retries})", err=True)
 
 
-def sync_summary(url: str, result: dict[str, Any]) -> str:
-    """One line on what a sync moved each way."""
-    pulled, pushed, extra = result["pulled"], result["pushed"], result["pulled_after_push"]
-    pulled_ops = pulled["total_operations"] + (extra["total_operations"] if extra else 0)
-    applied = pulled["applied"] + (extra["applied"] if extra else 0)
-    conflicts = pulled["conflicts"] + (extra["conflicts"] if extra else 0)
-    line = f"Pulled {pulled_ops} operation(s) from {url} ({applied} new"
-    if conflicts:
-        line += f", {conflicts} unresolved conflict(s)"
-    line += f"); pushed {pushed['total_operations'] or 0} operation(s)"
-    if pushed["total_operations"]:
-        line += f" ({pushed['applied'] or 0} new to the hub"
+def merged_pull(result: dict[str, Any]) -> dict[str, Any]:
+    """A sync's pull, and its second pull when there was one, merged into one result."""
+    merged = dict(result["pulled"])
+    extra = result["pulled_after_push"]
+    if extra:
+        for key in ("total_operations", "applied", "conflicts", "duplicates", "withheld"):
+            merged[key] = (merged.get(key) or 0) + (extra.get(key) or 0)
+        for key in ("applied_by_table", "not_applied"):
+            merged[key] = add_counts(merged.get(key) or {}, extra.get(key) or {})
+        merged["tables_created"] = (merged.get("tables_created") or []) + (extra.get("tables_created") or [])
+        merged["columns_added"] = {**(extra.get("columns_added") or {}), **(merged.get("columns_added") or {})}
+    return merged
+
+
+def add_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {key: a.get(key, 0) + b.get(key, 0) for key in {**a, **b}}
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def changes_summary(path: str, result: dict[str, Any], missing: set[str], command: str) -> list[str]:
+    """What an import did to the tables, as sentences: created, added, applied, kept for later."""
+    parts = []
+    if result.get("tables_created"):
+        parts.append(f"Created {'table' if len(result['tables_created']) == 1 else 'tables'} "
+                     f"{', '.join(result['tables_created'])}, synced from now on.")
+    added = result.get("columns_added") or {}
+    if added:
+        columns = [f"{table}.{column}" for table, names in added.items() for column in names]
+        parts.append(f"Added {'column' if len(columns) == 1 else 'columns'} {', '.join(columns)}.")
+    by_table = result.get("applied_by_table") or {}
+    if by_table:
+        counts = ", ".join(f"{table} {count}" for table, count in by_table.items())
+        # Every operation held already: the ones applied now were kept by an earlier import.
+        earlier = " kept from an earlier import" if result["duplicates"] == result["total_operations"] else ""
+        parts.append(f"Applied {plural(sum(by_table.values()), 'operation')}{earlier}: {counts}.")
+    withheld = result.get("withheld") or 0
+    if withheld:
+        # A partial copy: what it learned exists without being sent the values.
+        parts.append(f"{plural(withheld, 'operation')} of tables this copy does not hold "
+                     f"{'is' if withheld == 1 else 'are'} counted without their values (withheld).")
+    return parts + kept_summary(path, result.get("not_applied") or {}, missing, command)
+
+
+def kept_summary(path: str, kept: dict[str, int], missing: set[str], command: str) -> list[str]:
+    """Why operations were kept for later, per reason: a table not synced here, or one missing."""
+    parts = []
+    unsynced = {t: n for t, n in kept.items() if t not in missing}
+    if unsynced:
+        them = "it" if sum(unsynced.values()) == 1 else "them"
+        how = f"'sqlite-utils enable-sync {shlex.join([path, *unsynced])}' applies {them}"
+        parts.append(kept_for_later(unsynced, f"{'it is' if len(unsynced) == 1 else 'they are'} not synced here ({how})"))
+    lacking = {t: n for t, n in kept.items() if t in missing}
+    if lacking:
+        it = "it" if len(lacking) == 1 else "them"
+        parts.append(kept_for_later(lacking, f"this database lacks {it} ({command} again with --alter to create {it})"))
+    return parts
+
+
+def kept_for_later(counts: dict[str, int], why: str) -> str:
+    if len(counts) == 1:
+        tables = f"table '{next(iter(counts))}'"
+    else:
+        tables = "tables " + ", ".join(f"'{table}' ({count})" for table, count in counts.items())
+    return f"Kept {plural(sum(counts.values()), 'operation')} of {tables} for later: {why}."
+
+
+def import_summary(path: str, result: dict[str, Any], missing: set[str]) -> str:
+    """One message on what an import did, and what it kept for later and why."""
+    parts = changes_summary(path, result, missing, "import")
+    duplicates, total = result["duplicates"], result["total_operations"]
+    held = f"{'was' if duplicates == 1 else 'were'} here already"
+    if not (result.get("applied_by_table") or result.get("tables_created") or result.get("columns_added")):
+        everything = duplicates and duplicates == total
+        parts.insert(0, f"No table changed: the bundle's {plural(total, 'operation')} {held}." if everything else "No table changed.")
+    if duplicates and duplicates < total:
+        parts.append(f"{plural(duplicates, 'operation')} of the bundle's {total} {held}.")
+    if result["conflicts"]:
+        parts.append(f"{plural(result['conflicts'], 'unresolved conflict')}: see 'sqlite-utils sync-conflicts {shlex.quote(path)}'.")
+    return " ".join(parts)
+
+
+def sync_summary(path: str, url: str, result: dict[str, Any], unresolved: int, missing: set[str]) -> str:
+    """One message on what a sync moved each way and what it left to do."""
+    pulled, pushed = merged_pull(result), result["pushed"]
+    changes = changes_summary(path, pulled, missing, "sync")
+    parts = [f"Synced with {url}."]
+    parts += changes or ["Nothing new to apply here."]
+    sent = pushed["total_operations"] or 0
+    if sent:
+        notes = []
+        if (pushed["applied"] or 0) != sent:
+            notes.append(f"{pushed['applied'] or 0} new there")
         if pushed["conflicts"]:
-            line += f", {pushed['conflicts']} unresolved conflict(s) there"
-        line += ")"
-    return line
+            notes.append(f"{plural(pushed['conflicts'], 'unresolved conflict')} there")
+        parts.append(f"Sent {plural(sent, 'operation')} to the hub{' (' + ', '.join(notes) + ')' if notes else ''}.")
+    else:
+        parts.append("The hub had everything from here.")
+    if unresolved:
+        parts.append(f"{plural(unresolved, 'unresolved conflict')} here: see 'sqlite-utils sync-conflicts {shlex.quote(path)}'.")
+    return " ".join(parts)
 
 
 COMMANDS = [

@@ -255,6 +255,7 @@ def sync_with_hub(
     retries: int = RETRIES,
     on_retry: Callable[[str, int, int, float], None] | None = None,
     tables: list[str] | None = None,
+    create_tables: bool = False,
 ) -> dict[str, Any]:
     """Pull what the hub has and this database lacks, then push what the hub lacks.
 
@@ -272,10 +273,13 @@ def sync_with_hub(
     :param on_retry: called as ``on_retry(what, retry, retries, delay)`` before each wait
     :param tables: pull only these tables; this copy then holds only them (its scope, kept for
         later syncs; see :mod:`~sqlite_utils_sync.scope`). None: the scope stored, if any
+    :param create_tables: create the tables the hub has and this database lacks, as the hub
+        declares them, and sync them (for a new database; ``alter`` does it too)
     :returns: ``{"hub": {"url", "device_id", "clock"}, "pulled": {...}, "pushed": {...},
         "pulled_after_push": {...} or None}``; each result is an import result dict
         (``bundle_id``, ``source_device_id``, ``total_operations``, ``applied``, ``conflicts``,
-        ``duplicates``, ``skipped``, ``not_applied``)
+        ``duplicates``, ``skipped``, ``not_applied``, ``applied_by_table``, ``tables_created``,
+        ``columns_added``)
     :raises HubError: the hub is unreachable or refused a request (nothing half-applied)
     :raises SyncError: the local database cannot sync (e.g. sync not enabled)
     """
@@ -283,7 +287,7 @@ def sync_with_hub(
 
     url = normalize_url(url)
     max_clock_skew = parse_duration(max_clock_skew)
-    if not sync_status(db)["enabled"] and not alter:
+    if not sync_status(db)["enabled"] and not (alter or create_tables):
         raise SyncError(
             errors.NOT_ENABLED,
             "This database has no synced tables: run enable-sync first (or sync with --alter to copy the hub's tables)",
@@ -302,7 +306,10 @@ def sync_with_hub(
             verify=_tls_context(),
             follow_redirects=False,
         ) as client:
-            run = _Run(db, client, url, bool(token), workdir, alter, max_clock_skew, progress, retries, on_retry, scope)
+            run = _Run(
+                db, client, url, bool(token), workdir, alter, max_clock_skew, progress, retries, on_retry,
+                scope=scope, create_tables=create_tables,
+            )
             pulled, hub_clock, hub_device = run.pull("from-hub.bundle")
             status = sync_status(db)
             if not status["enabled"]:
@@ -343,6 +350,7 @@ class _Run:
     retries: int
     on_retry: Callable[[str, int, int, float], None] | None
     scope: set[str] | None = None  # the tables this copy holds (None: all)
+    create_tables: bool = False
 
     def request(self, method: str, path: str, what: str, **kwargs) -> Any:
         return _request(
@@ -393,6 +401,7 @@ class _Run:
             progress=self.stage("pull"),
             max_clock_skew=self.max_clock_skew,
             adopt_scope=True,
+            create_tables=self.create_tables,
         )
         return result.as_dict(), hub_clock, hub_device
 
@@ -419,7 +428,9 @@ class _Run:
         if not isinstance(answer, dict):
             raise HubError(errors.INVALID_RESPONSE, f"hub {self.url} answered the push with unexpected JSON")
         pushed = {key: answer.get(key) for key in empty_result(None)}
-        pushed["not_applied"] = pushed["not_applied"] or {}
+        # An older hub answers without the newer keys: they are empty, not missing.
+        for key, empty in (("not_applied", {}), ("applied_by_table", {}), ("tables_created", []), ("columns_added", {})):
+            pushed[key] = pushed[key] or empty
         after = response.headers.get(protocol.CLOCK_HEADER) or answer.get("clock")
         try:
             return pushed, protocol.decode_clock(after, f"hub {self.url} clock") if after else {}

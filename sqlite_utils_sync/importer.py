@@ -35,6 +35,7 @@ from .capture import (
     table_info,
 )
 from .conflicts import rebuild_conflicts
+from .declared import add_column, create_table as create_declared
 from .errors import BundleError, SyncError
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, HLC_NOW_SQL, HLC_PER_SECOND, MAX_HLC, append_tick, clock, horizon, knowledge_at, max_seq, now_iso, parse_duration, raise_horizon, record_knowledge
 from .devices import (
@@ -75,6 +76,11 @@ class ImportResult:
     not_applied: dict[str, int] = field(default_factory=dict)
     clock: dict[str, int] = field(default_factory=dict)
     withheld: int = 0  # new operations known to exist whose values this copy does not hold
+    tables_created: list[str] = field(default_factory=list)
+    columns_added: dict[str, list[str]] = field(default_factory=dict)
+    # Per table synced here: the operations that reached it (new ones, and those kept earlier
+    # that a table created now took up).
+    applied_by_table: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +93,9 @@ class ImportResult:
             "skipped": self.skipped,
             "not_applied": self.not_applied,
             "withheld": self.withheld,
+            "applied_by_table": self.applied_by_table,
+            "tables_created": self.tables_created,
+            "columns_added": self.columns_added,
         }
 
 
@@ -100,10 +109,13 @@ def import_bundle(
     may_relay: bool = True,
     adopt_scope: bool = False,
     authorize: Callable[[dict[str, set[str]]], None] | None = None,
+    create_tables: bool = False,
 ) -> ImportResult:
     """Apply the bundle at ``path`` in one transaction.
 
     :param alter: add columns (and tables) the bundle has and this database lacks
+    :param create_tables: create the tables the bundle has and this database lacks (as the
+        sender declared them, synced), but add no columns to existing ones: for a new database
     :param actor: who imported it, for the import log
     :param progress: called with (operations just read, total) after each chunk
     :param max_clock_skew: refuse operations whose clock is further ahead of this machine's
@@ -131,7 +143,8 @@ def import_bundle(
                 # migrates the log, settles local clocks and repairs capture before anything else.
                 with writing(conn, create=True):
                     conn.execute("PRAGMA defer_foreign_keys = ON")
-                    importer = Importer(conn, reader, stage, alter, actor, progress, skew, may_relay)
+                    create = alter or create_tables
+                    importer = Importer(conn, reader, stage, alter, actor, progress, skew, may_relay, create)
                     importer.adopt_scope, importer.authorize = adopt_scope, authorize
                     return importer.run()
             except NothingNew as own:
@@ -196,12 +209,14 @@ class Importer:
         progress: Callable[[int, int], None] | None,
         max_clock_skew: float = DEFAULT_MAX_CLOCK_SKEW,
         may_relay: bool = True,
+        create_tables: bool = False,
     ):
         self.conn = conn
         self.reader = reader
         self.stage = stage
         self.name = reader.path.name
         self.alter = alter
+        self.create_tables = create_tables  # create missing tables (only --alter adds columns)
         self.actor = actor
         self.progress = progress
         self.max_clock_skew = max_clock_skew
@@ -216,6 +231,10 @@ class Importer:
         self.applied_tids: dict[int, SyncedTable] = {}  # the tables its operations are applied to
         self.table_names: dict[int, str] = {}
         self.integer_keys: set[int] = set()  # tables keyed by their rowid here
+        # What the mapping changed in the schema, for the result.
+        self.created: list[str] = []
+        self.added: dict[str, list[str]] = {}
+        self.adopted: dict[str, int] = {}  # kept operations a table created now took up
         # take_snapshot: this database as it was before the import.
         self.devices: list[int] = []  # the local index of each of the bundle's devices
         self.old: dict[int, int] = {}  # each of those devices' highest seq here
@@ -262,6 +281,7 @@ class Importer:
             result.withheld = sum(self.withheld.values())
             if self.authorize is not None and self.data_inserted:
                 self.authorize(self.actions_needed())
+            self.report_schema(result)
             if self.data_inserted:
                 result.conflicts = TableUpdate(self).run()
             if self.data_inserted or result.withheld:
@@ -269,7 +289,7 @@ class Importer:
                 # peers that compacted them away still take those edits.
                 append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=self.max_hlc)
         result.clock = clock(conn)
-        if header["source"] == local_id and not result.applied:
+        if header["source"] == local_id and not result.applied and not self.created and not self.added:
             result.skipped = True
             raise NothingNew(result)
         self.record_peer(header, result.clock)
@@ -279,12 +299,13 @@ class Importer:
     def repeat(self, result: ImportResult) -> ImportResult:
         """A bundle imported before: nothing to do, unless ``--alter`` creates what was missing
         then, which adopts the operations that import kept for those tables."""
-        if self.alter:
+        if self.create_tables:
             self.map_tables()
-        result.skipped = True
         result.duplicates = result.total_operations
         result.clock = clock(self.conn)
-        if not self.alter:
+        self.report_schema(result)
+        result.skipped = not (self.created or self.added)
+        if result.skipped:
             raise NothingNew(result)  # not even the clock settling or a trigger rebuild stays
         return result
 
@@ -314,6 +335,15 @@ class Importer:
             f"withheld); this database holds {holds}, so it would miss operations: import a bundle exported "
             "without --table" + ("" if self.scope is None else " or with --table for each of its tables"),
         )
+
+    def report_schema(self, result: ImportResult) -> None:
+        """Put in the result the tables created, columns added and kept operations taken up."""
+        result.tables_created = list(self.created)
+        result.columns_added = {t: list(c) for t, c in self.added.items()}
+        result.applied += sum(self.adopted.values())
+        for name, count in self.adopted.items():
+            if count:
+                result.applied_by_table[name] = result.applied_by_table.get(name, 0) + count
 
     def take_snapshot(self) -> None:
         conn = self.conn
@@ -379,7 +409,7 @@ class Importer:
                 "one of them to match (ALTER TABLE ... RENAME TO ...)",
             )
         if local is None or not local.enabled:
-            if not self.alter or exists:
+            if not self.create_tables or exists:
                 # Not synced here: store and relay its operations, never apply them.
                 kept = register_table(conn, name, columns, pk, enabled=False)
                 self.tables.append(MappedTable(kept.tid, [kept.slots[c] for c in columns], False, [columns.index(c) for c in pk]))
@@ -402,14 +432,20 @@ class Importer:
             self.integer_keys.add(local.tid)
 
     def create_table(self, name: str, columns: list[str], pk: list[str], dropped: set[str]) -> SyncedTable:
-        """``--alter`` and a table this database lacks: create it and sync it."""
-        self.conn.execute(
-            f"CREATE TABLE {quote_identifier(name)} ("
-            + ", ".join(quote_identifier(c) for c in columns if c not in dropped)
-            + f", PRIMARY KEY ({', '.join(quote_identifier(c) for c in pk)}))"
+        """``--alter`` (or a new database) and a table this database lacks: create it as the
+        sender declared it and sync it. Operations kept earlier for it are taken up."""
+        conn, header = self.conn, self.reader.header
+        kept = load_tables(conn).get(name)
+        if kept is not None:
+            (count,) = conn.execute("SELECT count(*) FROM _sync_unapplied WHERE tid = ?", [kept.tid]).fetchone()
+            self.adopted[name] = count
+        types = header.get("column_types", {}).get(name, {})
+        create_declared(
+            conn, name, [c for c in columns if c not in dropped], pk, types, name in header.get("without_rowid", [])
         )
-        capture_table(self.conn, name)
-        return load_tables(self.conn)[name]
+        capture_table(conn, name)
+        self.created.append(name)
+        return load_tables(conn)[name]
 
     def match_columns(self, local: SyncedTable, columns: list[str], pk: list[str], dropped: set[str]) -> SyncedTable:
         """Check a synced table has the bundle's columns and primary key (``--alter`` adds the
@@ -427,8 +463,11 @@ class Importer:
                 "that this database lacks (import with --alter to add)",
             )
         missing = [c for c in missing if c not in dropped] if self.alter else []
+        types = self.reader.header.get("column_types", {}).get(name, {})
         for column in missing:
-            conn.execute(f"ALTER TABLE {quote_identifier(name)} ADD COLUMN {quote_identifier(column)}")
+            add_column(conn, name, column, types.get(column, ""))
+        if missing and name not in self.created:
+            self.added[name] = missing
         if missing:
             capture_table(conn, name)
             local = load_tables(conn)[name]
@@ -491,6 +530,9 @@ class Importer:
                     self.data_inserted += stored
                 if stored and not table.applied:
                     self.keep_unapplied(result, table, table_position, idx, first, last, stored)
+                elif stored and table.tid:
+                    name = self.reader.header["tables"][table_position][0]
+                    result.applied_by_table[name] = result.applied_by_table.get(name, 0) + stored
             if self.progress:
                 self.progress(count, self.reader.header["operations"])
         if carried != self.reader.header["operations"]:

@@ -56,7 +56,7 @@ def test_progress_bar_on_a_terminal_and_silent_hides_it(tmp_path, make_db, rows)
     assert code == 0 and "Exporting" in output and "100%" in output
     code, output = run_on_a_terminal("import-bundle", tmp_path / "b.db", tmp_path / "x.bundle", "--silent")
     assert code == 0 and "Importing" not in output
-    assert "Applied 12000 operation(s)" in output
+    assert "Applied 12000 operations: todos 12000." in output
     assert rows(b) == rows(a)
 
 
@@ -98,3 +98,52 @@ def test_status_json_on_a_database_without_sync(tmp_path, run_cli):
     sqlite_utils.Database(tmp_path / "plain.db")["t"].insert({"id": 1}, pk="id")
     status = json.loads(run_cli("sync-status", tmp_path / "plain.db", "--json").output)
     assert status["enabled"] is False and status["operations"] == 0
+
+
+def test_import_says_once_what_it_applied_and_what_it_kept_for_later_and_why(tmp_path, make_db, run_cli):
+    """One summary, no 'Applied 2' followed by a warning that some were not applied."""
+    schema = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL); CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)"
+    a = make_db(tmp_path / "a.db", schema, ("todos", "notes"))
+    a.executemany("INSERT INTO todos VALUES (?, 't', 0, 0)", [(1,), (2,)])
+    a.execute("INSERT INTO notes VALUES (1, 'n')")
+    run_cli("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle")
+    make_db(tmp_path / "b.db", schema, ("todos",)).close()  # has notes, does not sync it
+    make_db(tmp_path / "c.db").close()  # has no notes table
+    b = tmp_path / "b.db"
+    assert run_cli("import-bundle", b, tmp_path / "x.bundle").output == (
+        f"Applied 2 operations: todos 2. Kept 1 operation of table 'notes' for later: it is not synced here "
+        f"('sqlite-utils enable-sync {b} notes' applies it).\n"
+    )
+    assert run_cli("import-bundle", tmp_path / "c.db", tmp_path / "x.bundle").output == (
+        "Applied 2 operations: todos 2. Kept 1 operation of table 'notes' for later: this database lacks it "
+        "(import again with --alter to create it).\n"
+    )
+    assert run_cli("import-bundle", tmp_path / "c.db", tmp_path / "x.bundle", "--alter").output == (
+        "Created table notes, synced from now on. Applied 1 operation kept from an earlier import: notes 1.\n"
+    )
+    assert run_cli("import-bundle", tmp_path / "c.db", tmp_path / "x.bundle").output == (
+        "Bundle " + json.loads(run_cli("import-bundle", b, tmp_path / "x.bundle", "--json").output)["bundle_id"]
+        + " was already imported: nothing to do\n"
+    )
+
+
+def test_import_summary_names_duplicates_and_conflicts(tmp_path, pair, run_cli):
+    a, b = pair
+    run_cli("export-bundle", tmp_path / "a.db", tmp_path / "all.bundle")
+    run_cli("import-bundle", tmp_path / "b.db", tmp_path / "all.bundle")
+    a.execute("UPDATE todos SET title = 'from a' WHERE id = 1")
+    b.execute("UPDATE todos SET title = 'from b' WHERE id = 1")
+    run_cli("export-bundle", tmp_path / "b.db", tmp_path / "b.bundle")  # all of a's 7 again, b's tick and edit
+    assert run_cli("import-bundle", tmp_path / "a.db", tmp_path / "b.bundle").output == (
+        f"Applied 1 operation: todos 1. 7 operations of the bundle's 9 were here already. "
+        f"1 unresolved conflict: see 'sqlite-utils sync-conflicts {tmp_path / 'a.db'}'.\n"
+    )
+    # A bundle of nothing new changes no table, and says that.
+    run_cli("export-bundle", tmp_path / "a.db", tmp_path / "a.bundle")
+    out = run_cli("import-bundle", tmp_path / "b.db", tmp_path / "a.bundle").output
+    assert out.startswith("Applied 1 operation: todos 1.")
+    device = json.loads(run_cli("sync-status", tmp_path / "a.db", "--json").output)["device_id"]
+    run_cli("export-bundle", tmp_path / "a.db", tmp_path / "a2.bundle", "--since", json.dumps({device: 5}))
+    assert run_cli("import-bundle", tmp_path / "b.db", tmp_path / "a2.bundle").output == (
+        "No table changed: the bundle's 6 operations were here already.\n"
+    )

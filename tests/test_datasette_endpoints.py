@@ -28,6 +28,9 @@ IMPORT_KEYS = {
     "skipped",
     "not_applied",
     "withheld",
+    "applied_by_table",
+    "tables_created",
+    "columns_added",
 }
 ROOT = {"id": "root"}
 

@@ -103,8 +103,9 @@ def test_second_run_moves_nothing_and_human_output(tmp_path, hub, alice, clean_e
     a = make_todos_db(tmp_path / "a.db", [{"id": 1, "title": "One", "done": 0}])
     result = run(["sqlite-utils", "sync", a, hub.url + "/hub/"], env=clean_env(DATASETTE_SYNC_TOKEN=alice))
     assert result.stdout == ""
-    # The one operation pulled is the hub's knowledge tick, written when it imported the push.
-    assert result.stderr == f"Pulled 1 operation(s) from {hub.url}/hub (1 new); pushed 1 operation(s) (1 new to the hub)\n"
+    # The one operation pulled is the hub's knowledge tick, written when it imported the push:
+    # it changes no table, and the message says so.
+    assert result.stderr == f"Synced with {hub.url}/hub. Nothing new to apply here. Sent 1 operation to the hub.\n"
     # The pull of the second run is empty even though the hub ticked when it imported the push.
     second = hub_sync(a, hub, alice)
     assert second["pulled"]["total_operations"] == 0
@@ -280,12 +281,15 @@ def test_alter_adds_columns_both_ways_and_clones_a_new_device(hub, tmp_path, hub
     run(["sqlite-utils", "sync", plain, hub.url + "/hub", "--token", alice, "--alter"])
     assert todo_rows(plain) == todo_rows(wider) == todo_rows(hub.path)
 
-    # A brand new empty database gets the hub's tables with --alter.
+    # A database with tables but none synced is told what to do; a brand new empty one gets
+    # the hub's tables.
+    unsynced = tmp_path / "unsynced.db"
+    run(["sqlite-utils", "create-table", unsynced, "other", "id", "integer", "--pk", "id"])
+    result = run(["sqlite-utils", "sync", unsynced, hub.url + "/hub", "--token", alice], check=False)
+    assert "run enable-sync first (or sync with --alter" in result.stderr
     fresh = tmp_path / "fresh.db"
     run(["sqlite-utils", "create-database", fresh])
-    result = run(["sqlite-utils", "sync", fresh, hub.url + "/hub", "--token", alice], check=False)
-    assert "run enable-sync first (or sync with --alter" in result.stderr
-    run(["sqlite-utils", "sync", fresh, hub.url + "/hub", "--token", alice, "--alter"])
+    run(["sqlite-utils", "sync", fresh, hub.url + "/hub", "--token", alice])
     assert todo_rows(fresh) == todo_rows(hub.path)
     upsert(fresh, {"id": 3, "title": "from the clone", "done": 1})
     hub_sync(fresh, hub, alice)

@@ -1,0 +1,102 @@
+"""Declared column types: carried in bundles so a receiver creates a table as its sender
+declared it (``INTEGER``, ``TEXT``, ``VARCHAR(20)``, ...), and checked so that a hostile bundle
+can put nothing else into the ``CREATE TABLE`` it causes.
+
+A bundle header's ``"column_types"`` is ``{table: {column: declared type}}`` and
+``"without_rowid"`` lists the tables declared ``WITHOUT ROWID``. Both are optional: a bundle
+without them (older senders) creates untyped columns, as before, and older readers ignore them.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from typing import Any
+
+from . import errors
+from .errors import BundleError
+from .schema import quote_identifier
+
+MAX_TYPE_LENGTH = 64
+
+# SQLite's type-name grammar, narrowed: words of letters, digits and underscores separated by
+# single spaces, optionally one "(n)" or "(n, m)". No quotes, no other punctuation.
+TYPE_NAME = re.compile(
+    r"[A-Za-z_][A-Za-z0-9_]*(?: [A-Za-z_][A-Za-z0-9_]*)*"
+    r"(?: ?\( ?[+-]?[0-9]{1,10} ?(?:, ?[+-]?[0-9]{1,10} ?)?\))?"
+)
+
+# Words SQLite would read as the start of a column constraint rather than part of the type.
+CONSTRAINT_WORDS = {
+    "ALWAYS", "AS", "ASC", "AUTOINCREMENT", "CHECK", "COLLATE", "CONFLICT", "CONSTRAINT", "DEFAULT",
+    "DESC", "GENERATED", "KEY", "NOT", "NULL", "ON", "PRIMARY", "REFERENCES", "STORED", "UNIQUE", "VIRTUAL",
+}
+
+
+def is_type_name(value: Any) -> bool:
+    """A declared type safe to write into ``CREATE TABLE`` (the empty string: no type)."""
+    if not isinstance(value, str) or len(value) > MAX_TYPE_LENGTH:
+        return False
+    if value == "":
+        return True
+    if not TYPE_NAME.fullmatch(value):
+        return False
+    words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", value)
+    return not any(word.upper() in CONSTRAINT_WORDS for word in words)
+
+
+def types_problem(header: dict[str, Any]) -> str | None:
+    """What is wrong with a header's ``column_types`` / ``without_rowid``, or None. Entries
+    for tables or columns the bundle does not carry are never read, so they are let be."""
+    types = header.get("column_types", {})
+    if not isinstance(types, dict) or not all(isinstance(t, str) and isinstance(c, dict) for t, c in types.items()):
+        return "column types are not a map of maps"
+    for table, columns in types.items():
+        for column, declared in columns.items():
+            if not is_type_name(declared):
+                return f"column {str(column)[:100]!r} of table {table[:100]!r} has an invalid declared type"
+    without_rowid = header.get("without_rowid", [])
+    if not isinstance(without_rowid, list) or not all(isinstance(t, str) for t in without_rowid):
+        return "without_rowid list is invalid"
+    return None
+
+
+def sender_types(conn: sqlite3.Connection, table: str, columns: list[str]) -> dict[str, str]:
+    """The declared types of ``columns`` in this database, for a bundle header: only those
+    a receiver accepts (an odd type is sent as none rather than make the bundle unreadable)."""
+    declared = {row[1]: row[2] for row in conn.execute(f"PRAGMA table_info({quote_identifier(table)})")}
+    return {c: declared[c] for c in columns if declared.get(c) and is_type_name(declared[c])}
+
+
+def is_without_rowid(conn: sqlite3.Connection, table: str) -> bool:
+    try:
+        row = conn.execute("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table]).fetchone()
+        return bool(row and row[0])
+    except sqlite3.OperationalError:  # SQLite before 3.37: the clause ends the table's SQL
+        row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", [table]).fetchone()
+        return bool(row and re.search(r"\)\s*WITHOUT\s+ROWID\s*$", row[0] or "", re.I))
+
+
+def column_sql(column: str, declared: str) -> str:
+    return f"{quote_identifier(column)} {declared}".rstrip()
+
+
+def create_table(
+    conn: sqlite3.Connection, name: str, columns: list[str], pk: list[str], types: dict[str, str], without_rowid: bool
+) -> None:
+    """``CREATE TABLE`` with the sender's declared types and primary key, then a check that
+    SQLite read exactly those types and no constraint (the types were validated already;
+    this makes sure of it)."""
+    conn.execute(
+        f"CREATE TABLE {quote_identifier(name)} ("
+        + ", ".join(column_sql(c, types.get(c, "")) for c in columns)
+        + f", PRIMARY KEY ({', '.join(quote_identifier(c) for c in pk)}))"
+        + (" WITHOUT ROWID" if without_rowid else "")
+    )
+    got = {row[1]: (row[2], row[3], row[4], row[6]) for row in conn.execute(f"PRAGMA table_xinfo({quote_identifier(name)})")}
+    if got != {c: (types.get(c, ""), 1 if without_rowid and c in pk else 0, None, 0) for c in columns}:
+        raise BundleError(errors.INVALID_METADATA, f"table '{name}' cannot be created as its sender declared it")
+
+
+def add_column(conn: sqlite3.Connection, table: str, column: str, declared: str) -> None:
+    conn.execute(f"ALTER TABLE {quote_identifier(table)} ADD COLUMN {column_sql(column, declared)}")
