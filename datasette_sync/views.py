@@ -42,7 +42,7 @@ from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, horizon, parse_dura
 from sqlite_utils_sync.oplog import json_value
 from sqlite_utils_sync.schema import check_schema
 
-from . import queries
+from . import chart, queries
 from .guard import sync_write
 from .permissions import EXPORT, IMPORT, RELAY, RESOLVE, VIEW, can, can_alter
 
@@ -157,6 +157,11 @@ def show_pk(values: list[Any] | None) -> Markup:
 
 def short(device_id: str | None) -> str:
     return (device_id or "")[:8]
+
+
+def chart_label(device_id: str) -> str:
+    """How the activity chart names a device."""
+    return short(device_id)
 
 
 def page_size(request, default: int = PAGE_SIZE) -> int:
@@ -278,51 +283,17 @@ async def overview_page(datasette, request):
         if not status["enabled"]:
             return status, [], [], None, {}
         latest = queries.operations(conn, size=10, hidden=hidden)["operations"]
-        return status, queries.peers(conn), latest, queries.activity(conn), horizon(conn)
+        return status, queries.peers(conn), latest, chart.read(conn, hidden), horizon(conn)
 
     status, peers, latest, activity, compacted = await db.execute_fn(read)
     context = {
         "status": status,
         "peers": peers,
         "latest": latest,
-        "chart": activity_chart(activity),
+        "chart": chart.build(activity, chart_label),
         "compacted": compacted,
     }
     return await render(datasette, request, db, "sync_overview.html", "overview", context, status)
-
-
-def activity_chart(activity: dict | None) -> dict | None:
-    """Geometry for the devices × time SVG: one row per device, one cell per time slice."""
-    if not activity:
-        return None
-    label_width, cell, gap, top = 250, 14, 2, 8
-    rows = []
-    for position, row in enumerate(activity["rows"]):
-        y = top + position * (cell + gap)
-        cells = [
-            {
-                "x": label_width + bucket * (cell + gap),
-                "opacity": round(0.2 + 0.8 * count / activity["max"], 3),
-                "title": f"{short(row['device_id'])}: {count} operation{'s' if count != 1 else ''} from "
-                f"{activity['bucket_starts'][bucket]} to {activity['bucket_starts'][bucket + 1]}",
-            }
-            for bucket, count in sorted(row["counts"].items())
-        ]
-        label = short(row["device_id"]) + (" (this database)" if row["local"] else "")
-        rows.append({"label": label, "y": y, "cells": cells})
-    width = label_width + activity["buckets"] * (cell + gap)
-    height = top + len(rows) * (cell + gap) + 22
-    return {
-        "rows": rows,
-        "width": width,
-        "height": height,
-        "cell": cell,
-        "label_width": label_width,
-        "axis_y": height - 6,
-        "start": activity["start"],
-        "end": activity["end"],
-        "max": activity["max"],
-    }
 
 
 async def operations_page(datasette, request):

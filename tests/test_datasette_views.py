@@ -80,9 +80,7 @@ async def test_overview_page(ds, paths):
     assert status["device_id"] in text
     assert "Unresolved conflicts 3" in text
     assert "todos" in text and f"{status['tables']['todos']['operations']}" in text
-    # The activity picture: one labelled row per device.
-    assert "<svg" in response.text and "(this database)" in text
-    assert "Operations per device over time" in response.text
+    assert "Activity" in text and "this database" in text
     # The phone is a known peer, with its acknowledged clock.
     phone_id = sync_status(sqlite_utils.Database(paths[1]))["device_id"]
     assert "Peers" in text and phone_id in text
