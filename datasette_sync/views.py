@@ -391,10 +391,22 @@ async def conflicts_page(datasette, request):
             "table": table,
             "next_url": next_url,
             "can_resolve": can_resolve,
+            "resolve_hint": None if can_resolve else resolve_hint(db, request.actor),
             "toggle_url": with_args(base, request, all=None if include_resolved else "1", next=None),
         },
         page,
     )
+
+
+def resolve_hint(db, actor) -> str:
+    """Why the conflicts page shows no resolve buttons, and what would change that."""
+    if not db.is_mutable:
+        return (
+            f"Database {db.name} is read-only here (immutable), so its conflicts cannot be resolved on this page: "
+            "run sqlite-utils sync-resolve on a copy that can write, and the resolution syncs like any edit."
+        )
+    who = "You are not signed in" if actor is None else f"Actor {actor.get('id')!r} does not have it"
+    return f"Resolving needs the {RESOLVE} permission on database {db.name}. {who}: ask whoever runs this Datasette to grant it in datasette.yaml."
 
 
 MISSING = object()
