@@ -145,15 +145,19 @@ def axis(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def edge_label(moment: int, step: int, one_day: bool) -> str:
-    """The shortest text that tells the slice edges apart: the caption gives the date."""
+    """The shortest text that tells the slice edges apart (the caption gives the date of a
+    chart within one day)."""
     when = time.gmtime(moment // 1000)
     if step >= YEAR:
         return time.strftime("%Y", when)
     if step >= DAY:
         return time.strftime("%Y-%m-%d", when) if step >= 30 * DAY else f"{time.strftime('%b', when)} {when.tm_mday}"
-    if moment % DAY == 0 and not one_day:
-        return f"{time.strftime('%b', when)} {when.tm_mday}"
-    return time.strftime("%H:%M:%S" if step < MINUTE else "%H:%M", when)
+    clock = time.strftime("%H:%M:%S" if step < MINUTE else "%H:%M", when)
+    if one_day:
+        return clock
+    # Over several days a time of day repeats: name the day too.
+    day = f"{time.strftime('%b', when)} {when.tm_mday}"
+    return day if moment % DAY == 0 else f"{day} {clock}"
 
 
 def caption(data: dict[str, Any], total: int, devices: int, in_conflict: int) -> str:
