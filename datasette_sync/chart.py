@@ -52,22 +52,14 @@ def choose_slices(first: int, last: int) -> tuple[int, int, int]:
 
 
 def padded(slices: int) -> int:
-    # 1-4 slices: a label on every edge; 5-6: an even count; 7-12: 8 or 12, labelled in twos
-    # on a wide screen and in fours on a phone.
-    if slices <= 4:
-        return slices
-    if slices <= 6:
-        return slices + slices % 2
-    return 8 if slices <= 8 else 12
+    # 4, 6, 8 or 12 slices, so the labelled edges (label_steps) fall evenly and end on the
+    # last edge; never fewer than 4, or a burst of edits within a second is one wide block.
+    return next(size for size in (4, 6, 8, MAX_SLICES) if slices <= size)
 
 
 def label_steps(slices: int) -> tuple[int, int]:
     """(every, every on a phone): which slice edges get a time label."""
-    if slices <= 4:
-        return 1, 1
-    if slices <= 6:
-        return 1, 2
-    return 2, 4
+    return (1, 2) if slices <= 6 else (2, 4)
 
 
 def build(data: dict[str, Any] | None, label: Callable[[str], str]) -> dict[str, Any] | None:
