@@ -12,6 +12,7 @@ from typing import Any
 from markupsafe import Markup
 
 from sqlite_utils_sync import SyncError, get_conflict, sync_status
+from sqlite_utils_sync.devices import device_names
 from sqlite_utils_sync.oplog import json_value
 
 from . import queries, views
@@ -62,13 +63,14 @@ async def row_panel(datasette, request, database: str, table: str, row: Any) -> 
     def read(conn):
         history = queries.operations(conn, table=table, pk=pk_json, size=ROW_HISTORY + 1)["operations"]
         conflicts = [get_conflict(conn, cid) for cid in queries.row_conflict_ids(conn, table, values)]
-        return history, conflicts
+        return history, conflicts, device_names(conn)
 
     found = await readable(datasette.get_database(database), read)
     if found is None:
         return Markup("")
-    history, conflicts = found
+    history, conflicts, names = found
     context = {
+        "label": lambda device_id: views.device_label(device_id, names),
         "table": table,
         "history": history[:ROW_HISTORY],
         "more_history": len(history) > ROW_HISTORY,
@@ -97,7 +99,6 @@ async def panel(datasette, request, database: str, template: str, context: dict)
         "database": database,
         "sync_base": views.sync_url(datasette, database),
         "short": views.short,
-        "label": views.chart_label,
         "show_pk": views.show_pk,
         "show": views.show,
         **context,

@@ -39,6 +39,7 @@ from sqlite_utils_sync import (
 )
 from sqlite_utils_sync.bundle import BundleReader
 from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, horizon, parse_duration
+from sqlite_utils_sync.devices import device_names, label, resolve_device
 from sqlite_utils_sync.oplog import json_value
 from sqlite_utils_sync.schema import check_schema
 
@@ -159,9 +160,13 @@ def short(device_id: str | None) -> str:
     return (device_id or "")[:8]
 
 
-def chart_label(device_id: str) -> str:
-    """How the activity chart names a device."""
-    return short(device_id)
+def device_label(device_id: str | None, names: dict[str, str] | None = None, full: bool = False) -> str:
+    """How a page shows a device: ``laptop (19cecc3d)`` when it has a name, else ``19cecc3d``;
+    ``full`` shows the whole id. ``names`` is :func:`~sqlite_utils_sync.devices.device_names`."""
+    if full:
+        name = (names or {}).get(device_id or "")
+        return f"{name} ({device_id})" if name else (device_id or "")
+    return label(device_id, names or {})
 
 
 def page_size(request, default: int = PAGE_SIZE) -> int:
@@ -251,6 +256,7 @@ async def render(datasette, request, db, template: str, tab: str, context: dict,
     base = sync_url(datasette, db.name)
     paths = {"overview": base, **{name: f"{base}/{name}" for name in ("operations", "conflicts", "clocks", "imports")}}
     json_path = paths[tab] + ".json" + (f"?{request.query_string}" if request.query_string else "")
+    names = await db.execute_fn(device_names)
     context = {
         "database": db.name,
         "database_color": db.color,
@@ -264,7 +270,9 @@ async def render(datasette, request, db, template: str, tab: str, context: dict,
         "value_chars": CONFLICT_VALUE_CHARS,
         "show_pk": show_pk,
         "pk_json": lambda values: json.dumps(jsonable(values)),
-        "short": short,
+        # Every short device id on the pages goes through this: named devices show their name.
+        "short": lambda device_id: device_label(device_id, names),
+        "full_label": lambda device_id: device_label(device_id, names, full=True),
         "ops_url": lambda **args: base + "/operations?" + urllib.parse.urlencode(args),
         **context,
     }
@@ -283,14 +291,16 @@ async def overview_page(datasette, request):
         if not status["enabled"]:
             return status, [], [], None, {}
         latest = queries.operations(conn, size=10, hidden=hidden)["operations"]
-        return status, queries.peers(conn), latest, chart.read(conn, hidden), horizon(conn)
+        names = device_names(conn)
+        activity = chart.build(chart.read(conn, hidden), lambda device_id: device_label(device_id, names))
+        return status, queries.peers(conn), latest, activity, horizon(conn)
 
     status, peers, latest, activity, compacted = await db.execute_fn(read)
     context = {
         "status": status,
         "peers": peers,
         "latest": latest,
-        "chart": chart.build(activity, chart_label),
+        "chart": activity,
         "compacted": compacted,
     }
     return await render(datasette, request, db, "sync_overview.html", "overview", context, status)
@@ -311,10 +321,16 @@ async def operations_page(datasette, request):
     hidden = await hidden_tables(datasette, request, db)
 
     def read(conn):
+        device = filters["device"]
+        if device:
+            try:
+                device = resolve_device(conn, device)
+            except SyncError as ex:
+                raise queries.InvalidArgument(str(ex))
         page = queries.operations(
             conn,
             table=filters["table"],
-            device=filters["device"],
+            device=device,
             pk=filters["pk"],
             op_type=filters["type"],
             after=after,
@@ -322,9 +338,9 @@ async def operations_page(datasette, request):
             hidden=hidden,
         )
         tables = [name for name in queries.synced_tables(conn) if name not in hidden]
-        return page, tables, [d["device_id"] for d in queries.devices(conn)]
+        return page, tables, [d["device_id"] for d in queries.devices(conn)], device
 
-    page, tables, devices = await read_page(db, read)
+    page, tables, devices, filters["device"] = await read_page(db, read)
     base = sync_url(datasette, db.name) + "/operations"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     data = {"operations": page["operations"], "next": page["next"]}

@@ -11,11 +11,13 @@ Public API (each function takes a ``sqlite_utils.Database`` or a ``sqlite3.Conne
     list_conflicts(db, include_resolved=False)
     resolve_conflict(db, conflict_id, keep=None)
     new_device(db)
+    set_device_name(db, "laptop")
+    retire_device(db, "phone")
     compact_log(db)
     sync_with_hub(db, "http://127.0.0.1:8001/data", token=None)
 """
 
-from .api import disable_sync, enable_sync, export_bundle, new_device, sync_status
+from .api import disable_sync, enable_sync, export_bundle, new_device, retire_device, set_device_name, sync_status
 from .importer import ImportResult, import_bundle
 from .bundle import ExportResult
 from .client import HubError, sync_with_hub
@@ -40,6 +42,8 @@ __all__ = [
     "list_conflicts",
     "new_device",
     "resolve_conflict",
+    "retire_device",
+    "set_device_name",
     "sync_status",
     "sync_with_hub",
 ]

@@ -16,23 +16,27 @@ from .bundle import ExportResult, write_bundle
 from .capture import canonical_name, drifted_tables, drop_triggers, load_tables, muted, remember_captured
 from .clocks import clock, unsettled_clocks
 from .conflicts import rebuild_conflicts
-from .devices import local_device_id, new_device as give_new_id
+from .devices import device_names, local_device_id, new_device as give_new_id, resolve_device, retire, set_local_name
 from .errors import CONSTRAINT_FAILED, NOT_ENABLED, UNKNOWN_DEVICE, SyncError
-from .oplog import LOCAL, is_device_id, op_id, parse_clock
+from .oplog import LOCAL, op_id, parse_clock
 from .schema import check_schema, connection, is_enabled
 from .writing import capture_table, writing
 
 
-def enable_sync(db: Any, tables: list[str]) -> dict[str, int]:
+def enable_sync(db: Any, tables: list[str], name: str | None = None) -> dict[str, int]:
     """Start capturing writes to ``tables`` (idempotent; re-running repairs the triggers).
 
+    :param name: also name this database's device (see :func:`set_device_name`)
     :returns: for each table, how many existing or missed rows were logged as operations
     """
     conn = connection(db)
     try:
         with writing(conn, create=True, repair=False):
             # One entry per table, however it was spelled.
-            return {name: capture_table(conn, name) for name in dict.fromkeys(canonical_name(conn, t) for t in tables)}
+            logged = {table: capture_table(conn, table) for table in dict.fromkeys(canonical_name(conn, t) for t in tables)}
+            if name is not None:
+                set_local_name(conn, name)
+            return logged
     except sqlite3.IntegrityError as ex:
         # Taking values peers wrote while this copy was not syncing can meet a UNIQUE value (or
         # a foreign key) a row written here meanwhile holds.
@@ -106,11 +110,15 @@ def clock_from_since(since: dict | str) -> dict[str, int]:
     return parse_clock(value, "--since")
 
 
-def clock_of_device(conn: sqlite3.Connection, device_id: str) -> dict[str, int]:
-    """The clock this database last learned from ``device_id``'s bundles (its own: its clock).
-    A device nothing was imported from yet gets everything: its first bundle starts it."""
-    if not is_device_id(device_id):
-        raise SyncError(UNKNOWN_DEVICE, f"--for takes a device id (32 hex digits), got {device_id!r}")
+def clock_of_device(conn: sqlite3.Connection, device: str) -> dict[str, int]:
+    """The clock this database last learned from ``device``'s bundles (its own: its clock).
+    A device nothing was imported from yet gets everything: its first bundle starts it.
+
+    :param device: a device id, or a name (see :func:`~sqlite_utils_sync.devices.resolve_device`)
+    """
+    if not isinstance(device, str) or not device:
+        raise SyncError(UNKNOWN_DEVICE, f"--for takes a device id (32 hex digits) or name, got {device!r}")
+    device_id = resolve_device(conn, device)
     row = conn.execute("SELECT clock FROM _sync_peers WHERE device_id = ?", [device_id]).fetchone()
     if row is not None:
         return parse_clock(row[0])
@@ -136,7 +144,7 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def sync_status(db: Any) -> dict[str, Any]:
-    """``{"device_id", "clock", "tables", "operations", "unresolved_conflicts", "warnings"}``."""
+    """``{"device_id", "device_name", "clock", "tables", "operations", "unresolved_conflicts", "warnings"}``."""
     conn = connection(db)
     if not check_schema(conn):
         return {
@@ -147,6 +155,7 @@ def sync_status(db: Any) -> dict[str, Any]:
             "operations": 0,
             "unresolved_conflicts": 0,
             "warnings": [],
+            "device_name": None,
         }
     counts = dict(conn.execute("SELECT tid, count(*) FROM _sync_ops GROUP BY tid"))  # one scan
     drift = drifted_tables(conn)
@@ -154,9 +163,11 @@ def sync_status(db: Any) -> dict[str, Any]:
         name: {"operations": counts.get(table.tid, 0), "warning": drift.get(name)}
         for name, table in load_tables(conn, enabled_only=True).items()
     }
+    local = local_device_id(conn)
     return {
         "enabled": True,
-        "device_id": local_device_id(conn),
+        "device_id": local,
+        "device_name": device_names(conn).get(local),
         "clock": clock(conn),
         "tables": tables,
         # every operation but the local sentinel (seq 0, tid 0)
@@ -191,3 +202,29 @@ def new_device(db: Any, recover: bool = False) -> str:
         if rows:
             rebuild_conflicts(conn, rows)
         return device_id
+
+
+def set_device_name(db: Any, name: str) -> None:
+    """Name this database's device. The name travels in bundles, so every copy and hub shows
+    it (``laptop (19cecc3d)``), and is accepted wherever a device id is; the newest name a
+    device gave itself wins everywhere."""
+    conn = connection(db)
+    if not is_enabled(conn):
+        raise SyncError(NOT_ENABLED, "This database has no synced tables: run enable-sync first")
+    with writing(conn):
+        set_local_name(conn, name)
+
+
+def retire_device(db: Any, device: str) -> dict[str, Any]:
+    """Retire a device that will never sync again (lost, or replaced), by id or name.
+
+    The retirement travels in bundles like an edit: every copy then refuses anything the
+    device writes after the last operation held here, and compaction stops waiting for it.
+    Returns ``{"device_id", "seq"}``: operations up to ``seq`` stay accepted.
+    """
+    conn = connection(db)
+    if not is_enabled(conn):
+        raise SyncError(NOT_ENABLED, "This database has no synced tables: run enable-sync first")
+    with writing(conn):
+        device_id = resolve_device(conn, device)
+        return {"device_id": device_id, "seq": retire(conn, device_id)}

@@ -41,7 +41,7 @@ import msgpack
 
 from .capture import load_tables
 from .clocks import clock, horizon, max_seq, now_iso
-from .devices import device_ids, local_device_id
+from .devices import device_ids, local_device_id, mark_sent, name_problem, name_records, retired_records
 from .errors import (
     CANNOT_WRITE,
     HASH_MISMATCH,
@@ -132,7 +132,8 @@ def write_bundle(
                 count = write_operations(conn, since, devices, tops, writer, {op: hlc for hlc, op in clock_fixes})
                 current = clock(conn)
                 sha = writer.finish(
-                    {
+                    device_records(conn)
+                    | {
                         "anchors": anchors_for(conn, since, devices),
                         "source": local_device_id(conn),
                         "created": now_iso(),
@@ -147,11 +148,19 @@ def write_bundle(
                 )
             finally:
                 writer.close()  # before the rename: the file must be complete
+            mark_sent(conn, writer.devices)
             os.replace(temp, target)
         finally:
             if os.path.exists(temp):
                 os.remove(temp)
         return ExportResult(sha[:32], local_device_id(conn), count, target.stat().st_size, current)
+
+
+def device_records(conn: sqlite3.Connection) -> dict[str, Any]:
+    """The header keys that carry device names and retirements to every copy (absent when
+    there are none; readers before them ignore them)."""
+    records = {"device_names": name_records(conn), "retired": retired_records(conn)}
+    return {key: value for key, value in records.items() if value}
 
 
 def temporary_file(target: pathlib.Path) -> str:
@@ -650,6 +659,27 @@ def header_problem(header: Any) -> str | None:
     for key in ("clock", "since", "horizon"):
         if not isinstance(header.get(key, {}), dict):
             return f"{key} is not a map"
+    return device_records_problem(header)
+
+
+MAX_DEVICE_RECORDS = 1 << 16
+
+
+def device_records_problem(header: dict) -> str | None:
+    """What is wrong with the header's device names and retirements, or None."""
+    names, retired = header.get("device_names", {}), header.get("retired", {})
+    if not (isinstance(names, dict) and len(names) <= MAX_DEVICE_RECORDS) or not all(
+        is_device_id(k) and isinstance(v, list) and len(v) == 2 and name_problem(v[0]) is None
+        and is_count(v[1], 1 << 62)
+        for k, v in names.items()
+    ):
+        return "device names are invalid"
+    if not (isinstance(retired, dict) and len(retired) <= MAX_DEVICE_RECORDS) or not all(
+        is_device_id(k) and isinstance(v, list) and len(v) == 3 and is_count(v[0], SEQ_MASK)
+        and is_device_id(v[1]) and is_count(v[2], 1 << 62)
+        for k, v in retired.items()
+    ):
+        return "retired-device records are invalid"
     return None
 
 

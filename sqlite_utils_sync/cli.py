@@ -18,7 +18,7 @@ import sqlite_utils
 
 from .importer import import_bundle
 from .capture import secondary_unique_columns
-from .api import disable_sync, enable_sync, export_bundle, new_device, sync_status
+from .api import disable_sync, enable_sync, export_bundle, new_device, retire_device, set_device_name, sync_status
 from .client import RETRIES, TOKEN_ENV, normalize_url, sync_with_hub
 from .compaction import compact_log
 from .conflicts import list_conflicts
@@ -98,18 +98,19 @@ def echo_json(value: Any) -> None:
 @click.command(name="enable-sync")
 @click.argument("path", type=DB_PATH)
 @click.argument("tables", nargs=-1, required=True)
-def enable_sync_command(path, tables):
+@click.option("--name", help="Also name this database's device (see sync-name)")
+def enable_sync_command(path, tables, name):
     """Capture every write to TABLES so they can be synced
 
     Idempotent: running it again repairs stale triggers and logs changes they missed.
 
     Example:
 
-        sqlite-utils enable-sync data.db todos notes
+        sqlite-utils enable-sync data.db todos notes --name laptop
     """
     with user_errors():
         db = open_db(path)
-        logged = enable_sync(db, list(tables))
+        logged = enable_sync(db, list(tables), name=name)
     for table, count in logged.items():
         if count:
             click.echo(f"{table}: logged {count} existing or missed row change(s)", err=True)
@@ -143,7 +144,9 @@ def disable_sync_command(path, tables):
 @click.option(
     "--since", help='Vector clock of the receiver: {"<device id>": <seq>, ...}, or its sync-status --json output'
 )
-@click.option("--for", "for_device", help="Device id: send what it has not acknowledged (everything, the first time)")
+@click.option(
+    "--for", "for_device", help="Device id or name: send what it has not acknowledged (everything, the first time)"
+)
 @json_option
 @silent_option
 def export_bundle_command(path, bundle, since, for_device, as_json, silent):
@@ -153,7 +156,7 @@ def export_bundle_command(path, bundle, since, for_device, as_json, silent):
 
     Example:
 
-        sqlite-utils export-bundle laptop.db to-phone.bundle --for 5f0c...
+        sqlite-utils export-bundle laptop.db to-phone.bundle --for phone
     """
     if since and for_device:
         raise click.ClickException("Use --since or --for, not both")
@@ -225,7 +228,8 @@ def sync_status_command(path, as_json):
     if not status["enabled"]:
         click.echo("Sync is not enabled on this database")
         return
-    click.echo(f"Device: {status['device_id']}")
+    named = f" ({status['device_name']})" if status["device_name"] else ""
+    click.echo(f"Device: {status['device_id']}{named}")
     click.echo(f"Operations: {status['operations']}")
     click.echo(f"Unresolved conflicts: {status['unresolved_conflicts']}")
     click.echo("Tables:")
@@ -302,6 +306,48 @@ def sync_new_device_command(path, recover):
     with user_errors():
         device_id = new_device(open_db(path), recover=recover)
     click.echo(device_id)
+
+
+@click.command(name="sync-name")
+@click.argument("path", type=DB_PATH)
+@click.argument("name")
+def sync_name_command(path, name):
+    """Name this database's device
+
+    Every copy and hub it syncs with then shows the name (laptop (19cecc3d)), and takes it
+    wherever a device id goes (export-bundle --for, sync-retire, the pages' filters). Names
+    need not be unique; an ambiguous one is refused where one device is needed.
+
+    Example:
+
+        sqlite-utils sync-name laptop.db laptop
+    """
+    with user_errors():
+        set_device_name(open_db(path), name)
+    click.echo(f"This device is now named {name}", err=True)
+
+
+@click.command(name="sync-retire")
+@click.argument("path", type=DB_PATH)
+@click.argument("device")
+@json_option
+def sync_retire_command(path, device, as_json):
+    """Retire DEVICE (an id or a name): a device that will never sync again
+
+    For a lost or replaced device. The retirement syncs like an edit: every copy then
+    refuses anything DEVICE writes after the last of its operations held here, and
+    sync-compact no longer waits for it to catch up.
+
+    Example:
+
+        sqlite-utils sync-retire laptop.db phone
+    """
+    with user_errors():
+        result = retire_device(open_db(path), device)
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(f"Retired {result['device_id']} after its operation {result['seq']}", err=True)
 
 
 @click.command(name="sync-compact")
@@ -405,6 +451,8 @@ COMMANDS = [
     sync_conflicts_command,
     sync_resolve_command,
     sync_new_device_command,
+    sync_name_command,
+    sync_retire_command,
     sync_compact_command,
     sync_command,
 ]

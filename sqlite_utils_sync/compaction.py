@@ -2,8 +2,8 @@
 
 An operation can go when all of these hold:
 
-* it is **stable**: every device this database knows of had seen it, according to the latest
-  knowledge epoch (tick) held from that device. Every later operation from those devices was
+* it is **stable**: every device this database knows of (but retired ones, which write
+  nothing more) had seen it, according to the latest knowledge epoch (tick) held from that device. Every later operation from those devices was
   written after seeing it, so it can never be concurrent with, and never conflict with,
   anything still to come;
 * it is **superseded**: on every row it touched, a later operation (in the deterministic
@@ -35,7 +35,7 @@ from typing import Any
 from . import errors
 from .capture import load_tables
 from .clocks import clock, horizon, max_seq, raise_horizon
-from .devices import device_ids
+from .devices import device_ids, retired_records
 from .errors import SyncError
 from .merge import latest_op_sql, latest_sql
 from .oplog import DELETE, KIND_MASK, LOCAL, TICK, UPDATE, device_sql, load_clock, op_id, seq_sql
@@ -56,9 +56,11 @@ class CompactResult:
 def stable_clock(conn: sqlite3.Connection) -> dict[int, int]:
     """For each device index, the highest seq that every known device had seen."""
     devices = device_ids(conn)
+    retired = retired_records(conn)
     views = [clock(conn)]  # this database has seen what it holds
     for idx, device in devices.items():
-        if idx == LOCAL:
+        if idx == LOCAL or device in retired:
+            # A retired device writes nothing more: what it had not seen cannot conflict.
             continue
         row = conn.execute(
             "SELECT clock FROM _sync_knowledge WHERE device = ? ORDER BY from_seq DESC LIMIT 1", [idx]

@@ -1,5 +1,6 @@
 """Device identities: this database's own id, the devices it holds operations of, and a new
-id for a copied file (:func:`new_device`), with recovery when two files wrote under one id.
+id for a copied file (:func:`new_device`), with recovery when two files wrote under one id;
+device names (:func:`resolve_device` turns a name into an id) and retired devices.
 
 The ownership of devices on a hub (which actor may push a device's new operations) is kept in
 ``_sync_device_actors`` and checked by the importer.
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import Callable
+from typing import Any, Callable
 
-from .clocks import append_tick, clock, knowledge_at, max_seq, record_knowledge, restart_settling
-from .oplog import LOCAL, TICK, encode_clock, load_clock, op_id, op_seq
-from .schema import log_rewrite, migrate, quote_identifier
+from .clocks import append_tick, clock, knowledge_at, max_seq, next_local_hlc, record_knowledge, restart_settling
+from .errors import AMBIGUOUS_DEVICE, INVALID_ARGUMENT, UNKNOWN_DEVICE, SyncError, shorten
+from .oplog import LOCAL, TICK, device_range, encode_clock, is_device_id, load_clock, op_id, op_seq
+from .schema import has_table, log_rewrite, migrate, quote_identifier
 
 # Tables that refer to operations by op id, and their op id columns: renumbered with the log.
 OP_REFERENCES = (("_sync_conflict_pairs", ["a", "b"]), ("_sync_resolutions", ["op"]), ("_sync_unapplied", ["op"]))
@@ -124,6 +126,14 @@ def new_device(conn: sqlite3.Connection, recover: bool = False) -> str:
     a later edit elsewhere meets the moved copy it can show as a conflict (sync-resolve
     settles it).
     """
+    if not recover and never_left(conn):
+        return replace_local_id(conn)
+    new_id = move_to_new_id(conn, recover)
+    conn.execute("INSERT OR IGNORE INTO _sync_fresh_ids VALUES (?)", [new_id])
+    return new_id
+
+
+def move_to_new_id(conn: sqlite3.Connection, recover: bool) -> str:
     old_id = local_device_id(conn)
     old_idx = next_device_index(conn)
     keep = shared_through(conn) if recover else max_seq(conn, LOCAL)
@@ -204,3 +214,185 @@ def restart_moved(conn: sqlite3.Connection, start: dict[str, int], old_id: str, 
     (floor,) = conn.execute("SELECT max(hlc) FROM _sync_ops").fetchone()
     append_tick(conn, {k: v for k, v in clock(conn).items() if k != device_id}, floor=floor)
     return device_id
+
+
+# Names -----------------------------------------------------------------------------------
+
+MAX_NAME_CHARS = 64
+
+
+def name_problem(name: Any) -> str | None:
+    """What is wrong with a device name (from a user or a bundle), or None."""
+    if not isinstance(name, str) or not name.strip():
+        return "a device name must be non-empty text"
+    if len(name) > MAX_NAME_CHARS:
+        return f"a device name must be at most {MAX_NAME_CHARS} characters"
+    if name != name.strip() or any(not c.isprintable() for c in name):
+        return "a device name must be printable text without leading or trailing spaces"
+    if is_device_id(name):
+        return "a device name must not look like a device id (32 hex digits)"
+    return None
+
+
+def device_names(conn: sqlite3.Connection) -> dict[str, str]:
+    """``{device id: name}`` of every named device (empty before sync or names exist)."""
+    if not has_table(conn, "_sync_device_names"):
+        return {}
+    return {device_id: name for device_id, name in conn.execute("SELECT device_id, name FROM _sync_device_names")}
+
+
+def name_records(conn: sqlite3.Connection) -> dict[str, list]:
+    """``{device id: [name, clock]}``: what a bundle carries so every copy shows the names."""
+    if not has_table(conn, "_sync_device_names"):
+        return {}
+    return {d: [name, hlc] for d, name, hlc in conn.execute("SELECT device_id, name, hlc FROM _sync_device_names")}
+
+
+def set_local_name(conn: sqlite3.Connection, name: str) -> None:
+    """Name this database's device: a record stamped with its next clock, so that it replaces
+    every earlier one on every copy. Call inside :func:`~sqlite_utils_sync.writing.writing`."""
+    problem = name_problem(name)
+    if problem:
+        raise SyncError(INVALID_ARGUMENT, f"{problem}, got {shorten(name)}")
+    device_id = local_device_id(conn)
+    old = conn.execute("SELECT hlc FROM _sync_device_names WHERE device_id = ?", [device_id]).fetchone()
+    hlc = max(next_local_hlc(conn), old[0] + 1 if old else 0)
+    conn.execute("INSERT OR REPLACE INTO _sync_device_names VALUES (?, ?, ?)", [device_id, name, hlc])
+
+
+def merge_names(conn: sqlite3.Connection, records: dict[str, list], only: set[str] | None = None) -> None:
+    """Take the newer of each device's name records (the higher clock; the name breaks a tie).
+
+    :param only: the devices whose records may be taken (None: all)
+    """
+    held = name_records(conn)
+    for device_id, (name, hlc) in records.items():
+        if only is not None and device_id not in only:
+            continue
+        if device_id not in held or (hlc, name) > (held[device_id][1], held[device_id][0]):
+            conn.execute("INSERT OR REPLACE INTO _sync_device_names VALUES (?, ?, ?)", [device_id, name, hlc])
+
+
+def label(device_id: str | None, names: dict[str, str]) -> str:
+    """``laptop (19cecc3d)`` for a named device, ``19cecc3d`` for the others."""
+    short = (device_id or "")[:8]
+    name = names.get(device_id or "")
+    return f"{name} ({short})" if name else short
+
+
+def describe_device(conn: sqlite3.Connection, device_id: str) -> str:
+    """A device for a message: ``laptop (<its whole id>)``, or the id alone."""
+    name = device_names(conn).get(device_id)
+    return f"{name} ({device_id})" if name else device_id
+
+
+def resolve_device(conn: sqlite3.Connection, text: str) -> str:
+    """The device id ``text`` means: a device id, a device's name, or the start (8 hex digits
+    or more) of one known device's id. An ambiguous or unknown name is refused, listing ids."""
+    if is_device_id(text):
+        return text
+    names = device_names(conn)
+    named = sorted(d for d, name in names.items() if name == text)
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        raise SyncError(
+            AMBIGUOUS_DEVICE,
+            f"Device name {shorten(text)} is ambiguous: it names {', '.join(named)}; use the device id",
+        )
+    known = list(device_ids(conn).values()) if has_table(conn, "_sync_devices") else []
+    lowered = text.lower()
+    if len(text) >= 8 and all(c in "0123456789abcdef" for c in lowered):
+        matches = sorted(d for d in known if d.startswith(lowered))
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise SyncError(AMBIGUOUS_DEVICE, f"{text} starts several device ids: {', '.join(matches)}")
+    shown = ", ".join(label(d, names) for d in sorted(known, key=lambda d: (names.get(d, "~"), d))[:10])
+    raise SyncError(
+        UNKNOWN_DEVICE, f"No device here is named {shorten(text)} (a device id is 32 hex digits; known: {shown or 'none'})"
+    )
+
+
+# Retired devices ---------------------------------------------------------------------------
+
+
+def retired_records(conn: sqlite3.Connection) -> dict[str, list]:
+    """``{device id: [last seq accepted, retired by, clock]}``."""
+    if not has_table(conn, "_sync_retired"):
+        return {}
+    return {
+        d: [seq, by, hlc] for d, seq, by, hlc in conn.execute("SELECT device_id, seq, retired_by, hlc FROM _sync_retired")
+    }
+
+
+def retire(conn: sqlite3.Connection, device_id: str) -> int:
+    """Retire a device that will never sync again: its operations after the last one held here
+    are refused from now on, here and on every copy this record reaches, and compaction stops
+    waiting for it. Returns that last seq. Call inside
+    :func:`~sqlite_utils_sync.writing.writing`."""
+    local = local_device_id(conn)
+    if device_id == local:
+        raise SyncError(
+            INVALID_ARGUMENT,
+            f"{device_id} is this database's own device: retire it from another copy (or run "
+            "'sqlite-utils sync-new-device' here to give this file a new id)",
+        )
+    idx = device_index(conn, device_id, create=False)
+    if idx is None:
+        raise SyncError(UNKNOWN_DEVICE, f"No device {device_id} is known here: nothing of it to retire")
+    seq = max_seq(conn, idx)
+    merge_retired(conn, {device_id: [seq, local, next_local_hlc(conn)]})
+    return retired_records(conn)[device_id][0]
+
+
+def merge_retired(conn: sqlite3.Connection, records: dict[str, list]) -> None:
+    """Take retirement records: a device stays retired; the highest seq any copy held of it
+    when retiring it is accepted (so that the operations one copy held reach all of them)."""
+    conn.executemany(
+        "INSERT INTO _sync_retired VALUES (?, ?, ?, ?) ON CONFLICT (device_id) DO UPDATE SET "
+        "seq = excluded.seq, retired_by = excluded.retired_by, hlc = excluded.hlc WHERE excluded.seq > seq",
+        [(d, seq, by, hlc) for d, (seq, by, hlc) in records.items()],
+    )
+
+
+# Ids that never left this database ----------------------------------------------------------
+
+
+def mark_sent(conn: sqlite3.Connection, devices: list[str]) -> None:
+    """A bundle carried operations of ``devices``: the local id, if among them, has left."""
+    local = local_device_id(conn)
+    if local not in devices or not has_table(conn, "_sync_fresh_ids"):
+        return
+    if conn.execute("SELECT 1 FROM _sync_fresh_ids WHERE device_id = ?", [local]).fetchone():
+        conn.execute("DELETE FROM _sync_fresh_ids WHERE device_id = ?", [local])
+
+
+def never_left(conn: sqlite3.Connection) -> bool:
+    """Whether the local id may simply be replaced by another: sync-new-device made it here,
+    no bundle carried it, no peer names it, and it wrote no data operation (only the knowledge
+    ticks that a copy of this file, if any, holds identically)."""
+    local = local_device_id(conn)
+    if not conn.execute("SELECT 1 FROM _sync_fresh_ids WHERE device_id = ?", [local]).fetchone():
+        return False
+    if conn.execute(
+        f"SELECT 1 FROM _sync_ops WHERE op BETWEEN ? AND ? AND kind != {TICK} LIMIT 1", device_range(LOCAL, 1)
+    ).fetchone():
+        return False
+    for (text,) in conn.execute("SELECT clock FROM _sync_peers"):
+        if local in text:
+            return False
+    return not conn.execute(
+        "SELECT 1 FROM _sync_peers WHERE device_id = ?1 UNION ALL SELECT 1 FROM _sync_imports WHERE source_device_id = ?1",
+        [local],
+    ).fetchone()
+
+
+def replace_local_id(conn: sqlite3.Connection) -> str:
+    """Give the local device a new id in place of one that never left (see :func:`never_left`):
+    its operations, knowledge and name go with it, so no peer ever hears of the old one."""
+    old, new = local_device_id(conn), random_device_id()
+    conn.execute("UPDATE _sync_devices SET device_id = ? WHERE idx = ?", [new, LOCAL])
+    for table in ("_sync_device_names", "_sync_horizon", "_sync_fresh_ids"):
+        conn.execute(f"UPDATE {table} SET device_id = ? WHERE device_id = ?", [new, old])
+    return new

@@ -36,7 +36,15 @@ from .capture import (
 from .conflicts import rebuild_conflicts
 from .errors import BundleError, SyncError
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, HLC_NOW_SQL, HLC_PER_SECOND, MAX_HLC, append_tick, clock, horizon, knowledge_at, max_seq, now_iso, parse_duration, raise_horizon, record_knowledge
-from .devices import device_ids, device_index, local_device_id
+from .devices import (
+    describe_device,
+    device_ids,
+    device_index,
+    local_device_id,
+    merge_names,
+    merge_retired,
+    retired_records,
+)
 from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
 from .schema import connection, quote_identifier
 from .merge import Effect, KnowledgeCache, cursor_effects, effects_of, latest_key, record_clashes
@@ -217,6 +225,7 @@ class Importer:
             inserted = self.append_ops(result, local_id)
             self.check_sequences(inserted)
             self.check_owners(inserted)
+            self.take_device_records(inserted)
             self.record_knowledge()
             self.check_horizon()
             result.applied = sum(inserted.values())
@@ -628,6 +637,61 @@ class Importer:
                     f"it adds new operations of device {device}, which another actor pushes to this hub (relaying "
                     "them needs the sync-relay permission). If it is your device, run 'sqlite-utils sync-new-device "
                     "--recover' on its database to give its edits an id of its own, then sync again",
+                )
+
+    def take_device_records(self, inserted: dict[int, int]) -> None:
+        """Take the bundle's retirements, refuse what retired devices wrote after retiring, and
+        take its device names (on a hub, only the pushing device's own, from its actor)."""
+        conn, header = self.conn, self.reader.header
+        retired = {d: r for d, r in header.get("retired", {}).items() if r[2] <= self.clock_limit}
+        if retired:
+            held = retired_records(conn)
+            changes = {d: r for d, r in retired.items() if d not in held or r[0] > held[d][0]}
+            for device in changes if not self.may_relay else ():
+                owner = self.owner(device)
+                if owner is not None and owner != self.actor:
+                    raise self.fail(
+                        errors.DEVICE_OWNED,
+                        f"it retires device {describe_device(conn, device)}, which another actor pushes to this hub "
+                        "(retiring it needs the sync-relay permission)",
+                    )
+            merge_retired(conn, changes)
+        self.check_retired(inserted)
+        names = {d: r for d, r in header.get("device_names", {}).items() if r[1] <= self.clock_limit}
+        source = header["source"]
+        only = None if self.may_relay else ({source} if self.owner(source) in (None, self.actor) else set())
+        merge_names(conn, names, only)
+
+    def owner(self, device: str) -> str | None:
+        row = self.conn.execute("SELECT actor FROM _sync_device_actors WHERE device_id = ?", [device]).fetchone()
+        return row[0] if row else None
+
+    def check_retired(self, inserted: dict[int, int]) -> None:
+        """Refuse operations a retired device wrote after it was retired, and a bundle saying
+        this database's own device is retired."""
+        conn = self.conn
+        records = retired_records(conn)
+        if not records:
+            return
+        local = local_device_id(conn)
+        if local in records:
+            raise self.fail(
+                errors.DEVICE_RETIRED,
+                f"this database's device {describe_device(conn, local)} was retired by "
+                f"{describe_device(conn, records[local][1])}: a retired device never syncs again. To go on with "
+                "this database, run 'sqlite-utils sync-new-device --recover' on it (its edits move to a new id), "
+                "then sync again",
+            )
+        names = device_ids(conn)
+        for idx, count in inserted.items():
+            device = names[idx]
+            if count and device in records and max_seq(conn, idx) > records[device][0]:
+                raise self.fail(
+                    errors.DEVICE_RETIRED,
+                    f"it carries operations of device {describe_device(conn, device)} written after it was retired "
+                    f"(it was retired after seq {records[device][0]} by {describe_device(conn, records[device][1])}): "
+                    "a retired device never syncs again. If it is in use after all, run 'sqlite-utils "
+                    "sync-new-device --recover' on its database to give its edits a new id, then sync again",
                 )
 
     def check_sequences(self, inserted: dict[int, int]) -> None:

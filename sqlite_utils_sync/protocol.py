@@ -63,6 +63,7 @@ STATUS: dict[str, int] = {
     errors.CONSTRAINT_FAILED: 400,
     errors.INVALID_ARGUMENT: 400,
     errors.UNKNOWN_DEVICE: 400,
+    errors.AMBIGUOUS_DEVICE: 400,
     errors.SCHEMA_TOO_NEW: 503,  # the hub's database needs a newer datasette-sync: not the client's fault
     # Conflicts.
     errors.UNKNOWN_CONFLICT: 404,
@@ -92,6 +93,7 @@ STATUS: dict[str, int] = {
     errors.DEVICE_ID_CLASH: 400,
     errors.DEVICE_OWNED: 403,  # the actor may not write as that device: a permission, not a bad bundle
     errors.CLOCK_AHEAD: 400,
+    errors.DEVICE_RETIRED: 409,  # the device's own state (retired), not a malformed bundle
     # The hub's own refusals.
     errors.INVALID_REQUEST: 400,
     errors.INVALID_JSON: 400,

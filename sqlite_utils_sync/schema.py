@@ -13,6 +13,7 @@ Versions:
    were created on first use, so a version-1 database may or may not have them
 2. ``_sync_horizon``, ``_sync_settled``, ``_sync_captured`` and ``_sync_device_actors`` always
    exist; ``_sync_clashes`` is named ``_sync_conflict_pairs``
+3. (numbered 4 at merge) ``_sync_device_names``, ``_sync_retired`` and ``_sync_fresh_ids``
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Iterator
 
 from .errors import SCHEMA_TOO_NEW, SyncError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 CREATE_LOG = """
 CREATE TABLE IF NOT EXISTS _sync_state (
@@ -132,12 +133,33 @@ INSERT INTO _sync_conflict_pairs (tid, rowkey, a, b, columns) SELECT tid, rowkey
 DROP TABLE _sync_clashes;
 """
 
+VERSION_DEVICES = """
+-- Each device's name, as the device itself last set it (``hlc``: its clock then; the
+-- highest wins).
+CREATE TABLE IF NOT EXISTS _sync_device_names (device_id TEXT PRIMARY KEY, name TEXT NOT NULL, hlc INTEGER NOT NULL);
+-- Devices that will never sync again: operations of `device_id` after `seq` are refused.
+-- `retired_by` is the device that retired it, at its clock `hlc`.
+CREATE TABLE IF NOT EXISTS _sync_retired (
+    device_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    retired_by TEXT NOT NULL,
+    hlc INTEGER NOT NULL
+);
+-- Local ids sync-new-device made here that no bundle has carried yet: a further
+-- sync-new-device replaces such an id instead of leaving it behind in every peer's clock.
+CREATE TABLE IF NOT EXISTS _sync_fresh_ids (device_id TEXT PRIMARY KEY);
+"""
+
 # (version, script): what takes a database from the version before to this one.
-MIGRATIONS = [(1, CREATE_LOG), (2, VERSION_2)]
+# VERSION_DEVICES is number 4 in the merged project (issue 11 adds 3); renumbered at merge.
+MIGRATIONS = [(1, CREATE_LOG), (2, VERSION_2), (3, VERSION_DEVICES)]
 
 # Tables a version-1 database made only when first needed: there, whether one exists is a
 # question for sqlite_master; from version 2 on, it always does.
 FIRST_USE_TABLES = {"_sync_horizon", "_sync_settled", "_sync_captured", "_sync_device_actors"}
+# Tables of later versions, and the version that made them: a read-only path reads an older
+# database as it is, without them.
+LATER_TABLES = {"_sync_device_names": 3, "_sync_retired": 3, "_sync_fresh_ids": 3}
 
 
 def connection(db: Any) -> sqlite3.Connection:
@@ -177,7 +199,7 @@ def is_enabled(conn: sqlite3.Connection) -> bool:
 def has_table(conn: sqlite3.Connection, name: str) -> bool:
     """Whether one of the sync tables exists, for paths that read a database as it is."""
     version = check_schema(conn)
-    if version == 0:
+    if version == 0 or version < LATER_TABLES.get(name, 0):
         return False
     if version >= 2 or name not in FIRST_USE_TABLES:
         return True

@@ -505,3 +505,34 @@ async def test_operations_filters_use_datasette_form_styles(ds):
     assert form.count('<span class="select-wrapper"><select') == 3
     assert '<input type="submit" value="Apply filters">' in form
     assert "<option selected>update</option>" in form and "Clear filters" in form
+
+
+async def test_chart_and_row_panel_name_the_devices(tmp_path):
+    from sqlite_utils_sync import set_device_name
+
+    data = sqlite_utils.Database(tmp_path / "data.db")
+    data["todos"].insert({"id": 1, "title": "Buy milk"}, pk="id")
+    enable_sync(data, ["todos"])
+    phone = sqlite_utils.Database(tmp_path / "phone.db")
+    phone["todos"].create({"id": int, "title": str}, pk="id")
+    enable_sync(phone, ["todos"])
+    set_device_name(data, "laptop")
+    set_device_name(phone, "phone")
+    export_bundle(data, tmp_path / "first.bundle")
+    import_bundle(phone, tmp_path / "first.bundle")
+    data["todos"].update(1, {"title": "Buy oat milk"})
+    phone["todos"].update(1, {"title": "Buy soy milk"})
+    export_bundle(phone, tmp_path / "phone.bundle", since=sync_status(data)["clock"])
+    import_bundle(data, tmp_path / "phone.bundle")
+    laptop_id, phone_id = sync_status(data)["device_id"], sync_status(phone)["device_id"]
+    ds = Datasette([str(tmp_path / "data.db")])
+    _, rows, _ = chart_rows((await ds.client.get("/data/-/sync")).text)
+    assert [row[0] for row in rows] == [
+        f"laptop ({laptop_id[:8]}) this database 2 edits, 1 in conflict",
+        f"phone ({phone_id[:8]}) 1 edit, 1 in conflict",
+    ]
+    row = visible_text((await ds.client.get("/data/todos/1")).text)
+    assert f"between laptop ({laptop_id[:8]}) and phone ({phone_id[:8]})" in row or (
+        f"between phone ({phone_id[:8]}) and laptop ({laptop_id[:8]})" in row
+    )
+    assert f"update by phone ({phone_id[:8]}): title = Buy soy milk" in row

@@ -12,6 +12,7 @@ import sqlite_utils
 from datasette.app import Datasette
 
 from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, sync_status
+from sqlite_utils_sync.schema import SCHEMA_VERSION
 
 # The sync tables as schema version 1 created them (verbatim). The tables of version 2 were
 # made there on first use: _sync_captured by enable-sync, the others later.
@@ -203,7 +204,7 @@ def test_a_version_1_database_is_upgraded_by_an_ordinary_command(tmp_path, old, 
     before = snapshot(path)
     assert len(before["pairs"]) == 1 and len(before["conflicts"]) == 1
     run(["sqlite-utils", *(arg.format(db=path, tmp=tmp_path, bundle=bundle) for arg in command)])
-    assert schema_version(path) == 2
+    assert schema_version(path) == SCHEMA_VERSION
     after = snapshot(path)
     assert after["pairs"] == before["pairs"] and after["conflicts"] == before["conflicts"]
     assert after["device"] == before["device"]
