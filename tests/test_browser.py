@@ -9,7 +9,7 @@ import shutil
 import pytest
 import sqlite_utils
 
-from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, list_conflicts, sync_status
+from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, list_conflicts, set_device_name, sync_status
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"]
@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM
 
 
 def make_conflicted(tmp_path):
-    """todos.db holding one unresolved conflict on column priority_label, made by two devices."""
+    """todos.db holding one unresolved conflict on column priority_label, made by two devices
+    named laptop (todos.db) and phone."""
     paths = [tmp_path / "todos.db", tmp_path / "other.db"]
     dbs = []
     for path in paths:
@@ -27,6 +28,8 @@ def make_conflicted(tmp_path):
         enable_sync(db, ["todos"])
         dbs.append(db)
     main, other = dbs
+    set_device_name(main, "laptop")
+    set_device_name(other, "phone")
     main["todos"].insert_all([{"id": 1, "title": "Water the plants", "priority_label": "normal"}, {"id": 2, "title": "Call mum", "priority_label": "normal"}])
     export_bundle(main, tmp_path / "1.bundle", since=sync_status(other)["clock"])
     import_bundle(other, tmp_path / "1.bundle")
@@ -62,7 +65,7 @@ def test_sync_pages_in_chromium(tmp_path, datasette_server):
     server = datasette_server([db_path])
 
     pages = {
-        "sync": ("/todos/-/sync", [device_id, "todos", f"{device_id[:8]} this database", "3 edits, 1 in conflict", f"{other_id[:8]}", "1 edit, 1 in conflict"]),
+        "sync": ("/todos/-/sync", [device_id, "todos", f"laptop ({device_id[:8]}) this database", "3 edits, 1 in conflict", f"phone ({other_id[:8]})", "1 edit, 1 in conflict"]),
         "operations": ("/todos/-/sync/operations", ["todos", "Water the plants", "Row primary key"]),
         "conflicts": ("/todos/-/sync/conflicts", ["priority_label", "urgent-from-laptop", "later-from-phone", conflict["id"], "Resolving needs the sync-resolve permission on database todos."]),
         "database": ("/todos", ["Synced with other devices: 1 table (todos)", "1 unresolved conflict: todos 1."]),
@@ -109,7 +112,10 @@ def test_sync_pages_in_chromium(tmp_path, datasette_server):
 def check_chart(chart, device_id, other_id, width):
     """Devices by label, every count printed in a readable size, the conflict marked on each
     device's bar, and time labels that neither repeat nor overlap."""
-    assert chart["rows"] == [f"{device_id[:8]} this database 3 edits, 1 in conflict", f"{other_id[:8]} 1 edit, 1 in conflict"]
+    assert chart["rows"] == [
+        f"laptop ({device_id[:8]}) this database 3 edits, 1 in conflict",
+        f"phone ({other_id[:8]}) 1 edit, 1 in conflict",
+    ]
     assert sum(int(count["text"]) for count in chart["counts"]) == 4, chart
     assert all(count["size"] >= 11 for count in chart["counts"]), chart
     assert chart["marks"] == ["\u26a01", "\u26a01"], chart
