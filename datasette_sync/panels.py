@@ -11,7 +11,7 @@ from typing import Any
 
 from markupsafe import Markup
 
-from sqlite_utils_sync import SyncError, get_conflict, sync_status
+from sqlite_utils_sync import SyncError, get_conflict
 from sqlite_utils_sync.devices import device_names
 from sqlite_utils_sync.oplog import json_value
 
@@ -28,17 +28,10 @@ async def database_panel(datasette, request, database: str) -> Markup:
     db = datasette.get_database(database)
     hidden = await views.hidden_tables(datasette, request, db)
 
-    def read(conn):
-        status = sync_status(conn)
-        if not status["enabled"]:
-            return None
-        return queries.without_tables(status, conn, hidden), queries.unresolved_counts(conn, hidden)
-
-    found = await readable(db, read)
-    if found is None:
+    summary = await readable(db, lambda conn: queries.database_summary(conn, hidden))
+    if summary is None:
         return Markup("")
-    status, conflicts = found
-    context = {"status": status, "conflicts": conflicts, "tables": sorted(status["tables"])}
+    context = {"summary": summary, "unresolved": sum(summary["conflicts"].values())}
     return await panel(datasette, request, database, "sync_panel_database.html", context)
 
 

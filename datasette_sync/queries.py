@@ -18,13 +18,14 @@ from typing import Any
 
 from sqlite_utils_sync import list_conflicts
 from sqlite_utils_sync.capture import load_tables
-from sqlite_utils_sync.clocks import max_seq
+from sqlite_utils_sync.clocks import clock, max_seq
 from sqlite_utils_sync.oplog import (
     DELETE,
     INSERT,
     KIND_CODES,
     KIND_NAMES,
     LOCAL,
+    SEQ_BITS,
     TICK,
     UPDATE,
     device_range,
@@ -502,3 +503,21 @@ def row_conflict_ids(conn: sqlite3.Connection, table: str, values: list[Any]) ->
             [table, rowkey],
         )
     ]
+
+
+def database_summary(conn: sqlite3.Connection, hidden: frozenset[str] = frozenset()) -> dict[str, Any] | None:
+    """What the database page's panel says: visible synced tables, operations (the count
+    ``sync_status`` gives, without its per-table scan and trigger checks), devices with
+    operations, unresolved conflicts per visible table. None when sync is not enabled."""
+    if not is_enabled(conn):
+        return None
+    total = conn.execute("SELECT count(*) FROM _sync_ops").fetchone()[0]
+    sentinels = conn.execute(
+        f"SELECT count(*) FROM _sync_ops WHERE op IN (SELECT idx << {SEQ_BITS} FROM _sync_devices)"
+    ).fetchone()[0]
+    return {
+        "tables": [name for name in synced_tables(conn) if name not in hidden],
+        "operations": total - sentinels,
+        "devices": len(clock(conn)),
+        "conflicts": unresolved_counts(conn, hidden),
+    }
