@@ -182,8 +182,6 @@ def compact(count: int) -> str:
     """A count short enough for a narrow bar: 999, 1.2k, 12k, 1.2M."""
     if count < 1000:
         return str(count)
-    for size, suffix in ((1_000_000, "M"), (1000, "k")):
-        if count >= size:
-            value = count / size
-            return (f"{value:.1f}".rstrip("0").rstrip(".") if value < 10 else f"{value:.0f}") + suffix
-    return str(count)
+    size, suffix = (1_000_000, "M") if count >= 999_500 else (1000, "k")
+    value = count / size
+    return (f"{value:.1f}".rstrip("0").rstrip(".") if value < 9.95 else f"{value:.0f}") + suffix

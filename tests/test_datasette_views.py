@@ -442,7 +442,7 @@ def test_activity_chart_caps_devices_and_says_how_many_more():
     assert built["more_devices"] == 3
     assert built["more_edits"] == sum(2 * (1 + index) for index in (1, 2, 3))  # the least busy three
     assert built["caption"].startswith(f"{sum(2 * (1 + i) for i in range(11))} edits by 11 devices")
-    assert chart.compact(999) == "999" and chart.compact(1234) == "1.2k" and chart.compact(56_789) == "57k"
+    assert [chart.compact(n) for n in (999, 1234, 56_789, 999_499, 999_999)] == ["999", "1.2k", "57k", "999k", "1M"]
 
 
 async def test_database_table_and_row_pages_show_sync_panels(ds, paths):
