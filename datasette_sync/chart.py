@@ -101,7 +101,8 @@ def bars(row: dict[str, Any], data: dict[str, Any], peak: int) -> list[dict[str,
         count = row["counts"].get(index, 0)
         conflicts = row["conflicts"].get(index, 0)
         start = data["origin"] + index * data["step"]
-        title = f"{row['label']}: {plural(count, 'edit')} from {stamp(start, True)} to {stamp(start + data['step'], True)} UTC"
+        end = start + data["step"]
+        title = f"{row['label']}: {plural(count, 'edit')} from {stamp(start, True)} to {stamp(end, True)} UTC"
         if conflicts:
             title += f", {conflicts} in an unresolved conflict"
         found.append(

@@ -91,7 +91,6 @@ async def panel(datasette, request, database: str, template: str, context: dict)
     context = {
         "database": database,
         "sync_base": views.sync_url(datasette, database),
-        "short": views.short,
         "show_pk": views.show_pk,
         "show": views.show,
         **context,

@@ -166,7 +166,8 @@ def conflict_versions(conn: sqlite3.Connection, hidden: frozenset[str]) -> list[
             device_id, _, seq = label.rpartition(":")
             if device_id not in indexes:
                 continue
-            row = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op_id(indexes[device_id], int(seq))]).fetchone()
+            op = op_id(indexes[device_id], int(seq))
+            row = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op]).fetchone()
             if row:
                 found.append((indexes[device_id], row[0]))
     return found

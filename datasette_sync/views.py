@@ -422,7 +422,10 @@ def resolve_hint(db, actor) -> str:
             "run sqlite-utils sync-resolve on a copy that can write, and the resolution syncs like any edit."
         )
     who = "You are not signed in" if actor is None else f"Actor {actor.get('id')!r} does not have it"
-    return f"Resolving needs the {RESOLVE} permission on database {db.name}. {who}: ask whoever runs this Datasette to grant it in datasette.yaml."
+    return (
+        f"Resolving needs the {RESOLVE} permission on database {db.name}. "
+        f"{who}: ask whoever runs this Datasette to grant it in datasette.yaml."
+    )
 
 
 MISSING = object()

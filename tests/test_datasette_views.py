@@ -367,7 +367,8 @@ def chart_rows(html):
         counts = [int(n) for n in re.findall(r'<span class="sync-bar-count">(\d+)</span>', bars)]
         marks = [int(n) for n in re.findall(r'<span class="sync-bar-mark">&#9888;(\d+)</span>', bars)]
         rows.append((visible_text(heading).strip(), sum(counts), sum(marks)))
-    axis = [visible_text(label).strip() for label in re.findall(r'<span class="sync-tick[^"]*"[^>]*>(.*?)</span>', chart)]
+    labels = re.findall(r'<span class="sync-tick[^"]*"[^>]*>(.*?)</span>', chart)
+    axis = [visible_text(label).strip() for label in labels]
     return visible_text(chart), rows, axis
 
 

@@ -141,7 +141,7 @@ def test_publish_with_a_wheel_serves_the_plugin_from_that_wheel(tmp_path, clean_
     subprocess.run(build, cwd=source, check=True, capture_output=True, timeout=120)
     [wheel] = (source / "dist").glob("datasette_sync-*-py3-none-any.whl")
 
-    db_path = make_todos_db(source / "hub.db", [{"id": 1, "title": "From the wheel", "done": 0}])
+    make_todos_db(source / "hub.db", [{"id": 1, "title": "From the wheel", "done": 0}])
     env = clean_env()
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -170,7 +170,7 @@ def test_publish_with_a_wheel_serves_the_plugin_from_that_wheel(tmp_path, clean_
     subprocess.run(pip, cwd=out, check=True, capture_output=True, timeout=120)
     served = {**env, "PYTHONPATH": str(site)}  # this checkout is not on the path: only the wheel is
     where = subprocess.run(
-        [sys.executable, "-c", "import datasette_sync, sqlite_utils_sync; print(datasette_sync.__file__, sqlite_utils_sync.__file__)"],
+        [sys.executable, "-c", "import datasette_sync as d, sqlite_utils_sync as s; print(d.__file__, s.__file__)"],
         env=served, capture_output=True, text=True, check=True, cwd=out,
     ).stdout.split()
     assert all(path.startswith(str(site)) for path in where), where
