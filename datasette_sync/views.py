@@ -377,11 +377,12 @@ async def conflicts_page(datasette, request):
     hidden = await hidden_tables(datasette, request, db)
 
     def read(conn):
-        return queries.conflicts(
+        page = queries.conflicts(
             conn, include_resolved=include_resolved, table=table, after=next_token, size=size, hidden=hidden
         )
+        return page, [name for name in queries.logged_tables(conn) if name not in hidden]
 
-    page = await read_page(db, read)
+    page, tables = await read_page(db, read)
     base = sync_url(datasette, db.name) + "/conflicts"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     can_resolve = db.is_mutable and await can(datasette, request.actor, RESOLVE, db.name)
@@ -407,6 +408,8 @@ async def conflicts_page(datasette, request):
             "table": table,
             "next_url": next_url,
             "can_resolve": can_resolve,
+            "tables": tables,
+            "clear_url": base,
             "resolve_hint": None if can_resolve else resolve_hint(db, request.actor),
             "toggle_url": with_args(base, request, all=None if include_resolved else "1", next=None),
         },

@@ -506,7 +506,7 @@ async def test_conflicts_page_says_what_resolving_needs(paths):
     assert "Database data is read-only here (immutable), so its conflicts cannot be resolved on this page" in text
 
 
-async def test_operations_filters_use_datasette_form_styles(ds):
+async def test_filters_use_datasette_form_styles(ds):
     html = (await ds.client.get("/data/-/sync/operations?type=update")).text
     form = html[html.index("<form") : html.index("</form>")]
     assert 'class="core filters sync-filters"' in form
@@ -544,3 +544,8 @@ async def test_chart_and_row_panel_name_the_devices(tmp_path):
         f"between phone ({phone_id[:8]}) and laptop ({laptop_id[:8]})" in row
     )
     assert f"update by phone ({phone_id[:8]}): title = Buy soy milk" in row
+    html = (await ds.client.get("/data/-/sync/conflicts?table=todos&all=1")).text
+    form = html[html.index("<form") : html.index("</form>")]
+    assert 'class="core filters sync-filters"' in form and "<option selected>todos</option>" in form
+    assert '<input type="checkbox" name="all" value="1" checked>' in form
+    assert '<input type="submit" value="Apply filters">' in form
