@@ -26,8 +26,10 @@ async def database_panel(datasette, request, database: str) -> Markup:
     if not await can(datasette, actor, VIEW, database):
         return Markup("")
     db = datasette.get_database(database)
-    hidden = await views.hidden_tables(datasette, request, db)
-
+    try:
+        hidden = await views.hidden_tables(datasette, request, db)
+    except SyncError:
+        return Markup("")  # sync tables of a newer version: the sync pages say so
     summary = await readable(db, lambda conn: queries.database_summary(conn, hidden))
     if summary is None:
         return Markup("")
