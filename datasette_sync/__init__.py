@@ -4,13 +4,12 @@ import json
 import urllib.parse
 
 from datasette import hookimpl
-from markupsafe import Markup
 
 from sqlite_utils_sync.oplog import json_value
 from sqlite_utils_sync import SyncError
 from sqlite_utils_sync.schema import is_enabled
 
-from . import guard, permissions, views
+from . import guard, panels, permissions, views
 
 
 @hookimpl
@@ -100,14 +99,15 @@ def row_actions(datasette, actor, request, database, table, row):
 
 
 @hookimpl
-def top_table(datasette, request, database, table):
-    async def inner():
-        actor = request.actor if request else None
-        if await views.synced_pk(datasette, actor, database, table) is None:
-            return ""
-        return Markup(
-            '<p class="sync-note">This table is synced: changes are logged and shared with other devices. '
-            '<a href="{}">Sync operations</a></p>'
-        ).format(f"{views.sync_url(datasette, database)}/operations?{urllib.parse.urlencode({'table': table})}")
+def top_database(datasette, request, database):
+    return panels.database_panel(datasette, request, database)
 
-    return inner
+
+@hookimpl
+def top_table(datasette, request, database, table):
+    return panels.table_panel(datasette, request, database, table)
+
+
+@hookimpl
+def top_row(datasette, request, database, table, row):
+    return panels.row_panel(datasette, request, database, table, row)

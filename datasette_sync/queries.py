@@ -18,13 +18,14 @@ from typing import Any
 
 from sqlite_utils_sync import list_conflicts
 from sqlite_utils_sync.capture import load_tables
-from sqlite_utils_sync.clocks import max_seq
+from sqlite_utils_sync.clocks import clock, max_seq
 from sqlite_utils_sync.oplog import (
     DELETE,
     INSERT,
     KIND_CODES,
     KIND_NAMES,
     LOCAL,
+    SEQ_BITS,
     TICK,
     UPDATE,
     device_range,
@@ -36,6 +37,7 @@ from sqlite_utils_sync.oplog import (
     make_rowkey,
     mask_slots,
     op_device,
+    op_id,
     op_label,
     op_seq,
     parse_rowkey,
@@ -92,35 +94,83 @@ def peers(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     ]
 
 
-def activity(conn: sqlite3.Connection, buckets: int = 36) -> dict[str, Any] | None:
-    """Data operations per device per slice of time, for the overview chart."""
+def activity_span(conn: sqlite3.Connection, hidden: frozenset[str] = frozenset()) -> tuple[int, int] | None:
+    """Wall-clock milliseconds of the first and last edit (insert, update or delete) the
+    activity chart shows, or None when there is none."""
     if not is_enabled(conn):
         return None
-    data_ops = f"{seq_sql('op')} != 0 AND {kind_sql('kind')} != {TICK}"
-    low, high = conn.execute(f"SELECT min(hlc), max(hlc) FROM _sync_ops WHERE {data_ops}").fetchone()
-    if low is None:
-        return None
-    span = high - low + 1
+    where, params = activity_filter(conn, hidden)
+    low, high = conn.execute(f"SELECT min(hlc), max(hlc) FROM _sync_ops WHERE {where}", params).fetchone()
+    return None if low is None else (low >> 10, high >> 10)
+
+
+def activity(
+    conn: sqlite3.Connection, origin: int, step: int, hidden: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Edits per device per slice of ``step`` milliseconds from ``origin``, the edits of each
+    device that are versions of an unresolved conflict, and the ticks the chart leaves out.
+
+    ``{"rows": [{"device_id", "local", "counts": {slice: n}, "conflicts": {slice: n}}], "ticks": n}``,
+    local device first.
+    """
+    where, params = activity_filter(conn, hidden)
     counts: dict[int, dict[int, int]] = {}
     for idx, bucket, count in conn.execute(
-        f"SELECT {device_sql('op')}, min(:n - 1, (hlc - :low) * :n / :span), count(*) FROM _sync_ops "
-        f"WHERE {data_ops} GROUP BY 1, 2",
-        {"n": buckets, "low": low, "span": span},
+        f"SELECT {device_sql('op')}, ((hlc >> 10) - ?) / ?, count(*) FROM _sync_ops WHERE {where} GROUP BY 1, 2",
+        [origin, step, *params],
     ):
         counts.setdefault(idx, {})[bucket] = count
+    in_conflict: dict[int, dict[int, int]] = {}
+    for idx, hlc in conflict_versions(conn, hidden):
+        bucket = ((hlc >> 10) - origin) // step
+        in_conflict.setdefault(idx, {}).setdefault(bucket, 0)
+        in_conflict[idx][bucket] += 1
     names = dict(conn.execute("SELECT idx, device_id FROM _sync_devices"))
     rows = [
-        {"device_id": names.get(idx, str(idx)), "local": idx == LOCAL, "counts": counts[idx]}
+        {
+            "device_id": names.get(idx, str(idx)),
+            "local": idx == LOCAL,
+            "counts": counts[idx],
+            "conflicts": in_conflict.get(idx, {}),
+        }
         for idx in sorted(counts, reverse=True)
     ]
-    return {
-        "start": hlc_time(low),
-        "end": hlc_time(high),
-        "buckets": buckets,
-        "bucket_starts": [hlc_time(low + span * b // buckets) for b in range(buckets + 1)],
-        "rows": rows,
-        "max": max(c for row in counts.values() for c in row.values()),
-    }
+    ticks = conn.execute(
+        f"SELECT count(*) FROM _sync_ops WHERE {seq_sql('op')} != 0 AND {kind_sql('kind')} = {TICK}"
+    ).fetchone()[0]
+    return {"rows": rows, "ticks": ticks}
+
+
+def activity_filter(conn: sqlite3.Connection, hidden: frozenset[str]) -> tuple[str, list[Any]]:
+    """WHERE for the edits the chart counts: no ticks, no sentinel, no hidden table."""
+    where = f"{seq_sql('op')} != 0 AND {kind_sql('kind')} != {TICK}"
+    tables = load_tables(conn)
+    tids = [t.tid for name, t in tables.items() if name in hidden]
+    if tids:
+        where += f" AND tid NOT IN ({', '.join('?' * len(tids))})"
+    return where, tids
+
+
+def conflict_versions(conn: sqlite3.Connection, hidden: frozenset[str]) -> list[tuple[int, int]]:
+    """(device index, hlc) of every version of an unresolved conflict on a visible table."""
+    if not has_table(conn, "_sync_conflicts"):
+        return []
+    marks = ", ".join("?" * len(hidden))
+    sql = 'SELECT versions FROM _sync_conflicts WHERE resolved_by IS NULL'
+    if hidden:
+        sql += f' AND "table" NOT IN ({marks})'
+    indexes = {device_id: idx for idx, device_id in conn.execute("SELECT idx, device_id FROM _sync_devices")}
+    found = []
+    for (versions,) in conn.execute(sql, sorted(hidden)):
+        for label in json.loads(versions):
+            device_id, _, seq = label.rpartition(":")
+            if device_id not in indexes:
+                continue
+            op = op_id(indexes[device_id], int(seq))
+            row = conn.execute("SELECT hlc FROM _sync_ops WHERE op = ?", [op]).fetchone()
+            if row:
+                found.append((indexes[device_id], row[0]))
+    return found
 
 
 # The operation log ----------------------------------------------------------------------
@@ -424,3 +474,51 @@ def imports(conn: sqlite3.Connection, after: str | None = None, size: int = 50) 
     names = [d[0] for d in cursor.description]
     rows = [dict(zip(names, row)) for row in cursor.fetchall()]
     return {"imports": rows[:size], "next": rows[size - 1]["bundle_id"] if len(rows) > size else None}
+
+
+# Panels on Datasette's own pages --------------------------------------------------------
+
+
+def unresolved_counts(conn: sqlite3.Connection, hidden: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Unresolved conflicts per table, leaving out ``hidden`` tables."""
+    if not has_table(conn, "_sync_conflicts"):
+        return {}
+    return {
+        table: count
+        for table, count in conn.execute(
+            'SELECT "table", count(*) FROM _sync_conflicts WHERE resolved_by IS NULL GROUP BY 1 ORDER BY 1'
+        )
+        if table not in hidden
+    }
+
+
+def row_conflict_ids(conn: sqlite3.Connection, table: str, values: list[Any]) -> list[str]:
+    """The unresolved conflicts on the row of ``table`` whose primary key holds ``values``."""
+    if not has_table(conn, "_sync_conflicts"):
+        return []
+    rowkey = make_rowkey(conn, values)
+    return [
+        conflict_id
+        for (conflict_id,) in conn.execute(
+            'SELECT id FROM _sync_conflicts WHERE "table" = ? AND rowkey = ? AND resolved_by IS NULL ORDER BY id',
+            [table, rowkey],
+        )
+    ]
+
+
+def database_summary(conn: sqlite3.Connection, hidden: frozenset[str] = frozenset()) -> dict[str, Any] | None:
+    """What the database page's panel says: visible synced tables, operations (the count
+    ``sync_status`` gives, without its per-table scan and trigger checks), devices with
+    operations, unresolved conflicts per visible table. None when sync is not enabled."""
+    if not is_enabled(conn):
+        return None
+    total = conn.execute("SELECT count(*) FROM _sync_ops").fetchone()[0]
+    sentinels = conn.execute(
+        f"SELECT count(*) FROM _sync_ops WHERE op IN (SELECT idx << {SEQ_BITS} FROM _sync_devices)"
+    ).fetchone()[0]
+    return {
+        "tables": [name for name in synced_tables(conn) if name not in hidden],
+        "operations": total - sentinels,
+        "devices": len(clock(conn)),
+        "conflicts": unresolved_counts(conn, hidden),
+    }

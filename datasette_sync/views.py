@@ -43,7 +43,7 @@ from sqlite_utils_sync.devices import device_names, label, resolve_device
 from sqlite_utils_sync.oplog import json_value
 from sqlite_utils_sync.schema import check_schema
 
-from . import queries
+from . import chart, queries
 from .guard import sync_write
 from .permissions import (
     EXPORT,
@@ -305,7 +305,9 @@ async def overview_page(datasette, request):
         if not status["enabled"]:
             return status, [], [], None, {}
         latest = queries.operations(conn, size=10, hidden=hidden)["operations"]
-        return status, queries.peers(conn), latest, queries.activity(conn), horizon(conn)
+        names = device_names(conn)
+        activity = chart.build(chart.read(conn, hidden), lambda device_id: device_label(device_id, names))
+        return status, queries.peers(conn), latest, activity, horizon(conn)
 
     status, peers, latest, activity, compacted = await db.execute_fn(read)
     status = {**status, "access": await actor_access(datasette, request.actor, db)}
@@ -313,7 +315,7 @@ async def overview_page(datasette, request):
         "status": status,
         "peers": peers,
         "latest": latest,
-        "chart": activity_chart(activity),
+        "chart": activity,
         "compacted": compacted,
     }
     return await render(datasette, request, db, "sync_overview.html", "overview", context, status)
@@ -326,40 +328,6 @@ async def actor_access(datasette, actor, db) -> dict[str, Any]:
     pull = viewable(access) if await can(datasette, actor, EXPORT, db.name) else []
     may_push = db.is_mutable and await can(datasette, actor, IMPORT, db.name)
     return {"pull": pull, "push": push_actions(access) if may_push else {}}
-
-
-def activity_chart(activity: dict | None) -> dict | None:
-    """Geometry for the devices × time SVG: one row per device, one cell per time slice."""
-    if not activity:
-        return None
-    label_width, cell, gap, top = 250, 14, 2, 8
-    rows = []
-    for position, row in enumerate(activity["rows"]):
-        y = top + position * (cell + gap)
-        cells = [
-            {
-                "x": label_width + bucket * (cell + gap),
-                "opacity": round(0.2 + 0.8 * count / activity["max"], 3),
-                "title": f"{short(row['device_id'])}: {count} operation{'s' if count != 1 else ''} from "
-                f"{activity['bucket_starts'][bucket]} to {activity['bucket_starts'][bucket + 1]}",
-            }
-            for bucket, count in sorted(row["counts"].items())
-        ]
-        label = short(row["device_id"]) + (" (this database)" if row["local"] else "")
-        rows.append({"label": label, "y": y, "cells": cells})
-    width = label_width + activity["buckets"] * (cell + gap)
-    height = top + len(rows) * (cell + gap) + 22
-    return {
-        "rows": rows,
-        "width": width,
-        "height": height,
-        "cell": cell,
-        "label_width": label_width,
-        "axis_y": height - 6,
-        "start": activity["start"],
-        "end": activity["end"],
-        "max": activity["max"],
-    }
 
 
 async def operations_page(datasette, request):
@@ -433,11 +401,12 @@ async def conflicts_page(datasette, request):
     hidden = await hidden_tables(datasette, request, db)
 
     def read(conn):
-        return queries.conflicts(
+        page = queries.conflicts(
             conn, include_resolved=include_resolved, table=table, after=next_token, size=size, hidden=hidden
         )
+        return page, [name for name in queries.logged_tables(conn) if name not in hidden]
 
-    page = await read_page(db, read)
+    page, tables = await read_page(db, read)
     base = sync_url(datasette, db.name) + "/conflicts"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     can_resolve = db.is_mutable and await can(datasette, request.actor, RESOLVE, db.name)
@@ -463,9 +432,26 @@ async def conflicts_page(datasette, request):
             "table": table,
             "next_url": next_url,
             "can_resolve": can_resolve,
+            "tables": tables,
+            "clear_url": base,
+            "resolve_hint": None if can_resolve else resolve_hint(db, request.actor),
             "toggle_url": with_args(base, request, all=None if include_resolved else "1", next=None),
         },
         page,
+    )
+
+
+def resolve_hint(db, actor) -> str:
+    """Why the conflicts page shows no resolve buttons, and what would change that."""
+    if not db.is_mutable:
+        return (
+            f"Database {db.name} is read-only here (immutable), so its conflicts cannot be resolved on this page: "
+            "run sqlite-utils sync-resolve on a copy that can write, and the resolution syncs like any edit."
+        )
+    who = "You are not signed in" if actor is None else f"Actor {actor.get('id')!r} does not have it"
+    return (
+        f"Resolving needs the {RESOLVE} permission on database {db.name}. "
+        f"{who}: ask whoever runs this Datasette to grant it in datasette.yaml."
     )
 
 

@@ -80,9 +80,7 @@ async def test_overview_page(ds, paths):
     assert status["device_id"] in text
     assert "Unresolved conflicts 3" in text
     assert "todos" in text and f"{status['tables']['todos']['operations']}" in text
-    # The activity picture: one labelled row per device.
-    assert "<svg" in response.text and "(this database)" in text
-    assert "Operations per device over time" in response.text
+    assert "Activity" in text and "this database" in text
     # The phone is a known peer, with its acknowledged clock.
     phone_id = sync_status(sqlite_utils.Database(paths[1]))["device_id"]
     assert "Peers" in text and phone_id in text
@@ -342,7 +340,13 @@ async def test_rows_of_tables_the_actor_cannot_view_stay_hidden(paths):
         assert ("notes" in {op["table"] for op in ops}) is visible
         only_notes = (await ds.client.get("/data/-/sync/operations.json?table=notes", actor=actor)).json()
         assert bool(only_notes["operations"]) is visible
-        assert ("not synced" in (await ds.client.get("/data/-/sync", actor=actor)).text) is visible
+        overview = (await ds.client.get("/data/-/sync", actor=actor)).text
+        assert ("not synced" in overview) is visible
+        # The chart does not count their edits, nor the database page's panel list them.
+        data_row = chart_rows(overview)[1][0]
+        assert data_row[1] == (7 if visible else 6), data_row
+        panel = visible_text((await ds.client.get("/data", actor=actor)).text)
+        assert ("2 tables ( notes , todos )" in panel) is visible and ("1 table ( todos )" in panel) is not visible
 
 
 async def test_pages_only_answer_get(ds):
@@ -352,3 +356,198 @@ async def test_pages_only_answer_get(ds):
 async def test_unknown_database_is_404(ds):
     assert (await ds.client.get("/nope/-/sync")).status_code == 404
     assert (await ds.client.get("/nope/-/sync/conflicts.json")).status_code == 404
+
+
+def chart_rows(html):
+    """The activity chart as a reader sees it: per device row, its heading and the counts and
+    conflict marks printed on its bars; and the time axis labels."""
+    chart = html[html.index('class="sync-activity"') : html.index("</figure>")]
+    rows = []
+    for heading, bars in re.findall(
+        r'<div class="sync-activity-device">(.*?)</div>\s*<ol class="sync-activity-bars"[^>]*>(.*?)</ol>', chart, re.S
+    ):
+        counts = [int(n) for n in re.findall(r'<span class="sync-bar-count">(\d+)</span>', bars)]
+        marks = [int(n) for n in re.findall(r'<span class="sync-bar-mark">&#9888;(\d+)</span>', bars)]
+        rows.append((visible_text(heading).strip(), sum(counts), sum(marks)))
+    labels = re.findall(r'<span class="sync-tick[^"]*"[^>]*>(.*?)</span>', chart)
+    axis = [visible_text(label).strip() for label in labels]
+    return visible_text(chart), rows, axis
+
+
+async def test_activity_chart_names_devices_prints_counts_and_marks_conflicts(ds, paths):
+    data_id = sync_status(sqlite_utils.Database(paths[0]))["device_id"]
+    phone_id = sync_status(sqlite_utils.Database(paths[1]))["device_id"]
+    html = (await ds.client.get("/data/-/sync")).text
+    text, rows, axis = chart_rows(html)
+    # data: 3 inserts, 2 updates, 1 delete; phone: 3 updates, 1 insert. Each of the three
+    # conflicts has one version from each device.
+    assert rows == [
+        (f"{data_id[:8]} this database 6 edits, 3 in conflict", 6, 3),
+        (f"{phone_id[:8]} 4 edits, 3 in conflict", 4, 3),
+    ]
+    assert "10 edits by 2 devices, from " in text and "; 6 of them in unresolved conflicts." in text
+    # A time axis that reads: round, distinct labels in order, start before end.
+    assert len(axis) >= 2 and len(set(axis)) == len(axis) and axis == sorted(axis)
+    assert all(re.fullmatch(r"\d\d:\d\d:\d\d", label) for label in axis), axis
+    # Nothing left out silently: the ticks the chart does not count are said.
+    ticks = (await ds.client.get("/data/-/sync/operations.json?type=tick")).json()["operations"]
+    legend = visible_text(html[html.index("sync-activity-legend") :])
+    assert f"Not counted: {len(ticks)} sync tick" in legend
+    assert "Marked : edits that are versions of an unresolved conflict" in legend
+
+
+def activity(first, last, devices=1, conflicts=None):
+    """Chart data as chart.read returns it, for edits at ``first`` and ``last`` (ms) per device."""
+    from datasette_sync import chart
+
+    origin, step, slices = chart.choose_slices(first, last)
+    rows = []
+    for index in range(devices):
+        counts = {}
+        for moment in (first, last):
+            counts[(moment - origin) // step] = counts.get((moment - origin) // step, 0) + 1 + index
+        rows.append({"device_id": f"{index:032x}", "local": index == 0, "counts": counts, "conflicts": conflicts or {}})
+    return {"first": first, "last": last, "origin": origin, "step": step, "slices": slices, "rows": rows, "ticks": 0}
+
+
+def test_activity_axis_labels_stay_distinct_over_any_span():
+    from datasette_sync import chart
+
+    dec_4 = 1796342400000  # 2026-12-04 00:00 UTC
+    spans = {
+        "within a second": (dec_4 + 36_000_100, dec_4 + 36_000_900, r"\d\d:\d\d:\d\d"),
+        "ten minutes": (dec_4 + 36_000_000, dec_4 + 36_600_000, r"\d\d:\d\d"),
+        "three days": (dec_4 + 36_000_000, dec_4 + 3 * 86_400_000, r"Dec \d+( \d\d:\d\d)?"),
+        "two months": (dec_4, dec_4 + 60 * 86_400_000, r"(Dec|Jan|Feb) \d+"),
+        "ten years": (dec_4, dec_4 + 3650 * 86_400_000, r"\d{4}"),
+    }
+    for name, (first, last, pattern) in spans.items():
+        built = chart.build(activity(first, last), label=str)
+        labels = [tick["text"] for tick in built["axis"]]
+        assert len(labels) >= 2 and len(set(labels)) == len(labels), (name, labels)
+        assert all(re.fullmatch(pattern, label) for label in labels), (name, labels)
+        assert built["axis"][0]["position"] == 0 and built["axis"][-1]["position"] == 1, name
+        assert 1 <= built["slices"] <= chart.MAX_SLICES
+        # Every edit is on a bar.
+        assert sum(bar["count"] for bar in built["rows"][0]["bars"]) == 2, name
+        # On a phone at most five labels remain, the first and last among them.
+        phone = [tick for tick in built["axis"] if tick["phone"]]
+        assert len(phone) <= 5 and phone[0] == built["axis"][0] and phone[-1] == built["axis"][-1], name
+
+
+def test_activity_chart_caps_devices_and_says_how_many_more():
+    from datasette_sync import chart
+
+    built = chart.build(activity(0, 5000, devices=11), label=lambda device: "dev-" + device[-2:])
+    assert len(built["rows"]) == chart.MAX_DEVICES
+    assert built["rows"][0]["label"] == "dev-00"  # this database first, then the busiest
+    assert [row["label"] for row in built["rows"][1:3]] == ["dev-0a", "dev-09"]
+    assert built["more_devices"] == 3
+    assert built["more_edits"] == sum(2 * (1 + index) for index in (1, 2, 3))  # the least busy three
+    assert built["caption"].startswith(f"{sum(2 * (1 + i) for i in range(11))} edits by 11 devices")
+    assert [chart.compact(n) for n in (999, 1234, 56_789, 999_499, 999_999)] == ["999", "1.2k", "57k", "999k", "1M"]
+
+
+async def test_database_table_and_row_pages_show_sync_panels(ds, paths):
+    phone_id = sync_status(sqlite_utils.Database(paths[1]))["device_id"]
+    data_id = sync_status(sqlite_utils.Database(paths[0]))["device_id"]
+    database = (await ds.client.get("/data")).text
+    text = visible_text(database)
+    operations = sync_status(sqlite_utils.Database(paths[0]))["operations"]
+    assert f"Synced with other devices: 1 table ( todos ), {operations} operations from 2 devices." in text
+    assert "3 unresolved conflicts : todos 3." in text
+    assert 'href="/data/-/sync/conflicts"' in database
+
+    table = (await ds.client.get("/data/todos")).text
+    assert "This table is synced" in visible_text(table)
+    assert "3 unresolved conflicts on rows of this table" in visible_text(table)
+    assert 'href="/data/-/sync/conflicts?table=todos"' in table
+    notes = (await ds.client.get("/data/notes")).text
+    assert "sync-panel" not in notes
+
+    row = (await ds.client.get("/data/todos/1")).text
+    text = visible_text(row)
+    conflict = next(c for c in list_conflicts(sqlite_utils.Database(paths[0])) if c["pk"] == [1])
+    versions = " and ".join(v["device_id"][:8] for v in conflict["versions"])
+    assert f"This row is in an unresolved conflict: title differs between {versions}. See and resolve it" in text
+    assert f'href="/data/-/sync/conflicts?table=todos#conflict-{conflict["id"]}"' in row
+    assert "Sync history" in text
+    history = re.findall(r"UTC: (\w+) by (\w+)", text)
+    assert history == [("update", phone_id[:8]), ("update", data_id[:8]), ("insert", data_id[:8])]
+    assert "title = Buy soy milk" in text and "photo = <BLOB 3 bytes> 00 01 02" in text
+    assert "/data/-/sync/operations?table=todos&amp;pk=%5B1%5D" in row
+
+    quiet = visible_text((await ds.client.get("/data/todos/4")).text)
+    assert "This row is synced. No unresolved conflict on it." in quiet
+    assert re.findall(r"UTC: (\w+) by (\w+)", quiet) == [("insert", phone_id[:8])]
+
+
+async def test_sync_panels_only_for_actors_who_may_see_sync_pages(paths):
+    config = {"databases": {"data": {"permissions": {"sync-view": {"id": "admin"}}}}}
+    ds = Datasette([str(paths[0])], config=config)
+    for path in ("/data", "/data/todos", "/data/todos/1"):
+        anonymous = await ds.client.get(path)
+        assert anonymous.status_code == 200 and "sync-panel" not in anonymous.text, path
+        assert "sync-panel" in (await ds.client.get(path, actor={"id": "admin"})).text, path
+
+
+async def test_conflicts_page_says_what_resolving_needs(paths):
+    ds = Datasette([str(paths[0])], config={"databases": {"data": {"permissions": {"sync-resolve": {"id": "carol"}}}}})
+    hint = "Resolving needs the sync-resolve permission on database data."
+    anonymous = visible_text((await ds.client.get("/data/-/sync/conflicts")).text).replace("&#39;", "'")
+    assert f"{hint} You are not signed in" in anonymous
+    alice = visible_text((await ds.client.get("/data/-/sync/conflicts", actor={"id": "alice"})).text)
+    assert f"{hint} Actor 'alice' does not have it" in alice.replace("&#39;", "'")
+    carol = (await ds.client.get("/data/-/sync/conflicts", actor={"id": "carol"})).text
+    assert "Resolving needs" not in carol
+    # The buttons are Datasette's: submit inputs in a form.core, one form per choice.
+    assert carol.count('<form class="core sync-resolve"') == 3 * 3
+    assert 'class="sync-secondary" value="Accept what is in the table now"' in carol
+    immutable = Datasette(immutables=[str(paths[0])])
+    text = visible_text((await immutable.client.get("/data/-/sync/conflicts")).text)
+    assert "Database data is read-only here (immutable), so its conflicts cannot be resolved on this page" in text
+
+
+async def test_filters_use_datasette_form_styles(ds):
+    html = (await ds.client.get("/data/-/sync/operations?type=update")).text
+    form = html[html.index("<form") : html.index("</form>")]
+    assert 'class="core filters sync-filters"' in form
+    assert form.count('<span class="select-wrapper"><select') == 3
+    assert '<input type="submit" value="Apply filters">' in form
+    assert "<option selected>update</option>" in form and "Clear filters" in form
+
+
+async def test_chart_and_row_panel_name_the_devices(tmp_path):
+    from sqlite_utils_sync import set_device_name
+
+    data = sqlite_utils.Database(tmp_path / "data.db")
+    data["todos"].insert({"id": 1, "title": "Buy milk"}, pk="id")
+    enable_sync(data, ["todos"])
+    phone = sqlite_utils.Database(tmp_path / "phone.db")
+    phone["todos"].create({"id": int, "title": str}, pk="id")
+    enable_sync(phone, ["todos"])
+    set_device_name(data, "laptop")
+    set_device_name(phone, "phone")
+    export_bundle(data, tmp_path / "first.bundle")
+    import_bundle(phone, tmp_path / "first.bundle")
+    data["todos"].update(1, {"title": "Buy oat milk"})
+    phone["todos"].update(1, {"title": "Buy soy milk"})
+    export_bundle(phone, tmp_path / "phone.bundle", since=sync_status(data)["clock"])
+    import_bundle(data, tmp_path / "phone.bundle")
+    laptop_id, phone_id = sync_status(data)["device_id"], sync_status(phone)["device_id"]
+    ds = Datasette([str(tmp_path / "data.db")])
+    _, rows, _ = chart_rows((await ds.client.get("/data/-/sync")).text)
+    assert [row[0] for row in rows] == [
+        f"laptop ({laptop_id[:8]}) this database 2 edits, 1 in conflict",
+        f"phone ({phone_id[:8]}) 1 edit, 1 in conflict",
+    ]
+    row = visible_text((await ds.client.get("/data/todos/1")).text)
+    assert f"between laptop ({laptop_id[:8]}) and phone ({phone_id[:8]})" in row or (
+        f"between phone ({phone_id[:8]}) and laptop ({laptop_id[:8]})" in row
+    )
+    assert f"update by phone ({phone_id[:8]}): title = Buy soy milk" in row
+    html = (await ds.client.get("/data/-/sync/conflicts?table=todos&all=1")).text
+    form = html[html.index("<form") : html.index("</form>")]
+    assert 'class="core filters sync-filters"' in form and "<option selected>todos</option>" in form
+    assert '<input type="checkbox" name="all" value="1" checked>' in form
+    assert '<input type="submit" value="Apply filters">' in form
