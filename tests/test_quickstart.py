@@ -1,9 +1,7 @@
 """The README's two-device quickstart, run as written: its bash block in a fresh directory.
 
 Only what a test can't take from a person is changed: the hub's port (a free one), and the
-``sleep`` that gives the hub time to start becomes polling until it answers. The
-``sync-name`` lines are run when the command exists (it comes with the device-names work)
-and left out otherwise.
+``sleep`` that gives the hub time to start becomes polling until it answers.
 """
 
 from __future__ import annotations
@@ -22,11 +20,9 @@ def quickstart_block() -> str:
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
-def runnable(block: str, port: int, with_names: bool) -> str:
+def runnable(block: str, port: int) -> str:
     lines = ["set -e", "trap 'kill $(jobs -p) 2>/dev/null || true' EXIT"]
     for line in block.replace("8001", str(port)).splitlines():
-        if "sync-name" in line and not with_names:
-            continue
         if line.startswith("sleep "):
             line = (
                 "until python -c \"import urllib.request; "
@@ -46,10 +42,8 @@ def todos(path: pathlib.Path) -> list[tuple]:
 
 def test_readme_quickstart_runs_as_written(tmp_path, run, run_json, clean_env, free_port):
     assert "sqlite-utils import-bundle phone.db first.bundle" in quickstart_block()
-    # Not `sqlite-utils sync-name --help`: an unknown command runs `query` (sqlite-utils' default).
-    with_names = re.search(r"^  sync-name\b", run(["sqlite-utils", "--help"]).stdout, re.M) is not None
     script = tmp_path / "quickstart.sh"
-    script.write_text(runnable(quickstart_block(), free_port(), with_names))
+    script.write_text(runnable(quickstart_block(), free_port()))
     result = run(["bash", script], check=False, cwd=tmp_path, env=clean_env())
     assert result.returncode == 0, result.stderr
     assert "1 unresolved conflict here" in result.stderr
@@ -63,5 +57,4 @@ def test_readme_quickstart_runs_as_written(tmp_path, run, run_json, clean_env, f
     # The phone's table was created as the laptop declared it.
     columns = "SELECT name, type, pk FROM pragma_table_info('todos')"
     assert sqlite3.connect(phone).execute(columns).fetchall() == sqlite3.connect(laptop).execute(columns).fetchall()
-    if with_names:
-        assert json.loads(run(["sqlite-utils", "sync-status", phone, "--json"]).stdout)["device_name"] == "phone"
+    assert json.loads(run(["sqlite-utils", "sync-status", phone, "--json"]).stdout)["device_name"] == "phone"
