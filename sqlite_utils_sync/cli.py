@@ -26,7 +26,7 @@ from .client import RETRIES, TOKEN_ENV, normalize_url, sync_with_hub
 from .compaction import compact_log
 from .conflicts import list_conflicts
 from .resolution import resolve_conflict
-from .devices import local_device_id
+from .devices import device_names, local_device_id
 from .errors import SyncError
 
 DB_PATH = click.Path(exists=True, dir_okay=False, allow_dash=False)
@@ -294,7 +294,9 @@ def sync_conflicts_command(path, include_resolved, as_json):
         sqlite-utils sync-conflicts data.db --json
     """
     with user_errors():
-        conflicts = list_conflicts(open_db(path), include_resolved=include_resolved)
+        db = open_db(path)
+        conflicts = list_conflicts(db, include_resolved=include_resolved)
+        names = device_names(db.conn)
     if as_json:
         echo_json(conflicts)
         return
@@ -305,7 +307,10 @@ def sync_conflicts_command(path, include_resolved, as_json):
         columns = ", ".join(conflict["columns"]) or "update vs delete"
         click.echo(f"{conflict['id']}  {conflict['table']} {json.dumps(conflict['pk'])}  [{columns}]  {state}")
         for version in conflict["versions"]:
-            click.echo(f"    {version['op']}  {json.dumps(version['values'], default=str)}")
+            # Records are the same on every copy; names are what this copy has heard, so they
+            # are shown here and never stored in a record.
+            by = f" ({names[version['device_id']]})" if version["device_id"] in names else ""
+            click.echo(f"    {version['op']}{by}  {json.dumps(version['values'], default=str)}")
         click.echo(f"    now: {json.dumps(conflict['current'], default=str)}")
 
 

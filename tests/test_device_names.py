@@ -187,3 +187,16 @@ def test_a_hub_takes_only_the_pushing_devices_own_name(tmp_path, laptop_and_phon
     conn.commit()
     conn.close()
     assert dict(_names(run, hub)) == {status(run_json, phone)["device_id"]: "phone"}
+
+
+def test_sync_conflicts_names_the_device_of_each_version(tmp_path, laptop_and_phone, run, upsert):
+    laptop, phone = laptop_and_phone
+    exchange(run, laptop, phone, tmp_path)
+    upsert(laptop, {"id": 1, "title": "Buy oat milk", "done": 0})
+    upsert(phone, {"id": 1, "title": "Buy soy milk", "done": 0})
+    exchange(run, phone, laptop, tmp_path, "y.bundle")
+    lines = run(["sqlite-utils", "sync-conflicts", laptop]).stdout.splitlines()
+    versions = {line.split("  ")[0].strip(): line for line in lines if line.startswith("    ") and "now:" not in line}
+    assert len(versions) == 2
+    assert any("(laptop)" in line and "Buy oat milk" in line for line in versions.values())
+    assert any("(phone)" in line and "Buy soy milk" in line for line in versions.values())
