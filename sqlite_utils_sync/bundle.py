@@ -324,20 +324,24 @@ def write_operations(
         device_position = len(writer.devices)
         writer.devices.append(devices[idx])
         for tid, lo, hi, size in runs(conn, *device_range(idx, start + 1)):
-            if tid == 0:
-                key, mask, values = -1, "NULL", ["rowkey"]
-            else:
-                key, slots = writer.table_entry(tid)
-                # Masks travel as bits of the header's column list: slot numbers are local to
-                # each copy (columns added in a different order get different slots). Row keys
-                # are not sent: the receiver derives them from the primary-key values, so they
-                # cannot disagree; only a move sends the key it moved from.
-                mask = remap_mask_sql([(s, i) for i, s in enumerate(slots)])
-                values = ["CASE WHEN newkey IS NOT NULL THEN rowkey END"] + [slot_column(s) for s in slots]
+            key, columns = run_columns(writer, tid)
             fixes = clock_fixes if idx == LOCAL else {}
-            write_run(conn, writer, (device_position, key), (lo, hi, size), [mask, *values], fixes)
+            write_run(conn, writer, (device_position, key), (lo, hi, size), columns, fixes)
             count += size
     return count
+
+
+def run_columns(writer: BundleWriter, tid: int) -> tuple[int, list[str]]:
+    """A run's chunk key, and the SQL of its mask, moved-from key and values."""
+    if tid == 0:
+        return -1, ["NULL", "rowkey"]
+    key, slots = writer.table_entry(tid)
+    # Masks travel as bits of the header's column list: slot numbers are local to each copy
+    # (columns added in a different order get different slots). Row keys are not sent: the
+    # receiver derives them from the primary-key values, so they cannot disagree; only a move
+    # sends the key it moved from.
+    mask = remap_mask_sql([(s, i) for i, s in enumerate(slots)])
+    return key, [mask, "CASE WHEN newkey IS NOT NULL THEN rowkey END"] + [slot_column(s) for s in slots]
 
 
 @dataclass
@@ -455,14 +459,9 @@ def write_filtered(
                 sink.add(piece[1], piece[2])
                 continue
             tid, lo, hi, size = piece
-            if tid == 0:
-                key, mask, values = -1, "NULL", ["rowkey"]
-            else:
-                key, slots = writer.table_entry(tid)
-                mask = remap_mask_sql([(s, i) for i, s in enumerate(slots)])
-                values = ["CASE WHEN newkey IS NOT NULL THEN rowkey END"] + [slot_column(s) for s in slots]
+            key, columns = run_columns(writer, tid)
             fixes = clock_fixes if idx == LOCAL else {}
-            write_run(conn, writer, (device_position, key), (lo, hi, size), [mask, *values], fixes)
+            write_run(conn, writer, (device_position, key), (lo, hi, size), columns, fixes)
             count += size
         sink.flush()
     return count
@@ -474,8 +473,7 @@ def filtered_runs(
     """:func:`runs` of the wanted tables and ticks, and ``(None, first seq, last seq)`` for each
     stretch of other held seqs (operations of other tables, and ``own`` withheld ranges),
     in seq order. Only the wanted operations' values are read."""
-    slots = [row[1] for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1].startswith("c")]
-    size = " + ".join(f"ifnull(length(CAST({c} AS BLOB)), 0)" for c in slots) or "0"
+    size = value_bytes_sql(conn)
     keep = "1" if wanted is None else f"tid = 0 OR tid IN ({', '.join(map(str, sorted(wanted))) or 'NULL'})"
     run: list[int] | None = None
     gap: list[int] | None = None
@@ -569,15 +567,20 @@ def write_run(
             writer.write_chunk(*position, fetch(f", {texts}"), size, exact=True)
 
 
+def value_bytes_sql(conn: sqlite3.Connection) -> str:
+    """SQL for the bytes of an operation's values (what a chunk's size limit counts)."""
+    slots = [row[1] for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1].startswith("c")]
+    # length() of a BLOB reads its header only; text and numbers cast to BLOB count their bytes.
+    return " + ".join(f"ifnull(length(CAST({c} AS BLOB)), 0)" for c in slots) or "0"
+
+
 def runs(conn: sqlite3.Connection, lo: int, hi: int) -> Iterator[tuple[int, int, int, int]]:
     """Split the ops in ``lo..hi`` into runs of one table: ``(tid, first op, last op, count)``.
 
     A run ends at CHUNK_OPS operations or CHUNK_BYTES of values, whichever comes first, so a
     table of large BLOBs makes small chunks: a chunk is held whole in memory on both sides.
     """
-    slots = [row[1] for row in conn.execute("PRAGMA table_info(_sync_ops)") if row[1].startswith("c")]
-    # length() of a BLOB reads its header only; text and numbers cast to BLOB count their bytes.
-    size = " + ".join(f"ifnull(length(CAST({c} AS BLOB)), 0)" for c in slots) or "0"
+    size = value_bytes_sql(conn)
     run: list[int] | None = None
     # Streamed, not fetched: memory stays flat however long the log.
     cursor = conn.execute(f"SELECT op, tid, {size} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op", [lo, hi])
