@@ -15,7 +15,7 @@ setup(
     },
     install_requires=["sqlite-utils>=4", "msgpack>=1.0", "httpx", "datasette>=1.0a41"],
     extras_require={
-        "test": ["pytest", "pytest-asyncio", "hypothesis", "playwright", "wheel"],
+        "test": ["pytest", "pytest-asyncio", "pytest-xdist", "hypothesis", "playwright", "wheel"],
     },
     python_requires=">=3.10",
 )

@@ -64,6 +64,7 @@ def alice_token(server):
         (1 << 62, "invalid_operation", "has a clock out of range"),
         (hlc_in(30), "clock_ahead", "has a clock 30.0 days ahead of this machine's clock"),
     ],
+    ids=["out-of-range", "30-days-ahead"],  # stable names: the clock is read when tests are collected
 )
 def test_a_hub_refuses_a_far_future_clock_and_keeps_serving_pulls(tmp_path, datasette_server, clock, reason, text, hub_config, hub_sync, make_todos_db, todo_rows, upsert, crafted):
     hub_path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "kept", "done": 0}])
