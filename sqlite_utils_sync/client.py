@@ -279,12 +279,10 @@ def sync_with_hub(
         "pulled_after_push": {...} or None}``; each result is an import result dict
         (``bundle_id``, ``source_device_id``, ``total_operations``, ``applied``, ``conflicts``,
         ``duplicates``, ``skipped``, ``not_applied``, ``applied_by_table``, ``tables_created``,
-        ``columns_added``)
+        ``columns_added``, ``withheld``)
     :raises HubError: the hub is unreachable or refused a request (nothing half-applied)
     :raises SyncError: the local database cannot sync (e.g. sync not enabled)
     """
-    import httpx
-
     url = normalize_url(url)
     max_clock_skew = parse_duration(max_clock_skew)
     if not sync_status(db)["enabled"] and not (alter or create_tables):
@@ -294,35 +292,14 @@ def sync_with_hub(
         )
     # Stored before the pull: a copy asking for fewer tables holds fewer from now on.
     scope = set_scope(db, tables) if tables is not None else load_scope(connection(db))
-    headers = {"Accept": protocol.JSON_MEDIA_TYPE}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
     workdir = tempfile.mkdtemp(prefix="sqlite-utils-sync-")
     try:
-        with httpx.Client(
-            headers=headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
-            transport=transport,
-            verify=_tls_context(),
-            follow_redirects=False,
-        ) as client:
+        with _hub_client(token, timeout, transport) as client:
             run = _Run(
                 db, client, url, bool(token), workdir, alter, max_clock_skew, progress, retries, on_retry,
                 scope=scope, create_tables=create_tables,
             )
-            pulled, hub_clock, hub_device = run.pull("from-hub.bundle")
-            status = sync_status(db)
-            if not status["enabled"]:
-                raise SyncError(errors.NOT_ENABLED, "The hub has no operations and this database has no synced tables")
-            device_id = status["device_id"]
-            pushed, clock_after_push = run.push(device_id, hub_clock)
-            pulled_after_push = None
-            if clock_after_push is not None:
-                hub_clock = clock_after_push or hub_clock
-                # Importing our push may make the hub write a knowledge tick of its own: fetch it
-                # now so that the next run starts level.
-                if _behind(sync_status(db)["clock"], hub_clock):
-                    pulled_after_push, hub_clock, hub_device = run.pull("from-hub-2.bundle")
+            device_id, pulled, pushed, pulled_after_push, hub_clock, hub_device = run.exchange()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {
@@ -332,6 +309,21 @@ def sync_with_hub(
         "pushed": pushed,
         "pulled_after_push": pulled_after_push,
     }
+
+
+def _hub_client(token: str | None, timeout: float, transport: Any) -> Any:
+    import httpx
+
+    headers = {"Accept": protocol.JSON_MEDIA_TYPE}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.Client(
+        headers=headers,
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        transport=transport,
+        verify=_tls_context(),
+        follow_redirects=False,
+    )
 
 
 @dataclasses.dataclass
@@ -351,6 +343,23 @@ class _Run:
     on_retry: Callable[[str, int, int, float], None] | None
     scope: set[str] | None = None  # the tables this copy holds (None: all)
     create_tables: bool = False
+
+    def exchange(self) -> tuple:
+        """Pull, push, and pull again if importing the push made the hub write a tick:
+        ``(device id, pulled, pushed, pulled after push, hub clock, hub device)``."""
+        pulled, hub_clock, hub_device = self.pull("from-hub.bundle")
+        status = sync_status(self.db)
+        if not status["enabled"]:
+            raise SyncError(errors.NOT_ENABLED, "The hub has no operations and this database has no synced tables")
+        pushed, clock_after_push = self.push(status["device_id"], hub_clock)
+        pulled_after_push = None
+        if clock_after_push is not None:
+            hub_clock = clock_after_push or hub_clock
+            # Importing our push may make the hub write a knowledge tick of its own: fetch it
+            # now so that the next run starts level.
+            if _behind(sync_status(self.db)["clock"], hub_clock):
+                pulled_after_push, hub_clock, hub_device = self.pull("from-hub-2.bundle")
+        return status["device_id"], pulled, pushed, pulled_after_push, hub_clock, hub_device
 
     def request(self, method: str, path: str, what: str, **kwargs) -> Any:
         return _request(
