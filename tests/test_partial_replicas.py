@@ -11,7 +11,7 @@ import sqlite3
 import msgpack
 import pytest
 
-from sqlite_utils_sync import BundleError, compact_log, export_bundle, import_bundle, sync_status
+from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
 from sqlite_utils_sync.bundle import WITHHELD_CHUNK, chunk_image
 
 SCHEMA = (

@@ -143,9 +143,8 @@ def tokens(hub):
 
 
 def clone(run, hub, token, path) -> pathlib.Path:
-    """A new copy of the hub for the token's actor: an empty database, synced with --alter."""
-    run(["sqlite-utils", "create-database", path])
-    run(["sqlite-utils", "sync", path, hub.url + "/hub", "--token", token, "--alter"])
+    """A new copy of the hub for the token's actor, made as the README says: sync into a new file."""
+    run(["sqlite-utils", "sync", path, hub.url + "/hub", "--token", token])
     return path
 
 
