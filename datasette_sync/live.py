@@ -36,6 +36,8 @@ from sqlite_utils_sync.clocks import max_seq
 from sqlite_utils_sync.oplog import TICK, device_range, kind_sql, op_seq
 from sqlite_utils_sync.schema import is_enabled
 
+from .guard import sync_write
+
 POLL_SECONDS = 0.2
 """How often the poller looks at the database file for writes by other processes."""
 CONNECTED_GRACE = 10.0
@@ -76,8 +78,7 @@ def changed_threadsafe(datasette, database_name: str) -> None:
 
 def reporting_writes(datasette, database: str, guard):
     """The ``write_wrapper`` hook's wrapper ``guard`` (None: a sync endpoint's own write, which
-    reports itself), made to also report the write to the feed when anyone waits there. The
-    transaction may commit just after the report: the poller sees that commit anyway."""
+    reports itself), made to also report the write to the feed when anyone waits there."""
     if guard is None or existing_feed(datasette, database) is None:
         return guard
 
@@ -85,7 +86,9 @@ def reporting_writes(datasette, database: str, guard):
         try:
             result = yield from guard(conn)
         finally:
-            changed_threadsafe(datasette, database)
+            current = existing_feed(datasette, database)
+            if current is not None and not current.loop.is_closed():
+                current.loop.call_soon_threadsafe(current.after_write)
         return result
 
     return report
@@ -158,6 +161,23 @@ class ChangeFeed:
         task = self.loop.create_task(self._refresh_quietly())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def after_write(self) -> None:
+        """:meth:`schedule_refresh` once the write being run on Datasette's write thread has
+        committed (the wrapper reports it from inside its transaction)."""
+        task = self.loop.create_task(self._after_write())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_write(self) -> None:
+        db = self.datasette.get_database(self.name)
+        try:
+            # The write thread runs its tasks in order: once this one ran, that write committed.
+            with sync_write():
+                await db.execute_write_fn(lambda conn: None, transaction=False)
+        except Exception:  # noqa: BLE001 - the poller still sees the commit
+            pass
+        await self._refresh_quietly()
 
     async def _refresh_quietly(self) -> None:
         try:
