@@ -9,7 +9,7 @@ from sqlite_utils_sync.oplog import json_value
 from sqlite_utils_sync import SyncError
 from sqlite_utils_sync.schema import is_enabled
 
-from . import guard, panels, permissions, views
+from . import guard, live, panels, permissions, views
 
 
 @hookimpl
@@ -24,7 +24,7 @@ def permission_resources_sql(datasette, actor, action):
 
 @hookimpl
 def write_wrapper(datasette, database, request, transaction):
-    return guard.write_wrapper(datasette, database, request, transaction)
+    return live.reporting_writes(datasette, database, guard.write_wrapper(datasette, database, request, transaction))
 
 
 @hookimpl

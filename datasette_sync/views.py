@@ -40,10 +40,10 @@ from sqlite_utils_sync import (
 from sqlite_utils_sync.bundle import BundleReader
 from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, horizon, parse_duration
 from sqlite_utils_sync.devices import device_names, label, resolve_device
-from sqlite_utils_sync.oplog import json_value
+from sqlite_utils_sync.oplog import is_device_id, json_value
 from sqlite_utils_sync.schema import check_schema
 
-from . import chart, queries
+from . import chart, live, queries
 from .guard import sync_write
 from .permissions import (
     EXPORT,
@@ -83,6 +83,7 @@ def routes():
         (SYNC + r"/clocks" + FORMAT, clocks_page),
         (SYNC + r"/imports" + FORMAT, imports_page),
         (DATABASE + re.escape(protocol.EXPORT_PATH) + "$", ExportEndpoint),
+        (DATABASE + re.escape(protocol.CHANGES_PATH) + "$", ChangesEndpoint),
         (DATABASE + re.escape(protocol.IMPORT_PATH) + "$", ImportEndpoint),
         (
             DATABASE
@@ -121,10 +122,19 @@ def check_config(datasette) -> None:
         limit = plugin_config(datasette, database).get("max_bundle_bytes")
         if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0):
             raise StartupError(f"max_bundle_bytes ({where}) must be a positive whole number of bytes, got {limit!r}")
+        wait = plugin_config(datasette, database).get("max_wait")
+        if wait is not None and not (isinstance(wait, (int, float)) and not isinstance(wait, bool) and 0 <= wait < 86400):
+            raise StartupError(f"max_wait ({where}) must be a number of seconds from 0 to 86399, got {wait!r}")
         try:
             max_clock_skew(datasette, database)
         except SyncError as ex:
             raise StartupError(f"{ex}" + (f" (database {database})" if database else ""))
+
+
+def max_wait(datasette, database: str) -> float:
+    """The longest a waiting pull is held here (the ``max_wait`` setting, checked at startup)."""
+    value = plugin_config(datasette, database).get("max_wait")
+    return float(protocol.DEFAULT_MAX_WAIT if value is None else value)
 
 
 def max_clock_skew(datasette, database: str | None) -> float:
@@ -310,7 +320,11 @@ async def overview_page(datasette, request):
         return status, queries.peers(conn), latest, activity, horizon(conn)
 
     status, peers, latest, activity, compacted = await db.execute_fn(read)
-    status = {**status, "access": await actor_access(datasette, request.actor, db)}
+    status = {
+        **status,
+        "access": await actor_access(datasette, request.actor, db),
+        "watching": await watching(datasette, request.actor, db),
+    }
     context = {
         "status": status,
         "peers": peers,
@@ -319,6 +333,22 @@ async def overview_page(datasette, request):
         "compacted": compacted,
     }
     return await render(datasette, request, db, "sync_overview.html", "overview", context, status)
+
+
+async def watching(datasette, actor, db) -> list[dict[str, Any]]:
+    """The devices watching this database now (a waiting pull open, or one that ended moments
+    ago). Who watches as which actor is shown only to those who may export, as on the imports page."""
+    feed = live.existing_feed(datasette, db.name)
+    if feed is None:
+        return []
+    shows_actors = await can(datasette, actor, EXPORT, db.name)
+    found = []
+    for watcher in feed.connected():
+        item = watcher.as_dict()
+        if not shows_actors and item["actor"] is not None:
+            item["actor"] = HIDDEN_ACTOR
+        found.append(item)
+    return found
 
 
 async def actor_access(datasette, actor, db) -> dict[str, Any]:
@@ -709,7 +739,10 @@ class ExportEndpoint(Endpoint):
 
     async def get(self, request, datasette, db):
         since = protocol.decode_clock(request.args.get(protocol.SINCE_PARAM) or None, "since query parameter")
+        wait, device = wait_args(request, datasette, db)
         tables = await pull_scope(datasette, request.actor, db, request.args.getlist(protocol.TABLE_PARAM))
+        if wait > 0:
+            await wait_for_news(datasette, request, db, since, device, wait)
         directory = pathlib.Path(tempfile.mkdtemp(prefix="datasette-sync-"))
         path = directory / "export.bundle"
 
@@ -735,6 +768,62 @@ class ExportEndpoint(Endpoint):
         )
 
     head = get
+
+
+def wait_args(request, datasette, db) -> tuple[float, str | None]:
+    """The seconds a pull may wait (capped by ``max_wait``) and the caller's device id."""
+    wait = min(protocol.parse_wait(request.args.get(protocol.WAIT_PARAM)), max_wait(datasette, db.name))
+    device = request.args.get(protocol.DEVICE_PARAM) or None
+    if device is not None and not is_device_id(device):
+        raise SyncBadRequest(f"device must be a device id (32 hex digits), got {device[:40]!r}")
+    return wait, device
+
+
+async def wait_for_news(datasette, request, db, since: dict, device: str | None, seconds: float) -> bool:
+    """Hold a pull until the hub has a data operation ``since`` lacks (not the caller's own),
+    the wait is over or the caller hangs up; the device counts as watching meanwhile."""
+    feed = live.feed(datasette, db.name)
+    actor_id = (request.actor or {}).get("id")
+    watcher = None if device is None else feed.watching(device, None if actor_id is None else str(actor_id), since)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        return await feed.wait(since, device, seconds, gone)
+    finally:
+        if watcher is not None:
+            feed.done_watching(watcher, hung_up=gone.done() and not gone.cancelled())
+        gone.cancel()
+
+
+async def disconnected(request) -> None:
+    """Finishes when the client hangs up (a GET's body was read already: the next message
+    the server sends the app is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class ChangesEndpoint(Endpoint):
+    """GET: whether the hub holds data operations ``since`` lacks, waiting up to ``wait``
+    seconds for one: ``{"clock", "operations", "changed"}``. For the sync pages' script, so
+    it needs what the pages need."""
+
+    action = VIEW
+    METHODS = ("get",)
+
+    async def get(self, request, datasette, db):
+        since = protocol.decode_clock(request.args.get(protocol.SINCE_PARAM) or None, "since query parameter")
+        wait, _ = wait_args(request, datasette, db)
+        feed = live.feed(datasette, db.name)
+        if wait > 0:
+            gone = asyncio.ensure_future(disconnected(request))
+            try:
+                await feed.wait(since, None, wait, gone)
+            finally:
+                gone.cancel()
+        else:
+            await feed.refresh()
+        clock = feed.clock
+        newer = sum(max(0, seq - since.get(device, 0)) for device, seq in clock.items())
+        return Response.json({"clock": clock, "operations": newer, "changed": feed.news_for(since, None)})
 
 
 async def pull_scope(datasette, actor, db, requested: list[str]) -> set[str] | None:
@@ -829,6 +918,7 @@ class ImportEndpoint(Endpoint):
             path = os.path.join(directory, "upload.bundle")
             await receive_to_file(request, path, limit)
             result = await import_pushed(datasette, request.actor, db, path, options, alter_denied)
+        live.changed(datasette, db.name)
         body = result.as_dict()
         body["clock"] = result.clock
         return Response.json(body, headers={protocol.CLOCK_HEADER: protocol.encode_clock(result.clock)})
@@ -991,7 +1081,9 @@ async def resolve(datasette, request, db, conflict_id: str, keep: str | None):
         return op, get_conflict(conn, conflict_id)
 
     with sync_write():
-        return await db.execute_write_fn(write, transaction=False)
+        result = await db.execute_write_fn(write, transaction=False)
+    live.changed(datasette, db.name)
+    return result
 
 
 KEEP_HELP = 'send {"keep": "<op id>"} to restore that version, or {} to accept what is in the table now'

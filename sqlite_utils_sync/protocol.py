@@ -6,9 +6,12 @@ Paths are relative to a database's URL (``http://127.0.0.1:8001/data``)::
 
     GET  /-/sync/export?since=<clock>    200: a bundle (BUNDLE_MEDIA_TYPE) of the operations
          [&table=<name>...]              the caller lacks (only of those tables, the others'
-                                         withheld); X-Sync-Clock: the hub's clock,
+         [&wait=<s>&device=<id>]         withheld); X-Sync-Clock: the hub's clock,
                                          X-Sync-Operations: how many it holds, X-Sync-Scope:
-                                         the bundle's tables (HEAD: headers only)
+                                         the bundle's tables (HEAD: headers only). With wait,
+                                         a long-poll: see WAIT_PARAM
+    GET  /-/sync/changes?since=<clock>   200: JSON {"clock", "operations", "changed"}, for
+         [&wait=<s>]                     the sync pages' script (a long-poll too)
     POST /-/sync/import[?alter=1]        body: a bundle; 200: the import result as JSON
                                          (like ``import-bundle --json``), plus "clock" and
                                          X-Sync-Clock: the hub's clock after the import
@@ -38,6 +41,15 @@ SINCE_PARAM = "since"
 TABLE_PARAM = "table"
 """Repeatable: a pull wants only these tables (the others' operations come withheld)."""
 ALTER_PARAM = "alter"
+WAIT_PARAM = "wait"
+"""Seconds a pull may wait (a number >= 0): the hub answers as soon as it holds a data operation
+(not a knowledge tick) of a device other than ``device`` that ``since`` lacks, or when the
+wait is over, either way exactly as an export without it. The hub caps it at its
+``max_wait`` setting (never refused for being long); a hub that ignores it answers at once."""
+DEVICE_PARAM = "device"
+"""The pulling device's id, for a waiting pull: its own operations never end the wait, and the
+hub lists it as watching on its pages."""
+CHANGES_PATH = SYNC_PATH + "/changes"
 TRUE_VALUES = ("1", "true", "on")
 KEEP_FIELD = "keep"
 
@@ -48,6 +60,9 @@ SCOPE_HEADER = "X-Sync-Scope"
 RETRY_AFTER_HEADER = "Retry-After"
 BUNDLE_MEDIA_TYPE = "application/vnd.sqlite3"
 JSON_MEDIA_TYPE = "application/json"
+
+DEFAULT_MAX_WAIT = 60
+"""How long a hub holds a waiting pull at most, in seconds (its ``max_wait`` setting)."""
 
 BUSY_RETRY_SECONDS = 5
 """The wait a busy hub asks for in ``Retry-After``: a lock held longer than it waited."""
@@ -164,6 +179,22 @@ def decode_clock(text: str | None, what: str) -> dict[str, int]:
     """A vector clock from a ``since`` parameter or an X-Sync-Clock header (raises
     BundleError with reason ``invalid_clock``); nothing is the empty clock."""
     return parse_clock(text, what)
+
+
+def parse_wait(text: str | None) -> float:
+    """The seconds of a ``wait`` parameter (0 without one); raises SyncError with reason
+    ``invalid_request`` for anything but a finite number >= 0."""
+    if text is None or text == "":
+        return 0.0
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not (0 <= seconds < float("inf")):
+        raise errors.SyncError(
+            errors.INVALID_REQUEST, f"wait must be a number of seconds >= 0, got {text[:40]!r}"
+        )
+    return seconds
 
 
 def resolve_path(conflict_id: str) -> str:

@@ -1,0 +1,300 @@
+"""Live sync on the hub: pulls that wait for new operations (long-polls), and who is watching.
+
+One :class:`ChangeFeed` per database, made the first time someone waits on it and kept on the
+Datasette object (so two Datasette instances in one process never share one). It holds, in
+memory, the hub's vector clock and its **data clock** (per device, the highest seq of an
+operation that is not a knowledge tick), an :class:`asyncio.Event` the waiting requests await,
+and the registry of watching devices.
+
+A waiting request holds no thread and no database connection: it is a coroutine parked on the
+event. Whoever may have written operations calls :func:`changed` (the import and resolve
+endpoints, the write hook after a Datasette write, the cluster importer); the feed then
+re-reads its clocks (two indexed look-ups per device, each only over operations it has not
+seen yet) and, when the data clock moved, wakes every waiter, each of which compares the
+clock with its own ``since`` in memory. Writes by other processes (the ``sqlite3`` shell on
+the hub's file) are seen by a poller task that runs while anyone waits: it compares
+``os.stat`` of the file and its ``-wal`` every :data:`POLL_SECONDS`.
+
+Knowledge ticks never wake anyone: every watcher pushes one after each pull, and waking the
+others for it would make every edit cost O(watchers²) requests.
+
+Shutdown: uvicorn waits for open requests when it is told to stop. The poller notices the
+server stopping (uvicorn's ``should_exit``, found through its signal handler) and ends every
+wait, so the waiting pulls answer at once and the hub exits promptly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlite_utils_sync.clocks import max_seq
+from sqlite_utils_sync.oplog import TICK, device_range, kind_sql, op_seq
+from sqlite_utils_sync.schema import is_enabled
+
+POLL_SECONDS = 0.2
+"""How often the poller looks at the database file for writes by other processes."""
+CONNECTED_GRACE = 10.0
+"""A device stays "watching" this long after its last waiting pull ended: the gap between
+two long-polls."""
+FEEDS_ATTRIBUTE = "_datasette_sync_feeds"
+
+
+def feed(datasette, database: str) -> ChangeFeed:
+    """The change feed of a database, made on first use (call it on the event loop)."""
+    feeds = datasette.__dict__.setdefault(FEEDS_ATTRIBUTE, {})
+    if database not in feeds:
+        feeds[database] = ChangeFeed(datasette, database)
+    return feeds[database]
+
+
+def existing_feed(datasette, database: str) -> ChangeFeed | None:
+    return datasette.__dict__.get(FEEDS_ATTRIBUTE, {}).get(database)
+
+
+def changed(datasette, database_name: str) -> None:
+    """Operations may have landed in ``database_name``: re-read its data clock and wake the
+    waiters it concerns. Call it on the event loop; from another thread (Datasette's write
+    thread) use :func:`changed_threadsafe`. Nothing to do when nobody ever waited there."""
+    current = existing_feed(datasette, database_name)
+    if current is not None:
+        current.schedule_refresh()
+
+
+def changed_threadsafe(datasette, database_name: str) -> None:
+    """:func:`changed` from any thread."""
+    current = existing_feed(datasette, database_name)
+    if current is not None and not current.loop.is_closed():
+        current.loop.call_soon_threadsafe(current.schedule_refresh)
+
+
+def reporting_writes(datasette, database: str, guard):
+    """The ``write_wrapper`` hook's wrapper ``guard`` (None: a sync endpoint's own write, which
+    reports itself), made to also report the write to the feed when anyone waits there. The
+    transaction may commit just after the report: the poller sees that commit anyway."""
+    if guard is None or existing_feed(datasette, database) is None:
+        return guard
+
+    def report(conn):
+        try:
+            result = yield from guard(conn)
+        finally:
+            changed_threadsafe(datasette, database)
+        return result
+
+    return report
+
+
+@dataclass
+class Watcher:
+    """A device pulling with ``wait``: who, since when, and what it had."""
+
+    device: str
+    actor: str | None
+    since: dict[str, int]
+    connected: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    waiting: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device,
+            "actor": self.actor,
+            "connected_since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.connected)),
+            "waiting": self.waiting > 0,
+            "clock": dict(self.since),
+        }
+
+
+class ChangeFeed:
+    def __init__(self, datasette, name: str):
+        self.datasette = datasette
+        self.name = name
+        self.loop = asyncio.get_running_loop()
+        self.clock: dict[str, int] = {}
+        self.data_clock: dict[str, int] = {}
+        self.watchers: dict[str, Watcher] = {}
+        self.waiting = 0
+        self.stopping = False
+        self._scanned: dict[tuple[int, str], int] = {}
+        self._event = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._requested = 0
+        self._done = 0
+        self._poller: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # Reading the clocks --------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Re-read the clocks (a read that started after this call was made counts), and wake
+        the waiters when the data clock moved."""
+        self._requested += 1
+        wanted = self._requested
+        async with self._lock:
+            if self._done >= wanted:
+                return
+            target = self._requested
+            db = self.datasette.get_database(self.name)
+            scanned = dict(self._scanned)
+            clock, data, scanned = await db.execute_fn(lambda conn: read_clocks(conn, scanned))
+            self._done = target
+            self._scanned = scanned
+            self.clock = clock
+            moved = any(seq > self.data_clock.get(device, 0) for device, seq in data.items())
+            self.data_clock = {**self.data_clock, **{d: max(s, self.data_clock.get(d, 0)) for d, s in data.items()}}
+            if moved:
+                self.wake()
+
+    def schedule_refresh(self) -> None:
+        """A refresh in the background, for callers that must not wait for it (refreshes
+        requested while one reads are done together by the next read)."""
+        task = self.loop.create_task(self._refresh_quietly())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:  # noqa: BLE001
+            # A database that cannot be read now (locked, gone) leaves the clocks as they
+            # were; the poller or the next call tries again, and waiters still time out.
+            pass
+
+    def wake(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    def news_for(self, since: dict[str, int], device: str | None) -> bool:
+        """Whether the hub holds a data operation, of a device other than ``device``, that
+        ``since`` lacks."""
+        return any(seq > since.get(other, 0) for other, seq in self.data_clock.items() if other != device)
+
+    # Waiting ------------------------------------------------------------------------------
+
+    async def wait(self, since: dict[str, int], device: str | None, seconds: float, gone=None) -> bool:
+        """Wait until :meth:`news_for` holds, ``seconds`` pass, the server stops or the
+        awaitable ``gone`` (the caller disconnected) finishes. True when there is news."""
+        await self.refresh()
+        deadline = self.loop.time() + seconds
+        self.waiting += 1
+        self._start_poller()
+        try:
+            while not self.news_for(since, device) and not self.stopping:
+                remaining = deadline - self.loop.time()
+                if remaining <= 0 or (gone is not None and gone.done()):
+                    break
+                event = asyncio.ensure_future(self._event.wait())
+                waits = {event} if gone is None else {event, gone}
+                try:
+                    await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    event.cancel()
+            return self.news_for(since, device)
+        finally:
+            self.waiting -= 1
+
+    def watching(self, device: str, actor: str | None, since: dict[str, int]) -> Watcher:
+        """Register a waiting pull of ``device`` (call :meth:`done_watching` when it ends)."""
+        watcher = self.watchers.get(device)
+        if watcher is None or not self._connected(watcher):
+            watcher = Watcher(device, actor, since)
+            self.watchers[device] = watcher
+        watcher.actor, watcher.since, watcher.last_seen = actor, since, time.monotonic()
+        watcher.waiting += 1
+        return watcher
+
+    def done_watching(self, watcher: Watcher, hung_up: bool = False) -> None:
+        """A waiting pull ended; one the device hung up on mid-wait means it stopped watching
+        (a watcher between two pulls never hangs up), so it is no longer listed."""
+        watcher.waiting -= 1
+        watcher.last_seen = time.monotonic()
+        if hung_up and watcher.waiting == 0 and self.watchers.get(watcher.device) is watcher:
+            del self.watchers[watcher.device]
+
+    def _connected(self, watcher: Watcher) -> bool:
+        return watcher.waiting > 0 or time.monotonic() - watcher.last_seen < CONNECTED_GRACE
+
+    def connected(self) -> list[Watcher]:
+        """The devices watching now, longest connected first; forgets those gone."""
+        for device in [d for d, w in self.watchers.items() if not self._connected(w)]:
+            del self.watchers[device]
+        return sorted(self.watchers.values(), key=lambda w: (w.connected, w.device))
+
+    # Writes by other processes ------------------------------------------------------------
+
+    def _start_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = self.loop.create_task(self._poll())
+
+    async def _poll(self) -> None:
+        """While anyone waits: refresh when the file or its WAL changes; end every wait when
+        the server stops."""
+        path = self.datasette.get_database(self.name).path
+        server = uvicorn_server()
+        last = file_state(path)
+        while self.waiting > 0:
+            await asyncio.sleep(POLL_SECONDS)
+            if server is not None and getattr(server, "should_exit", False):
+                self.stopping = True
+                self.wake()
+                return
+            state = file_state(path)
+            if state != last:
+                last = state
+                await self._refresh_quietly()
+
+
+def file_state(path: str | None) -> tuple:
+    """What changes when a transaction commits to the database at ``path`` (in WAL mode the
+    ``-wal`` file, else the file itself): sizes and modification times."""
+    if not path:
+        return ()
+    state = []
+    for name in (path, path + "-wal"):
+        try:
+            stat = os.stat(name)
+            state.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+        except OSError:
+            state.append(None)
+    return tuple(state)
+
+
+def uvicorn_server():
+    """The uvicorn server running this process, if it is (its signal handler is a bound method
+    of it), so the poller can see it stopping."""
+    try:
+        handler = signal.getsignal(signal.SIGTERM)
+    except (ValueError, OSError):
+        return None
+    server = getattr(handler, "__self__", None)
+    return server if hasattr(server, "should_exit") else None
+
+
+def read_clocks(conn, scanned: dict[tuple[int, str], int]):
+    """(vector clock, data clock, new scanned marks): per device, its highest seq, and the
+    highest seq of a non-tick operation among those not scanned before (0: none new)."""
+    if not is_enabled(conn):
+        return {}, {}, scanned
+    clock, data, marks = {}, {}, {}
+    for idx, device_id in conn.execute("SELECT idx, device_id FROM _sync_devices").fetchall():
+        seq = max_seq(conn, idx)
+        if seq:
+            clock[device_id] = seq
+        first, last = device_range(idx)
+        top = conn.execute("SELECT max(op) FROM _sync_ops WHERE op BETWEEN ? AND ?", [first, last]).fetchone()[0]
+        done = scanned.get((idx, device_id), 0)
+        marks[(idx, device_id)] = max(done, top or 0)
+        if top is None or top <= done:
+            continue
+        row = conn.execute(
+            f"SELECT op FROM _sync_ops WHERE op BETWEEN ? AND ? AND {kind_sql()} != {TICK} ORDER BY op DESC LIMIT 1",
+            [max(first, done + 1), top],
+        ).fetchone()
+        if row:
+            data[device_id] = op_seq(row[0])
+    return clock, data, marks
