@@ -46,8 +46,6 @@ from .importer import import_bundle
 from .oplog import LOCAL
 from .schema import connection
 
-WAIT_PARAM = getattr(protocol, "WAIT_PARAM", "wait")
-DEVICE_PARAM = getattr(protocol, "DEVICE_PARAM", "device")
 DEFAULT_WAIT = 25.0  # seconds a pull may wait at the hub (the hub caps it at its max_wait)
 OLD_HUB_POLL = 2.0  # seconds between pulls from a hub that answers at once
 FIRST_BACKOFF = 0.5
@@ -127,8 +125,8 @@ class _Poller(threading.Thread):
         path = os.path.join(self.workdir, "pull.bundle")
         params: dict[str, Any] = {
             protocol.SINCE_PARAM: protocol.encode_clock(since),
-            WAIT_PARAM: f"{self.wait:g}",
-            DEVICE_PARAM: device,
+            protocol.WAIT_PARAM: f"{self.wait:g}",
+            protocol.DEVICE_PARAM: device,
         }
         if scope is not None:
             params[protocol.TABLE_PARAM] = sorted(scope)
