@@ -39,7 +39,7 @@ import sqlite_utils
 
 from . import errors, protocol
 from .bundle import BundleReader
-from .client import HubError, _hub_client, _hub_clock, _request, empty_result, normalize_url, sync_with_hub
+from .client import HubError, _hub_client, _hub_clock, _request, _Run, empty_result, normalize_url, sync_with_hub
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, clock, max_seq, parse_duration
 from .errors import BundleError
 from .importer import import_bundle
@@ -158,8 +158,11 @@ class _Watcher:
         self.hub_clock: dict[str, int] = {}
         self.hub_device: str | None = None
         self.started = False  # the first exchange succeeded
-        self.exchange_due = 0.0  # monotonic time of the next exchange; None: none needed
-        self.tick_due: float | None = None
+        self.exchange_due: float | None = 0.0  # when to run a whole exchange; None: not needed
+        self.push_due: float | None = None  # when to push local operations the hub lacks
+        self.tick_due: float | None = None  # when to push the knowledge an import wrote
+        self.client: Any = None
+        self.workdir = ""
         self.poll_due: float | None = None  # when to start the next pull; None: one is running
         self.failures = 0
         self.lost_at: float | None = None
@@ -167,13 +170,15 @@ class _Watcher:
         self.data_version = self.read_data_version()
 
     def run(self) -> None:
-        workdir = tempfile.mkdtemp(prefix="sqlite-utils-sync-watch-")
+        self.workdir = workdir = tempfile.mkdtemp(prefix="sqlite-utils-sync-watch-")
         self.poller = _Poller(self.url, self.token, workdir, self.wait, self.timeout, self.events)
         self.poller.start()
+        self.client = _hub_client(self.token, self.timeout, None)
         try:
             while not self.stop.is_set():
                 self.step()
         finally:
+            self.client.close()
             self.poller.finish()
             # The poller may be inside a long-poll: it notices the finish when that returns
             # (its files go with the folder; it reports that as a failed pull nobody reads).
@@ -190,9 +195,11 @@ class _Watcher:
             return
         self.notice_local_commits()
         now = time.monotonic()
-        due = [t for t in (self.exchange_due, self.tick_due) if t is not None]
-        if due and min(due) <= now:
+        pushes = [t for t in (self.push_due, self.tick_due) if t is not None]
+        if self.exchange_due is not None and self.exchange_due <= now:
             self.exchange()
+        elif pushes and min(pushes) <= now:
+            self.push()
         elif self.started and self.poll_due is not None and self.poll_due <= now:
             self.poll_due = None
             self.poller.resume(clock(self.conn), self.device_id, self.scope())
@@ -213,8 +220,8 @@ class _Watcher:
         if version == self.data_version:
             return
         self.data_version = version
-        if self.started and self.exchange_due is None and self.has_unsent():
-            self.exchange_due = time.monotonic()
+        if self.push_due is None and self.has_unsent():
+            self.push_due = time.monotonic()
 
     def has_unsent(self) -> bool:
         return self.started and max_seq(self.conn, LOCAL) > self.hub_clock.get(self.device_id, 0)
@@ -234,16 +241,46 @@ class _Watcher:
             self.failed(ex)
             self.exchange_due = self.retry_at()
             return
-        self.exchange_due = self.tick_due = None
         self.device_id = result["device_id"]
         self.learn_hub_clock(result["hub"]["clock"], result["hub"]["device_id"])
         self.reached()
+        self.exchange_due = self.push_due = self.tick_due = None
         if not self.started:
             self.started = True
             self.poll_due = time.monotonic()
             self.say(f"Watching {self.db_name()} with {self.url}: Ctrl-C stops")
         if any(result[key] and result[key]["total_operations"] for key in ("pulled", "pushed", "pulled_after_push")):
             self.on_sync(result)
+
+    def push(self) -> None:
+        """Send what the hub lacks by the last clock it told: one request, and the next
+        edit can go. (Another device's operations the hub already holds are skipped there.)"""
+        run = _Run(self.db, self.client, self.url, bool(self.token), self.workdir, self.alter, self.max_clock_skew,
+                   None, 0, None, scope=self.scope())
+        try:
+            pushed, after = run.push(self.device_id, self.hub_clock)
+        except (HubError, sqlite3.OperationalError) as ex:
+            if isinstance(ex, HubError) and ex.reason == errors.REJECTED:
+                self.exchange_due = time.monotonic()  # refused as we built it: a whole exchange decides
+                return
+            self.failed(ex)
+            self.push_due = self.retry_at()
+            return
+        self.push_due = self.tick_due = None
+        self.learn_hub_clock(after or {}, None)
+        self.reached()
+        if pushed["total_operations"]:
+            self.on_sync(self.result(empty_result(self.hub_device), pushed))
+
+    def result(self, pulled: dict[str, Any], pushed: dict[str, Any]) -> dict[str, Any]:
+        """A step's outcome shaped like :func:`sync_with_hub`'s result."""
+        return {
+            "hub": {"url": self.url, "device_id": self.hub_device, "clock": self.hub_clock},
+            "device_id": self.device_id,
+            "pulled": pulled,
+            "pushed": pushed,
+            "pulled_after_push": None,
+        }
 
     def learn_hub_clock(self, hub_clock: dict[str, int], hub_device: str | None) -> None:
         self.hub_clock, self.hub_device = hub_clock or self.hub_clock, hub_device or self.hub_device
@@ -294,13 +331,7 @@ class _Watcher:
         ).as_dict()
         if self.has_unsent() and self.tick_due is None:
             self.tick_due = time.monotonic() + TICK_PUSH_DELAY
-        self.on_sync({
-            "hub": {"url": self.url, "device_id": self.hub_device, "clock": self.hub_clock},
-            "device_id": self.device_id,
-            "pulled": pulled,
-            "pushed": empty_result(self.device_id),
-            "pulled_after_push": None,
-        })
+        self.on_sync(self.result(pulled, empty_result(self.device_id)))
         return operations
 
     # Losing and finding the hub ----------------------------------------------------------------
@@ -323,7 +354,7 @@ class _Watcher:
         if self.lost_at is not None:
             self.say(f"hub {self.url} back after {time.monotonic() - self.lost_at:.1f} s")
             self.lost_at = None
-            if self.has_unsent() and self.exchange_due is None:
+            if self.started:  # the hub may have lost what it had (a restored backup): exchange all
                 self.exchange_due = time.monotonic()
 
     def retry_at(self) -> float:

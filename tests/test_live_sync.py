@@ -90,9 +90,12 @@ def wait_converged(paths, watchers=()) -> tuple:
 
 
 @pytest.fixture
-def live_hub(tmp_path, datasette_server, hub_config, make_todos_db):
-    """A hub holding two todos, its waiting pulls capped at 2 s; ``hub.start_watcher(name)``."""
-    hub_path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "Buy milk", "done": 0}, {"id": 2, "title": "Walk dog", "done": 0}])
+def live_hub(tmp_path, datasette_server, hub_config, make_db):
+    """A hub holding two todos, its waiting pulls capped at 2 s; alice's token in ``hub.alice``."""
+    hub_path = tmp_path / "hub.db"
+    conn = make_db(hub_path, "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER)")
+    conn.execute("INSERT INTO todos VALUES (1, 'Buy milk', 0), (2, 'Walk dog', 0)")
+    conn.close()
     hub_config["plugins"] = {"datasette-sync": {"max_wait": 2}}
     server = datasette_server([hub_path], hub_config)
     server.path = hub_path
