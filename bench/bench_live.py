@@ -214,8 +214,10 @@ def run(args) -> int:
         wait_for(lambda: all("Watching" in open(log).read() for log in logs), "every watcher to start", 120)
         others = readers(paths[1:])
 
+        cpu_before = [cpu_seconds(p.pid) for p in [hub, *watchers]]
         latencies = measure_latency(paths[0], others, args.edits)
-        time.sleep(3)  # the last ticks settle before the idle measurement
+        cpu = [cpu_seconds(p.pid) - b for p, b in zip([hub, *watchers], cpu_before)]
+        time.sleep(5)  # the last knowledge ticks go out (TICK_QUIET) before the idle measurement
         idle = measure_idle([p.pid for p in watchers], args.idle)
         burst = measure_burst(paths[0], others, args.burst)
         for proc in watchers:
@@ -228,6 +230,9 @@ def run(args) -> int:
         print(f"latency of one sqlite3-shell edit to all {args.watchers - 1} other devices over {args.edits} edits: "
               f"p50 {p50 * 1000:.0f} ms [{verdict(p50 < 0.3)}: < 300 ms], p99 {p99 * 1000:.0f} ms [{verdict(p99 < 1.0)}: < 1 s], "
               f"max {max(latencies) * 1000:.0f} ms")
+        print(f"(info) CPU per edit during the latency run: hub {1000 * cpu[0] / args.edits:.0f} ms, "
+              f"the edited device's watcher {1000 * cpu[1] / args.edits:.0f} ms, "
+              f"each other watcher {1000 * statistics.mean(cpu[2:]) / args.edits:.0f} ms (mean)")
         print(f"idle watcher CPU over {args.idle:g} s: highest {max(idle):.2f}%, mean {statistics.mean(idle):.2f}% "
               f"[{verdict(max(idle) < 1.0)}: < 1%]")
         print(f"burst of {args.burst} edits to all other devices: {burst:.2f} s; one plain sqlite-utils sync of "

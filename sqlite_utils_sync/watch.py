@@ -50,7 +50,10 @@ DEFAULT_WAIT = 25.0  # seconds a pull may wait at the hub (the hub caps it at it
 OLD_HUB_POLL = 2.0  # seconds between pulls from a hub that answers at once
 FIRST_BACKOFF = 0.5
 MAX_BACKOFF = 30.0
-TICK_PUSH_DELAY = 0.5  # a burst of imports sends its knowledge once, not once per bundle
+# The knowledge an import wrote goes out once imports pause this long (at most TICK_LATEST
+# after the first): a stream of edits costs the hub one tick import per watcher, not one per edit.
+TICK_QUIET = 3.0
+TICK_LATEST = 30.0
 # The hub may be back in a moment: these failures are retried, every other one is final.
 TRANSIENT = {errors.CONNECTION_FAILED, errors.TIMEOUT, errors.HUB_ERROR, errors.BUSY, errors.INVALID_RESPONSE}
 
@@ -161,11 +164,13 @@ class _Watcher:
         self.exchange_due: float | None = 0.0  # when to run a whole exchange; None: not needed
         self.push_due: float | None = None  # when to push local operations the hub lacks
         self.tick_due: float | None = None  # when to push the knowledge an import wrote
+        self.tick_first = 0.0  # when the first import of those happened
         self.client: Any = None
         self.workdir = ""
         self.poll_due: float | None = None  # when to start the next pull; None: one is running
         self.failures = 0
         self.lost_at: float | None = None
+        self.quick_empty = 0  # pulls in a row answered at once with nothing
         self.old_hub = False
         self.data_version = self.read_data_version()
 
@@ -189,6 +194,15 @@ class _Watcher:
             event = self.events.get(timeout=self.poll_interval)
         except queue.Empty:
             event = None
+        try:
+            self.act(event)
+        except sqlite3.OperationalError as ex:
+            if not _is_busy(ex):
+                raise
+            # Another program holds a lock on the database longer than the busy timeout: what
+            # was due stays due (or was rescheduled), and the next step tries again.
+
+    def act(self, event: tuple | None) -> None:
         if event is not None:
             self.handle(event)
         if self.stop.is_set():
@@ -219,9 +233,9 @@ class _Watcher:
         version = self.read_data_version()
         if version == self.data_version:
             return
-        self.data_version = version
         if self.push_due is None and self.has_unsent():
             self.push_due = time.monotonic()
+        self.data_version = version  # only once read: a locked database is asked again
 
     def has_unsent(self) -> bool:
         return self.started and max_seq(self.conn, LOCAL) > self.hub_clock.get(self.device_id, 0)
@@ -305,8 +319,10 @@ class _Watcher:
             return
         self.reached()
         self.poll_due = time.monotonic()
-        if not operations and seconds < min(self.wait / 2, 1.0):
-            # Answered at once with nothing: a hub that does not wait. Don't spin on it.
+        # Answered at once with nothing, twice in a row (once is a hub ending its waits as it
+        # stops): a hub that does not hold pulls open. Don't spin on it.
+        self.quick_empty = self.quick_empty + 1 if not operations and seconds < min(self.wait / 2, 1.0) else 0
+        if self.quick_empty >= 2:
             if not self.old_hub:
                 self.say(f"hub {self.url} does not hold pulls open: pulling every {OLD_HUB_POLL:g} s")
             self.old_hub = True
@@ -329,8 +345,11 @@ class _Watcher:
         pulled = import_bundle(
             self.db, path, alter=self.alter, max_clock_skew=self.max_clock_skew, adopt_scope=True
         ).as_dict()
-        if self.has_unsent() and self.tick_due is None:
-            self.tick_due = time.monotonic() + TICK_PUSH_DELAY
+        if self.has_unsent():
+            now = time.monotonic()
+            if self.tick_due is None:
+                self.tick_first = now
+            self.tick_due = min(now + TICK_QUIET, self.tick_first + TICK_LATEST)
         self.on_sync(self.result(pulled, empty_result(self.device_id)))
         return operations
 
@@ -342,12 +361,9 @@ class _Watcher:
         if isinstance(ex, sqlite3.OperationalError) and not _is_busy(ex):
             raise ex
         self.failures += 1
-        if self.lost_at is None:
+        if self.lost_at is None and isinstance(ex, HubError):
             self.lost_at = time.monotonic()
-            if isinstance(ex, HubError):
-                self.say(f"hub {self.url} unreachable: {ex.message}; retrying")
-            else:
-                self.say(f"database busy ({ex}); retrying")
+            self.say(f"hub {self.url} unreachable: {ex.message}; retrying")
 
     def reached(self) -> None:
         self.failures = 0
