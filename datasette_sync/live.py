@@ -47,9 +47,11 @@ FEEDS_ATTRIBUTE = "_datasette_sync_feeds"
 def feed(datasette, database: str) -> ChangeFeed:
     """The change feed of a database, made on first use (call it on the event loop)."""
     feeds = datasette.__dict__.setdefault(FEEDS_ATTRIBUTE, {})
-    if database not in feeds:
-        feeds[database] = ChangeFeed(datasette, database)
-    return feeds[database]
+    current = feeds.get(database)
+    # A Datasette object outlives its event loop in some test setups: a feed serves one loop.
+    if current is None or current.loop is not asyncio.get_running_loop():
+        current = feeds[database] = ChangeFeed(datasette, database)
+    return current
 
 
 def existing_feed(datasette, database: str) -> ChangeFeed | None:

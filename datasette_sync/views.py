@@ -38,10 +38,10 @@ from sqlite_utils_sync import (
     sync_status,
 )
 from sqlite_utils_sync.bundle import BundleReader
-from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, horizon, parse_duration
+from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, clock, horizon, parse_duration
 from sqlite_utils_sync.devices import device_names, label, resolve_device
 from sqlite_utils_sync.oplog import is_device_id, json_value
-from sqlite_utils_sync.schema import check_schema
+from sqlite_utils_sync.schema import check_schema, is_enabled
 
 from . import chart, live, queries
 from .guard import sync_write
@@ -289,6 +289,7 @@ async def render(datasette, request, db, template: str, tab: str, context: dict,
         "tab": tab,
         "tabs": [(name, name.title(), paths[name]) for name in paths],
         "json_url": json_path,
+        "changes_url": datasette.urls.database(db.name) + protocol.CHANGES_PATH,
         "alternate_url_json": json_path,
         "show": show,
         "value_chars": CONFLICT_VALUE_CHARS,
@@ -331,6 +332,7 @@ async def overview_page(datasette, request):
         "latest": latest,
         "chart": activity,
         "compacted": compacted,
+        "live_since": protocol.encode_clock(status.get("clock") or {}),
     }
     return await render(datasette, request, db, "sync_overview.html", "overview", context, status)
 
@@ -375,6 +377,8 @@ async def operations_page(datasette, request):
     hidden = await hidden_tables(datasette, request, db)
 
     def read(conn):
+        # Read before the page's operations: one landing in between makes the script refetch.
+        since = clock(conn) if is_enabled(conn) else {}
         device = filters["device"]
         if device:
             try:
@@ -392,9 +396,9 @@ async def operations_page(datasette, request):
             hidden=hidden,
         )
         tables = [name for name in queries.synced_tables(conn) if name not in hidden]
-        return page, tables, [d["device_id"] for d in queries.devices(conn)], device
+        return page, tables, [d["device_id"] for d in queries.devices(conn)], device, since
 
-    page, tables, devices, filters["device"] = await read_page(db, read)
+    page, tables, devices, filters["device"], since = await read_page(db, read)
     base = sync_url(datasette, db.name) + "/operations"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     data = {"operations": page["operations"], "next": page["next"]}
@@ -417,6 +421,7 @@ async def operations_page(datasette, request):
             "types": queries.OP_TYPES,
             "table_urls": table_urls,
             "clear_url": base,
+            "live_since": protocol.encode_clock(since),
         },
         data,
     )
@@ -821,9 +826,9 @@ class ChangesEndpoint(Endpoint):
                 gone.cancel()
         else:
             await feed.refresh()
-        clock = feed.clock
-        newer = sum(max(0, seq - since.get(device, 0)) for device, seq in clock.items())
-        return Response.json({"clock": clock, "operations": newer, "changed": feed.news_for(since, None)})
+        held = feed.clock
+        newer = sum(max(0, seq - since.get(device, 0)) for device, seq in held.items())
+        return Response.json({"clock": held, "operations": newer, "changed": feed.news_for(since, None)})
 
 
 async def pull_scope(datasette, actor, db, requested: list[str]) -> set[str] | None:

@@ -101,7 +101,7 @@ async def test_overview_says_when_the_log_was_compacted(tmp_path):
     assert "Compacted history no copy needs any more was removed by sync-compact" in text
     assert f"up to seq 2 of {device[:8]}" in text
     # The JSON twin keeps the keys of sync-status, and says what the visitor syncs.
-    assert (await ds.client.get("/data/-/sync.json")).json().keys() == sync_status(data).keys() | {"access"}
+    assert (await ds.client.get("/data/-/sync.json")).json().keys() == sync_status(data).keys() | {"access", "watching"}
 
 
 async def test_overview_json_matches_sync_status(ds, paths):
@@ -109,7 +109,7 @@ async def test_overview_json_matches_sync_status(ds, paths):
     assert response.status_code == 200
     status = json.loads(json.dumps(sync_status(sqlite_utils.Database(paths[0]))))
     # An anonymous visitor may not export or import: they sync no table with this hub.
-    assert response.json() == {**status, "access": {"pull": [], "push": {}}}
+    assert response.json() == {**status, "access": {"pull": [], "push": {}}, "watching": []}
 
 
 async def test_pages_on_database_without_sync(tmp_path):
@@ -120,7 +120,7 @@ async def test_pages_on_database_without_sync(tmp_path):
     response = await ds.client.get("/plain/-/sync.json")
     assert response.status_code == 200
     assert response.json()["enabled"] is False
-    assert response.json().keys() == sync_status(plain).keys() | {"access"}
+    assert response.json().keys() == sync_status(plain).keys() | {"access", "watching"}
     response = await ds.client.get("/plain/-/sync")
     assert response.status_code == 200
     assert "Sync is not enabled on this database" in visible_text(response.text)
