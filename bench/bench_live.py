@@ -131,7 +131,8 @@ def wait_for(condition, what: str, timeout: float = 300.0) -> None:
 
 
 def shell(path: str, sql: str) -> None:
-    subprocess.run(["sqlite3", "-bail", path, sql], check=True, capture_output=True)
+    # The timeout: a watcher may be importing (a write lock) just then, as with any two programs.
+    subprocess.run(["sqlite3", "-bail", "-cmd", ".timeout 30000", path, sql], check=True, capture_output=True)
 
 
 def readers(paths: list[str]) -> list[sqlite3.Connection]:

@@ -497,7 +497,8 @@ def watch_command(path: str, url: str, token: str | None, alter: bool, tables: l
         if as_json:
             click.echo(json.dumps(result))
         elif moved_rows(result):
-            unresolved = sync_status(db)["unresolved_conflicts"]
+            # Not sync_status: it counts the whole log, on every line.
+            unresolved = db.execute("SELECT count(*) FROM _sync_conflicts WHERE resolved_by IS NULL").fetchone()[0]
             missing = {t for t in merged_pull(result)["not_applied"] if not db[t].exists()}
             click.echo(sync_summary(path, normalize_url(url), result, unresolved, missing), err=True)
 

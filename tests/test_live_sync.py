@@ -90,13 +90,14 @@ def wait_converged(paths, watchers=()) -> tuple:
 
 
 @pytest.fixture
-def live_hub(tmp_path, datasette_server, hub_config, make_db):
-    """A hub holding two todos, its waiting pulls capped at 2 s; alice's token in ``hub.alice``."""
+def live_hub(request, tmp_path, datasette_server, hub_config, make_db):
+    """A hub holding two todos, its waiting pulls capped at 2 s (or the parameter: 0 makes it
+    answer at once, like a hub without long-poll); alice's token in ``hub.alice``."""
     hub_path = tmp_path / "hub.db"
     conn = make_db(hub_path, "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER)")
     conn.execute("INSERT INTO todos VALUES (1, 'Buy milk', 0), (2, 'Walk dog', 0)")
     conn.close()
-    hub_config["plugins"] = {"datasette-sync": {"max_wait": 2}}
+    hub_config["plugins"] = {"datasette-sync": {"max_wait": getattr(request, "param", 2)}}
     server = datasette_server([hub_path], hub_config)
     server.path = hub_path
     server.alice = server.token("alice")
@@ -234,3 +235,19 @@ def test_watcher_killed_and_restarted_loses_nothing(tmp_path, live_hub, watchers
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1].startswith("Error: hub ")
     assert "refused the token" in refused.stderr and "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize("live_hub", [0], indirect=True)
+def test_hub_that_answers_at_once_is_polled_not_spun_on(live_hub, watchers):
+    a, b = watchers("a"), watchers("b")
+    for w in (a, b):
+        w.wait_for("Watching")
+    edit(a.path, "INSERT INTO todos (id, title, done) VALUES (10, 'From A', 0)")
+    edit(b.path, "INSERT INTO todos (id, title, done) VALUES (20, 'From B', 0)")
+    rows, _, _, _ = wait_converged([a.path, b.path, live_hub.path], [a, b])
+    assert [r[0] for r in rows] == [1, 2, 10, 20]
+    for w in (a, b):
+        w.wait_for("does not hold pulls open: pulling every 2 s")
+        assert w.output().count("does not hold pulls open") == 1
+        assert w.stop() == 0
+        assert_clean(w)
