@@ -7,20 +7,22 @@ Two threads, and every database access on one of them:
   &wait=<s>&device=<us>``, which the hub holds until another device's operation lands. It
   saves the bundle to a file and hands it to the main thread, then waits to be told the
   clock to pull from next;
-- the *main* thread imports those bundles, notices local commits by any other connection
+- the *main* thread imports those bundles, and notices local commits by any other connection
   (``PRAGMA data_version`` changes only for those: the sqlite3 shell, Datasette, another
-  program), and then runs an ordinary :func:`~sqlite_utils_sync.client.sync_with_hub`
-  exchange (pull, push, pull again) to send them. After an import that wrote a knowledge
-  tick it runs one too, so the hub learns what this copy holds (ticks wake no watcher).
+  program); it sends them in one push of what the hub's last known clock lacks. The knowledge
+  tick an import writes goes out the same way once imports pause (:data:`TICK_QUIET`), so the
+  hub learns what this copy holds (ticks wake no watcher). A whole
+  :func:`~sqlite_utils_sync.client.sync_with_hub` exchange (pull, push, pull again) runs at
+  the start, when the hub is back after an absence, and after a push the hub refused.
 
-Only one exchange runs at a time and both directions are computed from clocks, so no
-operation is applied twice. When the hub cannot be reached (refused, timed out, 5xx) one
-status line says so and both threads retry with a growing delay (0.5 s doubling to 30 s);
-local edits are captured meanwhile and sent when the hub is back. A refusal (401, 403, 404,
+Only one step runs at a time and both directions are computed from clocks, so no operation
+is applied twice. When the hub cannot be reached (refused, timed out, 5xx) one status line
+says so and both threads retry with a growing delay (0.5 s doubling to 30 s, jittered); local
+edits are captured meanwhile and sent when the hub is back. Any other refusal (401, 403, 404,
 400) is final: :class:`~sqlite_utils_sync.client.HubError`.
 
-A hub without long-poll answers at once: a pull that comes back with nothing long before
-``wait`` switches the poller to pulling every :data:`OLD_HUB_POLL` seconds.
+A hub without long-poll answers at once: two pulls in a row that come back with nothing long
+before ``wait`` make the poller pull every :data:`OLD_HUB_POLL` seconds instead of spinning.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from .errors import BundleError
 from .importer import import_bundle
 from .oplog import LOCAL
 from .schema import connection
+from .scope import load_scope
 
 DEFAULT_WAIT = 25.0  # seconds a pull may wait at the hub (the hub caps it at its max_wait)
 OLD_HUB_POLL = 2.0  # seconds between pulls from a hub that answers at once
@@ -219,8 +222,6 @@ class _Watcher:
             self.poller.resume(clock(self.conn), self.device_id, self.scope())
 
     def scope(self) -> set[str] | None:
-        from .scope import load_scope
-
         return load_scope(self.conn)
 
     # Local commits ---------------------------------------------------------------------------
