@@ -373,3 +373,15 @@ def test_the_operations_page_shows_new_operations_without_a_reload(tmp_path, hub
     # Without JavaScript the page is as before: the new operations are there on a reload.
     assert "Live " in hub.get("/hub/-/sync/operations").text
     assert json.loads(hub.get("/hub/-/sync/operations.json").text)["operations"]
+
+
+def test_stopping_the_hub_answers_waiting_pulls_so_it_exits_promptly(tmp_path, hub, make_todos_db, hub_sync):
+    phone = make_todos_db(tmp_path / "phone.db")
+    hub_sync(phone, hub, None)
+    pull = Pull(hub, clock_of(phone), device_id(phone))
+    wait_until(lambda: device_id(phone) in waiting_devices(hub), "the phone's pull to wait")
+    hub.proc.terminate()
+    # Without ending the waits, uvicorn would hold the exit until the pull's 60 s ran out.
+    wait_until(lambda: hub.proc.poll() is not None, "the hub to exit")
+    assert pull.result().headers["x-sync-clock"]
+    assert "Traceback" not in hub.output()
