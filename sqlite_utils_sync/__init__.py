@@ -15,6 +15,7 @@ Public API (each function takes a ``sqlite_utils.Database`` or a ``sqlite3.Conne
     retire_device(db, "phone")
     compact_log(db)
     sync_with_hub(db, "http://127.0.0.1:8001/data", token=None)
+    watch_hub(db, "http://127.0.0.1:8001/data", token=None, stop=threading_event)
 """
 
 from .api import disable_sync, enable_sync, export_bundle, new_device, retire_device, set_device_name, sync_status
@@ -25,6 +26,7 @@ from .compaction import CompactResult, compact_log
 from .conflicts import get_conflict, list_conflicts
 from .resolution import resolve_conflict
 from .errors import BundleError, SyncError
+from .watch import watch_hub
 
 __all__ = [
     "BundleError",
@@ -46,4 +48,5 @@ __all__ = [
     "set_device_name",
     "sync_status",
     "sync_with_hub",
+    "watch_hub",
 ]

@@ -12,8 +12,10 @@ import json
 import os
 import pathlib
 import shlex
+import signal
 import sqlite3
 import sys
+import threading
 from typing import Any, Callable, Iterator
 
 import click
@@ -23,6 +25,7 @@ from .importer import import_bundle
 from .capture import secondary_unique_columns
 from .api import disable_sync, enable_sync, export_bundle, new_device, retire_device, set_device_name, sync_status
 from .client import RETRIES, TOKEN_ENV, normalize_url, sync_with_hub
+from .watch import watch_hub
 from .compaction import compact_log
 from .conflicts import list_conflicts
 from .resolution import resolve_conflict
@@ -439,8 +442,9 @@ def sync_compact_command(path, as_json):
     show_default=True,
     help="Send a request again this many times while the hub answers 503 busy",
 )
+@click.option("--watch", is_flag=True, help="Keep running: push local changes as they commit, pull the hub's as they land")
 @json_option
-def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_json):
+def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_json, watch=False):
     """Sync the database with a Datasette hub: pull what it lacks here, push what the hub lacks
 
     URL is the hub database's URL. Safe to re-run at any time, also after a network failure.
@@ -452,7 +456,10 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
         sqlite-utils sync laptop.db http://127.0.0.1:8001/data --token dstok_...
         sqlite-utils sync phone.db http://127.0.0.1:8001/data --table todos
         DATASETTE_SYNC_TOKEN=dstok_... sqlite-utils sync laptop.db https://hub.example.com/data
+        sqlite-utils sync laptop.db http://127.0.0.1:8001/data --watch
     """
+    if watch:
+        return watch_command(path, url, token or None, alter, list(tables) or None, max_clock_skew, as_json)
     with user_errors(), new_database(path) as new:
         db = open_db(path)
         result = sync_with_hub(
@@ -472,6 +479,55 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
         echo_json(result)
         return
     click.echo(sync_summary(path, normalize_url(url), result, unresolved, missing), err=True)
+
+
+def watch_command(path: str, url: str, token: str | None, alter: bool, tables: list[str] | None,
+                  max_clock_skew: str, as_json: bool) -> None:
+    """``sync --watch``: sync until Ctrl-C or SIGTERM, one line per sync that changed a table.
+    The first signal lets the current step finish; a second stops at once (an import in
+    progress rolls back)."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    def on_sync(result: dict[str, Any]) -> None:
+        if as_json:
+            click.echo(json.dumps(result))
+        elif moved_rows(result):
+            # Not sync_status: it counts the whole log, on every line.
+            unresolved = db.execute("SELECT count(*) FROM _sync_conflicts WHERE resolved_by IS NULL").fetchone()[0]
+            missing = {t for t in merged_pull(result)["not_applied"] if not db[t].exists()}
+            click.echo(sync_summary(path, normalize_url(url), result, unresolved, missing), err=True)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with user_errors():
+            with new_database(path) as new:
+                db = open_db(path)
+                if new:  # a first copy: made by one plain sync, and removed if that fails
+                    on_sync(sync_with_hub(db, url, token, alter=alter, max_clock_skew=max_clock_skew,
+                                          tables=tables, create_tables=True))
+            watch_hub(
+                db, url, token, tables=tables, alter=alter, max_clock_skew=max_clock_skew,
+                on_status=lambda line: click.echo(line, err=True), stop=stop, on_sync=on_sync,
+            )
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+        sys.exit(130)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    click.echo("stopped", err=True)
+
+
+def moved_rows(result: dict[str, Any]) -> bool:
+    """Whether a sync changed a table here or on the hub (not only knowledge ticks)."""
+    parts = (result["pulled"], result["pulled_after_push"], result["pushed"])
+    keys = ("applied_by_table", "tables_created", "columns_added", "conflicts")
+    return any(part and any(part.get(key) for key in keys) for part in parts)
 
 
 def say_retry(what: str, retry: int, retries: int, delay: float) -> None:
