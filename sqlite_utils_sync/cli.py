@@ -22,7 +22,7 @@ import sqlite_utils
 from .importer import import_bundle
 from .capture import secondary_unique_columns
 from .api import disable_sync, enable_sync, export_bundle, new_device, retire_device, set_device_name, sync_status
-from .client import RETRIES, TOKEN_ENV, normalize_url, sync_with_hub
+from .client import RETRIES, TOKEN_ENV, sync_with_hub
 from .compaction import compact_log
 from .conflicts import list_conflicts
 from .resolution import resolve_conflict
@@ -422,7 +422,7 @@ def sync_compact_command(path, as_json):
 
 @click.command(name="sync")
 @click.argument("path", type=NEW_DB_PATH)
-@click.argument("url")
+@click.argument("url", nargs=-1, required=True)
 @click.option("--token", envvar=TOKEN_ENV, help=f"API token for the hub (default: ${TOKEN_ENV})")
 @click.option("--alter", is_flag=True, help="Add tables and columns one side has and the other lacks")
 @click.option(
@@ -444,6 +444,8 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
     """Sync the database with a Datasette hub: pull what it lacks here, push what the hub lacks
 
     URL is the hub database's URL. Safe to re-run at any time, also after a network failure.
+    Several URLs (hubs of one cluster) are tried in order: when one cannot be reached, fails
+    or stays busy, the sync is done with the next one.
     A database that does not exist yet (or has no tables) is created with the hub's tables.
 
     Example:
@@ -451,6 +453,7 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
     \b
         sqlite-utils sync laptop.db http://127.0.0.1:8001/data --token dstok_...
         sqlite-utils sync phone.db http://127.0.0.1:8001/data --table todos
+        sqlite-utils sync laptop.db http://hub-a:8001/data http://hub-b:8001/data
         DATASETTE_SYNC_TOKEN=dstok_... sqlite-utils sync laptop.db https://hub.example.com/data
     """
     with user_errors(), new_database(path) as new:
@@ -465,13 +468,18 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
             on_retry=say_retry,
             tables=list(tables) or None,
             create_tables=new,
+            on_failover=say_failover,
         )
         unresolved = sync_status(db)["unresolved_conflicts"]
         missing = {t for t in merged_pull(result)["not_applied"] if not db[t].exists()}
     if as_json:
         echo_json(result)
         return
-    click.echo(sync_summary(path, normalize_url(url), result, unresolved, missing), err=True)
+    click.echo(sync_summary(path, result["hub"]["url"], result, unresolved, missing), err=True)
+
+
+def say_failover(url: str, error: Exception, next_url: str) -> None:
+    click.echo(f"{error}: trying {next_url}", err=True)
 
 
 def say_retry(what: str, retry: int, retries: int, delay: float) -> None:
