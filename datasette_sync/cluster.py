@@ -1,0 +1,617 @@
+"""Cluster mode: several hubs that share every bundle through NATS JetStream.
+
+Each hub keeps its own SQLite copy. A push is imported here first and, inside the import's
+transaction, published to the stream (``<stream>.<database>.bundles``, deduplicated by
+``Nats-Msg-Id`` = bundle id) before the transaction commits: the client's 200 means the
+bundle is replicated. Every hub has a durable consumer (``<hub>_<database>``) that imports
+each message's bundle, so every hub converges; a hub that was down resumes where its
+consumer stopped. The hub's own operations (knowledge ticks, resolutions, Datasette writes)
+leave through an outbox that publishes what this hub's device wrote since the last publish.
+Retention: the hub furthest along stores a full export as ``snapshot-<database>`` in the
+object store (with the stream sequence it covers) and purges the messages every consumer
+has acknowledged up to there; a new hub starts from that snapshot.
+
+``nats`` is imported only by a hub whose configuration has a ``cluster`` setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import sqlite3
+import tempfile
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from datasette.utils import StartupError, tilde_encode
+
+from sqlite_utils_sync import SyncError, errors, export_bundle, import_bundle, protocol
+from sqlite_utils_sync.clocks import max_seq
+from sqlite_utils_sync.devices import local_device_id
+from sqlite_utils_sync.schema import is_enabled
+
+from .guard import sync_write
+
+log = logging.getLogger("datasette_sync.cluster")
+
+DEFAULT_STREAM = "datasette-sync"
+DEFAULT_SNAPSHOT_EVERY = 1000
+OBJECT_HEADER = "Datasette-Sync-Object"
+ALTER_HEADER = "Datasette-Sync-Alter"
+ACTOR_HEADER = "Datasette-Sync-Actor"
+SEQ_HEADER = "Datasette-Sync-Stream-Seq"
+MSG_ID_HEADER = "Nats-Msg-Id"
+PUBLISH_TIMEOUT = 10.0  # seconds a push waits for the stream's PubAck before answering 503
+DUPLICATE_WINDOW = 120.0  # a push retried within this is stored once (the import dedupes anyway)
+ACK_WAIT = 300.0  # a big bundle's import may take that long before it is redelivered
+GAP_DELAY = 1.0  # a bundle whose predecessors have not arrived is retried after this
+HEADER_ROOM = 4096  # max_payload counts headers too
+OUTBOX_INTERVAL = 1.0
+# Refusals that another message (or time) can cure: the message is retried, not dropped.
+RETRYABLE = {errors.MISSING_OPERATIONS, errors.MISSING_DEPENDENCIES, errors.CLOCK_AHEAD, errors.BUSY}
+NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+KEYS = {"servers", "stream", "hub", "replicas", "snapshot_every"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    servers: tuple[str, ...]
+    hub: str
+    stream: str = DEFAULT_STREAM
+    replicas: int = 1
+    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
+
+
+def parse_settings(value: Any) -> Settings:
+    """The ``cluster`` plugin setting; raises ValueError with one line saying what is wrong."""
+    if not isinstance(value, dict):
+        raise ValueError(f"cluster must be a mapping with servers and hub, got {value!r}")
+    unknown = set(value) - KEYS
+    if unknown:
+        raise ValueError(f"cluster has unknown keys {sorted(unknown)} (known: {sorted(KEYS)})")
+    servers = value.get("servers")
+    if isinstance(servers, str):
+        servers = [servers]
+    if not servers or not isinstance(servers, list) or not all(isinstance(s, str) and "://" in s for s in servers):
+        raise ValueError(f"cluster servers must be a list of nats:// URLs, got {servers!r}")
+    for key, default in (("hub", None), ("stream", DEFAULT_STREAM)):
+        name = value.get(key, default)
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ValueError(f"cluster {key} must be a name of letters, digits, - and _, got {name!r}")
+    numbers = {}
+    for key, default, most in (("replicas", 1, 5), ("snapshot_every", DEFAULT_SNAPSHOT_EVERY, None)):
+        number = value.get(key, default)
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1 or (most and number > most):
+            limit = f"from 1 to {most}" if most else "at least 1"
+            raise ValueError(f"cluster {key} must be a whole number {limit}, got {number!r}")
+        numbers[key] = number
+    return Settings(tuple(servers), value["hub"], value.get("stream", DEFAULT_STREAM), **numbers)
+
+
+def raw_setting(datasette, database: str | None):
+    from .views import plugin_config
+
+    return plugin_config(datasette, database).get("cluster")
+
+
+def settings_for(datasette, database: str) -> Settings | None:
+    value = raw_setting(datasette, database)
+    return None if value is None else parse_settings(value)
+
+
+def check_config(datasette) -> None:
+    for database in [None, *datasette.databases]:
+        value = raw_setting(datasette, database)
+        if value is None:
+            continue
+        try:
+            parse_settings(value)
+        except ValueError as ex:
+            where = " (datasette-sync plugin config" + (f" for database {database})" if database else ")")
+            raise StartupError(f"{ex}{where}")
+
+
+def token(database: str) -> str:
+    """The database name as one subject token and a consumer-name part (no dots, no spaces)."""
+    return tilde_encode(database).replace("+", "~20")
+
+
+def subject(settings: Settings, database: str) -> str:
+    return f"{settings.stream}.{token(database)}.bundles"
+
+
+def consumer_name(settings: Settings, database: str) -> str:
+    return f"{settings.hub}_{token(database)}"
+
+
+def bucket_name(settings: Settings) -> str:
+    return f"{settings.stream}-bundles"
+
+
+def snapshot_name(database: str) -> str:
+    return f"snapshot-{token(database)}"
+
+
+# Members ----------------------------------------------------------------------------------
+
+_members: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def members(datasette) -> dict[str, "Member"]:
+    return _members.setdefault(datasette, {})
+
+
+def member(datasette, database: str) -> "Member | None":
+    return _members.get(datasette, {}).get(database)
+
+
+def startup(datasette):
+    """The ``startup`` hook's part: one member per mutable database with a ``cluster`` setting."""
+    check_config(datasette)
+    wanted = {}
+    for name, db in datasette.databases.items():
+        settings = settings_for(datasette, name)
+        if settings is not None and db.is_mutable and not db.is_memory:
+            wanted[name] = settings
+    if not wanted:
+        return None
+
+    async def start():
+        for name, settings in wanted.items():
+            if name not in members(datasette):
+                members(datasette)[name] = Member(datasette, name, settings)
+                members(datasette)[name].start()
+
+    return start
+
+
+class Member:
+    """This hub in the cluster for one database: its connection, consumer and outbox."""
+
+    def __init__(self, datasette, database: str, settings: Settings):
+        self.datasette = datasette
+        self.database = database
+        self.settings = settings
+        self.subject = subject(settings, database)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.nc = None
+        self.js = None
+        self.behind: int | None = None
+        self.error: str | None = None
+        self.snapshot_seq = 0
+        self.poked: asyncio.Event | None = None
+        self.tasks: list[asyncio.Task] = []
+
+    @property
+    def db(self):
+        return self.datasette.get_database(self.database)
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.poked = asyncio.Event()
+        self.tasks = [self.loop.create_task(self.run()), self.loop.create_task(self.outbox_loop())]
+
+    def poke(self) -> None:
+        """Run the outbox soon (thread-safe)."""
+        if self.loop is not None and self.poked is not None:
+            self.loop.call_soon_threadsafe(self.poked.set)
+
+    # Connection ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.connect()
+                await self.ensure_stream()
+                subscription = await self.subscribe()
+                self.error = None
+                await self.consume(subscription)
+            except asyncio.CancelledError:
+                raise
+            except Exception as ex:
+                self.error = f"{type(ex).__name__}: {ex}"
+                log.warning("datasette-sync cluster (%s): %s; retrying", self.database, self.error)
+                await asyncio.sleep(1)
+
+    async def connect(self) -> None:
+        import nats
+
+        if self.nc is not None and not self.nc.is_closed:
+            return
+
+        async def disconnected():
+            self.error = "disconnected from NATS"
+
+        async def reconnected():
+            self.error = None
+
+        async def on_error(ex):
+            log.debug("datasette-sync cluster (%s): %s", self.database, ex)
+
+        self.nc = await nats.connect(
+            servers=list(self.settings.servers),
+            name=f"datasette-sync {self.settings.hub}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=2,
+            allow_reconnect=True,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=on_error,
+        )
+        self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
+
+    async def ensure_stream(self) -> None:
+        from nats.js.api import StorageType, StreamConfig
+        from nats.js.errors import NotFoundError
+
+        name = self.settings.stream
+        try:
+            await self.js.stream_info(name)
+        except NotFoundError:
+            config = StreamConfig(
+                name=name,
+                subjects=[f"{name}.>"],
+                num_replicas=self.settings.replicas,
+                duplicate_window=DUPLICATE_WINDOW,
+                storage=StorageType.FILE,
+            )
+            try:
+                await self.js.add_stream(config)
+            except Exception:
+                await self.js.stream_info(name)  # another hub created it meanwhile
+        await self.object_store()
+
+    async def object_store(self):
+        from nats.js.errors import BucketNotFoundError, NotFoundError
+
+        try:
+            return await self.js.object_store(bucket_name(self.settings))
+        except (BucketNotFoundError, NotFoundError):
+            try:
+                return await self.js.create_object_store(bucket_name(self.settings), replicas=self.settings.replicas)
+            except Exception:
+                return await self.js.object_store(bucket_name(self.settings))
+
+    async def subscribe(self):
+        """Bind to this hub's durable consumer; a new hub first imports the snapshot, if any,
+        and starts after the sequence it covers."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        durable = consumer_name(self.settings, self.database)
+        try:
+            await self.js.consumer_info(self.settings.stream, durable)
+        except NotFoundError:
+            covered = await self.join_from_snapshot()
+            config = ConsumerConfig(
+                durable_name=durable,
+                filter_subject=self.subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ACK_WAIT,
+                max_ack_pending=1000,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE if covered else DeliverPolicy.ALL,
+                opt_start_seq=covered + 1 if covered else None,
+            )
+            await self.js.add_consumer(self.settings.stream, config)
+        return await self.js.pull_subscribe_bind(durable, self.settings.stream)
+
+    # Publishing (pushes and the outbox) ---------------------------------------------------
+
+    def publish_from_thread(self, path: str, bundle_id: str, alter: bool, actor: str | None) -> None:
+        """Store a bundle file in the stream and wait for the PubAck; called on the write
+        thread, inside the import's transaction. Raises SyncError (cluster_unavailable)."""
+        if self.loop is None or self.js is None:
+            raise unavailable(self.database, "not connected to NATS yet")
+        future = asyncio.run_coroutine_threadsafe(self.publish(path, bundle_id, alter, actor), self.loop)
+        try:
+            future.result(PUBLISH_TIMEOUT * 2)
+        except Exception as ex:
+            future.cancel()
+            raise unavailable(self.database, f"{type(ex).__name__}: {ex}".rstrip(": ")) from ex
+
+    async def publish(self, path: str, bundle_id: str, alter: bool, actor: str | None):
+        headers = {MSG_ID_HEADER: bundle_id}
+        if alter:
+            headers[ALTER_HEADER] = "1"
+        if actor is not None:
+            headers[ACTOR_HEADER] = actor
+        size = os.path.getsize(path)
+        if size > self.nc.max_payload - HEADER_ROOM:
+            store = await self.object_store()
+            with open(path, "rb") as source:
+                await store.put(bundle_id, source)
+            headers[OBJECT_HEADER] = bundle_id
+            body = b""
+        else:
+            body = await asyncio.to_thread(read_file, path)
+        return await self.js.publish(self.subject, body, headers=headers, stream=self.settings.stream)
+
+    async def outbox_loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.poked.wait(), OUTBOX_INTERVAL)
+            self.poked.clear()
+            try:
+                await self.flush_outbox()
+            except asyncio.CancelledError:
+                raise
+            except Exception as ex:
+                log.warning("datasette-sync cluster (%s): outbox not published: %s", self.database, ex)
+
+    async def flush_outbox(self) -> bool:
+        """Publish this hub's own operations not published yet; True if there were some."""
+        if self.js is None or not self.nc.is_connected:
+            return False
+        pending = await self.db.execute_fn(own_pending)
+        if pending is None:
+            return False
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "outbox.bundle")
+            result = await self.db.execute_fn(lambda conn: export_own(conn, path, pending))
+            if result is None:
+                return False
+            await self.publish(path, result.bundle_id, True, None)
+        done = max(pending[1], result.clock.get(pending[0], 0))
+        with sync_write():
+            await self.db.execute_write_fn(lambda conn: record_published(conn, done))
+        return True
+
+    # Consuming ----------------------------------------------------------------------------
+
+    async def consume(self, subscription) -> None:
+        import nats.errors
+
+        while True:
+            try:
+                messages = await subscription.fetch(16, timeout=1)
+            except nats.errors.TimeoutError:
+                messages = []
+            for message in messages:
+                await self.handle(message)
+            await self.after_batch(subscription)
+
+    async def handle(self, message) -> None:
+        seq = message.metadata.sequence.stream
+        try:
+            result = await self.import_message(message)
+        except SyncError as ex:
+            if ex.reason in RETRYABLE:
+                log.info("datasette-sync cluster (%s): message %s waits: %s", self.database, seq, ex)
+                await message.nak(delay=GAP_DELAY)
+            else:
+                log.warning("datasette-sync cluster (%s): message %s dropped: %s", self.database, seq, ex)
+                await message.term()
+            return
+        except sqlite3.Error as ex:
+            from .views import import_sqlite_refusal
+
+            refusal = import_sqlite_refusal(ex, self.database)
+            if refusal.reason == errors.INVALID_BUNDLE:
+                log.warning("datasette-sync cluster (%s): message %s dropped: %s", self.database, seq, refusal)
+                await message.term()
+            else:
+                await message.nak(delay=GAP_DELAY)
+            return
+        except Exception:
+            log.exception("datasette-sync cluster (%s): message %s could not be imported", self.database, seq)
+            await message.term()
+            return
+        await message.ack()
+        if result is not None and not result.skipped:
+            self.poke()  # the import wrote a knowledge tick of this hub's device
+            notify_live(self.datasette, self.database)
+
+    async def import_message(self, message):
+        headers = message.headers or {}
+        options = {
+            "alter": headers.get(ALTER_HEADER) == "1",
+            "actor": headers.get(ACTOR_HEADER),
+            "may_relay": True,
+            "max_clock_skew": self.max_clock_skew(),
+        }
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "stream.bundle")
+            name = headers.get(OBJECT_HEADER)
+            if name:
+                store = await self.object_store()
+                with open(path, "wb") as out:
+                    await store.get(name, writeinto=out)
+            else:
+                await asyncio.to_thread(write_file, path, message.data)
+            with sync_write():
+                return await self.db.execute_write_fn(
+                    lambda conn: import_bundle(conn, path, **options), transaction=False
+                )
+
+    def max_clock_skew(self) -> float:
+        from .views import max_clock_skew
+
+        return max_clock_skew(self.datasette, self.database)
+
+    async def after_batch(self, subscription) -> None:
+        info = await subscription.consumer_info()
+        self.behind = info.num_pending + info.num_ack_pending
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        if floor - self.snapshot_seq >= self.settings.snapshot_every:
+            await self.maybe_snapshot(floor)
+
+    # Retention ----------------------------------------------------------------------------
+
+    async def maybe_snapshot(self, floor: int) -> bool:
+        """Snapshot and purge if this hub's consumer is the furthest along of the subject's."""
+        floors = await self.consumer_floors()
+        mine = consumer_name(self.settings, self.database)
+        furthest = max(floors.items(), key=lambda item: (item[1], [-ord(c) for c in item[0]]))[0]
+        current = await self.snapshot_info()
+        self.snapshot_seq = max(self.snapshot_seq, current)
+        if furthest != mine or floor - self.snapshot_seq < self.settings.snapshot_every:
+            return False
+        await self.take_snapshot(floor)
+        await self.purge(min(floor, *floors.values()))
+        return True
+
+    async def consumer_floors(self) -> dict[str, int]:
+        floors = {}
+        for info in await self.js.consumers_info(self.settings.stream):
+            if info.config.filter_subject == self.subject:
+                floors[info.name] = info.ack_floor.stream_seq if info.ack_floor else 0
+        return floors
+
+    async def snapshot_info(self) -> int:
+        """The stream sequence the stored snapshot covers (0: none)."""
+        store = await self.object_store()
+        try:
+            info = await store.get_info(snapshot_name(self.database))
+        except Exception:
+            return 0
+        value = (info.headers or {}).get(SEQ_HEADER)
+        if isinstance(value, list):
+            value = value[0]
+        return int(value or 0)
+
+    async def take_snapshot(self, floor: int) -> None:
+        """Store a full export covering every message up to ``floor`` (all imported here)."""
+        from nats.js.api import ObjectMeta
+
+        store = await self.object_store()
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "snapshot.bundle")
+            await self.db.execute_fn(lambda conn: export_bundle(conn, path, repair=False))
+            meta = ObjectMeta(name=snapshot_name(self.database), headers={SEQ_HEADER: [str(floor)]})
+            with open(path, "rb") as source:
+                await store.put(snapshot_name(self.database), source, meta=meta)
+        self.snapshot_seq = floor
+        log.info("datasette-sync cluster (%s): snapshot up to stream sequence %s", self.database, floor)
+
+    async def purge(self, upto: int) -> None:
+        if upto > 0:
+            await self.js.purge_stream(self.settings.stream, seq=upto + 1, subject=self.subject)
+
+    async def join_from_snapshot(self) -> int:
+        """Import the stored snapshot (a new hub); the stream sequence it covers (0: none)."""
+        covered = await self.snapshot_info()
+        if not covered:
+            return 0
+        store = await self.object_store()
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "snapshot.bundle")
+            with open(path, "wb") as out:
+                await store.get(snapshot_name(self.database), writeinto=out)
+            options = {"alter": True, "may_relay": True, "max_clock_skew": self.max_clock_skew()}
+            with sync_write():
+                await self.db.execute_write_fn(lambda conn: import_bundle(conn, path, **options), transaction=False)
+        self.snapshot_seq = covered
+        log.info("datasette-sync cluster (%s): joined from the snapshot up to sequence %s", self.database, covered)
+        return covered
+
+    # Status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        connected = self.nc is not None and self.nc.is_connected
+        return {
+            "stream": self.settings.stream,
+            "subject": self.subject,
+            "hub": self.settings.hub,
+            "connected": connected,
+            "behind": self.behind,
+            "error": self.error,
+        }
+
+
+def unavailable(database: str, why: str) -> SyncError:
+    return SyncError(
+        errors.CLUSTER_UNAVAILABLE,
+        f"The cluster could not store the bundle ({why}): nothing was imported into {database}. "
+        f"Retry in {protocol.CLUSTER_RETRY_SECONDS} seconds or push to another hub",
+    )
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as source:
+        return source.read()
+
+
+def write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as out:
+        out.write(data)
+
+
+def notify_live(datasette, database: str) -> None:
+    try:
+        from . import live
+    except ImportError:
+        return
+    changed = getattr(live, "changed", None)
+    if changed is not None:
+        changed(datasette, database)
+
+
+# The hooks views.py calls -------------------------------------------------------------------
+
+
+def before_commit(datasette, database: str, path: str, options: dict) -> Callable | None:
+    """The import's ``before_commit`` for a push to a cluster hub (None otherwise): publish
+    the pushed bundle when it brought something new, so it is stored before it is committed."""
+    this = member(datasette, database)
+    if this is None:
+        return None
+
+    def publish(result) -> None:
+        if result.applied or result.withheld:
+            this.publish_from_thread(path, result.bundle_id, options.get("alter", False), options.get("actor"))
+        this.poke()
+
+    return publish
+
+
+def status(datasette, database: str) -> dict[str, Any] | None:
+    this = member(datasette, database)
+    return None if this is None else this.status()
+
+
+# The outbox's bookkeeping, in ``_sync_cluster`` (made when first needed) ---------------------
+
+CLUSTER_TABLE = "_sync_cluster"
+
+
+def published(conn) -> int:
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [CLUSTER_TABLE]).fetchone()
+    if not exists:
+        return 0
+    row = conn.execute(f"SELECT value FROM {CLUSTER_TABLE} WHERE key = 'published'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def own_pending(conn) -> tuple[str, int] | None:
+    """(this hub's device id, its highest seq) when it wrote operations not published yet."""
+    if not is_enabled(conn):
+        return None
+    row = conn.execute("SELECT idx, device_id FROM _sync_devices WHERE device_id = ?", [local_device_id(conn)]).fetchone()
+    if row is None:
+        return None
+    seq = max_seq(conn, row[0])
+    return (row[1], seq) if seq > published(conn) else None
+
+
+def export_own(conn, path: str, pending: tuple[str, int]):
+    """This hub's device's operations after the published seq (and no other device's)."""
+    from sqlite_utils_sync.clocks import clock
+
+    device, _ = pending
+    since = {**clock(conn), device: published(conn)}
+    result = export_bundle(conn, path, since=since, repair=False)
+    return result if result.operations else None
+
+
+def record_published(conn, seq: int) -> None:
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} (key TEXT PRIMARY KEY, value)")
+    conn.execute(
+        f"INSERT INTO {CLUSTER_TABLE} VALUES ('published', ?) ON CONFLICT (key) DO UPDATE SET value = "
+        "max(value, excluded.value)",
+        [seq],
+    )
