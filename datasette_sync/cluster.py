@@ -45,7 +45,7 @@ ALTER_HEADER = "Datasette-Sync-Alter"
 ACTOR_HEADER = "Datasette-Sync-Actor"
 SEQ_HEADER = "Datasette-Sync-Stream-Seq"
 MSG_ID_HEADER = "Nats-Msg-Id"
-PUBLISH_TIMEOUT = 10.0  # seconds a push waits for the stream's PubAck before answering 503
+PUBLISH_TIMEOUT = 5.0  # seconds a push waits for the stream's PubAck before answering 503
 DUPLICATE_WINDOW = 120.0  # a push retried within this is stored once (the import dedupes anyway)
 ACK_WAIT = 300.0  # a big bundle's import may take that long before it is redelivered
 GAP_DELAY = 1.0  # a bundle whose predecessors have not arrived is retried after this
@@ -322,9 +322,7 @@ class Member:
             headers[ACTOR_HEADER] = actor
         size = os.path.getsize(path)
         if size > self.nc.max_payload - HEADER_ROOM:
-            store = await self.object_store()
-            with open(path, "rb") as source:
-                await store.put(bundle_id, source)
+            await self.put_object(bundle_id, path)
             headers[OBJECT_HEADER] = bundle_id
             body = b""
         else:
@@ -381,7 +379,7 @@ class Member:
             result = await self.import_message(message)
         except SyncError as ex:
             if ex.reason in RETRYABLE:
-                log.info("datasette-sync cluster (%s): message %s waits: %s", self.database, seq, ex)
+                log.warning("datasette-sync cluster (%s): message %s waits (retried): %s", self.database, seq, ex)
                 await message.nak(delay=GAP_DELAY)
             else:
                 log.warning("datasette-sync cluster (%s): message %s dropped: %s", self.database, seq, ex)
@@ -446,7 +444,9 @@ class Member:
         """Snapshot and purge if this hub's consumer is the furthest along of the subject's."""
         floors = await self.consumer_floors()
         mine = consumer_name(self.settings, self.database)
-        furthest = max(floors.items(), key=lambda item: (item[1], [-ord(c) for c in item[0]]))[0]
+        if mine not in floors:
+            return False
+        furthest = min(floors, key=lambda name: (-floors[name], name))  # ties: the first name
         current = await self.snapshot_info()
         self.snapshot_seq = max(self.snapshot_seq, current)
         if furthest != mine or floor - self.snapshot_seq < self.settings.snapshot_every:
@@ -476,17 +476,22 @@ class Member:
 
     async def take_snapshot(self, floor: int) -> None:
         """Store a full export covering every message up to ``floor`` (all imported here)."""
-        from nats.js.api import ObjectMeta
-
-        store = await self.object_store()
         with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
             path = os.path.join(directory, "snapshot.bundle")
             await self.db.execute_fn(lambda conn: export_bundle(conn, path, repair=False))
-            meta = ObjectMeta(name=snapshot_name(self.database), headers={SEQ_HEADER: [str(floor)]})
-            with open(path, "rb") as source:
-                await store.put(snapshot_name(self.database), source, meta=meta)
+            await self.put_object(snapshot_name(self.database), path, {SEQ_HEADER: [str(floor)]})
         self.snapshot_seq = floor
         log.info("datasette-sync cluster (%s): snapshot up to stream sequence %s", self.database, floor)
+
+    async def put_object(self, name: str, path: str, headers: dict | None = None) -> None:
+        """Store a file in the object store, in chunks the server's max_payload allows."""
+        from nats.js.api import ObjectMeta, ObjectMetaOptions
+
+        chunk = min(128 * 1024, self.nc.max_payload - HEADER_ROOM)
+        meta = ObjectMeta(name=name, headers=headers, options=ObjectMetaOptions(max_chunk_size=chunk))
+        store = await self.object_store()
+        with open(path, "rb") as source:
+            await store.put(name, source, meta=meta)
 
     async def purge(self, upto: int) -> None:
         if upto > 0:

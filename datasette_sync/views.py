@@ -311,6 +311,8 @@ async def overview_page(datasette, request):
 
     status, peers, latest, activity, compacted = await db.execute_fn(read)
     status = {**status, "access": await actor_access(datasette, request.actor, db)}
+    if cluster.status(datasette, db.name) is not None:
+        status["cluster"] = cluster.status(datasette, db.name)
     context = {
         "status": status,
         "peers": peers,

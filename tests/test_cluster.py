@@ -10,22 +10,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 import sqlite_utils
 
-from sqlite_utils_sync import export_bundle, sync_status
+from conftest import SECRET, _clean_env, _executable
+from sqlite_utils_sync import export_bundle, import_bundle, sync_status
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 pytestmark = pytest.mark.skipif(not shutil.which(NATS_SERVER), reason="nats-server is not installed")
 nats = pytest.importorskip("nats")
 
-ALICE_ACTIONS = ["sync-export", "sync-import", "view-database", "view-table", "insert-row", "update-row", "delete-row"]
+STREAM = "datasette-sync"
+SUBJECT = "datasette-sync.hub.bundles"
 
 
 def free_port() -> int:
@@ -124,14 +128,51 @@ def start_hub(tmp_path, datasette_server, hub_config, make_todos_db):
         path = make_todos_db(folder / "hub.db")
         hub = datasette_server([path], cluster_config(hub_config, server.url, name, **extra))
         hub.path = path
-        hub.alice = hub.token("alice", *[arg for action in ALICE_ACTIONS for arg in ("-d", "hub", action)])
+        hub.alice = alice_token()
         return hub
 
     return start
 
 
-def rows_of(todo_rows, path):
-    return lambda: todo_rows(path)
+_tokens = {}
+
+
+def alice_token() -> str:
+    """An unrestricted token of alice (the hub config grants her what syncing needs), made in
+    process: the create-token CLI costs seconds a hub."""
+    if "alice" not in _tokens:
+        from datasette.app import Datasette
+
+        async def make():
+            datasette = Datasette(secret=SECRET)
+            await datasette.invoke_startup()
+            return await datasette.create_token("alice")
+
+        _tokens["alice"] = asyncio.run(make())
+    return _tokens["alice"]
+
+
+def stream_messages(server: Nats) -> list:
+    """Every message stored for database ``hub``: (stream sequence, headers, body)."""
+
+    async def read(js):
+        info = await js.stream_info(STREAM)
+        found = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            try:
+                msg = await js.get_msg(STREAM, seq)
+            except nats.js.errors.NotFoundError:
+                continue
+            if msg.subject == SUBJECT:
+                found.append((seq, msg.headers or {}, msg.data))
+        return found
+
+    return server.ask(read)
+
+
+def publish(server: Nats, path, msg_id: str) -> None:
+    data = path.read_bytes() if hasattr(path, "read_bytes") else path
+    server.ask(lambda js: js.publish(SUBJECT, data, headers={"Nats-Msg-Id": msg_id}))
 
 
 def test_a_push_to_one_hub_reaches_the_other(tmp_path, nats_server, start_hub, hub_sync, make_todos_db, todo_rows):
@@ -146,3 +187,143 @@ def test_a_push_to_one_hub_reaches_the_other(tmp_path, nats_server, start_hub, h
     laptop = make_todos_db(tmp_path / "laptop.db")
     hub_sync(laptop, b, b.alice)
     assert todo_rows(laptop) == expected
+
+
+def test_a_write_on_a_hub_and_its_status_reach_the_cluster(nats_server, start_hub, todo_rows):
+    server = nats_server()
+    a, b = start_hub(server, "a"), start_hub(server, "b")
+    headers = {"Authorization": f"Bearer {a.alice}"}
+    response = a.post("/hub/todos/-/insert", json={"row": {"id": 5, "title": "From the web", "done": 0}}, headers=headers)
+    assert response.status_code == 201, response.text
+    # Hub A's own operation leaves through its outbox.
+    eventually(lambda: todo_rows(b.path) == [{"id": 5, "title": "From the web", "done": 0}])
+    assert eventually(lambda: b.get("/hub/-/sync.json", headers=headers).json()["cluster"]["behind"] == 0)
+    cluster = b.get("/hub/-/sync.json", headers=headers).json()["cluster"]
+    assert (cluster["stream"], cluster["hub"], cluster["connected"]) == (STREAM, "b", True)
+    page = b.get("/hub/-/sync", headers=headers).text
+    assert "stream datasette-sync, this hub b," in page and "messages behind: 0" in page
+
+
+def test_a_push_is_refused_when_the_cluster_cannot_store_it(tmp_path, nats_server, start_hub, hub_sync, make_todos_db, todo_rows, file_bytes):
+    server = nats_server()
+    a = start_hub(server, "a")
+    eventually(lambda: a.get("/hub/-/sync.json", headers={"Authorization": f"Bearer {a.alice}"}).json()["cluster"]["connected"])
+    server.stop()
+    phone = make_todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
+    bundle = tmp_path / "phone.bundle"
+    export_bundle(sqlite_utils.Database(phone), bundle)
+    before = sync_status(sqlite_utils.Database(a.path))["clock"]
+    response = a.post("/hub/-/sync/import", content=bundle.read_bytes(), headers={"Authorization": f"Bearer {a.alice}"})
+    assert response.status_code == 503
+    assert response.headers["Retry-After"] == "2"
+    assert response.json()["reason"] == "cluster_unavailable"
+    assert "nothing was imported into hub" in response.json()["error"]
+    # The import rolled back: the hub holds nothing of the push.
+    assert todo_rows(a.path) == []
+    assert sync_status(sqlite_utils.Database(a.path))["clock"] == before
+    failed = hub_sync(phone, a, a.alice, check=False)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+
+
+def test_a_bundle_larger_than_a_message_goes_through_the_object_store(tmp_path, nats_server, start_hub, hub_sync, make_todos_db, todo_rows):
+    server = nats_server("max_payload: 65536\n")
+    a, b = start_hub(server, "a"), start_hub(server, "b")
+    rows = [{"id": i, "title": os.urandom(15000).hex(), "done": 0} for i in range(1, 4)]  # bundles compress text
+    phone = make_todos_db(tmp_path / "phone.db", rows)
+    hub_sync(phone, a, a.alice)
+    eventually(lambda: todo_rows(b.path) == rows)
+    assert any("Datasette-Sync-Object" in headers and not body for _, headers, body in stream_messages(server))
+
+
+def test_a_bundle_before_its_predecessor_waits_and_a_bad_one_is_dropped(tmp_path, nats_server, start_hub, make_todos_db, todo_rows):
+    server = nats_server()
+    a = start_hub(server, "a")
+    phone_path = make_todos_db(tmp_path / "phone.db", [{"id": 1, "title": "First", "done": 0}])
+    phone = sqlite_utils.Database(phone_path)
+    export_bundle(phone, tmp_path / "first.bundle")
+    after_first = sync_status(phone)["clock"]
+    phone["todos"].insert({"id": 2, "title": "Second", "done": 0})
+    export_bundle(phone, tmp_path / "second.bundle", since=after_first)
+    publish(server, b"not a bundle", "junk")
+    publish(server, tmp_path / "second.bundle", "second")
+    # The second bundle cannot be imported before the first: it is retried, not dropped.
+    eventually(lambda: "waits (retried)" in a.output(), what="the hub to refuse the second bundle for now")
+    assert todo_rows(a.path) == []
+    publish(server, tmp_path / "first.bundle", "first")
+    eventually(lambda: todo_rows(a.path) == [{"id": 1, "title": "First", "done": 0}, {"id": 2, "title": "Second", "done": 0}])
+    assert "dropped" in a.output()  # the junk message, logged and not retried
+
+
+def test_retention_keeps_a_snapshot_a_new_hub_starts_from(tmp_path, nats_server, start_hub, hub_sync, make_todos_db, todo_rows, upsert):
+    server = nats_server()
+    a = start_hub(server, "a", snapshot_every=3)
+    phone = make_todos_db(tmp_path / "phone.db", [{"id": 1, "title": "One", "done": 0}])
+    for i in range(2, 5):
+        hub_sync(phone, a, a.alice)
+        upsert(phone, {"id": i, "title": f"Row {i}", "done": 0})
+    hub_sync(phone, a, a.alice)
+    expected = todo_rows(phone)
+    assert todo_rows(a.path) == expected
+
+    def purged():
+        messages = stream_messages(server)
+        return messages and messages[0][0] > 1
+
+    eventually(purged, what="hub a to snapshot and purge the stream")
+    c = start_hub(server, "c")
+    eventually(lambda: todo_rows(c.path) == expected)
+
+
+def test_before_commit_sees_the_result_and_can_refuse(tmp_path, make_todos_db, todo_rows):
+    phone = make_todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
+    export_bundle(sqlite_utils.Database(phone), tmp_path / "phone.bundle")
+    hub = make_todos_db(tmp_path / "hub.db")
+    before = (tmp_path / "hub.db").read_bytes()
+
+    def refuse(result):
+        raise RuntimeError(f"no quorum for {result.bundle_id}")
+
+    with pytest.raises(RuntimeError):
+        import_bundle(sqlite_utils.Database(hub), tmp_path / "phone.bundle", before_commit=refuse)
+    assert (tmp_path / "hub.db").read_bytes() == before
+    seen = []
+    result = import_bundle(sqlite_utils.Database(hub), tmp_path / "phone.bundle", before_commit=seen.append)
+    assert seen == [result] and todo_rows(hub) == [{"id": 1, "title": "Buy milk", "done": 0}]
+    # A bundle held already brings nothing new: no call.
+    import_bundle(sqlite_utils.Database(hub), tmp_path / "phone.bundle", before_commit=seen.append)
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"servers": ["nats://127.0.0.1:4222"]}, "cluster hub must be a name"),
+        ({"servers": "localhost", "hub": "a"}, "cluster servers must be a list of nats:// URLs"),
+        ({"servers": ["nats://127.0.0.1:4222"], "hub": "a", "replicas": 0}, "cluster replicas must be a whole number from 1 to 5"),
+        ({"servers": ["nats://127.0.0.1:4222"], "hub": "a", "stream": "a.b"}, "cluster stream must be a name"),
+        ({"servers": ["nats://127.0.0.1:4222"], "hub": "a", "color": 1}, "cluster has unknown keys ['color']"),
+    ],
+)
+def test_a_bad_cluster_setting_is_one_line_at_startup(tmp_path, setting, message):
+    (tmp_path / "c.json").write_text(json.dumps({"plugins": {"datasette-sync": {"cluster": setting}}}))
+    sqlite_utils.Database(tmp_path / "hub.db")["t"].insert({"id": 1})
+    result = subprocess.run(
+        [_executable("datasette"), "serve", str(tmp_path / "hub.db"), "-c", str(tmp_path / "c.json"), "--get", "/"],
+        capture_output=True, text=True, env=_clean_env(), timeout=60,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_hub_without_the_setting_never_imports_nats(tmp_path):
+    sqlite_utils.Database(tmp_path / "hub.db")["t"].insert({"id": 1})
+    script = (
+        "import asyncio, sys\n"
+        "from datasette.app import Datasette\n"
+        f"ds = Datasette([{str(tmp_path / 'hub.db')!r}])\n"
+        "asyncio.run(ds.invoke_startup())\n"
+        "print('nats' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_clean_env(), timeout=60)
+    assert result.stdout.strip() == "False", result.stderr
