@@ -58,15 +58,16 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "the cluster") -> Any:
-    """Poll ``check`` until it returns something true; AssertionError naming ``what`` after ``timeout``."""
+def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "the cluster", show: Callable[[], Any] | None = None) -> Any:
+    """Poll ``check`` until it returns something true; AssertionError naming ``what`` (and
+    what ``show()`` returns then) after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
+            raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}" + (f": {show()}" if show else ""))
         time.sleep(0.1)
 
 
