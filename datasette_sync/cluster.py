@@ -49,6 +49,8 @@ PUBLISH_TIMEOUT = 5.0  # seconds a push waits for the stream's PubAck before ans
 DUPLICATE_WINDOW = 120.0  # a push retried within this is stored once (the import dedupes anyway)
 ACK_WAIT = 300.0  # a big bundle's import may take that long before it is redelivered
 GAP_DELAY = 1.0  # a bundle whose predecessors have not arrived is retried after this
+MAX_RETRY_DELAY = 30.0
+RETENTION_CHECK = 10.0  # seconds between two looks at the other consumers by a hub that is behind
 HEADER_ROOM = 4096  # max_payload counts headers too
 OUTBOX_INTERVAL = 1.0
 # Refusals that another message (or time) can cure: the message is retried, not dropped.
@@ -136,6 +138,11 @@ def snapshot_name(database: str) -> str:
     return f"snapshot-{token(database)}"
 
 
+def object_name(database: str, bundle_id: str) -> str:
+    """A pushed bundle too big for a message; per database, so its retention can drop it."""
+    return f"bundle-{token(database)}-{bundle_id}"
+
+
 # Members ----------------------------------------------------------------------------------
 
 _members: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -183,6 +190,7 @@ class Member:
         self.behind: int | None = None
         self.error: str | None = None
         self.snapshot_seq = 0
+        self.next_check = 0.0
         self.poked: asyncio.Event | None = None
         self.tasks: list[asyncio.Task] = []
 
@@ -203,7 +211,10 @@ class Member:
     # Connection ---------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Connect, bind the consumer and import for ever; after any failure (NATS down, no
+        quorum) start over a second later: the durable consumer resumes where it stopped."""
         while True:
+            subscription = None
             try:
                 await self.connect()
                 await self.ensure_stream()
@@ -213,8 +224,11 @@ class Member:
             except asyncio.CancelledError:
                 raise
             except Exception as ex:
-                self.error = f"{type(ex).__name__}: {ex}"
+                self.error = f"{type(ex).__name__}: {ex}".rstrip(": ")
                 log.warning("datasette-sync cluster (%s): %s; retrying", self.database, self.error)
+                if subscription is not None:
+                    with contextlib.suppress(Exception):
+                        await subscription.unsubscribe()
                 await asyncio.sleep(1)
 
     async def connect(self) -> None:
@@ -322,8 +336,9 @@ class Member:
             headers[ACTOR_HEADER] = actor
         size = os.path.getsize(path)
         if size > self.nc.max_payload - HEADER_ROOM:
-            await self.put_object(bundle_id, path)
-            headers[OBJECT_HEADER] = bundle_id
+            name = object_name(self.database, bundle_id)
+            await self.put_object(name, path)
+            headers[OBJECT_HEADER] = name
             body = b""
         else:
             body = await asyncio.to_thread(read_file, path)
@@ -380,7 +395,7 @@ class Member:
         except SyncError as ex:
             if ex.reason in RETRYABLE:
                 log.warning("datasette-sync cluster (%s): message %s waits (retried): %s", self.database, seq, ex)
-                await message.nak(delay=GAP_DELAY)
+                await message.nak(delay=retry_delay(message))
             else:
                 log.warning("datasette-sync cluster (%s): message %s dropped: %s", self.database, seq, ex)
                 await message.term()
@@ -393,7 +408,7 @@ class Member:
                 log.warning("datasette-sync cluster (%s): message %s dropped: %s", self.database, seq, refusal)
                 await message.term()
             else:
-                await message.nak(delay=GAP_DELAY)
+                await message.nak(delay=retry_delay(message))
             return
         except Exception:
             log.exception("datasette-sync cluster (%s): message %s could not be imported", self.database, seq)
@@ -435,8 +450,9 @@ class Member:
         info = await subscription.consumer_info()
         self.behind = info.num_pending + info.num_ack_pending
         floor = info.ack_floor.stream_seq if info.ack_floor else 0
-        if floor - self.snapshot_seq >= self.settings.snapshot_every:
-            await self.maybe_snapshot(floor)
+        if floor - self.snapshot_seq >= self.settings.snapshot_every and self.loop.time() >= self.next_check:
+            if not await self.maybe_snapshot(floor):
+                self.next_check = self.loop.time() + RETENTION_CHECK
 
     # Retention ----------------------------------------------------------------------------
 
@@ -494,8 +510,33 @@ class Member:
             await store.put(name, source, meta=meta)
 
     async def purge(self, upto: int) -> None:
-        if upto > 0:
-            await self.js.purge_stream(self.settings.stream, seq=upto + 1, subject=self.subject)
+        """Remove the messages up to ``upto`` (every consumer has them, the snapshot covers
+        them), and the objects of big bundles only they referred to."""
+        if upto <= 0:
+            return
+        try:
+            last_purged = parse_time((await self.js.get_msg(self.settings.stream, upto)).time)
+        except Exception:
+            last_purged = None
+        await self.js.purge_stream(self.settings.stream, seq=upto + 1, subject=self.subject)
+        if last_purged is not None:
+            await self.drop_objects(last_purged - DUPLICATE_WINDOW)
+
+    async def drop_objects(self, before: float) -> None:
+        """Delete this database's bundle objects stored before ``before`` (a Unix time): the
+        message referring to one is published right after it is stored, so these were
+        referred to by purged messages only (a retried push stores its object anew)."""
+        store = await self.object_store()
+        prefix = object_name(self.database, "")
+        try:
+            infos = await store.list(ignore_deletes=True)
+        except Exception:
+            return
+        for info in infos:
+            stored = parse_time(info.mtime)
+            if info.name.startswith(prefix) and stored is not None and stored < before:
+                with contextlib.suppress(Exception):
+                    await store.delete(info.name)
 
     async def join_from_snapshot(self) -> int:
         """Import the stored snapshot (a new hub); the stream sequence it covers (0: none)."""
@@ -534,6 +575,28 @@ def unavailable(database: str, why: str) -> SyncError:
         f"The cluster could not store the bundle ({why}): nothing was imported into {database}. "
         f"Retry in {protocol.CLUSTER_RETRY_SECONDS} seconds or push to another hub",
     )
+
+
+def retry_delay(message) -> float:
+    """Seconds before a message that could not be imported yet comes back: longer each time."""
+    return min(GAP_DELAY * message.metadata.num_delivered, MAX_RETRY_DELAY)
+
+
+def parse_time(value) -> float | None:
+    """A Unix time from a NATS timestamp (RFC 3339, maybe with nanoseconds) or a datetime."""
+    import datetime
+
+    if isinstance(value, datetime.datetime):
+        return value.timestamp()
+    if not isinstance(value, str):
+        return None
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", value)
+    if match is None:
+        return None
+    whole, fraction, zone = match.groups()
+    zone = "+00:00" if zone in (None, "Z") else zone
+    stamp = datetime.datetime.fromisoformat(whole + zone).timestamp()
+    return stamp + (float(fraction) if fraction else 0.0)
 
 
 def read_file(path: str) -> bytes:

@@ -204,7 +204,7 @@ def test_a_write_on_a_hub_and_its_status_reach_the_cluster(nats_server, start_hu
     assert "stream datasette-sync, this hub b," in page and "messages behind: 0" in page
 
 
-def test_a_push_is_refused_when_the_cluster_cannot_store_it(tmp_path, nats_server, start_hub, hub_sync, make_todos_db, todo_rows, file_bytes):
+def test_a_push_is_refused_when_the_cluster_cannot_store_it(tmp_path, nats_server, start_hub, make_todos_db, todo_rows):
     server = nats_server()
     a = start_hub(server, "a")
     eventually(lambda: a.get("/hub/-/sync.json", headers={"Authorization": f"Bearer {a.alice}"}).json()["cluster"]["connected"])
@@ -221,8 +221,6 @@ def test_a_push_is_refused_when_the_cluster_cannot_store_it(tmp_path, nats_serve
     # The import rolled back: the hub holds nothing of the push.
     assert todo_rows(a.path) == []
     assert sync_status(sqlite_utils.Database(a.path))["clock"] == before
-    failed = hub_sync(phone, a, a.alice, check=False)
-    assert failed.returncode != 0 and "Traceback" not in failed.stderr
 
 
 def test_a_bundle_larger_than_a_message_goes_through_the_object_store(tmp_path, nats_server, start_hub, hub_sync, make_todos_db, todo_rows):
@@ -258,18 +256,17 @@ def test_retention_keeps_a_snapshot_a_new_hub_starts_from(tmp_path, nats_server,
     server = nats_server()
     a = start_hub(server, "a", snapshot_every=3)
     phone = make_todos_db(tmp_path / "phone.db", [{"id": 1, "title": "One", "done": 0}])
-    for i in range(2, 5):
-        hub_sync(phone, a, a.alice)
-        upsert(phone, {"id": i, "title": f"Row {i}", "done": 0})
     hub_sync(phone, a, a.alice)
+    upsert(phone, {"id": 2, "title": "Two", "done": 0})
+    hub_sync(phone, a, a.alice)  # two pushes and hub a's two knowledge ticks: four messages
     expected = todo_rows(phone)
     assert todo_rows(a.path) == expected
 
-    def purged():
-        messages = stream_messages(server)
-        return messages and messages[0][0] > 1
+    async def first_seq(js):
+        return (await js.stream_info(STREAM)).state.first_seq
 
-    eventually(purged, what="hub a to snapshot and purge the stream")
+    # The first push (sequence 1, the only message with row 1) is gone from the stream.
+    eventually(lambda: server.ask(first_seq) > 1, what="hub a to snapshot and purge the stream")
     c = start_hub(server, "c")
     eventually(lambda: todo_rows(c.path) == expected)
 
