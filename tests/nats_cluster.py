@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -37,9 +38,7 @@ def missing() -> str | None:
     """Why cluster tests cannot run here (None: they can)."""
     if not os.path.exists(NATS_SERVER):
         return "nats-server is not installed (apt install nats-server)"
-    try:
-        import nats  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("nats") is None:
         return "nats-py is not installed (pip install -e '.[cluster]')"
     return None
 

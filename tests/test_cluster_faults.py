@@ -78,6 +78,15 @@ def sync(run, path, *targets: Hub, token: str, check: bool = True):
     return json.loads(result.stdout) if check else result
 
 
+def api_sync(path, *targets: Hub, token: str) -> dict:
+    """``sync_with_hub`` in this process (a CLI process per sync would double these tests' time)."""
+    db = sqlite_utils.Database(path)
+    try:
+        return sync_with_hub(db, [hub.db_url for hub in targets], token=token)
+    finally:
+        db.close()
+
+
 def state(path) -> tuple[list, dict, dict]:
     """What a copy holds: its todos rows, its clock, and its operation count per device."""
     conn = sqlite3.connect(path)  # not read-only: a killed hub's hot journal is rolled back
@@ -126,26 +135,26 @@ def device_id(path) -> str:
 # (1) Clients pushing to different hubs converge with every hub --------------------------------
 
 
-def test_clients_pushing_to_different_hubs_converge_with_every_hub(tmp_path, cluster, hubs, make_todos_db, run):
+def test_clients_pushing_to_different_hubs_converge_with_every_hub(tmp_path, cluster, hubs, make_todos_db):
     a, b, c = all_hubs = hubs(cluster(3), "abc")
     alice = token(a)  # one secret for the whole cluster: a token works on every hub
     devices = [make_todos_db(tmp_path / f"d{i}.db", [{"id": 10 * i + j, "title": f"from {i}", "done": 0} for j in (1, 2)]) for i in range(3)]
     for device, hub in zip(devices, all_hubs):
-        assert sync(run, device, hub, token=alice)["pushed"]["applied"] >= 2
+        assert api_sync(device, hub, token=alice)["pushed"]["applied"] >= 2
     # The same row changed on two devices through two hubs: one conflict, the same everywhere.
-    sync(run, devices[0], a, token=alice)
-    sync(run, devices[1], b, token=alice)
-    run(["sqlite-utils", "upsert", devices[0], "todos", "-", "--pk", "id"], input='[{"id": 11, "title": "via a"}]')
-    run(["sqlite-utils", "upsert", devices[1], "todos", "-", "--pk", "id"], input='[{"id": 11, "title": "via b"}]')
-    sync(run, devices[0], a, token=alice)
-    sync(run, devices[1], b, token=alice)
+    api_sync(devices[0], a, token=alice)
+    api_sync(devices[1], b, token=alice)
+    sqlite_utils.Database(devices[0])["todos"].update(11, {"title": "via a"})
+    sqlite_utils.Database(devices[1])["todos"].update(11, {"title": "via b"})
+    api_sync(devices[0], a, token=alice)
+    api_sync(devices[1], b, token=alice)
 
     wait_for(lambda: converged(all_hubs) and len(state(a.path)[0]) == 6, what="the hubs to converge", show=lambda: show(all_hubs))
     # Pulls from each hub: every device ends with what every hub holds. The second round
     # carries the knowledge ticks the first one wrote (a pull that brings only ticks writes none).
     for _ in range(2):
         for device, hub in zip(devices, all_hubs):
-            sync(run, device, hub, token=alice)
+            api_sync(device, hub, token=alice)
         wait_for(lambda: converged(all_hubs), what="the hubs to converge after the pulls", show=lambda: show(all_hubs, *devices))
     hub_rows, hub_clock, _ = state(a.path)
     assert [state(d)[:2] for d in devices] == [(hub_rows, hub_clock)] * 3
@@ -221,7 +230,7 @@ def test_a_hub_killed_mid_push_makes_the_client_retry_another_hub(tmp_path, clus
     me = device_id(device)
     mine = state(device)[2][me]
     wait_for(lambda: hold([b], expected, me, mine), what="hub B to hold the push, each operation once", show=lambda: show([a, b], device))
-    assert sync(run, device, b, token=alice)["pushed"]["total_operations"] == 0
+    assert api_sync(device, b, token=alice)["pushed"]["total_operations"] == 0
 
     # (4) The killed hub comes back without the push it never committed, and catches up.
     assert state(a.path)[0] == []
@@ -237,12 +246,12 @@ def test_a_hub_that_was_down_catches_up_when_it_comes_back(tmp_path, cluster, hu
     a, b = hubs(nats, "ab")
     alice = token(a)
     device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "todo 1", "done": 0}])
-    sync(run, device, a, token=alice)
+    api_sync(device, a, token=alice)
     wait_for(lambda: hold([a, b], [(1, "todo 1", 0)]), what="the first push to reach hub B")
     b.kill()
     for i in range(2, 5):
         insert(device, i)
-        assert sync(run, device, a, token=alice)["pushed"]["applied"] >= 1
+        assert api_sync(device, a, token=alice)["pushed"]["applied"] >= 1
     assert state(b.path)[0] == [(1, "todo 1", 0)]
     b.start()
     wait_for(lambda: hold([a, b], [(i, f"todo {i}", 0) for i in range(1, 5)]), what="hub B to catch up")
@@ -301,10 +310,10 @@ def test_permissions_per_database_and_per_table_hold_the_same_on_every_hub(tmp_p
     # What each may do, each may do through any hub, and every hub gets it.
     alices = make(tmp_path / "alice.db")
     sqlite_utils.Database(alices)["notes"].insert({"id": 2, "body": "alice's note"})
-    sync(run, alices, b, token=alice)
+    api_sync(alices, b, token=alice)
     fine = make(tmp_path / "bob2.db")
     sqlite_utils.Database(fine)["todos"].insert({"id": 2, "title": "bob's", "done": 0})
-    sync(run, fine, a, token=bob)
+    api_sync(fine, a, token=bob)
     wait_for(lambda: hold([a, b], [(2, "bob's", 0)]), what="the allowed pushes to reach both hubs")
     for hub in (a, b):
         conn = sqlite3.connect(f"file:{hub.path}?mode=ro", uri=True)
@@ -315,14 +324,14 @@ def test_permissions_per_database_and_per_table_hold_the_same_on_every_hub(tmp_p
 # (6) A new hub joining after retention purged old messages gets everything ----------------------
 
 
-def test_a_new_hub_joining_after_old_messages_were_purged_starts_from_the_snapshot(tmp_path, cluster, hubs, make_todos_db, run):
+def test_a_new_hub_joining_after_old_messages_were_purged_starts_from_the_snapshot(tmp_path, cluster, hubs, make_todos_db):
     nats = cluster(1)
     a, b = hubs(nats, "ab", snapshot_every=4)
     alice = token(a)
     device = make_todos_db(tmp_path / "d.db")
     for i in range(1, 9):
         insert(device, i)
-        sync(run, device, (a, b)[i % 2], token=alice)
+        api_sync(device, (a, b)[i % 2], token=alice)
     expected = [(i, f"todo {i}", 0) for i in range(1, 9)]
     wait_for(lambda: hold([a, b], expected), what="both hubs to hold every push")
     wait_for(lambda: nats.stream_state(STREAM).first_seq > 1, what="old messages to be purged")
@@ -330,5 +339,5 @@ def test_a_new_hub_joining_after_old_messages_were_purged_starts_from_the_snapsh
     [c] = hubs(nats, "c", snapshot_every=4)
     wait_for(lambda: state(c.path)[0] == expected, what="the new hub to hold everything")
     insert(device, 9)
-    sync(run, device, c, token=alice)
+    api_sync(device, c, token=alice)
     wait_for(lambda: hold([a, b, c], [*expected, (9, "todo 9", 0)]), what="a push to the new hub to reach the others")
