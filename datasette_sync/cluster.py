@@ -47,7 +47,7 @@ SEQ_HEADER = "Datasette-Sync-Stream-Seq"
 MSG_ID_HEADER = "Nats-Msg-Id"
 PUBLISH_TIMEOUT = 5.0  # seconds a push waits for the stream's PubAck before answering 503
 DUPLICATE_WINDOW = 120.0  # a push retried within this is stored once (the import dedupes anyway)
-ACK_WAIT = 300.0  # a big bundle's import may take that long before it is redelivered
+ACK_WAIT = 20.0  # unacknowledged this long (a hub that died mid-import), a message is redelivered
 GAP_DELAY = 1.0  # a bundle whose predecessors have not arrived is retried after this
 MAX_RETRY_DELAY = 30.0
 RETENTION_CHECK = 10.0  # seconds between two looks at the other consumers by a hub that is behind
@@ -323,7 +323,8 @@ class Member:
             raise unavailable(self.database, "not connected to NATS yet")
         future = asyncio.run_coroutine_threadsafe(self.publish(path, bundle_id, alter, actor), self.loop)
         try:
-            future.result(PUBLISH_TIMEOUT * 2)
+            # A big bundle goes to the object store in chunks first: allow 1 s per MB.
+            future.result(PUBLISH_TIMEOUT * 2 + os.path.getsize(path) / 1e6)
         except Exception as ex:
             future.cancel()
             raise unavailable(self.database, f"{type(ex).__name__}: {ex}".rstrip(": ")) from ex
@@ -389,57 +390,84 @@ class Member:
             await self.after_batch(subscription)
 
     async def handle(self, message) -> None:
-        seq = message.metadata.sequence.stream
+        """Import one message's bundle, then ack it; NAK it (retried later) when it cannot be
+        imported yet or the hub is in trouble; term it when the bundle is bad for every hub."""
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "stream.bundle")
+            if not await self.fetch_body(message, path):
+                return
+            heartbeat = asyncio.create_task(keep_in_progress(message))
+            try:
+                outcome, result = await self.import_file(message, path)
+            finally:
+                heartbeat.cancel()
+        if outcome == "retry":
+            await message.nak(delay=retry_delay(message))
+        elif outcome == "drop":
+            await message.term()
+        else:
+            await message.ack()
+            if not result.skipped:
+                self.poke()  # the import wrote a knowledge tick of this hub's device
+                notify_live(self.datasette, self.database)
+
+    async def fetch_body(self, message, path: str) -> bool:
+        """Write the message's bundle to ``path`` (from the object store for a big one)."""
+        from nats.js.errors import NotFoundError
+
+        name = (message.headers or {}).get(OBJECT_HEADER)
+        if not name:
+            await asyncio.to_thread(write_file, path, message.data or b"")
+            return True
         try:
-            result = await self.import_message(message)
+            store = await self.object_store()
+            with open(path, "wb") as out:
+                await store.get(name, writeinto=out)
+            return True
+        except NotFoundError:
+            self.warn(message, f"dropped: its bundle {name} is not in the object store")
+            await message.term()
+        except Exception as ex:
+            self.warn(message, f"waits (retried): the object store did not answer ({type(ex).__name__})")
+            await message.nak(delay=retry_delay(message))
+        return False
+
+    async def import_file(self, message, path: str) -> tuple[str, Any]:
+        """("ok", result), ("retry", None) or ("drop", None), having logged why."""
+        headers = message.headers or {}
+        options = {
+            "alter": headers.get(ALTER_HEADER) == "1",
+            "actor": headers.get(ACTOR_HEADER),
+            "may_relay": True,  # the hub that took the push checked who may send what
+            "max_clock_skew": self.max_clock_skew(),
+        }
+        try:
+            with sync_write():
+                result = await self.db.execute_write_fn(
+                    lambda conn: import_bundle(conn, path, **options), transaction=False
+                )
+            return "ok", result
         except SyncError as ex:
             if ex.reason in RETRYABLE:
-                log.warning("datasette-sync cluster (%s): message %s waits (retried): %s", self.database, seq, ex)
-                await message.nak(delay=retry_delay(message))
-            else:
-                log.warning("datasette-sync cluster (%s): message %s dropped: %s", self.database, seq, ex)
-                await message.term()
-            return
+                self.warn(message, f"waits (retried): {ex}")
+                return "retry", None
+            self.warn(message, f"dropped: {ex}")
+            return "drop", None
         except sqlite3.Error as ex:
             from .views import import_sqlite_refusal
 
             refusal = import_sqlite_refusal(ex, self.database)
             if refusal.reason == errors.INVALID_BUNDLE:
-                log.warning("datasette-sync cluster (%s): message %s dropped: %s", self.database, seq, refusal)
-                await message.term()
-            else:
-                await message.nak(delay=retry_delay(message))
-            return
+                self.warn(message, f"dropped: {refusal}")
+                return "drop", None
+            self.warn(message, f"waits (retried): {refusal}")
+            return "retry", None
         except Exception:
-            log.exception("datasette-sync cluster (%s): message %s could not be imported", self.database, seq)
-            await message.term()
-            return
-        await message.ack()
-        if result is not None and not result.skipped:
-            self.poke()  # the import wrote a knowledge tick of this hub's device
-            notify_live(self.datasette, self.database)
+            log.exception("datasette-sync cluster (%s): message %s dropped", self.database, sequence(message))
+            return "drop", None
 
-    async def import_message(self, message):
-        headers = message.headers or {}
-        options = {
-            "alter": headers.get(ALTER_HEADER) == "1",
-            "actor": headers.get(ACTOR_HEADER),
-            "may_relay": True,
-            "max_clock_skew": self.max_clock_skew(),
-        }
-        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
-            path = os.path.join(directory, "stream.bundle")
-            name = headers.get(OBJECT_HEADER)
-            if name:
-                store = await self.object_store()
-                with open(path, "wb") as out:
-                    await store.get(name, writeinto=out)
-            else:
-                await asyncio.to_thread(write_file, path, message.data)
-            with sync_write():
-                return await self.db.execute_write_fn(
-                    lambda conn: import_bundle(conn, path, **options), transaction=False
-                )
+    def warn(self, message, what: str) -> None:
+        log.warning("datasette-sync cluster (%s): message %s %s", self.database, sequence(message), what)
 
     def max_clock_skew(self) -> float:
         from .views import max_clock_skew
@@ -575,6 +603,21 @@ def unavailable(database: str, why: str) -> SyncError:
         f"The cluster could not store the bundle ({why}): nothing was imported into {database}. "
         f"Retry in {protocol.CLUSTER_RETRY_SECONDS} seconds or push to another hub",
     )
+
+
+def sequence(message) -> int | None:
+    try:
+        return message.metadata.sequence.stream
+    except Exception:
+        return None
+
+
+async def keep_in_progress(message) -> None:
+    """Tell the server a long import is still going, so it does not redeliver the message."""
+    while True:
+        await asyncio.sleep(ACK_WAIT / 3)
+        with contextlib.suppress(Exception):
+            await message.in_progress()
 
 
 def retry_delay(message) -> float:
