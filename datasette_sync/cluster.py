@@ -43,6 +43,7 @@ DEFAULT_SNAPSHOT_EVERY = 1000
 OBJECT_HEADER = "Datasette-Sync-Object"
 ALTER_HEADER = "Datasette-Sync-Alter"
 ACTOR_HEADER = "Datasette-Sync-Actor"
+RELAY_HEADER = "Datasette-Sync-Relay"  # "0": the pusher lacked sync-relay, so it claimed its devices
 SEQ_HEADER = "Datasette-Sync-Stream-Seq"
 MSG_ID_HEADER = "Nats-Msg-Id"
 PUBLISH_TIMEOUT = 5.0  # seconds a push waits for the stream's PubAck before answering 503
@@ -316,12 +317,12 @@ class Member:
 
     # Publishing (pushes and the outbox) ---------------------------------------------------
 
-    def publish_from_thread(self, path: str, bundle_id: str, alter: bool, actor: str | None) -> None:
+    def publish_from_thread(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool = True) -> None:
         """Store a bundle file in the stream and wait for the PubAck; called on the write
         thread, inside the import's transaction. Raises SyncError (cluster_unavailable)."""
         if self.loop is None or self.js is None:
             raise unavailable(self.database, "not connected to NATS yet")
-        future = asyncio.run_coroutine_threadsafe(self.publish(path, bundle_id, alter, actor), self.loop)
+        future = asyncio.run_coroutine_threadsafe(self.publish(path, bundle_id, alter, actor, relay), self.loop)
         try:
             # A big bundle goes to the object store in chunks first: allow 1 s per MB.
             future.result(PUBLISH_TIMEOUT * 2 + os.path.getsize(path) / 1e6)
@@ -329,8 +330,8 @@ class Member:
             future.cancel()
             raise unavailable(self.database, f"{type(ex).__name__}: {ex}".rstrip(": ")) from ex
 
-    async def publish(self, path: str, bundle_id: str, alter: bool, actor: str | None):
-        headers = {MSG_ID_HEADER: bundle_id}
+    async def publish(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool = True):
+        headers = {MSG_ID_HEADER: bundle_id, RELAY_HEADER: "1" if relay else "0"}
         if alter:
             headers[ALTER_HEADER] = "1"
         if actor is not None:
@@ -441,10 +442,11 @@ class Member:
             "may_relay": True,  # the hub that took the push checked who may send what
             "max_clock_skew": self.max_clock_skew(),
         }
+        claimant = options["actor"] if headers.get(RELAY_HEADER) == "0" else None
         try:
             with sync_write():
                 result = await self.db.execute_write_fn(
-                    lambda conn: import_bundle(conn, path, **options), transaction=False
+                    lambda conn: import_claiming(conn, path, claimant, options), transaction=False
                 )
             return "ok", result
         except SyncError as ex:
@@ -674,7 +676,8 @@ def before_commit(datasette, database: str, path: str, options: dict) -> Callabl
 
     def publish(result) -> None:
         if result.applied or result.withheld:
-            this.publish_from_thread(path, result.bundle_id, options.get("alter", False), options.get("actor"))
+            alter, actor, relay = options.get("alter", False), options.get("actor"), options.get("may_relay", True)
+            this.publish_from_thread(path, result.bundle_id, alter, actor, relay)
         this.poke()
 
     return publish
@@ -683,6 +686,26 @@ def before_commit(datasette, database: str, path: str, options: dict) -> Callabl
 def status(datasette, database: str) -> dict[str, Any] | None:
     this = member(datasette, database)
     return None if this is None else this.status()
+
+
+def import_claiming(conn, path: str, claimant: str | None, options: dict):
+    """Import a bundle from the stream. Its hub checked who may push what; when the pusher
+    could not relay, it came to own the devices it added operations of there, so it does here
+    too (claims only: a device owned already keeps its owner, nothing is refused)."""
+    if claimant is None or not is_enabled(conn):
+        return import_bundle(conn, path, **options)
+    from sqlite_utils_sync.clocks import clock, now_iso
+
+    before = clock(conn)
+
+    def claim(result) -> None:
+        own = local_device_id(conn)
+        grown = [device for device, seq in result.clock.items() if seq > before.get(device, 0) and device != own]
+        conn.executemany(
+            "INSERT OR IGNORE INTO _sync_device_actors VALUES (?, ?, ?)", [(d, claimant, now_iso()) for d in grown]
+        )
+
+    return import_bundle(conn, path, before_commit=claim, **options)
 
 
 # The outbox's bookkeeping, in ``_sync_cluster`` (made when first needed) ---------------------

@@ -148,19 +148,19 @@ def start_hub(tmp_path, datasette_server, hub_config):
 _tokens = {}
 
 
-def alice_token() -> str:
+def alice_token(actor: str = "alice") -> str:
     """An unrestricted token of alice (the hub config grants her what syncing needs), made in
     process: the create-token CLI costs seconds a hub."""
-    if "alice" not in _tokens:
+    if actor not in _tokens:
         from datasette.app import Datasette
 
         async def make():
             datasette = Datasette(secret=SECRET)
             await datasette.invoke_startup()
-            return await datasette.create_token("alice")
+            return await datasette.create_token(actor)
 
-        _tokens["alice"] = asyncio.run(make())
-    return _tokens["alice"]
+        _tokens[actor] = asyncio.run(make())
+    return _tokens[actor]
 
 
 def stream_messages(server: Nats) -> list:
@@ -212,6 +212,29 @@ def test_pushes_and_writes_on_one_hub_reach_the_other(tmp_path, nats_server, sta
     assert "stream datasette-sync, this hub a," in page and "messages behind: 0" in page
     # Both hubs hold the same operations, and the exchange came to rest.
     eventually(lambda: sync_status(sqlite_utils.Database(a.path))["clock"] == sync_status(sqlite_utils.Database(b.path))["clock"])
+
+
+def test_a_device_a_push_claimed_on_one_hub_is_owned_on_every_hub(tmp_path, nats_server, start_hub, hub_config, hub_sync, todo_rows):
+    permissions = hub_config["databases"]["hub"]["permissions"]
+    for action in ("sync-import", "insert-row", "update-row"):
+        permissions[action]["id"] = [*permissions[action]["id"], "bob"]
+    server = nats_server()
+    a, b = start_hub(server, "a"), start_hub(server, "b")
+    phone = todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
+    hub_sync(phone, a, a.alice)  # alice (no sync-relay) now owns the phone's device
+    eventually(lambda: todo_rows(b.path) == todo_rows(phone))
+    # Bob pushes new operations of alice's phone to hub B: refused there as on hub A.
+    shutil.copy(phone, tmp_path / "stolen.db")
+    stolen = sqlite_utils.Database(tmp_path / "stolen.db")
+    stolen["todos"].insert({"id": 2, "title": "Not yours", "done": 0})
+    bundle = tmp_path / "stolen.bundle"
+    export_bundle(stolen, bundle, since=sync_status(sqlite_utils.Database(b.path))["clock"])
+    answers = [
+        hub.post("/hub/-/sync/import", content=bundle.read_bytes(), headers={"Authorization": f"Bearer {alice_token('bob')}"})
+        for hub in (a, b)
+    ]
+    assert [(r.status_code, r.json()["reason"]) for r in answers] == [(403, "device_owned")] * 2
+    assert todo_rows(b.path) == [{"id": 1, "title": "Buy milk", "done": 0}]
 
 
 def test_a_push_is_refused_when_the_cluster_cannot_store_it(tmp_path, nats_server, start_hub, todo_rows):
