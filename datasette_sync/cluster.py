@@ -32,6 +32,7 @@ from datasette.utils import StartupError, tilde_encode
 from sqlite_utils_sync import SyncError, errors, export_bundle, import_bundle, protocol
 from sqlite_utils_sync.clocks import max_seq
 from sqlite_utils_sync.devices import local_device_id
+from sqlite_utils_sync.oplog import LOCAL
 from sqlite_utils_sync.schema import is_enabled
 
 from .guard import sync_write
@@ -220,6 +221,8 @@ class Member:
                 await self.connect()
                 await self.ensure_stream()
                 subscription = await self.subscribe()
+                with sync_write():
+                    await self.db.execute_write_fn(join_empty)
                 self.error = None
                 await self.consume(subscription)
             except asyncio.CancelledError:
@@ -581,6 +584,7 @@ class Member:
             options = {"alter": True, "may_relay": True, "max_clock_skew": self.max_clock_skew()}
             with sync_write():
                 await self.db.execute_write_fn(lambda conn: import_bundle(conn, path, **options), transaction=False)
+                await self.db.execute_write_fn(record_joined)
         self.snapshot_seq = covered
         log.info("datasette-sync cluster (%s): joined from the snapshot up to sequence %s", self.database, covered)
         return covered
@@ -713,39 +717,66 @@ def import_claiming(conn, path: str, claimant: str | None, options: dict):
 CLUSTER_TABLE = "_sync_cluster"
 
 
-def published(conn) -> int:
+def cluster_value(conn, key: str) -> int | None:
     exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [CLUSTER_TABLE]).fetchone()
     if not exists:
-        return 0
-    row = conn.execute(f"SELECT value FROM {CLUSTER_TABLE} WHERE key = 'published'").fetchone()
-    return int(row[0]) if row else 0
+        return None
+    row = conn.execute(f"SELECT value FROM {CLUSTER_TABLE} WHERE key = ?", [key]).fetchone()
+    return int(row[0]) if row else None
+
+
+def published(conn) -> int:
+    """The highest seq of this hub's device published to the stream."""
+    return cluster_value(conn, "published") or 0
+
+
+def joined(conn) -> bool:
+    """Whether the cluster has everything this database held when it joined: a hub that held
+    operations before cluster mode publishes them all once (other devices' too)."""
+    return bool(cluster_value(conn, "joined"))
 
 
 def own_pending(conn) -> tuple[str, int] | None:
-    """(this hub's device id, its highest seq) when it wrote operations not published yet."""
+    """(this hub's device id, its highest seq) when there is something to publish."""
     if not is_enabled(conn):
         return None
-    row = conn.execute("SELECT idx, device_id FROM _sync_devices WHERE device_id = ?", [local_device_id(conn)]).fetchone()
-    if row is None:
-        return None
-    seq = max_seq(conn, row[0])
-    return (row[1], seq) if seq > published(conn) else None
+    device = local_device_id(conn)
+    seq = max_seq(conn, LOCAL)
+    if not joined(conn):
+        held = conn.execute("SELECT 1 FROM _sync_ops LIMIT 1").fetchone()
+        return (device, seq) if held else None
+    return (device, seq) if seq > published(conn) else None
 
 
 def export_own(conn, path: str, pending: tuple[str, int]):
-    """This hub's device's operations after the published seq (and no other device's)."""
+    """This hub's device's operations after the published seq (and no other device's); on
+    joining, everything it holds."""
     from sqlite_utils_sync.clocks import clock
 
     device, _ = pending
-    since = {**clock(conn), device: published(conn)}
+    since = {**clock(conn), device: published(conn)} if joined(conn) else None
     result = export_bundle(conn, path, since=since, repair=False)
     return result if result.operations else None
 
 
 def record_published(conn, seq: int) -> None:
     conn.execute(f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} (key TEXT PRIMARY KEY, value)")
-    conn.execute(
-        f"INSERT INTO {CLUSTER_TABLE} VALUES ('published', ?) ON CONFLICT (key) DO UPDATE SET value = "
-        "max(value, excluded.value)",
-        [seq],
+    conn.executemany(
+        f"INSERT INTO {CLUSTER_TABLE} VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+        [("published", seq), ("joined", 1)],
     )
+
+
+def join_empty(conn) -> None:
+    """A database holding no operation yet brings nothing from before cluster mode."""
+    if joined(conn):
+        return
+    if not is_enabled(conn) or not conn.execute("SELECT 1 FROM _sync_ops LIMIT 1").fetchone():
+        record_joined(conn)
+
+
+def record_joined(conn) -> None:
+    """A hub that joined from the snapshot holds only what the cluster has, and its own
+    operations (published as usual)."""
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} (key TEXT PRIMARY KEY, value)")
+    conn.execute(f"INSERT OR REPLACE INTO {CLUSTER_TABLE} VALUES ('joined', 1)")

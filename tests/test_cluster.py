@@ -133,10 +133,12 @@ def cluster_config(hub_config, nats_url: str, hub: str, **extra) -> dict:
 def start_hub(tmp_path, datasette_server, hub_config):
     """``start_hub(nats, name, **cluster_settings)``: a hub serving its own ``hub.db``."""
 
-    def start(server: Nats, name: str, **extra):
+    def start(server: Nats, name: str, prepare=None, **extra):
         folder = tmp_path / name
         folder.mkdir()
         path = todos_db(folder / "hub.db")
+        if prepare is not None:
+            prepare(path)
         hub = datasette_server([path], cluster_config(hub_config, server.url, name, **extra))
         hub.path = path
         hub.alice = alice_token()
@@ -187,12 +189,16 @@ def publish(server: Nats, path, msg_id: str) -> None:
 
 
 def test_pushes_and_writes_on_one_hub_reach_the_other(tmp_path, nats_server, start_hub, hub_sync, todo_rows):
+    # Hub A held a device's row before it joined the cluster: it publishes what it held once.
+    old = todos_db(tmp_path / "old.db", [{"id": 9, "title": "Before the cluster", "done": 1}])
+    export_bundle(sqlite_utils.Database(old), tmp_path / "old.bundle")
     server = nats_server()
-    a, b = start_hub(server, "a"), start_hub(server, "b")
+    a = start_hub(server, "a", prepare=lambda path: import_bundle(sqlite_utils.Database(path), tmp_path / "old.bundle"))
+    b = start_hub(server, "b")
     phone = todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
     result = hub_sync(phone, a, a.alice)
     assert result["pushed"]["applied"] >= 1
-    expected = [{"id": 1, "title": "Buy milk", "done": 0}]
+    expected = [{"id": 1, "title": "Buy milk", "done": 0}, {"id": 9, "title": "Before the cluster", "done": 1}]
     eventually(lambda: todo_rows(b.path) == expected)
     # A pull from B gives a new device what was pushed to A.
     laptop = todos_db(tmp_path / "laptop.db")
@@ -203,7 +209,7 @@ def test_pushes_and_writes_on_one_hub_reach_the_other(tmp_path, nats_server, sta
     headers = {"Authorization": f"Bearer {b.alice}"}
     response = b.post("/hub/todos/-/insert", json={"row": {"id": 5, "title": "From the web", "done": 0}}, headers=headers)
     assert response.status_code == 201, response.text
-    expected.append({"id": 5, "title": "From the web", "done": 0})
+    expected.insert(1, {"id": 5, "title": "From the web", "done": 0})
     eventually(lambda: todo_rows(a.path) == expected)
     assert eventually(lambda: a.get("/hub/-/sync.json", headers=headers).json()["cluster"]["behind"] == 0)
     cluster = a.get("/hub/-/sync.json", headers=headers).json()["cluster"]
