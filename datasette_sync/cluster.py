@@ -228,8 +228,10 @@ class Member:
             except asyncio.CancelledError:
                 raise
             except Exception as ex:
-                self.error = f"{type(ex).__name__}: {ex}".rstrip(": ")
-                log.warning("datasette-sync cluster (%s): %s; retrying", self.database, self.error)
+                error = f"{type(ex).__name__}: {ex}".rstrip(": ")
+                if error != self.error:  # once per outage, not every second
+                    log.warning("datasette-sync cluster (%s): %s; retrying", self.database, error)
+                self.error = error
                 if subscription is not None:
                     with contextlib.suppress(Exception):
                         await subscription.unsubscribe()

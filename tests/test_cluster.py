@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 import sqlite_utils
 
