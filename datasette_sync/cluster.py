@@ -515,10 +515,12 @@ class Member:
 
     async def snapshot_info(self) -> int:
         """The stream sequence the stored snapshot covers (0: none)."""
+        from nats.js.errors import NotFoundError
+
         store = await self.object_store()
         try:
             info = await store.get_info(snapshot_name(self.database))
-        except Exception:
+        except NotFoundError:  # any other error propagates: a new hub must not skip the snapshot
             return 0
         value = (info.headers or {}).get(SEQ_HEADER)
         if isinstance(value, list):
