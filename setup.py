@@ -15,9 +15,9 @@ setup(
     },
     install_requires=["sqlite-utils>=4", "msgpack>=1.0", "httpx", "datasette>=1.0a41"],
     extras_require={
-        # Cluster mode: hubs sharing bundles through NATS JetStream (a hub without it never imports nats).
-        "cluster": ["nats-py>=2.6"],
-        "test": ["pytest", "pytest-asyncio", "pytest-xdist", "hypothesis", "playwright", "wheel", "nats-py>=2.6"],
+        "test": ["pytest", "pytest-asyncio", "pytest-xdist", "hypothesis", "playwright", "wheel", "nats-py"],
+        # Cluster mode (several hubs sharing bundles through NATS JetStream).
+        "cluster": ["nats-py"],
     },
     python_requires=">=3.10",
 )

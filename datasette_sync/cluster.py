@@ -32,6 +32,7 @@ from datasette.utils import StartupError, tilde_encode
 from sqlite_utils_sync import SyncError, errors, export_bundle, import_bundle, protocol
 from sqlite_utils_sync.clocks import max_seq
 from sqlite_utils_sync.devices import local_device_id
+from sqlite_utils_sync.oplog import LOCAL
 from sqlite_utils_sync.schema import is_enabled
 
 from .guard import sync_write
@@ -43,11 +44,12 @@ DEFAULT_SNAPSHOT_EVERY = 1000
 OBJECT_HEADER = "Datasette-Sync-Object"
 ALTER_HEADER = "Datasette-Sync-Alter"
 ACTOR_HEADER = "Datasette-Sync-Actor"
+RELAY_HEADER = "Datasette-Sync-Relay"  # "0": the pusher lacked sync-relay, so it claimed its devices
 SEQ_HEADER = "Datasette-Sync-Stream-Seq"
 MSG_ID_HEADER = "Nats-Msg-Id"
 PUBLISH_TIMEOUT = 5.0  # seconds a push waits for the stream's PubAck before answering 503
 DUPLICATE_WINDOW = 120.0  # a push retried within this is stored once (the import dedupes anyway)
-ACK_WAIT = 300.0  # a big bundle's import may take that long before it is redelivered
+ACK_WAIT = 20.0  # unacknowledged this long (a hub that died mid-import), a message is redelivered
 GAP_DELAY = 1.0  # a bundle whose predecessors have not arrived is retried after this
 MAX_RETRY_DELAY = 30.0
 RETENTION_CHECK = 10.0  # seconds between two looks at the other consumers by a hub that is behind
@@ -219,13 +221,17 @@ class Member:
                 await self.connect()
                 await self.ensure_stream()
                 subscription = await self.subscribe()
+                with sync_write():
+                    await self.db.execute_write_fn(join_empty)
                 self.error = None
                 await self.consume(subscription)
             except asyncio.CancelledError:
                 raise
             except Exception as ex:
-                self.error = f"{type(ex).__name__}: {ex}".rstrip(": ")
-                log.warning("datasette-sync cluster (%s): %s; retrying", self.database, self.error)
+                error = f"{type(ex).__name__}: {ex}".rstrip(": ")
+                if error != self.error:  # once per outage, not every second
+                    log.warning("datasette-sync cluster (%s): %s; retrying", self.database, error)
+                self.error = error
                 if subscription is not None:
                     with contextlib.suppress(Exception):
                         await subscription.unsubscribe()
@@ -316,20 +322,21 @@ class Member:
 
     # Publishing (pushes and the outbox) ---------------------------------------------------
 
-    def publish_from_thread(self, path: str, bundle_id: str, alter: bool, actor: str | None) -> None:
+    def publish_from_thread(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool = True) -> None:
         """Store a bundle file in the stream and wait for the PubAck; called on the write
         thread, inside the import's transaction. Raises SyncError (cluster_unavailable)."""
         if self.loop is None or self.js is None:
             raise unavailable(self.database, "not connected to NATS yet")
-        future = asyncio.run_coroutine_threadsafe(self.publish(path, bundle_id, alter, actor), self.loop)
+        future = asyncio.run_coroutine_threadsafe(self.publish(path, bundle_id, alter, actor, relay), self.loop)
         try:
-            future.result(PUBLISH_TIMEOUT * 2)
+            # A big bundle goes to the object store in chunks first: allow 1 s per MB.
+            future.result(PUBLISH_TIMEOUT * 2 + os.path.getsize(path) / 1e6)
         except Exception as ex:
             future.cancel()
             raise unavailable(self.database, f"{type(ex).__name__}: {ex}".rstrip(": ")) from ex
 
-    async def publish(self, path: str, bundle_id: str, alter: bool, actor: str | None):
-        headers = {MSG_ID_HEADER: bundle_id}
+    async def publish(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool = True):
+        headers = {MSG_ID_HEADER: bundle_id, RELAY_HEADER: "1" if relay else "0"}
         if alter:
             headers[ALTER_HEADER] = "1"
         if actor is not None:
@@ -389,57 +396,85 @@ class Member:
             await self.after_batch(subscription)
 
     async def handle(self, message) -> None:
-        seq = message.metadata.sequence.stream
+        """Import one message's bundle, then ack it; NAK it (retried later) when it cannot be
+        imported yet or the hub is in trouble; term it when the bundle is bad for every hub."""
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "stream.bundle")
+            if not await self.fetch_body(message, path):
+                return
+            heartbeat = asyncio.create_task(keep_in_progress(message))
+            try:
+                outcome, result = await self.import_file(message, path)
+            finally:
+                heartbeat.cancel()
+        if outcome == "retry":
+            await message.nak(delay=retry_delay(message))
+        elif outcome == "drop":
+            await message.term()
+        else:
+            await message.ack()
+            if not result.skipped:
+                self.poke()  # the import wrote a knowledge tick of this hub's device
+                notify_live(self.datasette, self.database)
+
+    async def fetch_body(self, message, path: str) -> bool:
+        """Write the message's bundle to ``path`` (from the object store for a big one)."""
+        from nats.js.errors import NotFoundError
+
+        name = (message.headers or {}).get(OBJECT_HEADER)
+        if not name:
+            await asyncio.to_thread(write_file, path, message.data or b"")
+            return True
         try:
-            result = await self.import_message(message)
+            store = await self.object_store()
+            with open(path, "wb") as out:
+                await store.get(name, writeinto=out)
+            return True
+        except NotFoundError:
+            self.warn(message, f"dropped: its bundle {name} is not in the object store")
+            await message.term()
+        except Exception as ex:
+            self.warn(message, f"waits (retried): the object store did not answer ({type(ex).__name__})")
+            await message.nak(delay=retry_delay(message))
+        return False
+
+    async def import_file(self, message, path: str) -> tuple[str, Any]:
+        """("ok", result), ("retry", None) or ("drop", None), having logged why."""
+        headers = message.headers or {}
+        options = {
+            "alter": headers.get(ALTER_HEADER) == "1",
+            "actor": headers.get(ACTOR_HEADER),
+            "may_relay": True,  # the hub that took the push checked who may send what
+            "max_clock_skew": self.max_clock_skew(),
+        }
+        claimant = options["actor"] if headers.get(RELAY_HEADER) == "0" else None
+        try:
+            with sync_write():
+                result = await self.db.execute_write_fn(
+                    lambda conn: import_claiming(conn, path, claimant, options), transaction=False
+                )
+            return "ok", result
         except SyncError as ex:
             if ex.reason in RETRYABLE:
-                log.warning("datasette-sync cluster (%s): message %s waits (retried): %s", self.database, seq, ex)
-                await message.nak(delay=retry_delay(message))
-            else:
-                log.warning("datasette-sync cluster (%s): message %s dropped: %s", self.database, seq, ex)
-                await message.term()
-            return
+                self.warn(message, f"waits (retried): {ex}")
+                return "retry", None
+            self.warn(message, f"dropped: {ex}")
+            return "drop", None
         except sqlite3.Error as ex:
             from .views import import_sqlite_refusal
 
             refusal = import_sqlite_refusal(ex, self.database)
             if refusal.reason == errors.INVALID_BUNDLE:
-                log.warning("datasette-sync cluster (%s): message %s dropped: %s", self.database, seq, refusal)
-                await message.term()
-            else:
-                await message.nak(delay=retry_delay(message))
-            return
+                self.warn(message, f"dropped: {refusal}")
+                return "drop", None
+            self.warn(message, f"waits (retried): {refusal}")
+            return "retry", None
         except Exception:
-            log.exception("datasette-sync cluster (%s): message %s could not be imported", self.database, seq)
-            await message.term()
-            return
-        await message.ack()
-        if result is not None and not result.skipped:
-            self.poke()  # the import wrote a knowledge tick of this hub's device
-            notify_live(self.datasette, self.database)
+            log.exception("datasette-sync cluster (%s): message %s dropped", self.database, sequence(message))
+            return "drop", None
 
-    async def import_message(self, message):
-        headers = message.headers or {}
-        options = {
-            "alter": headers.get(ALTER_HEADER) == "1",
-            "actor": headers.get(ACTOR_HEADER),
-            "may_relay": True,
-            "max_clock_skew": self.max_clock_skew(),
-        }
-        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
-            path = os.path.join(directory, "stream.bundle")
-            name = headers.get(OBJECT_HEADER)
-            if name:
-                store = await self.object_store()
-                with open(path, "wb") as out:
-                    await store.get(name, writeinto=out)
-            else:
-                await asyncio.to_thread(write_file, path, message.data)
-            with sync_write():
-                return await self.db.execute_write_fn(
-                    lambda conn: import_bundle(conn, path, **options), transaction=False
-                )
+    def warn(self, message, what: str) -> None:
+        log.warning("datasette-sync cluster (%s): message %s %s", self.database, sequence(message), what)
 
     def max_clock_skew(self) -> float:
         from .views import max_clock_skew
@@ -480,10 +515,12 @@ class Member:
 
     async def snapshot_info(self) -> int:
         """The stream sequence the stored snapshot covers (0: none)."""
+        from nats.js.errors import NotFoundError
+
         store = await self.object_store()
         try:
             info = await store.get_info(snapshot_name(self.database))
-        except Exception:
+        except NotFoundError:  # any other error propagates: a new hub must not skip the snapshot
             return 0
         value = (info.headers or {}).get(SEQ_HEADER)
         if isinstance(value, list):
@@ -551,6 +588,7 @@ class Member:
             options = {"alter": True, "may_relay": True, "max_clock_skew": self.max_clock_skew()}
             with sync_write():
                 await self.db.execute_write_fn(lambda conn: import_bundle(conn, path, **options), transaction=False)
+                await self.db.execute_write_fn(record_joined)
         self.snapshot_seq = covered
         log.info("datasette-sync cluster (%s): joined from the snapshot up to sequence %s", self.database, covered)
         return covered
@@ -575,6 +613,21 @@ def unavailable(database: str, why: str) -> SyncError:
         f"The cluster could not store the bundle ({why}): nothing was imported into {database}. "
         f"Retry in {protocol.CLUSTER_RETRY_SECONDS} seconds or push to another hub",
     )
+
+
+def sequence(message) -> int | None:
+    try:
+        return message.metadata.sequence.stream
+    except Exception:
+        return None
+
+
+async def keep_in_progress(message) -> None:
+    """Tell the server a long import is still going, so it does not redeliver the message."""
+    while True:
+        await asyncio.sleep(ACK_WAIT / 3)
+        with contextlib.suppress(Exception):
+            await message.in_progress()
 
 
 def retry_delay(message) -> float:
@@ -631,7 +684,8 @@ def before_commit(datasette, database: str, path: str, options: dict) -> Callabl
 
     def publish(result) -> None:
         if result.applied or result.withheld:
-            this.publish_from_thread(path, result.bundle_id, options.get("alter", False), options.get("actor"))
+            alter, actor, relay = options.get("alter", False), options.get("actor"), options.get("may_relay", True)
+            this.publish_from_thread(path, result.bundle_id, alter, actor, relay)
         this.poke()
 
     return publish
@@ -642,44 +696,91 @@ def status(datasette, database: str) -> dict[str, Any] | None:
     return None if this is None else this.status()
 
 
+def import_claiming(conn, path: str, claimant: str | None, options: dict):
+    """Import a bundle from the stream. Its hub checked who may push what; when the pusher
+    could not relay, it came to own the devices it added operations of there, so it does here
+    too (claims only: a device owned already keeps its owner, nothing is refused)."""
+    if claimant is None or not is_enabled(conn):
+        return import_bundle(conn, path, **options)
+    from sqlite_utils_sync.clocks import clock, now_iso
+
+    before = clock(conn)
+
+    def claim(result) -> None:
+        own = local_device_id(conn)
+        grown = [device for device, seq in result.clock.items() if seq > before.get(device, 0) and device != own]
+        conn.executemany(
+            "INSERT OR IGNORE INTO _sync_device_actors VALUES (?, ?, ?)", [(d, claimant, now_iso()) for d in grown]
+        )
+
+    return import_bundle(conn, path, before_commit=claim, **options)
+
+
 # The outbox's bookkeeping, in ``_sync_cluster`` (made when first needed) ---------------------
 
 CLUSTER_TABLE = "_sync_cluster"
 
 
-def published(conn) -> int:
+def cluster_value(conn, key: str) -> int | None:
     exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [CLUSTER_TABLE]).fetchone()
     if not exists:
-        return 0
-    row = conn.execute(f"SELECT value FROM {CLUSTER_TABLE} WHERE key = 'published'").fetchone()
-    return int(row[0]) if row else 0
+        return None
+    row = conn.execute(f"SELECT value FROM {CLUSTER_TABLE} WHERE key = ?", [key]).fetchone()
+    return int(row[0]) if row else None
+
+
+def published(conn) -> int:
+    """The highest seq of this hub's device published to the stream."""
+    return cluster_value(conn, "published") or 0
+
+
+def joined(conn) -> bool:
+    """Whether the cluster has everything this database held when it joined: a hub that held
+    operations before cluster mode publishes them all once (other devices' too)."""
+    return bool(cluster_value(conn, "joined"))
 
 
 def own_pending(conn) -> tuple[str, int] | None:
-    """(this hub's device id, its highest seq) when it wrote operations not published yet."""
+    """(this hub's device id, its highest seq) when there is something to publish."""
     if not is_enabled(conn):
         return None
-    row = conn.execute("SELECT idx, device_id FROM _sync_devices WHERE device_id = ?", [local_device_id(conn)]).fetchone()
-    if row is None:
-        return None
-    seq = max_seq(conn, row[0])
-    return (row[1], seq) if seq > published(conn) else None
+    device = local_device_id(conn)
+    seq = max_seq(conn, LOCAL)
+    if not joined(conn):
+        held = conn.execute("SELECT 1 FROM _sync_ops LIMIT 1").fetchone()
+        return (device, seq) if held else None
+    return (device, seq) if seq > published(conn) else None
 
 
 def export_own(conn, path: str, pending: tuple[str, int]):
-    """This hub's device's operations after the published seq (and no other device's)."""
+    """This hub's device's operations after the published seq (and no other device's); on
+    joining, everything it holds."""
     from sqlite_utils_sync.clocks import clock
 
     device, _ = pending
-    since = {**clock(conn), device: published(conn)}
+    since = {**clock(conn), device: published(conn)} if joined(conn) else None
     result = export_bundle(conn, path, since=since, repair=False)
     return result if result.operations else None
 
 
 def record_published(conn, seq: int) -> None:
     conn.execute(f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} (key TEXT PRIMARY KEY, value)")
-    conn.execute(
-        f"INSERT INTO {CLUSTER_TABLE} VALUES ('published', ?) ON CONFLICT (key) DO UPDATE SET value = "
-        "max(value, excluded.value)",
-        [seq],
+    conn.executemany(
+        f"INSERT INTO {CLUSTER_TABLE} VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+        [("published", seq), ("joined", 1)],
     )
+
+
+def join_empty(conn) -> None:
+    """A database holding no operation yet brings nothing from before cluster mode."""
+    if joined(conn):
+        return
+    if not is_enabled(conn) or not conn.execute("SELECT 1 FROM _sync_ops LIMIT 1").fetchone():
+        record_joined(conn)
+
+
+def record_joined(conn) -> None:
+    """A hub that joined from the snapshot holds only what the cluster has, and its own
+    operations (published as usual)."""
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} (key TEXT PRIMARY KEY, value)")
+    conn.execute(f"INSERT OR REPLACE INTO {CLUSTER_TABLE} VALUES ('joined', 1)")

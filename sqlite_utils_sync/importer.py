@@ -132,8 +132,8 @@ def import_bundle(
         "update-row", "delete-row"}}`` (a resolution needs ``update-row``); operations held
         here already need none. It raises to refuse the bundle: nothing is then written
     :param before_commit: called with the result once the import succeeded, before its
-        transaction commits (not for a bundle that brought nothing new); raising rolls the
-        whole import back. A cluster hub stores the pushed bundle in its replicated log there,
+        transaction commits (not when it leaves nothing to commit: a bundle held already, or
+        this database's own); raising rolls the whole import back. A cluster hub stores the pushed bundle in its replicated log there,
         so a push is never acknowledged, nor applied here, without being stored
     :raises BundleError: the bundle is invalid or cannot be applied; nothing was changed
     """

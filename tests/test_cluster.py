@@ -17,12 +17,11 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 import sqlite_utils
 
 from conftest import SECRET, _clean_env, _executable
-from sqlite_utils_sync import export_bundle, import_bundle, sync_status
+from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, sync_status
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 pytestmark = pytest.mark.skipif(not shutil.which(NATS_SERVER), reason="nats-server is not installed")
@@ -112,6 +111,17 @@ def nats_server(tmp_path):
         server.stop()
 
 
+def todos_db(path, rows: list[dict] | None = None):
+    """A database with a synced ``todos (id, title, done)``, made in process (fast: a test
+    here already starts several servers)."""
+    db = sqlite_utils.Database(path)
+    db["todos"].create({"id": int, "title": str, "done": int}, pk="id")
+    db["todos"].insert_all(rows or [])
+    enable_sync(db, ["todos"])
+    db.close()
+    return path
+
+
 def cluster_config(hub_config, nats_url: str, hub: str, **extra) -> dict:
     config = json.loads(json.dumps(hub_config))
     config["plugins"] = {"datasette-sync": {"cluster": {"servers": [nats_url], "hub": hub, **extra}}}
@@ -119,13 +129,15 @@ def cluster_config(hub_config, nats_url: str, hub: str, **extra) -> dict:
 
 
 @pytest.fixture
-def start_hub(tmp_path, datasette_server, hub_config, make_todos_db):
+def start_hub(tmp_path, datasette_server, hub_config):
     """``start_hub(nats, name, **cluster_settings)``: a hub serving its own ``hub.db``."""
 
-    def start(server: Nats, name: str, **extra):
+    def start(server: Nats, name: str, prepare=None, **extra):
         folder = tmp_path / name
         folder.mkdir()
-        path = make_todos_db(folder / "hub.db")
+        path = todos_db(folder / "hub.db")
+        if prepare is not None:
+            prepare(path)
         hub = datasette_server([path], cluster_config(hub_config, server.url, name, **extra))
         hub.path = path
         hub.alice = alice_token()
@@ -137,19 +149,19 @@ def start_hub(tmp_path, datasette_server, hub_config, make_todos_db):
 _tokens = {}
 
 
-def alice_token() -> str:
+def alice_token(actor: str = "alice") -> str:
     """An unrestricted token of alice (the hub config grants her what syncing needs), made in
     process: the create-token CLI costs seconds a hub."""
-    if "alice" not in _tokens:
+    if actor not in _tokens:
         from datasette.app import Datasette
 
         async def make():
             datasette = Datasette(secret=SECRET)
             await datasette.invoke_startup()
-            return await datasette.create_token("alice")
+            return await datasette.create_token(actor)
 
-        _tokens["alice"] = asyncio.run(make())
-    return _tokens["alice"]
+        _tokens[actor] = asyncio.run(make())
+    return _tokens[actor]
 
 
 def stream_messages(server: Nats) -> list:
@@ -175,41 +187,67 @@ def publish(server: Nats, path, msg_id: str) -> None:
     server.ask(lambda js: js.publish(SUBJECT, data, headers={"Nats-Msg-Id": msg_id}))
 
 
-def test_a_push_to_one_hub_reaches_the_other(tmp_path, nats_server, start_hub, hub_sync, make_todos_db, todo_rows):
+def test_pushes_and_writes_on_one_hub_reach_the_other(tmp_path, nats_server, start_hub, hub_sync, todo_rows):
+    # Hub A held a device's row before it joined the cluster: it publishes what it held once.
+    old = todos_db(tmp_path / "old.db", [{"id": 9, "title": "Before the cluster", "done": 1}])
+    export_bundle(sqlite_utils.Database(old), tmp_path / "old.bundle")
     server = nats_server()
-    a, b = start_hub(server, "a"), start_hub(server, "b")
-    phone = make_todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
+    a = start_hub(server, "a", prepare=lambda path: import_bundle(sqlite_utils.Database(path), tmp_path / "old.bundle"))
+    b = start_hub(server, "b")
+    phone = todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
     result = hub_sync(phone, a, a.alice)
     assert result["pushed"]["applied"] >= 1
-    expected = [{"id": 1, "title": "Buy milk", "done": 0}]
+    expected = [{"id": 1, "title": "Buy milk", "done": 0}, {"id": 9, "title": "Before the cluster", "done": 1}]
     eventually(lambda: todo_rows(b.path) == expected)
     # A pull from B gives a new device what was pushed to A.
-    laptop = make_todos_db(tmp_path / "laptop.db")
+    laptop = todos_db(tmp_path / "laptop.db")
     hub_sync(laptop, b, b.alice)
     assert todo_rows(laptop) == expected
 
+    # A write through Datasette on hub B is hub B's own operation: it leaves through B's outbox.
+    headers = {"Authorization": f"Bearer {b.alice}"}
+    response = b.post("/hub/todos/-/insert", json={"row": {"id": 5, "title": "From the web", "done": 0}}, headers=headers)
+    assert response.status_code == 201, response.text
+    expected.insert(1, {"id": 5, "title": "From the web", "done": 0})
+    eventually(lambda: todo_rows(a.path) == expected)
+    assert eventually(lambda: a.get("/hub/-/sync.json", headers=headers).json()["cluster"]["behind"] == 0)
+    cluster = a.get("/hub/-/sync.json", headers=headers).json()["cluster"]
+    assert (cluster["stream"], cluster["hub"], cluster["connected"]) == (STREAM, "a", True)
+    page = a.get("/hub/-/sync", headers=headers).text
+    assert "stream datasette-sync, this hub a," in page and "messages behind: 0" in page
+    # Both hubs hold the same operations, and the exchange came to rest.
+    eventually(lambda: sync_status(sqlite_utils.Database(a.path))["clock"] == sync_status(sqlite_utils.Database(b.path))["clock"])
 
-def test_a_write_on_a_hub_and_its_status_reach_the_cluster(nats_server, start_hub, todo_rows):
+
+def test_a_device_a_push_claimed_on_one_hub_is_owned_on_every_hub(tmp_path, nats_server, start_hub, hub_config, hub_sync, todo_rows):
+    permissions = hub_config["databases"]["hub"]["permissions"]
+    for action in ("sync-import", "insert-row", "update-row"):
+        permissions[action]["id"] = [*permissions[action]["id"], "bob"]
     server = nats_server()
     a, b = start_hub(server, "a"), start_hub(server, "b")
-    headers = {"Authorization": f"Bearer {a.alice}"}
-    response = a.post("/hub/todos/-/insert", json={"row": {"id": 5, "title": "From the web", "done": 0}}, headers=headers)
-    assert response.status_code == 201, response.text
-    # Hub A's own operation leaves through its outbox.
-    eventually(lambda: todo_rows(b.path) == [{"id": 5, "title": "From the web", "done": 0}])
-    assert eventually(lambda: b.get("/hub/-/sync.json", headers=headers).json()["cluster"]["behind"] == 0)
-    cluster = b.get("/hub/-/sync.json", headers=headers).json()["cluster"]
-    assert (cluster["stream"], cluster["hub"], cluster["connected"]) == (STREAM, "b", True)
-    page = b.get("/hub/-/sync", headers=headers).text
-    assert "stream datasette-sync, this hub b," in page and "messages behind: 0" in page
+    phone = todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
+    hub_sync(phone, a, a.alice)  # alice (no sync-relay) now owns the phone's device
+    eventually(lambda: todo_rows(b.path) == todo_rows(phone))
+    # Bob pushes new operations of alice's phone to hub B: refused there as on hub A.
+    shutil.copy(phone, tmp_path / "stolen.db")
+    stolen = sqlite_utils.Database(tmp_path / "stolen.db")
+    stolen["todos"].insert({"id": 2, "title": "Not yours", "done": 0})
+    bundle = tmp_path / "stolen.bundle"
+    export_bundle(stolen, bundle, since=sync_status(sqlite_utils.Database(b.path))["clock"])
+    answers = [
+        hub.post("/hub/-/sync/import", content=bundle.read_bytes(), headers={"Authorization": f"Bearer {alice_token('bob')}"})
+        for hub in (a, b)
+    ]
+    assert [(r.status_code, r.json()["reason"]) for r in answers] == [(403, "device_owned")] * 2
+    assert todo_rows(b.path) == [{"id": 1, "title": "Buy milk", "done": 0}]
 
 
-def test_a_push_is_refused_when_the_cluster_cannot_store_it(tmp_path, nats_server, start_hub, make_todos_db, todo_rows):
+def test_a_push_is_refused_when_the_cluster_cannot_store_it(tmp_path, nats_server, start_hub, todo_rows):
     server = nats_server()
     a = start_hub(server, "a")
     eventually(lambda: a.get("/hub/-/sync.json", headers={"Authorization": f"Bearer {a.alice}"}).json()["cluster"]["connected"])
     server.stop()
-    phone = make_todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
+    phone = todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
     bundle = tmp_path / "phone.bundle"
     export_bundle(sqlite_utils.Database(phone), bundle)
     before = sync_status(sqlite_utils.Database(a.path))["clock"]
@@ -223,20 +261,20 @@ def test_a_push_is_refused_when_the_cluster_cannot_store_it(tmp_path, nats_serve
     assert sync_status(sqlite_utils.Database(a.path))["clock"] == before
 
 
-def test_a_bundle_larger_than_a_message_goes_through_the_object_store(tmp_path, nats_server, start_hub, hub_sync, make_todos_db, todo_rows):
+def test_a_bundle_larger_than_a_message_goes_through_the_object_store(tmp_path, nats_server, start_hub, hub_sync, todo_rows):
     server = nats_server("max_payload: 65536\n")
     a, b = start_hub(server, "a"), start_hub(server, "b")
     rows = [{"id": i, "title": os.urandom(15000).hex(), "done": 0} for i in range(1, 4)]  # bundles compress text
-    phone = make_todos_db(tmp_path / "phone.db", rows)
+    phone = todos_db(tmp_path / "phone.db", rows)
     hub_sync(phone, a, a.alice)
     eventually(lambda: todo_rows(b.path) == rows)
     assert any("Datasette-Sync-Object" in headers and not body for _, headers, body in stream_messages(server))
 
 
-def test_a_bundle_before_its_predecessor_waits_and_a_bad_one_is_dropped(tmp_path, nats_server, start_hub, make_todos_db, todo_rows):
+def test_a_bundle_before_its_predecessor_waits_and_a_bad_one_is_dropped(tmp_path, nats_server, start_hub, todo_rows):
     server = nats_server()
     a = start_hub(server, "a")
-    phone_path = make_todos_db(tmp_path / "phone.db", [{"id": 1, "title": "First", "done": 0}])
+    phone_path = todos_db(tmp_path / "phone.db", [{"id": 1, "title": "First", "done": 0}])
     phone = sqlite_utils.Database(phone_path)
     export_bundle(phone, tmp_path / "first.bundle")
     after_first = sync_status(phone)["clock"]
@@ -252,10 +290,10 @@ def test_a_bundle_before_its_predecessor_waits_and_a_bad_one_is_dropped(tmp_path
     assert "dropped" in a.output()  # the junk message, logged and not retried
 
 
-def test_retention_keeps_a_snapshot_a_new_hub_starts_from(tmp_path, nats_server, start_hub, hub_sync, make_todos_db, todo_rows, upsert):
+def test_retention_keeps_a_snapshot_a_new_hub_starts_from(tmp_path, nats_server, start_hub, hub_sync, todo_rows, upsert):
     server = nats_server()
     a = start_hub(server, "a", snapshot_every=3)
-    phone = make_todos_db(tmp_path / "phone.db", [{"id": 1, "title": "One", "done": 0}])
+    phone = todos_db(tmp_path / "phone.db", [{"id": 1, "title": "One", "done": 0}])
     hub_sync(phone, a, a.alice)
     upsert(phone, {"id": 2, "title": "Two", "done": 0})
     hub_sync(phone, a, a.alice)  # two pushes and hub a's two knowledge ticks: four messages
@@ -271,10 +309,10 @@ def test_retention_keeps_a_snapshot_a_new_hub_starts_from(tmp_path, nats_server,
     eventually(lambda: todo_rows(c.path) == expected)
 
 
-def test_before_commit_sees_the_result_and_can_refuse(tmp_path, make_todos_db, todo_rows):
-    phone = make_todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
+def test_before_commit_sees_the_result_and_can_refuse(tmp_path, todo_rows):
+    phone = todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
     export_bundle(sqlite_utils.Database(phone), tmp_path / "phone.bundle")
-    hub = make_todos_db(tmp_path / "hub.db")
+    hub = todos_db(tmp_path / "hub.db")
     before = (tmp_path / "hub.db").read_bytes()
 
     def refuse(result):
@@ -294,23 +332,36 @@ def test_before_commit_sees_the_result_and_can_refuse(tmp_path, make_todos_db, t
 @pytest.mark.parametrize(
     "setting, message",
     [
-        ({"servers": ["nats://127.0.0.1:4222"]}, "cluster hub must be a name"),
-        ({"servers": "localhost", "hub": "a"}, "cluster servers must be a list of nats:// URLs"),
-        ({"servers": ["nats://127.0.0.1:4222"], "hub": "a", "replicas": 0}, "cluster replicas must be a whole number from 1 to 5"),
-        ({"servers": ["nats://127.0.0.1:4222"], "hub": "a", "stream": "a.b"}, "cluster stream must be a name"),
+        ({"servers": ["nats://127.0.0.1:4222"]}, "cluster hub must be a name of letters, digits, - and _, got None"),
+        ({"servers": "localhost", "hub": "a"}, "cluster servers must be a list of nats:// URLs, got ['localhost']"),
+        ({"servers": ["nats://127.0.0.1:4222"], "hub": "a", "replicas": 0}, "cluster replicas must be a whole number from 1 to 5, got 0"),
+        ({"servers": ["nats://127.0.0.1:4222"], "hub": "a", "stream": "a.b"}, "cluster stream must be a name of letters"),
+        ({"servers": ["nats://127.0.0.1:4222"], "hub": "a", "snapshot_every": True}, "cluster snapshot_every must be a whole number at least 1"),
         ({"servers": ["nats://127.0.0.1:4222"], "hub": "a", "color": 1}, "cluster has unknown keys ['color']"),
+        ("nats://127.0.0.1:4222", "cluster must be a mapping with servers and hub"),
     ],
 )
-def test_a_bad_cluster_setting_is_one_line_at_startup(tmp_path, setting, message):
-    (tmp_path / "c.json").write_text(json.dumps({"plugins": {"datasette-sync": {"cluster": setting}}}))
+def test_a_bad_cluster_setting_says_what_is_wrong(setting, message):
+    from datasette_sync.cluster import parse_settings
+
+    with pytest.raises(ValueError) as caught:
+        parse_settings(setting)
+    assert str(caught.value).startswith(message)
+
+
+def test_a_bad_cluster_setting_is_one_line_at_startup(tmp_path):
+    setting = {"servers": ["nats://127.0.0.1:4222"], "hub": "a b"}
+    (tmp_path / "c.json").write_text(json.dumps({"databases": {"hub": {"plugins": {"datasette-sync": {"cluster": setting}}}}}))
     sqlite_utils.Database(tmp_path / "hub.db")["t"].insert({"id": 1})
     result = subprocess.run(
         [_executable("datasette"), "serve", str(tmp_path / "hub.db"), "-c", str(tmp_path / "c.json"), "--get", "/"],
         capture_output=True, text=True, env=_clean_env(), timeout=60,
     )
     assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.strip() == (
+        "Error: cluster hub must be a name of letters, digits, - and _, got 'a b' "
+        "(datasette-sync plugin config for database hub)"
+    )
 
 
 def test_a_hub_without_the_setting_never_imports_nats(tmp_path):
