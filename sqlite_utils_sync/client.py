@@ -17,7 +17,8 @@ Every step is idempotent: imports skip bundles and operations they already hold 
 directions are computed from clocks, so a run cut short by a network failure is simply
 re-run. For the same reason a request the hub answers with ``503`` (busy: another connection
 held a lock on its database longer than it waited) is sent again by itself, after the hub's
-``Retry-After`` or a growing delay, a bounded number of times.
+``Retry-After`` or a growing delay, a bounded number of times; and given the URLs of several
+hubs of one cluster, a run that one of them could not finish starts again with the next.
 
 httpx is imported by the functions that send requests, not with this module: sqlite-utils
 imports every plugin for every command, and httpx alone takes about 0.14 s to import.
@@ -309,21 +310,16 @@ def sync_with_hub(
     # Stored before the pull: a copy asking for fewer tables holds fewer from now on.
     scope = set_scope(db, tables) if tables is not None else load_scope(connection(db))
     workdir = tempfile.mkdtemp(prefix="sqlite-utils-sync-")
+
+    def exchange(url: str) -> tuple:
+        with _hub_client(token, timeout, transport) as client:
+            return _Run(
+                db, client, url, bool(token), workdir, alter, max_clock_skew, progress, retries, on_retry,
+                scope=scope, create_tables=create_tables,
+            ).exchange()
+
     try:
-        for index, url in enumerate(urls):
-            try:
-                with _hub_client(token, timeout, transport) as client:
-                    run = _Run(
-                        db, client, url, bool(token), workdir, alter, max_clock_skew, progress, retries, on_retry,
-                        scope=scope, create_tables=create_tables,
-                    )
-                    device_id, pulled, pushed, pulled_after_push, hub_clock, hub_device = run.exchange()
-                break
-            except HubError as ex:
-                if not may_fail_over(ex) or index + 1 == len(urls):
-                    raise _last_hub_error(ex, index)
-                if on_failover is not None:
-                    on_failover(url, ex, urls[index + 1])
+        url, (device_id, pulled, pushed, pulled_after_push, hub_clock, hub_device) = _fail_over(urls, exchange, on_failover)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {
@@ -333,6 +329,19 @@ def sync_with_hub(
         "pushed": pushed,
         "pulled_after_push": pulled_after_push,
     }
+
+
+def _fail_over(urls: list[str], exchange: Callable[[str], Any], on_failover: Callable | None) -> tuple[str, Any]:
+    """``exchange(url)`` with each hub in turn until one does it: (its URL, its result)."""
+    for index, url in enumerate(urls):
+        try:
+            return url, exchange(url)
+        except HubError as ex:
+            if not may_fail_over(ex) or index + 1 == len(urls):
+                raise _last_hub_error(ex, index) from None
+            if on_failover is not None:
+                on_failover(url, ex, urls[index + 1])
+    raise AssertionError("unreachable: urls is never empty")
 
 
 def _last_hub_error(ex: HubError, index: int) -> HubError:
