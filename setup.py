@@ -15,7 +15,9 @@ setup(
     },
     install_requires=["sqlite-utils>=4", "msgpack>=1.0", "httpx", "datasette>=1.0a41"],
     extras_require={
-        "test": ["pytest", "pytest-asyncio", "pytest-xdist", "hypothesis", "playwright", "wheel"],
+        "test": ["pytest", "pytest-asyncio", "pytest-xdist", "hypothesis", "playwright", "wheel", "nats-py"],
+        # Cluster mode (several hubs sharing bundles through NATS JetStream).
+        "cluster": ["nats-py"],
     },
     python_requires=">=3.10",
 )

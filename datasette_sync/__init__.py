@@ -9,7 +9,7 @@ from sqlite_utils_sync.oplog import json_value
 from sqlite_utils_sync import SyncError
 from sqlite_utils_sync.schema import is_enabled
 
-from . import guard, live, panels, permissions, views
+from . import cluster, guard, live, panels, permissions, views
 
 
 @hookimpl
@@ -30,6 +30,7 @@ def write_wrapper(datasette, database, request, transaction):
 @hookimpl
 def startup(datasette):
     views.check_config(datasette)
+    return cluster.startup(datasette)
 
 
 @hookimpl

@@ -43,7 +43,7 @@ from sqlite_utils_sync.devices import device_names, label, resolve_device
 from sqlite_utils_sync.oplog import is_device_id, json_value
 from sqlite_utils_sync.schema import check_schema, is_enabled
 
-from . import chart, live, queries
+from . import chart, cluster, live, queries
 from .guard import sync_write
 from .permissions import (
     EXPORT,
@@ -326,6 +326,8 @@ async def overview_page(datasette, request):
         "access": await actor_access(datasette, request.actor, db),
         "watching": await watching(datasette, request.actor, db),
     }
+    if cluster.status(datasette, db.name) is not None:
+        status["cluster"] = cluster.status(datasette, db.name)
     context = {
         "status": status,
         "peers": peers,
@@ -986,11 +988,17 @@ async def import_pushed(datasette, actor, db, path: str, options: dict, alter_de
         # Asked here, on the event loop: the importer's hook runs on the write thread.
         logged = await db.execute_fn(queries.logged_tables)
         authorize = write_authorizer(await table_access(datasette, actor, db.name, [*logged, *tables]))
+        stored = cluster.before_commit(datasette, db.name, path, options)  # None unless a cluster hub
         with sync_write():
             return await db.execute_write_fn(
-                lambda conn: import_bundle(conn, path, authorize=authorize, **options), transaction=False
+                lambda conn: import_bundle(conn, path, authorize=authorize, before_commit=stored, **options),
+                transaction=False,
             )
-    except (SyncError, EndpointError):
+    except SyncError as ex:
+        if ex.reason == errors.CLUSTER_UNAVAILABLE:
+            raise EndpointError(ex.message, ex.reason, {protocol.RETRY_AFTER_HEADER: str(protocol.CLUSTER_RETRY_SECONDS)})
+        raise
+    except EndpointError:
         raise
     except sqlite3.Error as ex:
         raise import_sqlite_refusal(ex, db.name)

@@ -425,7 +425,7 @@ def sync_compact_command(path, as_json):
 
 @click.command(name="sync")
 @click.argument("path", type=NEW_DB_PATH)
-@click.argument("url")
+@click.argument("url", nargs=-1, required=True)
 @click.option("--token", envvar=TOKEN_ENV, help=f"API token for the hub (default: ${TOKEN_ENV})")
 @click.option("--alter", is_flag=True, help="Add tables and columns one side has and the other lacks")
 @click.option(
@@ -448,6 +448,8 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
     """Sync the database with a Datasette hub: pull what it lacks here, push what the hub lacks
 
     URL is the hub database's URL. Safe to re-run at any time, also after a network failure.
+    Several URLs (hubs of one cluster) are tried in order: when one cannot be reached, fails
+    or stays busy, the sync is done with the next one.
     A database that does not exist yet (or has no tables) is created with the hub's tables.
 
     Example:
@@ -455,11 +457,14 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
     \b
         sqlite-utils sync laptop.db http://127.0.0.1:8001/data --token dstok_...
         sqlite-utils sync phone.db http://127.0.0.1:8001/data --table todos
+        sqlite-utils sync laptop.db http://hub-a:8001/data http://hub-b:8001/data
         DATASETTE_SYNC_TOKEN=dstok_... sqlite-utils sync laptop.db https://hub.example.com/data
         sqlite-utils sync laptop.db http://127.0.0.1:8001/data --watch
     """
     if watch:
-        return watch_command(path, url, token or None, alter, list(tables) or None, max_clock_skew, as_json)
+        if len(url) > 1:
+            raise click.ClickException("--watch syncs with one hub: give one URL (several are for a sync that tries each in turn)")
+        return watch_command(path, url[0], token or None, alter, list(tables) or None, max_clock_skew, as_json)
     with user_errors(), new_database(path) as new:
         db = open_db(path)
         result = sync_with_hub(
@@ -472,13 +477,18 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
             on_retry=say_retry,
             tables=list(tables) or None,
             create_tables=new,
+            on_failover=say_failover,
         )
         unresolved = sync_status(db)["unresolved_conflicts"]
         missing = {t for t in merged_pull(result)["not_applied"] if not db[t].exists()}
     if as_json:
         echo_json(result)
         return
-    click.echo(sync_summary(path, normalize_url(url), result, unresolved, missing), err=True)
+    click.echo(sync_summary(path, result["hub"]["url"], result, unresolved, missing), err=True)
+
+
+def say_failover(url: str, error: Exception, next_url: str) -> None:
+    click.echo(f"{error}: trying {next_url}", err=True)
 
 
 def watch_command(path: str, url: str, token: str | None, alter: bool, tables: list[str] | None,

@@ -17,7 +17,8 @@ Every step is idempotent: imports skip bundles and operations they already hold 
 directions are computed from clocks, so a run cut short by a network failure is simply
 re-run. For the same reason a request the hub answers with ``503`` (busy: another connection
 held a lock on its database longer than it waited) is sent again by itself, after the hub's
-``Retry-After`` or a growing delay, a bounded number of times.
+``Retry-After`` or a growing delay, a bounded number of times; and given the URLs of several
+hubs of one cluster, a run that one of them could not finish starts again with the next.
 
 httpx is imported by the functions that send requests, not with this module: sqlite-utils
 imports every plugin for every command, and httpx alone takes about 0.14 s to import.
@@ -243,9 +244,18 @@ def _behind(ours: dict[str, int], theirs: dict[str, int]) -> bool:
     return any(seq > ours.get(device, 0) for device, seq in theirs.items())
 
 
+def may_fail_over(ex: HubError) -> bool:
+    """Whether another hub of a cluster may do what this one could not: it could not be
+    reached, timed out, failed (5xx), stayed busy through the retries, or broke off its answer.
+    A refusal (4xx) is final: every hub of a cluster applies the same permissions and checks."""
+    if ex.reason in (errors.CONNECTION_FAILED, errors.TIMEOUT, errors.BUSY, errors.INVALID_RESPONSE):
+        return True
+    return ex.reason == errors.HUB_ERROR and (ex.status is None or ex.status >= 500)
+
+
 def sync_with_hub(
     db: Any,
-    url: str,
+    url: str | list[str] | tuple[str, ...],
     token: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     alter: bool = False,
@@ -256,11 +266,15 @@ def sync_with_hub(
     on_retry: Callable[[str, int, int, float], None] | None = None,
     tables: list[str] | None = None,
     create_tables: bool = False,
+    on_failover: Callable[[str, HubError, str], None] | None = None,
 ) -> dict[str, Any]:
     """Pull what the hub has and this database lacks, then push what the hub lacks.
 
     :param db: a ``sqlite_utils.Database`` or ``sqlite3.Connection`` with sync enabled
-    :param url: the hub database's URL, like ``http://127.0.0.1:8001/data``
+    :param url: the hub database's URL, like ``http://127.0.0.1:8001/data``; or a list of the
+        URLs of several hubs of one cluster, tried in order: when one cannot be reached, times
+        out, fails (5xx) or stays busy, the run starts again with the next one (every step is
+        idempotent, so nothing is lost or applied twice); a refusal (4xx) is final
     :param token: an API token (``dstok_…``), sent as ``Authorization: Bearer``
     :param progress: called as ``progress("pull" | "push", operations, total)``
     :param alter: add tables and columns a bundle has and the receiver lacks, here and on the
@@ -271,6 +285,7 @@ def sync_with_hub(
     :param retries: how many times each request is sent again after a ``503`` busy answer,
         waiting the hub's ``Retry-After`` (or 0.5 s, 1 s, 2 s, ...) in between; 0 never retries
     :param on_retry: called as ``on_retry(what, retry, retries, delay)`` before each wait
+    :param on_failover: called as ``on_failover(url, error, next_url)`` before trying the next hub
     :param tables: pull only these tables; this copy then holds only them (its scope, kept for
         later syncs; see :mod:`~sqlite_utils_sync.scope`). None: the scope stored, if any
     :param create_tables: create the tables the hub has and this database lacks, as the hub
@@ -283,7 +298,9 @@ def sync_with_hub(
     :raises HubError: the hub is unreachable or refused a request (nothing half-applied)
     :raises SyncError: the local database cannot sync (e.g. sync not enabled)
     """
-    url = normalize_url(url)
+    urls = [normalize_url(u) for u in ([url] if isinstance(url, str) else url)]
+    if not urls:
+        raise HubError(errors.INVALID_URL, "No hub URL given: pass a database URL like http://127.0.0.1:8001/data")
     max_clock_skew = parse_duration(max_clock_skew)
     if not sync_status(db)["enabled"] and not (alter or create_tables):
         raise SyncError(
@@ -293,13 +310,16 @@ def sync_with_hub(
     # Stored before the pull: a copy asking for fewer tables holds fewer from now on.
     scope = set_scope(db, tables) if tables is not None else load_scope(connection(db))
     workdir = tempfile.mkdtemp(prefix="sqlite-utils-sync-")
-    try:
+
+    def exchange(url: str) -> tuple:
         with _hub_client(token, timeout, transport) as client:
-            run = _Run(
+            return _Run(
                 db, client, url, bool(token), workdir, alter, max_clock_skew, progress, retries, on_retry,
                 scope=scope, create_tables=create_tables,
-            )
-            device_id, pulled, pushed, pulled_after_push, hub_clock, hub_device = run.exchange()
+            ).exchange()
+
+    try:
+        url, (device_id, pulled, pushed, pulled_after_push, hub_clock, hub_device) = _fail_over(urls, exchange, on_failover)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {
@@ -309,6 +329,26 @@ def sync_with_hub(
         "pushed": pushed,
         "pulled_after_push": pulled_after_push,
     }
+
+
+def _fail_over(urls: list[str], exchange: Callable[[str], Any], on_failover: Callable | None) -> tuple[str, Any]:
+    """``exchange(url)`` with each hub in turn until one does it: (its URL, its result)."""
+    for index, url in enumerate(urls):
+        try:
+            return url, exchange(url)
+        except HubError as ex:
+            if not may_fail_over(ex) or index + 1 == len(urls):
+                raise _last_hub_error(ex, index) from None
+            if on_failover is not None:
+                on_failover(url, ex, urls[index + 1])
+    raise AssertionError("unreachable: urls is never empty")
+
+
+def _last_hub_error(ex: HubError, index: int) -> HubError:
+    """The error that ends a run, saying how many hubs were tried before when there were any."""
+    if index == 0 or not may_fail_over(ex):
+        return ex
+    return HubError(ex.reason, f"{ex.message} (and the {index} hub{'s' if index > 1 else ''} before it failed too)", ex.status, ex.retry_after)
 
 
 def _hub_client(token: str | None, timeout: float, transport: Any) -> Any:

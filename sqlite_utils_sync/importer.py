@@ -110,6 +110,7 @@ def import_bundle(
     adopt_scope: bool = False,
     authorize: Callable[[dict[str, set[str]]], None] | None = None,
     create_tables: bool = False,
+    before_commit: Callable[[ImportResult], None] | None = None,
 ) -> ImportResult:
     """Apply the bundle at ``path`` in one transaction.
 
@@ -130,6 +131,10 @@ def import_bundle(
         tables are written, with the actions they need per table: ``{table: {"insert-row",
         "update-row", "delete-row"}}`` (a resolution needs ``update-row``); operations held
         here already need none. It raises to refuse the bundle: nothing is then written
+    :param before_commit: called with the result once the import succeeded, before its
+        transaction commits (not when it leaves nothing to commit: a bundle held already, or
+        this database's own); raising rolls the whole import back. A cluster hub stores the pushed bundle in its replicated log there,
+        so a push is never acknowledged, nor applied here, without being stored
     :raises BundleError: the bundle is invalid or cannot be applied; nothing was changed
     """
     conn = connection(db)
@@ -146,7 +151,10 @@ def import_bundle(
                     create = alter or create_tables
                     importer = Importer(conn, reader, stage, alter, actor, progress, skew, may_relay, create)
                     importer.adopt_scope, importer.authorize = adopt_scope, authorize
-                    return importer.run()
+                    result = importer.run()
+                    if before_commit is not None:
+                        before_commit(result)
+                    return result
             except NothingNew as own:
                 return own.result
             except BundleError as ex:

@@ -66,6 +66,8 @@ DEFAULT_MAX_WAIT = 60
 
 BUSY_RETRY_SECONDS = 5
 """The wait a busy hub asks for in ``Retry-After``: a lock held longer than it waited."""
+CLUSTER_RETRY_SECONDS = 2
+"""The wait a cluster hub without NATS quorum asks for: a node restarting, a leader election."""
 
 DEFAULT_STATUS = 400
 """The status of a reason missing from :data:`STATUS`: the request's (or bundle's) fault."""
@@ -129,6 +131,7 @@ STATUS: dict[str, int] = {
     errors.DISCONNECTED: 400,
     errors.BUSY: 503,
     errors.SQLITE_ERROR: 500,
+    errors.CLUSTER_UNAVAILABLE: 503,
 }
 """Every reason the hub answers with, and its HTTP status."""
 

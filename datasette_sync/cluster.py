@@ -1,0 +1,786 @@
+"""Cluster mode: several hubs that share every bundle through NATS JetStream.
+
+Each hub keeps its own SQLite copy. A push is imported here first and, inside the import's
+transaction, published to the stream (``<stream>.<database>.bundles``, deduplicated by
+``Nats-Msg-Id`` = bundle id) before the transaction commits: the client's 200 means the
+bundle is replicated. Every hub has a durable consumer (``<hub>_<database>``) that imports
+each message's bundle, so every hub converges; a hub that was down resumes where its
+consumer stopped. The hub's own operations (knowledge ticks, resolutions, Datasette writes)
+leave through an outbox that publishes what this hub's device wrote since the last publish.
+Retention: the hub furthest along stores a full export as ``snapshot-<database>`` in the
+object store (with the stream sequence it covers) and purges the messages every consumer
+has acknowledged up to there; a new hub starts from that snapshot.
+
+``nats`` is imported only by a hub whose configuration has a ``cluster`` setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import sqlite3
+import tempfile
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from datasette.utils import StartupError, tilde_encode
+
+from sqlite_utils_sync import SyncError, errors, export_bundle, import_bundle, protocol
+from sqlite_utils_sync.clocks import max_seq
+from sqlite_utils_sync.devices import local_device_id
+from sqlite_utils_sync.oplog import LOCAL
+from sqlite_utils_sync.schema import is_enabled
+
+from .guard import sync_write
+
+log = logging.getLogger("datasette_sync.cluster")
+
+DEFAULT_STREAM = "datasette-sync"
+DEFAULT_SNAPSHOT_EVERY = 1000
+OBJECT_HEADER = "Datasette-Sync-Object"
+ALTER_HEADER = "Datasette-Sync-Alter"
+ACTOR_HEADER = "Datasette-Sync-Actor"
+RELAY_HEADER = "Datasette-Sync-Relay"  # "0": the pusher lacked sync-relay, so it claimed its devices
+SEQ_HEADER = "Datasette-Sync-Stream-Seq"
+MSG_ID_HEADER = "Nats-Msg-Id"
+PUBLISH_TIMEOUT = 5.0  # seconds a push waits for the stream's PubAck before answering 503
+DUPLICATE_WINDOW = 120.0  # a push retried within this is stored once (the import dedupes anyway)
+ACK_WAIT = 20.0  # unacknowledged this long (a hub that died mid-import), a message is redelivered
+GAP_DELAY = 1.0  # a bundle whose predecessors have not arrived is retried after this
+MAX_RETRY_DELAY = 30.0
+RETENTION_CHECK = 10.0  # seconds between two looks at the other consumers by a hub that is behind
+HEADER_ROOM = 4096  # max_payload counts headers too
+OUTBOX_INTERVAL = 1.0
+# Refusals that another message (or time) can cure: the message is retried, not dropped.
+RETRYABLE = {errors.MISSING_OPERATIONS, errors.MISSING_DEPENDENCIES, errors.CLOCK_AHEAD, errors.BUSY}
+NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+KEYS = {"servers", "stream", "hub", "replicas", "snapshot_every"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    servers: tuple[str, ...]
+    hub: str
+    stream: str = DEFAULT_STREAM
+    replicas: int = 1
+    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
+
+
+def parse_settings(value: Any) -> Settings:
+    """The ``cluster`` plugin setting; raises ValueError with one line saying what is wrong."""
+    if not isinstance(value, dict):
+        raise ValueError(f"cluster must be a mapping with servers and hub, got {value!r}")
+    unknown = set(value) - KEYS
+    if unknown:
+        raise ValueError(f"cluster has unknown keys {sorted(unknown)} (known: {sorted(KEYS)})")
+    servers = value.get("servers")
+    if isinstance(servers, str):
+        servers = [servers]
+    if not servers or not isinstance(servers, list) or not all(isinstance(s, str) and "://" in s for s in servers):
+        raise ValueError(f"cluster servers must be a list of nats:// URLs, got {servers!r}")
+    for key, default in (("hub", None), ("stream", DEFAULT_STREAM)):
+        name = value.get(key, default)
+        if not isinstance(name, str) or not NAME.match(name):
+            raise ValueError(f"cluster {key} must be a name of letters, digits, - and _, got {name!r}")
+    numbers = {}
+    for key, default, most in (("replicas", 1, 5), ("snapshot_every", DEFAULT_SNAPSHOT_EVERY, None)):
+        number = value.get(key, default)
+        if isinstance(number, bool) or not isinstance(number, int) or number < 1 or (most and number > most):
+            limit = f"from 1 to {most}" if most else "at least 1"
+            raise ValueError(f"cluster {key} must be a whole number {limit}, got {number!r}")
+        numbers[key] = number
+    return Settings(tuple(servers), value["hub"], value.get("stream", DEFAULT_STREAM), **numbers)
+
+
+def raw_setting(datasette, database: str | None):
+    from .views import plugin_config
+
+    return plugin_config(datasette, database).get("cluster")
+
+
+def settings_for(datasette, database: str) -> Settings | None:
+    value = raw_setting(datasette, database)
+    return None if value is None else parse_settings(value)
+
+
+def check_config(datasette) -> None:
+    for database in [None, *datasette.databases]:
+        value = raw_setting(datasette, database)
+        if value is None:
+            continue
+        try:
+            parse_settings(value)
+        except ValueError as ex:
+            where = " (datasette-sync plugin config" + (f" for database {database})" if database else ")")
+            raise StartupError(f"{ex}{where}")
+
+
+def token(database: str) -> str:
+    """The database name as one subject token and a consumer-name part (no dots, no spaces)."""
+    return tilde_encode(database).replace("+", "~20")
+
+
+def subject(settings: Settings, database: str) -> str:
+    return f"{settings.stream}.{token(database)}.bundles"
+
+
+def consumer_name(settings: Settings, database: str) -> str:
+    return f"{settings.hub}_{token(database)}"
+
+
+def bucket_name(settings: Settings) -> str:
+    return f"{settings.stream}-bundles"
+
+
+def snapshot_name(database: str) -> str:
+    return f"snapshot-{token(database)}"
+
+
+def object_name(database: str, bundle_id: str) -> str:
+    """A pushed bundle too big for a message; per database, so its retention can drop it."""
+    return f"bundle-{token(database)}-{bundle_id}"
+
+
+# Members ----------------------------------------------------------------------------------
+
+_members: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def members(datasette) -> dict[str, "Member"]:
+    return _members.setdefault(datasette, {})
+
+
+def member(datasette, database: str) -> "Member | None":
+    return _members.get(datasette, {}).get(database)
+
+
+def startup(datasette):
+    """The ``startup`` hook's part: one member per mutable database with a ``cluster`` setting."""
+    check_config(datasette)
+    wanted = {}
+    for name, db in datasette.databases.items():
+        settings = settings_for(datasette, name)
+        if settings is not None and db.is_mutable and not db.is_memory:
+            wanted[name] = settings
+    if not wanted:
+        return None
+
+    async def start():
+        for name, settings in wanted.items():
+            if name not in members(datasette):
+                members(datasette)[name] = Member(datasette, name, settings)
+                members(datasette)[name].start()
+
+    return start
+
+
+class Member:
+    """This hub in the cluster for one database: its connection, consumer and outbox."""
+
+    def __init__(self, datasette, database: str, settings: Settings):
+        self.datasette = datasette
+        self.database = database
+        self.settings = settings
+        self.subject = subject(settings, database)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.nc = None
+        self.js = None
+        self.behind: int | None = None
+        self.error: str | None = None
+        self.snapshot_seq = 0
+        self.next_check = 0.0
+        self.poked: asyncio.Event | None = None
+        self.tasks: list[asyncio.Task] = []
+
+    @property
+    def db(self):
+        return self.datasette.get_database(self.database)
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.poked = asyncio.Event()
+        self.tasks = [self.loop.create_task(self.run()), self.loop.create_task(self.outbox_loop())]
+
+    def poke(self) -> None:
+        """Run the outbox soon (thread-safe)."""
+        if self.loop is not None and self.poked is not None:
+            self.loop.call_soon_threadsafe(self.poked.set)
+
+    # Connection ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, bind the consumer and import for ever; after any failure (NATS down, no
+        quorum) start over a second later: the durable consumer resumes where it stopped."""
+        while True:
+            subscription = None
+            try:
+                await self.connect()
+                await self.ensure_stream()
+                subscription = await self.subscribe()
+                with sync_write():
+                    await self.db.execute_write_fn(join_empty)
+                self.error = None
+                await self.consume(subscription)
+            except asyncio.CancelledError:
+                raise
+            except Exception as ex:
+                error = f"{type(ex).__name__}: {ex}".rstrip(": ")
+                if error != self.error:  # once per outage, not every second
+                    log.warning("datasette-sync cluster (%s): %s; retrying", self.database, error)
+                self.error = error
+                if subscription is not None:
+                    with contextlib.suppress(Exception):
+                        await subscription.unsubscribe()
+                await asyncio.sleep(1)
+
+    async def connect(self) -> None:
+        import nats
+
+        if self.nc is not None and not self.nc.is_closed:
+            return
+
+        async def disconnected():
+            self.error = "disconnected from NATS"
+
+        async def reconnected():
+            self.error = None
+
+        async def on_error(ex):
+            log.debug("datasette-sync cluster (%s): %s", self.database, ex)
+
+        self.nc = await nats.connect(
+            servers=list(self.settings.servers),
+            name=f"datasette-sync {self.settings.hub}",
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=2,
+            allow_reconnect=True,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=on_error,
+        )
+        self.js = self.nc.jetstream(timeout=PUBLISH_TIMEOUT)
+
+    async def ensure_stream(self) -> None:
+        from nats.js.api import StorageType, StreamConfig
+        from nats.js.errors import NotFoundError
+
+        name = self.settings.stream
+        try:
+            await self.js.stream_info(name)
+        except NotFoundError:
+            config = StreamConfig(
+                name=name,
+                subjects=[f"{name}.>"],
+                num_replicas=self.settings.replicas,
+                duplicate_window=DUPLICATE_WINDOW,
+                storage=StorageType.FILE,
+            )
+            try:
+                await self.js.add_stream(config)
+            except Exception:
+                await self.js.stream_info(name)  # another hub created it meanwhile
+        await self.object_store()
+
+    async def object_store(self):
+        from nats.js.errors import BucketNotFoundError, NotFoundError
+
+        try:
+            return await self.js.object_store(bucket_name(self.settings))
+        except (BucketNotFoundError, NotFoundError):
+            try:
+                return await self.js.create_object_store(bucket_name(self.settings), replicas=self.settings.replicas)
+            except Exception:
+                return await self.js.object_store(bucket_name(self.settings))
+
+    async def subscribe(self):
+        """Bind to this hub's durable consumer; a new hub first imports the snapshot, if any,
+        and starts after the sequence it covers."""
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        from nats.js.errors import NotFoundError
+
+        durable = consumer_name(self.settings, self.database)
+        try:
+            await self.js.consumer_info(self.settings.stream, durable)
+        except NotFoundError:
+            covered = await self.join_from_snapshot()
+            config = ConsumerConfig(
+                durable_name=durable,
+                filter_subject=self.subject,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ACK_WAIT,
+                max_ack_pending=1000,
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE if covered else DeliverPolicy.ALL,
+                opt_start_seq=covered + 1 if covered else None,
+            )
+            await self.js.add_consumer(self.settings.stream, config)
+        return await self.js.pull_subscribe_bind(durable, self.settings.stream)
+
+    # Publishing (pushes and the outbox) ---------------------------------------------------
+
+    def publish_from_thread(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool = True) -> None:
+        """Store a bundle file in the stream and wait for the PubAck; called on the write
+        thread, inside the import's transaction. Raises SyncError (cluster_unavailable)."""
+        if self.loop is None or self.js is None:
+            raise unavailable(self.database, "not connected to NATS yet")
+        future = asyncio.run_coroutine_threadsafe(self.publish(path, bundle_id, alter, actor, relay), self.loop)
+        try:
+            # A big bundle goes to the object store in chunks first: allow 1 s per MB.
+            future.result(PUBLISH_TIMEOUT * 2 + os.path.getsize(path) / 1e6)
+        except Exception as ex:
+            future.cancel()
+            raise unavailable(self.database, f"{type(ex).__name__}: {ex}".rstrip(": ")) from ex
+
+    async def publish(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool = True):
+        headers = {MSG_ID_HEADER: bundle_id, RELAY_HEADER: "1" if relay else "0"}
+        if alter:
+            headers[ALTER_HEADER] = "1"
+        if actor is not None:
+            headers[ACTOR_HEADER] = actor
+        size = os.path.getsize(path)
+        if size > self.nc.max_payload - HEADER_ROOM:
+            name = object_name(self.database, bundle_id)
+            await self.put_object(name, path)
+            headers[OBJECT_HEADER] = name
+            body = b""
+        else:
+            body = await asyncio.to_thread(read_file, path)
+        return await self.js.publish(self.subject, body, headers=headers, stream=self.settings.stream)
+
+    async def outbox_loop(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.poked.wait(), OUTBOX_INTERVAL)
+            self.poked.clear()
+            try:
+                await self.flush_outbox()
+            except asyncio.CancelledError:
+                raise
+            except Exception as ex:
+                log.warning("datasette-sync cluster (%s): outbox not published: %s", self.database, ex)
+
+    async def flush_outbox(self) -> bool:
+        """Publish this hub's own operations not published yet; True if there were some."""
+        if self.js is None or not self.nc.is_connected:
+            return False
+        pending = await self.db.execute_fn(own_pending)
+        if pending is None:
+            return False
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "outbox.bundle")
+            result = await self.db.execute_fn(lambda conn: export_own(conn, path, pending))
+            if result is None:
+                return False
+            await self.publish(path, result.bundle_id, True, None)
+        done = max(pending[1], result.clock.get(pending[0], 0))
+        with sync_write():
+            await self.db.execute_write_fn(lambda conn: record_published(conn, done))
+        return True
+
+    # Consuming ----------------------------------------------------------------------------
+
+    async def consume(self, subscription) -> None:
+        import nats.errors
+
+        while True:
+            try:
+                messages = await subscription.fetch(16, timeout=1)
+            except nats.errors.TimeoutError:
+                messages = []
+            for message in messages:
+                await self.handle(message)
+            await self.after_batch(subscription)
+
+    async def handle(self, message) -> None:
+        """Import one message's bundle, then ack it; NAK it (retried later) when it cannot be
+        imported yet or the hub is in trouble; term it when the bundle is bad for every hub."""
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "stream.bundle")
+            if not await self.fetch_body(message, path):
+                return
+            heartbeat = asyncio.create_task(keep_in_progress(message))
+            try:
+                outcome, result = await self.import_file(message, path)
+            finally:
+                heartbeat.cancel()
+        if outcome == "retry":
+            await message.nak(delay=retry_delay(message))
+        elif outcome == "drop":
+            await message.term()
+        else:
+            await message.ack()
+            if not result.skipped:
+                self.poke()  # the import wrote a knowledge tick of this hub's device
+                notify_live(self.datasette, self.database)
+
+    async def fetch_body(self, message, path: str) -> bool:
+        """Write the message's bundle to ``path`` (from the object store for a big one)."""
+        from nats.js.errors import NotFoundError
+
+        name = (message.headers or {}).get(OBJECT_HEADER)
+        if not name:
+            await asyncio.to_thread(write_file, path, message.data or b"")
+            return True
+        try:
+            store = await self.object_store()
+            with open(path, "wb") as out:
+                await store.get(name, writeinto=out)
+            return True
+        except NotFoundError:
+            self.warn(message, f"dropped: its bundle {name} is not in the object store")
+            await message.term()
+        except Exception as ex:
+            self.warn(message, f"waits (retried): the object store did not answer ({type(ex).__name__})")
+            await message.nak(delay=retry_delay(message))
+        return False
+
+    async def import_file(self, message, path: str) -> tuple[str, Any]:
+        """("ok", result), ("retry", None) or ("drop", None), having logged why."""
+        headers = message.headers or {}
+        options = {
+            "alter": headers.get(ALTER_HEADER) == "1",
+            "actor": headers.get(ACTOR_HEADER),
+            "may_relay": True,  # the hub that took the push checked who may send what
+            "max_clock_skew": self.max_clock_skew(),
+        }
+        claimant = options["actor"] if headers.get(RELAY_HEADER) == "0" else None
+        try:
+            with sync_write():
+                result = await self.db.execute_write_fn(
+                    lambda conn: import_claiming(conn, path, claimant, options), transaction=False
+                )
+            return "ok", result
+        except SyncError as ex:
+            if ex.reason in RETRYABLE:
+                self.warn(message, f"waits (retried): {ex}")
+                return "retry", None
+            self.warn(message, f"dropped: {ex}")
+            return "drop", None
+        except sqlite3.Error as ex:
+            from .views import import_sqlite_refusal
+
+            refusal = import_sqlite_refusal(ex, self.database)
+            if refusal.reason == errors.INVALID_BUNDLE:
+                self.warn(message, f"dropped: {refusal}")
+                return "drop", None
+            self.warn(message, f"waits (retried): {refusal}")
+            return "retry", None
+        except Exception:
+            log.exception("datasette-sync cluster (%s): message %s dropped", self.database, sequence(message))
+            return "drop", None
+
+    def warn(self, message, what: str) -> None:
+        log.warning("datasette-sync cluster (%s): message %s %s", self.database, sequence(message), what)
+
+    def max_clock_skew(self) -> float:
+        from .views import max_clock_skew
+
+        return max_clock_skew(self.datasette, self.database)
+
+    async def after_batch(self, subscription) -> None:
+        info = await subscription.consumer_info()
+        self.behind = info.num_pending + info.num_ack_pending
+        floor = info.ack_floor.stream_seq if info.ack_floor else 0
+        if floor - self.snapshot_seq >= self.settings.snapshot_every and self.loop.time() >= self.next_check:
+            if not await self.maybe_snapshot(floor):
+                self.next_check = self.loop.time() + RETENTION_CHECK
+
+    # Retention ----------------------------------------------------------------------------
+
+    async def maybe_snapshot(self, floor: int) -> bool:
+        """Snapshot and purge if this hub's consumer is the furthest along of the subject's."""
+        floors = await self.consumer_floors()
+        mine = consumer_name(self.settings, self.database)
+        if mine not in floors:
+            return False
+        furthest = min(floors, key=lambda name: (-floors[name], name))  # ties: the first name
+        current = await self.snapshot_info()
+        self.snapshot_seq = max(self.snapshot_seq, current)
+        if furthest != mine or floor - self.snapshot_seq < self.settings.snapshot_every:
+            return False
+        await self.take_snapshot(floor)
+        await self.purge(min(floor, *floors.values()))
+        return True
+
+    async def consumer_floors(self) -> dict[str, int]:
+        floors = {}
+        for info in await self.js.consumers_info(self.settings.stream):
+            if info.config.filter_subject == self.subject:
+                floors[info.name] = info.ack_floor.stream_seq if info.ack_floor else 0
+        return floors
+
+    async def snapshot_info(self) -> int:
+        """The stream sequence the stored snapshot covers (0: none)."""
+        from nats.js.errors import NotFoundError
+
+        store = await self.object_store()
+        try:
+            info = await store.get_info(snapshot_name(self.database))
+        except NotFoundError:  # any other error propagates: a new hub must not skip the snapshot
+            return 0
+        value = (info.headers or {}).get(SEQ_HEADER)
+        if isinstance(value, list):
+            value = value[0]
+        return int(value or 0)
+
+    async def take_snapshot(self, floor: int) -> None:
+        """Store a full export covering every message up to ``floor`` (all imported here)."""
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "snapshot.bundle")
+            await self.db.execute_fn(lambda conn: export_bundle(conn, path, repair=False))
+            await self.put_object(snapshot_name(self.database), path, {SEQ_HEADER: [str(floor)]})
+        self.snapshot_seq = floor
+        log.info("datasette-sync cluster (%s): snapshot up to stream sequence %s", self.database, floor)
+
+    async def put_object(self, name: str, path: str, headers: dict | None = None) -> None:
+        """Store a file in the object store, in chunks the server's max_payload allows."""
+        from nats.js.api import ObjectMeta, ObjectMetaOptions
+
+        chunk = min(128 * 1024, self.nc.max_payload - HEADER_ROOM)
+        meta = ObjectMeta(name=name, headers=headers, options=ObjectMetaOptions(max_chunk_size=chunk))
+        store = await self.object_store()
+        with open(path, "rb") as source:
+            await store.put(name, source, meta=meta)
+
+    async def purge(self, upto: int) -> None:
+        """Remove the messages up to ``upto`` (every consumer has them, the snapshot covers
+        them), and the objects of big bundles only they referred to."""
+        if upto <= 0:
+            return
+        try:
+            last_purged = parse_time((await self.js.get_msg(self.settings.stream, upto)).time)
+        except Exception:
+            last_purged = None
+        await self.js.purge_stream(self.settings.stream, seq=upto + 1, subject=self.subject)
+        if last_purged is not None:
+            await self.drop_objects(last_purged - DUPLICATE_WINDOW)
+
+    async def drop_objects(self, before: float) -> None:
+        """Delete this database's bundle objects stored before ``before`` (a Unix time): the
+        message referring to one is published right after it is stored, so these were
+        referred to by purged messages only (a retried push stores its object anew)."""
+        store = await self.object_store()
+        prefix = object_name(self.database, "")
+        try:
+            infos = await store.list(ignore_deletes=True)
+        except Exception:
+            return
+        for info in infos:
+            stored = parse_time(info.mtime)
+            if info.name.startswith(prefix) and stored is not None and stored < before:
+                with contextlib.suppress(Exception):
+                    await store.delete(info.name)
+
+    async def join_from_snapshot(self) -> int:
+        """Import the stored snapshot (a new hub); the stream sequence it covers (0: none)."""
+        covered = await self.snapshot_info()
+        if not covered:
+            return 0
+        store = await self.object_store()
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "snapshot.bundle")
+            with open(path, "wb") as out:
+                await store.get(snapshot_name(self.database), writeinto=out)
+            options = {"alter": True, "may_relay": True, "max_clock_skew": self.max_clock_skew()}
+            with sync_write():
+                await self.db.execute_write_fn(lambda conn: import_bundle(conn, path, **options), transaction=False)
+                await self.db.execute_write_fn(record_joined)
+        self.snapshot_seq = covered
+        log.info("datasette-sync cluster (%s): joined from the snapshot up to sequence %s", self.database, covered)
+        return covered
+
+    # Status -------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        connected = self.nc is not None and self.nc.is_connected
+        return {
+            "stream": self.settings.stream,
+            "subject": self.subject,
+            "hub": self.settings.hub,
+            "connected": connected,
+            "behind": self.behind,
+            "error": self.error,
+        }
+
+
+def unavailable(database: str, why: str) -> SyncError:
+    return SyncError(
+        errors.CLUSTER_UNAVAILABLE,
+        f"The cluster could not store the bundle ({why}): nothing was imported into {database}. "
+        f"Retry in {protocol.CLUSTER_RETRY_SECONDS} seconds or push to another hub",
+    )
+
+
+def sequence(message) -> int | None:
+    try:
+        return message.metadata.sequence.stream
+    except Exception:
+        return None
+
+
+async def keep_in_progress(message) -> None:
+    """Tell the server a long import is still going, so it does not redeliver the message."""
+    while True:
+        await asyncio.sleep(ACK_WAIT / 3)
+        with contextlib.suppress(Exception):
+            await message.in_progress()
+
+
+def retry_delay(message) -> float:
+    """Seconds before a message that could not be imported yet comes back: longer each time."""
+    return min(GAP_DELAY * message.metadata.num_delivered, MAX_RETRY_DELAY)
+
+
+def parse_time(value) -> float | None:
+    """A Unix time from a NATS timestamp (RFC 3339, maybe with nanoseconds) or a datetime."""
+    import datetime
+
+    if isinstance(value, datetime.datetime):
+        return value.timestamp()
+    if not isinstance(value, str):
+        return None
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", value)
+    if match is None:
+        return None
+    whole, fraction, zone = match.groups()
+    zone = "+00:00" if zone in (None, "Z") else zone
+    stamp = datetime.datetime.fromisoformat(whole + zone).timestamp()
+    return stamp + (float(fraction) if fraction else 0.0)
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as source:
+        return source.read()
+
+
+def write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as out:
+        out.write(data)
+
+
+def notify_live(datasette, database: str) -> None:
+    try:
+        from . import live
+    except ImportError:
+        return
+    changed = getattr(live, "changed", None)
+    if changed is not None:
+        changed(datasette, database)
+
+
+# The hooks views.py calls -------------------------------------------------------------------
+
+
+def before_commit(datasette, database: str, path: str, options: dict) -> Callable | None:
+    """The import's ``before_commit`` for a push to a cluster hub (None otherwise): publish
+    the pushed bundle when it brought something new, so it is stored before it is committed."""
+    this = member(datasette, database)
+    if this is None:
+        return None
+
+    def publish(result) -> None:
+        if result.applied or result.withheld:
+            alter, actor, relay = options.get("alter", False), options.get("actor"), options.get("may_relay", True)
+            this.publish_from_thread(path, result.bundle_id, alter, actor, relay)
+        this.poke()
+
+    return publish
+
+
+def status(datasette, database: str) -> dict[str, Any] | None:
+    this = member(datasette, database)
+    return None if this is None else this.status()
+
+
+def import_claiming(conn, path: str, claimant: str | None, options: dict):
+    """Import a bundle from the stream. Its hub checked who may push what; when the pusher
+    could not relay, it came to own the devices it added operations of there, so it does here
+    too (claims only: a device owned already keeps its owner, nothing is refused)."""
+    if claimant is None or not is_enabled(conn):
+        return import_bundle(conn, path, **options)
+    from sqlite_utils_sync.clocks import clock, now_iso
+
+    before = clock(conn)
+
+    def claim(result) -> None:
+        own = local_device_id(conn)
+        grown = [device for device, seq in result.clock.items() if seq > before.get(device, 0) and device != own]
+        conn.executemany(
+            "INSERT OR IGNORE INTO _sync_device_actors VALUES (?, ?, ?)", [(d, claimant, now_iso()) for d in grown]
+        )
+
+    return import_bundle(conn, path, before_commit=claim, **options)
+
+
+# The outbox's bookkeeping, in ``_sync_cluster`` (made when first needed) ---------------------
+
+CLUSTER_TABLE = "_sync_cluster"
+
+
+def cluster_value(conn, key: str) -> int | None:
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [CLUSTER_TABLE]).fetchone()
+    if not exists:
+        return None
+    row = conn.execute(f"SELECT value FROM {CLUSTER_TABLE} WHERE key = ?", [key]).fetchone()
+    return int(row[0]) if row else None
+
+
+def published(conn) -> int:
+    """The highest seq of this hub's device published to the stream."""
+    return cluster_value(conn, "published") or 0
+
+
+def joined(conn) -> bool:
+    """Whether the cluster has everything this database held when it joined: a hub that held
+    operations before cluster mode publishes them all once (other devices' too)."""
+    return bool(cluster_value(conn, "joined"))
+
+
+def own_pending(conn) -> tuple[str, int] | None:
+    """(this hub's device id, its highest seq) when there is something to publish."""
+    if not is_enabled(conn):
+        return None
+    device = local_device_id(conn)
+    seq = max_seq(conn, LOCAL)
+    if not joined(conn):
+        held = conn.execute("SELECT 1 FROM _sync_ops LIMIT 1").fetchone()
+        return (device, seq) if held else None
+    return (device, seq) if seq > published(conn) else None
+
+
+def export_own(conn, path: str, pending: tuple[str, int]):
+    """This hub's device's operations after the published seq (and no other device's); on
+    joining, everything it holds."""
+    from sqlite_utils_sync.clocks import clock
+
+    device, _ = pending
+    since = {**clock(conn), device: published(conn)} if joined(conn) else None
+    result = export_bundle(conn, path, since=since, repair=False)
+    return result if result.operations else None
+
+
+def record_published(conn, seq: int) -> None:
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} (key TEXT PRIMARY KEY, value)")
+    conn.executemany(
+        f"INSERT INTO {CLUSTER_TABLE} VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
+        [("published", seq), ("joined", 1)],
+    )
+
+
+def join_empty(conn) -> None:
+    """A database holding no operation yet brings nothing from before cluster mode."""
+    if joined(conn):
+        return
+    if not is_enabled(conn) or not conn.execute("SELECT 1 FROM _sync_ops LIMIT 1").fetchone():
+        record_joined(conn)
+
+
+def record_joined(conn) -> None:
+    """A hub that joined from the snapshot holds only what the cluster has, and its own
+    operations (published as usual)."""
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} (key TEXT PRIMARY KEY, value)")
+    conn.execute(f"INSERT OR REPLACE INTO {CLUSTER_TABLE} VALUES ('joined', 1)")
