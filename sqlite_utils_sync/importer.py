@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from . import errors
 from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, op_fingerprint
@@ -50,7 +50,7 @@ from .devices import (
 from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
 from .schema import connection, quote_identifier
 from .scope import add_withheld, load_scope, store_scope, withheld_between, withheld_count, withheld_ranges
-from .merge import Effect, KnowledgeCache, cursor_effects, effects_of, latest_key, record_clashes
+from .merge import Effect, KnowledgeCache, effects_of, latest_key, record_clashes
 from .rows import apply_row, fetch_row, settle, write_row
 from .transaction import attempt
 from .writing import capture_table, writing
@@ -1298,23 +1298,20 @@ class TableUpdate:
         if before is None and self.in_author_order():
             for table in self.tables.values():
                 self.single_author_rows(table)
-        # Unpacked: a Datasette connection returns sqlite3.Row objects, which never equal tuples.
-        slow = {(tid, rowkey) for tid, rowkey in conn.execute("SELECT tid, rowkey FROM temp._sync_slow")}
-        if not slow:
-            return
-        knowledge = KnowledgeCache(conn)
         todo = []
-        for (tid, rowkey), effects in self.slow_effects().items():
-            table = self.tables.get(tid)
-            if table is None or (tid, rowkey) not in slow or not any(e.new for e in effects):
-                continue
-            effects.sort(key=lambda e: e.key)
-            if before is None:
-                apply_row(conn, table, rowkey, effects, info=self.info[tid])
-            else:
-                todo.append((table, rowkey, effects, before.get((tid, rowkey))))
-            if record_clashes(conn, table, rowkey, effects, knowledge):
-                self.clashed_rows.add((tid, rowkey))
+        for page in self.slow_pages():
+            knowledge = KnowledgeCache(conn)  # per page, so that memory holds one page's clocks
+            for (tid, rowkey), effects in page.items():
+                table = self.tables.get(tid)
+                if table is None or not any(e.new for e in effects):
+                    continue
+                effects.sort(key=lambda e: e.key)
+                if before is None:
+                    apply_row(conn, table, rowkey, effects, info=self.info[tid])
+                else:
+                    todo.append((table, rowkey, effects, before.get((tid, rowkey))))
+                if record_clashes(conn, table, rowkey, effects, knowledge):
+                    self.clashed_rows.add((tid, rowkey))
         # After a replay a row's final value may still sit in a row not settled yet, or rows may
         # hand values round in a cycle. Each row is then written whole, so any column may be set aside.
         settle(
@@ -1396,18 +1393,57 @@ class TableUpdate:
             f"WHERE {deleted} OR EXISTS (SELECT 1 FROM {t} WHERE {match}))"
         )
 
-    def slow_effects(self) -> dict[RowKey, list[Effect]]:
-        """The effects on the rows of ``temp._sync_slow``: of the new operations, and of the old
-        ones some new operation's author had not seen."""
+    def slow_pages(self, size: int = 2000) -> Iterator[dict[RowKey, list[Effect]]]:
+        """The effects on the rows of ``temp._sync_slow`` (of the new operations, and of the old
+        ones some new operation's author had not seen), ``size`` rows at a time: a bundle of
+        millions of concurrent operations is merged in the memory of one page."""
         conn = self.conn
+        (count,) = conn.execute("SELECT count(*) FROM temp._sync_slow").fetchone()
+        if not count:
+            return
+        self.stage_slow_ops()
         devices = device_ids(conn)
-        on_slow = (
-            "(EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.rowkey) "
-            "OR EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.newkey))"
-        )
-        rows: dict[RowKey, list[Effect]] = {}
         tables = {t.tid: t for t in load_tables(conn).values()}
-        for new, sql in ((True, self.new_ops("o.*", f"o.kind != {TICK} AND {on_slow}")), (False, self.window_ops(on_slow))):
-            for tid, rowkey, effect in cursor_effects(conn.execute(sql), tables, devices, new):
-                rows.setdefault((tid, rowkey), []).append(effect)
-        return rows
+        for first in range(1, count + 1, size):
+            bounds = [first, first + size - 1]
+            # Unpacked: a Datasette connection returns sqlite3.Row objects, which never equal tuples.
+            keys = {n: (tid, rowkey) for n, tid, rowkey in conn.execute(
+                "SELECT n, tid, rowkey FROM temp._sync_slow_rows WHERE n BETWEEN ? AND ?", bounds
+            ).fetchall()}
+            page: dict[RowKey, list[Effect]] = {key: [] for key in keys.values()}
+            for new in (1, 0):
+                cursor = conn.execute(
+                    "SELECT s.n AS _n, o.* FROM temp._sync_slow_ops s JOIN _sync_ops o ON o.op = s.op "
+                    "WHERE s.n BETWEEN ? AND ? AND s.new = ?",
+                    [*bounds, new],
+                )
+                fields = [d[0] for d in cursor.description]
+                for row in cursor.fetchall():
+                    record = dict(zip(fields, row))
+                    key = keys[record["_n"]]
+                    # A move has an effect on each of its keys: this row's is the one kept.
+                    page[key].extend(e for k, e in effects_of(record, tables[key[0]], devices, bool(new)) if k == key[1])
+            yield page
+
+    def stage_slow_ops(self) -> None:
+        """Number the rows of ``temp._sync_slow`` in order, and list the operations on each:
+        the new ones, and the old ones some new operation's author had not seen."""
+        conn = self.conn
+        for sql in (
+            "CREATE TEMP TABLE IF NOT EXISTS _sync_slow_rows (n INTEGER PRIMARY KEY, tid INTEGER, rowkey TEXT, UNIQUE (tid, rowkey))",
+            "CREATE TEMP TABLE IF NOT EXISTS _sync_slow_ops (n INTEGER, op INTEGER, new INTEGER, PRIMARY KEY (n, new, op)) WITHOUT ROWID",
+            "DELETE FROM temp._sync_slow_rows",
+            "DELETE FROM temp._sync_slow_ops",
+            "INSERT INTO temp._sync_slow_rows (tid, rowkey) SELECT tid, rowkey FROM temp._sync_slow ORDER BY tid, rowkey",
+        ):
+            conn.execute(sql)
+        ops = (
+            (1, self.new_ops("o.op, o.tid, o.rowkey, o.newkey", f"o.kind != {TICK}")),
+            (0, f"SELECT op, tid, rowkey, newkey FROM ({self.window_ops('1')})"),
+        )
+        for new, sql in ops:
+            for key in ("rowkey", "newkey"):
+                conn.execute(
+                    f"INSERT OR IGNORE INTO temp._sync_slow_ops SELECT k.n, o.op, {new} FROM ({sql}) o "
+                    f"JOIN temp._sync_slow_rows k ON k.tid = o.tid AND k.rowkey = o.{key}"
+                )

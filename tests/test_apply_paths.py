@@ -1,6 +1,7 @@
-"""Rows that one bundle touches several times, all by one device and nothing concurrent, are
-written set-based (importer.TableUpdate.single_author_rows): they must end exactly as when the
-same operations arrive one at a time, or in two bundles, or at a copy with a column more."""
+"""How an import writes the rows it touches: rows that one bundle touches several times, all
+by one device and nothing concurrent, are written set-based (TableUpdate.single_author_rows),
+and must end exactly as when the same operations arrive one at a time, or in two bundles, or at
+a copy with a column more; rows with concurrent operations are merged a page of rows at a time."""
 
 from __future__ import annotations
 
@@ -98,3 +99,23 @@ def test_a_relayed_bundle_mixes_rows_of_one_device_and_of_two(tmp_path, make_db,
         (2, "integer", "again", "text", 0, "integer", 9.0, "real"),
         (3, "integer", None, "null", 0, "integer", 1.5, "real"),
     ]
+
+
+def test_thousands_of_concurrent_rows_merge_a_page_at_a_time(tmp_path, make_db, rows, conflict_records, sync):
+    """More rows with concurrent operations than one page of the per-row path holds (2,000),
+    and a primary-key move whose two keys fall in different pages: both copies converge."""
+    x, y = make_db(tmp_path / "x.db"), make_db(tmp_path / "y.db")
+    x.executemany("INSERT INTO todos VALUES (?, 't', 0, 1.0)", [(i,) for i in range(1, 2101)])
+    sync(x, y, tmp_path)
+    x.execute("UPDATE todos SET title = 'x'")
+    x.execute("UPDATE todos SET id = 9999 WHERE id = 1")  # '1' sorts first, '9999' last
+    y.execute("UPDATE todos SET score = 2.0")
+    y.execute("UPDATE todos SET title = 'y' WHERE id % 2 = 0")
+    sync(x, y, tmp_path, "to-y.bundle")
+    sync(y, x, tmp_path, "to-x.bundle")
+    assert rows(x) == rows(y)
+    assert conflict_records(x) == conflict_records(y)
+    assert len(conflict_records(x)) >= 1050  # every even row's title, and the moved row
+    odd = x.execute("SELECT DISTINCT title, score FROM todos WHERE id % 2 = 1 AND id BETWEEN 3 AND 2099").fetchall()
+    assert odd == [("x", 2.0)]  # concurrent edits of different columns merged
+    assert x.execute("SELECT count(*) FROM todos WHERE id BETWEEN 2 AND 2100").fetchone() == (2099,)
