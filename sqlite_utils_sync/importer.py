@@ -1398,18 +1398,21 @@ class TableUpdate:
         ones some new operation's author had not seen), ``size`` rows at a time: a bundle of
         millions of concurrent operations is merged in the memory of one page."""
         conn = self.conn
-        (count,) = conn.execute("SELECT count(*) FROM temp._sync_slow").fetchone()
-        if not count:
+        if not conn.execute("SELECT 1 FROM temp._sync_slow LIMIT 1").fetchone():
             return
         self.stage_slow_ops()
         devices = device_ids(conn)
         tables = {t.tid: t for t in load_tables(conn).values()}
-        for first in range(1, count + 1, size):
-            bounds = [first, first + size - 1]
+        after = 0
+        while True:
             # Unpacked: a Datasette connection returns sqlite3.Row objects, which never equal tuples.
             keys = {n: (tid, rowkey) for n, tid, rowkey in conn.execute(
-                "SELECT n, tid, rowkey FROM temp._sync_slow_rows WHERE n BETWEEN ? AND ?", bounds
+                "SELECT n, tid, rowkey FROM temp._sync_slow_rows WHERE n > ? ORDER BY n LIMIT ?", [after, size]
             ).fetchall()}
+            if not keys:
+                return
+            bounds = [min(keys), max(keys)]
+            after = bounds[1]
             page: dict[RowKey, list[Effect]] = {key: [] for key in keys.values()}
             for new in (1, 0):
                 cursor = conn.execute(
