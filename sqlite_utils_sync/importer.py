@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 from . import errors
 from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, op_fingerprint
@@ -50,7 +50,7 @@ from .devices import (
 from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
 from .schema import connection, quote_identifier
 from .scope import add_withheld, load_scope, store_scope, withheld_between, withheld_count, withheld_ranges
-from .merge import Effect, KnowledgeCache, cursor_effects, effects_of, latest_key, record_clashes
+from .merge import Effect, KnowledgeCache, effects_of, latest_key, record_clashes
 from .rows import apply_row, fetch_row, settle, write_row
 from .transaction import attempt
 from .writing import capture_table, writing
@@ -1067,6 +1067,12 @@ class TableUpdate:
         self.has_resolutions = importer.has_resolutions
         # Rows with clashes, whose conflict records are rebuilt (filled in by slow_path).
         self.clashed_rows: set[RowKey] = set()
+        # Each table's columns (PRAGMA table_xinfo), read once: the import changed the schema
+        # before this point (map_tables) and changes nothing while the tables are written.
+        self.info = {tid: table_info(self.conn, table.name) for tid, table in self.tables.items()}
+
+    def columns(self, table: SyncedTable) -> list[str]:
+        return [column[1] for column in self.info[table.tid]]
 
     def new_ops(self, columns: str = "o.*", where: str = "1") -> str:
         """The new operations (``temp._sync_new``)."""
@@ -1188,7 +1194,7 @@ class TableUpdate:
         were before: settling decides against them, as the set-based path would have."""
         conn = self.conn
         devices = device_ids(conn)
-        names = {tid: table.slot_names(table.current_columns(conn)) for tid, table in tables.items()}
+        names = {tid: table.slot_names(self.columns(table)) for tid, table in tables.items()}
         cursor = conn.execute(self.new_ops("o.*", f"o.kind != {TICK} AND o.tid IN ({', '.join(map(str, tables))})"))
         fields = [d[0] for d in cursor.description]
         records = [dict(zip(fields, row)) for row in cursor.fetchall()]
@@ -1206,7 +1212,8 @@ class TableUpdate:
                 values = {slot_names[s]: effect.values[s] for s in mask_slots(effect.mask) if s in slot_names}
                 # A step that meets a value another copy holds concurrently is passed by:
                 # settling writes the row's final state in any case.
-                attempt(conn, lambda: write_row(conn, table, rowkey, effect.write, values, row is not None))
+                info = self.info[table.tid]
+                attempt(conn, lambda: write_row(conn, table, rowkey, effect.write, values, row is not None, info))
         conn.executemany("INSERT OR IGNORE INTO temp._sync_slow VALUES (?, ?)", list(before))
         return before
 
@@ -1216,7 +1223,7 @@ class TableUpdate:
         thing the general path would have to look for; on failure it takes over. Returns True
         when the table is done."""
         conn = self.conn
-        columns = table.current_columns(conn)
+        columns = self.columns(table)
         full = table.mask_for(columns)
         kinds = self.kinds.get(table.tid, set())
         if not kinds or any(kind != INSERT or mask & full != full for kind, mask in kinds):
@@ -1234,7 +1241,7 @@ class TableUpdate:
 
     def fast_path(self, table: SyncedTable) -> None:
         """Rows touched by one new operation and nothing concurrent: set-based writes."""
-        columns = table.current_columns(self.conn)
+        columns = self.columns(table)
         full = table.mask_for(columns)
         kinds = self.kinds.get(table.tid, set())
         present = {kind for kind, _ in kinds}
@@ -1296,42 +1303,158 @@ class TableUpdate:
         """
         conn = self.conn
         self.clashed_rows.clear()  # a replay runs this again after the first run was undone
-        # Unpacked: a Datasette connection returns sqlite3.Row objects, which never equal tuples.
-        slow = {(tid, rowkey) for tid, rowkey in conn.execute("SELECT tid, rowkey FROM temp._sync_slow")}
-        if not slow:
-            return
-        knowledge = KnowledgeCache(conn)
+        if before is None and self.in_author_order():
+            for table in self.tables.values():
+                self.single_author_rows(table)
         todo = []
-        for (tid, rowkey), effects in self.slow_effects().items():
-            table = self.tables.get(tid)
-            if table is None or (tid, rowkey) not in slow or not any(e.new for e in effects):
-                continue
-            effects.sort(key=lambda e: e.key)
-            if before is None:
-                apply_row(conn, table, rowkey, effects)
-            else:
-                todo.append((table, rowkey, effects, before.get((tid, rowkey))))
-            if record_clashes(conn, table, rowkey, effects, knowledge):
-                self.clashed_rows.add((tid, rowkey))
+        for page in self.slow_pages():
+            knowledge = KnowledgeCache(conn)  # per page, so that memory holds one page's clocks
+            for (tid, rowkey), effects in page.items():
+                table = self.tables.get(tid)
+                if table is None or not any(e.new for e in effects):
+                    continue
+                effects.sort(key=lambda e: e.key)
+                if before is None:
+                    apply_row(conn, table, rowkey, effects, info=self.info[tid])
+                else:
+                    todo.append((table, rowkey, effects, before.get((tid, rowkey))))
+                if record_clashes(conn, table, rowkey, effects, knowledge):
+                    self.clashed_rows.add((tid, rowkey))
         # After a replay a row's final value may still sit in a row not settled yet, or rows may
         # hand values round in a cycle. Each row is then written whole, so any column may be set aside.
         settle(
             conn,
-            [(row[0], row[1], set(row[0].current_columns(conn)), lambda row=row: apply_row(conn, *row)) for row in todo],
+            [
+                (row[0], row[1], set(self.columns(row[0])), lambda row=row: apply_row(conn, *row, info=self.info[row[0].tid]))
+                for row in todo
+            ],
         )
 
-    def slow_effects(self) -> dict[RowKey, list[Effect]]:
-        """The effects on the rows of ``temp._sync_slow``: of the new operations, and of the old
-        ones some new operation's author had not seen."""
+    def in_author_order(self) -> bool:
+        """Whether each device's new operations have clocks in the order of their seqs, as the
+        triggers write them: among one device's operations the latest is then the highest op
+        id. A bundle where they are not takes the per-row path."""
         conn = self.conn
-        devices = device_ids(conn)
-        on_slow = (
-            "(EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.rowkey) "
-            "OR EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = o.tid AND s.rowkey = o.newkey))"
+        inverted = (
+            "SELECT 1 FROM _sync_ops a JOIN _sync_ops b ON b.op = a.op + 1 "
+            "WHERE a.op BETWEEN ? AND ? AND b.hlc < a.hlc LIMIT 1"
         )
-        rows: dict[RowKey, list[Effect]] = {}
+        for _, lo, hi in self.ranges:
+            (count,) = conn.execute("SELECT count(*) FROM _sync_ops WHERE op BETWEEN ? AND ?", [lo, hi]).fetchone()
+            # Neighbours are compared: a range with holes (a compacted sender's) is not checked.
+            if count != hi - lo + 1 or conn.execute(inverted, [lo, hi - 1]).fetchone():
+                return False
+        return True
+
+    def single_author_rows(self, table: SyncedTable) -> None:
+        """Write set-based the rows of ``temp._sync_slow`` whose new operations all come from
+        one device, with no primary-key move and no concurrent old operation, and take them
+        out of it. Such operations never clash, and the latest one (the highest op id, see
+        :meth:`in_author_order`) decides whether the row exists, the latest writer of each
+        column its value, as in :func:`~sqlite_utils_sync.rows.apply_row`. A row that comes
+        into existence with a column none of them wrote is left to the per-row path (its
+        history decides that column)."""
+        conn, tid = self.conn, table.tid
+        if not conn.execute("SELECT 1 FROM temp._sync_slow WHERE tid = ? LIMIT 1", [tid]).fetchone():
+            return
+        columns = self.columns(table)
+        slots = [table.slots[c] for c in columns]
+        conn.execute("DROP TABLE IF EXISTS temp._sync_net")
+        conn.execute(f"CREATE TEMP TABLE _sync_net (rowkey TEXT PRIMARY KEY, last INTEGER{''.join(f', w{s}' for s in slots)})")
+        writers = "".join(f", max(CASE WHEN o.kind & {KIND_MASK} != {DELETE} AND o.mask & {1 << s} THEN o.op END)" for s in slots)
+        on_slow = f"EXISTS (SELECT 1 FROM temp._sync_slow s WHERE s.tid = {tid} AND s.rowkey = o.rowkey)"
+        conn.execute(
+            "INSERT INTO temp._sync_net "
+            + self.new_ops(f"o.rowkey, max(o.op){writers}", f"o.tid = {tid} AND {on_slow}")
+            + f" GROUP BY o.rowkey HAVING min(o.op >> {SEQ_BITS}) = max(o.op >> {SEQ_BITS}) AND count(o.newkey) = 0"
+        )
+        conn.execute("DELETE FROM temp._sync_net WHERE rowkey IN (SELECT rowkey FROM temp._sync_wkeys WHERE tid = ?)", [tid])
+        conn.executemany("DELETE FROM temp._sync_net WHERE rowkey = ?", [(key,) for t, key in self.moved if t == tid])
+        self.write_net_rows(table, columns, slots)
+
+    def write_net_rows(self, table: SyncedTable, columns: list[str], slots: list[int]) -> None:
+        """Write the rows of ``temp._sync_net`` (see :meth:`single_author_rows`): deletes,
+        updates, then inserts, as :meth:`fast_path` does."""
+        conn, t = self.conn, quote_identifier(table.name)
+        last = "temp._sync_net n JOIN _sync_ops l ON l.op = n.last"
+        deleted = f"l.kind & {KIND_MASK} = {DELETE}"
+        keys = [(quote_identifier(c), f"l.c{table.slots[c]}") for c in table.pk]
+        match = " AND ".join(f"{t}.{q} = {v}" for q, v in keys)
+        conn.execute(
+            f"DELETE FROM {t} WHERE ({', '.join(q for q, _ in keys)}) IN "
+            f"(SELECT {', '.join(v for _, v in keys)} FROM {last} WHERE {deleted})"
+        )
+
+        def value(slot: int) -> str:
+            return f"(SELECT v.c{slot} FROM _sync_ops v WHERE v.op = n.w{slot})"
+
+        quoted = [quote_identifier(c) for c in columns]
+        assignments = ", ".join(f"{q} = CASE WHEN n.w{s} IS NULL THEN {t}.{q} ELSE {value(s)} END" for q, s in zip(quoted, slots))
+        conn.execute(f"UPDATE {t} SET {assignments} FROM {last} WHERE NOT ({deleted}) AND {match}")
+        written = " AND ".join(f"n.w{s} IS NOT NULL" for s in slots)
+        conn.execute(
+            f"INSERT INTO {t} ({', '.join(quoted)}) SELECT {', '.join(value(s) for s in slots)} FROM {last} "
+            f"WHERE NOT ({deleted}) AND {written} AND NOT EXISTS (SELECT 1 FROM {t} WHERE {match})"
+        )
+        conn.execute(
+            f"DELETE FROM temp._sync_slow WHERE tid = {table.tid} AND rowkey IN (SELECT n.rowkey FROM {last} "
+            f"WHERE {deleted} OR EXISTS (SELECT 1 FROM {t} WHERE {match}))"
+        )
+
+    def slow_pages(self, size: int = 2000) -> Iterator[dict[RowKey, list[Effect]]]:
+        """The effects on the rows of ``temp._sync_slow`` (of the new operations, and of the old
+        ones some new operation's author had not seen), ``size`` rows at a time: a bundle of
+        millions of concurrent operations is merged in the memory of one page."""
+        conn = self.conn
+        if not conn.execute("SELECT 1 FROM temp._sync_slow LIMIT 1").fetchone():
+            return
+        self.stage_slow_ops()
+        devices = device_ids(conn)
         tables = {t.tid: t for t in load_tables(conn).values()}
-        for new, sql in ((True, self.new_ops("o.*", f"o.kind != {TICK} AND {on_slow}")), (False, self.window_ops(on_slow))):
-            for tid, rowkey, effect in cursor_effects(conn.execute(sql), tables, devices, new):
-                rows.setdefault((tid, rowkey), []).append(effect)
-        return rows
+        after = 0
+        while True:
+            # Unpacked: a Datasette connection returns sqlite3.Row objects, which never equal tuples.
+            keys = {n: (tid, rowkey) for n, tid, rowkey in conn.execute(
+                "SELECT n, tid, rowkey FROM temp._sync_slow_rows WHERE n > ? ORDER BY n LIMIT ?", [after, size]
+            ).fetchall()}
+            if not keys:
+                return
+            bounds = [min(keys), max(keys)]
+            after = bounds[1]
+            page: dict[RowKey, list[Effect]] = {key: [] for key in keys.values()}
+            for new in (1, 0):
+                cursor = conn.execute(
+                    "SELECT s.n AS _n, o.* FROM temp._sync_slow_ops s JOIN _sync_ops o ON o.op = s.op "
+                    "WHERE s.n BETWEEN ? AND ? AND s.new = ?",
+                    [*bounds, new],
+                )
+                fields = [d[0] for d in cursor.description]
+                for row in cursor.fetchall():
+                    record = dict(zip(fields, row))
+                    key = keys[record["_n"]]
+                    # A move has an effect on each of its keys: this row's is the one kept.
+                    page[key].extend(e for k, e in effects_of(record, tables[key[0]], devices, bool(new)) if k == key[1])
+            yield page
+
+    def stage_slow_ops(self) -> None:
+        """Number the rows of ``temp._sync_slow`` in order, and list the operations on each:
+        the new ones, and the old ones some new operation's author had not seen."""
+        conn = self.conn
+        for sql in (
+            "CREATE TEMP TABLE IF NOT EXISTS _sync_slow_rows (n INTEGER PRIMARY KEY, tid INTEGER, rowkey TEXT, UNIQUE (tid, rowkey))",
+            "CREATE TEMP TABLE IF NOT EXISTS _sync_slow_ops (n INTEGER, op INTEGER, new INTEGER, PRIMARY KEY (n, new, op)) WITHOUT ROWID",
+            "DELETE FROM temp._sync_slow_rows",
+            "DELETE FROM temp._sync_slow_ops",
+            "INSERT INTO temp._sync_slow_rows (tid, rowkey) SELECT tid, rowkey FROM temp._sync_slow ORDER BY tid, rowkey",
+        ):
+            conn.execute(sql)
+        ops = (
+            (1, self.new_ops("o.op, o.tid, o.rowkey, o.newkey", f"o.kind != {TICK}")),
+            (0, f"SELECT op, tid, rowkey, newkey FROM ({self.window_ops('1')})"),
+        )
+        for new, sql in ops:
+            for key in ("rowkey", "newkey"):
+                conn.execute(
+                    f"INSERT OR IGNORE INTO temp._sync_slow_ops SELECT k.n, o.op, {new} FROM ({sql}) o "
+                    f"JOIN temp._sync_slow_rows k ON k.tid = o.tid AND k.rowkey = o.{key}"
+                )

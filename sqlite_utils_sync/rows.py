@@ -39,9 +39,19 @@ def fetch_row(conn: sqlite3.Connection, table: SyncedTable, rowkey: str) -> dict
 
 
 def write_row(
-    conn: sqlite3.Connection, table: SyncedTable, rowkey: str, exists: bool, values: dict[str, Any], present: bool
+    conn: sqlite3.Connection,
+    table: SyncedTable,
+    rowkey: str,
+    exists: bool,
+    values: dict[str, Any],
+    present: bool,
+    info: list[tuple] | None = None,
 ) -> None:
-    """Make the table's row match: delete it, insert it, or update the given columns."""
+    """Make the table's row match: delete it, insert it, or update the given columns.
+
+    :param info: the table's ``PRAGMA table_xinfo`` rows, when the caller has them (an import
+        reads them once per table rather than once per row)
+    """
     t = quote_identifier(table.name)
     pk_values = key_values(rowkey)
     where = pk_where(table)
@@ -63,9 +73,9 @@ def write_row(
     # (ALTER, import --alter) has NULL there, and so does what the log implies. A NOT NULL
     # column can't be, and takes its DEFAULT (copies must declare it alike).
     row = {
-        info[1]: None
-        for info in table_info(conn, table.name)
-        if not (info[3] and info[4] is not None)
+        column[1]: None
+        for column in (info if info is not None else table_info(conn, table.name))
+        if not (column[3] and column[4] is not None)
     }
     row.update(values)
     for column, value in zip(table.pk, pk_values):
@@ -82,24 +92,30 @@ UNCHANGED: Any = object()
 
 
 def apply_row(
-    conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effects: list[Effect], before: Any = UNCHANGED
+    conn: sqlite3.Connection,
+    table: SyncedTable,
+    rowkey: str,
+    effects: list[Effect],
+    before: Any = UNCHANGED,
+    info: list[tuple] | None = None,
 ) -> None:
     """Bring one row up to date given the new operations on it and the concurrent old ones.
 
     :param before: the row as it was before this import, when the table no longer shows it
         (after a replay, which may have written any new operation's value, the winner's or
         not); the row is then written whole
+    :param info: the table's ``PRAGMA table_xinfo`` rows (see :func:`write_row`)
     """
     current = fetch_row(conn, table, rowkey)
     replayed = before is not UNCHANGED
     if not replayed:
         before = current
-    columns = table.current_columns(conn)
+    columns = [column[1] for column in info] if info is not None else table.current_columns(conn)
     names = table.slot_names(columns)
     latest = effects[-1]
     exists = latest.write if latest.new else before is not None
     if not exists:
-        write_row(conn, table, rowkey, False, {}, current is not None)
+        write_row(conn, table, rowkey, False, {}, current is not None, info)
         return
     if before is None:
         # Coming (back) into existence: the row's history decides every column. A new effect
@@ -114,7 +130,7 @@ def apply_row(
         final.update({names[s]: e.values[s] for s, e in latest_writers(effects).items() if e.new and s in names})
     if replayed and current is not None:
         final = {column: final.get(column) for column in columns}
-    write_row(conn, table, rowkey, True, final, current is not None)
+    write_row(conn, table, rowkey, True, final, current is not None, info)
 
 
 PendingWrite = tuple[SyncedTable, str, set[str], Callable[[], Any]]  # table, row key, columns it writes, the write
