@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 
+from . import codec as codecs
 from .capture import load_tables, table_exists
 from .declared import is_without_rowid, sender_types, types_problem
 from .clocks import clock, horizon, max_seq, now_iso
@@ -83,6 +84,10 @@ FORMAT = "datasette-sync-bundle/2"
 WITHHELD_CHUNK = -2
 CHUNK_OPS = 5000
 CHUNK_BYTES = 8 * 1024 * 1024
+# Runs shorter than this (the common delta) get an image of 512-byte pages, built row by row.
+SMALL_RUN = 100
+# The in-memory schema an export builds chunk images in (see sql_image).
+SCRATCH = "_sync_out"
 # A reader accepts these tables exactly as the exporter writes them (and has since format 2):
 # a generated column, or a DEFAULT that fills short records, would make values the file does not
 # hold, costing work and memory out of proportion to its size.
@@ -114,6 +119,7 @@ def write_bundle(
     progress: Callable[[int, int], None] | None = None,
     clock_fixes: Sequence[tuple[int, int]] = (),
     tables: Iterable[str] | None = None,
+    codec: str | None = codecs.DEFAULT,
 ) -> ExportResult:
     """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``.
 
@@ -125,6 +131,8 @@ def write_bundle(
         the log yet (:func:`~sqlite_utils_sync.clocks.unsettled_clocks`): they are sent settled
     :param tables: send values of these tables only (None: every table); the other
         operations go as withheld ranges (see :mod:`scope`)
+    :param codec: how chunk images are stored (see :mod:`codec`); None: as they are, which
+        every version reads
     """
     since = since or {}
     # Strict decoding: a TEXT value that is not valid UTF-8 must fail loudly, never be replaced
@@ -138,7 +146,7 @@ def write_bundle(
         check_target(target)
         temp = temporary_file(target)
         try:
-            writer = BundleWriter(conn, temp, total, progress)
+            writer = BundleWriter(conn, temp, total, progress, codec)
             try:
                 fixes = {op: hlc for hlc, op in clock_fixes}
                 if plan is None:
@@ -160,6 +168,8 @@ def write_bundle(
                     "without_rowid": writer.without_rowid,
                     "operations": count,
                 }
+                if codec is not None:
+                    header["codec"] = codec
                 if plan is not None:
                     # A cut device is sent only below its cut: the clock claims no more.
                     current = header["clock"] = plan.cut_clock(current, devices)
@@ -204,9 +214,17 @@ class BundleWriter:
     """
 
     def __init__(
-        self, conn: sqlite3.Connection, temp: str, total: int, progress: Callable[[int, int], None] | None
+        self,
+        conn: sqlite3.Connection,
+        temp: str,
+        total: int,
+        progress: Callable[[int, int], None] | None,
+        codec: str | None = codecs.DEFAULT,
     ) -> None:
         self.conn = conn
+        self.codec = codec
+        # Chunk images are built by SQL where the connection has the scratch schema attached.
+        self.scratch = has_scratch(conn)
         self.by_tid = {t.tid: t for t in load_tables(conn).values()}
         self.devices: list[str] = []
         self.tables: list[list] = []
@@ -257,7 +275,10 @@ class BundleWriter:
         self, device_position: int, key: int, rows: Iterable[Sequence[Any]], size: int, exact: bool = False
     ) -> None:
         width = len(self.tables[key][1]) if key >= 0 else 0
-        data = chunk_image(rows, width, small=size < 100, exact=exact)
+        self.write_image(device_position, key, chunk_image(rows, width, small=size < SMALL_RUN, exact=exact), size)
+
+    def write_image(self, device_position: int, key: int, image: bytes, size: int) -> None:
+        data = codecs.pack(image, self.codec)
         self.digest.update(chunk_prefix(device_position, key, data))
         self.digest.update(data)
         self.out.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (?, ?, ?)", [device_position, key, data])
@@ -323,9 +344,12 @@ def write_operations(
             continue
         device_position = len(writer.devices)
         writer.devices.append(devices[idx])
+        fixes = clock_fixes if idx == LOCAL else {}
+        if writer.scratch:
+            count += write_sql_runs(conn, writer, device_position, device_range(idx, start + 1), fixes)
+            continue
         for tid, lo, hi, size in runs(conn, *device_range(idx, start + 1)):
             key, columns = run_columns(writer, tid)
-            fixes = clock_fixes if idx == LOCAL else {}
             write_run(conn, writer, (device_position, key), (lo, hi, size), columns, fixes)
             count += size
     return count
@@ -536,13 +560,20 @@ def write_run(
     run: tuple[int, int, int],
     columns: list[str],
     clock_fixes: dict[int, int],
+    by_sql: bool = False,
 ) -> None:
     """Write one run, the ``size`` operations ``lo..hi`` of one device on one table, as a chunk.
 
     :param position: the header positions of the run's device and table
     :param columns: SQL for the mask, then the moved-from key, then the values
+    :param by_sql: build the image in the scratch schema (:func:`sql_image`); only where no
+        statement of ``conn`` is open, since that rolls back a table's creation
     """
     (lo, hi, size), values = run, columns[1:]
+    if by_sql and size >= SMALL_RUN:
+        image, _ = sql_image(conn, columns, (lo, hi), {op: hlc for op, hlc in clock_fixes.items() if lo <= op <= hi})
+        writer.write_image(*position, image, size)
+        return
 
     def fetch(extra: str = "") -> Iterable[Sequence[Any]]:
         cursor = conn.execute(
@@ -565,6 +596,123 @@ def write_run(
         texts = " | ".join(f"((typeof({v}) = 'text') << {n})" for n, v in enumerate(values))
         with text_as(conn, bytes):
             writer.write_chunk(*position, fetch(f", {texts}"), size, exact=True)
+
+
+def sql_image(
+    conn: sqlite3.Connection, columns: list[str], run: tuple[int, int], clock_fixes: dict[int, int]
+) -> tuple[bytes, int] | None:
+    """The chunk image of the ops ``lo..hi`` and how many it holds, copied by one ``INSERT …
+    SELECT`` into the scratch schema: no value passes through Python, so TEXT that is not UTF-8
+    stays as it is. None when the image would pass the scratch schema's page limit.
+
+    A savepoint, rolled back once the image is read, leaves the scratch schema empty again
+    (and every write of the caller's transaction as it was).
+    """
+    conn.execute("SAVEPOINT _sync_chunk_image")
+    try:
+        conn.execute(ops_table_sql(len(columns) - 2).replace("CREATE TABLE ops", f"CREATE TABLE {SCRATCH}.ops", 1))
+        try:
+            size = conn.execute(
+                f"INSERT INTO {SCRATCH}.ops SELECT {seq_sql('op')}, hlc, kind, {', '.join(columns)} FROM _sync_ops "
+                "WHERE op BETWEEN ? AND ? ORDER BY op",
+                list(run),
+            ).rowcount
+        except sqlite3.OperationalError as ex:
+            if "full" not in str(ex):
+                raise
+            return None
+        conn.executemany(f"UPDATE {SCRATCH}.ops SET hlc = ? WHERE seq = ?", [(h, op_seq(op)) for op, h in clock_fixes.items()])
+        return conn.serialize(name=SCRATCH), size
+    finally:
+        conn.execute("ROLLBACK TO _sync_chunk_image")
+        conn.execute("RELEASE _sync_chunk_image")
+
+
+def write_sql_runs(
+    conn: sqlite3.Connection,
+    writer: BundleWriter,
+    device_position: int,
+    ops: tuple[int, int],
+    clock_fixes: dict[int, int],
+) -> int:
+    """:func:`write_operations` of one device, each chunk image built by SQL; returns the count.
+
+    A stretch of CHUNK_OPS operations of one table is tried whole, under the scratch schema's
+    page limit (CHUNK_BYTES, doubled); one that passes it (large values) is split by
+    :func:`runs`, as a row-by-row export splits it.
+    """
+    count = 0
+    for tid, lo, hi, size in table_stretches(conn, *ops):
+        key, columns = run_columns(writer, tid)
+        fixes = {op: hlc for op, hlc in clock_fixes.items() if lo <= op <= hi}
+        made = sql_image(conn, columns, (lo, hi), fixes) if size >= SMALL_RUN else None
+        if made is not None:
+            writer.write_image(device_position, key, made[0], made[1])
+            count += made[1]
+            continue
+        with scratch_limit(conn, None):
+            for tid, first, last, n in list(runs(conn, lo, hi)):
+                write_run(conn, writer, (device_position, key), (first, last, n), columns, fixes, by_sql=True)
+                count += n
+    return count
+
+
+def table_stretches(conn: sqlite3.Connection, lo: int, hi: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(tid, first op, last op, count)`` of the ops in ``lo..hi``, cut where the table
+    changes and at CHUNK_OPS; each found by a query over those ops' ids and tables only, and
+    none left open between them (see :func:`sql_image`)."""
+    while True:
+        first = conn.execute("SELECT op, tid FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT 1", [lo, hi]).fetchone()
+        if first is None:
+            return
+        op, tid = first
+        stop, last, size = conn.execute(
+            "SELECT min(iif(tid = :tid, NULL, op)), max(op), count(*) FROM "
+            "(SELECT op, tid FROM _sync_ops WHERE op BETWEEN :lo AND :hi ORDER BY op LIMIT :ops)",
+            {"lo": op, "hi": hi, "tid": tid, "ops": CHUNK_OPS},
+        ).fetchone()
+        if stop is not None:
+            last, size = conn.execute(
+                "SELECT max(op), count(*) FROM _sync_ops WHERE op >= ? AND op < ?", [op, stop]
+            ).fetchone()
+        yield tid, op, last, size
+        lo = last + 1
+
+
+# An image built by SQL may grow to this many pages (of 4096 bytes) before it is split.
+SCRATCH_PAGES = 2 * CHUNK_BYTES // 4096
+
+
+@contextmanager
+def scratch_limit(conn: sqlite3.Connection, pages: int | None) -> Iterator[None]:
+    """The scratch schema's page limit for the time of the ``with`` (None: SQLite's own)."""
+    conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {pages or 0xFFFFFFFE}")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {SCRATCH_PAGES}")
+
+
+def has_scratch(conn: sqlite3.Connection) -> bool:
+    return SERIALIZE and SCRATCH in {row[1] for row in conn.execute("PRAGMA database_list")}
+
+
+@contextmanager
+def scratch_schema(conn: sqlite3.Connection) -> Iterator[None]:
+    """Attach the in-memory schema where an export builds chunk images by SQL, for the time
+    of the ``with``. ATTACH cannot happen inside a transaction: an export in the caller's
+    transaction builds images row by row (and so does Python 3.10, which cannot serialize)."""
+    attached = False
+    if SERIALIZE and not conn.in_transaction and not has_scratch(conn):
+        conn.execute(f"ATTACH ':memory:' AS {SCRATCH}")
+        conn.execute(f"PRAGMA {SCRATCH}.page_size = 4096")
+        conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {SCRATCH_PAGES}")
+        attached = True
+    try:
+        yield
+    finally:
+        if attached and not conn.in_transaction:
+            conn.execute(f"DETACH {SCRATCH}")
 
 
 def value_bytes_sql(conn: sqlite3.Connection) -> str:
@@ -807,24 +955,27 @@ class BundleReader:
         problem = header_problem(header)
         if problem:
             raise BundleError(INVALID_METADATA, f"Bundle {name}: {problem}")
+        codecs.check_codec(header.get("codec"), name)
         parse_clock(header["clock"], f"Bundle {name} clock")
         parse_clock(header.get("since", {}), f"Bundle {name} since-clock")
         parse_clock(header.get("horizon", {}), f"Bundle {name} horizon")
         return header
 
     def chunks(self) -> Iterator[tuple[int, int, bytes]]:
-        """Yield ``(device position, table position, chunk image)``.
+        """Yield ``(device position, table position, chunk image)``, each image decompressed
+        (within the bounds of :mod:`codec`).
 
         The hash is taken again on the way: a file changed since it was checked fails the
         import, whose transaction then rolls back.
         """
         name = self.path.name
         digest = hashlib.sha256(FORMAT.encode())
+        codec = self.header.get("codec")
         try:
             for device, table, data in self._read_chunks(digest):
                 if not (0 <= device < len(self.header["devices"]) and WITHHELD_CHUNK <= table < len(self.header["tables"])):
                     raise BundleError(INVALID_OPERATION, f"Bundle {name} has a malformed chunk")
-                yield device, table, data
+                yield device, table, codecs.unpack(data, codec, name)
         except (sqlite3.Error, UnicodeDecodeError) as ex:
             raise BundleError(INVALID_BUNDLE, f"Bundle {name} cannot be read ({shorten(str(ex), 200)})")
         digest.update(self.header_bytes)
