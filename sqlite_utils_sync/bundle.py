@@ -560,20 +560,13 @@ def write_run(
     run: tuple[int, int, int],
     columns: list[str],
     clock_fixes: dict[int, int],
-    by_sql: bool = False,
 ) -> None:
     """Write one run, the ``size`` operations ``lo..hi`` of one device on one table, as a chunk.
 
     :param position: the header positions of the run's device and table
     :param columns: SQL for the mask, then the moved-from key, then the values
-    :param by_sql: build the image in the scratch schema (:func:`sql_image`); only where no
-        statement of ``conn`` is open, since that rolls back a table's creation
     """
     (lo, hi, size), values = run, columns[1:]
-    if by_sql and size >= SMALL_RUN:
-        image, _ = sql_image(conn, columns, (lo, hi), {op: hlc for op, hlc in clock_fixes.items() if lo <= op <= hi})
-        writer.write_image(*position, image, size)
-        return
 
     def fetch(extra: str = "") -> Iterable[Sequence[Any]]:
         cursor = conn.execute(
@@ -599,30 +592,39 @@ def write_run(
 
 
 def sql_image(
-    conn: sqlite3.Connection, columns: list[str], run: tuple[int, int], clock_fixes: dict[int, int]
-) -> tuple[bytes, int] | None:
-    """The chunk image of the ops ``lo..hi`` and how many it holds, copied by one ``INSERT …
-    SELECT`` into the scratch schema: no value passes through Python, so TEXT that is not UTF-8
-    stays as it is. None when the image would pass the scratch schema's page limit.
+    conn: sqlite3.Connection, columns: list[str], run: tuple[int, int, int], clock_fixes: dict[int, int]
+) -> tuple[bytes, int, int] | None:
+    """The chunk image of the ops of table ``tid`` from ``lo`` on (at most CHUNK_OPS, none
+    after ``hi``), how many it holds and the last one's id, copied by one ``INSERT … SELECT``
+    into the scratch schema: no value passes through Python, so TEXT that is not UTF-8 stays
+    as it is. None when an op of another table comes between them, or the image would pass
+    the scratch schema's page limit.
 
     A savepoint, rolled back once the image is read, leaves the scratch schema empty again
-    (and every write of the caller's transaction as it was).
+    (and every write of the caller's transaction as it was). It rolls back a table's
+    creation, which stops any statement of ``conn`` still open: none may be.
     """
+    lo, hi, tid = run
     conn.execute("SAVEPOINT _sync_chunk_image")
     try:
         conn.execute(ops_table_sql(len(columns) - 2).replace("CREATE TABLE ops", f"CREATE TABLE {SCRATCH}.ops", 1))
         try:
             size = conn.execute(
                 f"INSERT INTO {SCRATCH}.ops SELECT {seq_sql('op')}, hlc, kind, {', '.join(columns)} FROM _sync_ops "
-                "WHERE op BETWEEN ? AND ? ORDER BY op",
-                list(run),
+                "WHERE op BETWEEN ? AND ? AND tid = ? ORDER BY op LIMIT ?",
+                [lo, hi, tid, CHUNK_OPS],
             ).rowcount
         except sqlite3.OperationalError as ex:
             if "full" not in str(ex):
                 raise
             return None
-        conn.executemany(f"UPDATE {SCRATCH}.ops SET hlc = ? WHERE seq = ?", [(h, op_seq(op)) for op, h in clock_fixes.items()])
-        return conn.serialize(name=SCRATCH), size
+        last = op_id(op_device(lo), conn.execute(f"SELECT max(seq) FROM {SCRATCH}.ops").fetchone()[0])
+        # Counting row ids reads no values: the common case (one table throughout) costs nothing.
+        if conn.execute("SELECT count(*) FROM _sync_ops WHERE op BETWEEN ? AND ?", [lo, last]).fetchone()[0] != size:
+            return None
+        fixes = [(hlc, op_seq(op)) for op, hlc in clock_fixes.items() if lo <= op <= last]
+        conn.executemany(f"UPDATE {SCRATCH}.ops SET hlc = ? WHERE seq = ?", fixes)
+        return conn.serialize(name=SCRATCH), size, last
     finally:
         conn.execute("ROLLBACK TO _sync_chunk_image")
         conn.execute("RELEASE _sync_chunk_image")
@@ -637,50 +639,48 @@ def write_sql_runs(
 ) -> int:
     """:func:`write_operations` of one device, each chunk image built by SQL; returns the count.
 
-    A stretch of CHUNK_OPS operations of one table is tried whole, under the scratch schema's
-    page limit (CHUNK_BYTES, doubled); one that passes it (large values) is split by
-    :func:`runs`, as a row-by-row export splits it.
+    Each run is first tried as CHUNK_OPS operations of the table its first one is of, under
+    the scratch schema's page limit (CHUNK_BYTES). Where another table's operation
+    comes first, or the values pass the limit, the run's end is worked out exactly, as
+    :func:`runs` does. Runs of fewer than SMALL_RUN operations (a delta) are made row by row.
     """
+    lo, hi = ops
     count = 0
-    for tid, lo, hi, size in table_stretches(conn, *ops):
-        key, columns = run_columns(writer, tid)
-        fixes = {op: hlc for op, hlc in clock_fixes.items() if lo <= op <= hi}
-        made = sql_image(conn, columns, (lo, hi), fixes) if size >= SMALL_RUN else None
-        if made is not None:
-            writer.write_image(device_position, key, made[0], made[1])
-            count += made[1]
-            continue
-        with scratch_limit(conn, None):
-            for tid, first, last, n in list(runs(conn, lo, hi)):
-                write_run(conn, writer, (device_position, key), (first, last, n), columns, fixes, by_sql=True)
-                count += n
-    return count
-
-
-def table_stretches(conn: sqlite3.Connection, lo: int, hi: int) -> Iterator[tuple[int, int, int, int]]:
-    """``(tid, first op, last op, count)`` of the ops in ``lo..hi``, cut where the table
-    changes and at CHUNK_OPS; each found by a query over those ops' ids and tables only, and
-    none left open between them (see :func:`sql_image`)."""
     while True:
         first = conn.execute("SELECT op, tid FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT 1", [lo, hi]).fetchone()
         if first is None:
-            return
+            return count
         op, tid = first
-        stop, last, size = conn.execute(
-            "SELECT min(iif(tid = :tid, NULL, op)), max(op), count(*) FROM "
-            "(SELECT op, tid FROM _sync_ops WHERE op BETWEEN :lo AND :hi ORDER BY op LIMIT :ops)",
-            {"lo": op, "hi": hi, "tid": tid, "ops": CHUNK_OPS},
-        ).fetchone()
-        if stop is not None:
-            last, size = conn.execute(
-                "SELECT max(op), count(*) FROM _sync_ops WHERE op >= ? AND op < ?", [op, stop]
-            ).fetchone()
-        yield tid, op, last, size
+        key, columns = run_columns(writer, tid)
+        made = sql_image(conn, columns, (op, hi, tid), clock_fixes)
+        if made is None:
+            last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn)), {
+                "lo": op, "hi": hi, "tid": tid, "ops": CHUNK_OPS, "bytes": CHUNK_BYTES
+            }).fetchone()
+            if size >= SMALL_RUN:
+                with scratch_limit(conn, None):
+                    made = sql_image(conn, columns, (op, last, tid), clock_fixes)
+        else:
+            last, size = made[2], made[1]
+        if made is not None and size >= SMALL_RUN:
+            writer.write_image(device_position, key, made[0], size)
+        else:
+            write_run(conn, writer, (device_position, key), (op, last, size), columns, clock_fixes)
+        count += size
         lo = last + 1
 
 
-# An image built by SQL may grow to this many pages (of 4096 bytes) before it is split.
-SCRATCH_PAGES = 2 * CHUNK_BYTES // 4096
+# The end of the run from :lo: the longest stretch of table :tid, up to CHUNK_OPS operations,
+# whose values come to at most CHUNK_BYTES (the first op goes whatever its size).
+RUN_END_SQL = (
+    "SELECT max(op), count(*) FROM (SELECT op, sum(sz) OVER w AS upto, sum(tid != :tid) OVER w AS other FROM "
+    "(SELECT op, tid, {size} AS sz FROM _sync_ops WHERE op BETWEEN :lo AND :hi ORDER BY op LIMIT :ops) "
+    "WINDOW w AS (ORDER BY op ROWS UNBOUNDED PRECEDING)) WHERE other = 0 AND (upto <= :bytes OR op = :lo)"
+)
+
+
+# An image built by SQL may grow to this many pages (of 4096 bytes): CHUNK_BYTES, values and all.
+SCRATCH_PAGES = CHUNK_BYTES // 4096
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 import zstandard
 
-from sqlite_utils_sync import BundleError, codec, export_bundle, import_bundle
+from sqlite_utils_sync import BundleError, codec, enable_sync, export_bundle, import_bundle
 
 OLD_BUNDLE = pathlib.Path(__file__).parent / "bundles" / "format2-uncompressed.bundle"
 
@@ -113,6 +113,15 @@ def test_chunks_built_by_sql_hold_exactly_what_row_by_row_ones_do(tmp_path, make
     # every chunk row by row, as exports did before; both must say the same, byte for byte.
     a = make_db(tmp_path / "a.db")
     busy_table(a)
+    # A second table: runs of both, long and short, in turn.
+    a.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    enable_sync(a, ["notes"])
+    a.executemany("INSERT INTO notes VALUES (?, ?)", [(i, f"note {i}") for i in range(1, 201)])
+    for i in range(1, 41):
+        a.execute("UPDATE notes SET body = 'again' WHERE id = ?", [i])
+        a.execute("UPDATE todos SET done = 2 WHERE id = ?", [i])
+    a.execute("UPDATE todos SET score = 1.5")
+    a.execute("UPDATE notes SET body = body || '!'")
     export_bundle(a, tmp_path / "sql.bundle", codec=None)
     a.execute("BEGIN")
     export_bundle(a, tmp_path / "rows.bundle", codec=None)
