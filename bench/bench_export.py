@@ -80,17 +80,21 @@ def build_log(path: str, n: int) -> None:
     close_checkpointed(conn)
 
 
-def plain_copy(source: str, target: str) -> float:
+def plain_copy(source: str, target: str, log: bool = False) -> float:
     """Copy the synced table into a new file with plain SQL: what a full export or pull is
-    compared with."""
+    compared with (``log``: and the operation log, ``_sync_ops``, as it is)."""
     conn = connect(source, fresh=False)
     fresh(target)
     conn.execute(f"ATTACH '{target}' AS copy")
+    ops_sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = '_sync_ops'").fetchone()[0]
 
     def copy():
         conn.execute("BEGIN")
         conn.execute(SCHEMA.replace("CREATE TABLE todos", "CREATE TABLE copy.todos"))
         conn.execute("INSERT INTO copy.todos SELECT * FROM todos")
+        if log:
+            conn.execute(ops_sql.replace("CREATE TABLE _sync_ops", "CREATE TABLE copy._sync_ops", 1))
+            conn.execute("INSERT INTO copy._sync_ops SELECT * FROM _sync_ops")
         conn.execute("COMMIT")
 
     took = timed(copy)
@@ -111,6 +115,8 @@ def bench_full_export(work: str, log: str, n: int, reps: int) -> None:
         results.append(box["r"])
         return took
 
+    # The first export after capture settles the clocks of every captured op (clocks.py), once.
+    first = export()
     plain, synced = median_pair(reps, lambda: plain_copy(log, os.path.join(work, "copy.db")), export)
     conn.close()
     assert all(r.operations == n for r in results), "every export holds every operation"
@@ -118,6 +124,7 @@ def bench_full_export(work: str, log: str, n: int, reps: int) -> None:
     line("(2) full export", f"{n} ops  {synced:.2f}s  {rate:,.0f} ops/s (target >= 1,000,000)", rate >= 1_000_000, "export_rate")
     line("    plain scan-and-write", f"{n} rows {plain:.2f}s  {n / plain:,.0f} rows/s; export / plain {synced / plain:.2f}x")
     line("    bundle", f"{results[-1].bytes:,} bytes  {results[-1].bytes / n:.1f} B/op")
+    line("    (info) first export", f"{first:.2f}s (it also settles the clocks of the {n} captured ops, once)")
 
 
 def bench_export_memory(work: str, log: str, n: int) -> None:
@@ -160,6 +167,7 @@ def bench_codecs(work: str, n: int) -> None:
     conn = todos_workload(os.path.join(work, "todos.db"), n)
     plain_bundle, zstd_bundle = os.path.join(work, "todos-none.bundle"), os.path.join(work, "todos-zstd.bundle")
     took = {}
+    export_bundle(conn, fresh(plain_bundle))  # settles the captured clocks, once (not timed)
     for path, codec in ((plain_bundle, None), (zstd_bundle, "zstd")):
         fresh(path)
         started = now()
@@ -252,14 +260,41 @@ def bench_pull(work: str, log: str, n: int, reps: int) -> None:
             conn.close()
             return took
 
+        def download() -> float:
+            path = fresh(os.path.join(work, "download.bundle"))
+            return timed(lambda: fetch(url, token, path))
+
+        def import_only() -> float:
+            conn = sqlite3.connect(fresh(target), isolation_level=None)
+            took = timed(lambda: import_bundle(conn, os.path.join(work, "download.bundle"), create_tables=True))
+            conn.close()
+            return took
+
         pull()  # the hub's first answer warms its caches
         plain, synced = median_pair(reps, lambda: plain_copy(hub, os.path.join(work, "copy.db")), pull)
+        with_log = statistics.median(plain_copy(hub, os.path.join(work, "copy.db"), log=True) for _ in range(reps))
+        fetched, imported = median_pair(reps, download, import_only)
     finally:
         proc.terminate()
         proc.wait()
     ratio = synced / plain
     line("(2) new-device pull from a hub", f"{n} ops  plain copy {plain:.2f}s  pull {synced:.2f}s  ratio {ratio:.2f}x "
          "(target < 2x)", ratio < 2, "pull_ratio")
+    line("    of which", f"download (hub export + HTTP) {fetched:.2f}s, import into a new file {imported:.2f}s")
+    line("    plain copy of table and log", f"{with_log:.2f}s; pull / that {synced / with_log:.2f}x")
+
+
+def fetch(url: str, token: str, path: str) -> None:
+    """GET the hub's whole export, streamed to ``path``, as the client does."""
+    import httpx
+
+    from sqlite_utils_sync import protocol
+
+    with httpx.stream("GET", url + protocol.EXPORT_PATH, headers={"Authorization": f"Bearer {token}"}, timeout=600) as r:
+        r.raise_for_status()
+        with open(path, "wb") as out:
+            for block in r.iter_bytes(1 << 16):
+                out.write(block)
 
 
 def main() -> int:

@@ -652,7 +652,9 @@ def write_sql_runs(
             return count
         op, tid = first
         key, columns = run_columns(writer, tid)
-        made = sql_image(conn, columns, (op, hi, tid), clock_fixes)
+        # Seqs are consecutive: the run lies in the next CHUNK_OPS op ids, and the search for
+        # its table's operations stops there (however long another table's stretch after it).
+        made = sql_image(conn, columns, (op, min(hi, op + CHUNK_OPS - 1), tid), clock_fixes)
         if made is None:
             last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn)), {
                 "lo": op, "hi": hi, "tid": tid, "ops": CHUNK_OPS, "bytes": CHUNK_BYTES
