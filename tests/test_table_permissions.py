@@ -25,7 +25,7 @@ import pytest
 from datasette.app import Datasette
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sqlite_utils_sync import enable_sync
+from sqlite_utils_sync import codec, enable_sync
 from sqlite_utils_sync.client import sync_with_hub
 
 from conftest import SECRET
@@ -114,7 +114,7 @@ def bundle_values(data: bytes) -> list:
         try:
             for (image,) in conn.execute("SELECT data FROM bundle_chunks ORDER BY id"):
                 chunk = sqlite3.connect(":memory:")
-                chunk.deserialize(image)
+                chunk.deserialize(codec.unpack(image, codec.ZSTD, path.name))
                 for (name,) in chunk.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
                     for row in chunk.execute(f'SELECT * FROM "{name}"'):
                         values.extend(row)
