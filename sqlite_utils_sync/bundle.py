@@ -706,10 +706,14 @@ def scratch_schema(conn: sqlite3.Connection) -> Iterator[None]:
     transaction builds images row by row (and so does Python 3.10, which cannot serialize)."""
     attached = False
     if SERIALIZE and not conn.in_transaction and not has_scratch(conn):
-        conn.execute(f"ATTACH ':memory:' AS {SCRATCH}")
-        conn.execute(f"PRAGMA {SCRATCH}.page_size = 4096")
-        conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {SCRATCH_PAGES}")
-        attached = True
+        try:
+            conn.execute(f"ATTACH ':memory:' AS {SCRATCH}")
+        except sqlite3.OperationalError:  # e.g. the connection already has as many as it may
+            pass
+        else:
+            conn.execute(f"PRAGMA {SCRATCH}.page_size = 4096")
+            conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {SCRATCH_PAGES}")
+            attached = True
     try:
         yield
     finally:
