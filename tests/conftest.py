@@ -411,6 +411,17 @@ class BundleCraft:
         conn.execute("UPDATE bundle_header SET data = ?", [msgpack.packb(header)])
 
 
+def readable_bytes(path) -> bytes:
+    """A bundle file's bytes, then its chunk images decompressed: what a search for a value
+    that must not travel looks through."""
+    conn = sqlite3.connect(path)
+    try:
+        images = [codec.unpack(data, codec.ZSTD, "searched") for (data,) in conn.execute("SELECT data FROM bundle_chunks")]
+    finally:
+        conn.close()
+    return pathlib.Path(path).read_bytes() + b"".join(images)
+
+
 @pytest.fixture(scope="session")
 def craft():
     """``craft.rewrite(path, tamper)``, ``craft.reseal(conn)``, ``craft.edit_chunks(conn, sql, *params,
