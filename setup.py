@@ -13,7 +13,7 @@ setup(
         "sqlite_utils": ["sync = sqlite_utils_sync.cli"],
         "datasette": ["sync = datasette_sync"],
     },
-    install_requires=["sqlite-utils>=4", "msgpack>=1.0", "httpx", "datasette>=1.0a41"],
+    install_requires=["sqlite-utils>=4", "msgpack>=1.0", "zstandard>=0.19", "httpx", "datasette>=1.0a41"],
     extras_require={
         "test": ["pytest", "pytest-asyncio", "pytest-xdist", "hypothesis", "playwright", "wheel", "nats-py"],
         # Cluster mode (several hubs sharing bundles through NATS JetStream).

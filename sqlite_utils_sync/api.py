@@ -12,7 +12,8 @@ import os
 import sqlite3
 from typing import Any, Callable, Iterator
 
-from .bundle import ExportResult, write_bundle
+from .bundle import ExportResult, scratch_schema, write_bundle
+from .codec import DEFAULT as DEFAULT_CODEC
 from .capture import canonical_name, drifted_tables, drop_triggers, load_tables, muted, remember_captured
 from .clocks import clock, unsettled_clocks
 from .conflicts import rebuild_conflicts
@@ -83,6 +84,7 @@ def export_bundle(
     progress: Callable[[int], None] | None = None,
     tables: list[str] | set[str] | None = None,
     unknown_tables: bool = False,
+    codec: str | None = DEFAULT_CODEC,
 ) -> ExportResult:
     """Write the operations a peer lacks to a bundle file.
 
@@ -99,6 +101,8 @@ def export_bundle(
     :param unknown_tables: a table of ``tables`` this database holds no operation of is sent
         as it is (none of its operations), instead of refused as a typo: a hub answers a copy
         that syncs a table nobody pushed yet
+    :param codec: how the bundle's chunks are compressed (None: not at all, readable by
+        versions before compression)
     """
     conn = connection(db)
     if not is_enabled(conn):
@@ -108,12 +112,13 @@ def export_bundle(
     since_clock = clock_from_since(since) if since is not None else {}
     if for_device is not None:
         since_clock = clock_of_device(conn, for_device)
-    if repair:
-        with writing(conn) as state:
-            return write_bundle(conn, path, since_clock, progress, state.unsettled, tables)
-    with read_snapshot(conn):
-        # Clocks a set-back wall clock left lower go out raised, as settling would write them.
-        return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn), tables)
+    with scratch_schema(conn):
+        if repair:
+            with writing(conn) as state:
+                return write_bundle(conn, path, since_clock, progress, state.unsettled, tables, codec)
+        with read_snapshot(conn):
+            # Clocks a set-back wall clock left lower go out raised, as settling would write them.
+            return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn), tables, codec)
 
 
 def known_tables(conn: sqlite3.Connection, tables: list[str] | set[str], unknown: bool = False) -> set[str]:

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 
+from . import codec as codecs
 from .capture import load_tables, table_exists
 from .declared import is_without_rowid, sender_types, types_problem
 from .clocks import clock, horizon, max_seq, now_iso
@@ -83,6 +84,10 @@ FORMAT = "datasette-sync-bundle/2"
 WITHHELD_CHUNK = -2
 CHUNK_OPS = 5000
 CHUNK_BYTES = 8 * 1024 * 1024
+# Runs shorter than this (the common delta) get an image of 512-byte pages, built row by row.
+SMALL_RUN = 100
+# The in-memory schema an export builds chunk images in (see sql_image).
+SCRATCH = "_sync_out"
 # A reader accepts these tables exactly as the exporter writes them (and has since format 2):
 # a generated column, or a DEFAULT that fills short records, would make values the file does not
 # hold, costing work and memory out of proportion to its size.
@@ -114,6 +119,7 @@ def write_bundle(
     progress: Callable[[int, int], None] | None = None,
     clock_fixes: Sequence[tuple[int, int]] = (),
     tables: Iterable[str] | None = None,
+    codec: str | None = codecs.DEFAULT,
 ) -> ExportResult:
     """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``.
 
@@ -125,6 +131,8 @@ def write_bundle(
         the log yet (:func:`~sqlite_utils_sync.clocks.unsettled_clocks`): they are sent settled
     :param tables: send values of these tables only (None: every table); the other
         operations go as withheld ranges (see :mod:`scope`)
+    :param codec: how chunk images are stored (see :mod:`codec`); None: as they are, which
+        every version reads
     """
     since = since or {}
     # Strict decoding: a TEXT value that is not valid UTF-8 must fail loudly, never be replaced
@@ -138,7 +146,7 @@ def write_bundle(
         check_target(target)
         temp = temporary_file(target)
         try:
-            writer = BundleWriter(conn, temp, total, progress)
+            writer = BundleWriter(conn, temp, total, progress, codec)
             try:
                 fixes = {op: hlc for hlc, op in clock_fixes}
                 if plan is None:
@@ -160,6 +168,8 @@ def write_bundle(
                     "without_rowid": writer.without_rowid,
                     "operations": count,
                 }
+                if codec is not None:
+                    header["codec"] = codec
                 if plan is not None:
                     # A cut device is sent only below its cut: the clock claims no more.
                     current = header["clock"] = plan.cut_clock(current, devices)
@@ -204,9 +214,17 @@ class BundleWriter:
     """
 
     def __init__(
-        self, conn: sqlite3.Connection, temp: str, total: int, progress: Callable[[int, int], None] | None
+        self,
+        conn: sqlite3.Connection,
+        temp: str,
+        total: int,
+        progress: Callable[[int, int], None] | None,
+        codec: str | None = codecs.DEFAULT,
     ) -> None:
         self.conn = conn
+        self.codec = codec
+        # Chunk images are built by SQL where the connection has the scratch schema attached.
+        self.scratch = has_scratch(conn)
         self.by_tid = {t.tid: t for t in load_tables(conn).values()}
         self.devices: list[str] = []
         self.tables: list[list] = []
@@ -257,7 +275,10 @@ class BundleWriter:
         self, device_position: int, key: int, rows: Iterable[Sequence[Any]], size: int, exact: bool = False
     ) -> None:
         width = len(self.tables[key][1]) if key >= 0 else 0
-        data = chunk_image(rows, width, small=size < 100, exact=exact)
+        self.write_image(device_position, key, chunk_image(rows, width, small=size < SMALL_RUN, exact=exact), size)
+
+    def write_image(self, device_position: int, key: int, image: bytes, size: int) -> None:
+        data = codecs.pack(image, self.codec)
         self.digest.update(chunk_prefix(device_position, key, data))
         self.digest.update(data)
         self.out.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (?, ?, ?)", [device_position, key, data])
@@ -323,9 +344,12 @@ def write_operations(
             continue
         device_position = len(writer.devices)
         writer.devices.append(devices[idx])
+        fixes = clock_fixes if idx == LOCAL else {}
+        if writer.scratch:
+            count += write_sql_runs(conn, writer, device_position, device_range(idx, start + 1), fixes)
+            continue
         for tid, lo, hi, size in runs(conn, *device_range(idx, start + 1)):
             key, columns = run_columns(writer, tid)
-            fixes = clock_fixes if idx == LOCAL else {}
             write_run(conn, writer, (device_position, key), (lo, hi, size), columns, fixes)
             count += size
     return count
@@ -565,6 +589,136 @@ def write_run(
         texts = " | ".join(f"((typeof({v}) = 'text') << {n})" for n, v in enumerate(values))
         with text_as(conn, bytes):
             writer.write_chunk(*position, fetch(f", {texts}"), size, exact=True)
+
+
+def sql_image(
+    conn: sqlite3.Connection, columns: list[str], run: tuple[int, int, int], clock_fixes: dict[int, int]
+) -> tuple[bytes, int, int] | None:
+    """The chunk image of the ops of table ``tid`` from ``lo`` on (at most CHUNK_OPS, none
+    after ``hi``), how many it holds and the last one's id, copied by one ``INSERT … SELECT``
+    into the scratch schema: no value passes through Python, so TEXT that is not UTF-8 stays
+    as it is. None when an op of another table comes between them, or the image would pass
+    the scratch schema's page limit.
+
+    A savepoint, rolled back once the image is read, leaves the scratch schema empty again
+    (and every write of the caller's transaction as it was). It rolls back a table's
+    creation, which stops any statement of ``conn`` still open: none may be.
+    """
+    lo, hi, tid = run
+    conn.execute("SAVEPOINT _sync_chunk_image")
+    try:
+        conn.execute(ops_table_sql(len(columns) - 2).replace("CREATE TABLE ops", f"CREATE TABLE {SCRATCH}.ops", 1))
+        try:
+            size = conn.execute(
+                f"INSERT INTO {SCRATCH}.ops SELECT {seq_sql('op')}, hlc, kind, {', '.join(columns)} FROM _sync_ops "
+                "WHERE op BETWEEN ? AND ? AND tid = ? ORDER BY op LIMIT ?",
+                [lo, hi, tid, CHUNK_OPS],
+            ).rowcount
+        except sqlite3.OperationalError as ex:
+            if "full" not in str(ex):
+                raise
+            return None
+        last = op_id(op_device(lo), conn.execute(f"SELECT max(seq) FROM {SCRATCH}.ops").fetchone()[0])
+        # Counting row ids reads no values: the common case (one table throughout) costs nothing.
+        if conn.execute("SELECT count(*) FROM _sync_ops WHERE op BETWEEN ? AND ?", [lo, last]).fetchone()[0] != size:
+            return None
+        fixes = [(hlc, op_seq(op)) for op, hlc in clock_fixes.items() if lo <= op <= last]
+        conn.executemany(f"UPDATE {SCRATCH}.ops SET hlc = ? WHERE seq = ?", fixes)
+        return conn.serialize(name=SCRATCH), size, last
+    finally:
+        conn.execute("ROLLBACK TO _sync_chunk_image")
+        conn.execute("RELEASE _sync_chunk_image")
+
+
+def write_sql_runs(
+    conn: sqlite3.Connection,
+    writer: BundleWriter,
+    device_position: int,
+    ops: tuple[int, int],
+    clock_fixes: dict[int, int],
+) -> int:
+    """:func:`write_operations` of one device, each chunk image built by SQL; returns the count.
+
+    Each run is first tried as CHUNK_OPS operations of the table its first one is of, under
+    the scratch schema's page limit (CHUNK_BYTES). Where another table's operation
+    comes first, or the values pass the limit, the run's end is worked out exactly, as
+    :func:`runs` does. Runs of fewer than SMALL_RUN operations (a delta) are made row by row.
+    """
+    lo, hi = ops
+    count = 0
+    while True:
+        first = conn.execute("SELECT op, tid FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT 1", [lo, hi]).fetchone()
+        if first is None:
+            return count
+        op, tid = first
+        key, columns = run_columns(writer, tid)
+        # Seqs are consecutive: the run lies in the next CHUNK_OPS op ids, and the search for
+        # its table's operations stops there (however long another table's stretch after it).
+        made = sql_image(conn, columns, (op, min(hi, op + CHUNK_OPS - 1), tid), clock_fixes)
+        if made is None:
+            last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn)), {
+                "lo": op, "hi": hi, "tid": tid, "ops": CHUNK_OPS, "bytes": CHUNK_BYTES
+            }).fetchone()
+            if size >= SMALL_RUN:
+                with scratch_limit(conn, None):
+                    made = sql_image(conn, columns, (op, last, tid), clock_fixes)
+        else:
+            last, size = made[2], made[1]
+        if made is not None and size >= SMALL_RUN:
+            writer.write_image(device_position, key, made[0], size)
+        else:
+            write_run(conn, writer, (device_position, key), (op, last, size), columns, clock_fixes)
+        count += size
+        lo = last + 1
+
+
+# The end of the run from :lo: the longest stretch of table :tid, up to CHUNK_OPS operations,
+# whose values come to at most CHUNK_BYTES (the first op goes whatever its size).
+RUN_END_SQL = (
+    "SELECT max(op), count(*) FROM (SELECT op, sum(sz) OVER w AS upto, sum(tid != :tid) OVER w AS other FROM "
+    "(SELECT op, tid, {size} AS sz FROM _sync_ops WHERE op BETWEEN :lo AND :hi ORDER BY op LIMIT :ops) "
+    "WINDOW w AS (ORDER BY op ROWS UNBOUNDED PRECEDING)) WHERE other = 0 AND (upto <= :bytes OR op = :lo)"
+)
+
+
+# An image built by SQL may grow to this many pages (of 4096 bytes): CHUNK_BYTES, values and all.
+SCRATCH_PAGES = CHUNK_BYTES // 4096
+
+
+@contextmanager
+def scratch_limit(conn: sqlite3.Connection, pages: int | None) -> Iterator[None]:
+    """The scratch schema's page limit for the time of the ``with`` (None: SQLite's own)."""
+    conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {pages or 0xFFFFFFFE}")
+    try:
+        yield
+    finally:
+        conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {SCRATCH_PAGES}")
+
+
+def has_scratch(conn: sqlite3.Connection) -> bool:
+    return SERIALIZE and SCRATCH in {row[1] for row in conn.execute("PRAGMA database_list")}
+
+
+@contextmanager
+def scratch_schema(conn: sqlite3.Connection) -> Iterator[None]:
+    """Attach the in-memory schema where an export builds chunk images by SQL, for the time
+    of the ``with``. ATTACH cannot happen inside a transaction: an export in the caller's
+    transaction builds images row by row (and so does Python 3.10, which cannot serialize)."""
+    attached = False
+    if SERIALIZE and not conn.in_transaction and not has_scratch(conn):
+        try:
+            conn.execute(f"ATTACH ':memory:' AS {SCRATCH}")
+        except sqlite3.OperationalError:  # e.g. the connection already has as many as it may
+            pass
+        else:
+            conn.execute(f"PRAGMA {SCRATCH}.page_size = 4096")
+            conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {SCRATCH_PAGES}")
+            attached = True
+    try:
+        yield
+    finally:
+        if attached and not conn.in_transaction:
+            conn.execute(f"DETACH {SCRATCH}")
 
 
 def value_bytes_sql(conn: sqlite3.Connection) -> str:
@@ -807,24 +961,27 @@ class BundleReader:
         problem = header_problem(header)
         if problem:
             raise BundleError(INVALID_METADATA, f"Bundle {name}: {problem}")
+        codecs.check_codec(header.get("codec"), name)
         parse_clock(header["clock"], f"Bundle {name} clock")
         parse_clock(header.get("since", {}), f"Bundle {name} since-clock")
         parse_clock(header.get("horizon", {}), f"Bundle {name} horizon")
         return header
 
     def chunks(self) -> Iterator[tuple[int, int, bytes]]:
-        """Yield ``(device position, table position, chunk image)``.
+        """Yield ``(device position, table position, chunk image)``, each image decompressed
+        (within the bounds of :mod:`codec`).
 
         The hash is taken again on the way: a file changed since it was checked fails the
         import, whose transaction then rolls back.
         """
         name = self.path.name
         digest = hashlib.sha256(FORMAT.encode())
+        codec = self.header.get("codec")
         try:
             for device, table, data in self._read_chunks(digest):
                 if not (0 <= device < len(self.header["devices"]) and WITHHELD_CHUNK <= table < len(self.header["tables"])):
                     raise BundleError(INVALID_OPERATION, f"Bundle {name} has a malformed chunk")
-                yield device, table, data
+                yield device, table, codecs.unpack(data, codec, name)
         except (sqlite3.Error, UnicodeDecodeError) as ex:
             raise BundleError(INVALID_BUNDLE, f"Bundle {name} cannot be read ({shorten(str(ex), 200)})")
         digest.update(self.header_bytes)

@@ -41,6 +41,7 @@ from click.testing import CliRunner
 from sqlite_utils.cli import cli as sqlite_utils_cli
 
 from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, list_conflicts, sync_status
+from sqlite_utils_sync import codec
 from sqlite_utils_sync.bundle import FORMAT, chunk_prefix
 
 BIN = pathlib.Path(sys.executable).parent
@@ -381,15 +382,25 @@ class BundleCraft:
         conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'bundle_id'", [sha[:32]])
 
     @staticmethod
+    def image(data: bytes) -> bytes:
+        """The chunk image a stored chunk holds (compressed or not)."""
+        return codec.unpack(data, codec.ZSTD, "crafted")
+
+    @staticmethod
+    def stored(image: bytes, data: bytes) -> bytes:
+        """``image`` stored the way the chunk ``data`` it replaces was."""
+        return image if data.startswith(codec.SQLITE_MAGIC) else codec.pack(image, codec.ZSTD)
+
+    @staticmethod
     def edit_chunks(conn, sql, *params, first_only=True) -> None:
         """Run ``sql`` on the ``ops`` table inside chunk images (each one a SQLite database)."""
         chunks = conn.execute("SELECT id, data FROM bundle_chunks ORDER BY id").fetchall()
         for chunk_id, data in chunks[:1] if first_only else chunks:
             image = sqlite3.connect(":memory:")
-            image.deserialize(data)
+            image.deserialize(BundleCraft.image(data))
             image.execute(sql, params)
             image.commit()
-            conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [image.serialize(), chunk_id])
+            conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [BundleCraft.stored(image.serialize(), data), chunk_id])
             image.close()
 
     @staticmethod
@@ -398,6 +409,17 @@ class BundleCraft:
         header = msgpack.unpackb(conn.execute("SELECT data FROM bundle_header").fetchone()[0])
         change(header)
         conn.execute("UPDATE bundle_header SET data = ?", [msgpack.packb(header)])
+
+
+def readable_bytes(path) -> bytes:
+    """A bundle file's bytes, then its chunk images decompressed: what a search for a value
+    that must not travel looks through."""
+    conn = sqlite3.connect(path)
+    try:
+        images = [codec.unpack(data, codec.ZSTD, "searched") for (data,) in conn.execute("SELECT data FROM bundle_chunks")]
+    finally:
+        conn.close()
+    return pathlib.Path(path).read_bytes() + b"".join(images)
 
 
 @pytest.fixture(scope="session")

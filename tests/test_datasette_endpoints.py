@@ -228,12 +228,13 @@ async def test_check_order(devices, tmp_path, own_tempdir):
     assert snapshot(hub) == before
 
 
-async def test_tampered_bundle_is_refused(ds, devices, tmp_path):
+async def test_tampered_bundle_is_refused(ds, devices, tmp_path, craft):
     hub = devices[0]
     path = tmp_path / "phone1.bundle"
     bundle = sqlite_utils.Database(path)
     [chunk] = [row["data"] for row in bundle["bundle_chunks"].rows][:1]
-    bundle.execute("UPDATE bundle_chunks SET data = ? WHERE id = 1", [chunk.replace(b"phone 1", b"phone X")])
+    tampered = craft.stored(craft.image(chunk).replace(b"phone 1", b"phone X"), chunk)
+    bundle.execute("UPDATE bundle_chunks SET data = ? WHERE id = 1", [tampered])
     bundle.conn.commit()
     bundle.close()
     before = snapshot(hub)
@@ -397,12 +398,13 @@ def malformed_chunk_bundle(source, target, craft):
     target.write_bytes(source.read_bytes())
 
     def tamper(conn):
-        chunk_id, data = conn.execute("SELECT id, data FROM bundle_chunks ORDER BY id").fetchone()
+        chunk_id, stored = conn.execute("SELECT id, data FROM bundle_chunks ORDER BY id").fetchone()
+        data = craft.image(stored)
         page_size = int.from_bytes(data[16:18], "big") or 65536
         assert len(data) >= 2 * page_size
         broken = bytearray(data)
         broken[page_size : page_size + 8] = b"\xff" * 8  # page 2 (the ops table) is no b-tree page
-        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [bytes(broken), chunk_id])
+        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [craft.stored(bytes(broken), stored), chunk_id])
         craft.reseal(conn)
 
     craft.rewrite(target, tamper)

@@ -24,7 +24,7 @@ import msgpack
 import pytest
 
 
-from sqlite_utils_sync import export_bundle, sync_status
+from sqlite_utils_sync import BundleError, codec, export_bundle, sync_status
 
 SEED = 20261204
 RAW = int(os.environ.get("FUZZ_RAW", 700))
@@ -193,11 +193,18 @@ def edit_image(data: bytes, *sql: str, params=()) -> bytes:
 
 
 def mutate_chunk(rng: random.Random, conn: sqlite3.Connection) -> str:
-    chunk_id, tbl, data = rng.choice(chunk_rows(conn))
-    how = rng.choice(["bytes", "bytes", "page-header", "value", "value", "value", "rows", "schema"])
+    chunk_id, tbl, stored = rng.choice(chunk_rows(conn))
+    how = rng.choice(["bytes", "bytes", "page-header", "value", "value", "value", "rows", "schema", "frame"])
+    try:  # the image inside a compressed chunk, mutated and compressed again
+        data = codec.unpack(stored, codec.ZSTD, "fuzzed")
+    except BundleError:  # a frame damaged by an earlier mutation
+        data, how = stored, "frame"
+    compressed = data is not stored
     if how in ("value", "rows") and width_of(data) is None:  # damaged by an earlier mutation
         how = "bytes"
-    if how == "bytes":
+    if how == "frame":  # the stored bytes themselves: compressed ones must fail as cleanly
+        data, compressed = flip_bits(rng, stored, 4), False
+    elif how == "bytes":
         data = flip_bits(rng, data, 4)
     elif how == "page-header":
         data = bytearray(data)
@@ -237,6 +244,8 @@ def mutate_chunk(rng: random.Random, conn: sqlite3.Connection) -> str:
         statement = rng.choice(CHUNK_SCHEMAS)
         data = edit_image(data, statement)
         how = f"schema {statement}"
+    if compressed:
+        data = codec.pack(data, codec.ZSTD)
     conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [data, chunk_id])
     return f"chunk {chunk_id} (tbl {tbl}): {how}"
 

@@ -69,11 +69,11 @@ def tick_chunk(conn, sql: str, craft) -> None:
     """Run ``sql`` in the knowledge-tick chunk image (table position -1) and re-sign."""
     for chunk_id, data in conn.execute("SELECT id, data FROM bundle_chunks WHERE tbl = -1").fetchall():
         image = sqlite3.connect(":memory:")
-        image.deserialize(data)
+        image.deserialize(craft.image(data))
         image.execute("PRAGMA writable_schema = ON")
         image.execute(sql)
         image.commit()
-        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [image.serialize(), chunk_id])
+        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [craft.stored(image.serialize(), data), chunk_id])
         image.close()
     craft.reseal(conn)
 
@@ -228,11 +228,11 @@ def test_a_chunk_image_that_computes_values_is_refused_before_they_are_read(tmp_
         chunks = conn.execute("SELECT id, data FROM bundle_chunks").fetchall()
         for chunk_id, data in chunks:
             image = sqlite3.connect(":memory:")
-            image.deserialize(data)
+            image.deserialize(craft.image(data))
             image.execute("PRAGMA writable_schema = ON")
             image.execute(statement)
             image.commit()
-            conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [image.serialize(), chunk_id])
+            conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [craft.stored(image.serialize(), data), chunk_id])
             image.close()
         craft.reseal(conn)
 
@@ -324,11 +324,11 @@ def test_damaged_chunk_image_is_a_bundle_error_not_a_database_error(tmp_path, sy
     export_bundle(b, path)
 
     def damage(conn):
-        chunk_id, data = conn.execute("SELECT id, data FROM bundle_chunks WHERE tbl >= 0").fetchone()
-        data = bytearray(data)
+        chunk_id, stored = conn.execute("SELECT id, data FROM bundle_chunks WHERE tbl >= 0").fetchone()
+        data = bytearray(craft.image(stored))
         page_size = int.from_bytes(data[16:18], "big")
         data[page_size : page_size + 8] = b"\x0d\xff\xff\xff\xff\xff\xff\xff"  # the ops table's page header
-        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [bytes(data), chunk_id])
+        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [craft.stored(bytes(data), stored), chunk_id])
         craft.reseal(conn)
 
     craft.rewrite(path, damage)

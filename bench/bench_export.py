@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""bench_export.py -- full export speed, bundle size per codec, import and new-device pull,
+each beside plain SQLite doing the same work in the same process.
+
+Usage::
+
+    python bench/bench_export.py            # 1M-op log, 100k-row todos workload, 3 runs each
+    python bench/bench_export.py --quick    # 100k-op log, 20k rows
+    python bench/bench_export.py --no-hub   # without the pull through a real `datasette serve`
+
+Lines:
+
+- (2) full export of the whole log (one insert per row), ops/s; beside it a plain
+  scan-and-write of the same rows into a new file (``ATTACH`` + ``INSERT … SELECT``);
+- (2) new-device pull: ``sync_with_hub`` into a new file from a real ``datasette serve`` on
+  127.0.0.1 holding the log, vs copying the synced table into a new file with plain SQL;
+- (3) bytes per operation of the todos workload (inserts, a fifth updated one by one, one
+  ``UPDATE`` of every row, a tenth deleted) for each codec: as the exporter writes them
+  (none, zstd) and, for comparison, its chunk images recompressed with zstd level 3 and zlib;
+- (3) import of an N-insert bundle (compressed, and not) vs a plain ``executemany`` insert;
+- (4) peak RSS of a process exporting the whole log (VmHWM, the process, not the heap).
+
+Every timing is the median of ``--reps`` runs, plain and synced interleaved. Targets are
+printed with ``ok`` or ``MISSED``; what was measured is checked (operation counts, table
+contents after an import or pull), never the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import zlib
+
+import zstandard
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(BENCH), BENCH]
+
+from bench_sync import INSERT, SCHEMA, checksum, close_checkpointed, connect, in_transaction, make_row, new_db, now, proc_status, timed  # noqa: E402
+
+from sqlite_utils_sync import export_bundle, import_bundle  # noqa: E402
+
+RESULTS: dict[str, bool] = {}
+
+
+def line(label: str, text: str, ok: bool | None = None, key: str | None = None) -> None:
+    if ok is not None:
+        RESULTS[key or label] = ok
+        text += f"  {'ok' if ok else 'MISSED'}"
+    print(f"{label:<34} {text}", flush=True)
+
+
+def median_pair(reps: int, plain_fn, synced_fn) -> tuple[float, float]:
+    plain, synced = [], []
+    for _ in range(reps):
+        plain.append(plain_fn())
+        synced.append(synced_fn())
+    return statistics.median(plain), statistics.median(synced)
+
+
+def fresh(path: str) -> str:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    return path
+
+
+def build_log(path: str, n: int) -> None:
+    """A synced todos table of ``n`` rows, one insert operation each."""
+    conn = new_db(fresh(path), True)
+    in_transaction(conn, lambda: conn.executemany(INSERT, (make_row(i) for i in range(1, n + 1))))
+    close_checkpointed(conn)
+
+
+def plain_copy(source: str, target: str, log: bool = False) -> float:
+    """Copy the synced table into a new file with plain SQL: what a full export or pull is
+    compared with (``log``: and the operation log, ``_sync_ops``, as it is)."""
+    conn = connect(source, fresh=False)
+    fresh(target)
+    conn.execute(f"ATTACH '{target}' AS copy")
+    ops_sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = '_sync_ops'").fetchone()[0]
+
+    def copy():
+        conn.execute("BEGIN")
+        conn.execute(SCHEMA.replace("CREATE TABLE todos", "CREATE TABLE copy.todos"))
+        conn.execute("INSERT INTO copy.todos SELECT * FROM todos")
+        if log:
+            conn.execute(ops_sql.replace("CREATE TABLE _sync_ops", "CREATE TABLE copy._sync_ops", 1))
+            conn.execute("INSERT INTO copy._sync_ops SELECT * FROM _sync_ops")
+        conn.execute("COMMIT")
+
+    took = timed(copy)
+    conn.execute("DETACH copy")
+    conn.close()
+    return took
+
+
+def bench_full_export(work: str, log: str, n: int, reps: int) -> None:
+    bundle = os.path.join(work, "full.bundle")
+    conn = connect(log, fresh=False)
+    results = []
+
+    def export() -> float:
+        fresh(bundle)
+        box = {}
+        took = timed(lambda: box.setdefault("r", export_bundle(conn, bundle)))
+        results.append(box["r"])
+        return took
+
+    # The first export after capture settles the clocks of every captured op (clocks.py), once.
+    first = export()
+    plain, synced = median_pair(reps, lambda: plain_copy(log, os.path.join(work, "copy.db")), export)
+    conn.close()
+    assert all(r.operations == n for r in results), "every export holds every operation"
+    rate = n / synced
+    line("(2) full export", f"{n} ops  {synced:.2f}s  {rate:,.0f} ops/s (target >= 1,000,000)", rate >= 1_000_000, "export_rate")
+    line("    plain scan-and-write", f"{n} rows {plain:.2f}s  {n / plain:,.0f} rows/s; export / plain {synced / plain:.2f}x")
+    line("    bundle", f"{results[-1].bytes:,} bytes  {results[-1].bytes / n:.1f} B/op")
+    line("    (info) first export", f"{first:.2f}s (it also settles the clocks of the {n} captured ops, once)")
+
+
+def bench_export_memory(work: str, log: str, n: int) -> None:
+    out = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--export-child", log, os.path.join(work, "mem.bundle")],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    value = json.loads(out.strip().splitlines()[-1])
+    assert value["operations"] == n, "the child exported every operation"
+    mb = value["peak"] / 1e6
+    line("(4) export peak RSS", f"{n} ops  {mb:.1f} MB (process VmHWM; before the export {value['before'] / 1e6:.1f} MB; "
+         "target < 150 MB)", mb < 150, "export_rss")
+
+
+def export_child(log: str, bundle: str) -> None:
+    conn = connect(log, fresh=False)
+    before = proc_status("VmRSS")
+    result = export_bundle(conn, fresh(bundle))
+    print(json.dumps({"operations": result.operations, "peak": proc_status("VmHWM"), "before": before}))
+
+
+def todos_workload(path: str, n: int) -> sqlite3.Connection:
+    conn = new_db(fresh(path), True)
+    in_transaction(conn, lambda: conn.executemany(INSERT, (make_row(i) for i in range(1, n + 1))))
+    in_transaction(conn, lambda: conn.executemany("UPDATE todos SET done = 1 - done WHERE id = ?", [(i,) for i in range(1, n + 1, 5)]))
+    in_transaction(conn, lambda: conn.execute("UPDATE todos SET score = score + 1"))
+    in_transaction(conn, lambda: conn.execute("DELETE FROM todos WHERE id % 10 = 0"))
+    return conn
+
+
+def stored_size(bundle: str, pack) -> int:
+    """The bundle's size with its (uncompressed) chunk images stored as ``pack`` makes them."""
+    conn = sqlite3.connect(bundle)
+    chunks = [data for (data,) in conn.execute("SELECT data FROM bundle_chunks")]
+    conn.close()
+    return os.path.getsize(bundle) - sum(map(len, chunks)) + sum(len(pack(c)) for c in chunks)
+
+
+def bench_codecs(work: str, n: int) -> None:
+    conn = todos_workload(os.path.join(work, "todos.db"), n)
+    plain_bundle, zstd_bundle = os.path.join(work, "todos-none.bundle"), os.path.join(work, "todos-zstd.bundle")
+    took = {}
+    export_bundle(conn, fresh(plain_bundle))  # settles the captured clocks, once (not timed)
+    for path, codec in ((plain_bundle, None), (zstd_bundle, "zstd")):
+        fresh(path)
+        started = now()
+        result = export_bundle(conn, path, codec=codec)
+        took[codec] = now() - started
+    ops = result.operations
+    expected = checksum(conn)
+    conn.close()
+    copy = new_db(fresh(os.path.join(work, "todos-copy.db")), True)
+    assert import_bundle(copy, zstd_bundle).applied == ops, "the compressed bundle imports whole"
+    assert checksum(copy) == expected, "the copy holds what the source holds"
+    copy.close()
+    sizes = {
+        "none (as written)": (os.path.getsize(plain_bundle), took[None]),
+        "zstd level 1 (as written, default)": (os.path.getsize(zstd_bundle), took["zstd"]),
+    }
+    for name, pack in (
+        ("zstd level 3", zstandard.ZstdCompressor(level=3).compress),
+        ("zlib level 1", lambda d: zlib.compress(d, 1)),
+        ("zlib level 6", lambda d: zlib.compress(d, 6)),
+    ):
+        started = now()
+        size = stored_size(plain_bundle, pack)
+        sizes[name] = (size, took[None] + now() - started)
+    for name, (size, seconds) in sizes.items():
+        per_op = size / ops
+        target = name.startswith("zstd level 1")
+        line(f"(3) bundle size, {name}" if target else f"    {name}",
+             f"{ops} ops  {per_op:5.1f} B/op  export {seconds:.2f}s" + ("  (target <= 30 B/op)" if target else ""),
+             per_op <= 30 if target else None, "bytes_per_op")
+
+
+def bench_import(work: str, n: int, reps: int) -> None:
+    source = new_db(fresh(os.path.join(work, "inserts.db")), True)
+    rows = [make_row(i) for i in range(1, n + 1)]
+    in_transaction(source, lambda: source.executemany(INSERT, rows))
+    expected = checksum(source)
+    bundles = {}
+    for codec in ("zstd", None):
+        bundles[codec] = fresh(os.path.join(work, f"inserts-{codec}.bundle"))
+        export_bundle(source, bundles[codec], codec=codec)
+    source.close()
+
+    def plain() -> float:
+        conn = new_db(os.path.join(work, "import-plain.db"), False)
+        took = timed(lambda: in_transaction(conn, lambda: conn.executemany(INSERT, rows)))
+        conn.close()
+        return took
+
+    def synced(codec):
+        def run() -> float:
+            conn = new_db(os.path.join(work, "import-synced.db"), True)
+            box = {}
+            took = timed(lambda: box.setdefault("r", import_bundle(conn, bundles[codec])))
+            assert box["r"].applied == n and checksum(conn) == expected, "the import applied every row"
+            conn.close()
+            return took
+        return run
+
+    for codec in ("zstd", None):
+        base, took = median_pair(reps, plain, synced(codec))
+        ratio = took / base
+        label = "(3) import, compressed" if codec else "    import, uncompressed"
+        line(label, f"{n} ops  plain {base:.3f}s  synced {took:.3f}s  ratio {ratio:.2f}x"
+             + ("  (target <= 2x)" if codec else ""), ratio <= 2 if codec else None, "import_ratio")
+
+
+def bench_pull(work: str, log: str, n: int, reps: int) -> None:
+    import sqlite_utils
+    from bench_hub_load import start_hub, tokens
+
+    from sqlite_utils_sync.client import sync_with_hub
+
+    hub_dir = os.path.join(work, "hub")
+    os.makedirs(hub_dir, exist_ok=True)
+    hub = os.path.join(hub_dir, "hub.db")
+    shutil.copyfile(log, hub)
+    expected = checksum(connect(hub, fresh=False))
+    proc, url, _ = start_hub(hub_dir, hub)
+    try:
+        (token,) = tokens(1)
+        target = os.path.join(work, "device.db")
+
+        def pull() -> float:
+            fresh(target)
+            db = sqlite_utils.Database(target)
+            took = timed(lambda: sync_with_hub(db, url, token=token, create_tables=True))
+            conn = db.conn
+            assert checksum(conn) == expected, "the new device holds every row"
+            conn.close()
+            return took
+
+        def download() -> float:
+            path = fresh(os.path.join(work, "download.bundle"))
+            return timed(lambda: fetch(url, token, path))
+
+        def import_only() -> float:
+            conn = sqlite3.connect(fresh(target), isolation_level=None)
+            took = timed(lambda: import_bundle(conn, os.path.join(work, "download.bundle"), create_tables=True))
+            conn.close()
+            return took
+
+        pull()  # the hub's first answer warms its caches
+        plain, synced = median_pair(reps, lambda: plain_copy(hub, os.path.join(work, "copy.db")), pull)
+        with_log = statistics.median(plain_copy(hub, os.path.join(work, "copy.db"), log=True) for _ in range(reps))
+        fetched, imported = median_pair(reps, download, import_only)
+    finally:
+        proc.terminate()
+        proc.wait()
+    ratio = synced / plain
+    line("(2) new-device pull from a hub", f"{n} ops  plain copy {plain:.2f}s  pull {synced:.2f}s  ratio {ratio:.2f}x "
+         "(target < 2x)", ratio < 2, "pull_ratio")
+    line("    of which", f"download (hub export + HTTP) {fetched:.2f}s, import into a new file {imported:.2f}s")
+    line("    plain copy of table and log", f"{with_log:.2f}s; pull / that {synced / with_log:.2f}x")
+
+
+def fetch(url: str, token: str, path: str) -> None:
+    """GET the hub's whole export, streamed to ``path``, as the client does."""
+    import httpx
+
+    from sqlite_utils_sync import protocol
+
+    with httpx.stream("GET", url + protocol.EXPORT_PATH, headers={"Authorization": f"Bearer {token}"}, timeout=600) as r:
+        r.raise_for_status()
+        with open(path, "wb") as out:
+            for block in r.iter_bytes(1 << 16):
+                out.write(block)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 100k-op log and 20k rows")
+    parser.add_argument("--reps", type=int, default=3, help="runs per measurement (the median is kept)")
+    parser.add_argument("--no-hub", action="store_true", help="skip the pull through datasette serve")
+    parser.add_argument("--work", help="directory for the scratch files (default: a temp dir)")
+    parser.add_argument("--export-child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.export_child:
+        export_child(*args.export_child)
+        return 0
+    log_size, n = (100_000, 20_000) if args.quick else (1_000_000, 100_000)
+    work = args.work or tempfile.mkdtemp(prefix="bench-export-")
+    os.makedirs(work, exist_ok=True)
+    print(f"bench_export: {log_size}-op log, {n}-row todos workload, median of {args.reps}; Python "
+          f"{platform.python_version()}, SQLite {sqlite3.sqlite_version}, zstandard {zstandard.__version__}, "
+          f"{os.cpu_count()} CPUs", flush=True)
+    started = now()
+    try:
+        log = os.path.join(work, "log.db")
+        build_log(log, log_size)
+        bench_full_export(work, log, log_size, args.reps)
+        bench_export_memory(work, log, log_size)
+        bench_codecs(work, n)
+        bench_import(work, n, args.reps)
+        if not args.no_hub:
+            bench_pull(work, log, log_size, args.reps)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    missed = [k for k, ok in RESULTS.items() if not ok]
+    print(f"done in {now() - started:.0f}s; targets missed: {', '.join(missed) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
