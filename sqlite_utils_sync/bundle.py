@@ -78,7 +78,13 @@ from .oplog import (
     text_as,
 )
 
-FORMAT = "datasette-sync-bundle/2"
+FORMAT = "datasette-sync-bundle/3"
+"""Bundles whose chunks are compressed (the header's ``codec``). A new format name, so that a
+reader from before compression refuses one as a format it does not know, in one line."""
+PLAIN_FORMAT = "datasette-sync-bundle/2"
+"""Bundles whose chunks are SQLite images as they are (``codec=None``, and every bundle written
+before compression): still written on request, and read."""
+FORMATS = (FORMAT, PLAIN_FORMAT)
 # The table position of a chunk of withheld ranges: each row one range of a device's seqs that
 # exist but whose values the bundle does not carry (``seq`` = first, ``hlc`` = last).
 WITHHELD_CHUNK = -2
@@ -235,7 +241,8 @@ class BundleWriter:
         self.without_rowid: list[str] = []
         self.table_index: dict[int, tuple[int, list[int]]] = {}
         self.total, self.progress = total, progress
-        self.digest = hashlib.sha256(FORMAT.encode())
+        self.format = PLAIN_FORMAT if codec is None else FORMAT
+        self.digest = hashlib.sha256(self.format.encode())
         self.out = sqlite3.connect(temp, isolation_level=None)
         self.out.execute("PRAGMA journal_mode = OFF")
         # Small pages keep small bundles (a handful of ops, the common case) small; large ones
@@ -292,7 +299,7 @@ class BundleWriter:
         sha = self.digest.hexdigest()
         self.out.execute("INSERT INTO bundle_header VALUES (1, ?)", [packed])
         self.out.executemany(
-            "INSERT INTO bundle_meta VALUES (?, ?)", [("format", FORMAT), ("sha256", sha), ("bundle_id", sha[:32])]
+            "INSERT INTO bundle_meta VALUES (?, ?)", [("format", self.format), ("sha256", sha), ("bundle_id", sha[:32])]
         )
         self.out.execute("COMMIT")
         return sha
@@ -905,15 +912,17 @@ class BundleReader:
         try:
             check_btrees(self.conn, BUNDLE_TABLES, f"Bundle {name}")
             meta = self._read_meta()
-            if meta.get("format") != FORMAT:
+            if meta.get("format") not in FORMATS:
                 raise BundleError(
-                    UNSUPPORTED_FORMAT, f"Bundle {name} has format {shorten(meta.get('format'))}, expected {FORMAT}"
+                    UNSUPPORTED_FORMAT,
+                    f"Bundle {name} has format {shorten(meta.get('format'))}, expected {FORMAT} or {PLAIN_FORMAT}",
                 )
+            self.format: str = meta["format"]
             headers = self.conn.execute("SELECT data, typeof(data) FROM bundle_header ORDER BY id LIMIT 2").fetchall()
             if len(headers) != 1 or headers[0][1] != b"blob":
                 raise BundleError(INVALID_METADATA, f"Bundle {name} must have exactly one header")
             self.header_bytes = headers[0][0]
-            digest = hashlib.sha256(FORMAT.encode())
+            digest = hashlib.sha256(self.format.encode())
             for _ in self._read_chunks(digest):
                 pass
             digest.update(self.header_bytes)
@@ -962,6 +971,8 @@ class BundleReader:
         if problem:
             raise BundleError(INVALID_METADATA, f"Bundle {name}: {problem}")
         codecs.check_codec(header.get("codec"), name)
+        if (header.get("codec") is None) != (self.format == PLAIN_FORMAT):
+            raise BundleError(INVALID_METADATA, f"Bundle {name}: format {self.format} and codec {header.get('codec')!r} disagree")
         parse_clock(header["clock"], f"Bundle {name} clock")
         parse_clock(header.get("since", {}), f"Bundle {name} since-clock")
         parse_clock(header.get("horizon", {}), f"Bundle {name} horizon")
@@ -975,7 +986,7 @@ class BundleReader:
         import, whose transaction then rolls back.
         """
         name = self.path.name
-        digest = hashlib.sha256(FORMAT.encode())
+        digest = hashlib.sha256(self.format.encode())
         codec = self.header.get("codec")
         try:
             for device, table, data in self._read_chunks(digest):

@@ -42,7 +42,7 @@ from sqlite_utils.cli import cli as sqlite_utils_cli
 
 from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, list_conflicts, sync_status
 from sqlite_utils_sync import codec
-from sqlite_utils_sync.bundle import FORMAT, chunk_prefix
+from sqlite_utils_sync.bundle import chunk_prefix
 
 BIN = pathlib.Path(sys.executable).parent
 SECRET = "test-secret-for-datasette-sync"
@@ -372,7 +372,8 @@ class BundleCraft:
     @staticmethod
     def reseal(conn) -> None:
         """Recompute the hash after tampering, the way the exporter does."""
-        digest = hashlib.sha256(FORMAT.encode())
+        (fmt,) = conn.execute("SELECT value FROM bundle_meta WHERE key = 'format'").fetchone()
+        digest = hashlib.sha256(fmt if isinstance(fmt, bytes) else str(fmt).encode())
         for device, table, data in conn.execute("SELECT device, tbl, data FROM bundle_chunks ORDER BY id"):
             digest.update(chunk_prefix(device, table, data))
             digest.update(data)

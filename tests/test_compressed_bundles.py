@@ -45,6 +45,14 @@ def chunks(path) -> list[bytes]:
         bundle.close()
 
 
+def bundle_format(path) -> str:
+    bundle = sqlite3.connect(path)
+    try:
+        return bundle.execute("SELECT value FROM bundle_meta WHERE key = 'format'").fetchone()[0]
+    finally:
+        bundle.close()
+
+
 def header(path) -> dict:
     bundle = sqlite3.connect(path)
     try:
@@ -88,6 +96,10 @@ def test_bundles_are_compressed_by_default_and_import_as_they_are(tmp_path, make
     export_bundle(a, tmp_path / "plain.bundle", codec=None)
     assert header(tmp_path / "zstd.bundle")["codec"] == "zstd"
     assert "codec" not in header(tmp_path / "plain.bundle")
+    # A new format name: a reader from before compression refuses the bundle as an unknown
+    # format, in one line, instead of failing on a chunk it cannot open.
+    assert bundle_format(tmp_path / "zstd.bundle") == "datasette-sync-bundle/3"
+    assert bundle_format(tmp_path / "plain.bundle") == "datasette-sync-bundle/2"
     stored = chunks(tmp_path / "zstd.bundle")
     assert all(data.startswith(codec.ZSTD_MAGIC) for data in stored)
     assert sum(map(len, stored)) * 3 < sum(map(len, chunks(tmp_path / "plain.bundle")))
@@ -98,7 +110,7 @@ def test_bundles_are_compressed_by_default_and_import_as_they_are(tmp_path, make
 def test_a_bundle_written_before_compression_still_imports(tmp_path, make_db, rows):
     # Written by the exporter before the codec existed (no "codec" key, chunks as they are):
     # 150 todos, every third done, 7 moved to 1000, every tenth deleted, one TEXT not UTF-8.
-    assert "codec" not in header(OLD_BUNDLE)
+    assert "codec" not in header(OLD_BUNDLE) and bundle_format(OLD_BUNDLE) == "datasette-sync-bundle/2"
     b = make_db(tmp_path / "b.db")
     result = import_bundle(b, str(OLD_BUNDLE))
     assert (result.applied, result.conflicts) == (218, 0)
@@ -225,3 +237,26 @@ def test_an_unknown_codec_is_refused_in_one_line(tmp_path, make_db, craft, file_
     b.close()
     assert file_bytes(tmp_path / "b.db") == before
     assert cli_refusal(tmp_path / "b.db", path) == f"Error: {caught.value}"
+
+
+@pytest.mark.parametrize("fmt, change", [("datasette-sync-bundle/2", None), ("datasette-sync-bundle/3", "drop")])
+def test_a_format_that_disagrees_with_the_codec_is_refused(tmp_path, make_db, craft, file_bytes, fmt, change):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    busy_table(a)
+    path = tmp_path / "mixed.bundle"
+    export_bundle(a, path)
+
+    def mix(conn):
+        conn.execute("UPDATE bundle_meta SET value = ? WHERE key = 'format'", [fmt])
+        if change == "drop":
+            craft.edit_header(conn, lambda h: h.pop("codec"))
+        craft.reseal(conn)
+
+    craft.rewrite(path, mix)
+    before = file_bytes(tmp_path / "b.db")
+    with pytest.raises(BundleError) as caught:
+        import_bundle(b, str(path))
+    assert caught.value.reason == "invalid_metadata"
+    assert "disagree" in str(caught.value) and "mixed.bundle" in str(caught.value)
+    b.close()
+    assert file_bytes(tmp_path / "b.db") == before
