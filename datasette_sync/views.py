@@ -783,11 +783,26 @@ async def shared_export(request, db, feed, since: dict, tables: set[str] | None)
     key = (tuple(sorted(since.items())), scope, tuple(sorted(feed.clock.items())))
 
     async def make(directory):
-        return await db.execute_fn(exporter(directory, since, tables))
+        export = exporter(directory, since, tables)
+
+        def export_and_read(conn):
+            # A small bundle is read once here, so each of its many answers is one send on the
+            # event loop instead of a stat, an open and reads on the thread pool.
+            result = export(conn)
+            path = directory / "export.bundle"
+            return result, path.read_bytes() if path.stat().st_size <= SHARED_IN_MEMORY else None
+
+        return await db.execute_fn(export_and_read)
 
     shared = live.share_export(feed, key, new_export_directory, make)
-    result = await shared.result()
-    return export_response(request, shared.directory, result, tables, release=shared.release)
+    result, content = await shared.result()
+    response = export_response(request, shared.directory, result, tables, release=shared.release)
+    response.content = content
+    return response
+
+
+SHARED_IN_MEMORY = 1 << 20
+"""A shared bundle up to this size is served from memory (a live edit's bundle is a few KB)."""
 
 
 def export_response(request, directory: pathlib.Path, result, tables: set[str] | None, release=None) -> BundleDownload:
@@ -898,13 +913,14 @@ class BundleDownload(Response):
         super().__init__(status=200, headers=headers, content_type=protocol.BUNDLE_MEDIA_TYPE)
         self.directory = directory
         self.release = release  # a shared file: say this response is done with it, never remove it
+        self.content = None  # the file's bytes, when already read
         self.path = path
         self.filename = filename
         self.body_wanted = body
 
     async def asgi_send(self, send):
         try:
-            size = (await asyncio.to_thread(os.stat, self.path)).st_size
+            size = len(self.content) if self.content is not None else (await asyncio.to_thread(os.stat, self.path)).st_size
             headers = {
                 **self.headers,
                 "content-type": self.content_type,
@@ -914,8 +930,8 @@ class BundleDownload(Response):
             raw = [[key.lower().encode("latin-1"), str(value).encode("latin-1")] for key, value in headers.items()]
             raw += [[b"set-cookie", cookie.encode("latin-1")] for cookie in self._set_cookie_headers]
             await send({"type": "http.response.start", "status": self.status, "headers": raw})
-            if not self.body_wanted:
-                await send({"type": "http.response.body", "body": b""})
+            if not self.body_wanted or self.content is not None:
+                await send({"type": "http.response.body", "body": self.content if self.body_wanted else b""})
                 return
             with await asyncio.to_thread(open, self.path, "rb") as source:
                 while True:
