@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -132,6 +133,7 @@ class ChangeFeed:
         self._done = 0
         self._poller: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.exports: dict[tuple, SharedExport] = {}
 
     # Reading the clocks --------------------------------------------------------------------
 
@@ -269,6 +271,59 @@ class ChangeFeed:
             if state != last:
                 last = state
                 await self._refresh_quietly()
+
+
+# Sharing one export between woken waiters ---------------------------------------------------
+
+
+def shared_since(since: dict[str, int], clock: dict[str, int]) -> dict[str, int]:
+    """``since`` lowered to what the hub holds (its vector clock ``clock``): the same
+    operations are beyond it, so every watcher that is up to date asks the same (each is
+    ahead of the hub only on its own device). A lower ``since`` is always safe for the
+    receiver: it skips operations it has, and a withheld range need only start after it."""
+    lowered = {device: min(seq, clock[device]) if device in clock else seq for device, seq in since.items()}
+    return {device: seq for device, seq in lowered.items() if seq > 0}
+
+
+class SharedExport:
+    """One bundle file served to every concurrent pull that asks for the same operations:
+    made once, read by each response, removed when the last one is done with it."""
+
+    def __init__(self, directory, make):
+        self.directory = directory
+        self.refs = 0
+        self.task = asyncio.ensure_future(make())
+        self.task.add_done_callback(lambda _: self._remove_if_unused())
+
+    async def result(self):
+        """The export's result (shared: one caller hanging up does not cancel it)."""
+        self.refs += 1
+        try:
+            return await asyncio.shield(self.task)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """One response is done with the file."""
+        self.refs -= 1
+        self._remove_if_unused()
+
+    def _remove_if_unused(self) -> None:
+        if self.refs <= 0 and self.task.done():
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def share_export(feed: ChangeFeed, key: tuple, directory_factory, make_factory) -> SharedExport:
+    """The export in flight for ``key`` (since, scope and the hub clock it is made at), or a
+    new one; it is forgotten as soon as it is made, so a later pull never gets a stale one."""
+    current = feed.exports.get(key)
+    if current is not None and not current.task.done():
+        return current
+    directory = directory_factory()
+    shared = feed.exports[key] = SharedExport(directory, lambda: make_factory(directory))
+    shared.task.add_done_callback(lambda _: feed.exports.pop(key, None) if feed.exports.get(key) is shared else None)
+    return shared
 
 
 def file_state(path: str | None) -> tuple:

@@ -750,31 +750,76 @@ class ExportEndpoint(Endpoint):
         tables = await pull_scope(datasette, request.actor, db, request.args.getlist(protocol.TABLE_PARAM))
         if wait > 0:
             await wait_for_news(datasette, request, db, since, device, wait)
-        directory = pathlib.Path(tempfile.mkdtemp(prefix="datasette-sync-"))
-        path = directory / "export.bundle"
-
-        def export(conn):
-            # repair=False: a read connection cannot write, and exporting must not.
-            return export_bundle(conn, path, since=since, repair=False, tables=tables, unknown_tables=True)
-
+            return await shared_export(request, db, live.feed(datasette, db.name), since, tables)
+        directory = new_export_directory()
         try:
-            result = await db.execute_fn(export)
+            result = await db.execute_fn(exporter(directory, since, tables))
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        return BundleDownload(
-            directory,
-            path,
-            filename=f"{result.bundle_id}.bundle",
-            headers={
-                protocol.CLOCK_HEADER: protocol.encode_clock(result.clock),
-                protocol.OPERATIONS_HEADER: str(result.operations),
-                protocol.SCOPE_HEADER: json.dumps(None if tables is None else sorted(tables)),
-            },
-            body=request.method != "HEAD",
-        )
+        return export_response(request, directory, result, tables)
 
     head = get
+
+
+def new_export_directory() -> pathlib.Path:
+    return pathlib.Path(tempfile.mkdtemp(prefix="datasette-sync-"))
+
+
+def exporter(directory: pathlib.Path, since: dict, tables: set[str] | None):
+    def export(conn):
+        # repair=False: a read connection cannot write, and exporting must not.
+        return export_bundle(
+            conn, directory / "export.bundle", since=since, repair=False, tables=tables, unknown_tables=True
+        )
+
+    return export
+
+
+async def shared_export(request, db, feed, since: dict, tables: set[str] | None) -> BundleDownload:
+    """A waiting pull's answer: the pulls woken by one write that ask for the same operations
+    (same scope, same ``since`` once lowered to the hub's clock) share one export, so a write
+    costs the hub one bundle, not one per watcher."""
+    since = live.shared_since(since, feed.clock)
+    scope = None if tables is None else tuple(sorted(tables))
+    key = (tuple(sorted(since.items())), scope, tuple(sorted(feed.clock.items())))
+
+    async def make(directory):
+        export = exporter(directory, since, tables)
+
+        def export_and_read(conn):
+            # A small bundle is read once here, so each of its many answers is one send on the
+            # event loop instead of a stat, an open and reads on the thread pool.
+            result = export(conn)
+            path = directory / "export.bundle"
+            return result, path.read_bytes() if path.stat().st_size <= SHARED_IN_MEMORY else None
+
+        return await db.execute_fn(export_and_read)
+
+    shared = live.share_export(feed, key, new_export_directory, make)
+    result, content = await shared.result()
+    response = export_response(request, shared.directory, result, tables, release=shared.release)
+    response.content = content
+    return response
+
+
+SHARED_IN_MEMORY = 1 << 20
+"""A shared bundle up to this size is served from memory (a live edit's bundle is a few KB)."""
+
+
+def export_response(request, directory: pathlib.Path, result, tables: set[str] | None, release=None) -> BundleDownload:
+    return BundleDownload(
+        directory,
+        directory / "export.bundle",
+        filename=f"{result.bundle_id}.bundle",
+        headers={
+            protocol.CLOCK_HEADER: protocol.encode_clock(result.clock),
+            protocol.OPERATIONS_HEADER: str(result.operations),
+            protocol.SCOPE_HEADER: json.dumps(None if tables is None else sorted(tables)),
+        },
+        body=request.method != "HEAD",
+        release=release,
+    )
 
 
 def wait_args(request, datasette, db) -> tuple[float, str | None]:
@@ -864,16 +909,20 @@ class BundleDownload(Response):
 
     CHUNK = 1 << 16
 
-    def __init__(self, directory: pathlib.Path, path: pathlib.Path, filename: str, headers: dict, body: bool = True):
+    def __init__(
+        self, directory: pathlib.Path, path: pathlib.Path, filename: str, headers: dict, body: bool = True, release=None
+    ):
         super().__init__(status=200, headers=headers, content_type=protocol.BUNDLE_MEDIA_TYPE)
         self.directory = directory
+        self.release = release  # a shared file: say this response is done with it, never remove it
+        self.content = None  # the file's bytes, when already read
         self.path = path
         self.filename = filename
         self.body_wanted = body
 
     async def asgi_send(self, send):
         try:
-            size = (await asyncio.to_thread(os.stat, self.path)).st_size
+            size = len(self.content) if self.content is not None else (await asyncio.to_thread(os.stat, self.path)).st_size
             headers = {
                 **self.headers,
                 "content-type": self.content_type,
@@ -883,8 +932,8 @@ class BundleDownload(Response):
             raw = [[key.lower().encode("latin-1"), str(value).encode("latin-1")] for key, value in headers.items()]
             raw += [[b"set-cookie", cookie.encode("latin-1")] for cookie in self._set_cookie_headers]
             await send({"type": "http.response.start", "status": self.status, "headers": raw})
-            if not self.body_wanted:
-                await send({"type": "http.response.body", "body": b""})
+            if not self.body_wanted or self.content is not None:
+                await send({"type": "http.response.body", "body": self.content if self.body_wanted else b""})
                 return
             with await asyncio.to_thread(open, self.path, "rb") as source:
                 while True:
@@ -894,7 +943,10 @@ class BundleDownload(Response):
                     if not more:
                         break
         finally:
-            await asyncio.to_thread(shutil.rmtree, self.directory, True)
+            if self.release is not None:
+                self.release()
+            else:
+                await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
 
 class ImportEndpoint(Endpoint):
