@@ -73,7 +73,7 @@ def watch_hub(
     on_status: Callable[[str], None] | None = None,
     stop: threading.Event | None = None,
     wait: float = DEFAULT_WAIT,
-    poll_interval: float = 0.05,
+    poll_interval: float = 0.1,
     on_sync: Callable[[dict], None] | None = None,
     timeout: float = 60.0,
 ) -> None:
