@@ -231,6 +231,19 @@ def _hub_clock(response: Any, reader: BundleReader | None, url: str) -> dict[str
     return {}
 
 
+def read_pulled(path: str, response: Any, url: str) -> tuple[dict[str, int], str, int, str]:
+    """Check a pulled bundle (every hash) and read what a pull needs of it: ``(the hub's clock,
+    the hub's device id, how many operations it holds, its bundle id)``."""
+    try:
+        reader = BundleReader(path)
+    except BundleError as ex:
+        raise HubError(errors.INVALID_RESPONSE, f"hub {url} sent an invalid bundle: {ex}")
+    try:
+        return _hub_clock(response, reader, url), reader.header["source"], reader.header["operations"], reader.bundle_id
+    finally:
+        reader.close()
+
+
 @functools.lru_cache(maxsize=1)
 def _tls_context() -> Any:
     """httpx makes a TLS context for every client, reading every CA certificate (about 0.1 s
@@ -429,17 +442,7 @@ class _Run:
         if self.scope is not None:
             params[protocol.TABLE_PARAM] = sorted(self.scope)
         response = self.request("GET", protocol.EXPORT_PATH, "export (pull)", save_to=path, params=params)
-        try:
-            reader = BundleReader(path)
-        except BundleError as ex:
-            raise HubError(errors.INVALID_RESPONSE, f"hub {self.url} sent an invalid bundle: {ex}")
-        try:
-            hub_clock = _hub_clock(response, reader, self.url)
-            hub_device = reader.header["source"]
-            operations = reader.header["operations"]
-            bundle_id = reader.bundle_id
-        finally:
-            reader.close()
+        hub_clock, hub_device, operations, bundle_id = read_pulled(path, response, self.url)
         if not operations:
             # Nothing to apply: don't record an empty import on every run.
             return empty_result(hub_device, bundle_id), hub_clock, hub_device

@@ -40,10 +40,8 @@ from typing import Any, Callable
 import sqlite_utils
 
 from . import errors, protocol
-from .bundle import BundleReader
-from .client import HubError, _hub_client, _hub_clock, _request, _Run, empty_result, normalize_url, sync_with_hub
+from .client import HubError, _hub_client, _request, _Run, empty_result, normalize_url, read_pulled, sync_with_hub
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, clock, max_seq, parse_duration
-from .errors import BundleError
 from .importer import import_bundle
 from .oplog import LOCAL
 from .schema import connection
@@ -331,15 +329,7 @@ class _Watcher:
 
     def import_pulled(self, path: str, response: Any) -> int:
         """Import a pulled bundle; returns how many operations it held."""
-        try:
-            reader = BundleReader(path)
-        except BundleError as ex:
-            raise HubError(errors.INVALID_RESPONSE, f"hub {self.url} sent an invalid bundle: {ex}")
-        try:
-            hub_clock = _hub_clock(response, reader, self.url)
-            hub_device, operations = reader.header["source"], reader.header["operations"]
-        finally:
-            reader.close()
+        hub_clock, hub_device, operations, _ = read_pulled(path, response, self.url)
         self.learn_hub_clock(hub_clock, hub_device)
         if not operations:
             return 0
