@@ -9,6 +9,7 @@ generous deadline, and asserts contents, never how long it took.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import shutil
@@ -17,11 +18,13 @@ import subprocess
 import sys
 import time
 
+import httpx
 import pytest
 import sqlite_utils
 
 from conftest import SECRET, _clean_env, _executable
 from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, sync_status
+from sqlite_utils_sync.protocol import encode_clock
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 pytestmark = pytest.mark.skipif(not shutil.which(NATS_SERVER), reason="nats-server is not installed")
@@ -187,6 +190,19 @@ def publish(server: Nats, path, msg_id: str) -> None:
     server.ask(lambda js: js.publish(SUBJECT, data, headers={"Nats-Msg-Id": msg_id}))
 
 
+def waiting_pull(hub, copy):
+    """A pull of ``copy``'s device waiting at ``hub`` (in a thread); ``.result()`` is the answer."""
+    status = sync_status(sqlite_utils.Database(copy))
+    params = {"since": encode_clock(status["clock"]), "wait": "600", "device": status["device_id"]}
+    headers = {"Authorization": f"Bearer {hub.alice}"}
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    future = pool.submit(httpx.get, hub.url + "/hub/-/sync/export", params=params, headers=headers, timeout=45)
+    pool.shutdown(wait=False)
+    eventually(lambda: status["device_id"] in [w["device_id"] for w in hub.get("/hub/-/sync.json", headers=headers).json()["watching"]],
+               what="the pull to wait")
+    return future
+
+
 def test_pushes_and_writes_on_one_hub_reach_the_other(tmp_path, nats_server, start_hub, hub_sync, todo_rows):
     # Hub A held a device's row before it joined the cluster: it publishes what it held once.
     old = todos_db(tmp_path / "old.db", [{"id": 9, "title": "Before the cluster", "done": 1}])
@@ -204,11 +220,25 @@ def test_pushes_and_writes_on_one_hub_reach_the_other(tmp_path, nats_server, sta
     hub_sync(laptop, b, b.alice)
     assert todo_rows(laptop) == expected
 
+    # A device watching hub B hears of a push made to hub A: B's import from the stream wakes
+    # its waiting pull (unwoken, it would wait the 60 s of max_wait, past the client's timeout).
+    waiting = waiting_pull(b, laptop)
+    upsert_row = {"id": 3, "title": "Pushed to A", "done": 0}
+    sqlite_utils.Database(phone)["todos"].insert(upsert_row)
+    hub_sync(phone, a, a.alice)
+    answer = waiting.result(timeout=60)
+    assert answer.status_code == 200 and int(answer.headers["x-sync-operations"]) >= 1
+    bundle = tmp_path / "woken.bundle"
+    bundle.write_bytes(answer.content)
+    import_bundle(sqlite_utils.Database(laptop), str(bundle))
+    expected.insert(1, upsert_row)
+    assert todo_rows(laptop) == expected
+
     # A write through Datasette on hub B is hub B's own operation: it leaves through B's outbox.
     headers = {"Authorization": f"Bearer {b.alice}"}
     response = b.post("/hub/todos/-/insert", json={"row": {"id": 5, "title": "From the web", "done": 0}}, headers=headers)
     assert response.status_code == 201, response.text
-    expected.insert(1, {"id": 5, "title": "From the web", "done": 0})
+    expected.insert(2, {"id": 5, "title": "From the web", "done": 0})
     eventually(lambda: todo_rows(a.path) == expected)
     assert eventually(lambda: a.get("/hub/-/sync.json", headers=headers).json()["cluster"]["behind"] == 0)
     cluster = a.get("/hub/-/sync.json", headers=headers).json()["cluster"]
