@@ -18,7 +18,8 @@ many fresh ``datasette serve`` hubs (each its own SQLite file) sharing a fresh s
   ``ok``/``MISSED``, with the time the last hub took to get there after the clients stopped.
 - **propagation** (2 hubs or more): a probe device inserts a row and pushes it to hub A;
   from A's 200 the probe polls hub B's table (what B holds is what a pull from B gets) until
-  the row is there: p50/p99 over ``--probes`` pushes, on otherwise idle hubs.
+  the row is there: p50/p99 over ``--probes`` pushes, on otherwise idle hubs. Also until a
+  device watching hub B (``sqlite-utils sync --watch``) holds the row in its own table.
 
 The issue gives no numeric target for these; the script prints the numbers and checks that
 nothing is lost. On a shared machine numbers are noisy: take the median of a few runs.
@@ -29,9 +30,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import pathlib
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -149,26 +152,49 @@ def load(nats: Cluster, folder: pathlib.Path, hubs_count: int, args) -> dict:
 
 
 def propagation(hubs: list[Hub], folder: pathlib.Path, token: str, probes: int) -> dict:
-    """Push a row to hub A; time from A's answer until hub B holds it (polled over HTTP)."""
+    """Push a row to hub A; time from A's answer until hub B holds it (polled over HTTP), and
+    until a device watching hub B (``sqlite-utils sync --watch``) holds it in its table."""
     a, b = hubs[0], hubs[1]
     conn = sqlite3.connect(make_db(folder / "probe.db"), isolation_level=None)
+    watcher_path = make_db(folder / "watcher.db")
+    sync_with_hub(sqlite3.connect(watcher_path), b.db_url, token=token)
+    watcher = subprocess.Popen(
+        ["sqlite-utils", "sync", str(watcher_path), b.db_url, "--watch"],
+        env={**os.environ, "DATASETTE_SYNC_TOKEN": token},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    watched = sqlite3.connect(f"file:{watcher_path}?mode=ro", uri=True)
     headers = {"Authorization": f"Bearer {token}"}
-    times = []
-    with httpx.Client(headers=headers, timeout=10) as http:
-        for n in range(1, probes + 1):
-            conn.execute("INSERT INTO items VALUES (?, 'probe', ?)", [n, n])
-            sync_with_hub(conn, a.db_url, token=token)
-            pushed = time.monotonic()
-            url = f"{b.db_url}/items.json?id={n}&_shape=array"
-            while not http.get(url).json():
-                if time.monotonic() - pushed > 60:
-                    raise SystemExit(f"probe {n} did not reach hub {b.name} within 60 s")
-                time.sleep(0.002)
-            times.append(time.monotonic() - pushed)
-    conn.close()
-    times.sort()
+    times, watch_times = [], []
+    try:
+        time.sleep(2)  # the watcher's first waiting pull
+        with httpx.Client(headers=headers, timeout=10) as http:
+            for n in range(1, probes + 1):
+                conn.execute("INSERT INTO items VALUES (?, 'probe', ?)", [n, n])
+                sync_with_hub(conn, a.db_url, token=token)
+                pushed = time.monotonic()
+                url = f"{b.db_url}/items.json?id={n}&_shape=array"
+                at_hub = None
+                while at_hub is None or not watched.execute("SELECT 1 FROM items WHERE id = ?", [n]).fetchone():
+                    if at_hub is None and http.get(url).json():
+                        at_hub = time.monotonic() - pushed
+                    if time.monotonic() - pushed > 60:
+                        raise SystemExit(f"probe {n} did not reach hub {b.name} and its watcher within 60 s")
+                    time.sleep(0.002)
+                times.append(at_hub)
+                watch_times.append(time.monotonic() - pushed)
+    finally:
+        watcher.terminate()
+        watcher.wait(timeout=30)
+        watched.close()
+        conn.close()
+    return {"probes": probes, **percentiles(times), "watcher": percentiles(watch_times)}
+
+
+def percentiles(times: list[float]) -> dict:
+    times = sorted(times)
     return {
-        "probes": probes,
         "p50_ms": 1000 * statistics.median(times),
         "p99_ms": 1000 * times[int(0.99 * (len(times) - 1))],
         "max_ms": 1000 * times[-1],
@@ -191,6 +217,11 @@ def report(results: list[dict], args) -> None:
             print(
                 f"    propagation hub A -> hub B ({p['probes']} pushes, idle): p50 {p['p50_ms']:.0f} ms,"
                 f" p99 {p['p99_ms']:.0f} ms, max {p['max_ms']:.0f} ms"
+            )
+            w = p["watcher"]
+            print(
+                f"    a device watching hub B (sync --watch) holds the row pushed to A: p50 {w['p50_ms']:.0f} ms,"
+                f" p99 {w['p99_ms']:.0f} ms, max {w['max_ms']:.0f} ms"
             )
 
 

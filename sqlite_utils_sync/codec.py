@@ -6,8 +6,9 @@ size, or a plain image (it starts with SQLite's magic) where compressing gained 
 more than a reader accepts.
 
 A reader decompresses at most the size a frame declares, and accepts a declared size of at
-most MAX_RATIO times the frame's own size: whatever a bundle holds, decompressing it costs at
-most MAX_RATIO times its size in memory and work, one chunk at a time.
+most MAX_RATIO times the frame's own size and at most MAX_IMAGE: whatever a bundle holds,
+decompressing it costs at most MAX_RATIO times its size in work, and one chunk at a time never
+more than MAX_IMAGE of memory. A writer stores larger images (a single huge value) as they are.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ DEFAULT = ZSTD
 # level 3 or zlib at any level, in less time; level 6 saves a tenth more at five times the time.
 LEVEL = 1
 MAX_RATIO = 64
+MAX_IMAGE = 32 * 1024 * 1024  # four times the values a chunk is cut at (bundle.CHUNK_BYTES)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -32,8 +34,8 @@ def pack(image: bytes, codec: str | None) -> bytes:
     if codec is None:
         return image
     packed = zstandard.ZstdCompressor(level=LEVEL, write_content_size=True).compress(image)
-    if len(packed) >= len(image) or len(image) > MAX_RATIO * len(packed):
-        return image  # a reader would refuse the frame (see MAX_RATIO), or it gains nothing
+    if len(packed) >= len(image) or len(image) > MAX_RATIO * len(packed) or len(image) > MAX_IMAGE:
+        return image  # a reader would refuse the frame (see MAX_RATIO, MAX_IMAGE), or it gains nothing
     return packed
 
 
@@ -55,6 +57,8 @@ def unpack(data: bytes, codec: str | None, bundle_name: str) -> bytes:
         raise fail("the frame does not declare its size")
     if declared > MAX_RATIO * len(data):
         raise fail(f"it declares {declared} bytes from {len(data)}, more than {MAX_RATIO} times its size")
+    if declared > MAX_IMAGE:
+        raise fail(f"it declares {declared} bytes, more than the {MAX_IMAGE} a writer compresses")
     try:
         # zstd writes at most the declared size, and fails a frame that holds more or less.
         image = zstandard.ZstdDecompressor().decompress(data, max_output_size=declared)

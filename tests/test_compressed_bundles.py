@@ -179,6 +179,14 @@ BOMBS = {
         lambda image: zstandard.ZstdCompressor(level=1).compress(b"\0" * (64 << 20)),
         "more than 64 times its size",
     ),
+    # 40 MB from a frame of about 5 MB (within the ratio): refused before a byte is
+    # decompressed, as more than any image a writer compresses.
+    "declares 40 MB within the ratio": (
+        lambda image: zstandard.ZstdCompressor(level=1).compress(
+            random.Random(7).randbytes(40 << 20).translate(bytes(b % 2 for b in range(256)))
+        ),
+        "more than the 33554432 a writer compresses",
+    ),
     # Declares the image's size but holds 20 MB more: zstd stops at the declared size.
     "holds more than it declares": (
         lambda image: lying_frame(image + b"\0" * (20 << 20), len(image)),
