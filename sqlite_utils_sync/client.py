@@ -257,10 +257,11 @@ def _behind(ours: dict[str, int], theirs: dict[str, int]) -> bool:
     return any(seq > ours.get(device, 0) for device, seq in theirs.items())
 
 
-def may_fail_over(ex: HubError) -> bool:
-    """Whether another hub of a cluster may do what this one could not: it could not be
-    reached, timed out, failed (5xx), stayed busy through the retries, or broke off its answer.
-    A refusal (4xx) is final: every hub of a cluster applies the same permissions and checks."""
+def is_transient(ex: HubError) -> bool:
+    """Whether the hub (later, or another hub of a cluster) may do what it could not now: it
+    could not be reached, timed out, failed (5xx), stayed busy through the retries, or broke
+    off its answer. A refusal (4xx) is final: every hub of a cluster applies the same
+    permissions and checks, and asking again changes nothing."""
     if ex.reason in (errors.CONNECTION_FAILED, errors.TIMEOUT, errors.BUSY, errors.INVALID_RESPONSE):
         return True
     return ex.reason == errors.HUB_ERROR and (ex.status is None or ex.status >= 500)
@@ -350,7 +351,7 @@ def _fail_over(urls: list[str], exchange: Callable[[str], Any], on_failover: Cal
         try:
             return url, exchange(url)
         except HubError as ex:
-            if not may_fail_over(ex) or index + 1 == len(urls):
+            if not is_transient(ex) or index + 1 == len(urls):
                 raise _last_hub_error(ex, index) from None
             if on_failover is not None:
                 on_failover(url, ex, urls[index + 1])
@@ -359,7 +360,7 @@ def _fail_over(urls: list[str], exchange: Callable[[str], Any], on_failover: Cal
 
 def _last_hub_error(ex: HubError, index: int) -> HubError:
     """The error that ends a run, saying how many hubs were tried before when there were any."""
-    if index == 0 or not may_fail_over(ex):
+    if index == 0 or not is_transient(ex):
         return ex
     return HubError(ex.reason, f"{ex.message} (and the {index} hub{'s' if index > 1 else ''} before it failed too)", ex.status, ex.retry_after)
 

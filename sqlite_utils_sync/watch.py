@@ -40,7 +40,7 @@ from typing import Any, Callable
 import sqlite_utils
 
 from . import errors, protocol
-from .client import HubError, _hub_client, _request, _Run, empty_result, normalize_url, read_pulled, sync_with_hub
+from .client import HubError, _hub_client, is_transient, _request, _Run, empty_result, normalize_url, read_pulled, sync_with_hub
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, clock, max_seq, parse_duration
 from .importer import import_bundle
 from .oplog import LOCAL
@@ -55,8 +55,6 @@ MAX_BACKOFF = 30.0
 # after the first): a stream of edits costs the hub one tick import per watcher, not one per edit.
 TICK_QUIET = 3.0
 TICK_LATEST = 30.0
-# The hub may be back in a moment: these failures are retried, every other one is final.
-TRANSIENT = {errors.CONNECTION_FAILED, errors.TIMEOUT, errors.HUB_ERROR, errors.BUSY, errors.INVALID_RESPONSE}
 
 
 def watch_hub(
@@ -347,7 +345,8 @@ class _Watcher:
     # Losing and finding the hub ----------------------------------------------------------------
 
     def failed(self, ex: Exception) -> None:
-        if isinstance(ex, HubError) and ex.reason not in TRANSIENT:
+        # The hub may be back in a moment (client.is_transient); a refusal is final.
+        if isinstance(ex, HubError) and not is_transient(ex):
             raise ex
         if isinstance(ex, sqlite3.OperationalError) and not _is_busy(ex):
             raise ex

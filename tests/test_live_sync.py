@@ -236,6 +236,18 @@ def test_watcher_killed_and_restarted_loses_nothing(tmp_path, live_hub, watchers
     assert refused.stderr.strip().splitlines()[-1].startswith("Error: hub ")
     assert "refused the token" in refused.stderr and "Traceback" not in refused.stderr
 
+    # So is a hub's 409 for a retired device: not "unreachable", retried for ever.
+    retired = sync_status(sqlite3.connect(a.path))["device_id"]
+    subprocess.run([executable("sqlite-utils"), "sync-retire", str(live_hub.path), retired], check=True, env=clean_env())
+    edit(a.path, "INSERT INTO todos (id, title, done) VALUES (40, 'From a retired device', 0)")
+    refused = subprocess.run(
+        [executable("sqlite-utils"), "sync", str(a.path), live_hub.url + "/hub", "--watch", "--token", live_hub.alice],
+        capture_output=True, text=True, env=clean_env(), timeout=DEADLINE,
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert "retired" in refused.stderr.strip().splitlines()[-1]
+    assert "unreachable" not in refused.stderr and "Traceback" not in refused.stderr
+
 
 @pytest.mark.parametrize("live_hub", [0], indirect=True)
 def test_hub_that_answers_at_once_is_polled_not_spun_on(live_hub, watchers):
