@@ -226,6 +226,10 @@ class ChangeFeed:
         """Register a waiting pull of ``device`` (call :meth:`done_watching` when it ends)."""
         watcher = self.watchers.get(device)
         if watcher is None or not self._connected(watcher):
+            if len(self.watchers) > 2 * self.waiting + 100:
+                # Forget the devices gone, even if no page ever lists them: short pulls with
+                # ever new device ids must not grow this without end.
+                self.connected()
             watcher = Watcher(device, actor, since)
             self.watchers[device] = watcher
         watcher.actor, watcher.since, watcher.last_seen = actor, since, time.monotonic()
