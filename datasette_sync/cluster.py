@@ -307,7 +307,14 @@ class Member:
         try:
             await self.js.consumer_info(self.settings.stream, durable)
         except NotFoundError:
-            covered = await self.join_from_snapshot()
+            covered = await self.snapshot_info()
+            if covered:
+                # Noted before the consumer exists, imported after: the consumer holds the
+                # messages after the snapshot from now on (a purge while the snapshot is being
+                # imported would otherwise skip them), and a hub stopped in between imports it
+                # when it starts again.
+                with sync_write():
+                    await self.db.execute_write_fn(lambda conn: set_cluster_value(conn, "snapshot_due", covered))
             config = ConsumerConfig(
                 durable_name=durable,
                 filter_subject=self.subject,
@@ -318,6 +325,7 @@ class Member:
                 opt_start_seq=covered + 1 if covered else None,
             )
             await self.js.add_consumer(self.settings.stream, config)
+        await self.join_from_snapshot()
         return await self.js.pull_subscribe_bind(durable, self.settings.stream)
 
     # Publishing (pushes and the outbox) ---------------------------------------------------
@@ -575,23 +583,30 @@ class Member:
                 with contextlib.suppress(Exception):
                     await store.delete(info.name)
 
-    async def join_from_snapshot(self) -> int:
-        """Import the stored snapshot (a new hub); the stream sequence it covers (0: none)."""
-        covered = await self.snapshot_info()
-        if not covered:
-            return 0
+    async def join_from_snapshot(self) -> None:
+        """Import the stored snapshot when one is due (a new hub). A hub that held operations
+        before it joined is not marked joined: its outbox then publishes all it holds, once."""
+        due = await self.db.execute_fn(lambda conn: cluster_value(conn, "snapshot_due"))
+        if not due:
+            return
         store = await self.object_store()
         with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
             path = os.path.join(directory, "snapshot.bundle")
             with open(path, "wb") as out:
                 await store.get(snapshot_name(self.database), writeinto=out)
             options = {"alter": True, "may_relay": True, "max_clock_skew": self.max_clock_skew()}
+
+            def apply(conn):
+                empty = not is_enabled(conn) or not conn.execute("SELECT 1 FROM _sync_ops LIMIT 1").fetchone()
+                import_bundle(conn, path, **options)
+                if empty:
+                    record_joined(conn)
+                conn.execute(f"DELETE FROM {CLUSTER_TABLE} WHERE key = 'snapshot_due'")
+
             with sync_write():
-                await self.db.execute_write_fn(lambda conn: import_bundle(conn, path, **options), transaction=False)
-                await self.db.execute_write_fn(record_joined)
-        self.snapshot_seq = covered
-        log.info("datasette-sync cluster (%s): joined from the snapshot up to sequence %s", self.database, covered)
-        return covered
+                await self.db.execute_write_fn(apply, transaction=False)
+        self.snapshot_seq = max(self.snapshot_seq, due)
+        log.info("datasette-sync cluster (%s): joined from the snapshot up to sequence %s", self.database, due)
 
     # Status -------------------------------------------------------------------------------
 
@@ -779,8 +794,12 @@ def join_empty(conn) -> None:
         record_joined(conn)
 
 
+def set_cluster_value(conn, key: str, value: int) -> None:
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} (key TEXT PRIMARY KEY, value)")
+    conn.execute(f"INSERT OR REPLACE INTO {CLUSTER_TABLE} VALUES (?, ?)", [key, value])
+
+
 def record_joined(conn) -> None:
     """A hub that joined from the snapshot holds only what the cluster has, and its own
     operations (published as usual)."""
-    conn.execute(f"CREATE TABLE IF NOT EXISTS {CLUSTER_TABLE} (key TEXT PRIMARY KEY, value)")
-    conn.execute(f"INSERT OR REPLACE INTO {CLUSTER_TABLE} VALUES ('joined', 1)")
+    set_cluster_value(conn, "joined", 1)
