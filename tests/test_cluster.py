@@ -294,7 +294,8 @@ def test_a_push_is_refused_when_the_cluster_cannot_store_it(tmp_path, nats_serve
 def test_a_bundle_larger_than_a_message_goes_through_the_object_store(tmp_path, nats_server, start_hub, hub_sync, todo_rows):
     server = nats_server("max_payload: 65536\n")
     a, b = start_hub(server, "a"), start_hub(server, "b")
-    rows = [{"id": i, "title": os.urandom(15000).hex(), "done": 0} for i in range(1, 4)]  # bundles compress text
+    # Random text: compressed, each row's hex still takes about half its length (80 kB in all).
+    rows = [{"id": i, "title": os.urandom(15000).hex(), "done": 0} for i in range(1, 7)]
     phone = todos_db(tmp_path / "phone.db", rows)
     hub_sync(phone, a, a.alice)
     eventually(lambda: todo_rows(b.path) == rows)

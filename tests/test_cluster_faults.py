@@ -141,6 +141,8 @@ def test_clients_pushing_to_different_hubs_converge_with_every_hub(tmp_path, clu
     devices = [make_todos_db(tmp_path / f"d{i}.db", [{"id": 10 * i + j, "title": f"from {i}", "done": 0} for j in (1, 2)]) for i in range(3)]
     for device, hub in zip(devices, all_hubs):
         assert api_sync(device, hub, token=alice)["pushed"]["applied"] >= 2
+    # Propagation is asynchronous: the devices pull row 11 only once their hubs hold it.
+    wait_for(lambda: converged(all_hubs) and len(state(a.path)[0]) == 6, what="the first pushes to reach every hub", show=lambda: show(all_hubs))
     # The same row changed on two devices through two hubs: one conflict, the same everywhere.
     api_sync(devices[0], a, token=alice)
     api_sync(devices[1], b, token=alice)
