@@ -316,11 +316,18 @@ def test_permissions_per_database_and_per_table_hold_the_same_on_every_hub(tmp_p
     fine = make(tmp_path / "bob2.db")
     sqlite_utils.Database(fine)["todos"].insert({"id": 2, "title": "bob's", "done": 0})
     api_sync(fine, a, token=bob)
-    wait_for(lambda: hold([a, b], [(2, "bob's", 0)]), what="the allowed pushes to reach both hubs")
-    for hub in (a, b):
+    def notes(hub) -> list:
         conn = sqlite3.connect(f"file:{hub.path}?mode=ro", uri=True)
-        assert conn.execute("SELECT * FROM notes").fetchall() == [(2, "alice's note")]
-        conn.close()
+        try:
+            return conn.execute("SELECT * FROM notes").fetchall()
+        finally:
+            conn.close()
+
+    # Each push reaches the other hub on its own time: wait for both.
+    wait_for(
+        lambda: hold([a, b], [(2, "bob's", 0)]) and all(notes(hub) == [(2, "alice's note")] for hub in (a, b)),
+        what="the allowed pushes to reach both hubs",
+    )
 
 
 # (6) A new hub joining after retention purged old messages gets everything ----------------------
