@@ -2,7 +2,7 @@
 with JetStream is enough here; tests/test_cluster_faults.py kills nodes of a three-node
 cluster), real ``datasette serve`` hubs and the real ``sqlite-utils`` CLI.
 
-Convergence is asynchronous: a test waits (``eventually``) until what it asserts holds, with a
+Convergence is asynchronous: a test waits (``wait_for``) until what it asserts holds, with a
 generous deadline, and asserts contents, never how long it took.
 """
 
@@ -16,13 +16,13 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 import sqlite_utils
 
-from conftest import SECRET, _clean_env, _executable
+from conftest import SECRET, _clean_env, _executable, _free_port
+from nats_cluster import wait_for
 from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, sync_status
 from sqlite_utils_sync.protocol import encode_clock
 
@@ -34,19 +34,13 @@ STREAM = "datasette-sync"
 SUBJECT = "datasette-sync.hub.bundles"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Nats:
     """One ``nats-server -js`` on a free loopback port, with its store in a temporary folder."""
 
     def __init__(self, folder, config: str = ""):
         self.folder = folder
         self.config = config
-        self.port = free_port()
+        self.port = _free_port()
         self.proc = None
 
     @property
@@ -61,7 +55,7 @@ class Nats:
             path.write_text(self.config)
             args += ["-c", str(path)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        eventually(lambda: self.answers(), what="nats-server to accept connections")
+        wait_for(lambda: self.answers(), what="nats-server to accept connections")
         return self
 
     def answers(self) -> bool:
@@ -87,17 +81,6 @@ class Nats:
                 await nc.close()
 
         return asyncio.run(main())
-
-
-def eventually(check, timeout: float = 60.0, what: str = "the cluster to converge"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -198,7 +181,7 @@ def waiting_pull(hub, copy):
     pool = concurrent.futures.ThreadPoolExecutor(1)
     future = pool.submit(httpx.get, hub.url + "/hub/-/sync/export", params=params, headers=headers, timeout=45)
     pool.shutdown(wait=False)
-    eventually(lambda: status["device_id"] in [w["device_id"] for w in hub.get("/hub/-/sync.json", headers=headers).json()["watching"]],
+    wait_for(lambda: status["device_id"] in [w["device_id"] for w in hub.get("/hub/-/sync.json", headers=headers).json()["watching"]],
                what="the pull to wait")
     return future
 
@@ -214,7 +197,7 @@ def test_pushes_and_writes_on_one_hub_reach_the_other(tmp_path, nats_server, sta
     result = hub_sync(phone, a, a.alice)
     assert result["pushed"]["applied"] >= 1
     expected = [{"id": 1, "title": "Buy milk", "done": 0}, {"id": 9, "title": "Before the cluster", "done": 1}]
-    eventually(lambda: todo_rows(b.path) == expected)
+    wait_for(lambda: todo_rows(b.path) == expected)
     # A pull from B gives a new device what was pushed to A.
     laptop = todos_db(tmp_path / "laptop.db")
     hub_sync(laptop, b, b.alice)
@@ -239,14 +222,14 @@ def test_pushes_and_writes_on_one_hub_reach_the_other(tmp_path, nats_server, sta
     response = b.post("/hub/todos/-/insert", json={"row": {"id": 5, "title": "From the web", "done": 0}}, headers=headers)
     assert response.status_code == 201, response.text
     expected.insert(2, {"id": 5, "title": "From the web", "done": 0})
-    eventually(lambda: todo_rows(a.path) == expected)
-    assert eventually(lambda: a.get("/hub/-/sync.json", headers=headers).json()["cluster"]["behind"] == 0)
+    wait_for(lambda: todo_rows(a.path) == expected)
+    assert wait_for(lambda: a.get("/hub/-/sync.json", headers=headers).json()["cluster"]["behind"] == 0)
     cluster = a.get("/hub/-/sync.json", headers=headers).json()["cluster"]
     assert (cluster["stream"], cluster["hub"], cluster["connected"]) == (STREAM, "a", True)
     page = a.get("/hub/-/sync", headers=headers).text
     assert "stream datasette-sync, this hub a," in page and "messages behind: 0" in page
     # Both hubs hold the same operations, and the exchange came to rest.
-    eventually(lambda: sync_status(sqlite_utils.Database(a.path))["clock"] == sync_status(sqlite_utils.Database(b.path))["clock"])
+    wait_for(lambda: sync_status(sqlite_utils.Database(a.path))["clock"] == sync_status(sqlite_utils.Database(b.path))["clock"])
 
 
 def test_a_device_a_push_claimed_on_one_hub_is_owned_on_every_hub(tmp_path, nats_server, start_hub, hub_config, hub_sync, todo_rows):
@@ -257,7 +240,7 @@ def test_a_device_a_push_claimed_on_one_hub_is_owned_on_every_hub(tmp_path, nats
     a, b = start_hub(server, "a"), start_hub(server, "b")
     phone = todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
     hub_sync(phone, a, a.alice)  # alice (no sync-relay) now owns the phone's device
-    eventually(lambda: todo_rows(b.path) == todo_rows(phone))
+    wait_for(lambda: todo_rows(b.path) == todo_rows(phone))
     # Bob pushes new operations of alice's phone to hub B: refused there as on hub A.
     shutil.copy(phone, tmp_path / "stolen.db")
     stolen = sqlite_utils.Database(tmp_path / "stolen.db")
@@ -275,7 +258,7 @@ def test_a_device_a_push_claimed_on_one_hub_is_owned_on_every_hub(tmp_path, nats
 def test_a_push_is_refused_when_the_cluster_cannot_store_it(tmp_path, nats_server, start_hub, todo_rows):
     server = nats_server()
     a = start_hub(server, "a")
-    eventually(lambda: a.get("/hub/-/sync.json", headers={"Authorization": f"Bearer {a.alice}"}).json()["cluster"]["connected"])
+    wait_for(lambda: a.get("/hub/-/sync.json", headers={"Authorization": f"Bearer {a.alice}"}).json()["cluster"]["connected"])
     server.stop()
     phone = todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
     bundle = tmp_path / "phone.bundle"
@@ -298,7 +281,7 @@ def test_a_bundle_larger_than_a_message_goes_through_the_object_store(tmp_path, 
     rows = [{"id": i, "title": os.urandom(15000).hex(), "done": 0} for i in range(1, 7)]
     phone = todos_db(tmp_path / "phone.db", rows)
     hub_sync(phone, a, a.alice)
-    eventually(lambda: todo_rows(b.path) == rows)
+    wait_for(lambda: todo_rows(b.path) == rows)
     assert any("Datasette-Sync-Object" in headers and not body for _, headers, body in stream_messages(server))
 
 
@@ -314,10 +297,10 @@ def test_a_bundle_before_its_predecessor_waits_and_a_bad_one_is_dropped(tmp_path
     publish(server, b"not a bundle", "junk")
     publish(server, tmp_path / "second.bundle", "second")
     # The second bundle cannot be imported before the first: it is retried, not dropped.
-    eventually(lambda: "waits (retried)" in a.output(), what="the hub to refuse the second bundle for now")
+    wait_for(lambda: "waits (retried)" in a.output(), what="the hub to refuse the second bundle for now")
     assert todo_rows(a.path) == []
     publish(server, tmp_path / "first.bundle", "first")
-    eventually(lambda: todo_rows(a.path) == [{"id": 1, "title": "First", "done": 0}, {"id": 2, "title": "Second", "done": 0}])
+    wait_for(lambda: todo_rows(a.path) == [{"id": 1, "title": "First", "done": 0}, {"id": 2, "title": "Second", "done": 0}])
     assert "dropped" in a.output()  # the junk message, logged and not retried
 
 
@@ -335,9 +318,9 @@ def test_retention_keeps_a_snapshot_a_new_hub_starts_from(tmp_path, nats_server,
         return (await js.stream_info(STREAM)).state.first_seq
 
     # The first push (sequence 1, the only message with row 1) is gone from the stream.
-    eventually(lambda: server.ask(first_seq) > 1, what="hub a to snapshot and purge the stream")
+    wait_for(lambda: server.ask(first_seq) > 1, what="hub a to snapshot and purge the stream")
     c = start_hub(server, "c")
-    eventually(lambda: todo_rows(c.path) == expected)
+    wait_for(lambda: todo_rows(c.path) == expected)
 
 
 def test_before_commit_sees_the_result_and_can_refuse(tmp_path, todo_rows):
