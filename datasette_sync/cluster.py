@@ -1,23 +1,28 @@
 """Cluster mode: several hubs that share every bundle through NATS JetStream.
 
-Each hub keeps its own SQLite copy. A push is imported here first and, inside the import's
-transaction, published to the stream (``<stream>.<database>.bundles``, deduplicated by
-``Nats-Msg-Id`` = bundle id) before the transaction commits: the client's 200 means the
-bundle is replicated. Every hub has a durable consumer (``<hub>_<database>``) that imports
-each message's bundle, so every hub converges; a hub that was down resumes where its
-consumer stopped. The hub's own operations (knowledge ticks, resolutions, Datasette writes)
-leave through an outbox that publishes what this hub's device wrote since the last publish.
-Retention: the hub furthest along stores a full export as ``snapshot-<database>`` in the
-object store (with the stream sequence it covers) and purges the messages every consumer
-has acknowledged up to there; a new hub starts from that snapshot.
+Each hub keeps its own SQLite copy, and its synced state is a function of the stream prefix
+it has applied: every hub applies the stream's messages strictly in stream order, so each
+message meets the same state, and gets the same outcome, on every hub. A push to a hub is
+imported there as a check only (hashes, permissions, constraints, clock skew, device
+ownership); inside that check's transaction the bundle is published to the stream
+(``<stream>.<database>.bundles``, deduplicated by ``Nats-Msg-Id`` = bundle id) and the check
+is rolled back. The hub then answers from what its own consumer made of the message at its
+stream position: the import's result, or the refusal every hub recorded
+(``_sync_cluster_refused``). Every hub has a durable consumer (``<hub>_<database>``) that
+imports each message's bundle; a hub that was down resumes where its consumer stopped. The
+hub's own operations (knowledge ticks, resolutions, Datasette writes) commit locally first
+and leave through an outbox that publishes what this hub's device wrote since the last
+publish. Retention: the hub furthest along stores a full export as ``snapshot-<database>``
+in the object store (with the stream sequence it covers) and purges the messages every
+consumer has acknowledged up to there; a new hub starts from that snapshot.
 
 ``nats`` is imported only by a hub whose configuration has a ``cluster`` setting.
 """
-
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -30,7 +35,7 @@ from typing import Any, Callable
 from datasette.utils import StartupError, tilde_encode
 
 from sqlite_utils_sync import SyncError, errors, export_bundle, import_bundle, protocol
-from sqlite_utils_sync.clocks import max_seq
+from sqlite_utils_sync.clocks import MAX_CLOCK_SKEW_LIMIT, max_seq, now_iso
 from sqlite_utils_sync.devices import local_device_id
 from sqlite_utils_sync.oplog import LOCAL
 from sqlite_utils_sync.schema import is_enabled
@@ -50,13 +55,17 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 PUBLISH_TIMEOUT = 5.0  # seconds a push waits for the stream's PubAck before answering 503
 DUPLICATE_WINDOW = 120.0  # a push retried within this is stored once (the import dedupes anyway)
 ACK_WAIT = 20.0  # unacknowledged this long (a hub that died mid-import), a message is redelivered
-GAP_DELAY = 1.0  # a bundle whose predecessors have not arrived is retried after this
+RETRY_DELAY = 0.5  # a message this hub cannot import for now is retried in place after this, longer each time
 MAX_RETRY_DELAY = 30.0
+OUTCOME_WAIT = 30.0  # seconds a push waits for this hub's consumer to reach its stream position
+KEEP_OUTCOMES = 4096  # outcomes of recent stream positions kept in memory for the pushes waiting on them
+LATEST_REFUSED = 5  # refusals the overview shows
 RETENTION_CHECK = 10.0  # seconds between two looks at the other consumers by a hub that is behind
 HEADER_ROOM = 4096  # max_payload counts headers too
 OUTBOX_INTERVAL = 1.0
-# Refusals that another message (or time) can cure: the message is retried, not dropped.
-RETRYABLE = {errors.MISSING_OPERATIONS, errors.MISSING_DEPENDENCIES, errors.CLOCK_AHEAD, errors.BUSY}
+# The hub's own trouble, not the message's: the same message is retried in place. Any other
+# refusal is the same on every hub (the same message meets the same state): it is recorded.
+HUB_TROUBLE = {errors.BUSY, errors.SQLITE_ERROR, errors.SCHEMA_TOO_NEW}
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 KEYS = {"servers", "stream", "hub", "replicas", "snapshot_every"}
 
@@ -195,6 +204,10 @@ class Member:
         self.next_check = 0.0
         self.poked: asyncio.Event | None = None
         self.tasks: list[asyncio.Task] = []
+        self.handled = 0  # the highest stream sequence this hub's consumer has handled
+        self.outcomes: dict[int, Any] = {}  # stream sequence: ImportResult or the SyncError refusing it
+        self.progress: asyncio.Condition | None = None
+        self.refused: tuple[int, list[dict]] | None = None  # (count, latest), read when consuming starts
 
     @property
     def db(self):
@@ -203,6 +216,7 @@ class Member:
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.poked = asyncio.Event()
+        self.progress = asyncio.Condition()
         self.tasks = [self.loop.create_task(self.run()), self.loop.create_task(self.outbox_loop())]
 
     def poke(self) -> None:
@@ -305,7 +319,8 @@ class Member:
 
         durable = consumer_name(self.settings, self.database)
         try:
-            await self.js.consumer_info(self.settings.stream, durable)
+            info = await self.js.consumer_info(self.settings.stream, durable)
+            await self.one_at_a_time(info.config)
         except NotFoundError:
             covered = await self.snapshot_info()
             if covered:
@@ -320,7 +335,7 @@ class Member:
                 filter_subject=self.subject,
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=ACK_WAIT,
-                max_ack_pending=1000,
+                max_ack_pending=1,  # strictly in order, even when messages are redelivered
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE if covered else DeliverPolicy.ALL,
                 opt_start_seq=covered + 1 if covered else None,
             )
@@ -328,17 +343,30 @@ class Member:
         await self.join_from_snapshot()
         return await self.js.pull_subscribe_bind(durable, self.settings.stream)
 
+    async def one_at_a_time(self, config) -> None:
+        """A consumer made before messages were applied strictly in order gets max_ack_pending
+        1: after a crash, the server would otherwise deliver later messages before it
+        redelivers the unacknowledged one."""
+        if config.max_ack_pending == 1:
+            return
+        config.max_ack_pending = 1
+        try:
+            await self.js.add_consumer(self.settings.stream, config)  # same name: an update
+        except Exception as ex:
+            log.warning("datasette-sync cluster (%s): consumer not updated to max_ack_pending 1: %s", self.database, ex)
+
     # Publishing (pushes and the outbox) ---------------------------------------------------
 
-    def publish_from_thread(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool = True) -> None:
+    def publish_from_thread(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool = True) -> int:
         """Store a bundle file in the stream and wait for the PubAck; called on the write
-        thread, inside the import's transaction. Raises SyncError (cluster_unavailable)."""
+        thread, inside the import's transaction. The message's stream sequence (a bundle
+        stored already: the first copy's). Raises SyncError (cluster_unavailable)."""
         if self.loop is None or self.js is None:
             raise unavailable(self.database, "not connected to NATS yet")
         future = asyncio.run_coroutine_threadsafe(self.publish(path, bundle_id, alter, actor, relay), self.loop)
         try:
             # A big bundle goes to the object store in chunks first: allow 1 s per MB.
-            future.result(PUBLISH_TIMEOUT * 2 + os.path.getsize(path) / 1e6)
+            return future.result(PUBLISH_TIMEOUT * 2 + os.path.getsize(path) / 1e6).seq
         except Exception as ex:
             future.cancel()
             raise unavailable(self.database, f"{type(ex).__name__}: {ex}".rstrip(": ")) from ex
@@ -392,94 +420,160 @@ class Member:
     # Consuming ----------------------------------------------------------------------------
 
     async def consume(self, subscription) -> None:
+        """Apply the messages one at a time, in stream order (max_ack_pending is 1)."""
         import nats.errors
 
+        if self.refused is None:
+            self.refused = await self.db.execute_fn(refusals)
+        since_check = 0
         while True:
             try:
-                messages = await subscription.fetch(16, timeout=1)
+                messages = await subscription.fetch(1, timeout=1)
             except nats.errors.TimeoutError:
                 messages = []
             for message in messages:
                 await self.handle(message)
-            await self.after_batch(subscription)
+            since_check += len(messages)
+            if not messages or since_check >= 16:
+                since_check = 0
+                await self.after_batch(subscription)
 
     async def handle(self, message) -> None:
-        """Import one message's bundle, then ack it; NAK it (retried later) when it cannot be
-        imported yet or the hub is in trouble; term it when the bundle is bad for every hub."""
-        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
-            path = os.path.join(directory, "stream.bundle")
-            if not await self.fetch_body(message, path):
-                return
-            heartbeat = asyncio.create_task(keep_in_progress(message))
-            try:
-                outcome, result = await self.import_file(message, path)
-            finally:
-                heartbeat.cancel()
-        if outcome == "retry":
-            await message.nak(delay=retry_delay(message))
-        elif outcome == "drop":
-            await message.term()
-        else:
-            await message.ack()
-            if not result.skipped:
-                self.poke()  # the import wrote a knowledge tick of this hub's device
-                notify_live(self.datasette, self.database)
+        """Apply one message and ack it. The hub's own trouble (a lock, a full disk, the object
+        store not answering) retries the same message in place: nothing after it is applied
+        first. A refusal is recorded (every hub refuses it alike) and the message acked.
 
-    async def fetch_body(self, message, path: str) -> bool:
-        """Write the message's bundle to ``path`` (from the object store for a big one)."""
+        A gap in a device's operations is a refusal too: a hub publishes a push only after its
+        check imported it, which needs the device's earlier operations held there, i.e.
+        imported from earlier messages (or published by that hub before). So a bundle's
+        predecessors are always earlier in the stream, and a message that lacks them lacks them
+        on every hub."""
+        seq = sequence(message)
+        if seq is not None and seq <= self.handled:
+            await message.ack()  # redelivered after this hub handled it (its ack was lost)
+            return
+        heartbeat = asyncio.create_task(keep_in_progress(message))
+        try:
+            outcome = await self.apply_in_place(message)
+        finally:
+            heartbeat.cancel()
+        await message.ack()
+        self.behind = pending(message)
+        await self.settle(seq, outcome)
+        if isinstance(outcome, SyncError):
+            return
+        if not outcome.skipped:
+            self.poke()  # the import wrote a knowledge tick of this hub's device
+            notify_live(self.datasette, self.database)
+
+    async def apply_in_place(self, message):
+        """The message's ImportResult, or the SyncError refusing it (recorded)."""
+        for attempt in itertools.count(1):
+            try:
+                return await self.apply(message)
+            except HubTrouble as ex:
+                if attempt == 1 or attempt % 10 == 0:
+                    self.warn(message, f"waits (retried in place): {ex}")
+                await asyncio.sleep(min(RETRY_DELAY * attempt, MAX_RETRY_DELAY))
+
+    async def apply(self, message):
+        with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+            path = os.path.join(directory, "upload.bundle")  # named as a push's is: the refusal reads the same
+            outcome = await self.fetch_body(message, path)
+            if outcome is None:
+                outcome = await self.import_file(message, path)
+        if isinstance(outcome, SyncError):
+            self.warn(message, f"refused: {outcome}")
+            record = (sequence(message) or 0, (message.headers or {}).get(MSG_ID_HEADER), outcome)
+            try:
+                with sync_write():
+                    await self.db.execute_write_fn(lambda conn: record_refusal(conn, *record))
+            except sqlite3.Error as ex:
+                raise HubTrouble(f"the refusal could not be recorded: {ex}") from ex
+            self.refused = await self.db.execute_fn(refusals)
+        return outcome
+
+    async def settle(self, seq: int | None, outcome) -> None:
+        """Note the outcome of stream position ``seq`` and wake the pushes waiting for it."""
+        if seq is None:
+            return
+        self.outcomes[seq] = outcome
+        while len(self.outcomes) > KEEP_OUTCOMES:
+            del self.outcomes[next(iter(self.outcomes))]  # the oldest: seqs arrive in order
+        self.handled = max(self.handled, seq)
+        async with self.progress:
+            self.progress.notify_all()
+
+    async def outcome(self, ordered: "Ordered"):
+        """The ImportResult of the push published at ``ordered.seq`` once this hub's consumer
+        has applied it there; raises the refusal, or cluster_unavailable (the bundle is stored
+        and will be applied) when the consumer does not get there within OUTCOME_WAIT."""
+        try:
+            async with self.progress:
+                await asyncio.wait_for(self.progress.wait_for(lambda: self.handled >= ordered.seq), OUTCOME_WAIT)
+        except asyncio.TimeoutError:
+            raise not_applied_yet(self.database) from None
+        found = self.outcomes.get(ordered.seq)
+        if found is None:
+            found = await self.db.execute_fn(lambda conn: refusal_of(conn, ordered.seq))
+        if isinstance(found, SyncError):
+            raise found
+        # None: applied long ago (a push repeated past the duplicate window) or by a snapshot.
+        return ordered.result if found is None else found
+
+    async def fetch_body(self, message, path: str) -> SyncError | None:
+        """Write the message's bundle to ``path`` (from the object store for a big one); the
+        refusal when the object is gone."""
         from nats.js.errors import NotFoundError
 
         name = (message.headers or {}).get(OBJECT_HEADER)
         if not name:
-            await asyncio.to_thread(write_file, path, message.data or b"")
-            return True
+            try:
+                await asyncio.to_thread(write_file, path, message.data or b"")
+            except OSError as ex:
+                raise HubTrouble(f"the bundle could not be written to a temporary file: {ex}") from ex
+            return None
         try:
             store = await self.object_store()
             with open(path, "wb") as out:
                 await store.get(name, writeinto=out)
-            return True
+            return None
         except NotFoundError:
-            self.warn(message, f"dropped: its bundle {name} is not in the object store")
-            await message.term()
+            return SyncError(errors.INVALID_BUNDLE, f"Bundle {name} is not in the object store: nothing was imported")
         except Exception as ex:
-            self.warn(message, f"waits (retried): the object store did not answer ({type(ex).__name__})")
-            await message.nak(delay=retry_delay(message))
-        return False
+            raise HubTrouble(f"the object store did not answer ({type(ex).__name__})") from ex
 
-    async def import_file(self, message, path: str) -> tuple[str, Any]:
-        """("ok", result), ("retry", None) or ("drop", None), having logged why."""
+    async def import_file(self, message, path: str):
+        """Import with the options the push had, deterministically: no clock-skew limit (the
+        hub that took the push checked it against its clock) and no table permissions (it
+        checked those too). A pusher without sync-relay claims its devices here as it did
+        there, in stream order: the first claim wins, a later one is refused alike on every hub."""
         headers = message.headers or {}
         options = {
             "alter": headers.get(ALTER_HEADER) == "1",
             "actor": headers.get(ACTOR_HEADER),
-            "may_relay": True,  # the hub that took the push checked who may send what
-            "max_clock_skew": self.max_clock_skew(),
+            "may_relay": headers.get(RELAY_HEADER) != "0",
+            "max_clock_skew": MAX_CLOCK_SKEW_LIMIT,
         }
-        claimant = options["actor"] if headers.get(RELAY_HEADER) == "0" else None
         try:
             with sync_write():
-                result = await self.db.execute_write_fn(
-                    lambda conn: import_claiming(conn, path, claimant, options), transaction=False
+                return await self.db.execute_write_fn(
+                    lambda conn: import_bundle(conn, path, **options), transaction=False
                 )
-            return "ok", result
         except SyncError as ex:
-            if ex.reason in RETRYABLE:
-                self.warn(message, f"waits (retried): {ex}")
-                return "retry", None
-            self.warn(message, f"dropped: {ex}")
-            return "drop", None
+            if ex.reason in HUB_TROUBLE:
+                raise HubTrouble(str(ex)) from ex
+            return ex
         except sqlite3.Error as ex:
             from .views import import_sqlite_refusal
 
             refusal = import_sqlite_refusal(ex, self.database)
-            if refusal.reason == errors.INVALID_BUNDLE:
-                self.warn(message, f"dropped: {refusal}")
-                return "drop", None
-            self.warn(message, f"waits (retried): {refusal}")
-            return "retry", None
-        except Exception:
-            log.exception("datasette-sync cluster (%s): message %s dropped", self.database, sequence(message))
-            return "drop", None
+            if refusal.reason != errors.INVALID_BUNDLE:
+                raise HubTrouble(str(refusal)) from ex
+            return SyncError(refusal.reason, str(refusal))
+        except Exception as ex:
+            log.exception("datasette-sync cluster (%s): message %s could not be imported", self.database, sequence(message))
+            return SyncError(errors.INVALID_BUNDLE, f"Bundle could not be read ({type(ex).__name__}): nothing was imported")
 
     def warn(self, message, what: str) -> None:
         log.warning("datasette-sync cluster (%s): message %s %s", self.database, sequence(message), what)
@@ -619,7 +713,43 @@ class Member:
             "connected": connected,
             "behind": self.behind,
             "error": self.error,
+            "refused": self.refused[0] if self.refused else 0,
+            "latest_refused": self.refused[1] if self.refused else [],
         }
+
+
+class Ordered(Exception):
+    """Raised by a push's ``before_commit`` once its bundle is in the stream at ``seq``: the
+    check is rolled back, and the push is answered from what the consumer makes of ``seq``."""
+
+    def __init__(self, seq: int, result):
+        super().__init__(f"published at stream sequence {seq}")
+        self.seq = seq
+        self.result = result
+
+
+class HubTrouble(Exception):
+    """This hub cannot apply a message for now (its own trouble, not the message's)."""
+
+
+async def outcome(datasette, database: str, ordered: Ordered):
+    return await member(datasette, database).outcome(ordered)
+
+
+def not_applied_yet(database: str) -> SyncError:
+    return SyncError(
+        errors.CLUSTER_UNAVAILABLE,
+        f"The cluster stored the bundle, but this hub has not applied it to {database} yet: it will be. "
+        f"Retry in {protocol.CLUSTER_RETRY_SECONDS} seconds (pushing it again is safe) to get its result",
+    )
+
+
+def pending(message) -> int | None:
+    """Messages of the consumer after this one."""
+    try:
+        return message.metadata.num_pending
+    except Exception:
+        return None
 
 
 def unavailable(database: str, why: str) -> SyncError:
@@ -643,11 +773,6 @@ async def keep_in_progress(message) -> None:
         await asyncio.sleep(ACK_WAIT / 3)
         with contextlib.suppress(Exception):
             await message.in_progress()
-
-
-def retry_delay(message) -> float:
-    """Seconds before a message that could not be imported yet comes back: longer each time."""
-    return min(GAP_DELAY * message.metadata.num_delivered, MAX_RETRY_DELAY)
 
 
 def parse_time(value) -> float | None:
@@ -691,8 +816,9 @@ def notify_live(datasette, database: str) -> None:
 
 
 def before_commit(datasette, database: str, path: str, options: dict) -> Callable | None:
-    """The import's ``before_commit`` for a push to a cluster hub (None otherwise): publish
-    the pushed bundle when it brought something new, so it is stored before it is committed."""
+    """The import's ``before_commit`` for a push to a cluster hub (None otherwise). The import
+    was the push's check: when it brought something new, publish the bundle and raise Ordered,
+    which rolls the check back; the push is applied where the stream orders it."""
     this = member(datasette, database)
     if this is None:
         return None
@@ -700,7 +826,7 @@ def before_commit(datasette, database: str, path: str, options: dict) -> Callabl
     def publish(result) -> None:
         if result.applied or result.withheld:
             alter, actor, relay = options.get("alter", False), options.get("actor"), options.get("may_relay", True)
-            this.publish_from_thread(path, result.bundle_id, alter, actor, relay)
+            raise Ordered(this.publish_from_thread(path, result.bundle_id, alter, actor, relay), result)
         this.poke()
 
     return publish
@@ -709,26 +835,6 @@ def before_commit(datasette, database: str, path: str, options: dict) -> Callabl
 def status(datasette, database: str) -> dict[str, Any] | None:
     this = member(datasette, database)
     return None if this is None else this.status()
-
-
-def import_claiming(conn, path: str, claimant: str | None, options: dict):
-    """Import a bundle from the stream. Its hub checked who may push what; when the pusher
-    could not relay, it came to own the devices it added operations of there, so it does here
-    too (claims only: a device owned already keeps its owner, nothing is refused)."""
-    if claimant is None or not is_enabled(conn):
-        return import_bundle(conn, path, **options)
-    from sqlite_utils_sync.clocks import clock, now_iso
-
-    before = clock(conn)
-
-    def claim(result) -> None:
-        own = local_device_id(conn)
-        grown = [device for device, seq in result.clock.items() if seq > before.get(device, 0) and device != own]
-        conn.executemany(
-            "INSERT OR IGNORE INTO _sync_device_actors VALUES (?, ?, ?)", [(d, claimant, now_iso()) for d in grown]
-        )
-
-    return import_bundle(conn, path, before_commit=claim, **options)
 
 
 # The outbox's bookkeeping, in ``_sync_cluster`` (made when first needed) ---------------------
@@ -803,3 +909,44 @@ def record_joined(conn) -> None:
     """A hub that joined from the snapshot holds only what the cluster has, and its own
     operations (published as usual)."""
     set_cluster_value(conn, "joined", 1)
+
+
+# Refusals, in ``_sync_cluster_refused`` (made when first needed) -----------------------------
+
+REFUSED_TABLE = "_sync_cluster_refused"
+
+
+def record_refusal(conn, seq: int, bundle_id: str | None, refusal: SyncError) -> None:
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {REFUSED_TABLE} (seq INTEGER PRIMARY KEY, bundle_id TEXT, reason TEXT NOT NULL, "
+        "message TEXT NOT NULL, refused_at TEXT NOT NULL)"
+    )
+    conn.execute(
+        f"INSERT OR IGNORE INTO {REFUSED_TABLE} VALUES (?, ?, ?, ?, ?)",
+        [seq, bundle_id, refusal.reason, refusal.message, now_iso()],
+    )
+
+
+def has_refused(conn) -> bool:
+    found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [REFUSED_TABLE])
+    return found.fetchone() is not None
+
+
+def refusals(conn) -> tuple[int, list[dict]]:
+    """How many messages this hub refused, and the latest few."""
+    if not has_refused(conn):
+        return 0, []
+    count = conn.execute(f"SELECT count(*) FROM {REFUSED_TABLE}").fetchone()[0]
+    rows = conn.execute(
+        f"SELECT seq, bundle_id, reason, message, refused_at FROM {REFUSED_TABLE} ORDER BY seq DESC LIMIT ?",
+        [LATEST_REFUSED],
+    )
+    keys = ("seq", "bundle_id", "reason", "message", "refused_at")
+    return count, [dict(zip(keys, row)) for row in rows]
+
+
+def refusal_of(conn, seq: int) -> SyncError | None:
+    if not has_refused(conn):
+        return None
+    row = conn.execute(f"SELECT reason, message FROM {REFUSED_TABLE} WHERE seq = ?", [seq]).fetchone()
+    return None if row is None else SyncError(*row)

@@ -1031,8 +1031,10 @@ def validate_bundle(path: str) -> list[str]:
 
 async def import_pushed(datasette, actor, db, path: str, options: dict, alter_denied: bool = False):
     """Check every hash of the pushed bundle off the event loop, so a bad bundle never takes
-    a turn on the write thread, then import it there. Raises the engine's SyncError, or an
-    EndpointError for an SQLite error (import_sqlite_refusal) or anything else."""
+    a turn on the write thread, then import it there. On a cluster hub that import is only
+    the check: a push it accepts is published and answered from what this hub's consumer
+    makes of it at its stream position (cluster.Ordered). Raises the engine's SyncError, or
+    an EndpointError for an SQLite error (import_sqlite_refusal) or anything else."""
     try:
         tables = await asyncio.to_thread(validate_bundle, path)
         if alter_denied and tables:
@@ -1041,11 +1043,14 @@ async def import_pushed(datasette, actor, db, path: str, options: dict, alter_de
         logged = await db.execute_fn(queries.logged_tables)
         authorize = write_authorizer(await table_access(datasette, actor, db.name, [*logged, *tables]))
         stored = cluster.before_commit(datasette, db.name, path, options)  # None unless a cluster hub
-        with sync_write():
-            return await db.execute_write_fn(
-                lambda conn: import_bundle(conn, path, authorize=authorize, before_commit=stored, **options),
-                transaction=False,
-            )
+        try:
+            with sync_write():
+                return await db.execute_write_fn(
+                    lambda conn: import_bundle(conn, path, authorize=authorize, before_commit=stored, **options),
+                    transaction=False,
+                )
+        except cluster.Ordered as ordered:
+            return await cluster.outcome(datasette, db.name, ordered)
     except SyncError as ex:
         if ex.reason == errors.CLUSTER_UNAVAILABLE:
             raise EndpointError(ex.message, ex.reason, {protocol.RETRY_AFTER_HEADER: str(protocol.CLUSTER_RETRY_SECONDS)})

@@ -1,0 +1,149 @@
+"""Cluster hubs apply every push in stream order, so a push one hub accepts and another must
+refuse gets the same outcome on every hub (real nats-server, real hubs; fixtures from
+tests/test_cluster.py). Pushes go to two hubs at the same moment (threads and a barrier):
+whichever order the stream gives them, exactly one is taken and both hubs agree."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import threading
+
+import httpx
+import pytest
+import sqlite_utils
+
+from nats_cluster import wait_for
+from sqlite_utils_sync import enable_sync, export_bundle
+from test_cluster import alice_token, cluster_config, nats_server  # noqa: F401 (nats_server: a fixture)
+
+pytest.importorskip("nats")
+
+
+def tags_db(path):
+    """A synced ``todos`` whose title is UNIQUE."""
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT UNIQUE, done INTEGER)")
+    conn.close()
+    enable_sync(sqlite_utils.Database(path), ["todos"])
+    return path
+
+
+@pytest.fixture
+def two_hubs(tmp_path, nats_server, datasette_server, hub_config):  # noqa: F811
+    def start(config=hub_config):
+        server = nats_server()
+        hubs = []
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            path = tags_db(tmp_path / name / "hub.db")
+            hub = datasette_server([path], cluster_config(config, server.url, name))
+            hub.path, hub.name = path, name
+            hubs.append(hub)
+        for hub in hubs:
+            wait_for(lambda: cluster_status(hub)["connected"], what=f"hub {hub.name} to join")
+        return hubs
+
+    return start
+
+
+def cluster_status(hub) -> dict:
+    return hub.get("/hub/-/sync.json", headers={"Authorization": f"Bearer {alice_token()}"}).json()["cluster"]
+
+
+def at_once(pushes) -> list[httpx.Response]:
+    """POST each (hub, bundle path, actor) push from its own thread, released together."""
+    barrier = threading.Barrier(len(pushes))
+    answers = [None] * len(pushes)
+
+    def push(index, hub, bundle, actor):
+        body = bundle.read_bytes()
+        barrier.wait()
+        answers[index] = hub.post("/hub/-/sync/import", content=body, headers={"Authorization": f"Bearer {alice_token(actor)}"})
+
+    threads = [threading.Thread(target=push, args=(i, *p)) for i, p in enumerate(pushes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return answers
+
+
+def table(path, sql="SELECT * FROM todos ORDER BY id") -> list:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+def settled(hubs) -> list[dict]:
+    """Once every hub has handled every message and holds the same rows: their refusals."""
+
+    def same():
+        statuses = [cluster_status(hub) for hub in hubs]
+        return all(s["behind"] == 0 for s in statuses) and len({repr(table(h.path)) for h in hubs}) == 1
+
+    wait_for(same, what="both hubs to handle every message", show=lambda: [(cluster_status(h), table(h.path)) for h in hubs])
+    keys = ("seq", "bundle_id", "reason", "message")
+    refused = [[{k: r[k] for k in keys} for r in cluster_status(hub)["latest_refused"]] for hub in hubs]
+    assert refused[0] == refused[1]
+    return refused[0]
+
+
+def test_a_unique_value_pushed_to_two_hubs_at_once_is_taken_once_everywhere(tmp_path, two_hubs, hub_sync):
+    a, b = two_hubs()
+    losers = []
+    for n in range(3):
+        pushes = []
+        for hub in (a, b):
+            phone = tags_db(tmp_path / f"{hub.name}-{n}.db")
+            sqlite_utils.Database(phone)["todos"].insert({"id": 10 * n + ord(hub.name), "title": f"same {n}", "done": 0})
+            export_bundle(sqlite_utils.Database(phone), tmp_path / f"{hub.name}-{n}.bundle")
+            pushes.append((hub, tmp_path / f"{hub.name}-{n}.bundle", "alice"))
+        answers = at_once(pushes)
+        codes = sorted(answer.status_code for answer in answers)
+        assert codes == [200, 400], [answer.text for answer in answers]  # a single hub's status for it
+        refused = next(answer for answer in answers if answer.status_code == 400).json()
+        assert refused["reason"] == "constraint_failed"
+        assert "UNIQUE constraint failed: todos.title" in refused["error"]
+        losers.append(tmp_path / f"{'b' if answers[0].status_code == 200 else 'a'}-{n}.db")
+        assert refused["error"].startswith("Bundle upload.bundle cannot be applied: UNIQUE constraint failed: todos.title")
+    refusals = settled([a, b])
+    assert all(r["reason"] == "constraint_failed" for r in refusals)
+    assert [title for _, title, _ in table(a.path)] == ["same 0", "same 1", "same 2"]
+
+    # A refused push blocks nothing: each losing device renames its row and syncs (with either hub).
+    for n, loser in enumerate(losers):
+        sqlite_utils.Database(loser)["todos"].update(table(loser)[0][0], {"title": f"other {n}"})
+        assert hub_sync(loser, (a, b)[n % 2], alice_token())["pushed"]["applied"] >= 1
+    assert settled([a, b]) == refusals
+    assert sorted(title for _, title, _ in table(b.path)) == ["other 0", "other 1", "other 2", "same 0", "same 1", "same 2"]
+    page = a.get("/hub/-/sync", headers={"Authorization": f"Bearer {alice_token()}"}).text
+    if refusals:
+        assert "Refused messages" in page and "UNIQUE constraint failed: todos.title" in page
+
+
+def test_one_device_claimed_by_two_actors_on_two_hubs_at_once_has_one_owner(tmp_path, two_hubs, hub_config):
+    permissions = hub_config["databases"]["hub"]["permissions"]
+    for action in ("sync-import", "insert-row", "update-row"):
+        permissions[action]["id"] = [*permissions[action]["id"], "bob"]
+    a, b = two_hubs(hub_config)
+    phone = tags_db(tmp_path / "phone.db")
+    sqlite_utils.Database(phone)["todos"].insert({"id": 1, "title": "Buy milk", "done": 0})
+    shutil.copy(phone, tmp_path / "copy.db")  # the same device id, written on by bob
+    sqlite_utils.Database(phone)["todos"].insert({"id": 2, "title": "Alice's", "done": 0})
+    sqlite_utils.Database(tmp_path / "copy.db")["todos"].insert({"id": 3, "title": "Bob's", "done": 0})
+    export_bundle(sqlite_utils.Database(phone), tmp_path / "alice.bundle")
+    export_bundle(sqlite_utils.Database(tmp_path / "copy.db"), tmp_path / "bob.bundle")
+    answers = at_once([(a, tmp_path / "alice.bundle", "alice"), (b, tmp_path / "bob.bundle", "bob")])
+    codes = sorted(answer.status_code for answer in answers)
+    assert codes[0] == 200 and codes[1] in (400, 403), [answer.text for answer in answers]
+    winner = "alice" if answers[0].status_code == 200 else "bob"
+    refused = answers[1 if winner == "alice" else 0].json()
+    assert refused["reason"] in ("device_id_clash", "device_owned")
+    settled([a, b])
+    owners = [table(hub.path, "SELECT actor FROM _sync_device_actors") for hub in (a, b)]
+    assert owners == [[(winner,)], [(winner,)]]
+    kept = {"alice": "Alice's", "bob": "Bob's"}[winner]
+    assert [title for _, title, _ in table(a.path)] == ["Buy milk", kept]
