@@ -18,6 +18,7 @@ consumer has acknowledged up to there; a new hub starts from that snapshot.
 
 ``nats`` is imported only by a hub whose configuration has a ``cluster`` setting.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -471,7 +472,7 @@ class Member:
         for attempt in itertools.count(1):
             try:
                 return await self.apply(message)
-            except HubTrouble as ex:
+            except (HubTrouble, OSError) as ex:  # OSError: no room for the bundle's temporary file
                 if attempt == 1 or attempt % 10 == 0:
                     self.warn(message, f"waits (retried in place): {ex}")
                 await asyncio.sleep(min(RETRY_DELAY * attempt, MAX_RETRY_DELAY))
