@@ -15,7 +15,7 @@ import sqlite_utils
 
 from nats_cluster import wait_for
 from sqlite_utils_sync import enable_sync, export_bundle, sync_status
-from test_cluster import alice_token, cluster_config, nats_server  # noqa: F401 (nats_server: a fixture)
+from test_cluster import alice_token, cluster_config, nats_server, publish  # noqa: F401 (nats_server: a fixture)
 
 pytest.importorskip("nats")
 
@@ -38,7 +38,7 @@ def two_hubs(tmp_path, nats_server, datasette_server, hub_config):  # noqa: F811
             (tmp_path / name).mkdir()
             path = tags_db(tmp_path / name / "hub.db")
             hub = datasette_server([path], cluster_config(config, server.url, name))
-            hub.path, hub.name = path, name
+            hub.path, hub.name, hub.nats = path, name, server
             hubs.append(hub)
         for hub in hubs:
             wait_for(lambda: cluster_status(hub)["connected"], what=f"hub {hub.name} to join")
@@ -94,7 +94,14 @@ def settled(hubs) -> list[dict]:
 
 def test_a_unique_value_pushed_to_two_hubs_at_once_is_taken_once_everywhere(tmp_path, two_hubs, hub_sync):
     a, b = two_hubs()
-    losers = []
+    # Two clashing bundles straight into the stream (no hub checked them): both hubs take the
+    # first and record the second as refused, alike.
+    for name in ("first", "second"):
+        phone = tags_db(tmp_path / f"{name}.db")
+        sqlite_utils.Database(phone)["todos"].insert({"id": 100 + len(name), "title": "in the stream", "done": 0})
+        export_bundle(sqlite_utils.Database(phone), tmp_path / f"{name}.bundle")
+        publish(a.nats, tmp_path / f"{name}.bundle", name)
+    losers = [tmp_path / "second.db"]
     for n in range(3):
         pushes = []
         for hub in (a, b):
@@ -111,19 +118,18 @@ def test_a_unique_value_pushed_to_two_hubs_at_once_is_taken_once_everywhere(tmp_
         losers.append(tmp_path / f"{'b' if answers[0].status_code == 200 else 'a'}-{n}.db")
         assert refused["error"].startswith("Bundle upload.bundle cannot be applied: UNIQUE constraint failed: todos.title")
     refusals = settled([a, b])
-    print("refused by the consumers:", len(refusals))
-    assert all(r["reason"] == "constraint_failed" for r in refusals)
-    assert [title for _, title, _ in table(a.path)] == ["same 0", "same 1", "same 2"]
+    assert refusals[-1]["bundle_id"] == "second" and all(r["reason"] == "constraint_failed" for r in refusals)
+    assert sorted(title for _, title, _ in table(a.path)) == ["in the stream", "same 0", "same 1", "same 2"]
 
     # A refused push blocks nothing: each losing device renames its row and syncs (with either hub).
     for n, loser in enumerate(losers):
         sqlite_utils.Database(loser)["todos"].update(table(loser)[0][0], {"title": f"other {n}"})
         assert hub_sync(loser, (a, b)[n % 2], alice_token())["pushed"]["applied"] >= 1
     assert settled([a, b]) == refusals
-    assert sorted(title for _, title, _ in table(b.path)) == ["other 0", "other 1", "other 2", "same 0", "same 1", "same 2"]
+    titles = sorted(title for _, title, _ in table(b.path))
+    assert titles == ["in the stream", "other 0", "other 1", "other 2", "other 3", "same 0", "same 1", "same 2"]
     page = a.get("/hub/-/sync", headers={"Authorization": f"Bearer {alice_token()}"}).text
-    if refusals:
-        assert "Refused messages" in page and "UNIQUE constraint failed: todos.title" in page
+    assert "Refused messages" in page and "UNIQUE constraint failed: todos.title" in page
 
 
 def test_one_device_claimed_by_two_actors_on_two_hubs_at_once_has_one_owner(tmp_path, two_hubs, hub_config):
