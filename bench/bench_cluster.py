@@ -19,7 +19,9 @@ many fresh ``datasette serve`` hubs (each its own SQLite file) sharing a fresh s
 - **propagation** (2 hubs or more): a probe device inserts a row and pushes it to hub A;
   from A's 200 the probe polls hub B's table (what B holds is what a pull from B gets) until
   the row is there: p50/p99 over ``--probes`` pushes, on otherwise idle hubs. Also until a
-  device watching hub B (``sqlite-utils sync --watch``) holds the row in its own table.
+  device watching hub B (``sqlite-utils sync --watch``) holds the row in its own table. The
+  probe's own sync with hub A (pull, then the push answered once A applied it at its place
+  in the stream) is timed too: the push latency of an idle cluster.
 
 The issue gives no numeric target for these; the script prints the numbers and checks that
 nothing is lost. On a shared machine numbers are noisy: take the median of a few runs.
@@ -166,14 +168,16 @@ def propagation(hubs: list[Hub], folder: pathlib.Path, token: str, probes: int) 
     )
     watched = sqlite3.connect(f"file:{watcher_path}?mode=ro", uri=True)
     headers = {"Authorization": f"Bearer {token}"}
-    times, watch_times = [], []
+    times, watch_times, sync_times = [], [], []
     try:
         time.sleep(2)  # the watcher's first waiting pull
         with httpx.Client(headers=headers, timeout=10) as http:
             for n in range(1, probes + 1):
                 conn.execute("INSERT INTO items VALUES (?, 'probe', ?)", [n, n])
+                started = time.monotonic()
                 sync_with_hub(conn, a.db_url, token=token)
                 pushed = time.monotonic()
+                sync_times.append(pushed - started)
                 url = f"{b.db_url}/items.json?id={n}&_shape=array"
                 at_hub = None
                 while at_hub is None or not watched.execute("SELECT 1 FROM items WHERE id = ?", [n]).fetchone():
@@ -189,7 +193,7 @@ def propagation(hubs: list[Hub], folder: pathlib.Path, token: str, probes: int) 
         watcher.wait(timeout=30)
         watched.close()
         conn.close()
-    return {"probes": probes, **percentiles(times), "watcher": percentiles(watch_times)}
+    return {"probes": probes, **percentiles(times), "watcher": percentiles(watch_times), "sync": percentiles(sync_times)}
 
 
 def percentiles(times: list[float]) -> dict:
@@ -217,6 +221,11 @@ def report(results: list[dict], args) -> None:
             print(
                 f"    propagation hub A -> hub B ({p['probes']} pushes, idle): p50 {p['p50_ms']:.0f} ms,"
                 f" p99 {p['p99_ms']:.0f} ms, max {p['max_ms']:.0f} ms"
+            )
+            s = p["sync"]
+            print(
+                f"    the probe's own sync with hub A (pull, push of one row, answer): p50 {s['p50_ms']:.0f} ms,"
+                f" p99 {s['p99_ms']:.0f} ms, max {s['max_ms']:.0f} ms"
             )
             w = p["watcher"]
             print(
