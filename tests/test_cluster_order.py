@@ -1,10 +1,11 @@
 """Cluster hubs apply every push in stream order, so a push one hub accepts and another must
-refuse gets the same outcome on every hub (real nats-server, real hubs; fixtures from
-tests/test_cluster.py). Pushes go to two hubs at the same moment (threads and a barrier):
-whichever order the stream gives them, exactly one is taken and both hubs agree."""
+refuse gets the same outcome on every hub (a real nats-server from tests/nats_cluster.py,
+real hubs). Pushes go to two hubs at the same moment (threads and a barrier): whichever
+order the stream gives them, exactly one is taken and both hubs agree."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sqlite3
 import threading
@@ -13,11 +14,27 @@ import httpx
 import pytest
 import sqlite_utils
 
-from nats_cluster import wait_for
+from conftest import SECRET
+from nats_cluster import Cluster, cluster_config, missing, wait_for
 from sqlite_utils_sync import enable_sync, export_bundle, sync_status
-from test_cluster import alice_token, cluster_config, nats_server, publish  # noqa: F401 (nats_server: a fixture)
 
-pytest.importorskip("nats")
+pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
+SUBJECT = "datasette-sync.hub.bundles"
+_tokens = {}
+
+
+def token(actor: str = "alice") -> str:
+    """A token of ``actor``, made in process (the create-token CLI costs seconds)."""
+    if actor not in _tokens:
+        from datasette.app import Datasette
+
+        async def make():
+            datasette = Datasette(secret=SECRET)
+            await datasette.invoke_startup()
+            return await datasette.create_token(actor)
+
+        _tokens[actor] = asyncio.run(make())
+    return _tokens[actor]
 
 
 def tags_db(path):
@@ -30,15 +47,21 @@ def tags_db(path):
 
 
 @pytest.fixture
-def two_hubs(tmp_path, nats_server, datasette_server, hub_config):  # noqa: F811
+def nats(tmp_path):
+    cluster = Cluster(tmp_path / "nats", size=1).start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def two_hubs(tmp_path, nats, datasette_server, hub_config):
     def start(config=hub_config):
-        server = nats_server()
         hubs = []
         for name in ("a", "b"):
             (tmp_path / name).mkdir()
             path = tags_db(tmp_path / name / "hub.db")
-            hub = datasette_server([path], cluster_config(config, server.url, name))
-            hub.path, hub.name, hub.nats = path, name, server
+            hub = datasette_server([path], cluster_config(config, nats.urls, name))
+            hub.path, hub.name = path, name
             hubs.append(hub)
         for hub in hubs:
             wait_for(lambda: cluster_status(hub)["connected"], what=f"hub {hub.name} to join")
@@ -48,14 +71,14 @@ def two_hubs(tmp_path, nats_server, datasette_server, hub_config):  # noqa: F811
 
 
 def cluster_status(hub) -> dict:
-    return hub.get("/hub/-/sync.json", headers={"Authorization": f"Bearer {alice_token()}"}).json()["cluster"]
+    return hub.get("/hub/-/sync.json", headers={"Authorization": f"Bearer {token()}"}).json()["cluster"]
 
 
 def at_once(pushes) -> list[httpx.Response]:
     """POST each (hub, bundle path, actor) push from its own thread, released together."""
     barrier = threading.Barrier(len(pushes))
     answers = [None] * len(pushes)
-    tokens = {actor: alice_token(actor) for _, _, actor in pushes}
+    tokens = {actor: token(actor) for _, _, actor in pushes}
 
     def push(index, hub, bundle, actor):
         body, headers = bundle.read_bytes(), {"Authorization": f"Bearer {tokens[actor]}"}
@@ -92,7 +115,7 @@ def settled(hubs) -> list[dict]:
     return refused[0]
 
 
-def test_a_unique_value_pushed_to_two_hubs_at_once_is_taken_once_everywhere(tmp_path, two_hubs, hub_sync):
+def test_a_unique_value_pushed_to_two_hubs_at_once_is_taken_once_everywhere(tmp_path, nats, two_hubs, hub_sync):
     a, b = two_hubs()
     # Two clashing bundles straight into the stream (no hub checked them): both hubs take the
     # first and record the second as refused, alike.
@@ -100,7 +123,8 @@ def test_a_unique_value_pushed_to_two_hubs_at_once_is_taken_once_everywhere(tmp_
         phone = tags_db(tmp_path / f"{name}.db")
         sqlite_utils.Database(phone)["todos"].insert({"id": 100 + len(name), "title": "in the stream", "done": 0})
         export_bundle(sqlite_utils.Database(phone), tmp_path / f"{name}.bundle")
-        publish(a.nats, tmp_path / f"{name}.bundle", name)
+        data = (tmp_path / f"{name}.bundle").read_bytes()
+        nats.ask(lambda js: js.publish(SUBJECT, data, headers={"Nats-Msg-Id": name}))
     losers = [tmp_path / "second.db"]
     for n in range(3):
         pushes = []
@@ -124,11 +148,11 @@ def test_a_unique_value_pushed_to_two_hubs_at_once_is_taken_once_everywhere(tmp_
     # A refused push blocks nothing: each losing device renames its row and syncs (with either hub).
     for n, loser in enumerate(losers):
         sqlite_utils.Database(loser)["todos"].update(table(loser)[0][0], {"title": f"other {n}"})
-        assert hub_sync(loser, (a, b)[n % 2], alice_token())["pushed"]["applied"] >= 1
+        assert hub_sync(loser, (a, b)[n % 2], token())["pushed"]["applied"] >= 1
     assert settled([a, b]) == refusals
     titles = sorted(title for _, title, _ in table(b.path))
     assert titles == ["in the stream", "other 0", "other 1", "other 2", "other 3", "same 0", "same 1", "same 2"]
-    page = a.get("/hub/-/sync", headers={"Authorization": f"Bearer {alice_token()}"}).text
+    page = a.get("/hub/-/sync", headers={"Authorization": f"Bearer {token()}"}).text
     assert "Refused messages" in page and "UNIQUE constraint failed: todos.title" in page
 
 
