@@ -156,11 +156,21 @@ def test_a_unique_value_pushed_to_two_hubs_at_once_is_taken_once_everywhere(tmp_
     assert "Refused messages" in page and "UNIQUE constraint failed: todos.title" in page
 
 
-def test_one_device_claimed_by_two_actors_on_two_hubs_at_once_has_one_owner(tmp_path, two_hubs, hub_config):
+async def old_consumer(js):
+    from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+
+    await js.add_stream(StreamConfig(name="datasette-sync", subjects=["datasette-sync.>"], duplicate_window=120))
+    config = ConsumerConfig(durable_name="b_hub", filter_subject=SUBJECT, ack_policy=AckPolicy.EXPLICIT, max_ack_pending=1000)
+    await js.add_consumer("datasette-sync", config)
+
+
+def test_one_device_claimed_by_two_actors_on_two_hubs_at_once_has_one_owner(tmp_path, nats, two_hubs, hub_config):
     permissions = hub_config["databases"]["hub"]["permissions"]
     for action in ("sync-import", "insert-row", "update-row"):
         permissions[action]["id"] = [*permissions[action]["id"], "bob"]
+    nats.ask(old_consumer)  # hub b's consumer from before ordering: it is made to take one at a time
     a, b = two_hubs(hub_config)
+    assert nats.ask(lambda js: js.consumer_info("datasette-sync", "b_hub")).config.max_ack_pending == 1
     winners, kept = {}, []
     for n in range(3):  # a device each time: three chances for the pushes to overlap
         phone = tags_db(tmp_path / f"phone-{n}.db")
