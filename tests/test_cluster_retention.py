@@ -75,7 +75,7 @@ def test_a_hub_gone_for_good_is_forgotten_and_catches_up_from_the_snapshot_when_
     wait_for(lambda: todo_rows(b.path) == todo_rows(phone), what="hub b to import the push to hub a")
     # The last push b takes before it stops for longer than forget_after.
     push(phone, b, {"id": 2, "title": "Pushed to b", "done": 0})
-    stop_cleanly(b)
+    stop_cleanly(b, signal.SIGTERM)
 
     wait_for(lambda: "b_hub" not in consumers(server), timeout=30, what="the server to forget hub b's consumer")
     held_back = stream_state(server).last_seq  # b's ack floor is at most this
@@ -120,18 +120,9 @@ def test_a_hub_joining_from_the_snapshot_keeps_the_device_claims_made_elsewhere(
     bundle = tmp_path / "stolen.bundle"
     export_bundle(stolen, bundle, since=sync_status(sqlite_utils.Database(c.path))["clock"])
     answer = c.post("/hub/-/sync/import", content=bundle.read_bytes(), headers={"Authorization": f"Bearer {alice_token('bob')}"})
-    assert (answer.status_code, answer.json()["reason"]) == (403, "device_owned")
+    assert (answer.status_code, answer.json().get("reason")) == (403, "device_owned"), answer.text
     assert todo_rows(c.path) == expected
-
-
-def test_a_cluster_hub_stops_cleanly_on_sigint_and_sigterm(tmp_path, nats_server, start_hub, todo_rows):
-    server = nats_server()
-    a, b = start_hub(server, "a"), start_hub(server, "b")
-    phone = todos_db(tmp_path / "phone.db")
-    push(phone, a, {"id": 1, "title": "Buy milk", "done": 0})
-    wait_for(lambda: todo_rows(b.path) == todo_rows(phone), what="hub b to import the push")
-    stop_cleanly(a, signal.SIGINT)
-    stop_cleanly(b, signal.SIGTERM)
+    stop_cleanly(c, signal.SIGINT)  # (SIGTERM: the test above)
 
 
 @pytest.mark.parametrize("value", [0, -5, 1.5, True, "7d"])
