@@ -1,49 +1,85 @@
-"""Cluster retention with real ``nats-server`` and ``datasette serve`` processes: a hub gone
-for good stops holding the stream back (``forget_after``), and comes back through the
-snapshot; a snapshot carries the device claims; a hub stops cleanly on SIGINT/SIGTERM.
-
-The fixtures and helpers are tests/test_cluster.py's (one JetStream node is enough here).
+"""Cluster retention with real ``nats-server`` and ``datasette serve`` processes (harness
+tests/nats_cluster.py, one JetStream node): a hub gone for good stops holding the stream back
+(``forget_after``) and catches up through the snapshot when it returns; a snapshot carries
+the device claims; a hub stops cleanly on SIGINT and SIGTERM.
 """
 
 from __future__ import annotations
 
-import shutil
+import asyncio
 import signal
 
+import httpx
 import pytest
 import sqlite_utils
 
-from nats_cluster import wait_for
-from sqlite_utils_sync import export_bundle, sync_status, sync_with_hub
-from test_cluster import NATS_SERVER, STREAM, alice_token, cluster_config, nats_server, start_hub, todos_db  # noqa: F401
+from nats_cluster import SECRET, Cluster, Hub, cluster_config, missing, wait_for
+from sqlite_utils_sync import enable_sync, export_bundle, sync_status, sync_with_hub
 
-pytestmark = pytest.mark.skipif(not shutil.which(NATS_SERVER), reason="nats-server is not installed")
-pytest.importorskip("nats")
+pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 
-
-def consumers(server) -> set[str]:
-    async def names(js):
-        return {info.name for info in await js.consumers_info(STREAM)}
-
-    return server.ask(names)
+STREAM = "datasette-sync"
+_tokens: dict[str, str] = {}
 
 
-def push(path, hub, *rows: dict) -> None:
+@pytest.fixture
+def nats(tmp_path):
+    """One JetStream node, stopped at teardown."""
+    node = Cluster(tmp_path / "nats", 1).start()
+    yield node
+    node.stop()
+
+
+@pytest.fixture
+def hub(tmp_path, hub_config, nats):
+    """``hub(name, **cluster_settings)``: a started hub serving its own empty synced ``hub.db``
+    (``hub(name, path=...)`` serves that file again); stopped at teardown."""
+    started: list[Hub] = []
+
+    def start(name: str, path=None, **settings) -> Hub:
+        if path is None:
+            (tmp_path / name).mkdir()
+            path = todos_db(tmp_path / name / "hub.db")
+        started.append(Hub(path, cluster_config(hub_config, nats.urls, name, **settings), name).start())
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.stop()
+
+
+def todos_db(path):
+    db = sqlite_utils.Database(path)
+    db["todos"].create({"id": int, "title": str, "done": int}, pk="id")
+    enable_sync(db, ["todos"])
+    db.close()
+    return path
+
+
+def token(actor: str = "alice") -> str:
+    """A token of ``actor`` (the hub config says what each may do), made in this process: the
+    create-token CLI costs seconds."""
+    if actor not in _tokens:
+        from datasette.app import Datasette
+
+        async def make():
+            datasette = Datasette(secret=SECRET)
+            await datasette.invoke_startup()
+            return await datasette.create_token(actor)
+
+        _tokens[actor] = asyncio.run(make())
+    return _tokens[actor]
+
+
+def push(path, hub: Hub, *rows: dict) -> None:
     """Write ``rows`` into the device's todos and sync it with ``hub`` as alice, in this process
     (a CLI process per sync would double this file's time)."""
     db = sqlite_utils.Database(path)
     try:
         db["todos"].upsert_all(rows, pk="id")
-        sync_with_hub(db, hub.url + "/hub", token=alice_token())
+        sync_with_hub(db, hub.db_url, token=token())
     finally:
         db.close()
-
-
-def stream_state(server):
-    async def state(js):
-        return (await js.stream_info(STREAM)).state
-
-    return server.ask(state)
 
 
 # How ``datasette serve`` without cluster mode exits once uvicorn has shut down gracefully:
@@ -57,19 +93,16 @@ def stop_cleanly(hub, sig=signal.SIGTERM) -> None:
     shutdown, the usual exit code, no traceback and no task left pending."""
     hub.proc.send_signal(sig)
     code = hub.proc.wait(timeout=30)
-    output = hub.output()
+    output = hub.log()
     assert code in EXIT_CODES[sig], output
     assert "Application shutdown complete" in output and "Finished server process" in output, output
     assert "Traceback" not in output and "Task was destroyed" not in output, output
 
 
-def test_a_hub_gone_for_good_is_forgotten_and_catches_up_from_the_snapshot_when_it_returns(
-    tmp_path, nats_server, start_hub, datasette_server, hub_config, todo_rows
-):
-    server = nats_server()
+def test_a_hub_gone_for_good_is_forgotten_and_catches_up_from_the_snapshot_when_it_returns(tmp_path, nats, hub, todo_rows):
     # forget_after is each hub's own consumer's: b's is short, a's long (a keeps pulling anyway).
-    a = start_hub(server, "a", snapshot_every=3, forget_after=600)
-    b = start_hub(server, "b", snapshot_every=3, forget_after=2)
+    a = hub("a", snapshot_every=3, forget_after=600)
+    b = hub("b", snapshot_every=3, forget_after=2)
     phone = todos_db(tmp_path / "phone.db")
     push(phone, a, {"id": 1, "title": "One", "done": 0})
     wait_for(lambda: todo_rows(b.path) == todo_rows(phone), what="hub b to import the push to hub a")
@@ -77,49 +110,45 @@ def test_a_hub_gone_for_good_is_forgotten_and_catches_up_from_the_snapshot_when_
     push(phone, b, {"id": 2, "title": "Pushed to b", "done": 0})
     stop_cleanly(b, signal.SIGTERM)
 
-    wait_for(lambda: "b_hub" not in consumers(server), timeout=30, what="the server to forget hub b's consumer")
-    held_back = stream_state(server).last_seq  # b's ack floor is at most this
+    wait_for(lambda: "b_hub" not in nats.consumers(STREAM), timeout=30, what="the server to forget hub b's consumer")
+    held_back = nats.stream_state(STREAM).last_seq  # b's ack floor is at most this
     for i in (3, 4):  # two pushes and a's two knowledge ticks: a snapshot is due
         push(phone, a, {"id": i, "title": f"Pushed to a {i}", "done": 0})
     expected = todo_rows(phone)
     wait_for(lambda: todo_rows(a.path) == expected, what="hub a to hold every push")
     # b no longer holds retention back: a purged past everything b had acknowledged.
-    wait_for(lambda: stream_state(server).first_seq > held_back + 1, what="hub a to purge past hub b's floor")
+    wait_for(lambda: nats.stream_state(STREAM).first_seq > held_back + 1, what="hub a to purge past hub b's floor")
 
-    config = cluster_config(hub_config, server.url, "b", snapshot_every=3, forget_after=2)
-    path, b = b.path, datasette_server([b.path], config)
-    wait_for(lambda: todo_rows(path) == expected, what="hub b to catch up from the snapshot", show=b.output)
-    assert "b_hub" in consumers(server)
+    b.start()  # same file, same settings: no consumer any more, the messages it lacks purged
+    wait_for(lambda: todo_rows(b.path) == expected, what="hub b to catch up from the snapshot", show=b.log)
+    assert "b_hub" in nats.consumers(STREAM)
     # It consumes after the snapshot like any hub: a new push to a reaches it.
     push(phone, a, {"id": 5, "title": "After b came back", "done": 0})
     expected = todo_rows(phone)
-    wait_for(lambda: todo_rows(path) == expected, what="a push to hub a to reach hub b again", show=b.output)
+    wait_for(lambda: todo_rows(b.path) == expected, what="a push to hub a to reach hub b again", show=b.log)
 
 
-def test_a_hub_joining_from_the_snapshot_keeps_the_device_claims_made_elsewhere(
-    tmp_path, nats_server, start_hub, hub_config, todo_rows
-):
+def test_a_hub_joining_from_the_snapshot_keeps_the_device_claims_made_elsewhere(tmp_path, nats, hub, hub_config, todo_rows):
     permissions = hub_config["databases"]["hub"]["permissions"]
     for action in ("sync-import", "insert-row", "update-row"):
         permissions[action]["id"] = [*permissions[action]["id"], "bob"]
-    server = nats_server()
-    a = start_hub(server, "a", snapshot_every=3)
+    a = hub("a", snapshot_every=3)
     phone = todos_db(tmp_path / "phone.db")
     push(phone, a, {"id": 1, "title": "Buy milk", "done": 0})  # alice (no sync-relay) now owns the phone
     for i, name in ((2, "laptop"), (3, "tablet")):  # other devices' pushes: a snapshots, purges the phone's
         push(todos_db(tmp_path / f"{name}.db"), a, {"id": i, "title": name, "done": 0})
-    wait_for(lambda: stream_state(server).first_seq > 1, what="hub a to snapshot and purge the phone's push")
+    wait_for(lambda: nats.stream_state(STREAM).first_seq > 1, what="hub a to snapshot and purge the phone's push")
 
-    c = start_hub(server, "c")
+    c = hub("c")
     expected = todo_rows(a.path)
     wait_for(lambda: todo_rows(c.path) == expected, what="hub c to join from the snapshot")
     # Bob pushes new operations of alice's phone to hub C: refused there as on hub A.
-    shutil.copy(phone, tmp_path / "stolen.db")
-    stolen = sqlite_utils.Database(tmp_path / "stolen.db")
-    stolen["todos"].insert({"id": 2, "title": "Not yours", "done": 0})
+    stolen = sqlite_utils.Database(phone)
+    stolen["todos"].insert({"id": 4, "title": "Not yours", "done": 0})
     bundle = tmp_path / "stolen.bundle"
     export_bundle(stolen, bundle, since=sync_status(sqlite_utils.Database(c.path))["clock"])
-    answer = c.post("/hub/-/sync/import", content=bundle.read_bytes(), headers={"Authorization": f"Bearer {alice_token('bob')}"})
+    headers = {"Authorization": f"Bearer {token('bob')}"}
+    answer = httpx.post(c.db_url + "/-/sync/import", content=bundle.read_bytes(), headers=headers, timeout=30)
     assert (answer.status_code, answer.json().get("reason")) == (403, "device_owned"), answer.text
     assert todo_rows(c.path) == expected
     stop_cleanly(c, signal.SIGINT)  # (SIGTERM: the test above)
