@@ -8,8 +8,11 @@ each message's bundle, so every hub converges; a hub that was down resumes where
 consumer stopped. The hub's own operations (knowledge ticks, resolutions, Datasette writes)
 leave through an outbox that publishes what this hub's device wrote since the last publish.
 Retention: the hub furthest along stores a full export as ``snapshot-<database>`` in the
-object store (with the stream sequence it covers) and purges the messages every consumer
-has acknowledged up to there; a new hub starts from that snapshot.
+object store (with the stream sequence it covers, and the device claims as
+``claims-<database>``) and purges the messages every consumer has acknowledged up to there;
+a new hub starts from that snapshot. Each consumer has the server's inactive threshold
+(``forget_after``): a hub gone for good is forgotten, and starts from the snapshot if it
+comes back. Datasette's ``shutdown`` hook stops the members.
 
 ``nats`` is imported only by a hub whose configuration has a ``cluster`` setting.
 """
