@@ -154,6 +154,30 @@ def test_a_hub_joining_from_the_snapshot_keeps_the_device_claims_made_elsewhere(
     stop_cleanly(c, signal.SIGINT)  # (SIGTERM: the test above)
 
 
+def test_a_consumer_made_before_forget_after_existed_gets_it_when_the_hub_starts(tmp_path, nats, hub, todo_rows):
+    from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+
+    async def made_before(js):  # the stream and consumer as a hub of the previous version made them
+        await js.add_stream(StreamConfig(name=STREAM, subjects=[f"{STREAM}.>"], duplicate_window=120))
+        config = ConsumerConfig(
+            durable_name="a_hub", filter_subject=f"{STREAM}.hub.bundles", ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=20, max_ack_pending=1000,
+        )
+        await js.add_consumer(STREAM, config)
+
+    async def threshold(js):
+        return (await js.consumer_info(STREAM, "a_hub")).config.inactive_threshold
+
+    nats.ask(made_before)
+    assert nats.ask(threshold) is None
+    a = hub("a")  # default forget_after
+    wait_for(lambda: nats.ask(threshold) == 7 * 24 * 3600, timeout=20, what="the hub to set forget_after on its consumer")
+    phone = todos_db(tmp_path / "phone.db")
+    push(phone, a, {"id": 1, "title": "One", "done": 0})
+    assert todo_rows(a.path) == todo_rows(phone)
+    assert "forget_after not set" not in a.log()
+
+
 @pytest.mark.parametrize("value", [0, -5, 1.5, True, "7d"])
 def test_forget_after_must_be_whole_seconds(value):
     from datasette_sync.cluster import parse_settings
