@@ -38,6 +38,7 @@ from sqlite_utils_sync.clocks import max_seq
 from sqlite_utils_sync.devices import local_device_id
 from sqlite_utils_sync.oplog import LOCAL
 from sqlite_utils_sync.schema import has_table, is_enabled
+from sqlite_utils_sync.transaction import transaction
 
 from .guard import sync_write
 
@@ -679,10 +680,14 @@ class Member:
 
             def apply(conn):
                 empty = not is_enabled(conn) or not conn.execute("SELECT 1 FROM _sync_ops LIMIT 1").fetchone()
-                import_bundle(conn, path, before_commit=lambda _: add_claims(conn, claims), **options)
-                if empty:
-                    record_joined(conn)
-                conn.execute(f"DELETE FROM {CLUSTER_TABLE} WHERE key = 'snapshot_due'")
+                import_bundle(conn, path, **options)
+                # Committed here: the write connection would leave these in an implicit
+                # transaction, which the next write's BEGIN trips on and rolls back.
+                with transaction(conn):
+                    add_claims(conn, claims)  # also when the snapshot brought nothing new here
+                    if empty:
+                        record_joined(conn)
+                    conn.execute(f"DELETE FROM {CLUSTER_TABLE} WHERE key = 'snapshot_due'")
 
             with sync_write():
                 await self.db.execute_write_fn(apply, transaction=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 
 import httpx
 import pytest
@@ -69,6 +70,14 @@ def token(actor: str = "alice") -> str:
 
         _tokens[actor] = asyncio.run(make())
     return _tokens[actor]
+
+
+def cluster_values(path) -> dict:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT key, value FROM _sync_cluster"))
+    finally:
+        conn.close()
 
 
 def push(path, hub: Hub, *rows: dict) -> None:
@@ -142,6 +151,10 @@ def test_a_hub_joining_from_the_snapshot_keeps_the_device_claims_made_elsewhere(
     c = hub("c")
     expected = todo_rows(a.path)
     wait_for(lambda: todo_rows(c.path) == expected, what="hub c to join from the snapshot")
+    # The join is committed whole (joined, nothing due), not rolled back by the next write.
+    joined = lambda: cluster_values(c.path).get("joined") == 1 and "snapshot_due" not in cluster_values(c.path)  # noqa: E731
+    wait_for(joined, what="hub c to record its join")
+    assert "cannot start a transaction" not in c.log()
     # Bob pushes new operations of alice's phone to hub C: refused there as on hub A.
     stolen = sqlite_utils.Database(phone)
     stolen["todos"].insert({"id": 4, "title": "Not yours", "done": 0})
