@@ -34,6 +34,11 @@ def startup(datasette):
 
 
 @hookimpl
+def shutdown(datasette):
+    return cluster.shutdown(datasette)
+
+
+@hookimpl
 def register_routes():
     return views.routes()
 

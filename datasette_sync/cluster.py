@@ -13,8 +13,11 @@ imports each message's bundle; a hub that was down resumes where its consumer st
 hub's own operations (knowledge ticks, resolutions, Datasette writes) commit locally first
 and leave through an outbox that publishes what this hub's device wrote since the last
 publish. Retention: the hub furthest along stores a full export as ``snapshot-<database>``
-in the object store (with the stream sequence it covers) and purges the messages every
-consumer has acknowledged up to there; a new hub starts from that snapshot.
+in the object store (with the stream sequence it covers, and the device claims as
+``claims-<database>``) and purges the messages every consumer has acknowledged up to there;
+a new hub starts from that snapshot. Each consumer has the server's
+inactive threshold (``forget_after``): a hub gone for good is forgotten, and starts from the
+snapshot if it comes back. Datasette's ``shutdown`` hook stops the members.
 
 ``nats`` is imported only by a hub whose configuration has a ``cluster`` setting.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -39,7 +43,8 @@ from sqlite_utils_sync import SyncError, errors, export_bundle, import_bundle, p
 from sqlite_utils_sync.clocks import MAX_CLOCK_SKEW_LIMIT, max_seq, now_iso
 from sqlite_utils_sync.devices import local_device_id
 from sqlite_utils_sync.oplog import LOCAL
-from sqlite_utils_sync.schema import is_enabled
+from sqlite_utils_sync.schema import has_table, is_enabled
+from sqlite_utils_sync.transaction import transaction
 
 from .guard import sync_write
 
@@ -47,6 +52,7 @@ log = logging.getLogger("datasette_sync.cluster")
 
 DEFAULT_STREAM = "datasette-sync"
 DEFAULT_SNAPSHOT_EVERY = 1000
+DEFAULT_FORGET_AFTER = 7 * 24 * 3600  # seconds without a pull before a hub's consumer is deleted
 OBJECT_HEADER = "Datasette-Sync-Object"
 ALTER_HEADER = "Datasette-Sync-Alter"
 ACTOR_HEADER = "Datasette-Sync-Actor"
@@ -68,7 +74,8 @@ OUTBOX_INTERVAL = 1.0
 # refusal is the same on every hub (the same message meets the same state): it is recorded.
 HUB_TROUBLE = {errors.BUSY, errors.SQLITE_ERROR, errors.SCHEMA_TOO_NEW}
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
-KEYS = {"servers", "stream", "hub", "replicas", "snapshot_every"}
+KEYS = {"servers", "stream", "hub", "replicas", "snapshot_every", "forget_after"}
+STOP_TIMEOUT = 5.0  # seconds a hub stopping waits for the NATS server to take what it sent
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class Settings:
     stream: str = DEFAULT_STREAM
     replicas: int = 1
     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY
+    forget_after: int = DEFAULT_FORGET_AFTER
 
 
 def parse_settings(value: Any) -> Settings:
@@ -97,7 +105,8 @@ def parse_settings(value: Any) -> Settings:
         if not isinstance(name, str) or not NAME.match(name):
             raise ValueError(f"cluster {key} must be a name of letters, digits, - and _, got {name!r}")
     numbers = {}
-    for key, default, most in (("replicas", 1, 5), ("snapshot_every", DEFAULT_SNAPSHOT_EVERY, None)):
+    limits = (("replicas", 1, 5), ("snapshot_every", DEFAULT_SNAPSHOT_EVERY, None))
+    for key, default, most in (*limits, ("forget_after", DEFAULT_FORGET_AFTER, None)):
         number = value.get(key, default)
         if isinstance(number, bool) or not isinstance(number, int) or number < 1 or (most and number > most):
             limit = f"from 1 to {most}" if most else "at least 1"
@@ -150,6 +159,11 @@ def snapshot_name(database: str) -> str:
     return f"snapshot-{token(database)}"
 
 
+def claims_name(database: str) -> str:
+    """The device claims (``_sync_device_actors``) stored with the snapshot, as JSON."""
+    return f"claims-{token(database)}"
+
+
 def object_name(database: str, bundle_id: str) -> str:
     """A pushed bundle too big for a message; per database, so its retention can drop it."""
     return f"bundle-{token(database)}-{bundle_id}"
@@ -188,6 +202,20 @@ def startup(datasette):
     return start
 
 
+def shutdown(datasette):
+    """The ``shutdown`` hook's part (Datasette runs it on the ASGI lifespan's shutdown, after
+    the server stopped taking requests): stop every member before the loop ends. A stopped
+    member stays registered, so a push arriving after all is refused, not left unpublished."""
+    running = _members.get(datasette, {})
+    if not running:
+        return None
+
+    async def stop():
+        await asyncio.gather(*(this.stop() for this in running.values()), return_exceptions=True)
+
+    return stop
+
+
 class Member:
     """This hub in the cluster for one database: its connection, consumer and outbox."""
 
@@ -219,6 +247,23 @@ class Member:
         self.poked = asyncio.Event()
         self.progress = asyncio.Condition()
         self.tasks = [self.loop.create_task(self.run()), self.loop.create_task(self.outbox_loop())]
+
+    async def stop(self) -> None:
+        """Cancel the consumer and outbox tasks and close the NATS connection. A message being
+        imported is not acknowledged: it is redelivered when the hub starts again."""
+        tasks, self.tasks = self.tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        nc, self.nc, self.js = self.nc, None, None
+        if nc is None or nc.is_closed:
+            return
+        # Flush and close rather than drain: draining waits for the pull subscription's
+        # queue, which nobody reads once the consumer task is cancelled.
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=STOP_TIMEOUT)
+        with contextlib.suppress(Exception):
+            await nc.close()
 
     def poke(self) -> None:
         """Run the outbox soon (thread-safe)."""
@@ -313,36 +358,48 @@ class Member:
                 return await self.js.object_store(bucket_name(self.settings))
 
     async def subscribe(self):
-        """Bind to this hub's durable consumer; a new hub first imports the snapshot, if any,
-        and starts after the sequence it covers."""
-        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+        """Bind to this hub's durable consumer; a new hub (or one whose consumer was forgotten
+        after ``forget_after`` without a pull) first imports the snapshot, if any, and starts
+        after the sequence it covers."""
         from nats.js.errors import NotFoundError
 
         durable = consumer_name(self.settings, self.database)
         try:
             info = await self.js.consumer_info(self.settings.stream, durable)
-            await self.one_at_a_time(info.config)
         except NotFoundError:
-            covered = await self.snapshot_info()
-            if covered:
-                # Noted before the consumer exists, imported after: the consumer holds the
-                # messages after the snapshot from now on (a purge while the snapshot is being
-                # imported would otherwise skip them), and a hub stopped in between imports it
-                # when it starts again.
-                with sync_write():
-                    await self.db.execute_write_fn(lambda conn: set_cluster_value(conn, "snapshot_due", covered))
-            config = ConsumerConfig(
-                durable_name=durable,
-                filter_subject=self.subject,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=ACK_WAIT,
-                max_ack_pending=1,  # strictly in order, even when messages are redelivered
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE if covered else DeliverPolicy.ALL,
-                opt_start_seq=covered + 1 if covered else None,
-            )
-            await self.js.add_consumer(self.settings.stream, config)
+            await self.add_consumer(durable)
+        else:
+            await self.one_at_a_time(info.config)
+            await self.keep_forget_after(info)
         await self.join_from_snapshot()
         return await self.js.pull_subscribe_bind(durable, self.settings.stream)
+
+    async def add_consumer(self, durable: str) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        covered = await self.snapshot_info()
+        if covered:
+            # Noted before the consumer exists, imported after: the consumer holds the
+            # messages after the snapshot from now on (a purge while the snapshot is being
+            # imported would otherwise skip them), and a hub stopped in between imports it
+            # when it starts again.
+            await self.note_snapshot_due(covered)
+        config = ConsumerConfig(
+            durable_name=durable,
+            filter_subject=self.subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ACK_WAIT,
+            max_ack_pending=1,  # strictly in order, even when messages are redelivered
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if covered else DeliverPolicy.ALL,
+            opt_start_seq=covered + 1 if covered else None,
+            inactive_threshold=float(self.settings.forget_after),
+        )
+        await self.js.add_consumer(self.settings.stream, config)
+        latest = await self.snapshot_info()
+        if latest > covered:
+            # A snapshot taken before the consumer existed may have purged messages after
+            # ``covered`` it would have started with; the newer snapshot holds them.
+            await self.note_snapshot_due(latest)
 
     async def one_at_a_time(self, config) -> None:
         """A consumer made before messages were applied strictly in order gets max_ack_pending
@@ -355,6 +412,24 @@ class Member:
             await self.js.add_consumer(self.settings.stream, config)  # same name: an update
         except Exception as ex:
             log.warning("datasette-sync cluster (%s): consumer not updated to max_ack_pending 1: %s", self.database, ex)
+
+    async def note_snapshot_due(self, covered: int) -> None:
+        with sync_write():
+            await self.db.execute_write_fn(lambda conn: set_cluster_value(conn, "snapshot_due", covered))
+
+    async def keep_forget_after(self, info) -> None:
+        """Give a consumer made before (or with another ``forget_after``) the server's inactive
+        threshold: the server deletes a durable consumer nobody pulled from for that long, so
+        a hub gone for good stops holding retention back."""
+        import dataclasses
+
+        wanted = float(self.settings.forget_after)
+        if info.config.inactive_threshold is not None and abs(info.config.inactive_threshold - wanted) < 0.001:
+            return
+        try:
+            await self.js.add_consumer(self.settings.stream, dataclasses.replace(info.config, inactive_threshold=wanted))
+        except Exception as ex:  # an older server: the consumer simply stays until removed by hand
+            log.warning("datasette-sync cluster (%s): forget_after not set on the consumer: %s", self.database, ex)
 
     # Publishing (pushes and the outbox) ---------------------------------------------------
 
@@ -430,7 +505,7 @@ class Member:
         while True:
             try:
                 messages = await subscription.fetch(1, timeout=1)
-            except nats.errors.TimeoutError:
+            except asyncio.TimeoutError:  # nats-py raises it plain too, not only its subclass
                 messages = []
             for message in messages:
                 await self.handle(message)
@@ -634,7 +709,12 @@ class Member:
         """Store a full export covering every message up to ``floor`` (all imported here)."""
         with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
             path = os.path.join(directory, "snapshot.bundle")
+            claims = os.path.join(directory, "claims.json")
+            owners = await self.db.execute_fn(device_claims)
+            await asyncio.to_thread(write_file, claims, json.dumps(owners).encode())
             await self.db.execute_fn(lambda conn: export_bundle(conn, path, repair=False))
+            # Claims first: a hub reading this snapshot finds claims at least as recent.
+            await self.put_object(claims_name(self.database), claims, {SEQ_HEADER: [str(floor)]})
             await self.put_object(snapshot_name(self.database), path, {SEQ_HEADER: [str(floor)]})
         self.snapshot_seq = floor
         log.info("datasette-sync cluster (%s): snapshot up to stream sequence %s", self.database, floor)
@@ -679,8 +759,9 @@ class Member:
                     await store.delete(info.name)
 
     async def join_from_snapshot(self) -> None:
-        """Import the stored snapshot when one is due (a new hub). A hub that held operations
-        before it joined is not marked joined: its outbox then publishes all it holds, once."""
+        """Import the stored snapshot when one is due (a new hub), with the device claims made
+        on other hubs. A hub that held operations before it joined is not marked joined: its
+        outbox then publishes all it holds, once."""
         due = await self.db.execute_fn(lambda conn: cluster_value(conn, "snapshot_due"))
         if not due:
             return
@@ -689,19 +770,36 @@ class Member:
             path = os.path.join(directory, "snapshot.bundle")
             with open(path, "wb") as out:
                 await store.get(snapshot_name(self.database), writeinto=out)
+            claims = await self.stored_claims()
             options = {"alter": True, "may_relay": True, "max_clock_skew": self.max_clock_skew()}
 
             def apply(conn):
                 empty = not is_enabled(conn) or not conn.execute("SELECT 1 FROM _sync_ops LIMIT 1").fetchone()
                 import_bundle(conn, path, **options)
-                if empty:
-                    record_joined(conn)
-                conn.execute(f"DELETE FROM {CLUSTER_TABLE} WHERE key = 'snapshot_due'")
+                # Committed here: the write connection would leave these in an implicit
+                # transaction, which the next write's BEGIN trips on and rolls back.
+                with transaction(conn):
+                    add_claims(conn, claims)  # also when the snapshot brought nothing new here
+                    if empty:
+                        record_joined(conn)
+                    conn.execute(f"DELETE FROM {CLUSTER_TABLE} WHERE key = 'snapshot_due'")
 
             with sync_write():
                 await self.db.execute_write_fn(apply, transaction=False)
         self.snapshot_seq = max(self.snapshot_seq, due)
         log.info("datasette-sync cluster (%s): joined from the snapshot up to sequence %s", self.database, due)
+
+    async def stored_claims(self) -> list:
+        """The claims stored with the snapshot ([] for a snapshot stored without them)."""
+        from nats.js.errors import NotFoundError
+
+        store = await self.object_store()
+        try:
+            found = await store.get(claims_name(self.database))
+        except NotFoundError:
+            return []
+        claims = json.loads(found.data or b"[]")
+        return [claim for claim in claims if isinstance(claim, list) and len(claim) == 3]
 
     # Status -------------------------------------------------------------------------------
 
@@ -836,6 +934,19 @@ def before_commit(datasette, database: str, path: str, options: dict) -> Callabl
 def status(datasette, database: str) -> dict[str, Any] | None:
     this = member(datasette, database)
     return None if this is None else this.status()
+
+
+def device_claims(conn) -> list[list]:
+    """Who owns which device here: [device id, actor, since] rows of ``_sync_device_actors``."""
+    if not has_table(conn, "_sync_device_actors"):
+        return []
+    return [list(row) for row in conn.execute("SELECT device_id, actor, since FROM _sync_device_actors ORDER BY 1")]
+
+
+def add_claims(conn, claims: list) -> None:
+    """Claims from another hub: a device owned here already keeps its owner."""
+    if claims and has_table(conn, "_sync_device_actors"):
+        conn.executemany("INSERT OR IGNORE INTO _sync_device_actors VALUES (?, ?, ?)", claims)
 
 
 # The outbox's bookkeeping, in ``_sync_cluster`` (made when first needed) ---------------------
