@@ -251,7 +251,7 @@ class BundleWriter:
         self.out = sqlite3.connect(temp, isolation_level=None, check_same_thread=self.storer is None)
         # Neither a journal nor an fsync: the file is renamed into place only once complete,
         # and one torn by a crash after that fails its hash on import, whole; it is made again
-        # from the database by the next export. The fsync was most of a 1-op export's time.
+        # from the database by the next export. The fsync was a third of a 1-op export's time.
         self.out.execute("PRAGMA journal_mode = OFF")
         self.out.execute("PRAGMA synchronous = OFF")
         # Small pages keep small bundles (a handful of ops, the common case) small; large ones
