@@ -379,7 +379,7 @@ def write_operations(
         writer.devices.append(devices[idx])
         fixes = clock_fixes if idx == LOCAL else {}
         if writer.scratch:
-            count += write_sql_runs(conn, writer, device_position, device_range(idx, start + 1), fixes)
+            count += write_sql_runs(conn, writer, device_position, (op_id(idx, start + 1), op_id(idx, tops[idx])), fixes)
             continue
         for tid, lo, hi, size in runs(conn, *device_range(idx, start + 1)):
             key, columns = run_columns(writer, tid)
@@ -690,7 +690,9 @@ def write_sql_runs(
         key, columns = run_columns(writer, tid)
         # Seqs are consecutive: the run lies in the next CHUNK_OPS op ids, and the search for
         # its table's operations stops there (however long another table's stretch after it).
-        made = sql_image(conn, columns, (op, min(hi, op + CHUNK_OPS - 1), tid), clock_fixes)
+        end = min(hi, op + CHUNK_OPS - 1)
+        # Fewer op ids than SMALL_RUN left (a delta): the run is made row by row, no image tried.
+        made = sql_image(conn, columns, (op, end, tid), clock_fixes) if end - op + 1 >= SMALL_RUN else None
         if made is None:
             last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn)), {
                 "lo": op, "hi": hi, "tid": tid, "ops": CHUNK_OPS, "bytes": CHUNK_BYTES
