@@ -43,6 +43,34 @@ def test_empty_delta_is_a_valid_bundle(tmp_path, pair, sync):
     assert imported.applied == 0 and not imported.skipped
 
 
+def test_a_one_op_delta_export_does_the_same_work_from_a_ten_times_longer_log(tmp_path, make_db):
+    # Deltas are O(delta): the SQLite work of exporting one new operation, counted in VM
+    # instructions by a progress handler (no timing), does not grow with the log. A scan of
+    # the longer log would add over 45,000 rows' worth.
+    def delta_work(n: int) -> int:
+        conn = make_db(tmp_path / f"{n}.db")
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO todos VALUES (?, ?, 0, ?)", [(i, f"todo {i}", i / 4) for i in range(1, n + 1)])
+        conn.execute("COMMIT")
+        export_bundle(conn, tmp_path / f"all-{n}.bundle")  # settles the captured clocks, once
+        since = sync_status(conn)["clock"]
+        conn.execute("INSERT INTO todos VALUES (?, 'one more', 0, 0)", [n + 1])
+        work = [0]
+
+        def count() -> int:
+            work[0] += 1
+            return 0
+
+        conn.set_progress_handler(count, 100)
+        assert export_bundle(conn, tmp_path / f"delta-{n}.bundle", since=since).operations == 1
+        conn.set_progress_handler(None, 0)
+        conn.close()
+        return work[0] * 100
+
+    short, long = delta_work(5_000), delta_work(50_000)
+    assert long <= short * 1.1 + 1_000, (short, long)
+
+
 def test_a_to_b_to_a_is_a_no_op(tmp_path, pair, rows, sync):
     a, b = pair
     sync(a, b, tmp_path)

@@ -143,6 +143,39 @@ def test_chunks_built_by_sql_hold_exactly_what_row_by_row_ones_do(tmp_path, make
     assert [ops(data) for data in by_sql] == [ops(data) for data in by_row]
 
 
+def test_a_large_export_stores_its_chunks_in_order_and_stops_cleanly(tmp_path, make_db, rows, file_bytes):
+    # Past CHUNK_OPS operations an export stores each chunk on a thread while SQLite builds
+    # the next: the chunks must come out as the row-by-row export makes them, in order, and
+    # an export stopped midway must leave the old bundle and nothing else.
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("BEGIN")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, ?)", [(i, f"todo {i}", i / 4) for i in range(1, 12_001)])
+    a.execute("COMMIT")
+    a.execute("UPDATE todos SET done = 1 WHERE id % 7 = 0")
+    exported = export_bundle(a, tmp_path / "sql.bundle")
+    a.execute("BEGIN")
+    export_bundle(a, tmp_path / "rows.bundle")
+    a.execute("ROLLBACK")
+    by_sql = chunks(tmp_path / "sql.bundle")
+    assert len(by_sql) >= 3 and by_sql == chunks(tmp_path / "rows.bundle")
+    assert import_bundle(b, str(tmp_path / "sql.bundle")).applied == exported.operations
+    assert rows(b) == rows(a)
+
+    before, files = file_bytes(tmp_path / "sql.bundle"), sorted(tmp_path.iterdir())
+    a.execute("UPDATE todos SET score = 0")
+    seen = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(done)
+        if len(seen) == 2:
+            raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        export_bundle(a, tmp_path / "sql.bundle", progress=progress)
+    assert file_bytes(tmp_path / "sql.bundle") == before
+    assert sorted(tmp_path.iterdir()) == files
+
+
 def test_a_long_run_of_large_values_still_makes_small_chunks(tmp_path, make_db, rows):
     # 120 values of 200 kB in one run: the image built by SQL passes its page limit, and the
     # run is split as a row-by-row export splits it (a chunk is held whole in memory).
