@@ -20,11 +20,12 @@ operations go through Python (:mod:`rows`).
 from __future__ import annotations
 
 import sqlite3
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from . import errors
-from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, op_fingerprint
+from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, check_image, op_fingerprint
 from .capture import (
     SyncedTable,
     canonical_name,
@@ -516,10 +517,10 @@ class Importer:
         self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS _sync_new_withheld (device INTEGER, lo INTEGER, hi INTEGER)")
         self.conn.execute("DELETE FROM temp._sync_new_withheld")
         announced = 0  # withheld operations the bundle's own ranges say exist
-        for position, table_position, data in self.reader.chunks():
+        for position, table_position, data in self.checked_chunks():
             idx = self.devices[position]
             table = NO_TABLE if table_position < 0 else self.tables[table_position]
-            source = self.stage.load(data, self.reader.width(table_position))
+            source = self.stage.load(data, self.reader.width(table_position), checked=True)
             try:
                 if table_position == WITHHELD_CHUNK:
                     announced += self.stage_withheld(source, idx, position)
@@ -555,6 +556,32 @@ class Importer:
             )
         self.keep_withheld()
         return inserted
+
+    def checked_chunks(self) -> Iterator[tuple[int, int, bytes]]:
+        """The bundle's chunks, each checked by :func:`check_image` on a worker thread while
+        the one before it is appended (SQLite releases the GIL: the check is a whole pass over
+        the image, about a sixth of an import). Problems are raised in the order of the chunks,
+        reading ones included, as a plain loop over them would."""
+        chunks = self.reader.chunks()
+        with ThreadPoolExecutor(1) as pool:
+            ahead = self.check_next(chunks, pool)
+            while ahead is not None:
+                chunk, check = ahead
+                ahead = self.check_next(chunks, pool) if chunk is not None else None
+                check.result()
+                yield chunk
+
+    def check_next(self, chunks: Iterator[tuple[int, int, bytes]], pool: ThreadPoolExecutor) -> tuple | None:
+        """The next chunk and its check (running); None after the last one."""
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return None
+        except Exception as ex:  # raised when its turn comes, after the chunks before it
+            failed: Future = Future()
+            failed.set_exception(ex)
+            return None, failed
+        return chunk, pool.submit(check_image, chunk[2], self.reader.width(chunk[1]), self.name)
 
     def stage_withheld(self, source: str, idx: int, position: int) -> int:
         """Check a chunk of the bundle's withheld ranges (``seq`` = first, ``hlc`` = last) and
@@ -646,15 +673,12 @@ class Importer:
             return self.withhold_chunk(source, idx)
         pk = [f"v{i}" for i in table.pk_positions]
         # Each check is an O(1) lookup or one pass that keeps only distinct shapes.
-        count, first, last, low, high = self.conn.execute(
-            f"SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM {source}"
-        ).fetchone()
+        shapes, (count, first, last, low, high) = self.chunk_shapes(source, table.tid, pk)
         if not count:
             return None
         if not (0 < first and last <= SEQ_MASK):
             raise self.fail(errors.INVALID_OPERATION, f"operation sequence numbers must be 1 to {SEQ_MASK}")
         # Holes are checked per device once everything is in (a compacted sender may leave some).
-        shapes = self.chunk_shapes(source, table.tid, pk)
         self.check_clocks(source, position, shapes, low, high)
         if idx == LOCAL and last > self.old[LOCAL]:
             raise self.fail(
@@ -673,15 +697,30 @@ class Importer:
         self.max_hlc = max(self.max_hlc, high)
         return first, last, count, stored
 
-    def chunk_shapes(self, source: str, tid: int, pk: list[str]) -> list[tuple]:
+    def chunk_shapes(self, source: str, tid: int, pk: list[str]) -> tuple[list[tuple], tuple]:
         """The distinct shapes of a chunk's operations: clock type, kind, mask, whether a move,
-        key types (for ticks: clock type, kind, type of the knowledge clock)."""
+        key types (for ticks: clock type, kind, type of the knowledge clock); and, from the
+        same pass, its (operations, first seq, last seq, lowest clock, highest clock)."""
         if not tid:
-            return self.conn.execute(f"SELECT DISTINCT typeof(hlc), kind, typeof(moved) FROM {source}").fetchall()
-        key_types = " || ' ' || ".join(f"typeof({v})" for v in pk)
-        return self.conn.execute(
-            f"SELECT DISTINCT typeof(hlc), kind, mask, moved IS NOT NULL, {key_types} FROM {source}"
+            fields = ["typeof(hlc)", "kind", "typeof(moved)"]
+        else:
+            fields = ["typeof(hlc)", "kind", "mask", "moved IS NOT NULL", " || ' ' || ".join(f"typeof({v})" for v in pk)]
+        width = len(fields)
+        groups = self.conn.execute(
+            f"SELECT {', '.join(fields)}, count(*), min(seq), max(seq), min(hlc), max(hlc) FROM {source} "
+            f"GROUP BY {', '.join(str(n + 1) for n in range(width))}"
         ).fetchall()
+        if not groups:
+            return [], (0, None, None, None, None)
+        # check_image let only integer clocks through, so the groups' bounds compare.
+        bounds = (
+            sum(g[width] for g in groups),
+            min(g[width + 1] for g in groups),
+            max(g[width + 2] for g in groups),
+            min(g[width + 3] for g in groups),
+            max(g[width + 4] for g in groups),
+        )
+        return [tuple(g[:width]) for g in groups], bounds
 
     def check_clocks(self, source: str, position: int, shapes: list[tuple], low: int, high: int) -> None:
         if any(shape[0] != "integer" for shape in shapes):
@@ -1303,6 +1342,8 @@ class TableUpdate:
         """
         conn = self.conn
         self.clashed_rows.clear()  # a replay runs this again after the first run was undone
+        if not conn.execute("SELECT 1 FROM temp._sync_slow LIMIT 1").fetchone():
+            return  # the common bulk case; in_author_order alone would read every new operation
         if before is None and self.in_author_order():
             for table in self.tables.values():
                 self.single_author_rows(table)
