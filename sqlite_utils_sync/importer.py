@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from . import errors
-from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, check_image, op_fingerprint
+from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, check_image, op_fingerprint, open_image
 from .capture import (
     SyncedTable,
     canonical_name,
@@ -517,15 +517,15 @@ class Importer:
         self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS _sync_new_withheld (device INTEGER, lo INTEGER, hi INTEGER)")
         self.conn.execute("DELETE FROM temp._sync_new_withheld")
         announced = 0  # withheld operations the bundle's own ranges say exist
-        for position, table_position, data in self.checked_chunks():
+        for (position, table_position, data), facts in self.checked_chunks():
             idx = self.devices[position]
-            table = NO_TABLE if table_position < 0 else self.tables[table_position]
+            table = self.chunk_table(table_position)
             source = self.stage.load(data, self.reader.width(table_position), checked=True)
             try:
                 if table_position == WITHHELD_CHUNK:
                     announced += self.stage_withheld(source, idx, position)
                     continue
-                appended = self.append_chunk(source, idx, table, local_id, position)
+                appended = self.append_chunk(source, idx, table, local_id, position, facts)
             except sqlite3.DatabaseError as ex:
                 raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({ex})")
             if appended is None:
@@ -557,19 +557,21 @@ class Importer:
         self.keep_withheld()
         return inserted
 
-    def checked_chunks(self) -> Iterator[tuple[int, int, bytes]]:
-        """The bundle's chunks, each checked by :func:`check_image` on a worker thread while
-        the one before it is appended (SQLite releases the GIL: the check is a whole pass over
-        the image, about a sixth of an import). Problems are raised in the order of the chunks,
-        reading ones included, as a plain loop over them would."""
+    def chunk_table(self, table_position: int) -> MappedTable:
+        return NO_TABLE if table_position < 0 else self.tables[table_position]
+
+    def checked_chunks(self) -> Iterator[tuple[tuple[int, int, bytes], tuple | None]]:
+        """The bundle's chunks, each with its facts (see :meth:`inspect_chunk`), found on a
+        worker thread while the chunk before it is appended (SQLite releases the GIL: these
+        passes over the image are about a quarter of an import). Problems are raised in the
+        order of the chunks, reading ones included, as a plain loop over them would."""
         chunks = self.reader.chunks()
         with ThreadPoolExecutor(1) as pool:
             ahead = self.check_next(chunks, pool)
             while ahead is not None:
                 chunk, check = ahead
                 ahead = self.check_next(chunks, pool) if chunk is not None else None
-                check.result()
-                yield chunk
+                yield chunk, check.result()
 
     def check_next(self, chunks: Iterator[tuple[int, int, bytes]], pool: ThreadPoolExecutor) -> tuple | None:
         """The next chunk and its check (running); None after the last one."""
@@ -581,7 +583,19 @@ class Importer:
             failed: Future = Future()
             failed.set_exception(ex)
             return None, failed
-        return chunk, pool.submit(check_image, chunk[2], self.reader.width(chunk[1]), self.name)
+        return chunk, pool.submit(self.inspect_chunk, chunk[2], chunk[1])
+
+    def inspect_chunk(self, data: bytes, table_position: int) -> tuple | None:
+        """On the worker thread: :func:`check_image`, then, from a copy of the image of its
+        own, the chunk's ``(count, first seq, last seq, lowest clock, highest clock)`` and
+        shapes (see :meth:`chunk_shapes`); None for chunks read otherwise (withheld ones)."""
+        check_image(data, self.reader.width(table_position), self.name)
+        table = self.chunk_table(table_position)
+        if table_position == WITHHELD_CHUNK or table.withheld:
+            return None
+        with open_image(data) as image:
+            bounds = image.execute("SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM ops").fetchone()
+            return bounds, self.chunk_shapes(image, "ops", table.tid, [f"v{i}" for i in table.pk_positions])
 
     def stage_withheld(self, source: str, idx: int, position: int) -> int:
         """Check a chunk of the bundle's withheld ranges (``seq`` = first, ``hlc`` = last) and
@@ -666,14 +680,17 @@ class Importer:
         )
 
     def append_chunk(
-        self, source: str, idx: int, table: MappedTable, local_id: str, position: int
+        self, source: str, idx: int, table: MappedTable, local_id: str, position: int, facts: tuple
     ) -> tuple[int, int, int, int] | None:
-        """Check one loaded chunk and append it to the log: ``(first seq, last seq, ops, stored)``."""
+        """Check one loaded chunk and append it to the log: ``(first seq, last seq, ops, stored)``.
+
+        :param facts: its bounds and shapes (see :meth:`inspect_chunk`)
+        """
         if table.withheld:
             return self.withhold_chunk(source, idx)
         pk = [f"v{i}" for i in table.pk_positions]
         # Each check is an O(1) lookup or one pass that keeps only distinct shapes.
-        shapes, (count, first, last, low, high) = self.chunk_shapes(source, table.tid, pk)
+        (count, first, last, low, high), shapes = facts
         if not count:
             return None
         if not (0 < first and last <= SEQ_MASK):
@@ -697,30 +714,16 @@ class Importer:
         self.max_hlc = max(self.max_hlc, high)
         return first, last, count, stored
 
-    def chunk_shapes(self, source: str, tid: int, pk: list[str]) -> tuple[list[tuple], tuple]:
+    @staticmethod
+    def chunk_shapes(conn: sqlite3.Connection, source: str, tid: int, pk: list[str]) -> list[tuple]:
         """The distinct shapes of a chunk's operations: clock type, kind, mask, whether a move,
-        key types (for ticks: clock type, kind, type of the knowledge clock); and, from the
-        same pass, its (operations, first seq, last seq, lowest clock, highest clock)."""
+        key types (for ticks: clock type, kind, type of the knowledge clock)."""
         if not tid:
-            fields = ["typeof(hlc)", "kind", "typeof(moved)"]
-        else:
-            fields = ["typeof(hlc)", "kind", "mask", "moved IS NOT NULL", " || ' ' || ".join(f"typeof({v})" for v in pk)]
-        width = len(fields)
-        groups = self.conn.execute(
-            f"SELECT {', '.join(fields)}, count(*), min(seq), max(seq), min(hlc), max(hlc) FROM {source} "
-            f"GROUP BY {', '.join(str(n + 1) for n in range(width))}"
+            return conn.execute(f"SELECT DISTINCT typeof(hlc), kind, typeof(moved) FROM {source}").fetchall()
+        key_types = " || ' ' || ".join(f"typeof({v})" for v in pk)
+        return conn.execute(
+            f"SELECT DISTINCT typeof(hlc), kind, mask, moved IS NOT NULL, {key_types} FROM {source}"
         ).fetchall()
-        if not groups:
-            return [], (0, None, None, None, None)
-        # check_image let only integer clocks through, so the groups' bounds compare.
-        bounds = (
-            sum(g[width] for g in groups),
-            min(g[width + 1] for g in groups),
-            max(g[width + 2] for g in groups),
-            min(g[width + 3] for g in groups),
-            max(g[width + 4] for g in groups),
-        )
-        return [tuple(g[:width]) for g in groups], bounds
 
     def check_clocks(self, source: str, position: int, shapes: list[tuple], low: int, high: int) -> None:
         if any(shape[0] != "integer" for shape in shapes):
