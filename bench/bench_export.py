@@ -7,6 +7,7 @@ Usage::
     python bench/bench_export.py            # 1M-op log, 100k-row todos workload, 3 runs each
     python bench/bench_export.py --quick    # 100k-op log, 20k rows
     python bench/bench_export.py --no-hub   # without the pull through a real `datasette serve`
+    python bench/bench_export.py --only import,pull   # some parts only (export, memory, codecs, import, pull)
 
 Lines:
 
@@ -49,6 +50,7 @@ from bench_sync import INSERT, SCHEMA, checksum, close_checkpointed, connect, in
 from sqlite_utils_sync import export_bundle, import_bundle  # noqa: E402
 
 RESULTS: dict[str, bool] = {}
+PARTS = ("export", "memory", "codecs", "import", "pull")
 
 
 def line(label: str, text: str, ok: bool | None = None, key: str | None = None) -> None:
@@ -282,6 +284,9 @@ def bench_pull(work: str, log: str, n: int, reps: int) -> None:
          "(target < 2x)", ratio < 2, "pull_ratio")
     line("    of which", f"download (hub export + HTTP) {fetched:.2f}s, import into a new file {imported:.2f}s")
     line("    plain copy of table and log", f"{with_log:.2f}s; pull / that {synced / with_log:.2f}x")
+    floor = fetched + with_log
+    line("    (info) floor", f"download + plain copy of table and log {floor:.2f}s = {floor / plain:.2f}x the plain copy "
+         f"of the table; the import alone is {imported / with_log:.2f}x the plain copy of table and log")
 
 
 def fetch(url: str, token: str, path: str) -> None:
@@ -303,6 +308,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="runs per measurement (the median is kept)")
     parser.add_argument("--no-hub", action="store_true", help="skip the pull through datasette serve")
     parser.add_argument("--work", help="directory for the scratch files (default: a temp dir)")
+    parser.add_argument("--only", help=f"comma-separated parts to run (default: all): {', '.join(PARTS)}")
     parser.add_argument("--export-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.export_child:
@@ -316,13 +322,24 @@ def main() -> int:
           f"{os.cpu_count()} CPUs", flush=True)
     started = now()
     try:
+        parts = set(PARTS if not args.only else args.only.split(","))
+        if args.no_hub:
+            parts.discard("pull")
+        unknown = parts - set(PARTS)
+        if unknown:
+            parser.error(f"unknown part {', '.join(sorted(unknown))}: the parts are {', '.join(PARTS)}")
         log = os.path.join(work, "log.db")
-        build_log(log, log_size)
-        bench_full_export(work, log, log_size, args.reps)
-        bench_export_memory(work, log, log_size)
-        bench_codecs(work, n)
-        bench_import(work, n, args.reps)
-        if not args.no_hub:
+        if parts & {"export", "memory", "pull"}:
+            build_log(log, log_size)
+        if "export" in parts:
+            bench_full_export(work, log, log_size, args.reps)
+        if "memory" in parts:
+            bench_export_memory(work, log, log_size)
+        if "codecs" in parts:
+            bench_codecs(work, n)
+        if "import" in parts:
+            bench_import(work, n, args.reps)
+        if "pull" in parts:
             bench_pull(work, log, log_size, args.reps)
     finally:
         if not args.work:
