@@ -593,9 +593,12 @@ class Importer:
         table = self.chunk_table(table_position)
         if table_position == WITHHELD_CHUNK or table.withheld:
             return None
-        with open_image(data) as image:
-            bounds = image.execute("SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM ops").fetchone()
-            return bounds, self.chunk_shapes(image, "ops", table.tid, [f"v{i}" for i in table.pk_positions])
+        try:
+            with open_image(data) as image:
+                bounds = image.execute("SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM ops").fetchone()
+                return bounds, self.chunk_shapes(image, "ops", table.tid, [f"v{i}" for i in table.pk_positions])
+        except sqlite3.DatabaseError as ex:
+            raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({ex})")
 
     def stage_withheld(self, source: str, idx: int, position: int) -> int:
         """Check a chunk of the bundle's withheld ranges (``seq`` = first, ``hlc`` = last) and
