@@ -91,6 +91,8 @@ def start_hub(workdir: str, hub_path: str) -> tuple[subprocess.Popen, str, str]:
     port = free_port()
     log_path = os.path.join(workdir, "datasette.log")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DATASETTE_", "SQLITE_UTILS_"))}
+    # The server must run this checkout's plugin, as this process runs its core (sys.path above).
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, *filter(None, [env.get("PYTHONPATH")])])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [executable("datasette"), "serve", hub_path, "-c", config_path, "--host", "127.0.0.1",
@@ -104,12 +106,27 @@ def start_hub(workdir: str, hub_path: str) -> tuple[subprocess.Popen, str, str]:
             raise SystemExit(f"datasette exited {proc.returncode}: see {log_path}")
         try:
             if httpx.get(url + "/-/versions.json", timeout=2).status_code == 200:
+                check_plugin(proc, url)
                 return proc, url + "/hub", log_path
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
     proc.terminate()
     raise SystemExit(f"datasette did not answer within 60 s: see {log_path}")
+
+
+def check_plugin(proc: subprocess.Popen, url: str) -> None:
+    """Stop with one line when the server runs without datasette-sync (every sync would 404)."""
+    import httpx
+
+    names = [p["name"] for p in httpx.get(url + "/-/plugins.json", timeout=10).json()]
+    if "datasette-sync" not in names:
+        proc.terminate()
+        proc.wait()
+        raise SystemExit(
+            f"datasette on {url} did not load the datasette-sync plugin (it has: {', '.join(names) or 'none'}): "
+            f"install this checkout ('pip install -e {ROOT}') so that its entry point is registered"
+        )
 
 
 def tokens(count: int) -> list[str]:

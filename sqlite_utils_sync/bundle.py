@@ -1227,10 +1227,14 @@ class ChunkStage:
         if self.direct and CHUNK_SCHEMA not in {row[1] for row in conn.execute("PRAGMA database_list")}:
             conn.execute(f"ATTACH ':memory:' AS {CHUNK_SCHEMA}")
 
-    def load(self, data: bytes, width: int) -> str:
+    def load(self, data: bytes, width: int, checked: bool = False) -> str:
         """Load one chunk image after checking it holds nothing but the ``ops`` table; return the
-        name to ``SELECT`` its operations from."""
-        check_image(data, width, self.name)
+        name to ``SELECT`` its operations from.
+
+        :param checked: the caller ran :func:`check_image` on it already (on another thread)
+        """
+        if not checked:
+            check_image(data, width, self.name)
         try:
             if self.direct:
                 self.conn.deserialize(data, name=CHUNK_SCHEMA)

@@ -20,11 +20,12 @@ operations go through Python (:mod:`rows`).
 from __future__ import annotations
 
 import sqlite3
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from . import errors
-from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, op_fingerprint
+from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, check_image, op_fingerprint, open_image
 from .capture import (
     SyncedTable,
     canonical_name,
@@ -516,15 +517,15 @@ class Importer:
         self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS _sync_new_withheld (device INTEGER, lo INTEGER, hi INTEGER)")
         self.conn.execute("DELETE FROM temp._sync_new_withheld")
         announced = 0  # withheld operations the bundle's own ranges say exist
-        for position, table_position, data in self.reader.chunks():
+        for (position, table_position, data), facts in self.checked_chunks():
             idx = self.devices[position]
-            table = NO_TABLE if table_position < 0 else self.tables[table_position]
-            source = self.stage.load(data, self.reader.width(table_position))
+            table = self.chunk_table(table_position)
+            source = self.stage.load(data, self.reader.width(table_position), checked=True)
             try:
                 if table_position == WITHHELD_CHUNK:
                     announced += self.stage_withheld(source, idx, position)
                     continue
-                appended = self.append_chunk(source, idx, table, local_id, position)
+                appended = self.append_chunk(source, idx, table, local_id, position, facts)
             except sqlite3.DatabaseError as ex:
                 raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({ex})")
             if appended is None:
@@ -555,6 +556,49 @@ class Importer:
             )
         self.keep_withheld()
         return inserted
+
+    def chunk_table(self, table_position: int) -> MappedTable:
+        return NO_TABLE if table_position < 0 else self.tables[table_position]
+
+    def checked_chunks(self) -> Iterator[tuple[tuple[int, int, bytes], tuple | None]]:
+        """The bundle's chunks, each with its facts (see :meth:`inspect_chunk`), found on a
+        worker thread while the chunk before it is appended (SQLite releases the GIL: these
+        passes over the image are about a quarter of an import). Problems are raised in the
+        order of the chunks, reading ones included, as a plain loop over them would."""
+        chunks = self.reader.chunks()
+        with ThreadPoolExecutor(1) as pool:
+            ahead = self.check_next(chunks, pool)
+            while ahead is not None:
+                chunk, check = ahead
+                ahead = self.check_next(chunks, pool) if chunk is not None else None
+                yield chunk, check.result()
+
+    def check_next(self, chunks: Iterator[tuple[int, int, bytes]], pool: ThreadPoolExecutor) -> tuple | None:
+        """The next chunk and its check (running); None after the last one."""
+        try:
+            chunk = next(chunks)
+        except StopIteration:
+            return None
+        except Exception as ex:  # raised when its turn comes, after the chunks before it
+            failed: Future = Future()
+            failed.set_exception(ex)
+            return None, failed
+        return chunk, pool.submit(self.inspect_chunk, chunk[2], chunk[1])
+
+    def inspect_chunk(self, data: bytes, table_position: int) -> tuple | None:
+        """On the worker thread: :func:`check_image`, then, from a copy of the image of its
+        own, the chunk's ``(count, first seq, last seq, lowest clock, highest clock)`` and
+        shapes (see :meth:`chunk_shapes`); None for chunks read otherwise (withheld ones)."""
+        check_image(data, self.reader.width(table_position), self.name)
+        table = self.chunk_table(table_position)
+        if table_position == WITHHELD_CHUNK or table.withheld:
+            return None
+        try:
+            with open_image(data) as image:
+                bounds = image.execute("SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM ops").fetchone()
+                return bounds, self.chunk_shapes(image, "ops", table.tid, [f"v{i}" for i in table.pk_positions])
+        except sqlite3.DatabaseError as ex:
+            raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({ex})")
 
     def stage_withheld(self, source: str, idx: int, position: int) -> int:
         """Check a chunk of the bundle's withheld ranges (``seq`` = first, ``hlc`` = last) and
@@ -639,22 +683,22 @@ class Importer:
         )
 
     def append_chunk(
-        self, source: str, idx: int, table: MappedTable, local_id: str, position: int
+        self, source: str, idx: int, table: MappedTable, local_id: str, position: int, facts: tuple
     ) -> tuple[int, int, int, int] | None:
-        """Check one loaded chunk and append it to the log: ``(first seq, last seq, ops, stored)``."""
+        """Check one loaded chunk and append it to the log: ``(first seq, last seq, ops, stored)``.
+
+        :param facts: its bounds and shapes (see :meth:`inspect_chunk`)
+        """
         if table.withheld:
             return self.withhold_chunk(source, idx)
         pk = [f"v{i}" for i in table.pk_positions]
         # Each check is an O(1) lookup or one pass that keeps only distinct shapes.
-        count, first, last, low, high = self.conn.execute(
-            f"SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM {source}"
-        ).fetchone()
+        (count, first, last, low, high), shapes = facts
         if not count:
             return None
         if not (0 < first and last <= SEQ_MASK):
             raise self.fail(errors.INVALID_OPERATION, f"operation sequence numbers must be 1 to {SEQ_MASK}")
         # Holes are checked per device once everything is in (a compacted sender may leave some).
-        shapes = self.chunk_shapes(source, table.tid, pk)
         self.check_clocks(source, position, shapes, low, high)
         if idx == LOCAL and last > self.old[LOCAL]:
             raise self.fail(
@@ -673,13 +717,14 @@ class Importer:
         self.max_hlc = max(self.max_hlc, high)
         return first, last, count, stored
 
-    def chunk_shapes(self, source: str, tid: int, pk: list[str]) -> list[tuple]:
+    @staticmethod
+    def chunk_shapes(conn: sqlite3.Connection, source: str, tid: int, pk: list[str]) -> list[tuple]:
         """The distinct shapes of a chunk's operations: clock type, kind, mask, whether a move,
         key types (for ticks: clock type, kind, type of the knowledge clock)."""
         if not tid:
-            return self.conn.execute(f"SELECT DISTINCT typeof(hlc), kind, typeof(moved) FROM {source}").fetchall()
+            return conn.execute(f"SELECT DISTINCT typeof(hlc), kind, typeof(moved) FROM {source}").fetchall()
         key_types = " || ' ' || ".join(f"typeof({v})" for v in pk)
-        return self.conn.execute(
+        return conn.execute(
             f"SELECT DISTINCT typeof(hlc), kind, mask, moved IS NOT NULL, {key_types} FROM {source}"
         ).fetchall()
 
@@ -723,7 +768,8 @@ class Importer:
             (kind & KIND_MASK, sum(1 << s for i, s in enumerate(table.slots) if mask >> i & 1)) for kind, mask in kinds
         )
         self.has_resolutions |= any(kind & RESOLUTION for kind, _ in kinds)
-        key = rowkey_sql(pk)
+        # A key position holding no REAL needs none of rowkey_sql's per-row REAL handling.
+        key = rowkey_sql(pk, [all(shape[4].split(" ")[i] != "real" for shape in shapes) for i in range(len(pk))])
         keys = f"{key}, NULL"
         if any(shape[3] for shape in shapes):
             self.check_moves(source, table.tid, pk)
@@ -1303,6 +1349,8 @@ class TableUpdate:
         """
         conn = self.conn
         self.clashed_rows.clear()  # a replay runs this again after the first run was undone
+        if not conn.execute("SELECT 1 FROM temp._sync_slow LIMIT 1").fetchone():
+            return  # the common bulk case; in_author_order alone would read every new operation
         if before is None and self.in_author_order():
             for table in self.tables.values():
                 self.single_author_rows(table)

@@ -554,3 +554,33 @@ def test_bundle_is_opened_read_only_and_its_triggers_never_run(tmp_path, pair, c
     before = file_bytes(path)
     assert import_bundle(b, path).applied == 7
     assert file_bytes(path) == before  # read-only: the bundle file is untouched
+
+
+def test_problems_are_reported_in_chunk_order_while_the_next_chunk_is_checked_ahead(tmp_path, pair, craft, refused_by_library):
+    """The importer checks chunk N+1's image on a worker thread while it appends chunk N: a
+    problem of chunk N must still be the one reported, and nothing is kept."""
+    a, b = pair
+    a.executemany("INSERT INTO todos VALUES (?, 'more', 0, 0)", [(i,) for i in range(8, 6010)])
+    path = tmp_path / "two-chunks.bundle"
+    export_bundle(a, path)
+
+    def tamper(conn):
+        (first, first_data), (second, second_data) = conn.execute(
+            "SELECT id, data FROM bundle_chunks WHERE tbl >= 0 ORDER BY id LIMIT 2"
+        ).fetchall()
+        image = sqlite3.connect(":memory:")
+        image.deserialize(craft.image(first_data))
+        image.execute("UPDATE ops SET v0 = NULL WHERE seq = (SELECT min(seq) FROM ops)")
+        image.commit()
+        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [craft.stored(image.serialize(), first_data), first])
+        image.close()
+        damaged = bytearray(craft.image(second_data))
+        page_size = int.from_bytes(damaged[16:18], "big")
+        damaged[page_size : page_size + 8] = b"\x0d\xff\xff\xff\xff\xff\xff\xff"  # the ops table's page header
+        conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [craft.stored(bytes(damaged), second_data), second])
+        craft.reseal(conn)
+
+    craft.rewrite(path, tamper)
+    error = refused_by_library(b, tmp_path / "b.db", path)
+    assert error.reason == "null_key", str(error)
+    assert b.execute("SELECT count(*) FROM todos").fetchone() == (0,)
