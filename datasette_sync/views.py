@@ -662,27 +662,12 @@ def sqlite_refusal(ex: sqlite3.Error, database: str) -> EndpointError:
     return EndpointError(f"SQLite error: {ex}", errors.SQLITE_ERROR)
 
 
-# SQLite result codes that say the hub itself is in trouble (disk full, I/O, permissions),
-# whatever bundle was being imported. Any other error while importing comes from the bundle.
-SERVER_SIDE = {
-    getattr(sqlite3, name)
-    for name in ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_NOMEM", "SQLITE_PERM")
-    if hasattr(sqlite3, name)
-}
-SERVER_SIDE_TEXT = ("disk is full", "disk i/o error", "readonly database", "unable to open", "out of memory")
-
-
 def import_sqlite_refusal(ex: sqlite3.Error, database: str) -> EndpointError:
     """An SQLite error while importing a pushed bundle: a lock is temporary (503), the hub's
     own trouble is a 500, and anything else (a malformed chunk image, say) is the bundle's 400."""
     if is_busy(ex):
         return sqlite_refusal(ex, database)
-    code = getattr(ex, "sqlite_errorcode", None)  # Python 3.11+
-    if code is not None:
-        server_side = (code & 0xFF) in SERVER_SIDE
-    else:
-        server_side = any(text in str(ex).lower() for text in SERVER_SIDE_TEXT)
-    if server_side:
+    if errors.is_local_trouble(ex):
         return sqlite_refusal(ex, database)
     return SyncBadRequest(f"Bundle could not be read: {ex}. Nothing was imported", errors.INVALID_BUNDLE)
 

@@ -28,6 +28,24 @@ class BundleError(SyncError):
     """The bundle is invalid, tampered with, or cannot be applied to this database."""
 
 
+# SQLite result codes that say this machine is in trouble (a full disk, I/O, permissions,
+# memory), whatever was being read: such an error is never the bundle's fault.
+_LOCAL_TROUBLE_CODES = {"SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_NOMEM", "SQLITE_PERM"}
+_LOCAL_TROUBLE_TEXT = ("disk is full", "disk i/o error", "readonly database", "unable to open", "out of memory")
+
+
+def is_local_trouble(ex: BaseException) -> bool:
+    """Whether an SQLite error comes from this machine rather than from the data read."""
+    import sqlite3
+
+    if not isinstance(ex, sqlite3.Error):
+        return False
+    name = getattr(ex, "sqlite_errorname", None)  # Python 3.11+; SQLITE_IOERR_WRITE is an IOERR
+    if name is not None:
+        return "_".join(name.split("_")[:2]) in _LOCAL_TROUBLE_CODES
+    return any(text in str(ex).lower() for text in _LOCAL_TROUBLE_TEXT)
+
+
 def shorten(value, most: int = 80) -> str:
     """A value for a one-line message: repr (text as it is), cut short."""
     text = value if isinstance(value, str) and most > 80 else repr(value)

@@ -19,6 +19,7 @@ operations go through Python (:mod:`rows`).
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -517,33 +518,37 @@ class Importer:
         self.conn.execute("CREATE TEMP TABLE IF NOT EXISTS _sync_new_withheld (device INTEGER, lo INTEGER, hi INTEGER)")
         self.conn.execute("DELETE FROM temp._sync_new_withheld")
         announced = 0  # withheld operations the bundle's own ranges say exist
-        for (position, table_position, data), facts in self.checked_chunks():
-            idx = self.devices[position]
-            table = self.chunk_table(table_position)
-            source = self.stage.load(data, self.reader.width(table_position), checked=True)
-            try:
-                if table_position == WITHHELD_CHUNK:
-                    announced += self.stage_withheld(source, idx, position)
+        chunks = self.checked_chunks()
+        with contextlib.closing(chunks):  # an error ends the look-ahead thread now, not when collected
+            for (position, table_position, data), facts in chunks:
+                idx = self.devices[position]
+                table = self.chunk_table(table_position)
+                source = self.stage.load(data, self.reader.width(table_position), checked=True)
+                try:
+                    if table_position == WITHHELD_CHUNK:
+                        announced += self.stage_withheld(source, idx, position)
+                        continue
+                    appended = self.append_chunk(source, idx, table, local_id, position, facts)
+                except sqlite3.DatabaseError as ex:
+                    if errors.is_local_trouble(ex):  # a full disk here is not the bundle's fault
+                        raise
+                    raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({ex})")
+                if appended is None:
                     continue
-                appended = self.append_chunk(source, idx, table, local_id, position, facts)
-            except sqlite3.DatabaseError as ex:
-                raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({ex})")
-            if appended is None:
-                continue
-            first, last, count, stored = appended
-            carried += count
-            result.duplicates += count - stored  # of a withheld table, the rest is counted in keep_withheld
-            if not table.withheld:
-                inserted[idx] = inserted.get(idx, 0) + stored
-                if table.tid:
-                    self.data_inserted += stored
-                if stored and not table.applied:
-                    self.keep_unapplied(result, table, table_position, idx, first, last, stored)
-                elif stored and table.tid:
-                    name = self.reader.header["tables"][table_position][0]
-                    result.applied_by_table[name] = result.applied_by_table.get(name, 0) + stored
-            if self.progress:
-                self.progress(count, self.reader.header["operations"])
+                first, last, count, stored = appended
+                carried += count
+                result.duplicates += count - stored  # of a withheld table, the rest is counted in keep_withheld
+                if not table.withheld:
+                    inserted[idx] = inserted.get(idx, 0) + stored
+                    if table.tid:
+                        self.data_inserted += stored
+                    if stored and not table.applied:
+                        self.keep_unapplied(result, table, table_position, idx, first, last, stored)
+                    elif stored and table.tid:
+                        name = self.reader.header["tables"][table_position][0]
+                        result.applied_by_table[name] = result.applied_by_table.get(name, 0) + stored
+                if self.progress:
+                    self.progress(count, self.reader.header["operations"])
         if carried != self.reader.header["operations"]:
             raise self.fail(
                 errors.INVALID_METADATA,
@@ -598,6 +603,8 @@ class Importer:
                 bounds = image.execute("SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM ops").fetchone()
                 return bounds, self.chunk_shapes(image, "ops", table.tid, [f"v{i}" for i in table.pk_positions])
         except sqlite3.DatabaseError as ex:
+            if errors.is_local_trouble(ex):
+                raise
             raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({ex})")
 
     def stage_withheld(self, source: str, idx: int, position: int) -> int:

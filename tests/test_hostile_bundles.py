@@ -584,3 +584,21 @@ def test_problems_are_reported_in_chunk_order_while_the_next_chunk_is_checked_ah
     error = refused_by_library(b, tmp_path / "b.db", path)
     assert error.reason == "null_key", str(error)
     assert b.execute("SELECT count(*) FROM todos").fetchone() == (0,)
+
+
+def test_a_full_disk_while_importing_is_this_machines_trouble_not_the_bundles(tmp_path, pair, file_bytes):
+    """A disk that fills up during an import is not reported as a bad bundle (a cluster hub
+    would record a good bundle as refused, and retries only its own trouble): the SQLite
+    error comes through as it is, and nothing is kept."""
+    a, b = pair
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(i, "x" * 200) for i in range(8, 3000)])
+    path = tmp_path / "big.bundle"
+    export_bundle(a, path)
+    before = file_bytes(tmp_path / "b.db")
+    pages = b.execute("PRAGMA page_count").fetchone()[0]
+    b.execute(f"PRAGMA max_page_count = {pages + 20}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        import_bundle(b, path)
+    b.execute("PRAGMA max_page_count = 1073741823")
+    assert file_bytes(tmp_path / "b.db") == before
+    assert import_bundle(b, path).applied > 0
