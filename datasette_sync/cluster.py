@@ -481,6 +481,11 @@ class Member:
             self.poked.clear()
             try:
                 await self.read_notices()
+            except asyncio.CancelledError:
+                raise
+            except Exception as ex:  # the outbox goes on: its messages do not wait for notices
+                log.warning("datasette-sync cluster (%s): refusal notices not read: %s", self.database, ex)
+            try:
                 await self.flush_outbox()
             except asyncio.CancelledError:
                 raise
@@ -618,7 +623,8 @@ class Member:
         headers = {MSG_ID_HEADER: f"refused-{seq}", ORIGIN_HEADER: " ".join(map(str, origin)), NOTICE_HEADER: str(seq)}
         body = json.dumps({"hub": self.settings.hub, "reason": refusal.reason, "message": refusal.message}).encode()
         try:
-            await self.js.publish(notices_subject(self.settings, self.database), body, headers=headers, stream=self.settings.stream)
+            where = notices_subject(self.settings, self.database)
+            await self.js.publish(where, body, headers=headers, stream=self.settings.stream)
         except Exception as ex:
             self.warn(message, f"refusal notice not published: {type(ex).__name__}: {ex}")
 
@@ -1144,7 +1150,8 @@ def record_refusal(conn, seq: int, bundle_id: str | None, refusal: SyncError, or
     )
     held = max_seq(conn, LOCAL) if ordered_own is not None and is_enabled(conn) else 0
     if held > (ordered_own or 0):
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {HELD_TABLE} (seq INTEGER PRIMARY KEY, held_from INTEGER, held_to INTEGER)")
+        columns = "seq INTEGER PRIMARY KEY, held_from INTEGER, held_to INTEGER"
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {HELD_TABLE} ({columns})")
         conn.execute(f"INSERT OR IGNORE INTO {HELD_TABLE} VALUES (?, ?, ?)", [seq, ordered_own + 1, held])
 
 
@@ -1152,7 +1159,8 @@ def held_refusals(conn, first: int) -> list[int]:
     """The messages refused here while this hub held its op ``first`` unpublished to the stream."""
     if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", [HELD_TABLE]).fetchone():
         return []
-    rows = conn.execute(f"SELECT seq FROM {HELD_TABLE} WHERE held_from <= ? AND ? <= held_to ORDER BY seq", [first, first])
+    where = "held_from <= ? AND ? <= held_to"
+    rows = conn.execute(f"SELECT seq FROM {HELD_TABLE} WHERE {where} ORDER BY seq", [first, first])
     return [row[0] for row in rows]
 
 
