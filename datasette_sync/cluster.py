@@ -58,6 +58,8 @@ ALTER_HEADER = "Datasette-Sync-Alter"
 ACTOR_HEADER = "Datasette-Sync-Actor"
 RELAY_HEADER = "Datasette-Sync-Relay"  # "0": the pusher lacked sync-relay, so it claimed its devices
 SEQ_HEADER = "Datasette-Sync-Stream-Seq"
+ORIGIN_HEADER = "Datasette-Sync-Origin"  # an outbox message's "<device> <first seq> <last seq>"
+NOTICE_HEADER = "Datasette-Sync-Refused"  # a notice's refused stream sequence
 MSG_ID_HEADER = "Nats-Msg-Id"
 PUBLISH_TIMEOUT = 5.0  # seconds a push waits for the stream's PubAck before answering 503
 DUPLICATE_WINDOW = 120.0  # a push retried within this is stored once (the import dedupes anyway)
@@ -164,6 +166,11 @@ def claims_name(database: str) -> str:
     return f"claims-{token(database)}"
 
 
+def notices_subject(settings: Settings, database: str) -> str:
+    """Where a hub says it refused another hub's outbox message, so that hub sends it again."""
+    return f"{settings.stream}.{token(database)}.notices"
+
+
 def object_name(database: str, bundle_id: str) -> str:
     """A pushed bundle too big for a message; per database, so its retention can drop it."""
     return f"bundle-{token(database)}-{bundle_id}"
@@ -237,6 +244,8 @@ class Member:
         self.outcomes: dict[int, Any] = {}  # stream sequence: ImportResult or the SyncError refusing it
         self.progress: asyncio.Condition | None = None
         self.refused: tuple[int, list[dict]] | None = None  # (count, latest), read when consuming starts
+        self.device: str | None = None  # this hub's device id, read when consuming starts
+        self.ordered_own = 0  # this hub's device's highest seq its consumer met in the stream
 
     @property
     def db(self):
@@ -447,8 +456,10 @@ class Member:
             future.cancel()
             raise unavailable(self.database, f"{type(ex).__name__}: {ex}".rstrip(": ")) from ex
 
-    async def publish(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool = True):
+    async def publish(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool = True, origin=None):
         headers = {MSG_ID_HEADER: bundle_id, RELAY_HEADER: "1" if relay else "0"}
+        if origin is not None:
+            headers[ORIGIN_HEADER] = origin
         if alter:
             headers[ALTER_HEADER] = "1"
         if actor is not None:
@@ -469,6 +480,12 @@ class Member:
                 await asyncio.wait_for(self.poked.wait(), OUTBOX_INTERVAL)
             self.poked.clear()
             try:
+                await self.read_notices()
+            except asyncio.CancelledError:
+                raise
+            except Exception as ex:  # the outbox goes on: its messages do not wait for notices
+                log.warning("datasette-sync cluster (%s): refusal notices not read: %s", self.database, ex)
+            try:
                 await self.flush_outbox()
             except asyncio.CancelledError:
                 raise
@@ -484,14 +501,37 @@ class Member:
             return False
         with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
             path = os.path.join(directory, "outbox.bundle")
-            result = await self.db.execute_fn(lambda conn: export_own(conn, path, pending))
+            since = await self.db.execute_fn(resend_since)
+            result = await self.db.execute_fn(lambda conn: export_own(conn, path, pending, since))
             if result is None:
                 return False
-            await self.publish(path, result.bundle_id, True, None)
-        done = max(pending[1], result.clock.get(pending[0], 0))
+            done = max(pending[1], result.clock.get(pending[0], 0))
+            await self.publish(path, result.bundle_id, True, None, origin=f"{pending[0]} {since + 1} {done}")
         with sync_write():
             await self.db.execute_write_fn(lambda conn: record_published(conn, done))
         return True
+
+    async def read_notices(self) -> None:
+        """Take the notices published since the last one read: another hub refused this hub's
+        outbox message, so its ops are sent again with the next one (once something new is
+        written here, e.g. the clashing row changed) and the refusal shows on the overview."""
+        from nats.js.errors import NotFoundError
+
+        if self.js is None or self.device is None:
+            return
+        where = notices_subject(self.settings, self.database)
+        while True:
+            seen = await self.db.execute_fn(lambda conn: cluster_value(conn, "notice_seen") or 0)
+            try:
+                notice = await self.js.get_msg(self.settings.stream, seen + 1, subject=where, next=True)
+            except NotFoundError:
+                return
+            note = parse_notice(notice, self.device)
+            with sync_write():
+                await self.db.execute_write_fn(lambda conn: record_notice(conn, notice.seq, note))
+            if note is not None:
+                self.refused = await self.db.execute_fn(refusals)
+                log.warning("datasette-sync cluster (%s): %s", self.database, note[3])
 
     # Consuming ----------------------------------------------------------------------------
 
@@ -501,6 +541,8 @@ class Member:
 
         if self.refused is None:
             self.refused = await self.db.execute_fn(refusals)
+        if self.device is None:
+            self.device, self.ordered_own = await self.db.execute_fn(own_device)
         since_check = 0
         while True:
             try:
@@ -535,6 +577,7 @@ class Member:
             heartbeat.cancel()
         await message.ack()
         self.behind = pending(message)
+        await self.own_message(message)
         await self.settle(seq, outcome)
         if isinstance(outcome, SyncError):
             return
@@ -563,11 +606,59 @@ class Member:
             record = (sequence(message) or 0, (message.headers or {}).get(MSG_ID_HEADER), outcome)
             try:
                 with sync_write():
-                    await self.db.execute_write_fn(lambda conn: record_refusal(conn, *record))
+                    await self.db.execute_write_fn(lambda conn: record_refusal(conn, *record, self.ordered_own))
             except sqlite3.Error as ex:
                 raise HubTrouble(f"the refusal could not be recorded: {ex}") from ex
             self.refused = await self.db.execute_fn(refusals)
+            await self.notify_origin(message, outcome)
         return outcome
+
+    async def notify_origin(self, message, refusal: SyncError) -> None:
+        """Another hub's outbox message refused here: publish a notice for it (stored once,
+        whichever hubs refuse it). Lost (NATS down), the hubs differ until it is repaired by hand."""
+        origin = origin_of(message)
+        seq = sequence(message)
+        if origin is None or origin[0] == self.device or seq is None:
+            return
+        headers = {MSG_ID_HEADER: f"refused-{seq}", ORIGIN_HEADER: " ".join(map(str, origin)), NOTICE_HEADER: str(seq)}
+        body = json.dumps({"hub": self.settings.hub, "reason": refusal.reason, "message": refusal.message}).encode()
+        try:
+            where = notices_subject(self.settings, self.database)
+            await self.js.publish(where, body, headers=headers, stream=self.settings.stream)
+        except Exception as ex:
+            self.warn(message, f"refusal notice not published: {type(ex).__name__}: {ex}")
+
+    async def own_message(self, message) -> None:
+        """This hub's outbox message at its stream position. One that sends ops again (another
+        hub refused them) retries, in stream order, the messages this hub refused while it held
+        those ops and the stream did not: they may have clashed with them only here."""
+        origin = origin_of(message)
+        if origin is None or origin[0] != self.device:
+            return
+        resent = origin[1] <= self.ordered_own
+        self.ordered_own = max(self.ordered_own, origin[2])
+        if resent:
+            await self.retry_held(origin[1])
+
+    async def retry_held(self, first: int) -> None:
+        for seq in await self.db.execute_fn(lambda conn: held_refusals(conn, first)):
+            try:
+                message = await self.js.get_msg(self.settings.stream, seq)
+            except Exception:  # purged: the snapshot does not bring it either
+                continue
+            with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
+                path = os.path.join(directory, "upload.bundle")
+                outcome = await self.fetch_body(message, path)
+                if outcome is None:
+                    outcome = await self.import_file(message, path)
+            if isinstance(outcome, SyncError):
+                continue
+            with sync_write():
+                await self.db.execute_write_fn(lambda conn: forget_refusal(conn, seq))
+            log.info("datasette-sync cluster (%s): message %s applied on retry", self.database, seq)
+            notify_live(self.datasette, self.database)
+        self.refused = await self.db.execute_fn(refusals)
+        self.poke()
 
     async def settle(self, seq: int | None, outcome) -> None:
         """Note the outcome of stream position ``seq`` and wake the pushes waiting for it."""
@@ -985,15 +1076,22 @@ def own_pending(conn) -> tuple[str, int] | None:
     return (device, seq) if seq > published(conn) else None
 
 
-def export_own(conn, path: str, pending: tuple[str, int]):
-    """This hub's device's operations after the published seq (and no other device's); on
+def export_own(conn, path: str, pending: tuple[str, int], start: int):
+    """This hub's device's operations after seq ``start`` (and no other device's); on
     joining, everything it holds."""
     from sqlite_utils_sync.clocks import clock
 
     device, _ = pending
-    since = {**clock(conn), device: published(conn)} if joined(conn) else None
+    since = {**clock(conn), device: start} if joined(conn) else None
     result = export_bundle(conn, path, since=since, repair=False)
     return result if result.operations else None
+
+
+def resend_since(conn) -> int:
+    """The seq of this hub's device the next outbox message starts after: the published one,
+    or lower when another hub refused the ops after it (see ``read_notices``)."""
+    resend = cluster_value(conn, "resend_from")
+    return published(conn) if resend is None else min(resend, published(conn))
 
 
 def record_published(conn, seq: int) -> None:
@@ -1002,6 +1100,14 @@ def record_published(conn, seq: int) -> None:
         f"INSERT INTO {CLUSTER_TABLE} VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
         [("published", seq), ("joined", 1)],
     )
+    conn.execute(f"DELETE FROM {CLUSTER_TABLE} WHERE key = 'resend_from'")
+
+
+def own_device(conn) -> tuple[str | None, int]:
+    """This hub's device id and the seq the stream has of it as far as this hub knows."""
+    if not is_enabled(conn):
+        return None, 0
+    return local_device_id(conn), published(conn)
 
 
 def join_empty(conn) -> None:
@@ -1028,7 +1134,12 @@ def record_joined(conn) -> None:
 REFUSED_TABLE = "_sync_cluster_refused"
 
 
-def record_refusal(conn, seq: int, bundle_id: str | None, refusal: SyncError) -> None:
+HELD_TABLE = "_sync_cluster_held"  # refusals made while this hub held own ops the stream did not
+
+
+def record_refusal(conn, seq: int, bundle_id: str | None, refusal: SyncError, ordered_own: int | None = None) -> None:
+    """Record a refusal; with ``ordered_own`` (this hub's device's seq the stream holds so
+    far), also which own ops this hub held then that the stream did not."""
     conn.execute(
         f"CREATE TABLE IF NOT EXISTS {REFUSED_TABLE} (seq INTEGER PRIMARY KEY, bundle_id TEXT, reason TEXT NOT NULL, "
         "message TEXT NOT NULL, refused_at TEXT NOT NULL)"
@@ -1037,6 +1148,61 @@ def record_refusal(conn, seq: int, bundle_id: str | None, refusal: SyncError) ->
         f"INSERT OR IGNORE INTO {REFUSED_TABLE} VALUES (?, ?, ?, ?, ?)",
         [seq, bundle_id, refusal.reason, refusal.message, now_iso()],
     )
+    held = max_seq(conn, LOCAL) if ordered_own is not None and is_enabled(conn) else 0
+    if held > (ordered_own or 0):
+        columns = "seq INTEGER PRIMARY KEY, held_from INTEGER, held_to INTEGER"
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {HELD_TABLE} ({columns})")
+        conn.execute(f"INSERT OR IGNORE INTO {HELD_TABLE} VALUES (?, ?, ?)", [seq, ordered_own + 1, held])
+
+
+def held_refusals(conn, first: int) -> list[int]:
+    """The messages refused here while this hub held its op ``first`` unpublished to the stream."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = ?", [HELD_TABLE]).fetchone():
+        return []
+    where = "held_from <= ? AND ? <= held_to"
+    rows = conn.execute(f"SELECT seq FROM {HELD_TABLE} WHERE {where} ORDER BY seq", [first, first])
+    return [row[0] for row in rows]
+
+
+def forget_refusal(conn, seq: int) -> None:
+    conn.execute(f"DELETE FROM {HELD_TABLE} WHERE seq = ?", [seq])
+    conn.execute(f"DELETE FROM {REFUSED_TABLE} WHERE seq = ?", [seq])
+
+
+def origin_of(message) -> tuple[str, int, int] | None:
+    """An outbox message's (device, first seq, last seq); None for a push."""
+    value = (message.headers or {}).get(ORIGIN_HEADER)
+    parts = value.split() if isinstance(value, str) else []
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+def parse_notice(notice, device: str) -> tuple | None:
+    """(refused seq, first own seq, reason, message) of a notice about this hub's device."""
+    origin = origin_of(notice)
+    refused = (notice.headers or {}).get(NOTICE_HEADER, "")
+    if origin is None or origin[0] != device or not str(refused).isdigit():
+        return None
+    try:
+        body = json.loads(notice.data or b"{}")
+    except ValueError:
+        body = {}
+    hub, reason = body.get("hub", "another hub"), body.get("reason", "refused")
+    text = (
+        f"Hub {hub} refused this hub's own writes (stream message {refused}): {body.get('message', '')} "
+        "Change the clashing row here: the change is sent again with them"
+    )
+    return int(refused), origin[1], reason, text
+
+
+def record_notice(conn, seq: int, note: tuple | None) -> None:
+    if note is not None:
+        refused, first, reason, text = note
+        record_refusal(conn, refused, None, SyncError(reason, text))
+        resend = cluster_value(conn, "resend_from")
+        set_cluster_value(conn, "resend_from", first - 1 if resend is None else min(resend, first - 1))
+    set_cluster_value(conn, "notice_seen", seq)
 
 
 def has_refused(conn) -> bool:
