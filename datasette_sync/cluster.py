@@ -242,6 +242,7 @@ class Member:
         self.tasks: list[asyncio.Task] = []
         self.handled = 0  # the highest stream sequence this hub's consumer has handled
         self.outcomes: dict[int, Any] = {}  # stream sequence: ImportResult or the SyncError refusing it
+        self.awaited: set[str] = set()  # bundle ids of pushes to this hub waiting for their outcome
         self.progress: asyncio.Condition | None = None
         self.refused: tuple[int, list[dict]] | None = None  # (count, latest), read when consuming starts
         self.device: str | None = None  # this hub's device id, read when consuming starts
@@ -419,8 +420,8 @@ class Member:
         config.max_ack_pending = 1
         try:
             await self.js.add_consumer(self.settings.stream, config)  # same name: an update
-        except Exception as ex:
-            log.warning("datasette-sync cluster (%s): consumer not updated to max_ack_pending 1: %s", self.database, ex)
+        except Exception as ex:  # consuming out of order could skip a message here: don't start
+            raise RuntimeError(f"the consumer could not be set to take one message at a time: {ex}") from ex
 
     async def note_snapshot_due(self, covered: int) -> None:
         with sync_write():
@@ -448,6 +449,7 @@ class Member:
         stored already: the first copy's). Raises SyncError (cluster_unavailable)."""
         if self.loop is None or self.js is None:
             raise unavailable(self.database, "not connected to NATS yet")
+        self.awaited.add(bundle_id)  # before the message can reach the consumer
         future = asyncio.run_coroutine_threadsafe(self.publish(path, bundle_id, alter, actor, relay), self.loop)
         try:
             # A big bundle goes to the object store in chunks first: allow 1 s per MB.
@@ -578,7 +580,7 @@ class Member:
         await message.ack()
         self.behind = pending(message)
         await self.own_message(message)
-        await self.settle(seq, outcome)
+        await self.settle(seq, outcome, (message.headers or {}).get(MSG_ID_HEADER))
         if isinstance(outcome, SyncError):
             return
         if not outcome.skipped:
@@ -660,11 +662,14 @@ class Member:
         self.refused = await self.db.execute_fn(refusals)
         self.poke()
 
-    async def settle(self, seq: int | None, outcome) -> None:
-        """Note the outcome of stream position ``seq`` and wake the pushes waiting for it."""
+    async def settle(self, seq: int | None, outcome, bundle_id: str | None) -> None:
+        """Note the outcome of stream position ``seq`` when a push to this hub waits for it
+        (others' would only fill memory), and wake the pushes waiting."""
         if seq is None:
             return
-        self.outcomes[seq] = outcome
+        if bundle_id in self.awaited:
+            self.awaited.discard(bundle_id)
+            self.outcomes[seq] = outcome
         while len(self.outcomes) > KEEP_OUTCOMES:
             del self.outcomes[next(iter(self.outcomes))]  # the oldest: seqs arrive in order
         self.handled = max(self.handled, seq)
@@ -739,8 +744,12 @@ class Member:
                 raise HubTrouble(str(refusal)) from ex
             return SyncError(refusal.reason, str(refusal))
         except Exception as ex:
+            # Not a refusal the engine made, so not one every hub is sure to make alike (out of
+            # memory, no thread to start, a bug): recording it would let this hub differ from
+            # the others. Retried in place instead; a bundle that always fails stalls every hub
+            # the same visible way.
             log.exception("datasette-sync cluster (%s): message %s could not be imported", self.database, sequence(message))
-            return SyncError(errors.INVALID_BUNDLE, f"Bundle could not be read ({type(ex).__name__}): nothing was imported")
+            raise HubTrouble(f"{type(ex).__name__} while importing: {ex}") from ex
 
     def warn(self, message, what: str) -> None:
         log.warning("datasette-sync cluster (%s): message %s %s", self.database, sequence(message), what)
@@ -791,10 +800,7 @@ class Member:
             info = await store.get_info(snapshot_name(self.database))
         except NotFoundError:  # any other error propagates: a new hub must not skip the snapshot
             return 0
-        value = (info.headers or {}).get(SEQ_HEADER)
-        if isinstance(value, list):
-            value = value[0]
-        return int(value or 0)
+        return seq_header(info.headers)
 
     async def take_snapshot(self, floor: int) -> None:
         """Store a full export covering every message up to ``floor`` (all imported here)."""
@@ -861,7 +867,7 @@ class Member:
             path = os.path.join(directory, "snapshot.bundle")
             with open(path, "wb") as out:
                 await store.get(snapshot_name(self.database), writeinto=out)
-            claims = await self.stored_claims()
+            claims = await self.stored_claims(due)
             options = {"alter": True, "may_relay": True, "max_clock_skew": self.max_clock_skew()}
 
             def apply(conn):
@@ -880,8 +886,11 @@ class Member:
         self.snapshot_seq = max(self.snapshot_seq, due)
         log.info("datasette-sync cluster (%s): joined from the snapshot up to sequence %s", self.database, due)
 
-    async def stored_claims(self) -> list:
-        """The claims stored with the snapshot ([] for a snapshot stored without them)."""
+    async def stored_claims(self, covered: int) -> list:
+        """The claims stored with the snapshot covering ``covered`` ([] for a snapshot stored
+        without them). Raises ValueError, which keeps the hub from joining and shows in its
+        status, for claims that are older than the snapshot or not claims at all: joining
+        without them would let this hub take pushes the others refuse."""
         from nats.js.errors import NotFoundError
 
         store = await self.object_store()
@@ -889,8 +898,9 @@ class Member:
             found = await store.get(claims_name(self.database))
         except NotFoundError:
             return []
-        claims = json.loads(found.data or b"[]")
-        return [claim for claim in claims if isinstance(claim, list) and len(claim) == 3]
+        if seq_header(found.info.headers) < covered:
+            raise ValueError(f"the device claims stored with the snapshot are older than it (sequence < {covered})")
+        return parse_claims(found.data or b"[]")
 
     # Status -------------------------------------------------------------------------------
 
@@ -1025,6 +1035,32 @@ def before_commit(datasette, database: str, path: str, options: dict) -> Callabl
 def status(datasette, database: str) -> dict[str, Any] | None:
     this = member(datasette, database)
     return None if this is None else this.status()
+
+
+def seq_header(headers: dict | None) -> int:
+    """The stream sequence an object of the store covers (0: none said)."""
+    value = (headers or {}).get(SEQ_HEADER)
+    if isinstance(value, list):
+        value = value[0] if value else None
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
+
+
+def parse_claims(data: bytes) -> list[list]:
+    """[device id, actor, since] rows from a claims object; ValueError for anything else."""
+    try:
+        claims = json.loads(data)
+    except ValueError:
+        raise ValueError("the device claims stored with the snapshot are not JSON") from None
+    valid = isinstance(claims, list) and all(
+        isinstance(c, list) and len(c) == 3 and all(isinstance(v, str) for v in c[:2]) and isinstance(c[2], (str, type(None)))
+        for c in claims
+    )
+    if not valid:
+        raise ValueError("the device claims stored with the snapshot are not [device, actor, since] rows")
+    return claims
 
 
 def device_claims(conn) -> list[list]:

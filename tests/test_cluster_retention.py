@@ -204,3 +204,23 @@ def test_forget_after_defaults_to_a_week():
     from datasette_sync.cluster import parse_settings
 
     assert parse_settings({"servers": ["nats://127.0.0.1:4222"], "hub": "a"}).forget_after == 7 * 24 * 3600
+
+
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (b"{not json", "are not JSON"),
+        (b"null", "are not [device, actor, since] rows"),
+        (b"[[{}, 1, 2]]", "are not [device, actor, since] rows"),
+        (b'[["dev", "alice"]]', "are not [device, actor, since] rows"),
+    ],
+)
+def test_claims_stored_with_a_snapshot_that_are_not_claims_stop_the_join_with_one_line(data, problem):
+    """A joining hub refuses to join (its status shows why) rather than join without claims
+    and take pushes the other hubs refuse."""
+    from datasette_sync.cluster import parse_claims
+
+    assert parse_claims(b'[["dev", "alice", "2026-12-05T00:00:00Z"], ["d2", "bob", null]]')[1] == ["d2", "bob", None]
+    with pytest.raises(ValueError) as caught:
+        parse_claims(data)
+    assert str(caught.value) == f"the device claims stored with the snapshot {problem}"
