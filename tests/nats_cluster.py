@@ -57,6 +57,24 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+_tokens: dict[str, str] = {}
+
+
+def actor_token(actor: str = "alice") -> str:
+    """An unrestricted token of ``actor`` for hubs started with SECRET (their config says what
+    each actor may do), made in this process: the create-token CLI costs seconds."""
+    if actor not in _tokens:
+        from datasette.app import Datasette
+
+        async def make():
+            datasette = Datasette(secret=SECRET)
+            await datasette.invoke_startup()
+            return await datasette.create_token(actor)
+
+        _tokens[actor] = asyncio.run(make())
+    return _tokens[actor]
+
+
 def wait_for(check: Callable[[], Any], timeout: float = 60.0, what: str = "the cluster", show: Callable[[], Any] | None = None) -> Any:
     """Poll ``check`` until it returns something true; AssertionError naming ``what`` (and
     what ``show()`` returns then) after ``timeout``."""

@@ -22,8 +22,8 @@ import httpx
 import pytest
 import sqlite_utils
 
-from conftest import SECRET, _clean_env, _executable, _free_port
-from nats_cluster import wait_for
+from conftest import _clean_env, _executable, _free_port
+from nats_cluster import actor_token, wait_for
 from sqlite_utils_sync import enable_sync, export_bundle, import_bundle, sync_status
 from sqlite_utils_sync.protocol import encode_clock
 
@@ -127,28 +127,13 @@ def start_hub(tmp_path, datasette_server, hub_config):
             prepare(path)
         hub = datasette_server([path], cluster_config(hub_config, server.url, name, **extra))
         hub.path = path
-        hub.alice = alice_token()
+        hub.alice = actor_token()
         return hub
 
     return start
 
 
-_tokens = {}
 
-
-def alice_token(actor: str = "alice") -> str:
-    """An unrestricted token of alice (the hub config grants her what syncing needs), made in
-    process: the create-token CLI costs seconds a hub."""
-    if actor not in _tokens:
-        from datasette.app import Datasette
-
-        async def make():
-            datasette = Datasette(secret=SECRET)
-            await datasette.invoke_startup()
-            return await datasette.create_token(actor)
-
-        _tokens[actor] = asyncio.run(make())
-    return _tokens[actor]
 
 
 def stream_messages(server: Nats) -> list:
@@ -249,7 +234,7 @@ def test_a_device_a_push_claimed_on_one_hub_is_owned_on_every_hub(tmp_path, nats
     bundle = tmp_path / "stolen.bundle"
     export_bundle(stolen, bundle, since=sync_status(sqlite_utils.Database(b.path))["clock"])
     answers = [
-        hub.post("/hub/-/sync/import", content=bundle.read_bytes(), headers={"Authorization": f"Bearer {alice_token('bob')}"})
+        hub.post("/hub/-/sync/import", content=bundle.read_bytes(), headers={"Authorization": f"Bearer {actor_token('bob')}"})
         for hub in (a, b)
     ]
     assert [(r.status_code, r.json()["reason"]) for r in answers] == [(403, "device_owned")] * 2

@@ -7,7 +7,6 @@ stream ordered before it: that heals once the row is changed on that hub."""
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import sqlite3
 import threading
@@ -16,27 +15,12 @@ import httpx
 import pytest
 import sqlite_utils
 
-from conftest import SECRET
-from nats_cluster import Cluster, cluster_config, missing, wait_for
+from nats_cluster import Cluster, actor_token, cluster_config, missing, wait_for
 from sqlite_utils_sync import enable_sync, export_bundle, sync_status
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 SUBJECT = "datasette-sync.hub.bundles"
-_tokens = {}
 
-
-def token(actor: str = "alice") -> str:
-    """A token of ``actor``, made in process (the create-token CLI costs seconds)."""
-    if actor not in _tokens:
-        from datasette.app import Datasette
-
-        async def make():
-            datasette = Datasette(secret=SECRET)
-            await datasette.invoke_startup()
-            return await datasette.create_token(actor)
-
-        _tokens[actor] = asyncio.run(make())
-    return _tokens[actor]
 
 
 def tags_db(path):
@@ -73,14 +57,14 @@ def two_hubs(tmp_path, nats, datasette_server, hub_config):
 
 
 def cluster_status(hub) -> dict:
-    return hub.get("/hub/-/sync.json", headers={"Authorization": f"Bearer {token()}"}).json()["cluster"]
+    return hub.get("/hub/-/sync.json", headers={"Authorization": f"Bearer {actor_token()}"}).json()["cluster"]
 
 
 def at_once(pushes) -> list[httpx.Response]:
     """POST each (hub, bundle path, actor) push from its own thread, released together."""
     barrier = threading.Barrier(len(pushes))
     answers = [None] * len(pushes)
-    tokens = {actor: token(actor) for _, _, actor in pushes}
+    tokens = {actor: actor_token(actor) for _, _, actor in pushes}
 
     def push(index, hub, bundle, actor):
         body, headers = bundle.read_bytes(), {"Authorization": f"Bearer {tokens[actor]}"}
@@ -150,11 +134,11 @@ def test_a_unique_value_pushed_to_two_hubs_at_once_is_taken_once_everywhere(tmp_
     # A refused push blocks nothing: each losing device renames its row and syncs (with either hub).
     for n, loser in enumerate(losers):
         sqlite_utils.Database(loser)["todos"].update(table(loser)[0][0], {"title": f"other {n}"})
-        assert hub_sync(loser, (a, b)[n % 2], token())["pushed"]["applied"] >= 1
+        assert hub_sync(loser, (a, b)[n % 2], actor_token())["pushed"]["applied"] >= 1
     assert settled([a, b]) == refusals
     titles = sorted(title for _, title, _ in table(b.path))
     assert titles == ["in the stream", "other 0", "other 1", "other 2", "other 3", "same 0", "same 1", "same 2"]
-    page = a.get("/hub/-/sync", headers={"Authorization": f"Bearer {token()}"}).text
+    page = a.get("/hub/-/sync", headers={"Authorization": f"Bearer {actor_token()}"}).text
     assert "Refused messages" in page and "UNIQUE constraint failed: todos.title" in page
 
 
@@ -210,7 +194,7 @@ def test_a_hub_write_clashing_with_an_earlier_push(tmp_path, nats, two_hubs):
     sqlite_utils.Database(phone)["todos"].insert({"id": 2, "title": "Buy milk", "done": 0})
     export_bundle(sqlite_utils.Database(phone), tmp_path / "phone.bundle")
     answer = b.post("/hub/-/sync/import", content=(tmp_path / "phone.bundle").read_bytes(),
-                    headers={"Authorization": f"Bearer {token()}"})
+                    headers={"Authorization": f"Bearer {actor_token()}"})
     assert answer.status_code == 200, answer.text
     writer.execute("COMMIT")
     show = lambda: [(cluster_status(h), table(h.path)) for h in (a, b)]  # noqa: E731
@@ -231,7 +215,7 @@ def test_a_hub_write_clashing_with_an_earlier_push(tmp_path, nats, two_hubs):
     assert cluster_status(a)["behind"] == cluster_status(b)["behind"] == 0
     # Hub a applied on retry the push it had refused; the line about b's refusal stays.
     assert [r["message"].startswith("Hub b refused") for r in cluster_status(a)["latest_refused"]] == [True]
-    page = a.get("/hub/-/sync", headers={"Authorization": f"Bearer {token()}"}).text
+    page = a.get("/hub/-/sync", headers={"Authorization": f"Bearer {actor_token()}"}).text
     assert "Hub b refused this hub&#39;s own writes" in page or "Hub b refused this hub's own writes" in page
 
 

@@ -6,7 +6,6 @@ the device claims; a hub stops cleanly on SIGINT and SIGTERM.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import sqlite3
 
@@ -14,13 +13,12 @@ import httpx
 import pytest
 import sqlite_utils
 
-from nats_cluster import SECRET, Cluster, Hub, cluster_config, missing, wait_for
+from nats_cluster import Cluster, Hub, actor_token, cluster_config, missing, wait_for
 from sqlite_utils_sync import enable_sync, export_bundle, sync_status, sync_with_hub
 
 pytestmark = pytest.mark.skipif(missing() is not None, reason=missing() or "")
 
 STREAM = "datasette-sync"
-_tokens: dict[str, str] = {}
 
 
 @pytest.fixture
@@ -57,20 +55,6 @@ def todos_db(path):
     return path
 
 
-def token(actor: str = "alice") -> str:
-    """A token of ``actor`` (the hub config says what each may do), made in this process: the
-    create-token CLI costs seconds."""
-    if actor not in _tokens:
-        from datasette.app import Datasette
-
-        async def make():
-            datasette = Datasette(secret=SECRET)
-            await datasette.invoke_startup()
-            return await datasette.create_token(actor)
-
-        _tokens[actor] = asyncio.run(make())
-    return _tokens[actor]
-
 
 def cluster_values(path) -> dict:
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -86,7 +70,7 @@ def push(path, hub: Hub, *rows: dict) -> None:
     db = sqlite_utils.Database(path)
     try:
         db["todos"].upsert_all(rows, pk="id")
-        sync_with_hub(db, hub.db_url, token=token())
+        sync_with_hub(db, hub.db_url, token=actor_token())
     finally:
         db.close()
 
@@ -160,7 +144,7 @@ def test_a_hub_joining_from_the_snapshot_keeps_the_device_claims_made_elsewhere(
     stolen["todos"].insert({"id": 4, "title": "Not yours", "done": 0})
     bundle = tmp_path / "stolen.bundle"
     export_bundle(stolen, bundle, since=sync_status(sqlite_utils.Database(c.path))["clock"])
-    headers = {"Authorization": f"Bearer {token('bob')}"}
+    headers = {"Authorization": f"Bearer {actor_token('bob')}"}
     answer = httpx.post(c.db_url + "/-/sync/import", content=bundle.read_bytes(), headers=headers, timeout=30)
     assert (answer.status_code, answer.json().get("reason")) == (403, "device_owned"), answer.text
     assert todo_rows(c.path) == expected

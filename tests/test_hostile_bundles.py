@@ -591,7 +591,7 @@ def test_a_full_disk_while_importing_is_this_machines_trouble_not_the_bundles(tm
     would record a good bundle as refused, and retries only its own trouble): the SQLite
     error comes through as it is, and nothing is kept."""
     a, b = pair
-    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(i, "x" * 200) for i in range(8, 3000)])
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(i, "x" * 2000) for i in range(8, 300)])
     path = tmp_path / "big.bundle"
     export_bundle(a, path)
     before = file_bytes(tmp_path / "b.db")
