@@ -205,6 +205,15 @@ def read_snapshot(conn: sqlite3.Connection) -> Iterator[None]:
             conn.execute("ROLLBACK")  # nothing was written: ending it only releases the lock
 
 
+def local_state(db: Any) -> tuple[bool, str | None, dict[str, int]]:
+    """(sync enabled, device id, clock): what :func:`sync_status` says first, without its
+    per-table counts, which scan the whole log (a sync run asks for it before each step)."""
+    conn = connection(db)
+    if not check_schema(conn):
+        return False, None, {}
+    return True, local_device_id(conn), clock(conn)
+
+
 def sync_status(db: Any) -> dict[str, Any]:
     """``{"device_id", "device_name", "clock", "tables", "operations", "unresolved_conflicts", "warnings"}``."""
     conn = connection(db)

@@ -42,10 +42,8 @@ from . import errors, protocol
 from .importer import ImportResult, import_bundle
 from .bundle import BundleReader
 from .errors import BundleError, SyncError
-from .api import export_bundle, set_scope
-from .schema import check_schema, connection
-from .devices import local_device_id
-from .clocks import clock as local_clock
+from .api import export_bundle, local_state, set_scope
+from .schema import connection
 from .scope import load_scope
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, parse_duration
 
@@ -318,7 +316,7 @@ def sync_with_hub(
     if not urls:
         raise HubError(errors.INVALID_URL, "No hub URL given: pass a database URL like http://127.0.0.1:8001/data")
     max_clock_skew = parse_duration(max_clock_skew)
-    if not _local_state(db)[0] and not (alter or create_tables):
+    if not local_state(db)[0] and not (alter or create_tables):
         raise SyncError(
             errors.NOT_ENABLED,
             "This database has no synced tables: run enable-sync first (or sync with --alter to copy the hub's tables)",
@@ -345,15 +343,6 @@ def sync_with_hub(
         "pushed": pushed,
         "pulled_after_push": pulled_after_push,
     }
-
-
-def _local_state(db: Any) -> tuple[bool, str | None, dict[str, int]]:
-    """(sync enabled, device id, clock): the part of :func:`sync_status` a run needs, without
-    its per-table counts, which scan the whole log."""
-    conn = connection(db)
-    if not check_schema(conn):
-        return False, None, {}
-    return True, local_device_id(conn), local_clock(conn)
 
 
 def _fail_over(urls: list[str], exchange: Callable[[str], Any], on_failover: Callable | None) -> tuple[str, Any]:
@@ -413,7 +402,7 @@ class _Run:
         """Pull, push, and pull again if importing the push made the hub write a tick:
         ``(device id, pulled, pushed, pulled after push, hub clock, hub device)``."""
         pulled, hub_clock, hub_device = self.pull("from-hub.bundle")
-        enabled, device_id, _ = _local_state(self.db)
+        enabled, device_id, _ = local_state(self.db)
         if not enabled:
             raise SyncError(errors.NOT_ENABLED, "The hub has no operations and this database has no synced tables")
         pushed, clock_after_push = self.push(device_id, hub_clock)
@@ -422,7 +411,7 @@ class _Run:
             hub_clock = clock_after_push or hub_clock
             # Importing our push may make the hub write a knowledge tick of its own: fetch it
             # now so that the next run starts level.
-            if _behind(_local_state(self.db)[2], hub_clock):
+            if _behind(local_state(self.db)[2], hub_clock):
                 pulled_after_push, hub_clock, hub_device = self.pull("from-hub-2.bundle")
         return device_id, pulled, pushed, pulled_after_push, hub_clock, hub_device
 
@@ -449,7 +438,7 @@ class _Run:
         """Fetch and import what the hub has and this database lacks: (the import result,
         the hub's clock, the hub's device id)."""
         path = os.path.join(self.workdir, name)
-        since = protocol.encode_clock(_local_state(self.db)[2])
+        since = protocol.encode_clock(local_state(self.db)[2])
         params: dict[str, Any] = {protocol.SINCE_PARAM: since}
         if self.scope is not None:
             params[protocol.TABLE_PARAM] = sorted(self.scope)
