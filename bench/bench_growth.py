@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import sqlite3
 import statistics
@@ -52,6 +51,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from bench_sync import (  # noqa: E402  (the bench directory is put on the path above)
+    write_section,
     INSERT,
     UPDATE_ALL,
     check,
@@ -286,17 +286,6 @@ def report(results: dict[int, dict[str, float]]) -> tuple[list[str], list[str]]:
     return lines, missed
 
 
-def write_results(path: str, text: str) -> None:
-    """Replace this script's section of the results file (or append it)."""
-    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    section = "## Growth: capture, import and deltas at each size"
-    pattern = re.compile(re.escape(section) + r".*?(?=^## |\Z)", re.S | re.M)
-    new = f"{section}\n\n{text}\n"
-    old = pattern.sub(lambda _: new, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + new
-    with open(path, "w") as f:
-        f.write(old)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
@@ -327,7 +316,7 @@ def main() -> int:
     print(f"targets missed: {', '.join(missed) if missed else 'none'}")
     if args.results:
         reps = f"median of {args.reps} runs below 1M rows, one run at 1M"
-        write_results(args.results, f"Written by `python bench/bench_growth.py --results {args.results}`; {reps}.\n"
+        write_section(args.results, "Growth: capture, import and deltas at each size", f"Written by `python bench/bench_growth.py --results {args.results}`; {reps}.\n"
                       f"Machine: {machine}.\n\n" + "\n".join(lines) + "\n")
     return 0
 

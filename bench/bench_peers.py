@@ -53,6 +53,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from bench_sync import write_section  # noqa: E402  (this script's directory is on the path)
 from sqlite_utils_sync import enable_sync, export_bundle, import_bundle  # noqa: E402
 
 try:
@@ -146,7 +147,7 @@ def datasette_sync(work: str, n: int):
     times.append(now() - start)
     for conn in conns:
         conn.close()
-    return times, table_of(a), table_of(b), f"{exported.bytes / exported.operations:.0f} B/op bundle, uncompressed"
+    return times, table_of(a), table_of(b), f"{exported.bytes / exported.operations:.0f} B/op bundle (zstd, the default)"
 
 
 def apsw_connection(path: str):
@@ -320,9 +321,8 @@ def main() -> None:
     )
     print(text)
     if args.results:
-        with open(args.results, "w") as out:
-            out.write("# Benchmark results\n\nWritten by `python bench/bench_peers.py --results bench/RESULTS.md`.\n\n")
-            out.write("## Peers: the same workload through each engine\n\n" + text)
+        written = f"Written by `python bench/bench_peers.py --results {args.results}`.\n\n"
+        write_section(args.results, "Peers: the same workload through each engine", written + text)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import gc
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import sqlite3
@@ -127,6 +128,17 @@ def checksum(conn: sqlite3.Connection) -> tuple:
         "SELECT count(*), sum(id), sum(length(title)), sum(done), sum(note IS NULL), sum(length(note)), "
         "total(score) FROM todos"
     ).fetchone()
+
+
+def write_section(path: str, section: str, text: str) -> None:
+    """Replace the ``## section`` of a results file (or append it), keeping every other section:
+    each bench script writes its own."""
+    old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+    pattern = re.compile(re.escape(f"## {section}") + r".*?(?=^## |\Z)", re.S | re.M)
+    new = f"## {section}\n\n{text}\n"
+    old = pattern.sub(lambda _: new, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + new
+    with open(path, "w") as f:
+        f.write(old)
 
 
 def check(condition: bool, message: str) -> None:
