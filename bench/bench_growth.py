@@ -51,7 +51,6 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from bench_sync import (  # noqa: E402  (the bench directory is put on the path above)
-    write_section,
     INSERT,
     UPDATE_ALL,
     check,
@@ -63,6 +62,7 @@ from bench_sync import (  # noqa: E402  (the bench directory is put on the path 
     proc_status,
     remove_db,
     timed,
+    write_section,
 )
 from sqlite_utils_sync import export_bundle, import_bundle, sync_status  # noqa: E402
 
@@ -316,8 +316,9 @@ def main() -> int:
     print(f"targets missed: {', '.join(missed) if missed else 'none'}")
     if args.results:
         reps = f"median of {args.reps} runs below 1M rows, one run at 1M"
-        write_section(args.results, "Growth: capture, import and deltas at each size", f"Written by `python bench/bench_growth.py --results {args.results}`; {reps}.\n"
-                      f"Machine: {machine}.\n\n" + "\n".join(lines) + "\n")
+        text = (f"Written by `python bench/bench_growth.py --results {args.results}`; {reps}.\n"
+                f"Machine: {machine}.\n\n" + "\n".join(lines) + "\n")
+        write_section(args.results, "Growth: capture, import and deltas at each size", text)
     return 0
 
 

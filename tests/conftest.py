@@ -73,8 +73,8 @@ HUB_CONFIG = {
 def _lighten_child_processes() -> None:
     """Make each process the suite starts cheaper, without changing what it does.
 
-    The suite starts about a thousand ``sqlite-utils`` and ``datasette`` processes and is
-    bound by their CPU. Two costs in each were not the product's: compiling this checkout's
+    The suite is bound by the CPU of the ``sqlite-utils`` and ``datasette`` processes it
+    starts. Two costs in each were not the product's: compiling this checkout's
     modules again where ``PYTHONDONTWRITEBYTECODE`` is set (they are compiled once here), and
     importing numpy, which sqlite-utils does whenever it is installed (``without_numpy``
     hides it). Together they halved the CPU of starting either.
