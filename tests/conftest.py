@@ -74,12 +74,13 @@ def _lighten_child_processes() -> None:
     """Make each process the suite starts cheaper, without changing what it does.
 
     The suite is bound by the CPU of the ``sqlite-utils`` and ``datasette`` processes it
-    starts. Two costs in each were not the product's: compiling this checkout's
-    modules again where ``PYTHONDONTWRITEBYTECODE`` is set (they are compiled once here), and
-    importing numpy, which sqlite-utils does whenever it is installed (``without_numpy``
-    hides it). Together they halved the CPU of starting either.
+    starts. Three costs in them are not the product's: compiling this checkout's modules again
+    in every process where ``PYTHONDONTWRITEBYTECODE`` is set (they are compiled once here);
+    importing numpy, which sqlite-utils does whenever it is installed; and, where rich is
+    installed, Datasette printing every 403 and 404 as a rich traceback with locals.
+    ``hidden_modules`` hides numpy and rich from the children.
     """
-    hidden = str(TESTS / "without_numpy")
+    hidden = str(TESTS / "hidden_modules")
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     if hidden not in paths:
         os.environ["PYTHONPATH"] = os.pathsep.join([hidden, *filter(None, paths)])
