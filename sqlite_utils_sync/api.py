@@ -114,8 +114,12 @@ def export_bundle(
         since_clock = clock_of_device(conn, for_device)
     with scratch_schema(conn):
         if repair:
+            # A transaction of our own begins with the write lock (BEGIN IMMEDIATE): if writing
+            # then writes nothing, another connection reads exactly what this one does.
+            own, changes = not conn.in_transaction, conn.total_changes
             with writing(conn) as state:
-                return write_bundle(conn, path, since_clock, progress, state.unsettled, tables, codec)
+                shared = own and conn.total_changes == changes
+                return write_bundle(conn, path, since_clock, progress, state.unsettled, tables, codec, shared)
         with read_snapshot(conn):
             # Clocks a set-back wall clock left lower go out raised, as settling would write them.
             return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn), tables, codec)

@@ -127,6 +127,7 @@ def write_bundle(
     clock_fixes: Sequence[tuple[int, int]] = (),
     tables: Iterable[str] | None = None,
     codec: str | None = codecs.DEFAULT,
+    shared_snapshot: bool = False,
 ) -> ExportResult:
     """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``.
 
@@ -140,6 +141,9 @@ def write_bundle(
         operations go as withheld ranges (see :mod:`scope`)
     :param codec: how chunk images are stored (see :mod:`codec`); None: as they are, which
         every version reads
+    :param shared_snapshot: ``conn`` holds the write lock since before its first read and has
+        written nothing: another connection to the file reads exactly what it reads, so a
+        large export may build every other chunk image on one (see :class:`PeerBuilder`)
     """
     since = since or {}
     # Strict decoding: a TEXT value that is not valid UTF-8 must fail loudly, never be replaced
@@ -154,6 +158,8 @@ def write_bundle(
         temp = temporary_file(target)
         try:
             writer = BundleWriter(conn, temp, total, progress, codec)
+            if shared_snapshot and writer.storer is not None and writer.scratch:
+                writer.peer = PeerBuilder.open(conn)
             try:
                 fixes = {op: hlc for hlc, op in clock_fixes}
                 if plan is None:
@@ -246,8 +252,9 @@ class BundleWriter:
         self.digest = hashlib.sha256(self.format.encode())
         # A large export stores (compresses, hashes, writes) each chunk on a thread of its own
         # while SQLite builds the next: each releases the GIL, so the two share the cores.
-        self.storing: Future[None] | None = None
+        self.storing: list[Future[None]] = []
         self.storer = ThreadPoolExecutor(1, "sync-export") if total > CHUNK_OPS else None
+        self.peer: PeerBuilder | None = None
         self.out = sqlite3.connect(temp, isolation_level=None, check_same_thread=self.storer is None)
         # Neither a journal nor an fsync: the file is renamed into place only once complete,
         # and one torn by a crash after that fails its hash on import, whole; it is made again
@@ -297,9 +304,11 @@ class BundleWriter:
         if self.storer is None:
             self.store(device_position, key, image)
         else:
-            # One chunk in flight: memory stays at two images, and chunks go in order.
-            self.wait()
-            self.storing = self.storer.submit(self.store, device_position, key, image)
+            # Two chunks in flight (one thread stores them in order): memory stays at a few
+            # images, and the builders seldom wait for a chunk to be stored.
+            if len(self.storing) >= 2:
+                self.storing.pop(0).result()
+            self.storing.append(self.storer.submit(self.store, device_position, key, image))
         if self.progress:
             self.progress(size, self.total)
 
@@ -310,10 +319,10 @@ class BundleWriter:
         self.out.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (?, ?, ?)", [device_position, key, data])
 
     def wait(self) -> None:
-        """Wait for the chunk being stored; its error, if any, is raised here."""
-        storing, self.storing = self.storing, None
-        if storing is not None:
-            storing.result()
+        """Wait for the chunks being stored; an error of theirs is raised here."""
+        storing, self.storing = self.storing, []
+        for future in storing:
+            future.result()
 
     def finish(self, header: dict[str, Any]) -> str:
         """Write the header and the metadata; returns the sha256."""
@@ -331,6 +340,8 @@ class BundleWriter:
     def close(self) -> None:
         if self.storer is not None:
             self.storer.shutdown()  # an export that failed meanwhile leaves it storing a chunk
+        if self.peer is not None:
+            self.peer.close()  # before the exporting connection commits: it holds a read lock
         self.out.close()
 
 
@@ -692,7 +703,17 @@ def write_sql_runs(
         # its table's operations stops there (however long another table's stretch after it).
         end = min(hi, op + CHUNK_OPS - 1)
         # Fewer op ids than SMALL_RUN left (a delta): the run is made row by row, no image tried.
-        made = sql_image(conn, columns, (op, end, tid), clock_fixes) if end - op + 1 >= SMALL_RUN else None
+        made = None
+        if end - op + 1 >= SMALL_RUN:
+            made = writer.peer.take(op, tid) if writer.peer else None
+            if made is None:
+                if writer.peer:
+                    # Chunks alternate: the peer builds the next and the one after the next
+                    # built here, as they would be if each holds CHUNK_OPS operations of this
+                    # table (the common case).
+                    for ahead in (end + 1, end + 1 + 2 * CHUNK_OPS):
+                        writer.peer.start(columns, (ahead, min(hi, ahead + CHUNK_OPS - 1), tid), clock_fixes)
+                made = sql_image(conn, columns, (op, end, tid), clock_fixes)
         if made is None:
             last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn)), {
                 "lo": op, "hi": hi, "tid": tid, "ops": CHUNK_OPS, "bytes": CHUNK_BYTES
@@ -717,6 +738,73 @@ RUN_END_SQL = (
     "(SELECT op, tid, {size} AS sz FROM _sync_ops WHERE op BETWEEN :lo AND :hi ORDER BY op LIMIT :ops) "
     "WINDOW w AS (ORDER BY op ROWS UNBOUNDED PRECEDING)) WHERE other = 0 AND (upto <= :bytes OR op = :lo)"
 )
+
+
+class PeerBuilder:
+    """A second connection to the exported file, building a chunk image on a thread of its own
+    while the exporting connection builds the one before it: SQLite releases the GIL, so a
+    large export uses both cores.
+
+    Its images are the ones :func:`sql_image` would make on the exporting connection, from the
+    same snapshot (see ``shared_snapshot`` in :func:`write_bundle`), so the bundle is the same
+    chunk for chunk; a chunk it built speculatively is used only if the export reaches exactly
+    that start and table, and any error here only means the exporting connection builds it.
+    """
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+        self.thread = ThreadPoolExecutor(1, "sync-export-peer")
+        # (first op id, table, image being built), in the order the export will reach them.
+        self.pending: list[tuple[int, int, Future]] = []
+
+    @classmethod
+    def open(cls, exporting: sqlite3.Connection) -> PeerBuilder | None:
+        """A peer reading the same snapshot as ``exporting``, or None (an in-memory or
+        temporary database, or a file that cannot be opened again)."""
+        path = exporting.execute("PRAGMA database_list").fetchone()[2]
+        if not path:
+            return None
+        try:
+            conn = sqlite3.connect(f"{pathlib.Path(path).as_uri()}?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error:
+            return None
+        try:
+            conn.execute(f"ATTACH ':memory:' AS {SCRATCH}")
+            conn.execute(f"PRAGMA {SCRATCH}.page_size = 4096")
+            conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {SCRATCH_PAGES}")
+            conn.execute("BEGIN")
+            # The snapshot is taken here; it must be the exporting connection's, schema and all.
+            same = conn.execute("PRAGMA schema_version").fetchone() == exporting.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.Error:
+            same = False
+        if not same:
+            conn.close()
+            return None
+        return cls(conn)
+
+    def start(self, columns: list[str], run: tuple[int, int, int], clock_fixes: dict[int, int]) -> None:
+        """Queue the image of ``run`` (first op id, last op id, table) on the peer's thread,
+        unless it is queued already; two at most, so the peer always has the next one to build."""
+        lo, hi, tid = run
+        if len(self.pending) < 2 and (not self.pending or lo > self.pending[-1][0]) and hi - lo + 1 >= SMALL_RUN:
+            self.pending.append((lo, tid, self.thread.submit(sql_image, self.conn, columns, run, clock_fixes)))
+
+    def take(self, op: int, tid: int) -> tuple[bytes, int, int] | None:
+        """The image of the chunk starting at ``op`` for table ``tid``, if the peer built that
+        one; speculations the export has passed by are dropped."""
+        while self.pending and (self.pending[0][0] < op or (self.pending[0][0] == op and self.pending[0][1] != tid)):
+            self.pending.pop(0)
+        if not self.pending or self.pending[0][0] != op:
+            return None
+        try:
+            return self.pending.pop(0)[2].result()
+        except Exception:  # the exporting connection builds it, and meets the error if it is real
+            return None
+
+    def close(self) -> None:
+        self.thread.shutdown()
+        self.conn.close()
 
 
 # An image built by SQL may grow to this many pages (of 4096 bytes): CHUNK_BYTES, values and all.

@@ -16,7 +16,7 @@ import msgpack
 import pytest
 import zstandard
 
-from sqlite_utils_sync import BundleError, codec, enable_sync, export_bundle, import_bundle
+from sqlite_utils_sync import BundleError, bundle, codec, enable_sync, export_bundle, import_bundle
 
 OLD_BUNDLE = pathlib.Path(__file__).parent / "bundles" / "format2-uncompressed.bundle"
 
@@ -174,6 +174,47 @@ def test_a_large_export_stores_its_chunks_in_order_and_stops_cleanly(tmp_path, m
         export_bundle(a, tmp_path / "sql.bundle", progress=progress)
     assert file_bytes(tmp_path / "sql.bundle") == before
     assert sorted(tmp_path.iterdir()) == files
+
+
+def test_a_large_export_builds_every_other_chunk_on_a_second_connection_with_the_same_result(
+    tmp_path, make_db, rows, monkeypatch
+):
+    # An export that holds the write lock and wrote nothing builds chunks on a second
+    # connection too, guessing where each starts; runs of two tables that end short of
+    # CHUNK_OPS, and a second device's operations, make some guesses wrong. The bundle must be
+    # the one a single connection makes (here: row by row, inside the caller's transaction).
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    for conn in (a, b):
+        conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+        enable_sync(conn, ["notes"])
+    b.execute("BEGIN")
+    b.executemany("INSERT INTO notes VALUES (?, ?)", [(i, f"from b {i}") for i in range(100_001, 107_001)])
+    b.execute("COMMIT")
+    export_bundle(b, tmp_path / "b.bundle")
+    import_bundle(a, str(tmp_path / "b.bundle"))
+    a.execute("BEGIN")
+    next_id = 1
+    for todos, notes in ((12_000, 300), (7_500, 50), (4_999, 5_001), (10_000, 0)):
+        a.executemany("INSERT INTO todos VALUES (?, ?, 0, ?)", [(i, f"todo {i}", i / 4) for i in range(next_id, next_id + todos)])
+        a.executemany("INSERT INTO notes VALUES (?, ?)", [(i, f"note {i}") for i in range(next_id, next_id + notes)])
+        next_id += todos + notes
+    a.execute("COMMIT")
+    export_bundle(a, tmp_path / "settles.bundle")  # the first export settles the new clocks
+    taken = []
+    real_take = bundle.PeerBuilder.take
+    monkeypatch.setattr(bundle.PeerBuilder, "take", lambda self, op, tid: taken.append(real_take(self, op, tid)) or taken[-1])
+    exported = export_bundle(a, tmp_path / "two.bundle")
+    built_there = sum(made is not None for made in taken)
+    a.execute("BEGIN")
+    export_bundle(a, tmp_path / "one.bundle")
+    a.execute("ROLLBACK")
+    assert built_there >= 3 and len(taken) > built_there  # some guesses were used, some were not
+    assert chunks(tmp_path / "two.bundle") == chunks(tmp_path / "one.bundle")
+    c = make_db(tmp_path / "c.db")
+    c.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    enable_sync(c, ["notes"])
+    assert import_bundle(c, str(tmp_path / "two.bundle")).applied == exported.operations
+    assert rows(c) == rows(a) and rows(c, "notes") == rows(a, "notes")
 
 
 def test_a_long_run_of_large_values_still_makes_small_chunks(tmp_path, make_db, rows):
