@@ -22,6 +22,7 @@ from .errors import CONSTRAINT_FAILED, INVALID_ARGUMENT, MISSING_TABLE, NOT_ENAB
 from .oplog import LOCAL, op_id, parse_clock
 from .schema import check_schema, connection, is_enabled
 from .scope import check_scope_change, load_scope, store_scope, withheld_count
+from .transaction import holds_write_lock
 from .writing import capture_table, writing
 
 
@@ -118,7 +119,7 @@ def export_bundle(
             # then writes nothing, another connection reads exactly what this one does.
             own, changes = not conn.in_transaction, conn.total_changes
             with writing(conn) as state:
-                shared = own and conn.total_changes == changes
+                shared = own and conn.total_changes == changes and holds_write_lock(conn)
                 return write_bundle(conn, path, since_clock, progress, state.unsettled, tables, codec, shared)
         with read_snapshot(conn):
             # Clocks a set-back wall clock left lower go out raised, as settling would write them.

@@ -158,9 +158,9 @@ def write_bundle(
         temp = temporary_file(target)
         try:
             writer = BundleWriter(conn, temp, total, progress, codec)
-            if shared_snapshot and writer.storer is not None and writer.scratch:
-                writer.peer = PeerBuilder.open(conn)
             try:
+                if shared_snapshot and writer.storer is not None and writer.scratch:
+                    writer.peer = PeerBuilder.open(conn)
                 fixes = {op: hlc for hlc, op in clock_fixes}
                 if plan is None:
                     count = write_operations(conn, since, devices, tops, writer, fixes)
@@ -765,8 +765,9 @@ class PeerBuilder:
         if not path:
             return None
         try:
+            # No waiting: a lock in the way (an exclusive locking mode, say) means one builder.
             conn = sqlite3.connect(f"{pathlib.Path(path).as_uri()}?mode=ro", uri=True, isolation_level=None,
-                                   check_same_thread=False)
+                                   check_same_thread=False, timeout=0)
         except sqlite3.Error:
             return None
         try:

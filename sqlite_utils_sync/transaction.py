@@ -32,6 +32,17 @@ def transaction(conn: sqlite3.Connection) -> Iterator[None]:
             raise
 
 
+def holds_write_lock(conn: sqlite3.Connection) -> bool:
+    """Whether ``conn``'s open transaction holds the write lock, so that no other connection
+    can commit until it ends. ``BEGIN IMMEDIATE`` on a file opened read-only (or not writable)
+    succeeds without it; a statement that writes nothing still fails there."""
+    try:
+        conn.execute("DELETE FROM _sync_ops WHERE 0")
+    except sqlite3.Error:
+        return False
+    return True
+
+
 def attempt(conn: sqlite3.Connection, write: Callable[[], Any]) -> sqlite3.IntegrityError | None:
     """Run ``write`` in a savepoint; if it breaks a constraint, undo only it and return why."""
     conn.execute("SAVEPOINT _sync_attempt")

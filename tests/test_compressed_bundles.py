@@ -217,6 +217,30 @@ def test_a_large_export_builds_every_other_chunk_on_a_second_connection_with_the
     assert rows(c) == rows(a) and rows(c, "notes") == rows(a, "notes")
 
 
+def test_only_an_export_that_holds_the_write_lock_builds_on_a_second_connection(tmp_path, make_db, rows, monkeypatch):
+    # A read-only connection's BEGIN IMMEDIATE takes no write lock: in WAL mode another
+    # connection may commit (a compaction, say) between its snapshot and a second
+    # connection's, so such an export must build every chunk itself.
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("PRAGMA journal_mode = WAL")
+    a.execute("BEGIN")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, ?)", [(i, f"todo {i}", i / 4) for i in range(1, 12_001)])
+    a.execute("COMMIT")
+    export_bundle(a, tmp_path / "settles.bundle")
+    opened = []
+    real_open = bundle.PeerBuilder.open
+    monkeypatch.setattr(bundle.PeerBuilder, "open", lambda conn: opened.append(real_open(conn)) or opened[-1])
+    export_bundle(a, tmp_path / "writable.bundle")
+    assert len(opened) == 1 and opened[0] is not None
+    read_only = sqlite3.connect(f"{(tmp_path / 'a.db').as_uri()}?mode=ro", uri=True, isolation_level=None)
+    exported = export_bundle(read_only, tmp_path / "read-only.bundle")
+    read_only.close()
+    assert len(opened) == 1
+    assert chunks(tmp_path / "read-only.bundle") == chunks(tmp_path / "writable.bundle")
+    assert import_bundle(b, str(tmp_path / "read-only.bundle")).applied == exported.operations == 12_000
+    assert rows(b) == rows(a)
+
+
 def test_a_long_run_of_large_values_still_makes_small_chunks(tmp_path, make_db, rows):
     # 120 values of 200 kB in one run: the image built by SQL passes its page limit, and the
     # run is split as a row-by-row export splits it (a chunk is held whole in memory).
