@@ -771,12 +771,12 @@ class PeerBuilder:
         except sqlite3.Error:
             return None
         try:
-            conn.execute(f"ATTACH ':memory:' AS {SCRATCH}")
-            conn.execute(f"PRAGMA {SCRATCH}.page_size = 4096")
-            conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {SCRATCH_PAGES}")
+            same = attach_scratch(conn)
             conn.execute("BEGIN")
             # The snapshot is taken here; it must be the exporting connection's, schema and all.
-            same = conn.execute("PRAGMA schema_version").fetchone() == exporting.execute("PRAGMA schema_version").fetchone()
+            same = same and conn.execute("PRAGMA schema_version").fetchone() == exporting.execute(
+                "PRAGMA schema_version"
+            ).fetchone()
         except sqlite3.Error:
             same = False
         if not same:
@@ -831,21 +831,23 @@ def scratch_schema(conn: sqlite3.Connection) -> Iterator[None]:
     """Attach the in-memory schema where an export builds chunk images by SQL, for the time
     of the ``with``. ATTACH cannot happen inside a transaction: an export in the caller's
     transaction builds images row by row (and so does Python 3.10, which cannot serialize)."""
-    attached = False
-    if SERIALIZE and not conn.in_transaction and not has_scratch(conn):
-        try:
-            conn.execute(f"ATTACH ':memory:' AS {SCRATCH}")
-        except sqlite3.OperationalError:  # e.g. the connection already has as many as it may
-            pass
-        else:
-            conn.execute(f"PRAGMA {SCRATCH}.page_size = 4096")
-            conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {SCRATCH_PAGES}")
-            attached = True
+    attached = SERIALIZE and not conn.in_transaction and not has_scratch(conn) and attach_scratch(conn)
     try:
         yield
     finally:
         if attached and not conn.in_transaction:
             conn.execute(f"DETACH {SCRATCH}")
+
+
+def attach_scratch(conn: sqlite3.Connection) -> bool:
+    """Attach the scratch schema to ``conn``, outside any transaction; False if it cannot be."""
+    try:
+        conn.execute(f"ATTACH ':memory:' AS {SCRATCH}")
+    except sqlite3.OperationalError:  # e.g. the connection already has as many as it may
+        return False
+    conn.execute(f"PRAGMA {SCRATCH}.page_size = 4096")
+    conn.execute(f"PRAGMA {SCRATCH}.max_page_count = {SCRATCH_PAGES}")
+    return True
 
 
 def value_bytes_sql(conn: sqlite3.Connection) -> str:
