@@ -143,7 +143,7 @@ def write_bundle(
         every version reads
     :param shared_snapshot: ``conn`` holds the write lock since before its first read and has
         written nothing: another connection to the file reads exactly what it reads, so a
-        large export may build every other chunk image on one (see :class:`PeerBuilder`)
+        large export may build chunk images on one too (see :class:`PeerBuilder`)
     """
     since = since or {}
     # Strict decoding: a TEXT value that is not valid UTF-8 must fail loudly, never be replaced
@@ -304,9 +304,10 @@ class BundleWriter:
         if self.storer is None:
             self.store(device_position, key, image)
         else:
-            # Two chunks in flight (one thread stores them in order): memory stays at a few
-            # images, and the builders seldom wait for a chunk to be stored.
-            if len(self.storing) >= 2:
+            # Four chunks in flight (one thread stores them in order): memory stays at a few
+            # images, and the builders seldom wait for a chunk to be stored (with two in
+            # flight they waited a tenth of a 1M-op export).
+            if len(self.storing) >= 4:
                 self.storing.pop(0).result()
             self.storing.append(self.storer.submit(self.store, device_position, key, image))
         if self.progress:
@@ -705,14 +706,10 @@ def write_sql_runs(
         # Fewer op ids than SMALL_RUN left (a delta): the run is made row by row, no image tried.
         made = None
         if end - op + 1 >= SMALL_RUN:
-            made = writer.peer.take(op, tid) if writer.peer else None
+            if writer.peer:
+                writer.peer.plan(columns, (op, hi, tid), clock_fixes)
+                made = writer.peer.take(op, tid)
             if made is None:
-                if writer.peer:
-                    # Chunks alternate: the peer builds the next and the one after the next
-                    # built here, as they would be if each holds CHUNK_OPS operations of this
-                    # table (the common case).
-                    for ahead in (end + 1, end + 1 + 2 * CHUNK_OPS):
-                        writer.peer.start(columns, (ahead, min(hi, ahead + CHUNK_OPS - 1), tid), clock_fixes)
                 made = sql_image(conn, columns, (op, end, tid), clock_fixes)
         if made is None:
             last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn)), {
@@ -741,21 +738,27 @@ RUN_END_SQL = (
 
 
 class PeerBuilder:
-    """A second connection to the exported file, building a chunk image on a thread of its own
-    while the exporting connection builds the one before it: SQLite releases the GIL, so a
-    large export uses both cores.
+    """A second connection to the exported file, building chunk images on a thread of its own
+    while the exporting connection builds others: SQLite releases the GIL, so a large export
+    uses both cores.
 
     Its images are the ones :func:`sql_image` would make on the exporting connection, from the
     same snapshot (see ``shared_snapshot`` in :func:`write_bundle`), so the bundle is the same
-    chunk for chunk; a chunk it built speculatively is used only if the export reaches exactly
-    that start and table, and any error here only means the exporting connection builds it.
+    chunk for chunk. Chunks are guessed to hold CHUNK_OPS operations of the table of the run
+    being written; the peer builds the next unclaimed guesses, and the exporting connection,
+    rather than wait for one of them, builds the next unclaimed guess itself. A guess is used
+    only if the export reaches exactly that start and table, and any error in building one only
+    means the exporting connection builds that chunk again when it gets there.
     """
 
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
+    def __init__(self, conn: sqlite3.Connection, exporting: sqlite3.Connection):
+        self.conn, self.exporting = conn, exporting
         self.thread = ThreadPoolExecutor(1, "sync-export-peer")
-        # (first op id, table, image being built), in the order the export will reach them.
-        self.pending: list[tuple[int, int, Future]] = []
+        # (first op id, table, image being built, built by the peer), in the order the export
+        # will reach them: starts CHUNK_OPS apart, from the chunk after the one being written.
+        self.pending: list[tuple[int, int, Future, bool]] = []
+        self.next_start = 0  # the first guess nobody builds yet
+        self.run: tuple[list[str], tuple[int, int, int], dict[int, int]] | None = None
 
     @classmethod
     def open(cls, exporting: sqlite3.Connection) -> PeerBuilder | None:
@@ -782,29 +785,60 @@ class PeerBuilder:
         if not same:
             conn.close()
             return None
-        return cls(conn)
+        return cls(conn, exporting)
 
-    def start(self, columns: list[str], run: tuple[int, int, int], clock_fixes: dict[int, int]) -> None:
-        """Queue the image of ``run`` (first op id, last op id, table) on the peer's thread,
-        unless it is queued already; two at most, so the peer always has the next one to build."""
-        lo, hi, tid = run
-        if len(self.pending) < 2 and (not self.pending or lo > self.pending[-1][0]) and hi - lo + 1 >= SMALL_RUN:
-            self.pending.append((lo, tid, self.thread.submit(sql_image, self.conn, columns, run, clock_fixes)))
+    def plan(self, columns: list[str], run: tuple[int, int, int], clock_fixes: dict[int, int]) -> None:
+        """The export is at op id ``op`` of table ``tid``, its device's ops ending at ``hi``
+        (``run``): drop the guesses it passed by or got wrong, and give the peer the next
+        unclaimed ones, two at a time."""
+        op, hi, tid = run
+        self.run = columns, run, clock_fixes
+        while self.pending and (self.pending[0][0] < op or (self.pending[0][0] == op and self.pending[0][1] != tid)):
+            self.pending.pop(0)[2].cancel()
+        if self.pending and self.pending[0][0] != op:  # a run ended short: every guess after it is wrong
+            for _, _, future, _ in self.pending:
+                future.cancel()
+            self.pending.clear()
+        if not self.pending:
+            self.next_start = op + CHUNK_OPS
+        while sum(by_peer for *_, by_peer in self.pending) < 2 and self.claim(hi):
+            lo = self.next_start - CHUNK_OPS
+            future = self.thread.submit(sql_image, self.conn, columns, (lo, min(hi, lo + CHUNK_OPS - 1), tid), clock_fixes)
+            self.pending.append((lo, tid, future, True))
+
+    def claim(self, hi: int) -> bool:
+        """Claim the next guess, if it is a chunk of SMALL_RUN ops or more; its start is then
+        ``next_start - CHUNK_OPS``. Four guesses at most are held, images and all."""
+        if len(self.pending) >= 4 or hi - self.next_start + 1 < SMALL_RUN:
+            return False
+        self.next_start += CHUNK_OPS
+        return True
 
     def take(self, op: int, tid: int) -> tuple[bytes, int, int] | None:
-        """The image of the chunk starting at ``op`` for table ``tid``, if the peer built that
-        one; speculations the export has passed by are dropped."""
-        while self.pending and (self.pending[0][0] < op or (self.pending[0][0] == op and self.pending[0][1] != tid)):
-            self.pending.pop(0)
+        """The image of the chunk starting at ``op`` for table ``tid``, if a guess built it
+        (after :meth:`plan`); while the peer is still building it, the exporting connection
+        builds the next unclaimed guess."""
         if not self.pending or self.pending[0][0] != op:
             return None
+        future = self.pending.pop(0)[2]
+        while not future.done() and self.run is not None:
+            columns, (_, hi, run_tid), clock_fixes = self.run
+            if not self.claim(hi):
+                break
+            lo = self.next_start - CHUNK_OPS
+            ahead: Future = Future()
+            try:
+                ahead.set_result(sql_image(self.exporting, columns, (lo, min(hi, lo + CHUNK_OPS - 1), run_tid), clock_fixes))
+            except Exception as ex:  # built again, and the error met, if the export gets there
+                ahead.set_exception(ex)
+            self.pending.append((lo, run_tid, ahead, False))
         try:
-            return self.pending.pop(0)[2].result()
+            return future.result()
         except Exception:  # the exporting connection builds it, and meets the error if it is real
             return None
 
     def close(self) -> None:
-        self.thread.shutdown()
+        self.thread.shutdown(cancel_futures=True)
         self.conn.close()
 
 

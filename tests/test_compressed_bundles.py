@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pathlib
 import random
+import threading
 import sqlite3
 
 import msgpack
@@ -215,6 +216,43 @@ def test_a_large_export_builds_every_other_chunk_on_a_second_connection_with_the
     enable_sync(c, ["notes"])
     assert import_bundle(c, str(tmp_path / "two.bundle")).applied == exported.operations
     assert rows(c) == rows(a) and rows(c, "notes") == rows(a, "notes")
+
+
+def test_while_the_second_connection_is_behind_the_exporting_one_builds_ahead_with_the_same_result(
+    tmp_path, make_db, rows, monkeypatch
+):
+    # The second connection builds nothing until the exporting one has built a chunk ahead
+    # (the one after those queued there): the exporting connection must then use its own
+    # image when it gets there, and every chunk must still be the one a single connection makes.
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("BEGIN")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, ?)", [(i, f"todo {i}", i / 4) for i in range(1, 40_001)])
+    a.execute("COMMIT")
+    export_bundle(a, tmp_path / "settles.bundle")
+    built_ahead = threading.Event()
+    by_exporter, real_sql_image = [], bundle.sql_image
+
+    def sql_image(conn, columns, run, clock_fixes):
+        if conn is a:
+            by_exporter.append(run[0])
+            if len(by_exporter) >= 2:
+                built_ahead.set()
+        else:
+            assert built_ahead.wait(60)
+        return real_sql_image(conn, columns, run, clock_fixes)
+
+    monkeypatch.setattr(bundle, "sql_image", sql_image)
+    exported = export_bundle(a, tmp_path / "two.bundle")
+    monkeypatch.setattr(bundle, "sql_image", real_sql_image)
+    first = min(by_exporter)
+    assert by_exporter[:2] == [first, first + 3 * bundle.CHUNK_OPS]  # its own chunk, then one ahead
+    assert len(chunks(tmp_path / "two.bundle")) == 8 > len(by_exporter)
+    a.execute("BEGIN")
+    export_bundle(a, tmp_path / "one.bundle")
+    a.execute("ROLLBACK")
+    assert chunks(tmp_path / "two.bundle") == chunks(tmp_path / "one.bundle")
+    assert import_bundle(b, str(tmp_path / "two.bundle")).applied == exported.operations == 40_000
+    assert rows(b) == rows(a)
 
 
 def test_only_an_export_that_holds_the_write_lock_builds_on_a_second_connection(tmp_path, make_db, rows, monkeypatch):
