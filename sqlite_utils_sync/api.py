@@ -12,7 +12,7 @@ import os
 import sqlite3
 from typing import Any, Callable, Iterator
 
-from .bundle import ExportResult, scratch_schema, write_bundle
+from .bundle import CHUNK_OPS, ExportResult, operations_after, scratch_schema, write_bundle
 from .codec import DEFAULT as DEFAULT_CODEC
 from .capture import canonical_name, drifted_tables, drop_triggers, load_tables, muted, remember_captured
 from .clocks import clock, unsettled_clocks
@@ -22,7 +22,7 @@ from .errors import CONSTRAINT_FAILED, INVALID_ARGUMENT, MISSING_TABLE, NOT_ENAB
 from .oplog import LOCAL, op_id, parse_clock
 from .schema import check_schema, connection, is_enabled
 from .scope import check_scope_change, load_scope, store_scope, withheld_count
-from .transaction import holds_write_lock
+from .transaction import holds_write_lock, writers_held_off
 from .writing import capture_table, writing
 
 
@@ -121,9 +121,16 @@ def export_bundle(
             with writing(conn) as state:
                 shared = own and conn.total_changes == changes and holds_write_lock(conn)
                 return write_bundle(conn, path, since_clock, progress, state.unsettled, tables, codec, shared)
-        with read_snapshot(conn):
+        # A large export without a transaction of the caller's may build on a second connection
+        # too: writers are held off until both have begun reading (a hub's connection is
+        # read-only, and a hub must not block pushes for the whole export).
+        large = not conn.in_transaction and tables is None and operations_after(conn, since_clock) > CHUNK_OPS
+        with writers_held_off(conn) if large else contextlib.nullcontext() as let_writers_in, read_snapshot(conn):
             # Clocks a set-back wall clock left lower go out raised, as settling would write them.
-            return write_bundle(conn, path, since_clock, progress, unsettled_clocks(conn), tables, codec)
+            return write_bundle(
+                conn, path, since_clock, progress, unsettled_clocks(conn), tables, codec,
+                shared_snapshot=let_writers_in is not None, let_writers_in=let_writers_in,
+            )
 
 
 def known_tables(conn: sqlite3.Connection, tables: list[str] | set[str], unknown: bool = False) -> set[str]:

@@ -128,6 +128,7 @@ def write_bundle(
     tables: Iterable[str] | None = None,
     codec: str | None = codecs.DEFAULT,
     shared_snapshot: bool = False,
+    let_writers_in: Callable[[], None] | None = None,
 ) -> ExportResult:
     """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``.
 
@@ -144,6 +145,9 @@ def write_bundle(
     :param shared_snapshot: ``conn`` holds the write lock since before its first read and has
         written nothing: another connection to the file reads exactly what it reads, so a
         large export may build chunk images on one too (see :class:`PeerBuilder`)
+    :param let_writers_in: with ``shared_snapshot``, for a ``conn`` that only reads: the
+        caller holds writers off (:func:`~sqlite_utils_sync.transaction.writers_held_off`)
+        until this is called, once the second connection, if any, has begun reading
     """
     since = since or {}
     # Strict decoding: a TEXT value that is not valid UTF-8 must fail loudly, never be replaced
@@ -152,7 +156,7 @@ def write_bundle(
         devices = device_ids(conn)
         tops = {idx: max_seq(conn, idx) for idx in devices}
         plan = export_plan(conn, since, devices, tables)
-        total = sum(max(0, tops[idx] - since.get(d, 0)) for idx, d in devices.items())
+        total = count_after(since, devices, tops)
         target = pathlib.Path(path)
         check_target(target)
         temp = temporary_file(target)
@@ -161,6 +165,8 @@ def write_bundle(
             try:
                 if shared_snapshot and writer.storer is not None and writer.scratch:
                     writer.peer = PeerBuilder.open(conn)
+                if let_writers_in is not None:
+                    let_writers_in()
                 fixes = {op: hlc for hlc, op in clock_fixes}
                 if plan is None:
                     count = write_operations(conn, since, devices, tops, writer, fixes)
@@ -197,6 +203,16 @@ def write_bundle(
             if os.path.exists(temp):
                 os.remove(temp)
         return ExportResult(sha[:32], local_device_id(conn), count, target.stat().st_size, current)
+
+
+def operations_after(conn: sqlite3.Connection, since: dict[str, int]) -> int:
+    """How many operations an export after ``since`` would hold (withheld ones included)."""
+    devices = device_ids(conn)
+    return count_after(since, devices, {idx: max_seq(conn, idx) for idx in devices})
+
+
+def count_after(since: dict[str, int], devices: dict[int, str], tops: dict[int, int]) -> int:
+    return sum(max(0, tops[idx] - since.get(d, 0)) for idx, d in devices.items())
 
 
 def device_records(conn: sqlite3.Connection) -> dict[str, Any]:

@@ -3,6 +3,7 @@ that may break a constraint."""
 
 from __future__ import annotations
 
+import pathlib
 import sqlite3
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -41,6 +42,38 @@ def holds_write_lock(conn: sqlite3.Connection) -> bool:
     except sqlite3.Error:
         return False
     return True
+
+
+@contextmanager
+def writers_held_off(conn: sqlite3.Connection) -> Iterator[Callable[[], None] | None]:
+    """Hold the write lock of ``conn``'s database file on a connection of its own, so that no
+    commit can come between the snapshots two connections begin meanwhile (a read-only
+    connection, such as Datasette's, cannot take it itself). Yields the function that lets
+    writers in again, called at the latest on leaving; None when the lock cannot be had at
+    once: an in-memory or temporary database, a file that cannot be written, a writer at work.
+    """
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    lock = None
+    try:
+        if path:
+            # No waiting: a writer at work means the export reads on one connection, as before.
+            lock = sqlite3.connect(f"{pathlib.Path(path).as_uri()}?mode=rw", uri=True, isolation_level=None, timeout=0)
+            lock.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error:
+        pass
+    if lock is None or not lock.in_transaction or not holds_write_lock(lock):
+        if lock is not None:
+            lock.close()
+        yield None
+        return
+
+    def let_writers_in() -> None:
+        lock.close()  # ends its transaction, which wrote nothing
+
+    try:
+        yield let_writers_in
+    finally:
+        let_writers_in()
 
 
 def attempt(conn: sqlite3.Connection, write: Callable[[], Any]) -> sqlite3.IntegrityError | None:

@@ -279,6 +279,49 @@ def test_only_an_export_that_holds_the_write_lock_builds_on_a_second_connection(
     assert rows(b) == rows(a)
 
 
+def test_a_hub_export_on_a_read_only_connection_builds_on_two_and_lets_writers_in_once_both_read(
+    tmp_path, make_db, rows, monkeypatch
+):
+    # A hub exports on a read-only connection, without repair. Writers are held off only until
+    # the second connection has begun reading: a push that commits during the export goes in
+    # at once and is not in the bundle, which is the one a single connection makes.
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("PRAGMA journal_mode = WAL")
+    a.execute("BEGIN")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, ?)", [(i, f"todo {i}", i / 4) for i in range(1, 30_001)])
+    a.execute("COMMIT")
+    export_bundle(a, tmp_path / "settles.bundle")
+    hub = sqlite3.connect(f"{(tmp_path / 'a.db').as_uri()}?mode=ro", uri=True, isolation_level=None)
+    hub.execute("BEGIN")  # inside the caller's transaction: one connection, row by row
+    export_bundle(hub, tmp_path / "one.bundle", repair=False)
+    hub.execute("ROLLBACK")
+    pusher = sqlite3.connect(tmp_path / "a.db", isolation_level=None, timeout=0)
+    opened, pushed = [], []
+    real_open, real_take = bundle.PeerBuilder.open, bundle.PeerBuilder.take
+    monkeypatch.setattr(bundle.PeerBuilder, "open", lambda conn: opened.append(real_open(conn)) or opened[-1])
+
+    def take(self, op, tid):
+        if not pushed:  # fails (database is locked) if writers are still held off
+            pusher.execute("INSERT INTO todos VALUES (30001, 'pushed meanwhile', 0, 0)")
+            pushed.append(op)
+        return real_take(self, op, tid)
+
+    monkeypatch.setattr(bundle.PeerBuilder, "take", take)
+    exported = export_bundle(hub, tmp_path / "two.bundle", repair=False)
+    assert len(opened) == 1 and opened[0] is not None and pushed
+    assert exported.operations == 30_000
+    assert chunks(tmp_path / "two.bundle") == chunks(tmp_path / "one.bundle")
+    # While a writer is at work: no second connection, and no waiting for the writer.
+    pusher.execute("BEGIN IMMEDIATE")
+    assert export_bundle(hub, tmp_path / "busy.bundle", repair=False).operations == 30_001
+    pusher.execute("ROLLBACK")
+    assert len(opened) == 1
+    hub.close()
+    pusher.close()
+    assert import_bundle(b, str(tmp_path / "two.bundle")).applied == 30_000
+    assert rows(b) == rows(a)[:-1] and rows(a)[-1][2:4] == ("pushed meanwhile", "text")
+
+
 def test_a_long_run_of_large_values_still_makes_small_chunks(tmp_path, make_db, rows):
     # 120 values of 200 kB in one run: the image built by SQL passes its page limit, and the
     # run is split as a row-by-row export splits it (a chunk is held whole in memory).
