@@ -775,8 +775,10 @@ class Importer:
             (kind & KIND_MASK, sum(1 << s for i, s in enumerate(table.slots) if mask >> i & 1)) for kind, mask in kinds
         )
         self.has_resolutions |= any(kind & RESOLUTION for kind, _ in kinds)
-        # A key position holding no REAL needs none of rowkey_sql's per-row REAL handling.
-        key = rowkey_sql(pk, [all(shape[4].split(" ")[i] != "real" for shape in shapes) for i in range(len(pk))])
+        # A key position holding no REAL needs none of rowkey_sql's per-row REAL handling, and
+        # one holding only integers not even quote().
+        key_types = [{shape[4].split(" ")[i] for shape in shapes} for i in range(len(pk))]
+        key = rowkey_sql(pk, ["real" not in types for types in key_types], [types == {"integer"} for types in key_types])
         keys = f"{key}, NULL"
         if any(shape[3] for shape in shapes):
             self.check_moves(source, table.tid, pk)

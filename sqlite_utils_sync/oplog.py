@@ -184,17 +184,24 @@ def parse_rowkey(rowkey: str) -> list[Any]:
     return values
 
 
-def rowkey_sql(expressions: Iterable[str], typed: Iterable[bool] | None = None) -> str:
+def rowkey_sql(
+    expressions: Iterable[str], typed: Iterable[bool] | None = None, integers: Iterable[bool] | None = None
+) -> str:
     """SQL for a row key. SQLite treats 1 and 1.0 as the same key, so an integral REAL is keyed
-    as the integer; ``typed`` marks expressions (columns with type affinity) that can skip that."""
+    as the integer; ``typed`` marks expressions (columns with type affinity) that can skip that,
+    and ``integers`` those known to hold only integers, whose ``quote()`` is their decimal text:
+    ``CAST … AS TEXT`` makes the same key in a third of the time (a bulk import's keys)."""
     expressions = list(expressions)
     flags = list(typed) if typed is not None else [False] * len(expressions)
+    whole = list(integers) if integers is not None else [False] * len(expressions)
     return " || ',' || ".join(
-        f"quote({e})"
+        f"CAST({e} AS TEXT)"
+        if integer
+        else f"quote({e})"
         if flag
         else f"(CASE WHEN typeof({e}) = 'real' AND {e} = CAST({e} AS INTEGER) THEN quote(CAST({e} AS INTEGER)) "
         f"ELSE quote({e}) END)"
-        for e, flag in zip(expressions, flags)
+        for e, flag, integer in zip(expressions, flags, whole)
     )
 
 
