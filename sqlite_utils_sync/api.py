@@ -12,7 +12,7 @@ import os
 import sqlite3
 from typing import Any, Callable, Iterator
 
-from .bundle import CHUNK_OPS, ExportResult, operations_after, scratch_schema, write_bundle
+from .bundle import CHUNK_OPS, ExportResult, has_scratch, operations_after, scratch_schema, write_bundle
 from .codec import DEFAULT as DEFAULT_CODEC
 from .capture import canonical_name, drifted_tables, drop_triggers, load_tables, muted, remember_captured
 from .clocks import clock, unsettled_clocks
@@ -124,7 +124,7 @@ def export_bundle(
         # A large export without a transaction of the caller's may build on a second connection
         # too: writers are held off until both have begun reading (a hub's connection is
         # read-only, and a hub must not block pushes for the whole export).
-        large = not conn.in_transaction and tables is None and operations_after(conn, since_clock) > CHUNK_OPS
+        large = not conn.in_transaction and has_scratch(conn) and operations_after(conn, since_clock) > CHUNK_OPS
         with writers_held_off(conn) if large else contextlib.nullcontext() as let_writers_in, read_snapshot(conn):
             # Clocks a set-back wall clock left lower go out raised, as settling would write them.
             return write_bundle(

@@ -61,6 +61,7 @@ from .errors import (
 from .oplog import (
     LOCAL,
     MAX_COLUMNS,
+    SEQ_BITS,
     SEQ_MASK,
     RawText,
     device_range,
@@ -93,6 +94,12 @@ CHUNK_OPS = 5000
 CHUNK_BYTES = 8 * 1024 * 1024
 # Runs shorter than this (the common delta) get an image of 512-byte pages, built row by row.
 SMALL_RUN = 100
+# A large export holds at most this many chunk images being stored (of at most STORING_BYTES
+# in all), and this many built ahead on a guess (see PeerBuilder): with the two being built,
+# what it holds at once.
+STORING = 4
+STORING_BYTES = 16 * 1024 * 1024
+GUESSES = 4
 # The in-memory schema an export builds chunk images in (see sql_image).
 SCRATCH = "_sync_out"
 # A reader accepts these tables exactly as the exporter writes them (and has since format 2):
@@ -132,7 +139,7 @@ def write_bundle(
 ) -> ExportResult:
     """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``.
 
-    Chunks go to the file as they are made, so memory stays at one chunk whatever the size.
+    Chunks go to the file as they are made, so memory stays at a few chunks whatever the size.
     The file appears at ``path`` only once complete.
 
     :param progress: called with (operations just written, total) after each chunk
@@ -268,7 +275,7 @@ class BundleWriter:
         self.digest = hashlib.sha256(self.format.encode())
         # A large export stores (compresses, hashes, writes) each chunk on a thread of its own
         # while SQLite builds the next: each releases the GIL, so the two share the cores.
-        self.storing: list[Future[None]] = []
+        self.storing: list[tuple[Future[None], int]] = []  # and the size of each image
         self.storer = ThreadPoolExecutor(1, "sync-export") if total > CHUNK_OPS else None
         self.peer: PeerBuilder | None = None
         self.out = sqlite3.connect(temp, isolation_level=None, check_same_thread=self.storer is None)
@@ -320,12 +327,14 @@ class BundleWriter:
         if self.storer is None:
             self.store(device_position, key, image)
         else:
-            # Four chunks in flight (one thread stores them in order): memory stays at a few
-            # images, and the builders seldom wait for a chunk to be stored (with two in
-            # flight they waited a tenth of a 1M-op export).
-            if len(self.storing) >= 4:
-                self.storing.pop(0).result()
-            self.storing.append(self.storer.submit(self.store, device_position, key, image))
+            # A few chunks in flight (one thread stores them in order), so that the builders
+            # seldom wait for one to be stored (with two in flight they waited a tenth of a
+            # 1M-op export), and memory stays at a few images, however large.
+            while self.storing and (
+                len(self.storing) >= STORING or sum(size for _, size in self.storing) + len(image) > STORING_BYTES
+            ):
+                self.storing.pop(0)[0].result()
+            self.storing.append((self.storer.submit(self.store, device_position, key, image), len(image)))
         if self.progress:
             self.progress(size, self.total)
 
@@ -338,7 +347,7 @@ class BundleWriter:
     def wait(self) -> None:
         """Wait for the chunks being stored; an error of theirs is raised here."""
         storing, self.storing = self.storing, []
-        for future in storing:
+        for future, _ in storing:
             future.result()
 
     def finish(self, header: dict[str, Any]) -> str:
@@ -539,40 +548,37 @@ def write_filtered(
         writer.devices.append(devices[idx])
         sink = WithheldSink(writer, device_position)
         own = list(withheld_ranges(conn, idx, start, end)) if not plan.cut else []
+        fixes = clock_fixes if idx == LOCAL else {}
         for piece in filtered_runs(conn, op_id(idx, start + 1), op_id(idx, end), plan.wanted_tids, own):
             if piece[0] is None:
                 sink.add(piece[1], piece[2])
-                continue
-            tid, lo, hi, size = piece
-            key, columns = run_columns(writer, tid)
-            fixes = clock_fixes if idx == LOCAL else {}
-            write_run(conn, writer, (device_position, key), (lo, hi, size), columns, fixes)
-            count += size
+            elif writer.scratch:
+                count += write_sql_runs(conn, writer, device_position, piece[1:], fixes)
+            else:
+                for tid, lo, hi, size in runs(conn, *piece[1:]):
+                    key, columns = run_columns(writer, tid)
+                    write_run(conn, writer, (device_position, key), (lo, hi, size), columns, fixes)
+                    count += size
         sink.flush()
     return count
+
+
+# How many op ids stretches() looks at per query: a bound on what it holds at once.
+STRETCH_WINDOW = 100_000
 
 
 def filtered_runs(
     conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | None, own: list[tuple[int, int]]
 ) -> Iterator[tuple]:
-    """:func:`runs` of the wanted tables and ticks, and ``(None, first seq, last seq)`` for each
-    stretch of other held seqs (operations of other tables, and ``own`` withheld ranges),
-    in seq order. Only the wanted operations' values are read."""
-    size = value_bytes_sql(conn)
-    keep = "1" if wanted is None else f"tid = 0 OR tid IN ({', '.join(map(str, sorted(wanted))) or 'NULL'})"
-    run: list[int] | None = None
-    gap: list[int] | None = None
+    """Stretches of one device's operations ``lo..hi``: ``(True, first op, last op)`` for those
+    of the wanted tables and ticks, and ``(None, first seq, last seq)`` for each stretch of
+    other held seqs (operations of other tables, and ``own`` withheld ranges), in seq order.
+    No value is read."""
     pending = iter(own)
     next_own = next(pending, None)
-    cursor = conn.execute(
-        f"SELECT op, tid, CASE WHEN {keep} THEN {size} END FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op", [lo, hi]
-    )
-    for op, tid, nbytes in cursor:
-        seq = op_seq(op)
-        while next_own is not None and next_own[0] < seq:
-            if run:
-                yield tuple(run[:4])
-                run = None
+    gap: list[int] | None = None
+    for values, first, last in stretches(conn, lo, hi, wanted):
+        while next_own is not None and next_own[0] < op_seq(first):
             if gap and gap[1] + 1 == next_own[0]:
                 gap[1] = next_own[1]
             else:
@@ -580,28 +586,17 @@ def filtered_runs(
                     yield (None, *gap)
                 gap = list(next_own)
             next_own = next(pending, None)
-        if nbytes is None:  # not wanted: withheld
-            if run:
-                yield tuple(run[:4])
-                run = None
-            if gap and gap[1] + 1 == seq:
-                gap[1] = seq
-            else:
-                if gap:
-                    yield (None, *gap)
-                gap = [seq, seq]
-            continue
-        if gap:
-            yield (None, *gap)
-            gap = None
-        if run and run[0] == tid and run[3] < CHUNK_OPS and run[4] + nbytes <= CHUNK_BYTES:
-            run[2], run[3], run[4] = op, run[3] + 1, run[4] + nbytes
-            continue
-        if run:
-            yield tuple(run[:4])
-        run = [tid, op, op, 1, nbytes]
-    if run:
-        yield tuple(run[:4])
+        if values:
+            if gap:
+                yield (None, *gap)
+                gap = None
+            yield True, first, last
+        elif gap and gap[1] + 1 == op_seq(first):
+            gap[1] = op_seq(last)
+        else:
+            if gap:
+                yield (None, *gap)
+            gap = [op_seq(first), op_seq(last)]
     while next_own is not None:
         if gap and gap[1] + 1 == next_own[0]:
             gap[1] = next_own[1]
@@ -612,6 +607,42 @@ def filtered_runs(
         next_own = next(pending, None)
     if gap:
         yield (None, *gap)
+
+
+def stretches(conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | None) -> Iterator[tuple[bool, int, int]]:
+    """The ops ``lo..hi`` of one device as stretches of consecutive op ids, each all of wanted
+    tables and ticks (True) or all of other tables (False): ``(wanted, first op, last op)``.
+
+    SQLite returns only the ops that begin a stretch (each op is compared with the one before it
+    by rowid), with the end of the stretch before, STRETCH_WINDOW op ids at a time: memory stays
+    bounded however the tables interleave, and no statement stays open while the caller builds
+    chunk images.
+    """
+    tids = ", ".join(map(str, sorted(wanted or ())))
+    keep = {a: "1" if wanted is None else f"({a}.tid = 0 OR {a}.tid IN ({tids or 'NULL'}))" for a in ("o", "p")}
+    sql = (
+        f"SELECT o.op, {keep['o']}, (SELECT max(x.op) FROM _sync_ops x WHERE x.op BETWEEN :lo AND o.op - 1) "
+        "FROM _sync_ops o LEFT JOIN _sync_ops p ON p.op = o.op - 1 "
+        f"WHERE o.op BETWEEN :lo AND :hi AND (p.op IS NULL OR p.op < :lo OR {keep['p']} != {keep['o']}) ORDER BY o.op"
+    )
+    current: list | None = None  # [wanted, first op, last op]
+    while lo <= hi:
+        top = min(hi, lo + STRETCH_WINDOW - 1)
+        begins = conn.execute(sql, {"lo": lo, "hi": top}).fetchall()
+        last = conn.execute("SELECT max(op) FROM _sync_ops WHERE op BETWEEN ? AND ?", [lo, top]).fetchone()[0]
+        for op, values, before in begins:
+            if current and before is not None:
+                current[2] = before
+            # A stretch cut only by the window's edge goes on in this one.
+            if not (current and current[0] == bool(values) and current[2] + 1 == op):
+                if current:
+                    yield tuple(current)
+                current = [bool(values), op, op]
+        if current and last is not None:
+            current[2] = last
+        lo = top + 1
+    if current:
+        yield tuple(current)
 
 
 def write_run(
@@ -793,9 +824,7 @@ class PeerBuilder:
             same = attach_scratch(conn)
             conn.execute("BEGIN")
             # The snapshot is taken here; it must be the exporting connection's, schema and all.
-            same = same and conn.execute("PRAGMA schema_version").fetchone() == exporting.execute(
-                "PRAGMA schema_version"
-            ).fetchone()
+            same = same and snapshot_marks(conn) == snapshot_marks(exporting)
         except sqlite3.Error:
             same = False
         if not same:
@@ -825,7 +854,7 @@ class PeerBuilder:
     def claim(self, hi: int) -> bool:
         """Claim the next guess, if it is a chunk of SMALL_RUN ops or more; its start is then
         ``next_start - CHUNK_OPS``. Four guesses at most are held, images and all."""
-        if len(self.pending) >= 4 or hi - self.next_start + 1 < SMALL_RUN:
+        if len(self.pending) >= GUESSES or hi - self.next_start + 1 < SMALL_RUN:
             return False
         self.next_start += CHUNK_OPS
         return True
@@ -842,11 +871,10 @@ class PeerBuilder:
             if not self.claim(hi):
                 break
             lo = self.next_start - CHUNK_OPS
+            # An error here is the export's: some (an interrupt) end its transaction, and with it
+            # the snapshot every later read relies on.
             ahead: Future = Future()
-            try:
-                ahead.set_result(sql_image(self.exporting, columns, (lo, min(hi, lo + CHUNK_OPS - 1), run_tid), clock_fixes))
-            except Exception as ex:  # built again, and the error met, if the export gets there
-                ahead.set_exception(ex)
+            ahead.set_result(sql_image(self.exporting, columns, (lo, min(hi, lo + CHUNK_OPS - 1), run_tid), clock_fixes))
             self.pending.append((lo, run_tid, ahead, False))
         try:
             return future.result()
@@ -856,6 +884,16 @@ class PeerBuilder:
     def close(self) -> None:
         self.thread.shutdown(cancel_futures=True)
         self.conn.close()
+
+
+def snapshot_marks(conn: sqlite3.Connection) -> tuple:
+    """What two snapshots of one file that differ would differ in: its schema (every rewrite of
+    the log drops and re-creates its guards), and the last op id of each device."""
+    tops = conn.execute(
+        f"SELECT idx, (SELECT max(op) FROM _sync_ops WHERE op BETWEEN idx << {SEQ_BITS} AND (idx << {SEQ_BITS}) | {SEQ_MASK}) "
+        f"FROM (SELECT idx FROM _sync_devices UNION SELECT {LOCAL}) ORDER BY idx"
+    ).fetchall()
+    return conn.execute("PRAGMA schema_version").fetchone()[0], tops
 
 
 # An image built by SQL may grow to this many pages (of 4096 bytes): CHUNK_BYTES, values and all.

@@ -298,7 +298,14 @@ def test_a_hub_export_on_a_read_only_connection_builds_on_two_and_lets_writers_i
     pusher = sqlite3.connect(tmp_path / "a.db", isolation_level=None, timeout=0)
     opened, pushed = [], []
     real_open, real_take = bundle.PeerBuilder.open, bundle.PeerBuilder.take
-    monkeypatch.setattr(bundle.PeerBuilder, "open", lambda conn: opened.append(real_open(conn)) or opened[-1])
+
+    def open_while_writers_wait(conn):
+        with pytest.raises(sqlite3.OperationalError, match="database is locked"):
+            pusher.execute("INSERT INTO todos VALUES (30002, 'too early', 0, 0)")
+        opened.append(real_open(conn))
+        return opened[-1]
+
+    monkeypatch.setattr(bundle.PeerBuilder, "open", open_while_writers_wait)
 
     def take(self, op, tid):
         if not pushed:  # fails (database is locked) if writers are still held off
