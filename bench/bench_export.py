@@ -12,7 +12,8 @@ Usage::
 Lines:
 
 - (2) full export of the whole log (one insert per row), ops/s; beside it a plain
-  scan-and-write of the same rows into a new file (``ATTACH`` + ``INSERT … SELECT``);
+  scan-and-write of the same rows into a new file (``ATTACH`` + ``INSERT … SELECT``); then the
+  same export as a hub makes it (read-only connection, no repair) and with ``--table``;
 - (2) new-device pull: ``sync_with_hub`` into a new file from a real ``datasette serve`` on
   127.0.0.1 holding the log, vs copying the synced table into a new file with plain SQL;
 - (3) bytes per operation of the todos workload (inserts, a fifth updated one by one, one
@@ -128,6 +129,24 @@ def bench_full_export(work: str, log: str, n: int, reps: int) -> None:
     line("    plain scan-and-write", f"{n} rows {plain:.2f}s  {n / plain:,.0f} rows/s; export / plain {synced / plain:.2f}x")
     line("    bundle", f"{results[-1].bytes:,} bytes  {results[-1].bytes / n:.1f} B/op")
     line("    (info) first export", f"{first:.2f}s (it also settles the clocks of the {n} captured ops, once)")
+    # A hub exports on a read-only connection without repair; a partial copy, or a hub answering
+    # an actor granted some tables, exports with --table (here every table: the same operations).
+    hub = sqlite3.connect(f"file:{log}?mode=ro", uri=True, isolation_level=None)
+    conn = connect(log, fresh=False)
+    for label, fn in (
+        ("(info) hub's export", lambda: export_bundle(hub, bundle, repair=False)),
+        ("(info) export --table todos", lambda: export_bundle(conn, bundle, tables=["todos"])),
+    ):
+        times = []
+        for _ in range(reps):
+            fresh(bundle)
+            took = timed(lambda: results.append(fn()))
+            times.append(took)
+        assert results[-1].operations == n
+        median = statistics.median(times)
+        line("    " + label, f"{n} ops  {median:.2f}s  {n / median:,.0f} ops/s")
+    hub.close()
+    conn.close()
 
 
 def bench_export_memory(work: str, log: str, n: int) -> None:

@@ -573,40 +573,58 @@ def filtered_runs(
     """Stretches of one device's operations ``lo..hi``: ``(True, first op, last op)`` for those
     of the wanted tables and ticks, and ``(None, first seq, last seq)`` for each stretch of
     other held seqs (operations of other tables, and ``own`` withheld ranges), in seq order.
-    No value is read."""
-    pending = iter(own)
-    next_own = next(pending, None)
-    gap: list[int] | None = None
+    A wanted stretch goes on over holes in the op ids (compaction leaves them), so its chunks
+    stay full; a withheld range is exact. No value is read."""
+    withheld = WithheldRanges(own)
+    run: list[int] | None = None  # wanted op ids not yet yielded
     for values, first, last in stretches(conn, lo, hi, wanted):
-        while next_own is not None and next_own[0] < op_seq(first):
-            if gap and gap[1] + 1 == next_own[0]:
-                gap[1] = next_own[1]
-            else:
-                if gap:
-                    yield (None, *gap)
-                gap = list(next_own)
-            next_own = next(pending, None)
+        if run and (withheld.owns_before(op_seq(first)) or not values):
+            yield True, *run
+            run = None
+        yield from withheld.own_before(op_seq(first))
         if values:
-            if gap:
-                yield (None, *gap)
-                gap = None
-            yield True, first, last
-        elif gap and gap[1] + 1 == op_seq(first):
-            gap[1] = op_seq(last)
+            yield from withheld.flush()
+            run = [run[0] if run else first, last]
         else:
-            if gap:
-                yield (None, *gap)
-            gap = [op_seq(first), op_seq(last)]
-    while next_own is not None:
-        if gap and gap[1] + 1 == next_own[0]:
-            gap[1] = next_own[1]
-        else:
-            if gap:
-                yield (None, *gap)
-            gap = list(next_own)
-        next_own = next(pending, None)
-    if gap:
-        yield (None, *gap)
+            yield from withheld.add(op_seq(first), op_seq(last))
+    if run:
+        yield True, *run
+    yield from withheld.own_before(SEQ_MASK + 1)
+    yield from withheld.flush()
+
+
+class WithheldRanges:
+    """The withheld seq ranges :func:`filtered_runs` yields: stretches of other tables'
+    operations and the copy's ``own`` withheld ranges, merged where their seqs are contiguous."""
+
+    def __init__(self, own: list[tuple[int, int]]):
+        self.own = iter(own)
+        self.next_own = next(self.own, None)
+        self.gap: list[int] | None = None  # not yet yielded: it may go on
+
+    def owns_before(self, seq: int) -> bool:
+        return self.next_own is not None and self.next_own[0] < seq
+
+    def own_before(self, seq: int) -> list[tuple]:
+        """Take in the own ranges before ``seq``; returns the ranges now complete."""
+        done = []
+        while self.owns_before(seq):
+            done += self.add(*self.next_own)
+            self.next_own = next(self.own, None)
+        return done
+
+    def add(self, first: int, last: int) -> list[tuple]:
+        if self.gap and self.gap[1] + 1 == first:
+            self.gap[1] = last
+            return []
+        done = self.flush()
+        self.gap = [first, last]
+        return done
+
+    def flush(self) -> list[tuple]:
+        done = [(None, *self.gap)] if self.gap else []
+        self.gap = None
+        return done
 
 
 def stretches(conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | None) -> Iterator[tuple[bool, int, int]]:
@@ -618,12 +636,13 @@ def stretches(conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | Non
     bounded however the tables interleave, and no statement stays open while the caller builds
     chunk images.
     """
-    tids = ", ".join(map(str, sorted(wanted or ())))
-    keep = {a: "1" if wanted is None else f"({a}.tid = 0 OR {a}.tid IN ({tids or 'NULL'}))" for a in ("o", "p")}
+    # Never NULL (an empty IN list would make it so, and every comparison with it unknown).
+    tids = "".join(f" OR {{a}}.tid = {tid}" for tid in sorted(wanted or ()))
+    keep = {a: "1" if wanted is None else f"({a}.tid = 0{tids.format(a=a)})" for a in ("o", "p")}
     sql = (
         f"SELECT o.op, {keep['o']}, (SELECT max(x.op) FROM _sync_ops x WHERE x.op BETWEEN :lo AND o.op - 1) "
         "FROM _sync_ops o LEFT JOIN _sync_ops p ON p.op = o.op - 1 "
-        f"WHERE o.op BETWEEN :lo AND :hi AND (p.op IS NULL OR p.op < :lo OR {keep['p']} != {keep['o']}) ORDER BY o.op"
+        f"WHERE o.op BETWEEN :lo AND :hi AND (p.op IS NULL OR p.op < :lo OR {keep['p']} IS NOT {keep['o']}) ORDER BY o.op"
     )
     current: list | None = None  # [wanted, first op, last op]
     while lo <= hi:

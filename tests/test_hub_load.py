@@ -52,7 +52,8 @@ def export_while_pushing(tmp_path: pathlib.Path, hub_path: pathlib.Path, since: 
     outcome = []
 
     def push_once(sql: str) -> None:
-        if outcome or OPS_READ not in sql:
+        # Inside the export's read transaction (a large export estimates its size before).
+        if outcome or OPS_READ not in sql or not read.in_transaction:
             return
         try:
             import_bundle(writer, str(tmp_path / "push.bundle"))

@@ -396,3 +396,41 @@ def test_a_bundle_of_some_tables_withholds_only_operations_the_log_still_holds(t
     phone = sqlite3.connect(new_db(tmp_path / "phone.db"), isolation_level=None)
     assert import_bundle(phone, str(tmp_path / "todos.bundle"), alter=True, adopt_scope=True).withheld == held
     assert table_rows(tmp_path / "phone.db") == table_rows(tmp_path / "office.db")
+
+
+def test_a_bundle_of_a_table_nobody_wrote_yet_carries_ticks_and_no_value(tmp_path, office, make_db, sync, file_bytes):
+    # A hub asked for a table granted but never pushed wants no logged table: every operation
+    # but the ticks goes withheld, including those right after a tick.
+    laptop = make_db(tmp_path / "laptop.db", SCHEMA, TABLES)
+    laptop.execute("INSERT INTO todos VALUES (10, 'from the laptop')")
+    since = sync_status(office)["clock"]
+    sync(laptop, office, tmp_path)  # the office's log now holds a tick, then:
+    office.execute("INSERT INTO salaries VALUES (3, ?, 3000)", [f"{SECRET} 3"])
+    path = tmp_path / "nothing.bundle"
+    exported = export_bundle(office, path, since=since, tables=["granted_but_unpushed"], unknown_tables=True)
+    assert SECRET.encode() not in file_bytes(path) and b"from the laptop" not in file_bytes(path)
+    assert header(path)["withheld"] == 2 and exported.operations == 1  # the tick
+    # The laptop's todo withheld; the office's tick, then its salary withheld.
+    assert [table for _, table, _ in chunks(path)] == [WITHHELD_CHUNK, -1, WITHHELD_CHUNK]
+
+
+def test_compaction_holes_do_not_cut_a_bundle_of_some_tables_into_small_chunks(tmp_path, make_db, sync):
+    office, laptop = make_db(tmp_path / "office.db", SCHEMA, TABLES), make_db(tmp_path / "laptop.db", SCHEMA, TABLES)
+    office.execute("BEGIN")
+    office.executemany("INSERT INTO todos VALUES (?, 'task')", [(i,) for i in range(1, 6001)])
+    office.execute("COMMIT")
+    office.execute("BEGIN")
+    for i in range(1, 6001):
+        for title in ("first", "second"):
+            office.execute("UPDATE todos SET title = ? WHERE id = ?", [title, i])
+    office.execute("COMMIT")
+    for _ in range(2):
+        sync(office, laptop, tmp_path)
+        sync(laptop, office, tmp_path)
+    assert compact_log(office).removed == 6000  # every first update: a hole between each pair
+    office.execute("INSERT INTO salaries VALUES (1, ?, 1000)", [SECRET])
+    export_bundle(office, tmp_path / "todos.bundle", tables=["todos"])
+    assert len(chunks(tmp_path / "todos.bundle")) <= 6  # 12,000 ops, 5,000 a chunk, ticks, withheld
+    phone = sqlite3.connect(new_db(tmp_path / "phone.db"), isolation_level=None)
+    assert import_bundle(phone, str(tmp_path / "todos.bundle"), alter=True, adopt_scope=True).withheld == 1
+    assert table_rows(tmp_path / "phone.db") == table_rows(tmp_path / "office.db")
