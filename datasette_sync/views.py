@@ -892,7 +892,7 @@ class BundleDownload(Response):
     response to a request that carries one). ``body=False`` answers a HEAD: the headers only.
     """
 
-    CHUNK = 1 << 16
+    CHUNK = 1 << 20
 
     def __init__(
         self, directory: pathlib.Path, path: pathlib.Path, filename: str, headers: dict, body: bool = True, release=None

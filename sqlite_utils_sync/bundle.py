@@ -911,8 +911,9 @@ def snapshot_marks(conn: sqlite3.Connection) -> tuple:
     tops = conn.execute(
         f"SELECT idx, (SELECT max(op) FROM _sync_ops WHERE op BETWEEN idx << {SEQ_BITS} AND (idx << {SEQ_BITS}) | {SEQ_MASK}) "
         f"FROM (SELECT idx FROM _sync_devices UNION SELECT {LOCAL}) ORDER BY idx"
-    ).fetchall()
-    return conn.execute("PRAGMA schema_version").fetchone()[0], tops
+    )
+    # As tuples: Datasette's connections give sqlite3.Row, which never equals a tuple.
+    return conn.execute("PRAGMA schema_version").fetchone()[0], [tuple(top) for top in tops]
 
 
 # An image built by SQL may grow to this many pages (of 4096 bytes): CHUNK_BYTES, values and all.

@@ -292,6 +292,7 @@ def test_a_hub_export_on_a_read_only_connection_builds_on_two_and_lets_writers_i
     a.execute("COMMIT")
     export_bundle(a, tmp_path / "settles.bundle")
     hub = sqlite3.connect(f"{(tmp_path / 'a.db').as_uri()}?mode=ro", uri=True, isolation_level=None)
+    hub.row_factory = sqlite3.Row  # as Datasette's connections have it
     hub.execute("BEGIN")  # inside the caller's transaction: one connection, row by row
     export_bundle(hub, tmp_path / "one.bundle", repair=False)
     hub.execute("ROLLBACK")
