@@ -14,10 +14,13 @@ import pathlib
 import sqlite3
 import subprocess
 import sys
+import threading
 
 import pytest
+import sqlite_utils
 
 from sqlite_utils_sync import export_bundle, import_bundle, sync_status
+from sqlite_utils_sync.client import sync_with_hub
 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -94,6 +97,56 @@ def test_a_push_committing_during_an_export_is_wholly_in_the_pull_or_not_at_all(
 
 
 # A real hub under real load ------------------------------------------------------------------
+
+
+def test_a_large_pull_from_a_real_hub_while_rows_are_written_there_is_one_snapshot(tmp_path, datasette_server, make_db, rows):
+    """A pull of more than 5,000 operations is built on two read connections, and writers are
+    held off, without failing, until both read: rows written on the hub meanwhile are in a new
+    device's copy in the order they were written, with no hole, and it ends level with the hub.
+    (That both connections read one snapshot is pinned in test_compressed_bundles.py.)"""
+    hub = make_db(tmp_path / "hub.db")
+    hub.execute("PRAGMA journal_mode = wal")  # a writer commits beside a reader's snapshot
+    hub.execute("BEGIN")
+    hub.executemany("INSERT INTO todos (id, title) VALUES (?, ?)", [(i, f"hub {i}") for i in range(1, 12_001)])
+    hub.execute("COMMIT")
+    hub.close()
+    server = datasette_server([tmp_path / "hub.db"], HUB_CONFIG)
+    token = server.token("alice")
+    written, errors, stop = [], [], threading.Event()
+
+    def write_on_the_hub() -> None:
+        writer = sqlite3.connect(tmp_path / "hub.db", isolation_level=None, timeout=30)
+        try:
+            while not stop.is_set():
+                row = 100_001 + len(written)
+                writer.execute("INSERT INTO todos (id, title) VALUES (?, ?)", [row, f"meanwhile {row}"])
+                written.append(row)
+        except sqlite3.Error as ex:
+            errors.append(repr(ex))
+        finally:
+            writer.close()
+
+    thread = threading.Thread(target=write_on_the_hub)
+    thread.start()
+    devices = []
+    try:
+        for n in range(3):
+            db = sqlite_utils.Database(tmp_path / f"device-{n}.db")
+            sync_with_hub(db, server.url + "/hub", token=token, create_tables=True)
+            ids = [row[0] for row in rows(db.conn)]
+            meanwhile = ids[12_000:]
+            assert ids[:12_000] == list(range(1, 12_001))
+            assert meanwhile == list(range(100_001, 100_001 + len(meanwhile)))  # no hole: one snapshot
+            devices.append(db)
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == [] and len(written) > 0
+    hub = sqlite3.connect(tmp_path / "hub.db")
+    for db in devices:
+        sync_with_hub(db, server.url + "/hub", token=token)
+        assert rows(db.conn) == rows(hub)
+
 
 
 @pytest.mark.parametrize("journal_mode", ["delete", "wal"])
