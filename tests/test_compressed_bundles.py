@@ -255,16 +255,23 @@ def test_while_the_second_connection_is_behind_the_exporting_one_builds_ahead_wi
     assert rows(b) == rows(a)
 
 
+def settled_wal_log(tmp_path, make_db, n: int) -> tuple[sqlite3.Connection, sqlite3.Connection]:
+    """``a.db`` in WAL mode with ``n`` todos, exported once (which settles their clocks), and an
+    empty ``b.db``."""
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("PRAGMA journal_mode = WAL")
+    a.execute("BEGIN")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, ?)", [(i, f"todo {i}", i / 4) for i in range(1, n + 1)])
+    a.execute("COMMIT")
+    export_bundle(a, tmp_path / "settles.bundle")
+    return a, b
+
+
 def test_only_an_export_that_holds_the_write_lock_builds_on_a_second_connection(tmp_path, make_db, rows, monkeypatch):
     # A read-only connection's BEGIN IMMEDIATE takes no write lock: in WAL mode another
     # connection may commit (a compaction, say) between its snapshot and a second
     # connection's, so such an export must build every chunk itself.
-    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
-    a.execute("PRAGMA journal_mode = WAL")
-    a.execute("BEGIN")
-    a.executemany("INSERT INTO todos VALUES (?, ?, 0, ?)", [(i, f"todo {i}", i / 4) for i in range(1, 12_001)])
-    a.execute("COMMIT")
-    export_bundle(a, tmp_path / "settles.bundle")
+    a, b = settled_wal_log(tmp_path, make_db, 12_000)
     opened = []
     real_open = bundle.PeerBuilder.open
     monkeypatch.setattr(bundle.PeerBuilder, "open", lambda conn: opened.append(real_open(conn)) or opened[-1])
@@ -285,12 +292,7 @@ def test_a_hub_export_on_a_read_only_connection_builds_on_two_and_lets_writers_i
     # A hub exports on a read-only connection, without repair. Writers are held off only until
     # the second connection has begun reading: a push that commits during the export goes in
     # at once and is not in the bundle, which is the one a single connection makes.
-    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
-    a.execute("PRAGMA journal_mode = WAL")
-    a.execute("BEGIN")
-    a.executemany("INSERT INTO todos VALUES (?, ?, 0, ?)", [(i, f"todo {i}", i / 4) for i in range(1, 30_001)])
-    a.execute("COMMIT")
-    export_bundle(a, tmp_path / "settles.bundle")
+    a, b = settled_wal_log(tmp_path, make_db, 30_000)
     hub = sqlite3.connect(f"{(tmp_path / 'a.db').as_uri()}?mode=ro", uri=True, isolation_level=None)
     hub.row_factory = sqlite3.Row  # as Datasette's connections have it
     hub.execute("BEGIN")  # inside the caller's transaction: one connection, row by row
