@@ -708,8 +708,8 @@ def sql_image(
     """The chunk image of the ops of table ``tid`` from ``lo`` on (at most CHUNK_OPS, none
     after ``hi``), how many it holds and the last one's id, copied by one ``INSERT … SELECT``
     into the scratch schema: no value passes through Python, so TEXT that is not UTF-8 stays
-    as it is. None when an op of another table comes between them, or the image would pass
-    the scratch schema's page limit.
+    as it is. None when there is none, when an op of another table comes between them, or
+    when the image would pass the scratch schema's page limit.
 
     A savepoint, rolled back once the image is read, leaves the scratch schema empty again
     (and every write of the caller's transaction as it was). It rolls back a table's
@@ -728,6 +728,8 @@ def sql_image(
         except sqlite3.OperationalError as ex:
             if "full" not in str(ex):
                 raise
+            return None
+        if not size:  # a guess in a stretch of other tables' ops
             return None
         last = op_id(op_device(lo), conn.execute(f"SELECT max(seq) FROM {SCRATCH}.ops").fetchone()[0])
         # No other table's op comes between when the run's seqs have no gap (the common case:
