@@ -37,7 +37,7 @@ from sqlite_utils_sync import (
     resolve_conflict,
     sync_status,
 )
-from sqlite_utils_sync.bundle import BundleReader
+from sqlite_utils_sync.bundle import BundleReader, ExportResult
 from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, clock, horizon, parse_duration
 from sqlite_utils_sync.devices import device_names, label, resolve_device
 from sqlite_utils_sync.oplog import is_device_id, json_value
@@ -732,19 +732,45 @@ class ExportEndpoint(Endpoint):
     async def get(self, request, datasette, db):
         since = protocol.decode_clock(request.args.get(protocol.SINCE_PARAM) or None, "since query parameter")
         wait, device = wait_args(request, datasette, db)
-        tables = await pull_scope(datasette, request.actor, db, request.args.getlist(protocol.TABLE_PARAM))
+        requested = request.args.getlist(protocol.TABLE_PARAM)
+        tables, visible = await pull_scope(datasette, request.actor, db, requested)
         if wait > 0:
             await wait_for_news(datasette, request, db, since, device, wait)
-            return await shared_export(request, db, live.feed(datasette, db.name), since, tables)
-        directory = new_export_directory()
-        try:
-            result = await db.execute_fn(exporter(directory, since, tables))
-        except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
-        return export_response(request, directory, result, tables)
+            response, result = await shared_export(request, db, live.feed(datasette, db.name), since, tables)
+        else:
+            response, result = await own_export(request, db, since, tables)
+        for _ in range(SCOPE_TRIES):
+            # pull_scope read the log before the export's snapshot: a table first logged between
+            # them is in a bundle of every table, though the actor may not be allowed to view it.
+            if tables is not None or visible.issuperset(result.tables):
+                return response
+            await response.discard()
+            tables, visible = await pull_scope(datasette, request.actor, db, requested)
+            response, result = await own_export(request, db, since, tables)
+        await response.discard()
+        raise EndpointError(
+            f"Database {db.name} is busy: new tables kept appearing in its log while the pull was exported. "
+            "Retry in a few seconds",
+            errors.BUSY,
+            {protocol.RETRY_AFTER_HEADER: str(protocol.BUSY_RETRY_SECONDS)},
+        )
 
     head = get
+
+
+SCOPE_TRIES = 3
+"""Exports a pull may make while new tables keep appearing in the log before it answers 503."""
+
+
+async def own_export(request, db, since: dict, tables: set[str] | None) -> tuple[BundleDownload, ExportResult]:
+    """A bundle made for this request alone."""
+    directory = new_export_directory()
+    try:
+        result = await db.execute_fn(exporter(directory, since, tables))
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return export_response(request, directory, result, tables), result
 
 
 def new_export_directory() -> pathlib.Path:
@@ -761,7 +787,9 @@ def exporter(directory: pathlib.Path, since: dict, tables: set[str] | None):
     return export
 
 
-async def shared_export(request, db, feed, since: dict, tables: set[str] | None) -> BundleDownload:
+async def shared_export(
+    request, db, feed, since: dict, tables: set[str] | None
+) -> tuple[BundleDownload, ExportResult]:
     """A waiting pull's answer: the pulls woken by one write that ask for the same operations
     (same scope, same ``since`` once lowered to the hub's clock) share one export, so a write
     costs the hub one bundle, not one per watcher."""
@@ -785,7 +813,7 @@ async def shared_export(request, db, feed, since: dict, tables: set[str] | None)
     result, content = await shared.result()
     response = export_response(request, shared.directory, result, tables, release=shared.release)
     response.content = content
-    return response
+    return response, result
 
 
 SHARED_IN_MEMORY = 1 << 20
@@ -863,8 +891,9 @@ class ChangesEndpoint(Endpoint):
         return Response.json({"clock": held, "operations": newer, "changed": feed.news_for(since, None)})
 
 
-async def pull_scope(datasette, actor, db, requested: list[str]) -> set[str] | None:
-    """The tables whose values a pull carries (None: every table, today's full bundle).
+async def pull_scope(datasette, actor, db, requested: list[str]) -> tuple[set[str] | None, frozenset[str]]:
+    """The tables whose values a pull carries (None: every table, today's full bundle), and
+    the tables the actor was found allowed to view.
 
     Without ``table=`` parameters: every table in the log the actor may view, None when that
     is all of them. With them: exactly those tables, each of which the actor must be allowed
@@ -879,10 +908,10 @@ async def pull_scope(datasette, actor, db, requested: list[str]) -> set[str] | N
                     f"Permission denied: table {table} cannot be pulled, it needs view-table on it",
                     errors.TABLE_FORBIDDEN,
                 )
-        return set(requested)
+        return set(requested), frozenset(requested)
     logged = await db.execute_fn(queries.logged_tables)
     visible = viewable(await table_access(datasette, actor, db.name, logged))
-    return None if len(visible) == len(logged) else set(visible)
+    return None if len(visible) == len(logged) else set(visible), frozenset(visible)
 
 
 class BundleDownload(Response):
@@ -904,6 +933,13 @@ class BundleDownload(Response):
         self.path = path
         self.filename = filename
         self.body_wanted = body
+
+    async def discard(self) -> None:
+        """Never sent: let go of its file as sending it would have."""
+        if self.release is not None:
+            self.release()
+        else:
+            await asyncio.to_thread(shutil.rmtree, self.directory, True)
 
     async def asgi_send(self, send):
         try:
@@ -928,10 +964,7 @@ class BundleDownload(Response):
                     if not more:
                         break
         finally:
-            if self.release is not None:
-                self.release()
-            else:
-                await asyncio.to_thread(shutil.rmtree, self.directory, True)
+            await self.discard()
 
 
 class ImportEndpoint(Endpoint):

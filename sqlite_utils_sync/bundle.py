@@ -35,7 +35,7 @@ import sqlite3
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgpack
@@ -121,6 +121,8 @@ class ExportResult:
     operations: int
     bytes: int
     clock: dict[str, int]
+    tables: list[str] = field(default_factory=list)
+    """The tables whose operations the bundle carries, values and all."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"bundle_id": self.bundle_id, "device_id": self.device_id, "operations": self.operations, "bytes": self.bytes}
@@ -209,7 +211,9 @@ def write_bundle(
         finally:
             if os.path.exists(temp):
                 os.remove(temp)
-        return ExportResult(sha[:32], local_device_id(conn), count, target.stat().st_size, current)
+        return ExportResult(
+            sha[:32], local_device_id(conn), count, target.stat().st_size, current, [name for name, _, _ in writer.tables]
+        )
 
 
 def operations_after(conn: sqlite3.Connection, since: dict[str, int]) -> int:

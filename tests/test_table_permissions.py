@@ -10,6 +10,7 @@ with a 403 naming the table and the action, and the hub is left as it was.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import itertools
 import json
@@ -18,6 +19,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+import uuid
 
 import httpx
 import msgpack
@@ -25,7 +27,7 @@ import pytest
 from datasette.app import Datasette
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sqlite_utils_sync import codec, enable_sync
+from sqlite_utils_sync import codec, enable_sync, export_bundle, sync_status
 from sqlite_utils_sync.client import sync_with_hub
 
 from conftest import SECRET
@@ -204,6 +206,49 @@ def test_a_pull_carries_only_the_tables_the_actor_may_view(hub, tokens):
     assert "You may push <code>tasks</code> (insert-row, update-row, delete-row)" in page
     assert "salaries" not in page
     assert "You may not push changes to any table here" in hub.get("/hub/-/sync").text
+
+
+def test_a_pull_waiting_when_a_table_it_may_not_view_is_first_pushed_never_carries_it(tmp_path, datasette_server):
+    # The hub logs tasks and catalogue only, so bob may view every table it logs: his pull's
+    # scope is "everything". While it waits, alice pushes the hub's first salaries rows. The
+    # bundle that wakes him must withhold them (it carried them: the scope was decided before).
+    hub_path = tmp_path / "hub.db"
+    conn = sqlite3.connect(hub_path, isolation_level=None)
+    for name in ("tasks", "catalogue"):
+        conn.execute(SCHEMA[name])
+    enable_sync(conn, ["tasks", "catalogue"])
+    conn.execute("INSERT INTO tasks VALUES (1, 'order chairs', 0)")
+    since = json.dumps(sync_status(conn)["clock"])
+    conn.close()
+    alice_path = tmp_path / "alice.db"
+    alice = sqlite3.connect(alice_path, isolation_level=None)
+    for sql in SCHEMA.values():
+        alice.execute(sql)
+    enable_sync(alice, list(SCHEMA))
+    alice.execute("INSERT INTO salaries VALUES (1, 'SECRET-PAYEE-ann', 'SECRET-AMOUNT-5100')")
+    export_bundle(alice, tmp_path / "push.bundle")
+    hub = datasette_server([hub_path], CONFIG)
+    tokens = {name: hub.token(name) for name in ("alice", "bob")}
+    device = uuid.uuid4().hex
+    params = {"since": since, "wait": "60", "device": device}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pull = pool.submit(hub.get, "/hub/-/sync/export", params=params, headers=auth(tokens["bob"]))
+        deadline = time.monotonic() + 60
+        while not any(w["device_id"] == device and w["waiting"] for w in hub.get("/hub/-/sync.json", headers=auth(tokens["bob"])).json()["watching"]):
+            assert time.monotonic() < deadline and not pull.done(), "bob's pull never waited"
+            time.sleep(0.05)
+        pushed = hub.post("/hub/-/sync/import", content=(tmp_path / "push.bundle").read_bytes(), headers=auth(tokens["alice"]))
+        assert pushed.status_code == 200, pushed.text
+        bob = pull.result()
+    assert bob.status_code == 200
+    assert json.loads(bob.headers["X-Sync-Scope"]) == ["catalogue", "tasks"]
+    assert bundle_header(bob.content)["withheld"] >= 1
+    for secret in HIDDEN:
+        assert secret not in bob.content
+    assert not any(isinstance(v, str) and v.startswith("SECRET") for v in bundle_values(bob.content))
+    # alice may view salaries: her pull carries them.
+    mine = hub.get("/hub/-/sync/export", params={"since": since}, headers=auth(tokens["alice"]))
+    assert "SECRET-PAYEE-ann" in bundle_values(mine.content)
 
 
 REFUSED = {
