@@ -120,7 +120,7 @@ def export_bundle(
             own, changes = not conn.in_transaction, conn.total_changes
             with writing(conn) as state:
                 shared = own and conn.total_changes == changes and holds_write_lock(conn)
-                return write_bundle(conn, path, since_clock, progress, state.unsettled, tables, codec, shared)
+                return write_bundle(conn, path, since_clock, progress, lambda: state.unsettled, tables, codec, shared)
         # A large export without a transaction of the caller's may build on a second connection
         # too: writers are held off until both have begun reading (a hub's connection is
         # read-only, and a hub must not block pushes for the whole export).
@@ -128,7 +128,7 @@ def export_bundle(
         with writers_held_off(conn) if large else contextlib.nullcontext() as let_writers_in, read_snapshot(conn):
             # Clocks a set-back wall clock left lower go out raised, as settling would write them.
             return write_bundle(
-                conn, path, since_clock, progress, unsettled_clocks(conn), tables, codec,
+                conn, path, since_clock, progress, lambda: unsettled_clocks(conn), tables, codec,
                 shared_snapshot=let_writers_in is not None, let_writers_in=let_writers_in,
             )
 

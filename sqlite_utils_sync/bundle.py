@@ -133,7 +133,7 @@ def write_bundle(
     path: str | os.PathLike,
     since: dict[str, int] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    clock_fixes: Sequence[tuple[int, int]] = (),
+    clock_fixes: Callable[[], Iterable[tuple[int, int]]] = tuple,
     tables: Iterable[str] | None = None,
     codec: str | None = codecs.DEFAULT,
     shared_snapshot: bool = False,
@@ -145,8 +145,9 @@ def write_bundle(
     The file appears at ``path`` only once complete.
 
     :param progress: called with (operations just written, total) after each chunk
-    :param clock_fixes: ``(clock, op)`` for local operations whose clocks are not settled in
-        the log yet (:func:`~sqlite_utils_sync.clocks.unsettled_clocks`): they are sent settled
+    :param clock_fixes: gives ``(clock, op)`` for local operations whose clocks are not
+        settled in the log yet (:func:`~sqlite_utils_sync.clocks.unsettled_clocks`): they are
+        sent settled. Called once writers are let in: it may scan many operations
     :param tables: send values of these tables only (None: every table); the other
         operations go as withheld ranges (see :mod:`scope`)
     :param codec: how chunk images are stored (see :mod:`codec`); None: as they are, which
@@ -164,7 +165,6 @@ def write_bundle(
     with text_as(conn, str):
         devices = device_ids(conn)
         tops = {idx: max_seq(conn, idx) for idx in devices}
-        plan = export_plan(conn, since, devices, tables)
         total = count_after(since, devices, tops)
         target = pathlib.Path(path)
         check_target(target)
@@ -176,7 +176,9 @@ def write_bundle(
                     writer.peer = PeerBuilder.open(conn)
                 if let_writers_in is not None:
                     let_writers_in()
-                fixes = {op: hlc for hlc, op in clock_fixes}
+                # The rest reads this connection's snapshot, which no commit changes now.
+                plan = export_plan(conn, since, devices, tables)
+                fixes = {op: hlc for hlc, op in clock_fixes()}
                 if plan is None:
                     count = write_operations(conn, since, devices, tops, writer, fixes)
                 else:
