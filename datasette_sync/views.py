@@ -766,7 +766,7 @@ async def own_export(request, db, since: dict, tables: set[str] | None) -> tuple
     """A bundle made for this request alone."""
     directory = new_export_directory()
     try:
-        result = await db.execute_fn(exporter(directory, since, tables))
+        result = await db.execute_fn(exporter(db, directory, since, tables))
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -777,11 +777,12 @@ def new_export_directory() -> pathlib.Path:
     return pathlib.Path(tempfile.mkdtemp(prefix="datasette-sync-"))
 
 
-def exporter(directory: pathlib.Path, since: dict, tables: set[str] | None):
+def exporter(db, directory: pathlib.Path, since: dict, tables: set[str] | None):
     def export(conn):
         # repair=False: a read connection cannot write, and exporting must not.
         return export_bundle(
-            conn, directory / "export.bundle", since=since, repair=False, tables=tables, unknown_tables=True
+            conn, directory / "export.bundle", since=since, repair=False, tables=tables, unknown_tables=True,
+            immutable=not db.is_mutable,
         )
 
     return export
@@ -798,7 +799,7 @@ async def shared_export(
     key = (tuple(sorted(since.items())), scope, tuple(sorted(feed.clock.items())))
 
     async def make(directory):
-        export = exporter(directory, since, tables)
+        export = exporter(db, directory, since, tables)
 
         def export_and_read(conn):
             # A small bundle is read once here, so each of its many answers is one send on the

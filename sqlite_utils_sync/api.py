@@ -86,6 +86,7 @@ def export_bundle(
     tables: list[str] | set[str] | None = None,
     unknown_tables: bool = False,
     codec: str | None = DEFAULT_CODEC,
+    immutable: bool = False,
 ) -> ExportResult:
     """Write the operations a peer lacks to a bundle file.
 
@@ -104,6 +105,9 @@ def export_bundle(
         that syncs a table nobody pushed yet
     :param codec: how the bundle's chunks are compressed (None: not at all, readable by
         versions before compression)
+    :param immutable: with ``repair=False``, ``db`` reads a file that nothing writes while it
+        is open (opened ``immutable=1``, as Datasette opens ``-i`` files): a large export
+        builds on a second connection opened the same way, and takes no lock of any kind
     """
     conn = connection(db)
     if not is_enabled(conn):
@@ -125,11 +129,14 @@ def export_bundle(
         # too: writers are held off until both have begun reading (a hub's connection is
         # read-only, and a hub must not block pushes for the whole export).
         large = not conn.in_transaction and has_scratch(conn) and operations_after(conn, since_clock) > CHUNK_OPS
-        with writers_held_off(conn) if large else contextlib.nullcontext() as let_writers_in, read_snapshot(conn):
+        # An immutable file has no writers to hold off (and a lock would write beside it).
+        hold = writers_held_off(conn) if large and not immutable else contextlib.nullcontext()
+        with hold as let_writers_in, read_snapshot(conn):
             # Clocks a set-back wall clock left lower go out raised, as settling would write them.
             return write_bundle(
                 conn, path, since_clock, progress, lambda: unsettled_clocks(conn), tables, codec,
-                shared_snapshot=let_writers_in is not None, let_writers_in=let_writers_in,
+                shared_snapshot=let_writers_in is not None or (large and immutable), let_writers_in=let_writers_in,
+                immutable=immutable,
             )
 
 

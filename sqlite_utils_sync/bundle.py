@@ -138,6 +138,7 @@ def write_bundle(
     codec: str | None = codecs.DEFAULT,
     shared_snapshot: bool = False,
     let_writers_in: Callable[[], None] | None = None,
+    immutable: bool = False,
 ) -> ExportResult:
     """Write every operation the holder of ``since`` lacks to a new bundle file at ``path``.
 
@@ -158,6 +159,7 @@ def write_bundle(
     :param let_writers_in: with ``shared_snapshot``, for a ``conn`` that only reads: the
         caller holds writers off (:func:`~sqlite_utils_sync.transaction.writers_held_off`)
         until this is called, once the second connection, if any, has begun reading
+    :param immutable: ``conn``'s file is opened ``immutable=1``: so is the second connection's
     """
     since = since or {}
     # Strict decoding: a TEXT value that is not valid UTF-8 must fail loudly, never be replaced
@@ -173,7 +175,7 @@ def write_bundle(
             writer = BundleWriter(conn, temp, total, progress, codec)
             try:
                 if shared_snapshot and writer.storer is not None and writer.scratch:
-                    writer.peer = PeerBuilder.open(conn)
+                    writer.peer = PeerBuilder.open(conn, immutable)
                 if let_writers_in is not None:
                     let_writers_in()
                 # The rest reads this connection's snapshot, which no commit changes now.
@@ -835,15 +837,18 @@ class PeerBuilder:
         self.run: tuple[list[str], tuple[int, int, int], dict[int, int]] | None = None
 
     @classmethod
-    def open(cls, exporting: sqlite3.Connection) -> PeerBuilder | None:
+    def open(cls, exporting: sqlite3.Connection, immutable: bool = False) -> PeerBuilder | None:
         """A peer reading the same snapshot as ``exporting``, or None (an in-memory or
-        temporary database, or a file that cannot be opened again)."""
+        temporary database, or a file that cannot be opened again). ``immutable``: opened
+        ``immutable=1``, as ``exporting`` is (it must read what that reads: a WAL file beside
+        the database is not looked at)."""
         path = exporting.execute("PRAGMA database_list").fetchone()[2]
         if not path:
             return None
         try:
             # No waiting: a lock in the way (an exclusive locking mode, say) means one builder.
-            conn = sqlite3.connect(f"{pathlib.Path(path).as_uri()}?mode=ro", uri=True, isolation_level=None,
+            mode = "immutable=1" if immutable else "mode=ro"
+            conn = sqlite3.connect(f"{pathlib.Path(path).as_uri()}?{mode}", uri=True, isolation_level=None,
                                    check_same_thread=False, timeout=0)
         except sqlite3.Error:
             return None

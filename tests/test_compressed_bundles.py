@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pathlib
 import random
+import shutil
 import threading
 import sqlite3
 
@@ -255,6 +256,13 @@ def test_while_the_second_connection_is_behind_the_exporting_one_builds_ahead_wi
     assert rows(b) == rows(a)
 
 
+def peers_opened(monkeypatch) -> list:
+    """What each export's ``PeerBuilder.open`` returned (None: refused), in order."""
+    opened, real_open = [], bundle.PeerBuilder.open
+    monkeypatch.setattr(bundle.PeerBuilder, "open", lambda conn, *args: opened.append(real_open(conn, *args)) or opened[-1])
+    return opened
+
+
 def settled_wal_log(tmp_path, make_db, n: int) -> tuple[sqlite3.Connection, sqlite3.Connection]:
     """``a.db`` in WAL mode with ``n`` todos, exported once (which settles their clocks), and an
     empty ``b.db``."""
@@ -272,9 +280,7 @@ def test_only_an_export_that_holds_the_write_lock_builds_on_a_second_connection(
     # connection may commit (a compaction, say) between its snapshot and a second
     # connection's, so such an export must build every chunk itself.
     a, b = settled_wal_log(tmp_path, make_db, 12_000)
-    opened = []
-    real_open = bundle.PeerBuilder.open
-    monkeypatch.setattr(bundle.PeerBuilder, "open", lambda conn: opened.append(real_open(conn)) or opened[-1])
+    opened = peers_opened(monkeypatch)
     export_bundle(a, tmp_path / "writable.bundle")
     assert len(opened) == 1 and opened[0] is not None
     read_only = sqlite3.connect(f"{(tmp_path / 'a.db').as_uri()}?mode=ro", uri=True, isolation_level=None)
@@ -302,10 +308,10 @@ def test_a_hub_export_on_a_read_only_connection_builds_on_two_and_lets_writers_i
     opened, pushed = [], []
     real_open, real_take = bundle.PeerBuilder.open, bundle.PeerBuilder.take
 
-    def open_while_writers_wait(conn):
+    def open_while_writers_wait(conn, *args):
         with pytest.raises(sqlite3.OperationalError, match="database is locked"):
             pusher.execute("INSERT INTO todos VALUES (30002, 'too early', 0, 0)")
-        opened.append(real_open(conn))
+        opened.append(real_open(conn, *args))
         return opened[-1]
 
     monkeypatch.setattr(bundle.PeerBuilder, "open", open_while_writers_wait)
@@ -342,14 +348,13 @@ def test_a_hub_export_looks_for_unsettled_clocks_after_letting_writers_in(tmp_pa
     a.executemany("INSERT INTO todos VALUES (?, ?, 0, ?)", [(i, f"todo {i}", i / 4) for i in range(1, 12_001)])
     a.execute("COMMIT")
     pusher = sqlite3.connect(tmp_path / "a.db", isolation_level=None, timeout=0)
-    real_unsettled, opened = api.unsettled_clocks, []
+    real_unsettled = api.unsettled_clocks
 
     def while_a_push_commits(conn):
         pusher.execute("INSERT INTO todos VALUES (20000, 'pushed meanwhile', 0, 0)")  # database is locked if held off
         return real_unsettled(conn)
 
-    real_open = bundle.PeerBuilder.open
-    monkeypatch.setattr(bundle.PeerBuilder, "open", lambda conn: opened.append(real_open(conn)) or opened[-1])
+    opened = peers_opened(monkeypatch)
     monkeypatch.setattr(api, "unsettled_clocks", while_a_push_commits)
     hub = sqlite3.connect(f"{(tmp_path / 'a.db').as_uri()}?mode=ro", uri=True, isolation_level=None)
     hub.row_factory = sqlite3.Row
@@ -359,6 +364,29 @@ def test_a_hub_export_looks_for_unsettled_clocks_after_letting_writers_in(tmp_pa
     assert len(opened) == 1 and opened[0] is not None
     assert import_bundle(b, str(tmp_path / "hub.bundle")).applied == 12_000
     assert rows(b) == rows(a)[:-1]
+
+
+def test_an_export_of_an_immutable_file_takes_no_lock_and_builds_on_two(tmp_path, make_db, monkeypatch):
+    # Datasette opens a file served with -i as immutable=1: nothing writes it, so no writer is
+    # held off, and the second connection is opened the same way. A lock connection would
+    # open it for writing: here, where a WAL was left beside it (its writer died), that
+    # checkpointed the WAL into the file mid-export and deleted it.
+    a, _ = settled_wal_log(tmp_path, make_db, 12_000)
+    a.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    a.execute("PRAGMA wal_autocheckpoint = 0")
+    a.execute("INSERT INTO todos VALUES (12001, 'only in the WAL', 0, 0)")
+    for suffix in ("", "-wal"):
+        shutil.copyfile(tmp_path / f"a.db{suffix}", tmp_path / f"served.db{suffix}")
+    a.close()
+    files = lambda: {p.name: p.read_bytes() for p in tmp_path.glob("served.db*")}  # noqa: E731
+    before = files()
+    opened = peers_opened(monkeypatch)
+    served = sqlite3.connect(f"{(tmp_path / 'served.db').as_uri()}?immutable=1", uri=True, isolation_level=None)
+    served.row_factory = sqlite3.Row
+    assert export_bundle(served, tmp_path / "served.bundle", repair=False, immutable=True).operations == 12_000
+    served.close()
+    assert len(opened) == 1 and opened[0] is not None
+    assert files() == before and "served.db-wal" in before
 
 
 def test_a_guess_among_another_tables_operations_is_dropped_not_an_error(tmp_path, make_db, rows, monkeypatch):

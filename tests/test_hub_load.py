@@ -174,6 +174,28 @@ def test_clients_syncing_at_once_never_fail_and_end_identical(tmp_path, journal_
         assert conflict_records(client) == expected_conflicts
 
 
+def test_a_large_pull_from_a_hub_serving_its_file_immutable_leaves_the_file_alone(tmp_path, datasette_server, make_db, rows):
+    # datasette serve -i: Datasette opens the file immutable=1, so the export takes no lock
+    # (a lock connection would write the -wal and -shm files beside it, or checkpoint one).
+    hub = make_db(tmp_path / "hub.db")
+    hub.execute("PRAGMA journal_mode = wal")
+    hub.execute("BEGIN")
+    hub.executemany("INSERT INTO todos (id, title) VALUES (?, ?)", [(i, f"hub {i}") for i in range(1, 12_001)])
+    hub.execute("COMMIT")
+    export_bundle(hub, tmp_path / "settles.bundle")
+    hub.close()
+    before = (tmp_path / "hub.db").read_bytes()
+    server = datasette_server([], HUB_CONFIG, "-i", str(tmp_path / "hub.db"))
+    pulled = server.get("/hub/-/sync/export", headers={"Authorization": f"Bearer {server.token('alice')}"})
+    assert pulled.status_code == 200, pulled.text
+    (tmp_path / "pulled.bundle").write_bytes(pulled.content)
+    device = sqlite3.connect(tmp_path / "device.db", isolation_level=None)
+    assert import_bundle(device, str(tmp_path / "pulled.bundle"), create_tables=True).applied == 12_000
+    assert rows(device) == rows(sqlite3.connect(f"file:{tmp_path / 'hub.db'}?immutable=1", uri=True))
+    assert (tmp_path / "hub.db").read_bytes() == before
+    assert not (tmp_path / "hub.db-wal").exists() and not (tmp_path / "hub.db-shm").exists()
+
+
 # The client retries a busy hub -----------------------------------------------------------------
 
 HUB_CONFIG = {
