@@ -787,6 +787,8 @@ def write_sql_runs(
                 made = writer.peer.take(op, tid)
             if made is None:
                 made = sql_image(conn, columns, (op, end, tid), clock_fixes)
+            if made is not None and made[1] < CHUNK_OPS and run_goes_on(conn, made[2], hi, tid):
+                made = None  # holes (compaction's) in its op ids: the run has more ops after them
         if made is None:
             last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn)), {
                 "lo": op, "hi": hi, "tid": tid, "ops": CHUNK_OPS, "bytes": CHUNK_BYTES
@@ -802,6 +804,12 @@ def write_sql_runs(
             write_run(conn, writer, (device_position, key), (op, last, size), columns, clock_fixes)
         count += size
         lo = last + 1
+
+
+def run_goes_on(conn: sqlite3.Connection, last: int, hi: int, tid: int) -> bool:
+    """Whether the op after ``last`` (up to ``hi``) is of table ``tid`` too."""
+    after = conn.execute("SELECT tid FROM _sync_ops WHERE op > ? AND op <= ? ORDER BY op LIMIT 1", [last, hi]).fetchone()
+    return after is not None and after[0] == tid
 
 
 # The end of the run from :lo: the longest stretch of table :tid, up to CHUNK_OPS operations,
