@@ -912,6 +912,13 @@ async def pull_scope(datasette, actor, db, requested: list[str]) -> tuple[set[st
         return set(requested), frozenset(requested)
     logged = await db.execute_fn(queries.logged_tables)
     visible = viewable(await table_access(datasette, actor, db.name, logged))
+    if logged and not visible:
+        # A copy of no table holds nothing, and could push nothing: its own edits go withheld.
+        raise SyncForbidden(
+            f"Permission denied: no table of database {db.name} may be viewed with these credentials, "
+            "so there is nothing to pull; it needs view-table on a table",
+            errors.TABLE_FORBIDDEN,
+        )
     return None if len(visible) == len(logged) else set(visible), frozenset(visible)
 
 

@@ -113,6 +113,8 @@ def export_bundle(
     if not is_enabled(conn):
         raise SyncError(NOT_ENABLED, "This database has no synced tables: run enable-sync first")
     if tables is not None:
+        if not tables:
+            raise SyncError(INVALID_ARGUMENT, "No table to export: a bundle of some tables needs at least one")
         tables = known_tables(conn, tables, unknown_tables)
     since_clock = clock_from_since(since) if since is not None else {}
     if for_device is not None:

@@ -1321,7 +1321,7 @@ def header_problem(header: Any) -> str | None:
             return f"{key} is not a map"
     scope = header.get("scope")
     if scope is not None and not (
-        isinstance(scope, list) and all(is_name(n) for n in scope) and len(set(scope)) == len(scope)
+        isinstance(scope, list) and scope and all(is_name(n) for n in scope) and len(set(scope)) == len(scope)
     ):
         return "scope is invalid"
     if scope is not None and not {t[0] for t in tables} <= set(scope):

@@ -32,6 +32,9 @@ def load_scope(conn: sqlite3.Connection) -> set[str] | None:
 def store_scope(conn: sqlite3.Connection, names: Iterable[str] | None) -> None:
     """Replace the scope (None: a full copy). Call inside a transaction, after the checks of
     :func:`check_scope_change`."""
+    if names is not None and not set(names):
+        # No rows already mean a full copy: a copy of no table would read back as one of all.
+        raise SyncError(INVALID_ARGUMENT, "A partial copy holds at least one table: none was named")
     conn.execute("DELETE FROM _sync_scope")
     conn.executemany("INSERT INTO _sync_scope (name) VALUES (?)", [[n] for n in sorted(set(names or ()))])
 

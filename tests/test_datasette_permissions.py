@@ -206,9 +206,14 @@ async def test_token_recipe(conflicted_db, tokens):
     def auth(name):
         return {"Authorization": f"Bearer {tokens[name]}"}
 
-    # Without the table actions: a pull withholds every table, a push may not insert.
+    # Without the table actions: a pull would withhold every table (a copy of nothing, which
+    # would read back as a copy of everything), so it is refused; a push may not insert.
     pulled = await ds.client.get("/data/-/sync/export", headers=auth("no_tables"))
-    assert pulled.status_code == 200 and json.loads(pulled.headers["x-sync-scope"]) == []
+    assert pulled.status_code == 403 and pulled.json()["reason"] == "table_forbidden"
+    assert pulled.json()["error"] == (
+        "Permission denied: no table of database data may be viewed with these credentials, so there is "
+        "nothing to pull; it needs view-table on a table"
+    )
     pushed = await ds.client.post("/data/-/sync/import", content=bundle, headers=auth("no_tables"))
     assert pushed.status_code == 403 and pushed.json()["reason"] == "table_forbidden"
 

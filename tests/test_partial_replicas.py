@@ -13,7 +13,8 @@ import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sqlite_utils_sync import BundleError, bundle, export_bundle, import_bundle, sync_status
+from sqlite_utils_sync import BundleError, SyncError, bundle, export_bundle, import_bundle, sync_status
+from sqlite_utils_sync.api import set_scope
 from sqlite_utils_sync.bundle import WITHHELD_CHUNK, chunk_image
 from sqlite_utils_sync.compaction import compact_log
 
@@ -296,6 +297,22 @@ def test_withheld_ranges_in_a_bundle_of_every_table_are_refused(tmp_path, scoped
         "Error: Bundle todos.bundle: it withholds operations but says it holds every table"
     ]
     assert file_bytes(target) == before
+
+
+def test_a_copy_of_no_table_is_refused_wherever_it_could_be_made(tmp_path, office, scoped_bundle, craft, make_db):
+    # Storing no table reads back as a full copy: one made from a bundle withholding every
+    # table would take later deltas as a full copy and miss what it withheld, silently.
+    with pytest.raises(SyncError, match="No table to export: a bundle of some tables needs at least one"):
+        export_bundle(office, tmp_path / "none.bundle", tables=[])
+    assert not (tmp_path / "none.bundle").exists()
+    craft.rewrite(scoped_bundle, lambda conn: (craft.edit_header(conn, lambda h: h.update(scope=[])), craft.reseal(conn)))
+    phone = sqlite3.connect(tmp_path / "phone.db", isolation_level=None)
+    with pytest.raises(BundleError, match="scope is invalid"):
+        import_bundle(phone, str(scoped_bundle), create_tables=True, adopt_scope=True)
+    assert phone.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    empty = make_db(tmp_path / "empty.db", SCHEMA, ())
+    with pytest.raises(SyncError, match="A partial copy holds at least one table: none was named"):
+        set_scope(empty, [])
 
 
 def test_a_scope_that_omits_a_table_it_carries_is_refused(tmp_path, scoped_bundle, craft):
