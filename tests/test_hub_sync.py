@@ -180,7 +180,11 @@ def test_token_recipe(hub, tmp_path, hub_sync, make_todos_db):
     result = hub_sync(device, hub, without_view, check=False)
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: hub {hub.url}/hub does not allow export (pull) (403)"), result.stderr
-    export_only = hub.token("alice", "-d", "hub", "sync-export", "-d", "hub", "view-database")
+    no_table = hub.token("alice", "-d", "hub", "sync-export", "-d", "hub", "view-database")
+    result = hub_sync(device, hub, no_table, check=False)
+    assert result.returncode == 1
+    assert result.stderr.rstrip().endswith("nothing to pull; it needs view-table on a table"), result.stderr
+    export_only = hub.token("alice", *[arg for action in ("sync-export", "view-database", "view-table") for arg in ("-d", "hub", action)])
     result = hub_sync(device, hub, export_only, check=False)
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: hub {hub.url}/hub does not allow import (push) (403)"), result.stderr
