@@ -27,10 +27,10 @@ async def database_panel(datasette, request, database: str) -> Markup:
         return Markup("")
     db = datasette.get_database(database)
     try:
-        hidden = await views.hidden_tables(datasette, request, db)
+        visible = await views.viewable_tables(datasette, request, db)
     except SyncError:
         return Markup("")  # sync tables of a newer version: the sync pages say so
-    summary = await readable(db, lambda conn: queries.database_summary(conn, hidden))
+    summary = await readable(db, views.hiding(visible, queries.database_summary))
     if summary is None:
         return Markup("")
     context = {"summary": summary, "unresolved": sum(summary["conflicts"].values())}

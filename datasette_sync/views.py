@@ -19,7 +19,7 @@ import shutil
 import sqlite3
 import tempfile
 import urllib.parse
-from typing import Any
+from typing import Any, Callable
 
 from datasette import Response
 from datasette.resources import TableResource
@@ -37,6 +37,7 @@ from sqlite_utils_sync import (
     resolve_conflict,
     sync_status,
 )
+from sqlite_utils_sync.api import read_snapshot
 from sqlite_utils_sync.bundle import BundleReader, ExportResult
 from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, clock, horizon, parse_duration
 from sqlite_utils_sync.devices import device_names, label, resolve_device
@@ -227,13 +228,22 @@ async def can_view_table(datasette, actor, database: str, table: str) -> bool:
     return await datasette.allowed(action="view-table", resource=TableResource(database, table), actor=actor)
 
 
-async def hidden_tables(datasette, request, db) -> frozenset[str]:
-    """Logged tables this actor may not view: their rows stay off the sync pages too."""
-    hidden = set()
-    for name in await db.execute_fn(queries.logged_tables):
-        if not await can_view_table(datasette, request.actor, db.name, name):
-            hidden.add(name)
-    return frozenset(hidden)
+async def viewable_tables(datasette, request, db) -> frozenset[str]:
+    """Logged tables this actor may view; the others' rows stay off the sync pages too."""
+    names = await db.execute_fn(queries.logged_tables)
+    return frozenset([name for name in names if await can_view_table(datasette, request.actor, db.name, name)])
+
+
+def hiding(visible: frozenset[str], read: Callable[[sqlite3.Connection, frozenset[str]], Any]):
+    """A page's ``read(conn, hidden)``, run in one read transaction with ``hidden`` every table
+    logged then but not in ``visible``: a table first logged after the permission check stays
+    hidden (the next request checks it), in every query of the page."""
+
+    def run(conn: sqlite3.Connection) -> Any:
+        with read_snapshot(conn):
+            return read(conn, frozenset(queries.logged_tables(conn)) - visible)
+
+    return run
 
 
 def resolve_database(datasette, request):
@@ -309,9 +319,9 @@ async def render(datasette, request, db, template: str, tab: str, context: dict,
 
 async def overview_page(datasette, request):
     db = await page_database(datasette, request)
-    hidden = await hidden_tables(datasette, request, db)
+    visible = await viewable_tables(datasette, request, db)
 
-    def read(conn):
+    def read(conn, hidden):
         status = queries.without_tables(sync_status(conn), conn, hidden)
         if not status["enabled"]:
             return status, [], [], None, {}
@@ -320,7 +330,7 @@ async def overview_page(datasette, request):
         activity = chart.build(chart.read(conn, hidden), lambda device_id: device_label(device_id, names))
         return status, queries.peers(conn), latest, activity, horizon(conn)
 
-    status, peers, latest, activity, compacted = await db.execute_fn(read)
+    status, peers, latest, activity, compacted = await db.execute_fn(hiding(visible, read))
     status = {
         **status,
         "access": await actor_access(datasette, request.actor, db),
@@ -376,9 +386,9 @@ async def operations_page(datasette, request):
         after = queries.parse_next(request.args.get("next"))
     except queries.InvalidArgument as ex:
         raise BadRequest(str(ex))
-    hidden = await hidden_tables(datasette, request, db)
+    visible = await viewable_tables(datasette, request, db)
 
-    def read(conn):
+    def read(conn, hidden):
         # Read before the page's operations: one landing in between makes the script refetch.
         since = clock(conn) if is_enabled(conn) else {}
         device = filters["device"]
@@ -400,7 +410,7 @@ async def operations_page(datasette, request):
         tables = [name for name in queries.synced_tables(conn) if name not in hidden]
         return page, tables, [d["device_id"] for d in queries.devices(conn)], device, since
 
-    page, tables, devices, filters["device"], since = await read_page(db, read)
+    page, tables, devices, filters["device"], since = await read_page(db, hiding(visible, read))
     base = sync_url(datasette, db.name) + "/operations"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     data = {"operations": page["operations"], "next": page["next"]}
@@ -435,15 +445,15 @@ async def conflicts_page(datasette, request):
     table = request.args.get("table") or None
     next_token = request.args.get("next") or None
     size = page_size(request, CONFLICTS_PAGE_SIZE)
-    hidden = await hidden_tables(datasette, request, db)
+    visible = await viewable_tables(datasette, request, db)
 
-    def read(conn):
+    def read(conn, hidden):
         page = queries.conflicts(
             conn, include_resolved=include_resolved, table=table, after=next_token, size=size, hidden=hidden
         )
         return page, [name for name in queries.logged_tables(conn) if name not in hidden]
 
-    page, tables = await read_page(db, read)
+    page, tables = await read_page(db, hiding(visible, read))
     base = sync_url(datasette, db.name) + "/conflicts"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     can_resolve = db.is_mutable and await can(datasette, request.actor, RESOLVE, db.name)
@@ -739,15 +749,16 @@ class ExportEndpoint(Endpoint):
             response, result = await shared_export(request, db, live.feed(datasette, db.name), since, tables)
         else:
             response, result = await own_export(request, db, since, tables)
-        for _ in range(SCOPE_TRIES):
+        for attempt in range(1, SCOPE_TRIES + 1):
             # pull_scope read the log before the export's snapshot: a table first logged between
             # them is in a bundle of every table, though the actor may not be allowed to view it.
             if tables is not None or visible.issuperset(result.tables):
                 return response
             await response.discard()
+            if attempt == SCOPE_TRIES:
+                break
             tables, visible = await pull_scope(datasette, request.actor, db, requested)
             response, result = await own_export(request, db, since, tables)
-        await response.discard()
         raise EndpointError(
             f"Database {db.name} is busy: new tables kept appearing in its log while the pull was exported. "
             "Retry in a few seconds",

@@ -122,7 +122,8 @@ class ExportResult:
     bytes: int
     clock: dict[str, int]
     tables: list[str] = field(default_factory=list)
-    """The tables whose operations the bundle carries, values and all."""
+    """The tables the bundle tells anything of: those whose operations it carries, values and
+    all, and those of the operations its anchors fingerprint."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"bundle_id": self.bundle_id, "device_id": self.device_id, "operations": self.operations, "bytes": self.bytes}
@@ -215,9 +216,8 @@ def write_bundle(
         finally:
             if os.path.exists(temp):
                 os.remove(temp)
-        return ExportResult(
-            sha[:32], local_device_id(conn), count, target.stat().st_size, current, [name for name, _, _ in writer.tables]
-        )
+        told = {name for name, _, _ in writer.tables} | anchored_tables(conn, header["anchors"], devices)
+        return ExportResult(sha[:32], local_device_id(conn), count, target.stat().st_size, current, sorted(told))
 
 
 def operations_after(conn: sqlite3.Connection, since: dict[str, int]) -> int:
@@ -1086,6 +1086,19 @@ def anchors_for(
         if fingerprint:
             anchors[device] = [seq, fingerprint]
     return anchors
+
+
+def anchored_tables(conn: sqlite3.Connection, anchors: dict[str, list], devices: dict[int, str]) -> set[str]:
+    """The tables of the operations ``anchors`` fingerprint."""
+    index = {device: idx for idx, device in devices.items()}
+    names = set()
+    for device, (seq, _) in anchors.items():
+        row = conn.execute(
+            "SELECT t.name FROM _sync_ops o JOIN _sync_tables t ON t.tid = o.tid WHERE o.op = ?", [op_id(index[device], seq)]
+        ).fetchone()
+        if row:
+            names.add(row[0])
+    return names
 
 
 def op_fingerprint(conn: sqlite3.Connection, op: int) -> str | None:

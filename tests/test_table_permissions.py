@@ -27,7 +27,8 @@ import pytest
 from datasette.app import Datasette
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from sqlite_utils_sync import codec, enable_sync, export_bundle, sync_status
+from datasette_sync import views
+from sqlite_utils_sync import codec, enable_sync, export_bundle, import_bundle, sync_status
 from sqlite_utils_sync.client import sync_with_hub
 
 from conftest import SECRET
@@ -249,6 +250,93 @@ def test_a_pull_waiting_when_a_table_it_may_not_view_is_first_pushed_never_carri
     # alice may view salaries: her pull carries them.
     mine = hub.get("/hub/-/sync/export", params={"since": since}, headers=auth(tokens["alice"]))
     assert "SECRET-PAYEE-ann" in bundle_values(mine.content)
+
+
+@pytest.mark.parametrize("path", ["/hub/-/sync.json", "/hub/-/sync/operations.json", "/hub/-/sync/conflicts.json", "/hub"])
+async def test_a_table_first_logged_after_the_pages_permission_check_stays_off_them(tmp_path, monkeypatch, path):
+    # The pages check which logged tables the actor may view, then read the log: alice's first
+    # salaries rows land in between. The page must not show them to bob (it showed every value).
+    hub_path = tmp_path / "hub.db"
+    conn = sqlite3.connect(hub_path, isolation_level=None)
+    for name in ("tasks", "catalogue"):
+        conn.execute(SCHEMA[name])
+    enable_sync(conn, ["tasks", "catalogue"])
+    conn.execute("INSERT INTO tasks VALUES (1, 'order chairs', 0)")
+    conn.close()
+    alice = sqlite3.connect(tmp_path / "alice.db", isolation_level=None)
+    for sql in SCHEMA.values():
+        alice.execute(sql)
+    enable_sync(alice, list(SCHEMA))
+    alice.execute("INSERT INTO salaries VALUES (1, 'SECRET-PAYEE-ann', 'SECRET-AMOUNT-5100')")
+    export_bundle(alice, tmp_path / "push.bundle")
+    real_check = views.viewable_tables
+
+    async def then_salaries_arrive(datasette, request, db):
+        visible = await real_check(datasette, request, db)
+        hub = sqlite3.connect(hub_path, isolation_level=None)
+        import_bundle(hub, str(tmp_path / "push.bundle"), alter=True)
+        hub.close()
+        return visible
+
+    monkeypatch.setattr(views, "viewable_tables", then_salaries_arrive)
+    ds = Datasette([str(hub_path)], config=CONFIG, secret=SECRET)
+    await ds.invoke_startup()
+    response = await ds.client.get(path, cookies={"ds_actor": ds.client.actor_cookie({"id": "bob"})})
+    assert response.status_code == 200
+    assert "tasks" in response.text or path.endswith("conflicts.json")
+    for secret in HIDDEN:
+        assert secret.decode() not in response.text
+    assert table_rows(hub_path, "salaries") == [(1, "SECRET-PAYEE-ann", "SECRET-AMOUNT-5100")]
+
+
+async def test_a_pull_never_anchors_on_an_operation_of_a_table_first_logged_after_its_check(tmp_path, monkeypatch):
+    # A bundle's anchors fingerprint the last op the receiver says it has from each device. bob
+    # names alice's salaries op (her clock is no secret) while it lands after his pull's
+    # permission check: the bundle of every table had its digest in the header.
+    hub_path = tmp_path / "hub.db"
+    conn = sqlite3.connect(hub_path, isolation_level=None)
+    for name in ("tasks", "catalogue"):
+        conn.execute(SCHEMA[name])
+    enable_sync(conn, ["tasks", "catalogue"])
+    conn.execute("INSERT INTO tasks VALUES (1, 'order chairs', 0)")
+    alice = sqlite3.connect(tmp_path / "alice.db", isolation_level=None)
+    for sql in SCHEMA.values():
+        alice.execute(sql)
+    enable_sync(alice, list(SCHEMA))
+    alice.execute("INSERT INTO tasks VALUES (2, 'pay invoices', 0)")
+    export_bundle(alice, tmp_path / "first.bundle")
+    import_bundle(conn, str(tmp_path / "first.bundle"))
+    hub_clock = sync_status(conn)["clock"]
+    conn.close()
+    alice.execute("INSERT INTO salaries VALUES (1, 'SECRET-PAYEE-ann', 'SECRET-AMOUNT-5100')")
+    alice_id, salary_seq = sync_status(alice)["device_id"], sync_status(alice)["clock"][sync_status(alice)["device_id"]]
+    alice.execute("UPDATE tasks SET done = 1 WHERE id = 2")
+    export_bundle(alice, tmp_path / "second.bundle", since=hub_clock)
+    real_scope = views.pull_scope
+
+    landed = []
+
+    async def then_salaries_arrive(*args):
+        scope = await real_scope(*args)
+        if not landed:
+            landed.append(True)
+            hub = sqlite3.connect(hub_path, isolation_level=None)
+            import_bundle(hub, str(tmp_path / "second.bundle"), alter=True)
+            hub.close()
+        return scope
+
+    monkeypatch.setattr(views, "pull_scope", then_salaries_arrive)
+    ds = Datasette([str(hub_path)], config=CONFIG, secret=SECRET)
+    await ds.invoke_startup()
+    since = json.dumps({**hub_clock, alice_id: salary_seq})
+    response = await ds.client.get(
+        "/hub/-/sync/export", params={"since": since}, cookies={"ds_actor": ds.client.actor_cookie({"id": "bob"})}
+    )
+    assert response.status_code == 200
+    assert json.loads(response.headers["X-Sync-Scope"]) == ["catalogue", "tasks"]
+    header = bundle_header(response.content)
+    assert alice_id not in header["anchors"]
+    assert "pay invoices" in bundle_values(response.content)  # the update of tasks after it
 
 
 REFUSED = {
