@@ -289,14 +289,15 @@ def write(conn: sqlite3.Connection, table: str, action: str, n: int, next_id: di
     compact=st.booleans(),
     tables=st.none() | st.sets(st.sampled_from(TABLES), min_size=1, max_size=2),
     slow=st.sampled_from(["peer", "exporting", None]),
+    partial=st.booleans(),
 )
 def test_a_bundle_built_on_two_connections_is_the_one_one_connection_makes(
-    tmp_path_factory, make_db, rows, theirs, steps, since_after, compact, tables, slow
+    tmp_path_factory, make_db, rows, theirs, steps, since_after, compact, tables, slow, partial
 ):
     # Chunks of 20 operations instead of 5,000, so that small logs have many chunks, guesses
     # and ahead builds: runs of several tables, long and short, updates and deletes, holes
     # that compaction leaves, another device's operations, deltas, bundles of some tables,
-    # either connection the slower.
+    # either connection the slower, and exports from a partial copy (which withholds tags).
     folder = tmp_path_factory.mktemp("connections")
     a, b = make_db(folder / "a.db", SCHEMA, TABLES), make_db(folder / "b.db", SCHEMA, TABLES)
     a.execute("PRAGMA journal_mode = WAL")
@@ -313,6 +314,14 @@ def test_a_bundle_built_on_two_connections_is_the_one_one_connection_makes(
     if compact:
         compact_log(a)
     export_bundle(a, folder / "settles.bundle")
+    source = folder / "a.db"
+    if partial:
+        export_bundle(a, folder / "partial.bundle", tables=["todos", "notes"])
+        a = sqlite3.connect(folder / "p.db", isolation_level=None)
+        import_bundle(a, str(folder / "partial.bundle"), create_tables=True, adopt_scope=True)
+        a.execute("PRAGMA journal_mode = WAL")
+        export_bundle(a, folder / "settles.bundle")
+        source, tables = folder / "p.db", tables and (set(tables) - {"tags"} or None)
     real_image, real_open, opened = bundle.sql_image, bundle.PeerBuilder.open, []
 
     def open_peer(conn, *args):
@@ -329,19 +338,19 @@ def test_a_bundle_built_on_two_connections_is_the_one_one_connection_makes(
             mock.patch.object(bundle, "SMALL_RUN", 4), mock.patch.object(bundle, "sql_image", image), \
             mock.patch.object(bundle.PeerBuilder, "open", open_peer):
         a.execute("BEGIN")  # inside the caller's transaction: one connection, row by row
-        one = export_bundle(a, folder / "one.bundle", since=since, tables=tables, repair=False)
+        one = export_bundle(a, folder / "one.bundle", since=since, tables=tables, repair=False, unknown_tables=True)
         a.execute("ROLLBACK")
-        export_bundle(a, folder / "locked.bundle", since=since, tables=tables)
-        hub = sqlite3.connect(f"{(folder / 'a.db').as_uri()}?mode=ro", uri=True, isolation_level=None)
+        export_bundle(a, folder / "locked.bundle", since=since, tables=tables, unknown_tables=True)
+        hub = sqlite3.connect(f"{source.as_uri()}?mode=ro", uri=True, isolation_level=None)
         hub.row_factory = sqlite3.Row
-        export_bundle(hub, folder / "hub.bundle", since=since, tables=tables, repair=False)
+        export_bundle(hub, folder / "hub.bundle", since=since, tables=tables, repair=False, unknown_tables=True)
         hub.close()
     made = chunks(folder / "one.bundle")
     if one.operations > 20:  # the locked export's and the hub's second connections both read
         assert len(opened) == 2 and None not in opened
     assert chunks(folder / "locked.bundle") == made
     assert chunks(folder / "hub.bundle") == made
-    if since is None and tables is None:
+    if since is None and tables is None and not partial:
         c = make_db(folder / "c.db", SCHEMA, TABLES)
         import_bundle(c, str(folder / "hub.bundle"))
         for table in TABLES:
