@@ -746,31 +746,38 @@ class ExportEndpoint(Endpoint):
         tables, visible = await pull_scope(datasette, request.actor, db, requested)
         if wait > 0:
             await wait_for_news(datasette, request, db, since, device, wait)
-            response, result = await shared_export(request, db, live.feed(datasette, db.name), since, tables)
+            made = await shared_export(request, db, live.feed(datasette, db.name), since, tables)
         else:
-            response, result = await own_export(request, db, since, tables)
-        for attempt in range(1, SCOPE_TRIES + 1):
-            # pull_scope read the log before the export's snapshot: a table first logged between
-            # them is in a bundle of every table, though the actor may not be allowed to view it.
-            if tables is not None or visible.issuperset(result.tables):
-                return response
-            await response.discard()
-            if attempt == SCOPE_TRIES:
-                break
-            tables, visible = await pull_scope(datasette, request.actor, db, requested)
-            response, result = await own_export(request, db, since, tables)
-        raise EndpointError(
-            f"Database {db.name} is busy: new tables kept appearing in its log while the pull was exported. "
-            "Retry in a few seconds",
-            errors.BUSY,
-            {protocol.RETRY_AFTER_HEADER: str(protocol.BUSY_RETRY_SECONDS)},
-        )
+            made = await own_export(request, db, since, tables)
+        return await within_scope(request, datasette, db, since, requested, (tables, visible), made)
 
     head = get
 
 
 SCOPE_TRIES = 3
 """Exports a pull may make while new tables keep appearing in the log before it answers 503."""
+
+
+async def within_scope(request, datasette, db, since: dict, requested: list[str], scope: tuple, made: tuple):
+    """The pull's answer, ``made`` (response, result) for ``scope`` (``pull_scope``'s), once it
+    tells of no table the actor was not found allowed to view: pull_scope read the log before
+    the export's snapshot, and a table first logged in between is in a bundle of every table.
+    Such an answer is dropped, and the scope decided and the bundle made again."""
+    (tables, visible), (response, result) = scope, made
+    for attempt in range(1, SCOPE_TRIES + 1):
+        if tables is not None or visible.issuperset(result.tables):
+            return response
+        await response.discard()
+        if attempt == SCOPE_TRIES:
+            break
+        tables, visible = await pull_scope(datasette, request.actor, db, requested)
+        response, result = await own_export(request, db, since, tables)
+    raise EndpointError(
+        f"Database {db.name} is busy: new tables kept appearing in its log while the pull was exported. "
+        "Retry in a few seconds",
+        errors.BUSY,
+        {protocol.RETRY_AFTER_HEADER: str(protocol.BUSY_RETRY_SECONDS)},
+    )
 
 
 async def own_export(request, db, since: dict, tables: set[str] | None) -> tuple[BundleDownload, ExportResult]:
@@ -908,9 +915,9 @@ async def pull_scope(datasette, actor, db, requested: list[str]) -> tuple[set[st
     the tables the actor was found allowed to view.
 
     Without ``table=`` parameters: every table in the log the actor may view, None when that
-    is all of them. With them: exactly those tables, each of which the actor must be allowed
-    to view (a table not in the log yet is fine: its operations may come later). Operations
-    of every other table are withheld, so their values never leave the hub.
+    is all of them, a 403 when it is none. With them: exactly those tables, each of which the
+    actor must be allowed to view (a table not in the log yet is fine: its operations may come
+    later). Operations of every other table are withheld, so their values never leave the hub.
     """
     if requested:
         access = await table_access(datasette, actor, db.name, requested)

@@ -765,8 +765,8 @@ def write_sql_runs(
 
     Each run is first tried as CHUNK_OPS operations of the table its first one is of, under
     the scratch schema's page limit (CHUNK_BYTES). Where another table's operation
-    comes first, or the values pass the limit, the run's end is worked out exactly, as
-    :func:`runs` does. Runs of fewer than SMALL_RUN operations (a delta) are made row by row.
+    comes first, the values pass the limit, or holes in the op ids keep the image short of a
+    run that goes on, the run's end is worked out exactly, as :func:`runs` does. Runs of fewer than SMALL_RUN operations (a delta) are made row by row.
     """
     lo, hi = ops
     count = 0
@@ -776,8 +776,9 @@ def write_sql_runs(
             return count
         op, tid = first
         key, columns = run_columns(writer, tid)
-        # Seqs are consecutive: the run lies in the next CHUNK_OPS op ids, and the search for
-        # its table's operations stops there (however long another table's stretch after it).
+        # Seqs are consecutive but for compaction's holes: the run is first looked for in the
+        # next CHUNK_OPS op ids (however long another table's stretch after it), and an image
+        # that holes kept short is dropped below if the run goes on after them.
         end = min(hi, op + CHUNK_OPS - 1)
         # Fewer op ids than SMALL_RUN left (a delta): the run is made row by row, no image tried.
         made = None

@@ -32,11 +32,12 @@ def load_scope(conn: sqlite3.Connection) -> set[str] | None:
 def store_scope(conn: sqlite3.Connection, names: Iterable[str] | None) -> None:
     """Replace the scope (None: a full copy). Call inside a transaction, after the checks of
     :func:`check_scope_change`."""
-    if names is not None and not set(names):
+    names = None if names is None else set(names)
+    if names is not None and not names:
         # No rows already mean a full copy: a copy of no table would read back as one of all.
         raise SyncError(INVALID_ARGUMENT, "A partial copy holds at least one table: none was named")
     conn.execute("DELETE FROM _sync_scope")
-    conn.executemany("INSERT INTO _sync_scope (name) VALUES (?)", [[n] for n in sorted(set(names or ()))])
+    conn.executemany("INSERT INTO _sync_scope (name) VALUES (?)", [[n] for n in sorted(names or ())])
 
 
 def check_scope_change(conn: sqlite3.Connection, new: set[str] | None) -> None:

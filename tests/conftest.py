@@ -435,6 +435,16 @@ class BundleCraft:
         conn.execute("UPDATE bundle_header SET data = ?", [msgpack.packb(header)])
 
 
+def chunks(path) -> list[bytes]:
+    """A bundle's chunk images as stored (compressed), in order: two bundles with equal chunks
+    carry the same operations cut the same way, whatever their headers say."""
+    conn = sqlite3.connect(path)
+    try:
+        return [data for (data,) in conn.execute("SELECT data FROM bundle_chunks ORDER BY id")]
+    finally:
+        conn.close()
+
+
 def readable_bytes(path) -> bytes:
     """A bundle file's bytes, then its chunk images decompressed: what a search for a value
     that must not travel looks through."""

@@ -18,6 +18,8 @@ import zstandard
 
 from sqlite_utils_sync import BundleError, codec, enable_sync, export_bundle, import_bundle
 
+from conftest import chunks
+
 OLD_BUNDLE = pathlib.Path(__file__).parent / "bundles" / "format2-uncompressed.bundle"
 
 
@@ -35,14 +37,6 @@ def cli_refusal(run, file_bytes):
         return result.stderr.strip()
 
     return cli_refusal
-
-
-def chunks(path) -> list[bytes]:
-    bundle = sqlite3.connect(path)
-    try:
-        return [data for (data,) in bundle.execute("SELECT data FROM bundle_chunks ORDER BY id")]
-    finally:
-        bundle.close()
 
 
 def bundle_format(path) -> str:

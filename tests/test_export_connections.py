@@ -17,10 +17,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from sqlite_utils_sync import api, bundle, compact_log, enable_sync, export_bundle, import_bundle, sync_status
 
-from test_compressed_bundles import chunks
+from conftest import chunks
 
 
-def test_a_large_export_builds_every_other_chunk_on_a_second_connection_with_the_same_result(
+def test_a_large_export_builds_chunks_on_a_second_connection_with_the_same_result(
     tmp_path, make_db, rows, monkeypatch
 ):
     # An export that holds the write lock and wrote nothing builds chunks on a second
@@ -61,6 +61,24 @@ def test_a_large_export_builds_every_other_chunk_on_a_second_connection_with_the
     assert rows(c) == rows(a) and rows(c, "notes") == rows(a, "notes")
 
 
+def second_connection_behind(monkeypatch, exporting: sqlite3.Connection) -> list[int]:
+    """Make the second connection build nothing until ``exporting`` has built its own first
+    chunk and one ahead; returns the first op of each image ``exporting`` builds, in order."""
+    built_ahead, by_exporter, real_sql_image = threading.Event(), [], bundle.sql_image
+
+    def sql_image(conn, columns, run, clock_fixes):
+        if conn is exporting:
+            by_exporter.append(run[0])
+            if len(by_exporter) >= 2:
+                built_ahead.set()
+        else:
+            assert built_ahead.wait(60)
+        return real_sql_image(conn, columns, run, clock_fixes)
+
+    monkeypatch.setattr(bundle, "sql_image", sql_image)
+    return by_exporter
+
+
 def test_while_the_second_connection_is_behind_the_exporting_one_builds_ahead_with_the_same_result(
     tmp_path, make_db, rows, monkeypatch
 ):
@@ -72,19 +90,8 @@ def test_while_the_second_connection_is_behind_the_exporting_one_builds_ahead_wi
     a.executemany("INSERT INTO todos VALUES (?, ?, 0, ?)", [(i, f"todo {i}", i / 4) for i in range(1, 40_001)])
     a.execute("COMMIT")
     export_bundle(a, tmp_path / "settles.bundle")
-    built_ahead = threading.Event()
-    by_exporter, real_sql_image = [], bundle.sql_image
-
-    def sql_image(conn, columns, run, clock_fixes):
-        if conn is a:
-            by_exporter.append(run[0])
-            if len(by_exporter) >= 2:
-                built_ahead.set()
-        else:
-            assert built_ahead.wait(60)
-        return real_sql_image(conn, columns, run, clock_fixes)
-
-    monkeypatch.setattr(bundle, "sql_image", sql_image)
+    real_sql_image = bundle.sql_image
+    by_exporter = second_connection_behind(monkeypatch, a)
     exported = export_bundle(a, tmp_path / "two.bundle")
     monkeypatch.setattr(bundle, "sql_image", real_sql_image)
     first = min(by_exporter)
@@ -248,18 +255,13 @@ def test_a_guess_among_another_tables_operations_is_dropped_not_an_error(tmp_pat
     a.execute("BEGIN")  # inside the caller's transaction: one connection
     export_bundle(a, tmp_path / "one.bundle", repair=False)
     a.execute("ROLLBACK")
-    real_image = bundle.sql_image
-
-    def slow_second_connection(conn, *args):
-        if threading.current_thread() is not threading.main_thread():
-            threading.Event().wait(0.05)
-        return real_image(conn, *args)
-
-    monkeypatch.setattr(bundle, "sql_image", slow_second_connection)
     hub = sqlite3.connect(f"{(tmp_path / 'a.db').as_uri()}?mode=ro", uri=True, isolation_level=None)
     hub.row_factory = sqlite3.Row
+    by_exporter = second_connection_behind(monkeypatch, hub)  # the one ahead lies among the notes
     assert export_bundle(hub, tmp_path / "two.bundle", repair=False).operations == 27_000
     hub.close()
+    first = min(by_exporter)
+    assert first + 6_000 < by_exporter[1] < first + 26_000  # a guess in the notes' stretch
     assert chunks(tmp_path / "two.bundle") == chunks(tmp_path / "one.bundle")
     assert import_bundle(b, str(tmp_path / "two.bundle")).applied == 27_000
     assert rows(b, "notes") == rows(a, "notes") and rows(b) == rows(a)

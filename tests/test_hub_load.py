@@ -103,7 +103,7 @@ def test_a_large_pull_from_a_real_hub_while_rows_are_written_there_is_one_snapsh
     """A pull of more than 5,000 operations is built on two read connections, and writers are
     held off, without failing, until both read: rows written on the hub meanwhile are in a new
     device's copy in the order they were written, with no hole, and it ends level with the hub.
-    (That both connections read one snapshot is pinned in test_compressed_bundles.py.)"""
+    (That both connections read one snapshot is pinned in test_export_connections.py.)"""
     hub = make_db(tmp_path / "hub.db")
     hub.execute("PRAGMA journal_mode = wal")  # a writer commits beside a reader's snapshot
     hub.execute("BEGIN")

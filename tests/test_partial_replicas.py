@@ -60,7 +60,7 @@ def table_rows(path, table="todos"):
         conn.close()
 
 
-def chunks(path) -> list[tuple]:
+def chunk_rows(path) -> list[tuple]:
     conn = sqlite3.connect(path)
     try:
         return conn.execute("SELECT device, tbl, data FROM bundle_chunks ORDER BY id").fetchall()
@@ -378,7 +378,7 @@ def test_a_bundle_of_some_tables_holds_the_same_whatever_the_interleaving(tmp_pa
         conn.execute("BEGIN")
         export_bundle(conn, folder / f"{name}-in-transaction.bundle", tables=["todos"])
         conn.execute("ROLLBACK")
-        made = [chunks(folder / f"{name}{kind}.bundle") for kind in ("", "-window", "-in-transaction")]
+        made = [chunk_rows(folder / f"{name}{kind}.bundle") for kind in ("", "-window", "-in-transaction")]
         assert made[0] == made[1] == made[2]
         return folder / f"{name}.bundle"
 
@@ -428,7 +428,7 @@ def test_a_bundle_of_a_table_nobody_wrote_yet_carries_ticks_and_no_value(tmp_pat
     assert SECRET.encode() not in file_bytes(path) and b"from the laptop" not in file_bytes(path)
     assert header(path)["withheld"] == 2 and exported.operations == 1  # the tick
     # The laptop's todo withheld; the office's tick, then its salary withheld.
-    assert [table for _, table, _ in chunks(path)] == [WITHHELD_CHUNK, -1, WITHHELD_CHUNK]
+    assert [table for _, table, _ in chunk_rows(path)] == [WITHHELD_CHUNK, -1, WITHHELD_CHUNK]
 
 
 def test_compaction_holes_do_not_cut_a_bundle_of_some_tables_into_small_chunks(tmp_path, make_db, sync):
@@ -447,7 +447,7 @@ def test_compaction_holes_do_not_cut_a_bundle_of_some_tables_into_small_chunks(t
     assert compact_log(office).removed == 6000  # every first update: a hole between each pair
     office.execute("INSERT INTO salaries VALUES (1, ?, 1000)", [SECRET])
     export_bundle(office, tmp_path / "todos.bundle", tables=["todos"])
-    assert len(chunks(tmp_path / "todos.bundle")) <= 6  # 12,000 ops, 5,000 a chunk, ticks, withheld
+    assert len(chunk_rows(tmp_path / "todos.bundle")) <= 6  # 12,000 ops, 5,000 a chunk, ticks, withheld
     phone = sqlite3.connect(new_db(tmp_path / "phone.db"), isolation_level=None)
     assert import_bundle(phone, str(tmp_path / "todos.bundle"), alter=True, adopt_scope=True).withheld == 1
     assert table_rows(tmp_path / "phone.db") == table_rows(tmp_path / "office.db")

@@ -32,6 +32,7 @@ from sqlite_utils_sync import codec, enable_sync, export_bundle, import_bundle, 
 from sqlite_utils_sync.client import sync_with_hub
 
 from conftest import SECRET
+from test_live_hub import waiting_devices, wait_until
 
 WRITES = {action: {"id": ["alice", "bob"]} for action in ("insert-row", "update-row", "delete-row")}
 CONFIG = {
@@ -209,23 +210,42 @@ def test_a_pull_carries_only_the_tables_the_actor_may_view(hub, tokens):
     assert "You may not push changes to any table here" in hub.get("/hub/-/sync").text
 
 
-def test_a_pull_waiting_when_a_table_it_may_not_view_is_first_pushed_never_carries_it(tmp_path, datasette_server):
-    # The hub logs tasks and catalogue only, so bob may view every table it logs: his pull's
-    # scope is "everything". While it waits, alice pushes the hub's first salaries rows. The
-    # bundle that wakes him must withhold them (it carried them: the scope was decided before).
+def hub_before_salaries(tmp_path) -> tuple[pathlib.Path, sqlite3.Connection]:
+    """A hub that logs tasks (one row) and catalogue, never salaries, and alice's copy of all
+    three, empty: a table first logged on the hub after a permission check comes from her."""
     hub_path = tmp_path / "hub.db"
     conn = sqlite3.connect(hub_path, isolation_level=None)
     for name in ("tasks", "catalogue"):
         conn.execute(SCHEMA[name])
     enable_sync(conn, ["tasks", "catalogue"])
     conn.execute("INSERT INTO tasks VALUES (1, 'order chairs', 0)")
-    since = json.dumps(sync_status(conn)["clock"])
     conn.close()
-    alice_path = tmp_path / "alice.db"
-    alice = sqlite3.connect(alice_path, isolation_level=None)
+    alice = sqlite3.connect(tmp_path / "alice.db", isolation_level=None)
     for sql in SCHEMA.values():
         alice.execute(sql)
     enable_sync(alice, list(SCHEMA))
+    return hub_path, alice
+
+
+def hub_clock(hub_path) -> dict:
+    return sync_status(sqlite3.connect(f"file:{hub_path}?mode=ro", uri=True))["clock"]
+
+
+def land(hub_path, bundle) -> None:
+    """Import ``bundle`` into the hub file from a connection of its own (as a push would)."""
+    hub = sqlite3.connect(hub_path, isolation_level=None)
+    try:
+        import_bundle(hub, str(bundle), alter=True)
+    finally:
+        hub.close()
+
+
+def test_a_pull_waiting_when_a_table_it_may_not_view_is_first_pushed_never_carries_it(tmp_path, datasette_server):
+    # The hub logs tasks and catalogue only, so bob may view every table it logs: his pull's
+    # scope is "everything". While it waits, alice pushes the hub's first salaries rows. The
+    # bundle that wakes him must withhold them (it carried them: the scope was decided before).
+    hub_path, alice = hub_before_salaries(tmp_path)
+    since = json.dumps(hub_clock(hub_path))
     alice.execute("INSERT INTO salaries VALUES (1, 'SECRET-PAYEE-ann', 'SECRET-AMOUNT-5100')")
     export_bundle(alice, tmp_path / "push.bundle")
     hub = datasette_server([hub_path], CONFIG)
@@ -234,10 +254,8 @@ def test_a_pull_waiting_when_a_table_it_may_not_view_is_first_pushed_never_carri
     params = {"since": since, "wait": "60", "device": device}
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pull = pool.submit(hub.get, "/hub/-/sync/export", params=params, headers=auth(tokens["bob"]))
-        deadline = time.monotonic() + 60
-        while not any(w["device_id"] == device and w["waiting"] for w in hub.get("/hub/-/sync.json", headers=auth(tokens["bob"])).json()["watching"]):
-            assert time.monotonic() < deadline and not pull.done(), "bob's pull never waited"
-            time.sleep(0.05)
+        wait_until(lambda: pull.done() or device in waiting_devices(hub), "bob's pull to wait")
+        assert not pull.done(), pull.result().text
         pushed = hub.post("/hub/-/sync/import", content=(tmp_path / "push.bundle").read_bytes(), headers=auth(tokens["alice"]))
         assert pushed.status_code == 200, pushed.text
         bob = pull.result()
@@ -256,26 +274,14 @@ def test_a_pull_waiting_when_a_table_it_may_not_view_is_first_pushed_never_carri
 async def test_a_table_first_logged_after_the_pages_permission_check_stays_off_them(tmp_path, monkeypatch, path):
     # The pages check which logged tables the actor may view, then read the log: alice's first
     # salaries rows land in between. The page must not show them to bob (it showed every value).
-    hub_path = tmp_path / "hub.db"
-    conn = sqlite3.connect(hub_path, isolation_level=None)
-    for name in ("tasks", "catalogue"):
-        conn.execute(SCHEMA[name])
-    enable_sync(conn, ["tasks", "catalogue"])
-    conn.execute("INSERT INTO tasks VALUES (1, 'order chairs', 0)")
-    conn.close()
-    alice = sqlite3.connect(tmp_path / "alice.db", isolation_level=None)
-    for sql in SCHEMA.values():
-        alice.execute(sql)
-    enable_sync(alice, list(SCHEMA))
+    hub_path, alice = hub_before_salaries(tmp_path)
     alice.execute("INSERT INTO salaries VALUES (1, 'SECRET-PAYEE-ann', 'SECRET-AMOUNT-5100')")
     export_bundle(alice, tmp_path / "push.bundle")
     real_check = views.viewable_tables
 
     async def then_salaries_arrive(datasette, request, db):
         visible = await real_check(datasette, request, db)
-        hub = sqlite3.connect(hub_path, isolation_level=None)
-        import_bundle(hub, str(tmp_path / "push.bundle"), alter=True)
-        hub.close()
+        land(hub_path, tmp_path / "push.bundle")
         return visible
 
     monkeypatch.setattr(views, "viewable_tables", then_salaries_arrive)
@@ -293,25 +299,15 @@ async def test_a_pull_never_anchors_on_an_operation_of_a_table_first_logged_afte
     # A bundle's anchors fingerprint the last op the receiver says it has from each device. bob
     # names alice's salaries op (her clock is no secret) while it lands after his pull's
     # permission check: the bundle of every table had its digest in the header.
-    hub_path = tmp_path / "hub.db"
-    conn = sqlite3.connect(hub_path, isolation_level=None)
-    for name in ("tasks", "catalogue"):
-        conn.execute(SCHEMA[name])
-    enable_sync(conn, ["tasks", "catalogue"])
-    conn.execute("INSERT INTO tasks VALUES (1, 'order chairs', 0)")
-    alice = sqlite3.connect(tmp_path / "alice.db", isolation_level=None)
-    for sql in SCHEMA.values():
-        alice.execute(sql)
-    enable_sync(alice, list(SCHEMA))
+    hub_path, alice = hub_before_salaries(tmp_path)
     alice.execute("INSERT INTO tasks VALUES (2, 'pay invoices', 0)")
     export_bundle(alice, tmp_path / "first.bundle")
-    import_bundle(conn, str(tmp_path / "first.bundle"))
-    hub_clock = sync_status(conn)["clock"]
-    conn.close()
+    land(hub_path, tmp_path / "first.bundle")
+    before = hub_clock(hub_path)
     alice.execute("INSERT INTO salaries VALUES (1, 'SECRET-PAYEE-ann', 'SECRET-AMOUNT-5100')")
     alice_id, salary_seq = sync_status(alice)["device_id"], sync_status(alice)["clock"][sync_status(alice)["device_id"]]
     alice.execute("UPDATE tasks SET done = 1 WHERE id = 2")
-    export_bundle(alice, tmp_path / "second.bundle", since=hub_clock)
+    export_bundle(alice, tmp_path / "second.bundle", since=before)
     real_scope = views.pull_scope
 
     landed = []
@@ -320,15 +316,13 @@ async def test_a_pull_never_anchors_on_an_operation_of_a_table_first_logged_afte
         scope = await real_scope(*args)
         if not landed:
             landed.append(True)
-            hub = sqlite3.connect(hub_path, isolation_level=None)
-            import_bundle(hub, str(tmp_path / "second.bundle"), alter=True)
-            hub.close()
+            land(hub_path, tmp_path / "second.bundle")
         return scope
 
     monkeypatch.setattr(views, "pull_scope", then_salaries_arrive)
     ds = Datasette([str(hub_path)], config=CONFIG, secret=SECRET)
     await ds.invoke_startup()
-    since = json.dumps({**hub_clock, alice_id: salary_seq})
+    since = json.dumps({**before, alice_id: salary_seq})
     response = await ds.client.get(
         "/hub/-/sync/export", params={"since": since}, cookies={"ds_actor": ds.client.actor_cookie({"id": "bob"})}
     )
