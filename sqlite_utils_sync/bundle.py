@@ -186,28 +186,7 @@ def write_bundle(
                     count = write_operations(conn, since, devices, tops, writer, fixes)
                 else:
                     count = write_filtered(conn, since, devices, tops, writer, fixes, plan)
-                current = clock(conn)
-                header = device_records(conn) | {
-                    "anchors": anchors_for(conn, since, devices, None if plan is None else plan.wanted_tids),
-                    "source": local_device_id(conn),
-                    "created": now_iso(),
-                    "clock": current,
-                    "since": since,
-                    "horizon": horizon(conn),
-                    "devices": writer.devices,
-                    "tables": writer.tables,
-                    "dropped": writer.dropped,
-                    "column_types": writer.types,
-                    "without_rowid": writer.without_rowid,
-                    "operations": count,
-                }
-                if codec is not None:
-                    header["codec"] = codec
-                if plan is not None:
-                    # A cut device is sent only below its cut: the clock claims no more.
-                    current = header["clock"] = plan.cut_clock(current, devices)
-                    header["scope"] = None if plan.wanted is None else sorted(plan.wanted)
-                    header["withheld"] = writer.withheld
+                header = make_header(conn, writer, since, devices, plan, count)
                 sha = writer.finish(header)
             finally:
                 writer.close()  # before the rename: the file must be complete
@@ -217,7 +196,41 @@ def write_bundle(
             if os.path.exists(temp):
                 os.remove(temp)
         told = {name for name, _, _ in writer.tables} | anchored_tables(conn, header["anchors"], devices)
-        return ExportResult(sha[:32], local_device_id(conn), count, target.stat().st_size, current, sorted(told))
+        size = target.stat().st_size
+        return ExportResult(sha[:32], local_device_id(conn), count, size, header["clock"], sorted(told))
+
+
+def make_header(
+    conn: sqlite3.Connection,
+    writer: BundleWriter,
+    since: dict[str, int],
+    devices: dict[int, str],
+    plan: ExportPlan | None,
+    count: int,
+) -> dict[str, Any]:
+    """The header of a bundle whose ``count`` operations ``writer`` has written."""
+    header = device_records(conn) | {
+        "anchors": anchors_for(conn, since, devices, None if plan is None else plan.wanted_tids),
+        "source": local_device_id(conn),
+        "created": now_iso(),
+        "clock": clock(conn),
+        "since": since,
+        "horizon": horizon(conn),
+        "devices": writer.devices,
+        "tables": writer.tables,
+        "dropped": writer.dropped,
+        "column_types": writer.types,
+        "without_rowid": writer.without_rowid,
+        "operations": count,
+    }
+    if writer.codec is not None:
+        header["codec"] = writer.codec
+    if plan is not None:
+        # A cut device is sent only below its cut: the clock claims no more.
+        header["clock"] = plan.cut_clock(header["clock"], devices)
+        header["scope"] = None if plan.wanted is None else sorted(plan.wanted)
+        header["withheld"] = writer.withheld
+    return header
 
 
 def operations_after(conn: sqlite3.Connection, since: dict[str, int]) -> int:
