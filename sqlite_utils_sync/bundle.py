@@ -779,7 +779,8 @@ def write_sql_runs(
     Each run is first tried as CHUNK_OPS operations of the table its first one is of, under
     the scratch schema's page limit (CHUNK_BYTES). Where another table's operation
     comes first, the values pass the limit, or holes in the op ids keep the image short of a
-    run that goes on, the run's end is worked out exactly, as :func:`runs` does. Runs of fewer than SMALL_RUN operations (a delta) are made row by row.
+    run that goes on, the run's end is worked out exactly, as :func:`runs` does. Runs of fewer
+    than SMALL_RUN operations (a delta) are made row by row.
     """
     lo, hi = ops
     count = 0

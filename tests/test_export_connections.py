@@ -215,12 +215,12 @@ def test_a_hub_export_looks_for_unsettled_clocks_after_letting_writers_in(tmp_pa
     assert rows(b) == rows(a)[:-1]
 
 
-def test_an_export_of_an_immutable_file_takes_no_lock_and_builds_on_two(tmp_path, make_db, monkeypatch):
+def test_an_export_of_an_immutable_file_takes_no_lock_and_builds_on_two(tmp_path, make_db, rows, monkeypatch):
     # Datasette opens a file served with -i as immutable=1: nothing writes it, so no writer is
     # held off, and the second connection is opened the same way. A lock connection would
     # open it for writing: here, where a WAL was left beside it (its writer died), that
     # checkpointed the WAL into the file mid-export and deleted it.
-    a, _ = settled_wal_log(tmp_path, make_db, 12_000)
+    a, b = settled_wal_log(tmp_path, make_db, 12_000)
     a.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     a.execute("PRAGMA wal_autocheckpoint = 0")
     a.execute("INSERT INTO todos VALUES (12001, 'only in the WAL', 0, 0)")
@@ -233,9 +233,16 @@ def test_an_export_of_an_immutable_file_takes_no_lock_and_builds_on_two(tmp_path
     served = sqlite3.connect(f"{(tmp_path / 'served.db').as_uri()}?immutable=1", uri=True, isolation_level=None)
     served.row_factory = sqlite3.Row
     assert export_bundle(served, tmp_path / "served.bundle", repair=False, immutable=True).operations == 12_000
+    served.execute("BEGIN")  # inside the caller's transaction: one connection
+    export_bundle(served, tmp_path / "one.bundle", repair=False, immutable=True)
+    served.execute("ROLLBACK")
     served.close()
     assert len(opened) == 1 and opened[0] is not None
     assert files() == before and "served.db-wal" in before
+    # What the file holds, not its WAL: the second connection read what the first one did.
+    assert chunks(tmp_path / "served.bundle") == chunks(tmp_path / "one.bundle")
+    assert import_bundle(b, str(tmp_path / "served.bundle")).applied == 12_000
+    assert rows(b)[-1][:2] == (12_000, "integer")
 
 
 def test_a_guess_among_another_tables_operations_is_dropped_not_an_error(tmp_path, make_db, rows, monkeypatch):
