@@ -1094,8 +1094,8 @@ def anchors_for(
     for idx, device in devices.items():
         seq = since.get(device, 0)
         if seq and wanted is not None:
-            row = conn.execute("SELECT tid FROM _sync_ops WHERE op = ?", [op_id(idx, seq)]).fetchone()
-            if row and row[0] and row[0] not in wanted:
+            table = op_table(conn, op_id(idx, seq))
+            if table and table[0] not in wanted:
                 continue
         fingerprint = seq and op_fingerprint(conn, op_id(idx, seq))
         if fingerprint:
@@ -1106,14 +1106,15 @@ def anchors_for(
 def anchored_tables(conn: sqlite3.Connection, anchors: dict[str, list], devices: dict[int, str]) -> set[str]:
     """The tables of the operations ``anchors`` fingerprint."""
     index = {device: idx for idx, device in devices.items()}
-    names = set()
-    for device, (seq, _) in anchors.items():
-        row = conn.execute(
-            "SELECT t.name FROM _sync_ops o JOIN _sync_tables t ON t.tid = o.tid WHERE o.op = ?", [op_id(index[device], seq)]
-        ).fetchone()
-        if row:
-            names.add(row[0])
-    return names
+    tables = (op_table(conn, op_id(index[device], seq)) for device, (seq, _) in anchors.items())
+    return {table[1] for table in tables if table}
+
+
+def op_table(conn: sqlite3.Connection, op: int) -> tuple[int, str] | None:
+    """The table id and name of a data operation (``None`` for a tick or an op not held)."""
+    return conn.execute(
+        "SELECT t.tid, t.name FROM _sync_ops o JOIN _sync_tables t ON t.tid = o.tid WHERE o.op = ?", [op]
+    ).fetchone()
 
 
 def op_fingerprint(conn: sqlite3.Connection, op: int) -> str | None:
