@@ -59,16 +59,21 @@ def hlc_time(hlc: int | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(milliseconds // 1000)) + f".{milliseconds % 1000:03d}Z"
 
 
-def devices(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    """Every device this database knows, local first, with the highest seq held from it."""
+def devices(conn: sqlite3.Connection, hidden: frozenset[str] = frozenset()) -> list[dict[str, Any]]:
+    """Every device this database knows, local first, with the highest seq held from it and
+    when it was first and last seen writing (leaving out operations of ``hidden`` tables:
+    their clocks are not for the visitor either)."""
     if not is_enabled(conn):
         return []
     found = []
-    for idx, device_id in conn.execute("SELECT idx, device_id FROM _sync_devices ORDER BY idx DESC"):
+    tids = [t.tid for name, t in load_tables(conn).items() if name in hidden]
+    where = f" AND tid NOT IN ({', '.join('?' * len(tids))})" if tids else ""
+    for idx, device_id in conn.execute("SELECT idx, device_id FROM _sync_devices ORDER BY idx DESC").fetchall():
         seq = max_seq(conn, idx)
-        # The range scan on the primary key is cheap; the sentinel (seq 0) is not an operation.
+        # The range scan on the primary key is cheap (with hidden tables, it reads each op's
+        # table); the sentinel (seq 0) is not an operation.
         first, last = conn.execute(
-            "SELECT min(hlc), max(hlc) FROM _sync_ops WHERE op BETWEEN ? AND ?", device_range(idx)
+            f"SELECT min(hlc), max(hlc) FROM _sync_ops WHERE op BETWEEN ? AND ?{where}", [*device_range(idx), *tids]
         ).fetchone()
         found.append(
             {
@@ -453,8 +458,11 @@ def conflict_table(conn: sqlite3.Connection, conflict_id: str) -> str | None:
     return row[0] if row else None
 
 
-def imports(conn: sqlite3.Connection, after: str | None = None, size: int = 50) -> dict[str, Any]:
-    """A page of the import log, newest first, after the bundle id ``after``."""
+def imports(
+    conn: sqlite3.Connection, after: str | None = None, size: int = 50, hidden: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """A page of the import log, newest first, after the bundle id ``after``. With ``hidden``
+    tables, no conflict count: each import's counts every table's conflicts."""
     logged = has_table(conn, "_sync_imports")
     if after and not (logged and conn.execute("SELECT 1 FROM _sync_imports WHERE bundle_id = ?", [after]).fetchone()):
         raise InvalidArgument(f"Invalid next token: {after!r} is not a bundle id")
@@ -473,6 +481,8 @@ def imports(conn: sqlite3.Connection, after: str | None = None, size: int = 50) 
     )
     names = [d[0] for d in cursor.description]
     rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    for row in rows if hidden else ():
+        row["conflicts"] = None
     return {"imports": rows[:size], "next": rows[size - 1]["bundle_id"] if len(rows) > size else None}
 
 

@@ -545,13 +545,14 @@ def version_cell(version: dict, column: str) -> dict:
 
 async def clocks_page(datasette, request):
     db = await page_database(datasette, request)
+    visible = await viewable_tables(datasette, request, db)
 
-    def read(conn):
+    def read(conn, hidden):
         status, names = sync_status(conn), device_names(conn)
-        devices = [{**device, "name": names.get(device["device_id"])} for device in queries.devices(conn)]
+        devices = [{**device, "name": names.get(device["device_id"])} for device in queries.devices(conn, hidden)]
         return status, devices, queries.peers(conn)
 
-    status, devices, peers = await db.execute_fn(read)
+    status, devices, peers = await db.execute_fn(hiding(visible, read))
     matrix = [
         {
             **peer,
@@ -587,7 +588,10 @@ async def imports_page(datasette, request):
     db = await page_database(datasette, request)
     next_token = request.args.get("next") or None
     size = page_size(request)
-    page = await read_page(db, lambda conn: queries.imports(conn, after=next_token, size=size))
+    visible = await viewable_tables(datasette, request, db)
+    page = await read_page(
+        db, hiding(visible, lambda conn, hidden: queries.imports(conn, after=next_token, size=size, hidden=hidden))
+    )
     # Who pushed which device tells who owns it on this hub: only for those who may export.
     shows_actors = await can(datasette, request.actor, EXPORT, db.name)
     for item in page["imports"]:
@@ -1085,12 +1089,17 @@ async def import_pushed(datasette, actor, db, path: str, options: dict, alter_de
             raise SyncForbidden("Permission denied: alter=1 also needs the alter-table permission")
         # Asked here, on the event loop: the importer's hook runs on the write thread.
         logged = await db.execute_fn(queries.logged_tables)
-        authorize = write_authorizer(await table_access(datasette, actor, db.name, [*logged, *tables]))
+        access = await table_access(datasette, actor, db.name, [*logged, *tables])
+        refuse_unviewable(access, tables)
+        authorize = write_authorizer(access)
+        visible = set(viewable(access))
         stored = cluster.before_commit(datasette, db.name, path, options)  # None unless a cluster hub
         try:
             with sync_write():
                 return await db.execute_write_fn(
-                    lambda conn: import_bundle(conn, path, authorize=authorize, before_commit=stored, **options),
+                    lambda conn: import_bundle(
+                        conn, path, authorize=authorize, visible=visible, before_commit=stored, **options
+                    ),
                     transaction=False,
                 )
         except cluster.Ordered as ordered:
@@ -1110,6 +1119,19 @@ async def import_pushed(datasette, actor, db, path: str, options: dict, alter_de
         raise SyncBadRequest(
             f"Bundle could not be read ({type(ex).__name__}): nothing was imported", errors.INVALID_BUNDLE
         )
+
+
+def refuse_unviewable(access: dict[str, frozenset[str]], tables: list[str]) -> None:
+    """Refuse a push carrying operations of a table the actor may not view, even operations
+    the hub holds already: those would be compared with the hub's copy, and whether they
+    matched would tell the pusher what that table holds."""
+    for table in tables:
+        if VIEW_TABLE not in access[table]:
+            raise SyncForbidden(
+                f"Permission denied: the bundle carries operations of table {table}, which needs view-table on "
+                "it. Nothing was imported",
+                errors.TABLE_FORBIDDEN,
+            )
 
 
 def write_authorizer(access: dict[str, frozenset[str]]):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
 
 from . import errors
-from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, check_image, op_fingerprint, open_image
+from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, check_image, op_fingerprint, op_table, open_image
 from .capture import (
     SyncedTable,
     canonical_name,
@@ -111,6 +111,7 @@ def import_bundle(
     may_relay: bool = True,
     adopt_scope: bool = False,
     authorize: Callable[[dict[str, set[str]]], None] | None = None,
+    visible: set[str] | None = None,
     create_tables: bool = False,
     before_commit: Callable[[ImportResult], None] | None = None,
 ) -> ImportResult:
@@ -131,8 +132,11 @@ def import_bundle(
         refused by a copy holding a table it lacks (see :mod:`scope`)
     :param authorize: called once the new operations are appended and checked, before the
         tables are written, with the actions they need per table: ``{table: {"insert-row",
-        "update-row", "delete-row"}}`` (a resolution needs ``update-row``); operations held
-        here already need none. It raises to refuse the bundle: nothing is then written
+        "update-row", "delete-row"}}`` (a resolution needs ``update-row`` besides what it does
+        to the row); operations held here already need none. It raises to refuse the bundle:
+        nothing is then written
+    :param visible: the tables the sender may view (a hub's pusher): the bundle's anchors on
+        operations of other tables are not checked, so the answer tells nothing of those
     :param before_commit: called with the result once the import succeeded, before its
         transaction commits (not when it leaves nothing to commit: a bundle held already, or
         this database's own); raising rolls the whole import back. A cluster hub stores the pushed bundle in its replicated log there,
@@ -152,7 +156,7 @@ def import_bundle(
                     conn.execute("PRAGMA defer_foreign_keys = ON")
                     create = alter or create_tables
                     importer = Importer(conn, reader, stage, alter, actor, progress, skew, may_relay, create)
-                    importer.adopt_scope, importer.authorize = adopt_scope, authorize
+                    importer.adopt_scope, importer.authorize, importer.visible = adopt_scope, authorize, visible
                     result = importer.run()
                     if before_commit is not None:
                         before_commit(result)
@@ -233,6 +237,7 @@ class Importer:
         self.may_relay = may_relay
         self.adopt_scope = False
         self.authorize: Callable[[dict[str, set[str]]], None] | None = None
+        self.visible: set[str] | None = None
         # decide_scope: the tables this copy holds (None: all), the bundle's (None: all).
         self.scope: set[str] | None = None
         self.bundle_scope: set[str] | None = None
@@ -373,8 +378,12 @@ class Importer:
             "ON o.op BETWEEN r.lo AND r.hi WHERE o.kind != ?",
             [TICK],
         ).fetchall():
-            action = "update-row" if kind & RESOLUTION else ACTIONS[kind & KIND_MASK]
-            needed.setdefault(self.table_names[tid], set()).add(action)
+            actions = needed.setdefault(self.table_names[tid], set())
+            actions.add(ACTIONS[kind & KIND_MASK])
+            if kind & RESOLUTION:
+                # A resolution is an update of the conflict on top of what it does to the row:
+                # the flag must not turn an insert or a delete into something else.
+                actions.add("update-row")
         return needed
 
     def record_import(self, result: ImportResult) -> None:
@@ -493,13 +502,21 @@ class Importer:
         share a device id, and one side's edits would be silently lost."""
         for device, (seq, fingerprint) in self.reader.header.get("anchors", {}).items():
             idx = device_index(self.conn, device, create=False)
-            if idx is None:
+            if idx is None or not self.may_compare(op_id(idx, seq)):
                 continue
             ours = op_fingerprint(self.conn, op_id(idx, seq))
             if ours and ours != fingerprint:
                 raise self.clash(f"{device}:{seq}")
             if ours and idx == LOCAL:
                 self.verified = max(self.verified, seq)
+
+    def may_compare(self, op: int) -> bool:
+        """Whether what the bundle says of ``op`` may be checked against the copy here: whether
+        match or clash would tell the sender nothing of a table it may not view."""
+        if self.visible is None:
+            return True
+        table = op_table(self.conn, op)
+        return table is None or table[1] in self.visible
 
     def clash(self, label: str) -> BundleError:
         return self.fail(
@@ -842,8 +859,10 @@ class Importer:
 
     def check_overlap(self, source: str, idx: int, tid: int, slots: list[int], pk: list[str], position: int) -> None:
         """Operations we hold already must be the same operations: if one differs, two databases
-        share a device id (a copied file) and counting it as a duplicate would lose an edit."""
-        same = "o.hlc = s.hlc AND o.kind = s.kind"
+        share a device id (a copied file) and counting it as a duplicate would lose an edit.
+        The table is compared first: on a hub, an operation of a table the pusher may not view
+        must never be compared value by value with what the pusher claims (a guessing oracle)."""
+        same = f"o.tid = {tid} AND o.hlc = s.hlc AND o.kind = s.kind"
         if tid:
             key = rowkey_sql(f"s.{v}" for v in pk)
             same += f" AND o.rowkey IS coalesce(s.moved, {key})" + "".join(
@@ -919,18 +938,17 @@ class Importer:
             retired = {d: [max(r[0], self.held_before(d)), *r[1:]] for d, r in retired.items()}
             changes = {d: r for d, r in retired.items() if d not in held or r[0] > held[d][0]}
             for device in changes if not self.may_relay else ():
-                owner = self.owner(device)
-                if owner is not None and owner != self.actor:
+                if not self.owns(device):
                     raise self.fail(
                         errors.DEVICE_OWNED,
-                        f"it retires device {describe_device(conn, device)}, which another actor pushes to this hub "
-                        "(retiring it needs the sync-relay permission)",
+                        f"it retires device {describe_device(conn, device)}, which this actor does not push to this "
+                        "hub (retiring it needs the sync-relay permission)",
                     )
             merge_retired(conn, changes)
         self.check_retired(inserted)
         names = {d: r for d, r in header.get("device_names", {}).items() if r[1] <= self.clock_limit}
         source = header["source"]
-        only = None if self.may_relay else ({source} if self.owner(source) in (None, self.actor) else set())
+        only = None if self.may_relay else ({source} if self.owns(source) else set())
         merge_names(conn, names, only)
 
     def held_before(self, device: str) -> int:
@@ -939,6 +957,13 @@ class Importer:
         if idx is None:
             return 0
         return self.old[idx] if idx in self.old else max_seq(self.conn, idx)
+
+    def owns(self, device: str) -> bool:
+        """On a hub: whether the pushing actor owns ``device`` (see :meth:`check_owners`), so
+        may name or retire it. A device nobody owns (one only relayed, or pushed by the hub's
+        operator or anonymously) is an anonymous push's, never an actor's; the hub's own
+        device is no pusher's."""
+        return device != local_device_id(self.conn) and self.owner(device) == self.actor
 
     def owner(self, device: str) -> str | None:
         row = self.conn.execute("SELECT actor FROM _sync_device_actors WHERE device_id = ?", [device]).fetchone()

@@ -1,0 +1,222 @@
+"""A token holder's crafted pushes, through a real ``datasette serve``: a push does only what
+its actor is granted, and its answer tells nothing of a table the actor may not view.
+
+The hub is the README's team hub (see test_table_permissions): bob may view and write
+``tasks``, view ``catalogue``, and may not view ``salaries``. Bundles are crafted the way a
+hostile peer would: headers and chunk images rewritten, then resealed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import time
+
+import pytest
+
+from sqlite_utils_sync import codec, export_bundle
+from sqlite_utils_sync.bundle import op_fingerprint
+from sqlite_utils_sync.oplog import INSERT, LOCAL, RESOLUTION, op_id
+
+from conftest import BundleCraft
+from test_table_permissions import CONFIG, WRITES, auth, build_hub, clone, copy_device, digest, hub, table_rows, tokens  # noqa: F401
+
+SECRET_ROW = [1, "SECRET-PAYEE-ann", "SECRET-AMOUNT-5100"]  # the hub's salaries row 1
+
+
+def hub_device(path) -> str:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT device_id FROM _sync_devices WHERE idx = ?", [LOCAL]).fetchone()[0]
+    finally:
+        conn.close()
+
+
+def hub_op(path, table: str, rowkey: str) -> tuple[int, int]:
+    """(seq, hlc) of the hub's own operation on one row."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return conn.execute(
+            "SELECT o.op & ?, o.hlc FROM _sync_ops o JOIN _sync_tables t ON t.tid = o.tid WHERE t.name = ? AND o.rowkey = ?",
+            [(1 << 40) - 1, table, rowkey],
+        ).fetchone()
+    finally:
+        conn.close()
+
+
+def crafted(template, path, header: dict, ops: list[tuple]) -> bytes:
+    """A bundle made from ``template`` with ``header``'s keys replaced and one chunk holding
+    ``ops`` (seq, hlc, kind, mask, moved, values...) of the header's first device and table."""
+    shutil.copyfile(template, path)
+    conn = sqlite3.connect(path)
+    BundleCraft.edit_header(conn, lambda h: (h.update(header), h.pop("device_names", None), h.pop("retired", None)))
+    conn.execute("DELETE FROM bundle_chunks")
+    image = sqlite3.connect(":memory:")
+    width = len(ops[0]) - 5
+    image.execute(f"CREATE TABLE ops (seq INTEGER PRIMARY KEY, hlc, kind, mask, moved{''.join(f', v{i}' for i in range(width))})")
+    image.executemany(f"INSERT INTO ops VALUES ({', '.join('?' * (5 + width))})", ops)
+    image.commit()
+    conn.execute("INSERT INTO bundle_chunks VALUES (1, 0, 0, ?)", [codec.pack(image.serialize(), codec.ZSTD)])
+    image.close()
+    BundleCraft.reseal(conn)
+    conn.commit()
+    conn.close()
+    return path.read_bytes()
+
+
+def test_a_push_repeating_an_operation_of_a_hidden_table_answers_the_same_whatever_it_guesses(hub, tokens, tmp_path, run):
+    bob = clone(run, hub, tokens["bob"], tmp_path / "bob.db")
+    template = tmp_path / "template.bundle"
+    export_bundle(sqlite3.connect(bob), str(template))
+    device = hub_device(hub.path)
+    seq, hlc = hub_op(hub.path, "salaries", "1")
+    before = digest(hub.path)
+
+    def probe(table: str, columns: list[str], values: list) -> tuple[int, str]:
+        header = {
+            "devices": [device], "tables": [[table, columns, ["id"]]], "column_types": {table: {c: "" for c in columns}},
+            "anchors": {}, "since": {}, "clock": {device: seq}, "operations": 1, "scope": None, "withheld": 0,
+        }
+        data = crafted(template, tmp_path / "probe.bundle", header, [(seq, hlc, INSERT, 7, None, *values)])
+        response = hub.post("/hub/-/sync/import", content=data, headers=auth(tokens["bob"]))
+        return response.status_code, response.json()["reason"]
+
+    # The hub's salaries operation passed off as one of a table bob may write: the hub's copy
+    # is never compared with it value by value, so a right guess and a wrong one get the same
+    # answer (a right guess was taken as a duplicate, 200).
+    wrong = [1, "SECRET-PAYEE-xyz", "SECRET-AMOUNT-0"]
+    assert probe("tasks", ["id", "title", "done"], SECRET_ROW) == probe("tasks", ["id", "title", "done"], wrong) == (
+        400,
+        "device_id_clash",
+    )
+    # Named as it is: a push may carry no operation of a table the actor may not view, even
+    # one the hub holds already.
+    assert probe("salaries", ["id", "name", "amount"], SECRET_ROW) == probe("salaries", ["id", "name", "amount"], wrong) == (
+        403,
+        "table_forbidden",
+    )
+    assert digest(hub.path) == before
+
+
+def test_a_push_anchored_on_an_operation_of_a_hidden_table_answers_the_same_whatever_it_guesses(hub, tokens, tmp_path, run):
+    bob = clone(run, hub, tokens["bob"], tmp_path / "bob.db")
+    device = hub_device(hub.path)
+    seq, _ = hub_op(hub.path, "salaries", "1")
+    hub_conn = sqlite3.connect(f"file:{hub.path}?mode=ro", uri=True)
+    right = op_fingerprint(hub_conn, op_id(LOCAL, seq))
+    hub_conn.close()
+    conn = sqlite3.connect(bob, isolation_level=None)
+    answers = []
+    for n, fingerprint in enumerate([right, "0" * len(right)]):
+        conn.execute("INSERT INTO tasks VALUES (?, 'from bob', 0)", [10 + n])
+        path = tmp_path / f"anchored-{n}.bundle"
+        export_bundle(conn, str(path), since=hub.get("/hub/-/sync/changes").json()["clock"])
+        BundleCraft.rewrite(path, lambda b: (BundleCraft.edit_header(b, lambda h: h["anchors"].update({device: [seq, fingerprint]})), BundleCraft.reseal(b)))
+        response = hub.post("/hub/-/sync/import", content=path.read_bytes(), headers=auth(tokens["bob"]))
+        answers.append((response.status_code, response.json().get("applied")))
+    conn.close()
+    # A wrong fingerprint of the hub's salaries operation was a device_id_clash (400), a
+    # right one accepted: bob could confirm a guess of the whole operation.
+    assert answers == [(200, 1), (200, 1)]
+    assert table_rows(hub.path, "tasks")[-2:] == [(10, "from bob", 0), (11, "from bob", 0)]
+
+
+RESOLVER_CONFIG = {
+    "databases": {
+        "hub": {
+            "permissions": {"sync-export": {"id": ["alice", "bob"]}, "sync-import": {"id": ["alice", "bob"]}},
+            "tables": {
+                "tasks": {"permissions": {"update-row": {"id": ["alice", "bob"]}, **{a: {"id": "alice"} for a in ("insert-row", "delete-row")}}},
+                "salaries": {"allow": {"id": "alice"}},
+            },
+        }
+    }
+}
+
+
+@pytest.mark.parametrize(
+    "sql, action",
+    [("DELETE FROM tasks WHERE id = 2", "delete-row"), ("INSERT INTO tasks VALUES (7, 'bob may not insert', 0)", "insert-row")],
+)
+def test_a_resolution_needs_what_it_does_to_the_row(tmp_path, datasette_server, run, sql, action):
+    hub = datasette_server([build_hub(tmp_path / "hub.db")], RESOLVER_CONFIG)
+    hub.path = tmp_path / "hub.db"
+    token = hub.token("bob")
+    bob = clone(run, hub, token, tmp_path / "bob.db")
+    conn = sqlite3.connect(bob, isolation_level=None)
+    conn.execute(sql)
+    path = tmp_path / "resolution.bundle"
+    export_bundle(conn, str(path), since=hub.get("/hub/-/sync/changes").json()["clock"])
+    conn.close()
+    # The same operation flagged as a conflict's resolution: it was taken as an update.
+    BundleCraft.rewrite(path, lambda b: (BundleCraft.edit_chunks(b, f"UPDATE ops SET kind = kind | {RESOLUTION} WHERE kind != 3", first_only=False), BundleCraft.reseal(b)))
+    before = digest(hub.path)
+    response = hub.post("/hub/-/sync/import", content=path.read_bytes(), headers=auth(token))
+    assert response.status_code == 403 and response.json()["reason"] == "table_forbidden"
+    assert f"which needs {action} on it" in response.json()["error"]
+    assert digest(hub.path) == before
+    assert table_rows(hub.path, "tasks") == [(1, "order chairs", 0), (2, "pay invoices", 0)]
+
+
+def hub_names(hub) -> dict:
+    conn = sqlite3.connect(f"file:{hub.path}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT device_id, name FROM _sync_device_names").fetchall())
+    finally:
+        conn.close()
+
+
+def test_a_push_names_and_retires_only_devices_its_actor_owns(hub, tokens, tmp_path, run):
+    # carol's device reached the hub through its operator (sqlite-utils import-bundle on the
+    # hub's file): no actor owns it.
+    carol = copy_device(run, hub.path, tmp_path / "carol.db")
+    conn = sqlite3.connect(carol, isolation_level=None)
+    conn.execute("UPDATE catalogue SET price = 45.0 WHERE id = 1")
+    conn.close()
+    run(["sqlite-utils", "export-bundle", carol, tmp_path / "carol.bundle"])
+    run(["sqlite-utils", "import-bundle", hub.path, tmp_path / "carol.bundle"])
+    bob = clone(run, hub, tokens["bob"], tmp_path / "bob.db")
+    carol_id = hub_device(carol)
+
+    # bob retires carol's device: refused whole, and carol syncs on.
+    run(["sqlite-utils", "sync-retire", bob, carol_id])
+    result = run(["sqlite-utils", "sync", bob, hub.url + "/hub", "--token", tokens["bob"]], check=False)
+    assert result.returncode == 1
+    assert "403" in result.stderr and "retiring it needs the sync-relay permission" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+    # bob's bundle says it comes from the hub's own device and names it: the name is not taken.
+    bob2 = clone(run, hub, tokens["bob"], tmp_path / "bob2.db")
+    conn = sqlite3.connect(bob2, isolation_level=None)
+    conn.execute("UPDATE tasks SET done = 1 WHERE id = 1")
+    path = tmp_path / "names.bundle"
+    export_bundle(conn, str(path), since=hub.get("/hub/-/sync/changes").json()["clock"])
+    conn.close()
+    device = hub_device(hub.path)
+    named = {device: ["alice-laptop", time.time_ns() // 1_000_000 << 10], hub_device(bob2): ["bobs-phone", 1 << 10]}
+    BundleCraft.rewrite(path, lambda b: (BundleCraft.edit_header(b, lambda h: h.update(source=device, device_names=named)), BundleCraft.reseal(b)))
+    response = hub.post("/hub/-/sync/import", content=path.read_bytes(), headers=auth(tokens["bob"]))
+    assert response.status_code == 200, response.text
+    assert device not in hub_names(hub)
+    assert table_rows(hub.path, "tasks")[0] == (1, "order chairs", 1)
+
+
+def test_the_pages_count_nothing_of_a_hidden_table(hub, tokens, tmp_path, run):
+    alice = clone(run, hub, tokens["alice"], tmp_path / "alice.db")
+    time.sleep(0.01)  # alice's salaries edit gets a later clock than anything else of her device
+    conn = sqlite3.connect(alice, isolation_level=None)
+    conn.execute("UPDATE salaries SET amount = 'SECRET-AMOUNT-5200' WHERE id = 1")
+    conn.close()
+    run(["sqlite-utils", "sync", alice, hub.url + "/hub", "--token", tokens["alice"]])
+    alice_id = hub_device(alice)
+
+    def clocks(token) -> dict:
+        devices = hub.get("/hub/-/sync/clocks.json", headers=auth(token)).json()["devices"]
+        return {d["device_id"]: d for d in devices}
+
+    # alice's last edit is her salaries update; bob sees her device as last seen before it.
+    assert clocks(tokens["bob"])[alice_id]["last_seen"] < clocks(tokens["alice"])[alice_id]["last_seen"]
+    imports = lambda token: hub.get("/hub/-/sync/imports.json", headers=auth(token)).json()["imports"]  # noqa: E731
+    assert {i["conflicts"] for i in imports(tokens["alice"])} == {0}
+    assert {i["conflicts"] for i in imports(tokens["bob"])} == {None}
+    assert "—" in hub.get("/hub/-/sync/imports", headers=auth(tokens["bob"])).text
