@@ -25,6 +25,7 @@ from .errors import (
     NULL_PRIMARY_KEY,
     PK_CHANGED,
     TOO_MANY_COLUMNS,
+    UNSUPPORTED_KEY,
     VIRTUAL_TABLE,
     SyncError,
 )
@@ -107,6 +108,15 @@ def check_can_sync(conn: sqlite3.Connection, table: str) -> tuple[list[str], lis
             f"Table '{table}' has no explicit PRIMARY KEY: rowid-only tables cannot be synced safely "
             f"(add one, e.g. sqlite-utils transform data.db {table} --pk id)",
         )
+    collated = key_collations(conn, table)
+    if collated:
+        column, collation = collated[0]
+        raise SyncError(
+            UNSUPPORTED_KEY,
+            f"Table '{table}' has primary key column '{column}' with COLLATE {collation}: sync tells rows apart by "
+            "their exact key values, so keys this collation takes as one row here would be two rows on other "
+            "copies. Use a key without a collation",
+        )
     if not is_rowid_alias(conn, table, pk):
         for column in [r[1] for r in info if r[5] and not r[3]]:  # key columns without NOT NULL
             (nulls,) = conn.execute(
@@ -122,6 +132,16 @@ def check_can_sync(conn: sqlite3.Connection, table: str) -> tuple[list[str], lis
     if len(columns) > MAX_COLUMNS:
         raise SyncError(TOO_MANY_COLUMNS, f"Table '{table}' has {len(columns)} columns; at most {MAX_COLUMNS} can be synced")
     return columns, pk
+
+
+def key_collations(conn: sqlite3.Connection, table: str) -> list[tuple[str, str]]:
+    """The primary key columns that compare with a collation other than BINARY, and it."""
+    t = quote_identifier(table)
+    for index in conn.execute(f"PRAGMA index_list({t})").fetchall():
+        if index[3] == "pk":
+            rows = conn.execute(f"PRAGMA index_xinfo({quote_identifier(index[1])})").fetchall()
+            return [(row[2], row[4]) for row in rows if row[5] and row[2] is not None and row[4].upper() != "BINARY"]
+    return []
 
 
 def register_table(

@@ -35,6 +35,17 @@ def test_existing_rows_are_logged_when_sync_is_enabled(tmp_path, make_db, rows, 
             "nk",
             "Table 'nk' has 1 row(s) whose primary key column 'id' is NULL: give them keys first",
         ),
+        # 'alice' and 'ALICE' are one row here, two where keys compare exactly: each copy kept the other's.
+        (
+            "CREATE TABLE people (name TEXT PRIMARY KEY COLLATE NOCASE, v)",
+            "people",
+            "Table 'people' has primary key column 'name' with COLLATE NOCASE: sync tells rows apart by their exact key values",
+        ),
+        (
+            "CREATE TABLE tags (a, b COLLATE RTRIM, PRIMARY KEY (a, b)) WITHOUT ROWID",
+            "tags",
+            "Table 'tags' has primary key column 'b' with COLLATE RTRIM",
+        ),
     ],
 )
 def test_enable_sync_refuses_bad_tables_and_changes_nothing(tmp_path, setup, table, message, file_bytes, make_db, run_cli):
