@@ -21,7 +21,7 @@ from typing import Any, Iterator, NamedTuple
 from .capture import SyncedTable
 from .clocks import knowledge_at
 from .devices import device_ids
-from .oplog import DELETE, RESOLUTION, TICK, UPDATE, kind_of, mask_slots, op_device, op_seq, seq_sql
+from .oplog import DELETE, RESOLUTION, SEQ_MASK, TICK, UPDATE, kind_of, mask_slots, op_device, op_id, op_seq, seq_sql
 
 # -- "latest" ------------------------------------------------------------------------------
 #
@@ -181,6 +181,14 @@ class KnowledgeCache:
         return True
 
 
+def change_of(effect: Effect) -> tuple:
+    """What an effect does, for telling twins: exists, kind, columns written and their values."""
+    if not effect.write:
+        return (effect.write, effect.kind, effect.mask, ())
+    written = tuple(sorted((slot, type(v).__name__, v) for slot, v in effect.values.items() if effect.mask >> slot & 1))
+    return (effect.write, effect.kind, effect.mask, written)
+
+
 def twins_of(effects: list[Effect]) -> dict[int, list[Effect]]:
     """Effects of other devices with the same clock and the same change, by op.
 
@@ -190,11 +198,7 @@ def twins_of(effects: list[Effect]) -> dict[int, list[Effect]]:
     """
     groups: dict[tuple, list[Effect]] = {}
     for effect in effects:
-        if effect.write:
-            change = tuple(sorted((slot, type(v).__name__, v) for slot, v in effect.values.items() if effect.mask >> slot & 1))
-        else:
-            change = ()
-        groups.setdefault((effect.key[0], effect.write, effect.kind, effect.mask, change), []).append(effect)
+        groups.setdefault((effect.key[0], *change_of(effect)), []).append(effect)
     twins: dict[int, list[Effect]] = {}
     for group in groups.values():
         for effect in group:
@@ -202,6 +206,41 @@ def twins_of(effects: list[Effect]) -> dict[int, list[Effect]]:
             if others:
                 twins[effect.op] = others
     return twins
+
+
+def log_twins(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effect: Effect, devices: dict[int, str]) -> list[Effect]:
+    """The twins of ``effect`` anywhere in the log (:func:`twins_of` sees only the effects it
+    is given): other devices' operations on the row with its clock and its change. A device's
+    clocks never fall from one of its operations to the next (the importer refuses a bundle
+    where they do), so each device's operations with that clock are found by binary search."""
+    hlc, found = effect.key[0], []
+    for idx, device in devices.items():
+        if device == effect.key[1]:
+            continue
+        for op in ops_at_clock(conn, idx, hlc):
+            row = conn.execute("SELECT * FROM _sync_ops WHERE op = ? AND tid = ?", [op, table.tid])
+            found += [e for _, key, e in cursor_effects(row, {table.tid: table}, devices, False)
+                      if key == rowkey and change_of(e) == change_of(effect)]
+    return found
+
+
+def ops_at_clock(conn: sqlite3.Connection, idx: int, hlc: int) -> list[int]:
+    """The operations of device ``idx`` with clock ``hlc`` (its clocks never fall)."""
+    after = "SELECT op, hlc FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT ?"
+    left, right, first = op_id(idx, 1), op_id(idx, SEQ_MASK), None
+    while left <= right:
+        mid = (left + right) // 2
+        row = conn.execute(after, [mid, right, 1]).fetchone()
+        if row is None:
+            right = mid - 1
+        elif row[1] >= hlc:
+            first, right = row[0], mid - 1
+        else:
+            left = row[0] + 1
+    if first is None:
+        return []
+    rows = conn.execute(after, [first, op_id(idx, SEQ_MASK), 16]).fetchall()
+    return [op for op, at in rows if at == hlc]
 
 
 def clash_columns(table: SyncedTable, a: Effect, b: Effect) -> list[str] | None:
@@ -228,7 +267,7 @@ def record_clashes(
             if not (a.new or b.new) or not knowledge.concurrent(a, b, twins):
                 continue
             columns = clash_columns(table, a, b)
-            if columns is None:
+            if columns is None or twin_seen(conn, table, rowkey, a, b, twins, knowledge):
                 continue
             first, second = sorted((a.op, b.op))
             conn.execute(
@@ -237,3 +276,15 @@ def record_clashes(
             )
             found = True
     return found
+
+
+def twin_seen(
+    conn: sqlite3.Connection, table: SyncedTable, rowkey: str, a: Effect, b: Effect,
+    twins: dict[int, list[Effect]], knowledge: KnowledgeCache,
+) -> bool:
+    """Whether a twin of ``a`` or ``b`` outside the effects at hand (an old operation the
+    import did not read) was seen by the other's author: then they do not clash, as on a copy
+    that read that twin too. Looked up only for pairs that would clash: conflicts are rare."""
+    devices = device_ids(conn)
+    extra = {e.op: [*twins.get(e.op, []), *log_twins(conn, table, rowkey, e, devices)] for e in (a, b)}
+    return not knowledge.concurrent(a, b, {**twins, **extra})
