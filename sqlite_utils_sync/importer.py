@@ -29,7 +29,9 @@ from . import errors
 from .bundle import WITHHELD_CHUNK, BundleReader, ChunkStage, check_image, op_fingerprint, op_table, open_image
 from .capture import (
     SyncedTable,
+    affinity,
     canonical_name,
+    declared_types,
     is_rowid_alias,
     load_tables,
     muted,
@@ -38,7 +40,7 @@ from .capture import (
 )
 from .conflicts import rebuild_conflicts
 from .declared import add_column, create_table as create_declared
-from .errors import BundleError, SyncError
+from .errors import BundleError, SyncError, shorten
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, HLC_NOW_SQL, HLC_PER_SECOND, MAX_HLC, append_tick, clock, horizon, knowledge_at, max_seq, now_iso, parse_duration, raise_horizon, record_knowledge
 from .devices import (
     describe_device,
@@ -49,7 +51,7 @@ from .devices import (
     merge_retired,
     retired_records,
 )
-from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
+from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_of, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
 from .schema import connection, quote_identifier
 from .scope import add_withheld, load_scope, store_scope, withheld_between, withheld_count, withheld_ranges
 from .merge import Effect, KnowledgeCache, effects_of, latest_key, record_clashes
@@ -135,8 +137,10 @@ def import_bundle(
         "update-row", "delete-row"}}`` (a resolution needs ``update-row`` besides what it does
         to the row); operations held here already need none. It raises to refuse the bundle:
         nothing is then written
-    :param visible: the tables the sender may view (a hub's pusher): the bundle's anchors on
-        operations of other tables are not checked, so the answer tells nothing of those
+    :param visible: the tables the sender may view (a hub's pusher). Operations held here
+        already are compared with the bundle's: a bundle repeating one of another table is
+        refused (:data:`~sqlite_utils_sync.errors.TABLE_FORBIDDEN`), and its anchors on such
+        operations are not checked, so the answer tells nothing of those tables
     :param before_commit: called with the result once the import succeeded, before its
         transaction commits (not when it leaves nothing to commit: a bundle held already, or
         this database's own); raising rolls the whole import back. A cluster hub stores the pushed bundle in its replicated log there,
@@ -208,6 +212,9 @@ NO_TABLE = MappedTable(0, [], True, [])  # the table of knowledge (tick) operati
 
 RowKey = tuple[int, str]  # (tid, row key)
 
+# Key types a column of each affinity may store as another value (see check_key_affinity).
+CONVERTED_KEY_TYPES = {"TEXT": {"integer", "real"}, "INTEGER": {"text"}, "NUMERIC": {"text"}, "REAL": {"text"}}
+
 
 class Importer:
     """One bundle's import. Every piece of its state is declared here, in the order the steps
@@ -246,6 +253,7 @@ class Importer:
         self.applied_tids: dict[int, SyncedTable] = {}  # the tables its operations are applied to
         self.table_names: dict[int, str] = {}
         self.integer_keys: set[int] = set()  # tables keyed by their rowid here
+        self.key_affinities: dict[int, list[str]] = {}  # the other tables': their key columns' affinities here
         # What the mapping changed in the schema, for the result.
         self.created: list[str] = []
         self.added: dict[str, list[str]] = {}
@@ -413,6 +421,9 @@ class Importer:
         if name.lower().startswith(("_sync_", "sqlite_")):  # SQL names ignore case
             raise self.fail(errors.INTERNAL_TABLE, f"operations on internal table '{name}' are never accepted")
         if self.scope is not None and name not in self.scope:
+            held = [table for table in self.scope if table.lower() == name.lower()]
+            if held:
+                raise self.name_case(name, held[0])
             # Outside this partial copy: only the seqs of its operations are kept, never a value.
             self.tables.append(WITHHELD_TABLE)
             return
@@ -422,11 +433,7 @@ class Importer:
         dropped = set(self.reader.header.get("dropped", {}).get(name, []))
         here = canonical_name(conn, name)
         if here != name:
-            raise self.fail(
-                errors.TABLE_NAME_CASE,
-                f"table '{name}' is called '{here}' here; sync matches table names exactly, so rename "
-                "one of them to match (ALTER TABLE ... RENAME TO ...)",
-            )
+            raise self.name_case(name, here)
         if local is None or not local.enabled:
             if not self.create_tables or exists:
                 # Not synced here: store and relay its operations, never apply them.
@@ -449,6 +456,16 @@ class Importer:
         self.table_names[local.tid] = name
         if is_rowid_alias(conn, name, pk):
             self.integer_keys.add(local.tid)
+        else:
+            declared = declared_types(conn, name)
+            self.key_affinities[local.tid] = [affinity(declared.get(c, "")) for c in local.pk]
+
+    def name_case(self, name: str, here: str) -> BundleError:
+        return self.fail(
+            errors.TABLE_NAME_CASE,
+            f"table '{name}' is called '{here}' here; sync matches table names exactly, so rename "
+            "one of them to match (ALTER TABLE ... RENAME TO ...)",
+        )
 
     def create_table(self, name: str, columns: list[str], pk: list[str], dropped: set[str]) -> SyncedTable:
         """``--alter`` (or a new database) and a table this database lacks: create it as the
@@ -509,6 +526,17 @@ class Importer:
                 raise self.clash(f"{device}:{seq}")
             if ours and idx == LOCAL:
                 self.verified = max(self.verified, seq)
+
+    def check_visible(self, tid: int) -> None:
+        """Refuse to compare operations held here with those of a table the sender may not
+        view (see :meth:`check_overlap`): whether they matched would tell it their values."""
+        name = self.table_names.get(tid)
+        if self.visible is not None and tid and name not in self.visible:
+            raise SyncError(
+                errors.TABLE_FORBIDDEN,
+                f"Permission denied: the bundle repeats operations of table {name} held here already, which needs "
+                "view-table on it (they are compared with the copy here). Nothing was imported",
+            )
 
     def may_compare(self, op: int) -> bool:
         """Whether what the bundle says of ``op`` may be checked against the copy here: whether
@@ -618,6 +646,11 @@ class Importer:
         try:
             with open_image(data) as image:
                 bounds = image.execute("SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM ops").fetchone()
+                (falls,) = image.execute(
+                    "SELECT EXISTS (SELECT 1 FROM (SELECT hlc, lag(hlc) OVER (ORDER BY seq) AS p FROM ops) WHERE hlc < p)"
+                ).fetchone()
+                if falls:
+                    raise self.clocks_fall()
                 return bounds, self.chunk_shapes(image, "ops", table.tid, [f"v{i}" for i in table.pk_positions])
         except sqlite3.DatabaseError as ex:
             if errors.is_local_trouble(ex):
@@ -724,6 +757,7 @@ class Importer:
             raise self.fail(errors.INVALID_OPERATION, f"operation sequence numbers must be 1 to {SEQ_MASK}")
         # Holes are checked per device once everything is in (a compacted sender may leave some).
         self.check_clocks(source, position, shapes, low, high)
+        self.check_clock_order(idx, first, last, low, high)
         if idx == LOCAL and last > self.old[LOCAL]:
             raise self.fail(
                 errors.DEVICE_ID_CLASH,
@@ -731,7 +765,9 @@ class Importer:
                 f"wrote (a copied file, or operations pushed under its id); {RECOVER_HINT}",
             )
         if first <= self.old[idx]:
+            self.check_visible(table.tid)
             self.check_overlap(source, idx, table.tid, table.slots, pk, position)
+            self.check_not_withheld(source, idx, first, min(last, self.old[idx]), position)
             if idx == LOCAL:
                 self.verified = max(self.verified, min(last, self.old[idx]))
         if not table.tid:
@@ -751,6 +787,26 @@ class Importer:
         return conn.execute(
             f"SELECT DISTINCT typeof(hlc), kind, mask, moved IS NOT NULL, {key_types} FROM {source}"
         ).fetchall()
+
+    def check_clock_order(self, idx: int, first: int, last: int, low: int, high: int) -> None:
+        """A device's clocks never fall from one of its operations to the next (its triggers
+        write them so): a chunk's, whose own order the worker checked, must fit between the
+        operations of its device held here (or appended from this bundle) before and after it.
+        Copies would otherwise order such operations differently and diverge."""
+        before = self.conn.execute(
+            "SELECT hlc FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op DESC LIMIT 1", [op_id(idx, 1), op_id(idx, first) - 1]
+        ).fetchone()
+        after = self.conn.execute(
+            "SELECT hlc FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT 1", [op_id(idx, last) + 1, op_id(idx, SEQ_MASK)]
+        ).fetchone()
+        if (before and before[0] > low) or (after and after[0] < high):
+            raise self.clocks_fall()
+
+    def clocks_fall(self) -> BundleError:
+        return self.fail(
+            errors.INVALID_OPERATION,
+            "an operation has a clock below the one before it from the same device (a device's clocks never fall)",
+        )
 
     def check_clocks(self, source: str, position: int, shapes: list[tuple], low: int, high: int) -> None:
         if any(shape[0] != "integer" for shape in shapes):
@@ -828,6 +884,7 @@ class Importer:
                 f"table '{self.table_names[tid]}' is keyed by an INTEGER PRIMARY KEY here, "
                 f"but operations carry {wrong} keys",
             )
+        self.check_key_affinity(source, tid, pk, shapes)
         nul_keys = " OR ".join(f"(typeof({v}) = 'text' AND instr({v}, char(0)) > 0)" for v in pk)
         if any("text" in shape[4] for shape in shapes) and self.conn.execute(
             f"SELECT 1 FROM {source} WHERE {nul_keys} LIMIT 1"
@@ -836,6 +893,31 @@ class Importer:
             raise self.fail(
                 errors.UNSUPPORTED_KEY, "a primary key value contains a NUL character, which sync does not support"
             )
+
+    def check_key_affinity(self, source: str, tid: int, pk: list[str], shapes: list[tuple]) -> None:
+        """Refuse keys this table's key columns would store as another value (1 as '1' in a
+        TEXT column, '1' as 1 in an INTEGER one): the row would have another key here than on
+        its sender, so copies would mix up rows and diverge."""
+        for position, (v, kind) in enumerate(zip(pk, self.key_affinities.get(tid, []))):
+            types = {shape[4].split(" ")[position] for shape in shapes} & CONVERTED_KEY_TYPES.get(kind, set())
+            if not types:
+                continue
+            if kind == "TEXT":
+                found = self.conn.execute(f"SELECT {v} FROM {source} WHERE typeof({v}) != 'text' AND typeof({v}) != 'blob' LIMIT 1").fetchone()
+            else:
+                # Whether text converts depends on its value: SQLite decides, in a column of that affinity.
+                self.conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS _sync_key_{kind} (k {kind}, v)")
+                self.conn.execute(f"DELETE FROM temp._sync_key_{kind}")
+                self.conn.execute(f"INSERT INTO temp._sync_key_{kind} SELECT {v}, {v} FROM {source} WHERE typeof({v}) = 'text'")
+                found = self.conn.execute(f"SELECT v FROM temp._sync_key_{kind} WHERE typeof(k) != 'text' LIMIT 1").fetchone()
+            if found:
+                table = self.applied_tids[tid]
+                raise self.fail(
+                    errors.KEY_TYPE,
+                    f"table '{table.name}' has key column {table.pk[position]} of {kind} affinity here, which would "
+                    f"store the key {shorten(found[0])} as another value, so as another row than on its sender: "
+                    "declare the key columns with the same type on every copy",
+                )
 
     def clock_ahead(self, source: str, position: int, high: int) -> BundleError:
         """Refuse a clock that would become the floor of every later clock here: one past the
@@ -865,9 +947,11 @@ class Importer:
         same = f"o.tid = {tid} AND o.hlc = s.hlc AND o.kind = s.kind"
         if tid:
             key = rowkey_sql(f"s.{v}" for v in pk)
+            # IS alone takes 1 for 1.0; the mask is compared on the columns the chunk has.
             same += f" AND o.rowkey IS coalesce(s.moved, {key})" + "".join(
-                f" AND o.c{slot} IS s.v{i}" for i, slot in enumerate(slots)
+                f" AND o.c{slot} IS s.v{i} AND typeof(o.c{slot}) = typeof(s.v{i})" for i, slot in enumerate(slots)
             )
+            same += f" AND o.mask & {mask_of(slots)} IS ({remap_mask_sql(list(enumerate(slots)), 's.mask')})"
         else:
             same += " AND o.rowkey IS s.moved"
         differs = self.conn.execute(
@@ -877,6 +961,20 @@ class Importer:
         ).fetchone()
         if differs:
             raise self.clash(f"{self.reader.header['devices'][position]}:{differs[0]}")
+
+    def check_not_withheld(self, source: str, idx: int, first: int, last: int, position: int) -> None:
+        """An operation this partial copy recorded as withheld is one of a table outside its
+        scope (see :mod:`scope`): one of a table it holds, or a tick, at such a seq shows that
+        a bundle lied about it. Counting it as a duplicate would lose it silently."""
+        for lo, hi in withheld_ranges(self.conn, idx, first - 1, last):
+            row = self.conn.execute(f"SELECT seq FROM {source} WHERE seq BETWEEN ? AND ? LIMIT 1", [lo, hi]).fetchone()
+            if row:
+                raise self.fail(
+                    errors.INVALID_OPERATION,
+                    f"it carries operation {self.reader.header['devices'][position]}:{row[0]}, which this partial copy "
+                    "was told by an earlier bundle is an operation of a table it does not hold: one of them is wrong, "
+                    "and this copy cannot tell which. Make this copy again from a hub or a full copy",
+                )
 
     def check_moves(self, source: str, tid: int, pk: list[str]) -> None:
         """A primary-key move names the key it left: check it, and send both rows per-row."""

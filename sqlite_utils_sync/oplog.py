@@ -137,15 +137,15 @@ def slot_names(slots: dict[str, int], columns: Iterable[str] | None = None) -> d
     return {slot: name for name, slot in sorted(slots.items(), key=lambda item: item[1]) if wanted is None or name in wanted}
 
 
-def remap_mask_sql(moves: list[tuple[int, int]]) -> str:
-    """SQL for ``mask`` with bit ``a`` moved to bit ``b`` for each ``(a, b)``; other bits drop.
+def remap_mask_sql(moves: list[tuple[int, int]], column: str = "mask") -> str:
+    """SQL for ``column`` with bit ``a`` moved to bit ``b`` for each ``(a, b)``; other bits drop.
 
     Slots are numbered per copy, so masks are remapped on their way into a bundle (slot to
     column position) and out of it (position to slot).
     """
     if all(a == b for a, b in moves):
-        return f"mask & {mask_of(b for _, b in moves)}"
-    return " | ".join(f"(((mask >> {a}) & 1) << {b})" for a, b in moves)
+        return f"{column} & {mask_of(b for _, b in moves)}"
+    return " | ".join(f"((({column} >> {a}) & 1) << {b})" for a, b in moves)
 
 
 # Row keys ---------------------------------------------------------------------------------

@@ -434,7 +434,9 @@ def test_a_hub_answers_hostile_bodies_with_4xx_and_stays_up(corpus, tmp_path, da
     writes = ("insert-row", "update-row", "delete-row")
     config = {"databases": {"hub": {"permissions": {action: {"id": "alice"} for action in ("sync-import", *writes)}}}}
     server = datasette_server([hub], config)
-    token = server.token("alice", *[arg for action in ("view-database", "sync-import", *writes) for arg in ("-d", "hub", action)])
+    # A syncing device views its tables: the hub compares a bundle's repeated operations with its own only then.
+    actions = ("view-database", "view-table", "sync-import", *writes)
+    token = server.token("alice", *[arg for action in actions for arg in ("-d", "hub", action)])
     statuses: dict[int, int] = {}
     failures = []
     with httpx.Client(timeout=60) as client:

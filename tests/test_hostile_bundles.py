@@ -432,9 +432,9 @@ HOSTILE = {
         "invalid kind or mask",
     ),
     "hole in a sequence": (
-        sealed("UPDATE ops SET seq = 77 WHERE seq = (SELECT min(seq) + 1 FROM ops)"),
+        sealed("UPDATE ops SET seq = seq + 70 WHERE seq > (SELECT min(seq) FROM ops)"),
         "missing_operations",
-        "it lacks operation 2 of device",
+        "it lacks operations 2-71 of device",
     ),
     "sequence out of range": (
         sealed(f"UPDATE ops SET seq = -5 {FIRST}"),
@@ -450,6 +450,11 @@ HOSTILE = {
         sealed("ALTER TABLE ops ADD COLUMN secret"),
         "invalid_operation",
         "has a chunk that is not a table of operations",
+    ),
+    "clock falling from one operation of a device to its next": (
+        sealed("UPDATE ops SET hlc = hlc - 1000000 WHERE seq = (SELECT max(seq) FROM ops)"),
+        "invalid_operation",
+        "an operation has a clock below the one before it from the same device",
     ),
     "chunk that is not a database": (
         lambda c, craft: (c.execute("UPDATE bundle_chunks SET data = zeroblob(4096) WHERE id = 1"), craft.reseal(c)),
@@ -481,6 +486,39 @@ def test_hostile_or_tampered_bundles_are_refused_and_change_nothing(tmp_path, pa
     # A good bundle still works afterwards.
     export_bundle(a, tmp_path / "good.bundle")
     assert import_bundle(b, tmp_path / "good.bundle").applied == 7
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "UPDATE ops SET v2 = 0.0 WHERE seq = 1",  # done: the integer 0 as a REAL (SQL's IS takes them as equal)
+        "UPDATE ops SET mask = 0 WHERE seq = 1",  # the same values, said to write no column
+        "UPDATE ops SET v1 = 'todo 1' || char(32) WHERE seq = 1",
+    ],
+)
+def test_an_operation_held_here_that_comes_back_changed_is_a_device_id_clash(tmp_path, pair, craft, change, refused_by_library, refused_by_cli):
+    a, b = pair
+    path = tmp_path / "a.bundle"
+    export_bundle(a, path)
+    assert import_bundle(b, path).applied == 7
+    craft.rewrite(path, lambda c: (craft.edit_chunks(c, change), craft.reseal(c)))
+    # Counted as a duplicate, it was silently dropped here while a copy that got it first kept it.
+    assert refused_by_library(b, tmp_path / "b.db", path).reason == "device_id_clash"
+    assert "differs from the copy here" in refused_by_cli(tmp_path / "b.db", path)
+
+
+def test_an_operation_whose_clock_falls_below_one_held_here_is_refused(tmp_path, pair, craft, sync, refused_by_library, refused_by_cli):
+    a, b = pair
+    sync(a, b, tmp_path)
+    a.execute("UPDATE todos SET title = 'later' WHERE id = 1")
+    path = tmp_path / "next.bundle"
+    export_bundle(a, path, since=sync_status(b)["clock"])
+    # Its clock below the operation before it: taken on its own (here) it won, taken in one
+    # bundle with that operation (a new copy) it lost, and copies diverged.
+    craft.rewrite(path, lambda c: (craft.edit_chunks(c, "UPDATE ops SET hlc = hlc - 10000000000", first_only=False), craft.reseal(c)))
+    error = refused_by_library(b, tmp_path / "b.db", path)
+    assert error.reason == "invalid_operation" and "a clock below the one before it from the same device" in str(error)
+    refused_by_cli(tmp_path / "b.db", path)
 
 
 def test_forged_dependency_clock_is_refused(tmp_path, pair, craft, file_bytes, sync):

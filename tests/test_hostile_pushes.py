@@ -220,3 +220,31 @@ def test_the_pages_count_nothing_of_a_hidden_table(hub, tokens, tmp_path, run):
     assert {i["conflicts"] for i in imports(tokens["alice"])} == {0}
     assert {i["conflicts"] for i in imports(tokens["bob"])} == {None}
     assert "—" in hub.get("/hub/-/sync/imports", headers=auth(tokens["bob"])).text
+
+
+DROPBOX_CONFIG = {
+    "databases": {
+        "hub": {
+            "permissions": {"sync-import": {"id": "sensor"}},
+            "tables": {"tasks": {"allow": {"id": "alice"}, "permissions": {"insert-row": {"id": "sensor"}}}},
+        }
+    }
+}
+
+
+def test_a_device_that_may_write_a_table_it_may_not_view_pushes_its_new_rows(tmp_path, datasette_server):
+    hub = datasette_server([build_hub(tmp_path / "hub.db")], DROPBOX_CONFIG)
+    hub.path = tmp_path / "hub.db"
+    token = hub.token("sensor")
+    sensor = sqlite3.connect(tmp_path / "sensor.db", isolation_level=None)
+    sensor.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, title TEXT, done INTEGER)")
+    from sqlite_utils_sync import enable_sync
+
+    enable_sync(sensor, ["tasks"])
+    sensor.execute("INSERT INTO tasks VALUES (50, 'reading', 0)")
+    path = tmp_path / "sensor.bundle"
+    export_bundle(sensor, str(path))
+    for _ in range(2):  # sent again (its answer lost): the same bundle, taken once
+        response = hub.post("/hub/-/sync/import", content=path.read_bytes(), headers=auth(token))
+        assert response.status_code == 200, response.text
+    assert table_rows(hub.path, "tasks")[-1] == (50, "reading", 0)

@@ -451,3 +451,52 @@ def test_compaction_holes_do_not_cut_a_bundle_of_some_tables_into_small_chunks(t
     phone = sqlite3.connect(new_db(tmp_path / "phone.db"), isolation_level=None)
     assert import_bundle(phone, str(tmp_path / "todos.bundle"), alter=True, adopt_scope=True).withheld == 1
     assert table_rows(tmp_path / "phone.db") == table_rows(tmp_path / "office.db")
+
+
+def test_an_operation_a_partial_copy_was_told_is_withheld_is_refused_not_dropped(tmp_path, office, craft, run, file_bytes):
+    phone = new_db(tmp_path / "phone.db")
+    conn = sqlite3.connect(phone, isolation_level=None)
+    first = tmp_path / "first.bundle"
+    export_bundle(office, first, tables=["todos"])
+    import_bundle(conn, first, alter=True, adopt_scope=True)
+    office.execute("INSERT INTO todos VALUES (4, 'task 4')")  # the office's seq 6
+    real = tmp_path / "real.bundle"
+    export_bundle(office, real, tables=["todos"], since=sync_status(conn)["clock"])
+    conn.close()
+    # A forged bundle says seqs 6 to 10 of the office's device are operations of another table.
+    forged = tmp_path / "forged.bundle"
+    forged.write_bytes(real.read_bytes())
+
+    def forge(bundle_conn):
+        bundle_conn.execute("DELETE FROM bundle_chunks")
+        set_ranges(bundle_conn, [(6, 10)])
+        craft.edit_header(bundle_conn, lambda h: h.update(withheld=5, operations=0, clock={h["devices"][0]: 10}))
+        craft.reseal(bundle_conn)
+
+    craft.rewrite(forged, forge)
+    run(["sqlite-utils", "import-bundle", phone, forged])
+    # The office's real seq 6 was then counted as a duplicate, and task 4 never reached the phone.
+    before = file_bytes(phone)
+    result = run(["sqlite-utils", "import-bundle", phone, real], check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: Bundle real.bundle: it carries operation ")
+    assert "which this partial copy was told by an earlier bundle is an operation of a table it does not hold" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and file_bytes(phone) == before
+
+
+def test_a_partial_copy_refuses_its_table_named_in_another_case(tmp_path, make_db, run, file_bytes):
+    sender = make_db(tmp_path / "sender.db", "CREATE TABLE Todos (id INTEGER PRIMARY KEY, title TEXT)", ("Todos",))
+    sender.execute("INSERT INTO Todos VALUES (1, 'from sender')")
+    bundle = tmp_path / "case.bundle"
+    export_bundle(sender, bundle)
+    phone = make_db(tmp_path / "phone.db", "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT)", ("todos",))
+    set_scope(phone, ["todos"])
+    before = file_bytes(tmp_path / "phone.db")
+    # As on a full copy: the partial copy took 'Todos' for a table it does not hold, and withheld its rows.
+    result = run(["sqlite-utils", "import-bundle", tmp_path / "phone.db", bundle], check=False)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: Bundle case.bundle: table 'Todos' is called 'todos' here; sync matches table names exactly, "
+        "so rename one of them to match (ALTER TABLE ... RENAME TO ...)\n"
+    )
+    assert file_bytes(tmp_path / "phone.db") == before

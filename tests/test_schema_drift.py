@@ -267,3 +267,32 @@ def test_alter_adds_missing_columns_and_tables(tmp_path, make_db, run_cli):
     result = run_cli("import-bundle", tmp_path / "fresh.db", tmp_path / "a.bundle", "--alter", "--json")
     assert json.loads(result.output)["applied"] >= 1
     assert fresh.execute("SELECT id, title, due FROM todos").fetchall() == [(1, "x", "2026-12-01")]
+
+
+@pytest.mark.parametrize(
+    "sender_key, receiver_key, key",
+    [("id", "id TEXT", 1), ("id", "id INT", "1"), ("id", "id NUMERIC", "2.5"), ("id TEXT", "id REAL", "1e3")],
+)
+def test_a_key_this_copy_would_store_as_another_value_is_refused(tmp_path, make_db, run, file_bytes, sender_key, receiver_key, key):
+    # SQLite converts a value to its column's affinity: 1 becomes '1' in a TEXT key column, so
+    # the row would have another key here than on its sender, and copies would mix up rows.
+    sender = make_db(tmp_path / "sender.db", f"CREATE TABLE t ({sender_key} PRIMARY KEY, v)", ("t",))
+    sender.execute("INSERT INTO t VALUES (?, 'from sender')", [key])
+    bundle = tmp_path / "key.bundle"
+    export_bundle(sender, bundle)
+    receiver = make_db(tmp_path / "receiver.db", f"CREATE TABLE t ({receiver_key} PRIMARY KEY, v)", ("t",))
+    receiver.execute("INSERT INTO t VALUES ('its own', 'here')")
+    before = file_bytes(tmp_path / "receiver.db")
+    result = run(["sqlite-utils", "import-bundle", tmp_path / "receiver.db", bundle], check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: Bundle key.bundle: table 't' has key column id of ")
+    assert f"affinity here, which would store the key {key!r} as another value" in result.stderr
+    assert file_bytes(tmp_path / "receiver.db") == before
+
+
+def test_keys_every_copy_stores_alike_sync_whatever_the_declared_types(tmp_path, make_db, rows, sync):
+    sender = make_db(tmp_path / "sender.db", "CREATE TABLE t (id PRIMARY KEY, v)", ("t",))
+    sender.executemany("INSERT INTO t VALUES (?, ?)", [(1, "int"), ("a", "text"), (2.5, "real"), (b"k", "blob")])
+    receiver = make_db(tmp_path / "receiver.db", "CREATE TABLE t (id NUMERIC PRIMARY KEY, v)", ("t",))
+    sync(sender, receiver, tmp_path)
+    assert rows(receiver, "t") == rows(sender, "t")
