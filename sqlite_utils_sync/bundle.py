@@ -655,7 +655,8 @@ def stretches(conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | Non
     SQLite returns only the ops that begin a stretch (each op is compared with the one before it
     by rowid), with the end of the stretch before, STRETCH_WINDOW op ids at a time: memory stays
     bounded however the tables interleave, and no statement stays open while the caller builds
-    chunk images.
+    chunk images. After a window with no op the next window starts at the next op, so the
+    queries made follow the ops held, not the ids between ``lo`` and ``hi``.
     """
     # Never NULL (an empty IN list would make it so, and every comparison with it unknown).
     tids = "".join(f" OR {{a}}.tid = {tid}" for tid in sorted(wanted or ()))
@@ -681,6 +682,12 @@ def stretches(conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | Non
         if current and last is not None:
             current[2] = last
         lo = top + 1
+        if last is None and lo <= hi:
+            # An empty window: on to the next op there is (holes may span most of the id
+            # space: a withheld range a bundle declared), so the work follows the ops held.
+            lo = conn.execute("SELECT min(op) FROM _sync_ops WHERE op BETWEEN ? AND ?", [lo, hi]).fetchone()[0]
+            if lo is None:
+                break
     if current:
         yield tuple(current)
 
