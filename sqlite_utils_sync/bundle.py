@@ -1420,6 +1420,10 @@ BAD_OP_SQL = (
 )
 
 
+# The text encoding a database file's header names (a 4-byte big-endian number at offset 56).
+TEXT_ENCODINGS = {1: "UTF-8", 2: "UTF-16le", 3: "UTF-16be"}
+
+
 def check_image(data: bytes, width: int, name: str) -> None:
     """Check a chunk image on a connection of its own, before the importer attaches it.
 
@@ -1437,6 +1441,11 @@ def check_image(data: bytes, width: int, name: str) -> None:
             schema = image.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
             if schema != [(b"table", b"ops", b"ops", ops_table_sql(width).encode())]:
                 raise fail(" has a chunk that is not a table of operations")
+            # Attached to the importing connection, a database of another text encoding makes
+            # every statement there fail (SQLite converts text of the main database's only).
+            encoding = int.from_bytes(data[56:60], "big")
+            if encoding != 1:
+                raise fail(f" has a chunk whose text is {TEXT_ENCODINGS.get(encoding, 'of no encoding')}, not UTF-8")
             check_btrees(image, ["ops"], f"Bundle {name} has a chunk that", INVALID_OPERATION)
             # One pass that stops at the first bad row; which check failed is only worked out
             # for a bad chunk (an aggregate per check costs more than the rest of the import).

@@ -14,11 +14,12 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from unittest import mock
 
 import pytest
 
 
-from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
+from sqlite_utils_sync import BundleError, export_bundle, import_bundle, importer, sync_status
 from sqlite_utils_sync.oplog import parse_clock
 
 
@@ -335,6 +336,52 @@ def test_damaged_chunk_image_is_a_bundle_error_not_a_database_error(tmp_path, sy
     error = refused_by_library(a, tmp_path / "a.db", path)
     assert error.reason == "invalid_operation" and "chunk" in str(error)
     refused_by_cli(tmp_path / "a.db", path)
+
+
+def utf16_chunk(conn, craft) -> None:
+    """Make the first data chunk a UTF-16 database holding the same ``ops`` table and rows
+    (a valid SQLite file: only its text encoding differs), and re-sign."""
+    chunk_id, stored = conn.execute("SELECT id, data FROM bundle_chunks WHERE tbl >= 0 ORDER BY id").fetchone()
+    source = sqlite3.connect(":memory:")
+    source.deserialize(craft.image(stored))
+    utf16 = sqlite3.connect(":memory:")
+    utf16.execute("PRAGMA encoding = 'UTF-16le'")
+    utf16.execute(source.execute("SELECT sql FROM sqlite_master").fetchone()[0])
+    for row in source.execute("SELECT * FROM ops"):
+        utf16.execute(f"INSERT INTO ops VALUES ({', '.join('?' * len(row))})", row)
+    utf16.commit()
+    conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [craft.stored(utf16.serialize(), stored), chunk_id])
+    craft.reseal(conn)
+
+
+def test_a_chunk_image_in_utf16_is_refused_as_an_invalid_chunk(tmp_path, synced_pair, craft, refused_by_cli, refused_by_library):
+    # Attached to the importing connection, it made every statement there fail: a raw
+    # "attached databases must use the same text encoding" SQLite error, naming no bundle.
+    a, b = synced_pair
+    path = tmp_path / "x.bundle"
+    export_bundle(b, path)
+    craft.rewrite(path, lambda conn: utf16_chunk(conn, craft))
+    error = refused_by_library(a, tmp_path / "a.db", path)
+    assert error.reason == "invalid_operation"
+    assert str(error) == "Bundle x.bundle has a chunk whose text is UTF-16le, not UTF-8"
+    assert refused_by_cli(tmp_path / "a.db", path).strip() == "Error: Bundle x.bundle has a chunk whose text is UTF-16le, not UTF-8"
+
+
+def test_an_error_while_a_chunk_is_attached_is_the_bundles_not_one_from_unwinding(tmp_path, synced_pair, craft, refused_by_library):
+    # Should a chunk that breaks the importing connection get past the checks, the import
+    # unwinds with it still attached: putting the capture triggers back failed the same way
+    # and replaced the bundle's error with a raw SQLite one.
+    a, b = synced_pair
+    path = tmp_path / "x.bundle"
+    export_bundle(b, path)
+    craft.rewrite(path, lambda conn: utf16_chunk(conn, craft))
+    with mock.patch.object(importer, "check_image", lambda *args: None):
+        error = refused_by_library(a, tmp_path / "a.db", path)
+    assert error.reason == "invalid_operation"
+    assert "x.bundle: a chunk cannot be read (attached databases must use the same text encoding" in str(error)
+    logged = sync_status(a)["operations"]
+    a.execute("UPDATE todos SET title = 'after' WHERE id = 1")  # the connection works, and still captures
+    assert sync_status(a)["operations"] == logged + 1
 
 
 # Tampered, forged, garbage and truncated bundles ----------------------------------------------
