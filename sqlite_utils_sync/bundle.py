@@ -1210,8 +1210,10 @@ class BundleReader:
                 raise BundleError(INVALID_METADATA, f"Bundle {name} must have exactly one header")
             self.header_bytes = headers[0][0]
             digest = hashlib.sha256(self.format.encode())
-            for _ in self._read_chunks(digest):
-                pass
+            # The header's devices a chunk carries something of: the others get no index here.
+            self.chunk_devices: set[int] = set()
+            for device, _, _ in self._read_chunks(digest):
+                self.chunk_devices.add(device)
             digest.update(self.header_bytes)
         except (sqlite3.Error, UnicodeDecodeError) as ex:
             raise BundleError(INVALID_BUNDLE, f"Bundle {name} cannot be read ({shorten(str(ex), 200)})")

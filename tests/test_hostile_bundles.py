@@ -20,7 +20,8 @@ import pytest
 
 
 from sqlite_utils_sync import BundleError, export_bundle, import_bundle, importer, sync_status
-from sqlite_utils_sync.oplog import parse_clock
+from sqlite_utils_sync.bundle import chunk_image
+from sqlite_utils_sync.oplog import LOCAL, parse_clock
 
 
 @pytest.fixture
@@ -649,3 +650,33 @@ def test_a_full_disk_while_importing_is_this_machines_trouble_not_the_bundles(tm
     b.execute("PRAGMA max_page_count = 1073741823")
     assert file_bytes(tmp_path / "b.db") == before
     assert import_bundle(b, path).applied > 0
+
+
+# What a bundle leaves behind ------------------------------------------------------------------
+
+
+def test_devices_a_bundle_carries_nothing_of_are_not_kept(tmp_path, synced_pair, craft, rows):
+    # A device id costs a bundle 34 bytes in its header's list. Each one was kept for good (a
+    # 687 KB bundle left 20,000), and enough bundles took every device index: a genuine new
+    # device was then refused with "UNIQUE constraint failed: _sync_devices.idx".
+    a, b = synced_pair
+    path = tmp_path / "x.bundle"
+    export_bundle(b, path)
+    ghosts = [f"{i:032x}" for i in range(1, 1001)]
+    empty = "e" * 32  # a device with one chunk, of no operation
+    real = []
+
+    def tamper(conn):
+        conn.execute("UPDATE bundle_chunks SET device = device + ?", [len(ghosts)])
+        craft.edit_header(conn, lambda h: (real.extend(h["devices"]), h.update(devices=ghosts + h["devices"] + [empty])))
+        conn.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (?, -1, ?)", [len(ghosts) + len(real), chunk_image([], 0)])
+        craft.reseal(conn)
+
+    craft.rewrite(path, tamper)
+    phone = sqlite3.connect(tmp_path / "phone.db", isolation_level=None)
+    import_bundle(phone, path, create_tables=True)
+    assert rows(phone) == rows(b)
+    devices = dict(phone.execute("SELECT device_id, idx FROM _sync_devices WHERE idx < ?", [LOCAL]))
+    assert devices == {device: idx for idx, device in enumerate(real, 1)}  # and no index went to the others
+    export_bundle(phone, tmp_path / "from-phone.bundle")
+    assert import_bundle(a, tmp_path / "from-phone.bundle").applied_by_table == {"todos": 1}  # b's edit
