@@ -655,7 +655,8 @@ def stretches(conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | Non
     SQLite returns only the ops that begin a stretch (each op is compared with the one before it
     by rowid), with the end of the stretch before, STRETCH_WINDOW op ids at a time: memory stays
     bounded however the tables interleave, and no statement stays open while the caller builds
-    chunk images.
+    chunk images. After a window with no op the next window starts at the next op, so the
+    queries made follow the ops held, not the ids between ``lo`` and ``hi``.
     """
     # Never NULL (an empty IN list would make it so, and every comparison with it unknown).
     tids = "".join(f" OR {{a}}.tid = {tid}" for tid in sorted(wanted or ()))
@@ -681,6 +682,12 @@ def stretches(conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | Non
         if current and last is not None:
             current[2] = last
         lo = top + 1
+        if last is None and lo <= hi:
+            # An empty window: on to the next op there is (holes may span most of the id
+            # space: a withheld range a bundle declared), so the work follows the ops held.
+            lo = conn.execute("SELECT min(op) FROM _sync_ops WHERE op BETWEEN ? AND ?", [lo, hi]).fetchone()[0]
+            if lo is None:
+                break
     if current:
         yield tuple(current)
 
@@ -1203,8 +1210,10 @@ class BundleReader:
                 raise BundleError(INVALID_METADATA, f"Bundle {name} must have exactly one header")
             self.header_bytes = headers[0][0]
             digest = hashlib.sha256(self.format.encode())
-            for _ in self._read_chunks(digest):
-                pass
+            # The header's devices a chunk carries something of: the others get no index here.
+            self.chunk_devices: set[int] = set()
+            for device, _, _ in self._read_chunks(digest):
+                self.chunk_devices.add(device)
             digest.update(self.header_bytes)
         except (sqlite3.Error, UnicodeDecodeError) as ex:
             raise BundleError(INVALID_BUNDLE, f"Bundle {name} cannot be read ({shorten(str(ex), 200)})")
@@ -1413,6 +1422,10 @@ BAD_OP_SQL = (
 )
 
 
+# The text encoding a database file's header names (a 4-byte big-endian number at offset 56).
+TEXT_ENCODINGS = {1: "UTF-8", 2: "UTF-16le", 3: "UTF-16be"}
+
+
 def check_image(data: bytes, width: int, name: str) -> None:
     """Check a chunk image on a connection of its own, before the importer attaches it.
 
@@ -1430,6 +1443,11 @@ def check_image(data: bytes, width: int, name: str) -> None:
             schema = image.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall()
             if schema != [(b"table", b"ops", b"ops", ops_table_sql(width).encode())]:
                 raise fail(" has a chunk that is not a table of operations")
+            # Attached to the importing connection, a database of another text encoding makes
+            # every statement there fail (SQLite converts text of the main database's only).
+            encoding = int.from_bytes(data[56:60], "big")
+            if encoding != 1:
+                raise fail(f" has a chunk whose text is {TEXT_ENCODINGS.get(encoding, 'of no encoding')}, not UTF-8")
             check_btrees(image, ["ops"], f"Bundle {name} has a chunk that", INVALID_OPERATION)
             # One pass that stops at the first bad row; which check failed is only worked out
             # for a bad chunk (an aggregate per check costs more than the rest of the import).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -458,14 +458,23 @@ def muted(conn: sqlite3.Connection) -> Iterator[None]:
     for name in load_tables(conn, enabled_only=True):
         saved.extend(installed_triggers(conn, name).values())
         drop_triggers(conn, name)
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         # Raise the clock floor past whatever was written meanwhile (an import's tick is above
         # every clock it imported), so local edits made next order after it.
         floor = last_hlc(conn)
         for sql in saved:
             conn.execute(with_floor(sql, floor))
+
+    try:
+        yield
+    except BaseException:
+        # What went wrong is the error to report, not a failure to restore the triggers after
+        # it (a bundle's chunk left attached may fail every statement): the caller rolls back.
+        with suppress(sqlite3.Error):
+            restore()
+        raise
+    restore()
 
 
 def drifted_tables(conn: sqlite3.Connection) -> dict[str, str]:

@@ -13,7 +13,7 @@ import sqlite3
 from typing import Any, Callable
 
 from .clocks import append_tick, clock, knowledge_at, max_seq, record_knowledge, restart_settling
-from .errors import AMBIGUOUS_DEVICE, INVALID_ARGUMENT, UNKNOWN_DEVICE, SyncError, shorten
+from .errors import AMBIGUOUS_DEVICE, INVALID_ARGUMENT, TOO_MANY_DEVICES, UNKNOWN_DEVICE, SyncError, shorten
 from .oplog import LOCAL, TICK, device_range, encode_clock, is_device_id, load_clock, op_id, op_seq
 from .schema import has_table, log_rewrite, migrate, quote_identifier
 
@@ -52,7 +52,13 @@ def device_index(conn: sqlite3.Connection, device_id: str, create: bool = True) 
 
 
 def next_device_index(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT ifnull(max(idx), 0) + 1 FROM _sync_devices WHERE idx < ?", [LOCAL]).fetchone()[0]
+    idx = conn.execute("SELECT ifnull(max(idx), 0) + 1 FROM _sync_devices WHERE idx < ?", [LOCAL]).fetchone()[0]
+    if idx >= LOCAL:
+        raise SyncError(
+            TOO_MANY_DEVICES,
+            f"This database has numbered {LOCAL - 1:,} devices, as many as it can: it cannot take operations of another one",
+        )
+    return idx
 
 
 def parse_op_label(conn: sqlite3.Connection, label: str) -> int | None:

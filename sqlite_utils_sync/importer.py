@@ -259,7 +259,8 @@ class Importer:
         self.added: dict[str, list[str]] = {}
         self.adopted: dict[str, int] = {}  # kept operations a table created now took up
         # take_snapshot: this database as it was before the import.
-        self.devices: list[int] = []  # the local index of each of the bundle's devices
+        self.devices: list[int | None] = []  # the local index of each of the bundle's devices (None: of no chunk)
+        self.new_devices: set[int] = set()  # those this import gave an index
         self.old: dict[int, int] = {}  # each of those devices' highest seq here
         self.fresh = False  # no data operations yet: may start from a compacted sender's snapshot
         self.compacted: dict[str, int] = {}  # the horizon (a snapshot adopted now was checked by its sender)
@@ -294,6 +295,7 @@ class Importer:
         with muted(conn):
             inserted = self.append_ops(result, local_id)
             held = {idx: inserted.get(idx, 0) + self.withheld.get(idx, 0) for idx in {*inserted, *self.withheld}}
+            self.forget_devices(held)
             self.check_sequences(held)
             self.check_owners(held)
             # Withheld operations of a retired device are new operations of it too.
@@ -370,13 +372,26 @@ class Importer:
 
     def take_snapshot(self) -> None:
         conn = self.conn
-        self.devices = [device_index(conn, d) for d in self.reader.header["devices"]]
-        self.old = {idx: max_seq(conn, idx) for idx in self.devices}
+        # A device only the header names (no chunk of it) would be stored for nothing, and a
+        # few bytes a device would fill the device indexes: it gets none (None here).
+        for position, device in enumerate(self.reader.header["devices"]):
+            idx = device_index(conn, device, create=False)
+            if idx is None and position in self.reader.chunk_devices:
+                idx = device_index(conn, device)
+                self.new_devices.add(idx)
+            self.devices.append(idx)
+        self.old = {idx: max_seq(conn, idx) for idx in self.devices if idx is not None}
         self.fresh = not conn.execute(f"SELECT 1 FROM _sync_ops WHERE kind != {TICK} LIMIT 1").fetchone()
         self.compacted = horizon(conn)
         (self.now,) = conn.execute(f"SELECT {HLC_NOW_SQL}").fetchone()
         # Every later local clock is at least one above an accepted one: keep that valid too.
         self.clock_limit = min(MAX_HLC - 1, self.now + int(self.max_clock_skew * HLC_PER_SECOND))
+
+    def forget_devices(self, held: dict[int, int]) -> None:
+        """Drop the devices this import gave an index whose chunks held nothing (empty ones):
+        nothing refers to them."""
+        unused = [(idx,) for idx in sorted(self.new_devices) if not held.get(idx)]
+        self.conn.executemany("DELETE FROM _sync_devices WHERE idx = ?", unused)
 
     def actions_needed(self) -> dict[str, set[str]]:
         """What the new data operations do, per table: for the ``authorize`` hook."""

@@ -118,6 +118,7 @@ STATUS: dict[str, int] = {
     errors.CLOCK_AHEAD: 400,
     errors.PARTIAL_BUNDLE: 400,
     errors.DEVICE_RETIRED: 409,  # the device's own state (retired), not a malformed bundle
+    errors.TOO_MANY_DEVICES: 409,  # the hub database's own state (full), not a malformed bundle
     # The hub's own refusals.
     errors.INVALID_REQUEST: 400,
     errors.INVALID_JSON: 400,

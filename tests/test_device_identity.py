@@ -16,7 +16,8 @@ import sqlite3
 
 import pytest
 
-from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
+from sqlite_utils_sync import BundleError, SyncError, export_bundle, import_bundle, sync_status
+from sqlite_utils_sync.oplog import LOCAL
 
 
 CONFIG = {
@@ -307,3 +308,21 @@ def test_copied_database_is_detected_and_can_get_a_new_identity(tmp_path, pair, 
     sync(a, c, tmp_path)
     sync(copy2, c, tmp_path)
     assert c.execute("SELECT title FROM todos WHERE id = 300").fetchone() == ("copy2 edit",)
+
+
+def test_a_database_with_every_device_index_taken_refuses_a_new_device_in_one_line(tmp_path, make_db, refused):
+    # Device indexes end below this database's own. Once the last one is taken (by a device
+    # of an earlier bundle, say), another new device is refused with what is wrong, not with
+    # "UNIQUE constraint failed: _sync_devices.idx" and advice to change a row of a table.
+    phone = make_db(tmp_path / "phone.db")
+    phone.execute("INSERT INTO todos VALUES (1, 'from a new device', 0, 0)")
+    export_bundle(phone, tmp_path / "phone.bundle")
+    full = make_db(tmp_path / "full.db")
+    full.execute("INSERT INTO _sync_devices (idx, device_id) VALUES (?, ?)", [LOCAL - 1, "f" * 32])
+    full.close()
+    assert refused(tmp_path / "full.db", tmp_path / "phone.bundle").splitlines() == [
+        "Error: This database has numbered 4,194,302 devices, as many as it can: it cannot take operations of another one"
+    ]
+    with pytest.raises(SyncError) as error:
+        import_bundle(sqlite3.connect(tmp_path / "full.db", isolation_level=None), tmp_path / "phone.bundle")
+    assert error.value.reason == "too_many_devices"

@@ -14,12 +14,14 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from unittest import mock
 
 import pytest
 
 
-from sqlite_utils_sync import BundleError, export_bundle, import_bundle, sync_status
-from sqlite_utils_sync.oplog import parse_clock
+from sqlite_utils_sync import BundleError, export_bundle, import_bundle, importer, sync_status
+from sqlite_utils_sync.bundle import chunk_image
+from sqlite_utils_sync.oplog import LOCAL, parse_clock
 
 
 @pytest.fixture
@@ -337,6 +339,52 @@ def test_damaged_chunk_image_is_a_bundle_error_not_a_database_error(tmp_path, sy
     refused_by_cli(tmp_path / "a.db", path)
 
 
+def utf16_chunk(conn, craft) -> None:
+    """Make the first data chunk a UTF-16 database holding the same ``ops`` table and rows
+    (a valid SQLite file: only its text encoding differs), and re-sign."""
+    chunk_id, stored = conn.execute("SELECT id, data FROM bundle_chunks WHERE tbl >= 0 ORDER BY id").fetchone()
+    source = sqlite3.connect(":memory:")
+    source.deserialize(craft.image(stored))
+    utf16 = sqlite3.connect(":memory:")
+    utf16.execute("PRAGMA encoding = 'UTF-16le'")
+    utf16.execute(source.execute("SELECT sql FROM sqlite_master").fetchone()[0])
+    for row in source.execute("SELECT * FROM ops"):
+        utf16.execute(f"INSERT INTO ops VALUES ({', '.join('?' * len(row))})", row)
+    utf16.commit()
+    conn.execute("UPDATE bundle_chunks SET data = ? WHERE id = ?", [craft.stored(utf16.serialize(), stored), chunk_id])
+    craft.reseal(conn)
+
+
+def test_a_chunk_image_in_utf16_is_refused_as_an_invalid_chunk(tmp_path, synced_pair, craft, refused_by_cli, refused_by_library):
+    # Attached to the importing connection, it made every statement there fail: a raw
+    # "attached databases must use the same text encoding" SQLite error, naming no bundle.
+    a, b = synced_pair
+    path = tmp_path / "x.bundle"
+    export_bundle(b, path)
+    craft.rewrite(path, lambda conn: utf16_chunk(conn, craft))
+    error = refused_by_library(a, tmp_path / "a.db", path)
+    assert error.reason == "invalid_operation"
+    assert str(error) == "Bundle x.bundle has a chunk whose text is UTF-16le, not UTF-8"
+    assert refused_by_cli(tmp_path / "a.db", path).strip() == "Error: Bundle x.bundle has a chunk whose text is UTF-16le, not UTF-8"
+
+
+def test_an_error_while_a_chunk_is_attached_is_the_bundles_not_one_from_unwinding(tmp_path, synced_pair, craft, refused_by_library):
+    # Should a chunk that breaks the importing connection get past the checks, the import
+    # unwinds with it still attached: putting the capture triggers back failed the same way
+    # and replaced the bundle's error with a raw SQLite one.
+    a, b = synced_pair
+    path = tmp_path / "x.bundle"
+    export_bundle(b, path)
+    craft.rewrite(path, lambda conn: utf16_chunk(conn, craft))
+    with mock.patch.object(importer, "check_image", lambda *args: None):
+        error = refused_by_library(a, tmp_path / "a.db", path)
+    assert error.reason == "invalid_operation"
+    assert "x.bundle: a chunk cannot be read (attached databases must use the same text encoding" in str(error)
+    logged = sync_status(a)["operations"]
+    a.execute("UPDATE todos SET title = 'after' WHERE id = 1")  # the connection works, and still captures
+    assert sync_status(a)["operations"] == logged + 1
+
+
 # Tampered, forged, garbage and truncated bundles ----------------------------------------------
 
 
@@ -640,3 +688,33 @@ def test_a_full_disk_while_importing_is_this_machines_trouble_not_the_bundles(tm
     b.execute("PRAGMA max_page_count = 1073741823")
     assert file_bytes(tmp_path / "b.db") == before
     assert import_bundle(b, path).applied > 0
+
+
+# What a bundle leaves behind ------------------------------------------------------------------
+
+
+def test_devices_a_bundle_carries_nothing_of_are_not_kept(tmp_path, synced_pair, craft, rows):
+    # A device id costs a bundle 34 bytes in its header's list. Each one was kept for good (a
+    # 687 KB bundle left 20,000), and enough bundles took every device index: a genuine new
+    # device was then refused with "UNIQUE constraint failed: _sync_devices.idx".
+    a, b = synced_pair
+    path = tmp_path / "x.bundle"
+    export_bundle(b, path)
+    ghosts = [f"{i:032x}" for i in range(1, 1001)]
+    empty = "e" * 32  # a device with one chunk, of no operation
+    real = []
+
+    def tamper(conn):
+        conn.execute("UPDATE bundle_chunks SET device = device + ?", [len(ghosts)])
+        craft.edit_header(conn, lambda h: (real.extend(h["devices"]), h.update(devices=ghosts + h["devices"] + [empty])))
+        conn.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (?, -1, ?)", [len(ghosts) + len(real), chunk_image([], 0)])
+        craft.reseal(conn)
+
+    craft.rewrite(path, tamper)
+    phone = sqlite3.connect(tmp_path / "phone.db", isolation_level=None)
+    import_bundle(phone, path, create_tables=True)
+    assert rows(phone) == rows(b)
+    devices = dict(phone.execute("SELECT device_id, idx FROM _sync_devices WHERE idx < ?", [LOCAL]))
+    assert devices == {device: idx for idx, device in enumerate(real, 1)}  # and no index went to the others
+    export_bundle(phone, tmp_path / "from-phone.bundle")
+    assert import_bundle(a, tmp_path / "from-phone.bundle").applied_by_table == {"todos": 1}  # b's edit
