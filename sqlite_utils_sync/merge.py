@@ -21,7 +21,7 @@ from typing import Any, Iterator, NamedTuple
 from .capture import SyncedTable
 from .clocks import knowledge_at
 from .devices import device_ids
-from .oplog import DELETE, RESOLUTION, SEQ_MASK, TICK, UPDATE, kind_of, mask_slots, op_device, op_id, op_seq, seq_sql
+from .oplog import DELETE, RESOLUTION, SEQ_MASK, TICK, UPDATE, device_range, kind_of, mask_slots, op_device, op_id, op_seq, seq_sql
 
 # -- "latest" ------------------------------------------------------------------------------
 #
@@ -159,6 +159,10 @@ class KnowledgeCache:
     def __init__(self, conn: sqlite3.Connection):
         self.conn = conn
         self.cache: dict[int, dict[str, int]] = {}
+        self.devices: dict[int, str] = device_ids(conn)
+        self.spans: dict[int, tuple[int, int]] | None = None  # per device: its lowest and highest clock
+        self.runs: dict[tuple[int, int], tuple[int, int] | None] = {}  # (device, clock): its ops with it
+        self.twins: dict[tuple[int, str], list[Effect]] = {}
 
     def clock_of(self, op: int) -> dict[str, int]:
         if op not in self.cache:
@@ -179,6 +183,67 @@ class KnowledgeCache:
                 self.seen(t, a) for t in twins.get(b.op, ())
             )
         return True
+
+    def log_twins(self, table: SyncedTable, rowkey: str, effect: Effect) -> list[Effect]:
+        """The twins of ``effect`` anywhere in the log (:func:`twins_of` sees only the effects
+        it is given): other devices' operations on the row with its clock and its change."""
+        if (effect.op, rowkey) not in self.twins:
+            found = []
+            for idx in self.devices_at(effect.key[0]):
+                run = None if self.devices[idx] == effect.key[1] else self.run_at(idx, effect.key[0])
+                if run is None:
+                    continue
+                cursor = self.conn.execute(
+                    "SELECT * FROM _sync_ops WHERE op BETWEEN ? AND ? AND tid = ? AND (rowkey = ? OR newkey = ?)",
+                    [*run, table.tid, rowkey, rowkey],
+                )
+                found += [
+                    e for _, key, e in cursor_effects(cursor, {table.tid: table}, self.devices, False)
+                    if key == rowkey and change_of(e) == change_of(effect)
+                ]
+            self.twins[(effect.op, rowkey)] = found
+        return self.twins[(effect.op, rowkey)]
+
+    def devices_at(self, hlc: int) -> list[int]:
+        """The devices with operations from before ``hlc`` to after it (two lookups each, once)."""
+        if self.spans is None:
+            edge = "SELECT hlc FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op {} LIMIT 1"
+            self.spans = {}
+            for idx in self.devices:
+                first = self.conn.execute(edge.format("ASC"), device_range(idx)).fetchone()
+                if first is not None:
+                    last = self.conn.execute(edge.format("DESC"), device_range(idx)).fetchone()
+                    self.spans[idx] = (first[0], last[0])
+        return [idx for idx, (low, high) in self.spans.items() if low <= hlc <= high]
+
+    def run_at(self, idx: int, hlc: int) -> tuple[int, int] | None:
+        """The op ids of device ``idx`` from its first operation with clock ``hlc`` to its last,
+        found by binary search: a device's clocks never fall from one operation to the next
+        (the importer refuses a bundle where they do)."""
+        if (idx, hlc) not in self.runs:
+            first = self.first_at(idx, hlc)
+            if first is None or first[1] != hlc:
+                self.runs[(idx, hlc)] = None
+            else:
+                after = self.first_at(idx, hlc + 1)
+                self.runs[(idx, hlc)] = (first[0], op_id(idx, SEQ_MASK) if after is None else after[0] - 1)
+        return self.runs[(idx, hlc)]
+
+    def first_at(self, idx: int, hlc: int) -> tuple[int, int] | None:
+        """(op, clock) of the first operation of device ``idx`` with a clock at least ``hlc``."""
+        left, right, found = *device_range(idx), None
+        while left <= right:
+            mid = (left + right) // 2
+            row = self.conn.execute(
+                "SELECT op, hlc FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT 1", [mid, right]
+            ).fetchone()
+            if row is None:
+                right = mid - 1
+            elif row[1] >= hlc:
+                found, right = tuple(row), mid - 1
+            else:
+                left = row[0] + 1
+        return found
 
 
 def change_of(effect: Effect) -> tuple:
@@ -208,41 +273,6 @@ def twins_of(effects: list[Effect]) -> dict[int, list[Effect]]:
     return twins
 
 
-def log_twins(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, effect: Effect, devices: dict[int, str]) -> list[Effect]:
-    """The twins of ``effect`` anywhere in the log (:func:`twins_of` sees only the effects it
-    is given): other devices' operations on the row with its clock and its change. A device's
-    clocks never fall from one of its operations to the next (the importer refuses a bundle
-    where they do), so each device's operations with that clock are found by binary search."""
-    hlc, found = effect.key[0], []
-    for idx, device in devices.items():
-        if device == effect.key[1]:
-            continue
-        for op in ops_at_clock(conn, idx, hlc):
-            row = conn.execute("SELECT * FROM _sync_ops WHERE op = ? AND tid = ?", [op, table.tid])
-            found += [e for _, key, e in cursor_effects(row, {table.tid: table}, devices, False)
-                      if key == rowkey and change_of(e) == change_of(effect)]
-    return found
-
-
-def ops_at_clock(conn: sqlite3.Connection, idx: int, hlc: int) -> list[int]:
-    """The operations of device ``idx`` with clock ``hlc`` (its clocks never fall)."""
-    after = "SELECT op, hlc FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT ?"
-    left, right, first = op_id(idx, 1), op_id(idx, SEQ_MASK), None
-    while left <= right:
-        mid = (left + right) // 2
-        row = conn.execute(after, [mid, right, 1]).fetchone()
-        if row is None:
-            right = mid - 1
-        elif row[1] >= hlc:
-            first, right = row[0], mid - 1
-        else:
-            left = row[0] + 1
-    if first is None:
-        return []
-    rows = conn.execute(after, [first, op_id(idx, SEQ_MASK), 16]).fetchall()
-    return [op for op, at in rows if at == hlc]
-
-
 def clash_columns(table: SyncedTable, a: Effect, b: Effect) -> list[str] | None:
     """The columns two concurrent effects disagree on; [] for a write against a delete; None
     when they agree."""
@@ -267,7 +297,12 @@ def record_clashes(
             if not (a.new or b.new) or not knowledge.concurrent(a, b, twins):
                 continue
             columns = clash_columns(table, a, b)
-            if columns is None or twin_seen(conn, table, rowkey, a, b, twins, knowledge):
+            if columns is None:
+                continue
+            # A twin the import did not read may have been seen: then they do not clash, as on
+            # a copy that read it. Looked up only for pairs that would clash.
+            outside = {e.op: [*twins.get(e.op, []), *knowledge.log_twins(table, rowkey, e)] for e in (a, b)}
+            if not knowledge.concurrent(a, b, {**twins, **outside}):
                 continue
             first, second = sorted((a.op, b.op))
             conn.execute(
@@ -277,14 +312,3 @@ def record_clashes(
             found = True
     return found
 
-
-def twin_seen(
-    conn: sqlite3.Connection, table: SyncedTable, rowkey: str, a: Effect, b: Effect,
-    twins: dict[int, list[Effect]], knowledge: KnowledgeCache,
-) -> bool:
-    """Whether a twin of ``a`` or ``b`` outside the effects at hand (an old operation the
-    import did not read) was seen by the other's author: then they do not clash, as on a copy
-    that read that twin too. Looked up only for pairs that would clash: conflicts are rare."""
-    devices = device_ids(conn)
-    extra = {e.op: [*twins.get(e.op, []), *log_twins(conn, table, rowkey, e, devices)] for e in (a, b)}
-    return not knowledge.concurrent(a, b, {**twins, **extra})

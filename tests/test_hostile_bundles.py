@@ -504,6 +504,11 @@ HOSTILE = {
         "invalid_operation",
         "an operation has a clock below the one before it from the same device",
     ),
+    "clock falling across a hole in a chunk's sequence": (
+        sealed("UPDATE ops SET hlc = hlc - 1000000, seq = seq + 1 WHERE seq = (SELECT max(seq) FROM ops)"),
+        "invalid_operation",
+        "an operation has a clock below the one before it from the same device",
+    ),
     "chunk that is not a database": (
         lambda c, craft: (c.execute("UPDATE bundle_chunks SET data = zeroblob(4096) WHERE id = 1"), craft.reseal(c)),
         "invalid_operation",

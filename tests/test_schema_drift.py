@@ -296,3 +296,25 @@ def test_keys_every_copy_stores_alike_sync_whatever_the_declared_types(tmp_path,
     receiver = make_db(tmp_path / "receiver.db", "CREATE TABLE t (id NUMERIC PRIMARY KEY, v)", ("t",))
     sync(sender, receiver, tmp_path)
     assert rows(receiver, "t") == rows(sender, "t")
+
+
+def test_a_key_column_transform_made_text_still_starts_copies_and_takes_its_operations_back(tmp_path, run, shell):
+    a, b, c = (tmp_path / f"{name}.db" for name in "abc")
+    shell(a, "CREATE TABLE t (id PRIMARY KEY, v); INSERT INTO t VALUES (1, 'one'), (2, 'two')")
+    run(["sqlite-utils", "enable-sync", a, "t"])
+    run(["sqlite-utils", "export-bundle", a, tmp_path / "first.bundle"])
+    run(["sqlite-utils", "import-bundle", b, tmp_path / "first.bundle"])
+    # transform makes the untyped key TEXT; the repair logs the rows again under '1' and '2'.
+    run(["sqlite-utils", "transform", a, "t"])
+    run(["sqlite-utils", "enable-sync", a, "t"])
+    # b's bundle holds a's own first operations, with integer keys: held here, they are no new keys.
+    run(["sqlite-utils", "export-bundle", b, tmp_path / "back.bundle"])
+    assert "were here already" in run(["sqlite-utils", "import-bundle", a, tmp_path / "back.bundle"]).stderr
+    # A new copy takes a's table as declared (TEXT), so its keys are stored as they were sent.
+    run(["sqlite-utils", "export-bundle", a, tmp_path / "full.bundle"])
+    run(["sqlite-utils", "import-bundle", c, tmp_path / "full.bundle"])
+    rows = "SELECT id, typeof(id), v FROM t ORDER BY id"
+    assert sqlite3.connect(c).execute(rows).fetchall() == sqlite3.connect(a).execute(rows).fetchall() == [
+        ("1", "text", "one"),
+        ("2", "text", "two"),
+    ]

@@ -99,27 +99,28 @@ def test_a_copy_given_a_new_identity_orders_its_edits_after_the_original(tmp_pat
     assert conflicts(laptop) == conflicts(server) == []
 
 
-def test_one_edit_made_at_one_clock_on_two_devices_gives_every_copy_the_same_conflicts(tmp_path, make_db, shell, sync, rows, conflict_records):
+@pytest.mark.parametrize("edited", [1, 20])  # one statement's operations share one clock
+def test_one_edit_made_at_one_clock_on_two_devices_gives_every_copy_the_same_conflicts(tmp_path, make_db, shell, sync, rows, conflict_records, edited):
     copies = {name: make_db(tmp_path / f"{name}.db") for name in "abcdxz"}
-    copies["a"].execute("INSERT INTO todos VALUES (1, 'first', 0, 0)")
+    copies["a"].executemany("INSERT INTO todos VALUES (?, 'first', 0, 0)", [(i,) for i in range(1, edited + 1)])
     for name in "bcdxz":
         sync(copies["a"], copies[name], tmp_path)
     copies["d"].close()
-    shell(tmp_path / "d.db", "INSERT INTO todos VALUES (2, 'from d', 0, 0)", "+1h")  # d runs an hour fast
+    shell(tmp_path / "d.db", "INSERT INTO todos VALUES (1000, 'from d', 0, 0)", "+1h")  # d runs an hour fast
     a, b, c, x, z = (copies[name] for name in "abcxz")
     d = sqlite3.connect(tmp_path / "d.db", isolation_level=None)
     sync(d, a, tmp_path)
     sync(d, b, tmp_path)
     # a and b, both floored at d's clock, make the same edit with the same clock: twins.
     for copy in (a, b):
-        copy.execute("UPDATE todos SET title = 'x' WHERE id = 1")
+        copy.execute("UPDATE todos SET title = 'x' WHERE id <= ?", [edited])
     clock = "SELECT hlc FROM _sync_ops WHERE tid != 0 ORDER BY op DESC LIMIT 1"
     assert a.execute(clock).fetchone() == b.execute(clock).fetchone()
     sync(a, c, tmp_path)
     # z gets a's edit (through c), then b's, then c's; x gets a's and c's in one bundle, then b's.
     sync(c, z, tmp_path)
     sync(b, z, tmp_path)
-    c.execute("UPDATE todos SET title = 'y' WHERE id = 1")  # c had seen a's 'x', so not b's twin either
+    c.execute("UPDATE todos SET title = 'y' WHERE id = ?", [edited])  # c had seen a's 'x', so b's twin
     sync(c, z, tmp_path)
     sync(c, x, tmp_path)
     sync(b, x, tmp_path)
@@ -130,4 +131,4 @@ def test_one_edit_made_at_one_clock_on_two_devices_gives_every_copy_the_same_con
     # z, which had not read a's twin when c's edit came, recorded b against c as a conflict.
     assert all(rows(copy) == rows(a) for copy in everyone)
     assert [conflict_records(copy) for copy in everyone] == [[]] * len(everyone)
-    assert rows(a)[0][2] == "y"
+    assert [r[2] for r in rows(a)] == ["x"] * (edited - 1) + ["y", "from d"]
