@@ -81,8 +81,12 @@ def canonical_name(conn: sqlite3.Connection, table: str) -> str:
     return row[0] if row else table
 
 
-def check_can_sync(conn: sqlite3.Connection, table: str) -> tuple[list[str], list[str]]:
-    """Return (columns, pk columns) or raise a SyncError saying why ``table`` cannot be synced."""
+def check_can_sync(conn: sqlite3.Connection, table: str, synced: bool = False) -> tuple[list[str], list[str]]:
+    """Return (columns, pk columns) or raise a SyncError saying why ``table`` cannot be synced.
+
+    :param synced: the table is synced already (its capture is being repaired): a key with a
+        collation, refused since, is let be, rather than stop every sync of its database
+    """
     if table.lower().startswith(("_sync_", "sqlite_")):
         raise SyncError(INTERNAL_TABLE, f"Table '{table}' is internal and cannot be synced")
     row = conn.execute("SELECT type, sql FROM sqlite_master WHERE name = ?", [table]).fetchone()
@@ -108,7 +112,7 @@ def check_can_sync(conn: sqlite3.Connection, table: str) -> tuple[list[str], lis
             f"Table '{table}' has no explicit PRIMARY KEY: rowid-only tables cannot be synced safely "
             f"(add one, e.g. sqlite-utils transform data.db {table} --pk id)",
         )
-    collated = key_collations(conn, table)
+    collated = [] if synced else key_collations(conn, table)
     if collated:
         column, collation = collated[0]
         raise SyncError(
@@ -494,8 +498,8 @@ def install_capture(conn: sqlite3.Connection, name: str) -> tuple[SyncedTable, s
         missed (:func:`sqlite_utils_sync.writing.capture_table`)
     """
     name = canonical_name(conn, name)
-    columns, pk = check_can_sync(conn, name)
     previous = load_tables(conn).get(name)
+    columns, pk = check_can_sync(conn, name, synced=bool(previous and previous.enabled))
     if previous and previous.pk and previous.pk != pk and previous.enabled:
         raise SyncError(
             PK_CHANGED, f"Table '{name}' primary key changed from {previous.pk} to {pk}; peers cannot follow that"

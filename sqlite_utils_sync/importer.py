@@ -298,6 +298,7 @@ class Importer:
             self.forget_devices(held)
             self.check_sequences(held)
             self.check_owners(held)
+            self.check_clock_order()
             # Withheld operations of a retired device are new operations of it too.
             self.take_device_records(held)
             self.record_knowledge()
@@ -673,15 +674,6 @@ class Importer:
         try:
             with open_image(data) as image:
                 bounds = image.execute("SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM ops").fetchone()
-                count, first, last = bounds[:3]
-                # Neighbours by seq when there is no hole (ten times cheaper than a window).
-                falls = (
-                    "SELECT EXISTS (SELECT 1 FROM ops a JOIN ops b ON b.seq = a.seq + 1 WHERE b.hlc < a.hlc)"
-                    if count and count == last - first + 1
-                    else "SELECT EXISTS (SELECT 1 FROM (SELECT hlc, lag(hlc) OVER (ORDER BY seq) AS p FROM ops) WHERE hlc < p)"
-                )
-                if image.execute(falls).fetchone()[0]:
-                    raise self.clocks_fall()
                 return bounds, self.chunk_shapes(image, "ops", table.tid, [f"v{i}" for i in table.pk_positions])
         except sqlite3.DatabaseError as ex:
             if errors.is_local_trouble(ex):
@@ -788,7 +780,6 @@ class Importer:
             raise self.fail(errors.INVALID_OPERATION, f"operation sequence numbers must be 1 to {SEQ_MASK}")
         # Holes are checked per device once everything is in (a compacted sender may leave some).
         self.check_clocks(source, position, shapes, low, high)
-        self.check_clock_order(idx, first, last, low, high)
         if idx == LOCAL and last > self.old[LOCAL]:
             raise self.fail(
                 errors.DEVICE_ID_CLASH,
@@ -819,24 +810,35 @@ class Importer:
             f"SELECT DISTINCT typeof(hlc), kind, mask, moved IS NOT NULL, {key_types} FROM {source}"
         ).fetchall()
 
-    def check_clock_order(self, idx: int, first: int, last: int, low: int, high: int) -> None:
+    def check_clock_order(self) -> None:
         """A device's clocks never fall from one of its operations to the next (its triggers
-        write them so): a chunk's, whose own order the worker checked, must fit between the
-        operations of its device held here (or appended from this bundle) before and after it.
-        Copies would otherwise order such operations differently and diverge."""
-        before = self.conn.execute(
-            "SELECT hlc FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op DESC LIMIT 1", [op_id(idx, 1), op_id(idx, first) - 1]
-        ).fetchone()
-        after = self.conn.execute(
-            "SELECT hlc FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT 1", [op_id(idx, last) + 1, op_id(idx, SEQ_MASK)]
-        ).fetchone()
-        if (before and before[0] > low) or (after and after[0] < high):
-            raise self.clocks_fall()
+        and settling write them so). Copies would otherwise merge such operations differently
+        (and find twins differently: see :class:`~sqlite_utils_sync.merge.KnowledgeCache`).
+        Checked once every chunk is in, since one device's chunks interleave (a chunk per
+        table), over its new operations and the ones held on either side; after the owners
+        are checked, so a hub's answer tells nobody the clock of another's operation."""
+        conn = self.conn
+        for idx, lo, hi in self.ranges:
+            start = conn.execute(
+                "SELECT max(op) FROM _sync_ops WHERE op BETWEEN ? AND ?", [op_id(idx, 1), lo - 1]
+            ).fetchone()[0] or lo
+            end = conn.execute("SELECT min(op) FROM _sync_ops WHERE op BETWEEN ? AND ?", [hi + 1, op_id(idx, SEQ_MASK)]).fetchone()[0] or hi
+            (count,) = conn.execute("SELECT count(*) FROM _sync_ops WHERE op BETWEEN ? AND ?", [start, end]).fetchone()
+            # Neighbours by op id where there is no hole (a tenth of a window's cost).
+            fall = conn.execute(
+                "SELECT b.op FROM _sync_ops a JOIN _sync_ops b ON b.op = a.op + 1 WHERE a.op BETWEEN ? AND ? AND b.hlc < a.hlc LIMIT 1"
+                if count == end - start + 1
+                else "SELECT op FROM (SELECT op, hlc, lag(hlc) OVER (ORDER BY op) AS p FROM _sync_ops WHERE op BETWEEN ? AND ?) "
+                "WHERE hlc < p LIMIT 1",
+                [start, end - 1] if count == end - start + 1 else [start, end],
+            ).fetchone()
+            if fall:
+                raise self.clocks_fall(f"{device_ids(conn)[idx]}:{op_seq(fall[0])}")
 
-    def clocks_fall(self) -> BundleError:
+    def clocks_fall(self, label: str) -> BundleError:
         return self.fail(
             errors.INVALID_OPERATION,
-            "an operation has a clock below the one before it from the same device (a device's clocks never fall)",
+            f"operation {label} has a clock below the one before it from the same device (a device's clocks never fall)",
         )
 
     def check_clocks(self, source: str, position: int, shapes: list[tuple], low: int, high: int) -> None:
@@ -1066,7 +1068,10 @@ class Importer:
         """Take the bundle's retirements, refuse what retired devices wrote after retiring, and
         take its device names (on a hub, only the pushing device's own, from its actor)."""
         conn, header = self.conn, self.reader.header
-        retired = {d: r for d, r in header.get("retired", {}).items() if r[2] <= self.clock_limit}
+        # Records of devices this database holds nothing of are never needed here, and would
+        # pile up from bundle to bundle until no export of this copy fits a header.
+        known = set(device_ids(conn).values())
+        retired = {d: r for d, r in header.get("retired", {}).items() if r[2] <= self.clock_limit and d in known}
         if retired:
             held = retired_records(conn)
             # What this copy held of a device before hearing of its retirement stays accepted.
@@ -1081,7 +1086,7 @@ class Importer:
                     )
             merge_retired(conn, changes)
         self.check_retired(inserted)
-        names = {d: r for d, r in header.get("device_names", {}).items() if r[1] <= self.clock_limit}
+        names = {d: r for d, r in header.get("device_names", {}).items() if r[1] <= self.clock_limit and d in known}
         source = header["source"]
         only = None if self.may_relay else ({source} if self.owns(source) else set())
         merge_names(conn, names, only)

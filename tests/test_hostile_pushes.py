@@ -248,3 +248,32 @@ def test_a_device_that_may_write_a_table_it_may_not_view_pushes_its_new_rows(tmp
         response = hub.post("/hub/-/sync/import", content=path.read_bytes(), headers=auth(token))
         assert response.status_code == 200, response.text
     assert table_rows(hub.path, "tasks")[-1] == (50, "reading", 0)
+
+
+def test_a_push_learns_no_clock_of_an_operation_it_may_not_view(tmp_path, make_db, craft):
+    # The hub's import as it runs for eve, who may view only `public` and owns no device: a
+    # bundle whose clocks fall below a hidden operation's was refused as such, and eve could
+    # binary-search that clock. Devices she does not own are refused first, whatever the clock.
+    x = make_db(tmp_path / "x.db", "CREATE TABLE public (id INTEGER PRIMARY KEY, v); CREATE TABLE secret (id INTEGER PRIMARY KEY, v)", ("public", "secret"))
+    x.execute("INSERT INTO public VALUES (1, 'p')")
+    time.sleep(0.01)
+    x.execute("INSERT INTO secret VALUES (1, 's')")
+    export_bundle(x, str(tmp_path / "x1.bundle"))
+    hub = sqlite3.connect(tmp_path / "hub.db", isolation_level=None)
+    from sqlite_utils_sync import BundleError, SyncError, import_bundle, sync_status
+
+    import_bundle(hub, str(tmp_path / "x1.bundle"), create_tables=True, actor="bob", may_relay=False)
+    (secret,) = hub.execute("SELECT hlc FROM _sync_ops o JOIN _sync_tables t USING (tid) WHERE t.name = 'secret'").fetchone()
+    time.sleep(0.01)
+    x.execute("INSERT INTO public VALUES (2, 'p2')")
+    export_bundle(x, str(tmp_path / "x2.bundle"), since=sync_status(hub)["clock"])
+
+    def probe(hlc):
+        path = tmp_path / "probe.bundle"
+        shutil.copyfile(tmp_path / "x2.bundle", path)
+        craft.rewrite(path, lambda c: (craft.edit_chunks(c, "UPDATE ops SET hlc = ?", hlc, first_only=False), craft.reseal(c)))
+        with pytest.raises((BundleError, SyncError)) as error:
+            import_bundle(hub, str(path), actor="eve", may_relay=False, visible={"public"})
+        return error.value.reason
+
+    assert [probe(hlc) for hlc in (secret - 1, secret, secret + 1)] == ["device_owned"] * 3
