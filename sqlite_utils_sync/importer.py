@@ -212,6 +212,17 @@ NO_TABLE = MappedTable(0, [], True, [])  # the table of knowledge (tick) operati
 
 RowKey = tuple[int, str]  # (tid, row key)
 
+
+def merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Overlapping ``(lo, hi)`` spans merged, in order."""
+    result: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if result and lo <= result[-1][1]:
+            result[-1] = (result[-1][0], max(result[-1][1], hi))
+        else:
+            result.append((lo, hi))
+    return result
+
 # Key types a column of each affinity may store as another value (see check_key_affinity).
 CONVERTED_KEY_TYPES = {"TEXT": {"integer", "real"}, "INTEGER": {"text"}, "NUMERIC": {"text"}, "REAL": {"text"}}
 
@@ -275,6 +286,7 @@ class Importer:
         self.max_hlc = 0
         self.has_resolutions = False
         self.ticks: list[tuple[int, int, str]] = []  # (device index, seq, knowledge clock)
+        self.chunk_spans: list[tuple[int, int, int, int, int, bool]] = []  # device, seqs, clocks, contiguous
         self.withheld: dict[int, int] = {}  # per device index: how many new seqs are withheld
         # check_sequences: the new operations, as (device index, first op id, last op id).
         self.ranges: list[tuple[int, int, int]] = []
@@ -674,6 +686,7 @@ class Importer:
         try:
             with open_image(data) as image:
                 bounds = image.execute("SELECT count(*), min(seq), max(seq), min(hlc), max(hlc) FROM ops").fetchone()
+                bounds = (*bounds, self.clock_fall(image, *bounds[:3]))
                 return bounds, self.chunk_shapes(image, "ops", table.tid, [f"v{i}" for i in table.pk_positions])
         except sqlite3.DatabaseError as ex:
             if errors.is_local_trouble(ex):
@@ -773,13 +786,17 @@ class Importer:
             return self.withhold_chunk(source, idx)
         pk = [f"v{i}" for i in table.pk_positions]
         # Each check is an O(1) lookup or one pass that keeps only distinct shapes.
-        (count, first, last, low, high), shapes = facts
+        (count, first, last, low, high, fall), shapes = facts
         if not count:
             return None
         if not (0 < first and last <= SEQ_MASK):
             raise self.fail(errors.INVALID_OPERATION, f"operation sequence numbers must be 1 to {SEQ_MASK}")
         # Holes are checked per device once everything is in (a compacted sender may leave some).
         self.check_clocks(source, position, shapes, low, high)
+        if fall is not None:
+            raise self.clocks_fall(f"{self.reader.header['devices'][position]}:{fall}")
+        # Where its seqs are contiguous, only its edges meet other operations of its device.
+        self.chunk_spans.append((idx, first, last, low, high, count == last - first + 1))
         if idx == LOCAL and last > self.old[LOCAL]:
             raise self.fail(
                 errors.DEVICE_ID_CLASH,
@@ -810,30 +827,52 @@ class Importer:
             f"SELECT DISTINCT typeof(hlc), kind, mask, moved IS NOT NULL, {key_types} FROM {source}"
         ).fetchall()
 
+    @staticmethod
+    def clock_fall(image: sqlite3.Connection, count: int, first: int, last: int) -> int | None:
+        """On the worker thread: the first seq of a chunk whose clock is below the one before it."""
+        if not count:
+            return None
+        row = image.execute(
+            # By neighbour where its seqs are contiguous: a tenth of a window's cost.
+            "SELECT b.seq FROM ops a JOIN ops b ON b.seq = a.seq + 1 WHERE b.hlc < a.hlc LIMIT 1"
+            if count == last - first + 1
+            else "SELECT seq FROM (SELECT seq, hlc, lag(hlc) OVER (ORDER BY seq) AS p FROM ops) WHERE hlc < p LIMIT 1"
+        ).fetchone()
+        return row[0] if row else None
+
     def check_clock_order(self) -> None:
         """A device's clocks never fall from one of its operations to the next (its triggers
         and settling write them so). Copies would otherwise merge such operations differently
         (and find twins differently: see :class:`~sqlite_utils_sync.merge.KnowledgeCache`).
-        Checked once every chunk is in, since one device's chunks interleave (a chunk per
-        table), over its new operations and the ones held on either side; after the owners
-        are checked, so a hub's answer tells nobody the clock of another's operation."""
-        conn = self.conn
-        for idx, lo, hi in self.ranges:
-            start = conn.execute(
-                "SELECT max(op) FROM _sync_ops WHERE op BETWEEN ? AND ?", [op_id(idx, 1), lo - 1]
-            ).fetchone()[0] or lo
-            end = conn.execute("SELECT min(op) FROM _sync_ops WHERE op BETWEEN ? AND ?", [hi + 1, op_id(idx, SEQ_MASK)]).fetchone()[0] or hi
-            (count,) = conn.execute("SELECT count(*) FROM _sync_ops WHERE op BETWEEN ? AND ?", [start, end]).fetchone()
-            # Neighbours by op id where there is no hole (a tenth of a window's cost).
-            fall = conn.execute(
-                "SELECT b.op FROM _sync_ops a JOIN _sync_ops b ON b.op = a.op + 1 WHERE a.op BETWEEN ? AND ? AND b.hlc < a.hlc LIMIT 1"
-                if count == end - start + 1
-                else "SELECT op FROM (SELECT op, hlc, lag(hlc) OVER (ORDER BY op) AS p FROM _sync_ops WHERE op BETWEEN ? AND ?) "
-                "WHERE hlc < p LIMIT 1",
-                [start, end - 1] if count == end - start + 1 else [start, end],
-            ).fetchone()
-            if fall:
-                raise self.clocks_fall(f"{device_ids(conn)[idx]}:{op_seq(fall[0])}")
+        The worker checked each chunk on its own; once every chunk is in, each contiguous
+        chunk's edges are checked against the operations before and after it, and where a
+        device's chunks interleave (one per table) the stretch they span, op by op. After the
+        owners are checked, so a hub's answer tells nobody the clock of another's operation."""
+        conn, interleaved = self.conn, {}
+        for idx, first, last, low, high, contiguous in self.chunk_spans:
+            before, after = self.held_around(idx, first, last)
+            if contiguous:
+                if (before and before[1] > low) or (after and after[1] < high):
+                    raise self.clocks_fall(f"{device_ids(conn)[idx]}:{first if before and before[1] > low else last}")
+            else:
+                interleaved.setdefault(idx, []).append((before[0] if before else op_id(idx, first), after[0] if after else op_id(idx, last)))
+        for idx, spans in interleaved.items():
+            for lo, hi in merged(spans):
+                fall = conn.execute(
+                    "SELECT op FROM (SELECT op, hlc, lag(hlc) OVER (ORDER BY op) AS p FROM _sync_ops WHERE op BETWEEN ? AND ?) "
+                    "WHERE hlc < p LIMIT 1",
+                    [lo, hi],
+                ).fetchone()
+                if fall:
+                    raise self.clocks_fall(f"{device_ids(conn)[idx]}:{op_seq(fall[0])}")
+
+    def held_around(self, idx: int, first: int, last: int) -> tuple[tuple | None, tuple | None]:
+        """(op, clock) of the operations of device ``idx`` held just before seq ``first`` and
+        just after seq ``last``, or None."""
+        around = "SELECT op, hlc FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op {} LIMIT 1"
+        before = self.conn.execute(around.format("DESC"), [op_id(idx, 1), op_id(idx, first) - 1]).fetchone()
+        after = self.conn.execute(around.format("ASC"), [op_id(idx, last) + 1, op_id(idx, SEQ_MASK)]).fetchone()
+        return before, after
 
     def clocks_fall(self, label: str) -> BundleError:
         return self.fail(
