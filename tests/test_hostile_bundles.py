@@ -601,7 +601,7 @@ def test_a_clock_falling_between_interleaved_chunks_of_one_device_is_refused(tmp
     craft.rewrite(path, merge_per_table)
     b = make_db(tmp_path / "b.db", "CREATE TABLE t1 (id INTEGER PRIMARY KEY, v); CREATE TABLE t2 (id INTEGER PRIMARY KEY, v)", ("t1", "t2"))
     error = refused_by_library(b, tmp_path / "b.db", path)
-    assert error.reason == "invalid_operation" and f":4 has a clock below the one before it" in str(error)
+    assert error.reason == "invalid_operation" and ":4 has a clock below the one before it" in str(error)
 
 
 def test_a_copied_file_edited_on_both_sides_is_a_device_id_clash_whichever_edited_last(tmp_path, make_db):

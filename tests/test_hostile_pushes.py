@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from sqlite_utils_sync import codec, export_bundle
+from sqlite_utils_sync import BundleError, SyncError, codec, enable_sync, export_bundle, import_bundle, sync_status
 from sqlite_utils_sync.bundle import op_fingerprint
 from sqlite_utils_sync.oplog import INSERT, LOCAL, RESOLUTION, op_id
 
@@ -89,8 +89,8 @@ def test_a_push_repeating_an_operation_of_a_hidden_table_answers_the_same_whatev
         400,
         "device_id_clash",
     )
-    # Named as it is: a push may carry no operation of a table the actor may not view, even
-    # one the hub holds already.
+    # Named as it is: a push may not repeat an operation the hub holds of a table the actor
+    # may not view (it would be compared with the hub's copy).
     assert probe("salaries", ["id", "name", "amount"], SECRET_ROW) == probe("salaries", ["id", "name", "amount"], wrong) == (
         403,
         "table_forbidden",
@@ -238,8 +238,6 @@ def test_a_device_that_may_write_a_table_it_may_not_view_pushes_its_new_rows(tmp
     token = hub.token("sensor")
     sensor = sqlite3.connect(tmp_path / "sensor.db", isolation_level=None)
     sensor.execute("CREATE TABLE tasks (id INTEGER PRIMARY KEY, title TEXT, done INTEGER)")
-    from sqlite_utils_sync import enable_sync
-
     enable_sync(sensor, ["tasks"])
     sensor.execute("INSERT INTO tasks VALUES (50, 'reading', 0)")
     path = tmp_path / "sensor.bundle"
@@ -260,8 +258,6 @@ def test_a_push_learns_no_clock_of_an_operation_it_may_not_view(tmp_path, make_d
     x.execute("INSERT INTO secret VALUES (1, 's')")
     export_bundle(x, str(tmp_path / "x1.bundle"))
     hub = sqlite3.connect(tmp_path / "hub.db", isolation_level=None)
-    from sqlite_utils_sync import BundleError, SyncError, import_bundle, sync_status
-
     import_bundle(hub, str(tmp_path / "x1.bundle"), create_tables=True, actor="bob", may_relay=False)
     (secret,) = hub.execute("SELECT hlc FROM _sync_ops o JOIN _sync_tables t USING (tid) WHERE t.name = 'secret'").fetchone()
     time.sleep(0.01)
