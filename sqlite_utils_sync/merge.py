@@ -311,4 +311,3 @@ def record_clashes(
             )
             found = True
     return found
-
