@@ -801,9 +801,16 @@ def write_sql_runs(
         # next CHUNK_OPS op ids (however long another table's stretch after it), and an image
         # that holes kept short is dropped below if the run goes on after them.
         end = min(hi, op + CHUNK_OPS - 1)
+        # Another table's operation within SMALL_RUN op ids (tables written in turn): a short
+        # run, made row by row. Looking for it scans no further than it; trying an image, and
+        # RUN_END_SQL, would read CHUNK_OPS operations for every such run.
+        other = conn.execute(
+            "SELECT op FROM _sync_ops WHERE op > ? AND op <= ? AND tid != ? ORDER BY op LIMIT 1",
+            [op, min(end, op + SMALL_RUN - 1), tid],
+        ).fetchone()
         # Fewer op ids than SMALL_RUN left (a delta): the run is made row by row, no image tried.
         made = None
-        if end - op + 1 >= SMALL_RUN:
+        if other is None and end - op + 1 >= SMALL_RUN:
             if writer.peer:
                 writer.peer.plan(columns, (op, hi, tid), clock_fixes)
                 made = writer.peer.take(op, tid)
@@ -813,7 +820,7 @@ def write_sql_runs(
                 made = None  # holes (compaction's) in its op ids: the run has more ops after them
         if made is None:
             last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn)), {
-                "lo": op, "hi": hi, "tid": tid, "ops": CHUNK_OPS, "bytes": CHUNK_BYTES
+                "lo": op, "hi": hi, "tid": tid, "ops": CHUNK_OPS if other is None else other[0] - op, "bytes": CHUNK_BYTES
             }).fetchone()
             if size >= SMALL_RUN:
                 with scratch_limit(conn, None):

@@ -223,6 +223,7 @@ def merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
             result.append((lo, hi))
     return result
 
+
 # Key types a column of each affinity may store as another value (see check_key_affinity).
 CONVERTED_KEY_TYPES = {"TEXT": {"integer", "real"}, "INTEGER": {"text"}, "NUMERIC": {"text"}, "REAL": {"text"}}
 
