@@ -62,15 +62,20 @@ def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> st
         columns = table.current_columns(conn)
         # Columns the resolution writes: the disputed ones while the row stays (so concurrent
         # edits of other columns still merge), the whole row when it comes back or when the
-        # dispute was about the row's existence. The table and the logged op get the same.
+        # dispute was about the row's existence. Disputed columns dropped since leave nothing
+        # to write: the resolution only marks the conflict resolved (writing the whole row
+        # would undo later edits of its other columns). The table and the logged op get the same.
         disputed = [c for c in record["columns"] if c in columns]
-        changing = disputed if disputed and current is not None else columns
+        changing = columns if current is None or not record["columns"] else disputed
+        carried: dict[str, Any] = {}
         if keep is None:
             target = current
         else:
             version = op_effect(conn, table, parse_op_label(conn, keep), rowkey, device_ids(conn))
             target = _restored(conn, table, rowkey, version, current, columns, changing)
-        op = _write_resolution(conn, table, rowkey, target, current, columns, changing)
+            if target is not None and current is not None:
+                carried = _dropped_values(table, version, record["columns"], columns)
+        op = _write_resolution(conn, table, rowkey, target, current, columns, changing, carried)
         conn.execute("INSERT OR IGNORE INTO _sync_resolutions VALUES (?, ?, ?)", [table.tid, rowkey, op])
         rebuild_conflicts(conn, [(table.tid, rowkey)])
         return op_label(device_ids(conn)[op_device(op)], op_seq(op))
@@ -101,6 +106,16 @@ def _restored(
     return target
 
 
+def _dropped_values(table: SyncedTable, version: Effect, disputed: list[str], columns: list[str]) -> dict[str, Any]:
+    """The kept version's values of disputed columns dropped here: copies that still have them
+    restore them, as they would had the column stayed."""
+    return {
+        name: version.values[table.slots[name]]
+        for name in disputed
+        if name not in columns and name in table.slots and version.mask >> table.slots[name] & 1
+    }
+
+
 def _write_resolution(
     conn: sqlite3.Connection,
     table: SyncedTable,
@@ -109,8 +124,10 @@ def _write_resolution(
     current: dict[str, Any] | None,
     columns: list[str],
     changing: list[str],
+    carried: dict[str, Any],
 ) -> int:
-    """Make the row ``target`` (None: deleted) and log that as a resolution operation."""
+    """Make the row ``target`` (None: deleted) and log that as a resolution operation, with the
+    ``carried`` values of columns this table no longer has."""
     with muted(conn):
         if target is None:
             write_row(conn, table, rowkey, False, {}, current is not None)
@@ -119,5 +136,6 @@ def _write_resolution(
             target.setdefault(pk_column, value)
         write_row(conn, table, rowkey, True, target, current is not None)
         slots = {table.slots[c]: target.get(c) for c in columns}
+        slots.update((table.slots[c], v) for c, v in carried.items())
         kind = (UPDATE if current is not None else INSERT) | RESOLUTION
-        return append_local(conn, table.tid, kind, table.mask_for(changing), rowkey, slots=slots)
+        return append_local(conn, table.tid, kind, table.mask_for([*changing, *carried]), rowkey, slots=slots)

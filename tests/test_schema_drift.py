@@ -11,7 +11,15 @@ import pytest
 from click.testing import CliRunner
 from sqlite_utils.cli import cli
 
-from sqlite_utils_sync import disable_sync, enable_sync, export_bundle, import_bundle, sync_status
+from sqlite_utils_sync import (
+    disable_sync,
+    enable_sync,
+    export_bundle,
+    import_bundle,
+    list_conflicts,
+    resolve_conflict,
+    sync_status,
+)
 
 
 def test_add_column_is_detected_and_missed_writes_reach_peers(tmp_path, make_db, rows, run_cli, sync):
@@ -318,3 +326,57 @@ def test_a_key_column_transform_made_text_still_starts_copies_and_takes_its_oper
         ("1", "text", "one"),
         ("2", "text", "two"),
     ]
+
+
+def _dropped_dispute(tmp_path, make_db, run_cli, sync):
+    """a, b and c hold row 1; a and b set its score concurrently (and b its title too); c
+    retitles it after seeing both; then a drops the disputed column."""
+    a, b, c = (make_db(tmp_path / f"{name}.db") for name in "abc")
+    a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 1.0)")
+    sync(a, b, tmp_path)
+    sync(a, c, tmp_path)
+    a.execute("UPDATE todos SET score = 2 WHERE id = 1")
+    b.execute("UPDATE todos SET score = 3, title = 'milk-b' WHERE id = 1")
+    sync(b, a, tmp_path)
+    sync(a, c, tmp_path)
+    c.execute("UPDATE todos SET title = 'milk-c' WHERE id = 1")
+    sync(c, a, tmp_path)
+    a.close()
+    assert run_cli("transform", tmp_path / "a.db", "todos", "--drop", "score").exit_code == 0
+    return sqlite3.connect(tmp_path / "a.db", isolation_level=None), b, c
+
+
+@pytest.mark.parametrize("keep_score", [2.0, 3.0, None])
+def test_resolving_after_the_disputed_column_was_dropped_keeps_later_edits_of_other_columns(
+    tmp_path, make_db, run_cli, sync, keep_score
+):
+    a, b, c = _dropped_dispute(tmp_path, make_db, run_cli, sync)
+    (conflict,) = list_conflicts(a)
+    assert conflict["columns"] == ["score"]
+    keep = None if keep_score is None else next(v["op"] for v in conflict["versions"] if v["values"]["score"] == keep_score)
+    resolve_conflict(a, conflict["id"], keep=keep)
+    for source, target in ((a, b), (a, c), (b, a), (c, a), (b, c), (c, b)):
+        sync(source, target, tmp_path)
+    assert a.execute("SELECT * FROM todos").fetchall() == [(1, "milk-c", 0)]
+    # The copies that kept the column hold the version chosen (or the one they held); the
+    # title c wrote after seeing both versions is not put back to b's.
+    score = 3.0 if keep_score is None else keep_score
+    for conn in (b, c):
+        assert conn.execute("SELECT * FROM todos").fetchall() == [(1, "milk-c", 0, score)]
+    for conn in (a, b, c):
+        assert sync_status(conn)["unresolved_conflicts"] == 0
+
+
+def test_a_resolution_after_the_disputed_column_was_dropped_does_not_clash_with_other_columns(
+    tmp_path, make_db, run_cli, sync
+):
+    a, b, c = _dropped_dispute(tmp_path, make_db, run_cli, sync)
+    c.execute("UPDATE todos SET title = 'oat milk' WHERE id = 1")  # concurrent with the resolution
+    resolve_conflict(a, list_conflicts(a)[0]["id"])
+    for source, target in ((a, b), (c, b), (b, a), (b, c)):
+        sync(source, target, tmp_path)
+    assert a.execute("SELECT * FROM todos").fetchall() == [(1, "oat milk", 0)]
+    for conn in (b, c):
+        assert conn.execute("SELECT * FROM todos").fetchall() == [(1, "oat milk", 0, 3.0)]
+    for conn in (a, b, c):
+        assert sync_status(conn)["unresolved_conflicts"] == 0
