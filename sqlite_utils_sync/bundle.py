@@ -42,7 +42,7 @@ import msgpack
 
 from . import codec as codecs
 from .capture import load_tables, table_exists
-from .declared import is_without_rowid, sender_types, types_problem
+from .declared import is_without_rowid, sender_defaults, sender_types, types_problem
 from .clocks import clock, horizon, max_seq, now_iso
 from .scope import load_scope, withheld_count, withheld_ranges
 from .devices import device_ids, local_device_id, mark_sent, name_problem, name_records, retired_records
@@ -220,6 +220,7 @@ def make_header(
         "tables": writer.tables,
         "dropped": writer.dropped,
         "column_types": writer.types,
+        "not_null_defaults": writer.defaults,
         "without_rowid": writer.without_rowid,
         "operations": count,
     }
@@ -289,6 +290,7 @@ class BundleWriter:
         self.withheld = 0  # operations sent as withheld ranges
         # How the tables are declared here, so a receiver lacking one creates it the same way.
         self.types: dict[str, dict[str, str]] = {}
+        self.defaults: dict[str, dict[str, str]] = {}
         self.without_rowid: list[str] = []
         self.table_index: dict[int, tuple[int, list[int]]] = {}
         self.total, self.progress = total, progress
@@ -335,6 +337,9 @@ class BundleWriter:
         types = sender_types(self.conn, name, columns)
         if types:
             self.types[name] = types
+        defaults = sender_defaults(self.conn, name, columns)
+        if defaults:
+            self.defaults[name] = defaults
         if is_without_rowid(self.conn, name):
             self.without_rowid.append(name)
 

@@ -5,6 +5,13 @@ can put nothing else into the ``CREATE TABLE`` it causes.
 A bundle header's ``"column_types"`` is ``{table: {column: declared type}}`` and
 ``"without_rowid"`` lists the tables declared ``WITHOUT ROWID``. Both are optional: a bundle
 without them (older senders) creates untyped columns, as before, and older readers ignore them.
+
+``"not_null_defaults"`` is ``{table: {column: literal}}`` for the columns declared
+``NOT NULL DEFAULT <literal>``, also optional. A row applied from a copy that lacks such a column
+takes the DEFAULT there (it can't be NULL), so every copy must declare the column alike, or
+the copies hold different values in it with no operation to tell them apart. Only literals
+travel (a number, a string, a blob); a default that is an expression (``CURRENT_TIMESTAMP``)
+differs from copy to copy anyway, and such a column is declared without it.
 """
 
 from __future__ import annotations
@@ -33,6 +40,22 @@ CONSTRAINT_WORDS = {
 }
 
 
+MAX_DEFAULT_LENGTH = 1000
+
+# A literal as SQLite writes it back in ``PRAGMA table_info``: a number, a string, a blob.
+LITERAL = re.compile(
+    r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+    r"|[+-]?0[xX][0-9a-fA-F]+"
+    r"|'(?:[^'\x00]|'')*'"
+    r"|[xX]'(?:[0-9a-fA-F]{2})*'"
+)
+
+
+def is_default_literal(value: Any) -> bool:
+    """A DEFAULT safe to write into ``CREATE TABLE`` and ``ALTER TABLE``: one literal."""
+    return isinstance(value, str) and len(value) <= MAX_DEFAULT_LENGTH and LITERAL.fullmatch(value) is not None
+
+
 def is_type_name(value: Any) -> bool:
     """A declared type safe to write into ``CREATE TABLE`` (the empty string: no type)."""
     if not isinstance(value, str) or len(value) > MAX_TYPE_LENGTH:
@@ -55,6 +78,13 @@ def types_problem(header: dict[str, Any]) -> str | None:
         for column, declared in columns.items():
             if not is_type_name(declared):
                 return f"column {str(column)[:100]!r} of table {table[:100]!r} has an invalid declared type"
+    defaults = header.get("not_null_defaults", {})
+    if not isinstance(defaults, dict) or not all(isinstance(t, str) and isinstance(c, dict) for t, c in defaults.items()):
+        return "NOT NULL defaults are not a map of maps"
+    for table, columns in defaults.items():
+        for column, literal in columns.items():
+            if not is_default_literal(literal):
+                return f"column {str(column)[:100]!r} of table {table[:100]!r} has an invalid NOT NULL default"
     without_rowid = header.get("without_rowid", [])
     if not isinstance(without_rowid, list) or not all(isinstance(t, str) for t in without_rowid):
         return "without_rowid list is invalid"
@@ -68,6 +98,17 @@ def sender_types(conn: sqlite3.Connection, table: str, columns: list[str]) -> di
     return {c: declared[c] for c in columns if declared.get(c) and is_type_name(declared[c])}
 
 
+def sender_defaults(conn: sqlite3.Connection, table: str, columns: list[str]) -> dict[str, str]:
+    """The literal DEFAULT of each of ``columns`` declared ``NOT NULL`` here, but key columns
+    (every operation writes those), for a bundle header."""
+    declared = {row[1]: row for row in conn.execute(f"PRAGMA table_info({quote_identifier(table)})")}
+    return {
+        c: declared[c][4]
+        for c in columns
+        if c in declared and declared[c][3] and not declared[c][5] and is_default_literal(declared[c][4])
+    }
+
+
 def is_without_rowid(conn: sqlite3.Connection, table: str) -> bool:
     try:
         row = conn.execute("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table]).fetchone()
@@ -77,26 +118,38 @@ def is_without_rowid(conn: sqlite3.Connection, table: str) -> bool:
         return bool(row and re.search(r"\)\s*WITHOUT\s+ROWID\s*$", row[0] or "", re.I))
 
 
-def column_sql(column: str, declared: str) -> str:
-    return f"{quote_identifier(column)} {declared}".rstrip()
+def column_sql(column: str, declared: str, default: str | None = None) -> str:
+    constraint = "" if default is None else f" NOT NULL DEFAULT {default}"
+    return f"{quote_identifier(column)} {declared}".rstrip() + constraint
 
 
 def create_table(
-    conn: sqlite3.Connection, name: str, columns: list[str], pk: list[str], types: dict[str, str], without_rowid: bool
+    conn: sqlite3.Connection,
+    name: str,
+    columns: list[str],
+    pk: list[str],
+    types: dict[str, str],
+    without_rowid: bool,
+    defaults: dict[str, str],
 ) -> None:
-    """``CREATE TABLE`` with the sender's declared types and primary key, then a check that
-    SQLite read exactly those types and no constraint (the types were validated already;
-    this makes sure of it)."""
+    """``CREATE TABLE`` with the sender's declared types, NOT NULL defaults and primary key,
+    then a check that SQLite read exactly those and no other constraint (they were validated
+    already; this makes sure of it)."""
+    defaults = {c: d for c, d in defaults.items() if c not in pk}
     conn.execute(
         f"CREATE TABLE {quote_identifier(name)} ("
-        + ", ".join(column_sql(c, types.get(c, "")) for c in columns)
+        + ", ".join(column_sql(c, types.get(c, ""), defaults.get(c)) for c in columns)
         + f", PRIMARY KEY ({', '.join(quote_identifier(c) for c in pk)}))"
         + (" WITHOUT ROWID" if without_rowid else "")
     )
     got = {row[1]: (row[2], row[3], row[4], row[6]) for row in conn.execute(f"PRAGMA table_xinfo({quote_identifier(name)})")}
-    if got != {c: (types.get(c, ""), 1 if without_rowid and c in pk else 0, None, 0) for c in columns}:
+    expected = {
+        c: (types.get(c, ""), 1 if (without_rowid and c in pk) or c in defaults else 0, defaults.get(c), 0)
+        for c in columns
+    }
+    if got != expected:
         raise BundleError(errors.INVALID_METADATA, f"table '{name}' cannot be created as its sender declared it")
 
 
-def add_column(conn: sqlite3.Connection, table: str, column: str, declared: str) -> None:
-    conn.execute(f"ALTER TABLE {quote_identifier(table)} ADD COLUMN {column_sql(column, declared)}")
+def add_column(conn: sqlite3.Connection, table: str, column: str, declared: str, default: str | None) -> None:
+    conn.execute(f"ALTER TABLE {quote_identifier(table)} ADD COLUMN {column_sql(column, declared, default)}")

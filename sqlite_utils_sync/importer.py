@@ -517,8 +517,9 @@ class Importer:
             (count,) = conn.execute("SELECT count(*) FROM _sync_unapplied WHERE tid = ?", [kept.tid]).fetchone()
             self.adopted[name] = count
         types = header.get("column_types", {}).get(name, {})
+        defaults = header.get("not_null_defaults", {}).get(name, {})
         create_declared(
-            conn, name, [c for c in columns if c not in dropped], pk, types, name in header.get("without_rowid", [])
+            conn, name, [c for c in columns if c not in dropped], pk, types, name in header.get("without_rowid", []), defaults
         )
         capture_table(conn, name)
         self.created.append(name)
@@ -541,8 +542,9 @@ class Importer:
             )
         missing = [c for c in missing if c not in dropped] if self.alter else []
         types = self.reader.header.get("column_types", {}).get(name, {})
+        defaults = self.reader.header.get("not_null_defaults", {}).get(name, {})
         for column in missing:
-            add_column(conn, name, column, types.get(column, ""))
+            add_column(conn, name, column, types.get(column, ""), defaults.get(column))
         if missing and name not in self.created:
             self.added[name] = missing
         if missing:

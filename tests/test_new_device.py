@@ -13,7 +13,7 @@ import sqlite3
 import pytest
 
 from sqlite_utils_sync import import_bundle
-from sqlite_utils_sync.declared import is_type_name
+from sqlite_utils_sync.declared import is_default_literal, is_type_name
 from sqlite_utils_sync.errors import BundleError
 
 SCHEMA = (
@@ -132,6 +132,49 @@ def test_hostile_declared_types_are_refused_and_change_nothing(tmp_path, laptop,
         import_bundle(sqlite3.connect(tmp_path / "other.db"), bundle, alter=True)
     assert error.value.reason == "invalid_metadata"
     assert file_bytes(tmp_path / "other.db") == before
+
+
+@pytest.mark.parametrize(
+    "default",
+    [
+        "'x'); DROP TABLE todos; --",
+        "'a' || 'b'",
+        "CURRENT_TIMESTAMP",
+        "(1)",
+        "1 COLLATE NOCASE",
+        "'unterminated",
+        "'nul\x00'",
+        "x'0'",
+        "'" + "x" * 1000 + "'",
+        "",
+        7,
+        None,
+    ],
+)
+def test_hostile_not_null_defaults_are_refused_and_change_nothing(tmp_path, laptop, run, craft, file_bytes, default):
+    bundle = tmp_path / "first.bundle"
+    run(["sqlite-utils", "export-bundle", tmp_path / "laptop.db", bundle])
+
+    def tamper(conn):
+        craft.edit_header(conn, lambda h: h.__setitem__("not_null_defaults", {"todos": {"title": default}}))
+        craft.reseal(conn)
+
+    craft.rewrite(bundle, tamper)
+    result = run(["sqlite-utils", "import-bundle", tmp_path / "phone.db", bundle], check=False)
+    assert result.returncode == 1
+    assert result.stderr == "Error: Bundle first.bundle: column 'title' of table 'todos' has an invalid NOT NULL default\n"
+    assert not (tmp_path / "phone.db").exists()
+    run(["sqlite-utils", "create-database", tmp_path / "other.db"])
+    before = file_bytes(tmp_path / "other.db")
+    with pytest.raises(BundleError) as error:
+        import_bundle(sqlite3.connect(tmp_path / "other.db"), bundle, alter=True)
+    assert error.value.reason == "invalid_metadata"
+    assert file_bytes(tmp_path / "other.db") == before
+
+
+def test_default_literals_senders_use_are_accepted():
+    for good in ("0", "-1", "+2.5", "1e10", ".5", "0x1F", "''", "'it''s'", "'two\nlines'", "X'00ff'", "x''"):
+        assert is_default_literal(good), good
 
 
 def test_type_names_senders_use_are_accepted():

@@ -380,3 +380,36 @@ def test_a_resolution_after_the_disputed_column_was_dropped_does_not_clash_with_
         assert conn.execute("SELECT * FROM todos").fetchall() == [(1, "oat milk", 0, 3.0)]
     for conn in (a, b, c):
         assert sync_status(conn)["unresolved_conflicts"] == 0
+
+
+def test_a_not_null_default_column_reaches_peers_and_new_copies_as_declared(tmp_path, make_db, rows, sync, run):
+    # A row b writes before it has the column gets a's DEFAULT on a (the column can't hold
+    # NULL), unlogged: b and a new copy must declare the column alike to hold the same.
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 1.0)")
+    sync(a, b, tmp_path)
+    a.execute("ALTER TABLE todos ADD COLUMN list TEXT NOT NULL DEFAULT 'it''s groceries'")
+    a.execute("ALTER TABLE todos ADD COLUMN prio INTEGER NOT NULL DEFAULT -1")
+    b.execute("INSERT INTO todos VALUES (2, 'from b', 0, 0.5)")
+    sync(b, a, tmp_path)
+    export_bundle(a, tmp_path / "a.bundle")
+    import_bundle(b, tmp_path / "a.bundle", alter=True)
+    run(["sqlite-utils", "import-bundle", tmp_path / "new.db", tmp_path / "a.bundle"])
+    new = sqlite3.connect(tmp_path / "new.db")
+    expected = [(1, "milk", 0, 1.0, "it's groceries", -1), (2, "from b", 0, 0.5, "it's groceries", -1)]
+    for conn in (a, b, new):
+        assert conn.execute("SELECT * FROM todos ORDER BY id").fetchall() == expected
+        declared = {r[1]: (r[2], r[3], r[4]) for r in conn.execute("PRAGMA table_info(todos)")}
+        assert declared["list"] == ("TEXT", 1, "'it''s groceries'")
+        assert declared["prio"] == ("INTEGER", 1, "-1")
+    assert rows(b) == rows(a) == rows(new)
+
+
+def test_a_not_null_column_whose_default_is_an_expression_is_declared_without_it(tmp_path, make_db, run):
+    a = make_db(tmp_path / "a.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, at TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)", ("t",))
+    a.execute("INSERT INTO t (id) VALUES (1)")
+    export_bundle(a, tmp_path / "a.bundle")
+    run(["sqlite-utils", "import-bundle", tmp_path / "new.db", tmp_path / "a.bundle"])
+    new = sqlite3.connect(tmp_path / "new.db")
+    assert [(r[1], r[3], r[4]) for r in new.execute("PRAGMA table_info(t)")] == [("id", 0, None), ("at", 0, None)]
+    assert new.execute("SELECT * FROM t").fetchall() == a.execute("SELECT * FROM t").fetchall()
