@@ -7,7 +7,7 @@ Usage::
     python bench/bench_export.py            # 1M-op log, 100k-row todos workload, 3 runs each
     python bench/bench_export.py --quick    # 100k-op log, 20k rows
     python bench/bench_export.py --no-hub   # without the pull through a real `datasette serve`
-    python bench/bench_export.py --only import,pull   # some parts only (export, memory, codecs, import, pull)
+    python bench/bench_export.py --only import,pull   # some parts only (export, memory, codecs, import, pull, turns)
 
 Lines:
 
@@ -20,7 +20,10 @@ Lines:
   ``UPDATE`` of every row, a tenth deleted) for each codec: as the exporter writes them
   (none, zstd) and, for comparison, its chunk images recompressed with zstd level 3 and zlib;
 - (3) import of an N-insert bundle (compressed, and not) vs a plain ``executemany`` insert;
-- (4) peak RSS of a process exporting the whole log (VmHWM, the process, not the heap).
+- (4) peak RSS of a process exporting the whole log (VmHWM, the process, not the heap);
+- tables written in turn (a list, then its item, N times: every run one operation long): a
+  full export and its import into a new file, vs copying both tables with plain SQL, and the
+  bundle's bytes per operation.
 
 Every timing is the median of ``--reps`` runs, plain and synced interleaved. Targets are
 printed with ``ok`` or ``MISSED``; what was measured is checked (operation counts, table
@@ -52,7 +55,7 @@ from bench_sync import INSERT, SCHEMA, checksum, close_checkpointed, connect, in
 from sqlite_utils_sync import export_bundle, import_bundle  # noqa: E402
 
 RESULTS: dict[str, bool] = {}
-PARTS = ("export", "memory", "codecs", "import", "pull")
+PARTS = ("export", "memory", "codecs", "import", "pull", "turns")
 
 
 def line(label: str, text: str, ok: bool | None = None, key: str | None = None) -> None:
@@ -336,6 +339,60 @@ def bench_pull(work: str, log: str, n: int, reps: int) -> None:
          f"{slim_log / plain:.2f}x the plain copy of the table: one log row per row costs about as much as the values")
 
 
+TURNS_SCHEMA = (
+    "CREATE TABLE lists (id INTEGER PRIMARY KEY, name TEXT)",
+    "CREATE TABLE items (id INTEGER PRIMARY KEY, list INTEGER, title TEXT, done INTEGER)",
+)
+
+
+def bench_turns(work: str, n: int, reps: int) -> None:
+    """A list and its item, ``n`` times in one transaction: runs of one operation each."""
+    from sqlite_utils_sync import enable_sync
+
+    log = fresh(os.path.join(work, "turns.db"))
+    conn = sqlite3.connect(log, isolation_level=None)
+    for create in TURNS_SCHEMA:
+        conn.execute(create)
+    enable_sync(conn, ["lists", "items"])
+
+    def write():
+        for i in range(1, n + 1):
+            conn.execute("INSERT INTO lists VALUES (?, ?)", [i, f"list {i}"])
+            conn.execute("INSERT INTO items VALUES (?, ?, ?, 0)", [i, i, f"item {i}"])
+
+    in_transaction(conn, write)
+    bundle, copy, target = (os.path.join(work, name) for name in ("turns.bundle", "turns-copy.db", "turns-new.db"))
+    export_bundle(conn, fresh(bundle))  # settles the clocks, once
+
+    def copy_tables():
+        for create, name in zip(TURNS_SCHEMA, ("lists", "items")):
+            conn.execute(create.replace("CREATE TABLE ", "CREATE TABLE copy."))
+            conn.execute(f"INSERT INTO copy.{name} SELECT * FROM {name}")
+
+    def plain() -> float:
+        conn.execute(f"ATTACH '{fresh(copy)}' AS copy")
+        took = timed(lambda: in_transaction(conn, copy_tables))
+        conn.execute("DETACH copy")
+        return took
+
+    def export() -> float:
+        return timed(lambda: export_bundle(conn, fresh(bundle)))
+
+    def import_new() -> float:
+        new = sqlite3.connect(fresh(target), isolation_level=None)
+        took = timed(lambda: import_bundle(new, bundle, create_tables=True))
+        assert [new.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("lists", "items")] == [n, n]
+        new.close()
+        return took
+
+    copied, exported = median_pair(reps, plain, export)
+    imported = statistics.median(import_new() for _ in range(reps))
+    conn.close()
+    size = os.path.getsize(bundle)
+    line("tables written in turn", f"{2 * n} ops  export {exported:.2f}s ({exported / copied:.1f}x)  import into a new "
+         f"file {imported:.2f}s ({imported / copied:.1f}x)  plain copy of both tables {copied:.2f}s  {size / (2 * n):.1f} B/op")
+
+
 def fetch(url: str, token: str, path: str) -> None:
     """GET the hub's whole export, streamed to ``path``, as the client does."""
     import httpx
@@ -388,6 +445,8 @@ def main() -> int:
             bench_import(work, n, args.reps)
         if "pull" in parts:
             bench_pull(work, log, log_size, args.reps)
+        if "turns" in parts:
+            bench_turns(work, n // 2, args.reps)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

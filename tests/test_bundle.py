@@ -15,6 +15,8 @@ import sqlite_utils
 
 from sqlite_utils_sync import export_bundle, import_bundle, sync_status
 
+from conftest import chunks
+
 
 def test_same_bundle_twice_is_skipped_and_overlap_counts_duplicates(tmp_path, pair, file_bytes, rows):
     a, b = pair
@@ -226,3 +228,31 @@ def test_killing_the_importer_midway_leaves_the_database_unchanged(tmp_path, mak
     result = import_bundle(b, tmp_path / "big.bundle")
     assert result.applied == 12000
     assert rows(b) == rows(a)
+
+
+def test_tables_written_in_turn_go_in_one_chunk_per_table(tmp_path, make_db, rows):
+    # A list and its first item in each transaction: every run is one operation long. Such
+    # stretches go as one chunk per table (not one per operation); long runs around them,
+    # and ones that start inside them, still go as runs of their own.
+    schema = "CREATE TABLE lists (id INTEGER PRIMARY KEY, name TEXT); " + (
+        "CREATE TABLE items (id INTEGER PRIMARY KEY, list INTEGER, title TEXT, done INTEGER)"
+    )
+    a = make_db(tmp_path / "a.db", schema, ("lists", "items"))
+    a.execute("BEGIN")
+    for i in range(1, 3001):
+        a.execute("INSERT INTO lists VALUES (?, ?)", [i, f"list {i}"])
+        a.execute("INSERT INTO items VALUES (?, ?, ?, 0)", [i, i, f"item {i}"])
+    a.executemany("INSERT INTO items VALUES (?, 1, ?, 0)", [(i, f"more {i}") for i in range(3001, 3501)])
+    for i in range(1, 41):
+        a.execute("UPDATE lists SET name = 'renamed' WHERE id = ?", [i])
+        a.execute("UPDATE items SET done = 1 WHERE id = ?", [i])
+    a.execute("COMMIT")
+    exported = export_bundle(a, tmp_path / "a.bundle")
+    assert exported.operations == 6580
+    # lists and items up to 5,000 operations, then to the long run, the long run, the updates.
+    assert len(chunks(tmp_path / "a.bundle")) == 7
+    assert exported.bytes < 20 * exported.operations
+    b = make_db(tmp_path / "b.db", schema, ("lists", "items"))
+    assert import_bundle(b, tmp_path / "a.bundle").applied == 6580
+    for table in ("lists", "items"):
+        assert rows(b, table) == rows(a, table)
