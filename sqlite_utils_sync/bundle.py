@@ -1433,9 +1433,10 @@ def device_records_problem(header: dict) -> str | None:
 
 
 def limit_values(conn: sqlite3.Connection, most: int) -> None:
-    """No string or BLOB read on ``conn`` may be longer than ``most`` bytes (Python 3.11+)."""
+    """No string or BLOB read on ``conn`` may be longer than ``most`` bytes (Python 3.11+).
+    SQLite's own ceiling is under 2**31: a bundle file larger than that keeps it."""
     if hasattr(conn, "setlimit"):
-        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, max(most, 1024))
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, min(max(most, 1024), 2**31 - 1))
 
 
 def check_btrees(conn: sqlite3.Connection, tables: Sequence[str], what: str, reason: str = INVALID_BUNDLE) -> None:

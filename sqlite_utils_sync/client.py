@@ -51,6 +51,13 @@ TOKEN_ENV = "DATASETTE_SYNC_TOKEN"
 RETRIES = 5  # 503 busy answers retried per request before giving up
 FIRST_RETRY_DELAY = 0.5  # seconds, doubled on each retry unless the hub asks for longer
 MAX_RETRY_DELAY = 60.0  # a hub asking for a longer wait is not retried: run sync again later
+# A hub's answer is checked like a bundle: a JSON answer (a push's result) may be no longer
+# than MAX_ANSWER, the text of a refusal is read up to MAX_ERROR_BODY, and a body that comes
+# slower than MIN_RATE bytes a second, once past the client's timeout, is given up.
+MAX_ANSWER = 1 << 20
+MAX_ERROR_BODY = 64 * 1024
+MIN_RATE = 16 * 1024
+MAX_DETAIL = 500  # characters of a hub's error text shown
 
 
 class HubError(SyncError):
@@ -112,11 +119,14 @@ def normalize_url(url: str) -> str:
 
 
 def _error_detail(response: Any) -> str:
-    """The error text of a hub response, else nothing."""
+    """The error text of a hub response, else nothing: one line of printable characters (a
+    terminal shows it, and control sequences in it would reach the terminal)."""
     try:
-        return protocol.error_message(response.json())
+        text = protocol.error_message(response.json())
     except (ValueError, RecursionError):  # not JSON, or nested deeper than json reads
         return ""
+    text = "".join(c if c.isprintable() else " " for c in text[: MAX_DETAIL + 1])
+    return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "…"
 
 
 def _check(response: Any, url: str, what: str, has_token: bool) -> None:
@@ -199,13 +209,19 @@ def _request_once(
 
     try:
         with client.stream(method, endpoint, **kwargs) as response:
+            body = _Body(response, url, what, client.timeout.read)
             if save_to is None or not 200 <= response.status_code < 300:
-                response.read()
-                _check(response, url, what, has_token)
-                return response
+                ok = 200 <= response.status_code < 300
+                answer = httpx.Response(
+                    response.status_code,
+                    headers=response.headers,
+                    content=body.read(MAX_ANSWER if ok else MAX_ERROR_BODY, truncate=not ok),
+                    request=response.request,
+                )
+                _check(answer, url, what, has_token)
+                return answer
             with open(save_to, "wb") as fp:
-                for chunk in response.iter_bytes():
-                    fp.write(chunk)
+                body.copy(fp)
             return response
     except httpx.ConnectError as ex:
         text = str(ex)
@@ -217,6 +233,37 @@ def _request_once(
         raise HubError(errors.INVALID_URL, f"Hub URL {url!r} is not a valid URL: {ex}")
     except httpx.HTTPError as ex:
         raise HubError(errors.CONNECTION_FAILED, f"{what} from {url} failed: {ex}")
+
+
+class _Body:
+    """A hub answer's body, read with the limits above."""
+
+    def __init__(self, response: Any, url: str, what: str, timeout: float | None):
+        self.response, self.url, self.what = response, url, what
+        self.started, self.timeout, self.received = time.monotonic(), timeout or 60.0, 0
+
+    def chunks(self) -> Any:
+        for chunk in self.response.iter_bytes():
+            self.received += len(chunk)
+            if time.monotonic() - self.started > self.timeout + self.received / MIN_RATE:
+                raise HubError(errors.TIMEOUT, f"hub {self.url} sent the {self.what} too slowly (under {MIN_RATE // 1024} KB/s)")
+            yield chunk
+
+    def read(self, limit: int, truncate: bool) -> bytes:
+        """The body, or its first ``limit`` bytes (``truncate``: a refusal's text; else a
+        longer body is refused)."""
+        data = bytearray()
+        for chunk in self.chunks():
+            data += chunk
+            if len(data) > limit:
+                if truncate:
+                    return bytes(data[:limit])
+                raise HubError(errors.INVALID_RESPONSE, f"hub {self.url} answered the {self.what} with more than {limit:,} bytes")
+        return bytes(data)
+
+    def copy(self, out: Any) -> None:
+        for chunk in self.chunks():
+            out.write(chunk)
 
 
 def _hub_clock(response: Any, reader: BundleReader | None, url: str) -> dict[str, int]:
@@ -233,13 +280,16 @@ def _hub_clock(response: Any, reader: BundleReader | None, url: str) -> dict[str
 
 def read_pulled(path: str, response: Any, url: str) -> tuple[dict[str, int], str, int, str]:
     """Check a pulled bundle (every hash) and read what a pull needs of it: ``(the hub's clock,
-    the hub's device id, how many operations it holds, its bundle id)``."""
+    the hub's device id, how many operations it tells of, its bundle id)``. Operations it
+    withholds count: a partial copy takes them, else its clock stays behind the hub's and
+    every waiting pull is answered at once with them."""
     try:
         reader = BundleReader(path)
     except BundleError as ex:
         raise HubError(errors.INVALID_RESPONSE, f"hub {url} sent an invalid bundle: {ex}")
     try:
-        return _hub_clock(response, reader, url), reader.header["source"], reader.header["operations"], reader.bundle_id
+        told = reader.header["operations"] + reader.header.get("withheld", 0)
+        return _hub_clock(response, reader, url), reader.header["source"], told, reader.bundle_id
     finally:
         reader.close()
 

@@ -263,3 +263,26 @@ def test_hub_that_answers_at_once_is_polled_not_spun_on(live_hub, watchers):
         assert w.output().count("does not hold pulls open") == 1
         assert w.stop() == 0
         assert_clean(w)
+
+
+def test_a_partial_copy_takes_what_it_withholds_and_goes_on_waiting(tmp_path, live_hub, watchers, run):
+    # A copy of todos only: an edit of notes wakes its waiting pull, which answers with the
+    # edit as withheld. The watcher must take it (its clock reaches the hub's), not leave its
+    # clock behind so that every waiting pull answers at once, and not take the hub for one
+    # that does not hold pulls open.
+    edit(live_hub.path, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)")
+    run(["sqlite-utils", "enable-sync", live_hub.path, "notes"])
+    a_path = tmp_path / "a.db"
+    run(["sqlite-utils", "sync", a_path, live_hub.url + "/hub", "--token", live_hub.alice, "--table", "todos"])
+    a = watchers("a")
+    a.wait_for("Watching")
+    edit(live_hub.path, "INSERT INTO notes VALUES (1, 'not for a')")
+    hub_clock = sync_status(sqlite3.connect(live_hub.path))["clock"]
+    reached = lambda: all(state(a_path)[2].get(device, 0) >= seq for device, seq in hub_clock.items())  # noqa: E731
+    wait_until(reached, f"a's clock to reach the hub's {hub_clock}\n{a.output()}")
+    edit(live_hub.path, "INSERT INTO todos VALUES (3, 'for a', 0)")
+    wait_until(lambda: [r[0] for r in state(a_path)[0]] == [1, 2, 3], f"a to get todo 3\n{a.output()}")
+    assert sync_status(sqlite3.connect(a_path))["withheld"] == 1
+    assert "does not hold pulls open" not in a.output()
+    assert a.stop() == 0
+    assert_clean(a)

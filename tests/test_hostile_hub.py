@@ -1,0 +1,146 @@
+"""A hub's answers are as hostile as a bundle: the client reads a refusal's text only so far,
+refuses a JSON answer that never ends, gives up a body that trickles, and shows no control
+characters from a hub's error text. The hostile hub is a real HTTP server on 127.0.0.1 that
+answers every request the way the test says; the client is the real ``sqlite-utils sync``
+(or ``sync_with_hub``)."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import sqlite_utils
+
+from sqlite_utils_sync.client import MAX_ERROR_BODY, HubError, sync_with_hub
+
+
+class HostileHub(http.server.ThreadingHTTPServer):
+    """Answers every request with ``answer(handler)``; counts the bytes it got out."""
+
+    daemon_threads = True
+
+    def __init__(self, answer):
+        self.answer, self.sent = answer, 0
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/hub"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        try:
+            self.server.answer(self)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up, as it should
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        pass
+
+    def start(self, status: int, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.end_headers()
+
+    def send(self, data: bytes) -> None:
+        self.wfile.write(data)
+        self.wfile.flush()
+        self.server.sent += len(data)
+
+
+@pytest.fixture
+def hostile_hub():
+    started = []
+
+    def start(answer) -> HostileHub:
+        server = HostileHub(answer)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.shutdown()
+        server.server_close()
+
+
+def endless(handler, status: int) -> None:
+    handler.start(status)
+    handler.send(b'{"error": "')
+    block = b"x" * 65536
+    for _ in range(200_000):  # 13 GB: a client reading it whole would not get to the end
+        handler.send(block)
+
+
+def test_a_refusal_that_never_ends_is_read_only_so_far(tmp_path, hostile_hub, make_todos_db, run):
+    hub = hostile_hub(lambda handler: endless(handler, 403))
+    device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
+    result = run(["sqlite-utils", "sync", device, hub.url], check=False)
+    assert result.returncode == 1
+    assert result.stderr == f"Error: hub {hub.url} does not allow export (pull) (403); no token was sent: pass --token or set DATASETTE_SYNC_TOKEN\n"
+    assert hub.sent < 100 * MAX_ERROR_BODY  # what the sockets held when it stopped reading
+
+
+def test_a_json_answer_that_never_ends_is_refused(tmp_path, hostile_hub, make_todos_db, datasette_server, hub_config):
+    # A real hub takes the pull; the push's answer, JSON, comes from a hostile one that never
+    # ends it: the client stops after MAX_ANSWER bytes.
+    real = datasette_server([make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "x", "done": 0}])], hub_config)
+
+    def answer(handler):
+        if handler.command == "GET":  # the pull: sent on to the real hub
+            upstream = httpx.get(real.url + handler.path, headers={"Authorization": handler.headers["Authorization"]})
+            handler.send_response(upstream.status_code)
+            for name in ("Content-Type", "X-Sync-Clock", "X-Sync-Operations"):
+                if name in upstream.headers:
+                    handler.send_header(name, upstream.headers[name])
+            handler.end_headers()
+            handler.send(upstream.content)
+        else:
+            endless(handler, 200)
+
+    hub = hostile_hub(answer)
+    db = sqlite_utils.Database(make_todos_db(tmp_path / "d.db", [{"id": 2, "title": "y", "done": 0}]))
+    with pytest.raises(HubError) as error:
+        sync_with_hub(db, hub.url, token=real.token("alice"))
+    assert error.value.reason == "invalid_response"
+    assert error.value.message == f"hub {hub.url} answered the import (push) with more than 1,048,576 bytes"
+    assert hub.sent < 100 * MAX_ERROR_BODY + (1 << 20)
+
+
+def test_a_body_that_trickles_is_given_up(tmp_path, hostile_hub, make_todos_db):
+    def trickle(handler):
+        handler.start(200, "application/octet-stream")
+        for _ in range(120):
+            handler.send(b"S")
+            time.sleep(0.5)
+
+    hub = hostile_hub(trickle)
+    db = sqlite_utils.Database(make_todos_db(tmp_path / "d.db"))
+    started = time.monotonic()
+    with pytest.raises(HubError) as error:
+        sync_with_hub(db, hub.url, timeout=2)
+    assert error.value.reason == "timeout"
+    assert "too slowly" in error.value.message
+    assert time.monotonic() - started < 50  # the trickle runs for 60 s
+
+
+def test_control_characters_in_a_hubs_error_text_do_not_reach_the_terminal(tmp_path, hostile_hub, make_todos_db, run):
+    def refuse(handler):
+        handler.start(400)
+        handler.send(json.dumps({"error": "\x1b]0;owned\x07\x1b[2Jenter your token again\r\n" + "y" * 2000}).encode())
+
+    hub = hostile_hub(refuse)
+    device = make_todos_db(tmp_path / "d.db")
+    result = run(["sqlite-utils", "sync", device, hub.url], check=False)
+    assert result.returncode == 1
+    line = result.stderr.rstrip("\n")
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\x07" not in line
+    assert "enter your token again" in line
+    assert len(line) < 700  # the hub's text is cut at 500 characters
