@@ -746,7 +746,7 @@ class ExportEndpoint(Endpoint):
     async def get(self, request, datasette, db):
         since = protocol.decode_clock(request.args.get(protocol.SINCE_PARAM) or None, "since query parameter")
         wait, device = wait_args(request, datasette, db)
-        requested = request.args.getlist(protocol.TABLE_PARAM)
+        requested = protocol.parse_tables(request.args.getlist(protocol.TABLE_PARAM))
         tables, visible = await pull_scope(datasette, request.actor, db, requested)
         if wait > 0:
             await wait_for_news(datasette, request, db, since, device, wait)

@@ -40,6 +40,8 @@ CONFLICT_ID_PATTERN = "[0-9a-f]{1,64}"
 SINCE_PARAM = "since"
 TABLE_PARAM = "table"
 """Repeatable: a pull wants only these tables (the others' operations come withheld)."""
+MAX_TABLES = 500
+"""The most distinct ``table`` parameters a pull may name: each costs a permission check."""
 ALTER_PARAM = "alter"
 WAIT_PARAM = "wait"
 """Seconds a pull may wait (a number >= 0): the hub answers as soon as it holds a data operation
@@ -199,6 +201,17 @@ def parse_wait(text: str | None) -> float:
             errors.INVALID_REQUEST, f"wait must be a number of seconds >= 0, got {text[:40]!r}"
         )
     return seconds
+
+
+def parse_tables(values: list[str]) -> list[str]:
+    """The distinct tables of a pull's ``table`` parameters, in order; raises SyncError with
+    reason ``invalid_request`` past MAX_TABLES."""
+    tables = list(dict.fromkeys(values))
+    if len(tables) > MAX_TABLES:
+        raise errors.SyncError(
+            errors.INVALID_REQUEST, f"a pull may name at most {MAX_TABLES} tables, got {len(tables)} table parameters"
+        )
+    return tables
 
 
 def resolve_path(conflict_id: str) -> str:

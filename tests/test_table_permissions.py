@@ -189,6 +189,12 @@ def test_a_pull_carries_only_the_tables_the_actor_may_view(hub, tokens):
         "error": "Permission denied: table salaries cannot be pulled, it needs view-table on it",
         "reason": "table_forbidden",
     }
+    # Each table named costs a permission check: a pull may name 500, each as often as it likes.
+    many = hub.get("/hub/-/sync/export", params={"table": [f"t{i}" for i in range(501)]}, headers=auth(tokens["alice"]))
+    assert many.status_code == 400
+    assert many.json()["error"] == "a pull may name at most 500 tables, got 501 table parameters"
+    again = hub.get("/hub/-/sync/export", params={"table": ["tasks"] * 1000}, headers=auth(tokens["alice"]))
+    assert again.status_code == 200 and json.loads(again.headers["X-Sync-Scope"]) == ["tasks"]
 
     # The sync pages say what each actor syncs, naming no table it may not view.
     def access(token=None):
