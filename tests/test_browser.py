@@ -128,3 +128,24 @@ def check_chart(chart, device_id, other_id, width):
     for before, after in zip(ticks, ticks[1:]):
         assert before["right"] <= after["left"], (width, ticks)
     assert ticks[0]["left"] >= 0 and ticks[-1]["right"] <= width, (width, ticks)
+
+
+def test_an_open_page_polls_a_hub_that_does_not_hold_requests_every_few_seconds(tmp_path, datasette_server):
+    # max_wait 0: the changes endpoint answers at once. The page's script must not ask again
+    # at once (it asked over 100 times a second).
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    db_path, _, _ = make_conflicted(tmp_path)
+    server = datasette_server([db_path], {"plugins": {"datasette-sync": {"max_wait": 0}}})
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True, args=ARGS
+        )
+        try:
+            page = context.new_page()
+            asked = []
+            page.on("request", lambda request: "/-/sync/changes" in request.url and asked.append(request.url))
+            page.goto(server.url + "/todos/-/sync/operations", wait_until="load")
+            page.wait_for_timeout(6000)
+            assert 1 <= len(asked) <= 3, len(asked)
+        finally:
+            context.close()
