@@ -232,7 +232,9 @@ class ChangeFeed:
                 self.connected()
             watcher = Watcher(device, actor, since)
             self.watchers[device] = watcher
-        watcher.actor, watcher.since, watcher.last_seen = actor, since, time.monotonic()
+        if watcher.actor == actor:  # another actor naming the same device is not listed as it
+            watcher.since = since
+        watcher.last_seen = time.monotonic()
         watcher.waiting += 1
         return watcher
 

@@ -99,6 +99,13 @@ def peers(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     ]
 
 
+def device_owners(conn: sqlite3.Connection) -> dict[str, str]:
+    """The actor owning each device that has one (the first to push its operations)."""
+    if not has_table(conn, "_sync_device_actors"):
+        return {}
+    return dict(conn.execute("SELECT device_id, actor FROM _sync_device_actors"))
+
+
 def activity_span(conn: sqlite3.Connection, hidden: frozenset[str] = frozenset()) -> tuple[int, int] | None:
     """Wall-clock milliseconds of the first and last edit (insert, update or delete) the
     activity chart shows, or None when there is none."""

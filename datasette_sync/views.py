@@ -351,14 +351,23 @@ async def overview_page(datasette, request):
 
 async def watching(datasette, actor, db) -> list[dict[str, Any]]:
     """The devices watching this database now (a waiting pull open, or one that ended moments
-    ago). Who watches as which actor is shown only to those who may export, as on the imports page."""
+    ago). Who watches as which actor is shown only to those who may export, as on the imports page.
+
+    A pull names its device and clock itself: a device is not listed as watched by an actor
+    other than the one that owns it, and its clock shows only devices the hub holds (a
+    forged clock of made-up devices would make the page as long as the pullers like)."""
     feed = live.existing_feed(datasette, db.name)
     if feed is None:
         return []
     shows_actors = await can(datasette, actor, EXPORT, db.name)
+    watchers = feed.connected()
+    owners = await db.execute_fn(queries.device_owners) if watchers else {}
     found = []
-    for watcher in feed.connected():
+    for watcher in watchers:
+        if owners.get(watcher.device, watcher.actor) != watcher.actor:
+            continue
         item = watcher.as_dict()
+        item["clock"] = {device: seq for device, seq in item["clock"].items() if device in feed.clock}
         if not shows_actors and item["actor"] is not None:
             item["actor"] = HIDDEN_ACTOR
         found.append(item)

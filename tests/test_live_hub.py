@@ -388,3 +388,29 @@ def test_stopping_the_hub_answers_waiting_pulls_so_it_exits_promptly(tmp_path, h
     wait_until(lambda: hub.proc.poll() is not None, "the hub to exit")
     assert pull.result().headers["x-sync-clock"]
     assert "Traceback" not in hub.output()
+
+
+def test_a_pull_lists_no_device_under_another_actor_nor_clocks_of_made_up_devices(tmp_path, hub, make_todos_db, hub_sync, upsert):
+    laptop = make_todos_db(tmp_path / "laptop.db")
+    upsert(laptop, {"id": 2, "title": "From the laptop", "done": 0})
+    alice, bob = ({"Authorization": f"Bearer {hub.token(actor)}"} for actor in ("alice", "bob"))
+    hub_sync(laptop, hub, alice["Authorization"].split()[1])  # alice owns the laptop's device now
+    laptop_id, since = device_id(laptop), clock_of(hub.path)
+    alices = Pull(hub, since, laptop_id, headers=alice)
+    wait_until(lambda: waiting_devices(hub) == {laptop_id}, "alice's pull to wait")
+    # bob names the laptop, with a clock of 200 made-up devices: his pull waits, but the
+    # laptop stays listed as alice's, with her clock.
+    forged = {**since, **{uuid.uuid4().hex: 1 for _ in range(200)}}
+    bobs = Pull(hub, forged, laptop_id, headers=bob)
+    time.sleep(1)
+    # A device nobody owns is listed as its puller's, with the clock of devices held here.
+    stranger = uuid.uuid4().hex
+    strangers = Pull(hub, forged, stranger, headers=bob)
+    wait_until(lambda: waiting_devices(hub) == {laptop_id, stranger}, "the stranger's pull to wait")
+    listed = {w["device_id"]: (w["actor"], w["clock"]) for w in watching(hub)}
+    assert listed == {laptop_id: ("alice", since), stranger: ("bob", since)}
+    phone = make_todos_db(tmp_path / "phone.db")  # another device's edit wakes them all
+    upsert(phone, {"id": 3, "title": "Wakes them", "done": 0})
+    hub_sync(phone, hub, alice["Authorization"].split()[1])
+    for pull in (alices, bobs, strangers):
+        pull.result()
