@@ -66,6 +66,7 @@ log = logging.getLogger("datasette_sync")
 
 PLUGIN = "datasette-sync"
 DEFAULT_MAX_BUNDLE_BYTES = 100 * 1024 * 1024
+DEFAULT_SEND_TIMEOUT = 60.0
 PAGE_SIZE = 50
 CONFLICT_VALUE_CHARS = 200  # a conflict shows versions side by side: long text would hide the others
 CONFLICTS_PAGE_SIZE = 20  # conflicts are big: a table each
@@ -126,6 +127,9 @@ def check_config(datasette) -> None:
         wait = plugin_config(datasette, database).get("max_wait")
         if wait is not None and not (isinstance(wait, (int, float)) and not isinstance(wait, bool) and 0 <= wait < 86400):
             raise StartupError(f"max_wait ({where}) must be a number of seconds from 0 to 86399, got {wait!r}")
+        timeout = plugin_config(datasette, database).get("send_timeout")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < 86400):
+            raise StartupError(f"send_timeout ({where}) must be a number of seconds above 0 and below 86400, got {timeout!r}")
         try:
             max_clock_skew(datasette, database)
         except SyncError as ex:
@@ -136,6 +140,13 @@ def max_wait(datasette, database: str) -> float:
     """The longest a waiting pull is held here (the ``max_wait`` setting, checked at startup)."""
     value = plugin_config(datasette, database).get("max_wait")
     return float(protocol.DEFAULT_MAX_WAIT if value is None else value)
+
+
+def send_timeout(datasette, database: str) -> float:
+    """How long a bundle download may wait for the client to take the next megabyte (the
+    ``send_timeout`` setting, checked at startup)."""
+    value = plugin_config(datasette, database).get("send_timeout")
+    return float(DEFAULT_SEND_TIMEOUT if value is None else value)
 
 
 def max_clock_skew(datasette, database: str | None) -> float:
@@ -762,7 +773,9 @@ class ExportEndpoint(Endpoint):
             made = await shared_export(request, db, live.feed(datasette, db.name), since, tables)
         else:
             made = await own_export(request, db, since, tables)
-        return await within_scope(request, datasette, db, since, requested, (tables, visible), made)
+        response = await within_scope(request, datasette, db, since, requested, (tables, visible), made)
+        response.timeout = send_timeout(datasette, db.name)
+        return response
 
     head = get
 
@@ -963,9 +976,19 @@ class BundleDownload(Response):
     CHUNK = 1 << 20
 
     def __init__(
-        self, directory: pathlib.Path, path: pathlib.Path, filename: str, headers: dict, body: bool = True, release=None
+        self,
+        directory: pathlib.Path,
+        path: pathlib.Path,
+        filename: str,
+        headers: dict,
+        body: bool = True,
+        release=None,
+        timeout: float = DEFAULT_SEND_TIMEOUT,
     ):
         super().__init__(status=200, headers=headers, content_type=protocol.BUNDLE_MEDIA_TYPE)
+        # A client that stops reading would hold the file (a whole export) for as long as it
+        # keeps the connection open: each chunk must be taken within ``timeout`` seconds.
+        self.timeout = timeout
         self.directory = directory
         self.release = release  # a shared file: say this response is done with it, never remove it
         self.content = None  # the file's bytes, when already read
@@ -999,7 +1022,10 @@ class BundleDownload(Response):
                 while True:
                     chunk = await asyncio.to_thread(source.read, self.CHUNK)
                     more = len(chunk) == self.CHUNK
-                    await send({"type": "http.response.body", "body": chunk, "more_body": more})
+                    try:
+                        await asyncio.wait_for(send({"type": "http.response.body", "body": chunk, "more_body": more}), self.timeout)
+                    except asyncio.TimeoutError:
+                        return  # the server closes a response left unfinished
                     if not more:
                         break
         finally:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import pathlib
+import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import sqlite_utils
@@ -284,3 +286,34 @@ def test_retry_after_is_honoured_and_bounded():
     assert 2.0 <= retry_delay(3, None) <= 2.5  # 0.5 s doubled per retry
     assert retry_delay(20, None) <= MAX_RETRY_DELAY * 1.25
     assert retry_delay(1, MAX_RETRY_DELAY + 1) is None  # the hub wants longer than a sync waits
+
+
+def test_a_client_that_stops_reading_a_pull_is_cut_off_and_the_hub_goes_on(tmp_path, datasette_server, make_db):
+    # A bundle of several MB that does not compress; the client asks for it, reads nothing,
+    # and keeps the connection open. After send_timeout the hub gives up the answer (and the
+    # bundle file it made) and closes the connection; other pulls are answered as ever.
+    hub = make_db(tmp_path / "hub.db")
+    hub.execute("BEGIN")
+    hub.executemany("INSERT INTO todos (id, title) VALUES (?, hex(randomblob(400)))", [(i,) for i in range(1, 20_001)])
+    hub.execute("COMMIT")
+    hub.close()
+    config = json.loads(json.dumps(HUB_CONFIG))
+    config.setdefault("plugins", {})["datasette-sync"] = {"send_timeout": 1}
+    server = datasette_server([tmp_path / "hub.db"], config)
+    token = server.token("alice")
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", server.port))
+    stalled.sendall(f"GET /hub/-/sync/export HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode())
+    time.sleep(5)
+    stalled.settimeout(30)
+    received = b""
+    while chunk := stalled.recv(1 << 16):  # b"" once the hub has closed the connection
+        received += chunk
+    stalled.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    assert length > 5_000_000 and len(body) < length
+    db = sqlite_utils.Database(tmp_path / "device.db")
+    sync_with_hub(db, server.url + "/hub", token=token, create_tables=True)
+    assert db.execute("SELECT count(*) FROM todos").fetchone() == (20_000,)

@@ -237,10 +237,11 @@ def test_bad_wait_values_are_refused(hub, path):
     assert hub.get("/hub" + path, params={"wait": "0"}).status_code == 200
 
 
-def test_a_bad_max_wait_setting_stops_the_hub_at_startup(tmp_path, datasette_server, make_todos_db):
+@pytest.mark.parametrize("setting, value", [("max_wait", "a minute"), ("send_timeout", 0), ("send_timeout", True)])
+def test_a_bad_wait_setting_stops_the_hub_at_startup(tmp_path, datasette_server, make_todos_db, setting, value):
     path = make_todos_db(tmp_path / "hub.db")
-    with pytest.raises(AssertionError, match=r"max_wait \(datasette-sync plugin config\) must be a number of seconds"):
-        datasette_server([path], {"plugins": {"datasette-sync": {"max_wait": "a minute"}}})
+    with pytest.raises(AssertionError, match=rf"{setting} \(datasette-sync plugin config\) must be a number of seconds"):
+        datasette_server([path], {"plugins": {"datasette-sync": {setting: value}}})
 
 
 def thread_count(pid: int) -> int:
