@@ -143,7 +143,7 @@ def max_wait(datasette, database: str) -> float:
 
 
 def send_timeout(datasette, database: str) -> float:
-    """How long a bundle download may wait for the client to take the next megabyte (the
+    """How long a bundle download may wait for the client to take the next 64 KB (the
     ``send_timeout`` setting, checked at startup)."""
     value = plugin_config(datasette, database).get("send_timeout")
     return float(DEFAULT_SEND_TIMEOUT if value is None else value)
@@ -974,6 +974,7 @@ class BundleDownload(Response):
     """
 
     CHUNK = 1 << 20
+    SLICE = 64 * 1024
 
     def __init__(
         self,
@@ -987,7 +988,7 @@ class BundleDownload(Response):
     ):
         super().__init__(status=200, headers=headers, content_type=protocol.BUNDLE_MEDIA_TYPE)
         # A client that stops reading would hold the file (a whole export) for as long as it
-        # keeps the connection open: each chunk must be taken within ``timeout`` seconds.
+        # keeps the connection open: each SLICE must be taken within ``timeout`` seconds.
         self.timeout = timeout
         self.directory = directory
         self.release = release  # a shared file: say this response is done with it, never remove it
@@ -995,6 +996,18 @@ class BundleDownload(Response):
         self.path = path
         self.filename = filename
         self.body_wanted = body
+
+    async def send_slices(self, send, chunk: bytes, more: bool) -> bool:
+        """Send ``chunk`` a SLICE at a time, each taken within ``timeout`` (a slow link still
+        gets 1 KB/s); False once the client takes too long."""
+        for start in range(0, len(chunk) or 1, self.SLICE):
+            piece = chunk[start : start + self.SLICE]
+            last = start + self.SLICE >= len(chunk)
+            try:
+                await asyncio.wait_for(send({"type": "http.response.body", "body": piece, "more_body": more or not last}), self.timeout)
+            except asyncio.TimeoutError:
+                return False
+        return True
 
     async def discard(self) -> None:
         """Never sent: let go of its file as sending it would have."""
@@ -1022,9 +1035,7 @@ class BundleDownload(Response):
                 while True:
                     chunk = await asyncio.to_thread(source.read, self.CHUNK)
                     more = len(chunk) == self.CHUNK
-                    try:
-                        await asyncio.wait_for(send({"type": "http.response.body", "body": chunk, "more_body": more}), self.timeout)
-                    except asyncio.TimeoutError:
+                    if not await self.send_slices(send, chunk, more):
                         return  # the server closes a response left unfinished
                     if not more:
                         break

@@ -53,10 +53,11 @@ FIRST_RETRY_DELAY = 0.5  # seconds, doubled on each retry unless the hub asks fo
 MAX_RETRY_DELAY = 60.0  # a hub asking for a longer wait is not retried: run sync again later
 # A hub's answer is checked like a bundle: a JSON answer (a push's result) may be no longer
 # than MAX_ANSWER, the text of a refusal is read up to MAX_ERROR_BODY, and a body that comes
-# slower than MIN_RATE bytes a second, once past the client's timeout, is given up.
+# slower than MIN_RATE bytes a second, once past the client's timeout, is given up (a trickle;
+# a slow mobile link still gets 10 KB/s).
 MAX_ANSWER = 1 << 20
 MAX_ERROR_BODY = 64 * 1024
-MIN_RATE = 16 * 1024
+MIN_RATE = 1024
 MAX_DETAIL = 500  # characters of a hub's error text shown
 
 
@@ -212,9 +213,11 @@ def _request_once(
             body = _Body(response, url, what, client.timeout.read)
             if save_to is None or not 200 <= response.status_code < 300:
                 ok = 200 <= response.status_code < 300
+                # The body is decoded already: the rebuilt answer must not say it is compressed.
+                decoded = ("content-encoding", "content-length", "transfer-encoding")
                 answer = httpx.Response(
                     response.status_code,
-                    headers=response.headers,
+                    headers=[(k, v) for k, v in response.headers.multi_items() if k.lower() not in decoded],
                     content=body.read(MAX_ANSWER if ok else MAX_ERROR_BODY, truncate=not ok),
                     request=response.request,
                 )
@@ -246,7 +249,7 @@ class _Body:
         for chunk in self.response.iter_bytes():
             self.received += len(chunk)
             if time.monotonic() - self.started > self.timeout + self.received / MIN_RATE:
-                raise HubError(errors.TIMEOUT, f"hub {self.url} sent the {self.what} too slowly (under {MIN_RATE // 1024} KB/s)")
+                raise HubError(errors.TIMEOUT, f"hub {self.url} sent the {self.what} too slowly (under {MIN_RATE:,} bytes a second)")
             yield chunk
 
     def read(self, limit: int, truncate: bool) -> bytes:

@@ -774,7 +774,9 @@ class Importer:
         table_name = self.reader.header["tables"][table_position][0]
         result.not_applied[table_name] = result.not_applied.get(table_name, 0) + stored
         self.conn.execute(
-            f"INSERT OR IGNORE INTO _sync_unapplied SELECT {table.tid}, op FROM _sync_ops WHERE op BETWEEN ? AND ?",
+            # A device's chunks of tables written in turn interleave: only this chunk's table.
+            f"INSERT OR IGNORE INTO _sync_unapplied SELECT {table.tid}, op FROM _sync_ops WHERE op BETWEEN ? AND ? "
+            f"AND tid = {table.tid}",
             [op_id(idx, max(first, self.old[idx] + 1)), op_id(idx, last)],
         )
 

@@ -256,3 +256,24 @@ def test_tables_written_in_turn_go_in_one_chunk_per_table(tmp_path, make_db, row
     assert import_bundle(b, tmp_path / "a.bundle").applied == 6580
     for table in ("lists", "items"):
         assert rows(b, table) == rows(a, table)
+
+
+def test_operations_of_tables_written_in_turn_kept_for_later_are_exactly_theirs(tmp_path, make_db):
+    # A copy that syncs neither table yet keeps each table's operations for when it does; the
+    # chunks of the two tables interleave, and each keeps only its own.
+    schema = "CREATE TABLE lists (id INTEGER PRIMARY KEY, name TEXT); CREATE TABLE items (id INTEGER PRIMARY KEY, body TEXT)"
+    a = make_db(tmp_path / "a.db", schema, ("lists", "items"))
+    for i in range(1, 51):
+        a.execute("INSERT INTO lists VALUES (?, ?)", [i, f"list {i}"])
+        a.execute("INSERT INTO items VALUES (?, ?)", [i, f"item {i}"])
+    export_bundle(a, tmp_path / "one.bundle")
+    c = sqlite3.connect(tmp_path / "c.db", isolation_level=None)
+    assert import_bundle(c, tmp_path / "one.bundle").not_applied == {"lists": 50, "items": 50}
+    assert c.execute(
+        "SELECT count(*) FROM _sync_unapplied u JOIN _sync_ops o USING (op) WHERE u.tid != o.tid"
+    ).fetchone() == (0,)
+    a.execute("INSERT INTO items VALUES (100, 'later')")
+    export_bundle(a, tmp_path / "two.bundle", since=sync_status(c)["clock"])
+    result = import_bundle(c, tmp_path / "two.bundle", create_tables=True)
+    assert result.applied_by_table == {"items": 51}  # the 50 kept, and the new one
+    assert c.execute("SELECT count(*) FROM items").fetchone() == (51,)

@@ -6,6 +6,7 @@ answers every request the way the test says; the client is the real ``sqlite-uti
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import json
 import threading
@@ -144,3 +145,20 @@ def test_control_characters_in_a_hubs_error_text_do_not_reach_the_terminal(tmp_p
     assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\x07" not in line
     assert "enter your token again" in line
     assert len(line) < 700  # the hub's text is cut at 500 characters
+
+
+def test_a_compressed_answer_is_read(tmp_path, hostile_hub, make_todos_db, run):
+    # Behind a proxy that compresses JSON (nginx gzip_types, say): the refusal's text arrives.
+    def refuse(handler):
+        body = gzip.compress(json.dumps({"ok": False, "error": "bad bundle, said gzip"}).encode())
+        handler.send_response(400)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Encoding", "gzip")
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.send(body)
+
+    hub = hostile_hub(refuse)
+    result = run(["sqlite-utils", "sync", make_todos_db(tmp_path / "d.db"), hub.url], check=False)
+    assert result.returncode == 1
+    assert result.stderr == f"Error: hub {hub.url} rejected the request (400): bad bundle, said gzip\n"
