@@ -794,6 +794,7 @@ def write_runs(
     images = writer.scratch
     lo, hi = ops
     count = 0
+    mixed = False  # the last run ended at another table's operation
     while True:
         first = conn.execute("SELECT op, tid FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT 1", [lo, hi]).fetchone()
         if first is None:
@@ -806,17 +807,22 @@ def write_runs(
         end = min(hi, op + CHUNK_OPS - 1)
         # Another table's operation within SMALL_RUN op ids: tables written in turn. Looking
         # for it scans no further than it; trying an image, and RUN_END_SQL, would read
-        # CHUNK_OPS operations for every such short run.
+        # CHUNK_OPS operations for every such short run. Where tables take turns, runs are
+        # short: the next table's operation is looked for as far as the chunk could go, which
+        # reads no further than the run (on a long run it would read as much as its image).
         other = conn.execute(
             "SELECT op FROM _sync_ops WHERE op > ? AND op <= ? AND tid != ? ORDER BY op LIMIT 1",
-            [op, min(end, op + SMALL_RUN - 1), tid],
+            [op, end if mixed else min(end, op + SMALL_RUN - 1), tid],
         ).fetchone()
+        if other is not None and other[0] - op >= SMALL_RUN:
+            end, other = other[0] - 1, None
+        mixed = end < hi and end < op + CHUNK_OPS - 1
         if other is not None:
             # A list and its items, say: one chunk per table for the next CHUNK_OPS operations
             # rather than one per run, which was one per operation (230 B/op, 150x slower).
             size, last = write_interleaved(conn, writer, device_position, (op, hi), clock_fixes)
             count += size
-            lo = last + 1
+            lo, mixed = last + 1, True
             continue
         # Fewer op ids than SMALL_RUN left (a delta): the run is made row by row, no image tried.
         made = None
@@ -830,8 +836,9 @@ def write_runs(
                 made = None  # holes (compaction's) in its op ids: the run has more ops after them
         if made is None:
             last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn)), {
-                "lo": op, "hi": hi, "tid": tid, "ops": CHUNK_OPS, "bytes": CHUNK_BYTES
+                "lo": op, "hi": hi, "tid": tid, "ops": end - op + 1 if mixed else CHUNK_OPS, "bytes": CHUNK_BYTES
             }).fetchone()
+            mixed = mixed or last < min(hi, op + CHUNK_OPS - 1)
             if images and size >= SMALL_RUN:
                 with scratch_limit(conn, None):
                     made = sql_image(conn, columns, (op, last, tid), clock_fixes)
@@ -875,19 +882,25 @@ def interleaved_end(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[int, in
     up to CHUNK_OPS operations whose values come to at most CHUNK_BYTES (the first goes
     whatever its size), ending before the first run of SMALL_RUN operations of one table,
     which goes as a run of its own. (In Python: SQL's window functions took 3x as long.)"""
-    ops = conn.execute(
-        f"SELECT op, tid, {value_bytes_sql(conn)} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT ?",
-        [lo, hi, CHUNK_OPS],
-    ).fetchall()
+    sql = f"SELECT op, tid, {value_bytes_sql(conn)} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT ?"
+    ops: list[tuple] = []
     total, run_start, run_tid = 0, 0, None
-    for i, (_, tid, size) in enumerate(ops):
-        if tid != run_tid:
-            run_start, run_tid = i, tid
-        if run_start and i - run_start + 1 >= SMALL_RUN:
-            return ops[run_start - 1][0], run_start
-        total += size
-        if i and total > CHUNK_BYTES:
-            return ops[i - 1][0], i
+    # Read a page at a time: a stretch often ends within a few operations (a list, then a run
+    # of its items), and reading CHUNK_OPS operations for it made such logs 10x slower.
+    while len(ops) < CHUNK_OPS:
+        read = len(ops)
+        ops += conn.execute(sql, [ops[-1][0] + 1 if ops else lo, hi, min(4 * SMALL_RUN, CHUNK_OPS - read)]).fetchall()
+        if len(ops) == read:
+            break
+        for i in range(read, len(ops)):
+            _, tid, size = ops[i]
+            if tid != run_tid:
+                run_start, run_tid = i, tid
+            if run_start and i - run_start + 1 >= SMALL_RUN:
+                return ops[run_start - 1][0], run_start
+            total += size
+            if i and total > CHUNK_BYTES:
+                return ops[i - 1][0], i
     return ops[-1][0], len(ops)
 
 
