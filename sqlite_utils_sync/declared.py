@@ -45,7 +45,7 @@ MAX_DEFAULT_LENGTH = 1000
 # A literal as SQLite writes it back in ``PRAGMA table_info``: a number, a string, a blob.
 LITERAL = re.compile(
     r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-    r"|[+-]?0[xX][0-9a-fA-F]+"
+    r"|[+-]?0[xX][0-9a-fA-F]{1,16}"
     r"|'(?:[^'\x00]|'')*'"
     r"|[xX]'(?:[0-9a-fA-F]{2})*'"
 )
@@ -100,13 +100,31 @@ def sender_types(conn: sqlite3.Connection, table: str, columns: list[str]) -> di
 
 def sender_defaults(conn: sqlite3.Connection, table: str, columns: list[str]) -> dict[str, str]:
     """The literal DEFAULT of each of ``columns`` declared ``NOT NULL`` here, but key columns
-    (every operation writes those), for a bundle header."""
+    (every operation writes those), for a bundle header, written the one way a receiver takes."""
     declared = {row[1]: row for row in conn.execute(f"PRAGMA table_info({quote_identifier(table)})")}
-    return {
-        c: declared[c][4]
-        for c in columns
-        if c in declared and declared[c][3] and not declared[c][5] and is_default_literal(declared[c][4])
-    }
+    found = {}
+    for c in columns:
+        if c in declared and declared[c][3] and not declared[c][5] and declared[c][4] is not None:
+            literal = canonical_literal(declared[c][4])
+            if literal is not None:
+                found[c] = literal
+    return found
+
+
+def canonical_literal(text: str) -> str | None:
+    """A DEFAULT as SQLite keeps its text (``(('x'))``, ``"x"``, ``TRUE``, ``- 1``) written
+    as the literal it stands for, or None when it is not one."""
+    text = text.strip()
+    while text.startswith("(") and text.endswith(")"):
+        text = text[1:-1].strip()
+    if text.upper() in ("TRUE", "FALSE"):
+        return "1" if text.upper() == "TRUE" else "0"
+    if len(text) >= 2 and text[0] == text[-1] == '"':  # SQLite takes it for a string
+        inner = text[1:-1]
+        if re.fullmatch(r'(?:[^"]|"")*', inner):
+            text = "'" + inner.replace('""', '"').replace("'", "''") + "'"
+    text = re.sub(r"^([+-])\s+", r"\1", text)
+    return text if is_default_literal(text) else None
 
 
 def is_without_rowid(conn: sqlite3.Connection, table: str) -> bool:

@@ -413,3 +413,21 @@ def test_a_not_null_column_whose_default_is_an_expression_is_declared_without_it
     new = sqlite3.connect(tmp_path / "new.db")
     assert [(r[1], r[3], r[4]) for r in new.execute("PRAGMA table_info(t)")] == [("id", 0, None), ("at", 0, None)]
     assert new.execute("SELECT * FROM t").fetchall() == a.execute("SELECT * FROM t").fetchall()
+
+
+@pytest.mark.parametrize(
+    "default, value, sent",
+    [("TRUE", 1, "1"), ("FALSE", 0, "0"), ('"groceries"', "groceries", "'groceries'"), ("('x')", "x", "'x'"), ("- 1", -1, "-1")],
+)
+def test_not_null_defaults_as_sqlite_keeps_them_travel_as_the_literal_they_stand_for(tmp_path, make_db, sync, default, value, sent):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 1.0)")
+    sync(a, b, tmp_path)
+    a.execute(f"ALTER TABLE todos ADD COLUMN extra NOT NULL DEFAULT {default}")
+    b.execute("INSERT INTO todos VALUES (2, 'from b', 0, 0.5)")
+    sync(b, a, tmp_path)
+    export_bundle(a, tmp_path / "a.bundle")
+    import_bundle(b, tmp_path / "a.bundle", alter=True)
+    for conn in (a, b):
+        assert conn.execute("SELECT id, extra FROM todos ORDER BY id").fetchall() == [(1, value), (2, value)]
+    assert [r[4] for r in b.execute("PRAGMA table_info(todos)") if r[1] == "extra"] == [sent]
