@@ -123,7 +123,9 @@ class ChangeFeed:
         self.loop = asyncio.get_running_loop()
         self.clock: dict[str, int] = {}
         self.data_clock: dict[str, int] = {}
-        self.watchers: dict[str, Watcher] = {}
+        # By device and actor: a pull names its device itself, so another actor naming the same
+        # device makes an entry of its own (the pages list only the owner's, see views.watching).
+        self.watchers: dict[tuple[str, str | None], Watcher] = {}
         self.waiting = 0
         self.stopping = False
         self._scanned: dict[tuple[int, str], int] = {}
@@ -224,17 +226,15 @@ class ChangeFeed:
 
     def watching(self, device: str, actor: str | None, since: dict[str, int]) -> Watcher:
         """Register a waiting pull of ``device`` (call :meth:`done_watching` when it ends)."""
-        watcher = self.watchers.get(device)
+        watcher = self.watchers.get((device, actor))
         if watcher is None or not self._connected(watcher):
             if len(self.watchers) > 2 * self.waiting + 100:
                 # Forget the devices gone, even if no page ever lists them: short pulls with
                 # ever new device ids must not grow this without end.
                 self.connected()
             watcher = Watcher(device, actor, since)
-            self.watchers[device] = watcher
-        if watcher.actor == actor:  # another actor naming the same device is not listed as it
-            watcher.since = since
-        watcher.last_seen = time.monotonic()
+            self.watchers[(device, actor)] = watcher
+        watcher.since, watcher.last_seen = since, time.monotonic()
         watcher.waiting += 1
         return watcher
 
@@ -243,16 +243,17 @@ class ChangeFeed:
         (a watcher between two pulls never hangs up), so it is no longer listed."""
         watcher.waiting -= 1
         watcher.last_seen = time.monotonic()
-        if hung_up and watcher.waiting == 0 and self.watchers.get(watcher.device) is watcher:
-            del self.watchers[watcher.device]
+        key = (watcher.device, watcher.actor)
+        if hung_up and watcher.waiting == 0 and self.watchers.get(key) is watcher:
+            del self.watchers[key]
 
     def _connected(self, watcher: Watcher) -> bool:
         return watcher.waiting > 0 or time.monotonic() - watcher.last_seen < CONNECTED_GRACE
 
     def connected(self) -> list[Watcher]:
         """The devices watching now, longest connected first; forgets those gone."""
-        for device in [d for d, w in self.watchers.items() if not self._connected(w)]:
-            del self.watchers[device]
+        for key in [k for k, w in self.watchers.items() if not self._connected(w)]:
+            del self.watchers[key]
         return sorted(self.watchers.values(), key=lambda w: (w.connected, w.device))
 
     # Writes by other processes ------------------------------------------------------------

@@ -397,12 +397,15 @@ def test_a_pull_lists_no_device_under_another_actor_nor_clocks_of_made_up_device
     alice, bob = ({"Authorization": f"Bearer {hub.token(actor)}"} for actor in ("alice", "bob"))
     hub_sync(laptop, hub, alice["Authorization"].split()[1])  # alice owns the laptop's device now
     laptop_id, since = device_id(laptop), clock_of(hub.path)
+    # bob names the laptop, with a clock of 200 made-up devices, before or after alice: his
+    # pulls wait, but the laptop is listed as alice's only, with her clock.
+    forged = {**since, **{uuid.uuid4().hex: 1 for _ in range(200)}}
+    bobs = [Pull(hub, forged, laptop_id, headers=bob)]
+    time.sleep(1)
+    assert watching(hub) == []
     alices = Pull(hub, since, laptop_id, headers=alice)
     wait_until(lambda: waiting_devices(hub) == {laptop_id}, "alice's pull to wait")
-    # bob names the laptop, with a clock of 200 made-up devices: his pull waits, but the
-    # laptop stays listed as alice's, with her clock.
-    forged = {**since, **{uuid.uuid4().hex: 1 for _ in range(200)}}
-    bobs = Pull(hub, forged, laptop_id, headers=bob)
+    bobs.append(Pull(hub, forged, laptop_id, headers=bob))
     time.sleep(1)
     # A device nobody owns is listed as its puller's, with the clock of devices held here.
     stranger = uuid.uuid4().hex
@@ -413,5 +416,5 @@ def test_a_pull_lists_no_device_under_another_actor_nor_clocks_of_made_up_device
     phone = make_todos_db(tmp_path / "phone.db")  # another device's edit wakes them all
     upsert(phone, {"id": 3, "title": "Wakes them", "done": 0})
     hub_sync(phone, hub, alice["Authorization"].split()[1])
-    for pull in (alices, bobs, strangers):
+    for pull in (alices, *bobs, strangers):
         pull.result()
