@@ -351,6 +351,7 @@ def test_resolving_after_the_disputed_column_was_dropped_keeps_later_edits_of_ot
     tmp_path, make_db, run_cli, sync, keep_score
 ):
     a, b, c = _dropped_dispute(tmp_path, make_db, run_cli, sync)
+    (held,) = c.execute("SELECT score FROM todos").fetchone()  # the latest version (c saw both)
     (conflict,) = list_conflicts(a)
     assert conflict["columns"] == ["score"]
     keep = None if keep_score is None else next(v["op"] for v in conflict["versions"] if v["values"]["score"] == keep_score)
@@ -360,7 +361,7 @@ def test_resolving_after_the_disputed_column_was_dropped_keeps_later_edits_of_ot
     assert a.execute("SELECT * FROM todos").fetchall() == [(1, "milk-c", 0)]
     # The copies that kept the column hold the version chosen (or the one they held); the
     # title c wrote after seeing both versions is not put back to b's.
-    score = 3.0 if keep_score is None else keep_score
+    score = held if keep_score is None else keep_score
     for conn in (b, c):
         assert conn.execute("SELECT * FROM todos").fetchall() == [(1, "milk-c", 0, score)]
     for conn in (a, b, c):
@@ -371,13 +372,14 @@ def test_a_resolution_after_the_disputed_column_was_dropped_does_not_clash_with_
     tmp_path, make_db, run_cli, sync
 ):
     a, b, c = _dropped_dispute(tmp_path, make_db, run_cli, sync)
+    (held,) = c.execute("SELECT score FROM todos").fetchone()  # the latest version (c saw both)
     c.execute("UPDATE todos SET title = 'oat milk' WHERE id = 1")  # concurrent with the resolution
     resolve_conflict(a, list_conflicts(a)[0]["id"])
     for source, target in ((a, b), (c, b), (b, a), (b, c)):
         sync(source, target, tmp_path)
     assert a.execute("SELECT * FROM todos").fetchall() == [(1, "oat milk", 0)]
     for conn in (b, c):
-        assert conn.execute("SELECT * FROM todos").fetchall() == [(1, "oat milk", 0, 3.0)]
+        assert conn.execute("SELECT * FROM todos").fetchall() == [(1, "oat milk", 0, held)]
     for conn in (a, b, c):
         assert sync_status(conn)["unresolved_conflicts"] == 0
 
