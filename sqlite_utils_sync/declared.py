@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from collections.abc import Callable
 from typing import Any
 
 from . import errors
@@ -69,25 +70,29 @@ def is_type_name(value: Any) -> bool:
 
 
 def types_problem(header: dict[str, Any]) -> str | None:
-    """What is wrong with a header's ``column_types`` / ``without_rowid``, or None. Entries
-    for tables or columns the bundle does not carry are never read, so they are let be."""
-    types = header.get("column_types", {})
-    if not isinstance(types, dict) or not all(isinstance(t, str) and isinstance(c, dict) for t, c in types.items()):
-        return "column types are not a map of maps"
-    for table, columns in types.items():
-        for column, declared in columns.items():
-            if not is_type_name(declared):
-                return f"column {str(column)[:100]!r} of table {table[:100]!r} has an invalid declared type"
-    defaults = header.get("not_null_defaults", {})
-    if not isinstance(defaults, dict) or not all(isinstance(t, str) and isinstance(c, dict) for t, c in defaults.items()):
-        return "NOT NULL defaults are not a map of maps"
-    for table, columns in defaults.items():
-        for column, literal in columns.items():
-            if not is_default_literal(literal):
-                return f"column {str(column)[:100]!r} of table {table[:100]!r} has an invalid NOT NULL default"
+    """What is wrong with a header's ``column_types`` / ``not_null_defaults`` /
+    ``without_rowid``, or None. Entries for tables or columns the bundle does not carry are
+    never read, so they are let be."""
+    problem = column_map_problem(header.get("column_types", {}), is_type_name, "column types", "declared type")
+    problem = problem or column_map_problem(
+        header.get("not_null_defaults", {}), is_default_literal, "NOT NULL defaults", "NOT NULL default"
+    )
+    if problem:
+        return problem
     without_rowid = header.get("without_rowid", [])
     if not isinstance(without_rowid, list) or not all(isinstance(t, str) for t in without_rowid):
         return "without_rowid list is invalid"
+    return None
+
+
+def column_map_problem(value: Any, valid: Callable[[Any], bool], name: str, what: str) -> str | None:
+    """What is wrong with a ``{table: {column: value}}`` header entry, or None."""
+    if not isinstance(value, dict) or not all(isinstance(t, str) and isinstance(c, dict) for t, c in value.items()):
+        return f"{name} are not a map of maps"
+    for table, columns in value.items():
+        for column, item in columns.items():
+            if not valid(item):
+                return f"column {str(column)[:100]!r} of table {table[:100]!r} has an invalid {what}"
     return None
 
 

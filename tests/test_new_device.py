@@ -112,25 +112,35 @@ def test_a_failed_import_into_a_missing_file_leaves_no_file(tmp_path, laptop, ru
     ],
 )
 def test_hostile_declared_types_are_refused_and_change_nothing(tmp_path, laptop, run, craft, file_bytes, declared_type):
+    check_header_edit_refused(
+        tmp_path, run, craft, file_bytes,
+        lambda h: h["column_types"]["todos"].__setitem__("title", declared_type),
+        "column 'title' of table 'todos' has an invalid declared type",
+    )
+
+
+def check_header_edit_refused(tmp_path, run, craft, file_bytes, edit, error: str) -> None:
+    """A laptop bundle whose header ``edit`` changed (and resealed) is refused with ``error``:
+    no new database is made, and an existing one is left byte for byte as it was, also with
+    --alter."""
     bundle = tmp_path / "first.bundle"
     run(["sqlite-utils", "export-bundle", tmp_path / "laptop.db", bundle])
 
     def tamper(conn):
-        craft.edit_header(conn, lambda h: h["column_types"]["todos"].__setitem__("title", declared_type))
+        craft.edit_header(conn, edit)
         craft.reseal(conn)
 
     craft.rewrite(bundle, tamper)
     result = run(["sqlite-utils", "import-bundle", tmp_path / "phone.db", bundle], check=False)
     assert result.returncode == 1
-    assert result.stderr == "Error: Bundle first.bundle: column 'title' of table 'todos' has an invalid declared type\n"
+    assert result.stderr == f"Error: Bundle first.bundle: {error}\n"
     assert not (tmp_path / "phone.db").exists()
-    # An existing database is left byte for byte as it was, also with --alter.
     run(["sqlite-utils", "create-database", tmp_path / "other.db"])
     run(["sqlite-utils", "create-table", tmp_path / "other.db", "t", "id", "integer", "--pk", "id"])
     before = file_bytes(tmp_path / "other.db")
-    with pytest.raises(BundleError) as error:
+    with pytest.raises(BundleError) as raised:
         import_bundle(sqlite3.connect(tmp_path / "other.db"), bundle, alter=True)
-    assert error.value.reason == "invalid_metadata"
+    assert raised.value.reason == "invalid_metadata"
     assert file_bytes(tmp_path / "other.db") == before
 
 
@@ -154,24 +164,11 @@ def test_hostile_declared_types_are_refused_and_change_nothing(tmp_path, laptop,
     ],
 )
 def test_hostile_not_null_defaults_are_refused_and_change_nothing(tmp_path, laptop, run, craft, file_bytes, default):
-    bundle = tmp_path / "first.bundle"
-    run(["sqlite-utils", "export-bundle", tmp_path / "laptop.db", bundle])
-
-    def tamper(conn):
-        craft.edit_header(conn, lambda h: h.__setitem__("not_null_defaults", {"todos": {"title": default}}))
-        craft.reseal(conn)
-
-    craft.rewrite(bundle, tamper)
-    result = run(["sqlite-utils", "import-bundle", tmp_path / "phone.db", bundle], check=False)
-    assert result.returncode == 1
-    assert result.stderr == "Error: Bundle first.bundle: column 'title' of table 'todos' has an invalid NOT NULL default\n"
-    assert not (tmp_path / "phone.db").exists()
-    run(["sqlite-utils", "create-database", tmp_path / "other.db"])
-    before = file_bytes(tmp_path / "other.db")
-    with pytest.raises(BundleError) as error:
-        import_bundle(sqlite3.connect(tmp_path / "other.db"), bundle, alter=True)
-    assert error.value.reason == "invalid_metadata"
-    assert file_bytes(tmp_path / "other.db") == before
+    check_header_edit_refused(
+        tmp_path, run, craft, file_bytes,
+        lambda h: h.__setitem__("not_null_defaults", {"todos": {"title": default}}),
+        "column 'title' of table 'todos' has an invalid NOT NULL default",
+    )
 
 
 def test_default_literals_senders_use_are_accepted():
