@@ -373,16 +373,19 @@ async def watching(datasette, actor, db) -> list[dict[str, Any]]:
     shows_actors = await can(datasette, actor, EXPORT, db.name)
     watchers = feed.connected()
     owners = await db.execute_fn(queries.device_owners) if watchers else {}
-    found = []
-    for watcher in watchers:
-        if owners.get(watcher.device, watcher.actor) != watcher.actor:
+    found, listed = [], set()
+    # Newest first, so a device nobody owns that several actors name is listed once, as the
+    # last one's.
+    for watcher in sorted(watchers, key=lambda w: w.last_seen, reverse=True):
+        if owners.get(watcher.device, watcher.actor) != watcher.actor or watcher.device in listed:
             continue
+        listed.add(watcher.device)
         item = watcher.as_dict()
         item["clock"] = {device: seq for device, seq in item["clock"].items() if device in feed.clock}
         if not shows_actors and item["actor"] is not None:
             item["actor"] = HIDDEN_ACTOR
         found.append(item)
-    return found
+    return sorted(found, key=lambda item: (item["connected_since"], item["device_id"]))
 
 
 async def actor_access(datasette, actor, db) -> dict[str, Any]:

@@ -54,7 +54,7 @@ MAX_RETRY_DELAY = 60.0  # a hub asking for a longer wait is not retried: run syn
 # A hub's answer is checked like a bundle: a JSON answer (a push's result) may be no longer
 # than MAX_ANSWER, the text of a refusal is read up to MAX_ERROR_BODY, and a body that comes
 # slower than MIN_RATE bytes a second, once past the client's timeout, is given up (a trickle;
-# a slow mobile link still gets 10 KB/s).
+# the slowest mobile link sends several KB a second).
 MAX_ANSWER = 1 << 20
 MAX_ERROR_BODY = 64 * 1024
 MIN_RATE = 1024

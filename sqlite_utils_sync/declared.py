@@ -46,7 +46,7 @@ MAX_DEFAULT_LENGTH = 1000
 # A literal as SQLite writes it back in ``PRAGMA table_info``: a number, a string, a blob.
 LITERAL = re.compile(
     r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-    r"|[+-]?0[xX][0-9a-fA-F]{1,16}"
+    r"|[+-]?0[xX]0*[0-9a-fA-F]{1,16}"
     r"|'(?:[^'\x00]|'')*'"
     r"|[xX]'(?:[0-9a-fA-F]{2})*'"
 )
@@ -128,8 +128,16 @@ def canonical_literal(text: str) -> str | None:
         inner = text[1:-1]
         if re.fullmatch(r'(?:[^"]|"")*', inner):
             text = "'" + inner.replace('""', '"').replace("'", "''") + "'"
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text) and text.upper() not in EXPRESSION_WORDS:
+        text = f"'{text}'"  # a bare word SQLite takes for a string
     text = re.sub(r"^([+-])\s+", r"\1", text)
+    if text.startswith("+'"):  # unary plus leaves a string as it is
+        text = text[1:]
     return text if is_default_literal(text) else None
+
+
+# Words a DEFAULT may be that are not strings: each copy works them out for itself.
+EXPRESSION_WORDS = {"CURRENT_TIME", "CURRENT_DATE", "CURRENT_TIMESTAMP", "NULL"}
 
 
 def is_without_rowid(conn: sqlite3.Connection, table: str) -> bool:

@@ -413,8 +413,13 @@ def test_a_pull_lists_no_device_under_another_actor_nor_clocks_of_made_up_device
     wait_until(lambda: waiting_devices(hub) == {laptop_id, stranger}, "the stranger's pull to wait")
     listed = {w["device_id"]: (w["actor"], w["clock"]) for w in watching(hub)}
     assert listed == {laptop_id: ("alice", since), stranger: ("bob", since)}
+    # Named by another actor too, a device nobody owns is listed once, as the newest puller's.
+    anonymous = Pull(hub, since, stranger)
+    wait_until(lambda: None in [w["actor"] for w in watching(hub) if w["device_id"] == stranger],
+               "the anonymous pull to wait")
+    assert [w["device_id"] for w in watching(hub)].count(stranger) == 1, watching(hub)
     phone = make_todos_db(tmp_path / "phone.db")  # another device's edit wakes them all
     upsert(phone, {"id": 3, "title": "Wakes them", "done": 0})
     hub_sync(phone, hub, alice["Authorization"].split()[1])
-    for pull in (alices, *bobs, strangers):
+    for pull in (alices, *bobs, strangers, anonymous):
         pull.result()

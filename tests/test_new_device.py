@@ -13,7 +13,7 @@ import sqlite3
 import pytest
 
 from sqlite_utils_sync import import_bundle
-from sqlite_utils_sync.declared import is_default_literal, is_type_name
+from sqlite_utils_sync.declared import canonical_literal, is_default_literal, is_type_name
 from sqlite_utils_sync.errors import BundleError
 
 SCHEMA = (
@@ -169,6 +169,21 @@ def test_hostile_not_null_defaults_are_refused_and_change_nothing(tmp_path, lapt
         lambda h: h.__setitem__("not_null_defaults", {"todos": {"title": default}}),
         "column 'title' of table 'todos' has an invalid NOT NULL default",
     )
+
+
+def test_defaults_as_sqlite_keeps_them_are_sent_as_literals_of_the_same_value():
+    conn = sqlite3.connect(":memory:")
+    forms = ["TRUE", "false", '"it""s"', "(('x'))", "- 1", "+ 'x'", "abc", "0x00000000000000001", "X'00ff'", "-2.5e3"]
+    for form in forms:
+        literal = canonical_literal(form)
+        assert literal is not None and is_default_literal(literal), form
+        conn.execute(f"CREATE TABLE t (id INTEGER PRIMARY KEY, a NOT NULL DEFAULT {form}, b NOT NULL DEFAULT {literal})")
+        conn.execute("INSERT INTO t (id) VALUES (1)")
+        kept = conn.execute("SELECT a, typeof(a) FROM t").fetchone()
+        assert kept == conn.execute("SELECT b, typeof(b) FROM t").fetchone(), form
+        conn.execute("DROP TABLE t")
+    for expression in ("CURRENT_TIMESTAMP", "NULL", "(1 + 2)", "'a' || 'b'", "random()"):
+        assert canonical_literal(expression) is None, expression
 
 
 def test_default_literals_senders_use_are_accepted():

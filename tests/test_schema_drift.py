@@ -419,7 +419,15 @@ def test_a_not_null_column_whose_default_is_an_expression_is_declared_without_it
 
 @pytest.mark.parametrize(
     "default, value, sent",
-    [("TRUE", 1, "1"), ("FALSE", 0, "0"), ('"groceries"', "groceries", "'groceries'"), ("('x')", "x", "'x'"), ("- 1", -1, "-1")],
+    [
+        ("TRUE", 1, "1"),
+        ("FALSE", 0, "0"),
+        ('"groceries"', "groceries", "'groceries'"),
+        ("('x')", "x", "'x'"),
+        ("- 1", -1, "-1"),
+        ("+ 'x'", "x", "'x'"),
+        ("0x00000000000000001", 1, "0x00000000000000001"),
+    ],
 )
 def test_not_null_defaults_as_sqlite_keeps_them_travel_as_the_literal_they_stand_for(tmp_path, make_db, sync, default, value, sent):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
