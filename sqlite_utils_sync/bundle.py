@@ -805,25 +805,24 @@ def write_runs(
         # next CHUNK_OPS op ids (however long another table's stretch after it), and an image
         # that holes kept short is dropped below if the run goes on after them.
         end = min(hi, op + CHUNK_OPS - 1)
-        # Another table's operation within SMALL_RUN op ids: tables written in turn. Looking
-        # for it scans no further than it; trying an image, and RUN_END_SQL, would read
-        # CHUNK_OPS operations for every such short run. Where tables take turns, runs are
-        # short: the next table's operation is looked for as far as the chunk could go, which
-        # reads no further than the run (on a long run it would read as much as its image).
+        # Another table's operation is looked for within SMALL_RUN op ids (tables written in
+        # turn), or, right after a run that ended at one, as far as the chunk could go: runs
+        # are short there, and the lookup reads no further than the run (on a long run it would
+        # read as much as the image, and trying an image or RUN_END_SQL on a short run would
+        # read CHUNK_OPS operations).
         other = conn.execute(
             "SELECT op FROM _sync_ops WHERE op > ? AND op <= ? AND tid != ? ORDER BY op LIMIT 1",
             [op, end if mixed else min(end, op + SMALL_RUN - 1), tid],
         ).fetchone()
-        if other is not None and other[0] - op >= SMALL_RUN:
-            end, other = other[0] - 1, None
-        mixed = end < hi and end < op + CHUNK_OPS - 1
-        if other is not None:
+        if other is not None and other[0] - op < SMALL_RUN:
             # A list and its items, say: one chunk per table for the next CHUNK_OPS operations
             # rather than one per run, which was one per operation (230 B/op, 150x slower).
             size, last = write_interleaved(conn, writer, device_position, (op, hi), clock_fixes)
             count += size
             lo, mixed = last + 1, True
             continue
+        if other is not None:
+            end = other[0] - 1
         # Fewer op ids than SMALL_RUN left (a delta): the run is made row by row, no image tried.
         made = None
         if images and end - op + 1 >= SMALL_RUN:
@@ -836,9 +835,8 @@ def write_runs(
                 made = None  # holes (compaction's) in its op ids: the run has more ops after them
         if made is None:
             last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn)), {
-                "lo": op, "hi": hi, "tid": tid, "ops": end - op + 1 if mixed else CHUNK_OPS, "bytes": CHUNK_BYTES
+                "lo": op, "hi": hi, "tid": tid, "ops": end - op + 1, "bytes": CHUNK_BYTES
             }).fetchone()
-            mixed = mixed or last < min(hi, op + CHUNK_OPS - 1)
             if images and size >= SMALL_RUN:
                 with scratch_limit(conn, None):
                     made = sql_image(conn, columns, (op, last, tid), clock_fixes)
@@ -849,7 +847,7 @@ def write_runs(
         else:
             write_run(conn, writer, (device_position, key), (op, last, size), columns, clock_fixes)
         count += size
-        lo = last + 1
+        lo, mixed = last + 1, other is not None or last < end
 
 
 def write_interleaved(
@@ -860,11 +858,8 @@ def write_interleaved(
     SMALL_RUN operations of one table) as one chunk per table, each holding that table's
     operations in order. A receiver takes chunks of one device that interleave. Returns how
     many operations went, and the last one's id."""
-    last, size = interleaved_end(conn, *ops)
-    per_table = conn.execute(
-        "SELECT tid, count(*) FROM _sync_ops WHERE op BETWEEN ? AND ? GROUP BY tid ORDER BY min(op)", [ops[0], last]
-    ).fetchall()
-    for tid, count in per_table:
+    last, per_table = interleaved_end(conn, *ops)
+    for tid, count in per_table.items():
         key, columns = run_columns(writer, tid)
         made = None
         if writer.scratch and count >= SMALL_RUN:
@@ -874,14 +869,15 @@ def write_interleaved(
             writer.write_image(device_position, key, made[0], count)
         else:
             write_run(conn, writer, (device_position, key), (ops[0], last, count), columns, clock_fixes, tid)
-    return size, last
+    return sum(per_table.values()), last
 
 
-def interleaved_end(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[int, int]:
-    """The last op id and the count of the stretch from ``lo`` where tables are written in turn:
-    up to CHUNK_OPS operations whose values come to at most CHUNK_BYTES (the first goes
-    whatever its size), ending before the first run of SMALL_RUN operations of one table,
-    which goes as a run of its own. (In Python: SQL's window functions took 3x as long.)"""
+def interleaved_end(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[int, dict[int, int]]:
+    """The last op id of the stretch from ``lo`` where tables are written in turn, and how many
+    operations of each table it holds (in the order the tables first come): up to CHUNK_OPS
+    operations whose values come to at most CHUNK_BYTES (the first goes whatever its size),
+    ending before the first run of SMALL_RUN operations of one table, which goes as a run of
+    its own. (In Python: SQL's window functions took 3x as long.)"""
     sql = f"SELECT op, tid, {value_bytes_sql(conn)} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT ?"
     ops: list[tuple] = []
     total, run_start, run_tid = 0, 0, None
@@ -897,11 +893,19 @@ def interleaved_end(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[int, in
             if tid != run_tid:
                 run_start, run_tid = i, tid
             if run_start and i - run_start + 1 >= SMALL_RUN:
-                return ops[run_start - 1][0], run_start
+                return stretch(ops[:run_start])
             total += size
             if i and total > CHUNK_BYTES:
-                return ops[i - 1][0], i
-    return ops[-1][0], len(ops)
+                return stretch(ops[:i])
+    return stretch(ops)
+
+
+def stretch(ops: list[tuple]) -> tuple[int, dict[int, int]]:
+    """The last op id of ``(op, tid, ...)`` rows, and how many there are of each table."""
+    per_table: dict[int, int] = {}
+    for _, tid, *_ in ops:
+        per_table[tid] = per_table.get(tid, 0) + 1
+    return ops[-1][0], per_table
 
 
 def run_goes_on(conn: sqlite3.Connection, last: int, hi: int, tid: int) -> bool:

@@ -116,6 +116,10 @@ def sender_defaults(conn: sqlite3.Connection, table: str, columns: list[str]) ->
     return found
 
 
+# Words a DEFAULT may be that are not strings: each copy works them out for itself.
+EXPRESSION_WORDS = {"CURRENT_TIME", "CURRENT_DATE", "CURRENT_TIMESTAMP", "NULL"}
+
+
 def canonical_literal(text: str) -> str | None:
     """A DEFAULT as SQLite keeps its text (``(('x'))``, ``"x"``, ``TRUE``, ``- 1``) written
     as the literal it stands for, or None when it is not one."""
@@ -135,9 +139,6 @@ def canonical_literal(text: str) -> str | None:
         text = text[1:]
     return text if is_default_literal(text) else None
 
-
-# Words a DEFAULT may be that are not strings: each copy works them out for itself.
-EXPRESSION_WORDS = {"CURRENT_TIME", "CURRENT_DATE", "CURRENT_TIMESTAMP", "NULL"}
 
 
 def is_without_rowid(conn: sqlite3.Connection, table: str) -> bool:
