@@ -247,6 +247,10 @@ class Member:
         self.refused: tuple[int, list[dict]] | None = None  # (count, latest), read when consuming starts
         self.device: str | None = None  # this hub's device id, read when consuming starts
         self.ordered_own = 0  # this hub's device's highest seq its consumer met in the stream
+        # Set once the stream has everything this database held before it joined (at once for
+        # one that held nothing). Until then a push waits: its operations may depend on those,
+        # and other hubs would refuse it, for good, if it reached the stream first.
+        self.held_published: asyncio.Event | None = None
 
     @property
     def db(self):
@@ -256,6 +260,7 @@ class Member:
         self.loop = asyncio.get_running_loop()
         self.poked = asyncio.Event()
         self.progress = asyncio.Condition()
+        self.held_published = asyncio.Event()
         self.tasks = [self.loop.create_task(self.run()), self.loop.create_task(self.outbox_loop())]
 
     async def stop(self) -> None:
@@ -293,6 +298,7 @@ class Member:
                 subscription = await self.subscribe()
                 with sync_write():
                     await self.db.execute_write_fn(join_empty)
+                await self.note_joined()
                 self.error = None
                 await self.consume(subscription)
             except asyncio.CancelledError:
@@ -450,13 +456,26 @@ class Member:
         if self.loop is None or self.js is None:
             raise unavailable(self.database, "not connected to NATS yet")
         self.awaited.add(bundle_id)  # before the message can reach the consumer
-        future = asyncio.run_coroutine_threadsafe(self.publish(path, bundle_id, alter, actor, relay), self.loop)
+        future = asyncio.run_coroutine_threadsafe(self.publish_push(path, bundle_id, alter, actor, relay), self.loop)
         try:
             # A big bundle goes to the object store in chunks first: allow 1 s per MB.
             return future.result(PUBLISH_TIMEOUT * 2 + os.path.getsize(path) / 1e6).seq
         except Exception as ex:
             future.cancel()
             raise unavailable(self.database, f"{type(ex).__name__}: {ex}".rstrip(": ")) from ex
+
+    async def publish_push(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool):
+        """Publish a push once the stream has what this hub held before it joined (the outbox
+        sends that first; it needs no write, so the push holding the write connection meanwhile
+        does not stop it)."""
+        if not self.held_published.is_set():
+            self.poke()
+            await asyncio.wait_for(self.held_published.wait(), PUBLISH_TIMEOUT)
+        return await self.publish(path, bundle_id, alter, actor, relay)
+
+    async def note_joined(self) -> None:
+        if await self.db.execute_fn(joined):
+            self.held_published.set()
 
     async def publish(self, path: str, bundle_id: str, alter: bool, actor: str | None, relay: bool = True, origin=None):
         headers = {MSG_ID_HEADER: bundle_id, RELAY_HEADER: "1" if relay else "0"}
@@ -506,9 +525,11 @@ class Member:
             since = await self.db.execute_fn(resend_since)
             result = await self.db.execute_fn(lambda conn: export_own(conn, path, pending, since))
             if result is None:
+                self.held_published.set()  # it held nothing to send (its log's sentinel aside)
                 return False
             done = max(pending[1], result.clock.get(pending[0], 0))
             await self.publish(path, result.bundle_id, True, None, origin=f"{pending[0]} {since + 1} {done}")
+        self.held_published.set()  # the first message after joining holds everything held here
         with sync_write():
             await self.db.execute_write_fn(lambda conn: record_published(conn, done))
         return True
@@ -884,6 +905,7 @@ class Member:
             with sync_write():
                 await self.db.execute_write_fn(apply, transaction=False)
         self.snapshot_seq = max(self.snapshot_seq, due)
+        await self.note_joined()
         log.info("datasette-sync cluster (%s): joined from the snapshot up to sequence %s", self.database, due)
 
     async def stored_claims(self, covered: int) -> list:
