@@ -19,7 +19,9 @@ Only one step runs at a time and both directions are computed from clocks, so no
 is applied twice. When the hub cannot be reached (refused, timed out, 5xx) one status line
 says so and both threads retry with a growing delay (0.5 s doubling to 30 s, jittered); local
 edits are captured meanwhile and sent when the hub is back. Any other refusal (401, 403, 404,
-400) is final: :class:`~sqlite_utils_sync.client.HubError`.
+400) is final: :class:`~sqlite_utils_sync.client.HubError`. Another program that holds the
+database's lock longer than the busy timeout gets one status line too, and the step that met
+it is tried again.
 
 A hub without long-poll answers at once: two pulls in a row that come back with nothing long
 before ``wait`` make the poller pull every :data:`OLD_HUB_POLL` seconds instead of spinning.
@@ -81,7 +83,7 @@ def watch_hub(
     :param tables, alter, create_tables, max_clock_skew: as for :func:`sync_with_hub` (the
         first exchange stores the scope, ``create_tables`` only applies to it)
     :param on_status: called with one line when watching starts, when the hub is lost and
-        when it is back
+        when it is back, and when another connection keeps the database locked
     :param stop: set it (from any thread or a signal handler) to return after the current
         step; imports are transactions, so nothing is left half-written
     :param wait: seconds each pull may wait at the hub for new operations
@@ -169,6 +171,7 @@ class _Watcher:
         self.poll_due: float | None = None  # when to start the next pull; None: one is running
         self.failures = 0
         self.lost_at: float | None = None
+        self.locked = False  # said that another connection holds the database's lock
         self.quick_empty = 0  # pulls in a row answered at once with nothing
         self.old_hub = False
         self.data_version = self.read_data_version()
@@ -198,6 +201,7 @@ class _Watcher:
         except sqlite3.OperationalError as ex:
             if not _is_busy(ex):
                 raise
+            self.busy()
             # Another program holds a lock on the database longer than the busy timeout: what
             # was due stays due (or was rescheduled), and the next step tries again.
 
@@ -255,6 +259,7 @@ class _Watcher:
         self.device_id = result["device_id"]
         self.learn_hub_clock(result["hub"]["clock"], result["hub"]["device_id"])
         self.reached()
+        self.locked = False
         self.exchange_due = self.push_due = self.tick_due = None
         if not self.started:
             self.started = True
@@ -278,6 +283,7 @@ class _Watcher:
             self.push_due = self.retry_at()
             return
         self.push_due = self.tick_due = None
+        self.locked = False
         self.learn_hub_clock(after or {}, None)
         self.reached()
         if pushed["total_operations"]:
@@ -314,7 +320,7 @@ class _Watcher:
             self.failed(ex)
             self.poll_due = self.retry_at()
             return
-        self.reached()
+        self.locked = False
         self.poll_due = time.monotonic()
         # Answered at once with nothing, twice in a row (once is a hub ending its waits as it
         # stops): a hub that does not hold pulls open. Don't spin on it.
@@ -329,6 +335,7 @@ class _Watcher:
         """Import a pulled bundle; returns how many operations it held."""
         hub_clock, hub_device, operations, _ = read_pulled(path, response, self.url)
         self.learn_hub_clock(hub_clock, hub_device)
+        self.reached()  # before the import's line: the hub answered
         if not operations:
             return 0
         pulled = import_bundle(
@@ -351,9 +358,17 @@ class _Watcher:
         if isinstance(ex, sqlite3.OperationalError) and not _is_busy(ex):
             raise ex
         self.failures += 1
-        if self.lost_at is None and isinstance(ex, HubError):
+        if isinstance(ex, sqlite3.OperationalError):
+            self.busy()
+        elif self.lost_at is None:
             self.lost_at = time.monotonic()
             self.say(f"hub {self.url} unreachable: {ex.message}; retrying")
+
+    def busy(self) -> None:
+        """Another program held the database's lock longer than the busy timeout."""
+        if not self.locked:
+            self.locked = True
+            self.say(f"{self.db_name()} is locked by another connection: waiting for it")
 
     def reached(self) -> None:
         self.failures = 0

@@ -30,24 +30,35 @@ class Watcher:
         self.path, self.log = pathlib.Path(path), pathlib.Path(log)
         args = [executable("sqlite-utils"), "sync", str(path), url, "--watch", "--token", token]
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=clean_env())
+            # PYTHONFAULTHANDLER: a watcher sent SIGABRT prints where each of its threads is.
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=clean_env(PYTHONFAULTHANDLER="1"))
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
     def wait_for(self, text: str, count: int = 1) -> None:
-        wait_until(lambda: self.output().count(text) >= count, f"{text!r} in the output of {self.path.name}:\n{self.output()}")
+        wait_until(lambda: self.output().count(text) >= count, lambda: f"{text!r} in the output of {self.path.name}:\n{self.output()}")
+
+    def stacks(self) -> str:
+        """Stop a watcher that did not do what it should, and return its output, which then
+        ends with the stack of each of its threads."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGABRT)
+            self.proc.wait(timeout=DEADLINE)
+        return self.output()
 
     def stop(self, sig=signal.SIGTERM) -> int:
         self.proc.send_signal(sig)
         return self.proc.wait(timeout=DEADLINE)
 
 
-def wait_until(condition, what: str) -> None:
+def wait_until(condition, what) -> None:
+    """Wait for ``condition()``; ``what`` (text, or a function that tells it when the wait
+    fails) says what was awaited."""
     deadline = time.monotonic() + DEADLINE
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
+            raise AssertionError(f"gave up waiting for {what() if callable(what) else what}")
         time.sleep(0.05)
 
 
@@ -84,9 +95,22 @@ def converged(paths) -> bool:
 
 
 def wait_converged(paths, watchers=()) -> tuple:
-    logs = "\n".join(f"{w.path.name}: {w.output()}" for w in watchers)
-    wait_until(lambda: converged(paths), f"{', '.join(pathlib.Path(p).name for p in paths)} to converge\n{logs}")
+    wait_until(lambda: converged(paths), lambda: f"{', '.join(pathlib.Path(p).name for p in paths)} to converge\n{diverged(paths, watchers)}")
     return state(paths[0])
+
+
+def diverged(paths, watchers) -> str:
+    """What each copy holds, each watcher's output and threads, and the hub's log."""
+    lines = []
+    for path in paths:
+        try:
+            lines.append(f"{pathlib.Path(path).name}: {state(path)}")
+        except sqlite3.Error as ex:
+            lines.append(f"{pathlib.Path(path).name}: unreadable ({ex})")
+    lines += [f"{w.path.name}:\n{w.stacks()}" for w in watchers]
+    for log in sorted(pathlib.Path(paths[0]).parent.glob("datasette-*.log")):
+        lines.append(f"{log.name} (end):\n" + "\n".join(log.read_text(errors="replace").splitlines()[-40:]))
+    return "\n".join(lines)
 
 
 @pytest.fixture
@@ -207,6 +231,25 @@ def test_hub_killed_and_restarted_watchers_catch_up(live_hub, watchers, executab
         hub.wait()
 
 
+def test_watcher_says_once_that_its_database_is_locked_and_syncs_after(live_hub, watchers):
+    a = watchers("a")
+    a.wait_for("Watching")
+    # Another program holds the device's database past the busy timeout: even reads wait.
+    holder = sqlite3.connect(a.path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        edit(live_hub.path, "INSERT INTO todos (id, title, done) VALUES (30, 'From the hub', 0)")
+        a.wait_for("a.db is locked by another connection: waiting for it")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    rows, _, _, _ = wait_converged([a.path, live_hub.path], [a])
+    assert [r[0] for r in rows] == [1, 2, 30]
+    assert a.output().count("is locked by another connection") == 1
+    assert a.stop() == 0
+    assert_clean(a)
+
+
 def test_watcher_killed_and_restarted_loses_nothing(tmp_path, live_hub, watchers, executable, clean_env):
     a, b = watchers("a"), watchers("b")
     for w in (a, b):
@@ -279,9 +322,9 @@ def test_a_partial_copy_takes_what_it_withholds_and_goes_on_waiting(tmp_path, li
     edit(live_hub.path, "INSERT INTO notes VALUES (1, 'not for a')")
     hub_clock = sync_status(sqlite3.connect(live_hub.path))["clock"]
     reached = lambda: all(state(a_path)[2].get(device, 0) >= seq for device, seq in hub_clock.items())  # noqa: E731
-    wait_until(reached, f"a's clock to reach the hub's {hub_clock}\n{a.output()}")
+    wait_until(reached, lambda: f"a's clock to reach the hub's {hub_clock}\n{a.output()}")
     edit(live_hub.path, "INSERT INTO todos VALUES (3, 'for a', 0)")
-    wait_until(lambda: [r[0] for r in state(a_path)[0]] == [1, 2, 3], f"a to get todo 3\n{a.output()}")
+    wait_until(lambda: [r[0] for r in state(a_path)[0]] == [1, 2, 3], lambda: f"a to get todo 3\n{a.output()}")
     assert sync_status(sqlite3.connect(a_path))["withheld"] == 1
     assert "does not hold pulls open" not in a.output()
     assert a.stop() == 0
