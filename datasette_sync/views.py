@@ -1031,8 +1031,11 @@ class BundleDownload(Response):
             raw = [[key.lower().encode("latin-1"), str(value).encode("latin-1")] for key, value in headers.items()]
             raw += [[b"set-cookie", cookie.encode("latin-1")] for cookie in self._set_cookie_headers]
             await send({"type": "http.response.start", "status": self.status, "headers": raw})
-            if not self.body_wanted or self.content is not None:
-                await send({"type": "http.response.body", "body": self.content if self.body_wanted else b""})
+            if not self.body_wanted:
+                await send({"type": "http.response.body", "body": b""})
+                return
+            if self.content is not None:  # a bundle shared by waiting pulls, read once
+                await self.send_slices(send, self.content, False)
                 return
             with await asyncio.to_thread(open, self.path, "rb") as source:
                 while True:
