@@ -466,6 +466,11 @@ class _Run:
             # now so that the next run starts level.
             if _behind(local_state(self.db)[2], hub_clock):
                 pulled_after_push, hub_clock, hub_device = self.pull("from-hub-2.bundle")
+                if _behind(hub_clock, {device_id: local_state(self.db)[2].get(device_id, 0)}):
+                    # Another device pushed between our pull and our push: importing its
+                    # operations wrote a tick after our push. Send it (a tick alone makes
+                    # the hub write none), or it waits for this copy's next edit.
+                    hub_clock = self.push(device_id, hub_clock)[1] or hub_clock
         return device_id, pulled, pushed, pulled_after_push, hub_clock, hub_device
 
     def request(self, method: str, path: str, what: str, **kwargs) -> Any:

@@ -265,6 +265,8 @@ class _Watcher:
             self.started = True
             self.poll_due = time.monotonic()
             self.say(f"Watching {self.db_name()} with {self.url}: Ctrl-C stops")
+        if self.has_unsent():  # written after the exchange's push: it goes out like a tick
+            self.tick_due = time.monotonic()
         if any(result[key] and result[key]["total_operations"] for key in ("pulled", "pushed", "pulled_after_push")):
             self.on_sync(result)
 

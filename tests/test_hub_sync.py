@@ -114,6 +114,27 @@ def test_second_run_moves_nothing_and_human_output(tmp_path, hub, alice, clean_e
     assert second["hub"]["clock"] == sync_status(sqlite_utils.Database(a))["clock"]
 
 
+def test_a_push_landing_during_a_sync_leaves_nothing_for_the_next(tmp_path, hub, alice, hub_sync, make_todos_db):
+    # b syncs while a exports its push (a's progress callback runs it): a's push then makes
+    # the hub tick, a pulls again and gets b's edit, and that import writes a tick of a's
+    # after a's push. The run sends it too, so the next run moves nothing either way.
+    a = make_todos_db(tmp_path / "a.db", [{"id": 1, "title": "From a", "done": 0}])
+    b = make_todos_db(tmp_path / "b.db", [{"id": 2, "title": "From b", "done": 0}])
+    synced_b = []
+
+    def progress(stage, done, total):
+        if stage == "push" and not synced_b:
+            synced_b.append(hub_sync(b, hub, alice))
+
+    result = sync_with_hub(sqlite_utils.Database(a), hub.url + "/hub", token=alice, progress=progress)
+    assert synced_b and result["pulled_after_push"]["applied_by_table"] == {"todos": 1}
+    a_clock = sync_status(sqlite_utils.Database(a))["clock"]
+    assert result["hub"]["clock"] == a_clock
+    second = hub_sync(a, hub, alice)
+    assert moved(second) == (0, 0)
+    assert sync_status(sqlite_utils.Database(hub.path))["clock"] == a_clock
+
+
 def test_writes_through_datasette_write_api_reach_devices(tmp_path, hub, alice, hub_sync, make_todos_db, run_json, todo_rows, upsert):
     writer = hub.token("writer")
     headers = {"Authorization": f"Bearer {writer}"}
