@@ -41,6 +41,9 @@ from .guard import sync_write
 
 POLL_SECONDS = 0.2
 """How often the poller looks at the database file for writes by other processes."""
+CHANGE_COUNTER_OFFSET = 24
+"""Where the database header keeps its file change counter (SQLite adds one on each commit
+in rollback-journal mode)."""
 CONNECTED_GRACE = 10.0
 """A device stays "watching" this long after its last waiting pull ended: the gap between
 two long-polls."""
@@ -205,11 +208,13 @@ class ChangeFeed:
     async def wait(self, since: dict[str, int], device: str | None, seconds: float, gone=None) -> bool:
         """Wait until :meth:`news_for` holds, ``seconds`` pass, the server stops or the
         awaitable ``gone`` (the caller disconnected) finishes. True when there is news."""
-        await self.refresh()
-        deadline = self.loop.time() + seconds
         self.waiting += 1
+        # The poller's starting point first: a commit by another process after it is seen by
+        # the poller or by this read (one between the read and the poller's start was not).
         self._start_poller()
         try:
+            await self.refresh()
+            deadline = self.loop.time() + seconds
             while not self.news_for(since, device) and not self.stopping:
                 remaining = deadline - self.loop.time()
                 if remaining <= 0 or (gone is not None and gone.done()):
@@ -260,14 +265,13 @@ class ChangeFeed:
 
     def _start_poller(self) -> None:
         if self._poller is None or self._poller.done():
-            self._poller = self.loop.create_task(self._poll())
+            path = self.datasette.get_database(self.name).path
+            self._poller = self.loop.create_task(self._poll(path, file_state(path)))
 
-    async def _poll(self) -> None:
-        """While anyone waits: refresh when the file or its WAL changes; end every wait when
-        the server stops."""
-        path = self.datasette.get_database(self.name).path
+    async def _poll(self, path: str | None, last: tuple) -> None:
+        """While anyone waits: refresh when the file or its WAL changes (``last``: how they
+        were when the first waiter read the clocks); end every wait when the server stops."""
         server = uvicorn_server()
-        last = file_state(path)
         while self.waiting > 0:
             await asyncio.sleep(POLL_SECONDS)
             if server is not None and getattr(server, "should_exit", False):
@@ -335,16 +339,25 @@ def share_export(feed: ChangeFeed, key: tuple, directory_factory, make_factory) 
 
 def file_state(path: str | None) -> tuple:
     """What changes when a transaction commits to the database at ``path`` (in WAL mode the
-    ``-wal`` file, else the file itself): sizes and modification times."""
+    ``-wal`` file, else the file itself): sizes and modification times, and the file change
+    counter of the database header. A modification time moves in steps of the kernel's clock
+    tick (milliseconds), and a commit that rewrites pages in place keeps the size: two such
+    commits within one tick differ only in the counter."""
     if not path:
         return ()
-    state = []
+    state: list[Any] = []
     for name in (path, path + "-wal"):
         try:
             stat = os.stat(name)
             state.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
         except OSError:
             state.append(None)
+    try:
+        with open(path, "rb") as database:
+            database.seek(CHANGE_COUNTER_OFFSET)
+            state.append(database.read(4))
+    except OSError:
+        state.append(None)
     return tuple(state)
 
 

@@ -105,7 +105,8 @@ def watch_hub(
 
 class _Poller(threading.Thread):
     """Long-polls on request: ``resume(since, device, scope)`` starts one pull, whose outcome
-    is put on ``events`` as ``("pulled", path, response, seconds)`` or ``("failed", error)``."""
+    is put on ``events`` as ``("pulled", path, response, seconds)`` or ``("failed", error,
+    when the request started)``."""
 
     def __init__(self, url: str, token: str | None, workdir: str, wait: float, timeout: float, events: queue.Queue):
         super().__init__(name="datasette-sync-poller", daemon=True)
@@ -141,9 +142,9 @@ class _Poller(threading.Thread):
                 save_to=path, retries=0, params=params,
             )
         except HubError as ex:
-            return ("failed", ex)
+            return ("failed", ex, started)
         except Exception as ex:  # noqa: BLE001 - e.g. the work folder removed while stopping
-            return ("failed", HubError(errors.CONNECTION_FAILED, f"pull from {self.url} failed: {ex}"))
+            return ("failed", HubError(errors.CONNECTION_FAILED, f"pull from {self.url} failed: {ex}"), started)
         return ("pulled", path, response, time.monotonic() - started)
 
 
@@ -171,6 +172,7 @@ class _Watcher:
         self.poll_due: float | None = None  # when to start the next pull; None: one is running
         self.failures = 0
         self.lost_at: float | None = None
+        self.reached_at = float("-inf")  # when a request last succeeded
         self.locked = False  # said that another connection holds the database's lock
         self.quick_empty = 0  # pulls in a row answered at once with nothing
         self.old_hub = False
@@ -312,7 +314,13 @@ class _Watcher:
 
     def handle(self, event: tuple) -> None:
         if event[0] == "failed":
-            self.failed(event[1])
+            _, ex, started = event
+            if started < self.reached_at:
+                # Sent before another request found the hub (back after a restart, say): it
+                # tells nothing about the hub now, and saying "unreachable" would be wrong.
+                self.poll_due = time.monotonic()
+                return
+            self.failed(ex)
             self.poll_due = self.retry_at()
             return
         _, path, response, seconds = event
@@ -374,6 +382,7 @@ class _Watcher:
 
     def reached(self) -> None:
         self.failures = 0
+        self.reached_at = time.monotonic()
         if self.lost_at is not None:
             self.say(f"hub {self.url} back after {time.monotonic() - self.lost_at:.1f} s")
             self.lost_at = None

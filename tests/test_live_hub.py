@@ -192,6 +192,53 @@ def test_a_write_by_another_process_to_the_hub_file_wakes_it(tmp_path, hub, make
     import_response(pull.result(), phone, tmp_path)
     assert {"id": 6, "title": "Through Datasette", "done": 0} in todo_rows(phone)
 
+async def test_a_commit_right_after_a_waiting_pull_read_the_clocks_wakes_it(tmp_path, make_db, monkeypatch):
+    # Another process commits just after the waiting pull's first read of the clocks (made so
+    # here by wrapping that read): the file poller must count it. It started after the read
+    # and took the committed file as its starting point, so the pull waited it out.
+    from datasette.app import Datasette
+
+    from datasette_sync import live
+
+    path = tmp_path / "hub.db"
+    make_db(path).close()
+    since = sync_status(sqlite3.connect(path))["clock"]
+    datasette = Datasette([str(path)])
+    await datasette.invoke_startup()
+    real_read = live.read_clocks
+    committed = []
+
+    def read_then_commit(conn, scanned):
+        clocks = real_read(conn, scanned)
+        if not committed:
+            shell = sqlite3.connect(path)
+            with shell:
+                shell.execute("INSERT INTO todos (id, title) VALUES (1, 'From the shell')")
+            shell.close()
+            committed.append(True)
+        return clocks
+
+    monkeypatch.setattr(live, "read_clocks", read_then_commit)
+    assert await live.feed(datasette, "hub").wait(since, "d" * 32, 10)
+    assert committed
+
+
+def test_the_file_poller_sees_a_commit_within_one_clock_tick(tmp_path, make_db):
+    # A commit that rewrites a page in place keeps the file's size, and one within the same
+    # tick of the kernel's clock keeps its modification time: the header's change counter moves.
+    from datasette_sync.live import file_state
+
+    path = tmp_path / "hub.db"
+    conn = make_db(path, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)", tables=())
+    conn.execute("INSERT INTO notes VALUES (1, 'first')")
+    before, stat = file_state(str(path)), os.stat(path)
+    conn.execute("UPDATE notes SET body = 'again' WHERE id = 1")
+    conn.close()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert file_state(str(path)) != before
+
+
 
 def test_a_wait_that_runs_out_answers_like_a_plain_export(tmp_path, datasette_server, make_todos_db):
     path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "Buy milk", "done": 0}])

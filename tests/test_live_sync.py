@@ -231,6 +231,33 @@ def test_hub_killed_and_restarted_watchers_catch_up(live_hub, watchers, executab
         hub.wait()
 
 
+def test_a_pull_that_failed_before_the_hub_came_back_adds_no_status_line(tmp_path, make_db):
+    # The order of one hub restart, step by step: the poller's pull fails while the hub is
+    # down, the main thread's push finds it back, and only then is that failure handled. The
+    # watcher must not say "unreachable" (and later "back after") a second time.
+    import threading
+
+    from sqlite_utils_sync import errors
+    from sqlite_utils_sync.client import HubError
+    from sqlite_utils_sync.watch import _Watcher
+
+    lines = []
+    watcher = _Watcher(
+        make_db(tmp_path / "a.db"), "http://127.0.0.1:9/hub", None, None, False, False, 60.0, lines.append,
+        threading.Event(), 2.0, 0.1, lambda result: None, 5.0,
+    )
+    down = HubError(errors.CONNECTION_FAILED, "cannot connect to http://127.0.0.1:9/hub: connection refused")
+    watcher.failed(down)
+    stale = ("failed", down, time.monotonic())  # the pull sent just before the hub was back
+    watcher.reached()
+    watcher.handle(stale)
+    watcher.reached()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("hub http://127.0.0.1:9/hub unreachable: cannot connect")
+    assert lines[1].startswith("hub http://127.0.0.1:9/hub back after ")
+    assert watcher.poll_due is not None  # pulling again at once
+
+
 def test_watcher_says_once_that_its_database_is_locked_and_syncs_after(live_hub, watchers):
     a = watchers("a")
     a.wait_for("Watching")
