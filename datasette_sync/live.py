@@ -44,6 +44,9 @@ POLL_SECONDS = 0.2
 CHANGE_COUNTER_OFFSET = 24
 """Where the database header keeps its file change counter (SQLite adds one on each commit
 in rollback-journal mode)."""
+WAL_RESTART_OFFSET = 12
+"""Where the WAL header keeps its checkpoint number and first salt (both change each time a
+commit starts the WAL file over)."""
 CONNECTED_GRACE = 10.0
 """A device stays "watching" this long after its last waiting pull ended: the gap between
 two long-polls."""
@@ -209,10 +212,10 @@ class ChangeFeed:
         """Wait until :meth:`news_for` holds, ``seconds`` pass, the server stops or the
         awaitable ``gone`` (the caller disconnected) finishes. True when there is news."""
         self.waiting += 1
-        # The poller's starting point first: a commit by another process after it is seen by
-        # the poller or by this read (one between the read and the poller's start was not).
-        self._start_poller()
         try:
+            # The poller's starting point first: a commit by another process after it is seen
+            # by the poller or by this read (one between the read and the poller's start was not).
+            self._start_poller()
             await self.refresh()
             deadline = self.loop.time() + seconds
             while not self.news_for(since, device) and not self.stopping:
@@ -339,10 +342,11 @@ def share_export(feed: ChangeFeed, key: tuple, directory_factory, make_factory) 
 
 def file_state(path: str | None) -> tuple:
     """What changes when a transaction commits to the database at ``path`` (in WAL mode the
-    ``-wal`` file, else the file itself): sizes and modification times, and the file change
-    counter of the database header. A modification time moves in steps of the kernel's clock
-    tick (milliseconds), and a commit that rewrites pages in place keeps the size: two such
-    commits within one tick differ only in the counter."""
+    ``-wal`` file, else the file itself): sizes and modification times, the file change
+    counter of the database header and the checkpoint number and salt of the WAL header. A
+    modification time moves in steps of the kernel's clock tick (milliseconds), and a commit
+    that rewrites pages in place, or starts the WAL over after a checkpoint, keeps the size:
+    two such commits within one tick differ only in those headers."""
     if not path:
         return ()
     state: list[Any] = []
@@ -352,12 +356,13 @@ def file_state(path: str | None) -> tuple:
             state.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
         except OSError:
             state.append(None)
-    try:
-        with open(path, "rb") as database:
-            database.seek(CHANGE_COUNTER_OFFSET)
-            state.append(database.read(4))
-    except OSError:
-        state.append(None)
+    for name, offset, size in ((path, CHANGE_COUNTER_OFFSET, 4), (path + "-wal", WAL_RESTART_OFFSET, 8)):
+        try:
+            with open(name, "rb") as file:
+                file.seek(offset)
+                state.append(file.read(size))
+        except OSError:
+            state.append(None)
     return tuple(state)
 
 

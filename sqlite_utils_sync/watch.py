@@ -331,6 +331,7 @@ class _Watcher:
             self.poll_due = self.retry_at()
             return
         self.locked = False
+        self.failures = 0
         self.poll_due = time.monotonic()
         # Answered at once with nothing, twice in a row (once is a hub ending its waits as it
         # stops): a hub that does not hold pulls open. Don't spin on it.
@@ -345,7 +346,7 @@ class _Watcher:
         """Import a pulled bundle; returns how many operations it held."""
         hub_clock, hub_device, operations, _ = read_pulled(path, response, self.url)
         self.learn_hub_clock(hub_clock, hub_device)
-        self.reached()  # before the import's line: the hub answered
+        self.answered()  # before the import's line; the delay grows again if the import fails
         if not operations:
             return 0
         pulled = import_bundle(
@@ -382,6 +383,10 @@ class _Watcher:
 
     def reached(self) -> None:
         self.failures = 0
+        self.answered()
+
+    def answered(self) -> None:
+        """The hub answered a request."""
         self.reached_at = time.monotonic()
         if self.lost_at is not None:
             self.say(f"hub {self.url} back after {time.monotonic() - self.lost_at:.1f} s")

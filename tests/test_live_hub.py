@@ -239,6 +239,25 @@ def test_the_file_poller_sees_a_commit_within_one_clock_tick(tmp_path, make_db):
     assert file_state(str(path)) != before
 
 
+def test_the_file_poller_sees_a_commit_that_starts_the_wal_over_within_one_clock_tick(tmp_path, make_db):
+    # In WAL mode the database file does not change on commit; after a checkpoint the next
+    # commit writes the -wal from its start, keeping its size. Its header's salt moves.
+    from datasette_sync.live import file_state
+
+    path = tmp_path / "hub.db"
+    wal = tmp_path / "hub.db-wal"
+    conn = make_db(path, "PRAGMA journal_mode = wal; CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)", tables=())
+    conn.execute("INSERT INTO notes VALUES (1, 'first')")
+    conn.execute("UPDATE notes SET body = 'second' WHERE id = 1")
+    assert conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
+    before, stat = file_state(str(path)), os.stat(wal)
+    conn.execute("UPDATE notes SET body = 'third' WHERE id = 1")
+    os.utime(wal, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (os.stat(wal).st_size, os.stat(wal).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert file_state(str(path)) != before
+    conn.close()
+
+
 
 def test_a_wait_that_runs_out_answers_like_a_plain_export(tmp_path, datasette_server, make_todos_db):
     path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "Buy milk", "done": 0}])
