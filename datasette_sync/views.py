@@ -125,15 +125,20 @@ def check_config(datasette) -> None:
         if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0):
             raise StartupError(f"max_bundle_bytes ({where}) must be a positive whole number of bytes, got {limit!r}")
         wait = plugin_config(datasette, database).get("max_wait")
-        if wait is not None and not (isinstance(wait, (int, float)) and not isinstance(wait, bool) and 0 <= wait < 86400):
+        if wait is not None and not (is_seconds(wait) and wait >= 0):
             raise StartupError(f"max_wait ({where}) must be a number of seconds from 0 to 86399, got {wait!r}")
         timeout = plugin_config(datasette, database).get("send_timeout")
-        if timeout is not None and not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and 0 < timeout < 86400):
+        if timeout is not None and not (is_seconds(timeout) and timeout > 0):
             raise StartupError(f"send_timeout ({where}) must be a number of seconds above 0 and below 86400, got {timeout!r}")
         try:
             max_clock_skew(datasette, database)
         except SyncError as ex:
             raise StartupError(f"{ex}" + (f" (database {database})" if database else ""))
+
+
+def is_seconds(value: Any) -> bool:
+    """A number (not a boolean) below a day's seconds."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value < 86400
 
 
 def max_wait(datasette, database: str) -> float:
@@ -987,12 +992,12 @@ class BundleDownload(Response):
         headers: dict,
         body: bool = True,
         release=None,
-        timeout: float = DEFAULT_SEND_TIMEOUT,
     ):
         super().__init__(status=200, headers=headers, content_type=protocol.BUNDLE_MEDIA_TYPE)
         # A client that stops reading would hold the file (a whole export) for as long as it
-        # keeps the connection open: each SLICE must be taken within ``timeout`` seconds.
-        self.timeout = timeout
+        # keeps the connection open: each SLICE must be taken within ``timeout`` seconds (the
+        # export endpoint sets the database's ``send_timeout``).
+        self.timeout = DEFAULT_SEND_TIMEOUT
         self.directory = directory
         self.release = release  # a shared file: say this response is done with it, never remove it
         self.content = None  # the file's bytes, when already read

@@ -261,14 +261,11 @@ class _Watcher:
         self.device_id = result["device_id"]
         self.learn_hub_clock(result["hub"]["clock"], result["hub"]["device_id"])
         self.reached()
-        self.locked = False
         self.exchange_due = self.push_due = self.tick_due = None
         if not self.started:
             self.started = True
             self.poll_due = time.monotonic()
             self.say(f"Watching {self.db_name()} with {self.url}: Ctrl-C stops")
-        if self.has_unsent():  # written after the exchange's push: it goes out like a tick
-            self.tick_due = time.monotonic()
         if any(result[key] and result[key]["total_operations"] for key in ("pulled", "pushed", "pulled_after_push")):
             self.on_sync(result)
 
@@ -287,7 +284,6 @@ class _Watcher:
             self.push_due = self.retry_at()
             return
         self.push_due = self.tick_due = None
-        self.locked = False
         self.learn_hub_clock(after or {}, None)
         self.reached()
         if pushed["total_operations"]:
@@ -330,8 +326,7 @@ class _Watcher:
             self.failed(ex)
             self.poll_due = self.retry_at()
             return
-        self.locked = False
-        self.failures = 0
+        self.reached()
         self.poll_due = time.monotonic()
         # Answered at once with nothing, twice in a row (once is a hub ending its waits as it
         # stops): a hub that does not hold pulls open. Don't spin on it.
@@ -382,7 +377,9 @@ class _Watcher:
             self.say(f"{self.db_name()} is locked by another connection: waiting for it")
 
     def reached(self) -> None:
+        """A step with the hub and the database succeeded."""
         self.failures = 0
+        self.locked = False
         self.answered()
 
     def answered(self) -> None:
