@@ -24,7 +24,7 @@ import sqlite_utils
 from .importer import import_bundle
 from .capture import secondary_unique_columns
 from .api import disable_sync, enable_sync, export_bundle, new_device, retire_device, set_device_name, sync_status
-from .client import RETRIES, TOKEN_ENV, normalize_url, sync_with_hub
+from .client import RETRIES, TOKEN_ENV, combined_results, normalize_url, sync_with_hub
 from .watch import watch_hub
 from .compaction import compact_log
 from .conflicts import list_conflicts
@@ -546,20 +546,7 @@ def say_retry(what: str, retry: int, retries: int, delay: float) -> None:
 
 def merged_pull(result: dict[str, Any]) -> dict[str, Any]:
     """A sync's pull, and its second pull when there was one, merged into one result."""
-    merged = dict(result["pulled"])
-    extra = result["pulled_after_push"]
-    if extra:
-        for key in ("total_operations", "applied", "conflicts", "duplicates", "withheld"):
-            merged[key] = (merged.get(key) or 0) + (extra.get(key) or 0)
-        for key in ("applied_by_table", "not_applied"):
-            merged[key] = add_counts(merged.get(key) or {}, extra.get(key) or {})
-        merged["tables_created"] = (merged.get("tables_created") or []) + (extra.get("tables_created") or [])
-        merged["columns_added"] = {**(extra.get("columns_added") or {}), **(merged.get("columns_added") or {})}
-    return merged
-
-
-def add_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
-    return {key: a.get(key, 0) + b.get(key, 0) for key in {**a, **b}}
+    return combined_results(result["pulled"], result["pulled_after_push"])
 
 
 def plural(count: int, noun: str) -> str:

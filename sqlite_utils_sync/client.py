@@ -101,6 +101,22 @@ def empty_result(source_device_id: str | None, bundle_id: str | None = None) -> 
     return ImportResult(bundle_id, source_device_id, 0).as_dict()
 
 
+def combined_results(first: dict[str, Any], second: dict[str, Any] | None) -> dict[str, Any]:
+    """Two import results of one run in the same direction (two pulls, or two pushes) as
+    one: counts added up, tables and columns joined. ``second`` may be None."""
+    combined = dict(first)
+    if not second:
+        return combined
+    for key in ("total_operations", "applied", "conflicts", "duplicates", "withheld"):
+        combined[key] = (combined.get(key) or 0) + (second.get(key) or 0)
+    for key in ("applied_by_table", "not_applied"):
+        a, b = combined.get(key) or {}, second.get(key) or {}
+        combined[key] = {name: a.get(name, 0) + b.get(name, 0) for name in {**a, **b}}
+    combined["tables_created"] = (combined.get("tables_created") or []) + (second.get("tables_created") or [])
+    combined["columns_added"] = {**(second.get("columns_added") or {}), **(combined.get("columns_added") or {})}
+    return combined
+
+
 def normalize_url(url: str) -> str:
     url = url.strip().rstrip("/")
     example = "a database URL like http://127.0.0.1:8001/data"
@@ -470,7 +486,8 @@ class _Run:
                     # Another device pushed between our pull and our push: importing its
                     # operations wrote a tick after our push. Send it (a tick alone makes
                     # the hub write none), or it waits for this copy's next edit.
-                    hub_clock = self.push(device_id, hub_clock)[1] or hub_clock
+                    late, clock_after = self.push(device_id, hub_clock)
+                    pushed, hub_clock = combined_results(pushed, late), clock_after or hub_clock
         return device_id, pulled, pushed, pulled_after_push, hub_clock, hub_device
 
     def request(self, method: str, path: str, what: str, **kwargs) -> Any:

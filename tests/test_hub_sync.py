@@ -133,6 +133,9 @@ def test_a_push_landing_during_a_sync_leaves_nothing_for_the_next(tmp_path, hub,
     second = hub_sync(a, hub, alice)
     assert moved(second) == (0, 0)
     assert sync_status(sqlite_utils.Database(hub.path))["clock"] == a_clock
+    # Both pushes count: every operation of a reached the hub in this run.
+    a_id = sync_status(sqlite_utils.Database(a))["device_id"]
+    assert result["pushed"]["total_operations"] == a_clock[a_id]
 
 
 def test_writes_through_datasette_write_api_reach_devices(tmp_path, hub, alice, hub_sync, make_todos_db, run_json, todo_rows, upsert):
