@@ -185,6 +185,8 @@ def write_bundle(
                     count = write_operations(conn, since, devices, tops, writer, fixes)
                 else:
                     count = write_filtered(conn, since, devices, tops, writer, fixes, plan)
+                if not since:
+                    declare_every_table(conn, writer, None if plan is None else plan.wanted_tids)
                 header = make_header(conn, writer, since, devices, plan, count)
                 sha = writer.finish(header)
             finally:
@@ -197,6 +199,14 @@ def write_bundle(
         told = {name for name, _, _ in writer.tables} | anchored_tables(conn, header["anchors"], devices)
         size = target.stat().st_size
         return ExportResult(sha[:32], local_device_id(conn), count, size, header["clock"], sorted(told))
+
+
+def declare_every_table(conn: sqlite3.Connection, writer: BundleWriter, wanted_tids: set[int] | None) -> None:
+    """Name every synced table in a full export (of ``wanted_tids`` only, when given), those
+    with no operation yet too: a copy made from it, a new device, gets all of them."""
+    for table in load_tables(conn).values():
+        if table.enabled and (wanted_tids is None or table.tid in wanted_tids):
+            writer.table_entry(table.tid)
 
 
 def make_header(

@@ -36,13 +36,14 @@ import tempfile
 import time
 import urllib.parse
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from . import errors, protocol
 from .importer import ImportResult, import_bundle
 from .bundle import BundleReader
 from .errors import BundleError, SyncError
 from .api import export_bundle, local_state, set_scope
+from .capture import load_tables
 from .schema import connection
 from .scope import load_scope
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, parse_duration
@@ -297,9 +298,18 @@ def _hub_clock(response: Any, reader: BundleReader | None, url: str) -> dict[str
     return {}
 
 
-def read_pulled(path: str, response: Any, url: str) -> tuple[dict[str, int], str, int, str]:
-    """Check a pulled bundle (every hash) and read what a pull needs of it: ``(the hub's clock,
-    the hub's device id, how many operations it tells of, its bundle id)``. Operations it
+class Pulled(NamedTuple):
+    """What a pull needs of a pulled bundle."""
+
+    hub_clock: dict[str, int]
+    hub_device: str
+    operations: int  # how many it tells of, withheld ones too
+    bundle_id: str
+    tables: list[str]  # the tables it names (a full export names those with no operation too)
+
+
+def read_pulled(path: str, response: Any, url: str) -> Pulled:
+    """Check a pulled bundle (every hash) and read what a pull needs of it. Operations it
     withholds count: a partial copy takes them, else its clock stays behind the hub's and
     every waiting pull is answered at once with them."""
     try:
@@ -307,8 +317,10 @@ def read_pulled(path: str, response: Any, url: str) -> tuple[dict[str, int], str
     except BundleError as ex:
         raise HubError(errors.INVALID_RESPONSE, f"hub {url} sent an invalid bundle: {ex}")
     try:
-        told = reader.header["operations"] + reader.header.get("withheld", 0)
-        return _hub_clock(response, reader, url), reader.header["source"], told, reader.bundle_id
+        header = reader.header
+        told = header["operations"] + header.get("withheld", 0)
+        tables = [entry[0] for entry in header.get("tables") or []]
+        return Pulled(_hub_clock(response, reader, url), header["source"], told, reader.bundle_id, tables)
     finally:
         reader.close()
 
@@ -518,8 +530,8 @@ class _Run:
         if self.scope is not None:
             params[protocol.TABLE_PARAM] = sorted(self.scope)
         response = self.request("GET", protocol.EXPORT_PATH, "export (pull)", save_to=path, params=params)
-        hub_clock, hub_device, operations, bundle_id = read_pulled(path, response, self.url)
-        if not operations:
+        hub_clock, hub_device, operations, bundle_id, tables = read_pulled(path, response, self.url)
+        if not operations and not self.creates_table(tables):
             # Nothing to apply: don't record an empty import on every run.
             return empty_result(hub_device, bundle_id), hub_clock, hub_device
         result = import_bundle(
@@ -532,6 +544,14 @@ class _Run:
             create_tables=self.create_tables,
         )
         return result.as_dict(), hub_clock, hub_device
+
+    def creates_table(self, tables: list[str]) -> bool:
+        """Whether importing a bundle naming ``tables`` would create one here, operations or
+        not: the hub's tables that nobody wrote to yet reach a new copy too."""
+        if not (self.create_tables or self.alter):
+            return False
+        synced = {table.name for table in load_tables(connection(self.db)).values() if table.enabled}
+        return any(name not in synced for name in tables)
 
     def push(self, device_id: str, hub_clock: dict[str, int]) -> tuple[dict[str, Any], dict[str, int] | None]:
         """Send what the hub's clock lacks: (the hub's import result, the hub's clock after

@@ -64,6 +64,24 @@ def test_import_bundle_creates_a_missing_database_with_the_senders_tables(tmp_pa
     assert rows(laptop) == rows(phone)
 
 
+def test_a_synced_table_with_no_rows_yet_reaches_a_new_copy(tmp_path, laptop, run, run_json, rows):
+    # A full export names every synced table, those nobody wrote to yet too.
+    laptop.execute("CREATE TABLE tags (name TEXT PRIMARY KEY, colour VARCHAR(7))")
+    run(["sqlite-utils", "enable-sync", tmp_path / "laptop.db", "tags"])
+    run(["sqlite-utils", "export-bundle", tmp_path / "laptop.db", tmp_path / "first.bundle"])
+    phone_path = tmp_path / "phone.db"
+    result = run_json(["sqlite-utils", "import-bundle", phone_path, tmp_path / "first.bundle", "--json"])
+    assert result["tables_created"] == ["todos", "notes", "tags"]
+    assert result["applied_by_table"] == {"todos": 4, "notes": 1}
+    phone = sqlite3.connect(phone_path, isolation_level=None)
+    assert declared(phone, "tags") == declared(laptop, "tags") == [("name", "TEXT", 1), ("colour", "VARCHAR(7)", 0)]
+    # It is synced there: the phone's first tag reaches the laptop without --alter.
+    phone.execute("INSERT INTO tags VALUES ('home', '#00ff00')")
+    run(["sqlite-utils", "export-bundle", phone_path, tmp_path / "back.bundle"])
+    run(["sqlite-utils", "import-bundle", tmp_path / "laptop.db", tmp_path / "back.bundle"])
+    assert rows(laptop, "tags") == rows(phone, "tags") == [("home", "text", "#00ff00", "text")]
+
+
 def test_import_bundle_says_what_it_created(tmp_path, laptop, run):
     run(["sqlite-utils", "export-bundle", tmp_path / "laptop.db", tmp_path / "first.bundle"])
     out = run(["sqlite-utils", "import-bundle", tmp_path / "phone.db", tmp_path / "first.bundle"]).stderr
@@ -243,6 +261,19 @@ def typed_hub(tmp_path, datasette_server, hub_config, make_db, laptop):
     server = datasette_server([tmp_path / "hub.db"], hub_config)
     server.path = tmp_path / "hub.db"
     return server
+
+
+def test_sync_creates_the_hubs_tables_with_no_rows_yet_in_a_new_copy(tmp_path, datasette_server, hub_config, make_db, run, rows):
+    make_db(tmp_path / "hub.db", SCHEMA + ";CREATE TABLE tags (name TEXT PRIMARY KEY, colour TEXT)", ("todos", "notes", "tags")).close()
+    hub = datasette_server([tmp_path / "hub.db"], hub_config)
+    url, token = hub.url + "/hub", hub.token("alice")
+    out = run(["sqlite-utils", "sync", tmp_path / "phone.db", url, "--token", token]).stderr
+    assert out.startswith(f"Synced with {url}. Created tables notes, tags, todos, synced from now on.")
+    phone = sqlite3.connect(tmp_path / "phone.db", isolation_level=None)
+    phone.execute("INSERT INTO tags VALUES ('home', 'green')")
+    run(["sqlite-utils", "sync", tmp_path / "phone.db", url, "--token", token])
+    hub_conn = sqlite3.connect(tmp_path / "hub.db")
+    assert rows(hub_conn, "tags") == [("home", "text", "green", "text")]
 
 
 def test_sync_creates_a_missing_database_from_a_hub(tmp_path, typed_hub, laptop, run, rows):
