@@ -2,10 +2,13 @@
 
 An operation can go when all of these hold:
 
-* it is **stable**: every device this database knows of (but retired ones, which write
-  nothing more) had seen it, according to the latest knowledge epoch (tick) held from that device. Every later operation from those devices was
+* it is **stable**: every device this database knows of had seen it, according to the latest
+  knowledge epoch (tick) held from that device. Every later operation from those devices was
   written after seeing it, so it can never be concurrent with, and never conflict with,
-  anything still to come;
+  anything still to come. A retired device writes nothing more, but what it wrote before may
+  still come through a copy that has not heard of the retirement: it counts until every other
+  device's latest tick shows it heard (a copy writes a tick when it hears), and this database
+  holds all of the device that any of them held then;
 * it is **superseded**: on every row it touched, a later operation (in the deterministic
   "latest" order) decided whether the row exists, and later operations wrote every column
   it wrote. The tables are a function of the latest operations only, so they do not change;
@@ -13,7 +16,9 @@ An operation can go when all of these hold:
   ``_sync_unapplied``, and not the last operation of its device (which carries the clock).
   A table with operations waiting there keeps all of its history: the clashes among them
   are only found when the table is enabled, and any older operation may be a version;
-* it is a data operation: knowledge epochs (ticks) are kept, they are few.
+* it is a data operation: knowledge epochs (ticks) are kept, they are few;
+* its **twins** go with it: operations of other devices with the same clock and change count
+  as one edit when clashes are found, so one is removed only with all of them.
 
 The highest sequence removed from each device is the database's **horizon**
 (``_sync_horizon``). Bundles carry it, which allows two things:
@@ -35,10 +40,10 @@ from typing import Any
 from . import errors
 from .capture import load_tables
 from .clocks import clock, horizon, max_seq, raise_horizon
-from .devices import device_ids, retired_records
+from .devices import device_ids, device_index, retired_records
 from .errors import SyncError
 from .merge import latest_op_sql, latest_sql
-from .oplog import DELETE, KIND_MASK, LOCAL, TICK, UPDATE, device_sql, load_clock, op_id, seq_sql
+from .oplog import DELETE, KIND_MASK, LOCAL, TICK, UPDATE, device_range, device_sql, load_clock, op_id, seq_sql
 from .schema import connection, is_enabled, log_rewrite
 from .writing import writing
 
@@ -57,18 +62,43 @@ def stable_clock(conn: sqlite3.Connection) -> dict[int, int]:
     """For each device index, the highest seq that every known device had seen."""
     devices = device_ids(conn)
     retired = retired_records(conn)
-    views = [clock(conn)]  # this database has seen what it holds
+    live = [latest_view(conn, idx, d) for idx, d in devices.items() if idx != LOCAL and d not in retired]
+    views = [clock(conn), *live]  # this database has seen what it holds
     for idx, device in devices.items():
-        if idx == LOCAL or device in retired:
-            # A retired device writes nothing more: what it had not seen cannot conflict.
-            continue
-        row = conn.execute(
-            "SELECT clock FROM _sync_knowledge WHERE device = ? ORDER BY from_seq DESC LIMIT 1", [idx]
-        ).fetchone()
-        view = load_clock(row[0] if row else None)
-        view[device] = max_seq(conn, idx)  # a device has seen its own operations
-        views.append(view)
+        if device in retired and may_still_arrive(conn, idx, device, retired[device], live):
+            views.append(latest_view(conn, idx, device))
     return {idx: min(view.get(device, 0) for view in views) for idx, device in devices.items()}
+
+
+def latest_view(conn: sqlite3.Connection, idx: int, device: str) -> dict[str, int]:
+    """What a device had seen, as far as this database knows: its latest knowledge tick, and
+    its own operations held here."""
+    row = conn.execute(
+        "SELECT clock FROM _sync_knowledge WHERE device = ? ORDER BY from_seq DESC LIMIT 1", [idx]
+    ).fetchone()
+    view = load_clock(row[0] if row else None)
+    view[device] = max_seq(conn, idx)
+    return view
+
+
+def may_still_arrive(conn: sqlite3.Connection, idx: int, device: str, record: list, live: list[dict[str, int]]) -> bool:
+    """Whether operations a retired device wrote may still reach this database: a copy that
+    has not heard of the retirement takes them and passes them on, and one that has heard
+    accepts what it held then. Only when every live device's latest knowledge includes the
+    tick that announced the retirement, and none had more of the device than this database
+    holds, does compaction stop waiting for it (what it had not seen then cannot conflict)."""
+    _, by, announced_at = record
+    by_idx = device_index(conn, by, create=False)
+    if by_idx is None:
+        return True
+    row = conn.execute(
+        f"SELECT {seq_sql('op')} FROM _sync_ops WHERE op BETWEEN ? AND ? AND hlc = ? AND kind = {TICK} ORDER BY op LIMIT 1",
+        [*device_range(by_idx), announced_at],
+    ).fetchone()
+    if row is None:
+        return True
+    held = max_seq(conn, idx)
+    return any(view.get(by, 0) < row[0] or view.get(device, 0) > held for view in live)
 
 
 def compact_log(db: Any) -> CompactResult:
@@ -101,6 +131,7 @@ def compact_log(db: Any) -> CompactResult:
                 AND tid NOT IN (SELECT tid FROM _sync_unapplied)""",
                 [op_id(idx, 1), op_id(idx, min(seq, last))],
             )
+        keep_twins_together(conn)
         removed_to = {
             devices[idx]: seq
             for idx, seq in conn.execute(f"SELECT {device_sql('op')}, max({seq_sql('op')}) FROM temp._sync_drop GROUP BY 1")
@@ -112,6 +143,31 @@ def compact_log(db: Any) -> CompactResult:
             raise_horizon(conn, removed_to)
         kept = conn.execute("SELECT count(*) FROM _sync_ops").fetchone()[0] - 1  # not the local sentinel
         return CompactResult(removed, kept, horizon(conn))
+
+
+def keep_twins_together(conn: sqlite3.Connection) -> None:
+    """Take out of ``temp._sync_drop`` the operations with a twin that stays: operations of
+    other devices on the same row with the same clock and change count as one edit when
+    finding clashes (:func:`merge.twins_of`), so removing one of them alone would make this
+    copy find clashes that copies with their whole log do not. Compared by kind and columns
+    written, not values: a few more kept is harmless, one fewer is not."""
+    conn.execute("DROP TABLE IF EXISTS temp._sync_twin_groups")
+    conn.execute(
+        "CREATE TEMP TABLE _sync_twin_groups (tid, hlc, rowkey, kind, mask, PRIMARY KEY (tid, hlc, rowkey, kind, mask))"
+    )
+    conn.execute(
+        f"""INSERT INTO temp._sync_twin_groups SELECT tid, hlc, rowkey, kind, ifnull(mask, -1) FROM _sync_ops
+        WHERE kind != {TICK} GROUP BY 1, 2, 3, 4, 5 HAVING count(DISTINCT {device_sql('op')}) > 1"""
+    )
+    if conn.execute("SELECT 1 FROM temp._sync_twin_groups LIMIT 1").fetchone():
+        twins = f"""SELECT o.op, g.rowid AS grp FROM _sync_ops o JOIN temp._sync_twin_groups g
+            ON (g.tid, g.hlc, g.rowkey, g.kind, g.mask) = (o.tid, o.hlc, o.rowkey, o.kind, ifnull(o.mask, -1))"""
+        conn.execute(
+            f"""WITH twins AS MATERIALIZED ({twins}) DELETE FROM temp._sync_drop WHERE op IN (
+            SELECT op FROM twins WHERE grp IN (
+                SELECT grp FROM twins WHERE op NOT IN (SELECT op FROM temp._sync_drop)))"""
+        )
+    conn.execute("DROP TABLE temp._sync_twin_groups")
 
 
 def keep_needed_ops(conn: sqlite3.Connection, tid: int, slots: list[int]) -> None:

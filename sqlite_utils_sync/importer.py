@@ -289,6 +289,7 @@ class Importer:
         self.ticks: list[tuple[int, int, str]] = []  # (device index, seq, knowledge clock)
         self.chunk_spans: list[tuple[int, int, int, int, int, bool]] = []  # device, seqs, clocks, contiguous
         self.withheld: dict[int, int] = {}  # per device index: how many new seqs are withheld
+        self.heard_retirement = False  # take_device_records: the bundle retired a device for this copy
         # check_sequences: the new operations, as (device index, first op id, last op id).
         self.ranges: list[tuple[int, int, int]] = []
 
@@ -323,9 +324,10 @@ class Importer:
             self.report_schema(result)
             if self.data_inserted:
                 result.conflicts = TableUpdate(self).run()
-            if self.data_inserted or result.withheld:
+            if self.data_inserted or result.withheld or self.heard_retirement:
                 # Withheld operations are known too: this copy's next edits come after them, so
-                # peers that compacted them away still take those edits.
+                # peers that compacted them away still take those edits. So is a retirement:
+                # copies wait for every other to have heard of it before compacting.
                 append_tick(conn, {k: v for k, v in clock(conn).items() if k != local_id}, floor=self.max_hlc)
         result.clock = clock(conn)
         if header["source"] == local_id and not result.applied and not self.created and not self.added:
@@ -1129,6 +1131,7 @@ class Importer:
                         "hub (retiring it needs the sync-relay permission)",
                     )
             merge_retired(conn, changes)
+            self.heard_retirement = bool(changes)
         self.check_retired(inserted)
         names = {d: r for d, r in header.get("device_names", {}).items() if r[1] <= self.clock_limit and d in known}
         source = header["source"]

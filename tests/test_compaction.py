@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 
@@ -225,3 +226,32 @@ def test_holes_the_sender_does_not_vouch_for_are_refused_even_by_a_new_database(
         import_bundle(fresh, path)
     assert error.value.reason == "missing_operations"
     assert file_bytes(tmp_path / "fresh.db") == before
+
+
+def test_twin_operations_are_removed_together_or_not_at_all(tmp_path, make_db, sync, everyone_syncs, shell, conflict_records, rows):
+    # a and b make the same change of row 1 under the same clock (both took f's clock, an hour
+    # fast): twins, one edit for finding clashes. f sees only b's. If a's compaction removed b's
+    # twin alone, f's next edit would clash there with a's twin too, and nowhere else.
+    a, b, f = (make_db(tmp_path / f"{name}.db") for name in "abf")
+    a.execute("INSERT INTO todos VALUES (1, 'x', 0, 0)")
+    a.execute("INSERT INTO todos VALUES (2, 'y', 0, 0)")
+    everyone_syncs([a, b, f], tmp_path)
+    f.close()
+    shell(tmp_path / "f.db", "UPDATE todos SET done = 1 WHERE id = 2", "+1h")
+    f = sqlite3.connect(tmp_path / "f.db", isolation_level=None)
+    sync(f, a, tmp_path)
+    sync(f, b, tmp_path)
+    for twin in (a, b):
+        twin.execute("UPDATE todos SET title = 'z' WHERE id = 1")
+    sync(b, f, tmp_path)  # f has seen b's twin, not a's
+    sync(f, a, tmp_path)
+    sync(b, a, tmp_path)
+    a.execute("UPDATE todos SET title = 'L' WHERE id = 1")  # supersedes both twins
+    sync(a, b, tmp_path)
+    sync(b, a, tmp_path)
+    compact_log(a)
+    f.execute("UPDATE todos SET title = 'n' WHERE id = 1")
+    everyone_syncs([a, b, f], tmp_path)
+    assert conflict_records(a) == conflict_records(b) == conflict_records(f)
+    assert [sorted(v["values"]["title"] for v in c["versions"]) for c in list_conflicts(a)] == [["L", "n"]]
+    assert rows(a) == rows(b) == rows(f)

@@ -81,6 +81,26 @@ def test_compaction_stops_waiting_for_a_retired_device(tmp_path, lost_phone, run
     assert compact(run_json, laptop)["removed"] == 3
 
 
+def test_compaction_waits_for_a_retired_device_until_every_copy_heard_of_it(tmp_path, lost_phone, run, run_json, upsert, todo_rows):
+    # The phone's last edit reaches the desktop, not the laptop, which then retires the phone.
+    # Had the laptop compacted away the edits the phone never saw, that last edit, which the
+    # desktop passes on, could not be merged there any more.
+    laptop, phone = lost_phone
+    desktop = copy_with_new_id(run, laptop, tmp_path / "desktop.db")
+    exchange(run, desktop, laptop, tmp_path / "d1.bundle")
+    upsert(phone, {"id": 2, "title": "the phone's last edit", "done": 0})
+    exchange(run, phone, desktop, tmp_path / "p.bundle")
+    run(["sqlite-utils", "sync-retire", laptop, "phone"])
+    assert compact(run_json, laptop)["removed"] == 0  # the desktop has not heard of it yet
+    exchange(run, desktop, laptop, tmp_path / "d2.bundle")
+    assert [row["title"] for row in todo_rows(laptop) if row["id"] == 2] == ["the phone's last edit"]
+    exchange(run, laptop, desktop, tmp_path / "l.bundle")  # the desktop hears of the retirement
+    assert compact(run_json, laptop)["removed"] == 0  # ...and the laptop doesn't know yet
+    exchange(run, desktop, laptop, tmp_path / "d3.bundle")
+    assert compact(run_json, laptop)["removed"] == 3  # the laptop's first three edits of row 1
+    assert todo_rows(laptop) == todo_rows(desktop)
+
+
 def test_the_retirement_travels_and_the_device_is_refused_everywhere(tmp_path, lost_phone, run, run_json, upsert, file_bytes, todo_rows):
     laptop, phone = lost_phone
     desktop = copy_with_new_id(run, laptop, tmp_path / "desktop.db")
