@@ -157,7 +157,6 @@ def import_bundle(
                 # writing() reads TEXT exactly where values pass through Python, creates or
                 # migrates the log, settles local clocks and repairs capture before anything else.
                 with writing(conn, create=True):
-                    conn.execute("PRAGMA defer_foreign_keys = ON")
                     create = alter or create_tables
                     importer = Importer(conn, reader, stage, alter, actor, progress, skew, may_relay, create)
                     importer.adopt_scope, importer.authorize, importer.visible = adopt_scope, authorize, visible
@@ -172,7 +171,8 @@ def import_bundle(
                     raise
                 raise BundleError(ex.reason, f"Bundle {reader.path.name}: {ex.message}")
             except sqlite3.IntegrityError as ex:
-                # Another row here holds a UNIQUE value (or a foreign key) the bundle's rows need.
+                # Another row here holds a UNIQUE value the bundle's rows need (foreign keys
+                # are not enforced while sync writes: see writing.foreign_keys_off).
                 raise BundleError(
                     errors.CONSTRAINT_FAILED,
                     f"Bundle {reader.path.name} cannot be applied: {ex} here. Nothing was imported. If a row "

@@ -15,6 +15,7 @@ from typing import Iterator
 from .capture import install_capture, load_tables, refresh_capture, table_drift, table_exists
 from .clocks import settle_clocks
 from .devices import ensure_log
+from .errors import INVALID_ARGUMENT, SyncError
 from .oplog import exact_text, text_as
 from .reconcile import reconcile_table
 from .schema import is_enabled, migrate
@@ -46,8 +47,10 @@ def writing(conn: sqlite3.Connection, create: bool = False, repair: bool = True)
        caller, e.g. ``enable_sync`` repairs the tables it is given and reports the counts).
 
     Nothing is written by steps 2-4 when nothing needs it, and a rollback undoes them all.
+
+    Foreign key enforcement is off meanwhile (:func:`foreign_keys_off`).
     """
-    with text_as(conn, exact_text), transaction(conn):
+    with foreign_keys_off(conn), text_as(conn, exact_text), transaction(conn):
         if create:
             ensure_log(conn)
         else:
@@ -58,6 +61,31 @@ def writing(conn: sqlite3.Connection, create: bool = False, repair: bool = True)
             if repair:
                 state.repaired = repair_capture(conn)
         yield state
+
+
+@contextmanager
+def foreign_keys_off(conn: sqlite3.Connection) -> Iterator[None]:
+    """Turn ``PRAGMA foreign_keys`` off for an engine write, and back on after. With it on,
+    SQLite would run ``ON DELETE`` and ``ON UPDATE`` actions on rows sync writes with capture
+    muted (applied operations, adopted values, resolutions): changes no copy logs, so the
+    copies would part for good. The author's copy logged what its own actions did, and those
+    operations arrive with the rest. The pragma does nothing inside a transaction, so a
+    caller's open transaction with it on is refused."""
+    if not conn.execute("PRAGMA foreign_keys").fetchone()[0]:
+        yield
+        return
+    if conn.in_transaction:
+        raise SyncError(
+            INVALID_ARGUMENT,
+            "PRAGMA foreign_keys is on in this connection's open transaction: SQLite would run ON DELETE and "
+            "ON UPDATE actions on the rows sync writes, which no copy logs. Commit first (sync turns foreign "
+            "keys off while it writes, and back on after), or turn them off",
+        )
+    conn.execute("PRAGMA foreign_keys = OFF")
+    try:
+        yield
+    finally:
+        conn.execute("PRAGMA foreign_keys = ON")
 
 
 def capture_table(conn: sqlite3.Connection, name: str) -> int:
