@@ -42,7 +42,7 @@ import msgpack
 
 from . import codec as codecs
 from .capture import load_tables, table_exists
-from .declared import is_without_rowid, sender_defaults, sender_types, types_problem
+from .declared import is_strict, is_without_rowid, sender_defaults, sender_types, types_problem
 from .clocks import clock, horizon, max_seq, now_iso
 from .scope import load_scope, withheld_count, withheld_ranges
 from .devices import device_ids, local_device_id, mark_sent, name_problem, name_records, retired_records
@@ -231,6 +231,7 @@ def make_header(
         "column_types": writer.types,
         "not_null_defaults": writer.defaults,
         "without_rowid": writer.without_rowid,
+        "strict": writer.strict,
         "operations": count,
     }
     if writer.codec is not None:
@@ -301,6 +302,7 @@ class BundleWriter:
         self.types: dict[str, dict[str, str]] = {}
         self.defaults: dict[str, dict[str, str]] = {}
         self.without_rowid: list[str] = []
+        self.strict: list[str] = []
         self.table_index: dict[int, tuple[int, list[int]]] = {}
         self.total, self.progress = total, progress
         self.format = PLAIN_FORMAT if codec is None else FORMAT
@@ -351,6 +353,8 @@ class BundleWriter:
             self.defaults[name] = defaults
         if is_without_rowid(self.conn, name):
             self.without_rowid.append(name)
+        if is_strict(self.conn, name):
+            self.strict.append(name)
 
     def write_chunk(
         self, device_position: int, key: int, rows: Iterable[Sequence[Any]], size: int, exact: bool = False

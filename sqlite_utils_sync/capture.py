@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .clocks import HLC_NOW_SQL, last_hlc
+from .declared import column_types
 from .errors import (
     GENERATED_COLUMNS,
     INTERNAL_TABLE,
@@ -317,7 +318,9 @@ def key_is_canonical(declared_type: str) -> bool:
 
 
 def declared_types(conn: sqlite3.Connection, table: str) -> dict[str, str]:
-    return {row[1]: row[2] for row in table_info(conn, table)}
+    """Each column's declared type, as it decides the column's affinity (see
+    :func:`~sqlite_utils_sync.declared.column_types`)."""
+    return column_types(conn, table)
 
 
 def is_rowid_alias(conn: sqlite3.Connection, table: str, pk: list[str]) -> bool:

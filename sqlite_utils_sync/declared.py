@@ -6,6 +6,12 @@ A bundle header's ``"column_types"`` is ``{table: {column: declared type}}`` and
 ``"without_rowid"`` lists the tables declared ``WITHOUT ROWID``. Both are optional: a bundle
 without them (older senders) creates untyped columns, as before, and older readers ignore them.
 
+``"strict"`` lists the tables declared ``STRICT``, whose ``ANY`` columns are sent without a
+type: in a STRICT table ``ANY`` keeps every value as it is, like a column with no type, while
+elsewhere SQLite reads it as NUMERIC. A receiver that lacks such a table creates it STRICT,
+its columns without a type as ``ANY``. Older readers ignore the key and create the table
+without STRICT, with the same types and affinities.
+
 ``"not_null_defaults"`` is ``{table: {column: literal}}`` for the columns declared
 ``NOT NULL DEFAULT <literal>``, also optional. A row applied from a copy that lacks such a column
 takes the DEFAULT there (it can't be NULL), so every copy must declare the column alike, or
@@ -79,9 +85,14 @@ def types_problem(header: dict[str, Any]) -> str | None:
     )
     if problem:
         return problem
-    without_rowid = header.get("without_rowid", [])
-    if not isinstance(without_rowid, list) or not all(isinstance(t, str) for t in without_rowid):
-        return "without_rowid list is invalid"
+    for key in ("without_rowid", "strict"):
+        tables = header.get(key, [])
+        if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
+            return f"{key} list is invalid"
+    for table in header.get("strict", []):
+        types = header.get("column_types", {}).get(table, {})
+        if any(t.upper() not in STRICT_TYPES for t in types.values()):
+            return f"table {table[:100]!r} is declared STRICT with a type a STRICT table cannot have"
     return None
 
 
@@ -96,10 +107,31 @@ def column_map_problem(value: Any, valid: Callable[[Any], bool], name: str, what
     return None
 
 
+STRICT_TYPES = {"INT", "INTEGER", "REAL", "TEXT", "BLOB", "ANY"}
+"""The types a STRICT table's columns may be declared with."""
+
+
+def is_strict(conn: sqlite3.Connection, table: str) -> bool:
+    try:
+        row = conn.execute("SELECT strict FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table]).fetchone()
+    except sqlite3.OperationalError:  # SQLite before 3.37, which has no STRICT tables
+        return False
+    return bool(row and row[0])
+
+
+def column_types(conn: sqlite3.Connection, table: str) -> dict[str, str]:
+    """Each column's declared type, as it decides the column's affinity: in a STRICT table
+    ``ANY`` has none (it keeps 1 and 1.0 apart), so it reads as no type at all."""
+    declared = {row[1]: row[2] for row in conn.execute(f"PRAGMA table_info({quote_identifier(table)})")}
+    if is_strict(conn, table):
+        return {c: "" if t.upper() == "ANY" else t for c, t in declared.items()}
+    return declared
+
+
 def sender_types(conn: sqlite3.Connection, table: str, columns: list[str]) -> dict[str, str]:
     """The declared types of ``columns`` in this database, for a bundle header: only those
     a receiver accepts (an odd type is sent as none rather than make the bundle unreadable)."""
-    declared = {row[1]: row[2] for row in conn.execute(f"PRAGMA table_info({quote_identifier(table)})")}
+    declared = column_types(conn, table)
     return {c: declared[c] for c in columns if declared.get(c) and is_type_name(declared[c])}
 
 
@@ -150,9 +182,9 @@ def is_without_rowid(conn: sqlite3.Connection, table: str) -> bool:
         return bool(row and re.search(r"\)\s*WITHOUT\s+ROWID\s*$", row[0] or "", re.I))
 
 
-def column_sql(column: str, declared: str, default: str | None = None) -> str:
+def column_sql(column: str, declared: str, default: str | None = None, strict: bool = False) -> str:
     constraint = "" if default is None else f" NOT NULL DEFAULT {default}"
-    return f"{quote_identifier(column)} {declared}".rstrip() + constraint
+    return f"{quote_identifier(column)} {declared or ('ANY' if strict else '')}".rstrip() + constraint
 
 
 def create_table(
@@ -163,20 +195,33 @@ def create_table(
     types: dict[str, str],
     without_rowid: bool,
     defaults: dict[str, str],
+    strict: bool = False,
 ) -> None:
-    """``CREATE TABLE`` with the sender's declared types, NOT NULL defaults and primary key,
-    then a check that SQLite read exactly those and no other constraint (they were validated
-    already; this makes sure of it)."""
+    """``CREATE TABLE`` with the sender's declared types, NOT NULL defaults, primary key and
+    table options, then a check that SQLite read exactly those and no other constraint (they
+    were validated already; this makes sure of it)."""
     defaults = {c: d for c, d in defaults.items() if c not in pk}
-    conn.execute(
-        f"CREATE TABLE {quote_identifier(name)} ("
-        + ", ".join(column_sql(c, types.get(c, ""), defaults.get(c)) for c in columns)
-        + f", PRIMARY KEY ({', '.join(quote_identifier(c) for c in pk)}))"
-        + (" WITHOUT ROWID" if without_rowid else "")
-    )
+    options = [option for option, wanted in (("WITHOUT ROWID", without_rowid), ("STRICT", strict)) if wanted]
+    try:
+        conn.execute(
+            f"CREATE TABLE {quote_identifier(name)} ("
+            + ", ".join(column_sql(c, types.get(c, ""), defaults.get(c), strict) for c in columns)
+            + f", PRIMARY KEY ({', '.join(quote_identifier(c) for c in pk)}))"
+            + " " + ", ".join(options)
+        )
+    except sqlite3.OperationalError as ex:  # e.g. STRICT on SQLite before 3.37
+        raise BundleError(errors.INVALID_METADATA, f"table '{name}' cannot be created as its sender declared it: {ex}")
     got = {row[1]: (row[2], row[3], row[4], row[6]) for row in conn.execute(f"PRAGMA table_xinfo({quote_identifier(name)})")}
+    # WITHOUT ROWID and STRICT tables make their key columns NOT NULL, but a rowid alias.
+    alias = not without_rowid and len(pk) == 1 and types.get(pk[0], "").upper() == "INTEGER"
+    not_null_key = {c for c in pk if without_rowid or (strict and not alias)}
     expected = {
-        c: (types.get(c, ""), 1 if (without_rowid and c in pk) or c in defaults else 0, defaults.get(c), 0)
+        c: (
+            types.get(c) or ("ANY" if strict else ""),
+            1 if c in not_null_key or c in defaults else 0,
+            defaults.get(c),
+            0,
+        )
         for c in columns
     }
     if got != expected:
@@ -184,4 +229,7 @@ def create_table(
 
 
 def add_column(conn: sqlite3.Connection, table: str, column: str, declared: str, default: str | None) -> None:
-    conn.execute(f"ALTER TABLE {quote_identifier(table)} ADD COLUMN {column_sql(column, declared, default)}")
+    strict = is_strict(conn, table)
+    if strict and declared.upper() not in STRICT_TYPES:
+        declared = ""  # a type a STRICT table cannot have (the sender's table is not STRICT): ANY
+    conn.execute(f"ALTER TABLE {quote_identifier(table)} ADD COLUMN {column_sql(column, declared, default, strict)}")

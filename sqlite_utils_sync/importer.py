@@ -521,7 +521,8 @@ class Importer:
         types = header.get("column_types", {}).get(name, {})
         defaults = header.get("not_null_defaults", {}).get(name, {})
         create_declared(
-            conn, name, [c for c in columns if c not in dropped], pk, types, name in header.get("without_rowid", []), defaults
+            conn, name, [c for c in columns if c not in dropped], pk, types, name in header.get("without_rowid", []), defaults,
+            strict=name in header.get("strict", []),
         )
         capture_table(conn, name)
         self.created.append(name)

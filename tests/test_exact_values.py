@@ -43,6 +43,26 @@ def test_values_arrive_bit_identical_with_the_same_type(tmp_path, make_db, sync)
     assert b.execute("SELECT value, typeof(value) FROM things WHERE id = 0").fetchone() == (1.0, "real")
 
 
+def test_strict_tables_keep_any_values_exactly_and_new_copies_are_strict(tmp_path, make_db, run, rows, sync):
+    # In a STRICT table ANY keeps '12', 1.0 and ' 5' as they are (elsewhere ANY is NUMERIC).
+    schema = "CREATE TABLE t (id INTEGER PRIMARY KEY, n INT, v ANY) STRICT"
+    a = make_db(tmp_path / "a.db", schema, ("t",))
+    a.executemany("INSERT INTO t VALUES (?, ?, ?)", [(1, 1, "12"), (2, 2, 1.0), (3, 3, " 5")])
+    run(["sqlite-utils", "export-bundle", tmp_path / "a.db", tmp_path / "first.bundle"])
+    run(["sqlite-utils", "import-bundle", tmp_path / "b.db", tmp_path / "first.bundle"])
+    b = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
+    assert b.execute("SELECT strict FROM pragma_table_list WHERE name = 't'").fetchone() == (1,)
+    assert [r[1:3] for r in b.execute("PRAGMA table_info(t)")] == [("id", "INTEGER"), ("n", "INT"), ("v", "ANY")]
+    assert rows(b, "t") == rows(a, "t")
+    # A change between values that compare equal (1 -> 1.0) is captured in an ANY column.
+    b.execute("UPDATE t SET v = 1 WHERE id = 2")
+    sync(b, a, tmp_path)
+    b.execute("UPDATE t SET v = 1.0 WHERE id = 2")
+    sync(b, a, tmp_path)
+    assert a.execute("SELECT v, typeof(v) FROM t WHERE id = 2").fetchone() == (1.0, "real")
+    assert rows(a, "t") == rows(b, "t")
+
+
 REAL_SCHEMAS = [
     ('CREATE TABLE "order" ("select" TEXT PRIMARY KEY, "group by" TEXT, "it""s" INTEGER)', "order", ["b's", "x", 1]),
     ("CREATE TABLE pairs (a TEXT, b INTEGER, note TEXT, PRIMARY KEY (a, b))", "pairs", ["k", 2, "n"]),
@@ -102,11 +122,13 @@ SQLITE_VALUES = st.one_of(
         max_size=6,
     ),
     values=st.lists(SQLITE_VALUES, min_size=6, max_size=6),
-    key_type=st.sampled_from(["", "REAL", "TEXT", "NUMERIC", "INT", "BLOB"]),
+    key_type=st.sampled_from(["", "REAL", "TEXT", "NUMERIC", "INT", "BLOB", "ANY STRICT"]),
 )
 def test_any_key_and_value_round_trips_exactly(tmp_path_factory, keys, values, key_type, make_db, rows, sync):
     folder = tmp_path_factory.mktemp("values")
     schema = f"CREATE TABLE t (k {key_type} PRIMARY KEY, v)"
+    if key_type == "ANY STRICT":  # ANY keeps every value as it is in a STRICT table
+        schema = "CREATE TABLE t (k ANY PRIMARY KEY, v ANY) STRICT"
     a = make_db(folder / "a.db", schema, ("t",))
     b = make_db(folder / "b.db", schema, ("t",))
     for key, value in zip(keys, values):

@@ -137,6 +137,13 @@ def test_hostile_declared_types_are_refused_and_change_nothing(tmp_path, laptop,
     )
 
 
+@pytest.mark.parametrize("strict", [["todos"], "todos", [1]])
+def test_a_hostile_strict_list_is_refused_and_changes_nothing(tmp_path, laptop, run, craft, file_bytes, strict):
+    # todos declares VARCHAR(20), which a STRICT table cannot have; the list must be of names.
+    error = "table 'todos' is declared STRICT with a type a STRICT table cannot have" if strict == ["todos"] else "strict list is invalid"
+    check_header_edit_refused(tmp_path, run, craft, file_bytes, lambda h: h.__setitem__("strict", strict), error)
+
+
 def check_header_edit_refused(tmp_path, run, craft, file_bytes, edit, error: str) -> None:
     """A laptop bundle whose header ``edit`` changed (and resealed) is refused with ``error``:
     no new database is made, and an existing one is left byte for byte as it was, also with
