@@ -21,6 +21,7 @@ from .declared import column_types
 from .errors import (
     GENERATED_COLUMNS,
     INTERNAL_TABLE,
+    INVALID_NAME,
     MISSING_TABLE,
     NO_PRIMARY_KEY,
     NULL_PRIMARY_KEY,
@@ -91,8 +92,12 @@ def check_can_sync(conn: sqlite3.Connection, table: str, synced: bool = False) -
     if table.lower().startswith(("_sync_", "sqlite_")):
         raise SyncError(INTERNAL_TABLE, f"Table '{table}' is internal and cannot be synced")
     row = conn.execute("SELECT type, sql FROM sqlite_master WHERE name = ?", [table]).fetchone()
+    if row is not None and row[0] == "view":
+        raise SyncError(MISSING_TABLE, f"'{table}' is a view: only tables can be synced")
     if row is None or row[0] != "table":
         raise SyncError(MISSING_TABLE, f"Table '{table}' does not exist")
+    if not table:
+        raise SyncError(INVALID_NAME, "A table with an empty name cannot be synced: bundles name every table. Rename it")
     if (row[1] or "").lstrip().upper().startswith("CREATE VIRTUAL"):
         raise SyncError(VIRTUAL_TABLE, f"Table '{table}' is a virtual (e.g. FTS) table and cannot be synced")
     kind = conn.execute("SELECT type FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table]).fetchone()
@@ -134,6 +139,10 @@ def check_can_sync(conn: sqlite3.Connection, table: str, synced: bool = False) -
                     "give them keys first (peers could not tell NULL keys apart)",
                 )
     columns = [r[1] for r in info]
+    if "" in columns:
+        raise SyncError(
+            INVALID_NAME, f"Table '{table}' has a column with an empty name: bundles name every column. Rename it"
+        )
     if len(columns) > MAX_COLUMNS:
         raise SyncError(TOO_MANY_COLUMNS, f"Table '{table}' has {len(columns)} columns; at most {MAX_COLUMNS} can be synced")
     return columns, pk

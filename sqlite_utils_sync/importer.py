@@ -20,6 +20,7 @@ operations go through Python (:mod:`rows`).
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -149,6 +150,8 @@ def import_bundle(
     """
     conn = connection(db)
     skew = parse_duration(max_clock_skew)
+    if is_database_file(conn, path):
+        raise BundleError(errors.INVALID_ARGUMENT, f"Bundle {os.path.basename(path)} is the database it would be imported into")
     reader = BundleReader(path)
     try:
         stage = ChunkStage(conn, reader.path.name)
@@ -183,6 +186,16 @@ def import_bundle(
             stage.close()
     finally:
         reader.close()
+
+
+def is_database_file(conn: sqlite3.Connection, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the file ``conn`` writes (an import would turn the bundle into a
+    synced database)."""
+    main = conn.execute("PRAGMA database_list").fetchone()[2]
+    try:
+        return bool(main) and os.path.samefile(main, path)
+    except OSError:  # either is missing: the reader says so
+        return False
 
 
 class NothingNew(Exception):
@@ -537,6 +550,14 @@ class Importer:
         # A column this table had and dropped is no surprise: its values stay in the log and
         # never reach the table. One it never had is refused (or, with --alter, added).
         unknown = [c for c in missing if c not in local.slots and c not in dropped]
+        folded = {c.lower(): c for c in current}
+        for column in unknown:
+            if column.lower() in folded:
+                raise self.fail(
+                    errors.UNKNOWN_COLUMN,
+                    f"table '{name}' has column '{column}', called '{folded[column.lower()]}' here; sync matches column "
+                    "names exactly, so rename one of them to match (ALTER TABLE ... RENAME COLUMN ...)",
+                )
         if unknown and not self.alter:
             raise self.fail(
                 errors.UNKNOWN_COLUMN,

@@ -83,6 +83,7 @@ STATUS: dict[str, int] = {
     errors.GENERATED_COLUMNS: 400,
     errors.NO_PRIMARY_KEY: 400,
     errors.NULL_PRIMARY_KEY: 400,
+    errors.INVALID_NAME: 400,
     errors.TOO_MANY_COLUMNS: 400,
     errors.PK_CHANGED: 400,
     errors.CONSTRAINT_FAILED: 400,

@@ -277,3 +277,13 @@ def test_operations_of_tables_written_in_turn_kept_for_later_are_exactly_theirs(
     result = import_bundle(c, tmp_path / "two.bundle", create_tables=True)
     assert result.applied_by_table == {"items": 51}  # the 50 kept, and the new one
     assert c.execute("SELECT count(*) FROM items").fetchone() == (51,)
+
+
+def test_importing_a_bundle_into_itself_is_refused_and_changes_nothing(tmp_path, make_db, run, file_bytes):
+    make_db(tmp_path / "a.db").execute("INSERT INTO todos VALUES (1, 'milk', 0, 0)")
+    run(["sqlite-utils", "export-bundle", tmp_path / "a.db", tmp_path / "a.bundle"])
+    before = file_bytes(tmp_path / "a.bundle")
+    result = run(["sqlite-utils", "import-bundle", tmp_path / "a.bundle", tmp_path / "a.bundle"], check=False)
+    assert result.returncode == 1
+    assert result.stderr == "Error: Bundle a.bundle is the database it would be imported into\n"
+    assert file_bytes(tmp_path / "a.bundle") == before

@@ -46,6 +46,10 @@ def test_existing_rows_are_logged_when_sync_is_enabled(tmp_path, make_db, rows, 
             "tags",
             "Table 'tags' has primary key column 'b' with COLLATE RTRIM",
         ),
+        ("CREATE VIEW done AS SELECT * FROM todos WHERE done", "done", "'done' is a view: only tables can be synced"),
+        # Bundles name every table and column: an empty name could never be imported anywhere.
+        ('CREATE TABLE "" (id INTEGER PRIMARY KEY)', "", "A table with an empty name cannot be synced"),
+        ('CREATE TABLE blank (id INTEGER PRIMARY KEY, "" TEXT)', "blank", "Table 'blank' has a column with an empty name"),
     ],
 )
 def test_enable_sync_refuses_bad_tables_and_changes_nothing(tmp_path, setup, table, message, file_bytes, make_db, run_cli):

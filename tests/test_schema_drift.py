@@ -83,6 +83,24 @@ def test_columns_added_in_another_order_on_each_copy_still_sync(tmp_path, make_d
         assert sync_status(conn)["unresolved_conflicts"] == 0
 
 
+@pytest.mark.parametrize("alter", [[], ["--alter"]])
+def test_a_column_added_in_another_case_on_each_copy_is_refused_with_what_to_rename(tmp_path, make_db, run, file_bytes, alter):
+    # SQLite takes Note and note as one column name; sync matches names exactly.
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("ALTER TABLE todos ADD COLUMN Note TEXT")
+    b.execute("ALTER TABLE todos ADD COLUMN note TEXT")
+    a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 0, 'oat')")
+    run(["sqlite-utils", "export-bundle", tmp_path / "a.db", tmp_path / "a.bundle"])
+    before = file_bytes(tmp_path / "b.db")
+    result = run(["sqlite-utils", "import-bundle", tmp_path / "b.db", tmp_path / "a.bundle", *alter], check=False)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: Bundle a.bundle: table 'todos' has column 'Note', called 'note' here; sync matches column names "
+        "exactly, so rename one of them to match (ALTER TABLE ... RENAME COLUMN ...)\n"
+    )
+    assert file_bytes(tmp_path / "b.db") == before
+
+
 def test_transform_drops_triggers_and_the_repair_logs_what_was_missed(tmp_path, make_db, rows, run_cli, sync):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(1, "one"), (2, "two"), (3, "three")])
