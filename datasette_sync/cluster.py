@@ -78,6 +78,8 @@ HUB_TROUBLE = {errors.BUSY, errors.SQLITE_ERROR, errors.SCHEMA_TOO_NEW}
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 KEYS = {"servers", "stream", "hub", "replicas", "snapshot_every", "forget_after"}
 STOP_TIMEOUT = 5.0  # seconds a hub stopping waits for the NATS server to take what it sent
+# pip keeps the datasette-sync installed (from a checkout too) and adds only the extra's nats-py.
+INSTALL_CLIENT = "pip install 'datasette-sync[cluster]' in the hub's environment, then start the hub again"
 
 
 @dataclass(frozen=True)
@@ -236,6 +238,7 @@ class Member:
         self.js = None
         self.behind: int | None = None
         self.error: str | None = None
+        self.client_missing: str | None = None  # why nats cannot be imported, once started
         self.snapshot_seq = 0
         self.next_check = 0.0
         self.poked: asyncio.Event | None = None
@@ -261,6 +264,13 @@ class Member:
         self.poked = asyncio.Event()
         self.progress = asyncio.Condition()
         self.held_published = asyncio.Event()
+        self.client_missing = missing_client()
+        if self.client_missing is not None:
+            # Nothing changes until it is installed and the hub restarted: say so once, rather
+            # than have the consumer and the outbox fail on the import every second.
+            self.error = f"cluster mode needs the NATS client (nats-py), which cannot be imported ({self.client_missing}): {INSTALL_CLIENT}"
+            log.error("datasette-sync cluster (%s): %s", self.database, self.error)
+            return
         self.tasks = [self.loop.create_task(self.run()), self.loop.create_task(self.outbox_loop())]
 
     async def stop(self) -> None:
@@ -454,7 +464,8 @@ class Member:
         thread, inside the import's transaction. The message's stream sequence (a bundle
         stored already: the first copy's). Raises SyncError (cluster_unavailable)."""
         if self.loop is None or self.js is None:
-            raise unavailable(self.database, "not connected to NATS yet")
+            why = "this hub cannot import the NATS client" if self.client_missing else "not connected to NATS yet"
+            raise unavailable(self.database, why)
         self.awaited.add(bundle_id)  # before the message can reach the consumer
         future = asyncio.run_coroutine_threadsafe(self.publish_push(path, bundle_id, alter, actor, relay), self.loop)
         try:
@@ -972,6 +983,15 @@ def pending(message) -> int | None:
         return message.metadata.num_pending
     except Exception:
         return None
+
+
+def missing_client() -> str | None:
+    """Why the NATS client cannot be imported (its ImportError), or None when it can."""
+    try:
+        import nats  # noqa: F401
+    except ImportError as ex:
+        return str(ex) or type(ex).__name__
+    return None
 
 
 def unavailable(database: str, why: str) -> SyncError:

@@ -26,12 +26,21 @@ from .transaction import holds_write_lock, writers_held_off
 from .writing import capture_table, writing
 
 
-def enable_sync(db: Any, tables: list[str], partial: bool = False, name: str | None = None) -> dict[str, int]:
+def enable_sync(
+    db: Any,
+    tables: list[str],
+    partial: bool = False,
+    name: str | None = None,
+    on_kept: Callable[[str, str], None] | None = None,
+) -> dict[str, int]:
     """Start capturing writes to ``tables`` (idempotent; re-running repairs the triggers).
 
     :param partial: this copy holds only the tables synced here: its scope becomes them (see
         :mod:`scope`). A copy that is partial already adds ``tables`` to its scope either way
     :param name: also name this database's device (see :func:`set_device_name`)
+    :param on_kept: called as ``on_kept(table, rowkey)`` for each row whose value this copy
+        changed while the table was not synced, and a peer changed too, in an operation that
+        arrived meanwhile: the local edit is kept and logged, the peer's stays in the log
     :returns: for each table, how many existing or missed rows were logged as operations
     """
     conn = connection(db)
@@ -46,7 +55,7 @@ def enable_sync(db: Any, tables: list[str], partial: bool = False, name: str | N
                     wanted |= set(load_tables(conn, enabled_only=True))
                 check_scope_change(conn, wanted)
                 store_scope(conn, wanted)
-            logged = {table: capture_table(conn, table) for table in names}
+            logged = {table: capture_table(conn, table, on_kept) for table in names}
             if name is not None:
                 set_local_name(conn, name)
             return logged

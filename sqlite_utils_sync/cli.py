@@ -29,7 +29,7 @@ from .watch import watch_hub
 from .compaction import compact_log
 from .conflicts import list_conflicts
 from .resolution import resolve_conflict
-from .devices import device_names, local_device_id
+from .devices import device_names, label, local_device_id
 from .errors import SyncError
 
 DB_PATH = click.Path(exists=True, dir_okay=False, allow_dash=False)
@@ -146,15 +146,25 @@ def enable_sync_command(path, tables, partial, name):
 
     Example:
 
+    \b
         sqlite-utils enable-sync data.db todos notes --name laptop
         sqlite-utils enable-sync phone.db todos --partial
     """
+    kept: dict[str, int] = {}
     with user_errors():
         db = open_db(path)
-        logged = enable_sync(db, list(tables), partial=partial, name=name)
+        logged = enable_sync(
+            db, list(tables), partial=partial, name=name, on_kept=lambda table, _: kept.update({table: kept.get(table, 0) + 1})
+        )
     for table, count in logged.items():
         if count:
             click.echo(f"{table}: logged {count} existing or missed row change(s)", err=True)
+        if kept.get(table):
+            click.echo(
+                f"{table}: kept {plural(kept[table], 'row')} as edited here while sync was off, over a peer's edit of "
+                "the same values that arrived meanwhile (the peer's stays in the log)",
+                err=True,
+            )
         for columns in secondary_unique_columns(db.conn, table):
             named = ", ".join(c or "<expression>" for c in columns)  # None: an expression index
             click.echo(
@@ -203,6 +213,7 @@ def export_bundle_command(path, bundle, since, for_device, tables, as_json, sile
 
     Example:
 
+    \b
         sqlite-utils export-bundle laptop.db to-phone.bundle --for phone
         sqlite-utils export-bundle laptop.db todos-only.bundle --table todos
     """
@@ -262,7 +273,8 @@ def sync_status_command(path, as_json):
         sqlite-utils sync-status data.db --json
     """
     with user_errors():
-        status = sync_status(open_db(path))
+        db = open_db(path)
+        status = sync_status(db)
     for warning in status["warnings"]:
         click.echo(f"Warning: {warning}", err=True)
     if as_json:
@@ -281,8 +293,10 @@ def sync_status_command(path, as_json):
     for name, info in status["tables"].items():
         click.echo(f"  {name}: {info['operations']} operation(s)")
     click.echo("Clock:")
+    names = device_names(db.conn)
     for device, seq in status["clock"].items():
-        click.echo(f"  {device}: {seq}")
+        # A named device as other commands show it, laptop (19cecc3d); others by their whole id.
+        click.echo(f"  {label(device, names) if device in names else device}: {seq}")
 
 
 @click.command(name="sync-conflicts")
@@ -350,6 +364,7 @@ def sync_new_device_command(path, recover):
 
     Example:
 
+    \b
         sqlite-utils sync-new-device phone.db
         sqlite-utils sync-new-device --recover phone.db
     """

@@ -390,7 +390,8 @@ def sync_with_hub(
         (``bundle_id``, ``source_device_id``, ``total_operations``, ``applied``, ``conflicts``,
         ``duplicates``, ``skipped``, ``not_applied``, ``applied_by_table``, ``tables_created``,
         ``columns_added``, ``withheld``)
-    :raises HubError: the hub is unreachable or refused a request (nothing half-applied)
+    :raises HubError: the hub is unreachable or refused a request (nothing half-applied), or
+        withholds from these credentials tables this copy holds (reason ``partial_bundle``)
     :raises SyncError: the local database cannot sync (e.g. sync not enabled)
     """
     urls = [normalize_url(u) for u in ([url] if isinstance(url, str) else url)]
@@ -534,16 +535,38 @@ class _Run:
         if not operations and not self.creates_table(tables):
             # Nothing to apply: don't record an empty import on every run.
             return empty_result(hub_device, bundle_id), hub_clock, hub_device
-        result = import_bundle(
-            self.db,
-            path,
-            alter=self.alter,
-            progress=self.stage("pull"),
-            max_clock_skew=self.max_clock_skew,
-            adopt_scope=True,
-            create_tables=self.create_tables,
-        )
+        try:
+            result = import_bundle(
+                self.db,
+                path,
+                alter=self.alter,
+                progress=self.stage("pull"),
+                max_clock_skew=self.max_clock_skew,
+                adopt_scope=True,
+                create_tables=self.create_tables,
+            )
+        except BundleError as ex:
+            if ex.reason == errors.PARTIAL_BUNDLE:
+                raise self.withheld_tables(path) from None
+            raise
         return result.as_dict(), hub_clock, hub_device
+
+    def withheld_tables(self, path: str) -> HubError:
+        """The error for a pull that withholds tables this copy holds: the import's own words
+        name a temporary file and advise on exporting bundles, neither of which fits a sync."""
+        reader = BundleReader(path)
+        try:
+            sent = ", ".join(sorted(reader.header.get("scope") or [])) or "(none)"
+        finally:
+            reader.close()
+        held = load_scope(connection(self.db))
+        holds = "every table" if held is None else f"tables {', '.join(sorted(held))}"
+        return HubError(
+            errors.PARTIAL_BUNDLE,
+            f"hub {self.url} sends only tables {sent} to these credentials, but this copy holds {holds}: "
+            "sync with --table for each table you may view (after disable-sync on the others), "
+            "sync into a new file, or use credentials that may view them all",
+        )
 
     def creates_table(self, tables: list[str]) -> bool:
         """Whether importing a bundle naming ``tables`` would create one here, operations or

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from typing import Any, Callable
 
 from .capture import SyncedTable, muted, table_info
 from .conflicts import rebuild_conflicts
@@ -14,7 +14,12 @@ from .merge import Effect, KnowledgeCache, latest_writers, record_clashes, row_s
 from .rows import key_slots, settle, write_row
 
 
-def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, captured: set[int] | None = None) -> int:
+def reconcile_table(
+    conn: sqlite3.Connection,
+    table: SyncedTable,
+    captured: set[int] | None = None,
+    on_kept: Callable[[str, str], None] | None = None,
+) -> int:
     """Log the changes the triggers missed: compare the table with the state its log implies.
 
     Used when sync is first enabled (every existing row becomes an insert) and when triggers
@@ -23,8 +28,12 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, captured: set[
 
     Operations that arrived while the table was not synced were kept but never applied
     (``_sync_unapplied``). Where one of those wrote last, the table takes the log's value
-    instead of overwriting it: enabling sync never deletes or reverts what a peer wrote.
-    Everywhere else the table wins, including edits made here while sync was disabled.
+    instead of overwriting it: enabling sync never deletes or reverts what a peer wrote, unless
+    this copy changed the same value meanwhile. Everywhere else the table wins, including edits
+    made here while sync was disabled. Where both changed a value, the local edit is kept and
+    logged, so it is never lost, and the peer's stays in the log; ``on_kept(table, rowkey)`` is
+    called for each such row. (No conflict can be recorded: this copy's log says it had seen
+    the peer's operation, so every copy takes the local edit as the later one.)
 
     :param captured: slots the capture triggers wrote until now. A column outside them was
         added since (again, or for the first time by ``--alter``): where the log holds values
@@ -35,7 +44,7 @@ def reconcile_table(conn: sqlite3.Connection, table: SyncedTable, captured: set[
     """
     if not conn.execute("SELECT 1 FROM _sync_ops WHERE tid = ? LIMIT 1", [table.tid]).fetchone():
         return log_every_row(conn, table)
-    return Reconciler(conn, table, captured).run()
+    return Reconciler(conn, table, captured, on_kept).run()
 
 
 def log_every_row(conn: sqlite3.Connection, table: SyncedTable) -> int:
@@ -59,8 +68,15 @@ class Reconciler:
     """One table's rows compared with its history: differences are logged, or adopted where a
     kept (unapplied) operation of a peer wrote last."""
 
-    def __init__(self, conn: sqlite3.Connection, table: SyncedTable, captured: set[int] | None):
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        table: SyncedTable,
+        captured: set[int] | None,
+        on_kept: Callable[[str, str], None] | None = None,
+    ):
         self.conn = conn
+        self.on_kept = on_kept
         self.table = table
         self.columns = table.current_columns(conn)
         self.full = table.mask_for(self.columns)
@@ -119,47 +135,80 @@ class Reconciler:
         append_local(self.conn, self.table.tid, kind, mask, rowkey, slots=slots)
         self.logged += 1
 
+    def before_peers(self, effects: list[Effect]) -> tuple[bool, dict[int, Any]]:
+        """The row as the log implied it before the kept operations: what the table held then,
+        unless it was edited here since."""
+        return row_state([e for e in effects if e.op not in self.unapplied])
+
+    def kept(self, rowkey: str) -> None:
+        if self.on_kept is not None:
+            self.on_kept(self.table.name, rowkey)
+
     def reconcile_row(self, rowkey: str, values: dict[str, Any]) -> None:
         """A row the table holds: log an insert or the columns that differ from the log, or
-        take the log's values where a peer's kept operation wrote last."""
+        take the log's values where a peer's kept operation wrote last and this copy did not
+        change them meanwhile."""
         slots = self.table.slots
         effects = self.history.get(rowkey, [])
         exists, implied = row_state(effects)
         if not exists:
-            if self.by_peer(effects[-1] if effects else None):
+            by_peer = self.by_peer(effects[-1] if effects else None)
+            if by_peer and not self.edited_here(effects, values):
                 self.adopted.append((rowkey, False, {}, True))
             else:
+                if by_peer:
+                    self.kept(rowkey)
                 self.log(INSERT, self.full, rowkey, {slots[c]: v for c, v in values.items()})
             return
         writers = latest_writers(effects)
-        mask, taken = 0, {}
+        mask, taken, kept = 0, {}, False
         for column, value in values.items():
             slot = slots[column]
             # A value no operation wrote (a column added since, with its DEFAULT) is a change:
             # a peer that adds the column gets NULL there unless it is logged.
             if same_value(implied.get(slot), value):
                 continue
-            if self.by_peer(writers.get(slot)) or self.adopts(column, value, implied):
+            if self.adopts(column, value, implied):
+                taken[column] = implied[slot]
+            elif self.by_peer(writers.get(slot)) and logged_value(effects, slot, value):
                 taken[column] = implied[slot]
             else:
+                kept = kept or self.by_peer(writers.get(slot))
                 mask |= 1 << slot
+        if kept:
+            self.kept(rowkey)
         if taken:
             self.adopted.append((rowkey, True, taken, True))
             values.update(taken)
         if mask:
             self.log(UPDATE, mask, rowkey, {slots[c]: v for c, v in values.items()})
 
+    def edited_here(self, effects: list[Effect], values: dict[str, Any]) -> bool:
+        """Whether a row a peer's kept delete removed holds a value no operation wrote: it
+        was inserted or changed here meanwhile (else it is a stale copy of the row)."""
+        slots = self.table.slots
+        return any(not logged_value(effects, slots[c], v) for c, v in values.items())
+
     def reconcile_gone(self, rowkey: str, effects: list[Effect]) -> None:
         """A row the log implies and the table lacks: log its delete, or bring it back when a
-        peer's kept operation wrote last."""
+        peer's kept operation wrote last and the row was not deleted here meanwhile."""
         exists, implied = row_state(effects)
         if not exists:
             return
-        if self.by_peer(effects[-1]):
+        by_peer = self.by_peer(effects[-1])
+        if by_peer and not self.before_peers(effects)[0]:
             names = self.table.slot_names(self.columns)
             self.adopted.append((rowkey, True, {names[s]: v for s, v in implied.items() if s in names}, False))
         else:
+            if by_peer:
+                self.kept(rowkey)
             self.log(DELETE, 0, rowkey, key_slots(self.table, rowkey))
+
+
+def logged_value(effects: list[Effect], slot: int, value: Any) -> bool:
+    """Whether some operation on the row wrote ``value`` to ``slot``: a table holding it holds
+    a value the log knows (a stale one, say), not one written here while capture was off."""
+    return any(e.write and e.mask >> slot & 1 and same_value(e.values.get(slot), value) for e in effects)
 
 
 def record_kept_clashes(

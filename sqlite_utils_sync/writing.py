@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .capture import install_capture, load_tables, refresh_capture, table_drift, table_exists
 from .clocks import settle_clocks
@@ -88,14 +88,15 @@ def foreign_keys_off(conn: sqlite3.Connection) -> Iterator[None]:
         conn.execute("PRAGMA foreign_keys = ON")
 
 
-def capture_table(conn: sqlite3.Connection, name: str) -> int:
+def capture_table(conn: sqlite3.Connection, name: str, on_kept: Callable[[str, str], None] | None = None) -> int:
     """Install (or repair) capture for one table and log the changes missed meanwhile: every
-    existing row when sync is first enabled; returns how many operations were logged."""
+    existing row when sync is first enabled; returns how many operations were logged.
+    ``on_kept``: see :func:`~sqlite_utils_sync.reconcile.reconcile_table`."""
     installed = install_capture(conn, name)
     if installed is None:
         return 0
     table, captured = installed
-    return reconcile_table(conn, table, captured)
+    return reconcile_table(conn, table, captured, on_kept)
 
 
 def repair_capture(conn: sqlite3.Connection) -> dict[str, int]:

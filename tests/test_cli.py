@@ -87,6 +87,18 @@ def test_enable_sync_cli_and_status_json(tmp_path, run_cli):
     assert list(status["tables"]) == ["todos"]
 
 
+def test_status_text_shows_named_devices_by_name(tmp_path, pair, run_cli):
+    """Names show wherever an id is shown: in the clock too, as laptop (19cecc3d)."""
+    run_cli("sync-name", tmp_path / "a.db", "laptop")
+    run_cli("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle")
+    run_cli("import-bundle", tmp_path / "b.db", tmp_path / "x.bundle")
+    a, b = (json.loads(run_cli("sync-status", tmp_path / f"{n}.db", "--json").output) for n in "ab")
+    output = run_cli("sync-status", tmp_path / "b.db").output
+    clock = output[output.index("Clock:\n"):].splitlines()[1:]
+    assert sorted(clock) == sorted([f"  laptop ({a['device_id'][:8]}): {b['clock'][a['device_id']]}",
+                                    f"  {b['device_id']}: {b['clock'][b['device_id']]}"])
+
+
 def test_cli_import_of_missing_file_is_one_line(tmp_path, make_db, run_cli):
     make_db(tmp_path / "a.db").close()
     result = run_cli("import-bundle", tmp_path / "a.db", tmp_path / "nope.bundle")

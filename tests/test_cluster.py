@@ -17,6 +17,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -388,3 +389,28 @@ def test_a_hub_without_the_setting_never_imports_nats(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_clean_env(), timeout=60)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_a_hub_without_the_nats_client_says_once_how_to_install_it(tmp_path, datasette_server, hub_config, monkeypatch):
+    """A plain ``pip install .`` lacks nats-py: the hub logs one line saying how to install it
+    (not the ImportError every second), shows it on its status, and refuses pushes with a 503."""
+    fake = tmp_path / "fake"
+    (fake / "nats").mkdir(parents=True)
+    (fake / "nats" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'nats'\", name='nats')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    path = todos_db(tmp_path / "hub.db")
+    hub = datasette_server([path], cluster_config(hub_config, "nats://127.0.0.1:1", "a"))
+    headers = {"Authorization": f"Bearer {actor_token()}"}
+    phone = todos_db(tmp_path / "phone.db", [{"id": 1, "title": "Buy milk", "done": 0}])
+    export_bundle(sqlite_utils.Database(phone), tmp_path / "phone.bundle")
+    response = hub.post("/hub/-/sync/import", content=(tmp_path / "phone.bundle").read_bytes(), headers=headers)
+    assert (response.status_code, response.json()["reason"]) == (503, "cluster_unavailable")
+    assert "this hub cannot import the NATS client" in response.json()["error"]
+    wait_for(lambda: "pip install 'datasette-sync[cluster]'" in hub.output(), what="the hub to say what to install")
+    time.sleep(2.5)  # the outbox would have failed on the import twice by now
+    lines = [line for line in hub.output().splitlines() if "datasette-sync cluster" in line]
+    assert lines == [
+        "datasette-sync cluster (hub): cluster mode needs the NATS client (nats-py), which cannot be imported "
+        "(No module named 'nats'): pip install 'datasette-sync[cluster]' in the hub's environment, then start the hub again"
+    ]
+    assert hub.get("/hub/-/sync.json", headers=headers).json()["cluster"]["error"] == lines[0].split(": ", 1)[1]

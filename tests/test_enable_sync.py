@@ -146,3 +146,56 @@ def test_concurrent_edits_that_arrive_while_a_table_is_not_synced_still_become_a
     assert rows(x) == rows(y) == rows(z)
     assert conflict_records(x) == conflict_records(y) == conflict_records(z)
     assert [c["columns"] for c in list_conflicts(y)] == [["title"]]
+
+
+@pytest.mark.parametrize(
+    "here,there,expected",
+    [
+        # Both change the title: this copy's edit is kept, not reverted by the peer's.
+        ("UPDATE todos SET title = 'here' WHERE id = 1", "UPDATE todos SET title = 'there' WHERE id = 1", [(1, "here", 0), (2, "two", 0)]),
+        # Each changes another column: both are kept.
+        ("UPDATE todos SET done = 1 WHERE id = 1", "UPDATE todos SET title = 'there' WHERE id = 1", [(1, "there", 1), (2, "two", 0)]),
+        # Deleted here, edited there: the delete is kept.
+        ("DELETE FROM todos WHERE id = 1", "UPDATE todos SET title = 'there' WHERE id = 1", [(2, "two", 0)]),
+        # Edited here, deleted there: the edited row is kept.
+        ("UPDATE todos SET title = 'here' WHERE id = 1", "DELETE FROM todos WHERE id = 1", [(1, "here", 0), (2, "two", 0)]),
+        # The same new key on both: this copy's row is kept.
+        ("INSERT INTO todos VALUES (3, 'here', 0, 0)", "INSERT INTO todos VALUES (3, 'there', 0, 0)", [(1, "one", 0), (2, "two", 0), (3, "here", 0)]),
+    ],
+)
+def test_edits_made_while_disabled_are_never_lost_to_peers_edits_of_the_same_row(tmp_path, make_db, sync, here, there, expected):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(1, "one"), (2, "two")])
+    sync(a, b, tmp_path)
+    disable_sync(b, ["todos"])
+    b.execute(here)
+    a.execute(there)
+    a.execute("UPDATE todos SET title = 'TWO' WHERE id = 2")  # a row only the peer changed
+    sync(a, b, tmp_path, "a.bundle")  # kept, not applied: b does not sync todos now
+    kept = []
+    enable_sync(b, ["todos"], on_kept=lambda table, rowkey: kept.append((table, rowkey)))
+    # Only a value both changed is reported: kept here, the peer's in the log.
+    assert kept == ([] if "done = 1" in here else [("todos", "1" if "id = 1" in here else "3")])
+    for _ in range(2):
+        sync(a, b, tmp_path, "a.bundle")
+        sync(b, a, tmp_path, "b.bundle")
+    expected = [(i, "TWO" if i == 2 else title, done) for i, title, done in expected]
+    for conn in (a, b):
+        assert conn.execute("SELECT id, title, done FROM todos ORDER BY id").fetchall() == expected
+
+
+def test_enable_sync_says_which_local_edits_it_kept_over_a_peers(tmp_path, make_db, run_cli, sync):
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute("INSERT INTO todos VALUES (1, 'one', 0, 0)")
+    sync(a, b, tmp_path)
+    disable_sync(b, ["todos"])
+    b.execute("UPDATE todos SET title = 'here' WHERE id = 1")
+    a.execute("UPDATE todos SET title = 'there' WHERE id = 1")
+    sync(a, b, tmp_path)
+    result = run_cli("enable-sync", tmp_path / "b.db", "todos")
+    assert result.exit_code == 0
+    assert result.output == (
+        "todos: logged 1 existing or missed row change(s)\n"
+        "todos: kept 1 row as edited here while sync was off, over a peer's edit of the same values that arrived "
+        "meanwhile (the peer's stays in the log)\n"
+    )

@@ -252,6 +252,34 @@ def test_error_lines(hub, tmp_path, free_port, hub_sync, make_todos_db, run):
     assert moved(hub_sync(device, hub, alice))[1] >= 1
 
 
+def test_a_full_copy_pulling_with_credentials_that_see_fewer_tables_is_told_what_to_do(
+    tmp_path, datasette_server, hub_config, file_bytes, hub_sync, make_todos_db, run
+):
+    """bob may view todos but not notes: his pull withholds notes, which a full copy holds.
+    One line for sync, naming neither the temporary bundle file nor export-bundle's --table."""
+    hub_path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "Buy milk", "done": 0}])
+    run(["sqlite-utils", "create-table", hub_path, "notes", "id", "integer", "body", "text", "--pk", "id"])
+    run(["sqlite-utils", "enable-sync", hub_path, "notes"])
+    hub_config["databases"]["hub"]["tables"] = {"notes": {"allow": {"id": "alice"}}}
+    hub = datasette_server([hub_path], hub_config)
+    copy = tmp_path / "copy.db"
+    hub_sync(copy, hub, hub.token("alice"))  # a full copy: todos and notes
+    run(["sqlite-utils", "insert", hub_path, "notes", "-", "--pk", "id"], input='{"id": 1, "body": "only alice"}')
+    before = file_bytes(copy)
+    url = hub.url + "/hub"
+    result = run(["sqlite-utils", "sync", copy, url, "--token", hub.token("bob")], check=False)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        f"Error: hub {url} sends only tables todos to these credentials, but this copy holds every table: "
+        "sync with --table for each table you may view (after disable-sync on the others), sync into a new "
+        "file, or use credentials that may view them all\n"
+    )
+    assert file_bytes(copy) == before
+    with pytest.raises(HubError) as caught:
+        sync_with_hub(sqlite_utils.Database(copy), url, token=hub.token("bob"))
+    assert caught.value.reason == "partial_bundle"
+
+
 def test_hub_url_mistakes_are_one_line_errors(tmp_path, make_todos_db, run):
     device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
     example = "a database URL like http://127.0.0.1:8001/data"
