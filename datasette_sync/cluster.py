@@ -989,7 +989,7 @@ def missing_client() -> str | None:
     """Why the NATS client cannot be imported (its ImportError), or None when it can."""
     try:
         import nats  # noqa: F401
-    except ImportError as ex:
+    except Exception as ex:  # an ImportError, or whatever a broken install raises on import
         return str(ex) or type(ex).__name__
     return None
 

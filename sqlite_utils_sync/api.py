@@ -45,7 +45,7 @@ def enable_sync(
     """
     conn = connection(db)
     try:
-        with writing(conn, create=True, repair=False):
+        with writing(conn, create=True, repair=False, applies_rows=True):
             # One entry per table, however it was spelled.
             names = list(dict.fromkeys(canonical_name(conn, t) for t in tables))
             scope = load_scope(conn)

@@ -205,7 +205,7 @@ def declare_every_table(conn: sqlite3.Connection, writer: BundleWriter, wanted_t
     """Name every synced table in a full export (of ``wanted_tids`` only, when given), those
     with no operation yet too: a copy made from it, a new device, gets all of them."""
     for table in load_tables(conn).values():
-        if table.enabled and (wanted_tids is None or table.tid in wanted_tids):
+        if table.enabled and (wanted_tids is None or table.tid in wanted_tids) and table_exists(conn, table.name):
             writer.table_entry(table.tid)
 
 

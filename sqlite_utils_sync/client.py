@@ -43,7 +43,7 @@ from .importer import ImportResult, import_bundle
 from .bundle import BundleReader
 from .errors import BundleError, SyncError
 from .api import export_bundle, local_state, set_scope
-from .capture import load_tables
+from .capture import table_exists
 from .schema import connection
 from .scope import load_scope
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, parse_duration
@@ -114,7 +114,10 @@ def combined_results(first: dict[str, Any], second: dict[str, Any] | None) -> di
         a, b = combined.get(key) or {}, second.get(key) or {}
         combined[key] = {name: a.get(name, 0) + b.get(name, 0) for name in {**a, **b}}
     combined["tables_created"] = (combined.get("tables_created") or []) + (second.get("tables_created") or [])
-    combined["columns_added"] = {**(second.get("columns_added") or {}), **(combined.get("columns_added") or {})}
+    added = {table: list(columns) for table, columns in (combined.get("columns_added") or {}).items()}
+    for table, columns in (second.get("columns_added") or {}).items():
+        added[table] = added.get(table, []) + [c for c in columns if c not in added.get(table, [])]
+    combined["columns_added"] = added
     return combined
 
 
@@ -573,8 +576,8 @@ class _Run:
         not: the hub's tables that nobody wrote to yet reach a new copy too."""
         if not (self.create_tables or self.alter):
             return False
-        synced = {table.name for table in load_tables(connection(self.db)).values() if table.enabled}
-        return any(name not in synced for name in tables)
+        conn = connection(self.db)
+        return any(not table_exists(conn, name) for name in tables)
 
     def push(self, device_id: str, hub_clock: dict[str, int]) -> tuple[dict[str, Any], dict[str, int] | None]:
         """Send what the hub's clock lacks: (the hub's import result, the hub's clock after

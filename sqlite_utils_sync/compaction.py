@@ -151,6 +151,8 @@ def keep_twins_together(conn: sqlite3.Connection) -> None:
     finding clashes (:func:`merge.twins_of`), so removing one of them alone would make this
     copy find clashes that copies with their whole log do not. Compared by kind and columns
     written, not values: a few more kept is harmless, one fewer is not."""
+    if len(device_ids(conn)) < 2:
+        return  # twins are operations of two devices
     conn.execute("DROP TABLE IF EXISTS temp._sync_twin_groups")
     conn.execute(
         "CREATE TEMP TABLE _sync_twin_groups (tid, hlc, rowkey, kind, mask, PRIMARY KEY (tid, hlc, rowkey, kind, mask))"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import string
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
@@ -159,7 +160,7 @@ def import_bundle(
             try:
                 # writing() reads TEXT exactly where values pass through Python, creates or
                 # migrates the log, settles local clocks and repairs capture before anything else.
-                with writing(conn, create=True):
+                with writing(conn, create=True, applies_rows=True):
                     create = alter or create_tables
                     importer = Importer(conn, reader, stage, alter, actor, progress, skew, may_relay, create)
                     importer.adopt_scope, importer.authorize, importer.visible = adopt_scope, authorize, visible
@@ -186,6 +187,14 @@ def import_bundle(
             stage.close()
     finally:
         reader.close()
+
+
+def ascii_lower(name: str) -> str:
+    """A name as SQLite compares identifiers: ASCII letters without case, every other one as is."""
+    return name.translate(ASCII_LOWER)
+
+
+ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 def is_database_file(conn: sqlite3.Connection, path: str | os.PathLike) -> bool:
@@ -550,12 +559,12 @@ class Importer:
         # A column this table had and dropped is no surprise: its values stay in the log and
         # never reach the table. One it never had is refused (or, with --alter, added).
         unknown = [c for c in missing if c not in local.slots and c not in dropped]
-        folded = {c.lower(): c for c in current}
+        folded = {ascii_lower(c): c for c in current}
         for column in unknown:
-            if column.lower() in folded:
+            if ascii_lower(column) in folded:
                 raise self.fail(
                     errors.UNKNOWN_COLUMN,
-                    f"table '{name}' has column '{column}', called '{folded[column.lower()]}' here; sync matches column "
+                    f"table '{name}' has column '{column}', called '{folded[ascii_lower(column)]}' here; sync matches column "
                     "names exactly, so rename one of them to match (ALTER TABLE ... RENAME COLUMN ...)",
                 )
         if unknown and not self.alter:

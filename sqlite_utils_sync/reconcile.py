@@ -84,6 +84,9 @@ class Reconciler:
         self.unapplied = {op for (op,) in conn.execute("SELECT op FROM _sync_unapplied WHERE tid = ?", [table.tid])}
         conn.execute("DELETE FROM _sync_unapplied WHERE tid = ?", [table.tid])
         self.history = table_history(conn, table)
+        # Re-enabled (it had operations applied here) rather than first enabled on a copy that
+        # held rows of it: then a row no applied operation made was inserted here meanwhile.
+        self.synced_before = any(e.op not in self.unapplied for effects in self.history.values() for e in effects)
         self.fresh = self.fresh_columns(captured)
         self.logged = 0
         self.adopted: list[WriteRowArgs] = []  # peers' values the table takes
@@ -135,10 +138,20 @@ class Reconciler:
         append_local(self.conn, self.table.tid, kind, mask, rowkey, slots=slots)
         self.logged += 1
 
-    def before_peers(self, effects: list[Effect]) -> tuple[bool, dict[int, Any]]:
-        """The row as the log implied it before the kept operations: what the table held then,
-        unless it was edited here since."""
-        return row_state([e for e in effects if e.op not in self.unapplied])
+    def applied_here(self, effects: list[Effect]) -> list[Effect]:
+        """The row's operations this copy applied to its table (not those kept unapplied)."""
+        return [e for e in effects if e.op not in self.unapplied]
+
+    def changed_here(self, effects: list[Effect], slot: int, value: Any) -> bool:
+        """Whether the table's value of a cell was written here while capture was off: it
+        differs from the row the operations this copy applied left (complete: a table with
+        kept operations is never compacted), or the row was inserted here meanwhile. On a copy
+        first syncing the table it tells nothing: the table takes what peers wrote, as it
+        holds stale rows of it, say."""
+        applied = self.applied_here(effects)
+        if not applied:
+            return self.synced_before
+        return not same_value(row_state(applied)[1].get(slot), value)
 
     def kept(self, rowkey: str) -> None:
         if self.on_kept is not None:
@@ -170,7 +183,7 @@ class Reconciler:
                 continue
             if self.adopts(column, value, implied):
                 taken[column] = implied[slot]
-            elif self.by_peer(writers.get(slot)) and logged_value(effects, slot, value):
+            elif self.by_peer(writers.get(slot)) and not self.changed_here(effects, slot, value):
                 taken[column] = implied[slot]
             else:
                 kept = kept or self.by_peer(writers.get(slot))
@@ -184,10 +197,15 @@ class Reconciler:
             self.log(UPDATE, mask, rowkey, {slots[c]: v for c, v in values.items()})
 
     def edited_here(self, effects: list[Effect], values: dict[str, Any]) -> bool:
-        """Whether a row a peer's kept delete removed holds a value no operation wrote: it
-        was inserted or changed here meanwhile (else it is a stale copy of the row)."""
+        """Whether a row a peer's kept delete removed was inserted or changed here meanwhile
+        (else it is a stale copy of the row, which goes)."""
+        applied = self.applied_here(effects)
+        if applied and not row_state(applied)[0]:
+            return True  # it was deleted here before, so inserted again here
+        if not applied:
+            return self.synced_before
         slots = self.table.slots
-        return any(not logged_value(effects, slots[c], v) for c, v in values.items())
+        return any(self.changed_here(effects, slots[c], v) for c, v in values.items())
 
     def reconcile_gone(self, rowkey: str, effects: list[Effect]) -> None:
         """A row the log implies and the table lacks: log its delete, or bring it back when a
@@ -196,19 +214,13 @@ class Reconciler:
         if not exists:
             return
         by_peer = self.by_peer(effects[-1])
-        if by_peer and not self.before_peers(effects)[0]:
+        if by_peer and not row_state(self.applied_here(effects))[0]:
             names = self.table.slot_names(self.columns)
             self.adopted.append((rowkey, True, {names[s]: v for s, v in implied.items() if s in names}, False))
         else:
             if by_peer:
                 self.kept(rowkey)
             self.log(DELETE, 0, rowkey, key_slots(self.table, rowkey))
-
-
-def logged_value(effects: list[Effect], slot: int, value: Any) -> bool:
-    """Whether some operation on the row wrote ``value`` to ``slot``: a table holding it holds
-    a value the log knows (a stale one, say), not one written here while capture was off."""
-    return any(e.write and e.mask >> slot & 1 and same_value(e.values.get(slot), value) for e in effects)
 
 
 def record_kept_clashes(

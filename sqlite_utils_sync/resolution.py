@@ -45,7 +45,7 @@ def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> st
     # columns and settles the clocks that decide what the table holds. It also reads values
     # exactly: a Datasette connection would replace TEXT that is not UTF-8, and the
     # resolution would write the changed value back.
-    with writing(conn):
+    with writing(conn, applies_rows=True):
         record = get_conflict(conn, conflict_id)
         if record["resolved"]:
             raise SyncError(errors.ALREADY_RESOLVED, f"Conflict {conflict_id} is already resolved (by {record['resolved_by']})")

@@ -33,7 +33,7 @@ class Writing:
 
 
 @contextmanager
-def writing(conn: sqlite3.Connection, create: bool = False, repair: bool = True) -> Iterator[Writing]:
+def writing(conn: sqlite3.Connection, create: bool = False, repair: bool = True, applies_rows: bool = False) -> Iterator[Writing]:
     """The context of every engine write. In this order, inside one transaction:
 
     1. TEXT is read exactly (:func:`~sqlite_utils_sync.oplog.exact_text`): rows compared with
@@ -48,9 +48,11 @@ def writing(conn: sqlite3.Connection, create: bool = False, repair: bool = True)
 
     Nothing is written by steps 2-4 when nothing needs it, and a rollback undoes them all.
 
-    Foreign key enforcement is off meanwhile (:func:`foreign_keys_off`).
+    Foreign key enforcement is off meanwhile (:func:`foreign_keys_off`); ``applies_rows``: the
+    write applies rows with capture muted (an import, enable-sync, a resolution), so it is
+    refused inside a caller's transaction that has foreign keys on.
     """
-    with foreign_keys_off(conn), text_as(conn, exact_text), transaction(conn):
+    with foreign_keys_off(conn, applies_rows), text_as(conn, exact_text), transaction(conn):
         if create:
             ensure_log(conn)
         else:
@@ -64,17 +66,21 @@ def writing(conn: sqlite3.Connection, create: bool = False, repair: bool = True)
 
 
 @contextmanager
-def foreign_keys_off(conn: sqlite3.Connection) -> Iterator[None]:
+def foreign_keys_off(conn: sqlite3.Connection, applies_rows: bool = True) -> Iterator[None]:
     """Turn ``PRAGMA foreign_keys`` off for an engine write, and back on after. With it on,
     SQLite would run ``ON DELETE`` and ``ON UPDATE`` actions on rows sync writes with capture
     muted (applied operations, adopted values, resolutions): changes no copy logs, so the
     copies would part for good. The author's copy logged what its own actions did, and those
     operations arrive with the rest. The pragma does nothing inside a transaction, so a
-    caller's open transaction with it on is refused."""
+    caller's open transaction with it on is refused for a write that ``applies_rows`` (others,
+    an export say, go ahead as they are)."""
     if not conn.execute("PRAGMA foreign_keys").fetchone()[0]:
         yield
         return
     if conn.in_transaction:
+        if not applies_rows:
+            yield
+            return
         raise SyncError(
             INVALID_ARGUMENT,
             "PRAGMA foreign_keys is on in this connection's open transaction: SQLite would run ON DELETE and "

@@ -199,3 +199,23 @@ def test_enable_sync_says_which_local_edits_it_kept_over_a_peers(tmp_path, make_
         "todos: kept 1 row as edited here while sync was off, over a peer's edit of the same values that arrived "
         "meanwhile (the peer's stays in the log)\n"
     )
+
+
+def test_a_table_first_enabled_takes_peers_values_over_its_stale_rows_whatever_it_declares(tmp_path, make_db, sync):
+    # The hub declares the table otherwise (REAL, an extra column): its rows are still stale
+    # copies of the peer's, not edits of its own, since it never synced the table.
+    schema = "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL); CREATE TABLE notes (id INTEGER PRIMARY KEY, n INTEGER)"
+    a = make_db(tmp_path / "a.db", schema, ("todos", "notes"))
+    hub = make_db(tmp_path / "hub.db")
+    a.executemany("INSERT INTO notes VALUES (?, ?)", [(1, 1), (2, 2), (3, 3)])
+    a.execute("UPDATE notes SET n = 20 WHERE id = 2")
+    a.execute("DELETE FROM notes WHERE id = 3")
+    sync(a, hub, tmp_path)
+    hub.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, n REAL, tag TEXT)")
+    hub.executemany("INSERT INTO notes (id, n) VALUES (?, ?)", [(1, 1), (2, 2), (3, 3)])
+    kept = []
+    enable_sync(hub, ["notes"], on_kept=lambda *row: kept.append(row))
+    assert kept == []
+    assert hub.execute("SELECT id, n FROM notes ORDER BY id").fetchall() == [(1, 1.0), (2, 20.0)]
+    sync(hub, a, tmp_path)
+    assert a.execute("SELECT id, n FROM notes ORDER BY id").fetchall() == [(1, 1), (2, 20)]

@@ -60,3 +60,15 @@ def test_an_import_in_an_open_transaction_with_foreign_keys_on_is_refused(tmp_pa
     assert file_bytes(tmp_path / "b.db") == before
     import_bundle(b, tmp_path / "a.bundle")  # outside a transaction, it imports
     assert b.execute("SELECT name FROM parents WHERE id = 2").fetchone() == ("second",)
+
+
+def test_an_export_in_an_open_transaction_with_foreign_keys_on_goes_ahead(tmp_path, pair):
+    # An export applies no rows, so no foreign key action can run: it needs no refusal.
+    a, b = pair
+    a.execute("BEGIN")
+    a.execute("INSERT INTO parents VALUES (2, 'second')")
+    result = export_bundle(a, tmp_path / "a.bundle")
+    a.execute("COMMIT")
+    assert result.operations >= 2
+    import_bundle(b, tmp_path / "a.bundle")
+    assert b.execute("SELECT name FROM parents WHERE id = 2").fetchone() == ("second",)

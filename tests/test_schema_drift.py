@@ -101,6 +101,17 @@ def test_a_column_added_in_another_case_on_each_copy_is_refused_with_what_to_ren
     assert file_bytes(tmp_path / "b.db") == before
 
 
+def test_columns_that_differ_in_a_non_ascii_letters_case_are_two_columns(tmp_path, make_db, run, rows):
+    # SQLite folds only ASCII letters in names: é and É are two columns, so --alter adds é.
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.execute('ALTER TABLE todos ADD COLUMN "é" TEXT')
+    b.execute('ALTER TABLE todos ADD COLUMN "É" TEXT')
+    a.execute("INSERT INTO todos VALUES (1, 'milk', 0, 0, 'lait')")
+    run(["sqlite-utils", "export-bundle", tmp_path / "a.db", tmp_path / "a.bundle"])
+    run(["sqlite-utils", "import-bundle", tmp_path / "b.db", tmp_path / "a.bundle", "--alter"])
+    assert b.execute('SELECT "é", "É" FROM todos').fetchall() == [("lait", None)]
+
+
 def test_transform_drops_triggers_and_the_repair_logs_what_was_missed(tmp_path, make_db, rows, run_cli, sync):
     a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
     a.executemany("INSERT INTO todos VALUES (?, ?, 0, 0)", [(1, "one"), (2, "two"), (3, "three")])
