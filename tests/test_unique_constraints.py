@@ -402,3 +402,23 @@ def test_enable_sync_notes_secondary_unique_constraints(tmp_path, run_cli):
     assert result.exit_code == 0
     assert "Note: people has UNIQUE(email)" in result.output
     assert "recursive_triggers=ON" in result.output
+
+
+@pytest.mark.parametrize(
+    "declared,value,error",
+    [
+        ("title TEXT CHECK (title != 'bad')", "'bad'", "CHECK constraint failed"),
+        ("title TEXT NOT NULL", "NULL", "NOT NULL constraint failed: todos.title"),
+    ],
+)
+def test_a_constraint_only_this_copy_declares_is_a_clear_error(tmp_path, file_bytes, make_db, run_cli, declared, value, error):
+    a = make_db(tmp_path / "a.db", "CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT)")
+    b = make_db(tmp_path / "b.db", f"CREATE TABLE todos (id INTEGER PRIMARY KEY, {declared})")
+    a.execute(f"INSERT INTO todos VALUES (1, {value})")
+    export_bundle(a, tmp_path / "a.bundle")
+    before = file_bytes(tmp_path / "b.db")
+    result = run_cli("import-bundle", tmp_path / "b.db", tmp_path / "a.bundle")
+    assert result.exit_code == 1 and result.output.count("\n") == 1
+    assert error in result.output
+    assert "declare the table alike on every copy, or change the value where it was written" in result.output
+    assert file_bytes(tmp_path / "b.db") == before
