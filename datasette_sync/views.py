@@ -1149,12 +1149,13 @@ async def import_pushed(datasette, actor, db, path: str, options: dict, alter_de
         access = await table_access(datasette, actor, db.name, [*logged, *tables])
         authorize = write_authorizer(access)
         visible = set(viewable(access))
+        nameable = {table for table, actions in access.items() if actions}
         stored = cluster.before_commit(datasette, db.name, path, options)  # None unless a cluster hub
         try:
             with sync_write():
                 return await db.execute_write_fn(
                     lambda conn: import_bundle(
-                        conn, path, authorize=authorize, visible=visible, before_commit=stored, **options
+                        conn, path, authorize=authorize, visible=visible, nameable=nameable, before_commit=stored, **options
                     ),
                     transaction=False,
                 )

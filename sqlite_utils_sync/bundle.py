@@ -665,9 +665,9 @@ def stretches(conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | Non
     chunk images. After a window with no op the next window starts at the next op, so the
     queries made follow the ops held, not the ids between ``lo`` and ``hi``.
     """
-    # Never NULL (an empty IN list would make it so, and every comparison with it unknown).
-    tids = "".join(f" OR {{a}}.tid = {tid}" for tid in sorted(wanted or ()))
-    keep = {a: "1" if wanted is None else f"({a}.tid = 0{tids.format(a=a)})" for a in ("o", "p")}
+    # A list, not a chain of ORs: SQLite refuses an expression more than 1,000 deep (tables).
+    tids = ", ".join(str(tid) for tid in [0, *sorted(wanted or ())])
+    keep = {a: "1" if wanted is None else f"({a}.tid IN ({tids}))" for a in ("o", "p")}
     sql = (
         f"SELECT o.op, {keep['o']}, (SELECT max(x.op) FROM _sync_ops x WHERE x.op BETWEEN :lo AND o.op - 1) "
         "FROM _sync_ops o LEFT JOIN _sync_ops p ON p.op = o.op - 1 "

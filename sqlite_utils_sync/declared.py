@@ -201,6 +201,8 @@ def create_table(
     table options, then a check that SQLite read exactly those and no other constraint (they
     were validated already; this makes sure of it)."""
     defaults = {c: d for c, d in defaults.items() if c not in pk}
+    for column, default in defaults.items() if strict else ():
+        check_strict_default(conn, name, column, types.get(column, ""), default)
     options = [option for option, wanted in (("WITHOUT ROWID", without_rowid), ("STRICT", strict)) if wanted]
     try:
         conn.execute(
@@ -228,8 +230,26 @@ def create_table(
         raise BundleError(errors.INVALID_METADATA, f"table '{name}' cannot be created as its sender declared it")
 
 
+def check_strict_default(conn: sqlite3.Connection, table: str, column: str, declared: str, default: str) -> None:
+    """Refuse a DEFAULT a STRICT column of type ``declared`` cannot store: SQLite takes it in
+    ``CREATE`` and ``ALTER TABLE``, then every row holds a value of the wrong type, and every
+    write that leaves the column out fails."""
+    conn.execute(f"CREATE TEMP TABLE _sync_fits (v {declared or 'ANY'}) STRICT")
+    try:
+        conn.execute(f"INSERT INTO temp._sync_fits VALUES ({default})")
+    except sqlite3.IntegrityError:
+        raise BundleError(
+            errors.INVALID_METADATA,
+            f"column '{column}' of table '{table}' has a default its STRICT type {declared or 'ANY'} cannot store",
+        )
+    finally:
+        conn.execute("DROP TABLE temp._sync_fits")
+
+
 def add_column(conn: sqlite3.Connection, table: str, column: str, declared: str, default: str | None) -> None:
     strict = is_strict(conn, table)
     if strict and declared.upper() not in STRICT_TYPES:
         declared = ""  # a type a STRICT table cannot have (the sender's table is not STRICT): ANY
+    if strict and default is not None:
+        check_strict_default(conn, table, column, declared, default)
     conn.execute(f"ALTER TABLE {quote_identifier(table)} ADD COLUMN {column_sql(column, declared, default, strict)}")

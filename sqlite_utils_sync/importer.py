@@ -38,6 +38,7 @@ from .capture import (
     load_tables,
     muted,
     register_table,
+    table_exists,
     table_info,
 )
 from .conflicts import rebuild_conflicts
@@ -116,6 +117,7 @@ def import_bundle(
     adopt_scope: bool = False,
     authorize: Callable[[dict[str, set[str]]], None] | None = None,
     visible: set[str] | None = None,
+    nameable: set[str] | None = None,
     create_tables: bool = False,
     before_commit: Callable[[ImportResult], None] | None = None,
 ) -> ImportResult:
@@ -143,6 +145,9 @@ def import_bundle(
         already are compared with the bundle's: a bundle repeating one of another table is
         refused (:data:`~sqlite_utils_sync.errors.TABLE_FORBIDDEN`), and its anchors on such
         operations are not checked, so the answer tells nothing of those tables
+    :param nameable: the tables the sender may name at all (view or write one): a bundle
+        naming another is refused (:data:`~sqlite_utils_sync.errors.TABLE_FORBIDDEN`) before
+        its schema is compared with the one here, so the answer tells nothing of that table
     :param before_commit: called with the result once the import succeeded, before its
         transaction commits (not when it leaves nothing to commit: a bundle held already, or
         this database's own); raising rolls the whole import back. A cluster hub stores the pushed bundle in its replicated log there,
@@ -164,6 +169,7 @@ def import_bundle(
                     create = alter or create_tables
                     importer = Importer(conn, reader, stage, alter, actor, progress, skew, may_relay, create)
                     importer.adopt_scope, importer.authorize, importer.visible = adopt_scope, authorize, visible
+                    importer.nameable = nameable
                     result = importer.run()
                     if before_commit is not None:
                         before_commit(result)
@@ -289,6 +295,7 @@ class Importer:
         self.adopt_scope = False
         self.authorize: Callable[[dict[str, set[str]]], None] | None = None
         self.visible: set[str] | None = None
+        self.nameable: set[str] | None = None  # the tables the sender may name (view or write)
         # decide_scope: the tables this copy holds (None: all), the bundle's (None: all).
         self.scope: set[str] | None = None
         self.bundle_scope: set[str] | None = None
@@ -475,9 +482,31 @@ class Importer:
     # -- validation and mapping --------------------------------------------------------------
 
     def map_tables(self) -> None:
-        """Map each bundle table to a local table id and slots, or refuse the bundle."""
-        for name, columns, pk in self.reader.header["tables"]:
-            self.map_table(name, columns, pk)
+        """Map each bundle table to a local table id and slots, or refuse the bundle. A table
+        no chunk carries is only named (a full export names every synced table): it matters
+        only where this import creates it, and is never recorded otherwise (a header of
+        thousands of made-up names would be stored, and pulled, for good)."""
+        carried = {tbl for (tbl,) in self.reader.conn.execute("SELECT DISTINCT tbl FROM bundle_chunks")}
+        for position, (name, columns, pk) in enumerate(self.reader.header["tables"]):
+            self.check_nameable(name)
+            if position in carried or (self.create_tables and not table_exists(self.conn, name)):
+                self.map_table(name, columns, pk)
+            else:
+                self.tables.append(WITHHELD_TABLE)  # no chunk refers to it
+
+    def check_nameable(self, name: str) -> None:
+        """Refuse a table the sender may neither view nor write (a hub's pusher) before its
+        schema is compared with the one here: a mismatch, a match or another case of its
+        name would each tell the sender something of it."""
+        if self.nameable is None:
+            return
+        here = canonical_name(self.conn, name) if not name.lower().startswith(("_sync_", "sqlite_")) else name
+        if name not in self.nameable or here not in self.nameable:
+            raise SyncError(
+                errors.TABLE_FORBIDDEN,
+                f"Permission denied: the bundle names table {name}, which these credentials may neither view nor "
+                "write. Nothing was imported",
+            )
 
     def map_table(self, name: str, columns: list[str], pk: list[str]) -> None:
         conn = self.conn
@@ -1172,7 +1201,8 @@ class Importer:
                         "hub (retiring it needs the sync-relay permission)",
                     )
             merge_retired(conn, changes)
-            self.heard_retirement = bool(changes)
+            # A new retirement, not a record's higher seq: a pusher may raise that at will.
+            self.heard_retirement = any(d not in held for d in changes)
         self.check_retired(inserted)
         names = {d: r for d, r in header.get("device_names", {}).items() if r[1] <= self.clock_limit and d in known}
         source = header["source"]

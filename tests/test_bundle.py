@@ -287,3 +287,14 @@ def test_importing_a_bundle_into_itself_is_refused_and_changes_nothing(tmp_path,
     assert result.returncode == 1
     assert result.stderr == "Error: Bundle a.bundle is the database it would be imported into\n"
     assert file_bytes(tmp_path / "a.bundle") == before
+
+
+def test_an_export_of_some_of_over_a_thousand_tables_answers(tmp_path, make_db):
+    # The tables wanted were an OR chain in SQL, which SQLite refuses past 1,000 terms.
+    from sqlite_utils_sync.bundle import stretches
+    from sqlite_utils_sync.oplog import LOCAL, device_range
+
+    conn = make_db(tmp_path / "a.db")
+    conn.executemany("INSERT INTO todos VALUES (?, 'x', 0, 0)", [(i,) for i in range(1, 11)])
+    found = list(stretches(conn, *device_range(LOCAL), set(range(1, 1500))))
+    assert found and all(wanted for wanted, _, _ in found)

@@ -273,3 +273,46 @@ def test_a_push_learns_no_clock_of_an_operation_it_may_not_view(tmp_path, make_d
         return error.value.reason
 
     assert [probe(hlc) for hlc in (secret - 1, secret, secret + 1)] == ["device_owned"] * 3
+
+
+def naming(template, path, tables: list[list]) -> bytes:
+    """A bundle of no operations made from ``template`` whose header names ``tables``."""
+    shutil.copyfile(template, path)
+    conn = sqlite3.connect(path)
+    BundleCraft.edit_header(conn, lambda h: h.update(tables=tables, operations=0, withheld=0, scope=None, column_types={}, anchors={}))
+    conn.execute("DELETE FROM bundle_chunks")
+    BundleCraft.reseal(conn)
+    conn.commit()
+    conn.close()
+    return path.read_bytes()
+
+
+def test_a_push_naming_a_hidden_table_answers_the_same_whatever_it_guesses(hub, tokens, tmp_path, run):
+    # Its schema was compared with the hub's before: a wrong key, a column in another case,
+    # another case of the name each said something of the table; a right guess was taken.
+    bob = clone(run, hub, tokens["bob"], tmp_path / "bob.db")
+    template = tmp_path / "template.bundle"
+    export_bundle(sqlite3.connect(bob), str(template))
+    before = digest(hub.path)
+    answers = set()
+    for table in (["salaries", ["id", "name", "amount"], ["id"]], ["salaries", ["id", "name", "amount"], ["name"]],
+                  ["salaries", ["id", "NAME", "amount"], ["id"]], ["Salaries", ["id", "name", "amount"], ["id"]]):
+        response = hub.post("/hub/-/sync/import", content=naming(template, tmp_path / "probe.bundle", [table]), headers=auth(tokens["bob"]))
+        answers.add((response.status_code, response.json()["reason"], response.json()["error"].replace(table[0], "T")))
+    assert answers == {(403, "table_forbidden", "Permission denied: the bundle names table T, which these credentials may neither view nor write. Nothing was imported")}
+    assert digest(hub.path) == before
+
+
+def test_tables_a_push_only_names_are_not_stored(hub, tokens, tmp_path, run):
+    # A header of made-up names with no operation: none is stored (each would be checked and
+    # sent on every pull for good), and pulls of some tables go on answering.
+    bob = clone(run, hub, tokens["bob"], tmp_path / "bob.db")
+    template = tmp_path / "template.bundle"
+    export_bundle(sqlite3.connect(bob), str(template))
+    count = "SELECT count(*) FROM _sync_tables"
+    before = sqlite3.connect(hub.path).execute(count).fetchone()
+    names = [[f"made_up_{i}", ["id"], ["id"]] for i in range(1200)]
+    response = hub.post("/hub/-/sync/import", content=naming(template, tmp_path / "names.bundle", names), headers=auth(tokens["bob"]))
+    assert response.status_code == 200, response.text
+    assert sqlite3.connect(hub.path).execute(count).fetchone() == before
+    assert hub.get("/hub/-/sync/export", headers=auth(tokens["bob"])).status_code == 200

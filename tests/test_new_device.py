@@ -301,3 +301,17 @@ def test_sync_creates_a_missing_database_from_a_hub(tmp_path, typed_hub, laptop,
     failed = run(["sqlite-utils", "sync", tmp_path / "tablet.db", url, "--token", "dstok_wrong"], check=False)
     assert failed.returncode == 1 and failed.stderr.count("\n") == 1
     assert not (tmp_path / "tablet.db").exists()
+
+
+def test_a_default_a_strict_column_cannot_store_is_refused_and_changes_nothing(tmp_path, make_db, run, file_bytes):
+    # SQLite takes it in ALTER TABLE; then every row holds 'abc' in an INTEGER column.
+    make_db(tmp_path / "a.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, e INTEGER NOT NULL DEFAULT 'abc')", ("t",)).execute(
+        "INSERT INTO t VALUES (1, 7)"
+    )
+    make_db(tmp_path / "b.db", "CREATE TABLE t (id INTEGER PRIMARY KEY) STRICT", ("t",)).execute("INSERT INTO t VALUES (2)")
+    run(["sqlite-utils", "export-bundle", tmp_path / "a.db", tmp_path / "a.bundle"])
+    before = file_bytes(tmp_path / "b.db")
+    result = run(["sqlite-utils", "import-bundle", tmp_path / "b.db", tmp_path / "a.bundle", "--alter"], check=False)
+    assert result.returncode == 1
+    assert result.stderr == "Error: Bundle a.bundle: column 'e' of table 't' has a default its STRICT type INTEGER cannot store\n"
+    assert file_bytes(tmp_path / "b.db") == before

@@ -4,6 +4,7 @@ never left, and sync-retire retires a device that will never sync again."""
 from __future__ import annotations
 
 import shutil
+import sqlite3
 
 import pytest
 
@@ -190,3 +191,25 @@ def test_a_hub_refuses_a_retired_devices_push(tmp_path, datasette_server, hub_co
     result = hub_sync(phone, server, token, check=False)
     assert result.returncode == 1 and "was retired by" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_copy_writes_one_tick_when_it_hears_of_a_retirement_and_none_when_its_seq_rises(tmp_path, lost_phone, run, craft):
+    # The tick tells the others it heard (they wait for that before compacting); a record's
+    # seq raised again and again (a pusher may) is no news.
+    laptop, phone = lost_phone
+    desktop = copy_with_new_id(run, laptop, tmp_path / "desktop.db")
+    run(["sqlite-utils", "sync-retire", laptop, "phone"])
+    bundle = tmp_path / "l.bundle"
+    run(["sqlite-utils", "export-bundle", laptop, bundle])
+    ticks = "SELECT count(*) FROM _sync_ops WHERE kind = 3 AND op >> 40 = 4194303"  # the desktop's own
+    before = sqlite3.connect(desktop).execute(ticks).fetchone()[0]
+    run(["sqlite-utils", "import-bundle", desktop, bundle])
+    assert sqlite3.connect(desktop).execute(ticks).fetchone()[0] == before + 1
+    for seq in (100, 200):
+        craft.rewrite(bundle, lambda b: (
+            craft.edit_header(b, lambda h: [record.__setitem__(0, seq) for record in h["retired"].values()]),
+            craft.reseal(b),
+        ))
+        run(["sqlite-utils", "import-bundle", desktop, bundle])
+        assert sqlite3.connect(desktop).execute("SELECT seq FROM _sync_retired").fetchone() == (seq,)
+    assert sqlite3.connect(desktop).execute(ticks).fetchone()[0] == before + 1
