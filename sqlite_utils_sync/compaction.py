@@ -40,10 +40,10 @@ from typing import Any
 from . import errors
 from .capture import load_tables
 from .clocks import clock, horizon, max_seq, raise_horizon
-from .devices import device_ids, device_index, retired_records
+from .devices import announcement_seq, device_ids, retired_records
 from .errors import SyncError
 from .merge import latest_op_sql, latest_sql
-from .oplog import DELETE, KIND_MASK, LOCAL, TICK, UPDATE, device_range, device_sql, load_clock, op_id, seq_sql
+from .oplog import DELETE, KIND_MASK, LOCAL, TICK, UPDATE, device_sql, load_clock, op_id, seq_sql
 from .schema import connection, is_enabled, log_rewrite
 from .writing import writing
 
@@ -88,17 +88,11 @@ def may_still_arrive(conn: sqlite3.Connection, idx: int, device: str, record: li
     tick that announced the retirement, and none had more of the device than this database
     holds, does compaction stop waiting for it (what it had not seen then cannot conflict)."""
     _, by, announced_at = record
-    by_idx = device_index(conn, by, create=False)
-    if by_idx is None:
-        return True
-    row = conn.execute(
-        f"SELECT {seq_sql('op')} FROM _sync_ops WHERE op BETWEEN ? AND ? AND hlc = ? AND kind = {TICK} ORDER BY op LIMIT 1",
-        [*device_range(by_idx), announced_at],
-    ).fetchone()
-    if row is None:
+    announced = announcement_seq(conn, by, announced_at)
+    if announced is None:
         return True
     held = max_seq(conn, idx)
-    return any(view.get(by, 0) < row[0] or view.get(device, 0) > held for view in live)
+    return any(view.get(by, 0) < announced or view.get(device, 0) > held for view in live)
 
 
 def compact_log(db: Any) -> CompactResult:

@@ -169,7 +169,23 @@ def canonical_literal(text: str) -> str | None:
     text = re.sub(r"^([+-])\s+", r"\1", text)
     if text.startswith("+'"):  # unary plus leaves a string as it is
         text = text[1:]
-    return text if is_default_literal(text) else None
+    return decimal_literal(text) if is_default_literal(text) else None
+
+
+HEX_LITERAL = re.compile(r"([+-]?)0[xX]([0-9a-fA-F]+)")
+
+
+def decimal_literal(text: str) -> str:
+    """A hex integer literal as its decimal value (SQLite reads hex as 64-bit two's
+    complement), anything else as it is: ``ALTER TABLE ... ADD COLUMN`` gives rows that exist
+    a hex DEFAULT of 0x80000000 or more as TEXT, where ``CREATE TABLE`` and inserts store the
+    integer, so the copies would differ."""
+    match = HEX_LITERAL.fullmatch(text)
+    if match is None:
+        return text
+    value = int(match.group(2), 16)
+    value = value - (1 << 64) if value >= 1 << 63 else value
+    return str(-value if match.group(1) == "-" else value)
 
 
 
@@ -200,9 +216,7 @@ def create_table(
     """``CREATE TABLE`` with the sender's declared types, NOT NULL defaults, primary key and
     table options, then a check that SQLite read exactly those and no other constraint (they
     were validated already; this makes sure of it)."""
-    defaults = {c: d for c, d in defaults.items() if c not in pk}
-    for column, default in defaults.items() if strict else ():
-        check_strict_default(conn, name, column, types.get(column, ""), default)
+    defaults = {c: decimal_literal(d) for c, d in defaults.items() if c not in pk}
     options = [option for option, wanted in (("WITHOUT ROWID", without_rowid), ("STRICT", strict)) if wanted]
     try:
         conn.execute(
@@ -232,8 +246,8 @@ def create_table(
 
 def check_strict_default(conn: sqlite3.Connection, table: str, column: str, declared: str, default: str) -> None:
     """Refuse a DEFAULT a STRICT column of type ``declared`` cannot store: SQLite takes it in
-    ``CREATE`` and ``ALTER TABLE``, then every row holds a value of the wrong type, and every
-    write that leaves the column out fails."""
+    ``ALTER TABLE``, then every row there holds a value of the wrong type. (A table created so
+    holds no such row: there a write that leaves the column out fails, as on the sender.)"""
     conn.execute(f"CREATE TEMP TABLE _sync_fits (v {declared or 'ANY'}) STRICT")
     try:
         conn.execute(f"INSERT INTO temp._sync_fits VALUES ({default})")
@@ -250,6 +264,7 @@ def add_column(conn: sqlite3.Connection, table: str, column: str, declared: str,
     strict = is_strict(conn, table)
     if strict and declared.upper() not in STRICT_TYPES:
         declared = ""  # a type a STRICT table cannot have (the sender's table is not STRICT): ANY
+    default = None if default is None else decimal_literal(default)
     if strict and default is not None:
         check_strict_default(conn, table, column, declared, default)
     conn.execute(f"ALTER TABLE {quote_identifier(table)} ADD COLUMN {column_sql(column, declared, default, strict)}")

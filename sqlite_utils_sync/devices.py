@@ -360,6 +360,19 @@ def retire(conn: sqlite3.Connection, device_id: str) -> int:
     return retired_records(conn)[device_id][0]
 
 
+def announcement_seq(conn: sqlite3.Connection, by: str, announced_at: int) -> int | None:
+    """The seq of the tick with which ``by`` announced a retirement (a record's retired by and
+    clock), or None where this database holds no such tick."""
+    idx = device_index(conn, by, create=False)
+    if idx is None:
+        return None
+    row = conn.execute(
+        f"SELECT op FROM _sync_ops WHERE op BETWEEN ? AND ? AND hlc = ? AND kind = {TICK} ORDER BY op LIMIT 1",
+        [*device_range(idx), announced_at],
+    ).fetchone()
+    return None if row is None else op_seq(row[0])
+
+
 def merge_retired(conn: sqlite3.Connection, records: dict[str, list]) -> None:
     """Take retirement records: a device stays retired; the highest seq any copy held of it
     when retiring it is accepted (so that the operations one copy held reach all of them)."""

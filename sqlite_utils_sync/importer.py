@@ -51,6 +51,7 @@ from .devices import (
     device_index,
     local_device_id,
     merge_names,
+    announcement_seq,
     merge_retired,
     retired_records,
 )
@@ -488,8 +489,8 @@ class Importer:
         thousands of made-up names would be stored, and pulled, for good)."""
         carried = {tbl for (tbl,) in self.reader.conn.execute("SELECT DISTINCT tbl FROM bundle_chunks")}
         for position, (name, columns, pk) in enumerate(self.reader.header["tables"]):
-            self.check_nameable(name)
             if position in carried or (self.create_tables and not table_exists(self.conn, name)):
+                self.check_nameable(name)
                 self.map_table(name, columns, pk)
             else:
                 self.tables.append(WITHHELD_TABLE)  # no chunk refers to it
@@ -1201,8 +1202,12 @@ class Importer:
                         "hub (retiring it needs the sync-relay permission)",
                     )
             merge_retired(conn, changes)
-            # A new retirement, not a record's higher seq: a pusher may raise that at will.
-            self.heard_retirement = any(d not in held for d in changes)
+            # A retirement announced by a tick held here that this copy had not heard of: not a
+            # record's seq raised alone, which a pusher may do at will.
+            self.heard_retirement = any(
+                (d not in held or held[d][1:] != r[1:]) and announcement_seq(conn, r[1], r[2]) is not None
+                for d, r in changes.items()
+            )
         self.check_retired(inserted)
         names = {d: r for d, r in header.get("device_names", {}).items() if r[1] <= self.clock_limit and d in known}
         source = header["source"]

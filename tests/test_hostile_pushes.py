@@ -294,10 +294,16 @@ def test_a_push_naming_a_hidden_table_answers_the_same_whatever_it_guesses(hub, 
     template = tmp_path / "template.bundle"
     export_bundle(sqlite3.connect(bob), str(template))
     before = digest(hub.path)
+    device, hlc = "ab" * 16, time.time_ns() // 1_000_000 << 10
     answers = set()
     for table in (["salaries", ["id", "name", "amount"], ["id"]], ["salaries", ["id", "name", "amount"], ["name"]],
                   ["salaries", ["id", "NAME", "amount"], ["id"]], ["Salaries", ["id", "name", "amount"], ["id"]]):
-        response = hub.post("/hub/-/sync/import", content=naming(template, tmp_path / "probe.bundle", [table]), headers=auth(tokens["bob"]))
+        header = {
+            "devices": [device], "tables": [table], "column_types": {}, "anchors": {}, "since": {},
+            "clock": {device: 1}, "operations": 1, "scope": None, "withheld": 0,
+        }
+        data = crafted(template, tmp_path / "probe.bundle", header, [(1, hlc, INSERT, 7, None, 9, "x", "y")])
+        response = hub.post("/hub/-/sync/import", content=data, headers=auth(tokens["bob"]))
         answers.add((response.status_code, response.json()["reason"], response.json()["error"].replace(table[0], "T")))
     assert answers == {(403, "table_forbidden", "Permission denied: the bundle names table T, which these credentials may neither view nor write. Nothing was imported")}
     assert digest(hub.path) == before

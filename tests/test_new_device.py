@@ -315,3 +315,14 @@ def test_a_default_a_strict_column_cannot_store_is_refused_and_changes_nothing(t
     assert result.returncode == 1
     assert result.stderr == "Error: Bundle a.bundle: column 'e' of table 't' has a default its STRICT type INTEGER cannot store\n"
     assert file_bytes(tmp_path / "b.db") == before
+
+
+def test_a_strict_table_is_created_as_declared_even_with_a_default_its_type_cannot_store(tmp_path, make_db, run):
+    # Creating it so harms nothing (no row holds the default); only ALTER TABLE on rows that
+    # exist would store it.
+    make_db(tmp_path / "a.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, n INTEGER NOT NULL DEFAULT '') STRICT", ("t",)).execute(
+        "INSERT INTO t VALUES (1, 5)"
+    )
+    run(["sqlite-utils", "export-bundle", tmp_path / "a.db", tmp_path / "a.bundle"])
+    run(["sqlite-utils", "import-bundle", tmp_path / "b.db", tmp_path / "a.bundle"])
+    assert sqlite3.connect(tmp_path / "b.db").execute("SELECT * FROM t").fetchall() == [(1, 5)]

@@ -213,3 +213,37 @@ def test_a_copy_writes_one_tick_when_it_hears_of_a_retirement_and_none_when_its_
         run(["sqlite-utils", "import-bundle", desktop, bundle])
         assert sqlite3.connect(desktop).execute("SELECT seq FROM _sync_retired").fetchone() == (seq,)
     assert sqlite3.connect(desktop).execute(ticks).fetchone()[0] == before + 1
+
+
+def test_a_copy_writes_a_tick_when_it_hears_of_a_retirement_by_another_copy_that_held_more(tmp_path, make_db, sync):
+    # The phone's last operation is a knowledge tick only the tablet holds. The laptop retires
+    # the phone, the desktop hears it; then the tablet retires it too, with a higher seq. The
+    # desktop must say it heard that one as well (no data comes with it): copies wait for
+    # every other to have heard of the record they hold before compacting.
+    from sqlite_utils_sync import retire_device
+
+    laptop, phone, desktop, tablet = (make_db(tmp_path / f"{name}.db") for name in ("laptop", "phone", "desktop", "tablet"))
+    copies = (laptop, phone, desktop, tablet)
+    laptop.execute("INSERT INTO todos VALUES (1, 'a', 0, 0)")
+    for _ in range(2):
+        for source in copies:
+            for target in copies:
+                if source is not target:
+                    sync(source, target, tmp_path)
+    laptop.execute("UPDATE todos SET title = 'b' WHERE id = 1")
+    sync(laptop, phone, tmp_path)  # the phone's last operation: the tick of that import
+    sync(phone, tablet, tmp_path)
+    sync(laptop, tablet, tmp_path)
+    sync(laptop, desktop, tmp_path)
+    ticks = "SELECT count(*) FROM _sync_ops WHERE kind = 3 AND op >> 40 = 4194303"
+    phone_id = phone.execute("SELECT device_id FROM _sync_devices WHERE idx = 4194303").fetchone()[0]
+    retire_device(laptop, phone_id)
+    before = desktop.execute(ticks).fetchone()[0]
+    sync(laptop, desktop, tmp_path)
+    assert desktop.execute(ticks).fetchone()[0] == before + 1
+    retire_device(tablet, phone_id)
+    sync(tablet, desktop, tmp_path)
+    assert desktop.execute(ticks).fetchone()[0] == before + 2
+    assert desktop.execute("SELECT retired_by FROM _sync_retired").fetchone() == (
+        tablet.execute("SELECT device_id FROM _sync_devices WHERE idx = 4194303").fetchone()[0],
+    )

@@ -434,7 +434,7 @@ def test_a_not_null_column_whose_default_is_an_expression_is_declared_without_it
         ("('x')", "x", "'x'"),
         ("- 1", -1, "-1"),
         ("+ 'x'", "x", "'x'"),
-        ("0x00000000000000001", 1, "0x00000000000000001"),
+        ("0x00000000000000001", 1, "1"),  # hex goes as decimal (see the next test)
     ],
 )
 def test_a_not_null_default_column_reaches_peers_and_new_copies_as_declared(tmp_path, make_db, rows, sync, run, default, value, sent):
@@ -456,3 +456,16 @@ def test_a_not_null_default_column_reaches_peers_and_new_copies_as_declared(tmp_
     for conn in (b, new):
         assert [(r[3], r[4]) for r in conn.execute("PRAGMA table_info(todos)") if r[1] == "extra"] == [(1, sent)]
     assert rows(b) == rows(a) == rows(new)
+
+
+def test_a_hex_default_reaches_rows_a_copy_held_as_the_integer(tmp_path, make_db, run):
+    # SQLite's ALTER TABLE gives the rows that exist a hex DEFAULT of 0x80000000 or more as
+    # TEXT ('0x80000000'), where CREATE TABLE and inserts store the integer: it goes as decimal.
+    make_db(tmp_path / "a.db", "CREATE TABLE t (id INTEGER PRIMARY KEY, c INTEGER NOT NULL DEFAULT 0x80000000)", ("t",)).execute(
+        "INSERT INTO t (id) VALUES (1)"
+    )
+    b = make_db(tmp_path / "b.db", "CREATE TABLE t (id INTEGER PRIMARY KEY)", ("t",))
+    b.execute("INSERT INTO t VALUES (2)")
+    run(["sqlite-utils", "export-bundle", tmp_path / "a.db", tmp_path / "a.bundle"])
+    run(["sqlite-utils", "import-bundle", tmp_path / "b.db", tmp_path / "a.bundle", "--alter"])
+    assert b.execute("SELECT id, c, typeof(c) FROM t ORDER BY id").fetchall() == [(1, 2147483648, "integer"), (2, 2147483648, "integer")]
