@@ -64,10 +64,16 @@ def crafted(template, path, header: dict, ops: list[tuple]) -> bytes:
     return path.read_bytes()
 
 
-def test_a_push_repeating_an_operation_of_a_hidden_table_answers_the_same_whatever_it_guesses(hub, tokens, tmp_path, run):
+def bob_template(run, hub, tokens, tmp_path):
+    """A bundle of bob's new copy of the hub, to craft pushes from."""
     bob = clone(run, hub, tokens["bob"], tmp_path / "bob.db")
     template = tmp_path / "template.bundle"
     export_bundle(sqlite3.connect(bob), str(template))
+    return template
+
+
+def test_a_push_repeating_an_operation_of_a_hidden_table_answers_the_same_whatever_it_guesses(hub, tokens, tmp_path, run):
+    template = bob_template(run, hub, tokens, tmp_path)
     device = hub_device(hub.path)
     seq, hlc = hub_op(hub.path, "salaries", "1")
     before = digest(hub.path)
@@ -290,9 +296,7 @@ def naming(template, path, tables: list[list]) -> bytes:
 def test_a_push_naming_a_hidden_table_answers_the_same_whatever_it_guesses(hub, tokens, tmp_path, run):
     # Its schema was compared with the hub's before: a wrong key, a column in another case,
     # another case of the name each said something of the table; a right guess was taken.
-    bob = clone(run, hub, tokens["bob"], tmp_path / "bob.db")
-    template = tmp_path / "template.bundle"
-    export_bundle(sqlite3.connect(bob), str(template))
+    template = bob_template(run, hub, tokens, tmp_path)
     before = digest(hub.path)
     device, hlc = "ab" * 16, time.time_ns() // 1_000_000 << 10
     answers = set()
@@ -312,9 +316,7 @@ def test_a_push_naming_a_hidden_table_answers_the_same_whatever_it_guesses(hub, 
 def test_tables_a_push_only_names_are_not_stored(hub, tokens, tmp_path, run):
     # A header of made-up names with no operation: none is stored (each would be checked and
     # sent on every pull for good), and pulls of some tables go on answering.
-    bob = clone(run, hub, tokens["bob"], tmp_path / "bob.db")
-    template = tmp_path / "template.bundle"
-    export_bundle(sqlite3.connect(bob), str(template))
+    template = bob_template(run, hub, tokens, tmp_path)
     count = "SELECT count(*) FROM _sync_tables"
     before = sqlite3.connect(hub.path).execute(count).fetchone()
     names = [[f"made_up_{i}", ["id"], ["id"]] for i in range(1200)]
