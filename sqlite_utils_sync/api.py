@@ -18,7 +18,7 @@ from .capture import canonical_name, drifted_tables, drop_triggers, load_tables,
 from .clocks import clock, unsettled_clocks
 from .conflicts import rebuild_conflicts
 from .devices import device_names, local_device_id, new_device as give_new_id, resolve_device, retire, set_local_name
-from .errors import CONSTRAINT_FAILED, INVALID_ARGUMENT, MISSING_TABLE, NOT_ENABLED, UNKNOWN_DEVICE, SyncError
+from .errors import CONSTRAINT_FAILED, INVALID_ARGUMENT, MISSING_TABLE, NOT_ENABLED, UNKNOWN_DEVICE, SyncError, constraint_hint
 from .oplog import LOCAL, op_id, parse_clock
 from .schema import check_schema, connection, is_enabled
 from .scope import check_scope_change, load_scope, store_scope, withheld_count
@@ -65,7 +65,7 @@ def enable_sync(
         raise SyncError(
             CONSTRAINT_FAILED,
             f"Cannot bring {', '.join(tables)} up to date with what peers wrote while sync was off: {ex} "
-            "here. Nothing was changed; change the row that holds that value, then run enable-sync again",
+            f"here. Nothing was changed. {constraint_hint(ex)}",
         )
 
 

@@ -194,3 +194,16 @@ REJECTED = "rejected"
 """The hub refused the pushed bundle (400); the message says why."""
 HUB_ERROR = "hub_error"
 """The hub failed with an unexpected status."""
+
+
+def constraint_hint(ex: Exception) -> str:
+    """What to do about a constraint that rows a peer wrote break here."""
+    if "UNIQUE" in str(ex):
+        # Another row here holds a value the peer's rows need.
+        return "If a row here holds that value, change it (the change syncs too) and try again; see Limits in the README"
+    # CHECK, NOT NULL or a STRICT column's type: this copy declares the table otherwise.
+    return (
+        "This copy's table refuses a value a peer's table took (a CHECK, NOT NULL or STRICT type declared "
+        "here only): declare the table alike on every copy, or change the value where it was written, "
+        "then try again"
+    )

@@ -185,25 +185,12 @@ def import_bundle(
                 # Foreign keys are not enforced while sync writes (writing.foreign_keys_off).
                 raise BundleError(
                     errors.CONSTRAINT_FAILED,
-                    f"Bundle {reader.path.name} cannot be applied: {ex} here. Nothing was imported. {constraint_hint(ex)}",
+                    f"Bundle {reader.path.name} cannot be applied: {ex} here. Nothing was imported. {errors.constraint_hint(ex)}",
                 )
         finally:
             stage.close()
     finally:
         reader.close()
-
-
-def constraint_hint(ex: sqlite3.IntegrityError) -> str:
-    """What to do about a constraint the bundle's rows break here."""
-    if "UNIQUE" in str(ex):
-        # Another row here holds a value the bundle's rows need.
-        return "If a row here holds that value, change it (the change syncs too) and import again; see Limits in the README"
-    # CHECK, NOT NULL or a STRICT column's type: this copy declares the table otherwise.
-    return (
-        "This copy's table refuses a value the sender's took (a CHECK, NOT NULL or STRICT type declared "
-        "here only): declare the table alike on every copy, or change the value where it was written, "
-        "then import again"
-    )
 
 
 def ascii_lower(name: str) -> str:

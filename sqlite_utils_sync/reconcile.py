@@ -84,9 +84,11 @@ class Reconciler:
         self.unapplied = {op for (op,) in conn.execute("SELECT op FROM _sync_unapplied WHERE tid = ?", [table.tid])}
         conn.execute("DELETE FROM _sync_unapplied WHERE tid = ?", [table.tid])
         self.history = table_history(conn, table)
-        # Re-enabled (it had operations applied here) rather than first enabled on a copy that
-        # held rows of it: then a row no applied operation made was inserted here meanwhile.
-        self.synced_before = any(e.op not in self.unapplied for effects in self.history.values() for e in effects)
+        # Re-enabled (it had triggers here, or operations applied) rather than first enabled on
+        # a copy that held rows of it: then a row no applied operation made was inserted here.
+        self.synced_before = captured is not None or any(
+            e.op not in self.unapplied for effects in self.history.values() for e in effects
+        )
         self.fresh = self.fresh_columns(captured)
         self.logged = 0
         self.adopted: list[WriteRowArgs] = []  # peers' values the table takes
@@ -205,7 +207,11 @@ class Reconciler:
         if not applied:
             return self.synced_before
         slots = self.table.slots
-        return any(self.changed_here(effects, slots[c], v) for c, v in values.items())
+        return any(self.changed_here(effects, slots[c], v) for c, v in values.items() if not self.as_added(c, v))
+
+    def as_added(self, column: str, value: Any) -> bool:
+        """A column added since capture last ran that still holds what ALTER TABLE gave it."""
+        return column in self.fresh and same_value(value, self.fresh[column][0])
 
     def reconcile_gone(self, rowkey: str, effects: list[Effect]) -> None:
         """A row the log implies and the table lacks: log its delete, or bring it back when a

@@ -219,3 +219,33 @@ def test_a_table_first_enabled_takes_peers_values_over_its_stale_rows_whatever_i
     assert hub.execute("SELECT id, n FROM notes ORDER BY id").fetchall() == [(1, 1.0), (2, 20.0)]
     sync(hub, a, tmp_path)
     assert a.execute("SELECT id, n FROM notes ORDER BY id").fetchall() == [(1, 1), (2, 20)]
+
+
+def test_rows_inserted_while_disabled_are_kept_even_if_the_table_never_had_a_row(tmp_path, make_db, sync):
+    # It was synced here (its triggers are recorded), so a row no operation made was inserted
+    # here: not a stale copy of the peer's row with that key.
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    disable_sync(a, ["todos"])
+    b.execute("INSERT INTO todos VALUES (1, 'from b', 0, 0)")
+    sync(b, a, tmp_path)
+    a.execute("INSERT INTO todos VALUES (1, 'from a', 0, 0)")
+    kept = []
+    enable_sync(a, ["todos"], on_kept=lambda *row: kept.append(row))
+    assert kept == [("todos", "1")]
+    sync(a, b, tmp_path)
+    assert [c.execute("SELECT title FROM todos").fetchall() for c in (a, b)] == [[("from a",)], [("from a",)]]
+
+
+def test_a_column_added_while_disabled_does_not_undo_a_peers_delete(tmp_path, make_db, sync):
+    # The new column's DEFAULT is what ALTER TABLE gave the row, not an edit made here.
+    a, b = make_db(tmp_path / "a.db"), make_db(tmp_path / "b.db")
+    a.executemany("INSERT INTO todos VALUES (?, 'x', 0, 0)", [(1,), (2,)])
+    sync(a, b, tmp_path)
+    disable_sync(a, ["todos"])
+    b.execute("DELETE FROM todos WHERE id = 1")
+    sync(b, a, tmp_path)
+    a.execute("ALTER TABLE todos ADD COLUMN z INTEGER NOT NULL DEFAULT 0")
+    kept = []
+    enable_sync(a, ["todos"], on_kept=lambda *row: kept.append(row))
+    assert kept == []
+    assert a.execute("SELECT id FROM todos").fetchall() == [(2,)]

@@ -285,7 +285,7 @@ def test_a_unique_value_taken_here_is_a_clear_error_and_a_way_on(tmp_path, file_
     result = run_cli("import-bundle", tmp_path / "b.db", tmp_path / "a.bundle")
     assert result.exit_code == 1 and result.output.count("\n") == 1
     assert result.output.startswith("Error: Bundle a.bundle cannot be applied: UNIQUE constraint failed: todos.title")
-    assert "If a row here holds that value, change it (the change syncs too) and import again" in result.output
+    assert "If a row here holds that value, change it (the change syncs too) and try again" in result.output
     assert file_bytes(tmp_path / "b.db") == before
     assert not b.in_transaction
     b.execute("UPDATE todos SET title = 'same (phone)' WHERE id = 4")
