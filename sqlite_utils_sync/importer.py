@@ -159,10 +159,8 @@ def import_bundle(
     skew = parse_duration(max_clock_skew)
     if is_database_file(conn, path):
         raise BundleError(errors.INVALID_ARGUMENT, f"Bundle {os.path.basename(path)} is the database it would be imported into")
-    reader = BundleReader(path)
-    try:
-        stage = ChunkStage(conn, reader.path.name)
-        try:
+    with contextlib.closing(BundleReader(path)) as reader, contextlib.closing(ChunkStage(conn, reader.path.name)) as stage:
+        with one_line_errors(reader.path.name):
             try:
                 # writing() reads TEXT exactly where values pass through Python, creates or
                 # migrates the log, settles local clocks and repairs capture before anything else.
@@ -177,20 +175,23 @@ def import_bundle(
                     return result
             except NothingNew as own:
                 return own.result
-            except BundleError as ex:
-                if ex.message.startswith("Bundle "):
-                    raise
-                raise BundleError(ex.reason, f"Bundle {reader.path.name}: {ex.message}")
-            except sqlite3.IntegrityError as ex:
-                # Foreign keys are not enforced while sync writes (writing.foreign_keys_off).
-                raise BundleError(
-                    errors.CONSTRAINT_FAILED,
-                    f"Bundle {reader.path.name} cannot be applied: {ex} here. Nothing was imported. {errors.constraint_hint(ex)}",
-                )
-        finally:
-            stage.close()
-    finally:
-        reader.close()
+
+
+@contextlib.contextmanager
+def one_line_errors(name: str) -> Iterator[None]:
+    """An import's errors as one line that names the bundle."""
+    try:
+        yield
+    except BundleError as ex:
+        if ex.message.startswith("Bundle "):
+            raise
+        raise BundleError(ex.reason, f"Bundle {name}: {ex.message}")
+    except sqlite3.IntegrityError as ex:
+        # Foreign keys are not enforced while sync writes (writing.foreign_keys_off).
+        raise BundleError(
+            errors.CONSTRAINT_FAILED,
+            f"Bundle {name} cannot be applied: {ex} here. Nothing was imported. {errors.constraint_hint(ex)}",
+        )
 
 
 def ascii_lower(name: str) -> str:

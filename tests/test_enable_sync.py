@@ -11,6 +11,14 @@ import pytest
 from sqlite_utils_sync import disable_sync, enable_sync, list_conflicts
 
 
+def enable_reporting(conn, table: str) -> list[tuple[str, str]]:
+    """Enable sync on ``table``: the (table, row key) of each row it kept as edited here over a
+    peer's edit (``on_kept``)."""
+    kept = []
+    enable_sync(conn, [table], on_kept=lambda *row: kept.append(row))
+    return kept
+
+
 def test_existing_rows_are_logged_when_sync_is_enabled(tmp_path, make_db, rows, sync):
     conn = sqlite3.connect(tmp_path / "a.db", isolation_level=None)
     conn.execute("CREATE TABLE todos (id INTEGER PRIMARY KEY, title TEXT, done INTEGER, score REAL)")
@@ -172,8 +180,7 @@ def test_edits_made_while_disabled_are_never_lost_to_peers_edits_of_the_same_row
     a.execute(there)
     a.execute("UPDATE todos SET title = 'TWO' WHERE id = 2")  # a row only the peer changed
     sync(a, b, tmp_path, "a.bundle")  # kept, not applied: b does not sync todos now
-    kept = []
-    enable_sync(b, ["todos"], on_kept=lambda table, rowkey: kept.append((table, rowkey)))
+    kept = enable_reporting(b, "todos")
     # Only a value both changed is reported: kept here, the peer's in the log.
     assert kept == ([] if "done = 1" in here else [("todos", "1" if "id = 1" in here else "3")])
     for _ in range(2):
@@ -213,8 +220,7 @@ def test_a_table_first_enabled_takes_peers_values_over_its_stale_rows_whatever_i
     sync(a, hub, tmp_path)
     hub.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, n REAL, tag TEXT)")
     hub.executemany("INSERT INTO notes (id, n) VALUES (?, ?)", [(1, 1), (2, 2), (3, 3)])
-    kept = []
-    enable_sync(hub, ["notes"], on_kept=lambda *row: kept.append(row))
+    kept = enable_reporting(hub, "notes")
     assert kept == []
     assert hub.execute("SELECT id, n FROM notes ORDER BY id").fetchall() == [(1, 1.0), (2, 20.0)]
     sync(hub, a, tmp_path)
@@ -229,8 +235,7 @@ def test_rows_inserted_while_disabled_are_kept_even_if_the_table_never_had_a_row
     b.execute("INSERT INTO todos VALUES (1, 'from b', 0, 0)")
     sync(b, a, tmp_path)
     a.execute("INSERT INTO todos VALUES (1, 'from a', 0, 0)")
-    kept = []
-    enable_sync(a, ["todos"], on_kept=lambda *row: kept.append(row))
+    kept = enable_reporting(a, "todos")
     assert kept == [("todos", "1")]
     sync(a, b, tmp_path)
     assert [c.execute("SELECT title FROM todos").fetchall() for c in (a, b)] == [[("from a",)], [("from a",)]]
@@ -245,7 +250,6 @@ def test_a_column_added_while_disabled_does_not_undo_a_peers_delete(tmp_path, ma
     b.execute("DELETE FROM todos WHERE id = 1")
     sync(b, a, tmp_path)
     a.execute("ALTER TABLE todos ADD COLUMN z INTEGER NOT NULL DEFAULT 0")
-    kept = []
-    enable_sync(a, ["todos"], on_kept=lambda *row: kept.append(row))
+    kept = enable_reporting(a, "todos")
     assert kept == []
     assert a.execute("SELECT id FROM todos").fetchall() == [(2,)]
