@@ -309,6 +309,7 @@ class Pulled(NamedTuple):
     operations: int  # how many it tells of, withheld ones too
     bundle_id: str
     tables: list[str]  # the tables it names (a full export names those with no operation too)
+    scope: list[str] | None  # the tables whose values it holds (None: all)
 
 
 def read_pulled(path: str, response: Any, url: str) -> Pulled:
@@ -323,7 +324,7 @@ def read_pulled(path: str, response: Any, url: str) -> Pulled:
         header = reader.header
         told = header["operations"] + header.get("withheld", 0)
         tables = [entry[0] for entry in header.get("tables") or []]
-        return Pulled(_hub_clock(response, reader, url), header["source"], told, reader.bundle_id, tables)
+        return Pulled(_hub_clock(response, reader, url), header["source"], told, reader.bundle_id, tables, header.get("scope"))
     finally:
         reader.close()
 
@@ -534,7 +535,7 @@ class _Run:
         if self.scope is not None:
             params[protocol.TABLE_PARAM] = sorted(self.scope)
         response = self.request("GET", protocol.EXPORT_PATH, "export (pull)", save_to=path, params=params)
-        hub_clock, hub_device, operations, bundle_id, tables = read_pulled(path, response, self.url)
+        hub_clock, hub_device, operations, bundle_id, tables, sent = read_pulled(path, response, self.url)
         if not operations and not self.creates_table(tables):
             # Nothing to apply: don't record an empty import on every run.
             return empty_result(hub_device, bundle_id), hub_clock, hub_device
@@ -550,18 +551,15 @@ class _Run:
             )
         except BundleError as ex:
             if ex.reason == errors.PARTIAL_BUNDLE:
-                raise self.withheld_tables(path) from None
+                raise self.withheld_tables(sent) from None
             raise
         return result.as_dict(), hub_clock, hub_device
 
-    def withheld_tables(self, path: str) -> HubError:
-        """The error for a pull that withholds tables this copy holds: the import's own words
-        name a temporary file and advise on exporting bundles, neither of which fits a sync."""
-        reader = BundleReader(path)
-        try:
-            sent = ", ".join(sorted(reader.header.get("scope") or [])) or "(none)"
-        finally:
-            reader.close()
+    def withheld_tables(self, scope: list[str] | None) -> HubError:
+        """The error for a pull of only ``scope`` that withholds tables this copy holds: the
+        import's own words name a temporary file and advise on exporting bundles, neither of
+        which fits a sync."""
+        sent = ", ".join(sorted(scope or [])) or "(none)"
         held = load_scope(connection(self.db))
         holds = "every table" if held is None else f"tables {', '.join(sorted(held))}"
         return HubError(

@@ -478,7 +478,6 @@ class Importer:
         carried = {tbl for (tbl,) in self.reader.conn.execute("SELECT DISTINCT tbl FROM bundle_chunks")}
         for position, (name, columns, pk) in enumerate(self.reader.header["tables"]):
             if position in carried or (self.create_tables and not table_exists(self.conn, name)):
-                self.check_nameable(name)
                 self.map_table(name, columns, pk)
             else:
                 self.tables.append(WITHHELD_TABLE)  # no chunk refers to it
@@ -487,10 +486,7 @@ class Importer:
         """Refuse a table the sender may neither view nor write (a hub's pusher) before its
         schema is compared with the one here: a mismatch, a match or another case of its
         name would each tell the sender something of it."""
-        if self.nameable is None:
-            return
-        here = canonical_name(self.conn, name) if not name.lower().startswith(("_sync_", "sqlite_")) else name
-        if name not in self.nameable or here not in self.nameable:
+        if self.nameable is not None and not {name, canonical_name(self.conn, name)} <= self.nameable:
             raise SyncError(
                 errors.TABLE_FORBIDDEN,
                 f"Permission denied: the bundle names table {name}, which these credentials may neither view nor "
@@ -501,6 +497,7 @@ class Importer:
         conn = self.conn
         if name.lower().startswith(("_sync_", "sqlite_")):  # SQL names ignore case
             raise self.fail(errors.INTERNAL_TABLE, f"operations on internal table '{name}' are never accepted")
+        self.check_nameable(name)
         if self.scope is not None and name not in self.scope:
             held = [table for table in self.scope if table.lower() == name.lower()]
             if held:

@@ -140,20 +140,25 @@ class Reconciler:
         append_local(self.conn, self.table.tid, kind, mask, rowkey, slots=slots)
         self.logged += 1
 
-    def applied_here(self, effects: list[Effect]) -> list[Effect]:
-        """The row's operations this copy applied to its table (not those kept unapplied)."""
-        return [e for e in effects if e.op not in self.unapplied]
+    def state_here(self, effects: list[Effect]) -> tuple[bool, dict[int, Any]] | None:
+        """The row as the operations this copy applied to its table left it (complete: a
+        table with kept operations is never compacted); None when none did."""
+        applied = [e for e in effects if e.op not in self.unapplied]
+        return row_state(applied) if applied else None
 
-    def changed_here(self, effects: list[Effect], slot: int, value: Any) -> bool:
+    def changed_here(self, here: tuple[bool, dict[int, Any]] | None, slot: int, value: Any) -> bool:
         """Whether the table's value of a cell was written here while capture was off: it
-        differs from the row the operations this copy applied left (complete: a table with
-        kept operations is never compacted), or the row was inserted here meanwhile. On a copy
-        first syncing the table it tells nothing: the table takes what peers wrote, as it
-        holds stale rows of it, say."""
-        applied = self.applied_here(effects)
-        if not applied:
+        differs from the row ``here`` (:meth:`state_here`), or no applied operation made the
+        row, so it was inserted here meanwhile. On a copy first syncing the table that tells
+        nothing: the table takes what peers wrote, as it holds stale rows of it, say."""
+        if here is None:
             return self.synced_before
-        return not same_value(row_state(applied)[1].get(slot), value)
+        return not same_value(here[1].get(slot), value)
+
+    def existed_here(self, effects: list[Effect]) -> bool:
+        """Whether the row existed as the operations this copy applied left it."""
+        here = self.state_here(effects)
+        return here is not None and here[0]
 
     def kept(self, rowkey: str) -> None:
         if self.on_kept is not None:
@@ -176,6 +181,8 @@ class Reconciler:
                 self.log(INSERT, self.full, rowkey, {slots[c]: v for c, v in values.items()})
             return
         writers = latest_writers(effects)
+        # Only rows with kept operations need it (by_peer is never true without them).
+        here = self.state_here(effects) if self.unapplied else None
         mask, taken, kept = 0, {}, False
         for column, value in values.items():
             slot = slots[column]
@@ -185,7 +192,7 @@ class Reconciler:
                 continue
             if self.adopts(column, value, implied):
                 taken[column] = implied[slot]
-            elif self.by_peer(writers.get(slot)) and not self.changed_here(effects, slot, value):
+            elif self.by_peer(writers.get(slot)) and not self.changed_here(here, slot, value):
                 taken[column] = implied[slot]
             else:
                 kept = kept or self.by_peer(writers.get(slot))
@@ -201,13 +208,13 @@ class Reconciler:
     def edited_here(self, effects: list[Effect], values: dict[str, Any]) -> bool:
         """Whether a row a peer's kept delete removed was inserted or changed here meanwhile
         (else it is a stale copy of the row, which goes)."""
-        applied = self.applied_here(effects)
-        if applied and not row_state(applied)[0]:
-            return True  # it was deleted here before, so inserted again here
-        if not applied:
+        here = self.state_here(effects)
+        if here is None:
             return self.synced_before
+        if not here[0]:
+            return True  # it was deleted here before, so inserted again here
         slots = self.table.slots
-        return any(self.changed_here(effects, slots[c], v) for c, v in values.items() if not self.as_added(c, v))
+        return any(self.changed_here(here, slots[c], v) for c, v in values.items() if not self.as_added(c, v))
 
     def as_added(self, column: str, value: Any) -> bool:
         """A column added since capture last ran that still holds what ALTER TABLE gave it."""
@@ -220,7 +227,7 @@ class Reconciler:
         if not exists:
             return
         by_peer = self.by_peer(effects[-1])
-        if by_peer and not row_state(self.applied_here(effects))[0]:
+        if by_peer and not self.existed_here(effects):
             names = self.table.slot_names(self.columns)
             self.adopted.append((rowkey, True, {names[s]: v for s, v in implied.items() if s in names}, False))
         else:

@@ -339,7 +339,7 @@ class _Watcher:
 
     def import_pulled(self, path: str, response: Any) -> int:
         """Import a pulled bundle; returns how many operations it held."""
-        hub_clock, hub_device, operations, _, _ = read_pulled(path, response, self.url)
+        hub_clock, hub_device, operations, *_ = read_pulled(path, response, self.url)
         self.learn_hub_clock(hub_clock, hub_device)
         self.answered()  # before the import's line; the delay grows again if the import fails
         if not operations:
