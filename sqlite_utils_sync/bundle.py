@@ -42,7 +42,14 @@ import msgpack
 
 from . import codec as codecs
 from .capture import load_tables, table_exists
-from .declared import is_strict, is_without_rowid, sender_defaults, sender_types, types_problem
+from .declared import (
+    is_strict,
+    is_unaliased_integer_key,
+    is_without_rowid,
+    sender_defaults,
+    sender_types,
+    types_problem,
+)
 from .clocks import clock, horizon, max_seq, now_iso
 from .scope import load_scope, withheld_count, withheld_ranges
 from .devices import device_ids, local_device_id, mark_sent, name_problem, name_records, retired_records
@@ -232,6 +239,7 @@ def make_header(
         "not_null_defaults": writer.defaults,
         "without_rowid": writer.without_rowid,
         "strict": writer.strict,
+        "unaliased_keys": writer.unaliased_keys,
         "operations": count,
     }
     if writer.codec is not None:
@@ -303,6 +311,7 @@ class BundleWriter:
         self.defaults: dict[str, dict[str, str]] = {}
         self.without_rowid: list[str] = []
         self.strict: list[str] = []
+        self.unaliased_keys: list[str] = []
         self.table_index: dict[int, tuple[int, list[int]]] = {}
         self.total, self.progress = total, progress
         self.format = PLAIN_FORMAT if codec is None else FORMAT
@@ -339,10 +348,10 @@ class BundleWriter:
                 self.dropped[table.name] = dropped
             self.table_index[tid] = (len(self.tables), [table.slots[c] for c in columns])
             self.tables.append([table.name, columns, table.pk])
-            self.declare(table.name, columns)
+            self.declare(table.name, columns, table.pk)
         return self.table_index[tid]
 
-    def declare(self, name: str, columns: list[str]) -> None:
+    def declare(self, name: str, columns: list[str], pk: list[str]) -> None:
         if not table_exists(self.conn, name):
             return
         types = sender_types(self.conn, name, columns)
@@ -355,6 +364,8 @@ class BundleWriter:
             self.without_rowid.append(name)
         if is_strict(self.conn, name):
             self.strict.append(name)
+        if is_unaliased_integer_key(self.conn, name, pk):
+            self.unaliased_keys.append(name)
 
     def write_chunk(
         self, device_position: int, key: int, rows: Iterable[Sequence[Any]], size: int, exact: bool = False

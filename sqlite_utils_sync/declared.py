@@ -12,6 +12,10 @@ elsewhere SQLite reads it as NUMERIC. A receiver that lacks such a table creates
 its columns without a type as ``ANY``. Older readers ignore the key and create the table
 without STRICT, with the same types and affinities.
 
+``"unaliased_keys"`` lists the tables whose one ``INTEGER`` key column is no rowid alias
+(declared ``INTEGER PRIMARY KEY DESC``, SQLite's exception): such a key may hold text, which an
+alias refuses, so a receiver creates the key the same way. Older readers create an alias.
+
 ``"not_null_defaults"`` is ``{table: {column: literal}}`` for the columns declared
 ``NOT NULL DEFAULT <literal>``, also optional. A row applied from a copy that lacks such a column
 takes the DEFAULT there (it can't be NULL), so every copy must declare the column alike, or
@@ -85,7 +89,7 @@ def types_problem(header: dict[str, Any]) -> str | None:
     )
     if problem:
         return problem
-    for key in ("without_rowid", "strict"):
+    for key in ("without_rowid", "strict", "unaliased_keys"):
         tables = header.get(key, [])
         if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
             return f"{key} list is invalid"
@@ -198,6 +202,17 @@ def is_without_rowid(conn: sqlite3.Connection, table: str) -> bool:
         return bool(row and re.search(r"\)\s*WITHOUT\s+ROWID\s*$", row[0] or "", re.I))
 
 
+def is_unaliased_integer_key(conn: sqlite3.Connection, table: str, pk: list[str]) -> bool:
+    """One INTEGER key column of a rowid table that is no rowid alias: declared ``INTEGER
+    PRIMARY KEY DESC``, which SQLite backs with an index and lets hold any value, text too."""
+    return (
+        len(pk) == 1
+        and column_types(conn, table).get(pk[0], "").upper() == "INTEGER"
+        and not is_without_rowid(conn, table)
+        and any(row[3] == "pk" for row in conn.execute(f"PRAGMA index_list({quote_identifier(table)})"))
+    )
+
+
 def column_sql(column: str, declared: str, default: str | None = None, strict: bool = False) -> str:
     constraint = "" if default is None else f" NOT NULL DEFAULT {default}"
     return f"{quote_identifier(column)} {declared or ('ANY' if strict else '')}".rstrip() + constraint
@@ -212,24 +227,29 @@ def create_table(
     without_rowid: bool,
     defaults: dict[str, str],
     strict: bool = False,
+    unaliased_key: bool = False,
 ) -> None:
     """``CREATE TABLE`` with the sender's declared types, NOT NULL defaults, primary key and
     table options, then a check that SQLite read exactly those and no other constraint (they
-    were validated already; this makes sure of it)."""
+    were validated already; this makes sure of it). ``unaliased_key``: the sender's INTEGER key
+    is no rowid alias (see :func:`is_unaliased_integer_key`), so neither is this one."""
     defaults = {c: decimal_literal(d) for c, d in defaults.items() if c not in pk}
     options = [option for option, wanted in (("WITHOUT ROWID", without_rowid), ("STRICT", strict)) if wanted]
+    integer_key = not without_rowid and len(pk) == 1 and types.get(pk[0], "").upper() == "INTEGER"
+    alias = integer_key and not unaliased_key
+    definitions = [column_sql(c, types.get(c, ""), defaults.get(c), strict) for c in columns]
+    if integer_key and unaliased_key:
+        # Only this form is no alias: PRIMARY KEY ("id" DESC) as a table constraint is one.
+        position = columns.index(pk[0])
+        definitions[position] += " PRIMARY KEY DESC"
+    else:
+        definitions.append(f"PRIMARY KEY ({', '.join(quote_identifier(c) for c in pk)})")
     try:
-        conn.execute(
-            f"CREATE TABLE {quote_identifier(name)} ("
-            + ", ".join(column_sql(c, types.get(c, ""), defaults.get(c), strict) for c in columns)
-            + f", PRIMARY KEY ({', '.join(quote_identifier(c) for c in pk)}))"
-            + " " + ", ".join(options)
-        )
+        conn.execute(f"CREATE TABLE {quote_identifier(name)} ({', '.join(definitions)}) {', '.join(options)}")
     except sqlite3.OperationalError as ex:  # e.g. STRICT on SQLite before 3.37
         raise BundleError(errors.INVALID_METADATA, f"table '{name}' cannot be created as its sender declared it: {ex}")
     got = {row[1]: (row[2], row[3], row[4], row[6]) for row in conn.execute(f"PRAGMA table_xinfo({quote_identifier(name)})")}
     # WITHOUT ROWID and STRICT tables make their key columns NOT NULL, but a rowid alias.
-    alias = not without_rowid and len(pk) == 1 and types.get(pk[0], "").upper() == "INTEGER"
     not_null_key = {c for c in pk if without_rowid or (strict and not alias)}
     expected = {
         c: (

@@ -570,6 +570,7 @@ class Importer:
         create_declared(
             conn, name, [c for c in columns if c not in dropped], pk, types, name in header.get("without_rowid", []), defaults,
             strict=name in header.get("strict", []),
+            unaliased_key=name in header.get("unaliased_keys", []),
         )
         capture_table(conn, name)
         self.created.append(name)

@@ -63,6 +63,25 @@ def test_strict_tables_keep_any_values_exactly_and_new_copies_are_strict(tmp_pat
     assert rows(a, "t") == rows(b, "t")
 
 
+@pytest.mark.parametrize("strict", ["", " STRICT"])
+def test_an_integer_primary_key_desc_keeps_text_keys_and_new_copies_declare_it_alike(tmp_path, make_db, run, rows, sync, strict):
+    # SQLite's exception: INTEGER PRIMARY KEY DESC is no rowid alias, so it may hold text.
+    schema = f"CREATE TABLE t (id INTEGER PRIMARY KEY DESC, v TEXT){strict}"
+    a = make_db(tmp_path / "a.db", schema, ("t",))
+    a.executemany("INSERT INTO t VALUES (?, ?)", [("abc", "x"), (1, "y"), ("2", "z")] if not strict else [(1, "y"), (2, "z")])
+    run(["sqlite-utils", "export-bundle", tmp_path / "a.db", tmp_path / "first.bundle"])
+    run(["sqlite-utils", "import-bundle", tmp_path / "b.db", tmp_path / "first.bundle"])
+    b = sqlite3.connect(tmp_path / "b.db", isolation_level=None)
+    assert rows(b, "t") == rows(a, "t")
+    assert b.execute("SELECT typeof(id) FROM t ORDER BY v").fetchall() == a.execute("SELECT typeof(id) FROM t ORDER BY v").fetchall()
+    # No alias there either: an index backs the key, and a text key from the sender fits.
+    assert [r[3] for r in b.execute("PRAGMA index_list(t)")] == ["pk"]
+    if not strict:
+        a.execute("INSERT INTO t VALUES ('later', 'w')")
+        sync(a, b, tmp_path)
+        assert b.execute("SELECT v FROM t WHERE id = 'later'").fetchone() == ("w",)
+
+
 REAL_SCHEMAS = [
     ('CREATE TABLE "order" ("select" TEXT PRIMARY KEY, "group by" TEXT, "it""s" INTEGER)', "order", ["b's", "x", 1]),
     ("CREATE TABLE pairs (a TEXT, b INTEGER, note TEXT, PRIMARY KEY (a, b))", "pairs", ["k", 2, "n"]),

@@ -144,6 +144,30 @@ def test_a_hostile_strict_list_is_refused_and_changes_nothing(tmp_path, laptop, 
     check_header_edit_refused(tmp_path, run, craft, file_bytes, lambda h: h.__setitem__("strict", strict), error)
 
 
+@pytest.mark.parametrize("unaliased", ["todos", [None], {"todos": 1}])
+def test_a_hostile_unaliased_keys_list_is_refused_and_changes_nothing(tmp_path, laptop, run, craft, file_bytes, unaliased):
+    check_header_edit_refused(
+        tmp_path, run, craft, file_bytes, lambda h: h.__setitem__("unaliased_keys", unaliased), "unaliased_keys list is invalid"
+    )
+
+
+def test_an_unaliased_keys_entry_for_a_table_without_an_integer_key_changes_nothing(tmp_path, make_db, run, craft):
+    # Only a one-column INTEGER key of a rowid table can be no alias; elsewhere the entry is moot.
+    make_db(tmp_path / "a.db", "CREATE TABLE t (id TEXT PRIMARY KEY, v)", ("t",)).execute("INSERT INTO t VALUES ('k', 1)")
+    bundle = tmp_path / "a.bundle"
+    run(["sqlite-utils", "export-bundle", tmp_path / "a.db", bundle])
+
+    def tamper(conn):
+        craft.edit_header(conn, lambda h: h.__setitem__("unaliased_keys", ["t"]))
+        craft.reseal(conn)
+
+    craft.rewrite(bundle, tamper)
+    run(["sqlite-utils", "import-bundle", tmp_path / "b.db", bundle])
+    b = sqlite3.connect(tmp_path / "b.db")
+    assert b.execute("SELECT * FROM t").fetchall() == [("k", 1)]
+    assert [r[1:3] + r[5:] for r in b.execute("PRAGMA table_info(t)")] == [("id", "TEXT", 1), ("v", "", 0)]
+
+
 def check_header_edit_refused(tmp_path, run, craft, file_bytes, edit, error: str) -> None:
     """A laptop bundle whose header ``edit`` changed (and resealed) is refused with ``error``:
     no new database is made, and an existing one is left byte for byte as it was, also with
