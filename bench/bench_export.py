@@ -335,6 +335,9 @@ def bench_pull(work: str, log: str, n: int, reps: int) -> None:
     floor = fetched + with_log
     line("    (info) floor", f"download + plain copy of table and log {floor:.2f}s = {floor / plain:.2f}x the plain copy "
          f"of the table; the import alone is {imported / with_log:.2f}x the plain copy of table and log")
+    no_log = fetched + plain
+    line("    (info) no log at all", f"download + plain copy of the table alone {no_log:.2f}s = {no_log / plain:.2f}x: "
+         "even a device that kept no log would miss 2x while the hub exports on demand")
     line("    (info) log without values", f"plain copy of table and log rows without their values {slim_log:.2f}s = "
          f"{slim_log / plain:.2f}x the plain copy of the table: one log row per row costs about as much as the values")
 
