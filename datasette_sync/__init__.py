@@ -1,11 +1,9 @@
 """Datasette plugin: sync views and bundle endpoints (hook implementations only)."""
 
-import json
 import urllib.parse
 
 from datasette import hookimpl
 
-from sqlite_utils_sync.oplog import json_value
 from sqlite_utils_sync import SyncError
 from sqlite_utils_sync.schema import is_enabled
 
@@ -88,11 +86,10 @@ def table_actions(datasette, actor, database, table, request):
 @hookimpl
 def row_actions(datasette, actor, request, database, table, row):
     async def inner():
-        pk = await views.synced_pk(datasette, actor, database, table)
+        pk = await views.synced_row_pk(datasette, actor, database, table)
         if pk is None:
             return []
-        values = [json_value(row[column]) for column in pk]
-        query = urllib.parse.urlencode({"table": table, "pk": json.dumps(values)})
+        query = urllib.parse.urlencode({"table": table, "pk": views.pk_filter([row[column] for column in pk])})
         return [
             {
                 "href": f"{views.sync_url(datasette, database)}/operations?{query}",

@@ -5,7 +5,6 @@ links to the full sync pages. Only actors with ``sync-view`` see them.
 
 from __future__ import annotations
 
-import json
 import urllib.parse
 from typing import Any
 
@@ -13,7 +12,6 @@ from markupsafe import Markup
 
 from sqlite_utils_sync import SyncError, get_conflict
 from sqlite_utils_sync.devices import device_names
-from sqlite_utils_sync.oplog import json_value
 
 from . import queries, views
 from .permissions import VIEW, can
@@ -49,11 +47,11 @@ async def table_panel(datasette, request, database: str, table: str) -> Markup:
 
 async def row_panel(datasette, request, database: str, table: str, row: Any) -> Markup:
     actor = request.actor if request else None
-    pk = await views.synced_pk(datasette, actor, database, table)
+    pk = await views.synced_row_pk(datasette, actor, database, table)
     if pk is None:
         return Markup("")
     values = [row[column] for column in pk]
-    pk_json = json.dumps([json_value(value) for value in values])
+    pk_json = views.pk_filter(values)
 
     def read(conn):
         history = queries.operations(conn, table=table, pk=pk_json, size=ROW_HISTORY + 1)["operations"]

@@ -63,12 +63,34 @@ def devices(conn: sqlite3.Connection, hidden: frozenset[str] = frozenset()) -> l
     """Every device this database knows, local first, with the highest seq held from it and
     when it was first and last seen writing (leaving out operations of ``hidden`` tables:
     their clocks are not for the visitor either)."""
+    return device_page(conn, hidden)["devices"]
+
+
+def device_page(
+    conn: sqlite3.Connection, hidden: frozenset[str] = frozenset(), after: str | None = None, size: int | None = None
+) -> dict[str, Any]:
+    """A page of :func:`devices` (all of them without ``size``) after the device id ``after``:
+    ``{"devices", "next"}``. A hub importing from many devices knows thousands, and each one
+    costs a query here."""
     if not is_enabled(conn):
-        return []
-    found = []
+        if after:
+            raise InvalidArgument(f"Invalid next token: {after!r} is not a device id")
+        return {"devices": [], "next": None}
+    where, params = "", []
+    if after:
+        row = conn.execute("SELECT idx FROM _sync_devices WHERE device_id = ?", [after]).fetchone()
+        if row is None:
+            raise InvalidArgument(f"Invalid next token: {after!r} is not a device id")
+        where, params = "WHERE idx < ?", [row[0]]
+    limit = "" if size is None else f" LIMIT {int(size) + 1}"
+    listed = conn.execute(
+        f"SELECT idx, device_id FROM _sync_devices {where} ORDER BY idx DESC{limit}", params
+    ).fetchall()
+    shown = listed if size is None else listed[:size]
     tids = [t.tid for name, t in load_tables(conn).items() if name in hidden]
     where = f" AND tid NOT IN ({', '.join('?' * len(tids))})" if tids else ""
-    for idx, device_id in conn.execute("SELECT idx, device_id FROM _sync_devices ORDER BY idx DESC").fetchall():
+    found = []
+    for idx, device_id in shown:
         seq = max_seq(conn, idx)
         # The range scan on the primary key is cheap (with hidden tables, it reads each op's
         # table); the sentinel (seq 0) is not an operation.
@@ -84,19 +106,49 @@ def devices(conn: sqlite3.Connection, hidden: frozenset[str] = frozenset()) -> l
                 "last_seen": hlc_time(last),
             }
         )
-    return found
+    more = size is not None and len(listed) > size
+    return {"devices": found, "next": found[-1]["device_id"] if more else None}
 
 
 def peers(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """Peers whose bundles were imported here, with the clock they acknowledged."""
+    return peer_page(conn)["peers"]
+
+
+def peer_page(
+    conn: sqlite3.Connection, after: str | None = None, size: int | None = None, devices: list[str] | None = None
+) -> dict[str, Any]:
+    """A page of :func:`peers` (all of them without ``size``), most recently seen first, after
+    the peer ``after``: ``{"peers", "next", "total"}``. With ``devices``, each peer's clock
+    holds only those devices: every device a hub imports from is a peer too, so full clocks
+    of every peer grow with the square of the devices."""
     if not has_table(conn, "_sync_peers"):
-        return []
-    return [
-        {"device_id": device_id, "clock": load_clock(clock), "last_seen": last_seen}
-        for device_id, clock, last_seen in conn.execute(
-            "SELECT device_id, clock, last_seen FROM _sync_peers ORDER BY last_seen DESC, device_id"
-        )
-    ]
+        if after:
+            raise InvalidArgument(f"Invalid peers token: {after!r} is not a peer")
+        return {"peers": [], "next": None, "total": 0}
+    where, params = "", []
+    if after:
+        row = conn.execute("SELECT last_seen FROM _sync_peers WHERE device_id = ?", [after]).fetchone()
+        if row is None:
+            raise InvalidArgument(f"Invalid peers token: {after!r} is not a peer")
+        where, params = "WHERE last_seen < ? OR (last_seen = ? AND device_id > ?)", [row[0], row[0], after]
+    limit = "" if size is None else f" LIMIT {int(size) + 1}"
+    # The clocks are read once the page is chosen: sorting every peer's row with its clock
+    # (as long as the hub's) would copy them all.
+    rows = conn.execute(
+        f"SELECT device_id, last_seen FROM _sync_peers {where} ORDER BY last_seen DESC, device_id{limit}", params
+    ).fetchall()
+    shown = rows if size is None else rows[:size]
+    found = []
+    for device_id, last_seen in shown:
+        held = conn.execute("SELECT clock FROM _sync_peers WHERE device_id = ?", [device_id]).fetchone()[0]
+        acknowledged = load_clock(held)
+        if devices is not None:
+            acknowledged = {device: acknowledged[device] for device in devices if device in acknowledged}
+        found.append({"device_id": device_id, "clock": acknowledged, "last_seen": last_seen})
+    more = size is not None and len(rows) > size
+    total = conn.execute("SELECT count(*) FROM _sync_peers").fetchone()[0]
+    return {"peers": found, "next": found[-1]["device_id"] if more else None, "total": total}
 
 
 def device_owners(conn: sqlite3.Connection) -> dict[str, str]:
@@ -463,6 +515,16 @@ def conflict_table(conn: sqlite3.Connection, conflict_id: str) -> str | None:
         return None
     row = conn.execute('SELECT "table" FROM _sync_conflicts WHERE id = ?', [conflict_id]).fetchone()
     return row[0] if row else None
+
+
+def conflict_keys(conn: sqlite3.Connection, conflict_ids: list[str]) -> dict[str, list[Any]]:
+    """The row key of each conflict as SQLite holds it: a record's ``pk`` is its JSON form,
+    where a REAL ±inf and the text ``'inf'`` look alike."""
+    if not conflict_ids or not has_table(conn, "_sync_conflicts"):
+        return {}
+    marks = ", ".join("?" * len(conflict_ids))
+    rows = conn.execute(f"SELECT id, rowkey FROM _sync_conflicts WHERE id IN ({marks})", conflict_ids)
+    return {conflict_id: safe_rowkey(rowkey) for conflict_id, rowkey in rows}
 
 
 def imports(

@@ -191,10 +191,17 @@ def show(value: Any, limit: int | None = None) -> Markup:
     return escape(text)
 
 
-def show_pk(values: list[Any] | None) -> Markup:
+def show_pk(values: list[Any] | None, limit: int | None = None) -> Markup:
     if values is None:
         return Markup("")
-    return Markup(", ").join(show(v) for v in values)
+    return Markup(", ").join(show(v, limit) for v in values)
+
+
+def pk_filter(values: list[Any]) -> str:
+    """The operations page's ``pk`` filter naming exactly the key ``values``. A REAL key of
+    ±inf is written as JSON's ``Infinity``, which the filter reads back as the number:
+    ``json_value`` would make it the text ``"inf"``, a different key."""
+    return json.dumps([value if isinstance(value, float) else json_value(value) for value in values])
 
 
 def short(device_id: str | None) -> str:
@@ -238,6 +245,15 @@ async def synced_pk(datasette, actor, database: str, table: str) -> list[str] | 
         return await db.execute_fn(lambda conn: queries.table_pk(conn, table))
     except SyncError:
         return None  # sync tables of a newer version: the table pages stay as Datasette's own
+
+
+async def synced_row_pk(datasette, actor, database: str, table: str) -> list[str] | None:
+    """:func:`synced_pk`, when it is still the table's primary key: a column renamed or a
+    key changed outside sync leaves the recorded one naming columns the row lacks."""
+    pk = await synced_pk(datasette, actor, database, table)
+    if pk is None or await datasette.get_database(database).primary_keys(table) != pk:
+        return None
+    return pk
 
 
 async def can_view_table(datasette, actor, database: str, table: str) -> bool:
@@ -320,7 +336,8 @@ async def render(datasette, request, db, template: str, tab: str, context: dict,
         "show": show,
         "value_chars": CONFLICT_VALUE_CHARS,
         "show_pk": show_pk,
-        "pk_json": lambda values: json.dumps(jsonable(values)),
+        "pk_json": pk_filter,
+        "tick_devices": OVERVIEW_LISTED,
         # Every short device id on the pages goes through this: named devices show their name.
         "short": lambda device_id: device_label(device_id, names),
         "full_label": lambda device_id: device_label(device_id, names, full=True),
@@ -340,11 +357,11 @@ async def overview_page(datasette, request):
     def read(conn, hidden):
         status = queries.without_tables(sync_status(conn), conn, hidden)
         if not status["enabled"]:
-            return status, [], [], None, {}
+            return status, {"peers": [], "total": 0}, [], None, {}
         latest = queries.operations(conn, size=10, hidden=hidden)["operations"]
         names = device_names(conn)
         activity = chart.build(chart.read(conn, hidden), lambda device_id: device_label(device_id, names))
-        return status, queries.peers(conn), latest, activity, horizon(conn)
+        return status, queries.peer_page(conn, size=OVERVIEW_PEERS), latest, activity, horizon(conn)
 
     status, peers, latest, activity, compacted = await db.execute_fn(hiding(visible, read))
     status = {
@@ -352,17 +369,62 @@ async def overview_page(datasette, request):
         "access": await actor_access(datasette, request.actor, db),
         "watching": await watching(datasette, request.actor, db),
     }
-    if cluster.status(datasette, db.name) is not None:
-        status["cluster"] = cluster.status(datasette, db.name)
+    in_cluster = cluster.status(datasette, db.name)
+    if in_cluster is not None:
+        status["cluster"] = await cluster_status_for(datasette, request.actor, db, in_cluster)
     context = {
         "status": status,
-        "peers": peers,
+        "peers": peers["peers"],
+        "more_peers": peers["total"] - len(peers["peers"]),
+        "clock": overview_clock(status),
+        "listed": OVERVIEW_LISTED,
         "latest": latest,
         "chart": activity,
         "compacted": compacted,
         "live_since": protocol.encode_clock(status.get("clock") or {}),
     }
     return await render(datasette, request, db, "sync_overview.html", "overview", context, status)
+
+
+OVERVIEW_PEERS = 10
+OVERVIEW_LISTED = 20
+"""The overview lists this many peers, and devices of a clock, at most: every device a hub
+imports from is a peer, so a hub may know thousands. The clocks page pages through them all."""
+
+
+def overview_clock(status: dict[str, Any]) -> dict[str, Any]:
+    """The vector clock entries the overview lists (this database's device first) and how
+    many it leaves to the clocks page."""
+    held = status.get("clock") or {}
+    local = status.get("device_id")
+    order = ([local] if local in held else []) + [device for device in held if device != local]
+    return {
+        "entries": [(device, held[device]) for device in order[:OVERVIEW_LISTED]],
+        "more": max(0, len(order) - OVERVIEW_LISTED),
+    }
+
+
+async def cluster_status_for(datasette, actor, db, found: dict[str, Any]) -> dict[str, Any]:
+    """The cluster status as this actor may see it. A refusal's message can quote any table's
+    values (``UNIQUE constraint failed: salaries.name``) and does not say which tables it
+    concerns, so it is shown only to an actor who may push here and view every table of the
+    database; others get the reason code alone."""
+    if not found.get("latest_refused") or await reads_refusals(datasette, actor, db):
+        return found
+    return {**found, "latest_refused": [{**refused, "message": None} for refused in found["latest_refused"]]}
+
+
+async def reads_refusals(datasette, actor, db) -> bool:
+    """Whether the actor may push here and view every table of the database."""
+    if not await can(datasette, actor, IMPORT, db.name):
+        return False
+    tables = set(await db.table_names()) | set(await db.execute_fn(queries.logged_tables))
+    for table in tables:
+        if table.startswith(("_sync_", "sqlite_")):
+            continue  # the sync tables and SQLite's own hold no values of anyone's rows
+        if not await can_view_table(datasette, actor, db.name, table):
+            return False
+    return True
 
 
 async def watching(datasette, actor, db) -> list[dict[str, Any]]:
@@ -479,9 +541,10 @@ async def conflicts_page(datasette, request):
         page = queries.conflicts(
             conn, include_resolved=include_resolved, table=table, after=next_token, size=size, hidden=hidden
         )
-        return page, [name for name in queries.logged_tables(conn) if name not in hidden]
+        keys = queries.conflict_keys(conn, [conflict["id"] for conflict in page["conflicts"]])
+        return page, [name for name in queries.logged_tables(conn) if name not in hidden], keys
 
-    page, tables = await read_page(db, hiding(visible, read))
+    page, tables, keys = await read_page(db, hiding(visible, read))
     base = sync_url(datasette, db.name) + "/conflicts"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     can_resolve = db.is_mutable and await can(datasette, request.actor, RESOLVE, db.name)
@@ -489,12 +552,16 @@ async def conflicts_page(datasette, request):
     for conflict in page["conflicts"]:
         grid = conflict_grid(conflict)
         row_url = None
+        table_exists = await db.table_exists(conflict["table"])
         plain_pk = all(isinstance(v, (str, int, float)) for v in conflict["pk"])
-        if conflict["current"] is not None and plain_pk and await db.table_exists(conflict["table"]):
+        if conflict["current"] is not None and plain_pk and table_exists:
             pk_path = ",".join(tilde_encode(str(v)) for v in conflict["pk"])
             row_url = datasette.urls.row(db.name, conflict["table"], pk_path)
         resolve_url = datasette.urls.database(db.name) + protocol.resolve_path(conflict["id"])
-        shown.append({**grid, "row_url": row_url, "resolve_url": resolve_url})
+        history = pk_filter(keys.get(conflict["id"], conflict["pk"]))
+        shown.append(
+            {**grid, "row_url": row_url, "resolve_url": resolve_url, "table_missing": not table_exists, "history_pk": history}
+        )
     return await render(
         datasette,
         request,
@@ -571,16 +638,26 @@ def version_cell(version: dict, column: str) -> dict:
     return {"state": "value", "value": version["values"][column]}
 
 
+CLOCKS_MAX_PAGE_SIZE = 100
+"""The clocks page draws a cell per peer per device: pages of both stay this small at most."""
+
+
 async def clocks_page(datasette, request):
     db = await page_database(datasette, request)
+    size = min(page_size(request), CLOCKS_MAX_PAGE_SIZE)
+    after = request.args.get("next") or None
+    peers_after = request.args.get("peers_next") or None
     visible = await viewable_tables(datasette, request, db)
 
     def read(conn, hidden):
         status, names = sync_status(conn), device_names(conn)
-        devices = [{**device, "name": names.get(device["device_id"])} for device in queries.devices(conn, hidden)]
-        return status, devices, queries.peers(conn)
+        page = queries.device_page(conn, hidden, after=after, size=size)
+        devices = [{**device, "name": names.get(device["device_id"])} for device in page["devices"]]
+        # Every device a hub imports from is a peer: the columns are this page's devices only.
+        peers = queries.peer_page(conn, after=peers_after, size=size, devices=[d["device_id"] for d in devices])
+        return status, devices, page["next"], peers
 
-    status, devices, peers = await db.execute_fn(hiding(visible, read))
+    status, devices, next_device, peers = await read_page(db, hiding(visible, read))
     matrix = [
         {
             **peer,
@@ -589,14 +666,17 @@ async def clocks_page(datasette, request):
                 for d in devices
             ],
         }
-        for peer in peers
+        for peer in peers["peers"]
     ]
+    base = sync_url(datasette, db.name) + "/clocks"
     data = {
         "enabled": status["enabled"],
         "device_id": status["device_id"],
         "device_name": status["device_name"],
         "devices": devices,
-        "peers": peers,
+        "next": next_device,
+        "peers": peers["peers"],
+        "peers_next": peers["next"],
     }
     return await render(
         datasette,
@@ -604,7 +684,15 @@ async def clocks_page(datasette, request):
         db,
         "sync_clocks.html",
         "clocks",
-        {"status": status, "devices": devices, "matrix": matrix},
+        {
+            "status": status,
+            "devices": devices,
+            "matrix": matrix,
+            "peer_count": peers["total"],
+            "next_url": with_args(base, request, next=next_device) if next_device else None,
+            "peers_next_url": with_args(base, request, peers_next=peers["next"]) if peers["next"] else None,
+            "first_url": with_args(base, request, next=None, peers_next=None) if after or peers_after else None,
+        },
         data,
     )
 

@@ -21,7 +21,7 @@ import sqlite3
 from typing import Any, Iterable
 
 from . import errors
-from .capture import load_tables
+from .capture import SyncedTable, load_tables
 from .devices import device_ids, parse_op_label
 from .errors import SyncError
 from .oplog import DELETE, KIND_NAMES, json_value, op_device, op_label, op_seq, parse_rowkey
@@ -130,6 +130,17 @@ def list_conflicts(
     return [describe(conn, *row) for row in conn.execute(sql, params).fetchall()]
 
 
+def current_row(conn: sqlite3.Connection, table: SyncedTable, rowkey: str) -> dict[str, Any] | None:
+    """The row the table holds now under ``rowkey``; None when it holds none, or the table was
+    dropped or its key columns renamed outside sync since (it holds no such row either)."""
+    if not table.enabled:
+        return None
+    columns = {row[1] for row in conn.execute("SELECT * FROM pragma_table_xinfo(?)", [table.name])}
+    if not set(table.pk) <= columns:
+        return None
+    return fetch_row(conn, table, rowkey)
+
+
 def require_enabled(conn: sqlite3.Connection) -> None:
     if not is_enabled(conn):
         raise SyncError(errors.NOT_ENABLED, "This database has no synced tables")
@@ -171,7 +182,7 @@ def describe(conn, conflict_id, table_name, rowkey, pk, columns, versions, resol
                 "values": values,
             }
         )
-    current = fetch_row(conn, table, rowkey) if table.enabled else None
+    current = current_row(conn, table, rowkey)
     return {
         "id": conflict_id,
         "table": table_name,

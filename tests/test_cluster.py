@@ -272,6 +272,41 @@ def test_a_bundle_larger_than_a_message_goes_through_the_object_store(tmp_path, 
     assert any("Datasette-Sync-Object" in headers and not body for _, headers, body in stream_messages(server))
 
 
+def test_a_refusals_message_is_shown_only_to_who_may_push_and_view_every_table(tmp_path, nats_server, start_hub, hub_config):
+    # A refusal recorded as the consumer records one: its message quotes a table only alice may view.
+    message = "Bundle upload.bundle cannot be applied: UNIQUE constraint failed: salaries.name ('Ann', 91000)"
+
+    def prepare(path):
+        from datasette_sync.cluster import record_refusal
+        from sqlite_utils_sync import SyncError
+
+        sqlite_utils.Database(path)["salaries"].insert({"id": 1, "name": "Ann", "pay": 91000}, pk="id")
+        conn = sqlite3.connect(path)
+        with conn:
+            record_refusal(conn, 7, "pushed", SyncError("constraint_failed", message))
+        conn.close()
+
+    permissions = hub_config["databases"]["hub"]["permissions"]
+    permissions["sync-import"]["id"] = ["alice", "carol"]
+    hub_config["databases"]["hub"]["tables"] = {"salaries": {"permissions": {"view-table": {"id": "alice"}}}}
+    hub = start_hub(nats_server(), "a", prepare=prepare)
+
+    def cluster(actor=None):
+        headers = {"Authorization": f"Bearer {actor_token(actor)}"} if actor else {}
+        return hub.get("/hub/-/sync.json", headers=headers).json()["cluster"]
+
+    wait_for(lambda: cluster("alice")["refused"] == 1, what="the hub to read its refusals")
+    assert cluster("alice")["latest_refused"][0]["message"] == message
+    assert "salaries.name" in hub.get("/hub/-/sync", headers={"Authorization": f"Bearer {hub.alice}"}).text
+    # Anonymous, bob (pulls only) and carol (pushes, but may not view salaries) see the reason alone.
+    for actor in (None, "bob", "carol"):
+        refused = cluster(actor)["latest_refused"]
+        assert [(r["seq"], r["reason"], r["message"]) for r in refused] == [(7, "constraint_failed", None)], actor
+        headers = {"Authorization": f"Bearer {actor_token(actor)}"} if actor else {}
+        page = hub.get("/hub/-/sync", headers=headers).text
+        assert "stream seq 7, constraint_failed" in page and "salaries" not in page and "91000" not in page, actor
+
+
 def test_a_bundle_after_a_gap_and_a_bad_one_are_refused_in_stream_order_and_recorded(tmp_path, nats_server, start_hub, todo_rows):
     server = nats_server()
     a = start_hub(server, "a")

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+import sqlite3
 
 import pytest
 import sqlite_utils
@@ -551,3 +552,87 @@ async def test_chart_and_row_panel_name_the_devices(tmp_path):
     assert 'class="core filters sync-filters"' in form and "<option selected>todos</option>" in form
     assert '<input type="checkbox" name="all" value="1" checked>' in form
     assert '<input type="submit" value="Apply filters">' in form
+
+
+async def test_conflicts_pages_show_a_dropped_table_as_missing(paths):
+    conn = sqlite3.connect(paths[0])
+    conn.execute("DROP TABLE todos")
+    conn.close()
+    ds = Datasette([str(paths[0])])
+    data = await ds.client.get("/data/-/sync/conflicts.json")
+    assert data.status_code == 200
+    assert [(c["table"], c["current"]) for c in data.json()["conflicts"]] == [("todos", None)] * 3
+    page = await ds.client.get("/data/-/sync/conflicts")
+    assert page.status_code == 200
+    assert visible_text(page.text).count("Table todos is not in this database (dropped?): there is no current row to show.") == 3
+
+
+async def test_row_pages_after_the_key_column_is_renamed_outside_sync(paths):
+    # sqlite-utils transform copies the table under the new column name: the sync tables still
+    # record "id" as its key.
+    sqlite_utils.Database(paths[0])["todos"].transform(rename={"id": "ident"})
+    ds = Datasette([str(paths[0])])
+    row = await ds.client.get("/data/todos/1")
+    assert row.status_code == 200
+    assert (await ds.client.get("/data/todos/1.json?_shape=array")).json()[0]["ident"] == 1
+    assert "Sync history" not in row.text and "sync-panel" not in row.text
+    conflicts = await ds.client.get("/data/-/sync/conflicts.json")
+    assert conflicts.status_code == 200 and [c["current"] for c in conflicts.json()["conflicts"]] == [None] * 3
+
+
+async def test_row_history_links_of_infinite_real_keys(tmp_path):
+    data = sqlite_utils.Database(tmp_path / "data.db")
+    data.execute("CREATE TABLE r (k REAL PRIMARY KEY, v TEXT)")
+    enable_sync(data, ["r"])
+    # A REAL column keeps text that is no number as text: 'inf' is a key of its own.
+    for key, value in ((float("inf"), "plus"), (float("-inf"), "minus"), ("inf", "text")):
+        data.execute("INSERT INTO r VALUES (?, ?)", [key, value])
+    data.conn.commit()
+    ds = Datasette([str(tmp_path / "data.db")])
+    html = (await ds.client.get("/data/-/sync/operations?table=r")).text
+    links = {}
+    for row in re.findall(r"<tr>.*?</tr>", html, flags=re.DOTALL):
+        value = re.search(r"<dt>v</dt><dd>(\w+)</dd>", row)
+        if value is None:
+            continue  # the header
+        links[value.group(1)] = re.search(r'href="([^"]*pk=[^"]*)"', row).group(1).replace("&amp;", "&")
+    assert sorted(links) == ["minus", "plus", "text"]
+    for value, link in links.items():
+        history = (await ds.client.get(link)).text
+        assert re.findall(r"<dt>v</dt><dd>(\w+)</dd>", history) == [value], link
+    # The text key's row page links to its own history, as the panel shows it.
+    row = (await ds.client.get("/data/r/inf")).text
+    assert "text" in row and "/data/-/sync/operations?table=r&amp;pk=%5B%22inf%22%5D" in row
+
+    # A conflict on the key inf links to that row's history too.
+    export_bundle(data, tmp_path / "first.bundle")
+    phone = sqlite_utils.Database(tmp_path / "phone.db")
+    phone.execute("CREATE TABLE r (k REAL PRIMARY KEY, v TEXT)")
+    enable_sync(phone, ["r"])
+    import_bundle(phone, tmp_path / "first.bundle")
+    data.execute("UPDATE r SET v = 'laptop' WHERE k = ?", [float("inf")])
+    data.conn.commit()
+    phone.execute("UPDATE r SET v = 'phone' WHERE k = ?", [float("inf")])
+    phone.conn.commit()
+    export_bundle(phone, tmp_path / "phone.bundle", since=sync_status(data)["clock"])
+    import_bundle(data, tmp_path / "phone.bundle")
+    conflicts = (await ds.client.get("/data/-/sync/conflicts")).text
+    link = re.search(r'<a href="([^"]+)">Row history</a>', conflicts).group(1).replace("&amp;", "&")
+    history = (await ds.client.get(link)).text
+    assert sorted(re.findall(r"<dt>v</dt><dd>(\w+)</dd>", history)) == ["laptop", "phone", "plus"], link
+
+
+async def test_long_values_are_shortened_on_the_operations_page_and_overview(tmp_path):
+    data = sqlite_utils.Database(tmp_path / "data.db")
+    data["notes"].insert({"id": "k" * 5000, "body": "x" * 100_000}, pk="id")
+    enable_sync(data, ["notes"])
+    ds = Datasette([str(tmp_path / "data.db")])
+    for path in ("/data/-/sync/operations", "/data/-/sync"):
+        html = (await ds.client.get(path)).text
+        text = visible_text(html)
+        assert "x" * 200 + " … (100,000 characters)" in text, path
+        assert "x" * 201 not in html, path
+        assert "k" * 200 + " … (5,000 characters)" in text, path
+    # The JSON has the whole value.
+    operations = (await ds.client.get("/data/-/sync/operations.json")).json()["operations"]
+    assert operations[0]["values"]["body"] == "x" * 100_000
