@@ -196,6 +196,10 @@ def write_bundle(
                     declare_every_table(conn, writer, None if plan is None else plan.wanted_tids)
                 header = make_header(conn, writer, since, devices, plan, count)
                 sha = writer.finish(header)
+            except sqlite3.OperationalError as ex:
+                if "disk is full" in str(ex):  # the export itself only reads: the bundle's disk is full
+                    raise BundleError(CANNOT_WRITE, f"Cannot write bundle {target}: {ex}") from None
+                raise
             finally:
                 writer.close()  # before the rename: the file must be complete
             mark_sent(conn, writer.devices)
@@ -446,6 +450,16 @@ def is_bundle_file(path: pathlib.Path) -> bool:
     except sqlite3.Error:
         return False
     return names == {"bundle_meta", "bundle_header", "bundle_chunks"}
+
+
+def carries_changes(path: str | os.PathLike) -> bool:
+    """Whether a bundle this copy wrote carries operations on rows, not only what chunks of no
+    table hold (knowledge ticks, withheld ranges)."""
+    conn = sqlite3.connect(f"{pathlib.Path(path).resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        return conn.execute("SELECT 1 FROM bundle_chunks WHERE tbl >= 0 LIMIT 1").fetchone() is not None
+    finally:
+        conn.close()
 
 
 def write_operations(
@@ -1243,9 +1257,14 @@ class BundleReader:
     def __init__(self, path: str | os.PathLike):
         self.path = pathlib.Path(path)
         name = self.path.name
-        if not self.path.is_file():
-            raise BundleError(MISSING_BUNDLE, f"Bundle {name}: file not found")
-        self.size = self.path.stat().st_size
+        try:
+            if not self.path.exists():
+                raise BundleError(MISSING_BUNDLE, f"Bundle {name}: file not found")
+            if not self.path.is_file():
+                raise BundleError(INVALID_BUNDLE, f"Bundle {name} is not a regular file")
+            self.size = self.path.stat().st_size
+        except OSError as ex:  # e.g. a directory on the way that may not be searched
+            raise BundleError(MISSING_BUNDLE, f"Bundle {name} cannot be read: {ex.strerror or ex}")
         if self.size == 0:
             raise BundleError(INVALID_BUNDLE, f"Bundle {name} is empty (0 bytes): was the transfer cut short?")
         try:
@@ -1399,8 +1418,8 @@ def is_table_entry(entry: Any) -> bool:
         and all(is_name(c) for c in columns)
         and len(set(columns)) == len(columns)
         and isinstance(pk, list)
-        and 0 < len(pk) == len(set(pk))
         and all(isinstance(c, str) and c in columns for c in pk)
+        and 0 < len(pk) == len(set(pk))
     )
 
 

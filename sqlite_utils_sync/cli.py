@@ -66,6 +66,9 @@ def user_errors() -> Iterator[None]:
         raise click.ClickException(str(ex))
     except sqlite3.Error as ex:
         raise click.ClickException(f"SQLite error: {ex}")
+    except OSError as ex:  # a full disk, a path that may not be read or written
+        where = f": {ex.filename}" if ex.filename else ""
+        raise click.ClickException(f"{ex.strerror or ex}{where}")
     except (UnicodeError, RecursionError, MemoryError, ValueError, TypeError, KeyError, IndexError) as ex:
         # A bug, but one line all the same: a user must never see a traceback.
         raise click.ClickException(f"Unexpected {type(ex).__name__}: {' '.join(str(ex).split())[:300]} (please report this)")
@@ -99,15 +102,15 @@ def open_db(path: str) -> sqlite_utils.Database:
 @contextlib.contextmanager
 def new_database(path: str) -> Iterator[bool]:
     """Yields whether ``path`` is a new database: missing, or with no tables at all. A file
-    this creates is removed again if the command fails, so a failure leaves nothing behind."""
-    created = not os.path.exists(path)
+    this creates is removed again if the command fails, so a failure leaves nothing behind,
+    unless another process wrote to it meanwhile (it has tables, or a journal: that is theirs)."""
+    created = not os.path.lexists(path)  # a symlink, even one to nothing, is the user's
     try:
         yield created or not has_tables(path)
     except BaseException:
-        if created:
-            for leftover in (path, path + "-journal"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(leftover)
+        if created and not any(os.path.lexists(path + suffix) for suffix in ("-journal", "-wal")) and not has_tables(path):
+            with contextlib.suppress(OSError):  # the command's own error is the one to report
+                os.remove(path)
         raise
 
 

@@ -40,7 +40,7 @@ from typing import Any, Callable, NamedTuple
 
 from . import errors, protocol
 from .importer import ImportResult, import_bundle
-from .bundle import BundleReader
+from .bundle import BundleReader, carries_changes
 from .errors import BundleError, SyncError
 from .api import export_bundle, local_state, set_scope
 from .capture import table_exists
@@ -102,6 +102,14 @@ def empty_result(source_device_id: str | None, bundle_id: str | None = None) -> 
     return ImportResult(bundle_id, source_device_id, 0).as_dict()
 
 
+def is_import_result(answer: Any) -> bool:
+    """Whether a hub's answer to a push is an import result: its counts are there."""
+    return isinstance(answer, dict) and all(
+        isinstance(answer.get(key), int) and not isinstance(answer.get(key), bool)
+        for key in ("total_operations", "applied", "conflicts", "duplicates")
+    )
+
+
 def combined_results(first: dict[str, Any], second: dict[str, Any] | None) -> dict[str, Any]:
     """Two import results of one run in the same direction (two pulls, or two pushes) as
     one: counts added up, tables and columns joined. ``second`` may be None."""
@@ -124,6 +132,9 @@ def combined_results(first: dict[str, Any], second: dict[str, Any] | None) -> di
 def normalize_url(url: str) -> str:
     url = url.strip().rstrip("/")
     example = "a database URL like http://127.0.0.1:8001/data"
+    scheme, separator, rest = url.partition("://")
+    if separator and scheme.lower() in ("http", "https"):
+        url = f"{scheme.lower()}://{rest}"  # schemes are case-insensitive (RFC 3986)
     if not (url.startswith("http://") or url.startswith("https://")) or url.count("/") < 3:
         raise HubError(errors.INVALID_URL, f"Hub URL must be {example}, got {url!r}")
     try:
@@ -243,8 +254,14 @@ def _request_once(
                 )
                 _check(answer, url, what, has_token)
                 return answer
-            with open(save_to, "wb") as fp:
-                body.copy(fp)
+            try:
+                with open(save_to, "wb") as fp:
+                    body.copy(fp)
+            except OSError as ex:  # a full disk or a small /tmp: this machine's trouble, not the hub's
+                raise SyncError(
+                    errors.CANNOT_WRITE,
+                    f"cannot write what {url} sent ({what}) to {os.path.dirname(save_to)}: {ex.strerror or ex}",
+                )
             return response
     except httpx.ConnectError as ex:
         text = str(ex)
@@ -399,6 +416,7 @@ def sync_with_hub(
     :raises SyncError: the local database cannot sync (e.g. sync not enabled)
     """
     urls = [normalize_url(u) for u in ([url] if isinstance(url, str) else url)]
+    token = checked_token(token)
     if not urls:
         raise HubError(errors.INVALID_URL, "No hub URL given: pass a database URL like http://127.0.0.1:8001/data")
     max_clock_skew = parse_duration(max_clock_skew)
@@ -429,6 +447,20 @@ def sync_with_hub(
         "pushed": pushed,
         "pulled_after_push": pulled_after_push,
     }
+
+
+def checked_token(token: str | None) -> str | None:
+    """The token without the spaces and line breaks a copy and paste brings around it. One
+    that still holds characters an HTTP header cannot carry is refused without quoting it:
+    error lines end up in logs, and a token is a secret."""
+    token = token.strip() if token else token
+    if token and not (token.isascii() and token.isprintable() and " " not in token):
+        raise HubError(
+            errors.UNAUTHORIZED,
+            f"the token holds a space, a control or a non-ASCII character, which an HTTP header cannot carry: "
+            f"check --token or {TOKEN_ENV}",
+        )
+    return token or None
 
 
 def _fail_over(urls: list[str], exchange: Callable[[str], Any], on_failover: Callable | None) -> tuple[str, Any]:
@@ -584,20 +616,30 @@ class _Run:
         exported = export_bundle(self.db, path, since=hub_clock, progress=self.stage("push"))
         if not exported.operations:
             return empty_result(device_id, None), None
-        with open(path, "rb") as body:  # streamed, with its Content-Length
-            response = self.request(
-                "POST",
-                protocol.IMPORT_PATH,
-                "import (push)",
-                content=body,
-                headers={"Content-Type": protocol.BUNDLE_MEDIA_TYPE},
-                params={protocol.ALTER_PARAM: "1"} if self.alter else None,
-            )
+        try:
+            with open(path, "rb") as body:  # streamed, with its Content-Length
+                response = self.request(
+                    "POST",
+                    protocol.IMPORT_PATH,
+                    "import (push)",
+                    content=body,
+                    headers={"Content-Type": protocol.BUNDLE_MEDIA_TYPE},
+                    params={protocol.ALTER_PARAM: "1"} if self.alter else None,
+                )
+        except HubError as ex:
+            if ex.reason != errors.FORBIDDEN:
+                raise
+            if not carries_changes(path):
+                # Credentials that may only pull: what this copy would send is only what it
+                # heard (knowledge ticks), which a hub that never hears from it can do without.
+                return empty_result(device_id, None), None
+            raise HubError(ex.reason, f"{ex.message}; what was pulled is applied here, but this copy's changes were not sent", ex.status)
         try:
             answer = response.json()
         except (ValueError, RecursionError):
             raise HubError(errors.INVALID_RESPONSE, f"hub {self.url} answered the push with something other than JSON")
-        if not isinstance(answer, dict):
+        if not is_import_result(answer):
+            # Taking it for a success would report changes as sent that no hub holds.
             raise HubError(errors.INVALID_RESPONSE, f"hub {self.url} answered the push with unexpected JSON")
         pushed = {key: answer.get(key) for key in empty_result(None)}
         # An older hub answers without the newer keys: they are empty, not missing.

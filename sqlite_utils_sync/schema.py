@@ -289,5 +289,8 @@ def log_rewrite(conn: sqlite3.Connection) -> Iterator[None]:
     try:
         yield
     finally:
-        for _, sql in guards:
-            conn.execute(sql)
+        # An error that made SQLite roll the transaction back (a full disk) brought the guards
+        # back with it: creating them again would fail and hide that error.
+        if conn.in_transaction:
+            for _, sql in guards:
+                conn.execute(sql)

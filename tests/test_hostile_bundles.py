@@ -279,6 +279,8 @@ def test_a_bundle_file_with_a_damaged_btree_is_refused_before_it_is_read(tmp_pat
         (lambda h: h["tables"][0][1].__setitem__(1, "ti\0tle"), "table list is invalid"),
         (lambda h: h["tables"][0].__setitem__(1, h["tables"][0][1] + [f"c{i}" for i in range(80)]), "table list is invalid"),
         (lambda h: h["tables"][0].__setitem__(0, 7), "table list is invalid"),
+        (lambda h: h["tables"][0].__setitem__(2, [["id"]]), "table list is invalid"),
+        (lambda h: h["tables"][0].__setitem__(2, [{"id": 1}]), "table list is invalid"),
         (lambda h: h.__setitem__("anchors", {"e" * 32: [1, "x" * 5000]}), "anchors are invalid"),
         (lambda h: h.__setitem__("devices", "e" * 32), "device list is invalid"),
     ],

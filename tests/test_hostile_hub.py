@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import http.server
 import json
+import sqlite3
 import threading
 import time
 
@@ -89,30 +90,68 @@ def test_a_refusal_that_never_ends_is_read_only_so_far(tmp_path, hostile_hub, ma
     assert hub.sent < 100 * MAX_ERROR_BODY  # what the sockets held when it stopped reading
 
 
+def pulls_from(real, push_answer):
+    """An answer that sends pulls on to the ``real`` hub and answers pushes itself."""
+
+    def answer(handler):
+        if handler.command != "GET":
+            push_answer(handler)
+            return
+        upstream = httpx.get(real.url + handler.path, headers={"Authorization": handler.headers["Authorization"]})
+        handler.send_response(upstream.status_code)
+        for name in ("Content-Type", "X-Sync-Clock", "X-Sync-Operations"):
+            if name in upstream.headers:
+                handler.send_header(name, upstream.headers[name])
+        handler.end_headers()
+        handler.send(upstream.content)
+
+    return answer
+
+
 def test_a_json_answer_that_never_ends_is_refused(tmp_path, hostile_hub, make_todos_db, datasette_server, hub_config):
     # A real hub takes the pull; the push's answer, JSON, comes from a hostile one that never
     # ends it: the client stops after MAX_ANSWER bytes.
     real = datasette_server([make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "x", "done": 0}])], hub_config)
-
-    def answer(handler):
-        if handler.command == "GET":  # the pull: sent on to the real hub
-            upstream = httpx.get(real.url + handler.path, headers={"Authorization": handler.headers["Authorization"]})
-            handler.send_response(upstream.status_code)
-            for name in ("Content-Type", "X-Sync-Clock", "X-Sync-Operations"):
-                if name in upstream.headers:
-                    handler.send_header(name, upstream.headers[name])
-            handler.end_headers()
-            handler.send(upstream.content)
-        else:
-            endless(handler, 200)
-
-    hub = hostile_hub(answer)
+    hub = hostile_hub(pulls_from(real, lambda handler: endless(handler, 200)))
     db = sqlite_utils.Database(make_todos_db(tmp_path / "d.db", [{"id": 2, "title": "y", "done": 0}]))
     with pytest.raises(HubError) as error:
         sync_with_hub(db, hub.url, token=real.token("alice"))
     assert error.value.reason == "invalid_response"
     assert error.value.message == f"hub {hub.url} answered the import (push) with more than 1,048,576 bytes"
     assert hub.sent < 100 * MAX_ERROR_BODY + (1 << 20)
+
+
+def test_a_push_answered_with_json_that_is_no_import_result_is_not_taken_for_sent(
+    tmp_path, hostile_hub, make_todos_db, datasette_server, hub_config, run
+):
+    real = datasette_server([make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "x", "done": 0}])], hub_config)
+
+    def says_ok(handler):
+        handler.start(200)
+        handler.send(b'{"ok": true}')
+
+    hub = hostile_hub(pulls_from(real, says_ok))
+    device = make_todos_db(tmp_path / "d.db", [{"id": 2, "title": "never reached a hub", "done": 0}])
+    result = run(["sqlite-utils", "sync", device, hub.url, "--token", real.token("alice")], check=False)
+    assert (result.returncode, result.stderr) == (1, f"Error: hub {hub.url} answered the push with unexpected JSON\n")
+
+
+def test_a_failed_sync_into_a_new_file_keeps_what_another_process_wrote_there(tmp_path, hostile_hub, run):
+    # sync made the file; while it waits for the hub, another program writes its table there.
+    # The failed sync must not take that with it.
+    target = tmp_path / "shared.db"
+
+    def another_program_then_refuse(handler):
+        with sqlite3.connect(target) as other:
+            other.execute("CREATE TABLE notes (body TEXT)")
+            other.execute("INSERT INTO notes VALUES ('kept')")
+        handler.start(400)
+        handler.send(b'{"error": "no"}')
+
+    hub = hostile_hub(another_program_then_refuse)
+    result = run(["sqlite-utils", "sync", target, hub.url], check=False)
+    assert (result.returncode, result.stderr) == (1, f"Error: hub {hub.url} rejected the request (400): no\n")
+    assert sqlite3.connect(target).execute("SELECT body FROM notes").fetchall() == [("kept",)]
 
 
 def test_a_body_that_trickles_is_given_up(tmp_path, hostile_hub, make_todos_db):

@@ -216,6 +216,43 @@ def test_token_recipe(hub, tmp_path, hub_sync, make_todos_db):
     assert moved(hub_sync(device, hub, unrestricted))[1] >= 1
 
 
+def test_credentials_that_may_only_pull_make_and_keep_a_copy(hub, alice, tmp_path, hub_sync, make_todos_db, run, todo_rows):
+    """A dashboard's copy: it pulls, and has nothing of its own to push but what it heard (its
+    knowledge ticks), which a hub that may not hear from it does without."""
+    writer = make_todos_db(tmp_path / "w.db", [{"id": 1, "title": "from the writer", "done": 0}])
+    hub_sync(writer, hub, alice)
+    reader = hub.token("bob", *[arg for action in ("sync-export", "view-database", "view-table") for arg in ("-d", "hub", action)])
+    copy = tmp_path / "dashboard.db"
+    hub_sync(copy, hub, reader)
+    assert [row["title"] for row in todo_rows(copy)] == ["from the writer"]
+    run(["sqlite-utils", "insert", writer, "todos", "-", "--pk", "id"], input='{"id": 2, "title": "later", "done": 0}')
+    hub_sync(writer, hub, alice)
+    hub_sync(copy, hub, reader)
+    assert [row["title"] for row in todo_rows(copy)] == ["from the writer", "later"]
+    # An edit of its own can't be sent with them: said, and what was pulled stays applied.
+    run(["sqlite-utils", "insert", copy, "todos", "-", "--pk", "id"], input='{"id": 3, "title": "mine", "done": 0}')
+    run(["sqlite-utils", "insert", writer, "todos", "-", "--pk", "id"], input='{"id": 4, "title": "newer", "done": 0}')
+    hub_sync(writer, hub, alice)
+    result = hub_sync(copy, hub, reader, check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"Error: hub {hub.url}/hub does not allow import (push) (403)")
+    assert result.stderr.endswith("; what was pulled is applied here, but this copy's changes were not sent\n")
+    assert [row["id"] for row in todo_rows(copy)] == [1, 2, 3, 4]
+
+
+def test_a_token_pasted_with_a_line_break_works_and_a_broken_one_is_not_echoed(hub, alice, tmp_path, clean_env, make_todos_db, run):
+    device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
+    url = hub.url + "/hub"
+    run(["sqlite-utils", "sync", device, url], env=clean_env(DATASETTE_SYNC_TOKEN=f" {alice}\n"))
+    result = run(["sqlite-utils", "sync", device, url, "--token", alice[:20] + " " + alice[20:]], check=False)
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: the token holds a space, a control or a non-ASCII character, which an HTTP header cannot carry: "
+        "check --token or DATASETTE_SYNC_TOKEN\n"
+    )
+    assert alice[:20] not in result.stderr
+
+
 def test_error_lines(hub, tmp_path, free_port, hub_sync, make_todos_db, run):
     device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
 
@@ -250,6 +287,8 @@ def test_error_lines(hub, tmp_path, free_port, hub_sync, make_todos_db, run):
     assert error("ftp://example.com/data", alice).startswith("Error: Hub URL must be a database URL")
     # None of it changed the device, and bob's failed push pulled nothing harmful: a retry works.
     assert moved(hub_sync(device, hub, alice))[1] >= 1
+    # URL schemes are case-insensitive.
+    assert run(["sqlite-utils", "sync", device, url.replace("http://", "HTTP://"), "--token", alice]).returncode == 0
 
 
 def test_a_full_copy_pulling_with_credentials_that_see_fewer_tables_is_told_what_to_do(

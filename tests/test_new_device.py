@@ -350,3 +350,13 @@ def test_a_strict_table_is_created_as_declared_even_with_a_default_its_type_cann
     run(["sqlite-utils", "export-bundle", tmp_path / "a.db", tmp_path / "a.bundle"])
     run(["sqlite-utils", "import-bundle", tmp_path / "b.db", tmp_path / "a.bundle"])
     assert sqlite3.connect(tmp_path / "b.db").execute("SELECT * FROM t").fetchall() == [(1, 5)]
+
+
+def test_a_failed_import_into_a_symlink_leaves_the_link(tmp_path, run):
+    link = tmp_path / "phone.db"
+    link.symlink_to(tmp_path / "not-yet" / "phone.db")  # where the user means to mount a disk, say
+    bad = tmp_path / "bad.bundle"
+    bad.write_bytes(b"not a bundle at all")
+    result = run(["sqlite-utils", "import-bundle", link, bad], check=False)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert link.is_symlink()
