@@ -58,12 +58,19 @@ def max_clock_skew_option(command: Callable) -> Callable:
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn engine errors into one readable line and a non-zero exit."""
+def user_errors(database: str | None = None) -> Iterator[None]:
+    """Turn engine errors into one readable line and a non-zero exit (naming ``database``
+    where it is locked)."""
     try:
         yield
     except SyncError as ex:
         raise click.ClickException(str(ex))
+    except sqlite3.OperationalError as ex:
+        if database is not None and str(ex) == "database is locked":
+            raise click.ClickException(
+                f"{database} is locked: another connection is writing to it; try again once it is done"
+            )
+        raise click.ClickException(f"SQLite error: {ex}")
     except sqlite3.Error as ex:
         raise click.ClickException(f"SQLite error: {ex}")
     except OSError as ex:  # a full disk, a path that may not be read or written
@@ -154,7 +161,7 @@ def enable_sync_command(path, tables, partial, name):
         sqlite-utils enable-sync phone.db todos --partial
     """
     kept: dict[str, int] = {}
-    with user_errors():
+    with user_errors(path):
         db = open_db(path)
         logged = enable_sync(
             db, list(tables), partial=partial, name=name, on_kept=lambda table, _: kept.update({table: kept.get(table, 0) + 1})
@@ -188,7 +195,7 @@ def disable_sync_command(path, tables):
 
         sqlite-utils disable-sync data.db todos
     """
-    with user_errors():
+    with user_errors(path):
         disable_sync(open_db(path), list(tables))
 
 
@@ -222,7 +229,7 @@ def export_bundle_command(path, bundle, since, for_device, tables, as_json, sile
     """
     if since and for_device:
         raise click.ClickException("Use --since or --for, not both")
-    with user_errors(), progress_bar(silent, "Exporting") as progress:
+    with user_errors(path), progress_bar(silent, "Exporting") as progress:
         result = export_bundle(
             open_db(path), bundle, since=since, for_device=for_device, progress=progress, tables=list(tables) or None
         )
@@ -249,7 +256,7 @@ def import_bundle_command(path, bundle, alter, max_clock_skew, as_json, silent):
 
         sqlite-utils import-bundle phone.db to-phone.bundle
     """
-    with user_errors(), new_database(path) as new, progress_bar(silent, "Importing") as progress:
+    with user_errors(path), new_database(path) as new, progress_bar(silent, "Importing") as progress:
         db = open_db(path)
         result = import_bundle(
             db, bundle, alter=alter, progress=progress, max_clock_skew=max_clock_skew, adopt_scope=True, create_tables=new
@@ -275,7 +282,7 @@ def sync_status_command(path, as_json):
 
         sqlite-utils sync-status data.db --json
     """
-    with user_errors():
+    with user_errors(path):
         db = open_db(path)
         status = sync_status(db)
     for warning in status["warnings"]:
@@ -313,7 +320,7 @@ def sync_conflicts_command(path, include_resolved, as_json):
 
         sqlite-utils sync-conflicts data.db --json
     """
-    with user_errors():
+    with user_errors(path):
         db = open_db(path)
         conflicts = list_conflicts(db, include_resolved=include_resolved)
         names = device_names(db.conn)
@@ -345,7 +352,7 @@ def sync_resolve_command(path, conflict_id, keep):
 
         sqlite-utils sync-resolve data.db 3f2a9c0d1e2b4a5c --keep 5f0c...:12
     """
-    with user_errors():
+    with user_errors(path):
         op = resolve_conflict(open_db(path), conflict_id, keep=keep)
     click.echo(f"Resolved {conflict_id} with operation {op}", err=True)
 
@@ -371,7 +378,7 @@ def sync_new_device_command(path, recover):
         sqlite-utils sync-new-device phone.db
         sqlite-utils sync-new-device --recover phone.db
     """
-    with user_errors():
+    with user_errors(path):
         device_id = new_device(open_db(path), recover=recover)
     click.echo(device_id)
 
@@ -390,7 +397,7 @@ def sync_name_command(path, name):
 
         sqlite-utils sync-name laptop.db laptop
     """
-    with user_errors():
+    with user_errors(path):
         set_device_name(open_db(path), name)
     click.echo(f"This device is now named {name}", err=True)
 
@@ -410,7 +417,7 @@ def sync_retire_command(path, device, as_json):
 
         sqlite-utils sync-retire laptop.db phone
     """
-    with user_errors():
+    with user_errors(path):
         result = retire_device(open_db(path), device)
     if as_json:
         echo_json(result)
@@ -433,7 +440,7 @@ def sync_compact_command(path, as_json):
 
         sqlite-utils sync-compact data.db
     """
-    with user_errors():
+    with user_errors(path):
         result = compact_log(open_db(path))
     if as_json:
         echo_json(result.as_dict())
@@ -483,7 +490,7 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
         if len(url) > 1:
             raise click.ClickException("--watch syncs with one hub: give one URL (several are for a sync that tries each in turn)")
         return watch_command(path, url[0], token or None, alter, list(tables) or None, max_clock_skew, as_json)
-    with user_errors(), new_database(path) as new:
+    with user_errors(path), new_database(path) as new:
         db = open_db(path)
         result = sync_with_hub(
             db,
@@ -532,7 +539,7 @@ def watch_command(path: str, url: str, token: str | None, alter: bool, tables: l
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with user_errors():
+        with user_errors(path):
             with new_database(path) as new:
                 db = open_db(path)
                 if new:  # a first copy: made by one plain sync, and removed if that fails

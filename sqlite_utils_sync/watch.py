@@ -217,9 +217,12 @@ class _Watcher:
         pushes = [t for t in (self.push_due, self.tick_due) if t is not None]
         if self.exchange_due is not None and self.exchange_due <= now:
             self.exchange()
-        elif pushes and min(pushes) <= now:
+            return
+        if pushes and min(pushes) <= now:
             self.push()
-        elif self.started and self.poll_due is not None and self.poll_due <= now:
+        # Not only when no push is due: a device that commits all the time always has one,
+        # and would then never pull what others push.
+        if self.started and self.poll_due is not None and self.poll_due <= now and not self.stop.is_set():
             self.poll_due = None
             self.poller.resume(clock(self.conn), self.device_id, self.scope())
 

@@ -159,3 +159,19 @@ def test_import_summary_names_duplicates_and_conflicts(tmp_path, pair, run_cli):
     assert run_cli("import-bundle", tmp_path / "b.db", tmp_path / "a2.bundle").output == (
         "No table changed: the bundle's 6 operations were here already.\n"
     )
+
+
+def test_a_database_another_connection_keeps_locked_is_named(tmp_path, make_db, run):
+    path = tmp_path / "data.db"
+    make_db(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        result = run(["sqlite-utils", "sync-compact", path], check=False)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert (result.returncode, result.stderr) == (
+        1,
+        f"Error: {path} is locked: another connection is writing to it; try again once it is done\n",
+    )

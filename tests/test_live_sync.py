@@ -13,6 +13,7 @@ import pathlib
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 
 import httpx
@@ -275,6 +276,41 @@ def test_watcher_says_once_that_its_database_is_locked_and_syncs_after(live_hub,
     assert a.output().count("is locked by another connection") == 1
     assert a.stop() == 0
     assert_clean(a)
+
+
+def test_a_watcher_whose_device_commits_all_the_time_still_takes_what_others_push(live_hub, watchers):
+    a = watchers("a")
+    a.wait_for("Watching")
+    stop = threading.Event()
+
+    def busy_app():  # commits every 50 ms, each one a push due
+        n = 1000
+        while not stop.is_set():
+            n += 1
+            edit(a.path, "INSERT INTO todos (id, title, done) VALUES (?, 'busy', 0)", n)
+            time.sleep(0.05)
+
+    editor = threading.Thread(target=busy_app)
+    editor.start()
+    try:
+        # Each hub edit needs a pull started after the one before it returned.
+        for todo in (40, 41, 42):
+            edit(live_hub.path, "INSERT INTO todos (id, title, done) VALUES (?, 'From the hub', 0)", todo)
+            wait_until(lambda: holds(a.path, todo), lambda: f"todo {todo} on a.db while it is busy\n{a.stacks()}")
+    finally:
+        stop.set()
+        editor.join()
+    wait_converged([a.path, live_hub.path], [a])
+    assert a.stop() == 0
+    assert_clean(a)
+
+
+def holds(path, todo: int) -> bool:
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        return conn.execute("SELECT 1 FROM todos WHERE id = ?", [todo]).fetchone() is not None
+    finally:
+        conn.close()
 
 
 def test_watcher_killed_and_restarted_loses_nothing(tmp_path, live_hub, watchers, executable, clean_env):
