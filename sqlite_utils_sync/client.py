@@ -272,7 +272,7 @@ def _request_once(
     except httpx.InvalidURL as ex:
         raise HubError(errors.INVALID_URL, f"Hub URL {url!r} is not a valid URL: {ex}")
     except httpx.HTTPError as ex:
-        raise HubError(errors.CONNECTION_FAILED, f"{what} from {url} failed: {ex}")
+        raise HubError(errors.CONNECTION_FAILED, f"{what} with {url} failed: {ex}")
 
 
 class _Body:

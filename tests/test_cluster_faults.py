@@ -224,7 +224,7 @@ def test_a_hub_killed_mid_push_makes_the_client_retry_another_hub(tmp_path, clus
     result = outcome["sync"]
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
-    assert lines[0].startswith(f"import (push) from {a.db_url} failed: ") or lines[0].startswith(f"cannot connect to {a.db_url}"), lines
+    assert lines[0].startswith(f"import (push) with {a.db_url} failed: ") or lines[0].startswith(f"cannot connect to {a.db_url}"), lines
     assert lines[0].endswith(f": trying {b.db_url}") and len(lines) == 1, lines
     answer = json.loads(result.stdout)
     assert answer["hub"]["url"] == b.db_url
