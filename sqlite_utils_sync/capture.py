@@ -10,7 +10,9 @@ ordinary writes; a crash rolls the drop back with everything else.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import sqlite3
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -113,10 +115,12 @@ def check_can_sync(conn: sqlite3.Connection, table: str, synced: bool = False) -
         )
     pk = [r[1] for r in sorted((r for r in info if r[5]), key=lambda r: r[5])]
     if not pk:
+        path = conn.execute("SELECT file FROM pragma_database_list WHERE name = 'main'").fetchone()[0]
+        example = shlex.join(["sqlite-utils", "transform", os.path.basename(path) or "data.db", table, "--pk", "id"])
         raise SyncError(
             NO_PRIMARY_KEY,
             f"Table '{table}' has no explicit PRIMARY KEY: rowid-only tables cannot be synced safely "
-            f"(add one, e.g. sqlite-utils transform data.db {table} --pk id)",
+            f"(add one, e.g. {example})",
         )
     collated = [] if synced else key_collations(conn, table)
     if collated:

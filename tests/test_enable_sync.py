@@ -74,6 +74,14 @@ def test_enable_sync_refuses_bad_tables_and_changes_nothing(tmp_path, setup, tab
     assert file_bytes(path) == before
 
 
+def test_the_missing_primary_key_hint_names_this_database(tmp_path, make_db, run_cli):
+    path = tmp_path / "my notes.db"
+    make_db(path, "CREATE TABLE notes (body TEXT)", ()).close()
+    result = run_cli("enable-sync", str(path), "notes")
+    assert result.exit_code == 1
+    assert result.output.endswith("(add one, e.g. sqlite-utils transform 'my notes.db' notes --pk id)\n")
+
+
 def test_enable_sync_finds_a_table_however_its_name_is_cased(tmp_path, make_db, run_cli):
     path = tmp_path / "data.db"
     make_db(path, "CREATE TABLE Todos (id INTEGER PRIMARY KEY, title TEXT)", ()).execute("INSERT INTO Todos VALUES (1, 'x')")
