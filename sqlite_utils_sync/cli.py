@@ -654,6 +654,8 @@ def sync_summary(path: str, url: str, result: dict[str, Any], unresolved: int, m
         if pushed["conflicts"]:
             notes.append(f"{plural(pushed['conflicts'], 'unresolved conflict')} there")
         parts.append(f"Sent {plural(sent, 'operation')} to the hub{' (' + ', '.join(notes) + ')' if notes else ''}.")
+    elif pushed.get("not_pushed"):
+        parts.append(f"Not pushed: {pushed['not_pushed']} (no row changed here).")
     else:
         parts.append("The hub had everything from here.")
     if unresolved:

@@ -65,9 +65,13 @@ MAX_DETAIL = 500  # characters of a hub's error text shown
 class HubError(SyncError):
     """The hub could not be reached, or it refused or failed a request."""
 
-    def __init__(self, reason: str, message: str, status: int | None = None, retry_after: float | None = None):
+    def __init__(
+        self, reason: str, message: str, status: int | None = None, retry_after: float | None = None,
+        hub_reason: str | None = None,
+    ):
         super().__init__(reason, message)
         self.status = status
+        self.hub_reason = hub_reason  # the reason in the hub's own refusal, if it gave one
         self.retry_after = retry_after
 
 
@@ -161,6 +165,16 @@ def _error_detail(response: Any) -> str:
     return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "…"
 
 
+def _hub_reason(response: Any) -> str | None:
+    """The ``reason`` of a refusal's JSON body, if it has one."""
+    try:
+        body = response.json()
+    except (ValueError, RecursionError):
+        return None
+    reason = body.get("reason") if isinstance(body, dict) else None
+    return reason if isinstance(reason, str) else None
+
+
 def _check(response: Any, url: str, what: str, has_token: bool) -> None:
     """Raise a one-line HubError for any non-2xx answer. By its status, not the reason in
     its body: Datasette itself, or a proxy in front of it, may answer too."""
@@ -178,7 +192,7 @@ def _check(response: Any, url: str, what: str, has_token: bool) -> None:
     if status == HTTPStatus.FORBIDDEN:
         if not has_token:
             suffix = f"{suffix}; no token was sent: pass --token or set {TOKEN_ENV}"
-        raise HubError(errors.FORBIDDEN, f"hub {url} does not allow {what} ({status}){suffix}", status)
+        raise HubError(errors.FORBIDDEN, f"hub {url} does not allow {what} ({status}){suffix}", status, hub_reason=_hub_reason(response))
     if status == HTTPStatus.NOT_FOUND:
         raise HubError(
             errors.NOT_FOUND,
@@ -627,12 +641,15 @@ class _Run:
                     params={protocol.ALTER_PARAM: "1"} if self.alter else None,
                 )
         except HubError as ex:
-            if ex.reason != errors.FORBIDDEN:
+            if ex.hub_reason != errors.FORBIDDEN:  # not the push itself refused: a device, a table
                 raise
             if not carries_changes(path):
-                # Credentials that may only pull: what this copy would send is only what it
-                # heard (knowledge ticks), which a hub that never hears from it can do without.
-                return empty_result(device_id, None), None
+                # Credentials that may only pull: this copy has no row change to send, only
+                # what it heard (knowledge ticks), which a hub that never hears from it does
+                # without. Said, all the same: a sync-name or sync-retire made here stays here.
+                result = empty_result(device_id, None)
+                result["not_pushed"] = f"hub {self.url} lets these credentials pull only, so this copy pushed nothing"
+                return result, None
             raise HubError(ex.reason, f"{ex.message}; what was pulled is applied here, but this copy's changes were not sent", ex.status)
         try:
             answer = response.json()

@@ -223,11 +223,12 @@ def test_credentials_that_may_only_pull_make_and_keep_a_copy(hub, alice, tmp_pat
     hub_sync(writer, hub, alice)
     reader = hub.token("bob", *[arg for action in ("sync-export", "view-database", "view-table") for arg in ("-d", "hub", action)])
     copy = tmp_path / "dashboard.db"
-    hub_sync(copy, hub, reader)
+    assert hub_sync(copy, hub, reader)["pushed"]["not_pushed"] == f"hub {hub.url}/hub lets these credentials pull only, so this copy pushed nothing"
     assert [row["title"] for row in todo_rows(copy)] == ["from the writer"]
     run(["sqlite-utils", "insert", writer, "todos", "-", "--pk", "id"], input='{"id": 2, "title": "later", "done": 0}')
     hub_sync(writer, hub, alice)
-    hub_sync(copy, hub, reader)
+    said = run(["sqlite-utils", "sync", copy, hub.url + "/hub", "--token", reader]).stderr
+    assert said.endswith(f"Not pushed: hub {hub.url}/hub lets these credentials pull only, so this copy pushed nothing (no row changed here).\n")
     assert [row["title"] for row in todo_rows(copy)] == ["from the writer", "later"]
     # An edit of its own can't be sent with them: said, and what was pulled stays applied.
     run(["sqlite-utils", "insert", copy, "todos", "-", "--pk", "id"], input='{"id": 3, "title": "mine", "done": 0}')
