@@ -168,7 +168,9 @@ def keep_twins_together(conn: sqlite3.Connection) -> None:
 
 def keep_needed_ops(conn: sqlite3.Connection, tid: int, slots: list[int]) -> None:
     """Add to ``temp._sync_keep`` the operations the state of a table's rows depends on: on each
-    row, the latest one (does the row exist?) and the latest writer of each column.
+    row, the latest one (does the row exist?) and the latest writer of each column. The
+    importer relies on the first (``Importer.check_horizon``): a row no operation here touches
+    had none removed, so a blind operation on it merges as on a copy with its whole log.
 
     One ``GROUP BY`` in SQL, so memory stays bounded: "latest" is compared as the text
     :func:`merge.latest_sql` makes, which sorts in the "latest" order and ends with the op id.

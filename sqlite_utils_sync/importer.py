@@ -332,8 +332,9 @@ class Importer:
         self.decide_scope()
         self.map_tables()
         self.take_snapshot()
-        self.check_anchors()
         local_id = local_device_id(conn)
+        self.refuse_if_retired_here(local_id)
+        self.check_anchors()
         with muted(conn):
             inserted = self.append_ops(result, local_id)
             held = {idx: inserted.get(idx, 0) + self.withheld.get(idx, 0) for idx in {*inserted, *self.withheld}}
@@ -1218,6 +1219,24 @@ class Importer:
         row = self.conn.execute("SELECT actor FROM _sync_device_actors WHERE device_id = ?", [device]).fetchone()
         return row[0] if row else None
 
+    def retired_here(self, local: str, retired_by: str) -> BundleError:
+        conn = self.conn
+        return self.fail(
+            errors.DEVICE_RETIRED,
+            f"this database's device {describe_device(conn, local)} was retired by "
+            f"{describe_device(conn, retired_by)}: a retired device never syncs again. To go on with "
+            "this database, run 'sqlite-utils sync-new-device --recover' on it (its edits move to a new id), "
+            "then sync again",
+        )
+
+    def refuse_if_retired_here(self, local: str) -> None:
+        """Say first that the bundle retires this database's own device: a compacted sender's
+        holes would otherwise be refused as compacted history, whose way on (a new database)
+        loses this copy's unsent edits, which ``--recover`` keeps."""
+        record = self.reader.header.get("retired", {}).get(local)
+        if record is not None and record[2] <= self.clock_limit:
+            raise self.retired_here(local, record[1])
+
     def check_retired(self, inserted: dict[int, int]) -> None:
         """Refuse operations of a retired device beyond those accepted when it was retired, from
         the device itself or from a copy that knows of the retirement; and a bundle saying this
@@ -1228,13 +1247,7 @@ class Importer:
             return
         local = local_device_id(conn)
         if local in records:
-            raise self.fail(
-                errors.DEVICE_RETIRED,
-                f"this database's device {describe_device(conn, local)} was retired by "
-                f"{describe_device(conn, records[local][1])}: a retired device never syncs again. To go on with "
-                "this database, run 'sqlite-utils sync-new-device --recover' on it (its edits move to a new id), "
-                "then sync again",
-            )
+            raise self.retired_here(local, records[local][1])
         names = device_ids(conn)
         source, carried = self.reader.header["source"], self.reader.header.get("retired", {})
         for idx, count in inserted.items():
@@ -1272,19 +1285,57 @@ class Importer:
                 floor = max(old, snapshot.get(names[idx], 0))
                 if floor == old or self.held(idx, floor, new) != new - floor:
                     raise self.missing(idx, names[idx], old)
-                if not self.fresh:
-                    raise self.fail(
-                        errors.COMPACTED_HISTORY,
-                        f"it comes from a compacted log (device {names[idx]} up to seq {floor}) that this database "
-                        "has only partly: only a database with no synced data yet can start from it (import it "
-                        "into a new database)",
-                    )
-                # A snapshot: this database holds no data yet, so nothing here depends on them.
+                # A snapshot: the sender compacted them away, so it vouches that nothing it holds
+                # depends on them.
                 adopted[names[idx]] = floor
             self.ranges.append((idx, op_id(idx, old + 1), op_id(idx, new)))
+        if adopted and not self.fresh:
+            self.check_adoptable(adopted)
         conn.executemany("INSERT INTO temp._sync_new VALUES (?, ?, ?)", self.ranges)
         if adopted:
             raise_horizon(conn, adopted)
+
+    def check_adoptable(self, adopted: dict[str, int]) -> None:
+        """Refuse to adopt a compacted sender's horizon if this database holds data operations
+        that could be compared with what the sender compacted away.
+
+        Operations the sender holds too (up to its clock) are fine: it kept everything of its
+        log that they clash with, or it checked them against its horizon when they came. So
+        are operations written after seeing the horizon: they come after every operation that
+        is gone. Others (edits of this database's own before its first sync, or relayed from a
+        device the sender never heard of) would merge differently here than on copies that
+        kept their whole log, so the import is refused. A database holding only other
+        devices' operations, ticks and names (a device made from a peer's export) adopts it."""
+        conn = self.conn
+        sent = parse_clock(self.reader.header["clock"])
+        for idx, device in device_ids(conn).items():
+            after = sent.get(device, 0)
+            (first,) = conn.execute(
+                f"SELECT min(op) FROM _sync_ops WHERE op BETWEEN ? AND ? AND kind != {TICK}",
+                [op_id(idx, after + 1), op_id(idx, SEQ_MASK)],
+            ).fetchone()
+            seqs = [op_seq(first)] if first is not None else []
+            seqs += [lo for lo, _ in withheld_ranges(conn, idx, after)][:1]  # may be data: unknown
+            if not seqs:
+                continue
+            unseen = self.unseen(idx, device, min(seqs), adopted)
+            if unseen is not None:
+                raise self.fail(
+                    errors.COMPACTED_HISTORY,
+                    f"it comes from a compacted log (device {unseen[0]} up to seq {unseen[1]}), and device {device} "
+                    "wrote operations here, which the sender does not hold, without having seen it: only a database "
+                    "whose data the sender holds can start from it (send this database's changes to a peer that "
+                    "kept its whole log, then import it into a new database)",
+                )
+
+    def unseen(self, idx: int, device: str, seq: int, compacted: dict[str, int]) -> tuple[str, int] | None:
+        """A ``(device, seq)`` of ``compacted`` that the author of op ``(idx, seq)`` had not seen
+        (None: it had seen all of it)."""
+        seen = knowledge_at(self.conn, idx, seq)
+        for other, top in compacted.items():
+            if other != device and seen.get(other, 0) < top:
+                return other, top
+        return None
 
     def missing(self, idx: int, device: str, old: int) -> BundleError:
         """Say which operations of a device the bundle lacks."""
@@ -1325,27 +1376,71 @@ class Importer:
         ).fetchone()[0] + withheld_between(self.conn, idx, after, upto)
 
     def check_horizon(self) -> None:
-        """Refuse data operations written without having seen what this database compacted away:
-        they would be compared with operations that are gone, unlike on copies that kept them."""
+        """Refuse data operations written without having seen what this database compacted away,
+        on rows it holds history of: they would be compared with operations that are gone,
+        unlike on copies that kept them.
+
+        The latest operation on every row is never compacted away, so a row no operation held
+        here touches had none removed either: a blind operation (its author had not seen the
+        horizon) on such a row merges here exactly as on a copy with its whole log, and is
+        taken. This lets a copy that kept its whole log relay a new device's first edits of new
+        rows to a compacted hub."""
         compacted = self.compacted
         if not compacted:
             return
-        names = device_ids(self.conn)
+        conn = self.conn
+        names = device_ids(conn)
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS _sync_blind (tid INTEGER, key TEXT, device INTEGER, PRIMARY KEY (tid, key)) WITHOUT ROWID")
+        conn.execute("DELETE FROM temp._sync_blind")
+        blind: dict[int, tuple[str, int]] = {}
         for idx, lo, hi in self.ranges:
-            (first,) = self.conn.execute(
+            (first,) = conn.execute(
                 f"SELECT min(op) FROM _sync_ops WHERE op BETWEEN ? AND ? AND kind != {TICK}", [lo, hi]
             ).fetchone()
             if first is None:
                 continue
-            seen = knowledge_at(self.conn, idx, op_seq(first))
-            for device, seq in compacted.items():
-                if device != names[idx] and seen.get(device, 0) < seq:
-                    raise self.fail(
-                        errors.COMPACTED_HISTORY,
-                        f"device {names[idx]} wrote operations without having seen device {device} up to seq {seq}, "
-                        "which this database has compacted away. Send this database's changes to a peer that kept "
-                        "its whole log, then start this copy again from that peer's export (into a new database)",
-                    )
+            unseen = self.unseen(idx, names[idx], op_seq(first), compacted)
+            if unseen is None:
+                continue
+            blind[idx] = unseen
+            # Its operations up to the first knowledge epoch that had seen the horizon.
+            upto = hi
+            for from_seq, text in conn.execute(
+                "SELECT from_seq, clock FROM _sync_knowledge WHERE device = ? AND from_seq > ? AND from_seq <= ? "
+                "ORDER BY from_seq",
+                [idx, op_seq(first), op_seq(hi)],
+            ).fetchall():
+                seen = load_clock(text)
+                if all(seen.get(d, 0) >= s for d, s in compacted.items() if d != names[idx]):
+                    upto = op_id(idx, from_seq - 1)
+                    break
+            conn.execute(
+                f"""INSERT OR IGNORE INTO temp._sync_blind SELECT tid, rowkey, {idx} FROM _sync_ops
+                WHERE op BETWEEN ? AND ? AND kind != {TICK}
+                UNION SELECT tid, newkey, {idx} FROM _sync_ops WHERE op BETWEEN ? AND ? AND kind != {TICK}
+                AND newkey IS NOT NULL""",
+                [first, upto, first, upto],
+            )
+        if not blind:
+            return
+        # One scan of the operations held before this import, looking up each one's rows.
+        lookup = "SELECT device FROM temp._sync_blind b WHERE b.tid = o.tid AND b.key = o.{}"
+        row = conn.execute(
+            f"""SELECT o.tid, ifnull(({lookup.format("rowkey")}), ({lookup.format("newkey")})) AS device, o.rowkey
+            FROM _sync_ops o WHERE o.kind != {TICK} AND device IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM temp._sync_new n WHERE o.op BETWEEN n.lo AND n.hi) LIMIT 1"""
+        ).fetchone()
+        conn.execute("DELETE FROM temp._sync_blind")
+        if row is not None:
+            tid, idx, key = row
+            device, seq = blind[idx]
+            raise self.fail(
+                errors.COMPACTED_HISTORY,
+                f"device {names[idx]} wrote operations without having seen device {device} up to seq {seq}, "
+                f"which this database has compacted away (table '{self.table_names.get(tid, tid)}', row {key} has "
+                "history here). Send this database's changes to a peer that kept "
+                "its whole log, then start this copy again from that peer's export (into a new database)",
+            )
 
     def record_knowledge(self) -> None:
         """Index new tick operations and check that the bundle carries what they depend on."""

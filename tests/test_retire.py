@@ -247,3 +247,31 @@ def test_a_copy_writes_a_tick_when_it_hears_of_a_retirement_by_another_copy_that
     assert desktop.execute("SELECT retired_by FROM _sync_retired").fetchone() == (
         tablet.execute("SELECT device_id FROM _sync_devices WHERE idx = 4194303").fetchone()[0],
     )
+
+
+def test_a_retired_device_is_told_so_by_a_copy_that_compacted_since(tmp_path, make_db, sync, file_bytes):
+    # Not compacted_history, whose way on (a new database) would lose the phone's unsent edit:
+    # device_retired, whose way on (--recover) keeps it.
+    from sqlite_utils_sync import BundleError, compact_log, retire_device, sync_status
+
+    laptop, desktop, phone = (make_db(tmp_path / f"{name}.db") for name in ("laptop", "desktop", "phone"))
+    laptop.execute("INSERT INTO todos VALUES (1, 'a', 0, 0), (2, 'a', 0, 0)")
+    for _ in range(3):
+        for source in (laptop, desktop, phone):
+            for target in (laptop, desktop, phone):
+                if source is not target:
+                    sync(source, target, tmp_path)
+    phone.execute("UPDATE todos SET title = 'phone edit' WHERE id = 2")  # never sent
+    retire_device(laptop, sync_status(phone)["device_id"])
+    laptop.execute("UPDATE todos SET title = 'x1' WHERE id = 1")
+    laptop.execute("UPDATE todos SET title = 'x2' WHERE id = 1")
+    for _ in range(3):
+        sync(laptop, desktop, tmp_path)
+        sync(desktop, laptop, tmp_path)
+    assert compact_log(laptop).removed
+    before = file_bytes(tmp_path / "phone.db")
+    with pytest.raises(BundleError) as refused:
+        sync(laptop, phone, tmp_path)
+    assert refused.value.reason == "device_retired"
+    assert "run 'sqlite-utils sync-new-device --recover' on it" in str(refused.value)
+    assert file_bytes(tmp_path / "phone.db") == before
