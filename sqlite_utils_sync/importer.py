@@ -1285,48 +1285,22 @@ class Importer:
                 floor = max(old, snapshot.get(names[idx], 0))
                 if floor == old or self.held(idx, floor, new) != new - floor:
                     raise self.missing(idx, names[idx], old)
-                # A snapshot: the sender compacted them away, so it vouches that nothing it holds
-                # depends on them.
+                if not self.fresh:
+                    # Not even where every operation held here is one the sender holds too: an
+                    # operation whose twin (moved by --recover) the sender compacted away would
+                    # be found concurrent here with edits that had seen that twin.
+                    raise self.fail(
+                        errors.COMPACTED_HISTORY,
+                        f"it comes from a compacted log (device {names[idx]} up to seq {floor}) that this database "
+                        "has only partly: only a database with no synced data yet can start from it (import it "
+                        "into a new database)",
+                    )
+                # A snapshot: this database holds no data yet, so nothing here depends on them.
                 adopted[names[idx]] = floor
             self.ranges.append((idx, op_id(idx, old + 1), op_id(idx, new)))
-        if adopted and not self.fresh:
-            self.check_adoptable(adopted)
         conn.executemany("INSERT INTO temp._sync_new VALUES (?, ?, ?)", self.ranges)
         if adopted:
             raise_horizon(conn, adopted)
-
-    def check_adoptable(self, adopted: dict[str, int]) -> None:
-        """Refuse to adopt a compacted sender's horizon if this database holds data operations
-        that could be compared with what the sender compacted away.
-
-        Operations the sender holds too (up to its clock) are fine: it kept everything of its
-        log that they clash with, or it checked them against its horizon when they came. So
-        are operations written after seeing the horizon: they come after every operation that
-        is gone. Others (edits of this database's own before its first sync, or relayed from a
-        device the sender never heard of) would merge differently here than on copies that
-        kept their whole log, so the import is refused. A database holding only other
-        devices' operations, ticks and names (a device made from a peer's export) adopts it."""
-        conn = self.conn
-        sent = parse_clock(self.reader.header["clock"])
-        for idx, device in device_ids(conn).items():
-            after = sent.get(device, 0)
-            (first,) = conn.execute(
-                f"SELECT min(op) FROM _sync_ops WHERE op BETWEEN ? AND ? AND kind != {TICK}",
-                [op_id(idx, after + 1), op_id(idx, SEQ_MASK)],
-            ).fetchone()
-            seqs = [op_seq(first)] if first is not None else []
-            seqs += [lo for lo, _ in withheld_ranges(conn, idx, after)][:1]  # may be data: unknown
-            if not seqs:
-                continue
-            unseen = self.unseen(idx, device, min(seqs), adopted)
-            if unseen is not None:
-                raise self.fail(
-                    errors.COMPACTED_HISTORY,
-                    f"it comes from a compacted log (device {unseen[0]} up to seq {unseen[1]}), and device {device} "
-                    "wrote operations here, which the sender does not hold, without having seen it: only a database "
-                    "whose data the sender holds can start from it (send this database's changes to a peer that "
-                    "kept its whole log, then import it into a new database)",
-                )
 
     def unseen(self, idx: int, device: str, seq: int, compacted: dict[str, int]) -> tuple[str, int] | None:
         """A ``(device, seq)`` of ``compacted`` that the author of op ``(idx, seq)`` had not seen
