@@ -1574,7 +1574,7 @@ def check_image(data: bytes, width: int, name: str) -> None:
                 if not is_utf8(text):
                     raise fail(": an operation has a moved-from key or clock that is not valid UTF-8")
     except sqlite3.Error as ex:
-        raise fail(f" has a chunk that cannot be read ({ex})")
+        raise fail(f" has a chunk that cannot be read ({shorten(str(ex), 300)})")  # its schema's text may hold line breaks
     except UnicodeDecodeError:
         # SQLite's message quotes the schema, and Python could not decode it.
         raise fail(" has a chunk that cannot be read (malformed schema that is not valid UTF-8)")
@@ -1623,7 +1623,7 @@ class ChunkStage:
             if "decode" in str(ex):  # only here, where values pass through Python (3.10)
                 raise BundleError(INVALID_TEXT, f"Bundle {self.name} has a TEXT value that is not valid UTF-8, "
                                   "which this Python (3.10) cannot carry")
-            raise BundleError(INVALID_OPERATION, f"Bundle {self.name} has a chunk that cannot be read ({ex})")
+            raise BundleError(INVALID_OPERATION, f"Bundle {self.name} has a chunk that cannot be read ({shorten(str(ex), 300)})")
 
     def close(self) -> None:
         if not self.direct:

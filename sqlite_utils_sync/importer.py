@@ -680,7 +680,7 @@ class Importer:
                 except sqlite3.DatabaseError as ex:
                     if errors.is_local_trouble(ex):  # a full disk here is not the bundle's fault
                         raise
-                    raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({ex})")
+                    raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({shorten(str(ex), 300)})")
                 if appended is None:
                     continue
                 first, last, count, stored = appended
@@ -754,7 +754,7 @@ class Importer:
         except sqlite3.DatabaseError as ex:
             if errors.is_local_trouble(ex):
                 raise
-            raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({ex})")
+            raise self.fail(errors.INVALID_OPERATION, f"a chunk cannot be read ({shorten(str(ex), 300)})")
 
     def stage_withheld(self, source: str, idx: int, position: int) -> int:
         """Check a chunk of the bundle's withheld ranges (``seq`` = first, ``hlc`` = last) and
