@@ -287,3 +287,48 @@ def test_a_peer_relays_a_new_devices_first_edits_of_new_rows_to_a_compacted_copy
     sync(b, tablet, tmp_path)  # from a copy with its whole log: a's holes are no database's to adopt
     assert rows(tablet) == rows(a) == rows(b) == rows(c)
     assert conflict_records(tablet) == conflict_records(a) == conflict_records(b) == conflict_records(c)
+
+
+def test_a_copy_holding_data_does_not_adopt_a_horizon_that_removed_a_recovered_twin(tmp_path, make_db, sync, rows, conflict_records, file_bytes):
+    # D's edit o reaches R and the hub; D then moves it to a new id (--recover: its twin o~)
+    # and retires the old one. Y starts from D after that: it saw o~, not o, and edits the row.
+    # The hub compacts o and o~ together. R, holding o but never o~, would find o concurrent
+    # with Y's edit: a conflict the hub and a copy with its whole log do not have.
+    from sqlite_utils_sync import new_device, retire_device
+
+    def made_from(source, name):
+        conn = make_db(tmp_path / f"{name}.db")
+        export_bundle(source, tmp_path / f"{name}.first")
+        import_bundle(conn, tmp_path / f"{name}.first")
+        return conn
+
+    hub = make_db(tmp_path / "hub.db")
+    hub.execute("INSERT INTO todos (id, title) VALUES (1, 'a')")
+    d = made_from(hub, "d")
+    d.execute("UPDATE todos SET title = 'x' WHERE id = 1")
+    d.execute("INSERT INTO todos (id, title) VALUES (2, 'second')")
+    export_bundle(d, tmp_path / "d.bundle")
+    r = make_db(tmp_path / "r.db")
+    import_bundle(r, tmp_path / "d.bundle")
+    import_bundle(hub, tmp_path / "d.bundle")
+    old = sync_status(d)["device_id"]
+    new_device(d, recover=True)
+    retire_device(d, old)
+    y = made_from(d, "y")
+    y.execute("UPDATE todos SET title = 'z' WHERE id = 1")
+    sync(d, hub, tmp_path)
+    sync(y, hub, tmp_path)
+    full = made_from(hub, "full")
+    for _ in range(3):
+        for device in (d, y):
+            sync(hub, device, tmp_path)
+            sync(device, hub, tmp_path)
+    assert compact_log(hub).removed
+    sync(hub, full, tmp_path)
+    before = file_bytes(tmp_path / "r.db")
+    with pytest.raises(BundleError) as refused:
+        sync(hub, r, tmp_path)
+    assert refused.value.reason == "compacted_history"
+    assert "only a database with no synced data yet can start from it" in str(refused.value)
+    assert file_bytes(tmp_path / "r.db") == before
+    assert rows(hub) == rows(full) and conflict_records(hub) == conflict_records(full) == []
