@@ -348,6 +348,20 @@ def sync():
 
 
 @pytest.fixture(scope="session")
+def everyone_syncs(sync):
+    """``everyone_syncs(devices, folder)``: every device sends every other what it lacks, twice round."""
+
+    def everyone_syncs(devices, folder):
+        for _ in range(2):
+            for source in devices:
+                for target in devices:
+                    if source is not target:
+                        sync(source, target, folder)
+
+    return everyone_syncs
+
+
+@pytest.fixture(scope="session")
 def file_bytes():
     """``file_bytes(path)``: the file's bytes, to show a database was left exactly as it was."""
     return _file_bytes

@@ -18,20 +18,6 @@ from sqlite_utils_sync import (
 )
 
 
-@pytest.fixture(scope="session")
-def everyone_syncs(sync):
-    """``everyone_syncs(devices, folder)``: every device sends every other what it lacks, twice round."""
-
-    def everyone_syncs(devices, folder):
-        for _ in range(2):
-            for source in devices:
-                for target in devices:
-                    if source is not target:
-                        sync(source, target, folder)
-
-    return everyone_syncs
-
-
 @pytest.fixture
 def synced_trio(tmp_path, make_db, everyone_syncs):
     """Three devices that know each other, after a hundred edits of ten rows."""

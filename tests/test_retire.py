@@ -215,7 +215,7 @@ def test_a_copy_writes_one_tick_when_it_hears_of_a_retirement_and_none_when_its_
     assert sqlite3.connect(desktop).execute(ticks).fetchone()[0] == before + 1
 
 
-def test_a_copy_writes_a_tick_when_it_hears_of_a_retirement_by_another_copy_that_held_more(tmp_path, make_db, sync):
+def test_a_copy_writes_a_tick_when_it_hears_of_a_retirement_by_another_copy_that_held_more(tmp_path, make_db, sync, everyone_syncs):
     # The phone's last operation is a knowledge tick only the tablet holds. The laptop retires
     # the phone, the desktop hears it; then the tablet retires it too, with a higher seq. The
     # desktop must say it heard that one as well (no data comes with it): copies wait for
@@ -225,11 +225,7 @@ def test_a_copy_writes_a_tick_when_it_hears_of_a_retirement_by_another_copy_that
     laptop, phone, desktop, tablet = (make_db(tmp_path / f"{name}.db") for name in ("laptop", "phone", "desktop", "tablet"))
     copies = (laptop, phone, desktop, tablet)
     laptop.execute("INSERT INTO todos VALUES (1, 'a', 0, 0)")
-    for _ in range(2):
-        for source in copies:
-            for target in copies:
-                if source is not target:
-                    sync(source, target, tmp_path)
+    everyone_syncs(copies, tmp_path)
     laptop.execute("UPDATE todos SET title = 'b' WHERE id = 1")
     sync(laptop, phone, tmp_path)  # the phone's last operation: the tick of that import
     sync(phone, tablet, tmp_path)
@@ -249,25 +245,19 @@ def test_a_copy_writes_a_tick_when_it_hears_of_a_retirement_by_another_copy_that
     )
 
 
-def test_a_retired_device_is_told_so_by_a_copy_that_compacted_since(tmp_path, make_db, sync, file_bytes):
+def test_a_retired_device_is_told_so_by_a_copy_that_compacted_since(tmp_path, make_db, sync, file_bytes, everyone_syncs):
     # Not compacted_history, whose way on (a new database) would lose the phone's unsent edit:
     # device_retired, whose way on (--recover) keeps it.
     from sqlite_utils_sync import BundleError, compact_log, retire_device, sync_status
 
     laptop, desktop, phone = (make_db(tmp_path / f"{name}.db") for name in ("laptop", "desktop", "phone"))
     laptop.execute("INSERT INTO todos VALUES (1, 'a', 0, 0), (2, 'a', 0, 0)")
-    for _ in range(3):
-        for source in (laptop, desktop, phone):
-            for target in (laptop, desktop, phone):
-                if source is not target:
-                    sync(source, target, tmp_path)
+    everyone_syncs([laptop, desktop, phone], tmp_path)
     phone.execute("UPDATE todos SET title = 'phone edit' WHERE id = 2")  # never sent
     retire_device(laptop, sync_status(phone)["device_id"])
     laptop.execute("UPDATE todos SET title = 'x1' WHERE id = 1")
     laptop.execute("UPDATE todos SET title = 'x2' WHERE id = 1")
-    for _ in range(3):
-        sync(laptop, desktop, tmp_path)
-        sync(desktop, laptop, tmp_path)
+    everyone_syncs([laptop, desktop], tmp_path)
     assert compact_log(laptop).removed
     before = file_bytes(tmp_path / "phone.db")
     with pytest.raises(BundleError) as refused:
