@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from .clocks import HLC_NOW_SQL, last_hlc
-from .declared import column_types
+from .declared import column_types, is_rowid_alias
 from .errors import (
     GENERATED_COLUMNS,
     INTERNAL_TABLE,
@@ -334,15 +334,6 @@ def declared_types(conn: sqlite3.Connection, table: str) -> dict[str, str]:
     """Each column's declared type, as it decides the column's affinity (see
     :func:`~sqlite_utils_sync.declared.column_types`)."""
     return column_types(conn, table)
-
-
-def is_rowid_alias(conn: sqlite3.Connection, table: str, pk: list[str]) -> bool:
-    """True when the key is one INTEGER PRIMARY KEY column of a rowid table (no index backs it)."""
-    return (
-        len(pk) == 1
-        and declared_types(conn, table).get(pk[0], "").upper() == "INTEGER"
-        and not any(row[3] == "pk" for row in conn.execute(f"PRAGMA index_list({quote_identifier(table)})"))
-    )
 
 
 def nullable_columns(conn: sqlite3.Connection, table: str) -> set[str]:

@@ -202,15 +202,25 @@ def is_without_rowid(conn: sqlite3.Connection, table: str) -> bool:
         return bool(row and re.search(r"\)\s*WITHOUT\s+ROWID\s*$", row[0] or "", re.I))
 
 
+def is_integer_key(conn: sqlite3.Connection, table: str, pk: list[str]) -> bool:
+    """One key column, declared ``INTEGER``."""
+    return len(pk) == 1 and column_types(conn, table).get(pk[0], "").upper() == "INTEGER"
+
+
+def has_key_index(conn: sqlite3.Connection, table: str) -> bool:
+    """An index backs the primary key (every key but a rowid alias)."""
+    return any(row[3] == "pk" for row in conn.execute(f"PRAGMA index_list({quote_identifier(table)})"))
+
+
+def is_rowid_alias(conn: sqlite3.Connection, table: str, pk: list[str]) -> bool:
+    """True when the key is one INTEGER PRIMARY KEY column of a rowid table (no index backs it)."""
+    return is_integer_key(conn, table, pk) and not has_key_index(conn, table)
+
+
 def is_unaliased_integer_key(conn: sqlite3.Connection, table: str, pk: list[str]) -> bool:
     """One INTEGER key column of a rowid table that is no rowid alias: declared ``INTEGER
     PRIMARY KEY DESC``, which SQLite backs with an index and lets hold any value, text too."""
-    return (
-        len(pk) == 1
-        and column_types(conn, table).get(pk[0], "").upper() == "INTEGER"
-        and not is_without_rowid(conn, table)
-        and any(row[3] == "pk" for row in conn.execute(f"PRAGMA index_list({quote_identifier(table)})"))
-    )
+    return is_integer_key(conn, table, pk) and not is_without_rowid(conn, table) and has_key_index(conn, table)
 
 
 def column_sql(column: str, declared: str, default: str | None = None, strict: bool = False) -> str:

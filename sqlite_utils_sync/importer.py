@@ -34,7 +34,6 @@ from .capture import (
     affinity,
     canonical_name,
     declared_types,
-    is_rowid_alias,
     load_tables,
     muted,
     register_table,
@@ -42,7 +41,7 @@ from .capture import (
     table_info,
 )
 from .conflicts import rebuild_conflicts
-from .declared import add_column, create_table as create_declared
+from .declared import add_column, create_table as create_declared, is_rowid_alias
 from .errors import BundleError, SyncError, shorten
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, HLC_NOW_SQL, HLC_PER_SECOND, MAX_HLC, append_tick, clock, horizon, knowledge_at, max_seq, now_iso, parse_duration, raise_horizon, record_knowledge
 from .devices import (
