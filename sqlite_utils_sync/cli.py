@@ -81,6 +81,32 @@ def user_errors(database: str | None = None) -> Iterator[None]:
         raise click.ClickException(f"Unexpected {type(ex).__name__}: {' '.join(str(ex).split())[:300]} (please report this)")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that it ends the way Ctrl-C does."""
+
+
+@contextlib.contextmanager
+def stops_cleanly_on_sigterm() -> Iterator[None]:
+    """End the command on SIGTERM (a service manager, ``timeout``, ``kill``) by unwinding it:
+    an import in progress rolls back, and temporary files and a file the command created are
+    removed, which Python's default (dying at once) would leave behind. Exit code 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set there
+        return
+
+    def on_term(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except Terminated:
+        click.echo("stopped", err=True)
+        sys.exit(128 + signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def progress_bar(silent: bool, label: str) -> Iterator[Callable[[int, int], None] | None]:
     """A click progress bar on a terminal, nothing otherwise (or with --silent)."""
@@ -229,7 +255,7 @@ def export_bundle_command(path, bundle, since, for_device, tables, as_json, sile
     """
     if since and for_device:
         raise click.ClickException("Use --since or --for, not both")
-    with user_errors(path), progress_bar(silent, "Exporting") as progress:
+    with stops_cleanly_on_sigterm(), user_errors(path), progress_bar(silent, "Exporting") as progress:
         result = export_bundle(
             open_db(path), bundle, since=since, for_device=for_device, progress=progress, tables=list(tables) or None
         )
@@ -256,7 +282,7 @@ def import_bundle_command(path, bundle, alter, max_clock_skew, as_json, silent):
 
         sqlite-utils import-bundle phone.db to-phone.bundle
     """
-    with user_errors(path), new_database(path) as new, progress_bar(silent, "Importing") as progress:
+    with stops_cleanly_on_sigterm(), user_errors(path), new_database(path) as new, progress_bar(silent, "Importing") as progress:
         db = open_db(path)
         result = import_bundle(
             db, bundle, alter=alter, progress=progress, max_clock_skew=max_clock_skew, adopt_scope=True, create_tables=new
@@ -490,7 +516,7 @@ def sync_command(path, url, token, alter, tables, max_clock_skew, retries, as_js
         if len(url) > 1:
             raise click.ClickException("--watch syncs with one hub: give one URL (several are for a sync that tries each in turn)")
         return watch_command(path, url[0], token or None, alter, list(tables) or None, max_clock_skew, as_json)
-    with user_errors(path), new_database(path) as new:
+    with stops_cleanly_on_sigterm(), user_errors(path), new_database(path) as new:
         db = open_db(path)
         result = sync_with_hub(
             db,

@@ -9,7 +9,11 @@ from __future__ import annotations
 import gzip
 import http.server
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -201,3 +205,34 @@ def test_a_compressed_answer_is_read(tmp_path, hostile_hub, make_todos_db, run):
     result = run(["sqlite-utils", "sync", make_todos_db(tmp_path / "d.db"), hub.url], check=False)
     assert result.returncode == 1
     assert result.stderr == f"Error: hub {hub.url} rejected the request (400): bad bundle, said gzip\n"
+
+
+def test_a_sync_stopped_by_sigterm_while_it_waits_leaves_nothing_behind(tmp_path, hostile_hub):
+    # A service manager, `timeout` or `kill` stops a sync into a new file while the hub is slow:
+    # no half-made database and no downloaded bundle may stay behind.
+    asked, release = threading.Event(), threading.Event()
+
+    def hang(handler):
+        asked.set()
+        release.wait(30)
+
+    hub = hostile_hub(hang)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    target = tmp_path / "new.db"
+    env = {**os.environ, "TMPDIR": str(temp)}
+    sync = subprocess.Popen(
+        [sys.executable, "-m", "sqlite_utils", "sync", str(target), hub.url],
+        stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        assert asked.wait(30)
+        sync.send_signal(signal.SIGTERM)
+        _, stderr = sync.communicate(timeout=30)
+    finally:
+        release.set()
+        if sync.poll() is None:
+            sync.kill()
+    assert (sync.returncode, stderr) == (143, "stopped\n")
+    assert list(temp.iterdir()) == []
+    assert not target.exists()
