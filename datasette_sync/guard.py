@@ -7,6 +7,11 @@ table-scoped rule cannot name: ``create-table`` is database-scoped, so ``POST /d
 could otherwise create a ``_sync_*`` table; and any plugin's write runs on the same
 connection. Writes to synced tables still work: their capture triggers (named ``_sync_*``)
 append to the log, and SQLite reports those writes with the trigger as their source.
+
+A write that changes the schema (Datasette's ``/-/alter``, ``"alter": true`` on its write API,
+a plugin's ``ALTER TABLE``) can leave a synced table with stale triggers or none: capture is
+repaired inside that same write, and what it missed logged, as the engine's own writes do.
+Otherwise the hub's edits would wait, unlogged, for the next push (a hub's exports only read).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import contextlib
 import contextvars
 import sqlite3
 import sys
+
+from sqlite_utils_sync.writing import writing
 
 PREFIX = "_sync_"
 
@@ -79,14 +86,22 @@ def write_wrapper(datasette, database, request, transaction):
 
     def guard(conn):
         before = table_pages(conn)
+        version = schema_version(conn)
         conn.set_authorizer(authorizer)
         try:
             yield
         finally:
             remove_authorizer(conn)
         undo_renames(conn, before)
+        if schema_version(conn) != version:
+            with writing(conn):  # repairs capture, logging what stale triggers missed
+                pass
 
     return guard
+
+
+def schema_version(conn) -> int:
+    return conn.execute("PRAGMA schema_version").fetchone()[0]
 
 
 def table_pages(conn) -> dict[str, int]:

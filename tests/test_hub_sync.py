@@ -168,6 +168,41 @@ def test_writes_through_datasette_write_api_reach_devices(tmp_path, hub, alice, 
     assert api["rows"] == [{"id": 10, "title": "Inserted via API", "done": 1}]
 
 
+def test_writes_that_change_a_synced_tables_schema_through_datasette_are_logged_at_once(
+    tmp_path, hub, alice, hub_sync, make_todos_db, run, todo_rows
+):
+    # /-/alter rebuilds the table (its capture triggers go with it) and "alter": true adds a
+    # column the triggers do not know: the writes that follow must still reach up-to-date
+    # devices, and a new device's first sync must work.
+    token = hub.token("alice")
+    alice_headers = {"Authorization": f"Bearer {token}"}
+    laptop = make_todos_db(tmp_path / "laptop.db", [{"id": 1, "title": "a", "done": 0}])
+    hub_sync(laptop, hub, alice)
+    response = hub.post(
+        "/hub/todos/-/alter",
+        json={"operations": [{"op": "alter_column", "args": {"name": "done", "default": 0}}]},
+        headers=alice_headers,
+    )
+    assert response.status_code == 200, response.text
+    response = hub.post("/hub/todos/1/-/update", json={"update": {"title": "edited on the hub"}}, headers=alice_headers)
+    assert response.status_code == 200, response.text
+    response = hub.post(
+        "/hub/todos/-/insert", json={"row": {"id": 2, "title": "with a note", "note": "new column"}, "alter": True},
+        headers=alice_headers,
+    )
+    assert response.status_code == 201, response.text
+
+    run(["sqlite-utils", "sync", laptop, hub.url + "/hub", "--token", token, "--alter"])
+    expected = [
+        {"id": 1, "title": "edited on the hub", "done": 0, "note": None},
+        {"id": 2, "title": "with a note", "done": 0, "note": "new column"},
+    ]
+    assert todo_rows(laptop) == todo_rows(hub.path) == expected
+    phone = tmp_path / "phone.db"
+    hub_sync(phone, hub, alice)
+    assert todo_rows(phone) == expected
+
+
 def test_a_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, hub, alice, hub_sync, make_todos_db, run, shell, todo_rows):
     shell(hub.path, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
     shell(hub.path, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")
