@@ -8,7 +8,7 @@ import sqlite3
 from typing import Any
 
 from . import errors
-from .capture import SyncedTable, load_tables, muted
+from .capture import SyncedTable, load_tables, muted, table_exists
 from .clocks import append_local
 from .conflicts import get_conflict, rebuild_conflicts, require_enabled
 from .devices import device_ids, parse_op_label
@@ -52,6 +52,11 @@ def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> st
         table = load_tables(conn)[record["table"]]
         if not table.enabled:
             raise SyncError(errors.NOT_ENABLED, f"Table '{table.name}' is not synced here")
+        if not table_exists(conn, table.name):
+            raise SyncError(
+                errors.TABLE_MISSING,
+                f"Table '{table.name}' no longer exists here: conflict {conflict_id} cannot be resolved until it is created again",
+            )
         labels = [v["op"] for v in record["versions"]]
         if keep is not None and keep not in labels:
             raise SyncError(

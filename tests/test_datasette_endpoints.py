@@ -325,6 +325,24 @@ async def test_resolve_endpoint(tmp_path):
     assert refused.status_code == 403 and refused.json()["reason"] == "read_only"
 
 
+async def test_resolving_a_conflict_of_a_dropped_table_is_refused_with_table_missing(tmp_path):
+    data, conflict = conflicted(tmp_path)
+    data["todos"].drop()  # through Datasette's /-/drop, or any other program
+    before = data.execute("SELECT count(*) FROM _sync_ops").fetchone()
+    ds = Datasette([str(tmp_path / "data.db")])
+    ds.root_enabled = True
+    url = f"/data/-/sync/conflicts/{conflict['id']}/resolve"
+    for body in ({}, {"keep": conflict["versions"][0]["op"]}):
+        response = await ds.client.post(url, json=body, actor=ROOT)
+        assert response.status_code == 400
+        assert response.json()["reason"] == "table_missing"
+        assert response.json()["error"] == (
+            f"Table 'todos' no longer exists here: conflict {conflict['id']} cannot be resolved until it is created again"
+        )
+    assert data.execute("SELECT count(*) FROM _sync_ops").fetchone() == before
+    assert not list_conflicts(data, include_resolved=False)[0]["resolved"]
+
+
 async def test_resolve_refuses_bodies_that_do_not_say_what_to_keep(tmp_path):
     data, conflict = conflicted(tmp_path)
     url = f"/data/-/sync/conflicts/{conflict['id']}/resolve"
