@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import logging
 import os
@@ -79,11 +80,11 @@ FORMAT = r"(\.(?P<format>json))?$"
 
 def routes():
     return [
-        (SYNC + FORMAT, overview_page),
-        (SYNC + r"/operations" + FORMAT, operations_page),
-        (SYNC + r"/conflicts" + FORMAT, conflicts_page),
-        (SYNC + r"/clocks" + FORMAT, clocks_page),
-        (SYNC + r"/imports" + FORMAT, imports_page),
+        (SYNC + FORMAT, busy_is_503(overview_page)),
+        (SYNC + r"/operations" + FORMAT, busy_is_503(operations_page)),
+        (SYNC + r"/conflicts" + FORMAT, busy_is_503(conflicts_page)),
+        (SYNC + r"/clocks" + FORMAT, busy_is_503(clocks_page)),
+        (SYNC + r"/imports" + FORMAT, busy_is_503(imports_page)),
         (DATABASE + re.escape(protocol.EXPORT_PATH) + "$", ExportEndpoint),
         (DATABASE + re.escape(protocol.CHANGES_PATH) + "$", ChangesEndpoint),
         (DATABASE + re.escape(protocol.IMPORT_PATH) + "$", ImportEndpoint),
@@ -99,6 +100,23 @@ def routes():
 
 
 # Helpers ----------------------------------------------------------------------------------
+
+
+def busy_is_503(page):
+    """A page whose reads met a lock held longer than Datasette waits (another process inside
+    ``BEGIN EXCLUSIVE``, a long commit in rollback-journal mode) answers 503 busy, as the
+    endpoints do: a lock is temporary, not the hub's fault."""
+
+    @functools.wraps(page)
+    async def view(datasette, request):
+        try:
+            return await page(datasette, request)
+        except sqlite3.OperationalError as ex:
+            if not is_busy(ex):
+                raise
+            raise sqlite_refusal(ex, request.url_vars["database"]) from None
+
+    return view
 
 
 def sync_url(datasette, database: str) -> str:

@@ -636,3 +636,21 @@ async def test_long_values_are_shortened_on_the_operations_page_and_overview(tmp
     # The JSON has the whole value.
     operations = (await ds.client.get("/data/-/sync/operations.json")).json()["operations"]
     assert operations[0]["values"]["body"] == "x" * 100_000
+
+
+def test_pages_answer_503_busy_while_another_process_holds_the_file_locked(paths, datasette_server):
+    server = datasette_server([paths[0]])
+    lock = sqlite3.connect(paths[0], isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # a sqlite3 shell inside a transaction, say
+    lock.execute("UPDATE notes SET body = 'locked'")
+    try:  # each page waits out Datasette's busy timeout (5 s): two of them
+        response = server.get("/data/-/sync.json")
+        assert response.status_code == 503
+        assert response.json()["error"] == (
+            "Database data is busy: another connection holds a lock on it. Retry in a few seconds"
+        )
+        assert server.get("/data/-/sync/conflicts").status_code == 503
+    finally:
+        lock.rollback()
+    assert server.get("/data/-/sync.json").status_code == 200
+    assert "Traceback" not in server.output()
