@@ -48,10 +48,13 @@ from sqlite_utils_sync.schema import check_schema, is_enabled
 from . import chart, cluster, live, queries
 from .guard import sync_write
 from .permissions import (
+    DELETE_ROW,
     EXPORT,
     IMPORT,
+    INSERT_ROW,
     RELAY,
     RESOLVE,
+    UPDATE_ROW,
     VIEW,
     VIEW_TABLE,
     WRITE_VERBS,
@@ -566,6 +569,8 @@ async def conflicts_page(datasette, request):
     base = sync_url(datasette, db.name) + "/conflicts"
     next_url = with_args(base, request, next=page["next"]) if page["next"] else None
     can_resolve = db.is_mutable and await can(datasette, request.actor, RESOLVE, db.name)
+    # Every resolution updates its row: without update-row on the table, no button would work.
+    writable = await table_access(datasette, request.actor, db.name, sorted({c["table"] for c in page["conflicts"]}))
     shown = []
     for conflict in page["conflicts"]:
         grid = conflict_grid(conflict)
@@ -577,8 +582,10 @@ async def conflicts_page(datasette, request):
             row_url = datasette.urls.row(db.name, conflict["table"], pk_path)
         resolve_url = datasette.urls.database(db.name) + protocol.resolve_path(conflict["id"])
         history = pk_filter(keys.get(conflict["id"], conflict["pk"]))
+        may_resolve = can_resolve and UPDATE_ROW in writable.get(conflict["table"], ())
         shown.append(
-            {**grid, "row_url": row_url, "resolve_url": resolve_url, "table_missing": not table_exists, "history_pk": history}
+            {**grid, "row_url": row_url, "resolve_url": resolve_url, "table_missing": not table_exists,
+             "history_pk": history, "may_resolve": may_resolve}
         )
     return await render(
         datasette,
@@ -594,15 +601,22 @@ async def conflicts_page(datasette, request):
             "can_resolve": can_resolve,
             "tables": tables,
             "clear_url": base,
-            "resolve_hint": None if can_resolve else resolve_hint(db, request.actor),
+            "resolve_hint": resolve_hint(db, request.actor, can_resolve, shown),
             "toggle_url": with_args(base, request, all=None if include_resolved else "1", next=None),
         },
         page,
     )
 
 
-def resolve_hint(db, actor) -> str:
-    """Why the conflicts page shows no resolve buttons, and what would change that."""
+def resolve_hint(db, actor, can_resolve: bool, shown: list[dict]) -> str | None:
+    """Why the conflicts page shows no resolve buttons (for some conflicts), and what would change that."""
+    if can_resolve:
+        if all(conflict["may_resolve"] or conflict["resolved"] for conflict in shown):
+            return None
+        return (
+            f"Resolving a conflict also needs {UPDATE_ROW} on its table (and {INSERT_ROW} to restore a deleted row, "
+            f"{DELETE_ROW} to keep a deletion): conflicts of tables where you lack it show no buttons."
+        )
     if not db.is_mutable:
         return (
             f"Database {db.name} is read-only here (immutable), so its conflicts cannot be resolved on this page: "
@@ -1284,10 +1298,10 @@ async def import_pushed(datasette, actor, db, path: str, options: dict, alter_de
         )
 
 
-def write_authorizer(access: dict[str, frozenset[str]]):
-    """The importer's ``authorize`` hook for a push: it is given the write actions the push's
-    new operations need per table, and refuses the whole push (the import rolls back) at the
-    first one the actor does not hold."""
+def write_authorizer(access: dict[str, frozenset[str]], writer: str = "the bundle", undone: str = "imported"):
+    """The engine's ``authorize`` hook for a push (or a resolution): it is given the write
+    actions the new operations need per table, and refuses the whole write (it rolls back) at
+    the first one the actor does not hold."""
 
     def authorize(needed: dict[str, set[str]]) -> None:
         refused = refused_write(access, needed)
@@ -1296,7 +1310,7 @@ def write_authorizer(access: dict[str, frozenset[str]]):
             verb = WRITE_VERBS.get(action, f"needs {action} on")
             raise SyncError(
                 errors.TABLE_FORBIDDEN,
-                f"Permission denied: the bundle {verb} table {table}, which needs {action} on it. Nothing was imported",
+                f"Permission denied: {writer} {verb} table {table}, which needs {action} on it. Nothing was {undone}",
             )
 
     return authorize
@@ -1361,9 +1375,13 @@ async def resolve(datasette, request, db, conflict_id: str, keep: str | None):
     # conflicts page: its versions hold that table's rows.
     if table is None or not await can_view_table(datasette, request.actor, db.name, table):
         raise SyncError(errors.UNKNOWN_CONFLICT, f"No conflict with id {conflict_id}")
+    # The row actions the resolution takes, as a pushed resolution needs them: sync-resolve
+    # alone must not write where the actor may not.
+    access = await table_access(datasette, request.actor, db.name, [table])
+    authorize = write_authorizer(access, f"resolving conflict {conflict_id}", "changed")
 
     def write(conn):
-        op = resolve_conflict(conn, conflict_id, keep=keep)
+        op = resolve_conflict(conn, conflict_id, keep=keep, authorize=authorize)
         return op, get_conflict(conn, conflict_id)
 
     with sync_write():

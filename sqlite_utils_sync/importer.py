@@ -54,7 +54,7 @@ from .devices import (
     merge_retired,
     retired_records,
 )
-from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_of, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, rowkey_sql
+from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_of, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, row_actions, rowkey_sql
 from .schema import connection, quote_identifier
 from .scope import add_withheld, load_scope, store_scope, withheld_between, withheld_count, withheld_ranges
 from .merge import Effect, KnowledgeCache, effects_of, latest_key, record_clashes
@@ -230,8 +230,6 @@ class MappedTable(NamedTuple):
 
 
 WITHHELD_TABLE = MappedTable(-1, [], False, [], True)
-# What each kind of operation needs on a table (see the ``authorize`` hook of import_bundle).
-ACTIONS = {INSERT: "insert-row", UPDATE: "update-row", DELETE: "delete-row"}
 
 
 NO_TABLE = MappedTable(0, [], True, [])  # the table of knowledge (tick) operations
@@ -445,12 +443,7 @@ class Importer:
             "ON o.op BETWEEN r.lo AND r.hi WHERE o.kind != ?",
             [TICK],
         ).fetchall():
-            actions = needed.setdefault(self.table_names[tid], set())
-            actions.add(ACTIONS[kind & KIND_MASK])
-            if kind & RESOLUTION:
-                # A resolution is an update of the conflict on top of what it does to the row:
-                # the flag must not turn an insert or a delete into something else.
-                actions.add("update-row")
+            needed.setdefault(self.table_names[tid], set()).update(row_actions(kind))
         return needed
 
     def record_import(self, result: ImportResult) -> None:

@@ -92,6 +92,17 @@ def is_resolution(kind: int) -> bool:
     return bool(kind & RESOLUTION)
 
 
+ROW_ACTIONS = {INSERT: "insert-row", UPDATE: "update-row", DELETE: "delete-row"}
+
+
+def row_actions(kind: int) -> set[str]:
+    """What a writer needs, in Datasette's names, to add an operation of ``kind``: the row
+    action of its kind, and ``update-row`` for a resolution (an update of the conflict: the
+    flag must not turn an insert or a delete into something else). Nothing for a tick."""
+    actions = {ROW_ACTIONS[kind_of(kind)]} if kind_of(kind) in ROW_ACTIONS else set()
+    return actions | {"update-row"} if is_resolution(kind) else actions
+
+
 def kind_sql(column: str = "kind") -> str:
     """SQL for the operation kind in ``column``, without the RESOLUTION flag."""
     return f"({column} & {KIND_MASK})"

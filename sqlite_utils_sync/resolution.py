@@ -5,7 +5,7 @@ is) and syncs like any other change; every copy that receives it marks the confl
 from __future__ import annotations
 
 import sqlite3
-from typing import Any
+from typing import Any, Callable
 
 from . import errors
 from .capture import SyncedTable, load_tables, muted, table_exists
@@ -14,22 +14,28 @@ from .conflicts import get_conflict, rebuild_conflicts, require_enabled
 from .devices import device_ids, parse_op_label
 from .errors import SyncError
 from .merge import Effect, all_effects, op_effect, row_state
-from .oplog import DELETE, INSERT, RESOLUTION, UPDATE, op_device, op_label, op_seq, parse_rowkey
+from .oplog import DELETE, INSERT, RESOLUTION, UPDATE, op_device, op_label, op_seq, parse_rowkey, row_actions
 from .rows import fetch_row, key_slots, write_row
 from .schema import connection
 from .writing import writing
 
 
-def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
+def resolve_conflict(
+    db: Any, conflict_id: str, keep: str | None = None, authorize: Callable[[dict[str, set[str]]], None] | None = None
+) -> str:
     """Resolve a conflict with a new operation that syncs like any other.
 
     :param keep: an op id (``<device id>:<seq>``) of one of the conflict's versions to restore;
         without it the value currently in the table is accepted
+    :param authorize: called before the row is written with ``{table: actions}``, the row
+        actions the resolution takes there, as a pushed one would need them (``update-row``,
+        plus ``insert-row`` to restore a deleted row or ``delete-row`` to keep a deletion); it
+        raises to refuse, and nothing is written
     :returns: the id of the resolution operation
     """
     conn = connection(db)
     try:
-        return _resolve(conn, conflict_id, keep)
+        return _resolve(conn, conflict_id, keep, authorize)
     except sqlite3.IntegrityError as ex:
         # Restoring a version can need a UNIQUE value another row holds now.
         raise SyncError(
@@ -39,7 +45,9 @@ def resolve_conflict(db: Any, conflict_id: str, keep: str | None = None) -> str:
         )
 
 
-def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> str:
+def _resolve(
+    conn: sqlite3.Connection, conflict_id: str, keep: str | None, authorize: Callable[[dict[str, set[str]]], None] | None
+) -> str:
     require_enabled(conn)
     # The resolution is a new operation: writing() puts capture in step with the table's
     # columns and settles the clocks that decide what the table holds. It also reads values
@@ -80,10 +88,19 @@ def _resolve(conn: sqlite3.Connection, conflict_id: str, keep: str | None) -> st
             target = _restored(conn, table, rowkey, version, current, columns, changing)
             if target is not None and current is not None:
                 carried = _dropped_values(table, version, record["columns"], columns)
+        if authorize is not None:
+            authorize({table.name: row_actions(resolution_kind(target, current))})
         op = _write_resolution(conn, table, rowkey, target, current, columns, changing, carried)
         conn.execute("INSERT OR IGNORE INTO _sync_resolutions VALUES (?, ?, ?)", [table.tid, rowkey, op])
         rebuild_conflicts(conn, [(table.tid, rowkey)])
         return op_label(device_ids(conn)[op_device(op)], op_seq(op))
+
+
+def resolution_kind(target: dict[str, Any] | None, current: dict[str, Any] | None) -> int:
+    """The kind of the operation that makes the row ``target`` from ``current`` (None: no row)."""
+    if target is None:
+        return DELETE | RESOLUTION
+    return (UPDATE if current is not None else INSERT) | RESOLUTION
 
 
 def _restored(
@@ -136,11 +153,11 @@ def _write_resolution(
     with muted(conn):
         if target is None:
             write_row(conn, table, rowkey, False, {}, current is not None)
-            return append_local(conn, table.tid, DELETE | RESOLUTION, 0, rowkey, slots=key_slots(table, rowkey))
+            return append_local(conn, table.tid, resolution_kind(target, current), 0, rowkey, slots=key_slots(table, rowkey))
         for pk_column, value in zip(table.pk, parse_rowkey(rowkey)):
             target.setdefault(pk_column, value)
         write_row(conn, table, rowkey, True, target, current is not None)
         slots = {table.slots[c]: target.get(c) for c in columns}
         slots.update((table.slots[c], v) for c, v in carried.items())
-        kind = (UPDATE if current is not None else INSERT) | RESOLUTION
+        kind = resolution_kind(target, current)
         return append_local(conn, table.tid, kind, table.mask_for([*changing, *carried]), rowkey, slots=slots)

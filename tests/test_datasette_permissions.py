@@ -78,8 +78,9 @@ async def test_grants_in_config(conflicted_db):
                 "permissions": {
                     "sync-export": {"id": "alice"},
                     "sync-import": {"id": "alice"},
-                    "sync-resolve": {"id": "carol"},
+                    "sync-resolve": {"id": ["carol", "dave"]},
                     "insert-row": {"id": "alice"},  # the pushed bundle inserts a row
+                    "update-row": {"id": "dave"},  # a resolution writes the row
                 }
             }
         }
@@ -93,12 +94,23 @@ async def test_grants_in_config(conflicted_db):
     response = await ds.client.post("/data/-/sync/import", content=bundle, actor=alice)
     assert response.status_code == 200 and response.json()["applied"] == 1
 
-    # Only the resolver sees resolve buttons.
+    # Only a resolver who may update the table's rows sees resolve buttons; the others are told why.
     assert "Accept what is in the table now" not in (await ds.client.get("/data/-/sync/conflicts", actor=alice)).text
-    assert "Accept what is in the table now" in (await ds.client.get("/data/-/sync/conflicts", actor=carol)).text
+    carols = (await ds.client.get("/data/-/sync/conflicts", actor=carol)).text
+    assert "Accept what is in the table now" not in carols
+    assert "Resolving a conflict also needs update-row on its table" in carols
+    daves = (await ds.client.get("/data/-/sync/conflicts", actor={"id": "dave"})).text
+    assert "Accept what is in the table now" in daves and "also needs update-row" not in daves
     url = f"/data/-/sync/conflicts/{conflict_id(conflicted_db)}/resolve"
     assert (await ds.client.post(url, json={}, actor=alice)).status_code == 403
-    assert (await ds.client.post(url, json={}, actor=carol)).json()["ok"] is True
+    # sync-resolve does not stand in for the row actions a resolution takes.
+    refused = await ds.client.post(url, json={}, actor=carol)
+    assert (refused.status_code, refused.json()["reason"]) == (403, "table_forbidden")
+    assert refused.json()["error"] == (
+        f"Permission denied: resolving conflict {conflict_id(conflicted_db)} updates rows of table todos, "
+        "which needs update-row on it. Nothing was changed"
+    )
+    assert (await ds.client.post(url, json={}, actor={"id": "dave"})).json()["ok"] is True
 
 
 async def test_root_passes_every_check(conflicted_db):
@@ -129,7 +141,7 @@ async def test_resolve_hides_conflicts_on_tables_the_actor_cannot_view(conflicte
     config = {
         "databases": {
             "data": {
-                "permissions": {"sync-resolve": {"id": ["carol", "admin"]}},
+                "permissions": {"sync-resolve": {"id": ["carol", "admin"]}, "update-row": {"id": ["carol", "admin"]}},
                 "tables": {"todos": {"allow": {"id": "admin"}}},
             }
         }
@@ -231,7 +243,8 @@ async def test_token_recipe(conflicted_db, tokens):
 
 
 async def test_resolve_form_post_and_csrf(conflicted_db):
-    ds = await make_ds(conflicted_db, {"databases": {"data": {"permissions": {"sync-resolve": {"id": "carol"}}}}})
+    grants = {"sync-resolve": {"id": "carol"}, "update-row": {"id": "carol"}}
+    ds = await make_ds(conflicted_db, {"databases": {"data": {"permissions": grants}}})
     carol = {"id": "carol"}
     conflict = list_conflicts(sqlite_utils.Database(conflicted_db))[0]
     url = f"/data/-/sync/conflicts/{conflict['id']}/resolve"

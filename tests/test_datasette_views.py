@@ -493,7 +493,8 @@ async def test_sync_panels_only_for_actors_who_may_see_sync_pages(paths):
 
 
 async def test_conflicts_page_says_what_resolving_needs(paths):
-    ds = Datasette([str(paths[0])], config={"databases": {"data": {"permissions": {"sync-resolve": {"id": "carol"}}}}})
+    grants = {"sync-resolve": {"id": "carol"}, "update-row": {"id": "carol"}}
+    ds = Datasette([str(paths[0])], config={"databases": {"data": {"permissions": grants}}})
     hint = "Resolving needs the sync-resolve permission on database data."
     anonymous = visible_text((await ds.client.get("/data/-/sync/conflicts")).text).replace("&#39;", "'")
     assert f"{hint} You are not signed in" in anonymous
