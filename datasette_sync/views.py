@@ -19,6 +19,7 @@ import re
 import shutil
 import sqlite3
 import tempfile
+import time
 import urllib.parse
 from typing import Any, Callable
 
@@ -1200,7 +1201,7 @@ class ImportEndpoint(Endpoint):
         }
         with tempfile.TemporaryDirectory(prefix="datasette-sync-") as directory:
             path = os.path.join(directory, "upload.bundle")
-            await receive_to_file(request, path, limit)
+            await receive_to_file(request, path, limit, send_timeout(datasette, db.name))
             result = await import_pushed(datasette, request.actor, db, path, options, alter_denied)
         live.changed(datasette, db.name)
         body = result.as_dict()
@@ -1220,17 +1221,26 @@ def declared_length(request) -> int:
         return 0
 
 
-async def receive_to_file(request, path: str, limit: int) -> int:
-    """Stream the request body to ``path``, stopping as soon as it passes ``limit`` bytes.
+async def receive_to_file(request, path: str, limit: int, timeout: float) -> int:
+    """Stream the request body to ``path``, stopping as soon as it passes ``limit`` bytes, or
+    when it comes slower than ``protocol.MIN_RATE`` once ``timeout`` seconds are past (a
+    trickle would otherwise hold a connection and a temporary file for as long as it likes).
 
     Reads the ASGI channel directly: ``post_body()`` would hold the whole bundle in memory.
     """
     received = 0
+    deadline = time.monotonic() + timeout
     out = await asyncio.to_thread(open, path, "wb")
     try:
         more_body = True
         while more_body:
-            message = await request.receive()
+            try:
+                message = await asyncio.wait_for(request.receive(), deadline + received / protocol.MIN_RATE - time.monotonic())
+            except asyncio.TimeoutError:
+                raise EndpointError(
+                    f"Bundle came too slowly (under {protocol.MIN_RATE:,} bytes a second): nothing was imported",
+                    errors.TOO_SLOW,
+                ) from None
             if message["type"] == "http.disconnect":
                 raise SyncBadRequest("Client disconnected", errors.DISCONNECTED)
             chunk = message.get("body", b"")

@@ -66,6 +66,18 @@ def trigger_name(kind: str, table: str) -> str:
     return f"_sync_{kind}_{table}"
 
 
+def load_table(conn: sqlite3.Connection, name: str) -> SyncedTable | None:
+    """The one table of :func:`load_tables` called ``name``, read alone: an import maps its
+    tables one by one, and reading them all each time grows with their square."""
+    if not is_enabled(conn):
+        return None
+    row = conn.execute("SELECT tid, name, columns, pk, enabled FROM _sync_tables WHERE name = ?", [name]).fetchone()
+    if row is None:
+        return None
+    tid, name, slots, pk, enabled = row
+    return SyncedTable(tid, name, json.loads(slots), json.loads(pk), bool(enabled))
+
+
 def load_tables(conn: sqlite3.Connection, enabled_only: bool = False) -> dict[str, SyncedTable]:
     if not is_enabled(conn):
         return {}
@@ -102,7 +114,7 @@ def check_can_sync(conn: sqlite3.Connection, table: str, synced: bool = False) -
         raise SyncError(INVALID_NAME, "A table with an empty name cannot be synced: bundles name every table. Rename it")
     if (row[1] or "").lstrip().upper().startswith("CREATE VIRTUAL"):
         raise SyncError(VIRTUAL_TABLE, f"Table '{table}' is a virtual (e.g. FTS) table and cannot be synced")
-    kind = conn.execute("SELECT type FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table]).fetchone()
+    kind = conn.execute("SELECT type FROM pragma_table_list(?) WHERE schema = 'main' AND name = ?", [table, table]).fetchone()
     if kind and kind[0] == "shadow":
         raise SyncError(
             VIRTUAL_TABLE, f"Table '{table}' holds the data of a virtual (e.g. FTS) table and cannot be synced"
@@ -505,7 +517,7 @@ def install_capture(conn: sqlite3.Connection, name: str) -> tuple[SyncedTable, s
         missed (:func:`sqlite_utils_sync.writing.capture_table`)
     """
     name = canonical_name(conn, name)
-    previous = load_tables(conn).get(name)
+    previous = load_table(conn, name)
     columns, pk = check_can_sync(conn, name, synced=bool(previous and previous.enabled))
     if previous and previous.pk and previous.pk != pk and previous.enabled:
         raise SyncError(

@@ -54,11 +54,9 @@ FIRST_RETRY_DELAY = 0.5  # seconds, doubled on each retry unless the hub asks fo
 MAX_RETRY_DELAY = 60.0  # a hub asking for a longer wait is not retried: run sync again later
 # A hub's answer is checked like a bundle: a JSON answer (a push's result) may be no longer
 # than MAX_ANSWER, the text of a refusal is read up to MAX_ERROR_BODY, and a body that comes
-# slower than MIN_RATE bytes a second, once past the client's timeout, is given up (a trickle;
-# the slowest mobile link sends several KB a second).
+# slower than protocol.MIN_RATE bytes a second, once past the client's timeout, is given up.
 MAX_ANSWER = 1 << 20
 MAX_ERROR_BODY = 64 * 1024
-MIN_RATE = 1024
 MAX_DETAIL = 500  # characters of a hub's error text shown
 
 
@@ -299,8 +297,8 @@ class _Body:
     def chunks(self) -> Any:
         for chunk in self.response.iter_bytes():
             self.received += len(chunk)
-            if time.monotonic() - self.started > self.timeout + self.received / MIN_RATE:
-                raise HubError(errors.TIMEOUT, f"hub {self.url} sent the {self.what} too slowly (under {MIN_RATE:,} bytes a second)")
+            if time.monotonic() - self.started > self.timeout + self.received / protocol.MIN_RATE:
+                raise HubError(errors.TIMEOUT, f"hub {self.url} sent the {self.what} too slowly (under {protocol.MIN_RATE:,} bytes a second)")
             yield chunk
 
     def read(self, limit: int, truncate: bool) -> bytes:

@@ -93,7 +93,7 @@ def types_problem(header: dict[str, Any]) -> str | None:
         tables = header.get(key, [])
         if not isinstance(tables, list) or not all(isinstance(t, str) for t in tables):
             return f"{key} list is invalid"
-    for table in header.get("strict", []):
+    for table in set(header.get("strict", [])):  # a name repeated must not repeat the work
         types = header.get("column_types", {}).get(table, {})
         if any(t.upper() not in STRICT_TYPES for t in types.values()):
             return f"table {table[:100]!r} is declared STRICT with a type a STRICT table cannot have"
@@ -117,7 +117,7 @@ STRICT_TYPES = {"INT", "INTEGER", "REAL", "TEXT", "BLOB", "ANY"}
 
 def is_strict(conn: sqlite3.Connection, table: str) -> bool:
     try:
-        row = conn.execute("SELECT strict FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table]).fetchone()
+        row = conn.execute("SELECT strict FROM pragma_table_list(?) WHERE schema = 'main' AND name = ?", [table, table]).fetchone()
     except sqlite3.OperationalError:  # SQLite before 3.37, which has no STRICT tables
         return False
     return bool(row and row[0])
@@ -195,7 +195,7 @@ def decimal_literal(text: str) -> str:
 
 def is_without_rowid(conn: sqlite3.Connection, table: str) -> bool:
     try:
-        row = conn.execute("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table]).fetchone()
+        row = conn.execute("SELECT wr FROM pragma_table_list(?) WHERE schema = 'main' AND name = ?", [table, table]).fetchone()
         return bool(row and row[0])
     except sqlite3.OperationalError:  # SQLite before 3.37: the clause ends the table's SQL
         row = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", [table]).fetchone()

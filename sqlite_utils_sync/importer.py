@@ -34,6 +34,7 @@ from .capture import (
     affinity,
     canonical_name,
     declared_types,
+    load_table,
     load_tables,
     muted,
     register_table,
@@ -298,6 +299,7 @@ class Importer:
         # take_snapshot: this database as it was before the import.
         self.devices: list[int | None] = []  # the local index of each of the bundle's devices (None: of no chunk)
         self.new_devices: set[int] = set()  # those this import gave an index
+        self.new_tables: set[int] = set()  # tables not synced here this import recorded, to keep their operations
         self.old: dict[int, int] = {}  # each of those devices' highest seq here
         self.fresh = False  # no data operations yet: may start from a compacted sender's snapshot
         self.compacted: dict[str, int] = {}  # the horizon (a snapshot adopted now was checked by its sender)
@@ -337,6 +339,7 @@ class Importer:
             held = {idx: inserted.get(idx, 0) + self.withheld.get(idx, 0) for idx in {*inserted, *self.withheld}}
             self.forget_devices(held)
             self.check_sequences(held)
+            self.forget_tables()
             self.check_owners(held)
             self.check_clock_order()
             # Withheld operations of a retired device are new operations of it too.
@@ -435,6 +438,22 @@ class Importer:
         unused = [(idx,) for idx in sorted(self.new_devices) if not held.get(idx)]
         self.conn.executemany("DELETE FROM _sync_devices WHERE idx = ?", unused)
 
+    def forget_tables(self) -> None:
+        """Forget the tables recorded to keep operations of that none arrived for (chunks that
+        hold no operation): a table a bundle carries no operation of is never stored, or a few
+        bytes per name would grow every later import's and hub request's work for good."""
+        if not self.new_tables:
+            return
+        carried = {
+            tid for (tid,) in self.conn.execute(
+                "SELECT DISTINCT o.tid FROM temp._sync_new r JOIN _sync_ops o NOT INDEXED ON o.op BETWEEN r.lo AND r.hi"
+            )
+        }
+        unused = [(tid,) for tid in sorted(self.new_tables - carried)]
+        self.conn.executemany("DELETE FROM _sync_tables WHERE tid = ?", unused)
+        for (tid,) in unused:
+            self.table_names.pop(tid, None)
+
     def actions_needed(self) -> dict[str, set[str]]:
         """What the new data operations do, per table: for the ``authorize`` hook."""
         needed: dict[str, set[str]] = {}
@@ -498,7 +517,7 @@ class Importer:
             # Outside this partial copy: only the seqs of its operations are kept, never a value.
             self.tables.append(WITHHELD_TABLE)
             return
-        local = load_tables(conn).get(name)
+        local = load_table(conn, name)
         exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", [name]).fetchone()
         # Columns the sender dropped: it relays their values, nobody needs to have them.
         dropped = set(self.reader.header.get("dropped", {}).get(name, []))
@@ -509,6 +528,8 @@ class Importer:
             if not self.create_tables or exists:
                 # Not synced here: store and relay its operations, never apply them.
                 kept = register_table(conn, name, columns, pk, enabled=False)
+                if local is None:
+                    self.new_tables.add(kept.tid)
                 self.tables.append(MappedTable(kept.tid, [kept.slots[c] for c in columns], False, [columns.index(c) for c in pk]))
                 self.table_names[kept.tid] = name
                 return
@@ -554,7 +575,7 @@ class Importer:
         """``--alter`` (or a new database) and a table this database lacks: create it as the
         sender declared it and sync it. Operations kept earlier for it are taken up."""
         conn, header = self.conn, self.reader.header
-        kept = load_tables(conn).get(name)
+        kept = load_table(conn, name)
         if kept is not None:
             (count,) = conn.execute("SELECT count(*) FROM _sync_unapplied WHERE tid = ?", [kept.tid]).fetchone()
             self.adopted[name] = count
@@ -567,7 +588,7 @@ class Importer:
         )
         capture_table(conn, name)
         self.created.append(name)
-        return load_tables(conn)[name]
+        return load_table(conn, name)
 
     def match_columns(self, local: SyncedTable, columns: list[str], pk: list[str], dropped: set[str]) -> SyncedTable:
         """Check a synced table has the bundle's columns and primary key (``--alter`` adds the
@@ -601,7 +622,7 @@ class Importer:
             self.added[name] = missing
         if missing:
             capture_table(conn, name)
-            local = load_tables(conn)[name]
+            local = load_table(conn, name)
         if pk != local.pk:
             raise self.fail(errors.PK_MISMATCH, f"table '{name}' has primary key {pk} here it is {local.pk}")
         if any(c not in local.slots for c in columns):
@@ -1484,8 +1505,14 @@ class TableUpdate:
         """Old operations that some new operation's author had not seen: the only candidates for
         concurrency with the new ones."""
         conn = self.conn
+        if not self.ranges:
+            return []
         names = device_ids(conn)
-        floor: dict[int, int] = {}
+        index = {name: idx for idx, name in names.items()}
+        # What every new range's author had seen of each device. A device missing from one of
+        # its clocks was not seen at all, so only devices in all of them are looked at: the
+        # work grows with the clocks read, not with the ranges times the devices known here.
+        floor: dict[int, int] | None = None
         for idx, lo, hi in self.ranges:
             epochs = [knowledge_at(conn, idx, op_seq(lo))] + [
                 load_clock(text)
@@ -1494,11 +1521,13 @@ class TableUpdate:
                     [idx, op_seq(lo), op_seq(hi)],
                 )
             ]
-            for other, name in names.items():
-                seen = self.old.get(other, 0) if other == idx else min(e.get(name, 0) for e in epochs)
-                floor[other] = min(floor.get(other, seen), seen)
+            common = set(epochs[0]).intersection(*epochs[1:])
+            seen = {index[name]: min(e[name] for e in epochs) for name in common if name in index}
+            seen[idx] = self.old.get(idx, 0)
+            floor = seen if floor is None else {other: min(s, seen[other]) for other, s in floor.items() if other in seen}
         result = []
-        for other, seen in floor.items():
+        for other in names:
+            seen = floor.get(other, 0)
             top = self.old[other] if other in self.old else max_seq(conn, other)
             if top > seen:
                 result.append((op_id(other, seen + 1), op_id(other, top)))

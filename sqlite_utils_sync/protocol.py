@@ -37,6 +37,11 @@ CONFLICTS_PATH = SYNC_PATH + "/conflicts"
 RESOLVE_SUFFIX = "/resolve"
 CONFLICT_ID_PATTERN = "[0-9a-f]{1,64}"
 
+MIN_RATE = 1024
+"""Bytes a second: a body (a pull's download, a push's upload) that comes slower than this,
+once past the receiver's timeout, is given up, so a trickle cannot hold a connection and a
+temporary file for ever. The slowest mobile link sends several KB a second."""
+
 SINCE_PARAM = "since"
 TABLE_PARAM = "table"
 """Repeatable: a pull wants only these tables (the others' operations come withheld)."""
@@ -133,6 +138,7 @@ STATUS: dict[str, int] = {
     errors.READ_ONLY: 403,
     errors.TOO_LARGE: 413,
     errors.DISCONNECTED: 400,
+    errors.TOO_SLOW: 408,
     errors.BUSY: 503,
     errors.SQLITE_ERROR: 500,
     errors.CLUSTER_UNAVAILABLE: 503,

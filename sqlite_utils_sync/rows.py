@@ -211,7 +211,7 @@ def set_aside(conn: sqlite3.Connection, table: SyncedTable, rowkey: str, columns
         return []
     info = {row[1]: row for row in table_info(conn, table.name)}
     strict = conn.execute(
-        "SELECT strict FROM pragma_table_list WHERE schema = 'main' AND name = ?", [table.name]
+        "SELECT strict FROM pragma_table_list(?) WHERE schema = 'main' AND name = ?", [table.name, table.name]
     ).fetchone()
     t = quote_identifier(table.name)
     assignments, params = [], []

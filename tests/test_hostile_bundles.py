@@ -283,6 +283,13 @@ def test_a_bundle_file_with_a_damaged_btree_is_refused_before_it_is_read(tmp_pat
         (lambda h: h["tables"][0].__setitem__(2, [{"id": 1}]), "table list is invalid"),
         (lambda h: h.__setitem__("anchors", {"e" * 32: [1, "x" * 5000]}), "anchors are invalid"),
         (lambda h: h.__setitem__("devices", "e" * 32), "device list is invalid"),
+        # A name repeated, or thousands of names in a few bytes each, would cost work per name.
+        (lambda h: h["tables"].append(h["tables"][0]), "table list repeats a table"),
+        (lambda h: h["tables"].extend([[f"t{i}", ["id"], ["id"]] for i in range(1000)]), "more than the 1000 a bundle may name"),
+        (lambda h: h.__setitem__("dropped", {"todos": ["title"] * 2}), "dropped-column list is invalid"),
+        (lambda h: h.__setitem__("dropped", {"todos": [["title"]]}), "dropped-column list is invalid"),
+        (lambda h: h.__setitem__("dropped", {"todos": ["id"]}), "dropped-column list is invalid"),
+        (lambda h: h.__setitem__("dropped", {"nothing": ["title"]}), "dropped-column list is invalid"),
     ],
 )
 def test_header_with_missing_keys_or_wrong_types_is_one_line(tmp_path, synced_pair, change, message, craft, refused_by_cli, refused_by_library):
@@ -773,3 +780,31 @@ def test_devices_a_bundle_carries_nothing_of_are_not_kept(tmp_path, synced_pair,
     assert devices == {device: idx for idx, device in enumerate(real, 1)}  # and no index went to the others
     export_bundle(phone, tmp_path / "from-phone.bundle")
     assert import_bundle(a, tmp_path / "from-phone.bundle").applied_by_table == {"todos": 1}  # b's edit
+
+
+def test_tables_a_bundle_carries_nothing_of_are_not_kept(tmp_path, synced_pair, craft, rows):
+    # Chunks of no operation pointing at made-up tables cost ~220 bytes each; every table a copy
+    # keeps to relay operations of costs every later import (and, on a hub, every request) work.
+    a, b = synced_pair
+    path = tmp_path / "x.bundle"
+    export_bundle(b, path)
+
+    def tamper(conn):
+        def ghosts(header):
+            todos = header["tables"][0]
+            first = len(header["tables"])
+            header["tables"].extend([[f"ghost{i}", todos[1], todos[2]] for i in range(50)])
+            return first, len(todos[1])
+
+        found = []
+        craft.edit_header(conn, lambda h: found.append(ghosts(h)))
+        first, width = found[0]
+        for i in range(50):
+            conn.execute("INSERT INTO bundle_chunks (device, tbl, data) VALUES (0, ?, ?)", [first + i, chunk_image([], width)])
+        craft.reseal(conn)
+
+    craft.rewrite(path, tamper)
+    before = a.execute("SELECT name FROM _sync_tables ORDER BY name").fetchall()
+    import_bundle(a, path)
+    assert rows(a) == rows(b)
+    assert a.execute("SELECT name FROM _sync_tables ORDER BY name").fetchall() == before

@@ -9,6 +9,7 @@ hub's knowledge tick without the operations that tick names, and the client refu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
 import socket
@@ -317,3 +318,40 @@ def test_a_client_that_stops_reading_a_pull_is_cut_off_and_the_hub_goes_on(tmp_p
     db = sqlite_utils.Database(tmp_path / "device.db")
     sync_with_hub(db, server.url + "/hub", token=token, create_tables=True)
     assert db.execute("SELECT count(*) FROM todos").fetchone() == (20_000,)
+
+
+def test_a_push_that_trickles_is_given_up_and_leaves_nothing(tmp_path, datasette_server, make_db, file_bytes):
+    # A client declares a large bundle and sends a byte now and then: past send_timeout the hub
+    # answers 408 and drops the connection and the temporary file, instead of holding them
+    # for as long as the trickle goes on (a few hundred such pushes would use up the hub's files).
+    make_db(tmp_path / "hub.db").close()
+    config = json.loads(json.dumps(HUB_CONFIG))
+    config.setdefault("plugins", {})["datasette-sync"] = {"send_timeout": 1}
+    server = datasette_server([tmp_path / "hub.db"], config)
+    token = server.token("alice")
+    before = file_bytes(tmp_path / "hub.db")
+    trickle = socket.socket()
+    trickle.connect(("127.0.0.1", server.port))
+    trickle.sendall(
+        f"POST /hub/-/sync/import HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n".encode()
+    )
+    trickle.settimeout(60)
+    answer = b""
+    try:
+        for _ in range(300):  # a minute at most
+            if b"\r\n\r\n" in answer:
+                break
+            trickle.sendall(b"S")
+            time.sleep(0.2)
+            with contextlib.suppress(BlockingIOError):
+                answer += trickle.recv(1 << 16, socket.MSG_DONTWAIT)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the hub answered and closed the connection while a byte was on its way
+    with contextlib.suppress(OSError):
+        while chunk := trickle.recv(1 << 16):  # the rest of the answer, until the hub closes
+            answer += chunk
+    trickle.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"reason": "too_slow"' in answer
+    assert file_bytes(tmp_path / "hub.db") == before
