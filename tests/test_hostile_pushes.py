@@ -319,8 +319,14 @@ def test_tables_a_push_only_names_are_not_stored(hub, tokens, tmp_path, run):
     template = bob_template(run, hub, tokens, tmp_path)
     count = "SELECT count(*) FROM _sync_tables"
     before = sqlite3.connect(hub.path).execute(count).fetchone()
-    names = [[f"made_up_{i}", ["id"], ["id"]] for i in range(1200)]
+    names = [[f"made_up_{i}", ["id"], ["id"]] for i in range(900)]
     response = hub.post("/hub/-/sync/import", content=naming(template, tmp_path / "names.bundle", names), headers=auth(tokens["bob"]))
     assert response.status_code == 200, response.text
+    assert sqlite3.connect(hub.path).execute(count).fetchone() == before
+    # More than a bundle may name is refused before any name is looked at.
+    names = [[f"made_up_{i}", ["id"], ["id"]] for i in range(1200)]
+    response = hub.post("/hub/-/sync/import", content=naming(template, tmp_path / "more.bundle", names), headers=auth(tokens["bob"]))
+    assert (response.status_code, response.json()["reason"]) == (400, "invalid_metadata")
+    assert "more than the 1000 a bundle may name" in response.json()["error"]
     assert sqlite3.connect(hub.path).execute(count).fetchone() == before
     assert hub.get("/hub/-/sync/export", headers=auth(tokens["bob"])).status_code == 200
