@@ -94,14 +94,20 @@ def write_wrapper(datasette, database, request, transaction):
             remove_authorizer(conn)
         undo_renames(conn, before)
         if schema_version(conn) != version:
-            with writing(conn):  # repairs capture, logging what stale triggers missed
-                pass
+            repair_capture(conn)
 
     return guard
 
 
 def schema_version(conn) -> int:
     return conn.execute("PRAGMA schema_version").fetchone()[0]
+
+
+def repair_capture(conn) -> None:
+    """Put the synced tables' capture in step with their schema, logging what stale or missing
+    triggers missed: what every engine write does first (:func:`writing`)."""
+    with writing(conn):
+        pass
 
 
 def table_pages(conn) -> dict[str, int]:

@@ -21,6 +21,7 @@ import sqlite3
 import tempfile
 import time
 import urllib.parse
+import weakref
 from typing import Any, Callable
 
 from datasette import Response
@@ -41,13 +42,14 @@ from sqlite_utils_sync import (
 )
 from sqlite_utils_sync.api import read_snapshot
 from sqlite_utils_sync.bundle import BundleReader, ExportResult
+from sqlite_utils_sync.capture import drifted_tables
 from sqlite_utils_sync.clocks import DEFAULT_MAX_CLOCK_SKEW, clock, horizon, parse_duration
 from sqlite_utils_sync.devices import device_names, label, resolve_device
 from sqlite_utils_sync.oplog import is_device_id, json_value
 from sqlite_utils_sync.schema import check_schema, is_enabled
 
 from . import chart, cluster, live, queries
-from .guard import sync_write
+from .guard import repair_capture, schema_version, sync_write
 from .permissions import (
     DELETE_ROW,
     EXPORT,
@@ -897,6 +899,7 @@ class ExportEndpoint(Endpoint):
         wait, device = wait_args(request, datasette, db)
         requested = protocol.parse_tables(request.args.getlist(protocol.TABLE_PARAM))
         tables, visible = await pull_scope(datasette, request.actor, db, requested)
+        await capture_in_step(db)
         if wait > 0:
             await wait_for_news(datasette, request, db, since, device, wait)
             made = await shared_export(request, db, live.feed(datasette, db.name), since, tables)
@@ -944,6 +947,27 @@ async def own_export(request, db, since: dict, tables: set[str] | None) -> tuple
         shutil.rmtree(directory, ignore_errors=True)
         raise
     return export_response(request, directory, result, tables), result
+
+
+_SCHEMA_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""The schema version each hub database's capture was last found in step at."""
+
+
+async def capture_in_step(db) -> None:
+    """Repair capture before an export if another process changed a synced table's schema
+    (``sqlite-utils transform`` while the hub runs drops its triggers): a hub's exports only
+    read, so the edits made after such a change would otherwise wait, unlogged, for the next
+    push. Looked at once per schema version; the repair is a write of its own."""
+    if not db.is_mutable:
+        return
+    version = await db.execute_fn(schema_version)
+    if _SCHEMA_CHECKED.get(db) == version:
+        return
+    if await db.execute_fn(lambda conn: bool(drifted_tables(conn))):
+        with sync_write():
+            await db.execute_write_fn(repair_capture, transaction=False)
+        version = await db.execute_fn(schema_version)
+    _SCHEMA_CHECKED[db] = version
 
 
 def new_export_directory() -> pathlib.Path:

@@ -203,6 +203,20 @@ def test_writes_that_change_a_synced_tables_schema_through_datasette_are_logged_
     assert todo_rows(phone) == expected
 
 
+def test_a_transform_by_another_process_while_the_hub_runs_does_not_hide_later_edits(
+    tmp_path, hub, alice, hub_sync, make_todos_db, run, todo_rows
+):
+    # sqlite-utils transform rebuilds the table, and its capture triggers go with it. A device
+    # with nothing to push only pulls, so the hub's export must repair capture first.
+    laptop = make_todos_db(tmp_path / "laptop.db", [{"id": 1, "title": "a", "done": 0}])
+    hub_sync(laptop, hub, alice)
+    run(["sqlite-utils", "transform", hub.path, "todos", "--default", "done", "0"])
+    with sqlite3.connect(hub.path) as other:
+        other.execute("UPDATE todos SET title = 'edited by another program' WHERE id = 1")
+    hub_sync(laptop, hub, alice)
+    assert todo_rows(laptop) == todo_rows(hub.path) == [{"id": 1, "title": "edited by another program", "done": 0}]
+
+
 def test_a_hub_whose_clock_was_set_back_serves_its_later_edit(tmp_path, hub, alice, hub_sync, make_todos_db, run, shell, todo_rows):
     shell(hub.path, "INSERT INTO todos VALUES (1, 'buy milk', 0)")
     shell(hub.path, "UPDATE todos SET title = 'buy oat milk' WHERE id = 1", "-1d")
