@@ -574,8 +574,7 @@ class _Run:
         """Fetch and import what the hub has and this database lacks: (the import result,
         the hub's clock, the hub's device id)."""
         path = os.path.join(self.workdir, name)
-        since = protocol.encode_clock(local_state(self.db)[2])
-        params: dict[str, Any] = {protocol.SINCE_PARAM: since}
+        params: dict[str, Any] = {protocol.SINCE_PARAM: protocol.since_param(local_state(self.db)[2])}
         if self.scope is not None:
             params[protocol.TABLE_PARAM] = sorted(self.scope)
         response = self.request("GET", protocol.EXPORT_PATH, "export (pull)", save_to=path, params=params)

@@ -188,6 +188,24 @@ def encode_clock(clock: dict[str, int]) -> str:
     return oplog.encode_clock(clock)
 
 
+MAX_SINCE = 60_000
+"""Characters of a ``since`` parameter. It travels in the URL, which HTTP clients and servers
+cap (httpx at 65,536): about 40 characters a device, so a clock of about 1,500 devices."""
+
+
+def since_param(clock: dict[str, int]) -> str:
+    """``clock`` as a pull's ``since`` parameter; a clock too long for a URL is refused in
+    words, not as a URL the user never typed."""
+    text = encode_clock(clock)
+    if len(text) > MAX_SINCE:
+        raise errors.SyncError(
+            errors.TOO_MANY_DEVICES,
+            f"this copy's clock names {len(clock)} devices, too many for a pull through a hub, whose URL carries "
+            f"the clock (about {MAX_SINCE // 40:,} at most): sync by bundle files instead (export-bundle, import-bundle)",
+        )
+    return text
+
+
 def decode_clock(text: str | None, what: str) -> dict[str, int]:
     """A vector clock from a ``since`` parameter or an X-Sync-Clock header (raises
     BundleError with reason ``invalid_clock``); nothing is the empty clock."""

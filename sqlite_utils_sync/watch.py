@@ -129,7 +129,7 @@ class _Poller(threading.Thread):
     def pull(self, client: Any, since: dict[str, int], device: str, scope: set[str] | None) -> tuple:
         path = os.path.join(self.workdir, "pull.bundle")
         params: dict[str, Any] = {
-            protocol.SINCE_PARAM: protocol.encode_clock(since),
+            protocol.SINCE_PARAM: protocol.since_param(since),
             protocol.WAIT_PARAM: f"{self.wait:g}",
             protocol.DEVICE_PARAM: device,
         }

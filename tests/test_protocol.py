@@ -1,5 +1,6 @@
 """The hub protocol: one table gives every reason the hub answers with its HTTP status."""
 
+import pytest
 from datasette.utils.asgi import BadRequest, Forbidden, NotFound, PayloadTooLarge
 
 from datasette_sync import views
@@ -35,3 +36,18 @@ def test_clock_encoding_round_trips():
     assert text == '{"' + "a" * 32 + '":1,"' + "b" * 32 + '":2}'
     assert protocol.decode_clock(text, "clock") == clock
     assert protocol.decode_clock(None, "clock") == {}
+
+
+def test_a_clock_too_long_for_a_pulls_url_is_refused_in_words():
+    # The pull's since travels in the URL; httpx refuses one past 64 KB as "not a valid URL",
+    # which blamed a URL the user never typed.
+    devices = {f"{i:032x}": i + 1 for i in range(2000)}
+    with pytest.raises(errors.SyncError) as refused:
+        protocol.since_param(devices)
+    assert refused.value.reason == "too_many_devices"
+    assert str(refused.value) == (
+        "this copy's clock names 2000 devices, too many for a pull through a hub, whose URL carries the clock "
+        "(about 1,500 at most): sync by bundle files instead (export-bundle, import-bundle)"
+    )
+    few = dict(list(devices.items())[:1000])
+    assert protocol.decode_clock(protocol.since_param(few), "since") == few
