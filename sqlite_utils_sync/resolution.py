@@ -79,7 +79,10 @@ def _resolve(
         # to write: the resolution only marks the conflict resolved (writing the whole row
         # would undo later edits of its other columns). The table and the logged op get the same.
         disputed = [c for c in record["columns"] if c in columns]
-        changing = columns if current is None or not record["columns"] else disputed
+        # The record's columns are those of every clashing pair: a delete among the versions
+        # disputes the row's existence even when another pair names columns.
+        row_disputed = not record["columns"] or any(v["kind"] in ("delete", "move") for v in record["versions"])
+        changing = columns if current is None or row_disputed else disputed
         carried: dict[str, Any] = {}
         if keep is None:
             target = current

@@ -158,6 +158,27 @@ def test_keeping_a_version_restores_only_the_disputed_columns(tmp_path, trio, ro
     assert rows(y) == rows(x)
 
 
+def test_keeping_a_version_restores_the_whole_row_when_a_delete_was_disputed_too(tmp_path, trio, rows, everyone_syncs):
+    # z deletes the row while x and y edit its title: the record's columns name the title (x
+    # against y), but whether the row exists is disputed too, so keeping x's version restores
+    # all of it, as it does without y's edit.
+    x, y, z = trio
+    x.execute("INSERT INTO todos VALUES (1, 'milk', 0, 1.0)")
+    everyone_syncs(trio, tmp_path)
+    z.execute("DELETE FROM todos WHERE id = 1")
+    x.execute("UPDATE todos SET title = 'x title', done = 5 WHERE id = 1")
+    y.execute("UPDATE todos SET title = 'y title' WHERE id = 1")
+    everyone_syncs(trio, tmp_path)
+    x.execute("UPDATE todos SET done = 9 WHERE id = 1")  # a plain later edit
+    [conflict] = list_conflicts(x)
+    assert conflict["columns"] == ["title"] and "delete" in [v["kind"] for v in conflict["versions"]]
+    x_version = next(v["op"] for v in conflict["versions"] if v["values"] and v["values"].get("done") == 5)
+    resolve_conflict(x, conflict["id"], keep=x_version)
+    assert x.execute("SELECT title, done FROM todos").fetchone() == ("x title", 5)
+    everyone_syncs(trio, tmp_path)
+    assert rows(x) == rows(y) == rows(z)
+
+
 def test_resolving_right_after_a_column_was_added(tmp_path, trio, sync):
     x, y, _ = trio
     x.execute("INSERT INTO todos VALUES (1, 'orig', 0, 0)")
