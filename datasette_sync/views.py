@@ -585,7 +585,8 @@ async def conflicts_page(datasette, request):
             row_url = datasette.urls.row(db.name, conflict["table"], pk_path)
         resolve_url = datasette.urls.database(db.name) + protocol.resolve_path(conflict["id"])
         history = pk_filter(keys.get(conflict["id"], conflict["pk"]))
-        may_resolve = can_resolve and UPDATE_ROW in writable.get(conflict["table"], ())
+        # A table dropped since has no row to write: the resolve endpoint refuses (table_missing).
+        may_resolve = can_resolve and table_exists and UPDATE_ROW in writable.get(conflict["table"], ())
         shown.append(
             {**grid, "row_url": row_url, "resolve_url": resolve_url, "table_missing": not table_exists,
              "history_pk": history, "may_resolve": may_resolve}
@@ -614,7 +615,7 @@ async def conflicts_page(datasette, request):
 def resolve_hint(db, actor, can_resolve: bool, shown: list[dict]) -> str | None:
     """Why the conflicts page shows no resolve buttons (for some conflicts), and what would change that."""
     if can_resolve:
-        if all(conflict["may_resolve"] or conflict["resolved"] for conflict in shown):
+        if all(c["may_resolve"] or c["resolved"] or c["table_missing"] for c in shown):
             return None
         return (
             f"Resolving a conflict also needs {UPDATE_ROW} on its table (and {INSERT_ROW} to restore a deleted row, "

@@ -341,6 +341,8 @@ async def test_resolving_a_conflict_of_a_dropped_table_is_refused_with_table_mis
         )
     assert data.execute("SELECT count(*) FROM _sync_ops").fetchone() == before
     assert not list_conflicts(data, include_resolved=False)[0]["resolved"]
+    page = (await ds.client.get("/data/-/sync/conflicts", actor=ROOT)).text
+    assert "Table todos is not in this database" in page and 'class="core sync-resolve"' not in page
 
 
 async def test_resolve_refuses_bodies_that_do_not_say_what_to_keep(tmp_path):
