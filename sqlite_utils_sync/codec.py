@@ -7,8 +7,10 @@ more than a reader accepts.
 
 A reader decompresses at most the size a frame declares, and accepts a declared size of at
 most MAX_RATIO times the frame's own size and at most MAX_IMAGE: whatever a bundle holds,
-decompressing it costs at most MAX_RATIO times its size in work, and one chunk at a time never
-more than MAX_IMAGE of memory. A writer stores larger images (a single huge value) as they are.
+decompressing it costs at most MAX_RATIO times its size in work, and no chunk image more than
+MAX_IMAGE of memory. The importer holds a few images at once (it checks the next chunk while it
+applies one), so a bundle of such bombs peaks at a few times MAX_IMAGE (about 250 MB measured),
+however many chunks it has. A writer stores larger images (a single huge value) as they are.
 """
 
 from __future__ import annotations
