@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import sqlite3
 import sys
 
-from sqlite_utils_sync.writing import writing
+from sqlite_utils_sync.writing import repair_capture as engine_repair, writing
+
+log = logging.getLogger("datasette_sync")
 
 PREFIX = "_sync_"
 
@@ -105,9 +108,11 @@ def schema_version(conn) -> int:
 
 def repair_capture(conn) -> None:
     """Put the synced tables' capture in step with their schema, logging what stale or missing
-    triggers missed: what every engine write does first (:func:`writing`)."""
-    with writing(conn):
-        pass
+    triggers missed: what every engine write does first (:func:`writing`). A table that cannot
+    be repaired (its primary key changed, say) is left as the pages and sync-status show it:
+    the Datasette write or the pull that found it goes on."""
+    with writing(conn, repair=False):
+        engine_repair(conn, on_refused=lambda table, ex: log.warning("datasette-sync: capture of %s not repaired: %s", table, ex))
 
 
 def table_pages(conn) -> dict[str, int]:

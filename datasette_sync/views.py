@@ -968,7 +968,7 @@ async def capture_in_step(db) -> None:
         with sync_write():
             await db.execute_write_fn(repair_capture, transaction=False)
         version = await db.execute_fn(schema_version)
-    _SCHEMA_CHECKED[db] = version
+    _SCHEMA_CHECKED[db] = version  # a table left unrepaired is not tried again on every pull
 
 
 def new_export_directory() -> pathlib.Path:

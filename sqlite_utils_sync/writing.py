@@ -105,12 +105,24 @@ def capture_table(conn: sqlite3.Connection, name: str, on_kept: Callable[[str, s
     return reconcile_table(conn, table, captured, on_kept)
 
 
-def repair_capture(conn: sqlite3.Connection) -> dict[str, int]:
-    """Re-install stale or missing triggers and log the changes they missed."""
+def repair_capture(conn: sqlite3.Connection, on_refused: Callable[[str, SyncError], None] | None = None) -> dict[str, int]:
+    """Re-install stale or missing triggers and log the changes they missed.
+
+    :param on_refused: where a table cannot be repaired (its primary key changed, too many
+        columns), leave it as it is and tell this, instead of raising: a hub repairs on behalf
+        of a write or a pull of other tables, which must not fail for it
+    """
     repaired = {}
     for name, table in load_tables(conn, enabled_only=True).items():
         if table_drift(conn, table) is None:
             refresh_capture(conn, table)
         elif table_exists(conn, name):
-            repaired[name] = capture_table(conn, name)
+            if on_refused is None:
+                repaired[name] = capture_table(conn, name)
+                continue
+            try:
+                with transaction(conn):
+                    repaired[name] = capture_table(conn, name)
+            except SyncError as ex:
+                on_refused(name, ex)
     return repaired

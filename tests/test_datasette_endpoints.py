@@ -534,3 +534,24 @@ def test_export_with_messages_cookie_head_and_percent_encoded_name(tmp_path, dat
         missing = client.get("/no%20such/-/sync/export", headers=bearer)
         assert missing.status_code == 404 and missing.json()["reason"] == "not_found"
     assert "Traceback" not in server.output()
+
+
+async def test_a_table_whose_capture_cannot_be_repaired_does_not_stop_pulls_or_writes(tmp_path):
+    # Another process changed a synced table's primary key while the hub runs: the hub's repair
+    # before an export (and after a schema-changing write) cannot take that table, and leaves
+    # it as sync-status shows it; pulls and Datasette's writes go on as before.
+    path = tmp_path / "hub.db"
+    db = sqlite_utils.Database(path)
+    db["t"].insert({"id": 1, "v": "a"}, pk="id")
+    db["other"].insert({"id": 1, "v": "o"}, pk="id")
+    enable_sync(db, ["t", "other"])
+    grants = {"sync-export": True, "sync-view": True, "create-table": True, "insert-row": True}
+    ds = Datasette([str(path)], config={"permissions": grants})
+    await ds.invoke_startup()
+    db["t"].transform(pk="v")
+    for url in ("/hub/-/sync/export", "/hub/-/sync/export?table=other"):
+        response = await ds.client.get(url)
+        assert response.status_code == 200 and response.content.startswith(b"SQLite format 3\0")
+    created = await ds.client.post("/hub/-/create", json={"table": "unrelated", "row": {"id": 1}, "pk": "id"})
+    assert created.status_code == 201, created.text
+    assert "no capture triggers" in " ".join(sync_status(db)["warnings"])
