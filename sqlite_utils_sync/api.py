@@ -12,7 +12,7 @@ import os
 import sqlite3
 from typing import Any, Callable, Iterator
 
-from .bundle import CHUNK_OPS, ExportResult, has_scratch, operations_after, scratch_schema, write_bundle
+from .bundle import CHUNK_OPS, MAX_TABLES, ExportResult, has_scratch, operations_after, scratch_schema, write_bundle
 from .codec import DEFAULT as DEFAULT_CODEC
 from .capture import canonical_name, drifted_tables, drop_triggers, load_tables, muted, remember_captured
 from .clocks import clock, unsettled_clocks
@@ -55,6 +55,13 @@ def enable_sync(
                     wanted |= set(load_tables(conn, enabled_only=True))
                 check_scope_change(conn, wanted)
                 store_scope(conn, wanted)
+            synced = set(load_tables(conn, enabled_only=True)) | set(names)
+            if len(synced) > MAX_TABLES:
+                raise SyncError(
+                    INVALID_ARGUMENT,
+                    f"Cannot sync {len(synced)} tables in one database: a bundle names every synced table, and "
+                    f"copies take at most {MAX_TABLES}. Nothing was changed",
+                )
             logged = {table: capture_table(conn, table, on_kept) for table in names}
             if name is not None:
                 set_local_name(conn, name)

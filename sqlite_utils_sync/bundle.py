@@ -229,6 +229,11 @@ def make_header(
     count: int,
 ) -> dict[str, Any]:
     """The header of a bundle whose ``count`` operations ``writer`` has written."""
+    if len(writer.tables) > MAX_TABLES:  # a relay of more tables than enable-sync lets one copy sync
+        raise BundleError(
+            INVALID_METADATA,
+            f"Cannot export: the bundle would name {len(writer.tables)} tables, more than the {MAX_TABLES} a copy takes",
+        )
     header = device_records(conn) | {
         "anchors": anchors_for(conn, since, devices, None if plan is None else plan.wanted_tids),
         "source": local_device_id(conn),

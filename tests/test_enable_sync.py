@@ -261,3 +261,20 @@ def test_a_column_added_while_disabled_does_not_undo_a_peers_delete(tmp_path, ma
     kept = enable_reporting(a, "todos")
     assert kept == []
     assert a.execute("SELECT id FROM todos").fetchall() == [(2,)]
+
+
+def test_more_tables_than_a_bundle_may_name_are_refused(tmp_path, run_cli):
+    # A bundle names every synced table, and copies take at most 1,000: enabling more would
+    # make exports that no copy imports.
+    path = tmp_path / "many.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("".join(f"CREATE TABLE t{i} (id INTEGER PRIMARY KEY);" for i in range(1001)))
+    conn.close()
+    before = path.read_bytes()
+    result = run_cli("enable-sync", path, *[f"t{i}" for i in range(1001)])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: Cannot sync 1001 tables in one database: a bundle names every synced table, and copies take "
+        "at most 1000. Nothing was changed\n"
+    )
+    assert path.read_bytes() == before
