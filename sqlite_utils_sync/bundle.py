@@ -616,35 +616,54 @@ def write_filtered(
             if piece[0] is None:
                 sink.add(piece[1], piece[2])
             else:
-                count += write_runs(conn, writer, device_position, piece[1:], fixes)
+                # Other tables' operations come between this stretch's: its runs skip them.
+                keep = wanted_sql(plan.wanted_tids) if piece[3] else ""
+                count += write_runs(conn, writer, device_position, piece[1:3], fixes, keep)
         sink.flush()
     return count
 
 
+def wanted_sql(wanted: set[int] | None, column: str = "tid") -> str:
+    """SQL true for the operations of the wanted tables and ticks (None: every table). A list,
+    not a chain of ORs: SQLite refuses an expression more than 1,000 deep (tables)."""
+    if wanted is None:
+        return "1"
+    return f"({column} IN ({', '.join(str(tid) for tid in [0, *sorted(wanted)])}))"
+
+
 # How many op ids stretches() looks at per query: a bound on what it holds at once.
 STRETCH_WINDOW = 100_000
+# A stretch of other tables' operations this long ends a stretch of the wanted ones; a shorter
+# one (tables written in turn) is skipped by the runs around it, so that they fill chunks as in
+# a full export rather than make a chunk per operation (reading it costs less than a chunk).
+SKIPPED_OPS = CHUNK_OPS
 
 
 def filtered_runs(
     conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | None, own: list[tuple[int, int]]
 ) -> Iterator[tuple]:
-    """Stretches of one device's operations ``lo..hi``: ``(True, first op, last op)`` for those
-    of the wanted tables and ticks, and ``(None, first seq, last seq)`` for each stretch of
-    other held seqs (operations of other tables, and ``own`` withheld ranges), in seq order.
-    A wanted stretch goes on over holes in the op ids (compaction leaves them), so its chunks
-    stay full; a withheld range is exact. No value is read."""
+    """Stretches of one device's operations ``lo..hi``: ``(True, first op, last op, skips)`` for
+    those of the wanted tables and ticks, and ``(None, first seq, last seq)`` for each stretch of
+    other held seqs (operations of other tables, and ``own`` withheld ranges), in seq order but
+    that a wanted stretch comes after the withheld ranges it spans. A wanted stretch goes on over
+    holes in the op ids (compaction's, and ``own`` withheld ranges), so its chunks stay full, and
+    over stretches of other tables' operations shorter than SKIPPED_OPS (``skips`` is then
+    true: its runs must skip them); a withheld range is exact. No value is read."""
     withheld = WithheldRanges(own)
-    run: list[int] | None = None  # wanted op ids not yet yielded
+    run: list | None = None  # wanted op ids not yet yielded, and whether they skip others'
+    skipped = False  # a stretch of other tables' operations came after the run's last op
     for values, first, last in stretches(conn, lo, hi, wanted):
-        if run and (withheld.owns_before(op_seq(first)) or not values):
-            yield True, *run
-            run = None
         yield from withheld.own_before(op_seq(first))
         if values:
             yield from withheld.flush()
-            run = [run[0] if run else first, last]
-        else:
-            yield from withheld.add(op_seq(first), op_seq(last))
+            run = [run[0], last, run[2] or skipped] if run else [first, last, False]
+            skipped = False
+            continue
+        if run and last - first + 1 >= SKIPPED_OPS:
+            yield True, *run
+            run, skipped = None, False
+        yield from withheld.add(op_seq(first), op_seq(last))
+        skipped = run is not None
     if run:
         yield True, *run
     yield from withheld.own_before(SEQ_MASK + 1)
@@ -695,9 +714,7 @@ def stretches(conn: sqlite3.Connection, lo: int, hi: int, wanted: set[int] | Non
     chunk images. After a window with no op the next window starts at the next op, so the
     queries made follow the ops held, not the ids between ``lo`` and ``hi``.
     """
-    # A list, not a chain of ORs: SQLite refuses an expression more than 1,000 deep (tables).
-    tids = ", ".join(str(tid) for tid in [0, *sorted(wanted or ())])
-    keep = {a: "1" if wanted is None else f"({a}.tid IN ({tids}))" for a in ("o", "p")}
+    keep = {a: wanted_sql(wanted, f"{a}.tid") for a in ("o", "p")}
     sql = (
         f"SELECT o.op, {keep['o']}, (SELECT max(x.op) FROM _sync_ops x WHERE x.op BETWEEN :lo AND o.op - 1) "
         "FROM _sync_ops o LEFT JOIN _sync_ops p ON p.op = o.op - 1 "
@@ -824,6 +841,7 @@ def write_runs(
     device_position: int,
     ops: tuple[int, int],
     clock_fixes: dict[int, int],
+    keep: str = "",
 ) -> int:
     """:func:`write_operations` of one device; returns the count. Chunk images are built by SQL
     where the writer has its scratch schema, else row by row: the chunks hold the same.
@@ -834,7 +852,14 @@ def write_runs(
     run that goes on, the run's end is worked out exactly (RUN_END_SQL). Runs of fewer
     than SMALL_RUN operations (a delta) are made row by row, and tables written in turn go
     one chunk per table for CHUNK_OPS operations (:func:`write_interleaved`).
+
+    ``keep``: SQL true for the operations to send, where others come between them (a bundle
+    of some tables of tables written in turn, see :func:`filtered_runs`): the others are
+    skipped like holes, and runs and stretches are counted in the operations sent
+    (:func:`write_skipping`).
     """
+    if keep:
+        return write_skipping(conn, writer, device_position, ops, clock_fixes, keep)
     images = writer.scratch
     lo, hi = ops
     count = 0
@@ -878,7 +903,7 @@ def write_runs(
             if made is not None and made[1] < CHUNK_OPS and run_goes_on(conn, made[2], hi, tid):
                 made = None  # holes (compaction's) in its op ids: the run has more ops after them
         if made is None:
-            last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn)), {
+            last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn), keep=""), {
                 "lo": op, "hi": hi, "tid": tid, "ops": end - op + 1, "bytes": CHUNK_BYTES
             }).fetchone()
             if images and size >= SMALL_RUN:
@@ -894,15 +919,73 @@ def write_runs(
         lo, mixed = last + 1, other is not None or last < end
 
 
+def write_skipping(
+    conn: sqlite3.Connection,
+    writer: BundleWriter,
+    device_position: int,
+    ops: tuple[int, int],
+    clock_fixes: dict[int, int],
+    keep: str,
+) -> int:
+    """:func:`write_runs` of the operations ``keep`` holds true of, the others between them
+    skipped: the same chunks as :func:`write_runs` would make of a log without the others
+    (but that another table's operation is looked for among the next SMALL_RUN operations
+    sent, not op ids). No image is tried on a guess: the next operation of another table is
+    looked for (reading no further than it), then the run's end is worked out (RUN_END_SQL),
+    so that each operation is read a few times, whatever the length of its run."""
+    images = writer.scratch
+    lo, hi = ops
+    count = 0
+    only = f" AND {keep}"
+    next_other = (
+        f"SELECT op FROM (SELECT op, tid FROM _sync_ops WHERE op > :op AND op <= :hi{only} ORDER BY op LIMIT :n) "
+        "WHERE tid != :tid LIMIT 1"
+    )
+    while True:
+        first = conn.execute(
+            f"SELECT op, tid FROM _sync_ops WHERE op BETWEEN ? AND ?{only} ORDER BY op LIMIT 1", [lo, hi]
+        ).fetchone()
+        if first is None:
+            return count
+        op, tid = first
+        key, columns = run_columns(writer, tid)
+        near = {"op": op, "hi": hi, "tid": tid, "n": SMALL_RUN - 1}
+        if conn.execute(next_other, near).fetchone() is not None:
+            size, last = write_interleaved(conn, writer, device_position, (op, hi), clock_fixes, only)
+            count += size
+            lo = last + 1
+            continue
+        other = conn.execute(next_other, near | {"n": CHUNK_OPS - 1}).fetchone()
+        last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn), keep=only), {
+            "lo": op, "hi": hi if other is None else other[0] - 1, "tid": tid, "ops": CHUNK_OPS, "bytes": CHUNK_BYTES
+        }).fetchone()
+        made = None
+        if images and size >= SMALL_RUN:
+            with scratch_limit(conn, None):
+                made = sql_image(conn, columns, (op, last, tid), clock_fixes, interleaved=True)
+        if made is not None:
+            writer.write_image(device_position, key, made[0], size)
+        else:
+            write_run(conn, writer, (device_position, key), (op, last, size), columns, clock_fixes, tid)
+        count += size
+        lo = last + 1
+
+
 def write_interleaved(
-    conn: sqlite3.Connection, writer: BundleWriter, device_position: int, ops: tuple[int, int], clock_fixes: dict[int, int]
+    conn: sqlite3.Connection,
+    writer: BundleWriter,
+    device_position: int,
+    ops: tuple[int, int],
+    clock_fixes: dict[int, int],
+    only: str = "",
 ) -> tuple[int, int]:
     """Write the operations of one device from ``ops[0]`` on where tables are written in turn
     (up to CHUNK_OPS of them, CHUNK_BYTES of values all tables together, and the next run of
     SMALL_RUN operations of one table) as one chunk per table, each holding that table's
     operations in order. A receiver takes chunks of one device that interleave. Returns how
-    many operations went, and the last one's id."""
-    last, per_table = interleaved_end(conn, *ops)
+    many operations went, and the last one's id. ``only``: SQL restricting the operations sent
+    (see :func:`write_skipping`)."""
+    last, per_table = interleaved_end(conn, *ops, only)
     for tid, count in per_table.items():
         key, columns = run_columns(writer, tid)
         made = None
@@ -916,13 +999,13 @@ def write_interleaved(
     return sum(per_table.values()), last
 
 
-def interleaved_end(conn: sqlite3.Connection, lo: int, hi: int) -> tuple[int, dict[int, int]]:
+def interleaved_end(conn: sqlite3.Connection, lo: int, hi: int, only: str = "") -> tuple[int, dict[int, int]]:
     """The last op id of the stretch from ``lo`` where tables are written in turn, and how many
     operations of each table it holds (in the order the tables first come): up to CHUNK_OPS
     operations whose values come to at most CHUNK_BYTES (the first goes whatever its size),
     ending before the first run of SMALL_RUN operations of one table, which goes as a run of
     its own. (In Python: SQL's window functions took 3x as long.)"""
-    sql = f"SELECT op, tid, {value_bytes_sql(conn)} FROM _sync_ops WHERE op BETWEEN ? AND ? ORDER BY op LIMIT ?"
+    sql = f"SELECT op, tid, {value_bytes_sql(conn)} FROM _sync_ops WHERE op BETWEEN ? AND ?{only} ORDER BY op LIMIT ?"
     ops: list[tuple] = []
     total, run_start, run_tid = 0, 0, None
     # Read a page at a time: a stretch often ends within a few operations (a list, then a run
@@ -962,7 +1045,7 @@ def run_goes_on(conn: sqlite3.Connection, last: int, hi: int, tid: int) -> bool:
 # whose values come to at most CHUNK_BYTES (the first op goes whatever its size).
 RUN_END_SQL = (
     "SELECT max(op), count(*) FROM (SELECT op, sum(sz) OVER w AS upto, sum(tid != :tid) OVER w AS other FROM "
-    "(SELECT op, tid, {size} AS sz FROM _sync_ops WHERE op BETWEEN :lo AND :hi ORDER BY op LIMIT :ops) "
+    "(SELECT op, tid, {size} AS sz FROM _sync_ops WHERE op BETWEEN :lo AND :hi{keep} ORDER BY op LIMIT :ops) "
     "WINDOW w AS (ORDER BY op ROWS UNBOUNDED PRECEDING)) WHERE other = 0 AND (upto <= :bytes OR op = :lo)"
 )
 

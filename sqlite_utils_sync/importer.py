@@ -57,7 +57,7 @@ from .devices import (
 )
 from .oplog import DELETE, INSERT, KIND_MASK, LOCAL, RESOLUTION, SEQ_BITS, SEQ_MASK, TICK, UPDATE, encode_clock, load_clock, mask_of, mask_slots, op_id, op_seq, parse_clock, parse_rowkey, remap_mask_sql, row_actions, rowkey_sql
 from .schema import connection, quote_identifier
-from .scope import add_withheld, load_scope, store_scope, withheld_between, withheld_count, withheld_ranges
+from .scope import add_withheld_ranges, load_scope, store_scope, withheld_between, withheld_count, withheld_ranges
 from .merge import Effect, KnowledgeCache, effects_of, latest_key, record_clashes
 from .rows import apply_row, fetch_row, settle, write_row
 from .transaction import attempt
@@ -835,8 +835,9 @@ class Importer:
                 errors.INVALID_OPERATION,
                 f"it both withholds and sends operations of device {device_ids(conn)[overlap[0]]} (or withholds them twice)",
             )
-        for idx, lo, hi in conn.execute("SELECT device, lo, hi FROM temp._sync_new_withheld ORDER BY device, lo").fetchall():
-            add_withheld(conn, idx, lo, hi)
+        staged = conn.execute("SELECT device, lo, hi FROM temp._sync_new_withheld ORDER BY device, lo").fetchall()
+        add_withheld_ranges(conn, staged)
+        for idx, lo, hi in staged:
             self.withheld[idx] = self.withheld.get(idx, 0) + hi - lo + 1
 
     def keep_unapplied(
