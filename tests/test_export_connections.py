@@ -7,6 +7,7 @@ snapshot, chunk for chunk, and writers wait only for as long as they must.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import threading
@@ -66,14 +67,14 @@ def second_connection_behind(monkeypatch, exporting: sqlite3.Connection) -> list
     chunk and one ahead; returns the first op of each image ``exporting`` builds, in order."""
     built_ahead, by_exporter, real_sql_image = threading.Event(), [], bundle.sql_image
 
-    def sql_image(conn, columns, run, clock_fixes):
+    def sql_image(conn, columns, run, clock_fixes, **kwargs):
         if conn is exporting:
             by_exporter.append(run[0])
             if len(by_exporter) >= 2:
                 built_ahead.set()
         else:
             assert built_ahead.wait(60)
-        return real_sql_image(conn, columns, run, clock_fixes)
+        return real_sql_image(conn, columns, run, clock_fixes, **kwargs)
 
     monkeypatch.setattr(bundle, "sql_image", sql_image)
     return by_exporter
@@ -290,7 +291,7 @@ def write(conn: sqlite3.Connection, table: str, action: str, n: int, next_id: di
         conn.execute(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id DESC LIMIT ?)", [n])
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("CONNECTION_EXAMPLES", "30")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(
     theirs=st.lists(STEP, max_size=4),
     steps=st.lists(STEP, min_size=1, max_size=12),
@@ -337,11 +338,11 @@ def test_a_bundle_built_on_two_connections_is_the_one_one_connection_makes(
         opened.append(real_open(conn, *args))
         return opened[-1]
 
-    def image(conn, *args):
+    def image(conn, *args, **kwargs):
         on_peer = threading.current_thread() is not threading.main_thread()
         if slow == ("peer" if on_peer else "exporting"):
             threading.Event().wait(0.002)
-        return real_image(conn, *args)
+        return real_image(conn, *args, **kwargs)
 
     with mock.patch.object(bundle, "CHUNK_OPS", 20), mock.patch.object(api, "CHUNK_OPS", 20), \
             mock.patch.object(bundle, "SMALL_RUN", 4), mock.patch.object(bundle, "sql_image", image), \
