@@ -860,7 +860,6 @@ def write_runs(
     """
     if keep:
         return write_skipping(conn, writer, device_position, ops, clock_fixes, keep)
-    images = writer.scratch
     lo, hi = ops
     count = 0
     mixed = False  # the last run ended at another table's operation
@@ -874,15 +873,7 @@ def write_runs(
         # next CHUNK_OPS op ids (however long another table's stretch after it), and an image
         # that holes kept short is dropped below if the run goes on after them.
         end = min(hi, op + CHUNK_OPS - 1)
-        # Another table's operation is looked for within SMALL_RUN op ids (tables written in
-        # turn), or, right after a run that ended at one, as far as the chunk could go: runs
-        # are short there, and the lookup reads no further than the run (on a long run it would
-        # read as much as the image, and trying an image or RUN_END_SQL on a short run would
-        # read CHUNK_OPS operations).
-        other = conn.execute(
-            "SELECT op FROM _sync_ops WHERE op > ? AND op <= ? AND tid != ? ORDER BY op LIMIT 1",
-            [op, end if mixed else min(end, op + SMALL_RUN - 1), tid],
-        ).fetchone()
+        other = next_other_table(conn, op, end, tid, mixed)
         if other is not None and other[0] - op < SMALL_RUN:
             # A list and its items, say: one chunk per table for the next CHUNK_OPS operations
             # rather than one per run, which was one per operation (230 B/op, 150x slower).
@@ -892,31 +883,76 @@ def write_runs(
             continue
         if other is not None:
             end = other[0] - 1
-        # Fewer op ids than SMALL_RUN left (a delta): the run is made row by row, no image tried.
-        made = None
-        if images and end - op + 1 >= SMALL_RUN:
-            if writer.peer:
-                writer.peer.plan(columns, (op, hi, tid), clock_fixes)
-                made = writer.peer.take(op, tid)
-            if made is None:
-                made = sql_image(conn, columns, (op, end, tid), clock_fixes)
-            if made is not None and made[1] < CHUNK_OPS and run_goes_on(conn, made[2], hi, tid):
-                made = None  # holes (compaction's) in its op ids: the run has more ops after them
+        made = guessed_image(conn, writer, columns, (op, end, hi, tid), clock_fixes)
         if made is None:
             last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn), keep=""), {
                 "lo": op, "hi": hi, "tid": tid, "ops": end - op + 1, "bytes": CHUNK_BYTES
             }).fetchone()
-            if images and size >= SMALL_RUN:
-                with scratch_limit(conn, None):
-                    made = sql_image(conn, columns, (op, last, tid), clock_fixes)
+            write_exact_run(conn, writer, (device_position, key), (op, last, size, tid), columns, clock_fixes)
         else:
             last, size = made[2], made[1]
-        if made is not None and size >= SMALL_RUN:
-            writer.write_image(device_position, key, made[0], size)
-        else:
-            write_run(conn, writer, (device_position, key), (op, last, size), columns, clock_fixes)
+            if size >= SMALL_RUN:
+                writer.write_image(device_position, key, made[0], size)
+            else:
+                write_run(conn, writer, (device_position, key), (op, last, size), columns, clock_fixes)
         count += size
         lo, mixed = last + 1, other is not None or last < end
+
+
+def next_other_table(conn: sqlite3.Connection, op: int, end: int, tid: int, mixed: bool) -> tuple[int] | None:
+    """The first operation after ``op`` of another table than ``tid``, looked for within
+    SMALL_RUN op ids (tables written in turn), or, right after a run that ended at one
+    (``mixed``), up to ``end``: runs are short there, and the lookup reads no further than the
+    run (on a long run it would read as much as the image, and trying an image or RUN_END_SQL
+    on a short run would read CHUNK_OPS operations)."""
+    return conn.execute(
+        "SELECT op FROM _sync_ops WHERE op > ? AND op <= ? AND tid != ? ORDER BY op LIMIT 1",
+        [op, end if mixed else min(end, op + SMALL_RUN - 1), tid],
+    ).fetchone()
+
+
+def guessed_image(
+    conn: sqlite3.Connection, writer: BundleWriter, columns: list[str], run: tuple[int, int, int, int], clock_fixes: dict[int, int]
+) -> tuple[bytes, int, int] | None:
+    """The image of a run of table ``tid`` from ``op``, guessed to end at ``end`` (the second
+    connection's, when it built it ahead), or None where it must be worked out exactly: a run
+    of fewer op ids than SMALL_RUN (a delta, made row by row), no scratch schema, or an image
+    that holes (compaction's) kept short of a run that goes on after them before ``hi``."""
+    op, end, hi, tid = run
+    if not writer.scratch or end - op + 1 < SMALL_RUN:
+        return None
+    made = None
+    if writer.peer:
+        writer.peer.plan(columns, (op, hi, tid), clock_fixes)
+        made = writer.peer.take(op, tid)
+    if made is None:
+        made = sql_image(conn, columns, (op, end, tid), clock_fixes)
+    if made is not None and made[1] < CHUNK_OPS and run_goes_on(conn, made[2], hi, tid):
+        return None
+    return made
+
+
+def write_exact_run(
+    conn: sqlite3.Connection,
+    writer: BundleWriter,
+    position: tuple[int, int],
+    run: tuple[int, int, int, int],
+    columns: list[str],
+    clock_fixes: dict[int, int],
+    interleaved: bool = False,
+) -> None:
+    """Write the ``size`` operations of table ``tid`` in op ids ``lo..last`` (their end worked
+    out already) as one chunk: an image built by SQL where the writer can and the run is not
+    short, else row by row. ``interleaved``: other tables' operations come between them."""
+    lo, last, size, tid = run
+    made = None
+    if writer.scratch and size >= SMALL_RUN:
+        with scratch_limit(conn, None):  # the run's values are within CHUNK_BYTES
+            made = sql_image(conn, columns, (lo, last, tid), clock_fixes, interleaved=interleaved)
+    if made is not None:
+        writer.write_image(position[0], position[1], made[0], size)
+    else:
+        write_run(conn, writer, position, (lo, last, size), columns, clock_fixes, tid if interleaved else None)
 
 
 def write_skipping(
@@ -933,7 +969,6 @@ def write_skipping(
     sent, not op ids). No image is tried on a guess: the next operation of another table is
     looked for (reading no further than it), then the run's end is worked out (RUN_END_SQL),
     so that each operation is read a few times, whatever the length of its run."""
-    images = writer.scratch
     lo, hi = ops
     count = 0
     only = f" AND {keep}"
@@ -959,14 +994,7 @@ def write_skipping(
         last, size = conn.execute(RUN_END_SQL.format(size=value_bytes_sql(conn), keep=only), {
             "lo": op, "hi": hi if other is None else other[0] - 1, "tid": tid, "ops": CHUNK_OPS, "bytes": CHUNK_BYTES
         }).fetchone()
-        made = None
-        if images and size >= SMALL_RUN:
-            with scratch_limit(conn, None):
-                made = sql_image(conn, columns, (op, last, tid), clock_fixes, interleaved=True)
-        if made is not None:
-            writer.write_image(device_position, key, made[0], size)
-        else:
-            write_run(conn, writer, (device_position, key), (op, last, size), columns, clock_fixes, tid)
+        write_exact_run(conn, writer, (device_position, key), (op, last, size, tid), columns, clock_fixes, interleaved=True)
         count += size
         lo = last + 1
 
@@ -988,14 +1016,7 @@ def write_interleaved(
     last, per_table = interleaved_end(conn, *ops, only)
     for tid, count in per_table.items():
         key, columns = run_columns(writer, tid)
-        made = None
-        if writer.scratch and count >= SMALL_RUN:
-            with scratch_limit(conn, None):  # the stretch's values are within CHUNK_BYTES
-                made = sql_image(conn, columns, (ops[0], last, tid), clock_fixes, interleaved=True)
-        if made is not None:
-            writer.write_image(device_position, key, made[0], count)
-        else:
-            write_run(conn, writer, (device_position, key), (ops[0], last, count), columns, clock_fixes, tid)
+        write_exact_run(conn, writer, (device_position, key), (ops[0], last, count, tid), columns, clock_fixes, interleaved=True)
     return sum(per_table.values()), last
 
 
