@@ -16,6 +16,8 @@ Lines:
   same export as a hub makes it (read-only connection, no repair) and with ``--table``;
 - (2) new-device pull: ``sync_with_hub`` into a new file from a real ``datasette serve`` on
   127.0.0.1 holding the log, vs copying the synced table into a new file with plain SQL;
+  then the floors of other designs (no log at all, a log without values, a clone of a device
+  file the hub kept ready, with the checks a file from the network needs);
 - (3) bytes per operation of the todos workload (inserts, a fifth updated one by one, one
   ``UPDATE`` of every row, a tenth deleted) for each codec: as the exporter writes them
   (none, zstd) and, for comparison, its chunk images recompressed with zstd level 3 and zlib;
@@ -324,6 +326,8 @@ def bench_pull(work: str, log: str, n: int, reps: int) -> None:
         with_log = statistics.median(plain_copy(hub, os.path.join(work, "copy.db"), log=True) for _ in range(reps))
         slim_log = statistics.median(plain_copy(hub, os.path.join(work, "copy.db"), log="slim") for _ in range(reps))
         fetched, imported = median_pair(reps, download, import_only)
+        pull()  # leaves the device a new pull makes: what a hub's prepared snapshot would hold
+        clone = clone_floor(work, target, reps)
     finally:
         proc.terminate()
         proc.wait()
@@ -340,6 +344,105 @@ def bench_pull(work: str, log: str, n: int, reps: int) -> None:
          "even a device that kept no log would miss 2x while the hub exports on demand")
     line("    (info) log without values", f"plain copy of table and log rows without their values {slim_log:.2f}s = "
          f"{slim_log / plain:.2f}x the plain copy of the table: one log row per row costs about as much as the values")
+    fetched_file, checked, compared = clone
+    floor = fetched_file + checked
+    line("    (info) clone floor", f"a new device that downloads a prepared device file ({fetched_file:.2f}s, 1 MB "
+         f"blocks through uvicorn) and runs the least checks a file from the network needs (quick_check, one pass "
+         f"over the log: {checked:.2f}s) {floor:.2f}s = {floor / plain:.2f}x, before making it its own; comparing its "
+         f"table with its log (at least {compared:.2f}s) makes it {(floor + compared) / plain:.2f}x")
+
+
+def clone_floor(work: str, device: str, reps: int) -> tuple[float, float, float]:
+    """The least a new device cloned from a hub's prepared file would cost: the file sent in
+    1 MB blocks by an ASGI app under uvicorn (what Datasette runs on; Datasette's own download
+    of an immutable file is ten times slower), then ``PRAGMA quick_check`` and one pass over
+    the log, as a file nobody checked must have before it is opened as a database (making it
+    this device's own, and comparing its tables with its log, would come on top)."""
+    from bench_hub_load import executable, free_port
+
+    snapshot = os.path.join(work, "snapshot.db")
+    shutil.copyfile(device, snapshot)
+    port = free_port()
+    env = dict(os.environ, BENCH_SNAPSHOT=snapshot)
+    proc = subprocess.Popen([executable("uvicorn"), "bench_export:file_app", "--app-dir", BENCH, "--host",
+                             "127.0.0.1", "--port", str(port), "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=work)
+    url = f"http://127.0.0.1:{port}/snapshot.db"
+    got = os.path.join(work, "cloned.db")
+    try:
+        wait_for(url)
+
+        def download() -> float:
+            took = timed(lambda: fetch_file(url, fresh(got)))
+            assert os.path.getsize(got) == os.path.getsize(snapshot)
+            return took
+
+        def check() -> float:
+            return timed(lambda: least_checks(got))
+
+        fetched, checked = median_pair(reps, download, check)
+        compared = statistics.median(timed(lambda: compare_with_log(got)) for _ in range(reps))
+        return fetched, checked, compared
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def compare_with_log(path: str) -> None:
+    """The cheapest comparison of a cloned table with its log: every row against the image of an
+    operation (here each row has one, so no choosing of the latest one, which would cost more)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    differing = conn.execute("SELECT count(*) FROM (SELECT id, title, done, note, score FROM todos EXCEPT "
+                             "SELECT c0, c1, c2, c3, c4 FROM _sync_ops WHERE kind = 0)").fetchone()[0]
+    assert differing == 0
+    conn.close()
+
+
+async def file_app(scope, receive, send) -> None:
+    """An ASGI app sending the file ``$BENCH_SNAPSHOT`` in 1 MB blocks (see :func:`clone_floor`)."""
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/octet-stream")]})
+    with open(os.environ["BENCH_SNAPSHOT"], "rb") as fp:
+        while block := fp.read(1 << 20):
+            await send({"type": "http.response.body", "body": block, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def wait_for(url: str) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with httpx.stream("GET", url, timeout=5) as r:
+                if r.status_code == 200:
+                    return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"datasette did not serve {url} within 60 s")
+
+
+def fetch_file(url: str, path: str) -> None:
+    import httpx
+
+    with httpx.stream("GET", url, timeout=600) as r:
+        r.raise_for_status()
+        with open(path, "wb") as out:
+            for block in r.iter_raw(1 << 20):
+                out.write(block)
+
+
+def least_checks(path: str) -> None:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA trusted_schema = OFF")
+    assert conn.execute("PRAGMA quick_check").fetchone() == ("ok",)
+    bad = conn.execute("SELECT count(*) FROM _sync_ops WHERE kind NOT BETWEEN 0 AND 7 OR typeof(mask) NOT IN "
+                       "('integer', 'null') OR typeof(rowkey) NOT IN ('text', 'null') OR hlc < 0").fetchone()[0]
+    assert bad == 0
+    conn.close()
 
 
 TURNS_SCHEMA = (
