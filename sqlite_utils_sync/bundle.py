@@ -1400,22 +1400,22 @@ class BundleReader:
             raise BundleError(INVALID_BUNDLE, f"Bundle {name} is not a SQLite file ({ex})")
         except UnicodeDecodeError:  # SQLite's message quoted schema text Python could not decode
             raise BundleError(INVALID_BUNDLE, f"Bundle {name} cannot be read (malformed schema that is not valid UTF-8)")
-        for table, create in BUNDLE_SCHEMA.items():
-            kind, sql = kinds.get(table.encode(), (None, b""))
-            if kind != b"table":
-                raise BundleError(INVALID_BUNDLE, f"Bundle {name} is not a sync bundle: no {table} table")
-            if sql != create.encode():
-                raise BundleError(
-                    INVALID_BUNDLE, f"Bundle {name} is not a sync bundle: its {table} table is not as the exporter writes it"
-                )
+        # The format first, from a checked bundle_meta (laid out alike in every format), so an
+        # older or newer bundle is refused as such, not as a file whose tables look wrong.
+        self.check_layout(kinds, ["bundle_meta"])
         try:
-            check_btrees(self.conn, BUNDLE_TABLES, f"Bundle {name}")
+            check_btrees(self.conn, ["bundle_meta"], f"Bundle {name}")
             meta = self._read_meta()
-            if meta.get("format") not in FORMATS:
-                raise BundleError(
-                    UNSUPPORTED_FORMAT,
-                    f"Bundle {name} has format {shorten(meta.get('format'))}, expected {FORMAT} or {PLAIN_FORMAT}",
-                )
+        except (sqlite3.Error, UnicodeDecodeError) as ex:
+            raise BundleError(INVALID_BUNDLE, f"Bundle {name} cannot be read ({shorten(str(ex), 200)})")
+        if meta.get("format") not in FORMATS:
+            raise BundleError(
+                UNSUPPORTED_FORMAT,
+                f"Bundle {name} has format {shorten(meta.get('format'))}, expected {FORMAT} or {PLAIN_FORMAT}",
+            )
+        self.check_layout(kinds, BUNDLE_TABLES)
+        try:
+            check_btrees(self.conn, [t for t in BUNDLE_TABLES if t != "bundle_meta"], f"Bundle {name}")
             self.format: str = meta["format"]
             headers = self.conn.execute("SELECT data, typeof(data) FROM bundle_header ORDER BY id LIMIT 2").fetchall()
             if len(headers) != 1 or headers[0][1] != b"blob":
@@ -1434,6 +1434,18 @@ class BundleReader:
         self.sha256: str = meta["sha256"]
         self.bundle_id: str = meta["bundle_id"]
         self.header = self._decode_header()
+
+    def check_layout(self, kinds: dict[bytes, tuple[bytes, bytes]], tables: Sequence[str]) -> None:
+        """Refuse a file whose ``tables`` are missing or not as the exporter writes them."""
+        name = self.path.name
+        for table in tables:
+            kind, sql = kinds.get(table.encode(), (None, b""))
+            if kind != b"table":
+                raise BundleError(INVALID_BUNDLE, f"Bundle {name} is not a sync bundle: no {table} table")
+            if sql != BUNDLE_SCHEMA[table].encode():
+                raise BundleError(
+                    INVALID_BUNDLE, f"Bundle {name} is not a sync bundle: its {table} table is not as the exporter writes it"
+                )
 
     def _read_meta(self) -> dict[str, Any]:
         meta = {}

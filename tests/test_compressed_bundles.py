@@ -295,3 +295,27 @@ def test_a_format_that_disagrees_with_the_codec_is_refused(tmp_path, make_db, cr
     assert "disagree" in str(caught.value) and "mixed.bundle" in str(caught.value)
     b.close()
     assert file_bytes(tmp_path / "b.db") == before
+
+
+def test_a_bundle_of_the_first_format_is_refused_as_a_format_not_as_a_damaged_file(tmp_path, make_db, file_bytes, cli_refusal):
+    """Format 1 laid out its chunks otherwise (no device or table per chunk): the refusal says
+    which format it is, as for any format this version does not read."""
+    b = make_db(tmp_path / "b.db")
+    path = tmp_path / "first.bundle"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE bundle_meta (key TEXT PRIMARY KEY, value)")
+    old.execute("CREATE TABLE bundle_header (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+    old.execute("CREATE TABLE bundle_chunks (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+    old.executemany("INSERT INTO bundle_meta VALUES (?, ?)", [("format", "datasette-sync-bundle/1"), ("sha256", "0" * 64)])
+    old.commit()
+    old.close()
+    before = file_bytes(tmp_path / "b.db")
+    with pytest.raises(BundleError) as caught:
+        import_bundle(b, str(path))
+    assert caught.value.reason == "unsupported_format"
+    assert str(caught.value) == (
+        "Bundle first.bundle has format 'datasette-sync-bundle/1', expected datasette-sync-bundle/3 or datasette-sync-bundle/2"
+    )
+    b.close()
+    assert file_bytes(tmp_path / "b.db") == before
+    assert cli_refusal(tmp_path / "b.db", path) == f"Error: {caught.value}"
