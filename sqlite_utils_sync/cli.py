@@ -240,9 +240,14 @@ def disable_sync_command(path, tables):
     multiple=True,
     help="Send the values of this table only (repeatable); other operations go withheld: counted, never their values",
 )
+@click.option(
+    "--uncompressed",
+    is_flag=True,
+    help="Write the chunks uncompressed (format datasette-sync-bundle/2), for a copy whose version predates compression",
+)
 @json_option
 @silent_option
-def export_bundle_command(path, bundle, since, for_device, tables, as_json, silent):
+def export_bundle_command(path, bundle, since, for_device, tables, uncompressed, as_json, silent):
     """Write the operations a peer lacks to BUNDLE (a SQLite file)
 
     Without --since or --for, every operation is included.
@@ -257,7 +262,8 @@ def export_bundle_command(path, bundle, since, for_device, tables, as_json, sile
         raise click.ClickException("Use --since or --for, not both")
     with stops_cleanly_on_sigterm(), user_errors(path), progress_bar(silent, "Exporting") as progress:
         result = export_bundle(
-            open_db(path), bundle, since=since, for_device=for_device, progress=progress, tables=list(tables) or None
+            open_db(path), bundle, since=since, for_device=for_device, progress=progress, tables=list(tables) or None,
+            **({"codec": None} if uncompressed else {}),
         )
     if as_json:
         echo_json(result.as_dict())

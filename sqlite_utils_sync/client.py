@@ -201,7 +201,7 @@ def _check(response: Any, url: str, what: str, has_token: bool) -> None:
         raise HubError(errors.TOO_LARGE, f"hub {url} refused the bundle as too large ({status}){suffix}", status)
     if status == HTTPStatus.BAD_REQUEST:
         target = "the bundle" if what.startswith("import") else "the request"
-        raise HubError(errors.REJECTED, f"hub {url} rejected {target} ({status}){suffix}", status)
+        raise HubError(errors.REJECTED, f"hub {url} rejected {target} ({status}){suffix}", status, hub_reason=_hub_reason(response))
     if status == HTTPStatus.SERVICE_UNAVAILABLE:
         retry_after = retry_after_seconds(response.headers.get(protocol.RETRY_AFTER_HEADER))
         raise HubError(errors.BUSY, f"hub {url} could not do the {what} now ({status}){suffix}", status, retry_after)
@@ -628,15 +628,7 @@ class _Run:
         if not exported.operations:
             return empty_result(device_id, None), None
         try:
-            with open(path, "rb") as body:  # streamed, with its Content-Length
-                response = self.request(
-                    "POST",
-                    protocol.IMPORT_PATH,
-                    "import (push)",
-                    content=body,
-                    headers={"Content-Type": protocol.BUNDLE_MEDIA_TYPE},
-                    params={protocol.ALTER_PARAM: "1"} if self.alter else None,
-                )
+            response = self.send_bundle(path, hub_clock)
         except HubError as ex:
             if ex.hub_reason != errors.FORBIDDEN:  # not the push itself refused: a device, a table
                 raise
@@ -648,6 +640,32 @@ class _Run:
                 result["not_pushed"] = f"hub {self.url} lets these credentials pull only, so this copy pushed nothing"
                 return result, None
             raise HubError(ex.reason, f"{ex.message}; what was pulled is applied here, but this copy's changes were not sent", ex.status)
+        return self.push_answer(response)
+
+    def send_bundle(self, path: str, hub_clock: dict[str, int]) -> Any:
+        """POST the bundle at ``path``. A hub from before compressed bundles refuses their
+        format: it is sent the same operations again, uncompressed."""
+        try:
+            return self.post_bundle(path)
+        except HubError as ex:
+            if ex.hub_reason != errors.UNSUPPORTED_FORMAT:
+                raise
+        export_bundle(self.db, path, since=hub_clock, codec=None)
+        return self.post_bundle(path)
+
+    def post_bundle(self, path: str) -> Any:
+        with open(path, "rb") as body:  # streamed, with its Content-Length
+            return self.request(
+                "POST",
+                protocol.IMPORT_PATH,
+                "import (push)",
+                content=body,
+                headers={"Content-Type": protocol.BUNDLE_MEDIA_TYPE},
+                params={protocol.ALTER_PARAM: "1"} if self.alter else None,
+            )
+
+    def push_answer(self, response: Any) -> tuple[dict[str, Any], dict[str, int]]:
+        """The hub's import result and its clock after it, from its answer to a push."""
         try:
             answer = response.json()
         except (ValueError, RecursionError):
