@@ -510,6 +510,13 @@ def _hub_client(token: str | None, timeout: float, transport: Any) -> Any:
     )
 
 
+PULL_ONLY = {
+    errors.FORBIDDEN: "hub {url} lets these credentials pull only, so this copy pushed nothing",
+    errors.READ_ONLY: "hub {url} is read-only (immutable), so this copy pushed nothing",
+}
+"""The hub's reasons for refusing any push, and what a sync with nothing of its own to send says."""
+
+
 @dataclasses.dataclass
 class _Run:
     """One :func:`sync_with_hub` run: the local database, the open connection to the hub,
@@ -630,14 +637,15 @@ class _Run:
         try:
             response = self.send_bundle(path, hub_clock)
         except HubError as ex:
-            if ex.hub_reason != errors.FORBIDDEN:  # not the push itself refused: a device, a table
+            if ex.hub_reason not in PULL_ONLY:  # not the push itself refused: a device, a table
                 raise
             if not carries_changes(path):
-                # Credentials that may only pull: this copy has no row change to send, only
-                # what it heard (knowledge ticks), which a hub that never hears from it does
-                # without. Said, all the same: a sync-name or sync-retire made here stays here.
+                # Credentials that may only pull, or a published (immutable) hub: this copy has
+                # no row change to send, only what it heard (knowledge ticks), which a hub that
+                # never hears from it does without. Said, all the same: a sync-name or
+                # sync-retire made here stays here.
                 result = empty_result(device_id, None)
-                result["not_pushed"] = f"hub {self.url} lets these credentials pull only, so this copy pushed nothing"
+                result["not_pushed"] = PULL_ONLY[ex.hub_reason].format(url=self.url)
                 return result, None
             raise HubError(ex.reason, f"{ex.message}; what was pulled is applied here, but this copy's changes were not sent", ex.status)
         return self.push_answer(response)

@@ -487,13 +487,29 @@ def test_bundle_size_limit_413(tmp_path, datasette_server, hub_config, hub_sync,
     assert "20000" in result.stderr
 
 
-def test_read_only_hub_answers_403(tmp_path, datasette_server, hub_config, hub_sync, make_todos_db):
-    hub_path = make_todos_db(tmp_path / "hub.db")
+def test_read_only_hub_answers_403(tmp_path, datasette_server, hub_config, hub_sync, make_todos_db, todo_rows):
+    hub_path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "published", "done": 0}])
     server = datasette_server([], hub_config, "-i", str(hub_path))
-    device = make_todos_db(tmp_path / "d.db", [{"id": 1, "title": "x", "done": 0}])
+    device = make_todos_db(tmp_path / "d.db", [{"id": 2, "title": "x", "done": 0}])
     result = hub_sync(device, server, server.token("alice"), check=False)
     assert result.returncode == 1
     assert result.stderr.startswith(f"Error: hub {server.url}/hub does not allow import (push) (403)"), result.stderr
+    assert result.stderr.endswith("; what was pulled is applied here, but this copy's changes were not sent\n")
+    assert [row["id"] for row in todo_rows(device)] == [1, 2]
+
+
+def test_a_copy_of_a_published_hub_syncs_with_nothing_to_push(tmp_path, datasette_server, hub_config, hub_sync, make_todos_db, todo_rows, run):
+    """A hub published with ``datasette publish`` (immutable) serves pulls; a copy with no edit
+    of its own, only what it heard, syncs with it without an error, by credentials that may
+    push elsewhere too."""
+    hub_path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "published", "done": 0}])
+    server = datasette_server([], hub_config, "-i", str(hub_path))
+    copy = tmp_path / "copy.db"
+    token = server.token("alice")
+    assert hub_sync(copy, server, token)["pushed"]["not_pushed"] == f"hub {server.url}/hub is read-only (immutable), so this copy pushed nothing"
+    assert todo_rows(copy) == [{"id": 1, "title": "published", "done": 0}]
+    said = run(["sqlite-utils", "sync", copy, server.url + "/hub", "--token", token]).stderr
+    assert said.endswith(f"Not pushed: hub {server.url}/hub is read-only (immutable), so this copy pushed nothing (no row changed here).\n")
 
 
 # -- An in-process hub over the core engine: the same contract, for failure injection -------
