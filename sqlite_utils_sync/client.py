@@ -43,7 +43,7 @@ from .importer import ImportResult, import_bundle
 from .bundle import BundleReader, carries_changes
 from .errors import BundleError, SyncError
 from .api import export_bundle, local_state, set_scope
-from .capture import table_exists
+from .capture import load_tables, table_exists
 from .schema import connection
 from .scope import load_scope
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, parse_duration
@@ -586,6 +586,8 @@ class _Run:
             params[protocol.TABLE_PARAM] = sorted(self.scope)
         response = self.request("GET", protocol.EXPORT_PATH, "export (pull)", save_to=path, params=params)
         hub_clock, hub_device, operations, bundle_id, tables, sent = read_pulled(path, response, self.url)
+        if operations and not self.alter:
+            self.check_related(hub_clock, tables)
         if not operations and not self.creates_table(tables):
             # Nothing to apply: don't record an empty import on every run.
             return empty_result(hub_device, bundle_id), hub_clock, hub_device
@@ -604,6 +606,23 @@ class _Run:
                 raise self.withheld_tables(sent) from None
             raise
         return result.as_dict(), hub_clock, hub_device
+
+    def check_related(self, hub_clock: dict[str, int], tables: list[str]) -> None:
+        """Refuse, before anything is written here or sent, a hub database that shares no table
+        and no device with this copy: a URL naming another database of the hub. Syncing would
+        merge the two logs for good, each passing the other's rows on to its own devices."""
+        conn = connection(self.db)
+        known = load_tables(conn)
+        if not known or not tables or set(tables) & set(known):
+            return
+        if set(hub_clock) & set(local_state(self.db)[2]):
+            return
+        raise HubError(
+            errors.UNRELATED_HUB,
+            f"hub {self.url} syncs table(s) {', '.join(sorted(tables))} and none of this copy's "
+            f"({', '.join(sorted(known))}), and neither side holds an edit of the other: check the database name "
+            "in the URL. Nothing was pulled or pushed; sync with --alter to merge the two",
+        )
 
     def withheld_tables(self, scope: list[str] | None) -> HubError:
         """The error for a pull of only ``scope`` that withholds tables this copy holds: the

@@ -196,6 +196,9 @@ REJECTED = "rejected"
 """The hub refused the pushed bundle (400); the message says why."""
 HUB_ERROR = "hub_error"
 """The hub failed with an unexpected status."""
+UNRELATED_HUB = "unrelated_hub"
+"""The hub's database shares no table and no device with this copy (most likely another
+database of the hub): nothing was pulled or pushed; ``--alter`` merges them."""
 
 
 def constraint_hint(ex: Exception) -> str:

@@ -154,6 +154,7 @@ CLIENT_REASONS = frozenset(
         errors.INVALID_RESPONSE,
         errors.REJECTED,
         errors.HUB_ERROR,
+        errors.UNRELATED_HUB,
     }
 )
 """Reasons only the client raises (about the hub's answer), never in a hub's answer."""

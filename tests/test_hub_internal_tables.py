@@ -200,6 +200,45 @@ def test_no_actor_changes_a_sync_table_through_datasette(hub, tmp_path, run):
     assert "Traceback" not in server.output()
 
 
+TABLE_GRANTS = {
+    "databases": {
+        "hub": {
+            "permissions": {"execute-write-sql": {"id": "tablewriter"}},
+            # tablewriter may write todos rows, and no other table's.
+            "tables": {"todos": {"permissions": {a: {"id": "tablewriter"} for a in ("insert-row", "update-row", "delete-row")}}},
+        }
+    }
+}
+
+
+def test_write_sql_on_a_synced_table_needs_only_that_tables_grants(tmp_path, datasette_server, make_todos_db):
+    """Datasette's write SQL asks for the row write actions on every table a statement's
+    triggers write, the log included: an actor granted them on the synced table alone may
+    write it by SQL, and is logged; the log itself stays closed to it."""
+    path = build_hub(tmp_path, make_todos_db)
+    server = datasette_server([path], TABLE_GRANTS)
+    client = httpx.Client(base_url=server.url, timeout=30)
+    auth = {"Authorization": f"Bearer {server.token('tablewriter')}"}
+    before_ops = len(contents(path)["_sync_ops"])
+    response = client.post("/hub/-/execute-write", json={"sql": "INSERT INTO todos VALUES (9, 'By SQL', 0)"}, headers=auth)
+    assert response.status_code == 200, response.text[:300]
+    response = client.post("/hub/-/execute-write", json={"sql": "UPDATE todos SET done = 1 WHERE id = 9"}, headers=auth)
+    assert response.status_code == 200, response.text[:300]
+    after = contents(path)
+    assert (9, "By SQL", 1) in after["todos"]
+    assert len(after["_sync_ops"]) == before_ops + 2
+    for route, body in [
+        *write_requests(path, "_sync_ops"),
+        ("/hub/-/execute-write", {"sql": "INSERT INTO _sync_ops (op, hlc, tid, kind) VALUES (1, 1, 1, 0)"}),
+        ("/hub/-/execute-write", {"sql": "UPDATE _sync_ops SET hlc = 0"}),
+    ]:
+        response = client.post(route, json=body, headers=auth)
+        assert 400 <= response.status_code < 500, (route, body, response.status_code, response.text[:300])
+    assert contents(path) == after
+    assert "Traceback" not in server.output()
+    client.close()
+
+
 PAGES = [
     "/hub/{t}",
     "/hub/{t}.json",

@@ -646,3 +646,42 @@ def test_invalid_bundle_from_hub(tmp_path, temp_dir):
     with pytest.raises(HubError, match=r"^hub http://hub/hub sent an invalid bundle: Bundle from-hub.bundle is not"):
         sync_with_hub(a, "http://hub/hub", token="T", transport=httpx.MockTransport(handler))
     assert list(temp_dir.iterdir()) == []
+
+
+def test_a_copy_refuses_another_database_of_its_hub(tmp_path, datasette_server, make_todos_db, run, run_json, todo_rows, file_bytes):
+    """A URL naming the hub's other database (``/notes`` for ``/todos``) would merge the two
+    logs for good: each would pass the other's rows on to its own devices. A copy refuses a
+    hub database that shares no table and no device with it, before anything is written or
+    sent; ``--alter`` is the way to merge them on purpose."""
+    todos = make_todos_db(tmp_path / "todos.db", [{"id": 1, "title": "a todo", "done": 0}])
+    notes = tmp_path / "notes.db"
+    run(["sqlite-utils", "create-table", notes, "notes", "id", "integer", "body", "text", "--pk", "id"])
+    run(["sqlite-utils", "insert", notes, "notes", "-", "--pk", "id"], input='{"id": 1, "body": "private note"}')
+    run(["sqlite-utils", "enable-sync", notes, "notes"])
+    actions = ("sync-export", "sync-import", "insert-row", "update-row", "delete-row", "alter-table", "create-table")
+    server = datasette_server([todos, notes], {"permissions": {action: {"id": "alice"} for action in actions}})
+    token = server.token("alice")
+    laptop = tmp_path / "laptop.db"
+    run_json(["sqlite-utils", "sync", laptop, server.url + "/todos", "--token", token, "--json"])
+    run(["sqlite-utils", "query", laptop, "INSERT INTO todos VALUES (2, 'on the laptop', 0)"])
+    before, notes_before = file_bytes(laptop), file_bytes(notes)
+
+    wrong = run(["sqlite-utils", "sync", laptop, server.url + "/notes", "--token", token], check=False)
+    assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert wrong.stderr == (
+        f"Error: hub {server.url}/notes syncs table(s) notes and none of this copy's (todos), and neither side holds "
+        "an edit of the other: check the database name in the URL. Nothing was pulled or pushed; sync with --alter "
+        "to merge the two\n"
+    )
+    assert file_bytes(laptop) == before and file_bytes(notes) == notes_before
+
+    # The right database syncs as ever, and a device joining it never sees the note.
+    run(["sqlite-utils", "sync", laptop, server.url + "/todos", "--token", token])
+    phone = tmp_path / "phone.db"
+    run(["sqlite-utils", "sync", phone, server.url + "/todos", "--token", token])
+    assert [row["title"] for row in todo_rows(phone)] == ["a todo", "on the laptop"]
+    assert b"private note" not in file_bytes(phone)
+
+    # On purpose, with --alter: the hub's tables are added here, and this copy's there.
+    merged = run_json(["sqlite-utils", "sync", laptop, server.url + "/notes", "--token", token, "--alter", "--json"])
+    assert merged["pulled"]["tables_created"] == ["notes"]
