@@ -12,8 +12,9 @@ endpoints, the write hook after a Datasette write, the cluster importer); the fe
 re-reads its clocks (two indexed look-ups per device, each only over operations it has not
 seen yet) and, when the data clock moved, wakes every waiter, each of which compares the
 clock with its own ``since`` in memory. Writes by other processes (the ``sqlite3`` shell on
-the hub's file) are seen by a poller task that runs while anyone waits: it compares
-``os.stat`` of the file and its ``-wal`` every :data:`POLL_SECONDS`.
+the hub's file) are seen by a poller task that runs while anyone waits: every
+:data:`POLL_SECONDS` it reads ``PRAGMA data_version`` on a connection of its own, and never
+opens the file itself (see :class:`CommitWatch`).
 
 Knowledge ticks never wake anyone: every watcher pushes one after each pull, and waking the
 others for it would make every edit cost O(watchers²) requests.
@@ -27,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pathlib
 import shutil
 import signal
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,13 +43,7 @@ from sqlite_utils_sync.schema import is_enabled
 from .guard import sync_write
 
 POLL_SECONDS = 0.2
-"""How often the poller looks at the database file for writes by other processes."""
-CHANGE_COUNTER_OFFSET = 24
-"""Where the database header keeps its file change counter (SQLite adds one on each commit
-in rollback-journal mode)."""
-WAL_RESTART_OFFSET = 12
-"""Where the WAL header keeps its checkpoint number and first salt (both change each time a
-commit starts the WAL file over)."""
+"""How often the poller looks for commits by other connections (see :class:`CommitWatch`)."""
 CONNECTED_GRACE = 10.0
 """A device stays "watching" this long after its last waiting pull ended: the gap between
 two long-polls."""
@@ -268,23 +265,26 @@ class ChangeFeed:
 
     def _start_poller(self) -> None:
         if self._poller is None or self._poller.done():
-            path = self.datasette.get_database(self.name).path
-            self._poller = self.loop.create_task(self._poll(path, file_state(path)))
+            watch = CommitWatch(self.datasette.get_database(self.name).path)
+            self._poller = self.loop.create_task(self._poll(watch, watch.state()))
 
-    async def _poll(self, path: str | None, last: tuple) -> None:
-        """While anyone waits: refresh when the file or its WAL changes (``last``: how they
-        were when the first waiter read the clocks); end every wait when the server stops."""
+    async def _poll(self, watch: CommitWatch, last: tuple) -> None:
+        """While anyone waits: refresh when another connection commits (``last``: the state
+        when the first waiter read the clocks); end every wait when the server stops."""
         server = uvicorn_server()
-        while self.waiting > 0:
-            await asyncio.sleep(POLL_SECONDS)
-            if server is not None and getattr(server, "should_exit", False):
-                self.stopping = True
-                self.wake()
-                return
-            state = file_state(path)
-            if state != last:
-                last = state
-                await self._refresh_quietly()
+        try:
+            while self.waiting > 0:
+                await asyncio.sleep(POLL_SECONDS)
+                if server is not None and getattr(server, "should_exit", False):
+                    self.stopping = True
+                    self.wake()
+                    return
+                state = watch.state()
+                if state != last:
+                    last = state
+                    await self._refresh_quietly()
+        finally:
+            watch.close()
 
 
 # Sharing one export between woken waiters ---------------------------------------------------
@@ -340,30 +340,44 @@ def share_export(feed: ChangeFeed, key: tuple, directory_factory, make_factory) 
     return shared
 
 
-def file_state(path: str | None) -> tuple:
-    """What changes when a transaction commits to the database at ``path`` (in WAL mode the
-    ``-wal`` file, else the file itself): sizes and modification times, the file change
-    counter of the database header and the checkpoint number and salt of the WAL header. A
-    modification time moves in steps of the kernel's clock tick (milliseconds), and a commit
-    that rewrites pages in place, or starts the WAL over after a checkpoint, keeps the size:
-    two such commits within one tick differ only in those headers."""
-    if not path:
-        return ()
-    state: list[Any] = []
-    for name in (path, path + "-wal"):
+class CommitWatch:
+    """Sees commits to the database at ``path`` by any other connection, of this process or
+    another: its ``PRAGMA data_version`` on a read-only connection of its own, and the file's
+    inode, size and modification time (a restored backup is a new file).
+
+    Never by opening the file itself: on POSIX, closing any descriptor of a file drops every
+    lock this process holds on it, SQLite's included, so another process could then write under
+    Datasette's open transaction, or roll it back as a crash's. SQLite's own connections share
+    their descriptors and put such a close off until no lock is held."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.conn: sqlite3.Connection | None = None
+        self.inode: int | None = None
+
+    def state(self) -> tuple:
+        if not self.path:
+            return ()
         try:
-            stat = os.stat(name)
-            state.append((stat.st_mtime_ns, stat.st_size, stat.st_ino))
+            stat = os.stat(self.path)
         except OSError:
-            state.append(None)
-    for name, offset, size in ((path, CHANGE_COUNTER_OFFSET, 4), (path + "-wal", WAL_RESTART_OFFSET, 8)):
+            self.close()
+            return (None,)
         try:
-            with open(name, "rb") as file:
-                file.seek(offset)
-                state.append(file.read(size))
-        except OSError:
-            state.append(None)
-    return tuple(state)
+            if self.conn is None or stat.st_ino != self.inode:
+                self.close()
+                uri = pathlib.Path(self.path).absolute().as_uri() + "?mode=ro"
+                self.conn = sqlite3.connect(uri, uri=True, timeout=0, isolation_level=None, check_same_thread=False)
+                self.inode = stat.st_ino
+            (version,) = self.conn.execute("PRAGMA data_version").fetchone()
+        except sqlite3.Error:
+            version = None  # locked by a commit under way: the next look sees it done
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns, version)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
 
 def uvicorn_server():

@@ -335,7 +335,7 @@ class Importer:
         self.refuse_if_retired_here(local_id)
         self.check_anchors()
         with muted(conn):
-            inserted = self.append_ops(result, local_id)
+            inserted = self.append_ops(result)
             held = {idx: inserted.get(idx, 0) + self.withheld.get(idx, 0) for idx in {*inserted, *self.withheld}}
             self.forget_devices(held)
             self.check_sequences(held)
@@ -662,6 +662,19 @@ class Importer:
         table = op_table(self.conn, op)
         return table is None or table[1] in self.visible
 
+    def ahead_of_this_database(self, seq: int) -> BundleError:
+        """The error for operations of this database's own device past the last one it holds:
+        written by a copy of this file (an older copy restored from a backup is behind the
+        edits it made), or pushed under its id by someone else."""
+        return self.fail(
+            errors.DEVICE_ID_CLASH,
+            f"it carries operations of this database's own device {local_device_id(self.conn)} up to seq {seq}, "
+            f"past the last one this database holds ({self.old[LOCAL]}): another copy of this file wrote them (this "
+            "one restored from an older backup, or a copied file), or someone pushed under its id; run "
+            "'sqlite-utils sync-new-device --recover' on this database: its own edits move to a new id, the other "
+            "copy's come in as they are, and nothing is lost",
+        )
+
     def clash(self, label: str) -> BundleError:
         return self.fail(
             errors.DEVICE_ID_CLASH,
@@ -671,7 +684,7 @@ class Importer:
 
     # -- appending to the log ----------------------------------------------------------------
 
-    def append_ops(self, result: ImportResult, local_id: str) -> dict[int, int]:
+    def append_ops(self, result: ImportResult) -> dict[int, int]:
         """Copy each chunk's operations into the log with one ``INSERT … SELECT``, after
         checking them with a couple of set-based queries: no value passes through Python."""
         inserted: dict[int, int] = {}
@@ -689,7 +702,7 @@ class Importer:
                     if table_position == WITHHELD_CHUNK:
                         announced += self.stage_withheld(source, idx, position)
                         continue
-                    appended = self.append_chunk(source, idx, table, local_id, position, facts)
+                    appended = self.append_chunk(source, idx, table, position, facts)
                 except sqlite3.DatabaseError as ex:
                     if errors.is_local_trouble(ex):  # a full disk here is not the bundle's fault
                         raise
@@ -794,7 +807,7 @@ class Importer:
                 f"up to its clock, seq {claimed})",
             )
         if idx == LOCAL and hi > self.old[LOCAL]:
-            raise self.fail(errors.DEVICE_ID_CLASH, f"it withholds operations of this database's own device that it never wrote; {RECOVER_HINT}")
+            raise self.ahead_of_this_database(hi)
         self.conn.execute(
             f"INSERT INTO temp._sync_new_withheld SELECT ?, max(seq, ?), hlc FROM {source} WHERE hlc > ?",
             [idx, self.old[idx] + 1, self.old[idx]],
@@ -810,7 +823,7 @@ class Importer:
         if not (0 < first and last <= SEQ_MASK):
             raise self.fail(errors.INVALID_OPERATION, f"operation sequence numbers must be 1 to {SEQ_MASK}")
         if idx == LOCAL and last > self.old[LOCAL]:
-            raise self.fail(errors.DEVICE_ID_CLASH, f"it carries operations of this database's own device that it never wrote; {RECOVER_HINT}")
+            raise self.ahead_of_this_database(last)
         stored = self.conn.execute(
             "INSERT INTO temp._sync_new_withheld SELECT ?, min(seq), max(seq) FROM "
             f"(SELECT seq, seq - row_number() OVER (ORDER BY seq) AS run FROM {source} WHERE seq > ?) GROUP BY run",
@@ -855,7 +868,7 @@ class Importer:
         )
 
     def append_chunk(
-        self, source: str, idx: int, table: MappedTable, local_id: str, position: int, facts: tuple
+        self, source: str, idx: int, table: MappedTable, position: int, facts: tuple
     ) -> tuple[int, int, int, int] | None:
         """Check one loaded chunk and append it to the log: ``(first seq, last seq, ops, stored)``.
 
@@ -877,11 +890,7 @@ class Importer:
         # Where its seqs are contiguous, only its edges meet other operations of its device.
         self.chunk_spans.append((idx, first, last, low, high, count == last - first + 1))
         if idx == LOCAL and last > self.old[LOCAL]:
-            raise self.fail(
-                errors.DEVICE_ID_CLASH,
-                f"it carries operations of this database's own device {local_id} that this database never "
-                f"wrote (a copied file, or operations pushed under its id); {RECOVER_HINT}",
-            )
+            raise self.ahead_of_this_database(last)
         if first <= self.old[idx]:
             self.check_visible(table.tid)
             self.check_overlap(source, idx, table.tid, table.slots, pk, position)

@@ -326,3 +326,38 @@ def test_a_database_with_every_device_index_taken_refuses_a_new_device_in_one_li
     with pytest.raises(SyncError) as error:
         import_bundle(sqlite3.connect(tmp_path / "full.db", isolation_level=None), tmp_path / "phone.bundle")
     assert error.value.reason == "too_many_devices"
+
+
+def test_a_hub_restored_from_a_backup_recovers_with_the_command_the_error_names(tmp_path, datasette_server, make_todos_db, run, todo_rows, cli_sync):
+    """A hub's file restored from last night's backup is behind operations it wrote itself
+    since (its knowledge ticks), which devices pulled and push back. It refuses them, naming
+    the command to run on it; after that every edit syncs, the backup's missing ones included."""
+    hub_path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "before the backup", "done": 0}])
+    server = datasette_server([hub_path], CONFIG)
+    token = server.token("alice")
+    laptop = tmp_path / "laptop.db"
+    cli_sync(laptop, server, token)
+    shutil.copyfile(hub_path, tmp_path / "backup.db")
+    run(["sqlite-utils", "insert", laptop, "todos", "-", "--pk", "id"], input='{"id": 2, "title": "after the backup", "done": 0}')
+    cli_sync(laptop, server, token)  # the hub writes a tick under its own id: the backup lacks it
+    server.proc.terminate()
+    server.proc.wait()
+    shutil.copyfile(tmp_path / "backup.db", hub_path)
+
+    server = datasette_server([hub_path], CONFIG)
+    refused = cli_sync(laptop, server, token, check=False)
+    assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
+    assert "past the last one this database holds" in refused.stderr and "restored from an older backup" in refused.stderr
+    assert RECOVER + " on this database" in refused.stderr
+    server.proc.terminate()
+    server.proc.wait()
+
+    run(["sqlite-utils", "sync-new-device", hub_path, "--recover"])
+    server = datasette_server([hub_path], CONFIG)
+    cli_sync(laptop, server, token)
+    phone = tmp_path / "phone.db"
+    cli_sync(phone, server, token)
+    titles = ["before the backup", "after the backup"]
+    assert [row["title"] for row in todo_rows(hub_path)] == titles
+    assert [row["title"] for row in todo_rows(phone)] == titles
+    assert [row["title"] for row in todo_rows(laptop)] == titles

@@ -15,7 +15,9 @@ import asyncio
 import json
 import os
 import socket
+import subprocess
 import sqlite3
+import sys
 import threading
 import time
 import urllib.parse
@@ -225,24 +227,26 @@ async def test_a_commit_right_after_a_waiting_pull_read_the_clocks_wakes_it(tmp_
 
 def test_the_file_poller_sees_a_commit_within_one_clock_tick(tmp_path, make_db):
     # A commit that rewrites a page in place keeps the file's size, and one within the same
-    # tick of the kernel's clock keeps its modification time: the header's change counter moves.
-    from datasette_sync.live import file_state
+    # tick of the kernel's clock keeps its modification time: data_version moves.
+    from datasette_sync.live import CommitWatch
 
     path = tmp_path / "hub.db"
     conn = make_db(path, "CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)", tables=())
     conn.execute("INSERT INTO notes VALUES (1, 'first')")
-    before, stat = file_state(str(path)), os.stat(path)
+    watch = CommitWatch(str(path))
+    before, stat = watch.state(), os.stat(path)
     conn.execute("UPDATE notes SET body = 'again' WHERE id = 1")
     conn.close()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
-    assert file_state(str(path)) != before
+    assert watch.state() != before
+    watch.close()
 
 
 def test_the_file_poller_sees_a_commit_that_starts_the_wal_over_within_one_clock_tick(tmp_path, make_db):
     # In WAL mode the database file does not change on commit; after a checkpoint the next
-    # commit writes the -wal from its start, keeping its size. Its header's salt moves.
-    from datasette_sync.live import file_state
+    # commit writes the -wal from its start, keeping its size.
+    from datasette_sync.live import CommitWatch
 
     path = tmp_path / "hub.db"
     wal = tmp_path / "hub.db-wal"
@@ -250,13 +254,62 @@ def test_the_file_poller_sees_a_commit_that_starts_the_wal_over_within_one_clock
     conn.execute("INSERT INTO notes VALUES (1, 'first')")
     conn.execute("UPDATE notes SET body = 'second' WHERE id = 1")
     assert conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[0] == 0
-    before, stat = file_state(str(path)), os.stat(wal)
+    watch = CommitWatch(str(path))
+    before, stat = watch.state(), os.stat(wal)
     conn.execute("UPDATE notes SET body = 'third' WHERE id = 1")
     os.utime(wal, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert (os.stat(wal).st_size, os.stat(wal).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
-    assert file_state(str(path)) != before
+    assert watch.state() != before
+    watch.close()
     conn.close()
 
+
+def other_process(path, code: str) -> subprocess.CompletedProcess:
+    """``code`` run by another process on a connection ``c`` to ``path`` (timeout 0)."""
+    source = f"import sqlite3, sys\nc = sqlite3.connect({str(path)!r}, timeout=0, isolation_level=None)\n" + code
+    return subprocess.run([sys.executable, "-c", source], capture_output=True, text=True)
+
+
+def test_the_file_poller_never_drops_the_hubs_locks(tmp_path, make_db):
+    """On POSIX, closing any descriptor of a file drops every lock the process holds on it,
+    SQLite's included: a poller that opened the database file to read its header let another
+    process write under the hub's open transaction (a corrupted hub). While this process holds
+    the write lock and the poller looks, another process still cannot take it."""
+    from datasette_sync.live import CommitWatch
+
+    path = tmp_path / "hub.db"
+    conn = make_db(path, "PRAGMA journal_mode = delete; CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)", tables=())
+    take = "try:\n    c.execute('BEGIN IMMEDIATE')\nexcept sqlite3.OperationalError as ex:\n    sys.exit(str(ex))\n"
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("INSERT INTO notes VALUES (1, 'being written')")
+    assert other_process(path, take).stderr.strip() == "database is locked"
+    watch = CommitWatch(str(path))
+    for _ in range(3):
+        watch.state()
+    watch.close()
+    assert other_process(path, take).stderr.strip() == "database is locked"
+    conn.execute("COMMIT")
+    assert other_process(path, take).returncode == 0
+    conn.close()
+
+
+def test_the_file_poller_never_lets_another_process_delete_the_hubs_wal(tmp_path, make_db):
+    """In WAL mode every open connection holds a shared lock on the database file, so that the
+    last one to close, alone, checkpoints and deletes the -wal. Were the poller to drop the
+    hub's lock, another process closing its connection would delete the -wal under the hub."""
+    from datasette_sync.live import CommitWatch
+
+    path = tmp_path / "hub.db"
+    conn = make_db(path, "PRAGMA journal_mode = wal; CREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT)", tables=())
+    conn.execute("INSERT INTO notes VALUES (1, 'in the wal')")
+    watch = CommitWatch(str(path))
+    for _ in range(3):
+        watch.state()
+    watch.close()
+    assert other_process(path, "print(c.execute('SELECT count(*) FROM notes').fetchone()[0])\nc.close()\n").stdout == "1\n"
+    assert (tmp_path / "hub.db-wal").exists()
+    assert conn.execute("SELECT body FROM notes").fetchall() == [("in the wal",)]
+    conn.close()
 
 
 def test_a_wait_that_runs_out_answers_like_a_plain_export(tmp_path, datasette_server, make_todos_db):
