@@ -611,7 +611,7 @@ class Importer:
             raise self.fail(
                 errors.UNKNOWN_COLUMN,
                 f"table '{name}' has column{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
-                "that this database lacks (import with --alter to add)",
+                f"that this database lacks (import or sync with --alter to add {'them' if len(unknown) > 1 else 'it'})",
             )
         missing = [c for c in missing if c not in dropped] if self.alter else []
         types = self.reader.header.get("column_types", {}).get(name, {})

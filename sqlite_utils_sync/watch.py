@@ -105,7 +105,7 @@ def watch_hub(
 
 class _Poller(threading.Thread):
     """Long-polls on request: ``resume(since, device, scope)`` starts one pull, whose outcome
-    is put on ``events`` as ``("pulled", path, response, seconds)`` or ``("failed", error,
+    is put on ``events`` as ``("pulled", path, response, seconds, waited)`` or ``("failed", error,
     when the request started)``."""
 
     def __init__(self, url: str, token: str | None, workdir: str, wait: float, timeout: float, events: queue.Queue):
@@ -115,8 +115,8 @@ class _Poller(threading.Thread):
         self.events = events
         self.requests: queue.Queue = queue.Queue()
 
-    def resume(self, since: dict[str, int], device: str, scope: set[str] | None) -> None:
-        self.requests.put((since, device, scope))
+    def resume(self, since: dict[str, int], device: str, scope: set[str] | None, waits: bool = True) -> None:
+        self.requests.put((since, device, scope, waits))
 
     def finish(self) -> None:
         self.requests.put(None)
@@ -126,11 +126,11 @@ class _Poller(threading.Thread):
             while (request := self.requests.get()) is not None:
                 self.events.put(self.pull(client, *request))
 
-    def pull(self, client: Any, since: dict[str, int], device: str, scope: set[str] | None) -> tuple:
+    def pull(self, client: Any, since: dict[str, int], device: str, scope: set[str] | None, waits: bool) -> tuple:
         path = os.path.join(self.workdir, "pull.bundle")
         params: dict[str, Any] = {
             protocol.SINCE_PARAM: protocol.since_param(since),
-            protocol.WAIT_PARAM: f"{self.wait:g}",
+            protocol.WAIT_PARAM: f"{self.wait if waits else 0:g}",
             protocol.DEVICE_PARAM: device,
         }
         if scope is not None:
@@ -145,7 +145,7 @@ class _Poller(threading.Thread):
             return ("failed", ex, started)
         except Exception as ex:  # noqa: BLE001 - e.g. the work folder removed while stopping
             return ("failed", HubError(errors.CONNECTION_FAILED, f"pull from {self.url} failed: {ex}"), started)
-        return ("pulled", path, response, time.monotonic() - started)
+        return ("pulled", path, response, time.monotonic() - started, waits)
 
 
 class _Watcher:
@@ -224,7 +224,9 @@ class _Watcher:
         # and would then never pull what others push.
         if self.started and self.poll_due is not None and self.poll_due <= now and not self.stop.is_set():
             self.poll_due = None
-            self.poller.resume(clock(self.conn), self.device_id, self.scope())
+            # While the hub is lost, a pull that finds it answers at once: held open on an idle
+            # hub, it would put off the catch-up exchange (and the "back" line) by the wait.
+            self.poller.resume(clock(self.conn), self.device_id, self.scope(), waits=self.lost_at is None)
 
     def scope(self) -> set[str] | None:
         return load_scope(self.conn)
@@ -322,7 +324,7 @@ class _Watcher:
             self.failed(ex)
             self.poll_due = self.retry_at()
             return
-        _, path, response, seconds = event
+        _, path, response, seconds, waited = event
         try:
             operations = self.import_pulled(path, response)
         except (HubError, sqlite3.OperationalError) as ex:
@@ -333,6 +335,8 @@ class _Watcher:
         self.poll_due = time.monotonic()
         # Answered at once with nothing, twice in a row (once is a hub ending its waits as it
         # stops): a hub that does not hold pulls open. Don't spin on it.
+        if not waited:
+            return
         self.quick_empty = self.quick_empty + 1 if not operations and seconds < min(self.wait / 2, 1.0) else 0
         if self.quick_empty >= 2:
             if not self.old_hub:
@@ -371,7 +375,7 @@ class _Watcher:
             self.busy()
         elif self.lost_at is None:
             self.lost_at = time.monotonic()
-            self.say(f"hub {self.url} unreachable: {ex.message}; retrying")
+            self.say(f"hub {self.url} unreachable: {ex.message.rstrip('.')}; retrying")
 
     def busy(self) -> None:
         """Another program held the database's lock longer than the busy timeout."""

@@ -421,7 +421,7 @@ def test_alter_adds_columns_both_ways_and_clones_a_new_device(hub, tmp_path, hub
     assert result.returncode == 1
     assert result.stderr == (
         "Error: Bundle from-hub.bundle: table 'todos' has column notes that this database lacks "
-        "(import with --alter to add)\n"
+        "(import or sync with --alter to add it)\n"
     )
     run(["sqlite-utils", "sync", plain, hub.url + "/hub", "--token", alice, "--alter"])
     assert todo_rows(plain) == todo_rows(wider) == todo_rows(hub.path)
