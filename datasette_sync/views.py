@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from datasette import Response
 from datasette.resources import TableResource
-from datasette.utils import StartupError, tilde_decode, tilde_encode
+from datasette.utils import StartupError, add_cors_headers, tilde_decode, tilde_encode
 from datasette.utils.asgi import BadRequest, Base400, Forbidden, NotFound, PayloadTooLarge
 from markupsafe import Markup, escape
 
@@ -85,7 +85,7 @@ FORMAT = r"(\.(?P<format>json))?$"
 
 
 def routes():
-    return [
+    return [(pattern, with_cors(view)) for pattern, view in [
         (SYNC + FORMAT, busy_is_503(overview_page)),
         (SYNC + r"/operations" + FORMAT, busy_is_503(operations_page)),
         (SYNC + r"/conflicts" + FORMAT, busy_is_503(conflicts_page)),
@@ -102,7 +102,30 @@ def routes():
             + "$",
             ResolveEndpoint,
         ),
-    ]
+    ]]
+
+
+CORS_EXPOSED = ", ".join(
+    ["Link", protocol.CLOCK_HEADER, protocol.OPERATIONS_HEADER, protocol.SCOPE_HEADER, protocol.RETRY_AFTER_HEADER]
+)
+"""The headers a script on another origin may read from a sync answer (Datasette exposes Link)."""
+
+
+def with_cors(view):
+    """Datasette's ``--cors`` on the sync routes as on its own: its headers on every answer
+    (the sync headers exposed too) and a preflight ``OPTIONS`` answered."""
+    call = (lambda datasette, request: view()(request, datasette)) if isinstance(view, type) else view
+
+    async def cors_view(datasette, request):
+        if not datasette.cors:
+            return await call(datasette, request)
+        response = Response.text("ok") if request.method == "OPTIONS" else await call(datasette, request)
+        add_cors_headers(response.headers)
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED
+        return response
+
+    cors_view.__name__ = getattr(view, "__name__", "sync_view")
+    return cors_view
 
 
 # Helpers ----------------------------------------------------------------------------------

@@ -685,3 +685,28 @@ def test_a_copy_refuses_another_database_of_its_hub(tmp_path, datasette_server, 
     # On purpose, with --alter: the hub's tables are added here, and this copy's there.
     merged = run_json(["sqlite-utils", "sync", laptop, server.url + "/notes", "--token", token, "--alter", "--json"])
     assert merged["pulled"]["tables_created"] == ["notes"]
+
+
+def test_cors_reaches_the_sync_routes_as_datasettes_own(tmp_path, datasette_server, hub_config, make_todos_db):
+    """With ``--cors``, a script on another origin may read the sync pages' JSON and the
+    endpoints' answers (their X-Sync headers too), and its preflight of a push is answered;
+    without it, nothing changes."""
+    hub_path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "x", "done": 0}])
+    with_cors = datasette_server([hub_path], hub_config, "--cors")
+    without = datasette_server([hub_path], hub_config)
+    auth = {"Authorization": f"Bearer {with_cors.token('alice')}", "Origin": "https://app.example"}
+    for path in ("/hub/-/sync.json", "/hub/-/sync/operations.json", "/hub/-/sync/changes?since=%7B%7D", "/hub/-/sync/export"):
+        response = with_cors.get(path, headers=auth)
+        assert response.status_code == 200, (path, response.text[:200])
+        assert response.headers["access-control-allow-origin"] == "*", path
+        assert "X-Sync-Clock" in response.headers["access-control-expose-headers"], path
+        assert "access-control-allow-origin" not in without.get(path, headers=auth).headers, path
+    preflight = httpx.options(
+        with_cors.url + "/hub/-/sync/import",
+        headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"},
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "*"
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "Authorization" in preflight.headers["access-control-allow-headers"]
