@@ -606,7 +606,8 @@ async def conflicts_page(datasette, request):
         if conflict["current"] is not None and plain_pk and table_exists:
             pk_path = ",".join(tilde_encode(str(v)) for v in conflict["pk"])
             row_url = datasette.urls.row(db.name, conflict["table"], pk_path)
-        resolve_url = datasette.urls.database(db.name) + protocol.resolve_path(conflict["id"])
+        # The page's filters ride along, so the form's answer comes back to this page.
+        resolve_url = with_args(datasette.urls.database(db.name) + protocol.resolve_path(conflict["id"]), request)
         history = pk_filter(keys.get(conflict["id"], conflict["pk"]))
         # A table dropped since has no row to write: the resolve endpoint refuses (table_missing).
         may_resolve = can_resolve and table_exists and UPDATE_ROW in writable.get(conflict["table"], ())
@@ -1405,11 +1406,22 @@ class ResolveEndpoint(Endpoint):
                 raise
             message = str(ex) if isinstance(ex, SyncError) else str(sqlite_refusal(ex, db.name))
             datasette.add_message(request, message, datasette.ERROR)
-            return Response.redirect(sync_url(datasette, db.name) + "/conflicts")
+            return Response.redirect(conflicts_page_url(datasette, request, db.name))
         if wants_json(request):
             return Response.json({"ok": True, "op": op, "conflict": record})
         datasette.add_message(request, f"Resolved conflict {conflict_id} with operation {op}", datasette.INFO)
-        return Response.redirect(sync_url(datasette, db.name) + "/conflicts")
+        return Response.redirect(conflicts_page_url(datasette, request, db.name))
+
+
+CONFLICTS_PAGE_ARGS = ("table", "all", "next", "_size")
+
+
+def conflicts_page_url(datasette, request, database: str) -> str:
+    """The conflicts page a resolve form came from: its filters, passed in the form's URL
+    (only those: the path is always the conflicts page, so no redirect leads elsewhere)."""
+    args = [(key, value) for key, value in urllib.parse.parse_qsl(request.query_string) if key in CONFLICTS_PAGE_ARGS]
+    query = urllib.parse.urlencode(args)
+    return sync_url(datasette, database) + "/conflicts" + (f"?{query}" if query else "")
 
 
 def wants_json(request) -> bool:

@@ -1,6 +1,7 @@
 """The sync pages of the Datasette plugin and their .json twins."""
 
 import hashlib
+import html
 import json
 import re
 import sqlite3
@@ -508,6 +509,27 @@ async def test_conflicts_page_says_what_resolving_needs(paths):
     immutable = Datasette(immutables=[str(paths[0])])
     text = visible_text((await immutable.client.get("/data/-/sync/conflicts")).text)
     assert "Database data is read-only here (immutable), so its conflicts cannot be resolved on this page" in text
+
+
+async def test_resolving_from_a_filtered_page_comes_back_to_it(paths):
+    grants = {"sync-resolve": {"id": "carol"}, "update-row": {"id": "carol"}, "insert-row": {"id": "carol"}}
+    ds = Datasette([str(paths[0])], config={"databases": {"data": {"permissions": grants}}})
+    page = (await ds.client.get("/data/-/sync/conflicts?table=todos&_size=2", actor={"id": "carol"})).text
+    actions = re.findall(r'<form class="core sync-resolve" action="([^"]+)"', page)
+    assert actions and all(a.endswith("/resolve?table=todos&amp;_size=2") for a in actions), actions
+    response = await ds.client.post(
+        html.unescape(actions[0]), content=b"keep=", actor={"id": "carol"},
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 302
+    assert response.headers["location"] == "/data/-/sync/conflicts?table=todos&_size=2"
+    # Only the page's own filters come back, and always to the conflicts page.
+    crafted = await ds.client.post(
+        html.unescape(actions[0]).split("?")[0] + "?table=todos&next=https%3A%2F%2Fevil.example&x=1", content=b"keep=",
+        actor={"id": "carol"}, headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert crafted.status_code == 302
+    assert crafted.headers["location"] == "/data/-/sync/conflicts?table=todos&next=https%3A%2F%2Fevil.example"
 
 
 async def test_filters_use_datasette_form_styles(ds):
