@@ -232,6 +232,32 @@ def test_hub_killed_and_restarted_watchers_catch_up(live_hub, watchers, executab
         hub.wait()
 
 
+@pytest.mark.parametrize("live_hub", [600], indirect=True)
+def test_a_watcher_finds_its_hub_back_with_a_pull_that_answers_at_once(live_hub, watchers, executable, clean_env):
+    """A waiting pull on an idle hub is held for the whole wait: were the pull that finds the
+    hub back such a pull, the catch-up exchange (and the "back after" line) would wait for it."""
+    a = watchers("a")
+    a.wait_for("Watching")
+    live_hub.proc.kill()
+    live_hub.proc.wait()
+    a.wait_for("unreachable")
+    before = len(live_hub.output())
+    with open(live_hub.log, "ab") as out:
+        hub = subprocess.Popen(
+            [executable("datasette"), *live_hub.args, "--port", str(live_hub.port)],
+            stdout=out, stderr=subprocess.STDOUT, env=clean_env(), cwd=live_hub.cwd,
+        )
+    try:
+        a.wait_for("back after")
+        pulls = [line for line in live_hub.output()[before:].splitlines() if "/-/sync/export?" in line and "device=" in line]
+        assert pulls and "&wait=0&" in pulls[0], pulls
+        assert a.stop() == 0
+        assert_clean(a)
+    finally:
+        hub.kill()
+        hub.wait()
+
+
 def test_a_pull_that_failed_before_the_hub_came_back_adds_no_status_line(tmp_path, make_db):
     # The order of one hub restart, step by step: the poller's pull fails while the hub is
     # down, the main thread's push finds it back, and only then is that failure handled. The
