@@ -96,29 +96,11 @@ FROM catalog_databases CROSS JOIN json_each(:datasette_sync_tables)
 """
 
 
-# Datasette's write SQL asks for the row write actions (all three, whatever the statement)
-# on every table a statement's triggers write, so an actor granted row writes on a synced
-# table alone (not the whole database) would be refused every write SQL on it for the
-# capture trigger's insert into the log. Granted to every actor: the write guard (guard.py)
-# refuses any write to _sync_ops that does not come from a capture trigger, and its own
-# triggers refuse every update and delete, so this opens no other way in.
-LOG_INSERT_SQL = """
-SELECT database_name AS parent, '_sync_ops' AS child, 1 AS allow, :datasette_sync_reason AS reason
-FROM catalog_databases
-"""
-
-
 def default_permission_sql(datasette, action):
-    """The default grant (sync-view everywhere, unless --default-deny is on), the deny that
-    keeps Datasette's table pages and write API off the _sync_* tables, and the capture
-    triggers' insert into the log (``LOG_INSERT_SQL``)."""
+    """The default grant (sync-view everywhere, unless --default-deny is on) and the deny
+    that keeps Datasette's table pages and write API off the _sync_* tables."""
     if action == VIEW and not datasette.default_deny:
         return PermissionSQL.allow(reason="datasette-sync: sync-view is allowed by default")
-    if action in WRITE_ACTIONS:
-        return PermissionSQL(
-            sql=LOG_INSERT_SQL,
-            params={"datasette_sync_reason": "datasette-sync: capture triggers append to _sync_ops (guard.py refuses any other write)"},
-        )
     if action in SYNC_TABLE_DENIED:
         return PermissionSQL(
             sql=SYNC_TABLES_SQL,

@@ -608,14 +608,19 @@ class _Run:
         return result.as_dict(), hub_clock, hub_device
 
     def check_related(self, hub_clock: dict[str, int], tables: list[str]) -> None:
-        """Refuse, before anything is written here or sent, a hub database that shares no table
-        and no device with this copy: a URL naming another database of the hub. Syncing would
-        merge the two logs for good, each passing the other's rows on to its own devices."""
-        conn = connection(self.db)
-        known = load_tables(conn)
-        if not known or not tables or set(tables) & set(known):
+        """Refuse, before anything is written here or sent, a hub database that shares no device
+        with this copy, which has synced with others before, and whose operations are of none of
+        its tables: a URL naming another database of the hub. Syncing would merge the two logs
+        for good, each passing the other's rows on to its own devices.
+
+        A copy that never synced may join any hub, and an empty hub takes any copy. ``tables``
+        are those the pull carries (a delta names no table it has nothing new of)."""
+        _, device_id, local_clock = local_state(self.db)
+        if not hub_clock or not set(local_clock) - {device_id} or set(hub_clock) & set(local_clock):
             return
-        if set(hub_clock) & set(local_state(self.db)[2]):
+        known = load_tables(connection(self.db))
+        # Names that differ in case only are the importer's to explain (rename one of them).
+        if not known or {name.lower() for name in tables} & {name.lower() for name in known}:
             return
         raise HubError(
             errors.UNRELATED_HUB,

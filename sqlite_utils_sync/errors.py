@@ -197,8 +197,9 @@ REJECTED = "rejected"
 HUB_ERROR = "hub_error"
 """The hub failed with an unexpected status."""
 UNRELATED_HUB = "unrelated_hub"
-"""The hub's database shares no table and no device with this copy (most likely another
-database of the hub): nothing was pulled or pushed; ``--alter`` merges them."""
+"""The hub's database shares no device with this copy, which synced elsewhere before, and
+sends operations of none of its tables (most likely another database of the hub): nothing
+was pulled or pushed; ``--alter`` merges them."""
 
 
 def constraint_hint(ex: Exception) -> str:

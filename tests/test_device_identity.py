@@ -347,8 +347,8 @@ def test_a_hub_restored_from_a_backup_recovers_with_the_command_the_error_names(
     server = datasette_server([hub_path], CONFIG)
     refused = cli_sync(laptop, server, token, check=False)
     assert refused.returncode == 1 and len(refused.stderr.splitlines()) == 1, refused.stderr
-    assert "past the last one this database holds" in refused.stderr and "restored from an older backup" in refused.stderr
-    assert RECOVER + " on this database" in refused.stderr
+    assert "past the last one database hub.db holds" in refused.stderr and "hub.db restored from an older backup" in refused.stderr
+    assert RECOVER + " on database hub.db (stop a hub serving it first)" in refused.stderr
     server.proc.terminate()
     server.proc.wait()
 

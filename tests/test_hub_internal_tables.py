@@ -200,24 +200,39 @@ def test_no_actor_changes_a_sync_table_through_datasette(hub, tmp_path, run):
     assert "Traceback" not in server.output()
 
 
+ROW_WRITES = ("insert-row", "update-row", "delete-row")
 TABLE_GRANTS = {
     "databases": {
         "hub": {
+            "allow": {"id": "tablewriter"},
             "permissions": {"execute-write-sql": {"id": "tablewriter"}},
-            # tablewriter may write todos rows, and no other table's.
-            "tables": {"todos": {"permissions": {a: {"id": "tablewriter"} for a in ("insert-row", "update-row", "delete-row")}}},
+            # tablewriter may write todos rows (and, for write SQL, what its triggers write).
+            "tables": {table: {"permissions": {a: {"id": "tablewriter"} for a in ROW_WRITES}} for table in ("todos", "_sync_ops")},
         }
     }
 }
 
 
-def test_write_sql_on_a_synced_table_needs_only_that_tables_grants(tmp_path, datasette_server, make_todos_db):
+def test_write_sql_with_table_grants_needs_them_on_the_log_too(tmp_path, datasette_server, make_todos_db):
     """Datasette's write SQL asks for the row write actions on every table a statement's
-    triggers write, the log included: an actor granted them on the synced table alone may
-    write it by SQL, and is logged; the log itself stays closed to it."""
+    triggers write, the log included: the README's recipe grants them on ``_sync_ops`` beside
+    the synced table. The log stays closed to the actor all the same, and to anyone else the
+    log's row routes answer 403, as for any table they may not write."""
     path = build_hub(tmp_path, make_todos_db)
+    without = json.loads(json.dumps(TABLE_GRANTS))
+    del without["databases"]["hub"]["tables"]["_sync_ops"]
+    refused = datasette_server([path], without)
+    response = httpx.post(
+        refused.url + "/hub/-/execute-write", json={"sql": "INSERT INTO todos VALUES (9, 'By SQL', 0)"},
+        headers={"Authorization": f"Bearer {refused.token('tablewriter')}"}, timeout=30,
+    )
+    assert response.status_code == 403 and "_sync_ops" in response.text
     server = datasette_server([path], TABLE_GRANTS)
     client = httpx.Client(base_url=server.url, timeout=30)
+    existing = contents(path)["_sync_ops"][-1][0]
+    for op in (existing, existing + 1):  # one that exists, one that does not: told apart by nothing
+        assert client.post(f"/hub/_sync_ops/{op}/-/update", json={"update": {"hlc": 0}}).status_code == 403
+        assert client.post(f"/hub/_sync_ops/{op}/-/delete", json={}).status_code == 403
     auth = {"Authorization": f"Bearer {server.token('tablewriter')}"}
     before_ops = len(contents(path)["_sync_ops"])
     response = client.post("/hub/-/execute-write", json={"sql": "INSERT INTO todos VALUES (9, 'By SQL', 0)"}, headers=auth)

@@ -686,6 +686,14 @@ def test_a_copy_refuses_another_database_of_its_hub(tmp_path, datasette_server, 
     merged = run_json(["sqlite-utils", "sync", laptop, server.url + "/notes", "--token", token, "--alter", "--json"])
     assert merged["pulled"]["tables_created"] == ["notes"]
 
+    # A copy that never synced may join any hub: its own table, which the hub only keeps, goes there.
+    own = tmp_path / "own.db"
+    run(["sqlite-utils", "create-table", own, "ideas", "id", "integer", "text", "text", "--pk", "id"])
+    run(["sqlite-utils", "insert", own, "ideas", "-", "--pk", "id"], input='{"id": 1, "text": "mine"}')
+    run(["sqlite-utils", "enable-sync", own, "ideas"])
+    joined = run_json(["sqlite-utils", "sync", own, server.url + "/todos", "--token", token, "--json"])
+    assert joined["pushed"]["total_operations"] >= 1
+
 
 def test_cors_reaches_the_sync_routes_as_datasettes_own(tmp_path, datasette_server, hub_config, make_todos_db):
     """With ``--cors``, a script on another origin may read the sync pages' JSON and the
