@@ -510,6 +510,10 @@ def _hub_client(token: str | None, timeout: float, transport: Any) -> Any:
     )
 
 
+PLAIN_HUBS: set[str] = set()
+"""Hubs (by URL) that refused a compressed bundle's format in this process: a version from
+before compression, sent uncompressed bundles from then on."""
+
 PULL_ONLY = {
     errors.FORBIDDEN: "hub {url} lets these credentials pull only, so this copy pushed nothing",
     errors.READ_ONLY: "hub {url} is read-only (immutable), so this copy pushed nothing",
@@ -655,7 +659,8 @@ class _Run:
         """Send what the hub's clock lacks: (the hub's import result, the hub's clock after
         it, {} when it did not say); the clock is None when there was nothing to send."""
         path = os.path.join(self.workdir, "to-hub.bundle")
-        exported = export_bundle(self.db, path, since=hub_clock, progress=self.stage("push"))
+        plain = {"codec": None} if self.url in PLAIN_HUBS else {}
+        exported = export_bundle(self.db, path, since=hub_clock, progress=self.stage("push"), **plain)
         if not exported.operations:
             return empty_result(device_id, None), None
         try:
@@ -680,8 +685,9 @@ class _Run:
         try:
             return self.post_bundle(path)
         except HubError as ex:
-            if ex.hub_reason != errors.UNSUPPORTED_FORMAT:
+            if ex.hub_reason != errors.UNSUPPORTED_FORMAT or self.url in PLAIN_HUBS:
                 raise
+        PLAIN_HUBS.add(self.url)  # a watcher's later pushes go uncompressed at once
         export_bundle(self.db, path, since=hub_clock, codec=None)
         return self.post_bundle(path)
 
