@@ -31,10 +31,11 @@ import os
 import pathlib
 import shutil
 import signal
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from datasette.utils.sqlite import sqlite3  # Datasette's SQLite library: see CommitWatch
 
 from sqlite_utils_sync.clocks import max_seq
 from sqlite_utils_sync.oplog import TICK, device_range, kind_sql, op_seq
@@ -348,7 +349,8 @@ class CommitWatch:
     Never by opening the file itself: on POSIX, closing any descriptor of a file drops every
     lock this process holds on it, SQLite's included, so another process could then write under
     Datasette's open transaction, or roll it back as a crash's. SQLite's own connections share
-    their descriptors and put such a close off until no lock is held."""
+    their descriptors and put such a close off until no lock is held, within one SQLite library:
+    so this connection comes from the one Datasette uses (``pysqlite3`` where installed)."""
 
     def __init__(self, path: str | None):
         self.path = path

@@ -28,6 +28,7 @@ else: nothing in a bundle is executed.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import pathlib
@@ -1103,12 +1104,15 @@ class PeerBuilder:
         path = exporting.execute("PRAGMA database_list").fetchone()[2]
         if not path:
             return None
+        # The exporting connection's SQLite library (pysqlite3 under a Datasette that uses it):
+        # closing a connection of another library to the same file would drop its locks.
+        library = importlib.import_module(type(exporting).__module__)
         try:
             # No waiting: a lock in the way (an exclusive locking mode, say) means one builder.
             mode = "immutable=1" if immutable else "mode=ro"
-            conn = sqlite3.connect(f"{pathlib.Path(path).as_uri()}?{mode}", uri=True, isolation_level=None,
+            conn = library.connect(f"{pathlib.Path(path).as_uri()}?{mode}", uri=True, isolation_level=None,
                                    check_same_thread=False, timeout=0)
-        except sqlite3.Error:
+        except library.Error:
             return None
         try:
             same = attach_scratch(conn)
