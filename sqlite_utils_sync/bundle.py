@@ -71,7 +71,9 @@ from .oplog import (
     MAX_COLUMNS,
     SEQ_BITS,
     SEQ_MASK,
+    TICK,
     RawText,
+    device_range,
     exact_text,
     is_count,
     is_device_id,
@@ -131,9 +133,16 @@ class ExportResult:
     tables: list[str] = field(default_factory=list)
     """The tables the bundle tells anything of: those whose operations it carries, values and
     all, and those of the operations its anchors fingerprint."""
+    held_back: int = 0
+    """This copy's own edits the bundle leaves out: a partial copy cuts what it wrote after it
+    heard of operations it holds no values of, when the receiver lacks those too (see
+    :func:`cut_points`)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"bundle_id": self.bundle_id, "device_id": self.device_id, "operations": self.operations, "bytes": self.bytes}
+        return {
+            "bundle_id": self.bundle_id, "device_id": self.device_id, "operations": self.operations, "bytes": self.bytes,
+            "held_back": self.held_back,
+        }
 
 
 def write_bundle(
@@ -210,7 +219,16 @@ def write_bundle(
                 os.remove(temp)
         told = {name for name, _, _ in writer.tables} | anchored_tables(conn, header["anchors"], devices)
         size = target.stat().st_size
-        return ExportResult(sha[:32], local_device_id(conn), count, size, header["clock"], sorted(told))
+        held = own_edits_cut(conn, plan)
+        return ExportResult(sha[:32], local_device_id(conn), count, size, header["clock"], sorted(told), held)
+
+
+def own_edits_cut(conn: sqlite3.Connection, plan: ExportPlan | None) -> int:
+    """How many of this copy's own data operations ``plan`` cuts (not sent, not withheld)."""
+    if plan is None or LOCAL not in plan.cut:
+        return 0
+    lo, hi = device_range(LOCAL, plan.cut[LOCAL])
+    return conn.execute(f"SELECT count(*) FROM _sync_ops WHERE op BETWEEN ? AND ? AND kind != {TICK}", [lo, hi]).fetchone()[0]
 
 
 def declare_every_table(conn: sqlite3.Connection, writer: BundleWriter, wanted_tids: set[int] | None) -> None:

@@ -269,6 +269,9 @@ def export_bundle_command(path, bundle, since, for_device, tables, uncompressed,
         echo_json(result.as_dict())
     else:
         click.echo(f"Wrote {result.operations} operation(s) to {bundle} ({result.bytes} bytes)", err=True)
+    if result.held_back:
+        held = HELD_BACK.format(edits=plural(result.held_back, "edit"))
+        click.echo(f"{held}: export with --since the receiver's clock (or --for it) to send them to one that holds those", err=True)
 
 
 @click.command(name="import-bundle")
@@ -672,6 +675,12 @@ def import_summary(path: str, result: dict[str, Any], missing: set[str]) -> str:
     return " ".join(parts)
 
 
+HELD_BACK = (
+    "Held back {edits} of this copy, made after it heard of operations it holds no values of (a partial copy) "
+    "that the receiver lacks too"
+)
+
+
 def sync_summary(path: str, url: str, result: dict[str, Any], unresolved: int, missing: set[str]) -> str:
     """One message on what a sync moved each way and what it left to do."""
     pulled, pushed = merged_pull(result), result["pushed"]
@@ -688,8 +697,10 @@ def sync_summary(path: str, url: str, result: dict[str, Any], unresolved: int, m
         parts.append(f"Sent {plural(sent, 'operation')} to the hub{' (' + ', '.join(notes) + ')' if notes else ''}.")
     elif pushed.get("not_pushed"):
         parts.append(f"Not pushed: {pushed['not_pushed']} (no row changed here).")
-    else:
+    elif not pushed.get("held_back"):
         parts.append("The hub had everything from here.")
+    if pushed.get("held_back"):
+        parts.append(f"{HELD_BACK.format(edits=plural(pushed['held_back'], 'edit'))}; they go once a copy holding those syncs with the hub.")
     if unresolved:
         parts.append(f"{plural(unresolved, 'unresolved conflict')} here: see 'sqlite-utils sync-conflicts {shlex.quote(path)}'.")
     return " ".join(parts)

@@ -661,6 +661,14 @@ class _Run:
         path = os.path.join(self.workdir, "to-hub.bundle")
         plain = {"codec": None} if self.url in PLAIN_HUBS else {}
         exported = export_bundle(self.db, path, since=hub_clock, progress=self.stage("push"), **plain)
+        pushed, clock = self.send_exported(path, exported, device_id, hub_clock)
+        if exported.held_back:
+            pushed["held_back"] = exported.held_back
+        return pushed, clock
+
+    def send_exported(
+        self, path: str, exported: Any, device_id: str, hub_clock: dict[str, int]
+    ) -> tuple[dict[str, Any], dict[str, int] | None]:
         if not exported.operations:
             return empty_result(device_id, None), None
         try:

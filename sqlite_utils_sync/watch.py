@@ -170,6 +170,7 @@ class _Watcher:
         self.client: Any = None
         self.workdir = ""
         self.poll_due: float | None = None  # when to start the next pull; None: one is running
+        self.held_back = 0  # this copy's edits its last push left out (see tell_held_back)
         self.failures = 0
         self.lost_at: float | None = None
         self.reached_at = float("-inf")  # when a request last succeeded
@@ -291,8 +292,17 @@ class _Watcher:
         self.push_due = self.tick_due = None
         self.learn_hub_clock(after or {}, None)
         self.reached()
+        self.tell_held_back(pushed.get("held_back", 0))
         if pushed["total_operations"]:
             self.on_sync(self.result(empty_result(self.hub_device), pushed))
+
+    def tell_held_back(self, held: int) -> None:
+        """Say (once for each count) that edits of this partial copy wait: a watcher otherwise
+        prints nothing for a push that sent none of them."""
+        if held and held != self.held_back:
+            self.say(f"Held back {held} edit(s) of this copy, made after it heard of operations it holds no values of "
+                     "(a partial copy) that the hub lacks too; they go once a copy holding those syncs with the hub")
+        self.held_back = held
 
     def result(self, pulled: dict[str, Any], pushed: dict[str, Any]) -> dict[str, Any]:
         """A step's outcome shaped like :func:`sync_with_hub`'s result."""

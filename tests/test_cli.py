@@ -16,7 +16,7 @@ def test_export_import_cli_json_contract(tmp_path, pair, rows, run_cli):
     a, b = pair
     out = run_cli("export-bundle", tmp_path / "a.db", tmp_path / "x.bundle", "--json")
     exported = json.loads(out.output)
-    assert set(exported) == {"bundle_id", "device_id", "operations", "bytes"}
+    assert set(exported) == {"bundle_id", "device_id", "operations", "bytes", "held_back"}
     assert exported["operations"] == 7
     result = json.loads(run_cli("import-bundle", tmp_path / "b.db", tmp_path / "x.bundle", "--json").output)
     assert {k: result[k] for k in ("applied", "conflicts", "duplicates", "skipped")} == {

@@ -126,8 +126,13 @@ def test_partial_copy_relays_to_a_full_copy_and_back(tmp_path, office, make_db, 
     phone_conn.execute("INSERT INTO todos VALUES (10, 'from the phone')")
     # Phone to a new full copy over USB: office's operations only below the first withheld one
     # (seq 2, a salary), and none of the phone's, whose tick depends on all of office's.
-    run_cli("export-bundle", phone, tmp_path / "2.bundle")
+    held = run_cli("export-bundle", phone, tmp_path / "2.bundle")
     assert header(tmp_path / "2.bundle")["clock"] == {office_id: 1}
+    assert held.output.endswith(
+        "Held back 1 edit of this copy, made after it heard of operations it holds no values of (a partial copy) "
+        "that the receiver lacks too: export with --since the receiver's clock (or --for it) to send them to one "
+        "that holds those\n"
+    )
     assert run_cli("import-bundle", tablet, tmp_path / "2.bundle", "--alter").exit_code == 0
     tablet_conn = sqlite3.connect(tablet, isolation_level=None)
     assert sync_status(tablet_conn)["scope"] is None and sync_status(tablet_conn)["withheld"] == 0
@@ -137,7 +142,8 @@ def test_partial_copy_relays_to_a_full_copy_and_back(tmp_path, office, make_db, 
     assert run_cli("export-bundle", office_db, tmp_path / "3.bundle", "--since", since).exit_code == 0
     assert run_cli("import-bundle", tablet, tmp_path / "3.bundle", "--alter").exit_code == 0
     # Now the phone's own edit can follow (nothing it withholds is missing there any more).
-    run_cli("export-bundle", phone, tmp_path / "4.bundle", "--since", json.dumps(sync_status(tablet_conn)))
+    sent = run_cli("export-bundle", phone, tmp_path / "4.bundle", "--since", json.dumps(sync_status(tablet_conn)))
+    assert "Held back" not in sent.output
     assert run_cli("import-bundle", tablet, tmp_path / "4.bundle").exit_code == 0
     # And back to the office through the tablet, with --for.
     run_cli("export-bundle", tablet, tmp_path / "5.bundle", "--for", office_id)
@@ -384,6 +390,36 @@ def test_sync_with_table_keeps_a_partial_copy(tmp_path, make_db, datasette_serve
     wider = run(["sqlite-utils", "sync", phone, url, "--table", "todos", "--table", "salaries", "--token", token], check=False)
     assert wider.returncode == 1 and len(wider.stderr.strip().splitlines()) == 1
     assert "Start a new copy" in wider.stderr
+
+
+def test_a_partial_copy_says_which_of_its_edits_wait_for_another_copy(tmp_path, office, make_db, datasette_server, hub_config, run, run_json):
+    """A partial copy that heard, by a bundle file, of operations the hub has not received yet
+    holds back its edits made after that (the cut rule): each sync says so, and they go once the
+    copy holding those operations syncs."""
+    hub_path = tmp_path / "hub.db"
+    make_db(hub_path, SCHEMA, TABLES).close()
+    hub = datasette_server([hub_path], hub_config)
+    token, url = hub.token("alice"), hub.url + "/hub"
+    office_db = tmp_path / "office.db"
+    run(["sqlite-utils", "sync", office_db, url, "--token", token])
+    phone = new_db(tmp_path / "phone.db")
+    run(["sqlite-utils", "sync", phone, url, "--table", "todos", "--alter", "--token", token])
+    office.execute(f"INSERT INTO salaries VALUES (9, '{SECRET} 9', 9)")  # not on the hub yet
+    since = run(["sqlite-utils", "sync-status", phone, "--json"]).stdout
+    run(["sqlite-utils", "export-bundle", office_db, tmp_path / "usb.bundle", "--table", "todos", "--since", since])
+    run(["sqlite-utils", "import-bundle", phone, tmp_path / "usb.bundle"])
+    run(["sqlite-utils", "insert", phone, "todos", "-", "--pk", "id"], input=json.dumps([{"id": 30, "title": "phone"}]))
+    synced = run(["sqlite-utils", "sync", phone, url, "--token", token])
+    assert synced.stderr.endswith(
+        "Held back 1 edit of this copy, made after it heard of operations it holds no values of (a partial copy) "
+        "that the receiver lacks too; they go once a copy holding those syncs with the hub.\n"
+    ), synced.stderr
+    assert "had everything" not in synced.stderr
+    assert run_json(["sqlite-utils", "sync", phone, url, "--token", token, "--json"])["pushed"]["held_back"] == 1
+    assert (30, "phone") not in table_rows(hub_path)
+    run(["sqlite-utils", "sync", office_db, url, "--token", token])
+    assert "Held back" not in run(["sqlite-utils", "sync", phone, url, "--token", token]).stderr
+    assert (30, "phone") in table_rows(hub_path)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
