@@ -1059,8 +1059,13 @@ def export_response(request, directory: pathlib.Path, result, tables: set[str] |
 
 
 def wait_args(request, datasette, db) -> tuple[float, str | None]:
-    """The seconds a pull may wait (capped by ``max_wait``) and the caller's device id."""
+    """The seconds a pull may wait (capped by ``max_wait``, and by when the caller's token
+    expires: a pull answered later would carry what was written after it) and the caller's
+    device id."""
     wait = min(protocol.parse_wait(request.args.get(protocol.WAIT_PARAM)), max_wait(datasette, db.name))
+    expires = (request.actor or {}).get("token_expires")
+    if isinstance(expires, (int, float)):
+        wait = max(0.0, min(wait, expires - time.time()))
     device = request.args.get(protocol.DEVICE_PARAM) or None
     if device is not None and not is_device_id(device):
         raise SyncBadRequest(f"device must be a device id (32 hex digits), got {device[:40]!r}")

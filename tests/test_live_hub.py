@@ -340,6 +340,26 @@ def test_a_wait_that_runs_out_answers_like_a_plain_export(tmp_path, datasette_se
     assert behind["changed"] is True and behind["operations"] == sum(clock_of(path).values())
 
 
+def test_a_wait_ends_when_the_callers_token_expires(tmp_path, datasette_server, make_todos_db, run):
+    """A pull answered after its token expired would carry what was written after: the wait
+    is cut at the expiry, and the answer holds only what the hub held then."""
+    path = make_todos_db(tmp_path / "hub.db", [{"id": 1, "title": "Buy milk", "done": 0}])
+    server = datasette_server([path], {**CONFIG, "plugins": {"datasette-sync": {"max_wait": 120}}})
+    token = server.token("alice", "--expires-after", "2")
+    since = encode_clock(clock_of(path))
+    later = threading.Timer(8, lambda: run(["sqlite-utils", "insert", path, "todos", "-", "--pk", "id"],
+                                            input='{"id": 2, "title": "after the token expired", "done": 0}'))
+    later.start()
+    try:
+        response = server.get("/hub" + EXPORT_PATH, params={"since": since, "wait": "60", "device": uuid.uuid4().hex},
+                              headers={"Authorization": f"Bearer {token}"})
+    finally:
+        later.join()
+    assert response.status_code == 200
+    assert response.headers["x-sync-operations"] == "0"
+    assert server.get("/hub" + EXPORT_PATH, headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
 @pytest.mark.parametrize("path", [EXPORT_PATH, CHANGES_PATH])
 def test_bad_wait_values_are_refused(hub, path):
     for wait in ("-1", "soon", "nan", "inf", "1e999", "0x10"):
