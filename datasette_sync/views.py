@@ -877,7 +877,7 @@ class Endpoint:
             db = endpoint_database(datasette, request)
             handler = self.handler(request)
             if not await can(datasette, request.actor, self.action, db.name):
-                raise SyncForbidden("Permission denied")
+                raise SyncForbidden(f"Permission denied: needs {self.action}")
             return await handler(request, datasette, db)
         except EndpointError as ex:
             return self.refuse(request, ex)

@@ -194,8 +194,9 @@ async def test_check_order(devices, tmp_path, own_tempdir):
 
     forbidden = await post(huge, actor={"id": "bob"})
     assert forbidden.status_code == 403
-    # No detail about the database or the limit leaks to someone without permission.
-    assert forbidden.json() == {"ok": False, "error": "Permission denied", "reason": "forbidden"}
+    # No detail about the database or the limit leaks to someone without permission: only
+    # the action the endpoint needs.
+    assert forbidden.json() == {"ok": False, "error": "Permission denied: needs sync-import", "reason": "forbidden"}
 
     too_large = await post(huge, actor=alice)
     assert too_large.status_code == 413

@@ -39,7 +39,7 @@ async def test_defaults_view_yes_everything_else_no(conflicted_db):
     for actor in (None, alice):
         export = await ds.client.get("/data/-/sync/export", actor=actor)
         assert export.status_code == 403
-        assert export.json() == {"ok": False, "error": "Permission denied", "reason": "forbidden"}
+        assert export.json() == {"ok": False, "error": "Permission denied: needs sync-export", "reason": "forbidden"}
         bundle = (conflicted_db.parent / "phone-new.bundle").read_bytes()
         assert (await ds.client.post("/data/-/sync/import", content=bundle, actor=actor)).status_code == 403
         resolve = await ds.client.post(
