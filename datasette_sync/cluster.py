@@ -233,6 +233,7 @@ class Member:
         self.database = database
         self.settings = settings
         self.subject = subject(settings, database)
+        self.purge_held = False  # the last retention check waited for a message in flight
         self.loop: asyncio.AbstractEventLoop | None = None
         self.nc = None
         self.js = None
@@ -802,10 +803,19 @@ class Member:
     # Retention ----------------------------------------------------------------------------
 
     async def maybe_snapshot(self, floor: int) -> bool:
-        """Snapshot and purge if this hub's consumer is the furthest along of the subject's."""
-        floors = await self.consumer_floors()
+        """Snapshot and purge if this hub's consumer is the furthest along of the subject's,
+        and no consumer holds a message delivered but not acknowledged: a purge drops such a
+        message from its consumer's pending list (nats-server 2.9 does, though the message is
+        kept), so a hub that died holding one would never be given it again, and would refuse
+        every later message built on it. The purge waits for such a hub to come back (or to be
+        forgotten after ``forget_after``)."""
+        floors, pending = await self.consumer_floors()
         mine = consumer_name(self.settings, self.database)
-        if mine not in floors:
+        if pending and not self.purge_held:
+            log.warning("datasette-sync cluster (%s): retention waits: a hub holds a message it has not acknowledged "
+                        "(stopped while importing it?)", self.database)
+        self.purge_held = pending
+        if mine not in floors or pending:
             return False
         furthest = min(floors, key=lambda name: (-floors[name], name))  # ties: the first name
         current = await self.snapshot_info()
@@ -816,12 +826,15 @@ class Member:
         await self.purge(min(floor, *floors.values()))
         return True
 
-    async def consumer_floors(self) -> dict[str, int]:
-        floors = {}
+    async def consumer_floors(self) -> tuple[dict[str, int], bool]:
+        """Each consumer of the subject's ack floor, and whether any holds a message delivered
+        but not acknowledged yet."""
+        floors, pending = {}, False
         for info in await self.js.consumers_info(self.settings.stream):
             if info.config.filter_subject == self.subject:
                 floors[info.name] = info.ack_floor.stream_seq if info.ack_floor else 0
-        return floors
+                pending = pending or bool(info.num_ack_pending)
+        return floors, pending
 
     async def snapshot_info(self) -> int:
         """The stream sequence the stored snapshot covers (0: none)."""

@@ -208,3 +208,43 @@ def test_claims_stored_with_a_snapshot_that_are_not_claims_stop_the_join_with_on
     with pytest.raises(ValueError) as caught:
         parse_claims(data)
     assert str(caught.value) == f"the device claims stored with the snapshot {problem}"
+
+
+def test_retention_waits_while_a_hub_holds_a_message_it_has_not_acknowledged(tmp_path, nats, hub, todo_rows):
+    """A purge drops a delivered, unacknowledged message from its consumer's pending list
+    (nats-server 2.9), so a hub stopped while importing it would never be given it again and
+    would refuse every later message built on it. Here a consumer takes the first message, then
+    holds the second as a stopped hub would: hub a, due a snapshot, waits, and purges once it
+    is acknowledged; the held message is never lost to its consumer."""
+    import asyncio
+
+    import nats as nats_client
+
+    from datasette_sync.cluster import token
+
+    a = hub("a", snapshot_every=3)
+    phone = todos_db(tmp_path / "phone.db")
+    subject = f"{STREAM}.{token('hub')}.bundles"
+
+    async def scenario():
+        nc = await nats_client.connect(servers=nats.urls)
+        try:
+            stuck = await nc.jetstream().pull_subscribe(subject, durable="stuck", stream=STREAM)
+            await asyncio.to_thread(push, phone, a, {"id": 1, "title": "One", "done": 0})
+            await (await stuck.fetch(1, timeout=30))[0].ack()
+            await asyncio.to_thread(push, phone, a, {"id": 2, "title": "Two", "done": 0})
+            held = (await stuck.fetch(1, timeout=30))[0]
+            for i in (3, 4, 5):  # pushes and a's ticks: a snapshot is due
+                await asyncio.to_thread(push, phone, a, {"id": i, "title": f"Row {i}", "done": 0})
+            await asyncio.to_thread(wait_for, lambda: "retention waits" in a.log(), 60, "hub a to wait", a.log)
+            await asyncio.sleep(3)  # time enough for a snapshot and a purge, were they made
+            assert (await asyncio.to_thread(nats.stream_state, STREAM)).first_seq == 1
+            assert (await stuck.consumer_info()).num_ack_pending == 1
+            await held.ack()
+            await asyncio.to_thread(push, phone, a, {"id": 6, "title": "Six", "done": 0})
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
+    wait_for(lambda: nats.stream_state(STREAM).first_seq > 1, 60, "hub a to purge once it is acknowledged", a.log)
+    assert todo_rows(a.path) == todo_rows(phone)
