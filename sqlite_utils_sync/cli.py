@@ -24,7 +24,7 @@ import sqlite_utils
 from .importer import import_bundle
 from .capture import secondary_unique_columns
 from .api import disable_sync, enable_sync, export_bundle, new_device, retire_device, set_device_name, sync_status
-from .client import RETRIES, TOKEN_ENV, combined_results, normalize_url, sync_with_hub
+from .client import RETRIES, TOKEN_ENV, combined_results, held_back_message, normalize_url, sync_with_hub
 from .watch import watch_hub
 from .compaction import compact_log
 from .conflicts import list_conflicts
@@ -270,7 +270,7 @@ def export_bundle_command(path, bundle, since, for_device, tables, uncompressed,
     else:
         click.echo(f"Wrote {result.operations} operation(s) to {bundle} ({result.bytes} bytes)", err=True)
     if result.held_back:
-        held = HELD_BACK.format(edits=plural(result.held_back, "edit"))
+        held = held_back_message(result.held_back)
         click.echo(f"{held}: export with --since the receiver's clock (or --for it) to send them to one that holds those", err=True)
 
 
@@ -675,12 +675,6 @@ def import_summary(path: str, result: dict[str, Any], missing: set[str]) -> str:
     return " ".join(parts)
 
 
-HELD_BACK = (
-    "Held back {edits} of this copy, made after it heard of operations it holds no values of (a partial copy) "
-    "that the receiver lacks too"
-)
-
-
 def sync_summary(path: str, url: str, result: dict[str, Any], unresolved: int, missing: set[str]) -> str:
     """One message on what a sync moved each way and what it left to do."""
     pulled, pushed = merged_pull(result), result["pushed"]
@@ -700,7 +694,7 @@ def sync_summary(path: str, url: str, result: dict[str, Any], unresolved: int, m
     elif not pushed.get("held_back"):
         parts.append("The hub had everything from here.")
     if pushed.get("held_back"):
-        parts.append(f"{HELD_BACK.format(edits=plural(pushed['held_back'], 'edit'))}; they go once a copy holding those syncs with the hub.")
+        parts.append(f"{held_back_message(pushed['held_back'], 'the hub')}; they go once a copy holding those syncs with the hub.")
     if unresolved:
         parts.append(f"{plural(unresolved, 'unresolved conflict')} here: see 'sqlite-utils sync-conflicts {shlex.quote(path)}'.")
     return " ".join(parts)

@@ -514,6 +514,16 @@ PLAIN_HUBS: set[str] = set()
 """Hubs (by URL) that refused a compressed bundle's format in this process: a version from
 before compression, sent uncompressed bundles from then on."""
 
+def held_back_message(count: int, receiver: str = "the receiver") -> str:
+    """What a bundle or push that leaves out ``count`` of this partial copy's own edits says
+    (see :func:`~sqlite_utils_sync.bundle.cut_points`)."""
+    edits = f"{count} edit" + ("" if count == 1 else "s")
+    return (
+        f"Held back {edits} of this copy, made after it heard of operations it holds no values of (a partial copy) "
+        f"that {receiver} lacks too"
+    )
+
+
 PULL_ONLY = {
     errors.FORBIDDEN: "hub {url} lets these credentials pull only, so this copy pushed nothing",
     errors.READ_ONLY: "hub {url} is read-only (immutable), so this copy pushed nothing",
@@ -669,6 +679,7 @@ class _Run:
     def send_exported(
         self, path: str, exported: Any, device_id: str, hub_clock: dict[str, int]
     ) -> tuple[dict[str, Any], dict[str, int] | None]:
+        """Send the bundle :meth:`push` exported, if it holds anything; see :meth:`push`."""
         if not exported.operations:
             return empty_result(device_id, None), None
         try:

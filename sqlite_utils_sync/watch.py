@@ -42,7 +42,7 @@ from typing import Any, Callable
 import sqlite_utils
 
 from . import errors, protocol
-from .client import HubError, _hub_client, is_transient, _request, _Run, empty_result, normalize_url, read_pulled, sync_with_hub
+from .client import HubError, _hub_client, is_transient, _request, _Run, empty_result, held_back_message, normalize_url, read_pulled, sync_with_hub
 from .clocks import DEFAULT_MAX_CLOCK_SKEW, clock, max_seq, parse_duration
 from .importer import import_bundle
 from .oplog import LOCAL
@@ -300,8 +300,7 @@ class _Watcher:
         """Say (once for each count) that edits of this partial copy wait: a watcher otherwise
         prints nothing for a push that sent none of them."""
         if held and held != self.held_back:
-            self.say(f"Held back {held} edit(s) of this copy, made after it heard of operations it holds no values of "
-                     "(a partial copy) that the hub lacks too; they go once a copy holding those syncs with the hub")
+            self.say(f"{held_back_message(held, 'the hub')}; they go once a copy holding those syncs with the hub")
         self.held_back = held
 
     def result(self, pulled: dict[str, Any], pushed: dict[str, Any]) -> dict[str, Any]:

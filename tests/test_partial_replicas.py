@@ -412,7 +412,7 @@ def test_a_partial_copy_says_which_of_its_edits_wait_for_another_copy(tmp_path, 
     synced = run(["sqlite-utils", "sync", phone, url, "--token", token])
     assert synced.stderr.endswith(
         "Held back 1 edit of this copy, made after it heard of operations it holds no values of (a partial copy) "
-        "that the receiver lacks too; they go once a copy holding those syncs with the hub.\n"
+        "that the hub lacks too; they go once a copy holding those syncs with the hub.\n"
     ), synced.stderr
     assert "had everything" not in synced.stderr
     assert run_json(["sqlite-utils", "sync", phone, url, "--token", token, "--json"])["pushed"]["held_back"] == 1
