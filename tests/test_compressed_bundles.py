@@ -262,16 +262,23 @@ def test_an_unknown_codec_is_refused_in_one_line(tmp_path, make_db, craft, file_
         craft.reseal(conn)
 
     craft.rewrite(path, future)
-    before = file_bytes(tmp_path / "b.db")
-    with pytest.raises(BundleError) as caught:
-        import_bundle(b, str(path))
-    assert caught.value.reason == "unsupported_format"
-    assert str(caught.value) == (
-        "Bundle future.bundle has chunks compressed with 'lz4', which this version cannot read (it reads zstd)"
+    refused_as_a_format(
+        b, tmp_path / "b.db", path, file_bytes, cli_refusal,
+        "Bundle future.bundle has chunks compressed with 'lz4', which this version cannot read (it reads zstd)",
     )
-    b.close()
-    assert file_bytes(tmp_path / "b.db") == before
-    assert cli_refusal(tmp_path / "b.db", path) == f"Error: {caught.value}"
+
+
+def refused_as_a_format(conn, db_path, bundle, file_bytes, cli_refusal, message: str) -> None:
+    """The library and the real CLI refuse ``bundle`` with ``unsupported_format`` and exactly
+    ``message``, the database byte-identical."""
+    before = file_bytes(db_path)
+    with pytest.raises(BundleError) as caught:
+        import_bundle(conn, str(bundle))
+    assert caught.value.reason == "unsupported_format"
+    assert str(caught.value) == message
+    conn.close()
+    assert file_bytes(db_path) == before
+    assert cli_refusal(db_path, bundle) == f"Error: {caught.value}"
 
 
 @pytest.mark.parametrize("fmt, change", [("datasette-sync-bundle/2", None), ("datasette-sync-bundle/3", "drop")])
@@ -309,13 +316,7 @@ def test_a_bundle_of_the_first_format_is_refused_as_a_format_not_as_a_damaged_fi
     old.executemany("INSERT INTO bundle_meta VALUES (?, ?)", [("format", "datasette-sync-bundle/1"), ("sha256", "0" * 64)])
     old.commit()
     old.close()
-    before = file_bytes(tmp_path / "b.db")
-    with pytest.raises(BundleError) as caught:
-        import_bundle(b, str(path))
-    assert caught.value.reason == "unsupported_format"
-    assert str(caught.value) == (
-        "Bundle first.bundle has format 'datasette-sync-bundle/1', expected datasette-sync-bundle/3 or datasette-sync-bundle/2"
+    refused_as_a_format(
+        b, tmp_path / "b.db", path, file_bytes, cli_refusal,
+        "Bundle first.bundle has format 'datasette-sync-bundle/1', expected datasette-sync-bundle/3 or datasette-sync-bundle/2",
     )
-    b.close()
-    assert file_bytes(tmp_path / "b.db") == before
-    assert cli_refusal(tmp_path / "b.db", path) == f"Error: {caught.value}"
