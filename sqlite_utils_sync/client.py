@@ -595,13 +595,14 @@ class _Run:
         """Fetch and import what the hub has and this database lacks: (the import result,
         the hub's clock, the hub's device id)."""
         path = os.path.join(self.workdir, name)
-        params: dict[str, Any] = {protocol.SINCE_PARAM: protocol.since_param(local_state(self.db)[2])}
+        state = local_state(self.db)
+        params: dict[str, Any] = {protocol.SINCE_PARAM: protocol.since_param(state[2])}
         if self.scope is not None:
             params[protocol.TABLE_PARAM] = sorted(self.scope)
         response = self.request("GET", protocol.EXPORT_PATH, "export (pull)", save_to=path, params=params)
         hub_clock, hub_device, operations, bundle_id, tables, sent = read_pulled(path, response, self.url)
         if operations and not self.alter:
-            self.check_related(hub_clock, tables)
+            self.check_related(state, hub_clock, tables)
         if not operations and not self.creates_table(tables):
             # Nothing to apply: don't record an empty import on every run.
             return empty_result(hub_device, bundle_id), hub_clock, hub_device
@@ -621,15 +622,16 @@ class _Run:
             raise
         return result.as_dict(), hub_clock, hub_device
 
-    def check_related(self, hub_clock: dict[str, int], tables: list[str]) -> None:
+    def check_related(self, state: tuple, hub_clock: dict[str, int], tables: list[str]) -> None:
         """Refuse, before anything is written here or sent, a hub database that shares no device
         with this copy, which has synced with others before, and whose operations are of none of
         its tables: a URL naming another database of the hub. Syncing would merge the two logs
         for good, each passing the other's rows on to its own devices.
 
         A copy that never synced may join any hub, and an empty hub takes any copy. ``tables``
-        are those the pull carries (a delta names no table it has nothing new of)."""
-        _, device_id, local_clock = local_state(self.db)
+        are those the pull carries (a delta names no table it has nothing new of); ``state``
+        is this copy's :func:`~sqlite_utils_sync.api.local_state` when it asked."""
+        _, device_id, local_clock = state
         if not hub_clock or not set(local_clock) - {device_id} or set(hub_clock) & set(local_clock):
             return
         known = load_tables(connection(self.db))

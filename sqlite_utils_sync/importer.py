@@ -663,15 +663,15 @@ class Importer:
         return table is None or table[1] in self.visible
 
     def ahead_of_this_database(self, seq: int) -> BundleError:
-        """The error for operations of this database's own device past the last one it holds:
-        written by a copy of this file (an older copy restored from a backup is behind the
-        edits it made), or pushed under its id by someone else."""
+        """The error for operations of this database's own device past the last one it holds,
+        carried or withheld: written by a copy of this file (an older copy restored from a
+        backup is behind the edits it made), or pushed under its id by someone else."""
         # Named by its file: on a hub, the pusher reads this and must not run it on their own copy.
         path = self.conn.execute("PRAGMA database_list").fetchone()[2]
         this = f"database {os.path.basename(path)}" if path else "this database"
         return self.fail(
             errors.DEVICE_ID_CLASH,
-            f"it carries operations of {this}'s own device {local_device_id(self.conn)} up to seq {seq}, "
+            f"it tells of operations of {this}'s own device {local_device_id(self.conn)} up to seq {seq}, "
             f"past the last one {this} holds ({self.old[LOCAL]}): another copy of that file wrote them ({this} "
             "restored from an older backup, or a copied file), or someone pushed under its id; run "
             f"'sqlite-utils sync-new-device --recover' on {this} (stop a hub serving it first): its own edits move to "
